@@ -1,0 +1,109 @@
+// scout: one binary, subcommands in the style of `vllm serve` / `vllm bench`.
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "cli/flags.h"
+#include "runtime/cpu_model.h"
+#include "runtime/generator.h"
+#include "runtime/tokenizer.h"
+
+namespace scout::cli {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "scout: error: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+int Generate(int argc, char** argv) {
+  Flags flags({
+      {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
+      {"prompt", "", "prompt text"},
+      {"prompt-file", "", "read the prompt from this file instead"},
+      {"max-tokens", "64", "tokens to generate"},
+      {"temperature", "0", "0 for greedy"},
+      {"top-k", "0", "0 for no limit"},
+      {"top-p", "1", "nucleus mass"},
+      {"seed", "0", "sampling seed"},
+      {"prefill-chunk", "512", "prompt tokens per forward pass"},
+      {"kv-budget-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
+      {"ignore-eos", "", "keep generating past the end-of-sequence token", true},
+      {"help", "", "show this help", true},
+  });
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout generate --model DIR --prompt TEXT [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  std::string prompt = flags.Get("prompt");
+  if (!flags.Get("prompt-file").empty()) {
+    absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get("prompt-file"));
+    if (!text.ok()) return Fail(text.status());
+    prompt = *text;
+  }
+  absl::StatusOr<int64_t> max_tokens = flags.GetInt("max-tokens"), top_k = flags.GetInt("top-k"),
+                          seed = flags.GetInt("seed"), chunk = flags.GetInt("prefill-chunk"),
+                          budget = flags.GetInt("kv-budget-tokens");
+  absl::StatusOr<double> temperature = flags.GetDouble("temperature"), top_p = flags.GetDouble("top-p");
+  for (const absl::Status& s : {max_tokens.status(), top_k.status(), seed.status(), chunk.status(), budget.status(),
+                                temperature.status(), top_p.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return Fail(tok.status());
+  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> model =
+      runtime::CpuModel::Load(flags.Get("model"), {.kv_budget_tokens = *budget});
+  if (!model.ok()) return Fail(model.status());
+
+  std::vector<int32_t> ids = (*tok)->Encode(prompt, /*add_bos=*/true);
+  runtime::GenerateOptions opt{
+      .max_tokens = *max_tokens,
+      .sampling = {.temperature = static_cast<float>(*temperature), .top_k = static_cast<int>(*top_k),
+                   .top_p = static_cast<float>(*top_p), .seed = static_cast<uint64_t>(*seed)},
+      .prefill_chunk = *chunk,
+  };
+  if (!flags.GetBool("ignore-eos")) opt.stop_ids = (*tok)->eos_ids();
+  const runtime::Tokenizer& t = **tok;
+  absl::StatusOr<runtime::GenerateResult> r = runtime::Generate(**model, 0, ids, opt, [&](int32_t id) {
+    absl::StatusOr<std::string> piece = t.Decode({&id, 1});
+    if (piece.ok()) std::fwrite(piece->data(), 1, piece->size(), stdout);
+    std::fflush(stdout);
+    return true;
+  });
+  std::printf("\n");
+  if (!r.ok()) return Fail(r.status());
+  const double decode_tokens = r->tokens.size() > 1 ? static_cast<double>(r->tokens.size() - 1) : 0.0;
+  std::fprintf(stderr,
+               "scout: prompt %lld tokens, prefill %.3f s (%.1f tokens/s); generated %zu tokens, decode %.3f s "
+               "(%.1f tokens/s)\n",
+               static_cast<long long>(r->prompt_tokens), r->prefill_seconds,
+               r->prompt_tokens / std::max(r->prefill_seconds, 1e-9), r->tokens.size(), r->decode_seconds,
+               decode_tokens / std::max(r->decode_seconds, 1e-9));
+  return 0;
+}
+
+void Usage() {
+  std::printf(
+      "usage: scout <command> [flags]\n\n"
+      "commands:\n"
+      "  generate   generate text from a prompt on the CPU backend\n\n"
+      "Run `scout <command> --help` for its flags.\n");
+}
+
+}  // namespace
+}  // namespace scout::cli
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    scout::cli::Usage();
+    return argc < 2 ? 2 : 0;
+  }
+  std::string cmd = argv[1];
+  if (cmd == "generate") return scout::cli::Generate(argc - 2, argv + 2);
+  std::fprintf(stderr, "scout: unknown command \"%s\"\n", cmd.c_str());
+  scout::cli::Usage();
+  return 2;
+}

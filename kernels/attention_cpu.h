@@ -1,0 +1,34 @@
+// Paged attention on the CPU: the reference that the CUDA kernels are checked against, and what
+// the CPU backend runs.
+#pragma once
+
+#include <cstdint>
+
+namespace scout::kernels {
+
+// Attention of num_tokens new query tokens of one sequence over its paged KV cache.
+// Query token t sits at position context_len - num_tokens + t and attends to positions <= its own
+// (causal among the new tokens; all earlier tokens visible). GQA: query head h reads KV head
+// h / (num_heads / num_kv_heads).
+struct PagedAttentionParams {
+  const float* q = nullptr;          // [num_tokens][num_heads][head_dim]
+  float* out = nullptr;              // [num_tokens][num_heads][head_dim]
+  const float* kv_layer = nullptr;   // [num_blocks][num_kv_heads][2 (K,V)][block_size][head_dim]
+  const int32_t* block_table = nullptr;  // [ceil(context_len / block_size)] block ids
+  int64_t context_len = 0;           // tokens in the cache, the new ones included
+  int num_tokens = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 16;
+  float scale = 0;                   // usually 1/sqrt(head_dim)
+};
+
+// Single precision, softmax in float32 with the row maximum subtracted; GEMMs through CBLAS.
+// Thread-compatible: concurrent calls must not share `out`.
+void PagedAttentionCpu(const PagedAttentionParams& p);
+
+// The same function computed naively in double precision: the ground truth for tests.
+void PagedAttentionNaiveF64(const PagedAttentionParams& p);
+
+}  // namespace scout::kernels

@@ -1,0 +1,47 @@
+// The seam between the decoding loop and whatever runs the model (CPU now, CUDA later).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvstore/block_table.h"
+#include "runtime/model_config.h"
+
+namespace scout::runtime {
+
+using kvstore::SequenceId;
+
+// New tokens of one sequence for one forward pass; they are appended at its current length.
+struct SequenceInput {
+  SequenceId seq = 0;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;  // a row of logits for every new token; otherwise only for the last
+};
+
+// A model with a paged KV cache holding any number of sequences. Not thread-safe: one caller.
+class ModelBackend {
+ public:
+  virtual ~ModelBackend() = default;
+  virtual const ModelConfig& config() const = 0;
+
+  // AlreadyExists if the id is in use.
+  virtual absl::Status AddSequence(SequenceId seq) = 0;
+  // Frees the sequence's KV. NotFound if unknown.
+  virtual absl::Status ReleaseSequence(SequenceId seq) = 0;
+  // Forgets tokens at positions >= num_tokens (rollback of rejected speculative tokens).
+  virtual absl::Status TruncateSequence(SequenceId seq, int64_t num_tokens) = 0;
+  virtual absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const = 0;
+
+  // One pass over the new tokens of every sequence in `batch` (distinct sequences, at least one
+  // token each), appending their keys and values. `logits` receives vocab_size floats per row:
+  // rows follow the batch order, tokens.size() rows for an all_logits sequence, else one.
+  // All or nothing: on error no sequence changes. InvalidArgument for a bad token id, an empty
+  // or duplicated input; OutOfRange past max_position_embeddings; ResourceExhausted when the KV
+  // pool cannot hold the new tokens; NotFound for an unknown sequence.
+  virtual absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) = 0;
+};
+
+}  // namespace scout::runtime

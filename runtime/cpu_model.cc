@@ -1,0 +1,194 @@
+#include "runtime/cpu_model.h"
+
+#include <cblas.h>
+
+#include <cmath>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/attention_cpu.h"
+#include "runtime/rope.h"
+
+namespace scout::runtime {
+namespace {
+
+// y[rows][out] = x[rows][in] · W[out][in]ᵀ + beta · y
+void Linear(const float* x, int64_t rows, int64_t in, const std::vector<float>& w, int64_t out, float* y,
+            float beta = 0.0f) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), static_cast<int>(out),
+              static_cast<int>(in), 1.0f, x, static_cast<int>(in), w.data(), static_cast<int>(in), beta, y,
+              static_cast<int>(out));
+}
+
+// As transformers' LlamaRMSNorm: x · rsqrt(mean(x²) + eps) · weight, in float32.
+void RmsNorm(const float* x, int64_t rows, int64_t d, const std::vector<float>& w, float eps, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    float* yr = y + r * d;
+    for (int64_t i = 0; i < d; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+}  // namespace
+
+CpuModel::CpuModel(const ModelConfig& config, LlamaWeights weights, std::unique_ptr<kvstore::KvPool> pool)
+    : config_(config),
+      weights_(std::move(weights)),
+      inv_freq_(RopeInvFreq(config.rope, config.head_dim)),
+      pool_(std::move(pool)),
+      tables_(pool_->shape().num_blocks) {}
+
+absl::StatusOr<std::unique_ptr<CpuModel>> CpuModel::Create(const ModelConfig& config, LlamaWeights weights,
+                                                           const CpuModelOptions& options) {
+  int64_t tokens = options.kv_budget_tokens > 0 ? options.kv_budget_tokens : 4 * config.max_position_embeddings;
+  absl::StatusOr<std::unique_ptr<kvstore::KvPool>> pool = kvstore::KvPool::Create(
+      {.num_layers = static_cast<int>(config.num_hidden_layers),
+       .num_kv_heads = static_cast<int>(config.num_key_value_heads),
+       .head_dim = static_cast<int>(config.head_dim),
+       .num_blocks = static_cast<int32_t>(kvstore::BlocksFor(tokens))});
+  if (!pool.ok()) return pool.status();
+  return std::unique_ptr<CpuModel>(new CpuModel(config, std::move(weights), std::move(*pool)));
+}
+
+absl::StatusOr<std::unique_ptr<CpuModel>> CpuModel::Load(const std::filesystem::path& model_dir,
+                                                         const CpuModelOptions& options) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
+  if (!config.ok()) return config.status();
+  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
+  if (!store.ok()) return store.status();
+  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
+  if (!weights.ok()) return weights.status();
+  return Create(*config, std::move(*weights), options);
+}
+
+absl::StatusOr<int64_t> CpuModel::SequenceLength(SequenceId seq) const {
+  const kvstore::BlockTable* t = tables_.Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  return t->num_tokens;
+}
+
+size_t CpuModel::weight_bytes() const {
+  size_t n = weights_.embed.size() + weights_.norm.size() + weights_.lm_head.size();
+  for (const LlamaLayerWeights& l : weights_.layers) {
+    n += l.attn_norm.size() + l.wqkv.size() + l.wo.size() + l.mlp_norm.size() + l.w_gate_up.size() + l.w_down.size();
+  }
+  return n * sizeof(float);
+}
+
+absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) {
+  const ModelConfig& c = config_;
+  const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  const int64_t inter = c.intermediate_size, vocab = c.vocab_size;
+  if (batch.empty()) return absl::InvalidArgumentError("Forward needs at least one sequence");
+
+  // Validate everything before touching any state.
+  absl::flat_hash_set<SequenceId> seen;
+  std::vector<int64_t> start(batch.size());
+  int64_t total = 0, blocks_needed = 0, logit_rows = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SequenceInput& in = batch[i];
+    if (!seen.insert(in.seq).second) return absl::InvalidArgumentError(absl::StrCat("sequence ", in.seq, " appears twice in one batch"));
+    if (in.tokens.empty()) return absl::InvalidArgumentError(absl::StrCat("sequence ", in.seq, " has no new tokens"));
+    for (int32_t t : in.tokens) {
+      if (t < 0 || t >= vocab) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside vocabulary of ", vocab));
+    }
+    const kvstore::BlockTable* table = tables_.Find(in.seq);
+    if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", in.seq));
+    start[i] = table->num_tokens;
+    const int64_t end = start[i] + static_cast<int64_t>(in.tokens.size());
+    if (end > c.max_position_embeddings) {
+      return absl::OutOfRangeError(absl::StrCat("sequence ", in.seq, " would reach ", end,
+                                                " tokens, past max_position_embeddings ", c.max_position_embeddings));
+    }
+    blocks_needed += *tables_.BlocksNeeded(in.seq, end);
+    total += static_cast<int64_t>(in.tokens.size());
+    logit_rows += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
+  }
+  if (blocks_needed > tables_.allocator().num_free()) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV pool full: this step needs ", blocks_needed, " blocks, ",
+                                                     tables_.allocator().num_free(), " of ",
+                                                     tables_.allocator().capacity(), " free"));
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    absl::Status s = tables_.Grow(batch[i].seq, start[i] + static_cast<int64_t>(batch[i].tokens.size()));
+    if (!s.ok()) return s;  // cannot happen after the check above
+  }
+
+  const int64_t qkv_dim = (nh + 2 * nkv) * hd;
+  std::vector<float> x(total * d), h(total * d), qkv(total * qkv_dim), q(total * nh * hd), attn(total * nh * hd);
+  std::vector<float> gu(total * 2 * inter), act(total * inter);
+  {
+    int64_t row = 0;
+    for (const SequenceInput& in : batch) {
+      for (int32_t t : in.tokens) std::copy_n(weights_.embed.data() + t * d, d, x.data() + (row++) * d);
+    }
+  }
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const LlamaLayerWeights& w = weights_.layers[layer];
+    RmsNorm(x.data(), total, d, w.attn_norm, eps, h.data());
+    Linear(h.data(), total, d, w.wqkv, qkv_dim, qkv.data());
+    int64_t row = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const SequenceInput& in = batch[i];
+      const std::vector<int32_t>& blocks = tables_.Find(in.seq)->blocks;
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = start[i] + t;
+        float* r = qkv.data() + (row + t) * qkv_dim;
+        ApplyRope(r, static_cast<int>(nh + nkv), static_cast<int>(hd), pos, inv_freq_);  // q and k heads
+        std::copy_n(r, nh * hd, q.data() + (row + t) * nh * hd);
+        const int32_t block = blocks[pos / kvstore::kBlockSize];
+        const int64_t off = (pos % kvstore::kBlockSize) * hd;
+        for (int64_t kh = 0; kh < nkv; ++kh) {
+          std::copy_n(r + (nh + kh) * hd, hd, pool_->keys(static_cast<int>(layer), block, static_cast<int>(kh)) + off);
+          std::copy_n(r + (nh + nkv + kh) * hd, hd, pool_->values(static_cast<int>(layer), block, static_cast<int>(kh)) + off);
+        }
+      }
+      kernels::PagedAttentionCpu({.q = q.data() + row * nh * hd,
+                                  .out = attn.data() + row * nh * hd,
+                                  .kv_layer = pool_->layer(static_cast<int>(layer)),
+                                  .block_table = blocks.data(),
+                                  .context_len = start[i] + n,
+                                  .num_tokens = static_cast<int>(n),
+                                  .num_heads = static_cast<int>(nh),
+                                  .num_kv_heads = static_cast<int>(nkv),
+                                  .head_dim = static_cast<int>(hd),
+                                  .block_size = kvstore::kBlockSize,
+                                  .scale = scale});
+      row += n;
+    }
+    Linear(attn.data(), total, nh * hd, w.wo, d, x.data(), /*beta=*/1.0f);  // residual add
+    RmsNorm(x.data(), total, d, w.mlp_norm, eps, h.data());
+    Linear(h.data(), total, d, w.w_gate_up, 2 * inter, gu.data());
+    for (int64_t r = 0; r < total; ++r) {
+      const float* g = gu.data() + r * 2 * inter;
+      const float* u = g + inter;
+      float* a = act.data() + r * inter;
+      for (int64_t j = 0; j < inter; ++j) a[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+    }
+    Linear(act.data(), total, inter, w.w_down, d, x.data(), /*beta=*/1.0f);
+  }
+
+  // Final norm and LM head only on the rows whose logits are wanted.
+  std::vector<float> sel(logit_rows * d);
+  {
+    int64_t row = 0, out = 0;
+    for (const SequenceInput& in : batch) {
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      const int64_t first = in.all_logits ? 0 : n - 1;
+      for (int64_t t = first; t < n; ++t) std::copy_n(x.data() + (row + t) * d, d, sel.data() + (out++) * d);
+      row += n;
+    }
+  }
+  RmsNorm(sel.data(), logit_rows, d, weights_.norm, eps, sel.data());
+  logits->resize(logit_rows * vocab);
+  Linear(sel.data(), logit_rows, d, weights_.lm_head.empty() ? weights_.embed : weights_.lm_head, vocab, logits->data());
+  return absl::OkStatus();
+}
+
+}  // namespace scout::runtime

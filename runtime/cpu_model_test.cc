@@ -1,0 +1,254 @@
+#include "runtime/cpu_model.h"
+
+#include <cmath>
+#include <fstream>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "runtime/generator.h"
+#include "runtime/safetensors.h"
+#include "runtime/test_model.h"
+#include "runtime/tokenizer.h"
+
+namespace scout::runtime {
+namespace {
+
+using testing::FreshDir;
+using testing::TinyConfig;
+using testing::WriteRandomModel;
+
+double RelL2(std::span<const float> a, std::span<const float> b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
+    den += double{b[i]} * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (int32_t& x : t) x = std::uniform_int_distribution<int32_t>(0, vocab - 1)(rng);
+  return t;
+}
+
+std::unique_ptr<CpuModel> LoadTiny(const ModelConfig& c, int shards = 1, int64_t kv_tokens = 0) {
+  std::filesystem::path dir = FreshDir("model");
+  WriteRandomModel(dir, c, 42, shards);
+  absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir, {.kv_budget_tokens = kv_tokens});
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? std::move(*m) : nullptr;
+}
+
+// Logits of every position of `tokens`, computed in one pass from an empty cache.
+std::vector<float> FullPass(CpuModel& m, SequenceId id, std::span<const int32_t> tokens) {
+  EXPECT_TRUE(m.AddSequence(id).ok());
+  std::vector<float> logits;
+  SequenceInput in{.seq = id, .tokens = tokens, .all_logits = true};
+  EXPECT_TRUE(m.Forward({&in, 1}, &logits).ok());
+  EXPECT_TRUE(m.ReleaseSequence(id).ok());
+  return logits;
+}
+
+// Decoding token by token over the paged cache (crossing block boundaries, with llama3 RoPE
+// and shards) gives the logits of recomputing the whole sequence at once.
+TEST(CpuModelTest, PagedDecodeMatchesRecompute) {
+  ModelConfig c = TinyConfig();
+  c.rope = {.type = "llama3", .theta = 500000, .factor = 4, .low_freq_factor = 1, .high_freq_factor = 4,
+            .original_max_position_embeddings = 64};
+  std::unique_ptr<CpuModel> m = LoadTiny(c, /*shards=*/2);
+  ASSERT_NE(m, nullptr);
+  const int kPrompt = 37, kTotal = 90;
+  std::vector<int32_t> tokens = RandomTokens(kTotal, c.vocab_size, 1);
+  std::vector<float> ref = FullPass(*m, 1, tokens);
+
+  for (int chunk : {kPrompt, 5, 16}) {
+    ASSERT_TRUE(m->AddSequence(2).ok());
+    std::vector<float> got, logits;
+    for (int at = 0; at < kTotal;) {
+      int n = at < kPrompt ? std::min(chunk, kPrompt - at) : 1;
+      SequenceInput in{.seq = 2, .tokens = std::span<const int32_t>(tokens).subspan(at, n), .all_logits = true};
+      ASSERT_TRUE(m->Forward({&in, 1}, &logits).ok());
+      got.insert(got.end(), logits.begin(), logits.end());
+      at += n;
+    }
+    ASSERT_EQ(got.size(), ref.size());
+    // float32 with different summation grouping (BLAS blocking by row count): ~1e-6.
+    EXPECT_LT(RelL2(got, ref), 1e-5) << "chunk " << chunk;
+    ASSERT_TRUE(m->ReleaseSequence(2).ok());
+  }
+  EXPECT_EQ(m->block_tables().allocator().num_used(), 0);
+}
+
+TEST(CpuModelTest, BatchOfSequencesMatchesEachAlone) {
+  ModelConfig c = TinyConfig();
+  c.tie_word_embeddings = true;
+  std::unique_ptr<CpuModel> m = LoadTiny(c);
+  ASSERT_NE(m, nullptr);
+  std::vector<int32_t> a = RandomTokens(23, c.vocab_size, 2), b = RandomTokens(40, c.vocab_size, 3);
+  std::vector<float> ra = FullPass(*m, 10, a), rb = FullPass(*m, 11, b);
+  // Sequence 20 prefilled with a[0:20] first, then its last 3 tokens batched with all of b.
+  ASSERT_TRUE(m->AddSequence(20).ok());
+  ASSERT_TRUE(m->AddSequence(21).ok());
+  std::vector<float> logits;
+  SequenceInput first{.seq = 20, .tokens = std::span<const int32_t>(a).first(20)};
+  ASSERT_TRUE(m->Forward({&first, 1}, &logits).ok());
+  SequenceInput both[] = {{.seq = 20, .tokens = std::span<const int32_t>(a).subspan(20), .all_logits = true},
+                          {.seq = 21, .tokens = b, .all_logits = false}};
+  ASSERT_TRUE(m->Forward(both, &logits).ok());
+  ASSERT_EQ(logits.size(), size_t(4 * c.vocab_size));
+  EXPECT_LT(RelL2(std::span(logits).first(3 * c.vocab_size), std::span(ra).subspan(20 * c.vocab_size)), 1e-5);
+  EXPECT_LT(RelL2(std::span(logits).subspan(3 * c.vocab_size), std::span(rb).subspan(39 * c.vocab_size)), 1e-5);
+}
+
+// Rolling back rejected tokens and feeding others gives the logits of the accepted path.
+TEST(CpuModelTest, TruncateThenContinueMatchesFreshSequence) {
+  ModelConfig c = TinyConfig();
+  std::unique_ptr<CpuModel> m = LoadTiny(c);
+  ASSERT_NE(m, nullptr);
+  std::vector<int32_t> good = RandomTokens(50, c.vocab_size, 4), bad = RandomTokens(20, c.vocab_size, 5);
+  std::vector<float> ref = FullPass(*m, 1, good);
+  ASSERT_TRUE(m->AddSequence(2).ok());
+  std::vector<float> logits;
+  SequenceInput p{.seq = 2, .tokens = std::span<const int32_t>(good).first(30)};
+  ASSERT_TRUE(m->Forward({&p, 1}, &logits).ok());
+  SequenceInput wrong{.seq = 2, .tokens = bad};
+  ASSERT_TRUE(m->Forward({&wrong, 1}, &logits).ok());
+  ASSERT_TRUE(m->TruncateSequence(2, 30).ok());
+  SequenceInput rest{.seq = 2, .tokens = std::span<const int32_t>(good).subspan(30), .all_logits = true};
+  ASSERT_TRUE(m->Forward({&rest, 1}, &logits).ok());
+  EXPECT_LT(RelL2(logits, std::span(ref).subspan(30 * c.vocab_size)), 1e-5);
+}
+
+TEST(CpuModelTest, FullPoolIsCleanErrorAndOtherSequencesGoOn) {
+  ModelConfig c = TinyConfig();
+  std::unique_ptr<CpuModel> m = LoadTiny(c, 1, /*kv_tokens=*/64);  // 4 blocks
+  ASSERT_NE(m, nullptr);
+  std::vector<int32_t> t = RandomTokens(60, c.vocab_size, 6);
+  ASSERT_TRUE(m->AddSequence(1).ok());
+  ASSERT_TRUE(m->AddSequence(2).ok());
+  std::vector<float> logits;
+  SequenceInput a{.seq = 1, .tokens = std::span<const int32_t>(t).first(40)};
+  ASSERT_TRUE(m->Forward({&a, 1}, &logits).ok());
+  SequenceInput big{.seq = 2, .tokens = t};
+  absl::Status s = m->Forward({&big, 1}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_EQ(*m->SequenceLength(2), 0);
+  SequenceInput more{.seq = 1, .tokens = std::span<const int32_t>(t).subspan(40, 5)};
+  EXPECT_TRUE(m->Forward({&more, 1}, &logits).ok());
+  EXPECT_EQ(*m->SequenceLength(1), 45);
+}
+
+TEST(CpuModelTest, BadInputsAreRejectedWithoutSideEffects) {
+  ModelConfig c = TinyConfig();
+  std::unique_ptr<CpuModel> m = LoadTiny(c);
+  ASSERT_NE(m, nullptr);
+  ASSERT_TRUE(m->AddSequence(1).ok());
+  std::vector<float> logits;
+  int32_t bad[] = {3, 99};
+  SequenceInput in{.seq = 1, .tokens = bad};
+  EXPECT_EQ(m->Forward({&in, 1}, &logits).code(), absl::StatusCode::kInvalidArgument);
+  SequenceInput unknown{.seq = 7, .tokens = std::span<const int32_t>(bad, 1)};
+  EXPECT_EQ(m->Forward({&unknown, 1}, &logits).code(), absl::StatusCode::kNotFound);
+  SequenceInput dup[] = {{.seq = 1, .tokens = std::span<const int32_t>(bad, 1)}, {.seq = 1, .tokens = std::span<const int32_t>(bad, 1)}};
+  EXPECT_EQ(m->Forward(dup, &logits).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<int32_t> too_long(c.max_position_embeddings + 1, 3);
+  SequenceInput lng{.seq = 1, .tokens = too_long};
+  EXPECT_EQ(m->Forward({&lng, 1}, &logits).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(*m->SequenceLength(1), 0);
+  EXPECT_EQ(m->AddSequence(1).code(), absl::StatusCode::kAlreadyExists);
+}
+
+// A missing file, a truncated shard, an unsupported architecture and a config that contradicts
+// the weights each fail with the file and the cause named.
+TEST(CpuModelTest, LoadErrorsNameFileAndCause) {
+  const ModelConfig c = TinyConfig();
+  std::filesystem::path dir = FreshDir("bad");
+  WriteRandomModel(dir, c, 1, /*shards=*/2);
+  const std::string shard = (dir / "model-00002-of-00002.safetensors").string();
+
+  auto expect_error = [&](absl::StatusCode code, const std::string& a, const std::string& b) {
+    absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir);
+    ASSERT_FALSE(m.ok());
+    EXPECT_EQ(m.status().code(), code) << m.status();
+    EXPECT_NE(m.status().message().find(a), std::string::npos) << m.status();
+    EXPECT_NE(m.status().message().find(b), std::string::npos) << m.status();
+  };
+  // Config/weights mismatch: the config says a wider MLP than the weights have.
+  ModelConfig wide = c;
+  wide.intermediate_size = 64;
+  std::ofstream(dir / "config.json") << testing::ConfigJson(wide);
+  expect_error(absl::StatusCode::kInvalidArgument, "mlp.gate_proj.weight", "config.json implies [64, 32]");
+  // Fewer layers in the config than in the checkpoint.
+  ModelConfig shallow = c;
+  shallow.num_hidden_layers = 1;
+  std::ofstream(dir / "config.json") << testing::ConfigJson(shallow);
+  expect_error(absl::StatusCode::kInvalidArgument, "model.layers.1.", "num_hidden_layers = 1");
+  // More layers in the config than in the checkpoint.
+  ModelConfig deep = c;
+  deep.num_hidden_layers = 3;
+  std::ofstream(dir / "config.json") << testing::ConfigJson(deep);
+  expect_error(absl::StatusCode::kNotFound, "model.layers.2.", "not found");
+  // Unsupported architecture.
+  std::ofstream(dir / "config.json") << R"({"architectures": ["MambaForCausalLM"], "model_type": "mamba"})";
+  expect_error(absl::StatusCode::kUnimplemented, "config.json", "MambaForCausalLM");
+  // Truncated shard.
+  std::ofstream(dir / "config.json") << testing::ConfigJson(c);
+  ASSERT_TRUE(CpuModel::Load(dir).ok());
+  std::filesystem::resize_file(shard, std::filesystem::file_size(shard) / 2);
+  expect_error(absl::StatusCode::kDataLoss, shard, "truncated");
+  // Missing shard, then missing config.
+  std::filesystem::remove(shard);
+  expect_error(absl::StatusCode::kNotFound, shard, "no such file");
+  std::filesystem::remove(dir / "config.json");
+  expect_error(absl::StatusCode::kNotFound, (dir / "config.json").string(), "no such file");
+}
+
+TEST(GeneratorTest, GreedyGenerationIsDeterministicAndReleasesTheSequence) {
+  ModelConfig c = TinyConfig();
+  std::unique_ptr<CpuModel> m = LoadTiny(c);
+  ASSERT_NE(m, nullptr);
+  std::vector<int32_t> prompt = RandomTokens(21, c.vocab_size, 8);
+  GenerateOptions opt{.max_tokens = 30, .prefill_chunk = 8};
+  absl::StatusOr<GenerateResult> a = Generate(*m, 1, prompt, opt);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_EQ(a->tokens.size(), 30u);
+  EXPECT_EQ(m->block_tables().num_sequences(), 0u);
+  // The same tokens as argmax over a full recomputation of each prefix.
+  std::vector<int32_t> seq = prompt;
+  for (int i = 0; i < 30; ++i) {
+    std::vector<float> logits = FullPass(*m, 5, seq);
+    int32_t next = ArgMax(std::span(logits).subspan((seq.size() - 1) * c.vocab_size, c.vocab_size));
+    ASSERT_EQ(next, a->tokens[i]) << "step " << i;
+    seq.push_back(next);
+  }
+  // Stop ids end generation; the prompt limit is enforced.
+  opt.stop_ids = {a->tokens[3]};
+  absl::StatusOr<GenerateResult> b = Generate(*m, 1, prompt, opt);
+  ASSERT_TRUE(b.ok());
+  EXPECT_LE(b->tokens.size(), 4u);
+  std::vector<int32_t> huge(c.max_position_embeddings + 1, 3);
+  EXPECT_EQ(Generate(*m, 1, huge, opt).status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST(TokenizerTest, ByteTokenizerRoundTripsAndLoads) {
+  std::filesystem::path dir = FreshDir("tok");
+  EXPECT_EQ(LoadTokenizer(dir).status().code(), absl::StatusCode::kNotFound);
+  std::ofstream(dir / "scout_tokenizer.json") << R"({"type": "bytes", "bos_token_id": 256, "eos_token_id": 257, "vocab_size": 258})";
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = LoadTokenizer(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  std::string text = "héllo\n\x01\xff";
+  std::vector<int32_t> ids = (*t)->Encode(text, true);
+  ASSERT_EQ(ids.size(), text.size() + 1);
+  EXPECT_EQ(ids[0], 256);
+  EXPECT_EQ(ids.back(), 255);
+  ids.push_back(257);
+  EXPECT_EQ(*(*t)->Decode(ids), text);
+  int32_t bad[] = {300};
+  EXPECT_EQ((*t)->Decode(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*t)->eos_ids(), std::vector<int32_t>{257});
+}
+
+}  // namespace
+}  // namespace scout::runtime

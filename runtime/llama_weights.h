@@ -1,0 +1,35 @@
+// Llama-family weights read from a Hugging Face checkpoint into float32.
+#pragma once
+
+#include <filesystem>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/model_config.h"
+#include "runtime/safetensors.h"
+
+namespace scout::runtime {
+
+// Matrices are row-major [out][in], as Hugging Face stores nn.Linear weights.
+struct LlamaLayerWeights {
+  std::vector<float> attn_norm;  // [hidden]
+  std::vector<float> wqkv;       // [(heads + 2 * kv_heads) * head_dim][hidden]: q, k, v rows stacked
+  std::vector<float> wo;         // [hidden][heads * head_dim]
+  std::vector<float> mlp_norm;   // [hidden]
+  std::vector<float> w_gate_up;  // [2 * intermediate][hidden]: gate rows, then up rows
+  std::vector<float> w_down;     // [hidden][intermediate]
+};
+
+struct LlamaWeights {
+  std::vector<float> embed;    // [vocab][hidden]
+  std::vector<LlamaLayerWeights> layers;
+  std::vector<float> norm;     // [hidden]
+  std::vector<float> lm_head;  // [vocab][hidden]; empty when tied to embed
+};
+
+// Reads every tensor the config implies and checks its shape. Errors name the file and tensor:
+// NotFound for a missing tensor, InvalidArgument for a shape that contradicts config.json or
+// for layers beyond num_hidden_layers, DataLoss passed through from a corrupt shard.
+absl::StatusOr<LlamaWeights> LoadLlamaWeights(const ModelConfig& config, const TensorStore& store);
+
+}  // namespace scout::runtime

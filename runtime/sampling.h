@@ -1,0 +1,40 @@
+// Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+
+#include "absl/status/status.h"
+
+namespace scout::runtime {
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0: greedy (argmax)
+  int top_k = 0;             // 0: no limit
+  float top_p = 1.0f;        // nucleus mass kept, in (0, 1]
+  uint64_t seed = 0;
+};
+
+// InvalidArgument naming the field for a negative temperature, negative top_k or top_p outside (0, 1].
+absl::Status ValidateSamplingParams(const SamplingParams& p);
+
+// Index of the largest logit; the lowest index wins ties (matches torch.argmax).
+int32_t ArgMax(std::span<const float> logits);
+
+// Draws tokens with its own generator: two samplers with equal params and seeds draw the same
+// sequence. Not thread-safe.
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+  int32_t Sample(std::span<const float> logits);
+  // The distribution Sample draws from (temperature, top-k and top-p applied), written to probs.
+  // Greedy params give a one-hot vector. Used by speculative decoding's rejection sampling.
+  void Distribution(std::span<const float> logits, std::span<float> probs) const;
+
+ private:
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace scout::runtime

@@ -1,0 +1,52 @@
+// Text <-> token ids. The byte-level tokenizer serves the fixture models; Hugging Face
+// tokenizer.json (BPE) plugs in behind the same interface.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace scout::runtime {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Never fails: every byte string has an encoding. Prepends BOS when add_bos and the model has one.
+  virtual std::vector<int32_t> Encode(absl::string_view text, bool add_bos) const = 0;
+  // Special tokens (BOS, EOS, ...) decode to nothing. InvalidArgument for an id outside the vocabulary.
+  virtual absl::StatusOr<std::string> Decode(std::span<const int32_t> ids) const = 0;
+  virtual int64_t vocab_size() const = 0;
+  virtual int32_t bos_id() const = 0;  // -1 if none
+  virtual std::vector<int32_t> eos_ids() const = 0;
+};
+
+// Ids 0..255 are the bytes themselves; the ids above are special tokens.
+class ByteTokenizer final : public Tokenizer {
+ public:
+  ByteTokenizer(int64_t vocab_size, int32_t bos_id, int32_t eos_id)
+      : vocab_size_(vocab_size), bos_id_(bos_id), eos_id_(eos_id) {}
+  std::vector<int32_t> Encode(absl::string_view text, bool add_bos) const override;
+  absl::StatusOr<std::string> Decode(std::span<const int32_t> ids) const override;
+  int64_t vocab_size() const override { return vocab_size_; }
+  int32_t bos_id() const override { return bos_id_; }
+  std::vector<int32_t> eos_ids() const override;
+
+ private:
+  int64_t vocab_size_;
+  int32_t bos_id_;
+  int32_t eos_id_;
+};
+
+// Picks the tokenizer a model folder declares: scout_tokenizer.json {"type": "bytes", ...} for
+// the fixtures. A folder with only a Hugging Face tokenizer.json gets Unimplemented until the BPE
+// tokenizer lands; a folder with neither gets NotFound naming the files looked for.
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::filesystem::path& model_dir);
+
+}  // namespace scout::runtime

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs Scout's build and test dependencies from Debian packages. Idempotent: packages already
+# present are skipped, so a second run costs one dpkg query.
+set -euo pipefail
+pkgs=(
+  build-essential cmake ninja-build pkg-config git
+  libabsl-dev            # absl::Status / StatusOr, flags, strings, synchronization
+  libboost-dev           # Boost.Asio and Boost.Beast (header-only)
+  prometheus-cpp-dev     # metrics (pulls civetweb)
+  libucx-dev             # remote KV tier
+  libgtest-dev libgmock-dev
+  nlohmann-json3-dev     # config.json, safetensors headers, API bodies
+  libyaml-cpp-dev        # YAML config files
+  libopenblas-dev        # CPU GEMM for the CPU backend
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#pkgs[@]} packages present"
+  exit 0
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+echo "setup: installed ${missing[*]}"
