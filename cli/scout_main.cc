@@ -52,11 +52,11 @@ int Generate(int argc, char** argv) {
                                 temperature.status(), top_p.status()}) {
     if (!s.ok()) return Fail(s);
   }
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
-  if (!tok.ok()) return Fail(tok.status());
   absl::StatusOr<std::unique_ptr<runtime::CpuModel>> model =
       runtime::CpuModel::Load(flags.Get("model"), {.kv_budget_tokens = *budget});
   if (!model.ok()) return Fail(model.status());
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return Fail(tok.status());
 
   std::vector<int32_t> ids = (*tok)->Encode(prompt, /*add_bos=*/true);
   runtime::GenerateOptions opt{
