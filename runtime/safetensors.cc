@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/bf16.h"
 #include "nlohmann/json.hpp"
 #include "runtime/model_config.h"
 
@@ -205,14 +206,9 @@ std::vector<std::string> TensorStore::Names() const {
   return names;
 }
 
-float Bf16ToFloat(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+float Bf16ToFloat(uint16_t v) { return kernels::Bf16ToFloat(v); }
 
-uint16_t FloatToBf16(float f) {
-  uint32_t u = std::bit_cast<uint32_t>(f);
-  if (std::isnan(f)) return 0x7fc0;
-  u += 0x7fff + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
+uint16_t FloatToBf16(float f) { return kernels::FloatToBf16(f); }
 
 float Fp16ToFloat(uint16_t h) {
   uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;

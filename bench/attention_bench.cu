@@ -1,0 +1,205 @@
+// Decode attention on the GPU at Llama-3.1-8B shapes (32 query heads, 8 KV heads, head dim 128,
+// bf16, one layer): dense and STS block-sparse, against the HBM roofline measured in the same run
+// and, when --sdpa-json names the output of bench/sdpa_baseline.py from the same machine, PyTorch
+// SDPA. L2 is flushed before every timed launch (as triton.testing.do_bench does).
+//
+//   attention_bench [--contexts 32768,131072,524288,1048576] [--batches 1,16] [--q-tokens 1,5]
+//                   [--keep 0.1] [--sdpa-json FILE] [--reps 20]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/sparse_decode.cuh"
+#include "kernels/sparse_decode_problem.h"
+
+using namespace scout::kernels;
+
+#define CHECK(expr)                                                                                    \
+  do {                                                                                                 \
+    cudaError_t e_ = (expr);                                                                           \
+    if (e_ != cudaSuccess) {                                                                           \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_));        \
+      std::exit(1);                                                                                    \
+    }                                                                                                  \
+  } while (0)
+
+__global__ void FillBf16(uint16_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
+    x ^= x >> 15; x *= 2246822519u; x ^= x >> 13;
+    // uniform in [-2, 2): a bf16 with 7 bits of mantissa
+    float f = (float(x & 0xffff) / 65536.0f) * 4.0f - 2.0f;
+    p[i] = static_cast<uint16_t>(__float_as_uint(f) >> 16);
+  }
+}
+
+std::vector<long> ParseList(const std::string& s) {
+  std::vector<long> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) v.push_back(std::stol(item));
+  return v;
+}
+
+// "ctx,batch,q" -> microseconds, from a flat JSON object written by sdpa_baseline.py.
+std::map<std::string, double> ReadSdpa(const std::string& path) {
+  std::map<std::string, double> m;
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  size_t at = 0;
+  while ((at = text.find('"', at)) != std::string::npos) {
+    size_t end = text.find('"', at + 1);
+    std::string key = text.substr(at + 1, end - at - 1);
+    size_t colon = text.find(':', end);
+    m[key] = std::strtod(text.c_str() + colon + 1, nullptr);
+    at = text.find_first_of(",}", colon);
+  }
+  return m;
+}
+
+struct Timer {
+  void* flush = nullptr;
+  size_t flush_bytes = size_t{256} << 20;
+  cudaEvent_t a, b;
+  Timer() {
+    CHECK(cudaMalloc(&flush, flush_bytes));
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+  }
+  // Median microseconds of fn over reps launches, each after an L2 flush.
+  template <typename F>
+  double Median(F fn, int reps) {
+    std::vector<float> t;
+    for (int i = 0; i < reps + 2; ++i) {
+      CHECK(cudaMemsetAsync(flush, i, flush_bytes));
+      CHECK(cudaEventRecord(a));
+      fn();
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, a, b));
+      if (i >= 2) t.push_back(ms * 1000.0f);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+};
+
+int main(int argc, char** argv) {
+  std::string contexts = "32768,131072,524288,1048576", batches = "1,16", qtoks = "1,5", sdpa_path;
+  double keep = 0.1;
+  int reps = 20;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string f = argv[i], v = argv[i + 1];
+    if (f == "--contexts") contexts = v;
+    else if (f == "--batches") batches = v;
+    else if (f == "--q-tokens") qtoks = v;
+    else if (f == "--keep") keep = std::stod(v);
+    else if (f == "--sdpa-json") sdpa_path = v;
+    else if (f == "--reps") reps = std::stoi(v);
+    else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
+  }
+  std::map<std::string, double> sdpa;
+  if (!sdpa_path.empty()) sdpa = ReadSdpa(sdpa_path);
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  size_t free_b, total_b;
+  CHECK(cudaMemGetInfo(&free_b, &total_b));
+  Timer timer;
+
+  // Copy bandwidth (bytes read + written) of a 2 GiB device-to-device copy.
+  double copy_bw;
+  {
+    const size_t n = size_t{1} << 30;
+    void *x, *y;
+    CHECK(cudaMalloc(&x, n));
+    CHECK(cudaMalloc(&y, n));
+    double us = timer.Median([&] { CHECK(cudaMemcpyAsync(y, x, n, cudaMemcpyDeviceToDevice)); }, 10);
+    copy_bw = 2.0 * n / (us * 1e-6);
+    CHECK(cudaFree(x));
+    CHECK(cudaFree(y));
+  }
+  std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D)\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12);
+  std::printf("shape: 32 q heads, 8 KV heads, head dim 128, bf16, one layer; sparse keeps %.0f%% of blocks + sink + last\n\n",
+              keep * 100);
+  std::printf("%8s %5s %3s %6s | %10s %9s %8s %8s | %10s %8s\n", "context", "batch", "q", "kind", "us", "TB/s",
+              "roofline", "splits", "sdpa us", "vs sdpa");
+
+  for (long ctx : ParseList(contexts)) {
+    for (long batch : ParseList(batches)) {
+      for (long qt : ParseList(qtoks)) {
+        const size_t kv_bytes = size_t(batch) * ctx * 8 * 2 * 128 * 2;
+        if (kv_bytes + (size_t{2} << 30) > free_b) {
+          std::printf("%8ld %5ld %3ld   skip | KV of %.1f GiB does not fit with room to spare\n", ctx, batch, qt,
+                      kv_bytes / double(1 << 30));
+          continue;
+        }
+        for (double frac : {-1.0, keep}) {
+          DecodeShape shape{.seq_lens = std::vector<int>(batch, int(ctx)), .q_tokens = std::vector<int>(batch, int(qt)),
+                            .num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .keep_fraction = frac};
+          DecodeProblem pr = MakeDecodeProblem(shape, 1234, /*fill_values=*/false);
+          SparseDecodeParams p = pr.params();
+          const size_t kv_elems = size_t(pr.num_blocks) * 8 * 2 * kKvBlockSize * 128;
+          const size_t q_elems = size_t(pr.total_q_rows()) * 32 * 128;
+          uint16_t *kv, *q, *out;
+          int32_t *qi, *sl, *bt, *si = nullptr, *sb = nullptr;
+          CHECK(cudaMalloc(&kv, kv_elems * 2));
+          CHECK(cudaMalloc(&q, q_elems * 2));
+          CHECK(cudaMalloc(&out, q_elems * 2));
+          FillBf16<<<1024, 256>>>(kv, kv_elems, 1);
+          FillBf16<<<64, 256>>>(q, q_elems, 2);
+          auto up = [](const std::vector<int32_t>& v, int32_t** d) {
+            CHECK(cudaMalloc(d, std::max<size_t>(4, v.size() * 4)));
+            CHECK(cudaMemcpy(*d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+          };
+          up(pr.q_indptr, &qi);
+          up(pr.seq_lens, &sl);
+          up(pr.block_table, &bt);
+          if (frac >= 0) {
+            up(pr.sel_indptr, &si);
+            up(pr.sel_blocks, &sb);
+          }
+          p.q = q; p.out = out; p.kv = kv; p.q_indptr = qi; p.seq_lens = sl; p.block_table = bt;
+          p.sel_indptr = si; p.sel_blocks = sb;
+          SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(),
+                                                   pr.total_q_rows(), 128, prop.multiProcessorCount);
+          void* ws;
+          CHECK(cudaMalloc(&ws, plan.workspace_bytes));
+          double us = timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr)); }, reps);
+          // Bytes the kernel must read: the listed blocks' K and V (whole blocks), q, and out written.
+          size_t blocks = 0;
+          if (frac < 0) {
+            blocks = size_t(batch) * 8 * ((ctx + 15) / 16);
+          } else {
+            blocks = pr.sel_blocks.size();
+          }
+          const double bytes = double(blocks) * 2 * kKvBlockSize * 128 * 2 + 2.0 * q_elems * 2;
+          const double tbs = bytes / (us * 1e-6) / 1e12;
+          const double roof_us = bytes / (copy_bw / 2.0) * 1e6;  // copy_bw counts read + write
+          char key[64];
+          std::snprintf(key, sizeof key, "%ld,%ld,%ld", ctx, batch, qt);
+          auto it = sdpa.find(key);
+          char sd[32] = "-", ratio[32] = "-";
+          if (it != sdpa.end() && it->second > 0) {
+            std::snprintf(sd, sizeof sd, "%.1f", it->second);
+            std::snprintf(ratio, sizeof ratio, "%.2fx", it->second / us);
+          }
+          std::printf("%8ld %5ld %3ld %6s | %10.1f %9.2f %7.0f%% %8d | %10s %8s\n", ctx, batch, qt,
+                      frac < 0 ? "dense" : "sts", us, tbs, 100.0 * roof_us / us, plan.num_splits, sd, ratio);
+          std::fflush(stdout);
+          for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, ws}) {
+            if (d) CHECK(cudaFree(d));
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}

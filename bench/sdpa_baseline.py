@@ -1,0 +1,53 @@
+"""PyTorch SDPA decode attention baseline at Llama-3.1-8B shapes (32 q heads, 8 KV heads, head dim
+128, bf16, enable_gqa), contiguous KV. Runs on the GPU machine; writes {"ctx,batch,q": median us}
+for bench/attention_bench --sdpa-json. L2 is flushed between runs (triton.testing.do_bench).
+
+  python3 bench/sdpa_baseline.py --out sdpa.json [--contexts ...] [--batches 1,16] [--q-tokens 1,5]
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--contexts", default="32768,131072,524288,1048576")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--q-tokens", default="1,5")
+    args = ap.parse_args()
+    res = {}
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
+    for ctx in map(int, args.contexts.split(",")):
+        for b in map(int, args.batches.split(",")):
+            for qt in map(int, args.q_tokens.split(",")):
+                key = f"{ctx},{b},{qt}"
+                kv_bytes = 2 * b * 8 * ctx * 128 * 2
+                free, _ = torch.cuda.mem_get_info()
+                if kv_bytes + (4 << 30) > free:
+                    print(f"{key}: skip (KV {kv_bytes / 2**30:.1f} GiB)", flush=True)
+                    continue
+                try:
+                    q = torch.randn(b, 32, qt, 128, device="cuda", dtype=torch.bfloat16)
+                    k = torch.randn(b, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+                    v = torch.randn(b, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+                    mask = None
+                    if qt > 1:  # bottom-right causal: query t sees keys <= ctx - qt + t
+                        mask = torch.ones(qt, ctx, dtype=torch.bool, device="cuda").tril(diagonal=ctx - qt)
+                    fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                    us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1000.0
+                    res[key] = us
+                    print(f"{key}: {us:.1f} us ({kv_bytes / us / 1e6:.2f} TB/s of KV)", flush=True)
+                    del q, k, v, mask
+                except torch.OutOfMemoryError:
+                    print(f"{key}: OOM", flush=True)
+                torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+// Paged decode attention over per-(sequence, KV head) block lists: dense (every block of the
+// sequence) or STS block-sparse (the Selection). The parameter struct is shared by the CPU
+// reference below and the CUDA kernel in sparse_decode.cuh.
+#pragma once
+
+#include <cstdint>
+
+namespace scout::kernels {
+
+inline constexpr int kKvBlockSize = 16;
+
+// Storage is bf16 (uint16_t bit patterns on the host side). Pointers are host memory for the
+// reference and device memory for the kernel.
+//
+// Query row t of sequence s sits at position seq_lens[s] - (q_indptr[s+1] - q_indptr[s]) + t and
+// sees the keys at positions <= its own (causal among the new tokens) that lie in its KV head's
+// list. A row that sees no key outputs zeros.
+struct SparseDecodeParams {
+  const uint16_t* q = nullptr;          // [q_indptr[num_seqs]][num_heads][head_dim]
+  uint16_t* out = nullptr;              // [q_indptr[num_seqs]][num_heads][head_dim]
+  const uint16_t* kv = nullptr;         // [num_blocks][num_kv_heads][2 (K,V)][16][head_dim], one layer
+  const int32_t* q_indptr = nullptr;    // [num_seqs + 1] first query row of each sequence
+  const int32_t* seq_lens = nullptr;    // [num_seqs] tokens in the cache, the new ones included
+  const int32_t* block_table = nullptr; // [num_seqs][max_blocks_per_seq] logical -> physical block
+  int max_blocks_per_seq = 0;
+  // Selection: logical block indices for (s, kv_head) at sel_blocks[sel_indptr[s * num_kv_heads +
+  // kv_head] ...]; each index < ceil(seq_lens[s] / 16), no duplicates. nullptr: dense.
+  const int32_t* sel_indptr = nullptr;  // [num_seqs * num_kv_heads + 1]
+  const int32_t* sel_blocks = nullptr;
+  int num_seqs = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;                     // 64 or 128 on the GPU
+  float scale = 0;                      // softmax scale, usually 1/sqrt(head_dim)
+};
+
+// Plain C++ reference: float32 scores and softmax, output rounded to bf16. If out_f32 is
+// non-null it also receives the unrounded output ([rows][num_heads][head_dim]).
+void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32 = nullptr);
+
+}  // namespace scout::kernels

@@ -1,0 +1,84 @@
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/sparse_decode.h"
+#include "kernels/bf16.h"
+
+namespace scout::kernels {
+namespace {
+
+float Bf(uint16_t v) { return Bf16ToFloat(v); }
+
+}  // namespace
+
+void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32) {
+  const int hd = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const int64_t head_stride = int64_t{2} * kKvBlockSize * hd;
+  const int64_t block_stride = head_stride * p.num_kv_heads;
+  std::vector<float> k, v, w, acc(hd);
+  std::vector<int32_t> pos;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, len = p.seq_lens[s];
+    const int32_t* table = p.block_table + int64_t{s} * p.max_blocks_per_seq;
+    for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+      // Gather the listed blocks' keys and values (positions past the end dropped).
+      std::vector<int32_t> logical;
+      if (p.sel_indptr != nullptr) {
+        const int sh = s * p.num_kv_heads + kvh;
+        logical.assign(p.sel_blocks + p.sel_indptr[sh], p.sel_blocks + p.sel_indptr[sh + 1]);
+      } else {
+        for (int b = 0; b < (len + kKvBlockSize - 1) / kKvBlockSize; ++b) logical.push_back(b);
+      }
+      k.clear();
+      v.clear();
+      pos.clear();
+      for (int32_t b : logical) {
+        const uint16_t* base = p.kv + table[b] * block_stride + kvh * head_stride;
+        for (int i = 0; i < kKvBlockSize && b * kKvBlockSize + i < len; ++i) {
+          pos.push_back(b * kKvBlockSize + i);
+          for (int d = 0; d < hd; ++d) {
+            k.push_back(Bf(base[i * hd + d]));
+            v.push_back(Bf(base[(kKvBlockSize + i) * hd + d]));
+          }
+        }
+      }
+      const size_t n = pos.size();
+      w.resize(n);
+      for (int t = 0; t < nq; ++t) {
+        const int qpos = len - nq + t;
+        for (int g = 0; g < group; ++g) {
+          const int h = kvh * group + g;
+          const int64_t row = (int64_t{q0 + t} * p.num_heads + h) * hd;
+          float mx = -INFINITY;
+          for (size_t j = 0; j < n; ++j) {
+            if (pos[j] > qpos) {
+              w[j] = -INFINITY;
+              continue;
+            }
+            float dot = 0;
+            for (int d = 0; d < hd; ++d) dot += Bf(p.q[row + d]) * k[j * hd + d];
+            w[j] = dot * p.scale;
+            mx = std::max(mx, w[j]);
+          }
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          if (mx != -INFINITY) {
+            float sum = 0;
+            for (size_t j = 0; j < n; ++j) {
+              const float e = w[j] == -INFINITY ? 0.0f : std::exp(w[j] - mx);
+              sum += e;
+              for (int d = 0; d < hd; ++d) acc[d] += e * v[j * hd + d];
+            }
+            for (int d = 0; d < hd; ++d) acc[d] /= sum;
+          }
+          for (int d = 0; d < hd; ++d) {
+            p.out[row + d] = FloatToBf16(acc[d]);
+            if (out_f32 != nullptr) out_f32[row + d] = acc[d];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace scout::kernels
