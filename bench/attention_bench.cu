@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/block_select.cuh"
+#include "kernels/block_select_problem.h"
 #include "kernels/sparse_decode.cuh"
 #include "kernels/sparse_decode_problem.h"
 
@@ -112,6 +114,7 @@ int main(int argc, char** argv) {
   size_t free_b, total_b;
   CHECK(cudaMemGetInfo(&free_b, &total_b));
   Timer timer;
+  std::map<std::string, double> sts_us;  // "ctx,batch,q" -> sparse attention time of one layer
 
   // Copy bandwidth (bytes read + written) of a 2 GiB device-to-device copy.
   double copy_bw;
@@ -168,8 +171,9 @@ int main(int argc, char** argv) {
           }
           p.q = q; p.out = out; p.kv = kv; p.q_indptr = qi; p.seq_lens = sl; p.block_table = bt;
           p.sel_indptr = si; p.sel_blocks = sb;
+          const int ctas = SparseDecodeCtasPerSm(128, SparseDecodeRowsPerCta(32, 8, int(qt)));
           SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(),
-                                                   pr.total_q_rows(), 128, prop.multiProcessorCount);
+                                                   pr.total_q_rows(), 128, prop.multiProcessorCount, ctas);
           void* ws;
           CHECK(cudaMalloc(&ws, plan.workspace_bytes));
           double us = timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr)); }, reps);
@@ -182,7 +186,8 @@ int main(int argc, char** argv) {
           }
           const double bytes = double(blocks) * 2 * kKvBlockSize * 128 * 2 + 2.0 * q_elems * 2;
           const double tbs = bytes / (us * 1e-6) / 1e12;
-          const double roof_us = bytes / (copy_bw / 2.0) * 1e6;  // copy_bw counts read + write
+          // The copy moved copy_bw bytes a second, reads and writes counted: HBM's ceiling for any mix.
+          const double roof_us = bytes / copy_bw * 1e6;
           char key[64];
           std::snprintf(key, sizeof key, "%ld,%ld,%ld", ctx, batch, qt);
           auto it = sdpa.find(key);
@@ -191,6 +196,7 @@ int main(int argc, char** argv) {
             std::snprintf(sd, sizeof sd, "%.1f", it->second);
             std::snprintf(ratio, sizeof ratio, "%.2fx", it->second / us);
           }
+          if (frac >= 0) sts_us[key] = us;
           std::printf("%8ld %5ld %3ld %6s | %10.1f %9.2f %7.0f%% %8d | %10s %8s\n", ctx, batch, qt,
                       frac < 0 ? "dense" : "sts", us, tbs, 100.0 * roof_us / us, plan.num_splits, sd, ratio);
           std::fflush(stdout);
@@ -200,6 +206,45 @@ int main(int argc, char** argv) {
         }
       }
     }
+  }
+
+  // Block selection for one speculative round of one sequence: the draft (Llama-3.2-1B shape:
+  // 16 layers x 32 heads) gives block masses for k = 4 positions; each of the target's 32 x 8
+  // (layer, KV head) units maps to 2 draft heads and keeps `keep` of its blocks.
+  std::printf("\nblock selection, batch 1, k=4, 512 draft heads -> 256 target units (32 layers x 8 KV heads)\n");
+  std::printf("%8s | %10s | %22s %8s\n", "context", "select us", "32 layers sts attn us", "share");
+  for (long ctx : ParseList(contexts)) {
+    const int nb = int((ctx + 15) / 16);
+    const int budget = std::max(5, int(keep * nb));
+    SelectProblem pr = MakeSelectProblem({nb}, 4, 512, 256, budget, 1, 4, 2, false, 99);
+    std::vector<void*> owned;
+    auto dev = [&](const auto& v) {
+      void* d;
+      CHECK(cudaMalloc(&d, std::max<size_t>(4, v.size() * sizeof(v[0]))));
+      CHECK(cudaMemcpy(d, v.data(), v.size() * sizeof(v[0]), cudaMemcpyHostToDevice));
+      owned.push_back(d);
+      return d;
+    };
+    BlockSelectParams d = pr.p;
+    d.mass = static_cast<const float*>(dev(pr.mass));
+    d.num_blocks = static_cast<const int32_t*>(dev(pr.num_blocks));
+    d.map_indptr = static_cast<const int32_t*>(dev(pr.map_indptr));
+    d.map_heads = static_cast<const int32_t*>(dev(pr.map_heads));
+    d.out_indptr = static_cast<const int32_t*>(dev(pr.out_indptr));
+    d.out_blocks = static_cast<int32_t*>(dev(pr.out_blocks));
+    void* scratch;
+    CHECK(cudaMalloc(&scratch, BlockSelectScratchBytes(d)));
+    const double us = timer.Median([&] { CHECK(BlockSelect(d, scratch, nullptr)); }, reps);
+    char key[64];
+    std::snprintf(key, sizeof key, "%ld,1,5", ctx);
+    auto it = sts_us.find(key);
+    if (it != sts_us.end()) {
+      std::printf("%8ld | %10.1f | %22.1f %7.1f%%\n", ctx, us, 32 * it->second, 100.0 * us / (32 * it->second));
+    } else {
+      std::printf("%8ld | %10.1f | %22s %8s\n", ctx, us, "-", "-");
+    }
+    CHECK(cudaFree(scratch));
+    for (void* p : owned) CHECK(cudaFree(p));
   }
   return 0;
 }

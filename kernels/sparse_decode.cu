@@ -210,17 +210,41 @@ __global__ void SparseDecodeMergeKernel(SparseDecodeParams p, int num_splits, in
 
 }  // namespace
 
+int SparseDecodeRowsPerCta(int num_heads, int num_kv_heads, int max_q_tokens) {
+  const int rows = max_q_tokens * (num_heads / num_kv_heads);
+  return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+}
+
+int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta) {
+  int n = 0;
+  const void* fn = nullptr;
+  switch (head_dim * 100 + rows_per_cta) {
+    case 6401: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 1>); break;
+    case 6402: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 2>); break;
+    case 6404: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 4>); break;
+    case 6408: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 8>); break;
+    case 12801: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 1>); break;
+    case 12802: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 2>); break;
+    case 12804: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 4>); break;
+    case 12808: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 8>); break;
+    default: return 0;
+  }
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kWarps * 32, 0) != cudaSuccess) return 0;
+  return n;
+}
+
 SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads, int max_q_tokens,
-                                  int max_list_blocks, int total_q_rows, int head_dim, int num_sms, int num_splits) {
+                                  int max_list_blocks, int total_q_rows, int head_dim, int num_sms, int ctas_per_sm,
+                                  int num_splits) {
   SparseDecodePlan plan;
   const int rows = max_q_tokens * (num_heads / num_kv_heads);
-  plan.rows_per_cta = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  plan.rows_per_cta = SparseDecodeRowsPerCta(num_heads, num_kv_heads, max_q_tokens);
   plan.row_groups = (rows + plan.rows_per_cta - 1) / plan.rows_per_cta;
   const int base_ctas = std::max(1, num_seqs * num_kv_heads * plan.row_groups);
   if (num_splits <= 0) {
-    // About four CTAs per SM, and no split shorter than 8 blocks (a split's fixed cost).
-    const int want = (4 * num_sms + base_ctas - 1) / base_ctas;
-    num_splits = std::max(1, std::min(want, (max_list_blocks + 7) / 8));
+    // One full wave of resident CTAs, and at least one block per warp in every split.
+    const int slots = std::max(1, num_sms * std::max(1, ctas_per_sm));
+    num_splits = std::max(1, std::min(slots / base_ctas, (max_list_blocks + kWarps - 1) / kWarps));
   }
   plan.num_splits = num_splits;
   plan.total_q_rows = total_q_rows;

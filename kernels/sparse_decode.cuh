@@ -20,12 +20,21 @@ struct SparseDecodePlan {
   size_t workspace_bytes = 0;
 };
 
-// max_q_rows: most query tokens of any sequence; max_list_blocks: longest block list (dense: the
-// longest sequence's blocks); total_q_rows: q_indptr[num_seqs]; num_sms: the device's SM count.
-// num_splits 0 chooses enough CTAs to fill the device.
+// max_q_tokens: most query tokens of any sequence; max_list_blocks: longest block list (dense:
+// the longest sequence's blocks); total_q_rows: q_indptr[num_seqs]; num_sms: the device's SM
+// count; ctas_per_sm: resident CTAs per SM (SparseDecodeCtasPerSm). num_splits 0 splits the lists
+// so that the grid fills the resident slots once: a second, partial wave would leave most SMs
+// idle while it runs.
 SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads, int max_q_tokens,
                                   int max_list_blocks, int total_q_rows, int head_dim, int num_sms,
-                                  int num_splits = 0);
+                                  int ctas_per_sm, int num_splits = 0);
+
+// Rows per CTA the plan uses for these shapes (1, 2, 4 or 8).
+int SparseDecodeRowsPerCta(int num_heads, int num_kv_heads, int max_q_tokens);
+
+// Resident CTAs per SM of the split kernel for this head dim and row count, from the CUDA
+// occupancy calculator; 0 for unsupported shapes.
+int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta);
 
 // Runs on `stream`. workspace: plan.workspace_bytes of device memory. Returns
 // cudaErrorInvalidValue for head dims other than 64 and 128 or a group above 8 query heads per

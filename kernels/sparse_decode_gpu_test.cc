@@ -38,8 +38,10 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits) {
   }
   int sms = 0;
   EXPECT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  const int ctas = SparseDecodeCtasPerSm(p.head_dim, SparseDecodeRowsPerCta(p.num_heads, p.num_kv_heads, pr.max_q_tokens()));
+  EXPECT_GT(ctas, 0);
   SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, p.num_heads, p.num_kv_heads, pr.max_q_tokens(),
-                                           pr.max_list_blocks(), pr.total_q_rows(), p.head_dim, sms, num_splits);
+                                           pr.max_list_blocks(), pr.total_q_rows(), p.head_dim, sms, ctas, num_splits);
   void* ws = nullptr;
   EXPECT_EQ(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
   EXPECT_EQ(SparseDecode(p, plan, ws, nullptr), cudaSuccess);
@@ -94,7 +96,7 @@ TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
 TEST(SparseDecodeGpuTest, RejectsUnsupportedHeadDim) {
   DecodeProblem pr = MakeDecodeProblem({.seq_lens = {16}, .q_tokens = {1}, .num_heads = 1, .num_kv_heads = 1, .head_dim = 96}, 1);
   SparseDecodeParams p = pr.params();
-  SparseDecodePlan plan = PlanSparseDecode(1, 1, 1, 1, 1, 1, 96, 132);
+  SparseDecodePlan plan = PlanSparseDecode(1, 1, 1, 1, 1, 1, 96, 132, 4);
   EXPECT_EQ(SparseDecode(p, plan, nullptr, nullptr), cudaErrorInvalidValue);
 }
 

@@ -1,0 +1,69 @@
+// CUDA block selection against the C++ reference (ctest label gpu).
+#include <cuda_runtime.h>
+
+#include <set>
+
+#include "gtest/gtest.h"
+#include "kernels/block_select.cuh"
+#include "kernels/block_select_problem.h"
+
+namespace scout::kernels {
+namespace {
+
+template <typename T>
+T* Dev(const std::vector<T>& v, std::vector<void*>* owned) {
+  void* d = nullptr;
+  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(4, v.size() * sizeof(T))), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  owned->push_back(d);
+  return static_cast<T*>(d);
+}
+
+TEST(BlockSelectGpuTest, SameListsAsReference) {
+  struct Case {
+    std::vector<int32_t> nb;
+    int positions, draft_heads, units, budget, sinks, window;
+    bool quantized;
+  };
+  const std::vector<Case> cases = {
+      {{1}, 1, 1, 1, 4, 1, 4, false},
+      {{17}, 4, 8, 3, 5, 1, 4, true},
+      {{1000, 37, 8195}, 5, 32, 16, 100, 1, 4, false},
+      {{8192}, 4, 64, 32, 820, 1, 4, true},     // ties everywhere
+      {{4096, 4096}, 2, 16, 8, 4096, 1, 4, false},  // budget = whole context
+      {{65536}, 4, 16, 4, 6554, 1, 4, false},   // 1M tokens
+  };
+  uint32_t seed = 11;
+  for (const Case& c : cases) {
+    SelectProblem pr = MakeSelectProblem(c.nb, c.positions, c.draft_heads, c.units, c.budget, c.sinks, c.window, 4,
+                                         c.quantized, seed++);
+    std::vector<int32_t> gpu_out(pr.out_blocks.size(), -7);
+    std::vector<void*> owned;
+    BlockSelectParams d = pr.p;
+    d.mass = Dev(pr.mass, &owned);
+    d.num_blocks = Dev(pr.num_blocks, &owned);
+    d.map_indptr = Dev(pr.map_indptr, &owned);
+    d.map_heads = Dev(pr.map_heads, &owned);
+    d.out_indptr = Dev(pr.out_indptr, &owned);
+    d.out_blocks = Dev(gpu_out, &owned);  // poisoned with -7
+    void* scratch = nullptr;
+    ASSERT_EQ(cudaMalloc(&scratch, BlockSelectScratchBytes(d)), cudaSuccess);
+    ASSERT_EQ(BlockSelect(d, scratch, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(gpu_out.data(), d.out_blocks, gpu_out.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    BlockSelectRef(pr.p);
+    // Same float operations in the same order: the lists must be identical, ties included.
+    for (size_t list = 0; list + 1 < pr.out_indptr.size(); ++list) {
+      std::vector<int32_t> g(gpu_out.begin() + pr.out_indptr[list], gpu_out.begin() + pr.out_indptr[list + 1]);
+      std::vector<int32_t> r(pr.out_blocks.begin() + pr.out_indptr[list], pr.out_blocks.begin() + pr.out_indptr[list + 1]);
+      ASSERT_EQ(std::set<int32_t>(g.begin(), g.end()), std::set<int32_t>(r.begin(), r.end()))
+          << "list " << list << " of case with nb " << c.nb[0];
+      ASSERT_TRUE(std::is_sorted(g.begin(), g.end()));
+    }
+    cudaFree(scratch);
+    for (void* p : owned) cudaFree(p);
+  }
+}
+
+}  // namespace
+}  // namespace scout::kernels
