@@ -6,6 +6,8 @@ namespace scout::kernels {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarpsPerCta = kThreads / 32;
+constexpr int kUnroll = 8;  // independent loads in flight per thread in every pass
 
 // Order-preserving map of floats onto unsigned integers: a > b  <=>  Key(a) > Key(b).
 __device__ __forceinline__ uint32_t Key(float f) {
@@ -13,51 +15,82 @@ __device__ __forceinline__ uint32_t Key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// One CTA per (sequence, unit). Every pass keeps kUnroll loads per thread in flight: the passes
+// are short and latency, not bandwidth, would bound them otherwise.
 __global__ void __launch_bounds__(kThreads) BlockSelectKernel(BlockSelectParams p, uint32_t* scratch) {
   const int s = blockIdx.y, u = blockIdx.x;
   const int nb = p.num_blocks[s];
   const int list = s * p.num_units + u;
   const int begin = p.out_indptr[list];
   const int want = p.out_indptr[list + 1] - begin;
-  uint32_t* keys = scratch + static_cast<size_t>(list) * p.max_blocks;
+  uint32_t* keys = scratch + static_cast<size_t>(list) * BlockSelectKeyStride(p.max_blocks);
   const int h0 = p.map_indptr[u], h1 = p.map_indptr[u + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   // 1. Scores: max over positions of the summed mass of the mapped draft heads.
-  for (int b = threadIdx.x; b < nb; b += kThreads) {
-    float best = -INFINITY;
+  for (int base = 0; base < nb; base += kUnroll * kThreads) {
+    float best[kUnroll];
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) best[q] = -INFINITY;
     for (int pos = 0; pos < p.num_positions; ++pos) {
-      float sum = 0.0f;
+      float sum[kUnroll] = {};
       for (int i = h0; i < h1; ++i) {
-        const size_t row = (static_cast<size_t>(s) * p.num_positions + pos) * p.num_draft_heads + p.map_heads[i];
-        sum += p.mass[row * p.max_blocks + b];
+        const float* row = p.mass + ((static_cast<size_t>(s) * p.num_positions + pos) * p.num_draft_heads +
+                                     p.map_heads[i]) * p.max_blocks;
+#pragma unroll
+        for (int q = 0; q < kUnroll; ++q) {
+          const int b = base + q * kThreads + threadIdx.x;
+          if (b < nb) sum[q] += row[b];
+        }
       }
-      best = fmaxf(best, sum);
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) best[q] = fmaxf(best[q], sum[q]);
     }
-    const bool forced = b < p.sink_blocks || b >= nb - p.window_blocks;
-    keys[b] = Key(forced ? INFINITY : best);
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      const int b = base + q * kThreads + threadIdx.x;
+      if (b < nb) {
+        const bool forced = b < p.sink_blocks || b >= nb - p.window_blocks;
+        keys[b] = Key(forced ? INFINITY : best[q]);
+      }
+    }
   }
   __syncthreads();
 
-  // 2. Radix select, most significant byte first: the want-th largest key `prefix`, and how many
-  //    keys equal to it the list still needs.
-  __shared__ int hist[256];
+  // 2. Radix select, most significant byte first: the want-th largest key, and how many keys
+  //    equal to it the list still needs. Scores cluster in a few exponents, so the top byte's bins
+  //    are hot: each warp keeps its own histogram, lanes with the same bin add once (match_any).
+  __shared__ int warp_hist[kWarpsPerCta][256];
   __shared__ uint32_t sh_prefix;
   __shared__ int sh_need;
   uint32_t prefix = 0, mask = 0;
   int need = want;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += kThreads) hist[i] = 0;
+    for (int i = threadIdx.x; i < kWarpsPerCta * 256; i += kThreads) (&warp_hist[0][0])[i] = 0;
     __syncthreads();
-    for (int b = threadIdx.x; b < nb; b += kThreads) {
-      const uint32_t k = keys[b];
-      if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 0xff], 1);
+    for (int base = 0; base < nb; base += kUnroll * kThreads) {
+      uint32_t k[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int b = base + q * kThreads + threadIdx.x;
+        k[q] = b < nb ? keys[b] : 0u;
+      }
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int b = base + q * kThreads + threadIdx.x;
+        const uint32_t bin = (b < nb && (k[q] & mask) == prefix) ? (k[q] >> shift) & 0xffu : 256u;
+        const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+        if (bin != 256u && lane == __ffs(peers) - 1) warp_hist[warp][bin] += __popc(peers);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
       int acc = 0, digit = 255;
       for (; digit > 0; --digit) {
-        if (acc + hist[digit] >= need) break;
-        acc += hist[digit];
+        int count = 0;
+        for (int w = 0; w < kWarpsPerCta; ++w) count += warp_hist[w][digit];
+        if (acc + count >= need) break;
+        acc += count;
       }
       sh_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
       sh_need = need - acc;
@@ -66,32 +99,44 @@ __global__ void __launch_bounds__(kThreads) BlockSelectKernel(BlockSelectParams 
     prefix = sh_prefix;
     need = sh_need;
     mask |= 0xffu << shift;
-    __syncthreads();
   }
   const uint32_t threshold = prefix;
 
-  // 3. Ordered compaction: keys above the threshold, and the first `need` equal to it.
+  // 3. Ordered compaction in tiles of kUnroll consecutive keys per thread: keys above the
+  //    threshold, and the first `need` equal to it, written in ascending block order.
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
-  const int chunk = (nb + kThreads - 1) / kThreads;
-  const int b0 = min(nb, threadIdx.x * chunk), b1 = min(nb, b0 + chunk);
-  int gt = 0, eq = 0;
-  for (int b = b0; b < b1; ++b) {
-    gt += keys[b] > threshold;
-    eq += keys[b] == threshold;
-  }
-  int eq_before;
-  Scan(scan_storage).ExclusiveSum(eq, eq_before);
-  __syncthreads();
-  const int eq_taken = max(0, min(eq, need - eq_before));
-  int out_at;
-  Scan(scan_storage).ExclusiveSum(gt + eq_taken, out_at);
-  int eq_seen = 0;
-  for (int b = b0; b < b1; ++b) {
-    const uint32_t k = keys[b];
-    bool take = k > threshold;
-    if (k == threshold) take = eq_seen++ < eq_taken;
-    if (take && out_at < want) p.out_blocks[begin + out_at++] = b;
+  __shared__ int sh_eq_total, sh_out_total;
+  int eq_base = 0, out_base = 0;
+  for (int base = 0; base < nb; base += kUnroll * kThreads) {
+    const int b0 = base + threadIdx.x * kUnroll;
+    uint32_t k[kUnroll];
+    int gt = 0, eq = 0;
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      k[q] = b0 + q < nb ? keys[b0 + q] : 0u;
+      const bool in = b0 + q < nb;
+      gt += in && k[q] > threshold;
+      eq += in && k[q] == threshold;
+    }
+    int eq_before, eq_total;
+    Scan(scan_storage).ExclusiveSum(eq, eq_before, eq_total);
+    __syncthreads();
+    const int eq_taken = max(0, min(eq, need - eq_base - eq_before));
+    int out_at, out_total;
+    Scan(scan_storage).ExclusiveSum(gt + eq_taken, out_at, out_total);
+    __syncthreads();
+    out_at += out_base;
+    int eq_seen = 0;
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      if (b0 + q >= nb) break;
+      bool take = k[q] > threshold;
+      if (k[q] == threshold) take = eq_seen++ < eq_taken;
+      if (take && out_at < want) p.out_blocks[begin + out_at++] = b0 + q;
+    }
+    eq_base += eq_total;
+    out_base += out_total;
   }
 }
 

@@ -208,11 +208,274 @@ __global__ void SparseDecodeMergeKernel(SparseDecodeParams p, int num_splits, in
   reinterpret_cast<__nv_bfloat16*>(p.out)[rh * HD + d] = __float2bfloat16(v);
 }
 
+
+// ---- Tensor-core variant for many query rows (speculative verification, large GQA groups) ----
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// D += A (16x16, row) * B (16x8, col), bf16 in, f32 accumulate.
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Byte offset of 16-byte chunk c of row r in a [rows][HD] bf16 tile, XOR-swizzled so that the
+// eight rows an ldmatrix reads fall in distinct banks.
+template <int HD>
+__device__ __forceinline__ int Swz(int r, int c) {
+  return (r * (HD / 8) + (c ^ (r & 7))) * 16;
+}
+
+constexpr int kMmaRows = 16;
+
+template <int HD>
+constexpr int MmaSmemBytes() {
+  return kMmaRows * HD * 2 + kWarps * 2 /*stages*/ * 2 /*K,V*/ * kKvBlockSize * HD * 2;
+}
+
+// Same contract and output as SparseDecodeSplitKernel with 16 rows per CTA: each warp takes a
+// 16-token block at a time, S = Q K^T and O += P V on the tensor cores (m16n8k16), K and V staged
+// through shared memory by cp.async two blocks deep.
+template <int HD>
+__global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecodeParams p, int blocks_per_split,
+                                                                     int total_q_rows, float* ws_o, float* ws_ml) {
+  constexpr int CH = HD / 8;        // 16-byte chunks per row
+  constexpr int KS = HD / 16;       // k-steps of Q K^T
+  constexpr int NT = HD / 8;        // n-tiles of O
+  constexpr int TILE = kKvBlockSize * HD * 2;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int split = blockIdx.y, sh = blockIdx.z;
+  const int s = sh / p.num_kv_heads, kvh = sh % p.num_kv_heads;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, nrows = nq * group;
+  const int row0 = blockIdx.x * kMmaRows;
+  if (row0 >= nrows) return;
+  const int len = p.seq_lens[s];
+  int list_begin = 0, list_len = (len + kKvBlockSize - 1) / kKvBlockSize;
+  if (p.sel_indptr != nullptr) {
+    list_begin = p.sel_indptr[sh];
+    list_len = p.sel_indptr[sh + 1] - list_begin;
+  }
+  const int e0 = split * blocks_per_split, e1 = min(list_len, e0 + blocks_per_split);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  uint8_t* q_s = smem;
+  uint8_t* kv_s = smem + kMmaRows * HD * 2 + warp * 2 * 2 * TILE;
+
+  // Q tile (zero rows past the end) into shared memory, then into A fragments.
+  for (int idx = threadIdx.x; idx < kMmaRows * CH; idx += kWarps * 32) {
+    const int r = idx / CH, c = idx % CH, row = row0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < nrows) {
+      const int tq = row / group, h = kvh * group + row % group;
+      v = *reinterpret_cast<const uint4*>(p.q + ((int64_t)(q0 + tq) * p.num_heads + h) * HD + c * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + Swz<HD>(r, c)) = v;
+  }
+  __syncthreads();
+  uint32_t qa[KS][4];
+  {
+    const int m = lane >> 3, r = (m & 1) * 8 + (lane & 7);
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) LdMatrixX4(qa[kk], SmemAddr(q_s + Swz<HD>(r, 2 * kk + (m >> 1))));
+  }
+  int qp[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + g + 8 * i;
+    qp[i] = row < nrows ? len - nq + row / group : -1;
+  }
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+
+  const int32_t* table = p.block_table + (int64_t)s * p.max_blocks_per_seq;
+  const int64_t block_stride = (int64_t)p.num_kv_heads * 2 * kKvBlockSize * HD;
+  const uint16_t* head_base = p.kv + (int64_t)kvh * 2 * kKvBlockSize * HD;
+  auto logical_of = [&](int e) { return p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e; };
+  auto issue = [&](int e, int stage) {
+    if (e < e1) {
+      const uint16_t* kb = head_base + table[logical_of(e)] * block_stride;
+      uint8_t* dst = kv_s + stage * 2 * TILE;
+#pragma unroll
+      for (int i = 0; i < 2 * kKvBlockSize * CH / 32; ++i) {
+        const int idx = i * 32 + lane;
+        const int which = idx / (kKvBlockSize * CH), rem = idx % (kKvBlockSize * CH);
+        const int r = rem / CH, c = rem % CH;
+        CpAsync16(SmemAddr(dst + which * TILE + Swz<HD>(r, c)), kb + which * kKvBlockSize * HD + r * HD + c * 8);
+      }
+    }
+    CpAsyncCommit();
+  };
+  const float qscale = p.scale * kLog2e;
+  issue(e0 + warp, 0);
+  int stage = 0;
+  for (int e = e0 + warp; e < e1; e += kWarps) {
+    issue(e + kWarps, stage ^ 1);
+    CpAsyncWait<1>();
+    __syncwarp();
+    const uint8_t* ks = kv_s + stage * 2 * TILE;
+    const uint8_t* vs = ks + TILE;
+    const int logical = logical_of(e);
+    float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    {
+      const int m = lane >> 3, r = (m >> 1) * 8 + (lane & 7);
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t b[4];
+        LdMatrixX4(b, SmemAddr(ks + Swz<HD>(r, 2 * kk + (m & 1))));
+        Mma16816(sc[0], qa[kk], b[0], b[1]);
+        Mma16816(sc[1], qa[kk], b[2], b[3]);
+      }
+    }
+    // Mask, scale to base 2, online softmax per row (rows g and g + 8 of the tile).
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int pos = logical * kKvBlockSize + 8 * j + 2 * t + (c & 1);
+        sc[j][c] = (pos < len && pos <= qp[c >> 1]) ? sc[j][c] * qscale : -INFINITY;
+      }
+    }
+    float pv[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = fmaxf(fmaxf(sc[0][2 * i], sc[0][2 * i + 1]), fmaxf(sc[1][2 * i], sc[1][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[i], mx);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: keep zeros
+      const float alpha = exp2f(m_run[i] - m_use);
+      m_run[i] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          pv[j][2 * i + c] = exp2f(sc[j][2 * i + c] - m_use);
+          sum += pv[j][2 * i + c];
+        }
+      }
+      l_run[i] = l_run[i] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        o[j][2 * i] *= alpha;
+        o[j][2 * i + 1] *= alpha;
+      }
+    }
+    const uint32_t pa[4] = {PackBf16(pv[0][0], pv[0][1]), PackBf16(pv[0][2], pv[0][3]), PackBf16(pv[1][0], pv[1][1]),
+                            PackBf16(pv[1][2], pv[1][3])};
+    {
+      const int m = lane >> 3, r = (m & 1) * 8 + (lane & 7);
+#pragma unroll
+      for (int jj = 0; jj < NT / 2; ++jj) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, SmemAddr(vs + Swz<HD>(r, 2 * jj + (m >> 1))));
+        Mma16816(o[2 * jj], pa, b[0], b[1]);
+        Mma16816(o[2 * jj + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before the next issue overwrites it
+    stage ^= 1;
+  }
+  CpAsyncWait<0>();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+  // Merge the four warps through shared memory (the K/V stages are free now).
+  __syncthreads();
+  float* so = reinterpret_cast<float*>(smem + kMmaRows * HD * 2);  // [warp][row][HD]
+  float* sm = so + kWarps * kMmaRows * HD;                          // [warp][row]
+  float* sl = sm + kWarps * kMmaRows;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) so[(warp * kMmaRows + g + 8 * (c >> 1)) * HD + 8 * j + 2 * t + (c & 1)] = o[j][c];
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      sm[warp * kMmaRows + g + 8 * i] = m_run[i];
+      sl[warp * kMmaRows + g + 8 * i] = l_run[i];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kMmaRows * HD; idx += kWarps * 32) {
+    const int r = idx / HD, d = idx % HD, row = row0 + r;
+    if (row >= nrows) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * kMmaRows + r]);
+    float acc = 0.0f, sum = 0.0f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(sm[w * kMmaRows + r] - mx);
+        acc += f * so[(w * kMmaRows + r) * HD + d];
+        sum += f * sl[w * kMmaRows + r];
+      }
+    }
+    const int tq = row / group, h = kvh * group + row % group;
+    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + (int64_t)(q0 + tq) * p.num_heads + h;
+    ws_o[out_row * HD + d] = acc;
+    if (d == 0) {
+      ws_ml[out_row * 2] = mx;
+      ws_ml[out_row * 2 + 1] = sum;
+    }
+  }
+}
+
+template <int HD>
+cudaError_t LaunchMma(const SparseDecodeParams& p, const SparseDecodePlan& plan, float* ws_o, float* ws_ml,
+                      cudaStream_t stream) {
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      SparseDecodeMmaKernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, MmaSmemBytes<HD>());
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(plan.row_groups, plan.num_splits, p.num_seqs * p.num_kv_heads);
+  SparseDecodeMmaKernel<HD><<<grid, kWarps * 32, MmaSmemBytes<HD>(), stream>>>(p, plan.blocks_per_split,
+                                                                                 plan.total_q_rows, ws_o, ws_ml);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int SparseDecodeRowsPerCta(int num_heads, int num_kv_heads, int max_q_tokens) {
+  // The tensor-core kernel wins at every shape measured (docs/BENCHMARKS.md), even with 4 of its
+  // 16 rows used: its cp.async double buffering keeps more bytes in flight. The CUDA-core kernel
+  // (1, 2 or 4 rows) stays as the simpler variant to check against.
+  (void)num_heads;
+  (void)num_kv_heads;
+  (void)max_q_tokens;
+  return 16;
+}
+
+int SparseDecodeCudaCoreRows(int num_heads, int num_kv_heads, int max_q_tokens) {
   const int rows = max_q_tokens * (num_heads / num_kv_heads);
-  return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 0;
 }
 
 int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta) {
@@ -222,11 +485,25 @@ int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta) {
     case 6401: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 1>); break;
     case 6402: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 2>); break;
     case 6404: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 4>); break;
-    case 6408: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<64, 8>); break;
     case 12801: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 1>); break;
     case 12802: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 2>); break;
     case 12804: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 4>); break;
-    case 12808: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 8>); break;
+    case 6416:
+      if (cudaFuncSetAttribute(SparseDecodeMmaKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               MmaSmemBytes<64>()) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, SparseDecodeMmaKernel<64>, kWarps * 32,
+                                                        MmaSmemBytes<64>()) != cudaSuccess) {
+        return 0;
+      }
+      return n;
+    case 12816:
+      if (cudaFuncSetAttribute(SparseDecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               MmaSmemBytes<128>()) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, SparseDecodeMmaKernel<128>, kWarps * 32,
+                                                        MmaSmemBytes<128>()) != cudaSuccess) {
+        return 0;
+      }
+      return n;
     default: return 0;
   }
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kWarps * 32, 0) != cudaSuccess) return 0;
@@ -235,10 +512,10 @@ int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta) {
 
 SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads, int max_q_tokens,
                                   int max_list_blocks, int total_q_rows, int head_dim, int num_sms, int ctas_per_sm,
-                                  int num_splits) {
+                                  int num_splits, int rows_per_cta) {
   SparseDecodePlan plan;
   const int rows = max_q_tokens * (num_heads / num_kv_heads);
-  plan.rows_per_cta = SparseDecodeRowsPerCta(num_heads, num_kv_heads, max_q_tokens);
+  plan.rows_per_cta = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta(num_heads, num_kv_heads, max_q_tokens);
   plan.row_groups = (rows + plan.rows_per_cta - 1) / plan.rows_per_cta;
   const int base_ctas = std::max(1, num_seqs * num_kv_heads * plan.row_groups);
   if (num_splits <= 0) {
@@ -271,11 +548,15 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
     case 6401: SCOUT_SPLIT(64, 1); break;
     case 6402: SCOUT_SPLIT(64, 2); break;
     case 6404: SCOUT_SPLIT(64, 4); break;
-    case 6408: SCOUT_SPLIT(64, 8); break;
     case 12801: SCOUT_SPLIT(128, 1); break;
     case 12802: SCOUT_SPLIT(128, 2); break;
     case 12804: SCOUT_SPLIT(128, 4); break;
-    case 12808: SCOUT_SPLIT(128, 8); break;
+    case 6416:
+      if (cudaError_t e = LaunchMma<64>(p, plan, ws_o, ws_ml, stream); e != cudaSuccess) return e;
+      break;
+    case 12816:
+      if (cudaError_t e = LaunchMma<128>(p, plan, ws_o, ws_ml, stream); e != cudaSuccess) return e;
+      break;
     default: return cudaErrorInvalidValue;
   }
 #undef SCOUT_SPLIT

@@ -35,7 +35,9 @@ struct SparseDecodeParams {
 };
 
 // Plain C++ reference: float32 scores and softmax, output rounded to bf16. If out_f32 is
-// non-null it also receives the unrounded output ([rows][num_heads][head_dim]).
-void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32 = nullptr);
+// non-null it also receives the unrounded output ([rows][num_heads][head_dim]); if abs_out is
+// non-null, sum_j p_j |v_j| per element, the scale that bounds rounding of the weights p (the
+// tensor-core kernel rounds them to bf16 before multiplying by V).
+void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32 = nullptr, float* abs_out = nullptr);
 
 }  // namespace scout::kernels

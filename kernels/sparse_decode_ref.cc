@@ -12,11 +12,11 @@ float Bf(uint16_t v) { return Bf16ToFloat(v); }
 
 }  // namespace
 
-void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32) {
+void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32, float* abs_out) {
   const int hd = p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int64_t head_stride = int64_t{2} * kKvBlockSize * hd;
   const int64_t block_stride = head_stride * p.num_kv_heads;
-  std::vector<float> k, v, w, acc(hd);
+  std::vector<float> k, v, w, acc(hd), acc_abs(hd);
   std::vector<int32_t> pos;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, len = p.seq_lens[s];
@@ -62,18 +62,26 @@ void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32) {
             mx = std::max(mx, w[j]);
           }
           std::fill(acc.begin(), acc.end(), 0.0f);
+          std::fill(acc_abs.begin(), acc_abs.end(), 0.0f);
           if (mx != -INFINITY) {
             float sum = 0;
             for (size_t j = 0; j < n; ++j) {
               const float e = w[j] == -INFINITY ? 0.0f : std::exp(w[j] - mx);
               sum += e;
-              for (int d = 0; d < hd; ++d) acc[d] += e * v[j * hd + d];
+              for (int d = 0; d < hd; ++d) {
+                acc[d] += e * v[j * hd + d];
+                acc_abs[d] += e * std::abs(v[j * hd + d]);
+              }
             }
-            for (int d = 0; d < hd; ++d) acc[d] /= sum;
+            for (int d = 0; d < hd; ++d) {
+              acc[d] /= sum;
+              acc_abs[d] /= sum;
+            }
           }
           for (int d = 0; d < hd; ++d) {
             p.out[row + d] = FloatToBf16(acc[d]);
             if (out_f32 != nullptr) out_f32[row + d] = acc[d];
+            if (abs_out != nullptr) abs_out[row + d] = acc_abs[d];
           }
         }
       }
