@@ -1,0 +1,89 @@
+// The host-memory KV store: every block of every session, whatever the GPU holds.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvstore/block_table.h"
+
+namespace scout::kvstore {
+
+// Shape of the KV the store holds. A unit is one (layer, KV head, 16-token block): its 16 keys
+// then its 16 values, what a Selection names and what the prefetcher moves (8 KiB at head_dim
+// 128 in bf16). A slab is one logical block of a session in every layer and head:
+// [layer][kv_head][K|V][16][head_dim].
+struct KvLayout {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int elem_bytes = 2;  // bf16
+
+  size_t unit_bytes() const { return size_t{2} * kBlockSize * head_dim * elem_bytes; }
+  size_t slab_bytes() const { return unit_bytes() * num_layers * num_kv_heads; }
+};
+
+// Host memory for the store, handed out in large chunks. The CPU build uses plain aligned
+// memory; GPU builds pass an allocator of pinned, device-mapped memory (kvstore/pinned_memory.h).
+struct HostAllocator {
+  std::function<absl::StatusOr<void*>(size_t bytes)> allocate;
+  std::function<void(void*)> release;
+};
+HostAllocator AlignedHostAllocator();
+
+// Owns the memory and the per-session slab tables. Not thread-safe: one owner serialises calls;
+// the bytes of distinct units may be read concurrently (the copy engine does).
+class HostKvStore {
+ public:
+  // capacity_blocks slabs, allocated up front in chunks of at most chunk_bytes (rounded to
+  // whole slabs), so that one failed or slow allocation does not hold the whole pool.
+  // InvalidArgument for a bad layout; ResourceExhausted naming the bytes if memory runs out.
+  static absl::StatusOr<std::unique_ptr<HostKvStore>> Create(const KvLayout& layout, int32_t capacity_blocks,
+                                                             HostAllocator allocator = AlignedHostAllocator(),
+                                                             size_t chunk_bytes = size_t{1} << 30);
+  ~HostKvStore();
+  HostKvStore(const HostKvStore&) = delete;
+  HostKvStore& operator=(const HostKvStore&) = delete;
+
+  // Session lifecycle; same codes as BlockTableManager (AlreadyExists, NotFound).
+  absl::Status AddSession(SequenceId session) { return tables_.AddSequence(session); }
+  absl::Status ReleaseSession(SequenceId session) { return tables_.Release(session); }
+  // Grows a session to num_tokens, all or nothing: ResourceExhausted (naming the need and what
+  // is free) leaves it unchanged. The new tokens' bytes are whatever the slab held before.
+  absl::Status Reserve(SequenceId session, int64_t num_tokens) { return tables_.Grow(session, num_tokens); }
+  const BlockTable* Find(SequenceId session) const { return tables_.Find(session); }
+
+  // Address of one unit of a slab; keys at +0, values at +unit_bytes()/2.
+  std::byte* unit(int32_t slab, int layer, int head) const {
+    const int32_t chunk = slab / slabs_per_chunk_;
+    return chunks_[chunk] + static_cast<size_t>(slab % slabs_per_chunk_) * layout_.slab_bytes() +
+           (static_cast<size_t>(layer) * layout_.num_kv_heads + head) * layout_.unit_bytes();
+  }
+  // Writes the keys and values of tokens [first, first + n) of one (layer, head): k and v hold n
+  // rows of head_dim elements. OutOfRange if the session has not reserved those tokens.
+  absl::Status WriteTokens(SequenceId session, int layer, int head, int64_t first, int64_t n, const std::byte* k,
+                           const std::byte* v);
+
+  const KvLayout& layout() const { return layout_; }
+  int32_t capacity_blocks() const { return tables_.allocator().capacity(); }
+  int32_t used_blocks() const { return tables_.allocator().num_used(); }
+  size_t bytes() const { return static_cast<size_t>(capacity_blocks()) * layout_.slab_bytes(); }
+  // The chunks, for registering or mapping them elsewhere (the GPU copy engine).
+  const std::vector<std::byte*>& chunks() const { return chunks_; }
+  size_t chunk_bytes() const { return static_cast<size_t>(slabs_per_chunk_) * layout_.slab_bytes(); }
+
+ private:
+  HostKvStore(const KvLayout& layout, int32_t capacity_blocks, HostAllocator allocator, int32_t slabs_per_chunk);
+
+  KvLayout layout_;
+  HostAllocator allocator_;
+  int32_t slabs_per_chunk_;
+  std::vector<std::byte*> chunks_;
+  BlockTableManager tables_;
+};
+
+}  // namespace scout::kvstore

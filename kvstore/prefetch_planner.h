@@ -1,0 +1,50 @@
+// Planning one step's prefetch: the Selection and the cache state give the transfers to make and
+// the slot table the attention kernels read. Pure host code, tested without a GPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kvstore/block_cache.h"
+#include "kvstore/host_store.h"
+
+namespace scout::kvstore {
+
+// For one session: per (layer, KV head), the ascending logical block ids the target reads.
+struct Selection {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  std::vector<int32_t> indptr;  // [num_layers * num_kv_heads + 1], entry layer * heads + head
+  std::vector<int32_t> blocks;
+};
+
+// One unit to move host -> GPU slot.
+struct Transfer {
+  const std::byte* src = nullptr;  // unit in the host store
+  int32_t slot = 0;                // destination slot in the GPU pool
+};
+
+struct PrefetchPlan {
+  std::vector<Transfer> transfers;  // grouped by layer, in layer order
+  std::vector<int32_t> layer_begin; // [num_layers + 1] first transfer of each layer
+  std::vector<int32_t> slots;       // parallel to Selection::blocks: the slot each block is read from
+  int64_t hits = 0;
+  int64_t misses = 0;
+};
+
+// Pins every selected unit in `cache` for `step` (release with cache.ReleaseStep(step) once the
+// step's attention is done) and lists the misses. InvalidArgument for a selection that is not
+// ascending, repeats a block, or names a block the session does not have; NotFound for an unknown
+// session; ResourceExhausted when the cache cannot hold the step (then nothing stays pinned and
+// no unit this plan claimed remains in the cache).
+absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& selection, SequenceId session, const HostKvStore& store,
+                                          BlockCache& cache, uint64_t step);
+
+// The CPU copy engine: performs the transfers of layers [layer_first, layer_last) with memcpy
+// into `pool` (num_slots units of unit_bytes). Used by CPU builds and tests.
+void ExecutePrefetchOnHost(const PrefetchPlan& plan, size_t unit_bytes, std::byte* pool, int layer_first,
+                           int layer_last);
+
+}  // namespace scout::kvstore

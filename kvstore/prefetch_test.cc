@@ -1,0 +1,183 @@
+#include "kvstore/prefetch_planner.h"
+
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <tuple>
+
+#include "gtest/gtest.h"
+
+namespace scout::kvstore {
+namespace {
+
+const KvLayout kLayout{.num_layers = 3, .num_kv_heads = 2, .head_dim = 8, .elem_bytes = 2};
+
+// Random operation sequences (add session, append tokens, select + prefetch, keep a step in
+// flight, release) against a plain model of what each token's K and V rows hold. After every
+// step: every cache slot in use holds exactly the bytes of the host unit it claims, units pinned
+// by an in-flight step never move, and the host store holds what was written.
+TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
+  for (uint32_t seed = 1; seed <= 12; ++seed) {
+    std::mt19937 rng(seed);
+    auto store_or = HostKvStore::Create(kLayout, 40, AlignedHostAllocator(), /*chunk_bytes=*/5 * kLayout.slab_bytes());
+    ASSERT_TRUE(store_or.ok()) << store_or.status();
+    HostKvStore& store = **store_or;
+    ASSERT_EQ(store.chunks().size(), 8u);  // 40 slabs in chunks of 5
+    const int32_t kSlots = 24;
+    BlockCache cache(kSlots);
+    const size_t unit = kLayout.unit_bytes(), row = kLayout.head_dim * kLayout.elem_bytes;
+    std::vector<std::byte> pool(kSlots * unit);
+    // model: (session, layer, head, pos) -> K row bytes then V row bytes
+    std::map<std::tuple<SequenceId, int, int, int64_t>, std::vector<std::byte>> model;
+    std::map<SequenceId, int64_t> lengths;
+    uint64_t step = 0;
+    std::map<int32_t, UnitKey> in_flight;  // slots pinned by an unreleased step
+    uint64_t in_flight_step = 0;
+
+    auto release_in_flight = [&] {
+      if (!in_flight.empty()) cache.ReleaseStep(in_flight_step);
+      in_flight.clear();
+    };
+    auto check_slots = [&] {
+      for (int32_t s = 0; s < kSlots; ++s) {
+        if (!cache.in_use(s)) continue;
+        const UnitKey& k = cache.key_of(s);
+        const BlockTable* t = store.Find(k.session);
+        ASSERT_NE(t, nullptr) << "slot " << s << " claims a released session";
+        ASSERT_LT(k.block, static_cast<int32_t>(t->blocks.size()));
+        ASSERT_EQ(std::memcmp(pool.data() + s * unit, store.unit(t->blocks[k.block], k.layer, k.head), unit), 0)
+            << "slot " << s << " differs from host block " << k.block << " (seed " << seed << ", step " << step << ")";
+      }
+      for (const auto& [slot, key] : in_flight) {
+        ASSERT_TRUE(cache.in_use(slot));
+        ASSERT_EQ(cache.key_of(slot), key) << "a pinned unit was evicted";
+      }
+    };
+
+    for (int op_i = 0; op_i < 400; ++op_i) {
+      const int op = std::uniform_int_distribution<int>(0, 9)(rng);
+      const SequenceId sid = std::uniform_int_distribution<SequenceId>(0, 3)(rng);
+      const bool known = lengths.count(sid) > 0;
+      if (op == 0) {
+        EXPECT_EQ(store.AddSession(sid).ok(), !known);
+        lengths.emplace(sid, 0);
+      } else if (op <= 3 && known) {
+        // Append tokens: reserve, write K/V rows, invalidate cached copies of touched blocks.
+        const int64_t n = std::uniform_int_distribution<int64_t>(1, 40)(rng);
+        const int64_t first = lengths[sid];
+        absl::Status s = store.Reserve(sid, first + n);
+        if (!s.ok()) {
+          EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+          continue;
+        }
+        release_in_flight();  // a write waits for the steps reading the blocks it touches
+        for (int layer = 0; layer < kLayout.num_layers; ++layer) {
+          for (int head = 0; head < kLayout.num_kv_heads; ++head) {
+            std::vector<std::byte> k(n * row), v(n * row);
+            for (auto& b : k) b = std::byte(rng());
+            for (auto& b : v) b = std::byte(rng());
+            ASSERT_TRUE(store.WriteTokens(sid, layer, head, first, n, k.data(), v.data()).ok());
+            for (int64_t i = 0; i < n; ++i) {
+              std::vector<std::byte> kv(k.begin() + i * row, k.begin() + (i + 1) * row);
+              kv.insert(kv.end(), v.begin() + i * row, v.begin() + (i + 1) * row);
+              model[{sid, layer, head, first + i}] = kv;
+            }
+            for (int64_t b = first / kBlockSize; b <= (first + n - 1) / kBlockSize; ++b) {
+              ASSERT_TRUE(cache.Invalidate({sid, layer, head, static_cast<int32_t>(b)}).ok());
+            }
+          }
+        }
+        lengths[sid] = first + n;
+      } else if (op <= 7 && known && lengths[sid] > 0) {
+        // Select a random subset of blocks per (layer, head), plan, move, check.
+        const int32_t nb = static_cast<int32_t>(BlocksFor(lengths[sid]));
+        Selection sel{.num_layers = kLayout.num_layers, .num_kv_heads = kLayout.num_kv_heads, .indptr = {0}, .blocks = {}};
+        for (int list = 0; list < kLayout.num_layers * kLayout.num_kv_heads; ++list) {
+          for (int32_t b = 0; b < nb; ++b) {
+            if (std::uniform_int_distribution<int>(0, 3)(rng) == 0) sel.blocks.push_back(b);
+          }
+          sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
+        }
+        ++step;
+        absl::StatusOr<PrefetchPlan> plan = PlanPrefetch(sel, sid, store, cache, step);
+        if (!plan.ok()) {
+          EXPECT_EQ(plan.status().code(), absl::StatusCode::kResourceExhausted) << plan.status();
+          // Nothing of this step stays pinned; the in-flight step's units are untouched.
+          check_slots();
+          continue;
+        }
+        EXPECT_EQ(plan->hits + plan->misses, static_cast<int64_t>(sel.blocks.size()));
+        for (int layer = 0; layer < kLayout.num_layers; ++layer) {  // layer by layer, as the GPU does
+          ExecutePrefetchOnHost(*plan, unit, pool.data(), layer, layer + 1);
+        }
+        for (int list = 0; list < kLayout.num_layers * kLayout.num_kv_heads; ++list) {
+          for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
+            const UnitKey want{sid, list / kLayout.num_kv_heads, list % kLayout.num_kv_heads, sel.blocks[i]};
+            ASSERT_EQ(cache.key_of(plan->slots[i]), want);
+          }
+        }
+        check_slots();
+        // Keep this step in flight across the next operation sometimes; else release it.
+        release_in_flight();
+        if (std::uniform_int_distribution<int>(0, 2)(rng) == 0) {
+          in_flight_step = step;
+          for (int list = 0; list < kLayout.num_layers * kLayout.num_kv_heads; ++list) {
+            for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
+              in_flight[plan->slots[i]] = {sid, list / kLayout.num_kv_heads, list % kLayout.num_kv_heads, sel.blocks[i]};
+            }
+          }
+        } else {
+          cache.ReleaseStep(step);
+        }
+      } else if (op == 8 && known) {
+        release_in_flight();
+        ASSERT_TRUE(cache.EraseSession(sid).ok());
+        ASSERT_TRUE(store.ReleaseSession(sid).ok());
+        lengths.erase(sid);
+        for (auto it = model.begin(); it != model.end();) {
+          it = std::get<0>(it->first) == sid ? model.erase(it) : std::next(it);
+        }
+      }
+      check_slots();
+      // The host store holds what was written.
+      for (const auto& [key, kv] : model) {
+        const auto& [s, layer, head, pos] = key;
+        const std::byte* u = store.unit(store.Find(s)->blocks[pos / kBlockSize], layer, head);
+        ASSERT_EQ(std::memcmp(u + (pos % kBlockSize) * row, kv.data(), row), 0);
+        ASSERT_EQ(std::memcmp(u + (kBlockSize + pos % kBlockSize) * row, kv.data() + row, row), 0);
+      }
+    }
+    EXPECT_GT(cache.counters().evictions, 0) << "the cache never filled: the test did not exercise eviction";
+    EXPECT_GT(cache.counters().hits, 0);
+  }
+}
+
+TEST(PrefetchPlannerTest, RejectsBadSelectionsAndFullCacheCleanly) {
+  auto store = HostKvStore::Create(kLayout, 8);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->AddSession(1).ok());
+  ASSERT_TRUE((*store)->Reserve(1, 40).ok());  // 3 blocks
+  BlockCache cache(4);
+  auto sel_of = [](std::vector<int32_t> blocks) {
+    Selection s{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
+    for (int list = 0; list < 6; ++list) {
+      s.blocks.insert(s.blocks.end(), blocks.begin(), blocks.end());
+      s.indptr.push_back(static_cast<int32_t>(s.blocks.size()));
+    }
+    return s;
+  };
+  EXPECT_EQ(PlanPrefetch(sel_of({0, 3}), 1, **store, cache, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PlanPrefetch(sel_of({1, 1}), 1, **store, cache, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PlanPrefetch(sel_of({0}), 2, **store, cache, 1).status().code(), absl::StatusCode::kNotFound);
+  // 6 lists x 1 block fits in 4 slots only if earlier ones can be evicted: they are pinned.
+  absl::StatusOr<PrefetchPlan> p = PlanPrefetch(sel_of({0}), 1, **store, cache, 1);
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(cache.num_used(), 0) << "a failed plan left claimed slots behind";
+  // Store exhaustion is clean too.
+  EXPECT_EQ((*store)->Reserve(1, 1000).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ((*store)->Find(1)->num_tokens, 40);
+}
+
+}  // namespace
+}  // namespace scout::kvstore
