@@ -1,0 +1,139 @@
+#include "kvstore/copy_engine.cuh"
+
+#include "absl/strings/str_cat.h"
+
+namespace scout::kvstore {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One warp per unit: all of its 16-byte loads are issued before any store, so a warp keeps a
+// whole unit (8 KiB at 32 loads per lane... here unit_bytes / 512 per lane) in flight over PCIe.
+template <int PER_LANE>
+__global__ void __launch_bounds__(kThreads) GatherKernel(const std::byte* const* src, const int32_t* dst_slots,
+                                                         int count, size_t unit_bytes, std::byte* pool) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (kThreads / 32);
+  for (int u = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); u < count; u += warps) {
+    const uint4* s = reinterpret_cast<const uint4*>(src[u]);
+    uint4* d = reinterpret_cast<uint4*>(pool + static_cast<size_t>(dst_slots[u]) * unit_bytes);
+    uint4 v[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) v[i] = s[i * 32 + lane];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) d[i * 32 + lane] = v[i];
+  }
+}
+
+// Any unit size that is a multiple of 512 bytes: loops of PER_LANE loads.
+__global__ void __launch_bounds__(kThreads) GatherKernelAnySize(const std::byte* const* src, const int32_t* dst_slots,
+                                                                int count, size_t unit_bytes, std::byte* pool) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (kThreads / 32);
+  const size_t vecs = unit_bytes / 16;
+  for (int u = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); u < count; u += warps) {
+    const uint4* s = reinterpret_cast<const uint4*>(src[u]);
+    uint4* d = reinterpret_cast<uint4*>(pool + static_cast<size_t>(dst_slots[u]) * unit_bytes);
+    for (size_t i = lane; i < vecs; i += 32) d[i] = s[i];
+  }
+}
+
+}  // namespace
+
+HostAllocator PinnedHostAllocator() {
+  return {[](size_t bytes) -> absl::StatusOr<void*> {
+            void* p = nullptr;
+            cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+            if (e != cudaSuccess) {
+              return absl::ResourceExhaustedError(
+                  absl::StrCat("cudaHostAlloc of ", bytes, " bytes: ", cudaGetErrorString(e)));
+            }
+            void* dev = nullptr;
+            if (cudaHostGetDevicePointer(&dev, p, 0) != cudaSuccess || dev != p) {
+              cudaFreeHost(p);
+              return absl::FailedPreconditionError("pinned memory is not addressable at the same pointer on the GPU");
+            }
+            return p;
+          },
+          [](void* p) { cudaFreeHost(p); }};
+}
+
+cudaError_t GatherUnits(const std::byte* const* src, const int32_t* dst_slots, int count, size_t unit_bytes,
+                        std::byte* pool, int num_sms, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  if (unit_bytes % 512 != 0) return cudaErrorInvalidValue;
+  // Two CTAs of 8 warps per SM keep ~16 units per SM in flight: enough for the PCIe link.
+  const int blocks = std::max(1, std::min((count + 7) / 8, 2 * num_sms));
+  switch (unit_bytes) {
+    case 4096: GatherKernel<8><<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool); break;
+    case 8192: GatherKernel<16><<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool); break;
+    default: GatherKernelAnySize<<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool); break;
+  }
+  return cudaGetLastError();
+}
+
+absl::StatusOr<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(std::byte* pool, size_t unit_bytes,
+                                                                       int num_layers, int max_transfers) {
+  std::unique_ptr<CudaCopyEngine> e(new CudaCopyEngine());
+  e->pool_ = pool;
+  e->unit_bytes_ = unit_bytes;
+  e->max_transfers_ = max_transfers;
+  auto check = [](cudaError_t err, const char* what) -> absl::Status {
+    if (err == cudaSuccess) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat("copy engine: ", what, ": ", cudaGetErrorString(err)));
+  };
+  int dev = 0;
+  absl::Status s;
+  if (!(s = check(cudaGetDevice(&dev), "cudaGetDevice")).ok()) return s;
+  if (!(s = check(cudaDeviceGetAttribute(&e->num_sms_, cudaDevAttrMultiProcessorCount, dev), "SM count")).ok()) return s;
+  if (!(s = check(cudaStreamCreateWithFlags(&e->stream_, cudaStreamNonBlocking), "stream")).ok()) return s;
+  e->layer_events_.resize(num_layers);
+  for (cudaEvent_t& ev : e->layer_events_) {
+    if (!(s = check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "event")).ok()) return s;
+  }
+  if (!(s = check(cudaEventCreateWithFlags(&e->upload_done_, cudaEventDisableTiming), "event")).ok()) return s;
+  if (!(s = check(cudaMallocHost(&e->host_src_, sizeof(void*) * max_transfers), "staging")).ok()) return s;
+  if (!(s = check(cudaMallocHost(&e->host_slots_, sizeof(int32_t) * max_transfers), "staging")).ok()) return s;
+  if (!(s = check(cudaMalloc(&e->dev_src_, sizeof(void*) * max_transfers), "transfer list")).ok()) return s;
+  if (!(s = check(cudaMalloc(&e->dev_slots_, sizeof(int32_t) * max_transfers), "transfer list")).ok()) return s;
+  return e;
+}
+
+CudaCopyEngine::~CudaCopyEngine() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (cudaEvent_t ev : layer_events_) cudaEventDestroy(ev);
+  if (upload_done_ != nullptr) cudaEventDestroy(upload_done_);
+  cudaFreeHost(host_src_);
+  cudaFreeHost(host_slots_);
+  cudaFree(dev_src_);
+  cudaFree(dev_slots_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status CudaCopyEngine::Execute(const PrefetchPlan& plan) {
+  const int n = static_cast<int>(plan.transfers.size());
+  if (n > max_transfers_) {
+    return absl::InvalidArgumentError(absl::StrCat("plan of ", n, " transfers exceeds the engine's ", max_transfers_));
+  }
+  if (plan.layer_begin.size() != layer_events_.size() + 1) {
+    return absl::InvalidArgumentError("plan and engine disagree on the number of layers");
+  }
+  // The staging buffers may still feed the previous plan's upload.
+  cudaError_t err = cudaEventSynchronize(upload_done_);
+  for (int i = 0; i < n && err == cudaSuccess; ++i) {
+    host_src_[i] = plan.transfers[i].src;
+    host_slots_[i] = plan.transfers[i].slot;
+  }
+  if (err == cudaSuccess && n > 0) err = cudaMemcpyAsync(dev_src_, host_src_, sizeof(void*) * n, cudaMemcpyHostToDevice, stream_);
+  if (err == cudaSuccess && n > 0) err = cudaMemcpyAsync(dev_slots_, host_slots_, sizeof(int32_t) * n, cudaMemcpyHostToDevice, stream_);
+  if (err == cudaSuccess) err = cudaEventRecord(upload_done_, stream_);
+  for (size_t layer = 0; layer < layer_events_.size() && err == cudaSuccess; ++layer) {
+    const int first = plan.layer_begin[layer], count = plan.layer_begin[layer + 1] - first;
+    err = GatherUnits(dev_src_ + first, dev_slots_ + first, count, unit_bytes_, pool_, num_sms_, stream_);
+    if (err == cudaSuccess) err = cudaEventRecord(layer_events_[layer], stream_);
+  }
+  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine: ", cudaGetErrorString(err)));
+  return absl::OkStatus();
+}
+
+}  // namespace scout::kvstore

@@ -1,0 +1,61 @@
+// The GPU copy engine: moves a prefetch plan's units from pinned, device-mapped host memory into
+// the GPU slot pool with a gather kernel (one warp per unit, 16-byte loads straight over PCIe),
+// layer by layer on its own stream, so a layer's attention waits only for its own units.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kvstore/host_store.h"
+#include "kvstore/prefetch_planner.h"
+
+namespace scout::kvstore {
+
+// Host memory that kernels read directly: cudaHostAlloc(Mapped | Portable). Requires unified
+// addressing (the device pointer equals the host pointer), which every 64-bit CUDA system has;
+// allocation fails with FailedPrecondition otherwise.
+HostAllocator PinnedHostAllocator();
+
+// Copies count units: pool[dst_slots[i]] = *src[i], unit_bytes each (a multiple of 512).
+// src and dst_slots are device-readable arrays. Returns launch errors.
+cudaError_t GatherUnits(const std::byte* const* src, const int32_t* dst_slots, int count, size_t unit_bytes,
+                        std::byte* pool, int num_sms, cudaStream_t stream);
+
+// Runs plans on one stream. Not thread-safe.
+class CudaCopyEngine {
+ public:
+  // pool: num_slots units of unit_bytes on the device. max_transfers bounds one plan.
+  static absl::StatusOr<std::unique_ptr<CudaCopyEngine>> Create(std::byte* pool, size_t unit_bytes, int num_layers,
+                                                                int max_transfers);
+  ~CudaCopyEngine();
+  CudaCopyEngine(const CudaCopyEngine&) = delete;
+  CudaCopyEngine& operator=(const CudaCopyEngine&) = delete;
+
+  // Uploads the plan's transfer list and launches one gather per layer, recording
+  // layer_done(l) after layer l's. Asynchronous: wait on layer_done before reading the slots.
+  absl::Status Execute(const PrefetchPlan& plan);
+  cudaEvent_t layer_done(int layer) const { return layer_events_[layer]; }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  CudaCopyEngine() = default;
+
+  std::byte* pool_ = nullptr;
+  size_t unit_bytes_ = 0;
+  int max_transfers_ = 0;
+  int num_sms_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::vector<cudaEvent_t> layer_events_;
+  cudaEvent_t upload_done_ = nullptr;
+  // Pinned staging of the transfer list and its device copy.
+  const std::byte** host_src_ = nullptr;
+  int32_t* host_slots_ = nullptr;
+  const std::byte** dev_src_ = nullptr;
+  int32_t* dev_slots_ = nullptr;
+};
+
+}  // namespace scout::kvstore

@@ -1,0 +1,65 @@
+// The GPU copy engine moves exactly the planned units (ctest label gpu).
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kvstore/copy_engine.cuh"
+
+namespace scout::kvstore {
+namespace {
+
+TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
+  for (int head_dim : {64, 128}) {
+    const KvLayout layout{.num_layers = 4, .num_kv_heads = 3, .head_dim = head_dim, .elem_bytes = 2};
+    auto store_or = HostKvStore::Create(layout, 64, PinnedHostAllocator(), 10 * layout.slab_bytes());
+    ASSERT_TRUE(store_or.ok()) << store_or.status();
+    HostKvStore& store = **store_or;
+    std::mt19937 rng(head_dim);
+    for (std::byte* c : store.chunks()) {
+      for (size_t i = 0; i < store.chunk_bytes(); ++i) c[i] = std::byte(rng());
+    }
+    ASSERT_TRUE(store.AddSession(5).ok());
+    ASSERT_TRUE(store.Reserve(5, 50 * kBlockSize - 3).ok());
+    const int32_t kSlots = 300;
+    const size_t unit = layout.unit_bytes();
+    std::byte* pool = nullptr;
+    ASSERT_EQ(cudaMalloc(&pool, kSlots * unit), cudaSuccess);
+    ASSERT_EQ(cudaMemset(pool, 0xAB, kSlots * unit), cudaSuccess);  // poison
+    BlockCache cache(kSlots);
+    auto engine = CudaCopyEngine::Create(pool, unit, layout.num_layers, 4 * 3 * 50);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    std::vector<std::byte> back(kSlots * unit);
+    for (uint64_t step = 1; step <= 20; ++step) {
+      Selection sel{.num_layers = 4, .num_kv_heads = 3, .indptr = {0}, .blocks = {}};
+      for (int list = 0; list < 12; ++list) {
+        for (int32_t b = 0; b < 50; ++b) {
+          if (rng() % 5 == 0) sel.blocks.push_back(b);
+        }
+        sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
+      }
+      absl::StatusOr<PrefetchPlan> plan = PlanPrefetch(sel, 5, store, cache, step);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      ASSERT_TRUE((*engine)->Execute(*plan).ok());
+      ASSERT_EQ(cudaEventSynchronize((*engine)->layer_done(3)), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(back.data(), pool, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      const BlockTable* t = store.Find(5);
+      for (int list = 0; list < 12; ++list) {
+        for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
+          const std::byte* host = store.unit(t->blocks[sel.blocks[i]], list / 3, list % 3);
+          ASSERT_EQ(std::memcmp(back.data() + plan->slots[i] * unit, host, unit), 0)
+              << "step " << step << " list " << list << " block " << sel.blocks[i];
+        }
+      }
+      cache.ReleaseStep(step);
+    }
+    EXPECT_GT(cache.counters().hits, 0);
+    EXPECT_GT(cache.counters().evictions, 0);
+    engine->reset();
+    cudaFree(pool);
+  }
+}
+
+}  // namespace
+}  // namespace scout::kvstore
