@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
   uint64_t step = 0;
   for (double frac : fracs) {
     for (double ov : ParseList(overlaps)) {
-      BlockCache cache(slots);
+      BlockCache cache(slots, layout.num_layers, layout.num_kv_heads);
       const int per_list = std::max(1, int(frac * nb));
       // Step A: random per-list selection, moved to warm the cache.
       std::vector<std::vector<int32_t>> prev(lists);

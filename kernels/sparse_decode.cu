@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDec
   const uint16_t* head_base = p.kv + (int64_t)kvh * 2 * kKvBlockSize * HD;
   for (int e = e0 + warp; e < e1; e += kWarps) {
     const int logical = p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e;
-    const uint16_t* kb = head_base + table[logical] * block_stride;
+    const uint16_t* kb = p.sel_slots != nullptr ? p.kv + (int64_t)p.sel_slots[list_begin + e] * 2 * kKvBlockSize * HD
+                                                : head_base + table[logical] * block_stride;
     uint4 kr[ITERS], vr[ITERS];
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
@@ -317,7 +318,9 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   auto logical_of = [&](int e) { return p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e; };
   auto issue = [&](int e, int stage) {
     if (e < e1) {
-      const uint16_t* kb = head_base + table[logical_of(e)] * block_stride;
+      const uint16_t* kb = p.sel_slots != nullptr
+                               ? p.kv + (int64_t)p.sel_slots[list_begin + e] * 2 * kKvBlockSize * HD
+                               : head_base + table[logical_of(e)] * block_stride;
       uint8_t* dst = kv_s + stage * 2 * TILE;
 #pragma unroll
       for (int i = 0; i < 2 * kKvBlockSize * CH / 32; ++i) {

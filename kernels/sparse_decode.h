@@ -27,6 +27,10 @@ struct SparseDecodeParams {
   // kv_head] ...]; each index < ceil(seq_lens[s] / 16), no duplicates. nullptr: dense.
   const int32_t* sel_indptr = nullptr;  // [num_seqs * num_kv_heads + 1]
   const int32_t* sel_blocks = nullptr;
+  // Optional, with a Selection: where each listed block sits in a pool of units (the GPU block
+  // cache: kv is then [slots][2 (K,V)][16][head_dim], one (layer, KV head, block) per slot, and
+  // block_table is not read). Parallel to sel_blocks.
+  const int32_t* sel_slots = nullptr;
   int num_seqs = 0;
   int num_heads = 0;
   int num_kv_heads = 0;

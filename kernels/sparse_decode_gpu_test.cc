@@ -36,6 +36,10 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
     p.sel_indptr = ToDevice(pr.sel_indptr, &owned);
     p.sel_blocks = ToDevice(pr.sel_blocks, &owned);
   }
+  if (!pr.sel_slots.empty()) {
+    p.kv = ToDevice(pr.unit_kv, &owned);
+    p.sel_slots = ToDevice(pr.sel_slots, &owned);
+  }
   int sms = 0;
   EXPECT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
   const int rows = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta(p.num_heads, p.num_kv_heads, pr.max_q_tokens());
@@ -108,6 +112,32 @@ TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
                 c.shape.seq_lens[0], rows, worst);
     EXPECT_EQ(bad, 0) << "seqs " << c.shape.seq_lens.size() << " first len " << c.shape.seq_lens[0] << " rows/cta "
                       << rows;
+    }
+  }
+}
+
+// The same sparse problems with the blocks read from a unit pool (the GPU block cache layout):
+// the output must equal the paged layout's reference.
+TEST(SparseDecodeGpuTest, UnitPoolMatchesPagedReference) {
+  const DecodeShape shapes[] = {
+      {.seq_lens = {3000, 17}, .q_tokens = {5, 1}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .keep_fraction = 0.1},
+      {.seq_lens = {999}, .q_tokens = {1}, .num_heads = 6, .num_kv_heads = 2, .head_dim = 64, .keep_fraction = 0.3},
+  };
+  uint32_t seed = 40;
+  for (const DecodeShape& shape : shapes) {
+    DecodeProblem pr = MakeDecodeProblem(shape, seed++);
+    std::vector<float> ref(pr.out.size()), ref_abs(pr.out.size());
+    DecodeProblem paged = pr;
+    SparseDecodeRef(paged.params(), ref.data(), ref_abs.data());
+    MakeUnitPool(pr, seed);
+    std::vector<float> ref_units(pr.out.size());
+    DecodeProblem units = pr;
+    SparseDecodeRef(units.params(), ref_units.data());
+    EXPECT_EQ(ref_units, ref) << "the reference disagrees with itself across layouts";
+    std::vector<uint16_t> got = RunGpu(pr, 0);
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double bound = 1e-5 + std::abs(ref[i]) * 0x1p-7 + ref_abs[i] * 0x1p-8;
+      ASSERT_LE(std::abs(Bf16ToFloat(got[i]) - ref[i]), bound) << "element " << i;
     }
   }
 }

@@ -32,8 +32,20 @@ struct DecodeProblem {
   std::vector<int32_t> q_indptr, seq_lens, block_table, sel_indptr, sel_blocks;
   int max_blocks_per_seq = 0;
   int num_blocks = 0;
+  // Unit-pool form (MakeUnitPool): the listed blocks copied to shuffled slots of unit_kv.
+  std::vector<uint16_t> unit_kv;
+  std::vector<int32_t> sel_slots;
 
   SparseDecodeParams params() {
+    if (!sel_slots.empty()) {
+      SparseDecodeParams p = PagedParams();
+      p.kv = unit_kv.data();
+      p.sel_slots = sel_slots.data();
+      return p;
+    }
+    return PagedParams();
+  }
+  SparseDecodeParams PagedParams() {
     return {.q = q.data(), .out = out.data(), .kv = kv.data(), .q_indptr = q_indptr.data(),
             .seq_lens = seq_lens.data(), .block_table = block_table.data(),
             .max_blocks_per_seq = max_blocks_per_seq,
@@ -103,6 +115,27 @@ inline DecodeProblem MakeDecodeProblem(const DecodeShape& shape, uint32_t seed, 
   for (uint16_t& x : pr.q) x = FloatToBf16(1.5f * normal(rng));  // sharper than unit: peaked softmax
   for (uint16_t& x : pr.kv) x = FloatToBf16(normal(rng));
   return pr;
+}
+
+// Copies every listed (sequence, KV head, block) unit of a sparse problem into its own slot of a
+// unit pool, in shuffled slot order, as the GPU block cache holds them.
+inline void MakeUnitPool(DecodeProblem& pr, uint32_t seed) {
+  const int hd = pr.shape.head_dim, kvh = pr.shape.num_kv_heads;
+  const size_t unit = size_t{2} * kKvBlockSize * hd;
+  const size_t n = pr.sel_blocks.size();
+  std::vector<int32_t> slots(n + 5);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), std::mt19937(seed));
+  pr.sel_slots.assign(slots.begin(), slots.begin() + n);
+  pr.unit_kv.assign((n + 5) * unit, FloatToBf16(1e4f));  // unlisted slots: values that would show
+  for (size_t s = 0; s + 1 < pr.sel_indptr.size(); ++s) {
+    const int seq = static_cast<int>(s) / kvh, h = static_cast<int>(s) % kvh;
+    for (int32_t i = pr.sel_indptr[s]; i < pr.sel_indptr[s + 1]; ++i) {
+      const int32_t phys = pr.block_table[static_cast<size_t>(seq) * pr.max_blocks_per_seq + pr.sel_blocks[i]];
+      const uint16_t* src = pr.kv.data() + (static_cast<size_t>(phys) * kvh + h) * unit;
+      std::copy(src, src + unit, pr.unit_kv.begin() + pr.sel_slots[i] * unit);
+    }
+  }
 }
 
 }  // namespace scout::kernels

@@ -24,17 +24,26 @@ void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32, float* abs_out
     for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
       // Gather the listed blocks' keys and values (positions past the end dropped).
       std::vector<int32_t> logical;
+      std::vector<const uint16_t*> base_of;
       if (p.sel_indptr != nullptr) {
         const int sh = s * p.num_kv_heads + kvh;
-        logical.assign(p.sel_blocks + p.sel_indptr[sh], p.sel_blocks + p.sel_indptr[sh + 1]);
+        for (int32_t i = p.sel_indptr[sh]; i < p.sel_indptr[sh + 1]; ++i) {
+          logical.push_back(p.sel_blocks[i]);
+          base_of.push_back(p.sel_slots != nullptr ? p.kv + p.sel_slots[i] * head_stride
+                                                   : p.kv + table[p.sel_blocks[i]] * block_stride + kvh * head_stride);
+        }
       } else {
-        for (int b = 0; b < (len + kKvBlockSize - 1) / kKvBlockSize; ++b) logical.push_back(b);
+        for (int b = 0; b < (len + kKvBlockSize - 1) / kKvBlockSize; ++b) {
+          logical.push_back(b);
+          base_of.push_back(p.kv + table[b] * block_stride + kvh * head_stride);
+        }
       }
       k.clear();
       v.clear();
       pos.clear();
-      for (int32_t b : logical) {
-        const uint16_t* base = p.kv + table[b] * block_stride + kvh * head_stride;
+      for (size_t li = 0; li < logical.size(); ++li) {
+        const int32_t b = logical[li];
+        const uint16_t* base = base_of[li];
         for (int i = 0; i < kKvBlockSize && b * kKvBlockSize + i < len; ++i) {
           pos.push_back(b * kKvBlockSize + i);
           for (int d = 0; d < hd; ++d) {

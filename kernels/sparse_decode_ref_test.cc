@@ -84,3 +84,22 @@ TEST(SparseDecodeRefTest, MatchesFloat64FormulaDenseAndSparse) {
 
 }  // namespace
 }  // namespace scout::kernels
+
+namespace scout::kernels {
+namespace {
+
+// Reading the listed blocks from a unit pool (the GPU block cache layout) computes the same
+// function as reading them through the block table.
+TEST(SparseDecodeRefTest, UnitPoolLayoutMatchesPagedLayout) {
+  DecodeProblem pr = MakeDecodeProblem({.seq_lens = {500, 77}, .q_tokens = {3, 1}, .num_heads = 8, .num_kv_heads = 2,
+                                        .head_dim = 64, .keep_fraction = 0.3}, 5);
+  std::vector<float> paged(pr.out.size()), units(pr.out.size());
+  DecodeProblem a = pr;
+  SparseDecodeRef(a.params(), paged.data());
+  MakeUnitPool(pr, 9);
+  SparseDecodeRef(pr.params(), units.data());
+  EXPECT_EQ(paged, units);
+}
+
+}  // namespace
+}  // namespace scout::kernels

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <list>
 #include <utility>
 #include <vector>
 
@@ -36,10 +35,13 @@ struct CacheCounters {
   int64_t evictions = 0;
 };
 
-// Not thread-safe: the planner's thread owns it.
+// Not thread-safe: the planner's thread owns it. Every operation is O(1) (plus the pins of a
+// step on release): the planner calls Acquire for every selected unit of every step, hundreds of
+// thousands at long context, so lookups index per-(session, layer, head) arrays rather than hash
+// each unit, and the LRU order is an intrusive list over the slot array.
 class BlockCache {
  public:
-  explicit BlockCache(int32_t num_slots);
+  BlockCache(int32_t num_slots, int num_layers, int num_kv_heads);
   BlockCache(const BlockCache&) = delete;
   BlockCache& operator=(const BlockCache&) = delete;
 
@@ -69,14 +71,25 @@ class BlockCache {
     UnitKey key;
     bool used = false;
     int32_t pins = 0;
-    std::list<int32_t>::iterator lru_pos;
+    int32_t prev = -1;  // LRU neighbours: prev is more recently used
+    int32_t next = -1;
   };
   void Drop(int32_t slot);
+  void Unlink(int32_t slot);
+  void PushFront(int32_t slot);
+  // The slot entry of a unit in the per-session index, grown on demand; nullptr if absent and
+  // !create.
+  int32_t* Entry(const UnitKey& key, bool create);
+  const int32_t* Entry(const UnitKey& key) const;
 
+  int num_layers_;
+  int num_kv_heads_;
   std::vector<Slot> slots_;
   std::vector<int32_t> free_;
-  std::list<int32_t> lru_;  // front: most recently used
-  absl::flat_hash_map<UnitKey, int32_t> index_;
+  int32_t lru_head_ = -1;  // most recently used
+  int32_t lru_tail_ = -1;
+  // session -> [layer * heads + head] -> block -> slot (-1: not cached)
+  absl::flat_hash_map<SequenceId, std::vector<std::vector<int32_t>>> index_;
   absl::flat_hash_map<uint64_t, std::vector<int32_t>> pinned_by_step_;
   CacheCounters counters_;
 };

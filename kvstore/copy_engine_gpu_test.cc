@@ -27,7 +27,7 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
     std::byte* pool = nullptr;
     ASSERT_EQ(cudaMalloc(&pool, kSlots * unit), cudaSuccess);
     ASSERT_EQ(cudaMemset(pool, 0xAB, kSlots * unit), cudaSuccess);  // poison
-    BlockCache cache(kSlots);
+    BlockCache cache(kSlots, layout.num_layers, layout.num_kv_heads);
     auto engine = CudaCopyEngine::Create(pool, unit, layout.num_layers, 4 * 3 * 50);
     ASSERT_TRUE(engine.ok()) << engine.status();
     std::vector<std::byte> back(kSlots * unit);

@@ -25,7 +25,7 @@ TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
     HostKvStore& store = **store_or;
     ASSERT_EQ(store.chunks().size(), 8u);  // 40 slabs in chunks of 5
     const int32_t kSlots = 24;
-    BlockCache cache(kSlots);
+    BlockCache cache(kSlots, kLayout.num_layers, kLayout.num_kv_heads);
     const size_t unit = kLayout.unit_bytes(), row = kLayout.head_dim * kLayout.elem_bytes;
     std::vector<std::byte> pool(kSlots * unit);
     // model: (session, layer, head, pos) -> K row bytes then V row bytes
@@ -158,7 +158,7 @@ TEST(PrefetchPlannerTest, RejectsBadSelectionsAndFullCacheCleanly) {
   ASSERT_TRUE(store.ok());
   ASSERT_TRUE((*store)->AddSession(1).ok());
   ASSERT_TRUE((*store)->Reserve(1, 40).ok());  // 3 blocks
-  BlockCache cache(4);
+  BlockCache cache(4, 3, 2);
   auto sel_of = [](std::vector<int32_t> blocks) {
     Selection s{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
     for (int list = 0; list < 6; ++list) {
