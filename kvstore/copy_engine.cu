@@ -110,7 +110,7 @@ CudaCopyEngine::~CudaCopyEngine() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
-absl::Status CudaCopyEngine::Execute(const PrefetchPlan& plan) {
+absl::Status CudaCopyEngine::Upload(const PrefetchPlan& plan) {
   const int n = static_cast<int>(plan.transfers.size());
   if (n > max_transfers_) {
     return absl::InvalidArgumentError(absl::StrCat("plan of ", n, " transfers exceeds the engine's ", max_transfers_));
@@ -127,12 +127,26 @@ absl::Status CudaCopyEngine::Execute(const PrefetchPlan& plan) {
   if (err == cudaSuccess && n > 0) err = cudaMemcpyAsync(dev_src_, host_src_, sizeof(void*) * n, cudaMemcpyHostToDevice, stream_);
   if (err == cudaSuccess && n > 0) err = cudaMemcpyAsync(dev_slots_, host_slots_, sizeof(int32_t) * n, cudaMemcpyHostToDevice, stream_);
   if (err == cudaSuccess) err = cudaEventRecord(upload_done_, stream_);
-  for (size_t layer = 0; layer < layer_events_.size() && err == cudaSuccess; ++layer) {
-    const int first = plan.layer_begin[layer], count = plan.layer_begin[layer + 1] - first;
-    err = GatherUnits(dev_src_ + first, dev_slots_ + first, count, unit_bytes_, pool_, num_sms_, stream_);
-    if (err == cudaSuccess) err = cudaEventRecord(layer_events_[layer], stream_);
+  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine upload: ", cudaGetErrorString(err)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaCopyEngine::LaunchLayer(const PrefetchPlan& plan, int layer) {
+  if (layer < 0 || layer >= static_cast<int>(layer_events_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " outside the engine's ", layer_events_.size()));
   }
-  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine: ", cudaGetErrorString(err)));
+  const int first = plan.layer_begin[layer], count = plan.layer_begin[layer + 1] - first;
+  cudaError_t err = GatherUnits(dev_src_ + first, dev_slots_ + first, count, unit_bytes_, pool_, num_sms_, stream_);
+  if (err == cudaSuccess) err = cudaEventRecord(layer_events_[layer], stream_);
+  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine layer ", layer, ": ", cudaGetErrorString(err)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaCopyEngine::Execute(const PrefetchPlan& plan) {
+  if (absl::Status s = Upload(plan); !s.ok()) return s;
+  for (size_t layer = 0; layer < layer_events_.size(); ++layer) {
+    if (absl::Status s = LaunchLayer(plan, static_cast<int>(layer)); !s.ok()) return s;
+  }
   return absl::OkStatus();
 }
 

@@ -38,6 +38,10 @@ class CudaCopyEngine {
   // Uploads the plan's transfer list and launches one gather per layer, recording
   // layer_done(l) after layer l's. Asynchronous: wait on layer_done before reading the slots.
   absl::Status Execute(const PrefetchPlan& plan);
+  // Execute in two halves, for callers that interleave other work between layers: Upload once,
+  // then LaunchLayer for each layer in order (each records layer_done(layer)).
+  absl::Status Upload(const PrefetchPlan& plan);
+  absl::Status LaunchLayer(const PrefetchPlan& plan, int layer);
   cudaEvent_t layer_done(int layer) const { return layer_events_[layer]; }
   cudaStream_t stream() const { return stream_; }
 
