@@ -86,7 +86,12 @@ absl::StatusOr<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(std::byte
   absl::Status s;
   if (!(s = check(cudaGetDevice(&dev), "cudaGetDevice")).ok()) return s;
   if (!(s = check(cudaDeviceGetAttribute(&e->num_sms_, cudaDevAttrMultiProcessorCount, dev), "SM count")).ok()) return s;
-  if (!(s = check(cudaStreamCreateWithFlags(&e->stream_, cudaStreamNonBlocking), "stream")).ok()) return s;
+  // Highest priority, so a layer's gather is scheduled ahead of attention CTAs waiting for SMs.
+  // (Measured on the H100 with 2% and 10% selections: the overlap stayed at ~45% of the attention
+  // hidden with or without it; the exposed part is per-layer, likely the cross-stream waits.)
+  int least = 0, greatest = 0;
+  if (!(s = check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "priority range")).ok()) return s;
+  if (!(s = check(cudaStreamCreateWithPriority(&e->stream_, cudaStreamNonBlocking, greatest), "stream")).ok()) return s;
   e->layer_events_.resize(num_layers);
   for (cudaEvent_t& ev : e->layer_events_) {
     if (!(s = check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "event")).ok()) return s;
