@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
   CHECK(cudaFree(nullptr));  // create the context before timing the allocation
 
   auto t0 = std::chrono::steady_clock::now();
-  auto store_or = HostKvStore::Create(layout, nb, PinnedHostAllocator());
+  auto store_or = HostKvStore::Create(layout, nb, PinnedHostAllocator(), {.allocate_upfront = true});
   if (!store_or.ok()) {
     std::fprintf(stderr, "%s\n", store_or.status().ToString().c_str());
     return 1;

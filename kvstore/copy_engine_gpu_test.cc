@@ -13,7 +13,8 @@ namespace {
 TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
   for (int head_dim : {64, 128}) {
     const KvLayout layout{.num_layers = 4, .num_kv_heads = 3, .head_dim = head_dim, .elem_bytes = 2};
-    auto store_or = HostKvStore::Create(layout, 64, PinnedHostAllocator(), 10 * layout.slab_bytes());
+    auto store_or = HostKvStore::Create(layout, 64, PinnedHostAllocator(),
+                                        {.chunk_bytes = 10 * layout.slab_bytes(), .allocate_upfront = true});
     ASSERT_TRUE(store_or.ok()) << store_or.status();
     HostKvStore& store = **store_or;
     std::mt19937 rng(head_dim);

@@ -21,50 +21,85 @@ HostAllocator AlignedHostAllocator() {
 
 HostKvStore::HostKvStore(const KvLayout& layout, int32_t capacity_blocks, HostAllocator allocator,
                          int32_t slabs_per_chunk)
-    : layout_(layout), allocator_(std::move(allocator)), slabs_per_chunk_(slabs_per_chunk), tables_(capacity_blocks) {}
+    : layout_(layout),
+      allocator_(std::move(allocator)),
+      slabs_per_chunk_(slabs_per_chunk),
+      chunks_((capacity_blocks + slabs_per_chunk - 1) / slabs_per_chunk, nullptr),
+      tables_(capacity_blocks) {}
 
 HostKvStore::~HostKvStore() {
-  for (std::byte* c : chunks_) allocator_.release(c);
+  for (std::byte* c : chunks_) {
+    if (c != nullptr) allocator_.release(c);
+  }
+}
+
+int HostKvStore::num_allocated_chunks() const {
+  return static_cast<int>(std::count_if(chunks_.begin(), chunks_.end(), [](std::byte* c) { return c != nullptr; }));
+}
+
+absl::Status HostKvStore::AllocateChunks(const std::vector<int32_t>& which) {
+  // Several threads: pinning is page-by-page kernel work, and a long prefill can cross many chunks.
+  std::vector<absl::StatusOr<void*>> got(which.size(), absl::UnknownError("not allocated"));
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i = next++; i < which.size(); i = next++) {
+      const int32_t first = which[i] * slabs_per_chunk_;
+      got[i] = allocator_.allocate(static_cast<size_t>(std::min(slabs_per_chunk_, capacity_blocks() - first)) *
+                                   layout_.slab_bytes());
+    }
+  };
+  const int threads = std::clamp<int>(static_cast<int>(std::thread::hardware_concurrency()), 1, 16);
+  std::vector<std::thread> pool;
+  for (int t = 1; t < std::min<int>(threads, static_cast<int>(which.size())); ++t) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+  absl::Status failed;
+  for (size_t i = 0; i < which.size(); ++i) {
+    if (got[i].ok()) {
+      chunks_[which[i]] = static_cast<std::byte*>(*got[i]);
+    } else if (failed.ok()) {
+      failed = absl::ResourceExhaustedError(absl::StrCat("KV store: host memory for blocks from ", which[i] * slabs_per_chunk_,
+                                                         " refused: ", got[i].status().message()));
+    }
+  }
+  return failed;
 }
 
 absl::StatusOr<std::unique_ptr<HostKvStore>> HostKvStore::Create(const KvLayout& layout, int32_t capacity_blocks,
-                                                                 HostAllocator allocator, size_t chunk_bytes) {
+                                                                 HostAllocator allocator, const HostStoreOptions& options) {
   if (layout.num_layers <= 0 || layout.num_kv_heads <= 0 || layout.head_dim <= 0 || layout.elem_bytes <= 0 ||
       capacity_blocks <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("bad KV store shape: layers=", layout.num_layers, " kv_heads=",
                                                    layout.num_kv_heads, " head_dim=", layout.head_dim,
                                                    " blocks=", capacity_blocks));
   }
-  const int32_t per_chunk = static_cast<int32_t>(std::max<size_t>(1, chunk_bytes / layout.slab_bytes()));
+  const int32_t per_chunk = static_cast<int32_t>(std::max<size_t>(1, options.chunk_bytes / layout.slab_bytes()));
   std::unique_ptr<HostKvStore> store(new HostKvStore(layout, capacity_blocks, std::move(allocator), per_chunk));
-  // Chunks are allocated by several threads: pinning host memory is page-by-page kernel work
-  // (~0.6 s per GiB on one thread on the GPU machine), and a 1M-token session is 128 GiB.
-  const int32_t num_chunks = (capacity_blocks + per_chunk - 1) / per_chunk;
-  std::vector<absl::StatusOr<void*>> got(num_chunks, absl::UnknownError("not allocated"));
-  std::atomic<int32_t> next{0};
-  auto worker = [&] {
-    for (int32_t c = next++; c < num_chunks; c = next++) {
-      const int32_t first = c * per_chunk;
-      got[c] = store->allocator_.allocate(static_cast<size_t>(std::min(per_chunk, capacity_blocks - first)) *
-                                          layout.slab_bytes());
-    }
-  };
-  const int threads = std::clamp<int>(static_cast<int>(std::thread::hardware_concurrency()), 1, 16);
-  std::vector<std::thread> pool;
-  for (int t = 1; t < std::min(threads, num_chunks); ++t) pool.emplace_back(worker);
-  worker();
-  for (std::thread& t : pool) t.join();
-  absl::Status failed;
-  for (int32_t c = 0; c < num_chunks; ++c) {
-    if (got[c].ok()) {
-      store->chunks_.push_back(static_cast<std::byte*>(*got[c]));
-    } else if (failed.ok()) {
-      failed = absl::ResourceExhaustedError(absl::StrCat("KV store of ", store->bytes(), " bytes: chunk at block ",
-                                                         c * per_chunk, " failed: ", got[c].status().message()));
-    }
+  if (options.allocate_upfront) {
+    std::vector<int32_t> all(store->chunks_.size());
+    for (size_t c = 0; c < all.size(); ++c) all[c] = static_cast<int32_t>(c);
+    if (absl::Status s = store->AllocateChunks(all); !s.ok()) return s;  // the destructor frees the rest
   }
-  if (!failed.ok()) return failed;  // the destructor releases the chunks that were allocated
   return store;
+}
+
+absl::Status HostKvStore::Reserve(SequenceId session, int64_t num_tokens) {
+  const BlockTable* t = tables_.Find(session);
+  const int64_t old_tokens = t != nullptr ? t->num_tokens : 0;
+  const size_t old_blocks = t != nullptr ? t->blocks.size() : 0;
+  if (absl::Status s = tables_.Grow(session, num_tokens); !s.ok()) return s;
+  t = tables_.Find(session);
+  std::vector<int32_t> missing;
+  for (size_t i = old_blocks; i < t->blocks.size(); ++i) {
+    const int32_t c = t->blocks[i] / slabs_per_chunk_;
+    if (chunks_[c] == nullptr && std::find(missing.begin(), missing.end(), c) == missing.end()) missing.push_back(c);
+  }
+  if (missing.empty()) return absl::OkStatus();
+  if (absl::Status s = AllocateChunks(missing); !s.ok()) {
+    tables_.Truncate(session, old_tokens).IgnoreError();  // frees exactly the slabs Grow took
+    return s;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status HostKvStore::WriteTokens(SequenceId session, int layer, int head, int64_t first, int64_t n,

@@ -35,16 +35,23 @@ struct HostAllocator {
 };
 HostAllocator AlignedHostAllocator();
 
+struct HostStoreOptions {
+  size_t chunk_bytes = size_t{1} << 30;  // memory is taken in chunks of this size (whole slabs)
+  // false: a chunk is allocated when a reservation first needs one of its slabs, so a store sized
+  // for millions of tokens comes up at once and pins memory as KV arrives (pinning runs at
+  // ~0.6 s per GiB on the GPU machine: 90 s for a 1M-token Llama-3.1-8B session up front).
+  bool allocate_upfront = false;
+};
+
 // Owns the memory and the per-session slab tables. Not thread-safe: one owner serialises calls;
 // the bytes of distinct units may be read concurrently (the copy engine does).
 class HostKvStore {
  public:
-  // capacity_blocks slabs, allocated up front in chunks of at most chunk_bytes (rounded to
-  // whole slabs), so that one failed or slow allocation does not hold the whole pool.
-  // InvalidArgument for a bad layout; ResourceExhausted naming the bytes if memory runs out.
+  // Room for capacity_blocks slabs. InvalidArgument for a bad layout; ResourceExhausted naming
+  // the bytes if up-front memory runs out.
   static absl::StatusOr<std::unique_ptr<HostKvStore>> Create(const KvLayout& layout, int32_t capacity_blocks,
                                                              HostAllocator allocator = AlignedHostAllocator(),
-                                                             size_t chunk_bytes = size_t{1} << 30);
+                                                             const HostStoreOptions& options = {});
   ~HostKvStore();
   HostKvStore(const HostKvStore&) = delete;
   HostKvStore& operator=(const HostKvStore&) = delete;
@@ -52,9 +59,10 @@ class HostKvStore {
   // Session lifecycle; same codes as BlockTableManager (AlreadyExists, NotFound).
   absl::Status AddSession(SequenceId session) { return tables_.AddSequence(session); }
   absl::Status ReleaseSession(SequenceId session) { return tables_.Release(session); }
-  // Grows a session to num_tokens, all or nothing: ResourceExhausted (naming the need and what
-  // is free) leaves it unchanged. The new tokens' bytes are whatever the slab held before.
-  absl::Status Reserve(SequenceId session, int64_t num_tokens) { return tables_.Grow(session, num_tokens); }
+  // Grows a session to num_tokens, all or nothing: ResourceExhausted (no free slab, or host
+  // memory for a new chunk refused; the message names which) leaves it unchanged. The new
+  // tokens' bytes are whatever the slab held before.
+  absl::Status Reserve(SequenceId session, int64_t num_tokens);
   const BlockTable* Find(SequenceId session) const { return tables_.Find(session); }
 
   // Address of one unit of a slab; keys at +0, values at +unit_bytes()/2.
@@ -72,12 +80,15 @@ class HostKvStore {
   int32_t capacity_blocks() const { return tables_.allocator().capacity(); }
   int32_t used_blocks() const { return tables_.allocator().num_used(); }
   size_t bytes() const { return static_cast<size_t>(capacity_blocks()) * layout_.slab_bytes(); }
-  // The chunks, for registering or mapping them elsewhere (the GPU copy engine).
+  // The chunks (nullptr where not yet allocated), for registering or filling them elsewhere.
   const std::vector<std::byte*>& chunks() const { return chunks_; }
+  int num_allocated_chunks() const;
   size_t chunk_bytes() const { return static_cast<size_t>(slabs_per_chunk_) * layout_.slab_bytes(); }
 
  private:
   HostKvStore(const KvLayout& layout, int32_t capacity_blocks, HostAllocator allocator, int32_t slabs_per_chunk);
+  // Allocates the listed chunks (several threads); on failure those that did allocate stay.
+  absl::Status AllocateChunks(const std::vector<int32_t>& which);
 
   KvLayout layout_;
   HostAllocator allocator_;

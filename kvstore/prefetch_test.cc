@@ -1,5 +1,6 @@
 #include "kvstore/prefetch_planner.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <random>
@@ -20,10 +21,11 @@ const KvLayout kLayout{.num_layers = 3, .num_kv_heads = 2, .head_dim = 8, .elem_
 TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
   for (uint32_t seed = 1; seed <= 12; ++seed) {
     std::mt19937 rng(seed);
-    auto store_or = HostKvStore::Create(kLayout, 40, AlignedHostAllocator(), /*chunk_bytes=*/5 * kLayout.slab_bytes());
+    auto store_or = HostKvStore::Create(kLayout, 40, AlignedHostAllocator(), {.chunk_bytes = 5 * kLayout.slab_bytes()});
     ASSERT_TRUE(store_or.ok()) << store_or.status();
     HostKvStore& store = **store_or;
     ASSERT_EQ(store.chunks().size(), 8u);  // 40 slabs in chunks of 5
+    ASSERT_EQ(store.num_allocated_chunks(), 0);  // allocated as sessions grow
     const int32_t kSlots = 24;
     BlockCache cache(kSlots, kLayout.num_layers, kLayout.num_kv_heads);
     const size_t unit = kLayout.unit_bytes(), row = kLayout.head_dim * kLayout.elem_bytes;
@@ -151,6 +153,41 @@ TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
     EXPECT_GT(cache.counters().evictions, 0) << "the cache never filled: the test did not exercise eviction";
     EXPECT_GT(cache.counters().hits, 0);
   }
+}
+
+// Chunks come as reservations need them; a refused chunk leaves the session as it was.
+TEST(HostKvStoreTest, AllocatesChunksOnDemandAndRollsBackWhenRefused) {
+  int allocations = 0, releases = 0;
+  HostAllocator counting{[&](size_t bytes) -> absl::StatusOr<void*> {
+                           if (allocations == 3) return absl::ResourceExhaustedError("test: no more memory");
+                           ++allocations;
+                           return std::malloc(bytes);
+                         },
+                         [&](void* p) {
+                           ++releases;
+                           std::free(p);
+                         }};
+  {
+    auto store = HostKvStore::Create(kLayout, 20, counting, {.chunk_bytes = 4 * kLayout.slab_bytes()});
+    ASSERT_TRUE(store.ok());
+    EXPECT_EQ(allocations, 0);
+    ASSERT_TRUE((*store)->AddSession(1).ok());
+    ASSERT_TRUE((*store)->Reserve(1, 5 * kBlockSize).ok());  // 5 slabs: chunks 0 and 1
+    EXPECT_EQ(allocations, 2);
+    ASSERT_TRUE((*store)->Reserve(1, 8 * kBlockSize).ok());  // still chunk 1
+    EXPECT_EQ(allocations, 2);
+    ASSERT_TRUE((*store)->Reserve(1, 12 * kBlockSize).ok());  // chunk 2
+    EXPECT_EQ(allocations, 3);
+    absl::Status s = (*store)->Reserve(1, 13 * kBlockSize);  // chunk 3 refused
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+    EXPECT_NE(s.message().find("test: no more memory"), std::string::npos);
+    EXPECT_EQ((*store)->Find(1)->num_tokens, 12 * kBlockSize);
+    EXPECT_EQ((*store)->used_blocks(), 12);
+    // Upfront allocation fails cleanly too.
+    auto eager = HostKvStore::Create(kLayout, 20, counting, {.chunk_bytes = 4 * kLayout.slab_bytes(), .allocate_upfront = true});
+    EXPECT_EQ(eager.status().code(), absl::StatusCode::kResourceExhausted);
+  }
+  EXPECT_EQ(releases, allocations) << "chunks leaked";
 }
 
 TEST(PrefetchPlannerTest, RejectsBadSelectionsAndFullCacheCleanly) {
