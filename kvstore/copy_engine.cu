@@ -38,7 +38,28 @@ __global__ void __launch_bounds__(kThreads) GatherKernelAnySize(const std::byte*
   }
 }
 
+__global__ void __launch_bounds__(kThreads) ScatterKernel(const int32_t* src_slots, std::byte* const* dst, int count,
+                                                          size_t unit_bytes, const std::byte* pool) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (kThreads / 32);
+  const size_t vecs = unit_bytes / 16;
+  for (int u = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); u < count; u += warps) {
+    const uint4* s = reinterpret_cast<const uint4*>(pool + static_cast<size_t>(src_slots[u]) * unit_bytes);
+    uint4* d = reinterpret_cast<uint4*>(dst[u]);
+    for (size_t i = lane; i < vecs; i += 32) d[i] = s[i];
+  }
+}
+
 }  // namespace
+
+cudaError_t ScatterUnits(const int32_t* src_slots, std::byte* const* dst, int count, size_t unit_bytes,
+                         const std::byte* pool, int num_sms, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  if (unit_bytes % 512 != 0) return cudaErrorInvalidValue;
+  const int blocks = std::max(1, std::min((count + 7) / 8, 2 * num_sms));
+  ScatterKernel<<<blocks, kThreads, 0, stream>>>(src_slots, dst, count, unit_bytes, pool);
+  return cudaGetLastError();
+}
 
 HostAllocator PinnedHostAllocator() {
   return {[](size_t bytes) -> absl::StatusOr<void*> {
@@ -115,24 +136,45 @@ CudaCopyEngine::~CudaCopyEngine() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
-absl::Status CudaCopyEngine::Upload(const PrefetchPlan& plan) {
-  const int n = static_cast<int>(plan.transfers.size());
+absl::Status CudaCopyEngine::UploadList(const std::vector<Transfer>& transfers) {
+  const int n = static_cast<int>(transfers.size());
   if (n > max_transfers_) {
     return absl::InvalidArgumentError(absl::StrCat("plan of ", n, " transfers exceeds the engine's ", max_transfers_));
   }
-  if (plan.layer_begin.size() != layer_events_.size() + 1) {
-    return absl::InvalidArgumentError("plan and engine disagree on the number of layers");
-  }
-  // The staging buffers may still feed the previous plan's upload.
+  // The staging buffers may still feed the previous upload.
   cudaError_t err = cudaEventSynchronize(upload_done_);
   for (int i = 0; i < n && err == cudaSuccess; ++i) {
-    host_src_[i] = plan.transfers[i].src;
-    host_slots_[i] = plan.transfers[i].slot;
+    host_src_[i] = transfers[i].src;
+    host_slots_[i] = transfers[i].slot;
   }
   if (err == cudaSuccess && n > 0) err = cudaMemcpyAsync(dev_src_, host_src_, sizeof(void*) * n, cudaMemcpyHostToDevice, stream_);
   if (err == cudaSuccess && n > 0) err = cudaMemcpyAsync(dev_slots_, host_slots_, sizeof(int32_t) * n, cudaMemcpyHostToDevice, stream_);
   if (err == cudaSuccess) err = cudaEventRecord(upload_done_, stream_);
   if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine upload: ", cudaGetErrorString(err)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaCopyEngine::Upload(const PrefetchPlan& plan) {
+  if (plan.layer_begin.size() != layer_events_.size() + 1) {
+    return absl::InvalidArgumentError("plan and engine disagree on the number of layers");
+  }
+  return UploadList(plan.transfers);
+}
+
+absl::Status CudaCopyEngine::Fetch(const AppendPlan& plan) {
+  if (absl::Status s = UploadList(plan.fetch); !s.ok()) return s;
+  const cudaError_t err = GatherUnits(dev_src_, dev_slots_, static_cast<int>(plan.fetch.size()), unit_bytes_, pool_,
+                                      num_sms_, stream_);
+  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine fetch: ", cudaGetErrorString(err)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaCopyEngine::Flush(const AppendPlan& plan) {
+  if (absl::Status s = UploadList(plan.flush); !s.ok()) return s;
+  // dev_src_ holds the host units, the destinations here.
+  const cudaError_t err = ScatterUnits(dev_slots_, const_cast<std::byte* const*>(reinterpret_cast<const std::byte* const*>(dev_src_)),
+                                       static_cast<int>(plan.flush.size()), unit_bytes_, pool_, num_sms_, stream_);
+  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine flush: ", cudaGetErrorString(err)));
   return absl::OkStatus();
 }
 

@@ -25,6 +25,11 @@ HostAllocator PinnedHostAllocator();
 cudaError_t GatherUnits(const std::byte* const* src, const int32_t* dst_slots, int count, size_t unit_bytes,
                         std::byte* pool, int num_sms, cudaStream_t stream);
 
+// The write-back direction: *dst[i] = pool[src_slots[i]], unit_bytes each (a multiple of 512),
+// stores straight into mapped host memory over PCIe.
+cudaError_t ScatterUnits(const int32_t* src_slots, std::byte* const* dst, int count, size_t unit_bytes,
+                         const std::byte* pool, int num_sms, cudaStream_t stream);
+
 // Runs plans on one stream. Not thread-safe.
 class CudaCopyEngine {
  public:
@@ -42,11 +47,17 @@ class CudaCopyEngine {
   // then LaunchLayer for each layer in order (each records layer_done(layer)).
   absl::Status Upload(const PrefetchPlan& plan);
   absl::Status LaunchLayer(const PrefetchPlan& plan, int layer);
+  // The write path on the engine's stream: Fetch before the kernel that writes the new rows
+  // (which must wait for it), Flush after that kernel (order it with an event or the stream).
+  absl::Status Fetch(const AppendPlan& plan);
+  absl::Status Flush(const AppendPlan& plan);
   cudaEvent_t layer_done(int layer) const { return layer_events_[layer]; }
   cudaStream_t stream() const { return stream_; }
 
  private:
   CudaCopyEngine() = default;
+  // Stages and uploads a transfer list (waiting until the previous upload has left the staging).
+  absl::Status UploadList(const std::vector<Transfer>& transfers);
 
   std::byte* pool_ = nullptr;
   size_t unit_bytes_ = 0;

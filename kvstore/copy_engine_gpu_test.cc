@@ -62,5 +62,64 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
   }
 }
 
+// The write path on the GPU: rows written into the appended units' slots reach the host store
+// through Flush, partial blocks keeping their earlier rows through Fetch.
+TEST(CudaCopyEngineTest, AppendFetchFlushKeepsHostCurrent) {
+  const KvLayout layout{.num_layers = 2, .num_kv_heads = 2, .head_dim = 64, .elem_bytes = 2};
+  auto store_or = HostKvStore::Create(layout, 32, PinnedHostAllocator(), {.chunk_bytes = 4 * layout.slab_bytes()});
+  ASSERT_TRUE(store_or.ok()) << store_or.status();
+  HostKvStore& store = **store_or;
+  ASSERT_TRUE(store.AddSession(1).ok());
+  const size_t unit = layout.unit_bytes(), row = layout.head_dim * layout.elem_bytes;
+  const int32_t kSlots = 12;  // small: appended units get evicted between appends
+  std::byte* pool = nullptr;
+  ASSERT_EQ(cudaMalloc(&pool, kSlots * unit), cudaSuccess);
+  BlockCache cache(kSlots, 2, 2);
+  auto engine = CudaCopyEngine::Create(pool, unit, layout.num_layers, 64);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::mt19937 rng(3);
+  std::vector<std::vector<std::byte>> expect(4);  // per (layer, head): K row, V row per token
+  int64_t len = 0;
+  for (uint64_t step = 1; step <= 30; ++step) {
+    const int64_t n = 1 + rng() % 21;
+    absl::StatusOr<AppendPlan> ap = PlanAppend(1, n, store, cache, step);
+    ASSERT_TRUE(ap.ok()) << ap.status();
+    ASSERT_TRUE((*engine)->Fetch(*ap).ok());
+    ASSERT_EQ(cudaStreamSynchronize((*engine)->stream()), cudaSuccess);
+    // Stand-in for the kernel that appends K/V on the GPU: copy the new rows into the slots.
+    size_t at = 0;
+    for (int lh = 0; lh < 4; ++lh) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = len + i;
+        std::vector<std::byte> k(row), v(row);
+        for (auto& b : k) b = std::byte(rng());
+        for (auto& b : v) b = std::byte(rng());
+        std::byte* u = pool + size_t(ap->slots[at + pos / kBlockSize - ap->first_block]) * unit;
+        ASSERT_EQ(cudaMemcpy(u + (pos % kBlockSize) * row, k.data(), row, cudaMemcpyHostToDevice), cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(u + (kBlockSize + pos % kBlockSize) * row, v.data(), row, cudaMemcpyHostToDevice), cudaSuccess);
+        expect[lh].insert(expect[lh].end(), k.begin(), k.end());
+        expect[lh].insert(expect[lh].end(), v.begin(), v.end());
+      }
+      at += ap->num_blocks;
+    }
+    ASSERT_TRUE((*engine)->Flush(*ap).ok());
+    ASSERT_EQ(cudaStreamSynchronize((*engine)->stream()), cudaSuccess);
+    cache.ReleaseStep(step);
+    len += n;
+    const BlockTable* t = store.Find(1);
+    for (int lh = 0; lh < 4; ++lh) {
+      for (int64_t pos = 0; pos < len; ++pos) {
+        const std::byte* u = store.unit(t->blocks[pos / kBlockSize], lh / 2, lh % 2);
+        ASSERT_EQ(std::memcmp(u + (pos % kBlockSize) * row, expect[lh].data() + pos * 2 * row, row), 0)
+            << "K row " << pos << " of unit " << lh << " after step " << step;
+        ASSERT_EQ(std::memcmp(u + (kBlockSize + pos % kBlockSize) * row, expect[lh].data() + (pos * 2 + 1) * row, row), 0);
+      }
+    }
+  }
+  EXPECT_GT(cache.counters().evictions, 0);
+  engine->reset();
+  cudaFree(pool);
+}
+
 }  // namespace
 }  // namespace scout::kvstore

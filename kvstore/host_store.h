@@ -63,6 +63,8 @@ class HostKvStore {
   // memory for a new chunk refused; the message names which) leaves it unchanged. The new
   // tokens' bytes are whatever the slab held before.
   absl::Status Reserve(SequenceId session, int64_t num_tokens);
+  // Drops tokens at positions >= num_tokens (rollback of a reservation or of rejected tokens).
+  absl::Status Truncate(SequenceId session, int64_t num_tokens) { return tables_.Truncate(session, num_tokens); }
   const BlockTable* Find(SequenceId session) const { return tables_.Find(session); }
 
   // Address of one unit of a slab; keys at +0, values at +unit_bytes()/2.

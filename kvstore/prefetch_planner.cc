@@ -69,4 +69,55 @@ void ExecutePrefetchOnHost(const PrefetchPlan& plan, size_t unit_bytes, std::byt
   }
 }
 
+absl::StatusOr<AppendPlan> PlanAppend(SequenceId session, int64_t num_tokens, HostKvStore& store, BlockCache& cache,
+                                      uint64_t step) {
+  const BlockTable* table = store.Find(session);
+  if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown session ", session));
+  if (num_tokens <= 0) return absl::InvalidArgumentError(absl::StrCat("append of ", num_tokens, " tokens"));
+  AppendPlan plan;
+  plan.first_token = table->num_tokens;
+  plan.num_tokens = num_tokens;
+  if (absl::Status s = store.Reserve(session, plan.first_token + num_tokens); !s.ok()) return s;
+  table = store.Find(session);
+  plan.first_block = static_cast<int32_t>(plan.first_token / kBlockSize);
+  plan.num_blocks = static_cast<int32_t>(BlocksFor(plan.first_token + num_tokens)) - plan.first_block;
+  const KvLayout& layout = store.layout();
+  // The first block holds earlier tokens when the session did not end on a block boundary.
+  const bool partial_first = plan.first_token % kBlockSize != 0;
+  std::vector<UnitKey> claimed;
+  for (int layer = 0; layer < layout.num_layers; ++layer) {
+    for (int head = 0; head < layout.num_kv_heads; ++head) {
+      for (int32_t b = plan.first_block; b < plan.first_block + plan.num_blocks; ++b) {
+        const UnitKey key{session, layer, head, b};
+        absl::StatusOr<std::pair<int32_t, bool>> got = cache.Acquire(key, step);
+        if (!got.ok()) {
+          cache.ReleaseStep(step);
+          for (const UnitKey& k : claimed) cache.Invalidate(k).IgnoreError();
+          // Give back what the reservation took.
+          if (absl::Status s = store.Truncate(session, plan.first_token); !s.ok()) return s;
+          return got.status();
+        }
+        const std::byte* host = store.unit(table->blocks[b], layer, head);
+        plan.slots.push_back(got->first);
+        if (!got->second) {
+          claimed.push_back(key);
+          if (b == plan.first_block && partial_first) plan.fetch.push_back({host, got->first});
+        }
+        plan.flush.push_back({host, got->first});
+      }
+    }
+  }
+  return plan;
+}
+
+void ExecuteFetchOnHost(const AppendPlan& plan, size_t unit_bytes, std::byte* pool) {
+  for (const Transfer& t : plan.fetch) std::memcpy(pool + static_cast<size_t>(t.slot) * unit_bytes, t.src, unit_bytes);
+}
+
+void ExecuteFlushOnHost(const AppendPlan& plan, size_t unit_bytes, const std::byte* pool) {
+  for (const Transfer& t : plan.flush) {
+    std::memcpy(const_cast<std::byte*>(t.src), pool + static_cast<size_t>(t.slot) * unit_bytes, unit_bytes);
+  }
+}
+
 }  // namespace scout::kvstore

@@ -47,4 +47,33 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& selection, SequenceId
 void ExecutePrefetchOnHost(const PrefetchPlan& plan, size_t unit_bytes, std::byte* pool, int layer_first,
                            int layer_last);
 
+// The write path. New tokens' keys and values are produced on the GPU, into the GPU slots of the
+// units they fall in, and written back to the host store at once, so that a session's KV
+// survives the eviction of all its GPU blocks.
+struct AppendPlan {
+  int64_t first_token = 0;        // the session's length before the append
+  int64_t num_tokens = 0;
+  int32_t first_block = 0;        // first logical block the new tokens touch
+  int32_t num_blocks = 0;
+  // [layer][head][block - first_block]: where the kernel writes token t's K and V rows (row
+  // t % 16 of the unit's K half and V half).
+  std::vector<int32_t> slots;
+  // Partially filled units not in the cache: their earlier tokens, host -> slot, before the
+  // kernel writes (Transfer::src is the host unit).
+  std::vector<Transfer> fetch;
+  // Every touched unit, slot -> host (Transfer::src is the destination host unit), after the
+  // kernel.
+  std::vector<Transfer> flush;
+};
+
+// Reserves the tokens in the store (ResourceExhausted if it is full: nothing changes) and gives
+// every touched (layer, head, block) unit a slot pinned for `step`. ResourceExhausted from the
+// cache rolls the reservation back. Release with cache.ReleaseStep(step) after the flush.
+absl::StatusOr<AppendPlan> PlanAppend(SequenceId session, int64_t num_tokens, HostKvStore& store, BlockCache& cache,
+                                      uint64_t step);
+
+// CPU copy engine halves of the write path.
+void ExecuteFetchOnHost(const AppendPlan& plan, size_t unit_bytes, std::byte* pool);
+void ExecuteFlushOnHost(const AppendPlan& plan, size_t unit_bytes, const std::byte* pool);
+
 }  // namespace scout::kvstore

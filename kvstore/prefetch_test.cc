@@ -65,28 +65,65 @@ TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
         EXPECT_EQ(store.AddSession(sid).ok(), !known);
         lengths.emplace(sid, 0);
       } else if (op <= 3 && known) {
-        // Append tokens: reserve, write K/V rows, invalidate cached copies of touched blocks.
+        // Append tokens, half the time through the GPU write path (rows written into cache
+        // slots, then flushed), else written on the host with cached copies invalidated.
         const int64_t n = std::uniform_int_distribution<int64_t>(1, 40)(rng);
         const int64_t first = lengths[sid];
-        absl::Status s = store.Reserve(sid, first + n);
-        if (!s.ok()) {
-          EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
-          continue;
-        }
         release_in_flight();  // a write waits for the steps reading the blocks it touches
-        for (int layer = 0; layer < kLayout.num_layers; ++layer) {
-          for (int head = 0; head < kLayout.num_kv_heads; ++head) {
-            std::vector<std::byte> k(n * row), v(n * row);
-            for (auto& b : k) b = std::byte(rng());
-            for (auto& b : v) b = std::byte(rng());
-            ASSERT_TRUE(store.WriteTokens(sid, layer, head, first, n, k.data(), v.data()).ok());
-            for (int64_t i = 0; i < n; ++i) {
-              std::vector<std::byte> kv(k.begin() + i * row, k.begin() + (i + 1) * row);
-              kv.insert(kv.end(), v.begin() + i * row, v.begin() + (i + 1) * row);
-              model[{sid, layer, head, first + i}] = kv;
+        auto random_rows = [&](std::vector<std::byte>* k, std::vector<std::byte>* v) {
+          k->resize(n * row);
+          v->resize(n * row);
+          for (auto& b : *k) b = std::byte(rng());
+          for (auto& b : *v) b = std::byte(rng());
+        };
+        auto remember = [&](int layer, int head, const std::vector<std::byte>& k, const std::vector<std::byte>& v) {
+          for (int64_t i = 0; i < n; ++i) {
+            std::vector<std::byte> kv(k.begin() + i * row, k.begin() + (i + 1) * row);
+            kv.insert(kv.end(), v.begin() + i * row, v.begin() + (i + 1) * row);
+            model[{sid, layer, head, first + i}] = kv;
+          }
+        };
+        if (std::uniform_int_distribution<int>(0, 1)(rng) == 0) {
+          ++step;
+          absl::StatusOr<AppendPlan> ap = PlanAppend(sid, n, store, cache, step);
+          if (!ap.ok()) {
+            EXPECT_EQ(ap.status().code(), absl::StatusCode::kResourceExhausted) << ap.status();
+            EXPECT_EQ(store.Find(sid)->num_tokens, first) << "a failed append changed the session";
+            continue;
+          }
+          ExecuteFetchOnHost(*ap, unit, pool.data());
+          size_t at = 0;
+          for (int layer = 0; layer < kLayout.num_layers; ++layer) {
+            for (int head = 0; head < kLayout.num_kv_heads; ++head) {
+              std::vector<std::byte> k, v;
+              random_rows(&k, &v);
+              for (int64_t i = 0; i < n; ++i) {  // what the GPU kernel does
+                const int64_t pos = first + i;
+                std::byte* u = pool.data() + size_t(ap->slots[at + pos / kBlockSize - ap->first_block]) * unit;
+                std::memcpy(u + (pos % kBlockSize) * row, k.data() + i * row, row);
+                std::memcpy(u + (kBlockSize + pos % kBlockSize) * row, v.data() + i * row, row);
+              }
+              at += ap->num_blocks;
+              remember(layer, head, k, v);
             }
-            for (int64_t b = first / kBlockSize; b <= (first + n - 1) / kBlockSize; ++b) {
-              ASSERT_TRUE(cache.Invalidate({sid, layer, head, static_cast<int32_t>(b)}).ok());
+          }
+          ExecuteFlushOnHost(*ap, unit, pool.data());
+          cache.ReleaseStep(step);
+        } else {
+          absl::Status s = store.Reserve(sid, first + n);
+          if (!s.ok()) {
+            EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+            continue;
+          }
+          for (int layer = 0; layer < kLayout.num_layers; ++layer) {
+            for (int head = 0; head < kLayout.num_kv_heads; ++head) {
+              std::vector<std::byte> k, v;
+              random_rows(&k, &v);
+              ASSERT_TRUE(store.WriteTokens(sid, layer, head, first, n, k.data(), v.data()).ok());
+              remember(layer, head, k, v);
+              for (int64_t b = first / kBlockSize; b <= (first + n - 1) / kBlockSize; ++b) {
+                ASSERT_TRUE(cache.Invalidate({sid, layer, head, static_cast<int32_t>(b)}).ok());
+              }
             }
           }
         }
