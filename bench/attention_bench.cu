@@ -17,6 +17,7 @@
 
 #include "kernels/block_select.cuh"
 #include "kernels/block_select_problem.h"
+#include "kernels/santa.cuh"
 #include "kernels/sparse_decode.cuh"
 #include "kernels/sparse_decode_problem.h"
 
@@ -109,6 +110,7 @@ struct Timer {
 int main(int argc, char** argv) {
   std::string contexts = "32768,131072,524288,1048576", batches = "1,16", qtoks = "1,5", sdpa_path;
   double keep = 0.1;
+  std::vector<int> santa_samples;
   int reps = 20;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
@@ -118,6 +120,7 @@ int main(int argc, char** argv) {
     else if (f == "--keep") keep = std::stod(v);
     else if (f == "--sdpa-json") sdpa_path = v;
     else if (f == "--reps") reps = std::stoi(v);
+    else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
   std::map<std::string, double> sdpa;
@@ -145,7 +148,7 @@ int main(int argc, char** argv) {
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12);
   std::printf("shape: 32 q heads, 8 KV heads, head dim 128, bf16, one layer; sparse keeps %.0f%% of blocks + sink + last\n\n",
               keep * 100);
-  std::printf("%8s %5s %3s %8s | %10s %9s %8s %8s | %10s %8s\n", "context", "batch", "q", "kind", "us", "TB/s",
+  std::printf("%8s %5s %3s %14s | %10s %9s %8s %8s | %10s %8s\n", "context", "batch", "q", "kind", "us", "TB/s",
               "roofline", "splits", "sdpa us", "vs sdpa");
 
   for (long ctx : ParseList(contexts)) {
@@ -157,12 +160,23 @@ int main(int argc, char** argv) {
                       kv_bytes / double(1 << 30));
           continue;
         }
-        struct Variant { double frac; int rows; const char* name; };
+        struct Variant { double frac; int rows; const char* name; int santa = 0; };
         std::vector<Variant> variants = {{-1.0, 0, "dense"}, {keep, 0, "sts"}};
         if (int cc = SparseDecodeCudaCoreRows(32, 8, int(qt)); cc > 0) {
           variants.push_back({-1.0, cc, "dense-cc"});
           variants.push_back({keep, cc, "sts-cc"});
         }
+        for (int S : santa_samples) {
+          static char names[16][24];
+          static int used = 0;
+          char* dn = names[used++ % 16];
+          std::snprintf(dn, 24, "santa%d", S);
+          char* sn = names[used++ % 16];
+          std::snprintf(sn, 24, "sts+santa%d", S);
+          variants.push_back({-1.0, 16, dn, S});
+          variants.push_back({keep, 16, sn, S});
+        }
+        std::map<double, std::vector<uint16_t>> exact_out;  // list kind -> output of the exact kernel
         for (const Variant& var : variants) {
           const double frac = var.frac;
           DecodeShape shape{.seq_lens = std::vector<int>(batch, int(ctx)), .q_tokens = std::vector<int>(batch, int(qt)),
@@ -195,9 +209,30 @@ int main(int argc, char** argv) {
           const int ctas = SparseDecodeCtasPerSm(128, rows);
           SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(),
                                                    pr.total_q_rows(), 128, prop.multiProcessorCount, ctas, 0, rows);
+          SantaPlan splan;
+          if (var.santa > 0) {
+            splan = PlanSanta(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(), pr.total_q_rows(), 128,
+                              prop.multiProcessorCount, SparseDecodeCtasPerSm(128, 16));
+          }
           void* ws;
-          CHECK(cudaMalloc(&ws, plan.workspace_bytes));
-          double us = timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr)); }, reps);
+          CHECK(cudaMalloc(&ws, var.santa > 0 ? splan.workspace_bytes : plan.workspace_bytes));
+          uint64_t seed = 1;
+          double us = var.santa > 0
+                          ? timer.Median([&] { CHECK(Santa({.attn = p, .samples = var.santa, .seed = seed++}, splan, ws, nullptr)); }, reps)
+                          : timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr)); }, reps);
+          std::vector<uint16_t> host_out(q_elems);
+          CHECK(cudaMemcpy(host_out.data(), out, q_elems * 2, cudaMemcpyDeviceToHost));
+          char err_text[32] = "";
+          if (var.santa == 0 && var.rows == 0) exact_out[frac] = host_out;
+          if (var.santa > 0 && exact_out.count(frac)) {
+            double num = 0, den = 0;
+            for (size_t i = 0; i < q_elems; ++i) {
+              const double a = Bf16ToFloat(host_out[i]), b = Bf16ToFloat(exact_out[frac][i]);
+              num += (a - b) * (a - b);
+              den += b * b;
+            }
+            std::snprintf(err_text, sizeof err_text, " err %.3f", std::sqrt(num / den));
+          }
           // Bytes the kernel must read: the listed blocks' K and V (whole blocks), q, and out written.
           size_t blocks = 0;
           if (frac < 0) {
@@ -218,8 +253,8 @@ int main(int argc, char** argv) {
             std::snprintf(ratio, sizeof ratio, "%.2fx", it->second / us);
           }
           if (frac >= 0) sts_us[key] = std::min(us, sts_us.count(key) ? sts_us[key] : 1e30);
-          std::printf("%8ld %5ld %3ld %8s | %10.1f %9.2f %7.0f%% %8d | %10s %8s\n", ctx, batch, qt,
-                      var.name, us, tbs, 100.0 * roof_us / us, plan.num_splits, sd, ratio);
+          std::printf("%8ld %5ld %3ld %14s | %10.1f %9.2f %7.0f%% %8d | %10s %8s%s\n", ctx, batch, qt,
+                      var.name, us, tbs, 100.0 * roof_us / us, plan.num_splits, sd, ratio, err_text);
           std::fflush(stdout);
           for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, ws}) {
             if (d) CHECK(cudaFree(d));
