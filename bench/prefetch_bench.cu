@@ -16,19 +16,13 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda_test_util.h"
 #include "kernels/sparse_decode.cuh"
 #include "kvstore/copy_engine.cuh"
 
 using namespace scout::kvstore;
 
-#define CHECK(expr)                                                                               \
-  do {                                                                                            \
-    cudaError_t e_ = (expr);                                                                      \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_));   \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
+#define CHECK SCOUT_CUDA_CHECK
 
 std::vector<double> ParseList(const std::string& s) {
   std::vector<double> v;

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/test_util.h"
 
 namespace scout::kernels {
 namespace {
@@ -18,15 +19,7 @@ struct Case {
   int head_dim;
 };
 
-// Relative L2 error of a against the reference b.
-double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
-    den += double{b[i]} * b[i];
-  }
-  return std::sqrt(num / den);
-}
+using testing::RelL2;
 
 TEST(PagedAttentionCpuTest, MatchesFloat64OnAwkwardShapes) {
   std::mt19937 rng(12345);

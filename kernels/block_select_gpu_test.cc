@@ -6,17 +6,17 @@
 #include "gtest/gtest.h"
 #include "kernels/block_select.cuh"
 #include "kernels/block_select_problem.h"
+#include "kernels/cuda_test_util.h"
 
 namespace scout::kernels {
 namespace {
 
 template <typename T>
 T* Dev(const std::vector<T>& v, std::vector<void*>* owned) {
-  void* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(4, v.size() * sizeof(T))), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  owned->push_back(d);
-  return static_cast<T*>(d);
+  cudaError_t e = cudaSuccess;
+  T* d = testing::ToDevice(v, owned, &e);
+  EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+  return d;
 }
 
 TEST(BlockSelectGpuTest, SameListsAsReference) {

@@ -4,6 +4,7 @@
 
 #include "kernels/mma_utils.cuh"
 #include "kernels/santa.cuh"
+#include "kernels/split_work.cuh"
 
 namespace scout::kernels {
 namespace {
@@ -28,53 +29,20 @@ __global__ void __launch_bounds__(kWarps * 32) SantaScoreKernel(SparseDecodePara
                                                                 float* ws_ml) {
   constexpr int CH = HD / 8, KS = HD / 16, TILE = kKvBlockSize * HD * 2;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int split = blockIdx.y, sh = blockIdx.z, rg = blockIdx.x;
-  const int s = sh / p.num_kv_heads, kvh = sh % p.num_kv_heads;
-  const int group = p.num_heads / p.num_kv_heads;
-  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, nrows = nq * group;
-  const int row0 = rg * kRows;
-  if (row0 >= nrows) return;
-  const int len = p.seq_lens[s];
-  int list_begin = 0, list_len = (len + kKvBlockSize - 1) / kKvBlockSize;
-  if (p.sel_indptr != nullptr) {
-    list_begin = p.sel_indptr[sh];
-    list_len = p.sel_indptr[sh + 1] - list_begin;
-  }
-  const int e0 = split * blocks_per_split, e1 = min(list_len, e0 + blocks_per_split);
+  const SplitWork w = GetSplitWork(p, kRows, blocks_per_split);
+  if (w.empty()) return;
+  const int split = w.split, sh = w.sh, rg = blockIdx.x, nrows = w.nrows, row0 = w.row0, len = w.len;
+  const int e0 = w.e0, e1 = w.e1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   uint8_t* q_s = smem;
   uint8_t* k_s = smem + kRows * HD * 2 + warp * 2 * TILE;
-  for (int idx = threadIdx.x; idx < kRows * CH; idx += kWarps * 32) {
-    const int r = idx / CH, c = idx % CH, row = row0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < nrows) {
-      const int tq = row / group, h = kvh * group + row % group;
-      v = *reinterpret_cast<const uint4*>(p.q + ((int64_t)(q0 + tq) * p.num_heads + h) * HD + c * 8);
-    }
-    *reinterpret_cast<uint4*>(q_s + Swz<HD>(r, c)) = v;
-  }
-  __syncthreads();
   uint32_t qa[KS][4];
-  {
-    const int m = lane >> 3, r = (m & 1) * 8 + (lane & 7);
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) LdMatrixX4(qa[kk], SmemAddr(q_s + Swz<HD>(r, 2 * kk + (m >> 1))));
-  }
-  int qp[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + g + 8 * i;
-    qp[i] = row < nrows ? len - nq + row / group : -1;
-  }
+  LoadQFragments<HD>(p, w, q_s, qa);
+  const int qp[2] = {w.qpos(row0 + g), w.qpos(row0 + g + 8)};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
-  const int32_t* table = p.block_table + (int64_t)s * p.max_blocks_per_seq;
-  const int64_t block_stride = (int64_t)p.num_kv_heads * 2 * kKvBlockSize * HD;
-  const uint16_t* head_base = p.kv + (int64_t)kvh * 2 * kKvBlockSize * HD;
-  auto logical_of = [&](int e) { return p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e; };
   auto issue = [&](int e, int stage) {
     if (e < e1) {
-      const uint16_t* kb = p.sel_slots != nullptr ? p.kv + (int64_t)p.sel_slots[list_begin + e] * 2 * kKvBlockSize * HD
-                                                  : head_base + table[logical_of(e)] * block_stride;
+      const uint16_t* kb = w.unit(p, e, HD);
 #pragma unroll
       for (int i = 0; i < kKvBlockSize * CH / 32; ++i) {
         const int idx = i * 32 + lane, r = idx / CH, c = idx % CH;
@@ -92,18 +60,9 @@ __global__ void __launch_bounds__(kWarps * 32) SantaScoreKernel(SparseDecodePara
     CpAsyncWait<1>();
     __syncwarp();
     const uint8_t* ks = k_s + stage * TILE;
-    const int logical = logical_of(e);
-    float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    {
-      const int m = lane >> 3, r = (m >> 1) * 8 + (lane & 7);
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t b[4];
-        LdMatrixX4(b, SmemAddr(ks + Swz<HD>(r, 2 * kk + (m & 1))));
-        Mma16816(sc[0], qa[kk], b[0], b[1]);
-        Mma16816(sc[1], qa[kk], b[2], b[3]);
-      }
-    }
+    const int logical = w.logical(p, e);
+    float sc[2][4];
+    ScoreTile<HD>(qa, ks, sc);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -148,12 +107,11 @@ __global__ void __launch_bounds__(kWarps * 32) SantaScoreKernel(SparseDecodePara
   if (threadIdx.x < kRows && row0 + threadIdx.x < nrows) {
     const int r = threadIdx.x, row = row0 + r;
     float mx = -INFINITY, sum = 0.0f;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w][r]);
+    for (int wp = 0; wp < kWarps; ++wp) mx = fmaxf(mx, sm[wp][r]);
     if (mx != -INFINITY) {
-      for (int w = 0; w < kWarps; ++w) sum += exp2f(sm[w][r] - mx) * sl[w][r];
+      for (int wp = 0; wp < kWarps; ++wp) sum += exp2f(sm[wp][r] - mx) * sl[wp][r];
     }
-    const int tq = row / group, h = kvh * group + row % group;
-    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + (int64_t)(q0 + tq) * p.num_heads + h;
+    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + w.q_row(p, row);
     ws_ml[out_row * 2] = mx;
     ws_ml[out_row * 2 + 1] = sum;
   }
@@ -167,26 +125,14 @@ __global__ void __launch_bounds__(kWarps * 32) SantaSampleKernel(SantaParams sp,
                                                                  float* ws_o) {
   constexpr int DPL = HD / 32;  // dims per lane
   const SparseDecodeParams& p = sp.attn;
-  const int split = blockIdx.y, sh = blockIdx.z, rg = blockIdx.x;
-  const int s = sh / p.num_kv_heads, kvh = sh % p.num_kv_heads;
-  const int group = p.num_heads / p.num_kv_heads;
-  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, nrows = nq * group;
-  const int row0 = rg * kRows;
-  if (row0 >= nrows) return;
-  const int nr = min(kRows, nrows - row0);
-  const int len = p.seq_lens[s];
-  int list_begin = 0, list_len = (len + kKvBlockSize - 1) / kKvBlockSize;
-  if (p.sel_indptr != nullptr) {
-    list_begin = p.sel_indptr[sh];
-    list_len = p.sel_indptr[sh + 1] - list_begin;
-  }
-  const int e0 = split * blocks_per_split, e1 = min(list_len, e0 + blocks_per_split);
+  const SplitWork w = GetSplitWork(p, kRows, blocks_per_split);
+  if (w.empty()) return;
+  const int split = w.split, sh = w.sh, s = w.s, kvh = w.kvh, rg = blockIdx.x, row0 = w.row0;
+  const int nr = min(kRows, w.nrows - row0);
+  const int e0 = w.e0, e1 = w.e1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t stride = (int64_t)total_q_rows * p.num_heads;
-  auto ml_index = [&](int sp_i, int r) {
-    const int row = row0 + r, tq = row / group, h = kvh * group + row % group;
-    return (sp_i * stride + (int64_t)(q0 + tq) * p.num_heads + h) * 2;
-  };
+  auto ml_index = [&](int sp_i, int r) { return (sp_i * stride + w.q_row(p, row0 + r)) * 2; };
 
   // Global normaliser per row (base 2), from every split's max and sum.
   __shared__ float L[kRows];
@@ -257,8 +203,6 @@ __global__ void __launch_bounds__(kWarps * 32) SantaSampleKernel(SantaParams sp,
     __shared__ float hit_weight[kWarps * 32][kRows];
     double base = before_sh;
     const int n_tokens = (e1 - e0) * kKvBlockSize;
-    const int32_t* table = p.block_table + (int64_t)s * p.max_blocks_per_seq;
-    const int64_t block_stride = (int64_t)p.num_kv_heads * 2 * kKvBlockSize * HD;
     for (int c0 = 0; c0 < n_tokens; c0 += kWarps * 32) {
       if (threadIdx.x == 0) hit_count = 0;
       const int k = c0 + threadIdx.x;
@@ -291,11 +235,7 @@ __global__ void __launch_bounds__(kWarps * 32) SantaSampleKernel(SantaParams sp,
       for (int h = warp; h < hit_count; h += kWarps) {
         const int kk = hit_token[h];
         const int ee = e0 + kk / kKvBlockSize, tt = kk % kKvBlockSize;
-        const uint16_t* unit =
-            p.sel_slots != nullptr ? p.kv + (int64_t)p.sel_slots[list_begin + ee] * 2 * kKvBlockSize * HD
-                                   : p.kv + (int64_t)table[p.sel_indptr != nullptr ? p.sel_blocks[list_begin + ee] : ee] *
-                                                block_stride +
-                                         (int64_t)kvh * 2 * kKvBlockSize * HD;
+        const uint16_t* unit = w.unit(p, ee, HD);
         const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(unit + (kKvBlockSize + tt) * HD) + lane * DPL;
         float vf[DPL];
 #pragma unroll
@@ -322,8 +262,7 @@ __global__ void __launch_bounds__(kWarps * 32) SantaSampleKernel(SantaParams sp,
   for (int idx = threadIdx.x; idx < nr * HD; idx += kWarps * 32) {
     const int r = idx / HD, d = idx % HD;
     const float v = part[0][r][d] + part[1][r][d] + part[2][r][d] + part[3][r][d];
-    const int row = row0 + r, tq = row / group, h = kvh * group + row % group;
-    ws_o[((int64_t)split * stride + (int64_t)(q0 + tq) * p.num_heads + h) * HD + d] = v;
+    ws_o[((int64_t)split * stride + w.q_row(p, row0 + r)) * HD + d] = v;
   }
 }
 

@@ -5,28 +5,22 @@
 
 #include "gtest/gtest.h"
 #include "kernels/santa.cuh"
+#include "kernels/cuda_test_util.h"
 #include "kernels/sparse_decode_problem.h"
+#include "kernels/test_util.h"
 
 namespace scout::kernels {
 namespace {
 
 template <typename T>
 T* Dev(const std::vector<T>& v, std::vector<void*>* owned) {
-  void* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(4, v.size() * sizeof(T))), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  owned->push_back(d);
-  return static_cast<T*>(d);
+  cudaError_t e = cudaSuccess;
+  T* d = testing::ToDevice(v, owned, &e);
+  EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+  return d;
 }
 
-double RelL2(const std::vector<double>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += double{b[i]} * b[i];
-  }
-  return std::sqrt(num / den);
-}
+using testing::RelL2;
 
 TEST(SantaGpuTest, UnbiasedAndExactForLargeS) {
   const DecodeShape shapes[] = {

@@ -3,18 +3,12 @@
 #include "gtest/gtest.h"
 #include "kernels/santa.h"
 #include "kernels/sparse_decode_problem.h"
+#include "kernels/test_util.h"
 
 namespace scout::kernels {
 namespace {
 
-double RelL2(const std::vector<double>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += double{b[i]} * b[i];
-  }
-  return std::sqrt(num / den);
-}
+using testing::RelL2;
 
 // The estimator is unbiased: the mean over many seeds converges to the exact output at the rate
 // of independent draws, while single draws stay visibly off. With S far above the number of

@@ -5,6 +5,7 @@
 
 #include "kernels/mma_utils.cuh"
 #include "kernels/sparse_decode.cuh"
+#include "kernels/split_work.cuh"
 
 namespace scout::kernels {
 namespace {
@@ -34,21 +35,10 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDec
   constexpr int LANES = HD / 8;             // lanes per token
   constexpr int TOK_PER_LOAD = 32 / LANES;  // tokens a warp covers per 16-byte load
   constexpr int ITERS = kKvBlockSize / TOK_PER_LOAD;
-  const int split = blockIdx.y;
-  const int sh = blockIdx.z;
-  const int s = sh / p.num_kv_heads, kvh = sh % p.num_kv_heads;
-  const int group = p.num_heads / p.num_kv_heads;
-  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0;
-  const int row0 = blockIdx.x * ROWS;
-  if (row0 >= nq * group) return;
-  const int len = p.seq_lens[s];
-  int list_begin = 0, list_len = (len + kKvBlockSize - 1) / kKvBlockSize;
-  if (p.sel_indptr != nullptr) {
-    list_begin = p.sel_indptr[sh];
-    list_len = p.sel_indptr[sh + 1] - list_begin;
-  }
-  const int e0 = split * blocks_per_split;
-  const int e1 = min(list_len, e0 + blocks_per_split);
+  const SplitWork w = GetSplitWork(p, ROWS, blocks_per_split);
+  if (w.empty()) return;
+  const int split = w.split, kvh = w.kvh, group = w.group, q0 = w.q0, nq = w.nq, row0 = w.row0, len = w.len;
+  const int e0 = w.e0, e1 = w.e1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane % LANES, tok = lane / LANES;
 
@@ -80,13 +70,9 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDec
     for (int j = 0; j < 8; ++j) o[r][j] = 0.0f;
   }
 
-  const int32_t* table = p.block_table + (int64_t)s * p.max_blocks_per_seq;
-  const int64_t block_stride = (int64_t)p.num_kv_heads * 2 * kKvBlockSize * HD;
-  const uint16_t* head_base = p.kv + (int64_t)kvh * 2 * kKvBlockSize * HD;
   for (int e = e0 + warp; e < e1; e += kWarps) {
-    const int logical = p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e;
-    const uint16_t* kb = p.sel_slots != nullptr ? p.kv + (int64_t)p.sel_slots[list_begin + e] * 2 * kKvBlockSize * HD
-                                                : head_base + table[logical] * block_stride;
+    const int logical = w.logical(p, e);
+    const uint16_t* kb = w.unit(p, e, HD);
     uint4 kr[ITERS], vr[ITERS];
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
@@ -169,18 +155,17 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDec
     if (row >= nq * group) continue;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w][r]);
+    for (int wp = 0; wp < kWarps; ++wp) mx = fmaxf(mx, sm_m[wp][r]);
     float acc = 0.0f, sum = 0.0f;
     if (mx != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = exp2f(sm_m[w][r] - mx);
-        acc += f * sm_o[w][r][d];
-        sum += f * sm_l[w][r];
+      for (int wp = 0; wp < kWarps; ++wp) {
+        const float f = exp2f(sm_m[wp][r] - mx);
+        acc += f * sm_o[wp][r][d];
+        sum += f * sm_l[wp][r];
       }
     }
-    const int t = row / group, h = kvh * group + row % group;
-    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + (int64_t)(q0 + t) * p.num_heads + h;
+    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + w.q_row(p, row);
     ws_o[out_row * HD + d] = acc;
     if (d == 0) {
       ws_ml[out_row * 2] = mx;
@@ -233,61 +218,25 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   constexpr int NT = HD / 8;        // n-tiles of O
   constexpr int TILE = kKvBlockSize * HD * 2;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int split = blockIdx.y, sh = blockIdx.z;
-  const int s = sh / p.num_kv_heads, kvh = sh % p.num_kv_heads;
-  const int group = p.num_heads / p.num_kv_heads;
-  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, nrows = nq * group;
-  const int row0 = blockIdx.x * kMmaRows;
-  if (row0 >= nrows) return;
-  const int len = p.seq_lens[s];
-  int list_begin = 0, list_len = (len + kKvBlockSize - 1) / kKvBlockSize;
-  if (p.sel_indptr != nullptr) {
-    list_begin = p.sel_indptr[sh];
-    list_len = p.sel_indptr[sh + 1] - list_begin;
-  }
-  const int e0 = split * blocks_per_split, e1 = min(list_len, e0 + blocks_per_split);
+  const SplitWork w = GetSplitWork(p, kMmaRows, blocks_per_split);
+  if (w.empty()) return;
+  const int split = w.split, nrows = w.nrows, row0 = w.row0;
+  const int len = w.len, e0 = w.e0, e1 = w.e1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   uint8_t* q_s = smem;
   uint8_t* kv_s = smem + kMmaRows * HD * 2 + warp * 2 * 2 * TILE;
-
-  // Q tile (zero rows past the end) into shared memory, then into A fragments.
-  for (int idx = threadIdx.x; idx < kMmaRows * CH; idx += kWarps * 32) {
-    const int r = idx / CH, c = idx % CH, row = row0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < nrows) {
-      const int tq = row / group, h = kvh * group + row % group;
-      v = *reinterpret_cast<const uint4*>(p.q + ((int64_t)(q0 + tq) * p.num_heads + h) * HD + c * 8);
-    }
-    *reinterpret_cast<uint4*>(q_s + Swz<HD>(r, c)) = v;
-  }
-  __syncthreads();
   uint32_t qa[KS][4];
-  {
-    const int m = lane >> 3, r = (m & 1) * 8 + (lane & 7);
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) LdMatrixX4(qa[kk], SmemAddr(q_s + Swz<HD>(r, 2 * kk + (m >> 1))));
-  }
-  int qp[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + g + 8 * i;
-    qp[i] = row < nrows ? len - nq + row / group : -1;
-  }
+  LoadQFragments<HD>(p, w, q_s, qa);
+  const int qp[2] = {w.qpos(row0 + g), w.qpos(row0 + g + 8)};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
   float o[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
 
-  const int32_t* table = p.block_table + (int64_t)s * p.max_blocks_per_seq;
-  const int64_t block_stride = (int64_t)p.num_kv_heads * 2 * kKvBlockSize * HD;
-  const uint16_t* head_base = p.kv + (int64_t)kvh * 2 * kKvBlockSize * HD;
-  auto logical_of = [&](int e) { return p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e; };
   auto issue = [&](int e, int stage) {
     if (e < e1) {
-      const uint16_t* kb = p.sel_slots != nullptr
-                               ? p.kv + (int64_t)p.sel_slots[list_begin + e] * 2 * kKvBlockSize * HD
-                               : head_base + table[logical_of(e)] * block_stride;
+      const uint16_t* kb = w.unit(p, e, HD);
       uint8_t* dst = kv_s + stage * 2 * TILE;
 #pragma unroll
       for (int i = 0; i < 2 * kKvBlockSize * CH / 32; ++i) {
@@ -308,18 +257,9 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
     __syncwarp();
     const uint8_t* ks = kv_s + stage * 2 * TILE;
     const uint8_t* vs = ks + TILE;
-    const int logical = logical_of(e);
-    float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    {
-      const int m = lane >> 3, r = (m >> 1) * 8 + (lane & 7);
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t b[4];
-        LdMatrixX4(b, SmemAddr(ks + Swz<HD>(r, 2 * kk + (m & 1))));
-        Mma16816(sc[0], qa[kk], b[0], b[1]);
-        Mma16816(sc[1], qa[kk], b[2], b[3]);
-      }
-    }
+    const int logical = w.logical(p, e);
+    float sc[2][4];
+    ScoreTile<HD>(qa, ks, sc);
     // Mask, scale to base 2, online softmax per row (rows g and g + 8 of the tile).
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -399,18 +339,17 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
     if (row >= nrows) continue;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * kMmaRows + r]);
+    for (int wp = 0; wp < kWarps; ++wp) mx = fmaxf(mx, sm[wp * kMmaRows + r]);
     float acc = 0.0f, sum = 0.0f;
     if (mx != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = exp2f(sm[w * kMmaRows + r] - mx);
-        acc += f * so[(w * kMmaRows + r) * HD + d];
-        sum += f * sl[w * kMmaRows + r];
+      for (int wp = 0; wp < kWarps; ++wp) {
+        const float f = exp2f(sm[wp * kMmaRows + r] - mx);
+        acc += f * so[(wp * kMmaRows + r) * HD + d];
+        sum += f * sl[wp * kMmaRows + r];
       }
     }
-    const int tq = row / group, h = kvh * group + row % group;
-    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + (int64_t)(q0 + tq) * p.num_heads + h;
+    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + w.q_row(p, row);
     ws_o[out_row * HD + d] = acc;
     if (d == 0) {
       ws_ml[out_row * 2] = mx;

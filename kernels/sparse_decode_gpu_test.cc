@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "gtest/gtest.h"
+#include "kernels/cuda_test_util.h"
 #include "kernels/sparse_decode.cuh"
 #include "kernels/sparse_decode_problem.h"
 
@@ -15,11 +16,10 @@ namespace {
 template <typename T>
 T* ToDevice(const std::vector<T>& v, std::vector<void*>* owned) {
   if (v.empty()) return nullptr;
-  void* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, v.size() * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  owned->push_back(d);
-  return static_cast<T*>(d);
+  cudaError_t e = cudaSuccess;
+  T* d = testing::ToDevice(v, owned, &e);
+  EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+  return d;
 }
 
 // Runs the kernel on the problem; returns its bf16 output.

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "gtest/gtest.h"
+#include "kernels/test_util.h"
 #include "runtime/generator.h"
 #include "runtime/safetensors.h"
 #include "runtime/test_model.h"
@@ -17,14 +18,7 @@ using testing::FreshDir;
 using testing::TinyConfig;
 using testing::WriteRandomModel;
 
-double RelL2(std::span<const float> a, std::span<const float> b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
-    den += double{b[i]} * b[i];
-  }
-  return std::sqrt(num / den);
-}
+double RelL2(std::span<const float> a, std::span<const float> b) { return kernels::testing::RelL2(a, b); }
 
 std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
   std::mt19937 rng(seed);

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "gtest/gtest.h"
+#include "kernels/test_util.h"
 #include "runtime/cpu_model.h"
 #include "runtime/generator.h"
 #include "runtime/safetensors.h"
@@ -33,14 +34,7 @@ std::vector<float> Floats(const SafetensorsFile& f, const std::string& name) {
   return v;
 }
 
-double RelL2(std::span<const float> a, std::span<const float> b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
-    den += double{b[i]} * b[i];
-  }
-  return std::sqrt(num / den);
-}
+double RelL2(std::span<const float> a, std::span<const float> b) { return kernels::testing::RelL2(a, b); }
 
 class GoldenTest : public ::testing::TestWithParam<std::string> {};
 

@@ -1,0 +1,99 @@
+// What one CTA of the split attention kernels works on: (row group, split, sequence x KV head)
+// from blockIdx, the slice of the block list it reads, and where each listed unit lives.
+// Shared by the decode kernels (sparse_decode.cu) and SANTA (santa.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/mma_utils.cuh"
+#include "kernels/sparse_decode.h"
+
+namespace scout::kernels {
+
+struct SplitWork {
+  int split, sh, s, kvh, group;
+  int q0, nq, nrows;   // the sequence's first query row, its query tokens, rows of this KV head
+  int row0;            // first row of this CTA's group
+  int len;             // tokens in the cache
+  int list_begin;      // into sel_blocks / sel_slots (0 when dense)
+  int e0, e1;          // list entries [e0, e1) this split reads
+
+  __device__ bool empty() const { return row0 >= nrows; }
+  __device__ int logical(const SparseDecodeParams& p, int e) const {
+    return p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e;
+  }
+  // Start of entry e's unit for this KV head: keys [16][head_dim], then values.
+  __device__ const uint16_t* unit(const SparseDecodeParams& p, int e, int head_dim) const {
+    const int64_t unit_elems = int64_t{2} * kKvBlockSize * head_dim;
+    if (p.sel_slots != nullptr) return p.kv + p.sel_slots[list_begin + e] * unit_elems;
+    const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + logical(p, e)];
+    return p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * unit_elems;
+  }
+  // Query row r of this KV head: token r / group, head kvh * group + r % group.
+  __device__ int64_t q_row(const SparseDecodeParams& p, int r) const {
+    return int64_t{q0 + r / group} * p.num_heads + kvh * group + r % group;
+  }
+  __device__ int qpos(int r) const { return r < nrows ? len - nq + r / group : -1; }
+};
+
+__device__ inline SplitWork GetSplitWork(const SparseDecodeParams& p, int rows_per_cta, int blocks_per_split) {
+  SplitWork w;
+  w.split = blockIdx.y;
+  w.sh = blockIdx.z;
+  w.s = w.sh / p.num_kv_heads;
+  w.kvh = w.sh % p.num_kv_heads;
+  w.group = p.num_heads / p.num_kv_heads;
+  w.q0 = p.q_indptr[w.s];
+  w.nq = p.q_indptr[w.s + 1] - w.q0;
+  w.nrows = w.nq * w.group;
+  w.row0 = blockIdx.x * rows_per_cta;
+  w.len = p.seq_lens[w.s];
+  w.list_begin = 0;
+  int list_len = (w.len + kKvBlockSize - 1) / kKvBlockSize;
+  if (p.sel_indptr != nullptr) {
+    w.list_begin = p.sel_indptr[w.sh];
+    list_len = p.sel_indptr[w.sh + 1] - w.list_begin;
+  }
+  w.e0 = w.split * blocks_per_split;
+  w.e1 = min(list_len, w.e0 + blocks_per_split);
+  return w;
+}
+
+// The CTA's 16 query rows (zeros past the end) into swizzled shared memory, then each warp's
+// A fragments for the k-steps of Q K^T. Ends with the barrier that makes q_s readable.
+template <int HD>
+__device__ inline void LoadQFragments(const SparseDecodeParams& p, const SplitWork& w, uint8_t* q_s,
+                                      uint32_t (&qa)[HD / 16][4]) {
+  using namespace mma;
+  constexpr int CH = HD / 8;
+  for (int idx = threadIdx.x; idx < 16 * CH; idx += blockDim.x) {
+    const int r = idx / CH, c = idx % CH, row = w.row0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < w.nrows) v = *reinterpret_cast<const uint4*>(p.q + w.q_row(p, row) * HD + c * 8);
+    *reinterpret_cast<uint4*>(q_s + Swz<HD>(r, c)) = v;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, m = lane >> 3, r = (m & 1) * 8 + (lane & 7);
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) LdMatrixX4(qa[kk], SmemAddr(q_s + Swz<HD>(r, 2 * kk + (m >> 1))));
+}
+
+// S (16 rows x 16 tokens of one block, as two m16n8 accumulators) = Q K^T from a swizzled K tile.
+template <int HD>
+__device__ inline void ScoreTile(const uint32_t (&qa)[HD / 16][4], const uint8_t* k_tile, float (&sc)[2][4]) {
+  using namespace mma;
+  const int lane = threadIdx.x & 31, m = lane >> 3, r = (m >> 1) * 8 + (lane & 7);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    uint32_t b[4];
+    LdMatrixX4(b, SmemAddr(k_tile + Swz<HD>(r, 2 * kk + (m & 1))));
+    Mma16816(sc[0], qa[kk], b[0], b[1]);
+    Mma16816(sc[1], qa[kk], b[2], b[3]);
+  }
+}
+
+}  // namespace scout::kernels
