@@ -7,6 +7,7 @@
 #include "cli/flags.h"
 #include "runtime/cpu_model.h"
 #include "runtime/generator.h"
+#include "runtime/speculative.h"
 #include "runtime/tokenizer.h"
 
 namespace scout::cli {
@@ -30,6 +31,9 @@ int Generate(int argc, char** argv) {
       {"prefill-chunk", "512", "prompt tokens per forward pass"},
       {"kv-budget-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
       {"ignore-eos", "", "keep generating past the end-of-sequence token", true},
+      {"speculative", "", "speculative decoding with --draft proposing tokens", true},
+      {"draft", "", "draft model folder (same vocabulary as --model)"},
+      {"num-speculative-tokens", "4", "draft tokens proposed per round"},
       {"help", "", "show this help", true},
   });
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
@@ -67,12 +71,36 @@ int Generate(int argc, char** argv) {
   };
   if (!flags.GetBool("ignore-eos")) opt.stop_ids = (*tok)->eos_ids();
   const runtime::Tokenizer& t = **tok;
-  absl::StatusOr<runtime::GenerateResult> r = runtime::Generate(**model, 0, ids, opt, [&](int32_t id) {
+  auto print = [&](int32_t id) {
     absl::StatusOr<std::string> piece = t.Decode({&id, 1});
     if (piece.ok()) std::fwrite(piece->data(), 1, piece->size(), stdout);
     std::fflush(stdout);
     return true;
-  });
+  };
+  if (flags.GetBool("speculative")) {
+    if (flags.Get("draft").empty()) return Fail(absl::InvalidArgumentError("--speculative needs --draft DIR"));
+    absl::StatusOr<int64_t> k = flags.GetInt("num-speculative-tokens");
+    if (!k.ok()) return Fail(k.status());
+    absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft =
+        runtime::CpuModel::Load(flags.Get("draft"), {.kv_budget_tokens = *budget});
+    if (!draft.ok()) return Fail(draft.status());
+    absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(
+        **model, **draft, 0, ids,
+        {.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens, .sampling = opt.sampling,
+         .prefill_chunk = opt.prefill_chunk, .stop_ids = opt.stop_ids},
+        print);
+    std::printf("\n");
+    if (!r.ok()) return Fail(r.status());
+    std::fprintf(stderr,
+                 "scout: prompt %lld tokens, prefill %.3f s; generated %zu tokens in %lld rounds, decode %.3f s "
+                 "(%.1f tokens/s); draft acceptance %.1f%% (%lld of %lld)\n",
+                 static_cast<long long>(r->prompt_tokens), r->prefill_seconds, r->tokens.size(),
+                 static_cast<long long>(r->rounds), r->decode_seconds, r->tokens.size() / std::max(r->decode_seconds, 1e-9),
+                 100.0 * r->acceptance_rate(), static_cast<long long>(r->draft_accepted),
+                 static_cast<long long>(r->draft_proposed));
+    return 0;
+  }
+  absl::StatusOr<runtime::GenerateResult> r = runtime::Generate(**model, 0, ids, opt, print);
   std::printf("\n");
   if (!r.ok()) return Fail(r.status());
   const double decode_tokens = r->tokens.size() > 1 ? static_cast<double>(r->tokens.size() - 1) : 0.0;
@@ -89,7 +117,7 @@ void Usage() {
   std::printf(
       "usage: scout <command> [flags]\n\n"
       "commands:\n"
-      "  generate   generate text from a prompt on the CPU backend\n\n"
+      "  generate   generate text from a prompt on the CPU backend (--speculative with --draft)\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }
 

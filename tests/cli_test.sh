@@ -15,6 +15,14 @@ grep -q "decode .* tokens/s" err.txt || fail "no tokens/s report: $(cat err.txt)
 out2=$("$scout" generate --model "$src/models/scout-tiny-target" --prompt $'def fibonacci(n):\n    ' --max-tokens 24 2>/dev/null)
 [ "$out" = "$out2" ] || fail "greedy generation differs between runs"
 
+# Speculative decoding with the fixture draft: the same greedy text, and an acceptance report.
+spec=$("$scout" generate --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --speculative \
+  --num-speculative-tokens 4 --prompt $'def fibonacci(n):\n    ' --max-tokens 24 2>err.txt) || fail "speculative exited $?: $(cat err.txt)"
+[ "$spec" = "$out" ] || fail "speculative greedy output differs from plain greedy"
+grep -q "draft acceptance" err.txt || fail "no acceptance report: $(cat err.txt)"
+"$scout" generate --model "$src/models/scout-tiny-target" --speculative --prompt x >/dev/null 2>err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q -- "--speculative needs --draft" err.txt || fail "speculative without draft: exit $rc $(cat err.txt)"
+
 # Flags from YAML, command line winning.
 printf 'model: %s\nmax-tokens: 5\ntemperature: 0.7\nseed: 3\n' "$src/models/scout-tiny-draft" > cfg.yaml
 "$scout" generate --config cfg.yaml --prompt "x = " >/dev/null 2>err.txt || fail "YAML config run failed: $(cat err.txt)"

@@ -1,0 +1,160 @@
+#include "runtime/speculative.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
+
+namespace scout::runtime {
+namespace {
+
+int32_t SampleFrom(std::span<const float> probs, std::mt19937_64& rng) {
+  double total = 0;
+  for (float x : probs) total += x;
+  const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+  double acc = 0;
+  int32_t last = 0;
+  for (size_t i = 0; i < probs.size(); ++i) {
+    if (probs[i] <= 0.0f) continue;
+    last = static_cast<int32_t>(i);
+    acc += probs[i];
+    if (u < acc) return last;
+  }
+  return last;
+}
+
+}  // namespace
+
+Verdict VerifyDraft(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
+                    std::span<const int32_t> drafted, std::mt19937_64& rng) {
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (size_t i = 0; i < drafted.size(); ++i) {
+    const int32_t d = drafted[i];
+    const double pi = p[i][d], qi = q[i][d];
+    if (qi > 0 && uniform(rng) < std::min(1.0, pi / qi)) continue;  // accepted
+    // Rejected: draw from the residual max(0, p - q). It is never empty: if p <= q everywhere
+    // then p == q, and then d would have been accepted.
+    std::vector<float> residual(p[i].size());
+    double mass = 0;
+    for (size_t v = 0; v < residual.size(); ++v) mass += (residual[v] = std::max(0.0f, p[i][v] - q[i][v]));
+    if (mass <= 0) return {static_cast<int>(i), SampleFrom(p[i], rng)};  // rounding: p == q
+    return {static_cast<int>(i), SampleFrom(residual, rng)};
+  }
+  return {static_cast<int>(drafted.size()), SampleFrom(p[drafted.size()], rng)};
+}
+
+absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, ModelBackend& draft, SequenceId seq,
+                                                      std::span<const int32_t> prompt,
+                                                      const SpeculativeOptions& options,
+                                                      const TokenCallback& on_token) {
+  const int64_t vocab = target.config().vocab_size;
+  if (draft.config().vocab_size != vocab) {
+    return absl::InvalidArgumentError(absl::StrCat("draft vocabulary (", draft.config().vocab_size,
+                                                   ") differs from the target's (", vocab, ")"));
+  }
+  if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
+  if (options.num_speculative_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("num_speculative_tokens must be >= 1, got ",
+                                                   options.num_speculative_tokens));
+  }
+  if (options.max_tokens < 0 || options.prefill_chunk <= 0) return absl::InvalidArgumentError("bad max_tokens or prefill_chunk");
+  if (absl::Status s = ValidateSamplingParams(options.sampling); !s.ok()) return s;
+  const int64_t limit = std::min(target.config().max_position_embeddings, draft.config().max_position_embeddings);
+  if (static_cast<int64_t>(prompt.size()) > limit) {
+    return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens exceeds the models' ", limit));
+  }
+  if (absl::Status s = target.AddSequence(seq); !s.ok()) return s;
+  absl::Cleanup release_target = [&] { target.ReleaseSequence(seq).IgnoreError(); };
+  if (absl::Status s = draft.AddSequence(seq); !s.ok()) return s;
+  absl::Cleanup release_draft = [&] { draft.ReleaseSequence(seq).IgnoreError(); };
+
+  using Clock = std::chrono::steady_clock;
+  SpeculativeResult result;
+  result.prompt_tokens = static_cast<int64_t>(prompt.size());
+  Sampler dist(options.sampling);  // only its Distribution() is used: both models filtered alike
+  std::mt19937_64 rng(options.sampling.seed);
+  auto t0 = Clock::now();
+  // Both models process the prompt but its last token, which opens the first round.
+  std::vector<float> logits;
+  for (ModelBackend* m : {&target, &draft}) {
+    for (size_t at = 0; at + 1 < prompt.size(); at += options.prefill_chunk) {
+      const size_t n = std::min<size_t>(options.prefill_chunk, prompt.size() - 1 - at);
+      SequenceInput in{.seq = seq, .tokens = prompt.subspan(at, n)};
+      if (absl::Status s = m->Forward({&in, 1}, &logits); !s.ok()) return s;
+    }
+  }
+  // Tokens each model has yet to process (the last accepted ones).
+  std::vector<int32_t> target_pending = {prompt.back()}, draft_pending = {prompt.back()};
+  auto t1 = Clock::now();
+  result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+
+  bool done = options.max_tokens == 0;
+  while (!done) {
+    const int64_t target_len = *target.SequenceLength(seq) + static_cast<int64_t>(target_pending.size());
+    const int64_t remaining = options.max_tokens - static_cast<int64_t>(result.tokens.size());
+    // k drafted tokens plus the pending ones must fit the context; the round emits up to k + 1.
+    int k = static_cast<int>(std::min<int64_t>(options.num_speculative_tokens, remaining - 1));
+    k = static_cast<int>(std::min<int64_t>(k, limit - target_len));
+    if (limit - target_len < 0) break;
+    k = std::max(k, 0);
+    // Draft proposals.
+    std::vector<std::vector<float>> q(k), p(k + 1);
+    std::vector<int32_t> drafted;
+    std::vector<int32_t> feed = draft_pending;
+    for (int i = 0; i < k; ++i) {
+      SequenceInput in{.seq = seq, .tokens = feed};
+      if (absl::Status s = draft.Forward({&in, 1}, &logits); !s.ok()) return s;
+      q[i].resize(vocab);
+      dist.Distribution(logits, q[i]);
+      drafted.push_back(SampleFrom(q[i], rng));
+      feed = {drafted.back()};
+    }
+    const int64_t draft_base = *draft.SequenceLength(seq);  // after pending + drafted[0..k-2]
+    // Target verification: pending + all drafted tokens in one pass, every position's logits.
+    std::vector<int32_t> verify = target_pending;
+    verify.insert(verify.end(), drafted.begin(), drafted.end());
+    const int64_t target_before = *target.SequenceLength(seq);
+    SequenceInput in{.seq = seq, .tokens = verify, .all_logits = true};
+    if (absl::Status s = target.Forward({&in, 1}, &logits); !s.ok()) return s;
+    const size_t first = target_pending.size() - 1;  // row of the last pending token
+    for (int i = 0; i <= k; ++i) {
+      p[i].resize(vocab);
+      dist.Distribution(std::span<const float>(logits).subspan((first + i) * vocab, vocab), p[i]);
+    }
+    const Verdict v = VerifyDraft(p, q, drafted, rng);
+    ++result.rounds;
+    result.draft_proposed += k;
+    result.draft_accepted += v.accepted;
+    // Roll back what the rejected tokens left in each cache.
+    const int64_t keep_target = target_before + static_cast<int64_t>(target_pending.size()) + v.accepted;
+    if (absl::Status s = target.TruncateSequence(seq, keep_target); !s.ok()) return s;
+    // The draft processed pending + drafted[0..k-2]; it keeps pending + drafted[0..accepted-1].
+    const int64_t draft_kept_drafted = std::min<int64_t>(v.accepted, std::max(k - 1, 0));
+    const int64_t keep_draft = draft_base - std::max(k - 1, 0) + draft_kept_drafted;
+    if (absl::Status s = draft.TruncateSequence(seq, keep_draft); !s.ok()) return s;
+    // Emit accepted tokens, then the correction or bonus token.
+    std::vector<int32_t> emitted(drafted.begin(), drafted.begin() + v.accepted);
+    emitted.push_back(v.next);
+    if (k > 0) {
+      // The draft consumed its pending tokens in this round's first forward.
+      draft_pending.clear();
+      if (v.accepted == k) draft_pending.push_back(drafted.back());  // accepted but never fed
+    }
+    for (int32_t t : emitted) {
+      result.tokens.push_back(t);
+      if ((on_token && !on_token(t)) ||
+          std::find(options.stop_ids.begin(), options.stop_ids.end(), t) != options.stop_ids.end() ||
+          static_cast<int64_t>(result.tokens.size()) >= options.max_tokens) {
+        done = true;
+        break;
+      }
+    }
+    target_pending = {v.next};
+    draft_pending.push_back(v.next);
+  }
+  result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  return result;
+}
+
+}  // namespace scout::runtime

@@ -1,0 +1,57 @@
+// Speculative decoding: a draft model proposes k tokens, the target verifies all of them in one
+// forward pass, and rejection sampling keeps the output distribution exactly the target's
+// (greedy decoding is the special case where both distributions are one-hot).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/backend.h"
+#include "runtime/generator.h"
+#include "runtime/sampling.h"
+
+namespace scout::runtime {
+
+struct SpeculativeOptions {
+  int num_speculative_tokens = 4;  // k: draft proposals per round
+  int64_t max_tokens = 64;
+  SamplingParams sampling;         // applied to both models' logits (temperature, top-k, top-p)
+  int64_t prefill_chunk = 512;
+  std::vector<int32_t> stop_ids;
+};
+
+struct SpeculativeResult {
+  std::vector<int32_t> tokens;  // generated, without the prompt
+  int64_t prompt_tokens = 0;
+  int64_t rounds = 0;
+  int64_t draft_proposed = 0;   // drafted tokens the target checked
+  int64_t draft_accepted = 0;   // of those, accepted
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+  double acceptance_rate() const { return draft_proposed > 0 ? double(draft_accepted) / draft_proposed : 0.0; }
+};
+
+// One verification: the target's distributions p[0..k] (p[i] after the first i drafted tokens),
+// the draft's q[0..k-1] and its k drafted tokens. Accepts drafted[i] with probability
+// min(1, p_i / q_i); at the first rejection draws from max(0, p_i - q_i) renormalised; if all
+// are accepted, draws a bonus token from p[k]. Returns how many drafted tokens were accepted and
+// the token that follows them. The emitted tokens are distributed exactly as sampling from p.
+struct Verdict {
+  int accepted = 0;
+  int32_t next = 0;
+};
+Verdict VerifyDraft(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
+                    std::span<const int32_t> drafted, std::mt19937_64& rng);
+
+// Generates from `prompt` with the target, using `draft` (same vocabulary) for proposals. Both
+// backends get a new sequence `seq`, released before returning. InvalidArgument for vocabularies
+// that differ or bad options; backend errors pass through.
+absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, ModelBackend& draft, SequenceId seq,
+                                                      std::span<const int32_t> prompt,
+                                                      const SpeculativeOptions& options,
+                                                      const TokenCallback& on_token = nullptr);
+
+}  // namespace scout::runtime
