@@ -9,71 +9,112 @@
 namespace scout::kernels {
 namespace {
 
-// Gathers one KV head's keys and values for positions [0, n) into contiguous [n][head_dim] rows.
-void GatherHead(const PagedAttentionParams& p, int kv_head, int64_t n, float* k, float* v) {
+// Positions KV head kv_head reads, ascending: every position below context_len, or those of its
+// listed blocks.
+std::vector<int64_t> Positions(const PagedAttentionParams& p, int kv_head) {
+  std::vector<int64_t> pos;
+  const int64_t n = p.context_len;
+  auto add_block = [&](int64_t b) {
+    for (int64_t i = b * p.block_size; i < std::min<int64_t>(n, (b + 1) * p.block_size); ++i) pos.push_back(i);
+  };
+  if (p.sel_indptr == nullptr) {
+    for (int64_t b = 0; b * p.block_size < n; ++b) add_block(b);
+  } else {
+    for (int32_t i = p.sel_indptr[kv_head]; i < p.sel_indptr[kv_head + 1]; ++i) add_block(p.sel_blocks[i]);
+  }
+  return pos;
+}
+
+// Gathers one KV head's keys and values at `pos` into contiguous [pos.size()][head_dim] rows.
+void GatherHead(const PagedAttentionParams& p, int kv_head, const std::vector<int64_t>& pos, float* k, float* v) {
   const int64_t head_floats = int64_t{2} * p.block_size * p.head_dim;
   const int64_t block_floats = head_floats * p.num_kv_heads;
-  for (int64_t start = 0; start < n; start += p.block_size) {
-    const float* src = p.kv_layer + p.block_table[start / p.block_size] * block_floats + kv_head * head_floats;
-    int64_t rows = std::min<int64_t>(p.block_size, n - start);
-    std::copy(src, src + rows * p.head_dim, k + start * p.head_dim);
+  for (size_t j = 0; j < pos.size(); ++j) {
+    const int64_t b = pos[j] / p.block_size, i = pos[j] % p.block_size;
+    const float* src = p.kv_layer + p.block_table[b] * block_floats + kv_head * head_floats + i * p.head_dim;
+    std::copy(src, src + p.head_dim, k + j * p.head_dim);
     src += int64_t{p.block_size} * p.head_dim;
-    std::copy(src, src + rows * p.head_dim, v + start * p.head_dim);
+    std::copy(src, src + p.head_dim, v + j * p.head_dim);
   }
+}
+
+// Keys visible to a query at qpos: the prefix of pos at or before it.
+int64_t Visible(const std::vector<int64_t>& pos, int64_t qpos) {
+  return std::upper_bound(pos.begin(), pos.end(), qpos) - pos.begin();
 }
 
 }  // namespace
 
 void PagedAttentionCpu(const PagedAttentionParams& p) {
-  const int64_t n = p.context_len;
   const int group = p.num_heads / p.num_kv_heads;
-  const int64_t first_pos = n - p.num_tokens;
+  const int64_t first_pos = p.context_len - p.num_tokens;
   const int row_stride = p.num_heads * p.head_dim;
-  // Bound the score buffer: queries are processed in chunks of rows.
-  const int chunk = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_tokens, (int64_t{1} << 22) / std::max<int64_t>(n, 1))));
-  std::vector<float> k(n * p.head_dim), v(n * p.head_dim), s(int64_t{chunk} * n);
+  const int64_t nblocks = (p.context_len + p.block_size - 1) / p.block_size;
+  if (p.block_mass != nullptr) std::fill(p.block_mass, p.block_mass + int64_t{p.num_heads} * p.num_tokens * nblocks, 0.0f);
   for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
-    GatherHead(p, kvh, n, k.data(), v.data());
+    const std::vector<int64_t> pos = Positions(p, kvh);
+    const int64_t n = static_cast<int64_t>(pos.size());
+    // Bound the score buffer: queries are processed in chunks of rows.
+    const int chunk = static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>(p.num_tokens, (int64_t{1} << 22) / std::max<int64_t>(n, 1))));
+    std::vector<float> k(n * p.head_dim), v(n * p.head_dim), s(int64_t{chunk} * std::max<int64_t>(n, 1));
+    GatherHead(p, kvh, pos, k.data(), v.data());
     for (int g = 0; g < group; ++g) {
       const int h = kvh * group + g;
       for (int t0 = 0; t0 < p.num_tokens; t0 += chunk) {
         const int rows = std::min(chunk, p.num_tokens - t0);
-        // Keys beyond the last row's position are masked for every row of the chunk: skip them.
-        const int64_t cols = first_pos + t0 + rows;
+        // Keys after the chunk's last query are masked for every row: skip them.
+        const int64_t cols = Visible(pos, first_pos + t0 + rows - 1);
+        float* out = p.out + int64_t{t0} * row_stride + h * p.head_dim;
+        if (cols == 0) {
+          for (int r = 0; r < rows; ++r) std::fill(out + int64_t{r} * row_stride, out + int64_t{r} * row_stride + p.head_dim, 0.0f);
+          continue;
+        }
         const float* q = p.q + int64_t{t0} * row_stride + h * p.head_dim;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, p.head_dim, p.scale, q,
-                    row_stride, k.data(), p.head_dim, 0.0f, s.data(), cols);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, p.head_dim, p.scale, q, row_stride, k.data(),
+                    p.head_dim, 0.0f, s.data(), cols);
         for (int r = 0; r < rows; ++r) {
           float* row = s.data() + int64_t{r} * cols;
-          const int64_t visible = first_pos + t0 + r + 1;
-          float mx = *std::max_element(row, row + visible);
-          float sum = 0;
-          for (int64_t j = 0; j < visible; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
+          const int64_t visible = Visible(pos, first_pos + t0 + r);
+          if (visible > 0) {
+            const float mx = *std::max_element(row, row + visible);
+            float sum = 0;
+            for (int64_t j = 0; j < visible; ++j) {
+              row[j] = std::exp(row[j] - mx);
+              sum += row[j];
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
           }
-          const float inv = 1.0f / sum;
-          for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
           std::fill(row + visible, row + cols, 0.0f);
+          if (p.block_mass != nullptr) {
+            float* mass = p.block_mass + (int64_t{h} * p.num_tokens + t0 + r) * nblocks;
+            for (int64_t j = 0; j < visible; ++j) mass[pos[j] / p.block_size] += row[j];
+          }
         }
-        float* out = p.out + int64_t{t0} * row_stride + h * p.head_dim;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, p.head_dim, cols, 1.0f, s.data(),
-                    cols, v.data(), p.head_dim, 0.0f, out, row_stride);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, p.head_dim, cols, 1.0f, s.data(), cols, v.data(),
+                    p.head_dim, 0.0f, out, row_stride);
       }
     }
   }
 }
 
 void PagedAttentionNaiveF64(const PagedAttentionParams& p) {
-  const int64_t n = p.context_len;
   const int group = p.num_heads / p.num_kv_heads;
-  std::vector<float> k(n * p.head_dim), v(n * p.head_dim);
-  std::vector<double> w(n);
   for (int h = 0; h < p.num_heads; ++h) {
-    GatherHead(p, h / group, n, k.data(), v.data());
+    const std::vector<int64_t> pos = Positions(p, h / group);
+    const int64_t n = static_cast<int64_t>(pos.size());
+    std::vector<float> k(n * p.head_dim), v(n * p.head_dim);
+    GatherHead(p, h / group, pos, k.data(), v.data());
+    std::vector<double> w(n);
     for (int t = 0; t < p.num_tokens; ++t) {
       const float* q = p.q + (int64_t{t} * p.num_heads + h) * p.head_dim;
-      const int64_t visible = n - p.num_tokens + t + 1;
+      const int64_t visible = Visible(pos, p.context_len - p.num_tokens + t);
+      float* out = p.out + (int64_t{t} * p.num_heads + h) * p.head_dim;
+      if (visible == 0) {
+        std::fill(out, out + p.head_dim, 0.0f);
+        continue;
+      }
       double mx = -INFINITY;
       for (int64_t j = 0; j < visible; ++j) {
         double dot = 0;
@@ -83,7 +124,6 @@ void PagedAttentionNaiveF64(const PagedAttentionParams& p) {
       }
       double sum = 0;
       for (int64_t j = 0; j < visible; ++j) sum += (w[j] = std::exp(w[j] - mx));
-      float* out = p.out + (int64_t{t} * p.num_heads + h) * p.head_dim;
       for (int d = 0; d < p.head_dim; ++d) {
         double acc = 0;
         for (int64_t j = 0; j < visible; ++j) acc += w[j] * v[j * p.head_dim + d];

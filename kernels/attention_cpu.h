@@ -22,6 +22,14 @@ struct PagedAttentionParams {
   int head_dim = 0;
   int block_size = 16;
   float scale = 0;                   // usually 1/sqrt(head_dim)
+  // Optional Selection: KV head h reads only the logical blocks sel_blocks[sel_indptr[h] ..
+  // sel_indptr[h + 1]) (ascending, each < ceil(context_len / block_size)); a query row that sees
+  // none of their positions outputs zeros. nullptr: every block.
+  const int32_t* sel_indptr = nullptr;  // [num_kv_heads + 1]
+  const int32_t* sel_blocks = nullptr;
+  // Optional output: the attention probability each query row puts on each logical block,
+  // [num_heads][num_tokens][ceil(context_len / block_size)], zero for blocks it did not read.
+  float* block_mass = nullptr;
 };
 
 // Single precision, softmax in float32 with the row maximum subtracted; GEMMs through CBLAS.

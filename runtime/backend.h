@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kvstore/block_table.h"
+#include "kvstore/prefetch_planner.h"
 #include "runtime/model_config.h"
 
 namespace scout::runtime {
@@ -19,6 +20,14 @@ struct SequenceInput {
   SequenceId seq = 0;
   std::span<const int32_t> tokens;
   bool all_logits = false;  // a row of logits for every new token; otherwise only for the last
+  // Optional: per (layer, KV head), the ascending logical blocks this pass's attention reads
+  // (STS: the target verifying the draft's tokens). Blocks of the new tokens must be listed for
+  // them to see themselves. nullptr: dense.
+  const kvstore::Selection* selection = nullptr;
+  // Optional output: the attention probability each new token puts on each block, per layer and
+  // query head: [layers][heads][tokens.size()][ceil(length after this pass / 16)]. The draft's
+  // signal for STS, and the oracle's for evaluation.
+  std::vector<float>* block_mass = nullptr;
 };
 
 // A model with a paged KV cache holding any number of sequences. Not thread-safe: one caller.

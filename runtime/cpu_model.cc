@@ -104,6 +104,24 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
                                                 " tokens, past max_position_embeddings ", c.max_position_embeddings));
     }
     blocks_needed += *tables_.BlocksNeeded(in.seq, end);
+    if (in.selection != nullptr) {
+      const kvstore::Selection& sel = *in.selection;
+      const int64_t nb = kvstore::BlocksFor(end);
+      if (sel.num_layers != c.num_hidden_layers || sel.num_kv_heads != c.num_key_value_heads ||
+          sel.indptr.size() != static_cast<size_t>(sel.num_layers * sel.num_kv_heads + 1) ||
+          sel.indptr.front() != 0 || sel.indptr.back() != static_cast<int32_t>(sel.blocks.size())) {
+        return absl::InvalidArgumentError(absl::StrCat("selection for sequence ", in.seq, " is not ", c.num_hidden_layers,
+                                                       " x ", c.num_key_value_heads, " lists"));
+      }
+      for (size_t l = 0; l + 1 < sel.indptr.size(); ++l) {
+        for (int32_t j = sel.indptr[l]; j < sel.indptr[l + 1]; ++j) {
+          if (sel.blocks[j] < 0 || sel.blocks[j] >= nb || (j > sel.indptr[l] && sel.blocks[j] <= sel.blocks[j - 1])) {
+            return absl::InvalidArgumentError(absl::StrCat("selection list ", l, " of sequence ", in.seq,
+                                                           " is not ascending blocks below ", nb));
+          }
+        }
+      }
+    }
     total += static_cast<int64_t>(in.tokens.size());
     logit_rows += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
   }
@@ -124,6 +142,12 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
     int64_t row = 0;
     for (const SequenceInput& in : batch) {
       for (int32_t t : in.tokens) std::copy_n(weights_.embed.data() + t * d, d, x.data() + (row++) * d);
+    }
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (batch[i].block_mass != nullptr) {
+      const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+      batch[i].block_mass->assign(c.num_hidden_layers * nh * n * kvstore::BlocksFor(start[i] + n), 0.0f);
     }
   }
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -159,7 +183,12 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
                                   .num_kv_heads = static_cast<int>(nkv),
                                   .head_dim = static_cast<int>(hd),
                                   .block_size = kvstore::kBlockSize,
-                                  .scale = scale});
+                                  .scale = scale,
+                                  .sel_indptr = in.selection ? in.selection->indptr.data() + layer * nkv : nullptr,
+                                  .sel_blocks = in.selection ? in.selection->blocks.data() : nullptr,
+                                  .block_mass = in.block_mass ? in.block_mass->data() + layer * nh * n *
+                                                                    kvstore::BlocksFor(start[i] + n)
+                                                              : nullptr});
       row += n;
     }
     Linear(attn.data(), total, nh * hd, w.wo, d, x.data(), /*beta=*/1.0f);  // residual add

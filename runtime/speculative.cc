@@ -98,12 +98,20 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
     k = static_cast<int>(std::min<int64_t>(k, limit - target_len));
     if (limit - target_len < 0) break;
     k = std::max(k, 0);
-    // Draft proposals.
+    // Draft proposals (and, for STS, its attention mass per block for every row it runs).
     std::vector<std::vector<float>> q(k), p(k + 1);
     std::vector<int32_t> drafted;
     std::vector<int32_t> feed = draft_pending;
+    std::vector<std::vector<float>> masses;
+    std::vector<int64_t> mass_rows, mass_blocks;
     for (int i = 0; i < k; ++i) {
       SequenceInput in{.seq = seq, .tokens = feed};
+      if (options.head_map != nullptr) {
+        masses.emplace_back();
+        in.block_mass = &masses.back();
+        mass_rows.push_back(static_cast<int64_t>(feed.size()));
+        mass_blocks.push_back(kvstore::BlocksFor(*draft.SequenceLength(seq) + static_cast<int64_t>(feed.size())));
+      }
       if (absl::Status s = draft.Forward({&in, 1}, &logits); !s.ok()) return s;
       q[i].resize(vocab);
       dist.Distribution(logits, q[i]);
@@ -116,6 +124,30 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
     verify.insert(verify.end(), drafted.begin(), drafted.end());
     const int64_t target_before = *target.SequenceLength(seq);
     SequenceInput in{.seq = seq, .tokens = verify, .all_logits = true};
+    kvstore::Selection selection;
+    if (options.head_map != nullptr && k > 0) {
+      // Stack the round's draft rows into [layers][heads][rows][blocks], zero-padded.
+      const int64_t nb_mass = *std::max_element(mass_blocks.begin(), mass_blocks.end());
+      int64_t rows = 0;
+      for (int64_t r : mass_rows) rows += r;
+      const int units = options.head_map->draft_layers * options.head_map->draft_heads;
+      std::vector<float> stacked(static_cast<size_t>(units) * rows * nb_mass, 0.0f);
+      int64_t row0 = 0;
+      for (size_t f = 0; f < masses.size(); ++f) {
+        for (int u = 0; u < units; ++u) {
+          for (int64_t r = 0; r < mass_rows[f]; ++r) {
+            const float* from = masses[f].data() + (u * mass_rows[f] + r) * mass_blocks[f];
+            std::copy(from, from + mass_blocks[f], stacked.begin() + (u * rows + row0 + r) * nb_mass);
+          }
+        }
+        row0 += mass_rows[f];
+      }
+      const int64_t nb = kvstore::BlocksFor(target_before + static_cast<int64_t>(verify.size()));
+      selection = BuildStsSelection(*options.head_map, stacked, static_cast<int>(rows), nb_mass, nb, options.sts_budget);
+      in.selection = &selection;
+      result.selected_blocks += static_cast<int64_t>(selection.blocks.size());
+      result.context_blocks += nb * selection.num_layers * selection.num_kv_heads;
+    }
     if (absl::Status s = target.Forward({&in, 1}, &logits); !s.ok()) return s;
     const size_t first = target_pending.size() - 1;  // row of the last pending token
     for (int i = 0; i <= k; ++i) {

@@ -12,6 +12,7 @@
 #include "runtime/backend.h"
 #include "runtime/generator.h"
 #include "runtime/sampling.h"
+#include "runtime/sts.h"
 
 namespace scout::runtime {
 
@@ -21,6 +22,10 @@ struct SpeculativeOptions {
   SamplingParams sampling;         // applied to both models' logits (temperature, top-k, top-p)
   int64_t prefill_chunk = 512;
   std::vector<int32_t> stop_ids;
+  // STS: when set, the target verifies each round attending only to the blocks that the
+  // draft's attention over the round's rows selects through this map, within sts_budget.
+  const HeadMap* head_map = nullptr;
+  StsBudget sts_budget;
 };
 
 struct SpeculativeResult {
@@ -31,6 +36,8 @@ struct SpeculativeResult {
   int64_t draft_accepted = 0;   // of those, accepted
   double prefill_seconds = 0;
   double decode_seconds = 0;
+  int64_t selected_blocks = 0;  // STS: blocks the target's (layer, KV head) lists named, summed
+  int64_t context_blocks = 0;   // over the same lists, the blocks a dense pass would read
   double acceptance_rate() const { return draft_proposed > 0 ? double(draft_accepted) / draft_proposed : 0.0; }
 };
 

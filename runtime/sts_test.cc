@@ -1,0 +1,98 @@
+#include "runtime/sts.h"
+
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "gtest/gtest.h"
+#include "runtime/cpu_model.h"
+#include "runtime/speculative.h"
+#include "runtime/test_model.h"
+
+namespace scout::runtime {
+namespace {
+
+const std::filesystem::path kModels = std::filesystem::path(SCOUT_SOURCE_DIR) / "models";
+
+TEST(StsSelectionTest, AlwaysHoldsSinksAndWindowWithinBudget) {
+  auto target = LoadModelConfig(kModels / "scout-tiny-target");
+  auto draft = LoadModelConfig(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  HeadMap map = DefaultHeadMap(*target, *draft);
+  ASSERT_EQ(map.units.size(), 12u);  // 6 layers x 2 KV heads
+  EXPECT_EQ(map.units[11], (std::vector<int32_t>{9, 10, 11}));  // target layer 5 -> draft layer 3
+  std::mt19937 rng(5);
+  std::exponential_distribution<float> expo(1.0f);
+  for (int64_t nb : {1, 3, 6, 40, 257}) {
+    for (double frac : {0.02, 0.1, 0.5, 1.0}) {
+      const int rows = 4;
+      const int64_t mass_blocks = std::max<int64_t>(1, nb - 1);  // the draft saw one block less
+      std::vector<float> mass(12 * rows * mass_blocks);
+      for (float& m : mass) m = expo(rng);
+      StsBudget budget{.budget_fraction = frac, .sink_blocks = 1, .window_blocks = 4};
+      kvstore::Selection sel = BuildStsSelection(map, mass, rows, mass_blocks, nb, budget);
+      ASSERT_EQ(sel.indptr.size(), 13u);
+      for (int u = 0; u < 12; ++u) {
+        std::vector<int32_t> list(sel.blocks.begin() + sel.indptr[u], sel.blocks.begin() + sel.indptr[u + 1]);
+        ASSERT_TRUE(std::is_sorted(list.begin(), list.end()));
+        std::set<int32_t> set(list.begin(), list.end());
+        ASSERT_EQ(set.size(), list.size());
+        EXPECT_EQ(static_cast<int64_t>(list.size()), BudgetBlocks(budget, nb));
+        EXPECT_TRUE(set.count(0)) << "sink missing";
+        for (int64_t b = std::max<int64_t>(0, nb - 4); b < nb; ++b) EXPECT_TRUE(set.count(b)) << "window block " << b;
+      }
+    }
+  }
+}
+
+TEST(HeadMapTest, RoundTripsAndRejectsMismatchedFiles) {
+  auto target = LoadModelConfig(kModels / "scout-tiny-target");
+  auto draft = LoadModelConfig(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  std::filesystem::path dir = testing::FreshDir("maps");
+  HeadMap map = DefaultHeadMap(*target, *draft);
+  map.units[3] = {0, 7};
+  ASSERT_TRUE(SaveHeadMap(dir / "ok.json", map).ok());
+  absl::StatusOr<HeadMap> back = LoadHeadMap(dir / "ok.json", *target, *draft);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->units, map.units);
+  // Swapped models: the file's target shape does not match.
+  absl::StatusOr<HeadMap> swapped = LoadHeadMap(dir / "ok.json", *draft, *target);
+  EXPECT_EQ(swapped.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(swapped.status().message().find("ok.json"), std::string::npos);
+  EXPECT_NE(swapped.status().message().find("\"target\""), std::string::npos) << swapped.status();
+  // A head id past the draft's, and a missing field.
+  map.units[0] = {12};
+  ASSERT_TRUE(SaveHeadMap(dir / "range.json", map).ok());
+  EXPECT_NE(LoadHeadMap(dir / "range.json", *target, *draft).status().message().find("draft head 12"), std::string::npos);
+  std::ofstream(dir / "partial.json") << R"({"target": {"layers": 6, "kv_heads": 2}})";
+  EXPECT_EQ(LoadHeadMap(dir / "partial.json", *target, *draft).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LoadHeadMap(dir / "missing.json", *target, *draft).status().code(), absl::StatusCode::kNotFound);
+}
+
+// Verification over a Selection of every block is plain dense verification: greedy STS output
+// equals the target's greedy output token for token. At a 10% budget it still runs end to end.
+TEST(StsSpeculativeTest, FullSelectionEqualsDenseAndSparseRuns) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
+  std::vector<int32_t> prompt = {256};
+  for (int i = 0; i < 900; ++i) prompt.push_back("def f(x):\n    return x + 1\n\n"[i % 29]);
+  absl::StatusOr<GenerateResult> plain = Generate(**target, 1, prompt, {.max_tokens = 40});
+  ASSERT_TRUE(plain.ok());
+  SpeculativeOptions opt{.num_speculative_tokens = 4, .max_tokens = 40, .head_map = &map,
+                         .sts_budget = {.budget_fraction = 1.0}};
+  absl::StatusOr<SpeculativeResult> full = GenerateSpeculative(**target, **draft, 2, prompt, opt);
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->tokens, plain->tokens);
+  EXPECT_EQ(full->selected_blocks, full->context_blocks);
+  opt.sts_budget = {.budget_fraction = 0.1};
+  absl::StatusOr<SpeculativeResult> sparse = GenerateSpeculative(**target, **draft, 3, prompt, opt);
+  ASSERT_TRUE(sparse.ok()) << sparse.status();
+  EXPECT_EQ(sparse->tokens.size(), 40u);
+  EXPECT_LT(double(sparse->selected_blocks) / sparse->context_blocks, 0.15);
+}
+
+}  // namespace
+}  // namespace scout::runtime
