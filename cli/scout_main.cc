@@ -1,5 +1,6 @@
 // scout: one binary, subcommands in the style of `vllm serve` / `vllm bench`.
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <string>
 
@@ -29,11 +30,15 @@ int Generate(int argc, char** argv) {
       {"top-p", "1", "nucleus mass"},
       {"seed", "0", "sampling seed"},
       {"prefill-chunk", "512", "prompt tokens per forward pass"},
-      {"kv-budget-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
+      {"kv-cache-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
       {"ignore-eos", "", "keep generating past the end-of-sequence token", true},
       {"speculative", "", "speculative decoding with --draft proposing tokens", true},
       {"draft", "", "draft model folder (same vocabulary as --model)"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
+      {"sparsity", "dense", "target attention while verifying: dense, or sts (blocks picked by the draft's attention)"},
+      {"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"},
+      {"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"},
+      {"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"help", "", "show this help", true},
   });
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
@@ -50,7 +55,7 @@ int Generate(int argc, char** argv) {
   }
   absl::StatusOr<int64_t> max_tokens = flags.GetInt("max-tokens"), top_k = flags.GetInt("top-k"),
                           seed = flags.GetInt("seed"), chunk = flags.GetInt("prefill-chunk"),
-                          budget = flags.GetInt("kv-budget-tokens");
+                          budget = flags.GetInt("kv-cache-tokens");
   absl::StatusOr<double> temperature = flags.GetDouble("temperature"), top_p = flags.GetDouble("top-p");
   for (const absl::Status& s : {max_tokens.status(), top_k.status(), seed.status(), chunk.status(), budget.status(),
                                 temperature.status(), top_p.status()}) {
@@ -84,11 +89,36 @@ int Generate(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft =
         runtime::CpuModel::Load(flags.Get("draft"), {.kv_budget_tokens = *budget});
     if (!draft.ok()) return Fail(draft.status());
-    absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(
-        **model, **draft, 0, ids,
-        {.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens, .sampling = opt.sampling,
-         .prefill_chunk = opt.prefill_chunk, .stop_ids = opt.stop_ids},
-        print);
+    runtime::SpeculativeOptions sopt{.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens,
+                                     .sampling = opt.sampling, .prefill_chunk = opt.prefill_chunk,
+                                     .stop_ids = opt.stop_ids};
+    runtime::HeadMap head_map;
+    const std::string sparsity = flags.Get("sparsity");
+    if (sparsity == "sts") {
+      std::filesystem::path map_path = flags.Get("head-map");
+      if (map_path.empty() && std::filesystem::exists(std::filesystem::path(flags.Get("draft")) / "scout_head_map.json")) {
+        map_path = std::filesystem::path(flags.Get("draft")) / "scout_head_map.json";
+      }
+      if (map_path.empty()) {
+        head_map = runtime::DefaultHeadMap((*model)->config(), (*draft)->config());
+      } else {
+        absl::StatusOr<runtime::HeadMap> m = runtime::LoadHeadMap(map_path, (*model)->config(), (*draft)->config());
+        if (!m.ok()) return Fail(m.status());
+        head_map = *m;
+      }
+      absl::StatusOr<int64_t> tokens = flags.GetInt("kv-budget-tokens");
+      absl::StatusOr<double> fraction = flags.GetDouble("kv-budget-fraction");
+      if (!tokens.ok()) return Fail(tokens.status());
+      if (!fraction.ok()) return Fail(fraction.status());
+      if (*tokens < 0 || !(*fraction > 0 && *fraction <= 1)) {
+        return Fail(absl::InvalidArgumentError("--kv-budget-tokens must be >= 0 and --kv-budget-fraction in (0, 1]"));
+      }
+      sopt.head_map = &head_map;
+      sopt.sts_budget = {.budget_tokens = *tokens, .budget_fraction = *fraction};
+    } else if (sparsity != "dense") {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--sparsity must be dense or sts, got \"", sparsity, "\"")));
+    }
+    absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(**model, **draft, 0, ids, sopt, print);
     std::printf("\n");
     if (!r.ok()) return Fail(r.status());
     std::fprintf(stderr,
@@ -98,6 +128,10 @@ int Generate(int argc, char** argv) {
                  static_cast<long long>(r->rounds), r->decode_seconds, r->tokens.size() / std::max(r->decode_seconds, 1e-9),
                  100.0 * r->acceptance_rate(), static_cast<long long>(r->draft_accepted),
                  static_cast<long long>(r->draft_proposed));
+    if (r->context_blocks > 0) {
+      std::fprintf(stderr, "scout: sts: target read %.1f%% of the context's blocks while verifying\n",
+                   100.0 * r->selected_blocks / r->context_blocks);
+    }
     return 0;
   }
   absl::StatusOr<runtime::GenerateResult> r = runtime::Generate(**model, 0, ids, opt, print);

@@ -23,6 +23,15 @@ grep -q "draft acceptance" err.txt || fail "no acceptance report: $(cat err.txt)
 "$scout" generate --model "$src/models/scout-tiny-target" --speculative --prompt x >/dev/null 2>err.txt; rc=$?
 [ $rc -eq 1 ] && grep -q -- "--speculative needs --draft" err.txt || fail "speculative without draft: exit $rc $(cat err.txt)"
 
+# STS: the target verifies over the blocks the draft's attention picks; a full budget is dense.
+sts=$("$scout" generate --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --speculative \
+  --sparsity sts --kv-budget-fraction 1 --prompt $'def fibonacci(n):\n    ' --max-tokens 24 2>err.txt) || fail "sts exited $?: $(cat err.txt)"
+[ "$sts" = "$out" ] || fail "sts with the whole context differs from plain greedy"
+grep -q "sts: target read 100.0%" err.txt || fail "no sts report: $(cat err.txt)"
+"$scout" generate --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --speculative \
+  --sparsity sts --head-map /nonexistent.json --prompt x >/dev/null 2>err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q "/nonexistent.json: no such file" err.txt || fail "missing head map: exit $rc $(cat err.txt)"
+
 # Flags from YAML, command line winning.
 printf 'model: %s\nmax-tokens: 5\ntemperature: 0.7\nseed: 3\n' "$src/models/scout-tiny-draft" > cfg.yaml
 "$scout" generate --config cfg.yaml --prompt "x = " >/dev/null 2>err.txt || fail "YAML config run failed: $(cat err.txt)"
