@@ -1,12 +1,16 @@
 // scout: one binary, subcommands in the style of `vllm serve` / `vllm bench`.
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <string>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "cli/flags.h"
 #include "runtime/cpu_model.h"
+#include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/speculative.h"
 #include "runtime/tokenizer.h"
@@ -147,11 +151,96 @@ int Generate(int argc, char** argv) {
   return 0;
 }
 
+int Eval(int argc, char** argv) {
+  Flags flags({
+      {"model", "", "target model folder"},
+      {"draft", "", "draft model folder"},
+      {"text", "", "text file to score (byte-level: the fixtures' tokenizer)"},
+      {"context-tokens", "3584", "tokens prefilled densely before scoring starts"},
+      {"eval-tokens", "512", "tokens scored after the context"},
+      {"num-speculative-tokens", "4", "k: tokens are scored in rounds of k + 1, as verification sees them"},
+      {"budgets", "0.5,0.2,0.1,0.05,0.02", "fractions of the context's blocks each (layer, KV head) reads"},
+      {"methods", "sts,oracle,window", "selection rules to compare with dense"},
+      {"head-map", "", "head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
+      {"csv", "", "also write the table as CSV to this file"},
+      {"help", "", "show this help", true},
+  });
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout eval --model DIR --draft DIR --text FILE [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  for (const char* f : {"model", "draft", "text"}) {
+    if (flags.Get(f).empty()) return Fail(absl::InvalidArgumentError(absl::StrCat("--", f, " is required")));
+  }
+  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> target = runtime::CpuModel::Load(flags.Get("model"));
+  if (!target.ok()) return Fail(target.status());
+  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft = runtime::CpuModel::Load(flags.Get("draft"));
+  if (!draft.ok()) return Fail(draft.status());
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return Fail(tok.status());
+  absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get("text"));
+  if (!text.ok()) return Fail(text.status());
+  runtime::HeadMap map = runtime::DefaultHeadMap((*target)->config(), (*draft)->config());
+  std::filesystem::path map_path = flags.Get("head-map");
+  if (map_path.empty() && std::filesystem::exists(std::filesystem::path(flags.Get("draft")) / "scout_head_map.json")) {
+    map_path = std::filesystem::path(flags.Get("draft")) / "scout_head_map.json";
+  }
+  if (!map_path.empty()) {
+    absl::StatusOr<runtime::HeadMap> m = runtime::LoadHeadMap(map_path, (*target)->config(), (*draft)->config());
+    if (!m.ok()) return Fail(m.status());
+    map = *m;
+  }
+  runtime::FidelityOptions opt;
+  absl::StatusOr<int64_t> ctx = flags.GetInt("context-tokens"), ev = flags.GetInt("eval-tokens"),
+                          k = flags.GetInt("num-speculative-tokens");
+  for (const absl::Status& s : {ctx.status(), ev.status(), k.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  opt.context_tokens = *ctx;
+  opt.eval_tokens = *ev;
+  opt.num_speculative_tokens = static_cast<int>(*k);
+  opt.budgets.clear();
+  for (absl::string_view b : absl::StrSplit(flags.Get("budgets"), ',')) {
+    double v;
+    if (!absl::SimpleAtod(b, &v) || !(v > 0 && v <= 1)) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--budgets: \"", b, "\" is not a fraction in (0, 1]")));
+    }
+    opt.budgets.push_back(v);
+  }
+  opt.methods = absl::StrSplit(flags.Get("methods"), ',');
+  std::vector<int32_t> ids = (*tok)->Encode(*text, /*add_bos=*/true);
+  absl::StatusOr<std::vector<runtime::FidelityRow>> rows = runtime::RunFidelity(**target, **draft, map, ids, opt);
+  if (!rows.ok()) return Fail(rows.status());
+  const double dense_ppl = rows->front().perplexity;
+  std::printf("fidelity: %s scored on %lld tokens after %lld of context, rounds of k+1 = %d\n",
+              flags.Get("text").c_str(), static_cast<long long>(opt.eval_tokens),
+              static_cast<long long>(opt.context_tokens), opt.num_speculative_tokens + 1);
+  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s\n", "method", "budget", "perplexity", "vs dense", "bits/tok",
+              "recall", "jaccard", "read");
+  std::string csv = "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read\n";
+  for (const runtime::FidelityRow& r : *rows) {
+    const double change = 100.0 * (r.perplexity / dense_ppl - 1.0);
+    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%%\n", r.method.c_str(), r.budget * 100,
+                r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall, r.jaccard_oracle,
+                100 * r.blocks_read);
+    absl::StrAppend(&csv, r.method, ",", r.budget, ",", r.perplexity, ",", change, ",", r.nll_per_token, ",", r.recall,
+                    ",", r.jaccard_oracle, ",", r.blocks_read, "\n");
+  }
+  if (!flags.Get("csv").empty()) {
+    std::ofstream out(flags.Get("csv"));
+    out << csv;
+    if (!out) return Fail(absl::InternalError(absl::StrCat(flags.Get("csv"), ": write failed")));
+  }
+  return 0;
+}
+
 void Usage() {
   std::printf(
       "usage: scout <command> [flags]\n\n"
       "commands:\n"
-      "  generate   generate text from a prompt on the CPU backend (--speculative with --draft)\n\n"
+      "  generate   generate text from a prompt on the CPU backend (--speculative with --draft)\n"
+      "  eval       fidelity of sparse attention (STS, oracle, window) against dense on a text\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }
 
@@ -165,6 +254,7 @@ int main(int argc, char** argv) {
   }
   std::string cmd = argv[1];
   if (cmd == "generate") return scout::cli::Generate(argc - 2, argv + 2);
+  if (cmd == "eval") return scout::cli::Eval(argc - 2, argv + 2);
   std::fprintf(stderr, "scout: unknown command \"%s\"\n", cmd.c_str());
   scout::cli::Usage();
   return 2;

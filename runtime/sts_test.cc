@@ -6,6 +6,7 @@
 
 #include "gtest/gtest.h"
 #include "runtime/cpu_model.h"
+#include "runtime/fidelity.h"
 #include "runtime/speculative.h"
 #include "runtime/test_model.h"
 
@@ -92,6 +93,37 @@ TEST(StsSpeculativeTest, FullSelectionEqualsDenseAndSparseRuns) {
   ASSERT_TRUE(sparse.ok()) << sparse.status();
   EXPECT_EQ(sparse->tokens.size(), 40u);
   EXPECT_LT(double(sparse->selected_blocks) / sparse->context_blocks, 0.15);
+}
+
+}  // namespace
+}  // namespace scout::runtime
+
+namespace scout::runtime {
+namespace {
+
+// At a budget of the whole context every method reads every block: the same perplexity as
+// dense, recall 1, Jaccard 1. Smaller budgets read fewer blocks.
+TEST(FidelityTest, FullBudgetEqualsDense) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  std::vector<int32_t> ids = {256};
+  for (int i = 0; i < 700; ++i) ids.push_back("for i in range(10):\n    print(i * i)\n"[i % 37]);
+  HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
+  auto rows = RunFidelity(**target, **draft, map, ids,
+                          {.context_tokens = 600, .eval_tokens = 40, .budgets = {1.0, 0.1}});
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->size(), 7u);
+  const FidelityRow& dense = rows->front();
+  for (size_t i = 1; i <= 3; ++i) {
+    const FidelityRow& r = (*rows)[i];
+    EXPECT_NEAR(r.perplexity, dense.perplexity, 1e-9 * dense.perplexity) << r.method;
+    EXPECT_NEAR(r.recall, 1.0, 1e-5) << r.method;
+    EXPECT_NEAR(r.jaccard_oracle, 1.0, 1e-12) << r.method;
+  }
+  for (size_t i = 4; i < 7; ++i) EXPECT_LT((*rows)[i].blocks_read, 0.3) << (*rows)[i].method;
+  EXPECT_EQ(RunFidelity(**target, **draft, map, ids, {.context_tokens = 600, .eval_tokens = 400}).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,0 +1,46 @@
+// The fidelity harness: what sparse attention costs in accuracy, teacher-forced on a text.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/backend.h"
+#include "runtime/sts.h"
+
+namespace scout::runtime {
+
+struct FidelityOptions {
+  int64_t context_tokens = 3584;          // prefilled densely before evaluation starts
+  int64_t eval_tokens = 512;              // scored after the context, in rounds of k + 1
+  int num_speculative_tokens = 4;         // k: a round is one verification's k + 1 rows
+  std::vector<double> budgets = {0.5, 0.2, 0.1, 0.05, 0.02};  // fractions of the context's blocks
+  std::vector<std::string> methods = {"sts", "oracle", "window"};
+  int sink_blocks = 1;
+  int window_blocks = 4;
+};
+
+// One method at one budget (method "dense" has budget 1).
+struct FidelityRow {
+  std::string method;
+  double budget = 1.0;
+  double perplexity = 0;
+  double nll_per_token = 0;   // nats
+  double recall = 0;          // mean fraction of the dense target's attention mass the lists held
+  double jaccard_oracle = 0;  // mean Jaccard overlap of the lists with the oracle's
+  double blocks_read = 0;     // mean fraction of the context's blocks the lists named
+};
+
+// Runs the text (token ids) through target and draft. Each round of k + 1 tokens: the draft
+// reads them (teacher-forced) and yields its block masses; the target reads them densely (the
+// reference logits and the oracle's masses), then once per (method, budget) over that method's
+// Selection; every pass but the dense one is rolled back. Methods: "sts" (draft masses through
+// `map`), "oracle" (the target's own top blocks: the upper bound), "window" (sinks + the most
+// recent blocks). InvalidArgument for a text shorter than context + eval tokens or an unknown
+// method.
+absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
+                                                     std::span<const int32_t> ids, const FidelityOptions& options);
+
+}  // namespace scout::runtime
