@@ -26,95 +26,124 @@ struct Acc {
 
 }  // namespace
 
-absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
-                                                     std::span<const int32_t> ids, const FidelityOptions& o) {
-  const ModelConfig& tc = target.config();
-  if (o.context_tokens < 1 || o.eval_tokens < 1 || static_cast<int64_t>(ids.size()) < o.context_tokens + o.eval_tokens + 1) {
+absl::Status WalkRounds(ModelBackend& target, ModelBackend& draft, std::span<const int32_t> ids, int64_t context_tokens,
+                        int64_t eval_tokens, int num_speculative_tokens,
+                        const std::function<absl::Status(const Round&)>& visit) {
+  const int64_t limit = std::min(target.config().max_position_embeddings, draft.config().max_position_embeddings);
+  if (context_tokens < 1 || eval_tokens < 1 || num_speculative_tokens < 0 ||
+      static_cast<int64_t>(ids.size()) < context_tokens + eval_tokens + 1) {
     return absl::InvalidArgumentError(absl::StrCat("text of ", ids.size(), " tokens is shorter than context ",
-                                                   o.context_tokens, " + eval ", o.eval_tokens, " + 1"));
+                                                   context_tokens, " + eval ", eval_tokens, " + 1"));
   }
-  if (o.context_tokens + o.eval_tokens > std::min(tc.max_position_embeddings, draft.config().max_position_embeddings)) {
-    return absl::InvalidArgumentError("context + eval tokens exceed the models' max_position_embeddings");
-  }
-  for (const std::string& m : o.methods) {
-    if (m != "sts" && m != "oracle" && m != "window") return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\""));
+  if (context_tokens + eval_tokens > limit) {
+    return absl::InvalidArgumentError(absl::StrCat("context + eval tokens exceed the models' ", limit, " positions"));
   }
   const SequenceId seq = 0x5c0;
   if (absl::Status s = target.AddSequence(seq); !s.ok()) return s;
   absl::Cleanup rt = [&] { target.ReleaseSequence(seq).IgnoreError(); };
   if (absl::Status s = draft.AddSequence(seq); !s.ok()) return s;
   absl::Cleanup rd = [&] { draft.ReleaseSequence(seq).IgnoreError(); };
-  std::vector<float> logits;
+  std::vector<float> logits, draft_mass, target_mass, scratch;
   for (ModelBackend* m : {&target, &draft}) {
-    for (int64_t at = 0; at < o.context_tokens; at += 512) {
-      SequenceInput in{.seq = seq, .tokens = ids.subspan(at, std::min<int64_t>(512, o.context_tokens - at))};
-      if (absl::Status s = m->Forward({&in, 1}, &logits); !s.ok()) return s;
+    for (int64_t at = 0; at < context_tokens; at += 512) {
+      SequenceInput in{.seq = seq, .tokens = ids.subspan(at, std::min<int64_t>(512, context_tokens - at))};
+      if (absl::Status s = m->Forward({&in, 1}, &scratch); !s.ok()) return s;
     }
   }
-  const int layers = static_cast<int>(tc.num_hidden_layers), heads = static_cast<int>(tc.num_attention_heads);
-  const int kvh = static_cast<int>(tc.num_key_value_heads), group = heads / kvh;
+  const int64_t end = context_tokens + eval_tokens;
+  for (int64_t pos = context_tokens; pos < end; pos += num_speculative_tokens + 1) {
+    Round r;
+    r.pos = pos;
+    r.rows = std::min<int64_t>(num_speculative_tokens + 1, end - pos);
+    r.tokens = ids.subspan(pos, r.rows);
+    r.nb = kvstore::BlocksFor(pos + r.rows);
+    SequenceInput din{.seq = seq, .tokens = r.tokens, .block_mass = &draft_mass};
+    if (absl::Status s = draft.Forward({&din, 1}, &scratch); !s.ok()) return s;
+    SequenceInput tin{.seq = seq, .tokens = r.tokens, .all_logits = true, .block_mass = &target_mass};
+    if (absl::Status s = target.Forward({&tin, 1}, &logits); !s.ok()) return s;
+    if (absl::Status s = target.TruncateSequence(seq, pos); !s.ok()) return s;
+    r.draft_mass = &draft_mass;
+    r.target_mass = &target_mass;
+    r.logits = &logits;
+    if (absl::Status s = visit(r); !s.ok()) return s;
+    if (absl::Status s = target.TruncateSequence(seq, pos); !s.ok()) return s;  // whatever visit appended
+    SequenceInput keep{.seq = seq, .tokens = r.tokens};
+    if (absl::Status s = target.Forward({&keep, 1}, &scratch); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+// Mean over the unit's query heads and the round's rows of the dense attention mass that `list`
+// holds.
+double CapturedMass(const ModelConfig& tc, const Round& r, int layer, int kv_head, std::span<const int32_t> list) {
+  const int heads = static_cast<int>(tc.num_attention_heads), group = heads / static_cast<int>(tc.num_key_value_heads);
+  double captured = 0;
+  for (int g = 0; g < group; ++g) {
+    for (int64_t row = 0; row < r.rows; ++row) {
+      const float* m = r.target_mass->data() + ((static_cast<int64_t>(layer) * heads + kv_head * group + g) * r.rows + row) * r.nb;
+      for (int32_t x : list) captured += m[x];
+    }
+  }
+  return captured / (group * r.rows);
+}
+
+absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
+                                                     std::span<const int32_t> ids, const FidelityOptions& o) {
+  const ModelConfig& tc = target.config();
+  for (const std::string& m : o.methods) {
+    if (m != "sts" && m != "oracle" && m != "window") return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\""));
+  }
+  const int layers = static_cast<int>(tc.num_hidden_layers), kvh = static_cast<int>(tc.num_key_value_heads);
   const int64_t vocab = tc.vocab_size;
+  const SequenceId seq = 0x5c0;
   Acc dense;
   std::map<std::pair<std::string, double>, Acc> acc;
-  std::vector<float> draft_mass, target_mass;
-  const int64_t end = o.context_tokens + o.eval_tokens;
-  for (int64_t pos = o.context_tokens; pos < end; pos += o.num_speculative_tokens + 1) {
-    const int64_t rows = std::min<int64_t>(o.num_speculative_tokens + 1, end - pos);
-    const std::span<const int32_t> chunk = ids.subspan(pos, rows);
-    const int64_t nb = kvstore::BlocksFor(pos + rows);
-    SequenceInput din{.seq = seq, .tokens = chunk, .block_mass = &draft_mass};
-    if (absl::Status s = draft.Forward({&din, 1}, &logits); !s.ok()) return s;
-    // Dense target: reference logits and the oracle's masses; rolled back, re-run at the end.
-    SequenceInput tin{.seq = seq, .tokens = chunk, .all_logits = true, .block_mass = &target_mass};
-    if (absl::Status s = target.Forward({&tin, 1}, &logits); !s.ok()) return s;
-    for (int64_t r = 0; r < rows; ++r) dense.nll += Nll(std::span(logits).subspan(r * vocab, vocab), ids[pos + r + 1]);
-    dense.tokens += rows;
-    if (absl::Status s = target.TruncateSequence(seq, pos); !s.ok()) return s;
+  std::vector<float> logits;
+  absl::Status walked = WalkRounds(target, draft, ids, o.context_tokens, o.eval_tokens, o.num_speculative_tokens,
+                                   [&](const Round& r) -> absl::Status {
+    for (int64_t row = 0; row < r.rows; ++row) {
+      dense.nll += Nll(std::span(*r.logits).subspan(row * vocab, vocab), ids[r.pos + row + 1]);
+    }
+    dense.tokens += r.rows;
     for (double budget : o.budgets) {
       const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks};
-      const kvstore::Selection oracle = BuildOracleSelection(tc, target_mass, static_cast<int>(rows), nb, nb, b);
+      const kvstore::Selection oracle = BuildOracleSelection(tc, *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
       for (const std::string& method : o.methods) {
         kvstore::Selection sel;
         if (method == "sts") {
-          sel = BuildStsSelection(map, draft_mass, static_cast<int>(rows), nb, nb, b);
+          sel = BuildStsSelection(map, *r.draft_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
         } else if (method == "oracle") {
           sel = oracle;
         } else {
-          sel = BuildWindowSelection(tc, nb, b);
+          sel = BuildWindowSelection(tc, r.nb, b);
         }
-        SequenceInput sin{.seq = seq, .tokens = chunk, .all_logits = true, .selection = &sel};
+        SequenceInput sin{.seq = seq, .tokens = r.tokens, .all_logits = true, .selection = &sel};
         if (absl::Status s = target.Forward({&sin, 1}, &logits); !s.ok()) return s;
-        if (absl::Status s = target.TruncateSequence(seq, pos); !s.ok()) return s;
+        if (absl::Status s = target.TruncateSequence(seq, r.pos); !s.ok()) return s;
         Acc& a = acc[{method, budget}];
-        for (int64_t r = 0; r < rows; ++r) a.nll += Nll(std::span(logits).subspan(r * vocab, vocab), ids[pos + r + 1]);
-        a.tokens += rows;
+        for (int64_t row = 0; row < r.rows; ++row) {
+          a.nll += Nll(std::span(logits).subspan(row * vocab, vocab), ids[r.pos + row + 1]);
+        }
+        a.tokens += r.rows;
         for (int l = 0; l < layers; ++l) {
           for (int h = 0; h < kvh; ++h) {
             const int list = l * kvh + h;
-            const std::vector<int32_t> mine(sel.blocks.begin() + sel.indptr[list], sel.blocks.begin() + sel.indptr[list + 1]);
+            const std::span<const int32_t> mine(sel.blocks.data() + sel.indptr[list], sel.indptr[list + 1] - sel.indptr[list]);
             const std::set<int32_t> theirs(oracle.blocks.begin() + oracle.indptr[list],
                                            oracle.blocks.begin() + oracle.indptr[list + 1]);
             int64_t inter = 0;
             for (int32_t x : mine) inter += theirs.count(x);
             a.jaccard += double(inter) / double(mine.size() + theirs.size() - inter);
-            a.read += double(mine.size()) / nb;
-            // Captured mass: each query head of this KV head, each row, summed over the list.
-            double captured = 0;
-            for (int g = 0; g < group; ++g) {
-              for (int64_t r = 0; r < rows; ++r) {
-                const float* m = target_mass.data() + ((static_cast<int64_t>(l) * heads + h * group + g) * rows + r) * nb;
-                for (int32_t x : mine) captured += m[x];
-              }
-            }
-            a.recall += captured / (group * rows);
+            a.read += double(mine.size()) / r.nb;
+            a.recall += CapturedMass(tc, r, l, h, mine);
             ++a.lists;
           }
         }
       }
     }
-    SequenceInput keep{.seq = seq, .tokens = chunk};
-    if (absl::Status s = target.Forward({&keep, 1}, &logits); !s.ok()) return s;
-  }
+    return absl::OkStatus();
+  });
+  if (!walked.ok()) return walked;
   std::vector<FidelityRow> out;
   out.push_back({.method = "dense", .budget = 1.0, .perplexity = std::exp(dense.nll / dense.tokens),
                  .nll_per_token = dense.nll / dense.tokens, .recall = 1.0, .jaccard_oracle = 1.0, .blocks_read = 1.0});

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -21,6 +22,29 @@ struct FidelityOptions {
   int sink_blocks = 1;
   int window_blocks = 4;
 };
+
+// One round of k + 1 teacher-forced tokens, as the harness and calibration see it.
+struct Round {
+  int64_t pos = 0;                       // first token of the round
+  int64_t rows = 0;                      // tokens in the round
+  int64_t nb = 0;                        // context blocks once the round is in
+  std::span<const int32_t> tokens;
+  const std::vector<float>* draft_mass;  // [draft layers][draft heads][rows][nb]
+  const std::vector<float>* target_mass; // [target layers][target heads][rows][nb], dense
+  const std::vector<float>* logits;      // [rows][vocab], dense target
+};
+
+// Prefills both models with ids[0, context_tokens) and walks the next eval_tokens in rounds of
+// k + 1: the draft reads each round (teacher-forced, kept), the target reads it densely (masses
+// and logits), is rolled back so that `visit` can run its own passes from the same state, then
+// reads it again densely (kept). Errors of the backends or of `visit` stop the walk.
+absl::Status WalkRounds(ModelBackend& target, ModelBackend& draft, std::span<const int32_t> ids, int64_t context_tokens,
+                        int64_t eval_tokens, int num_speculative_tokens,
+                        const std::function<absl::Status(const Round&)>& visit);
+
+// Mean over the unit's query heads and the round's rows of the dense target attention mass that
+// `list` (blocks of target unit (layer, kv_head)) holds.
+double CapturedMass(const ModelConfig& target, const Round& round, int layer, int kv_head, std::span<const int32_t> list);
 
 // One method at one budget (method "dense" has budget 1).
 struct FidelityRow {
