@@ -161,7 +161,7 @@ int Eval(int argc, char** argv) {
       {"eval-tokens", "512", "tokens scored after the context"},
       {"num-speculative-tokens", "4", "k: tokens are scored in rounds of k + 1, as verification sees them"},
       {"budgets", "0.5,0.2,0.1,0.05,0.02", "fractions of the context's blocks each (layer, KV head) reads"},
-      {"methods", "sts,oracle,window", "selection rules to compare with dense"},
+      {"methods", "sts,oracle,quest,window", "selection rules to compare with dense"},
       {"head-map", "", "head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"csv", "", "also write the table as CSV to this file"},
       {"help", "", "show this help", true},
@@ -304,7 +304,7 @@ void Usage() {
       "usage: scout <command> [flags]\n\n"
       "commands:\n"
       "  generate   generate text from a prompt on the CPU backend (--speculative with --draft)\n"
-      "  eval       fidelity of sparse attention (STS, oracle, window) against dense on a text\n"
+      "  eval       fidelity of sparse attention (STS, oracle, Quest, window) against dense on a text\n"
       "  calibrate  choose the draft heads that stand for each target (layer, KV head)\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }

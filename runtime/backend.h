@@ -10,6 +10,7 @@
 #include "kvstore/block_table.h"
 #include "kvstore/prefetch_planner.h"
 #include "runtime/model_config.h"
+#include "runtime/sts.h"
 
 namespace scout::runtime {
 
@@ -28,6 +29,13 @@ struct SequenceInput {
   // query head: [layers][heads][tokens.size()][ceil(length after this pass / 16)]. The draft's
   // signal for STS, and the oracle's for evaluation.
   std::vector<float>* block_mass = nullptr;
+  // Optional, when selection is null: Quest-style selection made inside the pass. Per layer and
+  // KV head, each block is scored by the upper bound of q . k its per-dimension key minima and
+  // maxima allow (max over the KV head's query heads and the new rows), and the top blocks are
+  // kept within the budget, sinks and window forced. The lists used are written to
+  // quest_selection if it is not null.
+  const StsBudget* quest_budget = nullptr;
+  kvstore::Selection* quest_selection = nullptr;
 };
 
 // A model with a paged KV cache holding any number of sequences. Not thread-safe: one caller.

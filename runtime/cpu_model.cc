@@ -173,6 +173,61 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
           std::copy_n(r + (nh + nkv + kh) * hd, hd, pool_->values(static_cast<int>(layer), block, static_cast<int>(kh)) + off);
         }
       }
+      // Quest-style lists for this layer, from the keys' per-block bounds and the new queries.
+      std::vector<int32_t> quest_indptr, quest_blocks;
+      if (in.selection == nullptr && in.quest_budget != nullptr) {
+        const int64_t end = start[i] + n, nb = kvstore::BlocksFor(end);
+        const int64_t len = BudgetBlocks(*in.quest_budget, nb);
+        const int group = static_cast<int>(nh / nkv);
+        std::vector<float> kmin(hd), kmax(hd), score(nb);
+        std::vector<int32_t> order(nb);
+        quest_indptr.push_back(0);
+        for (int64_t kh = 0; kh < nkv; ++kh) {
+          for (int64_t b = 0; b < nb; ++b) {
+            const float* keys = pool_->keys(static_cast<int>(layer), blocks[b], static_cast<int>(kh));
+            const int64_t filled = std::min<int64_t>(kvstore::kBlockSize, end - b * kvstore::kBlockSize);
+            std::copy_n(keys, hd, kmin.data());
+            std::copy_n(keys, hd, kmax.data());
+            for (int64_t t = 1; t < filled; ++t) {
+              for (int64_t d = 0; d < hd; ++d) {
+                kmin[d] = std::min(kmin[d], keys[t * hd + d]);
+                kmax[d] = std::max(kmax[d], keys[t * hd + d]);
+              }
+            }
+            float best = -INFINITY;
+            for (int64_t t = 0; t < n; ++t) {
+              for (int g = 0; g < group; ++g) {
+                const float* qr = q.data() + ((row + t) * nh + kh * group + g) * hd;
+                float bound = 0;
+                for (int64_t d = 0; d < hd; ++d) bound += std::max(qr[d] * kmin[d], qr[d] * kmax[d]);
+                best = std::max(best, bound);
+              }
+            }
+            const bool forced = b < in.quest_budget->sink_blocks || b >= nb - in.quest_budget->window_blocks;
+            score[b] = forced ? INFINITY : best;
+          }
+          for (int64_t b = 0; b < nb; ++b) order[b] = static_cast<int32_t>(b);
+          std::partial_sort(order.begin(), order.begin() + len, order.end(), [&](int32_t a, int32_t b2) {
+            return score[a] > score[b2] || (score[a] == score[b2] && a < b2);
+          });
+          std::sort(order.begin(), order.begin() + len);
+          quest_blocks.insert(quest_blocks.end(), order.begin(), order.begin() + len);
+          quest_indptr.push_back(static_cast<int32_t>(quest_blocks.size()));
+        }
+        if (in.quest_selection != nullptr) {
+          kvstore::Selection& out = *in.quest_selection;
+          if (layer == 0) out = {.num_layers = static_cast<int>(c.num_hidden_layers), .num_kv_heads = static_cast<int>(nkv),
+                                 .indptr = {0}, .blocks = {}};
+          for (int64_t kh = 0; kh < nkv; ++kh) {
+            out.blocks.insert(out.blocks.end(), quest_blocks.begin() + quest_indptr[kh], quest_blocks.begin() + quest_indptr[kh + 1]);
+            out.indptr.push_back(static_cast<int32_t>(out.blocks.size()));
+          }
+        }
+      }
+      const int32_t* sel_indptr = in.selection ? in.selection->indptr.data() + layer * nkv
+                                               : (quest_indptr.empty() ? nullptr : quest_indptr.data());
+      const int32_t* sel_blocks = in.selection ? in.selection->blocks.data()
+                                               : (quest_blocks.empty() ? nullptr : quest_blocks.data());
       kernels::PagedAttentionCpu({.q = q.data() + row * nh * hd,
                                   .out = attn.data() + row * nh * hd,
                                   .kv_layer = pool_->layer(static_cast<int>(layer)),
@@ -184,8 +239,8 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
                                   .head_dim = static_cast<int>(hd),
                                   .block_size = kvstore::kBlockSize,
                                   .scale = scale,
-                                  .sel_indptr = in.selection ? in.selection->indptr.data() + layer * nkv : nullptr,
-                                  .sel_blocks = in.selection ? in.selection->blocks.data() : nullptr,
+                                  .sel_indptr = sel_indptr,
+                                  .sel_blocks = sel_blocks,
                                   .block_mass = in.block_mass ? in.block_mass->data() + layer * nh * n *
                                                                     kvstore::BlocksFor(start[i] + n)
                                                               : nullptr});

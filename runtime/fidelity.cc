@@ -91,7 +91,9 @@ absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, Model
                                                      std::span<const int32_t> ids, const FidelityOptions& o) {
   const ModelConfig& tc = target.config();
   for (const std::string& m : o.methods) {
-    if (m != "sts" && m != "oracle" && m != "window") return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\""));
+    if (m != "sts" && m != "oracle" && m != "window" && m != "quest") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\" (sts, oracle, window, quest)"));
+    }
   }
   const int layers = static_cast<int>(tc.num_hidden_layers), kvh = static_cast<int>(tc.num_key_value_heads);
   const int64_t vocab = tc.vocab_size;
@@ -110,14 +112,20 @@ absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, Model
       const kvstore::Selection oracle = BuildOracleSelection(tc, *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
       for (const std::string& method : o.methods) {
         kvstore::Selection sel;
+        SequenceInput sin{.seq = seq, .tokens = r.tokens, .all_logits = true};
         if (method == "sts") {
           sel = BuildStsSelection(map, *r.draft_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
         } else if (method == "oracle") {
           sel = oracle;
-        } else {
+        } else if (method == "window") {
           sel = BuildWindowSelection(tc, r.nb, b);
         }
-        SequenceInput sin{.seq = seq, .tokens = r.tokens, .all_logits = true, .selection = &sel};
+        if (method == "quest") {
+          sin.quest_budget = &b;
+          sin.quest_selection = &sel;  // filled by the pass
+        } else {
+          sin.selection = &sel;
+        }
         if (absl::Status s = target.Forward({&sin, 1}, &logits); !s.ok()) return s;
         if (absl::Status s = target.TruncateSequence(seq, r.pos); !s.ok()) return s;
         Acc& a = acc[{method, budget}];

@@ -18,7 +18,7 @@ struct FidelityOptions {
   int64_t eval_tokens = 512;              // scored after the context, in rounds of k + 1
   int num_speculative_tokens = 4;         // k: a round is one verification's k + 1 rows
   std::vector<double> budgets = {0.5, 0.2, 0.1, 0.05, 0.02};  // fractions of the context's blocks
-  std::vector<std::string> methods = {"sts", "oracle", "window"};
+  std::vector<std::string> methods = {"sts", "oracle", "quest", "window"};
   int sink_blocks = 1;
   int window_blocks = 4;
 };
@@ -61,7 +61,8 @@ struct FidelityRow {
 // reads them (teacher-forced) and yields its block masses; the target reads them densely (the
 // reference logits and the oracle's masses), then once per (method, budget) over that method's
 // Selection; every pass but the dense one is rolled back. Methods: "sts" (draft masses through
-// `map`), "oracle" (the target's own top blocks: the upper bound), "window" (sinks + the most
+// `map`), "oracle" (the target's own top blocks: the upper bound), "quest" (per-block key
+// bounds against the target's queries, chosen inside the pass), "window" (sinks + the most
 // recent blocks). InvalidArgument for a text shorter than context + eval tokens or an unknown
 // method.
 absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, ModelBackend& draft, const HeadMap& map,

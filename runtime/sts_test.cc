@@ -113,15 +113,15 @@ TEST(FidelityTest, FullBudgetEqualsDense) {
   auto rows = RunFidelity(**target, **draft, map, ids,
                           {.context_tokens = 600, .eval_tokens = 40, .budgets = {1.0, 0.1}});
   ASSERT_TRUE(rows.ok()) << rows.status();
-  ASSERT_EQ(rows->size(), 7u);
+  ASSERT_EQ(rows->size(), 9u);
   const FidelityRow& dense = rows->front();
-  for (size_t i = 1; i <= 3; ++i) {
+  for (size_t i = 1; i <= 4; ++i) {
     const FidelityRow& r = (*rows)[i];
     EXPECT_NEAR(r.perplexity, dense.perplexity, 1e-9 * dense.perplexity) << r.method;
     EXPECT_NEAR(r.recall, 1.0, 1e-5) << r.method;
     EXPECT_NEAR(r.jaccard_oracle, 1.0, 1e-12) << r.method;
   }
-  for (size_t i = 4; i < 7; ++i) EXPECT_LT((*rows)[i].blocks_read, 0.3) << (*rows)[i].method;
+  for (size_t i = 5; i < 9; ++i) EXPECT_LT((*rows)[i].blocks_read, 0.3) << (*rows)[i].method;
   EXPECT_EQ(RunFidelity(**target, **draft, map, ids, {.context_tokens = 600, .eval_tokens = 400}).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
