@@ -13,6 +13,7 @@
 #include "runtime/calibrate.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
+#include "runtime/tasks.h"
 #include "runtime/speculative.h"
 #include "runtime/tokenizer.h"
 
@@ -164,14 +165,20 @@ int Eval(int argc, char** argv) {
       {"methods", "sts,oracle,quest,window", "selection rules to compare with dense"},
       {"head-map", "", "head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"csv", "", "also write the table as CSV to this file"},
+      {"tasks", "", "instead of perplexity on --text: retrieval accuracy on generated tasks (passkey,kv)"},
+      {"task-lengths", "2048,4096", "tasks: prompt lengths in bytes"},
+      {"task-count", "8", "tasks: prompts per task and length"},
+      {"filler", "", "tasks: text the facts are written over"},
       {"help", "", "show this help", true},
   });
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
-    std::printf("usage: scout eval --model DIR --draft DIR --text FILE [flags]\n%s", flags.Help().c_str());
+    std::printf("usage: scout eval --model DIR --draft DIR (--text FILE | --tasks passkey,kv --filler FILE) [flags]\n%s",
+                flags.Help().c_str());
     return 0;
   }
-  for (const char* f : {"model", "draft", "text"}) {
+  const bool tasks = !flags.Get("tasks").empty();
+  for (const char* f : {"model", "draft", tasks ? "filler" : "text"}) {
     if (flags.Get(f).empty()) return Fail(absl::InvalidArgumentError(absl::StrCat("--", f, " is required")));
   }
   absl::StatusOr<std::unique_ptr<runtime::CpuModel>> target = runtime::CpuModel::Load(flags.Get("model"));
@@ -180,7 +187,7 @@ int Eval(int argc, char** argv) {
   if (!draft.ok()) return Fail(draft.status());
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
-  absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get("text"));
+  absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get(tasks ? "filler" : "text"));
   if (!text.ok()) return Fail(text.status());
   runtime::HeadMap map = runtime::DefaultHeadMap((*target)->config(), (*draft)->config());
   std::filesystem::path map_path = flags.Get("head-map");
@@ -210,6 +217,40 @@ int Eval(int argc, char** argv) {
     opt.budgets.push_back(v);
   }
   opt.methods = absl::StrSplit(flags.Get("methods"), ',');
+  if (tasks) {
+    absl::StatusOr<int64_t> count = flags.GetInt("task-count");
+    if (!count.ok()) return Fail(count.status());
+    std::string csv = "task,length,method,budget,correct,total\n";
+    std::printf("%-8s %7s %-8s %7s | %9s\n", "task", "length", "method", "budget", "accuracy");
+    for (absl::string_view kind : absl::StrSplit(flags.Get("tasks"), ',')) {
+      if (kind != "passkey" && kind != "kv") return Fail(absl::InvalidArgumentError(absl::StrCat("unknown task \"", kind, "\"")));
+      for (absl::string_view ls : absl::StrSplit(flags.Get("task-lengths"), ',')) {
+        int64_t length;
+        if (!absl::SimpleAtoi(ls, &length) || length < 256) return Fail(absl::InvalidArgumentError("--task-lengths: integers >= 256"));
+        std::vector<std::vector<int32_t>> prompts, answers;
+        for (int64_t i = 0; i < *count; ++i) {
+          runtime::RetrievalTask t = kind == "passkey" ? runtime::MakePasskeyTask(*text, length, 1000 + i)
+                                                       : runtime::MakeKeyValueTask(*text, length, 2000 + i);
+          prompts.push_back((*tok)->Encode(t.prompt, /*add_bos=*/true));
+          answers.push_back((*tok)->Encode(t.answer, /*add_bos=*/false));
+        }
+        absl::StatusOr<std::vector<runtime::RetrievalRow>> rows =
+            runtime::RunRetrieval(**target, **draft, map, prompts, answers, opt);
+        if (!rows.ok()) return Fail(rows.status());
+        for (const runtime::RetrievalRow& r : *rows) {
+          std::printf("%-8s %7lld %-8s %6.0f%% | %4d / %-3d\n", std::string(kind).c_str(), static_cast<long long>(length),
+                      r.method.c_str(), r.budget * 100, r.correct, r.total);
+          absl::StrAppend(&csv, kind, ",", length, ",", r.method, ",", r.budget, ",", r.correct, ",", r.total, "\n");
+        }
+      }
+    }
+    if (!flags.Get("csv").empty()) {
+      std::ofstream out(flags.Get("csv"));
+      out << csv;
+      if (!out) return Fail(absl::InternalError(absl::StrCat(flags.Get("csv"), ": write failed")));
+    }
+    return 0;
+  }
   std::vector<int32_t> ids = (*tok)->Encode(*text, /*add_bos=*/true);
   absl::StatusOr<std::vector<runtime::FidelityRow>> rows = runtime::RunFidelity(**target, **draft, map, ids, opt);
   if (!rows.ok()) return Fail(rows.status());

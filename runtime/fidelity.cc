@@ -24,6 +24,39 @@ struct Acc {
   int64_t tokens = 0, lists = 0;
 };
 
+// Runs the target over round r with `method`'s Selection at budget b (rolled back after), giving
+// the logits and the lists it read.
+absl::Status MethodPass(ModelBackend& target, SequenceId seq, const HeadMap& map, const Round& r,
+                        const std::string& method, const StsBudget& b, const kvstore::Selection& oracle,
+                        kvstore::Selection* sel, std::vector<float>* logits) {
+  const ModelConfig& tc = target.config();
+  SequenceInput sin{.seq = seq, .tokens = r.tokens, .all_logits = true};
+  if (method == "sts") {
+    *sel = BuildStsSelection(map, *r.draft_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
+  } else if (method == "oracle") {
+    *sel = oracle;
+  } else if (method == "window") {
+    *sel = BuildWindowSelection(tc, r.nb, b);
+  }
+  if (method == "quest") {
+    sin.quest_budget = &b;
+    sin.quest_selection = sel;  // filled by the pass
+  } else {
+    sin.selection = sel;
+  }
+  if (absl::Status s = target.Forward({&sin, 1}, logits); !s.ok()) return s;
+  return target.TruncateSequence(seq, r.pos);
+}
+
+absl::Status CheckMethods(const std::vector<std::string>& methods) {
+  for (const std::string& m : methods) {
+    if (m != "sts" && m != "oracle" && m != "window" && m != "quest") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\" (sts, oracle, window, quest)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status WalkRounds(ModelBackend& target, ModelBackend& draft, std::span<const int32_t> ids, int64_t context_tokens,
@@ -90,11 +123,7 @@ double CapturedMass(const ModelConfig& tc, const Round& r, int layer, int kv_hea
 absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
                                                      std::span<const int32_t> ids, const FidelityOptions& o) {
   const ModelConfig& tc = target.config();
-  for (const std::string& m : o.methods) {
-    if (m != "sts" && m != "oracle" && m != "window" && m != "quest") {
-      return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\" (sts, oracle, window, quest)"));
-    }
-  }
+  if (absl::Status s = CheckMethods(o.methods); !s.ok()) return s;
   const int layers = static_cast<int>(tc.num_hidden_layers), kvh = static_cast<int>(tc.num_key_value_heads);
   const int64_t vocab = tc.vocab_size;
   const SequenceId seq = 0x5c0;
@@ -112,22 +141,7 @@ absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, Model
       const kvstore::Selection oracle = BuildOracleSelection(tc, *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
       for (const std::string& method : o.methods) {
         kvstore::Selection sel;
-        SequenceInput sin{.seq = seq, .tokens = r.tokens, .all_logits = true};
-        if (method == "sts") {
-          sel = BuildStsSelection(map, *r.draft_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
-        } else if (method == "oracle") {
-          sel = oracle;
-        } else if (method == "window") {
-          sel = BuildWindowSelection(tc, r.nb, b);
-        }
-        if (method == "quest") {
-          sin.quest_budget = &b;
-          sin.quest_selection = &sel;  // filled by the pass
-        } else {
-          sin.selection = &sel;
-        }
-        if (absl::Status s = target.Forward({&sin, 1}, &logits); !s.ok()) return s;
-        if (absl::Status s = target.TruncateSequence(seq, r.pos); !s.ok()) return s;
+        if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, &sel, &logits); !s.ok()) return s;
         Acc& a = acc[{method, budget}];
         for (int64_t row = 0; row < r.rows; ++row) {
           a.nll += Nll(std::span(logits).subspan(row * vocab, vocab), ids[r.pos + row + 1]);
@@ -162,6 +176,65 @@ absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, Model
                      .nll_per_token = a.nll / a.tokens, .recall = a.recall / a.lists,
                      .jaccard_oracle = a.jaccard / a.lists, .blocks_read = a.read / a.lists});
     }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<RetrievalRow>> RunRetrieval(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
+                                                       const std::vector<std::vector<int32_t>>& prompts,
+                                                       const std::vector<std::vector<int32_t>>& answers,
+                                                       const FidelityOptions& o) {
+  if (absl::Status s = CheckMethods(o.methods); !s.ok()) return s;
+  if (prompts.size() != answers.size()) return absl::InvalidArgumentError("prompts and answers differ in number");
+  const ModelConfig& tc = target.config();
+  const int64_t vocab = tc.vocab_size;
+  const SequenceId seq = 0x5c0;
+  std::map<std::pair<std::string, double>, RetrievalRow> rows;
+  RetrievalRow dense{.method = "dense", .budget = 1.0, .correct = 0, .total = 0};
+  std::vector<float> logits;
+  for (size_t t = 0; t < prompts.size(); ++t) {
+    std::vector<int32_t> ids = prompts[t];
+    ids.insert(ids.end(), answers[t].begin(), answers[t].end());
+    const int64_t ctx = static_cast<int64_t>(prompts[t].size()) - 1;  // the last prompt token predicts the answer
+    std::map<std::pair<std::string, double>, bool> right;
+    bool dense_right = true;
+    auto argmax_ok = [&](const std::vector<float>& l, const Round& r) {
+      bool ok = true;
+      for (int64_t row = 0; row < r.rows; ++row) {
+        const float* x = l.data() + row * vocab;
+        ok = ok && static_cast<int32_t>(std::max_element(x, x + vocab) - x) == ids[r.pos + row + 1];
+      }
+      return ok;
+    };
+    absl::Status walked = WalkRounds(target, draft, ids, ctx, static_cast<int64_t>(answers[t].size()),
+                                     o.num_speculative_tokens, [&](const Round& r) -> absl::Status {
+      dense_right = dense_right && argmax_ok(*r.logits, r);
+      for (double budget : o.budgets) {
+        const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks};
+        const kvstore::Selection oracle = BuildOracleSelection(tc, *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
+        for (const std::string& method : o.methods) {
+          kvstore::Selection sel;
+          if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, &sel, &logits); !s.ok()) return s;
+          auto [it, fresh] = right.try_emplace({method, budget}, true);
+          it->second = it->second && argmax_ok(logits, r);
+        }
+      }
+      return absl::OkStatus();
+    });
+    if (!walked.ok()) return walked;
+    dense.correct += dense_right;
+    ++dense.total;
+    for (const auto& [key, ok] : right) {
+      RetrievalRow& row = rows[key];
+      row.method = key.first;
+      row.budget = key.second;
+      row.correct += ok;
+      ++row.total;
+    }
+  }
+  std::vector<RetrievalRow> out = {dense};
+  for (double budget : o.budgets) {
+    for (const std::string& method : o.methods) out.push_back(rows[{method, budget}]);
   }
   return out;
 }

@@ -68,4 +68,18 @@ struct FidelityRow {
 absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
                                                      std::span<const int32_t> ids, const FidelityOptions& options);
 
+// Retrieval accuracy: for each (prompt ids, answer ids) the answer is scored teacher-forced:
+// correct under a method when every answer token is the argmax of that method's logits at its
+// position. One row per method and budget (and "dense"), perplexity fields unused.
+struct RetrievalRow {
+  std::string method;
+  double budget = 1.0;
+  int correct = 0;
+  int total = 0;
+};
+absl::StatusOr<std::vector<RetrievalRow>> RunRetrieval(ModelBackend& target, ModelBackend& draft, const HeadMap& map,
+                                                       const std::vector<std::vector<int32_t>>& prompts,
+                                                       const std::vector<std::vector<int32_t>>& answers,
+                                                       const FidelityOptions& options);
+
 }  // namespace scout::runtime
