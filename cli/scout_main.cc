@@ -25,6 +25,40 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
+// Where `scout calibrate` writes, and generate/eval look by default.
+std::filesystem::path DefaultHeadMapPath(const std::string& draft_dir) {
+  return std::filesystem::path(draft_dir) / "scout_head_map.json";
+}
+
+// --head-map if given, else the draft folder's calibrated map if present, else proportional depth.
+absl::StatusOr<runtime::HeadMap> ResolveHeadMap(const std::string& flag, const std::string& draft_dir,
+                                                const runtime::ModelConfig& target, const runtime::ModelConfig& draft) {
+  std::filesystem::path path = flag;
+  if (path.empty() && std::filesystem::exists(DefaultHeadMapPath(draft_dir))) path = DefaultHeadMapPath(draft_dir);
+  if (path.empty()) return runtime::DefaultHeadMap(target, draft);
+  return runtime::LoadHeadMap(path, target, draft);
+}
+
+// Target, draft and the target's tokenizer, for the subcommands that need all three.
+struct ModelPair {
+  std::unique_ptr<runtime::CpuModel> target;
+  std::unique_ptr<runtime::CpuModel> draft;
+  std::unique_ptr<runtime::Tokenizer> tokenizer;
+};
+absl::StatusOr<ModelPair> LoadPair(const std::string& model_dir, const std::string& draft_dir) {
+  ModelPair pair;
+  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> target = runtime::CpuModel::Load(model_dir);
+  if (!target.ok()) return target.status();
+  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft = runtime::CpuModel::Load(draft_dir);
+  if (!draft.ok()) return draft.status();
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(model_dir);
+  if (!tok.ok()) return tok.status();
+  pair.target = std::move(*target);
+  pair.draft = std::move(*draft);
+  pair.tokenizer = std::move(*tok);
+  return pair;
+}
+
 int Generate(int argc, char** argv) {
   Flags flags({
       {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
@@ -101,17 +135,10 @@ int Generate(int argc, char** argv) {
     runtime::HeadMap head_map;
     const std::string sparsity = flags.Get("sparsity");
     if (sparsity == "sts") {
-      std::filesystem::path map_path = flags.Get("head-map");
-      if (map_path.empty() && std::filesystem::exists(std::filesystem::path(flags.Get("draft")) / "scout_head_map.json")) {
-        map_path = std::filesystem::path(flags.Get("draft")) / "scout_head_map.json";
-      }
-      if (map_path.empty()) {
-        head_map = runtime::DefaultHeadMap((*model)->config(), (*draft)->config());
-      } else {
-        absl::StatusOr<runtime::HeadMap> m = runtime::LoadHeadMap(map_path, (*model)->config(), (*draft)->config());
-        if (!m.ok()) return Fail(m.status());
-        head_map = *m;
-      }
+      absl::StatusOr<runtime::HeadMap> m =
+          ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), (*model)->config(), (*draft)->config());
+      if (!m.ok()) return Fail(m.status());
+      head_map = *m;
       absl::StatusOr<int64_t> tokens = flags.GetInt("kv-budget-tokens");
       absl::StatusOr<double> fraction = flags.GetDouble("kv-budget-fraction");
       if (!tokens.ok()) return Fail(tokens.status());
@@ -165,6 +192,8 @@ int Eval(int argc, char** argv) {
       {"methods", "sts,oracle,quest,window", "selection rules to compare with dense"},
       {"head-map", "", "head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"csv", "", "also write the table as CSV to this file"},
+      {"sink-blocks", "1", "first blocks every list keeps"},
+      {"window-blocks", "4", "last blocks every list keeps"},
       {"tasks", "", "instead of perplexity on --text: retrieval accuracy on generated tasks (passkey,kv)"},
       {"task-lengths", "2048,4096", "tasks: prompt lengths in bytes"},
       {"task-count", "8", "tasks: prompts per task and length"},
@@ -181,24 +210,17 @@ int Eval(int argc, char** argv) {
   for (const char* f : {"model", "draft", tasks ? "filler" : "text"}) {
     if (flags.Get(f).empty()) return Fail(absl::InvalidArgumentError(absl::StrCat("--", f, " is required")));
   }
-  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> target = runtime::CpuModel::Load(flags.Get("model"));
-  if (!target.ok()) return Fail(target.status());
-  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft = runtime::CpuModel::Load(flags.Get("draft"));
-  if (!draft.ok()) return Fail(draft.status());
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
-  if (!tok.ok()) return Fail(tok.status());
+  absl::StatusOr<ModelPair> pair = LoadPair(flags.Get("model"), flags.Get("draft"));
+  if (!pair.ok()) return Fail(pair.status());
+  runtime::CpuModel* target = pair->target.get();
+  runtime::CpuModel* draft = pair->draft.get();
+  runtime::Tokenizer* tok = pair->tokenizer.get();
   absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get(tasks ? "filler" : "text"));
   if (!text.ok()) return Fail(text.status());
-  runtime::HeadMap map = runtime::DefaultHeadMap((*target)->config(), (*draft)->config());
-  std::filesystem::path map_path = flags.Get("head-map");
-  if (map_path.empty() && std::filesystem::exists(std::filesystem::path(flags.Get("draft")) / "scout_head_map.json")) {
-    map_path = std::filesystem::path(flags.Get("draft")) / "scout_head_map.json";
-  }
-  if (!map_path.empty()) {
-    absl::StatusOr<runtime::HeadMap> m = runtime::LoadHeadMap(map_path, (*target)->config(), (*draft)->config());
-    if (!m.ok()) return Fail(m.status());
-    map = *m;
-  }
+  absl::StatusOr<runtime::HeadMap> map_or =
+      ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), target->config(), draft->config());
+  if (!map_or.ok()) return Fail(map_or.status());
+  const runtime::HeadMap& map = *map_or;
   runtime::FidelityOptions opt;
   absl::StatusOr<int64_t> ctx = flags.GetInt("context-tokens"), ev = flags.GetInt("eval-tokens"),
                           k = flags.GetInt("num-speculative-tokens");
@@ -217,6 +239,12 @@ int Eval(int argc, char** argv) {
     opt.budgets.push_back(v);
   }
   opt.methods = absl::StrSplit(flags.Get("methods"), ',');
+  absl::StatusOr<int64_t> sinks = flags.GetInt("sink-blocks"), window = flags.GetInt("window-blocks");
+  if (!sinks.ok()) return Fail(sinks.status());
+  if (!window.ok()) return Fail(window.status());
+  if (*sinks < 0 || *window < 1) return Fail(absl::InvalidArgumentError("--sink-blocks >= 0 and --window-blocks >= 1"));
+  opt.sink_blocks = static_cast<int>(*sinks);
+  opt.window_blocks = static_cast<int>(*window);
   if (tasks) {
     absl::StatusOr<int64_t> count = flags.GetInt("task-count");
     if (!count.ok()) return Fail(count.status());
@@ -231,11 +259,11 @@ int Eval(int argc, char** argv) {
         for (int64_t i = 0; i < *count; ++i) {
           runtime::RetrievalTask t = kind == "passkey" ? runtime::MakePasskeyTask(*text, length, 1000 + i)
                                                        : runtime::MakeKeyValueTask(*text, length, 2000 + i);
-          prompts.push_back((*tok)->Encode(t.prompt, /*add_bos=*/true));
-          answers.push_back((*tok)->Encode(t.answer, /*add_bos=*/false));
+          prompts.push_back(tok->Encode(t.prompt, /*add_bos=*/true));
+          answers.push_back(tok->Encode(t.answer, /*add_bos=*/false));
         }
         absl::StatusOr<std::vector<runtime::RetrievalRow>> rows =
-            runtime::RunRetrieval(**target, **draft, map, prompts, answers, opt);
+            runtime::RunRetrieval(*target, *draft, map, prompts, answers, opt);
         if (!rows.ok()) return Fail(rows.status());
         for (const runtime::RetrievalRow& r : *rows) {
           std::printf("%-8s %7lld %-8s %6.0f%% | %4d / %-3d\n", std::string(kind).c_str(), static_cast<long long>(length),
@@ -251,8 +279,8 @@ int Eval(int argc, char** argv) {
     }
     return 0;
   }
-  std::vector<int32_t> ids = (*tok)->Encode(*text, /*add_bos=*/true);
-  absl::StatusOr<std::vector<runtime::FidelityRow>> rows = runtime::RunFidelity(**target, **draft, map, ids, opt);
+  std::vector<int32_t> ids = tok->Encode(*text, /*add_bos=*/true);
+  absl::StatusOr<std::vector<runtime::FidelityRow>> rows = runtime::RunFidelity(*target, *draft, map, ids, opt);
   if (!rows.ok()) return Fail(rows.status());
   const double dense_ppl = rows->front().perplexity;
   std::printf("fidelity: %s scored on %lld tokens after %lld of context, rounds of k+1 = %d\n",
@@ -298,12 +326,11 @@ int Calibrate(int argc, char** argv) {
   for (const char* f : {"model", "draft", "text"}) {
     if (flags.Get(f).empty()) return Fail(absl::InvalidArgumentError(absl::StrCat("--", f, " is required")));
   }
-  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> target = runtime::CpuModel::Load(flags.Get("model"));
-  if (!target.ok()) return Fail(target.status());
-  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft = runtime::CpuModel::Load(flags.Get("draft"));
-  if (!draft.ok()) return Fail(draft.status());
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
-  if (!tok.ok()) return Fail(tok.status());
+  absl::StatusOr<ModelPair> pair = LoadPair(flags.Get("model"), flags.Get("draft"));
+  if (!pair.ok()) return Fail(pair.status());
+  runtime::CpuModel* target = pair->target.get();
+  runtime::CpuModel* draft = pair->draft.get();
+  runtime::Tokenizer* tok = pair->tokenizer.get();
   absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get("text"));
   if (!text.ok()) return Fail(text.status());
   absl::StatusOr<int64_t> ctx = flags.GetInt("context-tokens"), n = flags.GetInt("calib-tokens"),
@@ -312,9 +339,9 @@ int Calibrate(int argc, char** argv) {
   for (const absl::Status& s : {ctx.status(), n.status(), k.status(), heads.status(), frac.status()}) {
     if (!s.ok()) return Fail(s);
   }
-  std::vector<int32_t> ids = (*tok)->Encode(*text, /*add_bos=*/true);
+  std::vector<int32_t> ids = tok->Encode(*text, /*add_bos=*/true);
   absl::StatusOr<runtime::CalibrationReport> rep = runtime::CalibrateHeadMap(
-      **target, **draft, ids,
+      *target, *draft, ids,
       {.context_tokens = *ctx, .calib_tokens = *n, .num_speculative_tokens = static_cast<int>(*k),
        .budget_fraction = *frac, .max_heads_per_unit = static_cast<int>(*heads)});
   if (!rep.ok()) return Fail(rep.status());
@@ -334,7 +361,7 @@ int Calibrate(int argc, char** argv) {
   std::printf("mean captured target attention at %.0f%% of blocks: %.1f%% (proportional-depth default %.1f%%)\n",
               *frac * 100, 100 * mean, 100 * mean_def);
   std::filesystem::path out = flags.Get("output");
-  if (out.empty()) out = std::filesystem::path(flags.Get("draft")) / "scout_head_map.json";
+  if (out.empty()) out = DefaultHeadMapPath(flags.Get("draft"));
   if (absl::Status s = runtime::SaveHeadMap(out, rep->map); !s.ok()) return Fail(s);
   std::printf("wrote %s\n", out.c_str());
   return 0;
