@@ -117,7 +117,9 @@ TEST(PagedAttentionCpuTest, SelectionAndBlockMassMatchFloat64) {
         total += m[b];
         const bool listed = std::find(blocks.begin() + indptr[h / 3], blocks.begin() + indptr[h / 3 + 1], b) !=
                             blocks.begin() + indptr[h / 3 + 1];
-        if (!listed) EXPECT_EQ(m[b], 0.0f) << "mass on an unlisted block";
+        if (!listed) {
+          EXPECT_EQ(m[b], 0.0f) << "mass on an unlisted block";
+        }
       }
       EXPECT_NEAR(total, 1.0, 1e-5);
     }

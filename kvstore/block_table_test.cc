@@ -53,7 +53,9 @@ TEST(BlockTableManagerTest, MatchesModelOnRandomOperations) {
         } else {
           bool fits = used - BlocksFor(model[id]) + BlocksFor(target) <= kBlocks;
           EXPECT_EQ(s.ok(), fits) << s;
-          if (!fits) EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+          if (!fits) {
+            EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+          }
           if (fits) model[id] = target;
         }
       } else if (op <= 7) {
