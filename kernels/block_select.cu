@@ -15,20 +15,15 @@ __device__ __forceinline__ uint32_t Key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Keys live in shared memory when a sequence has at most this many blocks (64 KiB: three CTAs
-// still fit an SM), else in the global scratch.
-constexpr int kSharedKeys = 16384;
-
 // One CTA per (sequence, unit). Every pass keeps kUnroll loads per thread in flight: the passes
 // are short and latency, not bandwidth, would bound them otherwise.
-__global__ void __launch_bounds__(kThreads) BlockSelectKernel(BlockSelectParams p, uint32_t* scratch, bool shared_keys) {
-  extern __shared__ uint32_t smem_keys[];
+__global__ void __launch_bounds__(kThreads) BlockSelectKernel(BlockSelectParams p, uint32_t* scratch) {
   const int s = blockIdx.y, u = blockIdx.x;
   const int nb = p.num_blocks[s];
   const int list = s * p.num_units + u;
   const int begin = p.out_indptr[list];
   const int want = p.out_indptr[list + 1] - begin;
-  uint32_t* keys = shared_keys ? smem_keys : scratch + static_cast<size_t>(list) * BlockSelectKeyStride(p.max_blocks);
+  uint32_t* keys = scratch + static_cast<size_t>(list) * BlockSelectKeyStride(p.max_blocks);
   const int h0 = p.map_indptr[u], h1 = p.map_indptr[u + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
@@ -111,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) BlockSelectKernel(BlockSelectParams 
   //    threshold, and the first `need` equal to it, written in ascending block order.
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int sh_eq_total, sh_out_total;
   int eq_base = 0, out_base = 0;
   for (int base = 0; base < nb; base += kUnroll * kThreads) {
     const int b0 = base + threadIdx.x * kUnroll;
@@ -148,15 +144,7 @@ __global__ void __launch_bounds__(kThreads) BlockSelectKernel(BlockSelectParams 
 
 cudaError_t BlockSelect(const BlockSelectParams& p, void* scratch, cudaStream_t stream) {
   if (p.num_seqs <= 0 || p.num_units <= 0 || p.max_blocks <= 0 || p.num_positions <= 0) return cudaErrorInvalidValue;
-  const bool shared_keys = p.max_blocks <= kSharedKeys;
-  const size_t smem = shared_keys ? sizeof(uint32_t) * p.max_blocks : 0;
-  if (smem > 48 * 1024) {
-    static const cudaError_t attr = cudaFuncSetAttribute(BlockSelectKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                         static_cast<int>(sizeof(uint32_t) * kSharedKeys));
-    if (attr != cudaSuccess) return attr;
-  }
-  BlockSelectKernel<<<dim3(p.num_units, p.num_seqs), kThreads, smem, stream>>>(p, static_cast<uint32_t*>(scratch),
-                                                                              shared_keys);
+  BlockSelectKernel<<<dim3(p.num_units, p.num_seqs), kThreads, 0, stream>>>(p, static_cast<uint32_t*>(scratch));
   return cudaGetLastError();
 }
 

@@ -14,8 +14,7 @@ namespace scout::kernels {
 // Keys of one (sequence, unit) start on 16-byte boundaries.
 __host__ __device__ inline int BlockSelectKeyStride(int max_blocks) { return (max_blocks + 3) & ~3; }
 
-// Device scratch the kernel needs: one 32-bit key per (sequence, unit, block). Sequences of up
-// to 16384 blocks keep their keys in shared memory instead; the scratch must still be passed.
+// Device scratch the kernel needs: one 32-bit key per (sequence, unit, block).
 inline size_t BlockSelectScratchBytes(const BlockSelectParams& p) {
   return sizeof(uint32_t) * static_cast<size_t>(p.num_seqs) * p.num_units * BlockSelectKeyStride(p.max_blocks);
 }
