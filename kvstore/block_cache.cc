@@ -104,6 +104,17 @@ void BlockCache::ReleaseStep(uint64_t step) {
   pinned_by_step_.erase(it);
 }
 
+void BlockCache::Unpin(uint64_t step, int64_t n) {
+  auto it = pinned_by_step_.find(step);
+  if (it == pinned_by_step_.end()) return;
+  std::vector<int32_t>& pins = it->second;
+  for (; n > 0 && !pins.empty(); --n) {
+    --slots_[pins.back()].pins;
+    pins.pop_back();
+  }
+  if (pins.empty()) pinned_by_step_.erase(it);
+}
+
 void BlockCache::Drop(int32_t slot) {
   Slot& s = slots_[slot];
   if (int32_t* e = Entry(s.key, /*create=*/false); e != nullptr) *e = -1;

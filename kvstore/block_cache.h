@@ -53,6 +53,8 @@ class BlockCache {
   absl::StatusOr<std::pair<int32_t, bool>> Acquire(const UnitKey& key, uint64_t step);
   // Unpins what `step` pinned (idempotent).
   void ReleaseStep(uint64_t step);
+  // Unpins the last n pins `step` took (a plan that failed half way gives back only its own).
+  void Unpin(uint64_t step, int64_t n);
   // Forgets a unit (its host bytes changed, or a failed plan never filled it). FailedPrecondition
   // if a step still pins it. OK if absent.
   absl::Status Invalidate(const UnitKey& key);

@@ -28,7 +28,9 @@ struct KvLayout {
 };
 
 // Host memory for the store, handed out in large chunks. The CPU build uses plain aligned
-// memory; GPU builds pass an allocator of pinned, device-mapped memory (kvstore/pinned_memory.h).
+// memory; GPU builds pass an allocator of pinned, device-mapped memory (PinnedHostAllocator in
+// kvstore/copy_engine.cuh). Both functions must be thread-safe: chunks are allocated from
+// several threads at once.
 struct HostAllocator {
   std::function<absl::StatusOr<void*>(size_t bytes)> allocate;
   std::function<void(void*)> release;

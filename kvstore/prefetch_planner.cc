@@ -1,5 +1,6 @@
 #include "kvstore/prefetch_planner.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -11,7 +12,8 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
   const KvLayout& layout = store.layout();
   if (sel.num_layers != layout.num_layers || sel.num_kv_heads != layout.num_kv_heads ||
       sel.indptr.size() != static_cast<size_t>(sel.num_layers) * sel.num_kv_heads + 1 ||
-      sel.indptr.back() != static_cast<int32_t>(sel.blocks.size())) {
+      sel.indptr.front() != 0 || sel.indptr.back() != static_cast<int32_t>(sel.blocks.size()) ||
+      !std::is_sorted(sel.indptr.begin(), sel.indptr.end())) {
     return absl::InvalidArgumentError(absl::StrCat("selection of ", sel.num_layers, " x ", sel.num_kv_heads,
                                                    " lists does not match the store's ", layout.num_layers, " x ",
                                                    layout.num_kv_heads));
@@ -42,7 +44,7 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
         const UnitKey key{session, layer, head, sel.blocks[i]};
         absl::StatusOr<std::pair<int32_t, bool>> got = cache.Acquire(key, step);
         if (!got.ok()) {
-          cache.ReleaseStep(step);
+          cache.Unpin(step, static_cast<int64_t>(plan.hits + plan.misses));  // this plan's pins only
           for (const UnitKey& k : claimed) cache.Invalidate(k).IgnoreError();
           return got.status();
         }
@@ -91,7 +93,7 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceId session, int64_t num_tokens, Ho
         const UnitKey key{session, layer, head, b};
         absl::StatusOr<std::pair<int32_t, bool>> got = cache.Acquire(key, step);
         if (!got.ok()) {
-          cache.ReleaseStep(step);
+          cache.Unpin(step, static_cast<int64_t>(plan.slots.size()));  // this plan's pins only
           for (const UnitKey& k : claimed) cache.Invalidate(k).IgnoreError();
           // Give back what the reservation took.
           if (absl::Status s = store.Truncate(session, plan.first_token); !s.ok()) return s;

@@ -1,5 +1,6 @@
 #include "kvstore/prefetch_planner.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -194,7 +195,7 @@ TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
 
 // Chunks come as reservations need them; a refused chunk leaves the session as it was.
 TEST(HostKvStoreTest, AllocatesChunksOnDemandAndRollsBackWhenRefused) {
-  int allocations = 0, releases = 0;
+  std::atomic<int> allocations = 0, releases = 0;  // the store allocates from several threads
   HostAllocator counting{[&](size_t bytes) -> absl::StatusOr<void*> {
                            if (allocations == 3) return absl::ResourceExhaustedError("test: no more memory");
                            ++allocations;
@@ -207,14 +208,14 @@ TEST(HostKvStoreTest, AllocatesChunksOnDemandAndRollsBackWhenRefused) {
   {
     auto store = HostKvStore::Create(kLayout, 20, counting, {.chunk_bytes = 4 * kLayout.slab_bytes()});
     ASSERT_TRUE(store.ok());
-    EXPECT_EQ(allocations, 0);
+    EXPECT_EQ(allocations.load(), 0);
     ASSERT_TRUE((*store)->AddSession(1).ok());
     ASSERT_TRUE((*store)->Reserve(1, 5 * kBlockSize).ok());  // 5 slabs: chunks 0 and 1
-    EXPECT_EQ(allocations, 2);
+    EXPECT_EQ(allocations.load(), 2);
     ASSERT_TRUE((*store)->Reserve(1, 8 * kBlockSize).ok());  // still chunk 1
-    EXPECT_EQ(allocations, 2);
+    EXPECT_EQ(allocations.load(), 2);
     ASSERT_TRUE((*store)->Reserve(1, 12 * kBlockSize).ok());  // chunk 2
-    EXPECT_EQ(allocations, 3);
+    EXPECT_EQ(allocations.load(), 3);
     absl::Status s = (*store)->Reserve(1, 13 * kBlockSize);  // chunk 3 refused
     EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
     EXPECT_NE(s.message().find("test: no more memory"), std::string::npos);
@@ -224,7 +225,7 @@ TEST(HostKvStoreTest, AllocatesChunksOnDemandAndRollsBackWhenRefused) {
     auto eager = HostKvStore::Create(kLayout, 20, counting, {.chunk_bytes = 4 * kLayout.slab_bytes(), .allocate_upfront = true});
     EXPECT_EQ(eager.status().code(), absl::StatusCode::kResourceExhausted);
   }
-  EXPECT_EQ(releases, allocations) << "chunks leaked";
+  EXPECT_EQ(releases.load(), allocations.load()) << "chunks leaked";
 }
 
 TEST(PrefetchPlannerTest, RejectsBadSelectionsAndFullCacheCleanly) {
@@ -251,6 +252,43 @@ TEST(PrefetchPlannerTest, RejectsBadSelectionsAndFullCacheCleanly) {
   // Store exhaustion is clean too.
   EXPECT_EQ((*store)->Reserve(1, 1000).code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ((*store)->Find(1)->num_tokens, 40);
+}
+
+}  // namespace
+}  // namespace scout::kvstore
+
+namespace scout::kvstore {
+namespace {
+
+// Regression (review 2026-11-27): a plan that ran out of slots unpinned everything its step
+// held, earlier plans of the same step included, so their units could be evicted mid-step.
+TEST(PrefetchPlannerTest, FailedPlanUnpinsOnlyItsOwnUnits) {
+  auto store = HostKvStore::Create(kLayout, 8);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->AddSession(1).ok());
+  ASSERT_TRUE((*store)->Reserve(1, 40).ok());
+  BlockCache cache(8, 3, 2);
+  Selection one{.num_layers = 3, .num_kv_heads = 2, .indptr = {0, 1, 1, 1, 1, 1, 1}, .blocks = {0}};
+  ASSERT_TRUE(PlanPrefetch(one, 1, **store, cache, 7).ok());
+  const int32_t pinned_slot = cache.Find({1, 0, 0, 0});
+  Selection many{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
+  for (int list = 0; list < 6; ++list) {
+    many.blocks.insert(many.blocks.end(), {1, 2});
+    many.indptr.push_back(static_cast<int32_t>(many.blocks.size()));
+  }
+  EXPECT_EQ(PlanPrefetch(many, 1, **store, cache, 7).status().code(), absl::StatusCode::kResourceExhausted);
+  // The first plan's unit is still pinned: filling the cache from another step cannot evict it.
+  Selection other{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
+  for (int list = 0; list < 6; ++list) {
+    other.blocks.push_back(list == 0 ? 1 : 2);
+    other.indptr.push_back(static_cast<int32_t>(other.blocks.size()));
+  }
+  ASSERT_TRUE(PlanPrefetch(other, 1, **store, cache, 8).ok());
+  EXPECT_EQ(cache.Find({1, 0, 0, 0}), pinned_slot);
+  EXPECT_EQ(cache.key_of(pinned_slot), (UnitKey{1, 0, 0, 0}));
+  // Malformed index arrays are refused before anything is read.
+  Selection bad{.num_layers = 3, .num_kv_heads = 2, .indptr = {0, 2, 1, 2, 2, 2, 2}, .blocks = {0, 1}};
+  EXPECT_EQ(PlanPrefetch(bad, 1, **store, cache, 9).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

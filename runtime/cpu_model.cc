@@ -104,6 +104,13 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
                                                 " tokens, past max_position_embeddings ", c.max_position_embeddings));
     }
     blocks_needed += *tables_.BlocksNeeded(in.seq, end);
+    if (in.quest_budget != nullptr) {
+      const StsBudget& b = *in.quest_budget;
+      if (b.sink_blocks < 0 || b.window_blocks < 0 || b.budget_tokens < 0 ||
+          (b.budget_tokens == 0 && !(b.budget_fraction > 0 && b.budget_fraction <= 1))) {
+        return absl::InvalidArgumentError("quest budget needs sinks, window, tokens >= 0 and a fraction in (0, 1]");
+      }
+    }
     if (in.selection != nullptr) {
       const kvstore::Selection& sel = *in.selection;
       const int64_t nb = kvstore::BlocksFor(end);
@@ -112,6 +119,11 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
           sel.indptr.front() != 0 || sel.indptr.back() != static_cast<int32_t>(sel.blocks.size())) {
         return absl::InvalidArgumentError(absl::StrCat("selection for sequence ", in.seq, " is not ", c.num_hidden_layers,
                                                        " x ", c.num_key_value_heads, " lists"));
+      }
+      for (size_t l = 0; l + 1 < sel.indptr.size(); ++l) {
+        if (sel.indptr[l] > sel.indptr[l + 1]) {
+          return absl::InvalidArgumentError(absl::StrCat("selection indptr of sequence ", in.seq, " decreases at ", l));
+        }
       }
       for (size_t l = 0; l + 1 < sel.indptr.size(); ++l) {
         for (int32_t j = sel.indptr[l]; j < sel.indptr[l + 1]; ++j) {
@@ -224,10 +236,24 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
           }
         }
       }
-      const int32_t* sel_indptr = in.selection ? in.selection->indptr.data() + layer * nkv
-                                               : (quest_indptr.empty() ? nullptr : quest_indptr.data());
-      const int32_t* sel_blocks = in.selection ? in.selection->blocks.data()
-                                               : (quest_blocks.empty() ? nullptr : quest_blocks.data());
+      // The new tokens always see their own blocks, whatever a list names.
+      std::vector<int32_t> merged_indptr, merged_blocks;
+      if (in.selection != nullptr || !quest_indptr.empty()) {
+        const int32_t* ip = in.selection ? in.selection->indptr.data() + layer * nkv : quest_indptr.data();
+        const int32_t* bl = in.selection ? in.selection->blocks.data() : quest_blocks.data();
+        const int32_t first_new = static_cast<int32_t>(start[i] / kvstore::kBlockSize);
+        const int32_t nb = static_cast<int32_t>(kvstore::BlocksFor(start[i] + n));
+        merged_indptr.push_back(0);
+        for (int64_t kh = 0; kh < nkv; ++kh) {
+          const size_t from = merged_blocks.size();
+          for (int32_t j = ip[kh]; j < ip[kh + 1] && bl[j] < first_new; ++j) merged_blocks.push_back(bl[j]);
+          for (int32_t b = first_new; b < nb; ++b) merged_blocks.push_back(b);
+          (void)from;
+          merged_indptr.push_back(static_cast<int32_t>(merged_blocks.size()));
+        }
+      }
+      const int32_t* sel_indptr = merged_indptr.empty() ? nullptr : merged_indptr.data();
+      const int32_t* sel_blocks = merged_indptr.empty() ? nullptr : merged_blocks.data();
       kernels::PagedAttentionCpu({.q = q.data() + row * nh * hd,
                                   .out = attn.data() + row * nh * hd,
                                   .kv_layer = pool_->layer(static_cast<int>(layer)),

@@ -246,3 +246,37 @@ TEST(TokenizerTest, ByteTokenizerRoundTripsAndLoads) {
 
 }  // namespace
 }  // namespace scout::runtime
+
+namespace scout::runtime {
+namespace {
+
+// New tokens always see their own blocks, even when a list leaves them out (review
+// 2026-11-27: with a short window they could attend to nothing); malformed lists are refused.
+TEST(CpuModelTest, SelectionAlwaysCoversTheNewTokensBlocks) {
+  ModelConfig c = TinyConfig();
+  std::unique_ptr<CpuModel> m = LoadTiny(c);
+  ASSERT_NE(m, nullptr);
+  std::vector<int32_t> t = RandomTokens(40, c.vocab_size, 13);
+  auto run = [&](const kvstore::Selection& sel) {
+    EXPECT_TRUE(m->AddSequence(1).ok());
+    std::vector<float> logits;
+    SequenceInput pre{.seq = 1, .tokens = std::span<const int32_t>(t).first(30)};
+    EXPECT_TRUE(m->Forward({&pre, 1}, &logits).ok());
+    SequenceInput in{.seq = 1, .tokens = std::span<const int32_t>(t).subspan(30), .all_logits = true, .selection = &sel};
+    absl::Status s = m->Forward({&in, 1}, &logits);
+    EXPECT_TRUE(m->ReleaseSequence(1).ok());
+    return s.ok() ? logits : std::vector<float>{};
+  };
+  // Tokens 30..39 fall in blocks 1 and 2. Lists of block 0 only, and of blocks 0, 1, 2.
+  kvstore::Selection only0{.num_layers = 2, .num_kv_heads = 2, .indptr = {0, 1, 2, 3, 4}, .blocks = {0, 0, 0, 0}};
+  kvstore::Selection all{.num_layers = 2, .num_kv_heads = 2, .indptr = {0, 3, 6, 9, 12},
+                         .blocks = {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2}};
+  std::vector<float> a = run(only0), b = run(all);
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(a, b);
+  kvstore::Selection bad{.num_layers = 2, .num_kv_heads = 2, .indptr = {0, 2, 1, 2, 2}, .blocks = {0, 1}};
+  EXPECT_TRUE(run(bad).empty());
+}
+
+}  // namespace
+}  // namespace scout::runtime

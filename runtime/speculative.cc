@@ -60,6 +60,21 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
   }
   if (options.max_tokens < 0 || options.prefill_chunk <= 0) return absl::InvalidArgumentError("bad max_tokens or prefill_chunk");
   if (absl::Status s = ValidateSamplingParams(options.sampling); !s.ok()) return s;
+  if (const HeadMap* m = options.head_map; m != nullptr) {
+    const ModelConfig &t = target.config(), &d = draft.config();
+    if (m->target_layers != t.num_hidden_layers || m->target_kv_heads != t.num_key_value_heads ||
+        m->draft_layers != d.num_hidden_layers || m->draft_heads != d.num_attention_heads ||
+        m->units.size() != static_cast<size_t>(m->target_layers) * m->target_kv_heads) {
+      return absl::InvalidArgumentError("head map does not match the target and draft models");
+    }
+    for (const std::vector<int32_t>& u : m->units) {
+      for (int32_t h : u) {
+        if (h < 0 || h >= m->draft_layers * m->draft_heads) {
+          return absl::InvalidArgumentError(absl::StrCat("head map names draft head ", h));
+        }
+      }
+    }
+  }
   const int64_t limit = std::min(target.config().max_position_embeddings, draft.config().max_position_embeddings);
   if (static_cast<int64_t>(prompt.size()) > limit) {
     return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens exceeds the models' ", limit));
