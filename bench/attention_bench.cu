@@ -105,6 +105,7 @@ int main(int argc, char** argv) {
   std::string contexts = "32768,131072,524288,1048576", batches = "1,16", qtoks = "1,5", sdpa_path;
   double keep = 0.1;
   std::vector<int> santa_samples;
+  int force_splits = 0;  // 0: the planner's choice
   int reps = 20;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
@@ -114,6 +115,7 @@ int main(int argc, char** argv) {
     else if (f == "--keep") keep = std::stod(v);
     else if (f == "--sdpa-json") sdpa_path = v;
     else if (f == "--reps") reps = std::stoi(v);
+    else if (f == "--splits") force_splits = std::stoi(v);
     else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
@@ -202,7 +204,8 @@ int main(int argc, char** argv) {
           const int rows = var.rows > 0 ? var.rows : SparseDecodeRowsPerCta(32, 8, int(qt));
           const int ctas = SparseDecodeCtasPerSm(128, rows);
           SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(),
-                                                   pr.total_q_rows(), 128, prop.multiProcessorCount, ctas, 0, rows);
+                                                   pr.total_q_rows(), 128, prop.multiProcessorCount, ctas,
+                                                   force_splits, rows);
           SantaPlan splan;
           if (var.santa > 0) {
             splan = PlanSanta(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(), pr.total_q_rows(), 128,
