@@ -39,6 +39,15 @@ absl::StatusOr<runtime::HeadMap> ResolveHeadMap(const std::string& flag, const s
   return runtime::LoadHeadMap(path, target, draft);
 }
 
+// Writes `text` to `path` unless path is empty (the --csv flags).
+absl::Status WriteCsv(const std::string& path, const std::string& text) {
+  if (path.empty()) return absl::OkStatus();
+  std::ofstream out(path);
+  out << text;
+  if (!out) return absl::InternalError(absl::StrCat(path, ": write failed"));
+  return absl::OkStatus();
+}
+
 // Target, draft and the target's tokenizer, for the subcommands that need all three.
 struct ModelPair {
   std::unique_ptr<runtime::CpuModel> target;
@@ -272,11 +281,7 @@ int Eval(int argc, char** argv) {
         }
       }
     }
-    if (!flags.Get("csv").empty()) {
-      std::ofstream out(flags.Get("csv"));
-      out << csv;
-      if (!out) return Fail(absl::InternalError(absl::StrCat(flags.Get("csv"), ": write failed")));
-    }
+    if (absl::Status st = WriteCsv(flags.Get("csv"), csv); !st.ok()) return Fail(st);
     return 0;
   }
   std::vector<int32_t> ids = tok->Encode(*text, /*add_bos=*/true);
@@ -297,11 +302,7 @@ int Eval(int argc, char** argv) {
     absl::StrAppend(&csv, r.method, ",", r.budget, ",", r.perplexity, ",", change, ",", r.nll_per_token, ",", r.recall,
                     ",", r.jaccard_oracle, ",", r.blocks_read, "\n");
   }
-  if (!flags.Get("csv").empty()) {
-    std::ofstream out(flags.Get("csv"));
-    out << csv;
-    if (!out) return Fail(absl::InternalError(absl::StrCat(flags.Get("csv"), ": write failed")));
-  }
+  if (absl::Status st = WriteCsv(flags.Get("csv"), csv); !st.ok()) return Fail(st);
   return 0;
 }
 
