@@ -2,11 +2,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <iostream>
 #include <string>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "cli/flags.h"
 #include "runtime/cpu_model.h"
@@ -201,6 +203,7 @@ int Eval(int argc, char** argv) {
       {"methods", "sts,oracle,quest,window", "selection rules to compare with dense"},
       {"head-map", "", "head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"csv", "", "also write the table as CSV to this file"},
+      {"acceptance-tokens", "0", "also sample this many tokens (temperature 1) speculatively after the context, dense and with STS at each budget, and report the draft's acceptance"},
       {"sink-blocks", "1", "first blocks every list keeps"},
       {"window-blocks", "4", "last blocks every list keeps"},
       {"tasks", "", "instead of perplexity on --text: retrieval accuracy on generated tasks (passkey,kv)"},
@@ -288,19 +291,44 @@ int Eval(int argc, char** argv) {
   absl::StatusOr<std::vector<runtime::FidelityRow>> rows = runtime::RunFidelity(*target, *draft, map, ids, opt);
   if (!rows.ok()) return Fail(rows.status());
   const double dense_ppl = rows->front().perplexity;
+  // Draft acceptance while generating after the context: dense verification, and STS at each budget.
+  absl::StatusOr<int64_t> acc_tokens = flags.GetInt("acceptance-tokens");
+  if (!acc_tokens.ok()) return Fail(acc_tokens.status());
+  std::map<double, double> acceptance;  // budget (1 = dense) -> rate
+  if (*acc_tokens > 0) {
+    std::span<const int32_t> prompt(ids.data(), static_cast<size_t>(opt.context_tokens));
+    for (double budget : [&] { std::vector<double> b = {1.0}; b.insert(b.end(), opt.budgets.begin(), opt.budgets.end()); return b; }()) {
+      // Sampled at temperature 1 (seed fixed): greedy continuations of this text are runs the
+      // draft always gets right, which says little.
+      runtime::SpeculativeOptions so{.num_speculative_tokens = opt.num_speculative_tokens, .max_tokens = *acc_tokens,
+                                     .sampling = {.temperature = 1.0f, .seed = 1}};
+      if (budget < 1.0) {
+        so.head_map = &map;
+        so.sts_budget = {.budget_fraction = budget, .sink_blocks = opt.sink_blocks, .window_blocks = opt.window_blocks};
+      }
+      absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(*target, *draft, 77, prompt, so);
+      if (!r.ok()) return Fail(r.status());
+      acceptance[budget] = r->acceptance_rate();
+    }
+  }
+  auto acceptance_text = [&](const runtime::FidelityRow& r) -> std::string {
+    const double key = r.method == "dense" ? 1.0 : r.budget;
+    if ((r.method != "dense" && r.method != "sts") || !acceptance.contains(key)) return "";
+    return absl::StrFormat("%.3f", acceptance[key]);
+  };
   std::printf("fidelity: %s scored on %lld tokens after %lld of context, rounds of k+1 = %d\n",
               flags.Get("text").c_str(), static_cast<long long>(opt.eval_tokens),
               static_cast<long long>(opt.context_tokens), opt.num_speculative_tokens + 1);
-  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s\n", "method", "budget", "perplexity", "vs dense", "bits/tok",
-              "recall", "jaccard", "read");
-  std::string csv = "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read\n";
+  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s | %10s\n", "method", "budget", "perplexity", "vs dense",
+              "bits/tok", "recall", "jaccard", "read", "acceptance");
+  std::string csv = "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read,acceptance\n";
   for (const runtime::FidelityRow& r : *rows) {
     const double change = 100.0 * (r.perplexity / dense_ppl - 1.0);
-    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%%\n", r.method.c_str(), r.budget * 100,
-                r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall, r.jaccard_oracle,
-                100 * r.blocks_read);
+    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%% | %10s\n", r.method.c_str(),
+                r.budget * 100, r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall, r.jaccard_oracle,
+                100 * r.blocks_read, acceptance_text(r).c_str());
     absl::StrAppend(&csv, r.method, ",", r.budget, ",", r.perplexity, ",", change, ",", r.nll_per_token, ",", r.recall,
-                    ",", r.jaccard_oracle, ",", r.blocks_read, "\n");
+                    ",", r.jaccard_oracle, ",", r.blocks_read, ",", acceptance_text(r), "\n");
   }
   if (absl::Status st = WriteCsv(flags.Get("csv"), csv); !st.ok()) return Fail(st);
   return 0;
