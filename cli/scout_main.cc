@@ -12,7 +12,12 @@
 #include "absl/strings/str_split.h"
 #include "cli/flags.h"
 #include "runtime/cpu_model.h"
+#include <csignal>
+
+#include "monitoring/metrics.h"
+#include "rpc/openai_server.h"
 #include "runtime/calibrate.h"
+#include "scheduler/engine.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
@@ -396,13 +401,66 @@ int Calibrate(int argc, char** argv) {
   return 0;
 }
 
+int Serve(int argc, char** argv) {
+  Flags flags({
+      {"model", "", "model folder"},
+      {"draft", "", "draft model folder: speculative decoding when given"},
+      {"num-speculative-tokens", "4", "draft tokens proposed per round"},
+      {"served-model-name", "", "model id in the API (default: the model folder's name)"},
+      {"host", "0.0.0.0", "address to listen on"},
+      {"port", "8000", "port to listen on (0: any free port, printed at start)"},
+      {"help", "", "show this help", true},
+  });
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout serve --model DIR [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens");
+  if (!port.ok()) return Fail(port.status());
+  if (!k.ok()) return Fail(k.status());
+  // Signals are taken by sigwait below: block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not end the server
+  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> model = runtime::CpuModel::Load(flags.Get("model"));
+  if (!model.ok()) return Fail(model.status());
+  std::unique_ptr<runtime::CpuModel> draft;
+  if (!flags.Get("draft").empty()) {
+    absl::StatusOr<std::unique_ptr<runtime::CpuModel>> d = runtime::CpuModel::Load(flags.Get("draft"));
+    if (!d.ok()) return Fail(d.status());
+    draft = std::move(*d);
+  }
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return Fail(tok.status());
+  std::string name = flags.Get("served-model-name");
+  if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
+  if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
+  monitoring::ServerMetrics metrics;
+  scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics, static_cast<int>(*k));
+  absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
+      rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port), rpc::MakeOpenAiHandler(&engine, &metrics, name));
+  if (!server.ok()) return Fail(server.status());
+  std::fprintf(stderr, "scout: serving %s on http://%s:%d\n", name.c_str(), flags.Get("host").c_str(), (*server)->port());
+  int sig = 0;
+  sigwait(&signals, &sig);
+  std::fprintf(stderr, "scout: signal %d, stopping\n", sig);
+  (*server)->Stop();
+  return 0;
+}
+
 void Usage() {
   std::printf(
       "usage: scout <command> [flags]\n\n"
       "commands:\n"
       "  generate   generate text from a prompt on the CPU backend (--speculative with --draft)\n"
       "  eval       fidelity of sparse attention (STS, oracle, Quest, window) against dense on a text\n"
-      "  calibrate  choose the draft heads that stand for each target (layer, KV head)\n\n"
+      "  calibrate  choose the draft heads that stand for each target (layer, KV head)\n"
+      "  serve      OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health, /metrics)\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }
 
@@ -418,6 +476,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return scout::cli::Generate(argc - 2, argv + 2);
   if (cmd == "eval") return scout::cli::Eval(argc - 2, argv + 2);
   if (cmd == "calibrate") return scout::cli::Calibrate(argc - 2, argv + 2);
+  if (cmd == "serve") return scout::cli::Serve(argc - 2, argv + 2);
   std::fprintf(stderr, "scout: unknown command \"%s\"\n", cmd.c_str());
   scout::cli::Usage();
   return 2;

@@ -12,6 +12,7 @@ pkgs=(
   nlohmann-json3-dev     # config.json, safetensors headers, API bodies
   libyaml-cpp-dev        # YAML config files
   libopenblas-dev        # CPU GEMM for the CPU backend
+  curl                   # the server tests talk HTTP to a real `scout serve`
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,46 @@
+#include "monitoring/metrics.h"
+
+#include "prometheus/text_serializer.h"
+
+namespace scout::monitoring {
+namespace {
+
+prometheus::Family<prometheus::Counter>& Requests(prometheus::Registry& r) {
+  return prometheus::BuildCounter().Name("scout_requests_total").Help("Completion requests by outcome").Register(r);
+}
+
+prometheus::Counter& NewCounter(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+prometheus::Gauge& NewGauge(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+
+prometheus::Histogram& NewHistogram(prometheus::Registry& r, const char* name, const char* help,
+                                    prometheus::Histogram::BucketBoundaries buckets) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add({}, std::move(buckets));
+}
+
+}  // namespace
+
+ServerMetrics::ServerMetrics()
+    : registry_(std::make_shared<prometheus::Registry>()),
+      requests_ok(Requests(*registry_).Add({{"outcome", "ok"}})),
+      requests_error(Requests(*registry_).Add({{"outcome", "error"}})),
+      requests_cancelled(Requests(*registry_).Add({{"outcome", "cancelled"}})),
+      prompt_tokens(NewCounter(*registry_, "scout_prompt_tokens_total", "Prompt tokens processed")),
+      generation_tokens(NewCounter(*registry_, "scout_generation_tokens_total", "Tokens generated")),
+      draft_tokens(NewCounter(*registry_, "scout_spec_decode_num_draft_tokens_total", "Draft tokens proposed")),
+      accepted_tokens(NewCounter(*registry_, "scout_spec_decode_num_accepted_tokens_total", "Draft tokens accepted")),
+      requests_running(NewGauge(*registry_, "scout_num_requests_running", "Requests generating now")),
+      requests_waiting(NewGauge(*registry_, "scout_num_requests_waiting", "Requests queued")),
+      // Long prompts prefill for minutes: buckets reach 10 minutes.
+      time_to_first_token(NewHistogram(*registry_, "scout_time_to_first_token_seconds", "Time to first token",
+                                       {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600})),
+      inter_token_latency(NewHistogram(*registry_, "scout_inter_token_latency_seconds", "Time between tokens",
+                                       {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})) {}
+
+std::string ServerMetrics::Serialize() const { return prometheus::TextSerializer().Serialize(registry_->Collect()); }
+
+}  // namespace scout::monitoring

@@ -1,0 +1,41 @@
+// Prometheus metrics of a Scout server (scout_ prefix, units in the names), served as text by
+// the HTTP front end's /metrics.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace scout::monitoring {
+
+// Thread-safe: prometheus-cpp metrics are atomic.
+class ServerMetrics {
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;  // first: the metrics below live in it
+
+ public:
+  ServerMetrics();
+  ServerMetrics(const ServerMetrics&) = delete;
+  ServerMetrics& operator=(const ServerMetrics&) = delete;
+
+  prometheus::Counter& requests_ok;         // scout_requests_total{outcome="ok"}
+  prometheus::Counter& requests_error;      // {outcome="error"}
+  prometheus::Counter& requests_cancelled;  // {outcome="cancelled"}
+  prometheus::Counter& prompt_tokens;       // scout_prompt_tokens_total
+  prometheus::Counter& generation_tokens;   // scout_generation_tokens_total
+  prometheus::Counter& draft_tokens;        // scout_spec_decode_num_draft_tokens_total
+  prometheus::Counter& accepted_tokens;     // scout_spec_decode_num_accepted_tokens_total
+  prometheus::Gauge& requests_running;      // scout_num_requests_running
+  prometheus::Gauge& requests_waiting;      // scout_num_requests_waiting
+  prometheus::Histogram& time_to_first_token;  // scout_time_to_first_token_seconds
+  prometheus::Histogram& inter_token_latency;  // scout_inter_token_latency_seconds
+
+  // The text exposition format (what Prometheus scrapes).
+  std::string Serialize() const;
+};
+
+}  // namespace scout::monitoring

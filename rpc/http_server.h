@@ -1,0 +1,56 @@
+// A small HTTP/1.1 server on Boost.Beast: one thread per connection, keep-alive, responses
+// whole or streamed with chunked transfer encoding (server-sent events).
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace scout::rpc {
+
+struct HttpRequest {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // path and query
+  std::string body;
+};
+
+// How a handler answers. Either Send once, or BeginStream, then Write chunks, then EndStream.
+class HttpResponder {
+ public:
+  virtual ~HttpResponder() = default;
+  virtual void Send(int status, const std::string& content_type, const std::string& body,
+                    const std::vector<std::pair<std::string, std::string>>& headers = {}) = 0;
+  virtual bool BeginStream(const std::string& content_type) = 0;
+  // False once the client is gone: the handler should stop producing.
+  virtual bool Write(const std::string& data) = 0;
+  virtual void EndStream() = 0;
+};
+
+using HttpHandler = std::function<void(const HttpRequest&, HttpResponder&)>;
+
+class HttpServer {
+ public:
+  // Listens on host:port (port 0: any free port; see port()). Unavailable naming the address if
+  // it cannot bind.
+  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& host, int port, HttpHandler handler);
+  ~HttpServer();  // stops accepting and joins the connection threads
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+
+  int port() const { return port_; }
+  void Stop();
+
+ private:
+  struct Impl;
+  HttpServer() = default;
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
+}  // namespace scout::rpc

@@ -1,0 +1,155 @@
+#include "rpc/openai_server.h"
+
+#include <atomic>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace scout::rpc {
+namespace {
+
+using nlohmann::json;
+
+void SendError(HttpResponder& out, int status, const std::string& message, const std::string& type,
+               const std::string& param = "") {
+  json err = {{"error", {{"message", message}, {"type", type}, {"code", status}}}};
+  if (!param.empty()) err["error"]["param"] = param;
+  out.Send(status, "application/json", err.dump());
+}
+
+// Parses a completion request body. On error writes the OpenAI-style error and returns false.
+bool ParseCompletion(const std::string& body, const std::string& model_name, scheduler::CompletionRequest* req,
+                     bool* stream, HttpResponder& out) {
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
+    return false;
+  }
+  try {
+    if (j.contains("model") && j["model"].get<std::string>() != model_name) {
+      SendError(out, 404, absl::StrCat("model \"", j["model"].get<std::string>(), "\" does not exist; this server has \"",
+                                       model_name, "\""), "invalid_request_error", "model");
+      return false;
+    }
+    if (!j.contains("prompt")) {
+      SendError(out, 400, "\"prompt\" is required", "invalid_request_error", "prompt");
+      return false;
+    }
+    const json& prompt = j["prompt"];
+    if (prompt.is_string()) {
+      req->prompt = prompt.get<std::string>();
+    } else if (prompt.is_array() && prompt.size() == 1 && prompt[0].is_string()) {
+      req->prompt = prompt[0].get<std::string>();
+    } else {
+      SendError(out, 400, "\"prompt\" must be a string (batches of prompts are not supported yet)",
+                "invalid_request_error", "prompt");
+      return false;
+    }
+    req->max_tokens = j.value("max_tokens", int64_t{16});
+    req->sampling.temperature = j.value("temperature", 1.0f);
+    req->sampling.top_p = j.value("top_p", 1.0f);
+    req->sampling.top_k = j.value("top_k", 0);
+    req->sampling.seed = j.value("seed", uint64_t{0});
+    req->ignore_eos = j.value("ignore_eos", false);
+    if (j.contains("stop") && !j["stop"].is_null()) {
+      if (j["stop"].is_string()) {
+        req->stop = {j["stop"].get<std::string>()};
+      } else {
+        req->stop = j["stop"].get<std::vector<std::string>>();
+      }
+    }
+    *stream = j.value("stream", false);
+  } catch (const json::exception& e) {
+    SendError(out, 400, absl::StrCat("malformed field: ", e.what()), "invalid_request_error");
+    return false;
+  }
+  if (req->max_tokens < 1) {
+    SendError(out, 400, absl::StrCat("\"max_tokens\" must be >= 1, got ", req->max_tokens), "invalid_request_error",
+              "max_tokens");
+    return false;
+  }
+  if (absl::Status s = runtime::ValidateSamplingParams(req->sampling); !s.ok()) {
+    SendError(out, 400, std::string(s.message()), "invalid_request_error");
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
+                              const std::string& model_name) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  return [engine, metrics, model_name, counter](const HttpRequest& req, HttpResponder& out) {
+    const std::string path = req.target.substr(0, req.target.find('?'));
+    if (path == "/health") {
+      out.Send(200, "text/plain", "OK");
+    } else if (path == "/metrics") {
+      out.Send(200, "text/plain; version=0.0.4", metrics->Serialize());
+    } else if (path == "/v1/models") {
+      json models = {{"object", "list"},
+                     {"data", {{{"id", model_name}, {"object", "model"}, {"owned_by", "scout"},
+                                {"max_model_len", engine->config().max_position_embeddings}}}}};
+      out.Send(200, "application/json", models.dump());
+    } else if (path == "/v1/completions") {
+      if (req.method != "POST") {
+        SendError(out, 405, "use POST for /v1/completions", "invalid_request_error");
+        return;
+      }
+      scheduler::CompletionRequest creq;
+      bool stream = false;
+      if (!ParseCompletion(req.body, model_name, &creq, &stream, out)) return;
+      const std::string id = absl::StrCat("cmpl-", (*counter)++);
+      const int64_t created =
+          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+      auto chunk = [&](const std::string& text, const json& finish) {
+        json c = {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model_name},
+                  {"choices", {{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish}}}}};
+        return absl::StrCat("data: ", c.dump(), "\n\n");
+      };
+      bool streaming = false;
+      absl::StatusOr<scheduler::CompletionResult> r = engine->Complete(creq, [&](absl::string_view text) {
+        if (!stream) return true;
+        if (!streaming) {
+          if (!out.BeginStream("text/event-stream")) return false;
+          streaming = true;
+        }
+        return out.Write(chunk(std::string(text), nullptr));
+      });
+      if (!r.ok()) {
+        const int status = r.status().code() == absl::StatusCode::kInvalidArgument ||
+                                   r.status().code() == absl::StatusCode::kOutOfRange
+                               ? 400
+                               : 500;
+        if (!streaming) {
+          SendError(out, status, std::string(r.status().message()),
+                    status == 400 ? "invalid_request_error" : "internal_error");
+        } else {
+          out.Write(absl::StrCat("data: ", json({{"error", {{"message", r.status().message()}}}}).dump(), "\n\n"));
+          out.EndStream();
+        }
+        return;
+      }
+      const json usage = {{"prompt_tokens", r->prompt_tokens}, {"completion_tokens", r->completion_tokens},
+                          {"total_tokens", r->prompt_tokens + r->completion_tokens}};
+      if (stream) {
+        if (!streaming && !out.BeginStream("text/event-stream")) return;
+        if (r->finish_reason == "cancelled") return;  // the client is gone
+        out.Write(chunk("", r->finish_reason));
+        out.Write("data: [DONE]\n\n");
+        out.EndStream();
+        return;
+      }
+      json body = {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model_name},
+                   {"choices", {{{"index", 0}, {"text", r->text}, {"logprobs", nullptr},
+                                 {"finish_reason", r->finish_reason}}}},
+                   {"usage", usage}};
+      out.Send(200, "application/json", body.dump());
+    } else {
+      SendError(out, 404, absl::StrCat("no route for ", req.method, " ", path), "invalid_request_error");
+    }
+  };
+}
+
+}  // namespace scout::rpc

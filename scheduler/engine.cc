@@ -1,0 +1,118 @@
+#include "scheduler/engine.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/generator.h"
+#include "runtime/speculative.h"
+
+namespace scout::scheduler {
+
+Engine::Engine(std::unique_ptr<runtime::CpuModel> model, std::unique_ptr<runtime::CpuModel> draft,
+               std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
+               int num_speculative_tokens)
+    : model_(std::move(model)),
+      draft_(std::move(draft)),
+      tokenizer_(std::move(tokenizer)),
+      metrics_(metrics),
+      num_speculative_tokens_(num_speculative_tokens) {}
+
+absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, const TextCallback& on_text) {
+  if (req.max_tokens < 1) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", req.max_tokens));
+  if (absl::Status s = runtime::ValidateSamplingParams(req.sampling); !s.ok()) return s;
+  const std::vector<int32_t> ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
+  const int64_t limit = model_->config().max_position_embeddings;
+  if (static_cast<int64_t>(ids.size()) + req.max_tokens > limit) {
+    return absl::OutOfRangeError(absl::StrCat("prompt (", ids.size(), " tokens) plus max_tokens (", req.max_tokens,
+                                              ") exceeds the model's context of ", limit));
+  }
+  metrics_->requests_waiting.Increment();
+  absl::MutexLock lock(&mu_);
+  metrics_->requests_waiting.Decrement();
+  metrics_->requests_running.Increment();
+  const int64_t seq = next_seq_++;
+
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  auto last = start;
+  bool first = true;
+  CompletionResult result{.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(ids.size()),
+                          .completion_tokens = 0};
+  // Text is held back while it could still be the start of a stop string, and released once it
+  // cannot; a stop string ends generation and is not returned.
+  std::string pending;
+  bool cancelled = false, stop_hit = false;
+  auto on_token = [&](int32_t token) {
+    const auto now = Clock::now();
+    (first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
+        .Observe(std::chrono::duration<double>(now - (first ? start : last)).count());
+    first = false;
+    last = now;
+    ++result.completion_tokens;
+    const std::vector<int32_t> eos = tokenizer_->eos_ids();
+    if (!req.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+      result.finish_reason = "stop";
+      return false;
+    }
+    absl::StatusOr<std::string> piece = tokenizer_->Decode({&token, 1});
+    if (piece.ok()) pending += *piece;
+    for (const std::string& stop : req.stop) {
+      if (const size_t at = pending.find(stop); !stop.empty() && at != std::string::npos) {
+        pending.resize(at);
+        result.finish_reason = "stop";
+        stop_hit = true;
+        break;
+      }
+    }
+    // Release the part of pending that no stop string can still start in.
+    size_t keep = 0;
+    for (const std::string& stop : req.stop) {
+      for (size_t k = std::min(stop.size() - (stop.empty() ? 0 : 1), pending.size()); k > keep; --k) {
+        if (pending.compare(pending.size() - k, k, stop, 0, k) == 0) {
+          keep = k;
+          break;
+        }
+      }
+    }
+    if (stop_hit) keep = 0;
+    const std::string out = pending.substr(0, pending.size() - keep);
+    pending.erase(0, pending.size() - keep);
+    result.text += out;
+    if (!out.empty() && on_text && !on_text(out)) {
+      cancelled = true;
+      return false;
+    }
+    return !stop_hit;
+  };
+  absl::Status status;
+  if (draft_ != nullptr) {
+    absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(
+        *model_, *draft_, seq, ids,
+        {.num_speculative_tokens = num_speculative_tokens_, .max_tokens = req.max_tokens, .sampling = req.sampling},
+        on_token);
+    status = r.status();
+    if (r.ok()) {
+      metrics_->draft_tokens.Increment(static_cast<double>(r->draft_proposed));
+      metrics_->accepted_tokens.Increment(static_cast<double>(r->draft_accepted));
+    }
+  } else {
+    status = runtime::Generate(*model_, seq, ids, {.max_tokens = req.max_tokens, .sampling = req.sampling}, on_token)
+                 .status();
+  }
+  metrics_->requests_running.Decrement();
+  if (!status.ok()) {
+    metrics_->requests_error.Increment();
+    return status;
+  }
+  if (!stop_hit && !cancelled && !pending.empty()) {  // held-back text that never became a stop string
+    result.text += pending;
+    if (on_text && !on_text(pending)) cancelled = true;
+  }
+  if (cancelled) result.finish_reason = "cancelled";
+  (cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
+  metrics_->prompt_tokens.Increment(static_cast<double>(result.prompt_tokens));
+  metrics_->generation_tokens.Increment(static_cast<double>(result.completion_tokens));
+  return result;
+}
+
+}  // namespace scout::scheduler

@@ -1,0 +1,63 @@
+// The serving engine: one model (and optional draft) behind a queue. Requests run one at a time
+// on the CPU backend (it has one caller); continuous batching comes with the GPU backend.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "monitoring/metrics.h"
+#include "runtime/cpu_model.h"
+#include "runtime/sampling.h"
+#include "runtime/tokenizer.h"
+
+namespace scout::scheduler {
+
+struct CompletionRequest {
+  std::string prompt;
+  int64_t max_tokens = 16;
+  runtime::SamplingParams sampling;
+  std::vector<std::string> stop;  // generation ends before the first of these strings
+  bool ignore_eos = false;
+};
+
+struct CompletionResult {
+  std::string text;
+  std::string finish_reason;  // "stop" (EOS or a stop string), "length", or "cancelled"
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+};
+
+// Receives each piece of generated text as it is final; returning false cancels the request.
+using TextCallback = std::function<bool(absl::string_view text)>;
+
+class Engine {
+ public:
+  // draft may be null (no speculative decoding). metrics must outlive the engine.
+  Engine(std::unique_ptr<runtime::CpuModel> model, std::unique_ptr<runtime::CpuModel> draft,
+         std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics, int num_speculative_tokens);
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Thread-safe; blocks until the request has run. InvalidArgument for bad sampling params or
+  // max_tokens, OutOfRange for a prompt over the model's context; backend errors pass through.
+  absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request, const TextCallback& on_text = nullptr);
+
+  const runtime::ModelConfig& config() const { return model_->config(); }
+
+ private:
+  absl::Mutex mu_;  // one request on the models at a time
+  std::unique_ptr<runtime::CpuModel> model_ ABSL_PT_GUARDED_BY(mu_);
+  std::unique_ptr<runtime::CpuModel> draft_ ABSL_PT_GUARDED_BY(mu_);
+  std::unique_ptr<runtime::Tokenizer> tokenizer_;
+  monitoring::ServerMetrics* metrics_;
+  int num_speculative_tokens_;
+  int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace scout::scheduler

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# End-to-end: a real `scout serve` process on a free loopback port, driven over HTTP with curl.
+# usage: serve_test.sh SCOUT_BINARY SOURCE_DIR
+set -uo pipefail
+scout=$1
+src=$2
+fail() { echo "FAIL: $*"; [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; cat serve.err 2>/dev/null; exit 1; }
+
+"$scout" serve --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --host 127.0.0.1 --port 0 \
+  2> serve.err &
+pid=$!
+port=""
+for _ in $(seq 1 100); do
+  port=$(grep -o "127.0.0.1:[0-9]*" serve.err 2>/dev/null | cut -d: -f2)
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$port" ] || fail "server did not report its port"
+base="http://127.0.0.1:$port"
+
+[ "$(curl -s "$base/health")" = "OK" ] || fail "/health"
+curl -s "$base/v1/models" | grep -q '"id":"scout-tiny-target"' || fail "/v1/models"
+
+# A greedy completion equals `scout generate` (speculative decoding on the server keeps greedy exact).
+body=$(curl -s "$base/v1/completions" -d '{"model": "scout-tiny-target", "prompt": "import numpy as np\n\n\ndef softmax(x):\n    ", "max_tokens": 40, "temperature": 0}')
+echo "$body" | grep -q '"finish_reason":"length"' || fail "completion: $body"
+echo "$body" | grep -q '"completion_tokens":40' || fail "usage: $body"
+want=$("$scout" generate --model "$src/models/scout-tiny-target" --prompt $'import numpy as np\n\n\ndef softmax(x):\n    ' --max-tokens 40 --ignore-eos 2>/dev/null)
+got=$(echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])' 2>/dev/null) || got=""
+if [ -n "$got" ]; then [ "$got" = "$want" ] || fail "server text differs from scout generate: [$got] vs [$want]"; fi
+
+# A stop string ends the text before it.
+body=$(curl -s "$base/v1/completions" -d '{"prompt": "import numpy as np\n\n\ndef softmax(x):\n    ", "max_tokens": 40, "temperature": 0, "stop": ["softmax"]}')
+echo "$body" | grep -q '"finish_reason":"stop"' || fail "stop: $body"
+echo "$body" | grep -q 'softmax' && fail "stop string returned: $body"
+
+# Streaming: server-sent events ending in [DONE].
+stream=$(curl -sN "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 8, "temperature": 0, "stream": true}')
+echo "$stream" | grep -q '^data: {' || fail "no stream events: $stream"
+echo "$stream" | tail -n 3 | grep -q '^data: \[DONE\]' || fail "stream not closed with [DONE]: $stream"
+
+# Bad requests get the OpenAI error object and the right status; none disturbs the server.
+code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
+[ "$(code '{bad')" = 400 ] && grep -q '"type":"invalid_request_error"' err.json || fail "malformed JSON"
+[ "$(code '{"prompt": "x", "max_tokens": -3}')" = 400 ] || fail "negative max_tokens"
+[ "$(code '{"prompt": "x", "model": "gpt-4"}')" = 404 ] || fail "unknown model"
+[ "$(code '{"max_tokens": 3}')" = 400 ] || fail "missing prompt"
+[ "$(code '{"prompt": "x", "max_tokens": 100000}')" = 400 ] && grep -q "exceeds the model" err.json || fail "over max-model-len"
+[ "$(code '{"prompt": "x", "temperature": -1}')" = 400 ] || fail "negative temperature"
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$base/nope")" = 404 ] || fail "unknown route"
+
+# A client that goes away mid-stream cancels its request; two clients at once both finish.
+curl -sN --max-time 0.3 "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 4000, "stream": true, "ignore_eos": true}' >/dev/null 2>&1
+curl -s "$base/v1/completions" -d '{"prompt": "x = ", "max_tokens": 20, "seed": 1}' > a.json &
+other=$!
+curl -s "$base/v1/completions" -d '{"prompt": "y = ", "max_tokens": 20, "seed": 2}' > b.json
+wait "$other"
+grep -q '"completion_tokens":20' a.json || fail "concurrent request a: $(cat a.json)"
+grep -q '"completion_tokens":20' b.json || fail "concurrent request b: $(cat b.json)"
+
+metrics=$(curl -s "$base/metrics")
+echo "$metrics" | grep -q '^scout_requests_total{outcome="ok"} [1-9]' || fail "metrics: ok requests"
+echo "$metrics" | grep -q '^scout_requests_total{outcome="cancelled"} 1' || fail "metrics: cancelled request"
+echo "$metrics" | grep -q '^scout_spec_decode_num_accepted_tokens_total [1-9]' || fail "metrics: acceptance"
+echo "$metrics" | grep -q '^scout_time_to_first_token_seconds_bucket{le="600"}' || fail "metrics: TTFT buckets"
+
+kill -TERM "$pid"
+wait "$pid"
+rc=$?
+[ $rc -eq 0 ] || fail "server exit $rc after SIGTERM"
+echo "serve_test: ok"
