@@ -19,8 +19,8 @@ void SendError(HttpResponder& out, int status, const std::string& message, const
 }
 
 // Parses a completion request body. On error writes the OpenAI-style error and returns false.
-bool ParseCompletion(const std::string& body, const std::string& model_name, scheduler::CompletionRequest* req,
-                     bool* stream, HttpResponder& out) {
+bool ParseCompletion(const std::string& body, const std::string& model_name, bool chat,
+                     scheduler::CompletionRequest* req, bool* stream, HttpResponder& out) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
@@ -32,11 +32,31 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, sch
                                        model_name, "\""), "invalid_request_error", "model");
       return false;
     }
-    if (!j.contains("prompt")) {
+    if (chat) {
+      // The fixtures' chat template: one "Role: content" line per message, then the assistant's
+      // turn opened. Models with their own template get it with the tokenizer work.
+      if (!j.contains("messages") || !j["messages"].is_array() || j["messages"].empty()) {
+        SendError(out, 400, "\"messages\" must be a non-empty array", "invalid_request_error", "messages");
+        return false;
+      }
+      req->prompt.clear();
+      for (const json& m : j["messages"]) {
+        const std::string role = m.at("role").get<std::string>();
+        if (role != "system" && role != "user" && role != "assistant") {
+          SendError(out, 400, absl::StrCat("unknown role \"", role, "\""), "invalid_request_error", "messages");
+          return false;
+        }
+        std::string r = role;
+        r[0] = static_cast<char>(r[0] - 'a' + 'A');
+        absl::StrAppend(&req->prompt, r, ": ", m.at("content").get<std::string>(), "\n");
+      }
+      req->prompt += "Assistant:";
+      req->stop.push_back("\nUser:");
+    } else if (!j.contains("prompt")) {
       SendError(out, 400, "\"prompt\" is required", "invalid_request_error", "prompt");
       return false;
     }
-    const json& prompt = j["prompt"];
+    const json& prompt = chat ? json(req->prompt) : j["prompt"];
     if (prompt.is_string()) {
       req->prompt = prompt.get<std::string>();
     } else if (prompt.is_array() && prompt.size() == 1 && prompt[0].is_string()) {
@@ -54,9 +74,9 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, sch
     req->ignore_eos = j.value("ignore_eos", false);
     if (j.contains("stop") && !j["stop"].is_null()) {
       if (j["stop"].is_string()) {
-        req->stop = {j["stop"].get<std::string>()};
+        req->stop.push_back(j["stop"].get<std::string>());
       } else {
-        req->stop = j["stop"].get<std::vector<std::string>>();
+        for (const std::string& s : j["stop"].get<std::vector<std::string>>()) req->stop.push_back(s);
       }
     }
     *stream = j.value("stream", false);
@@ -92,20 +112,28 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
                      {"data", {{{"id", model_name}, {"object", "model"}, {"owned_by", "scout"},
                                 {"max_model_len", engine->config().max_position_embeddings}}}}};
       out.Send(200, "application/json", models.dump());
-    } else if (path == "/v1/completions") {
+    } else if (path == "/v1/completions" || path == "/v1/chat/completions") {
+      const bool chat = path == "/v1/chat/completions";
       if (req.method != "POST") {
-        SendError(out, 405, "use POST for /v1/completions", "invalid_request_error");
+        SendError(out, 405, absl::StrCat("use POST for ", path), "invalid_request_error");
         return;
       }
       scheduler::CompletionRequest creq;
       bool stream = false;
-      if (!ParseCompletion(req.body, model_name, &creq, &stream, out)) return;
-      const std::string id = absl::StrCat("cmpl-", (*counter)++);
+      if (!ParseCompletion(req.body, model_name, chat, &creq, &stream, out)) return;
+      const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
+      const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =
           std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
       auto chunk = [&](const std::string& text, const json& finish) {
-        json c = {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model_name},
-                  {"choices", {{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish}}}}};
+        json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}};
+        if (chat) {
+          choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
+        } else {
+          choice["text"] = text;
+        }
+        json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
+                  {"model", model_name}, {"choices", {choice}}};
         return absl::StrCat("data: ", c.dump(), "\n\n");
       };
       bool streaming = false;
@@ -141,10 +169,14 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         out.EndStream();
         return;
       }
-      json body = {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model_name},
-                   {"choices", {{{"index", 0}, {"text", r->text}, {"logprobs", nullptr},
-                                 {"finish_reason", r->finish_reason}}}},
-                   {"usage", usage}};
+      json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", r->finish_reason}};
+      if (chat) {
+        choice["message"] = {{"role", "assistant"}, {"content", r->text}};
+      } else {
+        choice["text"] = r->text;
+      }
+      json body = {{"id", id}, {"object", object}, {"created", created}, {"model", model_name},
+                   {"choices", {choice}}, {"usage", usage}};
       out.Send(200, "application/json", body.dump());
     } else {
       SendError(out, 404, absl::StrCat("no route for ", req.method, " ", path), "invalid_request_error");

@@ -39,6 +39,16 @@ stream=$(curl -sN "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_toke
 echo "$stream" | grep -q '^data: {' || fail "no stream events: $stream"
 echo "$stream" | tail -n 3 | grep -q '^data: \[DONE\]' || fail "stream not closed with [DONE]: $stream"
 
+# Chat: the assistant's message, whole or as chat.completion.chunk deltas.
+chat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}], "max_tokens": 12, "temperature": 0}')
+echo "$chat" | grep -q '"object":"chat.completion"' || fail "chat: $chat"
+echo "$chat" | grep -q '"role":"assistant"' || fail "chat message: $chat"
+chats=$(curl -sN "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": true}')
+echo "$chats" | grep -q '"object":"chat.completion.chunk"' || fail "chat stream: $chats"
+echo "$chats" | tail -n 3 | grep -q '^data: \[DONE\]' || fail "chat stream not closed: $chats"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": []}')" = 400 ] || fail "empty messages"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "robot", "content": "x"}]}')" = 400 ] || fail "bad role"
+
 # Bad requests get the OpenAI error object and the right status; none disturbs the server.
 code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
 [ "$(code '{bad')" = 400 ] && grep -q '"type":"invalid_request_error"' err.json || fail "malformed JSON"
