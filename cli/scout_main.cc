@@ -407,6 +407,9 @@ int Serve(int argc, char** argv) {
       {"draft", "", "draft model folder: speculative decoding when given"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
       {"served-model-name", "", "model id in the API (default: the model folder's name)"},
+      {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
+      {"max-waiting", "64", "requests that may queue behind the running one; more get 429"},
+      {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
       {"host", "0.0.0.0", "address to listen on"},
       {"port", "8000", "port to listen on (0: any free port, printed at start)"},
       {"help", "", "show this help", true},
@@ -417,9 +420,13 @@ int Serve(int argc, char** argv) {
     return 0;
   }
   if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
-  absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens");
-  if (!port.ok()) return Fail(port.status());
-  if (!k.ok()) return Fail(k.status());
+  absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
+                          max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting");
+  absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout");
+  for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
+                                shutdown_timeout.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
   // Signals are taken by sigwait below: block them before any thread starts.
   sigset_t signals;
   sigemptyset(&signals);
@@ -441,15 +448,19 @@ int Serve(int argc, char** argv) {
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
   monitoring::ServerMetrics metrics;
-  scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics, static_cast<int>(*k));
+  scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics,
+                           {.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
+                            .max_waiting = static_cast<int>(*max_waiting)});
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port), rpc::MakeOpenAiHandler(&engine, &metrics, name));
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d\n", name.c_str(), flags.Get("host").c_str(), (*server)->port());
   int sig = 0;
   sigwait(&signals, &sig);
-  std::fprintf(stderr, "scout: signal %d, stopping\n", sig);
+  std::fprintf(stderr, "scout: signal %d, draining (up to %.0f s)\n", sig, *shutdown_timeout);
+  const bool drained = engine.Drain(*shutdown_timeout);
   (*server)->Stop();
+  std::fprintf(stderr, "scout: stopped%s\n", drained ? "" : " with requests still running (timeout)");
   return 0;
 }
 

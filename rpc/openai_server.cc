@@ -104,13 +104,17 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
   return [engine, metrics, model_name, counter](const HttpRequest& req, HttpResponder& out) {
     const std::string path = req.target.substr(0, req.target.find('?'));
     if (path == "/health") {
-      out.Send(200, "text/plain", "OK");
+      if (engine->draining()) {
+        out.Send(503, "text/plain", "draining");
+      } else {
+        out.Send(200, "text/plain", "OK");
+      }
     } else if (path == "/metrics") {
       out.Send(200, "text/plain; version=0.0.4", metrics->Serialize());
     } else if (path == "/v1/models") {
       json models = {{"object", "list"},
                      {"data", {{{"id", model_name}, {"object", "model"}, {"owned_by", "scout"},
-                                {"max_model_len", engine->config().max_position_embeddings}}}}};
+                                {"max_model_len", engine->max_model_len()}}}}};
       out.Send(200, "application/json", models.dump());
     } else if (path == "/v1/completions" || path == "/v1/chat/completions") {
       const bool chat = path == "/v1/chat/completions";
@@ -146,11 +150,15 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         return out.Write(chunk(std::string(text), nullptr));
       });
       if (!r.ok()) {
-        const int status = r.status().code() == absl::StatusCode::kInvalidArgument ||
-                                   r.status().code() == absl::StatusCode::kOutOfRange
-                               ? 400
-                               : 500;
-        if (!streaming) {
+        const absl::StatusCode code = r.status().code();
+        const int status = code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kOutOfRange ? 400
+                           : code == absl::StatusCode::kResourceExhausted                                    ? 429
+                           : code == absl::StatusCode::kUnavailable                                          ? 503
+                                                                                                              : 500;
+        if (!streaming && (status == 429 || status == 503)) {
+          json err = {{"error", {{"message", r.status().message()}, {"type", "server_busy"}, {"code", status}}}};
+          out.Send(status, "application/json", err.dump(), {{"Retry-After", "1"}});
+        } else if (!streaming) {
           SendError(out, status, std::string(r.status().message()),
                     status == 400 ? "invalid_request_error" : "internal_error");
         } else {

@@ -2,7 +2,9 @@
 
 #include <chrono>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "runtime/generator.h"
 #include "runtime/speculative.h"
 
@@ -10,22 +12,48 @@ namespace scout::scheduler {
 
 Engine::Engine(std::unique_ptr<runtime::CpuModel> model, std::unique_ptr<runtime::CpuModel> draft,
                std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
-               int num_speculative_tokens)
+               const EngineOptions& options)
     : model_(std::move(model)),
       draft_(std::move(draft)),
       tokenizer_(std::move(tokenizer)),
       metrics_(metrics),
-      num_speculative_tokens_(num_speculative_tokens) {}
+      options_(options) {}
+
+int64_t Engine::max_model_len() const {
+  const int64_t model_len = model_->config().max_position_embeddings;
+  return options_.max_model_len > 0 ? std::min(options_.max_model_len, model_len) : model_len;
+}
+
+bool Engine::Drain(double timeout_seconds) {
+  draining_ = true;
+  absl::MutexLock lock(&admit_mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(admit_mu_) { return admitted_ == 0; };
+  return admit_mu_.AwaitWithTimeout(absl::Condition(&idle), absl::Seconds(timeout_seconds));
+}
 
 absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, const TextCallback& on_text) {
   if (req.max_tokens < 1) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", req.max_tokens));
   if (absl::Status s = runtime::ValidateSamplingParams(req.sampling); !s.ok()) return s;
   const std::vector<int32_t> ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
-  const int64_t limit = model_->config().max_position_embeddings;
+  const int64_t limit = max_model_len();
   if (static_cast<int64_t>(ids.size()) + req.max_tokens > limit) {
     return absl::OutOfRangeError(absl::StrCat("prompt (", ids.size(), " tokens) plus max_tokens (", req.max_tokens,
-                                              ") exceeds the model's context of ", limit));
+                                              ") exceeds the model's context of ", limit, " (max_model_len)"));
   }
+  {
+    absl::MutexLock admit(&admit_mu_);
+    if (draining_) return absl::UnavailableError("server is shutting down");
+    if (admitted_ > options_.max_waiting) {  // one runs, max_waiting wait
+      metrics_->requests_error.Increment();
+      return absl::ResourceExhaustedError(absl::StrCat(admitted_ - 1, " requests already wait (max_waiting ",
+                                                       options_.max_waiting, ")"));
+    }
+    ++admitted_;
+  }
+  absl::Cleanup leave = [this] {
+    absl::MutexLock admit(&admit_mu_);
+    --admitted_;
+  };
   metrics_->requests_waiting.Increment();
   absl::MutexLock lock(&mu_);
   metrics_->requests_waiting.Decrement();
@@ -88,7 +116,8 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   if (draft_ != nullptr) {
     absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(
         *model_, *draft_, seq, ids,
-        {.num_speculative_tokens = num_speculative_tokens_, .max_tokens = req.max_tokens, .sampling = req.sampling},
+        {.num_speculative_tokens = options_.num_speculative_tokens, .max_tokens = req.max_tokens,
+         .sampling = req.sampling},
         on_token);
     status = r.status();
     if (r.ok()) {

@@ -2,6 +2,7 @@
 // on the CPU backend (it has one caller); continuous batching comes with the GPU backend.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -17,6 +18,12 @@
 #include "runtime/tokenizer.h"
 
 namespace scout::scheduler {
+
+struct EngineOptions {
+  int num_speculative_tokens = 4;
+  int64_t max_model_len = 0;  // prompt + max_tokens limit; 0: the model's max_position_embeddings
+  int max_waiting = 64;       // requests queued behind the running one before new ones are refused
+};
 
 struct CompletionRequest {
   std::string prompt;
@@ -40,15 +47,23 @@ class Engine {
  public:
   // draft may be null (no speculative decoding). metrics must outlive the engine.
   Engine(std::unique_ptr<runtime::CpuModel> model, std::unique_ptr<runtime::CpuModel> draft,
-         std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics, int num_speculative_tokens);
+         std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
+         const EngineOptions& options);
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
   // Thread-safe; blocks until the request has run. InvalidArgument for bad sampling params or
-  // max_tokens, OutOfRange for a prompt over the model's context; backend errors pass through.
+  // max_tokens, OutOfRange for a prompt over max_model_len, ResourceExhausted when max_waiting
+  // requests already queue, Unavailable once draining; backend errors pass through.
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request, const TextCallback& on_text = nullptr);
 
+  // Refuses new requests from now on; waits up to timeout_seconds for the admitted ones to
+  // finish. Returns whether they all did.
+  bool Drain(double timeout_seconds);
+  bool draining() const { return draining_.load(); }
+
   const runtime::ModelConfig& config() const { return model_->config(); }
+  int64_t max_model_len() const;
 
  private:
   absl::Mutex mu_;  // one request on the models at a time
@@ -56,8 +71,11 @@ class Engine {
   std::unique_ptr<runtime::CpuModel> draft_ ABSL_PT_GUARDED_BY(mu_);
   std::unique_ptr<runtime::Tokenizer> tokenizer_;
   monitoring::ServerMetrics* metrics_;
-  int num_speculative_tokens_;
+  EngineOptions options_;
   int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::Mutex admit_mu_;
+  int admitted_ ABSL_GUARDED_BY(admit_mu_) = 0;  // running + waiting
+  std::atomic<bool> draining_{false};
 };
 
 }  // namespace scout::scheduler

@@ -78,4 +78,38 @@ kill -TERM "$pid"
 wait "$pid"
 rc=$?
 [ $rc -eq 0 ] || fail "server exit $rc after SIGTERM"
+
+# Admission and drain: with one request running and no queue allowed, another gets 429 with
+# Retry-After; SIGTERM lets the running one finish (health says 503 meanwhile) and exits 0.
+"$scout" serve --model "$src/models/scout-tiny-target" --host 127.0.0.1 --port 0 --max-waiting 0 \
+  --max-model-len 2048 --shutdown-timeout 60 2> serve.err &
+pid=$!
+port=""
+for _ in $(seq 1 100); do
+  port=$(grep -o "127.0.0.1:[0-9]*" serve.err 2>/dev/null | cut -d: -f2)
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$port" ] || fail "second server did not report its port"
+base="http://127.0.0.1:$port"
+curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_len not applied"
+[ "$(code '{"prompt": "x", "max_tokens": 2048}')" = 400 ] || fail "over --max-model-len"
+curl -sN "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 1500, "stream": true, "ignore_eos": true}' > long.txt &
+long=$!
+for _ in $(seq 1 100); do
+  curl -s "$base/metrics" | grep -q '^scout_num_requests_running 1' && break
+  sleep 0.05
+done
+busy=$(curl -s -o busy.json -D busy.hdr -w '%{http_code}' "$base/v1/completions" -d '{"prompt": "b", "max_tokens": 4}')
+[ "$busy" = 429 ] || fail "expected 429 while busy, got $busy: $(cat busy.json)"
+grep -qi '^retry-after: 1' busy.hdr || fail "no Retry-After: $(cat busy.hdr)"
+kill -TERM "$pid"
+sleep 0.3
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$base/health")" = 503 ] || fail "health while draining"
+wait "$long"
+grep -q '"finish_reason":"length"' long.txt || fail "in-flight request cut by shutdown: $(tail -c 300 long.txt)"
+wait "$pid"
+rc=$?
+[ $rc -eq 0 ] || fail "server exit $rc after drain"
+grep -q "draining" serve.err || fail "no drain message: $(cat serve.err)"
 echo "serve_test: ok"
