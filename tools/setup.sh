@@ -13,6 +13,7 @@ pkgs=(
   libyaml-cpp-dev        # YAML config files
   libopenblas-dev        # CPU GEMM for the CPU backend
   curl                   # the server tests talk HTTP to a real `scout serve`
+  prometheus             # a real Prometheus scrapes `scout serve` in tests; promtool checks monitoring/
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# A real Prometheus scrapes a real `scout serve`: the monitoring files pass promtool, /metrics
+# passes `promtool check metrics`, and request counts come back through Prometheus's query API.
+# usage: prometheus_test.sh SCOUT_BINARY SOURCE_DIR
+set -uo pipefail
+scout=$1
+src=$2
+fail() {
+  echo "FAIL: $*"
+  [ -n "${spid:-}" ] && kill "$spid" 2>/dev/null
+  [ -n "${ppid_:-}" ] && kill "$ppid_" 2>/dev/null
+  tail -20 prom.log 2>/dev/null
+  exit 1
+}
+command -v prometheus >/dev/null && command -v promtool >/dev/null || fail "prometheus and promtool are needed (tools/setup.sh installs them)"
+
+promtool check config "$src/monitoring/prometheus.yml" >/dev/null || fail "promtool check config"
+promtool check rules "$src/monitoring/rules.yml" >/dev/null || fail "promtool check rules"
+python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['panels']" "$src/monitoring/grafana/scout.json" 2>/dev/null \
+  || grep -q '"panels"' "$src/monitoring/grafana/scout.json" || fail "grafana dashboard JSON"
+
+"$scout" serve --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --host 127.0.0.1 --port 0 \
+  2> serve.err &
+spid=$!
+port=""
+for _ in $(seq 1 100); do
+  port=$(grep -o "127.0.0.1:[0-9]*" serve.err 2>/dev/null | cut -d: -f2)
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$port" ] || fail "server did not report its port"
+base="http://127.0.0.1:$port"
+curl -s "$base/metrics" | promtool check metrics || fail "promtool check metrics on /metrics"
+
+# Prometheus on a free port, scraping the server every second.
+pport=""
+for p in $(shuf -i 20000-60000 -n 50); do
+  if ! (echo > "/dev/tcp/127.0.0.1/$p") 2>/dev/null; then pport=$p; break; fi
+done
+[ -n "$pport" ] || fail "no free port for prometheus"
+cat > prom.yml <<CFG
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: ["$src/monitoring/rules.yml"]
+scrape_configs:
+  - job_name: scout
+    static_configs: [{targets: ["127.0.0.1:$port"]}]
+CFG
+rm -rf tsdb
+prometheus --config.file=prom.yml --storage.tsdb.path=tsdb --web.listen-address="127.0.0.1:$pport" > prom.log 2>&1 &
+ppid_=$!
+for i in 1 2 3; do
+  curl -s "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 16, "seed": '"$i"'}' >/dev/null || fail "request $i"
+done
+query() { curl -s "http://127.0.0.1:$pport/api/v1/query" --data-urlencode "query=$1"; }
+ok=""
+for _ in $(seq 1 60); do
+  r=$(query 'sum(scout_requests_total{outcome="ok"})')
+  if echo "$r" | grep -q '"value":\[[0-9.]*,"3"\]'; then ok=1; break; fi
+  sleep 0.5
+done
+[ -n "$ok" ] || fail "prometheus never saw 3 ok requests: $r"
+query 'up{job="scout"}' | grep -q '"value":\[[0-9.]*,"1"\]' || fail "up{job=scout} != 1"
+query 'scout_spec_decode_num_accepted_tokens_total' | grep -q '"result":\[{' || fail "acceptance series missing"
+query 'scout_time_to_first_token_seconds_count' | grep -q '"value":\[[0-9.]*,"3"\]' || fail "TTFT count"
+curl -s "http://127.0.0.1:$pport/api/v1/rules" | grep -q '"name":"ScoutDown"' || fail "alert rules not loaded"
+
+kill "$ppid_" 2>/dev/null
+kill -TERM "$spid"
+wait "$spid" || fail "server exit after SIGTERM"
+echo "prometheus_test: ok"
