@@ -5,6 +5,7 @@
 #include <boost/beast/http.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 
 namespace scout::rpc {
 
@@ -80,6 +81,7 @@ struct HttpServer::Impl {
   absl::Mutex mu;
   std::vector<std::thread> connections ABSL_GUARDED_BY(mu);
   std::vector<tcp::socket*> open ABSL_GUARDED_BY(mu);
+  int busy ABSL_GUARDED_BY(mu) = 0;  // connections inside a handler
   std::atomic<bool> stopping{false};
 
   void Serve(tcp::socket socket) {
@@ -97,7 +99,15 @@ struct HttpServer::Impl {
       const auto& req = parser.get();
       HttpRequest r{std::string(req.method_string()), std::string(req.target()), req.body()};
       BeastResponder responder(socket, req.keep_alive());
+      {
+        absl::MutexLock lock(&mu);
+        ++busy;
+      }
       handler(r, responder);
+      {
+        absl::MutexLock lock(&mu);
+        --busy;
+      }
       if (!responder.ok() || !req.keep_alive()) break;
     }
     beast::error_code ec;
@@ -152,7 +162,12 @@ void HttpServer::Stop() {
   impl_->acceptor.close(ec);
   std::vector<std::thread> threads;
   {
+    // Handlers that are answering finish their response (a draining engine has let their
+    // requests complete); idle keep-alive connections are woken by shutting their sockets.
     absl::MutexLock lock(&impl_->mu);
+    Impl* impl = impl_.get();
+    auto idle = [impl]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl->mu) { return impl->busy == 0; };
+    impl_->mu.AwaitWithTimeout(absl::Condition(&idle), absl::Seconds(10));
     for (tcp::socket* s : impl_->open) s->shutdown(tcp::socket::shutdown_both, ec);
     threads.swap(impl_->connections);
   }
