@@ -85,6 +85,9 @@ struct HttpServer::Impl {
   std::atomic<bool> stopping{false};
 
   void Serve(tcp::socket socket) {
+    beast::error_code nodelay_ec;
+    // Streamed tokens are small writes: without this, Nagle's algorithm holds them back.
+    socket.set_option(tcp::no_delay(true), nodelay_ec);
     {
       absl::MutexLock lock(&mu);
       open.push_back(&socket);
