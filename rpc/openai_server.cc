@@ -72,6 +72,7 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
     req->sampling.top_k = j.value("top_k", 0);
     req->sampling.seed = j.value("seed", uint64_t{0});
     req->ignore_eos = j.value("ignore_eos", false);
+    if (j.contains("session_id") && !j["session_id"].is_null()) req->session_id = j["session_id"].get<std::string>();
     if (j.contains("stop") && !j["stop"].is_null()) {
       if (j["stop"].is_string()) {
         req->stop.push_back(j["stop"].get<std::string>());
@@ -111,6 +112,22 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       }
     } else if (path == "/metrics") {
       out.Send(200, "text/plain; version=0.0.4", metrics->Serialize());
+    } else if (path == "/v1/sessions" && req.method == "GET") {
+      json data = json::array();
+      for (const scheduler::SessionInfo& si : engine->ListSessions()) {
+        data.push_back({{"id", si.id}, {"object", "session"}, {"tokens", si.tokens}});
+      }
+      out.Send(200, "application/json", json({{"object", "list"}, {"data", data}}).dump());
+    } else if (path.rfind("/v1/sessions/", 0) == 0 && req.method == "DELETE") {
+      const std::string id = path.substr(std::string("/v1/sessions/").size());
+      absl::Status st = engine->DeleteSession(id);
+      if (st.code() == absl::StatusCode::kNotFound) {
+        SendError(out, 404, std::string(st.message()), "invalid_request_error", "session_id");
+      } else if (!st.ok()) {
+        SendError(out, 500, std::string(st.message()), "internal_error");
+      } else {
+        out.Send(200, "application/json", json({{"id", id}, {"object", "session"}, {"deleted", true}}).dump());
+      }
     } else if (path == "/v1/models") {
       json models = {{"object", "list"},
                      {"data", {{{"id", model_name}, {"object", "model"}, {"owned_by", "scout"},
@@ -167,8 +184,10 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         }
         return;
       }
-      const json usage = {{"prompt_tokens", r->prompt_tokens}, {"completion_tokens", r->completion_tokens},
-                          {"total_tokens", r->prompt_tokens + r->completion_tokens}};
+      const json usage = {{"prompt_tokens", r->prompt_tokens},
+                          {"completion_tokens", r->completion_tokens},
+                          {"total_tokens", r->prompt_tokens + r->completion_tokens},
+                          {"prompt_tokens_details", {{"cached_tokens", r->cached_tokens}}}};
       if (stream) {
         if (!streaming && !out.BeginStream("text/event-stream")) return;
         if (r->finish_reason == "cancelled") return;  // the client is gone

@@ -15,11 +15,22 @@ absl::StatusOr<GenerateResult> Generate(ModelBackend& backend, SequenceId seq, s
   if (options.prefill_chunk <= 0) return absl::InvalidArgumentError("prefill_chunk must be positive");
   if (absl::Status s = ValidateSamplingParams(options.sampling); !s.ok()) return s;
   const int64_t limit = backend.config().max_position_embeddings;
-  if (static_cast<int64_t>(prompt.size()) > limit) {
-    return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens exceeds the model's ", limit));
+  int64_t earlier = 0;
+  if (options.continue_sequence) {
+    absl::StatusOr<int64_t> len = backend.SequenceLength(seq);
+    if (!len.ok()) return len.status();
+    earlier = *len;
   }
-  if (absl::Status s = backend.AddSequence(seq); !s.ok()) return s;
-  absl::Cleanup release = [&] { backend.ReleaseSequence(seq).IgnoreError(); };
+  if (earlier + static_cast<int64_t>(prompt.size()) > limit) {
+    return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens after ", earlier,
+                                              " exceeds the model's ", limit));
+  }
+  if (!options.continue_sequence) {
+    if (absl::Status s = backend.AddSequence(seq); !s.ok()) return s;
+  }
+  absl::Cleanup release = [&] {
+    if (!options.continue_sequence) backend.ReleaseSequence(seq).IgnoreError();
+  };
 
   using Clock = std::chrono::steady_clock;
   GenerateResult result;
@@ -34,7 +45,7 @@ absl::StatusOr<GenerateResult> Generate(ModelBackend& backend, SequenceId seq, s
   }
   auto t1 = Clock::now();
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
-  int64_t length = result.prompt_tokens;
+  int64_t length = earlier + result.prompt_tokens;
   for (int64_t i = 0; i < options.max_tokens; ++i) {
     int32_t next = sampler.Sample(logits);
     result.tokens.push_back(next);

@@ -17,6 +17,10 @@ struct GenerateOptions {
   SamplingParams sampling;
   int64_t prefill_chunk = 512;     // prompt tokens per forward pass
   std::vector<int32_t> stop_ids;   // generation ends after emitting one of these (kept in output)
+  // Continue sequence `seq`, which already holds earlier tokens, and keep it afterwards (agent
+  // sessions). The last generated token is not in the cache when Generate returns: the caller
+  // feeds it first next time.
+  bool continue_sequence = false;
 };
 
 struct GenerateResult {
@@ -29,9 +33,9 @@ struct GenerateResult {
 // Called with each generated token; returning false stops generation early.
 using TokenCallback = std::function<bool(int32_t)>;
 
-// Runs `prompt` (non-empty) through the backend as a new sequence `seq`, samples up to
-// max_tokens tokens, and releases the sequence before returning (on error too). Errors of
-// the backend pass through; InvalidArgument for bad options.
+// Runs `prompt` (non-empty) through the backend as a new sequence `seq` (or appended to it, with
+// continue_sequence), samples up to max_tokens tokens, and releases a new sequence before
+// returning (on error too). Errors of the backend pass through; InvalidArgument for bad options.
 absl::StatusOr<GenerateResult> Generate(ModelBackend& backend, SequenceId seq, std::span<const int32_t> prompt,
                                         const GenerateOptions& options, const TokenCallback& on_token = nullptr);
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -31,13 +32,22 @@ struct CompletionRequest {
   runtime::SamplingParams sampling;
   std::vector<std::string> stop;  // generation ends before the first of these strings
   bool ignore_eos = false;
+  // Agent sessions: the prompt continues this session's context, whose KV stays in the cache
+  // between requests, so only the new tokens are prefilled. Empty: a one-off request.
+  std::string session_id;
 };
 
 struct CompletionResult {
   std::string text;
   std::string finish_reason;  // "stop" (EOS or a stop string), "length", or "cancelled"
-  int64_t prompt_tokens = 0;
+  int64_t prompt_tokens = 0;      // tokens this request prefilled
+  int64_t cached_tokens = 0;      // session tokens reused from the KV cache
   int64_t completion_tokens = 0;
+};
+
+struct SessionInfo {
+  std::string id;
+  int64_t tokens = 0;  // context held for the session
 };
 
 // Receives each piece of generated text as it is final; returning false cancels the request.
@@ -57,6 +67,11 @@ class Engine {
   // requests already queue, Unavailable once draining; backend errors pass through.
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request, const TextCallback& on_text = nullptr);
 
+  std::vector<SessionInfo> ListSessions();
+  // Frees the session's KV. NotFound if unknown; FailedPrecondition while a request uses it
+  // (cannot happen while requests run one at a time, but the contract holds for batching).
+  absl::Status DeleteSession(const std::string& id);
+
   // Refuses new requests from now on; waits up to timeout_seconds for the admitted ones to
   // finish. Returns whether they all did.
   bool Drain(double timeout_seconds);
@@ -73,6 +88,11 @@ class Engine {
   monitoring::ServerMetrics* metrics_;
   EngineOptions options_;
   int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  struct Session {
+    int64_t seq = 0;
+    int32_t pending = -1;  // last generated token, not yet in the cache
+  };
+  absl::flat_hash_map<std::string, Session> sessions_ ABSL_GUARDED_BY(mu_);
   absl::Mutex admit_mu_;
   int admitted_ ABSL_GUARDED_BY(admit_mu_) = 0;  // running + waiting
   std::atomic<bool> draining_{false};

@@ -94,6 +94,26 @@ done
 base="http://127.0.0.1:$port"
 curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_len not applied"
 [ "$(code '{"prompt": "x", "max_tokens": 2048}')" = 400 ] || fail "over --max-model-len"
+
+# Agent sessions: the second turn prefills only its new tokens and continues exactly where a
+# one-off request over the whole conversation would.
+py() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+t1=$(curl -s "$base/v1/completions" -d '{"prompt": "def add(a, b):\n    ", "max_tokens": 12, "temperature": 0, "session_id": "agent-1"}')
+echo "$t1" | grep -q '"cached_tokens":0' || fail "first turn: $t1"
+t2=$(curl -s "$base/v1/completions" -d '{"prompt": "\n\ndef sub(a, b):\n    ", "max_tokens": 12, "temperature": 0, "session_id": "agent-1"}')
+echo "$t2" | grep -q '"cached_tokens":[1-9]' || fail "second turn reused nothing: $t2"
+if command -v python3 >/dev/null; then
+  text1=$(echo "$t1" | py 'json.dumps(d["choices"][0]["text"])')
+  text2=$(echo "$t2" | py 'd["choices"][0]["text"]')
+  new=$(echo "$t2" | py 'd["usage"]["prompt_tokens"]')
+  [ "$new" -le 22 ] || fail "second turn prefilled $new tokens, more than its own 21 + 1"
+  full=$(python3 -c "import json,sys; print(json.dumps({'prompt': 'def add(a, b):\\n    ' + json.loads(sys.argv[1]) + '\\n\\ndef sub(a, b):\\n    ', 'max_tokens': 12, 'temperature': 0}))" "$text1")
+  one=$(curl -s "$base/v1/completions" -d "$full" | py 'd["choices"][0]["text"]')
+  [ "$one" = "$text2" ] || fail "session turn differs from one-off: [$text2] vs [$one]"
+fi
+curl -s "$base/v1/sessions" | grep -q '"id":"agent-1"' || fail "session not listed"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$base/v1/sessions/agent-1")" = 200 ] || fail "delete session"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$base/v1/sessions/agent-1")" = 404 ] || fail "unknown session"
 curl -sN "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 1500, "stream": true, "ignore_eos": true}' > long.txt &
 long=$!
 for _ in $(seq 1 100); do
