@@ -1,0 +1,77 @@
+#include "scheduler/engine.h"
+
+#include <filesystem>
+
+#include "gtest/gtest.h"
+
+namespace scout::scheduler {
+namespace {
+
+const std::filesystem::path kModels = std::filesystem::path(SCOUT_SOURCE_DIR) / "models";
+
+std::unique_ptr<Engine> MakeEngine(monitoring::ServerMetrics* metrics, int64_t max_model_len = 0) {
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  EXPECT_TRUE(model.ok() && tok.ok());
+  return std::make_unique<Engine>(std::move(*model), nullptr, std::move(*tok), metrics,
+                                  EngineOptions{.max_model_len = max_model_len});
+}
+
+// Streamed pieces add up to the returned text; a stop string never appears in either, and text
+// held back as a possible stop prefix is released when it turns out not to be one.
+TEST(EngineTest, StopStringsAndStreamingAgree) {
+  monitoring::ServerMetrics metrics;
+  auto engine = MakeEngine(&metrics);
+  const std::string prompt = "import numpy as np\n\n\ndef softmax(x):\n    ";
+  auto plain = engine->Complete({.prompt = prompt, .max_tokens = 60});
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_GE(plain->text.size(), 20u);
+  // Stop on a piece of the greedy text: generation ends right before it.
+  const std::string stop = plain->text.substr(10, 4);
+  std::string streamed;
+  auto stopped = engine->Complete({.prompt = prompt, .max_tokens = 60, .stop = {stop, "zzzz-never"}},
+                                  [&](absl::string_view piece) {
+                                    streamed.append(piece.data(), piece.size());
+                                    return true;
+                                  });
+  ASSERT_TRUE(stopped.ok());
+  EXPECT_EQ(stopped->finish_reason, "stop");
+  EXPECT_EQ(stopped->text, plain->text.substr(0, plain->text.find(stop)));
+  EXPECT_EQ(streamed, stopped->text);
+  // A stop string that only ever half-matches: everything comes out, nothing is lost.
+  streamed.clear();
+  auto half = engine->Complete({.prompt = prompt, .max_tokens = 60, .stop = {plain->text.substr(0, 3) + "\x01"}},
+                               [&](absl::string_view piece) {
+                                 streamed.append(piece.data(), piece.size());
+                                 return true;
+                               });
+  ASSERT_TRUE(half.ok());
+  EXPECT_EQ(half->finish_reason, "length");
+  EXPECT_EQ(half->text, plain->text);
+  EXPECT_EQ(streamed, plain->text);
+}
+
+// A failed turn leaves the session as it was; the next turn still continues it.
+TEST(EngineTest, FailedTurnLeavesSessionIntact) {
+  monitoring::ServerMetrics metrics;
+  auto engine = MakeEngine(&metrics, /*max_model_len=*/200);
+  auto t1 = engine->Complete({.prompt = "def f(x):\n", .max_tokens = 10, .session_id = "s"});
+  ASSERT_TRUE(t1.ok());
+  const int64_t before = engine->ListSessions().at(0).tokens;
+  auto too_long = engine->Complete({.prompt = std::string(150, 'a'), .max_tokens = 100, .session_id = "s"});
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(engine->ListSessions().at(0).tokens, before);
+  auto t2 = engine->Complete({.prompt = "\n", .max_tokens = 5, .session_id = "s"});
+  ASSERT_TRUE(t2.ok()) << t2.status();
+  EXPECT_EQ(t2->cached_tokens, before - 1);  // the pending token is prefilled with the new ones
+  EXPECT_EQ(t2->prompt_tokens, 2);
+  EXPECT_TRUE(engine->DeleteSession("s").ok());
+  EXPECT_EQ(engine->DeleteSession("s").code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(engine->ListSessions().empty());
+  // A new session that fails on its first turn is not kept.
+  EXPECT_FALSE(engine->Complete({.prompt = std::string(150, 'a'), .max_tokens = 100, .session_id = "t"}).ok());
+  EXPECT_TRUE(engine->ListSessions().empty());
+}
+
+}  // namespace
+}  // namespace scout::scheduler
