@@ -7,11 +7,12 @@ scout=$1
 src=$2
 fail() {
   echo "FAIL: $*"
-  [ -n "${spid:-}" ] && kill "$spid" 2>/dev/null
+  [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null
   [ -n "${ppid_:-}" ] && kill "$ppid_" 2>/dev/null
   tail -20 prom.log 2>/dev/null
   exit 1
 }
+source "$(dirname "$0")/server_lib.sh"
 command -v prometheus >/dev/null && command -v promtool >/dev/null || fail "prometheus and promtool are needed (tools/setup.sh installs them)"
 
 promtool check config "$src/monitoring/prometheus.yml" >/dev/null || fail "promtool check config"
@@ -19,17 +20,7 @@ promtool check rules "$src/monitoring/rules.yml" >/dev/null || fail "promtool ch
 python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['panels']" "$src/monitoring/grafana/scout.json" 2>/dev/null \
   || grep -q '"panels"' "$src/monitoring/grafana/scout.json" || fail "grafana dashboard JSON"
 
-"$scout" serve --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --host 127.0.0.1 --port 0 \
-  2> serve.err &
-spid=$!
-port=""
-for _ in $(seq 1 100); do
-  port=$(grep -o "127.0.0.1:[0-9]*" serve.err 2>/dev/null | cut -d: -f2)
-  [ -n "$port" ] && break
-  sleep 0.1
-done
-[ -n "$port" ] || fail "server did not report its port"
-base="http://127.0.0.1:$port"
+start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft"
 curl -s "$base/metrics" | promtool check metrics || fail "promtool check metrics on /metrics"
 
 # Prometheus on a free port, scraping the server every second.
@@ -65,6 +56,6 @@ query 'scout_time_to_first_token_seconds_count' | grep -q '"value":\[[0-9.]*,"3"
 curl -s "http://127.0.0.1:$pport/api/v1/rules" | grep -q '"name":"ScoutDown"' || fail "alert rules not loaded"
 
 kill "$ppid_" 2>/dev/null
-kill -TERM "$spid"
-wait "$spid" || fail "server exit after SIGTERM"
+kill -TERM "$pid"
+wait "$pid" || fail "server exit after SIGTERM"
 echo "prometheus_test: ok"

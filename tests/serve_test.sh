@@ -5,18 +5,9 @@ set -uo pipefail
 scout=$1
 src=$2
 fail() { echo "FAIL: $*"; [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; cat serve.err 2>/dev/null; exit 1; }
+source "$(dirname "$0")/server_lib.sh"
 
-"$scout" serve --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --host 127.0.0.1 --port 0 \
-  2> serve.err &
-pid=$!
-port=""
-for _ in $(seq 1 100); do
-  port=$(grep -o "127.0.0.1:[0-9]*" serve.err 2>/dev/null | cut -d: -f2)
-  [ -n "$port" ] && break
-  sleep 0.1
-done
-[ -n "$port" ] || fail "server did not report its port"
-base="http://127.0.0.1:$port"
+start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft"
 
 [ "$(curl -s "$base/health")" = "OK" ] || fail "/health"
 curl -s "$base/v1/models" | grep -q '"id":"scout-tiny-target"' || fail "/v1/models"
@@ -81,17 +72,7 @@ rc=$?
 
 # Admission and drain: with one request running and no queue allowed, another gets 429 with
 # Retry-After; SIGTERM lets the running one finish (health says 503 meanwhile) and exits 0.
-"$scout" serve --model "$src/models/scout-tiny-target" --host 127.0.0.1 --port 0 --max-waiting 0 \
-  --max-model-len 2048 --shutdown-timeout 60 2> serve.err &
-pid=$!
-port=""
-for _ in $(seq 1 100); do
-  port=$(grep -o "127.0.0.1:[0-9]*" serve.err 2>/dev/null | cut -d: -f2)
-  [ -n "$port" ] && break
-  sleep 0.1
-done
-[ -n "$port" ] || fail "second server did not report its port"
-base="http://127.0.0.1:$port"
+start_server serve.err --model "$src/models/scout-tiny-target" --max-waiting 0 --max-model-len 2048 --shutdown-timeout 60
 curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_len not applied"
 [ "$(code '{"prompt": "x", "max_tokens": 2048}')" = 400 ] || fail "over --max-model-len"
 
