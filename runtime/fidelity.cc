@@ -48,6 +48,26 @@ absl::Status MethodPass(ModelBackend& target, SequenceId seq, const HeadMap& map
   return target.TruncateSequence(seq, r.pos);
 }
 
+// Runs round r once per (budget, method), each from the same cache state, handing the visitor
+// the lists read, the logits, and the oracle's lists at that budget.
+absl::Status ForEachMethodPass(
+    ModelBackend& target, SequenceId seq, const HeadMap& map, const Round& r, const FidelityOptions& o,
+    const std::function<void(const std::string& method, double budget, const kvstore::Selection& sel,
+                             const std::vector<float>& logits, const kvstore::Selection& oracle)>& visit) {
+  std::vector<float> logits;
+  for (double budget : o.budgets) {
+    const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks};
+    const kvstore::Selection oracle =
+        BuildOracleSelection(target.config(), *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
+    for (const std::string& method : o.methods) {
+      kvstore::Selection sel;
+      if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, &sel, &logits); !s.ok()) return s;
+      visit(method, budget, sel, logits, oracle);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckMethods(const std::vector<std::string>& methods) {
   for (const std::string& m : methods) {
     if (m != "sts" && m != "oracle" && m != "window" && m != "quest") {
@@ -129,41 +149,36 @@ absl::StatusOr<std::vector<FidelityRow>> RunFidelity(ModelBackend& target, Model
   const SequenceId seq = 0x5c0;
   Acc dense;
   std::map<std::pair<std::string, double>, Acc> acc;
-  std::vector<float> logits;
   absl::Status walked = WalkRounds(target, draft, ids, o.context_tokens, o.eval_tokens, o.num_speculative_tokens,
                                    [&](const Round& r) -> absl::Status {
     for (int64_t row = 0; row < r.rows; ++row) {
       dense.nll += Nll(std::span(*r.logits).subspan(row * vocab, vocab), ids[r.pos + row + 1]);
     }
     dense.tokens += r.rows;
-    for (double budget : o.budgets) {
-      const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks};
-      const kvstore::Selection oracle = BuildOracleSelection(tc, *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
-      for (const std::string& method : o.methods) {
-        kvstore::Selection sel;
-        if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, &sel, &logits); !s.ok()) return s;
-        Acc& a = acc[{method, budget}];
-        for (int64_t row = 0; row < r.rows; ++row) {
-          a.nll += Nll(std::span(logits).subspan(row * vocab, vocab), ids[r.pos + row + 1]);
-        }
-        a.tokens += r.rows;
-        for (int l = 0; l < layers; ++l) {
-          for (int h = 0; h < kvh; ++h) {
-            const int list = l * kvh + h;
-            const std::span<const int32_t> mine(sel.blocks.data() + sel.indptr[list], sel.indptr[list + 1] - sel.indptr[list]);
-            const std::set<int32_t> theirs(oracle.blocks.begin() + oracle.indptr[list],
-                                           oracle.blocks.begin() + oracle.indptr[list + 1]);
-            int64_t inter = 0;
-            for (int32_t x : mine) inter += theirs.count(x);
-            a.jaccard += double(inter) / double(mine.size() + theirs.size() - inter);
-            a.read += double(mine.size()) / r.nb;
-            a.recall += CapturedMass(tc, r, l, h, mine);
-            ++a.lists;
-          }
+    return ForEachMethodPass(target, seq, map, r, o, [&](const std::string& method, double budget,
+                                                          const kvstore::Selection& sel,
+                                                          const std::vector<float>& logits,
+                                                          const kvstore::Selection& oracle) {
+      Acc& a = acc[{method, budget}];
+      for (int64_t row = 0; row < r.rows; ++row) {
+        a.nll += Nll(std::span(logits).subspan(row * vocab, vocab), ids[r.pos + row + 1]);
+      }
+      a.tokens += r.rows;
+      for (int l = 0; l < layers; ++l) {
+        for (int h = 0; h < kvh; ++h) {
+          const int list = l * kvh + h;
+          const std::span<const int32_t> mine(sel.blocks.data() + sel.indptr[list], sel.indptr[list + 1] - sel.indptr[list]);
+          const std::set<int32_t> theirs(oracle.blocks.begin() + oracle.indptr[list],
+                                         oracle.blocks.begin() + oracle.indptr[list + 1]);
+          int64_t inter = 0;
+          for (int32_t x : mine) inter += theirs.count(x);
+          a.jaccard += double(inter) / double(mine.size() + theirs.size() - inter);
+          a.read += double(mine.size()) / r.nb;
+          a.recall += CapturedMass(tc, r, l, h, mine);
+          ++a.lists;
         }
       }
-    }
-    return absl::OkStatus();
+    });
   });
   if (!walked.ok()) return walked;
   std::vector<FidelityRow> out;
@@ -191,7 +206,6 @@ absl::StatusOr<std::vector<RetrievalRow>> RunRetrieval(ModelBackend& target, Mod
   const SequenceId seq = 0x5c0;
   std::map<std::pair<std::string, double>, RetrievalRow> rows;
   RetrievalRow dense{.method = "dense", .budget = 1.0, .correct = 0, .total = 0};
-  std::vector<float> logits;
   for (size_t t = 0; t < prompts.size(); ++t) {
     std::vector<int32_t> ids = prompts[t];
     ids.insert(ids.end(), answers[t].begin(), answers[t].end());
@@ -209,17 +223,12 @@ absl::StatusOr<std::vector<RetrievalRow>> RunRetrieval(ModelBackend& target, Mod
     absl::Status walked = WalkRounds(target, draft, ids, ctx, static_cast<int64_t>(answers[t].size()),
                                      o.num_speculative_tokens, [&](const Round& r) -> absl::Status {
       dense_right = dense_right && argmax_ok(*r.logits, r);
-      for (double budget : o.budgets) {
-        const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks};
-        const kvstore::Selection oracle = BuildOracleSelection(tc, *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
-        for (const std::string& method : o.methods) {
-          kvstore::Selection sel;
-          if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, &sel, &logits); !s.ok()) return s;
-          auto [it, fresh] = right.try_emplace({method, budget}, true);
-          it->second = it->second && argmax_ok(logits, r);
-        }
-      }
-      return absl::OkStatus();
+      return ForEachMethodPass(target, seq, map, r, o, [&](const std::string& method, double budget,
+                                                            const kvstore::Selection&, const std::vector<float>& logits,
+                                                            const kvstore::Selection&) {
+        auto [it, fresh] = right.try_emplace({method, budget}, true);
+        it->second = it->second && argmax_ok(logits, r);
+      });
     });
     if (!walked.ok()) return walked;
     dense.correct += dense_right;
