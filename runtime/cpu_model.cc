@@ -4,9 +4,9 @@
 
 #include <cmath>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/attention_cpu.h"
+#include "runtime/batch_check.h"
 #include "runtime/rope.h"
 
 namespace scout::runtime {
@@ -82,70 +82,12 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
   const ModelConfig& c = config_;
   const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   const int64_t inter = c.intermediate_size, vocab = c.vocab_size;
-  if (batch.empty()) return absl::InvalidArgumentError("Forward needs at least one sequence");
-
   // Validate everything before touching any state.
-  absl::flat_hash_set<SequenceId> seen;
-  std::vector<int64_t> start(batch.size());
-  int64_t total = 0, blocks_needed = 0, logit_rows = 0;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const SequenceInput& in = batch[i];
-    if (!seen.insert(in.seq).second) return absl::InvalidArgumentError(absl::StrCat("sequence ", in.seq, " appears twice in one batch"));
-    if (in.tokens.empty()) return absl::InvalidArgumentError(absl::StrCat("sequence ", in.seq, " has no new tokens"));
-    for (int32_t t : in.tokens) {
-      if (t < 0 || t >= vocab) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside vocabulary of ", vocab));
-    }
-    const kvstore::BlockTable* table = tables_.Find(in.seq);
-    if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", in.seq));
-    start[i] = table->num_tokens;
-    const int64_t end = start[i] + static_cast<int64_t>(in.tokens.size());
-    if (end > c.max_position_embeddings) {
-      return absl::OutOfRangeError(absl::StrCat("sequence ", in.seq, " would reach ", end,
-                                                " tokens, past max_position_embeddings ", c.max_position_embeddings));
-    }
-    blocks_needed += *tables_.BlocksNeeded(in.seq, end);
-    if (in.quest_budget != nullptr) {
-      const StsBudget& b = *in.quest_budget;
-      if (b.sink_blocks < 0 || b.window_blocks < 0 || b.budget_tokens < 0 ||
-          (b.budget_tokens == 0 && !(b.budget_fraction > 0 && b.budget_fraction <= 1))) {
-        return absl::InvalidArgumentError("quest budget needs sinks, window, tokens >= 0 and a fraction in (0, 1]");
-      }
-    }
-    if (in.selection != nullptr) {
-      const kvstore::Selection& sel = *in.selection;
-      const int64_t nb = kvstore::BlocksFor(end);
-      if (sel.num_layers != c.num_hidden_layers || sel.num_kv_heads != c.num_key_value_heads ||
-          sel.indptr.size() != static_cast<size_t>(sel.num_layers * sel.num_kv_heads + 1) ||
-          sel.indptr.front() != 0 || sel.indptr.back() != static_cast<int32_t>(sel.blocks.size())) {
-        return absl::InvalidArgumentError(absl::StrCat("selection for sequence ", in.seq, " is not ", c.num_hidden_layers,
-                                                       " x ", c.num_key_value_heads, " lists"));
-      }
-      for (size_t l = 0; l + 1 < sel.indptr.size(); ++l) {
-        if (sel.indptr[l] > sel.indptr[l + 1]) {
-          return absl::InvalidArgumentError(absl::StrCat("selection indptr of sequence ", in.seq, " decreases at ", l));
-        }
-      }
-      for (size_t l = 0; l + 1 < sel.indptr.size(); ++l) {
-        for (int32_t j = sel.indptr[l]; j < sel.indptr[l + 1]; ++j) {
-          if (sel.blocks[j] < 0 || sel.blocks[j] >= nb || (j > sel.indptr[l] && sel.blocks[j] <= sel.blocks[j - 1])) {
-            return absl::InvalidArgumentError(absl::StrCat("selection list ", l, " of sequence ", in.seq,
-                                                           " is not ascending blocks below ", nb));
-          }
-        }
-      }
-    }
-    total += static_cast<int64_t>(in.tokens.size());
-    logit_rows += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
-  }
-  if (blocks_needed > tables_.allocator().num_free()) {
-    return absl::ResourceExhaustedError(absl::StrCat("KV pool full: this step needs ", blocks_needed, " blocks, ",
-                                                     tables_.allocator().num_free(), " of ",
-                                                     tables_.allocator().capacity(), " free"));
-  }
-  for (size_t i = 0; i < batch.size(); ++i) {
-    absl::Status s = tables_.Grow(batch[i].seq, start[i] + static_cast<int64_t>(batch[i].tokens.size()));
-    if (!s.ok()) return s;  // cannot happen after the check above
-  }
+  absl::StatusOr<BatchShape> shape = CheckBatch(c, tables_, batch);
+  if (!shape.ok()) return shape.status();
+  if (absl::Status s = GrowForBatch(tables_, batch, *shape); !s.ok()) return s;
+  const std::vector<int64_t>& start = shape->start;
+  const int64_t total = shape->total_tokens, logit_rows = shape->logit_rows;
 
   const int64_t qkv_dim = (nh + 2 * nkv) * hd;
   std::vector<float> x(total * d), h(total * d), qkv(total * qkv_dim), q(total * nh * hd), attn(total * nh * hd);
@@ -241,16 +183,8 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
       if (in.selection != nullptr || !quest_indptr.empty()) {
         const int32_t* ip = in.selection ? in.selection->indptr.data() + layer * nkv : quest_indptr.data();
         const int32_t* bl = in.selection ? in.selection->blocks.data() : quest_blocks.data();
-        const int32_t first_new = static_cast<int32_t>(start[i] / kvstore::kBlockSize);
-        const int32_t nb = static_cast<int32_t>(kvstore::BlocksFor(start[i] + n));
         merged_indptr.push_back(0);
-        for (int64_t kh = 0; kh < nkv; ++kh) {
-          const size_t from = merged_blocks.size();
-          for (int32_t j = ip[kh]; j < ip[kh + 1] && bl[j] < first_new; ++j) merged_blocks.push_back(bl[j]);
-          for (int32_t b = first_new; b < nb; ++b) merged_blocks.push_back(b);
-          (void)from;
-          merged_indptr.push_back(static_cast<int32_t>(merged_blocks.size()));
-        }
+        ListsWithNewBlocks(ip, bl, nkv, start[i], n, &merged_indptr, &merged_blocks);
       }
       const int32_t* sel_indptr = merged_indptr.empty() ? nullptr : merged_indptr.data();
       const int32_t* sel_blocks = merged_indptr.empty() ? nullptr : merged_blocks.data();
