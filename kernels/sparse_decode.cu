@@ -205,6 +205,7 @@ __global__ void SparseDecodeMergeKernel(SparseDecodeParams p, int num_splits, in
   }
   const float v = sum > 0.0f ? acc / sum : 0.0f;
   reinterpret_cast<__nv_bfloat16*>(p.out)[rh * HD + d] = __float2bfloat16(v);
+  if (p.lse != nullptr && d == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
 }
 
 // ---- Tensor-core variant for many query rows (speculative verification, large GQA groups) ----

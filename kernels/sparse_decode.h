@@ -31,6 +31,15 @@ struct SparseDecodeParams {
   // cache: kv is then [slots][2 (K,V)][16][head_dim], one (layer, KV head, block) per slot, and
   // block_table is not read). Parallel to sel_blocks.
   const int32_t* sel_slots = nullptr;
+  // Entries of sel_indptr between consecutive sequences: the list of (s, kv_head) starts at
+  // sel_indptr[s * sel_seq_stride + kv_head]. 0 means num_kv_heads (one layer's lists). A
+  // whole-model selection, [num_seqs][layers][kv_heads], is read one layer at a time with
+  // stride layers * kv_heads and sel_indptr offset by layer * kv_heads.
+  int sel_seq_stride = 0;
+  // Optional output: per query row and head, the log-sum-exp of its scores in base 2 over the
+  // keys it saw, lse2 = log2(sum_j 2^(s_j * scale * log2(e))), so that p_j = 2^(s_j * scale *
+  // log2(e) - lse2). -inf for a row that sees no key. [q_indptr[num_seqs]][num_heads].
+  float* lse = nullptr;
   int num_seqs = 0;
   int num_heads = 0;
   int num_kv_heads = 0;

@@ -26,7 +26,7 @@ void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32, float* abs_out
       std::vector<int32_t> logical;
       std::vector<const uint16_t*> base_of;
       if (p.sel_indptr != nullptr) {
-        const int sh = s * p.num_kv_heads + kvh;
+        const int sh = s * (p.sel_seq_stride > 0 ? p.sel_seq_stride : p.num_kv_heads) + kvh;
         for (int32_t i = p.sel_indptr[sh]; i < p.sel_indptr[sh + 1]; ++i) {
           logical.push_back(p.sel_blocks[i]);
           base_of.push_back(p.sel_slots != nullptr ? p.kv + p.sel_slots[i] * head_stride
@@ -86,6 +86,9 @@ void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32, float* abs_out
               acc[d] /= sum;
               acc_abs[d] /= sum;
             }
+            if (p.lse != nullptr) p.lse[row / hd] = (mx + std::log(sum)) * static_cast<float>(M_LOG2E);
+          } else if (p.lse != nullptr) {
+            p.lse[row / hd] = -INFINITY;
           }
           for (int d = 0; d < hd; ++d) {
             p.out[row + d] = FloatToBf16(acc[d]);

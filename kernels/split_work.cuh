@@ -53,8 +53,10 @@ __device__ inline SplitWork GetSplitWork(const SparseDecodeParams& p, int rows_p
   w.list_begin = 0;
   int list_len = (w.len + kKvBlockSize - 1) / kKvBlockSize;
   if (p.sel_indptr != nullptr) {
-    w.list_begin = p.sel_indptr[w.sh];
-    list_len = p.sel_indptr[w.sh + 1] - w.list_begin;
+    const int stride = p.sel_seq_stride > 0 ? p.sel_seq_stride : p.num_kv_heads;
+    const int idx = w.s * stride + w.kvh;
+    w.list_begin = p.sel_indptr[idx];
+    list_len = p.sel_indptr[idx + 1] - w.list_begin;
   }
   w.e0 = w.split * blocks_per_split;
   w.e1 = min(list_len, w.e0 + blocks_per_split);

@@ -1,0 +1,264 @@
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/model_ops.cuh"
+
+namespace scout::kernels {
+namespace {
+
+__device__ inline float Bf(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
+__device__ inline uint16_t ToBf(float f) { return __bfloat16_as_ushort(__float2bfloat16(f)); }
+
+__device__ inline float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ inline float BlockSum(float v) {
+  __shared__ float part[32];
+  v = WarpSum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // part[] may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? part[lane] : 0.0f;
+  return WarpSum(t);
+}
+
+__global__ void EmbedKernel(EmbedParams p) {
+  const int r = blockIdx.x;
+  const uint16_t* src = p.table + int64_t{p.tokens[r]} * p.dim;
+  for (int i = threadIdx.x; i < p.dim; i += blockDim.x) p.out[int64_t{r} * p.dim + i] = Bf(src[i]);
+}
+
+__global__ void RmsNormKernel(RmsNormParams p) {
+  const int r = blockIdx.x;
+  const float* x = p.x + int64_t{r} * p.dim;
+  float ss = 0;
+  for (int i = threadIdx.x; i < p.dim; i += blockDim.x) ss += x[i] * x[i];
+  ss = BlockSum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.dim) + p.eps);
+  for (int i = threadIdx.x; i < p.dim; i += blockDim.x) p.out[int64_t{r} * p.dim + i] = ToBf(p.weight[i] * (x[i] * inv));
+}
+
+// One CTA per (row, head of q, k or v); thread i rotates the pair (i, i + half).
+__global__ void RopeAppendKernel(RopeAppendParams p) {
+  const int r = blockIdx.x, h = blockIdx.y, hd = p.head_dim, half = hd / 2, nh = p.num_heads, nkv = p.num_kv_heads;
+  const int i = threadIdx.x;
+  if (i >= half) return;
+  const float* src = p.qkv + (int64_t{r} * (nh + 2 * nkv) + h) * hd;
+  const int pos = p.positions[r];
+  float a = src[i], b = src[i + half];
+  if (h < nh + nkv) {
+    const float angle = static_cast<float>(pos) * p.inv_freq[i];
+    float s, c;
+    sincosf(angle, &s, &c);
+    const float ra = a * c - b * s, rb = b * c + a * s;
+    a = ra;
+    b = rb;
+  }
+  uint16_t* dst;
+  if (h < nh) {
+    dst = p.q + (int64_t{r} * nh + h) * hd;
+  } else {
+    const int kvh = h < nh + nkv ? h - nh : h - nh - nkv;
+    const int kv_index = h < nh + nkv ? 0 : 1;
+    dst = p.kv + ((int64_t{p.phys_blocks[r]} * nkv + kvh) * 2 + kv_index) * kKvBlockSize * hd +
+          (pos % kKvBlockSize) * hd;
+  }
+  dst[i] = ToBf(a);
+  dst[i + half] = ToBf(b);
+}
+
+__global__ void SiluMulKernel(SiluMulParams p) {
+  const int64_t n = int64_t{p.rows} * p.inter;
+  for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < n; k += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = k / p.inter, j = k % p.inter;
+    const float g = p.gate_up[r * 2 * p.inter + j], u = p.gate_up[r * 2 * p.inter + p.inter + j];
+    p.out[k] = ToBf(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+// (value, index) with the reference's order: larger wins, NaN loses, lower index breaks ties.
+__device__ inline bool Better(float v, int i, float bv, int bi) {
+  if (isnan(v)) return false;
+  if (isnan(bv)) return true;
+  return v > bv || (v == bv && i < bi);
+}
+
+__global__ void ArgmaxKernel(ArgmaxParams p) {
+  const float* x = p.logits + int64_t{blockIdx.x} * p.vocab;
+  float bv = NAN;
+  int bi = 0x7fffffff;
+  for (int i = threadIdx.x; i < p.vocab; i += blockDim.x) {
+    if (Better(x[i], i, bv, bi)) {
+      bv = x[i];
+      bi = i;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (Better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < blockDim.x / 32; ++w) {
+      if (Better(sv[w], si[w], bv, bi)) {
+        bv = sv[w];
+        bi = si[w];
+      }
+    }
+    p.out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;  // all NaN: index 0, as the reference
+  }
+}
+
+constexpr int kMassRows = 16;         // query rows per CTA
+constexpr int kMassWarps = 4;
+constexpr int kMassBlocksPerWarp = 4;
+
+// CTA: (a range of blocks, sequence x KV head, a group of 16 query rows). A warp reads one
+// block's 16 keys at a time: lane l holds token l / 2, half (l % 2) of the dimensions.
+template <int HD>
+__global__ void __launch_bounds__(kMassWarps * 32) BlockMassKernel(BlockMassParams bp) {
+  const SparseDecodeParams& p = bp.attn;
+  constexpr int kHalf = HD / 2;
+  __shared__ float q_s[kMassRows][HD];
+  __shared__ float lse_s[kMassRows];
+  const int sh = blockIdx.y, s = sh / p.num_kv_heads, kvh = sh % p.num_kv_heads;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, nrows = nq * group, len = p.seq_lens[s];
+  const int row0 = blockIdx.z * kMassRows;
+  if (row0 >= nrows) return;
+  const int rows = min(kMassRows, nrows - row0);
+  const float qscale = p.scale * 1.4426950408889634f;
+  for (int idx = threadIdx.x; idx < kMassRows * HD; idx += blockDim.x) {
+    const int r = idx / HD, d = idx % HD, row = row0 + r;
+    float v = 0.0f;
+    if (r < rows) v = Bf(p.q[(int64_t{q0 + row / group} * p.num_heads + kvh * group + row % group) * HD + d]) * qscale;
+    q_s[r][d] = v;
+  }
+  if (threadIdx.x < kMassRows) {
+    const int row = row0 + threadIdx.x;
+    lse_s[threadIdx.x] = threadIdx.x < rows ? p.lse[int64_t{q0 + row / group} * p.num_heads + kvh * group + row % group]
+                                            : -INFINITY;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tok = lane / 2, part = lane % 2;
+  const int nb = (len + kKvBlockSize - 1) / kKvBlockSize;
+  const int b_begin = blockIdx.x * kMassWarps * kMassBlocksPerWarp;
+  for (int b = b_begin + warp; b < min(nb, b_begin + kMassWarps * kMassBlocksPerWarp); b += kMassWarps) {
+    const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + b];
+    const uint16_t* key = p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * 2 * kKvBlockSize * HD + tok * HD + part * kHalf;
+    float k[kHalf];
+#pragma unroll
+    for (int c = 0; c < kHalf / 8; ++c) {
+      const uint4 u = reinterpret_cast<const uint4*>(key)[c];
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        k[c * 8 + 2 * j] = __uint_as_float(w[j] << 16);
+        k[c * 8 + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+      }
+    }
+    const int pos = b * kKvBlockSize + tok;
+    for (int r = 0; r < rows; ++r) {
+      const int row = row0 + r;
+      float dot = 0.0f;
+#pragma unroll
+      for (int d = 0; d < kHalf; ++d) dot += q_s[r][part * kHalf + d] * k[d];
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      const int qpos = len - nq + row / group;
+      const float lse = lse_s[r];
+      float e = (pos <= qpos && lse != -INFINITY) ? exp2f(dot - lse) : 0.0f;
+      if (part == 1) e = 0.0f;  // each token counted once
+      e = WarpSum(e);
+      if (lane == 0) {
+        const int t = row / group, h = kvh * group + row % group;
+        bp.mass[s * bp.mass_seq_stride + t * bp.mass_token_stride + (bp.mass_head_offset + h) * bp.mass_head_stride + b] = e;
+      }
+    }
+  }
+}
+
+__global__ void RandomFillKernel(RandomFillParams p) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < p.n; i += int64_t{gridDim.x} * blockDim.x) {
+    p.out[i] = ToBf(RandomUniform(p.seed, i, p.scale, p.offset));
+  }
+}
+
+int GridFor(int64_t n, int threads) {
+  const int64_t g = (n + threads - 1) / threads;
+  return static_cast<int>(g < 65536 * 8 ? (g > 0 ? g : 1) : 65536 * 8);
+}
+
+}  // namespace
+
+cudaError_t Embed(const EmbedParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  EmbedKernel<<<p.rows, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t RmsNorm(const RmsNormParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  RmsNormKernel<<<p.rows, p.dim >= 1024 ? 1024 : 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t RopeAppend(const RopeAppendParams& p, cudaStream_t stream) {
+  if (p.head_dim % 2 != 0 || p.head_dim > 256) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  const dim3 grid(p.rows, p.num_heads + 2 * p.num_kv_heads);
+  RopeAppendKernel<<<grid, ((p.head_dim / 2 + 31) / 32) * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  SiluMulKernel<<<GridFor(int64_t{p.rows} * p.inter, 256), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t Argmax(const ArgmaxParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  ArgmaxKernel<<<p.rows, 1024, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t BlockMass(const BlockMassParams& p, int max_blocks, int max_q_tokens, cudaStream_t stream) {
+  const SparseDecodeParams& a = p.attn;
+  if (a.head_dim != 64 && a.head_dim != 128) return cudaErrorInvalidValue;
+  if (a.num_seqs == 0 || max_blocks == 0 || max_q_tokens == 0) return cudaSuccess;
+  const int rows = max_q_tokens * (a.num_heads / a.num_kv_heads);
+  const int per_cta = kMassWarps * kMassBlocksPerWarp;
+  const dim3 grid((max_blocks + per_cta - 1) / per_cta, a.num_seqs * a.num_kv_heads, (rows + kMassRows - 1) / kMassRows);
+  if (a.head_dim == 64) {
+    BlockMassKernel<64><<<grid, kMassWarps * 32, 0, stream>>>(p);
+  } else {
+    BlockMassKernel<128><<<grid, kMassWarps * 32, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t RandomFill(const RandomFillParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  RandomFillKernel<<<GridFor(p.n, 256), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace scout::kernels

@@ -1,0 +1,119 @@
+// The small per-layer operations of a Llama decode step on the GPU backend: embedding lookup,
+// RMSNorm, RoPE with the KV append into the paged cache, SwiGLU, greedy argmax, the draft's
+// attention mass per KV block (STS's signal) and deterministic random fill for production-shape
+// benchmark weights. Parameter structs are shared by the plain C++ references below and the CUDA
+// kernels in model_ops.cuh; pointers are host memory for the references, device memory for the
+// kernels. Storage is bf16 (uint16_t bit patterns), arithmetic float32.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/sparse_decode.h"
+
+namespace scout::kernels {
+
+// out[r][:] = float(table[tokens[r]][:])
+struct EmbedParams {
+  const uint16_t* table = nullptr;  // [vocab][dim]
+  const int32_t* tokens = nullptr;  // [rows]
+  float* out = nullptr;             // [rows][dim]
+  int rows = 0;
+  int dim = 0;
+};
+void EmbedRef(const EmbedParams& p);
+
+// out = bf16(weight * (x * rsqrt(mean(x^2) + eps))), as transformers' LlamaRMSNorm in float32.
+struct RmsNormParams {
+  const float* x = nullptr;       // [rows][dim]
+  const float* weight = nullptr;  // [dim]
+  uint16_t* out = nullptr;        // [rows][dim]
+  int rows = 0;
+  int dim = 0;
+  float eps = 1e-6f;
+};
+void RmsNormRef(const RmsNormParams& p);
+
+// Row r of qkv holds num_heads query vectors, then num_kv_heads keys, then num_kv_heads values
+// for the token at positions[r]. Rotates queries and keys (rotate-half pairing, angle =
+// float(position) * inv_freq[i] in float32, as transformers), writes the queries to q and the
+// keys and values into the paged cache slot of that position: kv is one layer,
+// [blocks][num_kv_heads][2 (K,V)][16][head_dim], and phys_blocks[r] the row's physical block.
+struct RopeAppendParams {
+  const float* qkv = nullptr;          // [rows][(num_heads + 2 * num_kv_heads) * head_dim]
+  const int32_t* positions = nullptr;  // [rows]
+  const int32_t* phys_blocks = nullptr;  // [rows]
+  const float* inv_freq = nullptr;     // [head_dim / 2]
+  uint16_t* q = nullptr;               // [rows][num_heads][head_dim]
+  uint16_t* kv = nullptr;
+  int rows = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+};
+void RopeAppendRef(const RopeAppendParams& p);
+
+// out[r][j] = bf16(silu(gate_up[r][j]) * gate_up[r][inter + j])
+struct SiluMulParams {
+  const float* gate_up = nullptr;  // [rows][2 * inter]
+  uint16_t* out = nullptr;         // [rows][inter]
+  int rows = 0;
+  int inter = 0;
+};
+void SiluMulRef(const SiluMulParams& p);
+
+// out[r] = the index of the largest of logits[r][:], the lowest index among ties (greedy
+// sampling on the GPU). NaN never wins.
+struct ArgmaxParams {
+  const float* logits = nullptr;  // [rows][vocab]
+  int32_t* out = nullptr;         // [rows]
+  int rows = 0;
+  int vocab = 0;
+};
+void ArgmaxRef(const ArgmaxParams& p);
+
+// The attention probability each query row of an attention pass put on each KV block of its
+// sequence, from the pass's own log-sum-exp (SparseDecodeParams::lse): for row t of sequence s
+// and head h, mass = sum over the block's keys at positions <= the row's position of
+// 2^(q.k * scale * log2(e) - lse2). Dense: every block of the sequence. Written to
+// mass[s * mass_seq_stride + t * mass_token_stride + (mass_head_offset + h) * mass_head_stride + b]
+// for blocks b < ceil(seq_lens[s] / 16); other entries are left as they are.
+struct BlockMassParams {
+  SparseDecodeParams attn;  // q, kv, q_indptr, seq_lens, block_table, shapes, scale, lse (read)
+  float* mass = nullptr;
+  int64_t mass_seq_stride = 0;
+  int64_t mass_token_stride = 0;
+  int64_t mass_head_stride = 0;
+  int mass_head_offset = 0;
+};
+void BlockMassRef(const BlockMassParams& p);
+
+// Deterministic pseudo-random bf16 values, uniform in [-scale, scale) + offset, element i from a
+// hash of (seed, i): the same numbers on the host and the device, whatever the launch shape.
+struct RandomFillParams {
+  uint16_t* out = nullptr;
+  int64_t n = 0;
+  uint64_t seed = 0;
+  float scale = 1.0f;
+  float offset = 0.0f;
+};
+void RandomFillRef(const RandomFillParams& p);
+
+#if defined(__CUDACC__)
+#define SCOUT_HD __host__ __device__
+#else
+#define SCOUT_HD
+#endif
+
+// The value RandomFill draws for element i, before the bf16 rounding.
+SCOUT_HD inline float RandomUniform(uint64_t seed, int64_t i, float scale, float offset) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i);  // splitmix64
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);  // [0, 1), exact
+  return (2.0f * u - 1.0f) * scale + offset;
+}
+
+}  // namespace scout::kernels

@@ -1,0 +1,268 @@
+// CUDA model operations against their C++ references (ctest label gpu).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kernels/bf16.h"
+#include "kernels/cuda_test_util.h"
+#include "kernels/model_ops.cuh"
+#include "kernels/sparse_decode.cuh"
+#include "kernels/sparse_decode_problem.h"
+
+namespace scout::kernels {
+namespace {
+
+// Device copies that free themselves.
+struct Dev {
+  std::vector<void*> owned;
+  ~Dev() {
+    for (void* p : owned) cudaFree(p);
+  }
+  template <typename T>
+  T* Put(const std::vector<T>& v) {
+    cudaError_t e = cudaSuccess;
+    T* d = testing::ToDevice(v, &owned, &e);
+    EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+    return d;
+  }
+  template <typename T>
+  std::vector<T> Get(const T* d, size_t n) {
+    std::vector<T> v(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return v;
+  }
+};
+
+std::vector<float> Normal(size_t n, std::mt19937& rng, float sd = 1.0f) {
+  std::normal_distribution<float> d(0.0f, sd);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<uint16_t> NormalBf16(size_t n, std::mt19937& rng, float sd = 1.0f) {
+  std::vector<uint16_t> v(n);
+  std::normal_distribution<float> d(0.0f, sd);
+  for (uint16_t& x : v) x = FloatToBf16(d(rng));
+  return v;
+}
+
+// bf16 results may differ by one unit in the last place where float32 work differs in order
+// (reductions, sincos, expf): the references sum serially, the kernels in trees.
+void ExpectBf16Near(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size());
+  int bad = 0;
+  for (size_t i = 0; i < got.size() && bad < 5; ++i) {
+    const float g = Bf16ToFloat(got[i]), w = Bf16ToFloat(want[i]);
+    const float tol = std::abs(w) * (1.0f / 128.0f) + 1e-6f;  // one bf16 ulp (8 mantissa bits)
+    if (!(std::abs(g - w) <= tol)) {
+      ADD_FAILURE() << what << "[" << i << "] = " << g << ", reference " << w;
+      ++bad;
+    }
+  }
+}
+
+TEST(ModelOpsGpu, EmbedIsExact) {
+  std::mt19937 rng(1);
+  for (int dim : {1, 17, 384}) {
+    const int vocab = 37, rows = 9;
+    std::vector<uint16_t> table = NormalBf16(vocab * dim, rng);
+    std::vector<int32_t> tokens(rows);
+    for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % vocab);
+    std::vector<float> want(rows * dim, NAN);
+    EmbedRef({.table = table.data(), .tokens = tokens.data(), .out = want.data(), .rows = rows, .dim = dim});
+    Dev dev;
+    float* out = dev.Put(std::vector<float>(rows * dim, NAN));
+    ASSERT_EQ(Embed({.table = dev.Put(table), .tokens = dev.Put(tokens), .out = out, .rows = rows, .dim = dim}, nullptr),
+              cudaSuccess);
+    EXPECT_EQ(dev.Get(out, want.size()), want);
+  }
+}
+
+TEST(ModelOpsGpu, RmsNormMatchesReference) {
+  std::mt19937 rng(2);
+  for (int dim : {1, 17, 384, 4096}) {
+    for (int rows : {1, 5}) {
+      std::vector<float> x = Normal(rows * dim, rng, 3.0f), w = Normal(dim, rng);
+      std::vector<uint16_t> want(rows * dim, 0xffff);
+      RmsNormRef({.x = x.data(), .weight = w.data(), .out = want.data(), .rows = rows, .dim = dim, .eps = 1e-5f});
+      Dev dev;
+      uint16_t* out = dev.Put(std::vector<uint16_t>(rows * dim, 0xffff));
+      ASSERT_EQ(RmsNorm({.x = dev.Put(x), .weight = dev.Put(w), .out = out, .rows = rows, .dim = dim, .eps = 1e-5f}, nullptr),
+                cudaSuccess);
+      ExpectBf16Near(dev.Get(out, want.size()), want, "rmsnorm");
+    }
+  }
+}
+
+TEST(ModelOpsGpu, RopeAppendMatchesReferenceAndTouchesOnlyItsSlots) {
+  std::mt19937 rng(3);
+  struct Shape {
+    int nh, nkv, hd, rows;
+  };
+  for (Shape s : {Shape{6, 2, 64, 1}, Shape{6, 2, 64, 33}, Shape{32, 8, 128, 5}, Shape{4, 4, 16, 17}, Shape{3, 1, 64, 2}}) {
+    const int num_blocks = 11;
+    std::vector<float> qkv = Normal(int64_t{s.rows} * (s.nh + 2 * s.nkv) * s.hd, rng);
+    std::vector<int32_t> positions(s.rows), phys(s.rows);
+    // Distinct (block, slot) per row; positions up to 1M so the float32 angles are large.
+    std::vector<int32_t> cells(num_blocks * kKvBlockSize);
+    for (size_t i = 0; i < cells.size(); ++i) cells[i] = static_cast<int32_t>(i);
+    std::shuffle(cells.begin(), cells.end(), rng);
+    for (int r = 0; r < s.rows; ++r) {
+      phys[r] = cells[r] / kKvBlockSize;
+      positions[r] = static_cast<int32_t>(rng() % (1 << 20)) / kKvBlockSize * kKvBlockSize + cells[r] % kKvBlockSize;
+    }
+    std::vector<float> inv_freq(s.hd / 2);
+    for (int i = 0; i < s.hd / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / s.hd);
+    std::vector<uint16_t> q_want(int64_t{s.rows} * s.nh * s.hd, 0xffff);
+    std::vector<uint16_t> kv_want(int64_t{num_blocks} * s.nkv * 2 * kKvBlockSize * s.hd, 0x7fbf);  // poison
+    Dev dev;
+    uint16_t* q = dev.Put(q_want);
+    uint16_t* kv = dev.Put(kv_want);
+    RopeAppendParams p{.qkv = qkv.data(), .positions = positions.data(), .phys_blocks = phys.data(),
+                       .inv_freq = inv_freq.data(), .q = q_want.data(), .kv = kv_want.data(), .rows = s.rows,
+                       .num_heads = s.nh, .num_kv_heads = s.nkv, .head_dim = s.hd};
+    RopeAppendRef(p);
+    p.qkv = dev.Put(qkv);
+    p.positions = dev.Put(positions);
+    p.phys_blocks = dev.Put(phys);
+    p.inv_freq = dev.Put(inv_freq);
+    p.q = q;
+    p.kv = kv;
+    ASSERT_EQ(RopeAppend(p, nullptr), cudaSuccess);
+    ExpectBf16Near(dev.Get(q, q_want.size()), q_want, "q");
+    std::vector<uint16_t> kv_got = dev.Get(kv, kv_want.size());
+    for (size_t i = 0; i < kv_got.size(); ++i) {
+      if (kv_want[i] == 0x7fbf) {
+        ASSERT_EQ(kv_got[i], 0x7fbf) << "kernel wrote outside its slots at " << i;
+      }
+    }
+    ExpectBf16Near(kv_got, kv_want, "kv");
+  }
+}
+
+TEST(ModelOpsGpu, SiluMulMatchesReference) {
+  std::mt19937 rng(4);
+  for (int inter : {1, 7, 1536}) {
+    const int rows = 3;
+    std::vector<float> gu = Normal(rows * 2 * inter, rng, 4.0f);
+    std::vector<uint16_t> want(rows * inter, 0xffff);
+    SiluMulRef({.gate_up = gu.data(), .out = want.data(), .rows = rows, .inter = inter});
+    Dev dev;
+    uint16_t* out = dev.Put(std::vector<uint16_t>(rows * inter, 0xffff));
+    ASSERT_EQ(SiluMul({.gate_up = dev.Put(gu), .out = out, .rows = rows, .inter = inter}, nullptr), cudaSuccess);
+    ExpectBf16Near(dev.Get(out, want.size()), want, "silu");
+  }
+}
+
+TEST(ModelOpsGpu, ArgmaxMatchesReferenceWithTiesAndNan) {
+  std::mt19937 rng(5);
+  for (int vocab : {1, 2, 259, 128256}) {
+    const int rows = 6;
+    std::vector<float> logits = Normal(int64_t{rows} * vocab, rng);
+    if (vocab > 2) {
+      logits[0 * vocab + vocab - 1] = 100.0f;  // the last entry wins
+      logits[1 * vocab + 1] = logits[1 * vocab + vocab - 2] = 50.0f;  // a tie: the lower index
+      for (int i = 0; i < vocab; ++i) logits[2 * vocab + i] = NAN;  // all NaN: 0
+      logits[3 * vocab + 0] = NAN;
+      logits[3 * vocab + 2] = 70.0f;  // NaN first, then a winner
+    }
+    std::vector<int32_t> want(rows, -1);
+    ArgmaxRef({.logits = logits.data(), .out = want.data(), .rows = rows, .vocab = vocab});
+    Dev dev;
+    int32_t* out = dev.Put(std::vector<int32_t>(rows, -1));
+    ASSERT_EQ(Argmax({.logits = dev.Put(logits), .out = out, .rows = rows, .vocab = vocab}, nullptr), cudaSuccess);
+    EXPECT_EQ(dev.Get(out, rows), want) << "vocab " << vocab;
+  }
+}
+
+TEST(ModelOpsGpu, RandomFillMatchesHost) {
+  for (int64_t n : {int64_t{1}, int64_t{1000003}}) {
+    std::vector<uint16_t> want(n);
+    RandomFillRef({.out = want.data(), .n = n, .seed = 42, .scale = 0.02f, .offset = 0.0f});
+    Dev dev;
+    uint16_t* out = dev.Put(std::vector<uint16_t>(n, 0xffff));
+    ASSERT_EQ(RandomFill({.out = out, .n = n, .seed = 42, .scale = 0.02f, .offset = 0.0f}, nullptr), cudaSuccess);
+    EXPECT_EQ(dev.Get(out, n), want);
+  }
+}
+
+// The attention kernel's log-sum-exp against the reference's, then the block masses computed
+// from it: they match the reference and sum to one per row (the probabilities they come from).
+TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
+  struct Case {
+    std::vector<int> lens, q_tokens;
+    int nh, nkv, hd;
+  };
+  for (const Case& c : {Case{{1}, {1}, 4, 1, 64}, Case{{17, 300, 33}, {1, 5, 2}, 6, 2, 64},
+                        Case{{4097}, {5}, 32, 8, 128}, Case{{16, 48}, {16, 3}, 3, 1, 64}}) {
+    DecodeShape shape{.seq_lens = c.lens, .q_tokens = c.q_tokens, .num_heads = c.nh, .num_kv_heads = c.nkv, .head_dim = c.hd};
+    DecodeProblem pr = MakeDecodeProblem(shape, 7);
+    const int rows = pr.total_q_rows();
+    std::vector<float> lse_want(rows * c.nh, NAN);
+    SparseDecodeParams ref = pr.PagedParams();
+    ref.lse = lse_want.data();
+    SparseDecodeRef(ref);
+
+    Dev dev;
+    SparseDecodeParams p = ref;
+    p.q = dev.Put(pr.q);
+    p.out = dev.Put(pr.out);
+    p.kv = dev.Put(pr.kv);
+    p.q_indptr = dev.Put(pr.q_indptr);
+    p.seq_lens = dev.Put(pr.seq_lens);
+    p.block_table = dev.Put(pr.block_table);
+    p.lse = dev.Put(std::vector<float>(rows * c.nh, NAN));
+    int sms = 0;
+    ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+    const int rpc = SparseDecodeRowsPerCta(c.nh, c.nkv, pr.max_q_tokens());
+    SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, c.nh, c.nkv, pr.max_q_tokens(), pr.max_list_blocks(), rows, c.hd,
+                                             sms, SparseDecodeCtasPerSm(c.hd, rpc), 0, rpc);
+    void* ws = nullptr;
+    ASSERT_EQ(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
+    dev.owned.push_back(ws);
+    ASSERT_EQ(SparseDecode(p, plan, ws, nullptr), cudaSuccess);
+    std::vector<float> lse_got = dev.Get(p.lse, lse_want.size());
+    for (size_t i = 0; i < lse_got.size(); ++i) {
+      // Scores in float32 summed in another order; base-2 log of sums of O(1000) terms.
+      ASSERT_NEAR(lse_got[i], lse_want[i], 1e-3f * std::max(1.0f, std::abs(lse_want[i]))) << "row-head " << i;
+    }
+
+    const int max_t = pr.max_q_tokens(), nb_max = pr.max_blocks_per_seq;
+    const int64_t seq_stride = int64_t{max_t} * c.nh * nb_max;
+    std::vector<float> mass_want(c.lens.size() * seq_stride, -1.0f);
+    BlockMassParams bp{.attn = ref, .mass = mass_want.data(), .mass_seq_stride = seq_stride,
+                       .mass_token_stride = int64_t{c.nh} * nb_max, .mass_head_stride = nb_max};
+    BlockMassRef(bp);
+    bp.attn = p;  // device pointers, the kernel's own lse
+    bp.mass = dev.Put(std::vector<float>(mass_want.size(), -1.0f));
+    ASSERT_EQ(BlockMass(bp, nb_max, max_t, nullptr), cudaSuccess);
+    std::vector<float> mass_got = dev.Get(bp.mass, mass_want.size());
+    for (size_t s = 0; s < c.lens.size(); ++s) {
+      const int nb = (c.lens[s] + kKvBlockSize - 1) / kKvBlockSize;
+      for (int t = 0; t < max_t; ++t) {
+        for (int h = 0; h < c.nh; ++h) {
+          double total = 0;
+          for (int b = 0; b < nb_max; ++b) {
+            const size_t i = s * seq_stride + (int64_t{t} * c.nh + h) * nb_max + b;
+            if (t >= c.q_tokens[s] || b >= nb) {
+              ASSERT_EQ(mass_got[i], -1.0f) << "wrote outside the sequence's rows and blocks";
+              continue;
+            }
+            ASSERT_NEAR(mass_got[i], mass_want[i], 2e-4f + 2e-3f * mass_want[i]) << "seq " << s << " t " << t << " h " << h << " b " << b;
+            total += mass_got[i];
+          }
+          if (t < c.q_tokens[s]) {
+            EXPECT_NEAR(total, 1.0, 2e-3);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace scout::kernels

@@ -1,0 +1,115 @@
+#include <cmath>
+#include <vector>
+
+#include "kernels/bf16.h"
+#include "kernels/model_ops.h"
+
+namespace scout::kernels {
+
+void EmbedRef(const EmbedParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const uint16_t* src = p.table + int64_t{p.tokens[r]} * p.dim;
+    for (int i = 0; i < p.dim; ++i) p.out[int64_t{r} * p.dim + i] = Bf16ToFloat(src[i]);
+  }
+}
+
+void RmsNormRef(const RmsNormParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const float* x = p.x + int64_t{r} * p.dim;
+    float ss = 0;
+    for (int i = 0; i < p.dim; ++i) ss += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(p.dim) + p.eps);
+    for (int i = 0; i < p.dim; ++i) p.out[int64_t{r} * p.dim + i] = FloatToBf16(p.weight[i] * (x[i] * inv));
+  }
+}
+
+void RopeAppendRef(const RopeAppendParams& p) {
+  const int hd = p.head_dim, half = hd / 2, nh = p.num_heads, nkv = p.num_kv_heads;
+  const int64_t row_len = int64_t{nh + 2 * nkv} * hd;
+  std::vector<float> v(hd);
+  for (int r = 0; r < p.rows; ++r) {
+    const float* src = p.qkv + r * row_len;
+    const int pos = p.positions[r];
+    const int64_t slot = pos % kKvBlockSize;
+    for (int h = 0; h < nh + 2 * nkv; ++h) {
+      for (int i = 0; i < hd; ++i) v[i] = src[int64_t{h} * hd + i];
+      if (h < nh + nkv) {
+        for (int i = 0; i < half; ++i) {
+          const float angle = static_cast<float>(pos) * p.inv_freq[i];
+          const float c = std::cos(angle), s = std::sin(angle);
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c - b * s;
+          v[i + half] = b * c + a * s;
+        }
+      }
+      uint16_t* dst;
+      if (h < nh) {
+        dst = p.q + (int64_t{r} * nh + h) * hd;
+      } else {
+        const int kvh = h < nh + nkv ? h - nh : h - nh - nkv;
+        const int kv_index = h < nh + nkv ? 0 : 1;
+        dst = p.kv + ((int64_t{p.phys_blocks[r]} * nkv + kvh) * 2 + kv_index) * kKvBlockSize * hd + slot * hd;
+      }
+      for (int i = 0; i < hd; ++i) dst[i] = FloatToBf16(v[i]);
+    }
+  }
+}
+
+void SiluMulRef(const SiluMulParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const float* g = p.gate_up + int64_t{r} * 2 * p.inter;
+    for (int j = 0; j < p.inter; ++j) {
+      p.out[int64_t{r} * p.inter + j] = FloatToBf16(g[j] / (1.0f + std::exp(-g[j])) * g[p.inter + j]);
+    }
+  }
+}
+
+void ArgmaxRef(const ArgmaxParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    const float* x = p.logits + int64_t{r} * p.vocab;
+    int best = 0;
+    for (int i = 1; i < p.vocab; ++i) {
+      if (x[i] > x[best] || (std::isnan(x[best]) && !std::isnan(x[i]))) best = i;
+    }
+    p.out[r] = best;
+  }
+}
+
+void BlockMassRef(const BlockMassParams& bp) {
+  const SparseDecodeParams& p = bp.attn;
+  const int hd = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const float log2e = static_cast<float>(M_LOG2E);
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, len = p.seq_lens[s];
+    const int nb = (len + kKvBlockSize - 1) / kKvBlockSize;
+    for (int t = 0; t < nq; ++t) {
+      const int qpos = len - nq + t;
+      for (int h = 0; h < p.num_heads; ++h) {
+        const int kvh = h / group;
+        const uint16_t* q = p.q + (int64_t{q0 + t} * p.num_heads + h) * hd;
+        const float lse = p.lse[int64_t{q0 + t} * p.num_heads + h];
+        float* out = bp.mass + s * bp.mass_seq_stride + t * bp.mass_token_stride +
+                     (bp.mass_head_offset + h) * bp.mass_head_stride;
+        for (int b = 0; b < nb; ++b) {
+          const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + b];
+          const uint16_t* keys = p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * 2 * kKvBlockSize * hd;
+          float m = 0;
+          for (int i = 0; i < kKvBlockSize; ++i) {
+            const int pos = b * kKvBlockSize + i;
+            if (pos > qpos || lse == -INFINITY) continue;
+            float dot = 0;
+            for (int d = 0; d < hd; ++d) dot += Bf16ToFloat(q[d]) * Bf16ToFloat(keys[i * hd + d]);
+            m += std::exp2(dot * p.scale * log2e - lse);
+          }
+          out[b] = m;
+        }
+      }
+    }
+  }
+}
+
+void RandomFillRef(const RandomFillParams& p) {
+  for (int64_t i = 0; i < p.n; ++i) p.out[i] = FloatToBf16(RandomUniform(p.seed, i, p.scale, p.offset));
+}
+
+}  // namespace scout::kernels
