@@ -1,0 +1,699 @@
+#include "runtime/cuda_model.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/bf16.h"
+#include "kernels/model_ops.cuh"
+#include "kernels/santa.cuh"
+#include "kernels/sparse_decode.cuh"
+#include "runtime/batch_check.h"
+#include "runtime/rope.h"
+
+namespace scout::runtime {
+namespace {
+
+absl::Status CudaStatus(cudaError_t e, absl::string_view what) {
+  if (e == cudaErrorMemoryAllocation) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": GPU out of memory (", cudaGetErrorString(e), ")"));
+  }
+  if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorInvalidDevice) {
+    return absl::UnavailableError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+  }
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+#define SCOUT_RETURN_IF_CUDA(expr, what)                               \
+  do {                                                                 \
+    if (cudaError_t e_ = (expr); e_ != cudaSuccess) return CudaStatus(e_, what); \
+  } while (0)
+
+#define SCOUT_RETURN_IF_ERROR(expr)                \
+  do {                                             \
+    if (absl::Status s_ = (expr); !s_.ok()) return s_; \
+  } while (0)
+
+absl::Status BlasStatus(cublasStatus_t s, absl::string_view what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  if (s == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(absl::StrCat(what, ": cuBLAS out of memory"));
+  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(s)));
+}
+
+// Device memory that frees itself; grows on demand (contents are not kept).
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(ptr); }
+  absl::Status Reserve(size_t n, absl::string_view what) {
+    if (n <= bytes) return absl::OkStatus();
+    cudaFree(ptr);
+    ptr = nullptr;
+    bytes = 0;
+    SCOUT_RETURN_IF_CUDA(cudaMalloc(&ptr, n), what);
+    bytes = n;
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+};
+
+struct PinnedBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() { cudaFreeHost(ptr); }
+  absl::Status Reserve(size_t n) {
+    if (n <= bytes) return absl::OkStatus();
+    cudaFreeHost(ptr);
+    ptr = nullptr;
+    bytes = 0;
+    SCOUT_RETURN_IF_CUDA(cudaHostAlloc(&ptr, n, cudaHostAllocDefault), "pinned staging buffer");
+    bytes = n;
+    return absl::OkStatus();
+  }
+};
+
+struct LayerWeights {
+  DeviceBuffer attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down;  // norms float32, matrices bf16
+};
+
+// Offsets (in int32 elements) of one step's index arrays inside the staging buffer.
+struct StepLayout {
+  size_t tokens = 0, positions = 0, phys = 0, q_indptr = 0, seq_lens = 0, block_table = 0, sel_indptr = 0,
+         sel_blocks = 0, total = 0;
+};
+
+}  // namespace
+
+struct CudaModel::Impl {
+  ModelConfig c;
+  int device = 0;
+  int sms = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  DeviceBuffer blas_workspace;
+  DeviceBuffer embed, lm_head, norm, inv_freq;
+  std::vector<LayerWeights> layers;
+  std::vector<DeviceBuffer> kv;  // per layer: [blocks][kv_heads][2][16][head_dim] bf16
+  std::unique_ptr<kvstore::BlockTableManager> tables;
+  size_t weight_bytes = 0;
+
+  // Per-step buffers, grown before a step is enqueued (never during a capture).
+  DeviceBuffer x, h, qkv, q, attn, gu, act, final_x, final_h, logits, lse, attn_ws, mass, index;
+  PinnedBuffer staging[2];
+  cudaEvent_t staged[2] = {nullptr, nullptr};  // the upload of staging[i] has run
+  int next_staging = 0;
+  // A captured step owns its staging copy and index buffer, so later steps cannot disturb it;
+  // it shares the activation buffers, so it is valid while they are not reallocated.
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    PinnedBuffer staging;
+    DeviceBuffer index;
+    uint64_t generation = 0;
+  };
+  std::vector<std::unique_ptr<Graph>> graphs;
+  uint64_t generation = 0;  // bumped whenever a per-step buffer is reallocated
+
+  ~Impl() {
+    for (auto& g : graphs) {
+      if (g->exec != nullptr) cudaGraphExecDestroy(g->exec);
+    }
+    for (cudaEvent_t e : staged) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    if (blas != nullptr) cublasDestroy(blas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  absl::Status Init(const CudaModelOptions& o);
+  absl::Status AllocWeights();
+  absl::Status AllocKv(const CudaModelOptions& o);
+  // y[rows][out] (float32) = x[rows][in] (bf16) . w[out][in]^T (bf16) + beta * y
+  absl::Status Gemm(const void* w, const void* x_bf16, float* y, int64_t rows, int64_t in, int64_t out, float beta);
+  // capture: records the step into a new entry of graphs instead of running it.
+  absl::Status Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
+                       std::vector<float>* host_mass_out, std::vector<float>* host_logits);
+};
+
+absl::Status CudaModel::Impl::Init(const CudaModelOptions& o) {
+  device = o.device;
+  int count = 0;
+  SCOUT_RETURN_IF_CUDA(cudaGetDeviceCount(&count), "CUDA device query");
+  if (device < 0 || device >= count) {
+    return absl::UnavailableError(absl::StrCat("CUDA device ", device, " requested, ", count, " present"));
+  }
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(device), "cudaSetDevice");
+  SCOUT_RETURN_IF_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  SCOUT_RETURN_IF_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  for (cudaEvent_t& e : staged) SCOUT_RETURN_IF_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+  SCOUT_RETURN_IF_ERROR(BlasStatus(cublasCreate(&blas), "cublasCreate"));
+  SCOUT_RETURN_IF_ERROR(BlasStatus(cublasSetStream(blas, stream), "cublasSetStream"));
+  // A fixed workspace keeps cuBLAS from allocating inside a graph capture.
+  SCOUT_RETURN_IF_ERROR(blas_workspace.Reserve(size_t{32} << 20, "cuBLAS workspace"));
+  SCOUT_RETURN_IF_ERROR(BlasStatus(cublasSetWorkspace(blas, blas_workspace.ptr, blas_workspace.bytes), "cublasSetWorkspace"));
+  std::vector<float> inv = RopeInvFreq(c.rope, c.head_dim);
+  SCOUT_RETURN_IF_ERROR(inv_freq.Reserve(inv.size() * sizeof(float), "RoPE frequencies"));
+  SCOUT_RETURN_IF_CUDA(cudaMemcpy(inv_freq.ptr, inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice), "upload");
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::AllocWeights() {
+  const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  const int64_t inter = c.intermediate_size, vocab = c.vocab_size;
+  const size_t b = sizeof(uint16_t);
+  SCOUT_RETURN_IF_ERROR(embed.Reserve(vocab * d * b, "embedding"));
+  if (!c.tie_word_embeddings) SCOUT_RETURN_IF_ERROR(lm_head.Reserve(vocab * d * b, "lm_head"));
+  SCOUT_RETURN_IF_ERROR(norm.Reserve(d * sizeof(float), "final norm"));
+  layers = std::vector<LayerWeights>(c.num_hidden_layers);
+  for (LayerWeights& l : layers) {
+    SCOUT_RETURN_IF_ERROR(l.attn_norm.Reserve(d * sizeof(float), "attention norm"));
+    SCOUT_RETURN_IF_ERROR(l.wqkv.Reserve((nh + 2 * nkv) * hd * d * b, "qkv projection"));
+    SCOUT_RETURN_IF_ERROR(l.wo.Reserve(d * nh * hd * b, "output projection"));
+    SCOUT_RETURN_IF_ERROR(l.mlp_norm.Reserve(d * sizeof(float), "MLP norm"));
+    SCOUT_RETURN_IF_ERROR(l.w_gate_up.Reserve(2 * inter * d * b, "gate/up projection"));
+    SCOUT_RETURN_IF_ERROR(l.w_down.Reserve(d * inter * b, "down projection"));
+  }
+  weight_bytes = (c.tie_word_embeddings ? 1 : 2) * vocab * d * b +
+                 c.num_hidden_layers * ((nh + 2 * nkv) * hd * d + d * nh * hd + 3 * inter * d) * b;
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::AllocKv(const CudaModelOptions& o) {
+  const int64_t per_block = c.num_key_value_heads * 2 * kvstore::kBlockSize * c.head_dim * sizeof(uint16_t);
+  int64_t tokens = o.kv_budget_tokens > 0 ? o.kv_budget_tokens : 4 * c.max_position_embeddings;
+  int64_t blocks = kvstore::BlocksFor(tokens);
+  if (o.kv_budget_tokens == 0) {
+    // The default stays within 90% of what the GPU has free, as vLLM's gpu_memory_utilization.
+    size_t free_bytes = 0, total_bytes = 0;
+    SCOUT_RETURN_IF_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+    const int64_t fit = static_cast<int64_t>(0.9 * static_cast<double>(free_bytes)) / (per_block * c.num_hidden_layers);
+    blocks = std::max<int64_t>(1, std::min(blocks, fit - 64));
+  }
+  if (blocks > INT32_MAX) return absl::InvalidArgumentError("KV pool of more than 2^31 blocks");
+  kv = std::vector<DeviceBuffer>(c.num_hidden_layers);
+  for (DeviceBuffer& k : kv) {
+    SCOUT_RETURN_IF_ERROR(k.Reserve(blocks * per_block, absl::StrCat("KV pool of ", blocks * kvstore::kBlockSize, " tokens")));
+    // Slots past a sequence's end are read (weighted by zero): they must hold finite values.
+    SCOUT_RETURN_IF_CUDA(cudaMemset(k.ptr, 0, k.bytes), "KV pool clear");
+  }
+  tables = std::make_unique<kvstore::BlockTableManager>(static_cast<int32_t>(blocks));
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::Gemm(const void* w, const void* x_bf16, float* y, int64_t rows, int64_t in, int64_t out,
+                                   float beta) {
+  const float alpha = 1.0f;
+  // Row-major y[rows][out] = x . w^T is column-major y^T[out][rows] = w^T(op T of [in][out]) . x^T.
+  return BlasStatus(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows),
+                                 static_cast<int>(in), &alpha, w, CUDA_R_16BF, static_cast<int>(in), x_bf16, CUDA_R_16BF,
+                                 static_cast<int>(in), &beta, y, CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
+                                 CUBLAS_GEMM_DEFAULT),
+                    "GEMM");
+}
+
+absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
+                                      std::vector<float>* host_mass_out, std::vector<float>* host_logits) {
+  const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  const int64_t inter = c.intermediate_size, vocab = c.vocab_size, L = c.num_hidden_layers;
+  absl::StatusOr<BatchShape> shape = CheckBatch(c, *tables, batch);
+  if (!shape.ok()) return shape.status();
+  bool host_selection = false, host_mass = false;
+  for (const SequenceInput& in : batch) {
+    if (in.quest_budget != nullptr) {
+      return absl::UnimplementedError("Quest-style selection runs on the CPU backend only");
+    }
+    host_selection |= in.selection != nullptr && o.selection == nullptr && host_logits != nullptr;
+    host_mass |= in.block_mass != nullptr && host_mass_out != nullptr;
+  }
+  if (host_mass && host_selection) {
+    return absl::InvalidArgumentError("block_mass on the GPU needs a dense pass (no selection in the batch)");
+  }
+  if (o.block_mass != nullptr && o.selection != nullptr) {
+    return absl::InvalidArgumentError("block mass on the GPU needs a dense pass (no selection)");
+  }
+  if (o.santa_samples < 0) return absl::InvalidArgumentError("santa_samples must be >= 0");
+  const int B = static_cast<int>(batch.size());
+  const int64_t T = shape->total_tokens, R = shape->logit_rows;
+  int max_q = 0, max_nb = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    max_q = std::max(max_q, static_cast<int>(batch[i].tokens.size()));
+    max_nb = std::max(max_nb, static_cast<int>(kvstore::BlocksFor(shape->start[i] + batch[i].tokens.size())));
+  }
+
+  // Host index arrays: built in the staging buffer, uploaded with one copy.
+  std::vector<int32_t> sel_indptr, sel_blocks;
+  int max_list = max_nb;
+  if (host_selection) {
+    max_list = 0;
+    sel_indptr.push_back(0);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const SequenceInput& in = batch[i];
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      for (int64_t layer = 0; layer < L; ++layer) {
+        if (in.selection != nullptr) {
+          ListsWithNewBlocks(in.selection->indptr.data() + layer * nkv, in.selection->blocks.data(), nkv, shape->start[i],
+                             n, &sel_indptr, &sel_blocks);
+        } else {  // dense member of a sparse batch: every block
+          const int32_t nb = static_cast<int32_t>(kvstore::BlocksFor(shape->start[i] + n));
+          for (int64_t kh = 0; kh < nkv; ++kh) {
+            for (int32_t b = 0; b < nb; ++b) sel_blocks.push_back(b);
+            sel_indptr.push_back(static_cast<int32_t>(sel_blocks.size()));
+          }
+        }
+      }
+    }
+    for (size_t k = 0; k + 1 < sel_indptr.size(); ++k) max_list = std::max(max_list, sel_indptr[k + 1] - sel_indptr[k]);
+  }
+  if (o.selection != nullptr) max_list = o.selection->max_list_blocks;
+
+  StepLayout lay;
+  lay.tokens = 0;
+  lay.positions = lay.tokens + T;
+  lay.phys = lay.positions + T;
+  lay.q_indptr = lay.phys + T;
+  lay.seq_lens = lay.q_indptr + B + 1;
+  lay.block_table = lay.seq_lens + B;
+  lay.sel_indptr = lay.block_table + static_cast<size_t>(B) * max_nb;
+  lay.sel_blocks = lay.sel_indptr + sel_indptr.size();
+  lay.total = lay.sel_blocks + sel_blocks.size();
+
+  // Buffers, sized before anything is enqueued (cudaMalloc must not run inside a capture).
+  const int rows_per_cta = kernels::SparseDecodeRowsPerCta(static_cast<int>(nh), static_cast<int>(nkv), max_q);
+  kernels::SparseDecodePlan plan = kernels::PlanSparseDecode(
+      B, static_cast<int>(nh), static_cast<int>(nkv), max_q, max_list, static_cast<int>(T), static_cast<int>(hd), sms,
+      kernels::SparseDecodeCtasPerSm(static_cast<int>(hd), rows_per_cta), 0, rows_per_cta);
+  kernels::SantaPlan santa_plan;
+  size_t ws_bytes = plan.workspace_bytes;
+  if (o.santa_samples > 0) {
+    santa_plan = kernels::PlanSanta(B, static_cast<int>(nh), static_cast<int>(nkv), max_q, max_list, static_cast<int>(T),
+                                    static_cast<int>(hd), sms, kernels::SparseDecodeCtasPerSm(static_cast<int>(hd), 16));
+    ws_bytes = santa_plan.workspace_bytes;
+  }
+  const int64_t mass_t = max_q, mass_per_layer = nh * mass_t * max_nb;
+  const std::vector<const DeviceBuffer*> per_step = {&x, &h, &qkv, &q, &attn, &gu, &act, &final_x, &final_h,
+                                                     &logits, &lse, &attn_ws, &mass};
+  std::vector<void*> before;
+  for (const DeviceBuffer* b : per_step) before.push_back(b->ptr);
+  SCOUT_RETURN_IF_ERROR(x.Reserve(T * d * 4, "activations"));
+  SCOUT_RETURN_IF_ERROR(h.Reserve(T * std::max(d, nh * hd) * 2, "activations"));
+  SCOUT_RETURN_IF_ERROR(qkv.Reserve(T * (nh + 2 * nkv) * hd * 4, "activations"));
+  SCOUT_RETURN_IF_ERROR(q.Reserve(T * nh * hd * 2, "activations"));
+  SCOUT_RETURN_IF_ERROR(attn.Reserve(T * nh * hd * 2, "activations"));
+  SCOUT_RETURN_IF_ERROR(gu.Reserve(T * 2 * inter * 4, "activations"));
+  SCOUT_RETURN_IF_ERROR(act.Reserve(T * inter * 2, "activations"));
+  SCOUT_RETURN_IF_ERROR(final_x.Reserve(R * d * 4, "activations"));
+  SCOUT_RETURN_IF_ERROR(final_h.Reserve(R * d * 2, "activations"));
+  SCOUT_RETURN_IF_ERROR(logits.Reserve(R * vocab * 4, "logits"));
+  SCOUT_RETURN_IF_ERROR(lse.Reserve(T * nh * 4, "log-sum-exp"));
+  SCOUT_RETURN_IF_ERROR(attn_ws.Reserve(std::max<size_t>(ws_bytes, 16), "attention workspace"));
+  if (host_mass) SCOUT_RETURN_IF_ERROR(mass.Reserve(B * L * mass_per_layer * 4, "block mass"));
+  for (size_t i = 0; i < per_step.size(); ++i) {
+    if (per_step[i]->ptr != before[i]) ++generation;
+  }
+  PinnedBuffer* stage;
+  DeviceBuffer* idx;
+  cudaEvent_t staged_event = nullptr;
+  Graph* graph = nullptr;
+  if (capture) {
+    graphs.push_back(std::make_unique<Graph>());
+    graph = graphs.back().get();
+    stage = &graph->staging;
+    idx = &graph->index;
+  } else {
+    // The upload of the buffer used two steps ago must have run before it is overwritten.
+    const int k = next_staging;
+    next_staging ^= 1;
+    SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(staged[k]), "staging wait");
+    stage = &staging[k];
+    idx = &index;
+    staged_event = staged[k];
+  }
+  SCOUT_RETURN_IF_ERROR(stage->Reserve(std::max<size_t>(lay.total, 1) * 4));
+  SCOUT_RETURN_IF_ERROR(idx->Reserve(std::max<size_t>(lay.total, 1) * 4, "index arrays"));
+
+  // All checks passed: the tables grow now, and the step is filled in.
+  SCOUT_RETURN_IF_ERROR(GrowForBatch(*tables, batch, *shape));
+  int32_t* st = static_cast<int32_t*>(stage->ptr);
+  {
+    int64_t row = 0;
+    st[lay.q_indptr] = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const SequenceInput& in = batch[i];
+      const std::vector<int32_t>& blocks = tables->Find(in.seq)->blocks;
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      for (int64_t t = 0; t < n; ++t, ++row) {
+        const int64_t pos = shape->start[i] + t;
+        st[lay.tokens + row] = in.tokens[t];
+        st[lay.positions + row] = static_cast<int32_t>(pos);
+        st[lay.phys + row] = blocks[pos / kvstore::kBlockSize];
+      }
+      st[lay.q_indptr + i + 1] = static_cast<int32_t>(row);
+      st[lay.seq_lens + i] = static_cast<int32_t>(shape->start[i] + n);
+      for (int b = 0; b < max_nb; ++b) {
+        st[lay.block_table + i * max_nb + b] = b < static_cast<int>(blocks.size()) ? blocks[b] : 0;
+      }
+    }
+    std::copy(sel_indptr.begin(), sel_indptr.end(), st + lay.sel_indptr);
+    std::copy(sel_blocks.begin(), sel_blocks.end(), st + lay.sel_blocks);
+  }
+
+  if (capture) {
+    SCOUT_RETURN_IF_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "graph capture");
+  }
+  // From here on errors must end the capture; the lambda enqueues, the caller closes.
+  auto enqueue = [&]() -> absl::Status {
+    SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(idx->ptr, stage->ptr, lay.total * 4, cudaMemcpyHostToDevice, stream), "upload");
+    if (staged_event != nullptr) SCOUT_RETURN_IF_CUDA(cudaEventRecord(staged_event, stream), "event");
+    const int32_t* di = idx->as<int32_t>();
+    const int32_t* tokens = o.device_tokens != nullptr ? o.device_tokens : di + lay.tokens;
+    SCOUT_RETURN_IF_CUDA(kernels::Embed({.table = embed.as<uint16_t>(), .tokens = tokens, .out = x.as<float>(),
+                                         .rows = static_cast<int>(T), .dim = static_cast<int>(d)},
+                                        stream),
+                         "embedding");
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    for (int64_t layer = 0; layer < L; ++layer) {
+      const LayerWeights& w = layers[layer];
+      SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = x.as<float>(), .weight = w.attn_norm.as<float>(), .out = h.as<uint16_t>(),
+                                             .rows = static_cast<int>(T), .dim = static_cast<int>(d), .eps = eps},
+                                            stream),
+                           "RMSNorm");
+      SCOUT_RETURN_IF_ERROR(Gemm(w.wqkv.ptr, h.ptr, qkv.as<float>(), T, d, (nh + 2 * nkv) * hd, 0.0f));
+      SCOUT_RETURN_IF_CUDA(kernels::RopeAppend({.qkv = qkv.as<float>(), .positions = di + lay.positions,
+                                                .phys_blocks = di + lay.phys, .inv_freq = inv_freq.as<float>(),
+                                                .q = q.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
+                                                .rows = static_cast<int>(T), .num_heads = static_cast<int>(nh),
+                                                .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd)},
+                                               stream),
+                           "RoPE and KV append");
+      kernels::SparseDecodeParams ap{.q = q.as<uint16_t>(), .out = attn.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
+                                     .q_indptr = di + lay.q_indptr, .seq_lens = di + lay.seq_lens,
+                                     .block_table = di + lay.block_table, .max_blocks_per_seq = max_nb,
+                                     .num_seqs = B, .num_heads = static_cast<int>(nh),
+                                     .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd),
+                                     .scale = 1.0f / std::sqrt(static_cast<float>(hd))};
+      if (o.selection != nullptr) {
+        ap.sel_indptr = o.selection->indptr + layer * nkv;
+        ap.sel_blocks = o.selection->blocks;
+        ap.sel_seq_stride = static_cast<int>(L * nkv);
+      } else if (host_selection) {
+        ap.sel_indptr = di + lay.sel_indptr + layer * nkv;
+        ap.sel_blocks = di + lay.sel_blocks;
+        ap.sel_seq_stride = static_cast<int>(L * nkv);
+      }
+      const bool want_mass = host_mass || o.block_mass != nullptr;
+      if (want_mass) ap.lse = lse.as<float>();
+      if (o.santa_samples > 0) {
+        kernels::SantaParams sp{.attn = ap, .samples = o.santa_samples,
+                                .seed = o.santa_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(layer)};
+        SCOUT_RETURN_IF_CUDA(kernels::Santa(sp, santa_plan, attn_ws.ptr, stream), "SANTA attention");
+      } else {
+        SCOUT_RETURN_IF_CUDA(kernels::SparseDecode(ap, plan, attn_ws.ptr, stream), "attention");
+      }
+      if (want_mass) {
+        kernels::BlockMassParams mp{.attn = ap};
+        if (o.block_mass != nullptr) {
+          const DeviceBlockMass& m = *o.block_mass;
+          mp.mass = m.mass + layer * m.layer_stride;
+          mp.mass_seq_stride = m.seq_stride;
+          mp.mass_token_stride = m.token_stride;
+          mp.mass_head_stride = m.head_stride;
+          mp.mass_head_offset = static_cast<int>(layer * m.layer_head_offset);
+        } else {
+          mp.mass = mass.as<float>() + layer * mass_per_layer;
+          mp.mass_seq_stride = L * mass_per_layer;
+          mp.mass_token_stride = max_nb;
+          mp.mass_head_stride = mass_t * max_nb;
+        }
+        SCOUT_RETURN_IF_CUDA(kernels::BlockMass(mp, max_nb, max_q, stream), "block mass");
+      }
+      SCOUT_RETURN_IF_ERROR(Gemm(w.wo.ptr, attn.ptr, x.as<float>(), T, nh * hd, d, 1.0f));  // + residual
+      SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = x.as<float>(), .weight = w.mlp_norm.as<float>(), .out = h.as<uint16_t>(),
+                                             .rows = static_cast<int>(T), .dim = static_cast<int>(d), .eps = eps},
+                                            stream),
+                           "RMSNorm");
+      SCOUT_RETURN_IF_ERROR(Gemm(w.w_gate_up.ptr, h.ptr, gu.as<float>(), T, d, 2 * inter, 0.0f));
+      SCOUT_RETURN_IF_CUDA(kernels::SiluMul({.gate_up = gu.as<float>(), .out = act.as<uint16_t>(),
+                                             .rows = static_cast<int>(T), .inter = static_cast<int>(inter)},
+                                            stream),
+                           "SwiGLU");
+      SCOUT_RETURN_IF_ERROR(Gemm(w.w_down.ptr, act.ptr, x.as<float>(), T, inter, d, 1.0f));  // + residual
+    }
+    // The rows whose logits are wanted, in runs of consecutive rows.
+    {
+      int64_t row = 0, out = 0;
+      for (const SequenceInput& in : batch) {
+        const int64_t n = static_cast<int64_t>(in.tokens.size());
+        const int64_t first = in.all_logits ? 0 : n - 1;
+        SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(final_x.as<float>() + out * d, x.as<float>() + (row + first) * d,
+                                             (n - first) * d * 4, cudaMemcpyDeviceToDevice, stream),
+                             "logit rows");
+        out += n - first;
+        row += n;
+      }
+    }
+    SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = final_x.as<float>(), .weight = norm.as<float>(), .out = final_h.as<uint16_t>(),
+                                           .rows = static_cast<int>(R), .dim = static_cast<int>(d), .eps = eps},
+                                          stream),
+                         "final norm");
+    SCOUT_RETURN_IF_ERROR(Gemm(c.tie_word_embeddings ? embed.ptr : lm_head.ptr, final_h.ptr, logits.as<float>(), R, d, vocab, 0.0f));
+    if (o.argmax != nullptr) {
+      SCOUT_RETURN_IF_CUDA(kernels::Argmax({.logits = logits.as<float>(), .out = o.argmax, .rows = static_cast<int>(R),
+                                            .vocab = static_cast<int>(vocab)},
+                                           stream),
+                           "argmax");
+    }
+    return absl::OkStatus();
+  };
+  absl::Status status = enqueue();
+  if (capture) {
+    cudaGraph_t g = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(stream, &g);
+    if (status.ok() && end != cudaSuccess) status = CudaStatus(end, "graph capture");
+    if (status.ok()) {
+      const cudaError_t inst = cudaGraphInstantiate(&graph->exec, g, 0);
+      if (inst != cudaSuccess) status = CudaStatus(inst, "graph instantiate");
+    }
+    if (g != nullptr) cudaGraphDestroy(g);
+    graph->generation = generation;
+  }
+  if (!status.ok()) return status;
+
+  if (host_logits != nullptr) {
+    host_logits->resize(R * vocab);
+    SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(host_logits->data(), logits.ptr, R * vocab * 4, cudaMemcpyDeviceToHost, stream),
+                         "logits download");
+    std::vector<float> mass_host;
+    if (host_mass) {
+      mass_host.resize(B * L * mass_per_layer);
+      SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(mass_host.data(), mass.ptr, mass_host.size() * 4, cudaMemcpyDeviceToHost, stream),
+                           "block mass download");
+    }
+    SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(stream), "forward pass");
+    if (host_mass) {
+      for (size_t i = 0; i < batch.size(); ++i) {
+        const SequenceInput& in = batch[i];
+        if (in.block_mass == nullptr) continue;
+        const int64_t n = static_cast<int64_t>(in.tokens.size());
+        const int64_t nb = kvstore::BlocksFor(shape->start[i] + n);
+        in.block_mass->assign(L * nh * n * nb, 0.0f);
+        for (int64_t layer = 0; layer < L; ++layer) {
+          for (int64_t hh = 0; hh < nh; ++hh) {
+            for (int64_t t = 0; t < n; ++t) {
+              const float* src = mass_host.data() + i * L * mass_per_layer + layer * mass_per_layer +
+                                 hh * mass_t * max_nb + t * max_nb;
+              std::copy_n(src, nb, in.block_mass->data() + ((layer * nh + hh) * n + t) * nb);
+            }
+          }
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+CudaModel::CudaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaModel::~CudaModel() {
+  if (impl_ != nullptr) cudaStreamSynchronize(impl_->stream);
+}
+
+absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const ModelConfig& config, const LlamaWeights& weights,
+                                                             const CudaModelOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->c = config;
+  SCOUT_RETURN_IF_ERROR(impl->Init(options));
+  SCOUT_RETURN_IF_ERROR(impl->AllocWeights());
+  auto upload_bf16 = [](const std::vector<float>& v, DeviceBuffer& dst) -> absl::Status {
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = kernels::FloatToBf16(v[i]);
+    SCOUT_RETURN_IF_CUDA(cudaMemcpy(dst.ptr, b.data(), b.size() * 2, cudaMemcpyHostToDevice), "weight upload");
+    return absl::OkStatus();
+  };
+  auto upload_f32 = [](const std::vector<float>& v, DeviceBuffer& dst) -> absl::Status {
+    SCOUT_RETURN_IF_CUDA(cudaMemcpy(dst.ptr, v.data(), v.size() * 4, cudaMemcpyHostToDevice), "weight upload");
+    return absl::OkStatus();
+  };
+  SCOUT_RETURN_IF_ERROR(upload_bf16(weights.embed, impl->embed));
+  if (!config.tie_word_embeddings) {
+    SCOUT_RETURN_IF_ERROR(upload_bf16(weights.lm_head.empty() ? weights.embed : weights.lm_head, impl->lm_head));
+  }
+  SCOUT_RETURN_IF_ERROR(upload_f32(weights.norm, impl->norm));
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    const LlamaLayerWeights& w = weights.layers[l];
+    LayerWeights& d = impl->layers[l];
+    SCOUT_RETURN_IF_ERROR(upload_f32(w.attn_norm, d.attn_norm));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(w.wqkv, d.wqkv));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(w.wo, d.wo));
+    SCOUT_RETURN_IF_ERROR(upload_f32(w.mlp_norm, d.mlp_norm));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(w.w_gate_up, d.w_gate_up));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(w.w_down, d.w_down));
+  }
+  SCOUT_RETURN_IF_ERROR(impl->AllocKv(options));
+  return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const ModelConfig& config, uint64_t seed,
+                                                                   const CudaModelOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->c = config;
+  SCOUT_RETURN_IF_ERROR(impl->Init(options));
+  SCOUT_RETURN_IF_ERROR(impl->AllocWeights());
+  uint64_t next = seed;
+  auto fill = [&](DeviceBuffer& b, int64_t fan_in) -> absl::Status {
+    SCOUT_RETURN_IF_CUDA(kernels::RandomFill({.out = b.as<uint16_t>(), .n = static_cast<int64_t>(b.bytes / 2),
+                                              .seed = next++, .scale = 1.0f / std::sqrt(static_cast<float>(fan_in))},
+                                             impl->stream),
+                         "random weights");
+    return absl::OkStatus();
+  };
+  std::vector<float> ones(config.hidden_size, 1.0f);
+  auto set_ones = [&](DeviceBuffer& b) -> absl::Status {
+    SCOUT_RETURN_IF_CUDA(cudaMemcpy(b.ptr, ones.data(), ones.size() * 4, cudaMemcpyHostToDevice), "norm weights");
+    return absl::OkStatus();
+  };
+  const int64_t d = config.hidden_size;
+  SCOUT_RETURN_IF_ERROR(fill(impl->embed, 1));
+  if (!config.tie_word_embeddings) SCOUT_RETURN_IF_ERROR(fill(impl->lm_head, d));
+  SCOUT_RETURN_IF_ERROR(set_ones(impl->norm));
+  for (LayerWeights& l : impl->layers) {
+    SCOUT_RETURN_IF_ERROR(set_ones(l.attn_norm));
+    SCOUT_RETURN_IF_ERROR(set_ones(l.mlp_norm));
+    SCOUT_RETURN_IF_ERROR(fill(l.wqkv, d));
+    SCOUT_RETURN_IF_ERROR(fill(l.wo, config.num_attention_heads * config.head_dim));
+    SCOUT_RETURN_IF_ERROR(fill(l.w_gate_up, d));
+    SCOUT_RETURN_IF_ERROR(fill(l.w_down, config.intermediate_size));
+  }
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(impl->stream), "random weights");
+  SCOUT_RETURN_IF_ERROR(impl->AllocKv(options));
+  return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Load(const std::filesystem::path& model_dir,
+                                                           const CudaModelOptions& options) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
+  if (!config.ok()) return config.status();
+  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
+  if (!store.ok()) return store.status();
+  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
+  if (!weights.ok()) return weights.status();
+  return Create(*config, *weights, options);
+}
+
+const ModelConfig& CudaModel::config() const { return impl_->c; }
+absl::Status CudaModel::AddSequence(SequenceId seq) { return impl_->tables->AddSequence(seq); }
+absl::Status CudaModel::ReleaseSequence(SequenceId seq) { return impl_->tables->Release(seq); }
+absl::Status CudaModel::TruncateSequence(SequenceId seq, int64_t num_tokens) {
+  return impl_->tables->Truncate(seq, num_tokens);
+}
+absl::StatusOr<int64_t> CudaModel::SequenceLength(SequenceId seq) const {
+  const kvstore::BlockTable* t = impl_->tables->Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  return t->num_tokens;
+}
+
+absl::Status CudaModel::Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) {
+  std::vector<float> unused;
+  return impl_->Enqueue(batch, {}, /*capture=*/false, &unused, logits);
+}
+
+absl::Status CudaModel::EnqueueForward(std::span<const SequenceInput> batch, const DeviceStepOptions& options) {
+  return impl_->Enqueue(batch, options, /*capture=*/false, nullptr, nullptr);
+}
+
+absl::StatusOr<int> CudaModel::CaptureForward(std::span<const SequenceInput> batch, const DeviceStepOptions& options) {
+  absl::Status s = impl_->Enqueue(batch, options, /*capture=*/true, nullptr, nullptr);
+  if (!s.ok()) {
+    if (!impl_->graphs.empty() && impl_->graphs.back()->exec == nullptr) impl_->graphs.pop_back();
+    return s;
+  }
+  return static_cast<int>(impl_->graphs.size()) - 1;
+}
+
+absl::Status CudaModel::Replay(int graph) {
+  if (graph < 0 || graph >= static_cast<int>(impl_->graphs.size())) {
+    return absl::NotFoundError(absl::StrCat("no captured step ", graph));
+  }
+  const Impl::Graph& g = *impl_->graphs[graph];
+  if (g.generation != impl_->generation) {
+    return absl::FailedPreconditionError(absl::StrCat("captured step ", graph,
+                                                      " is stale: a larger step reallocated the buffers it uses"));
+  }
+  SCOUT_RETURN_IF_CUDA(cudaGraphLaunch(g.exec, impl_->stream), "graph launch");
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Synchronize() {
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(impl_->stream), "step");
+  return absl::OkStatus();
+}
+
+const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
+void* CudaModel::stream() const { return impl_->stream; }
+const kvstore::BlockTableManager& CudaModel::block_tables() const { return *impl_->tables; }
+size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
+size_t CudaModel::kv_bytes_per_token() const {
+  const ModelConfig& c = impl_->c;
+  return static_cast<size_t>(c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * sizeof(uint16_t));
+}
+
+absl::Status CudaModel::FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed) {
+  Impl& m = *impl_;
+  const kvstore::BlockTable* t = m.tables->Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (num_tokens > m.c.max_position_embeddings) {
+    return absl::OutOfRangeError(absl::StrCat("context of ", num_tokens, " tokens past max_position_embeddings ",
+                                              m.c.max_position_embeddings));
+  }
+  const int64_t before = t->num_tokens;
+  SCOUT_RETURN_IF_ERROR(m.tables->Grow(seq, num_tokens));
+  const std::vector<int32_t>& blocks = m.tables->Find(seq)->blocks;
+  const int64_t per_block = m.c.num_key_value_heads * 2 * kvstore::kBlockSize * m.c.head_dim;
+  // Runs of consecutive physical blocks, one fill each.
+  const size_t first = static_cast<size_t>(before / kvstore::kBlockSize);
+  for (int64_t layer = 0; layer < m.c.num_hidden_layers; ++layer) {
+    for (size_t i = first; i < blocks.size();) {
+      size_t j = i + 1;
+      while (j < blocks.size() && blocks[j] == blocks[j - 1] + 1) ++j;
+      SCOUT_RETURN_IF_CUDA(kernels::RandomFill({.out = m.kv[layer].as<uint16_t>() + blocks[i] * per_block,
+                                                .n = static_cast<int64_t>(j - i) * per_block,
+                                                .seed = seed * 1315423911ull + layer * 7919ull + blocks[i]},
+                                               m.stream),
+                           "random context");
+      i = j;
+    }
+  }
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "random context");
+  return absl::OkStatus();
+}
+
+}  // namespace scout::runtime

@@ -1,0 +1,123 @@
+// The CUDA backend: a Llama-family model with bf16 weights and a paged bf16 KV cache on one GPU.
+// Same seam as the CPU backend (ModelBackend); activations are bf16 into the GEMMs (cuBLAS,
+// float32 accumulation) and float32 in the residual stream, attention runs the kernels of
+// kernels/sparse_decode.cuh over dense or selected blocks.
+//
+// Beyond the seam, a step can stay entirely on the device (EnqueueForward): selections made
+// on the GPU by the STS block selection, the draft's attention mass written where the selection
+// kernel reads it, greedy tokens picked on the GPU, and the whole step captured in a CUDA graph.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "kvstore/block_table.h"
+#include "runtime/backend.h"
+#include "runtime/llama_weights.h"
+
+namespace scout::runtime {
+
+struct CudaModelOptions {
+  int device = 0;
+  // Tokens the GPU KV pool holds over all sequences (rounded up to whole blocks). 0: room for
+  // four sequences of max_position_embeddings.
+  int64_t kv_budget_tokens = 0;
+};
+
+// Selection lists already on the device for a whole batch: the list of (sequence i of the
+// batch, layer, KV head) at blocks[indptr[(i * layers + layer) * kv_heads + kv_head] ...],
+// ascending logical blocks that include the blocks of the sequence's new tokens (BlockSelect
+// with a window at least that wide writes exactly this).
+struct DeviceSelection {
+  const int32_t* indptr = nullptr;
+  const int32_t* blocks = nullptr;
+  int max_list_blocks = 0;  // longest list (sizes the attention plan)
+};
+
+// Where a pass writes its attention mass per block (see kernels::BlockMassParams), for layer L:
+// mass + L * layer_stride, heads offset by L * layer_head_offset. The STS layout
+// [seqs][positions][draft layers * heads][max_blocks] at position p is base + p * heads_total *
+// max_blocks, seq_stride = positions * heads_total * max_blocks, head_stride = max_blocks,
+// layer_stride 0, layer_head_offset = heads.
+struct DeviceBlockMass {
+  float* mass = nullptr;
+  int64_t seq_stride = 0;
+  int64_t token_stride = 0;
+  int64_t head_stride = 0;
+  int64_t layer_stride = 0;
+  int layer_head_offset = 0;
+};
+
+struct DeviceStepOptions {
+  const DeviceSelection* selection = nullptr;  // overrides every input's host selection
+  const DeviceBlockMass* block_mass = nullptr;
+  int32_t* argmax = nullptr;  // device [logit rows]: greedy tokens
+  // Device [total new tokens]: token ids read on the device instead of the inputs' (for feeding
+  // one step's argmax to the next without the host). The inputs' tokens still give the shapes.
+  const int32_t* device_tokens = nullptr;
+  // SANTA: > 0 samples S value rows per (sequence, KV head, 16-row group) from the softmax
+  // instead of summing all of them (kernels/santa.h); the seed is mixed with the layer.
+  int santa_samples = 0;
+  uint64_t santa_seed = 0;
+};
+
+class CudaModel final : public ModelBackend {
+ public:
+  // As CpuModel::Load, then the weights go to the GPU as bf16 (the checkpoints' own type).
+  // Unavailable when no CUDA device is usable; ResourceExhausted when the GPU cannot hold the
+  // weights or the KV pool.
+  static absl::StatusOr<std::unique_ptr<CudaModel>> Load(const std::filesystem::path& model_dir,
+                                                         const CudaModelOptions& options = {});
+  static absl::StatusOr<std::unique_ptr<CudaModel>> Create(const ModelConfig& config, const LlamaWeights& weights,
+                                                           const CudaModelOptions& options = {});
+  // Weights drawn on the GPU (uniform, scaled by 1/sqrt(fan-in); norms 1), for benchmarks at
+  // production shapes where the values do not matter and the checkpoint does not exist.
+  static absl::StatusOr<std::unique_ptr<CudaModel>> CreateRandom(const ModelConfig& config, uint64_t seed,
+                                                                 const CudaModelOptions& options = {});
+  ~CudaModel() override;
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const override;
+  absl::Status AddSequence(SequenceId seq) override;
+  absl::Status ReleaseSequence(SequenceId seq) override;
+  absl::Status TruncateSequence(SequenceId seq, int64_t num_tokens) override;
+  absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const override;
+  // Synchronous. Supports host selections and block_mass; Quest-style selection is CPU-only
+  // (Unimplemented here).
+  absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) override;
+
+  // Checks and grows the batch as Forward does, then enqueues the step on the model's stream
+  // and returns without waiting. Logits stay on the device (logits_device()). Inputs' host
+  // selections and block_mass are ignored; options give their device forms.
+  absl::Status EnqueueForward(std::span<const SequenceInput> batch, const DeviceStepOptions& options);
+  // Same, captured into a CUDA graph instead of run; returns its id. Replay(id) runs it again
+  // with the same shapes, positions and device pointers: the host-side tables grow once, at
+  // capture (truncate the sequences back to replay a step at the same length). A later step
+  // that needs larger buffers makes earlier captures stale (Replay: FailedPrecondition).
+  absl::StatusOr<int> CaptureForward(std::span<const SequenceInput> batch, const DeviceStepOptions& options);
+  absl::Status Replay(int graph);
+  absl::Status Synchronize();
+
+  const float* logits_device() const;
+  // The model's CUDA stream (a cudaStream_t), for callers that enqueue their own kernels
+  // between steps.
+  void* stream() const;
+  // Writes random bf16 keys and values into the sequence's first num_tokens positions and
+  // grows it to that length: a long context for benchmarks without a prefill.
+  absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
+
+  const kvstore::BlockTableManager& block_tables() const;
+  size_t weight_bytes() const;
+  size_t kv_bytes_per_token() const;
+
+  struct Impl;
+
+ private:
+  explicit CudaModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace scout::runtime
