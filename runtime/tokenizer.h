@@ -44,9 +44,29 @@ class ByteTokenizer final : public Tokenizer {
   int32_t eos_id_;
 };
 
+// Turns ids that arrive one at a time into text that never ends inside a UTF-8 character: the
+// bytes of an unfinished character wait for the token that completes it, and ill-formed bytes
+// become U+FFFD. The concatenation of every Add and Finish is the UTF-8-repaired Decode of all the
+// ids. One per sequence; not thread-safe; the tokenizer must outlive it.
+class StreamingDecoder {
+ public:
+  explicit StreamingDecoder(const Tokenizer& tokenizer) : tokenizer_(tokenizer) {}
+  // InvalidArgument for an id outside the vocabulary (nothing is consumed then).
+  absl::StatusOr<std::string> Add(int32_t id);
+  // The bytes still held back (an unfinished character), as U+FFFD; resets the decoder.
+  std::string Finish();
+
+ private:
+  const Tokenizer& tokenizer_;
+  std::string pending_;
+};
+
 // Picks the tokenizer a model folder declares: scout_tokenizer.json {"type": "bytes", ...} for
-// the fixtures. A folder with only a Hugging Face tokenizer.json gets Unimplemented until the BPE
-// tokenizer lands; a folder with neither gets NotFound naming the files looked for.
+// the fixtures, else a Hugging Face tokenizer.json (BpeTokenizer, bpe_tokenizer.h) with its end
+// tokens from tokenizer_config.json's eos_token and generation_config.json's eos_token_id, and a
+// BOS from tokenizer_config.json when the post-processor adds none but add_bos_token is true. A
+// folder with neither file gets NotFound naming the files looked for; a tokenizer.json the BPE
+// tokenizer cannot run gets its InvalidArgument or Unimplemented.
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::filesystem::path& model_dir);
 
 }  // namespace scout::runtime

@@ -12,6 +12,8 @@ pkgs=(
   nlohmann-json3-dev     # config.json, safetensors headers, API bodies
   libyaml-cpp-dev        # YAML config files
   libopenblas-dev        # CPU GEMM for the CPU backend
+  libpcre2-dev           # tokenizer.json pre-tokenizer regexes (Unicode classes, JIT)
+  libicu-dev             # Unicode normalization (NFC) for tokenizer.json normalizers
   curl                   # the server tests talk HTTP to a real `scout serve`
   prometheus             # a real Prometheus scrapes `scout serve` in tests; promtool checks monitoring/
 )
