@@ -12,6 +12,10 @@
 #include "absl/strings/str_split.h"
 #include "cli/flags.h"
 #include "runtime/cpu_model.h"
+#ifdef SCOUT_HAVE_CUDA
+#include "bench/decode_bench.h"
+#include "runtime/cuda_model.h"
+#endif
 #include <csignal>
 
 #include "monitoring/metrics.h"
@@ -75,6 +79,28 @@ absl::StatusOr<ModelPair> LoadPair(const std::string& model_dir, const std::stri
   return pair;
 }
 
+// A model on the backend a --device flag names: "cpu", "cuda" or "cuda:N".
+absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::string& dir, const std::string& device,
+                                                                   int64_t kv_tokens) {
+  if (device == "cpu") {
+    absl::StatusOr<std::unique_ptr<runtime::CpuModel>> m = runtime::CpuModel::Load(dir, {.kv_budget_tokens = kv_tokens});
+    if (!m.ok()) return m.status();
+    return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
+  }
+  int index = 0;
+  if (device != "cuda" && !(device.rfind("cuda:", 0) == 0 && absl::SimpleAtoi(device.substr(5), &index) && index >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("device must be cpu, cuda or cuda:N, got \"", device, "\""));
+  }
+#ifdef SCOUT_HAVE_CUDA
+  absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m =
+      runtime::CudaModel::Load(dir, {.device = index, .kv_budget_tokens = kv_tokens});
+  if (!m.ok()) return m.status();
+  return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
+#else
+  return absl::UnavailableError("this scout was built without CUDA (SCOUT_CUDA=OFF or no nvcc): use --device cpu");
+#endif
+}
+
 int Generate(int argc, char** argv) {
   Flags flags({
       {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
@@ -87,6 +113,8 @@ int Generate(int argc, char** argv) {
       {"seed", "0", "sampling seed"},
       {"prefill-chunk", "512", "prompt tokens per forward pass"},
       {"kv-cache-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
+      {"device", "cpu", "backend of the target: cpu, cuda or cuda:N"},
+      {"draft-device", "", "backend of the draft (default: --device)"},
       {"ignore-eos", "", "keep generating past the end-of-sequence token", true},
       {"speculative", "", "speculative decoding with --draft proposing tokens", true},
       {"draft", "", "draft model folder (same vocabulary as --model)"},
@@ -117,8 +145,7 @@ int Generate(int argc, char** argv) {
                                 temperature.status(), top_p.status()}) {
     if (!s.ok()) return Fail(s);
   }
-  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> model =
-      runtime::CpuModel::Load(flags.Get("model"), {.kv_budget_tokens = *budget});
+  absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model = LoadBackend(flags.Get("model"), flags.Get("device"), *budget);
   if (!model.ok()) return Fail(model.status());
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
@@ -142,8 +169,8 @@ int Generate(int argc, char** argv) {
     if (flags.Get("draft").empty()) return Fail(absl::InvalidArgumentError("--speculative needs --draft DIR"));
     absl::StatusOr<int64_t> k = flags.GetInt("num-speculative-tokens");
     if (!k.ok()) return Fail(k.status());
-    absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft =
-        runtime::CpuModel::Load(flags.Get("draft"), {.kv_budget_tokens = *budget});
+    const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
+    absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> draft = LoadBackend(flags.Get("draft"), draft_device, *budget);
     if (!draft.ok()) return Fail(draft.status());
     runtime::SpeculativeOptions sopt{.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens,
                                      .sampling = opt.sampling, .prefill_chunk = opt.prefill_chunk,
@@ -464,6 +491,65 @@ int Serve(int argc, char** argv) {
   return 0;
 }
 
+// `scout bench decode`: see bench/decode_bench.h.
+int BenchDecode(int argc, char** argv) {
+  Flags flags({
+      {"target", "llama-3.1-8b", "target shape: llama-3.1-8b, llama-3.2-3b, llama-3.2-1b or a model folder"},
+      {"draft", "llama-3.2-1b", "draft shape (same forms)"},
+      {"contexts", "32768,131072", "context lengths, comma-separated"},
+      {"batch-sizes", "1,8", "sequences per step, comma-separated"},
+      {"num-speculative-tokens", "4", "draft tokens per round (k)"},
+      {"accepted", "3", "draft tokens ASSUMED accepted per round (random weights accept none)"},
+      {"kv-budget-fraction", "0.1", "STS: fraction of the blocks each target (layer, KV head) reads"},
+      {"santa-samples", "512", "SANTA: value rows sampled per 16-row group"},
+      {"iters", "20", "timed rounds per configuration"},
+      {"device", "cuda", "cuda or cuda:N"},
+      {"json", "", "also write the results as JSON lines to this file"},
+      {"help", "", "show this help", true},
+  });
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout bench decode [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+#ifdef SCOUT_HAVE_CUDA
+  bench::DecodeBenchOptions o;
+  o.target = flags.Get("target");
+  o.draft = flags.Get("draft");
+  o.contexts.clear();
+  o.batches.clear();
+  for (absl::string_view v : absl::StrSplit(flags.Get("contexts"), ',')) {
+    int64_t x = 0;
+    if (!absl::SimpleAtoi(v, &x) || x < 1) return Fail(absl::InvalidArgumentError("--contexts: positive integers"));
+    o.contexts.push_back(x);
+  }
+  for (absl::string_view v : absl::StrSplit(flags.Get("batch-sizes"), ',')) {
+    int x = 0;
+    if (!absl::SimpleAtoi(v, &x) || x < 1) return Fail(absl::InvalidArgumentError("--batch-sizes: positive integers"));
+    o.batches.push_back(x);
+  }
+  absl::StatusOr<int64_t> k = flags.GetInt("num-speculative-tokens"), santa = flags.GetInt("santa-samples"),
+                          iters = flags.GetInt("iters");
+  absl::StatusOr<double> accepted = flags.GetDouble("accepted"), fraction = flags.GetDouble("kv-budget-fraction");
+  for (const absl::Status& s : {k.status(), santa.status(), iters.status(), accepted.status(), fraction.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  o.k = static_cast<int>(*k);
+  o.accepted = *accepted;
+  o.budget_fraction = *fraction;
+  o.santa_samples = static_cast<int>(*santa);
+  o.iters = static_cast<int>(*iters);
+  const std::string device = flags.Get("device");
+  if (device != "cuda" && !(device.rfind("cuda:", 0) == 0 && absl::SimpleAtoi(device.substr(5), &o.device))) {
+    return Fail(absl::InvalidArgumentError("--device must be cuda or cuda:N"));
+  }
+  o.json_out = flags.Get("json");
+  return bench::RunDecodeBench(o);
+#else
+  return Fail(absl::UnavailableError("scout bench decode needs a CUDA build (SCOUT_CUDA=ON)"));
+#endif
+}
+
 void Usage() {
   std::printf(
       "usage: scout <command> [flags]\n\n"
@@ -471,7 +557,8 @@ void Usage() {
       "  generate   generate text from a prompt on the CPU backend (--speculative with --draft)\n"
       "  eval       fidelity of sparse attention (STS, oracle, Quest, window) against dense on a text\n"
       "  calibrate  choose the draft heads that stand for each target (layer, KV head)\n"
-      "  serve      OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health, /metrics)\n\n"
+      "  serve      OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health, /metrics)\n"
+      "  bench decode  decode throughput at production shapes on the GPU (dense, speculative, STS, SANTA)\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }
 
@@ -488,6 +575,11 @@ int main(int argc, char** argv) {
   if (cmd == "eval") return scout::cli::Eval(argc - 2, argv + 2);
   if (cmd == "calibrate") return scout::cli::Calibrate(argc - 2, argv + 2);
   if (cmd == "serve") return scout::cli::Serve(argc - 2, argv + 2);
+  if (cmd == "bench") {
+    if (argc >= 3 && std::string(argv[2]) == "decode") return scout::cli::BenchDecode(argc - 3, argv + 3);
+    std::fprintf(stderr, "scout: bench needs a benchmark name: decode\n");
+    return 2;
+  }
   std::fprintf(stderr, "scout: unknown command \"%s\"\n", cmd.c_str());
   scout::cli::Usage();
   return 2;

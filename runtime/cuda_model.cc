@@ -413,14 +413,16 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       }
       const bool want_mass = host_mass || o.block_mass != nullptr;
       if (want_mass) ap.lse = lse.as<float>();
-      if (o.santa_samples > 0) {
+      if (o.skip_attention) {
+        // benchmark variant: no attention kernel
+      } else if (o.santa_samples > 0) {
         kernels::SantaParams sp{.attn = ap, .samples = o.santa_samples,
                                 .seed = o.santa_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(layer)};
         SCOUT_RETURN_IF_CUDA(kernels::Santa(sp, santa_plan, attn_ws.ptr, stream), "SANTA attention");
       } else {
         SCOUT_RETURN_IF_CUDA(kernels::SparseDecode(ap, plan, attn_ws.ptr, stream), "attention");
       }
-      if (want_mass) {
+      if (want_mass && !o.skip_attention) {
         kernels::BlockMassParams mp{.attn = ap};
         if (o.block_mass != nullptr) {
           const DeviceBlockMass& m = *o.block_mass;

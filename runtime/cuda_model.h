@@ -61,6 +61,9 @@ struct DeviceStepOptions {
   // instead of summing all of them (kernels/santa.h); the seed is mixed with the layer.
   int santa_samples = 0;
   uint64_t santa_seed = 0;
+  // Benchmarks only: leave the attention out (its output buffer keeps whatever it held), so that
+  // the time of a step with and without it gives the attention's share.
+  bool skip_attention = false;
 };
 
 class CudaModel final : public ModelBackend {

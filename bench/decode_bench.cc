@@ -1,0 +1,486 @@
+#include "bench/decode_bench.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/block_select.cuh"
+#include "runtime/cuda_model.h"
+#include "runtime/sts.h"
+
+namespace scout::bench {
+namespace {
+
+using runtime::CudaModel;
+using runtime::ModelConfig;
+using runtime::SequenceInput;
+
+#define BENCH_CHECK(expr)                                                              \
+  do {                                                                                 \
+    if (absl::Status s_ = (expr); !s_.ok()) {                                          \
+      std::fprintf(stderr, "scout bench decode: %s\n", std::string(s_.message()).c_str()); \
+      return absl::InternalError(s_.message());                                        \
+    }                                                                                  \
+  } while (0)
+
+#define BENCH_CUDA(expr)                                                                              \
+  do {                                                                                                \
+    if (cudaError_t e_ = (expr); e_ != cudaSuccess) {                                                 \
+      return absl::InternalError(absl::StrCat(#expr, ": ", cudaGetErrorString(e_)));                  \
+    }                                                                                                 \
+  } while (0)
+
+// Llama-3.x shapes. max_position_embeddings is raised to 1M: positions past 128k cost the same,
+// and the million-token runs use them.
+ModelConfig Llama(int64_t hidden, int64_t inter, int64_t layers, int64_t head_dim, bool tied, double rope_factor) {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.vocab_size = 128256;
+  c.hidden_size = hidden;
+  c.intermediate_size = inter;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 8;
+  c.head_dim = head_dim;
+  c.max_position_embeddings = int64_t{1} << 20;
+  c.rms_norm_eps = 1e-5;
+  c.rope = {.type = "llama3", .theta = 500000, .factor = rope_factor, .low_freq_factor = 1, .high_freq_factor = 4,
+            .original_max_position_embeddings = 8192};
+  c.tie_word_embeddings = tied;
+  c.bos_token_id = 128000;
+  c.eos_token_ids = {128001, 128008, 128009};
+  return c;
+}
+
+absl::StatusOr<ModelConfig> ConfigFor(const std::string& name) {
+  if (name == "llama-3.1-8b") return Llama(4096, 14336, 32, 128, false, 8);
+  if (name == "llama-3.2-1b") return Llama(2048, 8192, 16, 64, true, 32);
+  if (name == "llama-3.2-3b") return Llama(3072, 8192, 28, 128, true, 32);
+  absl::StatusOr<ModelConfig> c = runtime::LoadModelConfig(name);
+  if (!c.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("model '", name,
+                                                   "' is neither a preset (llama-3.1-8b, llama-3.2-1b, llama-3.2-3b) "
+                                                   "nor a folder with config.json: ",
+                                                   c.status().message()));
+  }
+  return c;
+}
+
+// Milliseconds per call of fn, over iters calls after one warm-up, timed with events on stream.
+template <typename Fn>
+absl::StatusOr<double> TimeMs(cudaStream_t stream, int iters, Fn fn) {
+  BENCH_CHECK(fn());
+  cudaEvent_t a, b;
+  BENCH_CUDA(cudaEventCreate(&a));
+  BENCH_CUDA(cudaEventCreate(&b));
+  BENCH_CUDA(cudaEventRecord(a, stream));
+  for (int i = 0; i < iters; ++i) BENCH_CHECK(fn());
+  BENCH_CUDA(cudaEventRecord(b, stream));
+  BENCH_CUDA(cudaEventSynchronize(b));
+  float ms = 0;
+  BENCH_CUDA(cudaEventElapsedTime(&ms, a, b));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return static_cast<double>(ms) / iters;
+}
+
+struct Row {
+  int64_t context = 0;
+  int batch = 0;
+  std::string mode;
+  double round_ms = 0, tokens_per_s = 0;
+  double draft_ms = 0, select_ms = 0, prefetch_ms = 0, attn_ms = 0, rest_ms = 0;
+  double roofline_tokens_per_s = 0;
+};
+
+struct DeviceVec {
+  void* p = nullptr;
+  ~DeviceVec() { cudaFree(p); }
+};
+
+class Bench {
+ public:
+  Bench(const DecodeBenchOptions& o, ModelConfig tc, ModelConfig dc) : o_(o), tc_(std::move(tc)), dc_(std::move(dc)) {}
+  absl::Status Run();
+
+ private:
+  absl::Status RunConfig(int64_t ctx, int batch);
+  absl::Status MeasureCopyBandwidth();
+  void Print(const Row& r);
+
+  const DecodeBenchOptions& o_;
+  ModelConfig tc_, dc_;
+  std::unique_ptr<CudaModel> target_, draft_;
+  double copy_gbps_ = 0;  // HBM: bytes read + written per second of a device-to-device copy
+  std::vector<Row> rows_;
+};
+
+absl::Status Bench::MeasureCopyBandwidth() {
+  const size_t bytes = size_t{2} << 30;
+  DeviceVec a, b;
+  BENCH_CUDA(cudaMalloc(&a.p, bytes));
+  BENCH_CUDA(cudaMalloc(&b.p, bytes));
+  BENCH_CUDA(cudaMemset(a.p, 1, bytes));
+  cudaStream_t s = static_cast<cudaStream_t>(target_->stream());
+  absl::StatusOr<double> ms = TimeMs(s, 10, [&]() -> absl::Status {
+    if (cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s) != cudaSuccess) return absl::InternalError("copy");
+    return absl::OkStatus();
+  });
+  if (!ms.ok()) return ms.status();
+  copy_gbps_ = 2.0 * bytes / (*ms * 1e-3) / 1e9;
+  return absl::OkStatus();
+}
+
+absl::Status Bench::Run() {
+  const int k = o_.k;
+  const size_t kvpt_t = tc_.num_hidden_layers * tc_.num_key_value_heads * 2 * tc_.head_dim * 2;
+  const size_t kvpt_d = dc_.num_hidden_layers * dc_.num_key_value_heads * 2 * dc_.head_dim * 2;
+  auto weights = [](const ModelConfig& c) {
+    const int64_t d = c.hidden_size, per_layer = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * d +
+                                                 d * c.num_attention_heads * c.head_dim + 3 * c.intermediate_size * d;
+    return static_cast<double>((c.tie_word_embeddings ? 1 : 2) * c.vocab_size * d + c.num_hidden_layers * per_layer) * 2;
+  };
+  size_t free_bytes = 0, total_bytes = 0;
+  BENCH_CUDA(cudaSetDevice(o_.device));
+  BENCH_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const double fixed = weights(tc_) + weights(dc_) + 4e9;  // + activations, logits, workspaces, mass
+  int64_t pool_tokens = 0;
+  std::vector<std::pair<int64_t, int>> runs;
+  for (int64_t ctx : o_.contexts) {
+    for (int b : o_.batches) {
+      const int64_t tokens = int64_t{b} * (ctx + 2 * kvstore::kBlockSize + k + 1);
+      const double need = fixed + static_cast<double>(tokens) * (kvpt_t + kvpt_d);
+      if (need > 0.95 * static_cast<double>(free_bytes)) {
+        std::printf("skip context %lld batch %d: needs %.1f GB of GPU memory (weights + KV of both models), %.1f GB free; "
+                    "the host-store tier serves it\n",
+                    static_cast<long long>(ctx), b, need / 1e9, free_bytes / 1e9);
+        continue;
+      }
+      runs.push_back({ctx, b});
+      pool_tokens = std::max(pool_tokens, tokens);
+    }
+  }
+  if (runs.empty()) return absl::ResourceExhaustedError("no configuration fits on this GPU");
+  std::printf("creating random-weight models: target %.2f GB, draft %.2f GB, KV pools of %lld tokens (%.1f + %.1f GB)\n",
+              weights(tc_) / 1e9, weights(dc_) / 1e9, static_cast<long long>(pool_tokens),
+              pool_tokens * static_cast<double>(kvpt_t) / 1e9, pool_tokens * static_cast<double>(kvpt_d) / 1e9);
+  absl::StatusOr<std::unique_ptr<CudaModel>> t =
+      CudaModel::CreateRandom(tc_, 1, {.device = o_.device, .kv_budget_tokens = pool_tokens});
+  if (!t.ok()) return t.status();
+  target_ = std::move(*t);
+  absl::StatusOr<std::unique_ptr<CudaModel>> d =
+      CudaModel::CreateRandom(dc_, 2, {.device = o_.device, .kv_budget_tokens = pool_tokens});
+  if (!d.ok()) return d.status();
+  draft_ = std::move(*d);
+  if (absl::Status s = MeasureCopyBandwidth(); !s.ok()) return s;
+  std::printf("HBM copy bandwidth (read + write) measured: %.0f GB/s\n", copy_gbps_);
+  std::printf("k = %d draft tokens per round, ASSUMED %.2f accepted per round (random weights accept nothing): "
+              "a round yields %.2f tokens per sequence\n",
+              k, o_.accepted, o_.accepted + 1);
+  std::printf("STS: %.0f%% of blocks per (layer, KV head) incl. %d sink + %d window blocks; head map: each target "
+              "(layer, KV head) reads the draft layer at proportional depth, the 4 query heads of the same KV group; "
+              "SANTA %d samples per 16-row group\n\n",
+              100 * o_.budget_fraction, o_.sink_blocks, o_.window_blocks, o_.santa_samples);
+  std::printf("%8s %5s %-10s %9s %9s %7s | %8s %8s %8s %8s %8s | %10s %6s\n", "context", "batch", "mode", "round_ms",
+              "tok/s", "vs_AR", "draft", "select", "prefetch", "t_attn", "t_rest", "roof_tok/s", "%roof");
+  for (auto [ctx, b] : runs) {
+    if (absl::Status s = RunConfig(ctx, b); !s.ok()) return s;
+  }
+  if (!o_.json_out.empty()) {
+    std::ofstream f(o_.json_out);
+    for (const Row& r : rows_) {
+      f << "{\"context\":" << r.context << ",\"batch\":" << r.batch << ",\"mode\":\"" << r.mode
+        << "\",\"round_ms\":" << r.round_ms << ",\"tokens_per_s\":" << r.tokens_per_s << ",\"draft_ms\":" << r.draft_ms
+        << ",\"select_ms\":" << r.select_ms << ",\"prefetch_ms\":" << r.prefetch_ms << ",\"target_attn_ms\":" << r.attn_ms
+        << ",\"target_rest_ms\":" << r.rest_ms << ",\"roofline_tokens_per_s\":" << r.roofline_tokens_per_s
+        << ",\"accepted\":" << o_.accepted << ",\"k\":" << o_.k << ",\"copy_gbps\":" << copy_gbps_ << "}\n";
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Bench::Print(const Row& r) {
+  double ar = 0;
+  for (const Row& x : rows_) {
+    if (x.context == r.context && x.batch == r.batch && x.mode == "dense-AR") ar = x.tokens_per_s;
+  }
+  std::printf("%8lld %5d %-10s %9.3f %9.1f %6.2fx | %8.3f %8.3f %8.3f %8.3f %8.3f | %10.1f %5.0f%%\n",
+              static_cast<long long>(r.context), r.batch, r.mode.c_str(), r.round_ms, r.tokens_per_s,
+              ar > 0 ? r.tokens_per_s / ar : 1.0, r.draft_ms, r.select_ms, r.prefetch_ms, r.attn_ms, r.rest_ms,
+              r.roofline_tokens_per_s, 100 * r.tokens_per_s / r.roofline_tokens_per_s);
+  std::fflush(stdout);
+}
+
+absl::Status Bench::RunConfig(int64_t ctx, int batch) {
+  const int k = o_.k, B = batch;
+  CudaModel& T = *target_;
+  CudaModel& D = *draft_;
+  cudaStream_t ts = static_cast<cudaStream_t>(T.stream()), ds = static_cast<cudaStream_t>(D.stream());
+  for (int s = 0; s < B; ++s) {
+    BENCH_CHECK(T.AddSequence(s));
+    BENCH_CHECK(D.AddSequence(s));
+    BENCH_CHECK(T.FillRandomContext(s, ctx, 100 + s));
+    BENCH_CHECK(D.FillRandomContext(s, ctx, 200 + s));
+  }
+  auto truncate_all = [&](CudaModel& m) -> absl::Status {
+    for (int s = 0; s < B; ++s) {
+      if (absl::Status st = m.TruncateSequence(s, ctx); !st.ok()) return st;
+    }
+    return absl::OkStatus();
+  };
+  std::vector<std::vector<int32_t>> one(B, std::vector<int32_t>{7}), kp1(B, std::vector<int32_t>(k + 1, 7));
+  auto inputs = [&](std::vector<std::vector<int32_t>>& toks, bool all_logits) {
+    std::vector<SequenceInput> in;
+    for (int s = 0; s < B; ++s) in.push_back({.seq = s, .tokens = toks[s], .all_logits = all_logits});
+    return in;
+  };
+  DeviceVec t_argmax, d_argmax, mass, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
+  BENCH_CUDA(cudaMalloc(&t_argmax.p, sizeof(int32_t) * B * (k + 1)));
+  BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t) * B));
+  BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t) * B));
+  int32_t* targmax = static_cast<int32_t*>(t_argmax.p);
+  int32_t* dargmax = static_cast<int32_t*>(d_argmax.p);
+
+  // Target graphs: dense autoregressive step, dense / STS / STS+SANTA verification, and the same
+  // without attention (the rest of the step).
+  auto capture_target = [&](std::vector<std::vector<int32_t>>& toks, bool all, const runtime::DeviceStepOptions& opt) {
+    std::vector<SequenceInput> in = inputs(toks, all);
+    absl::StatusOr<int> g = T.CaptureForward(in, opt);
+    if (g.ok()) {
+      if (absl::Status st = truncate_all(T); !st.ok()) return absl::StatusOr<int>(st);
+    }
+    return g;
+  };
+  // STS selection buffers, sized for the verification's context.
+  const int nb = static_cast<int>(kvstore::BlocksFor(ctx + k + 1));
+  const int dh_total = static_cast<int>(dc_.num_hidden_layers * dc_.num_attention_heads);
+  const int units = static_cast<int>(tc_.num_hidden_layers * tc_.num_key_value_heads);
+  runtime::StsBudget budget{.budget_fraction = o_.budget_fraction, .sink_blocks = o_.sink_blocks,
+                            .window_blocks = o_.window_blocks};
+  const int list = static_cast<int>(runtime::BudgetBlocks(budget, nb));
+  std::vector<int32_t> nbs(B, nb);
+  std::vector<int32_t> offsets = kernels::SelectionOffsets(nbs, units, list, o_.sink_blocks, o_.window_blocks);
+  std::vector<int32_t> mi{0}, mh;
+  const int group = static_cast<int>(dc_.num_attention_heads / dc_.num_key_value_heads);
+  for (int u = 0; u < units; ++u) {
+    const int layer = u / static_cast<int>(tc_.num_key_value_heads), kvh = u % static_cast<int>(tc_.num_key_value_heads);
+    const int dl = static_cast<int>(int64_t{layer} * dc_.num_hidden_layers / tc_.num_hidden_layers);
+    const int dkv = kvh % static_cast<int>(dc_.num_key_value_heads);
+    for (int g = 0; g < group; ++g) mh.push_back(dl * static_cast<int>(dc_.num_attention_heads) + dkv * group + g);
+    mi.push_back(static_cast<int32_t>(mh.size()));
+  }
+  const size_t mass_floats = size_t{static_cast<size_t>(B)} * k * dh_total * nb;
+  BENCH_CUDA(cudaMalloc(&mass.p, mass_floats * 4));
+  BENCH_CUDA(cudaMemset(mass.p, 0, mass_floats * 4));
+  auto upload = [](DeviceVec& d, const std::vector<int32_t>& v) -> absl::Status {
+    BENCH_CUDA(cudaMalloc(&d.p, std::max<size_t>(4, v.size() * 4)));
+    BENCH_CUDA(cudaMemcpy(d.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  };
+  BENCH_CHECK(upload(num_blocks, nbs));
+  BENCH_CHECK(upload(map_indptr, mi));
+  BENCH_CHECK(upload(map_heads, mh));
+  BENCH_CHECK(upload(out_indptr, offsets));
+  BENCH_CUDA(cudaMalloc(&out_blocks.p, std::max<size_t>(4, offsets.back() * 4)));
+  kernels::BlockSelectParams sp{.mass = static_cast<float*>(mass.p), .num_blocks = static_cast<int32_t*>(num_blocks.p),
+                                .map_indptr = static_cast<int32_t*>(map_indptr.p),
+                                .map_heads = static_cast<int32_t*>(map_heads.p),
+                                .out_indptr = static_cast<int32_t*>(out_indptr.p),
+                                .out_blocks = static_cast<int32_t*>(out_blocks.p), .num_seqs = B,
+                                .num_positions = k, .num_draft_heads = dh_total, .max_blocks = nb, .num_units = units,
+                                .budget_blocks = list, .sink_blocks = o_.sink_blocks, .window_blocks = o_.window_blocks};
+  BENCH_CUDA(cudaMalloc(&scratch.p, kernels::BlockSelectScratchBytes(sp)));
+  runtime::DeviceSelection sel{.indptr = static_cast<int32_t*>(out_indptr.p),
+                               .blocks = static_cast<int32_t*>(out_blocks.p), .max_list_blocks = list};
+  auto select = [&]() -> absl::Status {
+    BENCH_CUDA(kernels::BlockSelect(sp, scratch.p, ts));
+    return absl::OkStatus();
+  };
+  BENCH_CHECK(select());  // valid lists before the STS verification is captured
+  BENCH_CUDA(cudaStreamSynchronize(ts));
+
+  // Every variant runs once first, so the model's step buffers reach their largest size before
+  // any capture (a later reallocation would make the earlier graphs stale).
+  auto warm = [&](CudaModel& m, std::vector<std::vector<int32_t>>& toks, bool all,
+                  const runtime::DeviceStepOptions& opt) -> absl::Status {
+    std::vector<SequenceInput> in = inputs(toks, all);
+    if (absl::Status st = m.EnqueueForward(in, opt); !st.ok()) return st;
+    if (absl::Status st = m.Synchronize(); !st.ok()) return st;
+    return truncate_all(m);
+  };
+  BENCH_CHECK(warm(T, one, false, {.argmax = targmax}));
+  BENCH_CHECK(warm(T, kp1, true, {.argmax = targmax}));
+  BENCH_CHECK(warm(T, kp1, true, {.selection = &sel, .argmax = targmax}));
+  BENCH_CHECK(warm(T, kp1, true, {.selection = &sel, .argmax = targmax, .santa_samples = o_.santa_samples}));
+  {
+    runtime::DeviceBlockMass bm{.mass = static_cast<float*>(mass.p), .seq_stride = static_cast<int64_t>(k) * dh_total * nb,
+                                .token_stride = 0, .head_stride = nb, .layer_stride = 0,
+                                .layer_head_offset = static_cast<int>(dc_.num_attention_heads)};
+    BENCH_CHECK(warm(D, one, false, {.block_mass = &bm, .argmax = dargmax}));
+  }
+  absl::StatusOr<int> g_ar = capture_target(one, false, {.argmax = targmax});
+  absl::StatusOr<int> g_ar_rest = capture_target(one, false, {.argmax = targmax, .skip_attention = true});
+  absl::StatusOr<int> g_vd = capture_target(kp1, true, {.argmax = targmax});
+  absl::StatusOr<int> g_vs = capture_target(kp1, true, {.selection = &sel, .argmax = targmax});
+  absl::StatusOr<int> g_vss = capture_target(
+      kp1, true, {.selection = &sel, .argmax = targmax, .santa_samples = o_.santa_samples, .santa_seed = 5});
+  absl::StatusOr<int> g_v_rest = capture_target(kp1, true, {.argmax = targmax, .skip_attention = true});
+  for (const absl::StatusOr<int>* g : {&g_ar, &g_ar_rest, &g_vd, &g_vs, &g_vss, &g_v_rest}) {
+    if (!g->ok()) return g->status();
+  }
+  // Draft graphs: k single-token steps, each feeding the previous step's greedy token, plain
+  // (dense speculation) or writing its attention mass per block (STS).
+  std::vector<int> g_draft, g_draft_mass;
+  for (int with_mass = 0; with_mass < 2; ++with_mass) {
+    for (int p = 0; p < k; ++p) {
+      runtime::DeviceBlockMass bm{.mass = static_cast<float*>(mass.p) + static_cast<size_t>(p) * dh_total * nb,
+                                  .seq_stride = static_cast<int64_t>(k) * dh_total * nb, .token_stride = 0,
+                                  .head_stride = nb, .layer_stride = 0,
+                                  .layer_head_offset = static_cast<int>(dc_.num_attention_heads)};
+      runtime::DeviceStepOptions opt{.block_mass = with_mass ? &bm : nullptr, .argmax = dargmax, .device_tokens = dargmax};
+      std::vector<SequenceInput> in = inputs(one, false);
+      absl::StatusOr<int> g = D.CaptureForward(in, opt);
+      if (!g.ok()) return g.status();
+      (with_mass ? g_draft_mass : g_draft).push_back(*g);
+    }
+    BENCH_CHECK(truncate_all(D));
+  }
+  // The graphs captured first must not have been made stale by larger later ones.
+  auto replay = [](CudaModel& m, int g) { return m.Replay(g); };
+  auto draft_round = [&](const std::vector<int>& gs) -> absl::Status {
+    for (int g : gs) {
+      if (absl::Status st = replay(D, g); !st.ok()) return st;
+    }
+    return absl::OkStatus();
+  };
+  const int it = o_.iters;
+  absl::StatusOr<double> t_ar = TimeMs(ts, it, [&] { return replay(T, *g_ar); });
+  absl::StatusOr<double> t_ar_rest = TimeMs(ts, it, [&] { return replay(T, *g_ar_rest); });
+  absl::StatusOr<double> t_vd = TimeMs(ts, it, [&] { return replay(T, *g_vd); });
+  absl::StatusOr<double> t_vs = TimeMs(ts, it, [&] { return replay(T, *g_vs); });
+  absl::StatusOr<double> t_vss = TimeMs(ts, it, [&] { return replay(T, *g_vss); });
+  absl::StatusOr<double> t_v_rest = TimeMs(ts, it, [&] { return replay(T, *g_v_rest); });
+  absl::StatusOr<double> t_sel = TimeMs(ts, it, select);
+  absl::StatusOr<double> t_dr = TimeMs(ds, it, [&] { return draft_round(g_draft); });
+  absl::StatusOr<double> t_drm = TimeMs(ds, it, [&] { return draft_round(g_draft_mass); });
+  for (const absl::StatusOr<double>* t : {&t_ar, &t_ar_rest, &t_vd, &t_vs, &t_vss, &t_v_rest, &t_sel, &t_dr, &t_drm}) {
+    if (!t->ok()) return t->status();
+  }
+
+  // End to end, as a serving loop runs it: the draft's k steps, then (STS) the selection, the
+  // target's verification, and the one host synchronisation acceptance needs (the greedy tokens
+  // read back); the next round's draft waits for it.
+  int32_t* host_tokens = nullptr;
+  BENCH_CUDA(cudaHostAlloc(&host_tokens, sizeof(int32_t) * B * (k + 1), cudaHostAllocDefault));
+  cudaEvent_t drafted, verified;
+  BENCH_CUDA(cudaEventCreateWithFlags(&drafted, cudaEventDisableTiming));
+  BENCH_CUDA(cudaEventCreateWithFlags(&verified, cudaEventDisableTiming));
+  auto end_to_end = [&](const std::vector<int>* draft_graphs, bool sts, int verify_graph, int rows) -> absl::StatusOr<double> {
+    auto round = [&]() -> absl::Status {
+      if (draft_graphs != nullptr) {
+        if (absl::Status st = draft_round(*draft_graphs); !st.ok()) return st;
+        BENCH_CUDA(cudaEventRecord(drafted, ds));
+        BENCH_CUDA(cudaStreamWaitEvent(ts, drafted, 0));
+      }
+      if (sts) {
+        if (absl::Status st = select(); !st.ok()) return st;
+      }
+      if (absl::Status st = replay(T, verify_graph); !st.ok()) return st;
+      BENCH_CUDA(cudaMemcpyAsync(host_tokens, targmax, sizeof(int32_t) * rows, cudaMemcpyDeviceToHost, ts));
+      BENCH_CUDA(cudaEventRecord(verified, ts));
+      BENCH_CUDA(cudaStreamWaitEvent(ds, verified, 0));
+      BENCH_CUDA(cudaEventSynchronize(verified));
+      return absl::OkStatus();
+    };
+    if (absl::Status st = round(); !st.ok()) return st;  // warm-up
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < it; ++i) {
+      if (absl::Status st = round(); !st.ok()) return st;
+    }
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() / it;
+  };
+  absl::StatusOr<double> e_ar = end_to_end(nullptr, false, *g_ar, B);
+  absl::StatusOr<double> e_spec = end_to_end(&g_draft, false, *g_vd, B * (k + 1));
+  absl::StatusOr<double> e_sts = end_to_end(&g_draft_mass, true, *g_vs, B * (k + 1));
+  absl::StatusOr<double> e_santa = end_to_end(&g_draft_mass, true, *g_vss, B * (k + 1));
+  cudaFreeHost(host_tokens);
+  cudaEventDestroy(drafted);
+  cudaEventDestroy(verified);
+  for (const absl::StatusOr<double>* t : {&e_ar, &e_spec, &e_sts, &e_santa}) {
+    if (!t->ok()) return t->status();
+  }
+
+  // Roofline: bytes a round must read from HBM (weights once per pass, the KV it attends,
+  // the draft's keys again for the block mass), over the copy bandwidth measured above.
+  const double wt = static_cast<double>(T.weight_bytes()), wd = static_cast<double>(D.weight_bytes());
+  const double kv_t = static_cast<double>(B) * ctx * T.kv_bytes_per_token();
+  const double kv_d = static_cast<double>(B) * ctx * D.kv_bytes_per_token();
+  const double kv_t_sel = static_cast<double>(B) * list * kvstore::kBlockSize * T.kv_bytes_per_token();
+  const double bw = copy_gbps_ * 1e9;
+  const double per_round = B * (o_.accepted + 1);
+  auto add = [&](const std::string& mode, double round_ms, double draft_ms, double select_ms, double attn_ms,
+                 double rest_ms, double bytes, double tokens) {
+    Row r{.context = ctx, .batch = B, .mode = mode, .round_ms = round_ms, .tokens_per_s = tokens / (round_ms * 1e-3),
+          .draft_ms = draft_ms, .select_ms = select_ms, .prefetch_ms = 0, .attn_ms = attn_ms, .rest_ms = rest_ms,
+          .roofline_tokens_per_s = tokens / (bytes / bw)};
+    rows_.push_back(r);
+    Print(r);
+  };
+  add("dense-AR", *e_ar, 0, 0, *t_ar - *t_ar_rest, *t_ar_rest, wt + kv_t, B);
+  add("dense-spec", *e_spec, *t_dr, 0, *t_vd - *t_v_rest, *t_v_rest, k * (wd + kv_d) + wt + kv_t, per_round);
+  add("STS-spec", *e_sts, *t_drm, *t_sel, *t_vs - *t_v_rest, *t_v_rest, k * (wd + 1.5 * kv_d) + wt + kv_t_sel, per_round);
+  add("STS+SANTA", *e_santa, *t_drm, *t_sel, *t_vss - *t_v_rest, *t_v_rest, k * (wd + 1.5 * kv_d) + wt + kv_t_sel,
+      per_round);
+  for (int s = 0; s < B; ++s) {
+    BENCH_CHECK(T.ReleaseSequence(s));
+    BENCH_CHECK(D.ReleaseSequence(s));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunDecodeBench(const DecodeBenchOptions& o) {
+  if (o.k < 1 || o.accepted < 0 || o.accepted > o.k || !(o.budget_fraction > 0 && o.budget_fraction <= 1) ||
+      o.iters < 1 || o.santa_samples < 1) {
+    std::fprintf(stderr, "scout bench decode: need k >= 1, 0 <= accepted <= k, budget fraction in (0, 1], iters >= 1, "
+                         "santa samples >= 1\n");
+    return 2;
+  }
+  absl::StatusOr<ModelConfig> tc = ConfigFor(o.target);
+  absl::StatusOr<ModelConfig> dc = ConfigFor(o.draft);
+  for (const absl::StatusOr<ModelConfig>* c : {&tc, &dc}) {
+    if (!c->ok()) {
+      std::fprintf(stderr, "scout bench decode: %s\n", std::string(c->status().message()).c_str());
+      return 2;
+    }
+  }
+  if (tc->vocab_size != dc->vocab_size) {
+    std::fprintf(stderr, "scout bench decode: target and draft vocabularies differ (%lld vs %lld)\n",
+                 static_cast<long long>(tc->vocab_size), static_cast<long long>(dc->vocab_size));
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, o.device) != cudaSuccess) {
+    std::fprintf(stderr, "scout bench decode: no CUDA device %d\n", o.device);
+    return 1;
+  }
+  std::printf("scout bench decode on %s: target %s, draft %s, bf16, KV on the GPU\n", prop.name, o.target.c_str(),
+              o.draft.c_str());
+  Bench b(o, *tc, *dc);
+  absl::Status s = b.Run();
+  if (!s.ok()) {
+    std::fprintf(stderr, "scout bench decode: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace scout::bench
