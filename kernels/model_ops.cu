@@ -159,9 +159,17 @@ __global__ void __launch_bounds__(kMassWarps * 32) BlockMassKernel(BlockMassPara
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tok = lane / 2, part = lane % 2;
-  const int nb = (len + kKvBlockSize - 1) / kKvBlockSize;
-  const int b_begin = blockIdx.x * kMassWarps * kMassBlocksPerWarp;
-  for (int b = b_begin + warp; b < min(nb, b_begin + kMassWarps * kMassBlocksPerWarp); b += kMassWarps) {
+  // Dense: entries are blocks 0..nb-1; with a selection, the KV head's list.
+  int n_entries = (len + kKvBlockSize - 1) / kKvBlockSize;
+  const int32_t* list = nullptr;
+  if (p.sel_indptr != nullptr) {
+    const int idx = s * (p.sel_seq_stride > 0 ? p.sel_seq_stride : p.num_kv_heads) + kvh;
+    list = p.sel_blocks + p.sel_indptr[idx];
+    n_entries = p.sel_indptr[idx + 1] - p.sel_indptr[idx];
+  }
+  const int e_begin = blockIdx.x * kMassWarps * kMassBlocksPerWarp;
+  for (int e = e_begin + warp; e < min(n_entries, e_begin + kMassWarps * kMassBlocksPerWarp); e += kMassWarps) {
+    const int b = list != nullptr ? list[e] : e;
     const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + b];
     const uint16_t* key = p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * 2 * kKvBlockSize * HD + tok * HD + part * kHalf;
     float k[kHalf];

@@ -14,7 +14,8 @@ cudaError_t RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t RopeAppend(const RopeAppendParams& p, cudaStream_t stream);
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream);
 cudaError_t Argmax(const ArgmaxParams& p, cudaStream_t stream);
-// head_dim 64 or 128. max_blocks: the most blocks of any sequence (sizes the grid).
+// head_dim 64 or 128. max_blocks: the most blocks of any sequence, or with a selection the
+// longest list (sizes the grid).
 cudaError_t BlockMass(const BlockMassParams& p, int max_blocks, int max_q_tokens, cudaStream_t stream);
 cudaError_t RandomFill(const RandomFillParams& p, cudaStream_t stream);
 

@@ -74,9 +74,11 @@ void ArgmaxRef(const ArgmaxParams& p);
 // The attention probability each query row of an attention pass put on each KV block of its
 // sequence, from the pass's own log-sum-exp (SparseDecodeParams::lse): for row t of sequence s
 // and head h, mass = sum over the block's keys at positions <= the row's position of
-// 2^(q.k * scale * log2(e) - lse2). Dense: every block of the sequence. Written to
+// 2^(q.k * scale * log2(e) - lse2). Dense: every block of the sequence; with a selection in
+// attn (sel_indptr, sel_blocks, sel_seq_stride; no sel_slots), only the blocks of the row's KV
+// head's list, whose masses then sum to one. Written to
 // mass[s * mass_seq_stride + t * mass_token_stride + (mass_head_offset + h) * mass_head_stride + b]
-// for blocks b < ceil(seq_lens[s] / 16); other entries are left as they are.
+// for those blocks b; other entries are left as they are.
 struct BlockMassParams {
   SparseDecodeParams attn;  // q, kv, q_indptr, seq_lens, block_table, shapes, scale, lse (read)
   float* mass = nullptr;

@@ -197,10 +197,13 @@ TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
   struct Case {
     std::vector<int> lens, q_tokens;
     int nh, nkv, hd;
+    double keep = -1;  // < 0 dense, else the fraction of blocks listed
   };
   for (const Case& c : {Case{{1}, {1}, 4, 1, 64}, Case{{17, 300, 33}, {1, 5, 2}, 6, 2, 64},
-                        Case{{4097}, {5}, 32, 8, 128}, Case{{16, 48}, {16, 3}, 3, 1, 64}}) {
-    DecodeShape shape{.seq_lens = c.lens, .q_tokens = c.q_tokens, .num_heads = c.nh, .num_kv_heads = c.nkv, .head_dim = c.hd};
+                        Case{{4097}, {5}, 32, 8, 128}, Case{{16, 48}, {16, 3}, 3, 1, 64},
+                        Case{{17, 300, 33}, {1, 5, 2}, 6, 2, 64, 0.3}, Case{{4097, 1000}, {1, 1}, 32, 8, 64, 0.1}}) {
+    DecodeShape shape{.seq_lens = c.lens, .q_tokens = c.q_tokens, .num_heads = c.nh, .num_kv_heads = c.nkv,
+                      .head_dim = c.hd, .keep_fraction = c.keep};
     DecodeProblem pr = MakeDecodeProblem(shape, 7);
     const int rows = pr.total_q_rows();
     std::vector<float> lse_want(rows * c.nh, NAN);
@@ -216,6 +219,10 @@ TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
     p.q_indptr = dev.Put(pr.q_indptr);
     p.seq_lens = dev.Put(pr.seq_lens);
     p.block_table = dev.Put(pr.block_table);
+    if (c.keep >= 0) {
+      p.sel_indptr = dev.Put(pr.sel_indptr);
+      p.sel_blocks = dev.Put(pr.sel_blocks);
+    }
     p.lse = dev.Put(std::vector<float>(rows * c.nh, NAN));
     int sms = 0;
     ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
@@ -240,7 +247,7 @@ TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
     BlockMassRef(bp);
     bp.attn = p;  // device pointers, the kernel's own lse
     bp.mass = dev.Put(std::vector<float>(mass_want.size(), -1.0f));
-    ASSERT_EQ(BlockMass(bp, nb_max, max_t, nullptr), cudaSuccess);
+    ASSERT_EQ(BlockMass(bp, c.keep >= 0 ? pr.max_list_blocks() : nb_max, max_t, nullptr), cudaSuccess);
     std::vector<float> mass_got = dev.Get(bp.mass, mass_want.size());
     for (size_t s = 0; s < c.lens.size(); ++s) {
       const int nb = (c.lens[s] + kKvBlockSize - 1) / kKvBlockSize;
@@ -249,8 +256,8 @@ TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
           double total = 0;
           for (int b = 0; b < nb_max; ++b) {
             const size_t i = s * seq_stride + (int64_t{t} * c.nh + h) * nb_max + b;
-            if (t >= c.q_tokens[s] || b >= nb) {
-              ASSERT_EQ(mass_got[i], -1.0f) << "wrote outside the sequence's rows and blocks";
+            if (t >= c.q_tokens[s] || b >= nb || mass_want[i] == -1.0f) {  // the reference left it: unlisted
+              ASSERT_EQ(mass_got[i], -1.0f) << "wrote outside the sequence's rows and listed blocks";
               continue;
             }
             ASSERT_NEAR(mass_got[i], mass_want[i], 2e-4f + 2e-3f * mass_want[i]) << "seq " << s << " t " << t << " h " << h << " b " << b;

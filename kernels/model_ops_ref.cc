@@ -90,7 +90,14 @@ void BlockMassRef(const BlockMassParams& bp) {
         const float lse = p.lse[int64_t{q0 + t} * p.num_heads + h];
         float* out = bp.mass + s * bp.mass_seq_stride + t * bp.mass_token_stride +
                      (bp.mass_head_offset + h) * bp.mass_head_stride;
-        for (int b = 0; b < nb; ++b) {
+        std::vector<int32_t> listed;
+        if (p.sel_indptr != nullptr) {
+          const int idx = s * (p.sel_seq_stride > 0 ? p.sel_seq_stride : p.num_kv_heads) + kvh;
+          listed.assign(p.sel_blocks + p.sel_indptr[idx], p.sel_blocks + p.sel_indptr[idx + 1]);
+        } else {
+          for (int b = 0; b < nb; ++b) listed.push_back(b);
+        }
+        for (int32_t b : listed) {
           const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + b];
           const uint16_t* keys = p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * 2 * kKvBlockSize * hd;
           float m = 0;

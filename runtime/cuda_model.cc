@@ -239,8 +239,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   if (host_mass && host_selection) {
     return absl::InvalidArgumentError("block_mass on the GPU needs a dense pass (no selection in the batch)");
   }
-  if (o.block_mass != nullptr && o.selection != nullptr) {
-    return absl::InvalidArgumentError("block mass on the GPU needs a dense pass (no selection)");
+  if ((o.block_mass != nullptr || host_mass) && o.santa_samples > 0) {
+    return absl::InvalidArgumentError("block mass needs exact attention (no SANTA sampling in the same pass)");
   }
   if (o.santa_samples < 0) return absl::InvalidArgumentError("santa_samples must be >= 0");
   const int B = static_cast<int>(batch.size());
@@ -276,6 +276,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     for (size_t k = 0; k + 1 < sel_indptr.size(); ++k) max_list = std::max(max_list, sel_indptr[k + 1] - sel_indptr[k]);
   }
   if (o.selection != nullptr) max_list = o.selection->max_list_blocks;
+  const int table_nb = std::max(max_nb, o.selection != nullptr ? o.selection->block_bound : 0);
 
   StepLayout lay;
   lay.tokens = 0;
@@ -284,7 +285,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   lay.q_indptr = lay.phys + T;
   lay.seq_lens = lay.q_indptr + B + 1;
   lay.block_table = lay.seq_lens + B;
-  lay.sel_indptr = lay.block_table + static_cast<size_t>(B) * max_nb;
+  lay.sel_indptr = lay.block_table + static_cast<size_t>(B) * table_nb;
   lay.sel_blocks = lay.sel_indptr + sel_indptr.size();
   lay.total = lay.sel_blocks + sel_blocks.size();
 
@@ -360,8 +361,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       }
       st[lay.q_indptr + i + 1] = static_cast<int32_t>(row);
       st[lay.seq_lens + i] = static_cast<int32_t>(shape->start[i] + n);
-      for (int b = 0; b < max_nb; ++b) {
-        st[lay.block_table + i * max_nb + b] = b < static_cast<int>(blocks.size()) ? blocks[b] : 0;
+      for (int b = 0; b < table_nb; ++b) {
+        st[lay.block_table + i * table_nb + b] = b < static_cast<int>(blocks.size()) ? blocks[b] : 0;
       }
     }
     std::copy(sel_indptr.begin(), sel_indptr.end(), st + lay.sel_indptr);
@@ -398,7 +399,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                            "RoPE and KV append");
       kernels::SparseDecodeParams ap{.q = q.as<uint16_t>(), .out = attn.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
                                      .q_indptr = di + lay.q_indptr, .seq_lens = di + lay.seq_lens,
-                                     .block_table = di + lay.block_table, .max_blocks_per_seq = max_nb,
+                                     .block_table = di + lay.block_table, .max_blocks_per_seq = table_nb,
                                      .num_seqs = B, .num_heads = static_cast<int>(nh),
                                      .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd),
                                      .scale = 1.0f / std::sqrt(static_cast<float>(hd))};
@@ -437,7 +438,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
           mp.mass_token_stride = max_nb;
           mp.mass_head_stride = mass_t * max_nb;
         }
-        SCOUT_RETURN_IF_CUDA(kernels::BlockMass(mp, max_nb, max_q, stream), "block mass");
+        SCOUT_RETURN_IF_CUDA(kernels::BlockMass(mp, ap.sel_indptr != nullptr ? max_list : max_nb, max_q, stream),
+                             "block mass");
       }
       SCOUT_RETURN_IF_ERROR(Gemm(w.wo.ptr, attn.ptr, x.as<float>(), T, nh * hd, d, 1.0f));  // + residual
       SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = x.as<float>(), .weight = w.mlp_norm.as<float>(), .out = h.as<uint16_t>(),

@@ -34,9 +34,13 @@ struct DeviceSelection {
   const int32_t* indptr = nullptr;
   const int32_t* blocks = nullptr;
   int max_list_blocks = 0;  // longest list (sizes the attention plan)
+  // Lists may name blocks below this bound past a sequence's end (a window sized for the last of
+  // several steps): they hold no visible key and are skipped by the causal mask. 0: none.
+  int block_bound = 0;
 };
 
-// Where a pass writes its attention mass per block (see kernels::BlockMassParams), for layer L:
+// Where a pass writes its attention mass per block (see kernels::BlockMassParams; with a
+// selection only the listed blocks are written, their masses relative to the listed set), for layer L:
 // mass + L * layer_stride, heads offset by L * layer_head_offset. The STS layout
 // [seqs][positions][draft layers * heads][max_blocks] at position p is base + p * heads_total *
 // max_blocks, seq_stride = positions * heads_total * max_blocks, head_stride = max_blocks,
