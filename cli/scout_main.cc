@@ -471,6 +471,8 @@ int Serve(int argc, char** argv) {
   }
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
+  absl::StatusOr<std::optional<runtime::ModelChatTemplate>> chat_template = runtime::LoadChatTemplate(flags.Get("model"));
+  if (!chat_template.ok()) return Fail(chat_template.status());
   std::string name = flags.Get("served-model-name");
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
@@ -479,7 +481,8 @@ int Serve(int argc, char** argv) {
                            {.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
                             .max_waiting = static_cast<int>(*max_waiting)});
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
-      rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port), rpc::MakeOpenAiHandler(&engine, &metrics, name));
+      rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
+                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d\n", name.c_str(), flags.Get("host").c_str(), (*server)->port());
   int sig = 0;

@@ -20,7 +20,8 @@ void SendError(HttpResponder& out, int status, const std::string& message, const
 
 // Parses a completion request body. On error writes the OpenAI-style error and returns false.
 bool ParseCompletion(const std::string& body, const std::string& model_name, bool chat,
-                     scheduler::CompletionRequest* req, bool* stream, HttpResponder& out) {
+                     const runtime::ModelChatTemplate* chat_template, scheduler::CompletionRequest* req, bool* stream,
+                     HttpResponder& out) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
@@ -33,12 +34,30 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       return false;
     }
     if (chat) {
-      // The fixtures' chat template: one "Role: content" line per message, then the assistant's
-      // turn opened. Models with their own template get it with the tokenizer work.
       if (!j.contains("messages") || !j["messages"].is_array() || j["messages"].empty()) {
         SendError(out, 400, "\"messages\" must be a non-empty array", "invalid_request_error", "messages");
         return false;
       }
+    }
+    if (chat && chat_template != nullptr) {
+      // The model's own template. Parsed again keeping key order: tojson writes tool arguments as
+      // the client ordered them.
+      const nlohmann::ordered_json oj = nlohmann::ordered_json::parse(body);
+      nlohmann::ordered_json extra = nlohmann::ordered_json::object();
+      if (oj.contains("tools") && !oj["tools"].is_null()) extra["tools"] = oj["tools"];
+      absl::StatusOr<std::string> text = chat_template->Render(oj["messages"], /*add_generation_prompt=*/true, extra);
+      if (!text.ok()) {
+        SendError(out, 400, std::string(text.status().message()), "invalid_request_error", "messages");
+        return false;
+      }
+      // The engine encodes prompts with the tokenizer's own BOS; the template's would be a second.
+      if (!chat_template->bos_token.empty() && text->rfind(chat_template->bos_token, 0) == 0) {
+        text->erase(0, chat_template->bos_token.size());
+      }
+      req->prompt = *std::move(text);
+    } else if (chat) {
+      // The fixtures' chat template: one "Role: content" line per message, then the assistant's
+      // turn opened.
       req->prompt.clear();
       for (const json& m : j["messages"]) {
         const std::string role = m.at("role").get<std::string>();
@@ -100,9 +119,9 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
 }  // namespace
 
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
-                              const std::string& model_name) {
+                              const std::string& model_name, const runtime::ModelChatTemplate* chat_template) {
   auto counter = std::make_shared<std::atomic<int64_t>>(0);
-  return [engine, metrics, model_name, counter](const HttpRequest& req, HttpResponder& out) {
+  return [engine, metrics, model_name, chat_template, counter](const HttpRequest& req, HttpResponder& out) {
     const std::string path = req.target.substr(0, req.target.find('?'));
     if (path == "/health") {
       if (engine->draining()) {
@@ -141,7 +160,7 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       }
       scheduler::CompletionRequest creq;
       bool stream = false;
-      if (!ParseCompletion(req.body, model_name, chat, &creq, &stream, out)) return;
+      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, out)) return;
       const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
       const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =

@@ -113,4 +113,17 @@ wait "$pid"
 rc=$?
 [ $rc -eq 0 ] || fail "server exit $rc after drain"
 grep -q "draining" serve.err || fail "no drain message: $(cat serve.err)"
+
+# A model folder whose tokenizer_config.json carries a chat template: chat prompts are rendered
+# with it (the template's BOS left to the tokenizer), and its raise_exception is a 400.
+rm -rf chat-model && cp -r "$src/models/scout-tiny-target" chat-model
+cp "$src/models/tokenizers/mistral/tokenizer_config.json" chat-model/
+start_server serve.err --model chat-model
+chat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], "max_tokens": 2}')
+# "[INST] Be brief.\n\nhi[/INST]" is 27 bytes, plus the byte tokenizer's BOS.
+echo "$chat" | grep -q '"prompt_tokens":28' || fail "chat template not applied: $chat"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}')" = 400 ] \
+  && grep -q 'must alternate' err.json || fail "template's raise_exception: $(cat err.json)"
+kill -TERM "$pid"
+wait "$pid"
 echo "serve_test: ok"
