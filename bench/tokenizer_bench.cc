@@ -2,10 +2,13 @@
 // tools/make_tokenizer_fixtures.py times `tokenizers` on: the "text" of every case in
 // DIR/llama3/encode_golden.json, in order, repeated until the UTF-8 size reaches --mb megabytes
 // (1 MB = 1e6 bytes). Encode is per document without special tokens; decode is tokenizers'
-// decode (DecodeText, special tokens kept). When DIR/tokenizer_throughput_tokenizers.json is
-// there, its numbers are printed beside ours: compare them only when both ran on one machine.
+// decode (DecodeText, special tokens kept). The numbers of `tokenizers` in --theirs (default
+// DIR/tokenizer_throughput_tokenizers.json) are printed beside ours; compare them only when both
+// ran on one machine, e.g.
+//   python3 tools/make_tokenizer_fixtures.py /tmp/t --throughput-only models/tokenizers
+//   tokenizer_bench --theirs /tmp/t/tokenizer_throughput_tokenizers.json
 //
-//   tokenizer_bench [--dir models/tokenizers] [--mb 8] [--json OUT.json]
+//   tokenizer_bench [--dir models/tokenizers] [--mb 8] [--theirs FILE] [--json OUT.json]
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -28,13 +31,14 @@ double Seconds(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string dir = "models/tokenizers", json_out;
+  std::string dir = "models/tokenizers", json_out, theirs_path;
   double mb = 8.0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
     if (f == "--dir") dir = v;
     else if (f == "--mb") mb = std::stod(v);
     else if (f == "--json") json_out = v;
+    else if (f == "--theirs") theirs_path = v;
     else {
       std::fprintf(stderr, "unknown flag %s\n", f.c_str());
       return 2;
@@ -57,7 +61,8 @@ int main(int argc, char** argv) {
   const double bytes = static_cast<double>(doc_bytes) * repeats;
 
   json theirs;
-  if (absl::StatusOr<std::string> t = scout::runtime::ReadFile(dir + "/tokenizer_throughput_tokenizers.json"); t.ok()) {
+  if (theirs_path.empty()) theirs_path = dir + "/tokenizer_throughput_tokenizers.json";
+  if (absl::StatusOr<std::string> t = scout::runtime::ReadFile(theirs_path); t.ok()) {
     theirs = json::parse(*t, nullptr, false);
   }
   std::printf("corpus: %zu docs x %zu = %.2f MB; MB/s, single thread\n", docs.size(), repeats, bytes / 1e6);
@@ -88,7 +93,9 @@ int main(int argc, char** argv) {
     if (theirs.is_object() && theirs.contains("results") && theirs["results"].contains(name)) {
       their_enc = theirs["results"][name].value("encode_mb_s", 0.0);
       their_dec = theirs["results"][name].value("decode_mb_s", 0.0);
-      if (theirs["results"][name].value("tokens", size_t{0}) != tokens) std::printf("(%s: token count differs from tokenizers')\n", name);
+      if (theirs["results"][name].value("repeats", size_t{0}) == repeats && theirs["results"][name].value("tokens", size_t{0}) != tokens) {
+        std::printf("(%s: token count differs from tokenizers' on the same corpus)\n", name);
+      }
     }
     std::printf("%-9s %9zu %10.2f %10.2f %12.2f %12.2f\n", name, tokens, bytes / enc_s / 1e6, bytes / dec_s / 1e6, their_enc, their_dec);
     out[name] = {{"tokens", tokens}, {"encode_mb_s", bytes / enc_s / 1e6}, {"decode_mb_s", bytes / dec_s / 1e6}};

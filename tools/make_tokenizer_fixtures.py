@@ -2,6 +2,9 @@
 """Train small byte-level BPE tokenizers in the Llama-3, Qwen2 and Mistral styles and write goldens.
 
   python3 tools/make_tokenizer_fixtures.py OUTDIR [--vocab 3000] [--seed 0] [--corpus-mb 8]
+  python3 tools/make_tokenizer_fixtures.py OUTDIR --throughput-only models/tokenizers
+      (times tokenizers on the committed fixtures, the files bench/tokenizer_bench reads; writes
+      OUTDIR/tokenizer_throughput_tokenizers.json only)
 
 Runs on the GPU machine (needs `tokenizers` and `transformers` with jinja2; no network, no GPU use).
 Writes, for NAME in llama3, qwen2, mistral:
@@ -640,9 +643,21 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--only", default="", help="comma-separated subset of llama3,qwen2,mistral")
+    ap.add_argument("--throughput-only", default="", metavar="FIXTURES",
+                    help="skip training: time tokenizers on FIXTURES/NAME/tokenizer.json over FIXTURES' golden strings")
     args = ap.parse_args()
     t0 = time.time()
     print(f"tokenizers {tokenizers.__version__}, python {platform.python_version()}", flush=True)
+    if args.throughput_only:
+        with open(os.path.join(args.throughput_only, "llama3", "encode_golden.json"), encoding="utf-8") as f:
+            strings = [c["text"] for c in json.load(f)["cases"]]
+        results = {}
+        for name in SPECS:
+            tok = Tokenizer.from_file(os.path.join(args.throughput_only, name, "tokenizer.json"))
+            results[name] = throughput(tok, strings, int(args.corpus_mb * 1e6))
+        write_throughput(args.outdir, results)
+        print(f"done in {time.time() - t0:.1f}s", flush=True)
+        return
     texts = read_texts()
     print(f"training text: {len(texts)} files, {sum(len(t) for t in texts)} chars", flush=True)
     strings = make_test_strings(texts, random.Random(args.seed))
@@ -674,6 +689,12 @@ def main():
             print(f"{name}: chat goldens skipped, transformers missing: {e}", flush=True)
         results[name] = throughput(tok, strings, int(args.corpus_mb * 1e6))
 
+    write_throughput(args.outdir, results)
+    print(f"done in {time.time() - t0:.1f}s", flush=True)
+
+
+def write_throughput(outdir, results):
+    os.makedirs(outdir, exist_ok=True)
     print("\ntokenizers (Rust) throughput, single thread (RAYON_NUM_THREADS=1), MB = 1e6 UTF-8 bytes")
     print(f"{'tokenizer':<10} {'corpus MB':>9} {'tokens':>9} {'encode':>8} {'enc_batch':>9} {'decode':>8} {'dec_batch':>9}")
     for name, r in results.items():
@@ -685,9 +706,8 @@ def main():
                       "corpus = docs repeated `repeats` times; encode each doc (add_special_tokens=False); "
                       "decode each doc's ids (skip_special_tokens=False); MB/s over UTF-8 bytes of the docs",
             "results": results}
-    with open(os.path.join(args.outdir, "tokenizer_throughput_tokenizers.json"), "w") as f:
+    with open(os.path.join(outdir, "tokenizer_throughput_tokenizers.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    print(f"done in {time.time() - t0:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
