@@ -202,6 +202,18 @@ TEST(BpeTokenizerTest, LongWordsMergeLikeAReferenceBpe) {
   }
 }
 
+TEST(BpeTokenizerTest, HugePreTokensRoundTrip) {
+  // One 1 MB word (the heap merge), and whitespace runs long enough to exhaust PCRE2's default JIT
+  // stack on \s+(?!\S) backtracking.
+  auto t = Make(TinyTokenizer({{"a", "a"}, {"aa", "aa"}, {" ", " "}, {"\n", "\n"}}));
+  for (const std::string& s : {std::string(1 << 20, 'a'), std::string(200000, ' ') + "x", std::string(100000, '\n') + " y ",
+                               "a" + std::string(300000, '\t') + "b"}) {
+    std::vector<int32_t> ids = t->Encode(s, false);
+    EXPECT_LE(ids.size(), s.size());
+    EXPECT_EQ(*t->Decode(ids), s);
+  }
+}
+
 TEST(BpeTokenizerTest, StreamingDecodeNeverSplitsACharacter) {
   auto t = Make(TinyTokenizer({}));  // bytes only: every multi-byte character spans several tokens
   const std::string text = "h\xc3\xa9llo \xf0\x9f\x98\x80 \xe4\xbd\xa0\xe5\xa5\xbd \xff end\xe2\x82";
