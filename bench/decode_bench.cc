@@ -186,9 +186,10 @@ absl::Status Bench::Run() {
               k, o_.accepted, o_.accepted + 1);
   std::printf("STS: %.0f%% of blocks per (layer, KV head) incl. %d sink + %d window blocks; head map: each target "
               "(layer, KV head) reads the draft layer at proportional depth, the 4 query heads of the same KV group; "
-              "SANTA %d samples per 16-row group\n\n",
+              "SANTA %d samples per 16-row group. -sd: sparse draft (first draft step dense, the next k-1 over the "
+              "draft's own top blocks at the same budget)\n\n",
               100 * o_.budget_fraction, o_.sink_blocks, o_.window_blocks, o_.santa_samples);
-  std::printf("%8s %5s %-10s %9s %9s %7s | %8s %8s %8s %8s %8s | %10s %6s\n", "context", "batch", "mode", "round_ms",
+  std::printf("%8s %5s %-12s %9s %9s %7s | %8s %8s %8s %8s %8s | %10s %6s\n", "context", "batch", "mode", "round_ms",
               "tok/s", "vs_AR", "draft", "select", "prefetch", "t_attn", "t_rest", "roof_tok/s", "%roof");
   for (auto [ctx, b] : runs) {
     if (absl::Status s = RunConfig(ctx, b); !s.ok()) return s;
@@ -211,7 +212,7 @@ void Bench::Print(const Row& r) {
   for (const Row& x : rows_) {
     if (x.context == r.context && x.batch == r.batch && x.mode == "dense-AR") ar = x.tokens_per_s;
   }
-  std::printf("%8lld %5d %-10s %9.3f %9.1f %6.2fx | %8.3f %8.3f %8.3f %8.3f %8.3f | %10.1f %5.0f%%\n",
+  std::printf("%8lld %5d %-12s %9.3f %9.1f %6.2fx | %8.3f %8.3f %8.3f %8.3f %8.3f | %10.1f %5.0f%%\n",
               static_cast<long long>(r.context), r.batch, r.mode.c_str(), r.round_ms, r.tokens_per_s,
               ar > 0 ? r.tokens_per_s / ar : 1.0, r.draft_ms, r.select_ms, r.prefetch_ms, r.attn_ms, r.rest_ms,
               r.roofline_tokens_per_s, 100 * r.tokens_per_s / r.roofline_tokens_per_s);
@@ -306,6 +307,51 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   BENCH_CHECK(select());  // valid lists before the STS verification is captured
   BENCH_CUDA(cudaStreamSynchronize(ts));
 
+  // Sparse draft ("-sd" rows): the draft's first step of a round is dense and writes its mass;
+  // its own top blocks per (draft layer, KV head) — its 4 query heads, same budget — then serve
+  // its remaining k - 1 steps, which write their mass over those blocks only.
+  const int d_units = static_cast<int>(dc_.num_hidden_layers * dc_.num_key_value_heads);
+  const int nb_d = static_cast<int>(kvstore::BlocksFor(ctx + k));
+  const int list_d = static_cast<int>(runtime::BudgetBlocks(budget, nb_d));
+  std::vector<int32_t> nbs_d(B, nb_d), dmi{0}, dmh;
+  std::vector<int32_t> offsets_d = kernels::SelectionOffsets(nbs_d, d_units, list_d, o_.sink_blocks, o_.window_blocks);
+  for (int u = 0; u < d_units; ++u) {
+    const int layer = u / static_cast<int>(dc_.num_key_value_heads), kvh = u % static_cast<int>(dc_.num_key_value_heads);
+    for (int g = 0; g < group; ++g) dmh.push_back(layer * static_cast<int>(dc_.num_attention_heads) + kvh * group + g);
+    dmi.push_back(static_cast<int32_t>(dmh.size()));
+  }
+  DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
+  BENCH_CHECK(upload(d_num_blocks, nbs_d));
+  BENCH_CHECK(upload(d_map_indptr, dmi));
+  BENCH_CHECK(upload(d_map_heads, dmh));
+  BENCH_CHECK(upload(d_out_indptr, offsets_d));
+  BENCH_CUDA(cudaMalloc(&d_out_blocks.p, std::max<size_t>(4, offsets_d.back() * 4)));
+  kernels::BlockSelectParams dsp = sp;
+  dsp.num_blocks = static_cast<int32_t*>(d_num_blocks.p);
+  dsp.map_indptr = static_cast<int32_t*>(d_map_indptr.p);
+  dsp.map_heads = static_cast<int32_t*>(d_map_heads.p);
+  dsp.out_indptr = static_cast<int32_t*>(d_out_indptr.p);
+  dsp.out_blocks = static_cast<int32_t*>(d_out_blocks.p);
+  dsp.num_units = d_units;
+  dsp.budget_blocks = list_d;
+  BENCH_CUDA(cudaMalloc(&d_scratch.p, kernels::BlockSelectScratchBytes(dsp)));
+  runtime::DeviceSelection dsel{.indptr = static_cast<int32_t*>(d_out_indptr.p),
+                                .blocks = static_cast<int32_t*>(d_out_blocks.p), .max_list_blocks = list_d,
+                                .block_bound = nb_d};
+  // Between the first and second draft step: forget the previous round's later positions, then
+  // pick the draft's own blocks from the first step's mass.
+  auto draft_select = [&]() -> absl::Status {
+    if (k > 1) {
+      BENCH_CUDA(cudaMemset2DAsync(static_cast<float*>(mass.p) + static_cast<size_t>(dh_total) * nb,
+                                   static_cast<size_t>(k) * dh_total * nb * 4, 0,
+                                   static_cast<size_t>(k - 1) * dh_total * nb * 4, B, ds));
+    }
+    BENCH_CUDA(kernels::BlockSelect(dsp, d_scratch.p, ds));
+    return absl::OkStatus();
+  };
+  BENCH_CHECK(draft_select());
+  BENCH_CUDA(cudaStreamSynchronize(ds));
+
   // Every variant runs once first, so the model's step buffers reach their largest size before
   // any capture (a later reallocation would make the earlier graphs stale).
   auto warm = [&](CudaModel& m, std::vector<std::vector<int32_t>>& toks, bool all,
@@ -324,6 +370,7 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
                                 .token_stride = 0, .head_stride = nb, .layer_stride = 0,
                                 .layer_head_offset = static_cast<int>(dc_.num_attention_heads)};
     BENCH_CHECK(warm(D, one, false, {.block_mass = &bm, .argmax = dargmax}));
+    BENCH_CHECK(warm(D, one, false, {.selection = &dsel, .block_mass = &bm, .argmax = dargmax}));
   }
   absl::StatusOr<int> g_ar = capture_target(one, false, {.argmax = targmax});
   absl::StatusOr<int> g_ar_rest = capture_target(one, false, {.argmax = targmax, .skip_attention = true});
@@ -337,26 +384,32 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   }
   // Draft graphs: k single-token steps, each feeding the previous step's greedy token, plain
   // (dense speculation) or writing its attention mass per block (STS).
-  std::vector<int> g_draft, g_draft_mass;
-  for (int with_mass = 0; with_mass < 2; ++with_mass) {
+  std::vector<int> g_draft, g_draft_mass, g_draft_sd;
+  for (int variant = 0; variant < 3; ++variant) {  // plain, mass, sparse draft
+    const bool with_mass = variant > 0;
     for (int p = 0; p < k; ++p) {
       runtime::DeviceBlockMass bm{.mass = static_cast<float*>(mass.p) + static_cast<size_t>(p) * dh_total * nb,
                                   .seq_stride = static_cast<int64_t>(k) * dh_total * nb, .token_stride = 0,
                                   .head_stride = nb, .layer_stride = 0,
                                   .layer_head_offset = static_cast<int>(dc_.num_attention_heads)};
-      runtime::DeviceStepOptions opt{.block_mass = with_mass ? &bm : nullptr, .argmax = dargmax, .device_tokens = dargmax};
+      runtime::DeviceStepOptions opt{.selection = variant == 2 && p > 0 ? &dsel : nullptr,
+                                     .block_mass = with_mass ? &bm : nullptr, .argmax = dargmax,
+                                     .device_tokens = dargmax};
       std::vector<SequenceInput> in = inputs(one, false);
       absl::StatusOr<int> g = D.CaptureForward(in, opt);
       if (!g.ok()) return g.status();
-      (with_mass ? g_draft_mass : g_draft).push_back(*g);
+      (variant == 0 ? g_draft : variant == 1 ? g_draft_mass : g_draft_sd).push_back(*g);
     }
     BENCH_CHECK(truncate_all(D));
   }
   // The graphs captured first must not have been made stale by larger later ones.
   auto replay = [](CudaModel& m, int g) { return m.Replay(g); };
   auto draft_round = [&](const std::vector<int>& gs) -> absl::Status {
-    for (int g : gs) {
-      if (absl::Status st = replay(D, g); !st.ok()) return st;
+    for (size_t i = 0; i < gs.size(); ++i) {
+      if (absl::Status st = replay(D, gs[i]); !st.ok()) return st;
+      if (i == 0 && &gs == &g_draft_sd) {
+        if (absl::Status st = draft_select(); !st.ok()) return st;
+      }
     }
     return absl::OkStatus();
   };
@@ -370,7 +423,9 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   absl::StatusOr<double> t_sel = TimeMs(ts, it, select);
   absl::StatusOr<double> t_dr = TimeMs(ds, it, [&] { return draft_round(g_draft); });
   absl::StatusOr<double> t_drm = TimeMs(ds, it, [&] { return draft_round(g_draft_mass); });
-  for (const absl::StatusOr<double>* t : {&t_ar, &t_ar_rest, &t_vd, &t_vs, &t_vss, &t_v_rest, &t_sel, &t_dr, &t_drm}) {
+  absl::StatusOr<double> t_dsd = TimeMs(ds, it, [&] { return draft_round(g_draft_sd); });
+  for (const absl::StatusOr<double>* t :
+       {&t_ar, &t_ar_rest, &t_vd, &t_vs, &t_vss, &t_v_rest, &t_sel, &t_dr, &t_drm, &t_dsd}) {
     if (!t->ok()) return t->status();
   }
 
@@ -410,10 +465,12 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   absl::StatusOr<double> e_spec = end_to_end(&g_draft, false, *g_vd, B * (k + 1));
   absl::StatusOr<double> e_sts = end_to_end(&g_draft_mass, true, *g_vs, B * (k + 1));
   absl::StatusOr<double> e_santa = end_to_end(&g_draft_mass, true, *g_vss, B * (k + 1));
+  absl::StatusOr<double> e_sts_sd = end_to_end(&g_draft_sd, true, *g_vs, B * (k + 1));
+  absl::StatusOr<double> e_santa_sd = end_to_end(&g_draft_sd, true, *g_vss, B * (k + 1));
   cudaFreeHost(host_tokens);
   cudaEventDestroy(drafted);
   cudaEventDestroy(verified);
-  for (const absl::StatusOr<double>* t : {&e_ar, &e_spec, &e_sts, &e_santa}) {
+  for (const absl::StatusOr<double>* t : {&e_ar, &e_spec, &e_sts, &e_santa, &e_sts_sd, &e_santa_sd}) {
     if (!t->ok()) return t->status();
   }
 
@@ -438,6 +495,10 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   add("STS-spec", *e_sts, *t_drm, *t_sel, *t_vs - *t_v_rest, *t_v_rest, k * (wd + 1.5 * kv_d) + wt + kv_t_sel, per_round);
   add("STS+SANTA", *e_santa, *t_drm, *t_sel, *t_vss - *t_v_rest, *t_v_rest, k * (wd + 1.5 * kv_d) + wt + kv_t_sel,
       per_round);
+  const double kv_d_sel = static_cast<double>(B) * list_d * kvstore::kBlockSize * D.kv_bytes_per_token();
+  const double sd_bytes = k * wd + 1.5 * kv_d + (k - 1) * 1.5 * kv_d_sel + wt + kv_t_sel;
+  add("STS-spec-sd", *e_sts_sd, *t_dsd, *t_sel, *t_vs - *t_v_rest, *t_v_rest, sd_bytes, per_round);
+  add("STS+SANTA-sd", *e_santa_sd, *t_dsd, *t_sel, *t_vss - *t_v_rest, *t_v_rest, sd_bytes, per_round);
   for (int s = 0; s < B; ++s) {
     BENCH_CHECK(T.ReleaseSequence(s));
     BENCH_CHECK(D.ReleaseSequence(s));
