@@ -1379,6 +1379,12 @@ class Renderer {
   }
 
   Value CallMacro(const Node& def, Args& a) {
+    if (macro_depth_ >= 64) Fail(a.line, absl::StrCat("macro '", def.macro_name, "' recursed too deep"));
+    ++macro_depth_;
+    struct Unwind {
+      int* depth;
+      ~Unwind() { --*depth; }
+    } unwind{&macro_depth_};
     Scope frame;
     for (size_t i = 0; i < def.params.size(); ++i) {
       const auto& [name, dflt] = def.params[i];
@@ -2202,6 +2208,7 @@ class Renderer {
 
   std::string* out_;
   std::vector<Scope> scopes_;
+  int macro_depth_ = 0;
 };
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -286,10 +287,34 @@ TEST(ChatTemplateTest, ErrorsNameTheLine) {
   EXPECT_EQ(Render("{{ x | nosuchfilter }}", ojson::object()).find("RENDER ERROR"), 0u);
   EXPECT_NE(Render("\n\n{{ x.y }}", ojson::object()).find("line 3"), std::string::npos);  // attribute of undefined
   EXPECT_NE(Render("{{ 1 + 'a' }}", ojson::object()).find("unsupported operand"), std::string::npos);
+  EXPECT_NE(Render("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", ojson::object()).find("too deep"), std::string::npos);
   // raise_exception's message comes back as it is.
   absl::StatusOr<std::string> r = ChatTemplate::Parse("{{ raise_exception('Roles must alternate') }}")->Render(ojson::object());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(r.status().message(), "Roles must alternate");
+}
+
+TEST(ChatTemplateTest, RandomTemplatesFailCleanly) {
+  // Soup of template fragments: whatever parses must render or fail with a status, never crash
+  // (run under ASan too).
+  const std::vector<std::string> parts = {
+      "{{", "}}", "{%", "%}", "{#", "#}", "{%-", "-%}", " if ", " for ", " x ", " in ", " xs ", " endif ", " endfor ",
+      " else ", " set ", " = ", "(", ")", "[", "]", "{", "}", ",", ":", "|", " length ", " tojson ", " is ", " not ",
+      " defined ", "'s'", "\"", "1", "-", "+", "*", "//", "%", "~", ".", " loop.index ", " ns ", " namespace() ", "\n",
+      " and ", " or ", " ~ ", "[1:]", " macro m() ", " endmacro ", " break ", " raise_exception('e') ", "x", " "};
+  std::mt19937 rng(11);
+  const ojson ctx = ojson::parse(R"({"xs": [1, "a", {"k": null}], "x": {"y": [true]}})");
+  int parsed = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string t;
+    const int n = 1 + static_cast<int>(rng() % 14);
+    for (int k = 0; k < n; ++k) t += parts[rng() % parts.size()];
+    absl::StatusOr<ChatTemplate> tmpl = ChatTemplate::Parse(t);
+    if (!tmpl.ok()) continue;
+    ++parsed;
+    (void)tmpl->Render(ctx);
+  }
+  EXPECT_GT(parsed, 100);
 }
 
 TEST(ChatTemplateTest, LoadsFromTheModelFolder) {
