@@ -341,10 +341,9 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   // Between the first and second draft step: forget the previous round's later positions, then
   // pick the draft's own blocks from the first step's mass.
   auto draft_select = [&]() -> absl::Status {
-    if (k > 1) {
-      BENCH_CUDA(cudaMemset2DAsync(static_cast<float*>(mass.p) + static_cast<size_t>(dh_total) * nb,
-                                   static_cast<size_t>(k) * dh_total * nb * 4, 0,
-                                   static_cast<size_t>(k - 1) * dh_total * nb * 4, B, ds));
+    for (int s = 0; s < B && k > 1; ++s) {
+      BENCH_CUDA(cudaMemsetAsync(static_cast<float*>(mass.p) + (static_cast<size_t>(s) * k + 1) * dh_total * nb, 0,
+                                 static_cast<size_t>(k - 1) * dh_total * nb * 4, ds));
     }
     BENCH_CUDA(kernels::BlockSelect(dsp, d_scratch.p, ds));
     return absl::OkStatus();
@@ -424,6 +423,15 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   absl::StatusOr<double> t_dr = TimeMs(ds, it, [&] { return draft_round(g_draft); });
   absl::StatusOr<double> t_drm = TimeMs(ds, it, [&] { return draft_round(g_draft_mass); });
   absl::StatusOr<double> t_dsd = TimeMs(ds, it, [&] { return draft_round(g_draft_sd); });
+  // The sparse draft's parts, to see where its time goes.
+  absl::StatusOr<double> t_dsel = TimeMs(ds, it, draft_select);
+  absl::StatusOr<double> t_dstep0 = TimeMs(ds, it, [&] { return replay(D, g_draft_sd[0]); });
+  absl::StatusOr<double> t_dsparse = TimeMs(ds, it, [&] { return replay(D, g_draft_sd.back()); });
+  absl::StatusOr<double> t_dplain = TimeMs(ds, it, [&] { return replay(D, g_draft[0]); });
+  if (t_dsel.ok() && t_dstep0.ok() && t_dsparse.ok() && t_dplain.ok()) {
+    std::printf("   draft parts (ms): dense step %.3f, dense step + mass %.3f, own selection %.3f, sparse step + mass %.3f\n",
+                *t_dplain, *t_dstep0, *t_dsel, *t_dsparse);
+  }
   for (const absl::StatusOr<double>* t :
        {&t_ar, &t_ar_rest, &t_vd, &t_vs, &t_vss, &t_v_rest, &t_sel, &t_dr, &t_drm, &t_dsd}) {
     if (!t->ok()) return t->status();

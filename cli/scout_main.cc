@@ -235,6 +235,8 @@ int Eval(int argc, char** argv) {
       {"methods", "sts,oracle,quest,window", "selection rules to compare with dense"},
       {"head-map", "", "head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"csv", "", "also write the table as CSV to this file"},
+      {"acceptance-seeds", "1", "acceptance: sampled continuations per setting (seeds 1..N), averaged"},
+      {"sparse-draft", "", "acceptance: also with the sparse draft (its later steps over its own top blocks at the same budget)", true},
       {"acceptance-tokens", "0", "also sample this many tokens (temperature 1) speculatively after the context, dense and with STS at each budget, and report the draft's acceptance"},
       {"sink-blocks", "1", "first blocks every list keeps"},
       {"window-blocks", "4", "last blocks every list keeps"},
@@ -326,41 +328,61 @@ int Eval(int argc, char** argv) {
   // Draft acceptance while generating after the context: dense verification, and STS at each budget.
   absl::StatusOr<int64_t> acc_tokens = flags.GetInt("acceptance-tokens");
   if (!acc_tokens.ok()) return Fail(acc_tokens.status());
-  std::map<double, double> acceptance;  // budget (1 = dense) -> rate
+  absl::StatusOr<int64_t> acc_seeds = flags.GetInt("acceptance-seeds");
+  if (!acc_seeds.ok()) return Fail(acc_seeds.status());
+  if (*acc_seeds < 1) return Fail(absl::InvalidArgumentError("--acceptance-seeds must be >= 1"));
+  std::map<double, double> acceptance, acceptance_sd;  // budget (1 = dense) -> rate
+  const runtime::HeadMap self_map = runtime::SelfHeadMap(draft->config());
   if (*acc_tokens > 0) {
     std::span<const int32_t> prompt(ids.data(), static_cast<size_t>(opt.context_tokens));
     for (double budget : [&] { std::vector<double> b = {1.0}; b.insert(b.end(), opt.budgets.begin(), opt.budgets.end()); return b; }()) {
-      // Sampled at temperature 1 (seed fixed): greedy continuations of this text are runs the
-      // draft always gets right, which says little.
-      runtime::SpeculativeOptions so{.num_speculative_tokens = opt.num_speculative_tokens, .max_tokens = *acc_tokens,
-                                     .sampling = {.temperature = 1.0f, .seed = 1}};
-      if (budget < 1.0) {
-        so.head_map = &map;
-        so.sts_budget = {.budget_fraction = budget, .sink_blocks = opt.sink_blocks, .window_blocks = opt.window_blocks};
+      for (int sparse_draft = 0; sparse_draft < (flags.GetBool("sparse-draft") && budget < 1.0 ? 2 : 1); ++sparse_draft) {
+        int64_t proposed = 0, accepted = 0;
+        for (int64_t seed = 1; seed <= *acc_seeds; ++seed) {
+          // Sampled at temperature 1: greedy continuations of this text are runs the draft always
+          // gets right, which says little.
+          runtime::SpeculativeOptions so{.num_speculative_tokens = opt.num_speculative_tokens, .max_tokens = *acc_tokens,
+                                         .sampling = {.temperature = 1.0f, .seed = static_cast<uint64_t>(seed)}};
+          const runtime::StsBudget b{.budget_fraction = budget, .sink_blocks = opt.sink_blocks,
+                                     .window_blocks = opt.window_blocks};
+          if (budget < 1.0) {
+            so.head_map = &map;
+            so.sts_budget = b;
+          }
+          if (sparse_draft) {
+            so.draft_head_map = &self_map;
+            so.draft_budget = b;
+          }
+          absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(*target, *draft, 77, prompt, so);
+          if (!r.ok()) return Fail(r.status());
+          proposed += r->draft_proposed;
+          accepted += r->draft_accepted;
+        }
+        (sparse_draft ? acceptance_sd : acceptance)[budget] = proposed > 0 ? double(accepted) / proposed : 0.0;
       }
-      absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(*target, *draft, 77, prompt, so);
-      if (!r.ok()) return Fail(r.status());
-      acceptance[budget] = r->acceptance_rate();
     }
   }
-  auto acceptance_text = [&](const runtime::FidelityRow& r) -> std::string {
+  auto acceptance_text = [&](const runtime::FidelityRow& r, const std::map<double, double>& from) -> std::string {
     const double key = r.method == "dense" ? 1.0 : r.budget;
-    if ((r.method != "dense" && r.method != "sts") || !acceptance.contains(key)) return "";
-    return absl::StrFormat("%.3f", acceptance[key]);
+    if ((r.method != "dense" && r.method != "sts") || !from.contains(key)) return "";
+    return absl::StrFormat("%.3f", from.at(key));
   };
   std::printf("fidelity: %s scored on %lld tokens after %lld of context, rounds of k+1 = %d\n",
               flags.Get("text").c_str(), static_cast<long long>(opt.eval_tokens),
               static_cast<long long>(opt.context_tokens), opt.num_speculative_tokens + 1);
-  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s | %10s\n", "method", "budget", "perplexity", "vs dense",
-              "bits/tok", "recall", "jaccard", "read", "acceptance");
-  std::string csv = "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read,acceptance\n";
+  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s | %10s %13s\n", "method", "budget", "perplexity", "vs dense",
+              "bits/tok", "recall", "jaccard", "read", "acceptance", "acc_sparse_dr");
+  std::string csv =
+      "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read,acceptance,"
+      "acceptance_sparse_draft\n";
   for (const runtime::FidelityRow& r : *rows) {
     const double change = 100.0 * (r.perplexity / dense_ppl - 1.0);
-    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%% | %10s\n", r.method.c_str(),
+    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%% | %10s %13s\n", r.method.c_str(),
                 r.budget * 100, r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall, r.jaccard_oracle,
-                100 * r.blocks_read, acceptance_text(r).c_str());
+                100 * r.blocks_read, acceptance_text(r, acceptance).c_str(), acceptance_text(r, acceptance_sd).c_str());
     absl::StrAppend(&csv, r.method, ",", r.budget, ",", r.perplexity, ",", change, ",", r.nll_per_token, ",", r.recall,
-                    ",", r.jaccard_oracle, ",", r.blocks_read, ",", acceptance_text(r), "\n");
+                    ",", r.jaccard_oracle, ",", r.blocks_read, ",", acceptance_text(r, acceptance), ",",
+                    acceptance_text(r, acceptance_sd), "\n");
   }
   if (absl::Status st = WriteCsv(flags.Get("csv"), csv); !st.ok()) return Fail(st);
   return 0;

@@ -75,6 +75,14 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
       }
     }
   }
+  if (const HeadMap* m = options.draft_head_map; m != nullptr) {
+    const ModelConfig& d = draft.config();
+    if (m->target_layers != d.num_hidden_layers || m->target_kv_heads != d.num_key_value_heads ||
+        m->draft_layers != d.num_hidden_layers || m->draft_heads != d.num_attention_heads ||
+        m->units.size() != static_cast<size_t>(m->target_layers) * m->target_kv_heads) {
+      return absl::InvalidArgumentError("draft head map does not map the draft onto itself");
+    }
+  }
   const int64_t limit = std::min(target.config().max_position_embeddings, draft.config().max_position_embeddings);
   if (static_cast<int64_t>(prompt.size()) > limit) {
     return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens exceeds the models' ", limit));
@@ -119,13 +127,22 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
     std::vector<int32_t> feed = draft_pending;
     std::vector<std::vector<float>> masses;
     std::vector<int64_t> mass_rows, mass_blocks;
+    kvstore::Selection draft_selection;
+    masses.reserve(k);
     for (int i = 0; i < k; ++i) {
       SequenceInput in{.seq = seq, .tokens = feed};
-      if (options.head_map != nullptr) {
+      const int64_t draft_end = *draft.SequenceLength(seq) + static_cast<int64_t>(feed.size());
+      if (options.head_map != nullptr || (options.draft_head_map != nullptr && i == 0)) {
         masses.emplace_back();
         in.block_mass = &masses.back();
         mass_rows.push_back(static_cast<int64_t>(feed.size()));
-        mass_blocks.push_back(kvstore::BlocksFor(*draft.SequenceLength(seq) + static_cast<int64_t>(feed.size())));
+        mass_blocks.push_back(kvstore::BlocksFor(draft_end));
+      }
+      if (options.draft_head_map != nullptr && i > 0) {
+        // The first step's rows pick this step's blocks (the new token's block always included).
+        draft_selection = BuildStsSelection(*options.draft_head_map, masses.front(), static_cast<int>(mass_rows.front()),
+                                            mass_blocks.front(), kvstore::BlocksFor(draft_end), options.draft_budget);
+        in.selection = &draft_selection;
       }
       if (absl::Status s = draft.Forward({&in, 1}, &logits); !s.ok()) return s;
       q[i].resize(vocab);
@@ -140,6 +157,11 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
     const int64_t target_before = *target.SequenceLength(seq);
     SequenceInput in{.seq = seq, .tokens = verify, .all_logits = true};
     kvstore::Selection selection;
+    if (options.head_map == nullptr) {
+      masses.clear();  // only the sparse draft's own
+      mass_rows.clear();
+      mass_blocks.clear();
+    }
     if (options.head_map != nullptr && k > 0) {
       // Stack the round's draft rows into [layers][heads][rows][blocks], zero-padded.
       const int64_t nb_mass = *std::max_element(mass_blocks.begin(), mass_blocks.end());

@@ -26,6 +26,11 @@ struct SpeculativeOptions {
   // draft's attention over the round's rows selects through this map, within sts_budget.
   const HeadMap* head_map = nullptr;
   StsBudget sts_budget;
+  // Sparse draft: when set (SelfHeadMap of the draft), a round's first draft step attends densely
+  // and its attention picks, through this map and within draft_budget, the blocks the round's
+  // later draft steps attend. Cuts the draft's KV reads at long context; may change acceptance.
+  const HeadMap* draft_head_map = nullptr;
+  StsBudget draft_budget;
 };
 
 struct SpeculativeResult {

@@ -110,6 +110,30 @@ TEST(GenerateSpeculativeTest, GreedyOutputEqualsTargetGreedy) {
   EXPECT_EQ(GenerateSpeculative(**ta, **wrong, 1, small, {}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// The sparse draft (its later steps over its own top blocks) changes only what is proposed: greedy
+// output is still exactly the target's; a map that is not the draft's own is refused.
+TEST(GenerateSpeculativeTest, SparseDraftKeepsGreedyOutput) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
+  ASSERT_TRUE(text.ok());
+  std::vector<int32_t> prompt = {256};
+  for (char c : text->substr(0, 1200)) prompt.push_back(static_cast<unsigned char>(c));
+  absl::StatusOr<GenerateResult> plain = Generate(**target, 1, prompt, {.max_tokens = 60});
+  ASSERT_TRUE(plain.ok());
+  const HeadMap self = SelfHeadMap((*draft)->config());
+  SpeculativeOptions o{.num_speculative_tokens = 4, .max_tokens = 60, .draft_head_map = &self,
+                       .draft_budget = {.budget_fraction = 0.1}};
+  absl::StatusOr<SpeculativeResult> spec = GenerateSpeculative(**target, **draft, 2, prompt, o);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->tokens, plain->tokens);
+  EXPECT_GT(spec->draft_accepted, 0);
+  const HeadMap wrong = DefaultHeadMap((*target)->config(), (*draft)->config());
+  o.draft_head_map = &wrong;
+  EXPECT_EQ(GenerateSpeculative(**target, **draft, 3, prompt, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // With sampling, the first generated token follows the target's distribution whatever the draft.
 TEST(GenerateSpeculativeTest, SampledFirstTokenFollowsTarget) {
   std::filesystem::path a = testing::FreshDir("a"), b = testing::FreshDir("b");

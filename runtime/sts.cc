@@ -10,6 +10,23 @@
 
 namespace scout::runtime {
 
+HeadMap SelfHeadMap(const ModelConfig& draft) {
+  HeadMap m{.target_layers = static_cast<int>(draft.num_hidden_layers),
+            .target_kv_heads = static_cast<int>(draft.num_key_value_heads),
+            .draft_layers = static_cast<int>(draft.num_hidden_layers),
+            .draft_heads = static_cast<int>(draft.num_attention_heads),
+            .units = {}};
+  const int group = m.draft_heads / m.target_kv_heads;
+  for (int l = 0; l < m.target_layers; ++l) {
+    for (int h = 0; h < m.target_kv_heads; ++h) {
+      std::vector<int32_t> heads;
+      for (int g = 0; g < group; ++g) heads.push_back(l * m.draft_heads + h * group + g);
+      m.units.push_back(heads);
+    }
+  }
+  return m;
+}
+
 HeadMap DefaultHeadMap(const ModelConfig& target, const ModelConfig& draft) {
   HeadMap m{.target_layers = static_cast<int>(target.num_hidden_layers),
             .target_kv_heads = static_cast<int>(target.num_key_value_heads),
@@ -130,17 +147,7 @@ kvstore::Selection BuildStsSelection(const HeadMap& map, std::span<const float> 
 
 kvstore::Selection BuildOracleSelection(const ModelConfig& t, std::span<const float> target_mass, int rows,
                                         int64_t mass_blocks, int64_t nb, const StsBudget& budget) {
-  const int layers = static_cast<int>(t.num_hidden_layers), kvh = static_cast<int>(t.num_key_value_heads);
-  const int heads = static_cast<int>(t.num_attention_heads), group = heads / kvh;
-  std::vector<std::vector<int32_t>> sources;
-  for (int l = 0; l < layers; ++l) {
-    for (int h = 0; h < kvh; ++h) {
-      std::vector<int32_t> q;
-      for (int g = 0; g < group; ++g) q.push_back(l * heads + h * group + g);
-      sources.push_back(q);
-    }
-  }
-  return Select(layers, kvh, sources, layers * heads, target_mass, rows, mass_blocks, nb, budget);
+  return BuildStsSelection(SelfHeadMap(t), target_mass, rows, mass_blocks, nb, budget);
 }
 
 kvstore::Selection BuildWindowSelection(const ModelConfig& t, int64_t nb, const StsBudget& budget) {

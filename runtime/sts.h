@@ -28,6 +28,10 @@ struct HeadMap {
 // all of its query heads.
 HeadMap DefaultHeadMap(const ModelConfig& target, const ModelConfig& draft);
 
+// The draft mapped onto itself: its (layer, KV head) reads the query heads of that KV group in the
+// same layer. Drives the sparse draft (its later steps of a round over its own top blocks).
+HeadMap SelfHeadMap(const ModelConfig& draft);
+
 // JSON: {"target": {"layers": N, "kv_heads": N}, "draft": {"layers": N, "heads": N},
 //        "map": [[draft heads of target unit 0], ...]}. InvalidArgument naming the file and the
 // field when it does not match the models (shapes, unit count, head ids out of range).
