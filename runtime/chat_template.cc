@@ -346,25 +346,40 @@ bool IsPySpace(char32_t c) {
          (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
-// str.strip / lstrip / rstrip: Unicode whitespace, or the characters of `chars`.
+size_t CharLen(char lead) {
+  const unsigned char c = static_cast<unsigned char>(lead);
+  return c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+}
+
+size_t CountChars(absl::string_view s) {
+  size_t n = 0;
+  for (char c : s) n += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  return n;
+}
+
+// str.strip / lstrip / rstrip: Unicode whitespace, or the characters of `chars`. Works in place
+// on the bytes: message contents can be megabytes long.
 std::string Strip(absl::string_view s, const Value* chars, bool left, bool right) {
-  std::vector<std::string> cs = Chars(s);
-  std::vector<std::string> set;
-  if (chars != nullptr && chars->type == Value::Type::kString) set = Chars(chars->s);
-  auto strip = [&](const std::string& c) {
-    if (chars != nullptr && chars->type == Value::Type::kString) return std::find(set.begin(), set.end(), c) != set.end();
-    return IsPySpace(DecodeCp(c));
-  };
-  size_t b = 0, e = cs.size();
+  const bool custom = chars != nullptr && chars->type == Value::Type::kString;
+  // A whole UTF-8 character only matches at a character boundary of `chars`.
+  auto strip = [&](absl::string_view ch) { return custom ? chars->s.find(ch.data(), 0, ch.size()) != std::string::npos : IsPySpace(DecodeCp(ch)); };
+  size_t b = 0, e = s.size();
   if (left) {
-    while (b < e && strip(cs[b])) ++b;
+    while (b < e) {
+      const size_t n = std::min(CharLen(s[b]), e - b);
+      if (!strip(s.substr(b, n))) break;
+      b += n;
+    }
   }
   if (right) {
-    while (e > b && strip(cs[e - 1])) --e;
+    while (e > b) {
+      size_t st = e - 1;
+      while (st > b && (static_cast<unsigned char>(s[st]) & 0xC0) == 0x80) --st;
+      if (!strip(s.substr(st, e - st))) break;
+      e = st;
+    }
   }
-  std::string out;
-  for (size_t i = b; i < e; ++i) out += cs[i];
-  return out;
+  return std::string(s.substr(b, e - b));
 }
 
 std::string MapCase(absl::string_view s, int mode) {  // 0 lower, 1 upper, 2 capitalize, 3 title
@@ -1958,7 +1973,7 @@ class Renderer {
     if (name == "trim") return Value::Str(Strip(PyStr(v), a.Get(0, "chars"), true, true));
     if (name == "length" || name == "count") {
       switch (v.type) {
-        case T::kString: return Value::Int(static_cast<int64_t>(Chars(v.s).size()));
+        case T::kString: return Value::Int(static_cast<int64_t>(CountChars(v.s)));
         case T::kList: return Value::Int(static_cast<int64_t>(v.list->size()));
         case T::kDict: return Value::Int(static_cast<int64_t>(v.dict->items.size()));
         case T::kUndefined: return Value::Int(0);
