@@ -195,40 +195,59 @@ struct PreStep {
 // LeftmostLongest Aho-Corasick gives the same answer).
 class AddedMatcher {
  public:
-  void Add(std::string content, int32_t id) {
+  AddedMatcher() : nodes_(1) {}
+  void Add(absl::string_view content, int32_t id) {
     if (content.empty()) return;
     first_[static_cast<uint8_t>(content[0])] = true;
-    by_first_[static_cast<uint8_t>(content[0])].push_back({std::move(content), id});
-  }
-  void Finish() {
-    for (auto& v : by_first_) {
-      std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    int32_t n = 0;
+    for (char c : content) {
+      int32_t next = Child(n, static_cast<uint8_t>(c));
+      if (next < 0) {
+        next = static_cast<int32_t>(nodes_.size());
+        nodes_[n].next.emplace_back(static_cast<uint8_t>(c), next);
+        nodes_.emplace_back();
+      }
+      n = next;
     }
-    for (bool f : first_) empty_ = empty_ && !f;
+    if (nodes_[n].id < 0) nodes_[n].id = id;  // the first token with this content wins, as in tokenizers
+    empty_ = false;
   }
   bool empty() const { return empty_; }
   // Calls text(segment) for runs between matches and token(id) for each match, in order.
   void Split(absl::string_view s, absl::FunctionRef<void(absl::string_view)> text, absl::FunctionRef<void(int32_t)> token) const {
     size_t last = 0;
     for (size_t i = 0; i < s.size(); ++i) {
-      const uint8_t c = static_cast<uint8_t>(s[i]);
-      if (!first_[c]) continue;
-      for (const auto& [content, id] : by_first_[c]) {
-        if (s.size() - i >= content.size() && std::memcmp(s.data() + i, content.data(), content.size()) == 0) {
-          if (i > last) text(s.substr(last, i - last));
-          token(id);
-          last = i + content.size();
-          i = last - 1;
-          break;
-        }
+      if (!first_[static_cast<uint8_t>(s[i])]) continue;
+      int32_t n = 0, best_id = -1;
+      size_t best_end = 0;
+      for (size_t k = i; k < s.size(); ++k) {
+        n = Child(n, static_cast<uint8_t>(s[k]));
+        if (n < 0) break;
+        if (nodes_[n].id >= 0) best_id = nodes_[n].id, best_end = k + 1;
       }
+      if (best_id < 0) continue;
+      if (i > last) text(s.substr(last, i - last));
+      token(best_id);
+      last = best_end;
+      i = last - 1;
     }
     if (last < s.size()) text(s.substr(last));
   }
 
  private:
+  // A byte trie of the tokens' contents: a match walks only as far as the text agrees with some token.
+  struct Node {
+    std::vector<std::pair<uint8_t, int32_t>> next;
+    int32_t id = -1;
+  };
+  int32_t Child(int32_t n, uint8_t c) const {
+    for (const auto& [b, child] : nodes_[n].next) {
+      if (b == c) return child;
+    }
+    return -1;
+  }
+  std::vector<Node> nodes_;
   std::array<bool, 256> first_{};
-  std::array<std::vector<std::pair<std::string, int32_t>>, 256> by_first_;
   bool empty_ = true;
 };
 
@@ -671,8 +690,6 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromParsedJson(const
     m.token_to_id[content] = id;
     (added_info[i].normalized ? m.normalized_added : m.raw_added).Add(content, id);
   }
-  m.raw_added.Finish();
-  m.normalized_added.Finish();
 
   // --- normalizer, pre-tokenizer, decoder
   if (absl::Status s = ParseNormalizer(j.value("normalizer", json()), origin, "normalizer", &m.normalizers); !s.ok()) return s;
