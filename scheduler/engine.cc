@@ -108,6 +108,8 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   // cannot; a stop string ends generation and is not returned.
   std::string pending;
   bool cancelled = false, stop_hit = false;
+  // Byte-level BPE tokens can end inside a UTF-8 character: text is released only whole.
+  runtime::StreamingDecoder decoder(*tokenizer_);
   auto on_token = [&](int32_t token) {
     const auto now = Clock::now();
     (first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
@@ -121,7 +123,7 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
       result.finish_reason = "stop";
       return false;
     }
-    absl::StatusOr<std::string> piece = tokenizer_->Decode({&token, 1});
+    absl::StatusOr<std::string> piece = decoder.Add(token);
     if (piece.ok()) pending += *piece;
     for (const std::string& stop : req.stop) {
       if (const size_t at = pending.find(stop); !stop.empty() && at != std::string::npos) {
@@ -184,6 +186,7 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
     return status;
   }
   if (session != nullptr) session->pending = last_token;
+  if (!stop_hit && !cancelled) pending += decoder.Finish();  // an unfinished character, as U+FFFD
   if (!stop_hit && !cancelled && !pending.empty()) {  // held-back text that never became a stop string
     result.text += pending;
     if (on_text && !on_text(pending)) cancelled = true;

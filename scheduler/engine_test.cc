@@ -3,6 +3,8 @@
 #include <filesystem>
 
 #include "gtest/gtest.h"
+#include "runtime/test_model.h"
+#include "runtime/utf8.h"
 
 namespace scout::scheduler {
 namespace {
@@ -49,6 +51,37 @@ TEST(EngineTest, StopStringsAndStreamingAgree) {
   EXPECT_EQ(half->finish_reason, "length");
   EXPECT_EQ(half->text, plain->text);
   EXPECT_EQ(streamed, plain->text);
+}
+
+// Regression: a byte-level BPE token can end inside a UTF-8 character; streamed pieces (and the
+// JSON built from them) must still be whole characters. Random weights sampled at temperature 1
+// emit such byte tokens often.
+TEST(EngineTest, StreamedPiecesAreWholeUtf8WithBpeTokenizer) {
+  const std::filesystem::path dir = runtime::testing::FreshDir("bpe_model");
+  auto tok = runtime::LoadTokenizer(kModels / "tokenizers" / "llama3");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  runtime::ModelConfig c = runtime::testing::TinyConfig();
+  c.vocab_size = (*tok)->vocab_size();
+  runtime::testing::WriteRandomModel(dir, c, 9);
+  auto model = runtime::CpuModel::Load(dir);
+  ASSERT_TRUE(model.ok()) << model.status();
+  monitoring::ServerMetrics metrics;
+  Engine engine(std::move(*model), nullptr, std::move(*tok), &metrics, EngineOptions{});
+  for (uint64_t seed = 1; seed <= 3; ++seed) {
+    std::string streamed;
+    int pieces = 0;
+    auto r = engine.Complete({.prompt = "héllo wörld ✓", .max_tokens = 200,
+                              .sampling = {.temperature = 1.0f, .seed = seed}, .ignore_eos = true},
+                             [&](absl::string_view piece) {
+                               EXPECT_TRUE(runtime::IsValidUtf8(piece)) << "piece " << pieces;
+                               streamed.append(piece.data(), piece.size());
+                               ++pieces;
+                               return true;
+                             });
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(runtime::IsValidUtf8(r->text));
+    EXPECT_EQ(streamed, r->text);
+  }
 }
 
 // A failed turn leaves the session as it was; the next turn still continues it.
