@@ -16,6 +16,9 @@
 #include "bench/decode_bench.h"
 #include "runtime/cuda_model.h"
 #endif
+#ifdef SCOUT_HAVE_NCCL
+#include "runtime/tensor_parallel.h"
+#endif
 #include <csignal>
 
 #include "monitoring/metrics.h"
@@ -101,6 +104,34 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::st
 #endif
 }
 
+// The target split over GPUs: --tensor-parallel-size N, or --target-devices 0,1,...
+absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const std::string& dir, int size,
+                                                                          const std::string& devices, int64_t kv_tokens) {
+  std::vector<int> ids;
+  if (devices.empty()) {
+    for (int i = 0; i < size; ++i) ids.push_back(i);
+  } else {
+    for (absl::string_view v : absl::StrSplit(devices, ',')) {
+      int x = 0;
+      if (!absl::SimpleAtoi(v, &x) || x < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("--target-devices: \"", devices, "\" is not a list of GPU indices"));
+      }
+      ids.push_back(x);
+    }
+    if (size > 1 && static_cast<int>(ids.size()) != size) {
+      return absl::InvalidArgumentError("--target-devices names a different number of GPUs than --tensor-parallel-size");
+    }
+  }
+#ifdef SCOUT_HAVE_NCCL
+  absl::StatusOr<std::unique_ptr<runtime::TensorParallelModel>> m =
+      runtime::TensorParallelModel::Load(dir, {.devices = ids, .kv_budget_tokens = kv_tokens});
+  if (!m.ok()) return m.status();
+  return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
+#else
+  return absl::UnavailableError("tensor parallelism needs a CUDA build with NCCL");
+#endif
+}
+
 int Generate(int argc, char** argv) {
   Flags flags({
       {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
@@ -115,6 +146,8 @@ int Generate(int argc, char** argv) {
       {"kv-cache-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
       {"device", "cpu", "backend of the target: cpu, cuda or cuda:N"},
       {"draft-device", "", "backend of the draft (default: --device)"},
+      {"tensor-parallel-size", "1", "cuda: split the target over this many GPUs (NCCL)"},
+      {"target-devices", "", "cuda: the target's GPUs, comma-separated (default: 0..tensor-parallel-size-1)"},
       {"ignore-eos", "", "keep generating past the end-of-sequence token", true},
       {"speculative", "", "speculative decoding with --draft proposing tokens", true},
       {"draft", "", "draft model folder (same vocabulary as --model)"},
@@ -145,7 +178,12 @@ int Generate(int argc, char** argv) {
                                 temperature.status(), top_p.status()}) {
     if (!s.ok()) return Fail(s);
   }
-  absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model = LoadBackend(flags.Get("model"), flags.Get("device"), *budget);
+  absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size");
+  if (!tp.ok()) return Fail(tp.status());
+  absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
+      *tp > 1 || !flags.Get("target-devices").empty()
+          ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *budget)
+          : LoadBackend(flags.Get("model"), flags.Get("device"), *budget);
   if (!model.ok()) return Fail(model.status());
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());

@@ -1,6 +1,9 @@
 #include "runtime/cuda_model.h"
 
 #include <cublas_v2.h>
+#ifdef SCOUT_HAVE_NCCL
+#include <nccl.h>
+#endif
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -97,7 +100,13 @@ struct StepLayout {
 }  // namespace
 
 struct CudaModel::Impl {
-  ModelConfig c;
+  ModelConfig c;   // the whole model's shape (what config() returns)
+  ModelConfig lc;  // this shard's: heads, KV heads and MLP width divided by tp_size
+  int tp_rank = 0, tp_size = 1;
+#ifdef SCOUT_HAVE_NCCL
+  ncclComm_t comm = nullptr;  // owned by the caller (TensorParallelModel)
+#endif
+  DeviceBuffer partial;  // tensor parallel: a projection's partial sum before the all-reduce
   int device = 0;
   int sms = 0;
   cudaStream_t stream = nullptr;
@@ -141,6 +150,8 @@ struct CudaModel::Impl {
   absl::Status AllocKv(const CudaModelOptions& o);
   // y[rows][out] (float32) = x[rows][in] (bf16) . w[out][in]^T (bf16) + beta * y
   absl::Status Gemm(const void* w, const void* x_bf16, float* y, int64_t rows, int64_t in, int64_t out, float beta);
+  // x += in . w^T, summed over the tensor-parallel shards (each holds a slice of `in`'s columns).
+  absl::Status ProjectAndReduce(const void* w, const void* in_bf16, int64_t rows, int64_t in, int64_t out);
   // capture: records the step into a new entry of graphs instead of running it.
   absl::Status Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
                        std::vector<float>* host_mass_out, std::vector<float>* host_logits);
@@ -148,6 +159,31 @@ struct CudaModel::Impl {
 
 absl::Status CudaModel::Impl::Init(const CudaModelOptions& o) {
   device = o.device;
+  tp_rank = o.tp_rank;
+  tp_size = o.tp_size;
+  if (tp_size < 1 || tp_rank < 0 || tp_rank >= tp_size) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor-parallel rank ", tp_rank, " of ", tp_size));
+  }
+  for (auto [n, what] : {std::pair{c.num_attention_heads, "num_attention_heads"},
+                         std::pair{c.num_key_value_heads, "num_key_value_heads"},
+                         std::pair{c.intermediate_size, "intermediate_size"}}) {
+    if (n % tp_size != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor-parallel size ", tp_size, " does not divide ", what, " = ", n));
+    }
+  }
+  lc = c;
+  lc.num_attention_heads /= tp_size;
+  lc.num_key_value_heads /= tp_size;
+  lc.intermediate_size /= tp_size;
+  if (tp_size > 1) {
+#ifdef SCOUT_HAVE_NCCL
+    if (o.nccl_comm == nullptr) return absl::InvalidArgumentError("tensor parallelism needs an NCCL communicator");
+    comm = static_cast<ncclComm_t>(o.nccl_comm);
+#else
+    return absl::UnimplementedError("tensor parallelism needs a build with NCCL");
+#endif
+  }
   int count = 0;
   SCOUT_RETURN_IF_CUDA(cudaGetDeviceCount(&count), "CUDA device query");
   if (device < 0 || device >= count) {
@@ -169,8 +205,8 @@ absl::Status CudaModel::Impl::Init(const CudaModelOptions& o) {
 }
 
 absl::Status CudaModel::Impl::AllocWeights() {
-  const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
-  const int64_t inter = c.intermediate_size, vocab = c.vocab_size;
+  const int64_t d = lc.hidden_size, hd = lc.head_dim, nh = lc.num_attention_heads, nkv = lc.num_key_value_heads;
+  const int64_t inter = lc.intermediate_size, vocab = lc.vocab_size;
   const size_t b = sizeof(uint16_t);
   SCOUT_RETURN_IF_ERROR(embed.Reserve(vocab * d * b, "embedding"));
   if (!c.tie_word_embeddings) SCOUT_RETURN_IF_ERROR(lm_head.Reserve(vocab * d * b, "lm_head"));
@@ -190,7 +226,7 @@ absl::Status CudaModel::Impl::AllocWeights() {
 }
 
 absl::Status CudaModel::Impl::AllocKv(const CudaModelOptions& o) {
-  const int64_t per_block = c.num_key_value_heads * 2 * kvstore::kBlockSize * c.head_dim * sizeof(uint16_t);
+  const int64_t per_block = lc.num_key_value_heads * 2 * kvstore::kBlockSize * lc.head_dim * sizeof(uint16_t);
   int64_t tokens = o.kv_budget_tokens > 0 ? o.kv_budget_tokens : 4 * c.max_position_embeddings;
   int64_t blocks = kvstore::BlocksFor(tokens);
   if (o.kv_budget_tokens == 0) {
@@ -222,10 +258,31 @@ absl::Status CudaModel::Impl::Gemm(const void* w, const void* x_bf16, float* y, 
                     "GEMM");
 }
 
+absl::Status CudaModel::Impl::ProjectAndReduce(const void* w, const void* in_bf16, int64_t rows, int64_t in,
+                                               int64_t out) {
+  if (tp_size == 1) return Gemm(w, in_bf16, x.as<float>(), rows, in, out, 1.0f);
+#ifdef SCOUT_HAVE_NCCL
+  SCOUT_RETURN_IF_ERROR(Gemm(w, in_bf16, partial.as<float>(), rows, in, out, 0.0f));
+  if (ncclResult_t r = ncclAllReduce(partial.ptr, partial.ptr, rows * out, ncclFloat, ncclSum, comm, stream);
+      r != ncclSuccess) {
+    return absl::InternalError(absl::StrCat("NCCL all-reduce: ", ncclGetErrorString(r)));
+  }
+  const float one = 1.0f;
+  return BlasStatus(cublasSaxpy(blas, static_cast<int>(rows * out), &one, partial.as<float>(), 1, x.as<float>(), 1),
+                    "residual add");
+#else
+  return absl::UnimplementedError("tensor parallelism needs a build with NCCL");
+#endif
+}
+
 absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
                                       std::vector<float>* host_mass_out, std::vector<float>* host_logits) {
-  const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
-  const int64_t inter = c.intermediate_size, vocab = c.vocab_size, L = c.num_hidden_layers;
+  // Shapes of this shard; selections name the whole model's KV heads (nkv_all), of which this
+  // shard holds [kv0, kv0 + nkv).
+  const int64_t d = lc.hidden_size, hd = lc.head_dim, nh = lc.num_attention_heads, nkv = lc.num_key_value_heads;
+  const int64_t inter = lc.intermediate_size, vocab = lc.vocab_size, L = lc.num_hidden_layers;
+  const int64_t nkv_all = c.num_key_value_heads, kv0 = tp_rank * nkv;
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(device), "cudaSetDevice");  // the calling thread may be new
   absl::StatusOr<BatchShape> shape = CheckBatch(c, *tables, batch);
   if (!shape.ok()) return shape.status();
   bool host_selection = false, host_mass = false;
@@ -238,6 +295,9 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   }
   if (host_mass && host_selection) {
     return absl::InvalidArgumentError("block_mass on the GPU needs a dense pass (no selection in the batch)");
+  }
+  if ((o.block_mass != nullptr || host_mass) && tp_size > 1) {
+    return absl::UnimplementedError("block mass of a tensor-parallel model (the draft's job) is not supported");
   }
   if ((o.block_mass != nullptr || host_mass) && o.santa_samples > 0) {
     return absl::InvalidArgumentError("block mass needs exact attention (no SANTA sampling in the same pass)");
@@ -262,8 +322,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       const int64_t n = static_cast<int64_t>(in.tokens.size());
       for (int64_t layer = 0; layer < L; ++layer) {
         if (in.selection != nullptr) {
-          ListsWithNewBlocks(in.selection->indptr.data() + layer * nkv, in.selection->blocks.data(), nkv, shape->start[i],
-                             n, &sel_indptr, &sel_blocks);
+          ListsWithNewBlocks(in.selection->indptr.data() + layer * nkv_all + kv0, in.selection->blocks.data(), nkv,
+                             shape->start[i], n, &sel_indptr, &sel_blocks);
         } else {  // dense member of a sparse batch: every block
           const int32_t nb = static_cast<int32_t>(kvstore::BlocksFor(shape->start[i] + n));
           for (int64_t kh = 0; kh < nkv; ++kh) {
@@ -303,10 +363,11 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   }
   const int64_t mass_t = max_q, mass_per_layer = nh * mass_t * max_nb;
   const std::vector<const DeviceBuffer*> per_step = {&x, &h, &qkv, &q, &attn, &gu, &act, &final_x, &final_h,
-                                                     &logits, &lse, &attn_ws, &mass};
+                                                     &logits, &lse, &attn_ws, &mass, &partial};
   std::vector<void*> before;
   for (const DeviceBuffer* b : per_step) before.push_back(b->ptr);
   SCOUT_RETURN_IF_ERROR(x.Reserve(T * d * 4, "activations"));
+  if (tp_size > 1) SCOUT_RETURN_IF_ERROR(partial.Reserve(T * d * 4, "activations"));
   SCOUT_RETURN_IF_ERROR(h.Reserve(T * std::max(d, nh * hd) * 2, "activations"));
   SCOUT_RETURN_IF_ERROR(qkv.Reserve(T * (nh + 2 * nkv) * hd * 4, "activations"));
   SCOUT_RETURN_IF_ERROR(q.Reserve(T * nh * hd * 2, "activations"));
@@ -404,9 +465,9 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                      .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd),
                                      .scale = 1.0f / std::sqrt(static_cast<float>(hd))};
       if (o.selection != nullptr) {
-        ap.sel_indptr = o.selection->indptr + layer * nkv;
+        ap.sel_indptr = o.selection->indptr + layer * nkv_all + kv0;
         ap.sel_blocks = o.selection->blocks;
-        ap.sel_seq_stride = static_cast<int>(L * nkv);
+        ap.sel_seq_stride = static_cast<int>(L * nkv_all);
       } else if (host_selection) {
         ap.sel_indptr = di + lay.sel_indptr + layer * nkv;
         ap.sel_blocks = di + lay.sel_blocks;
@@ -441,7 +502,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
         SCOUT_RETURN_IF_CUDA(kernels::BlockMass(mp, ap.sel_indptr != nullptr ? max_list : max_nb, max_q, stream),
                              "block mass");
       }
-      SCOUT_RETURN_IF_ERROR(Gemm(w.wo.ptr, attn.ptr, x.as<float>(), T, nh * hd, d, 1.0f));  // + residual
+      SCOUT_RETURN_IF_ERROR(ProjectAndReduce(w.wo.ptr, attn.ptr, T, nh * hd, d));  // + residual
       SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = x.as<float>(), .weight = w.mlp_norm.as<float>(), .out = h.as<uint16_t>(),
                                              .rows = static_cast<int>(T), .dim = static_cast<int>(d), .eps = eps},
                                             stream),
@@ -451,7 +512,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                              .rows = static_cast<int>(T), .inter = static_cast<int>(inter)},
                                             stream),
                            "SwiGLU");
-      SCOUT_RETURN_IF_ERROR(Gemm(w.w_down.ptr, act.ptr, x.as<float>(), T, inter, d, 1.0f));  // + residual
+      SCOUT_RETURN_IF_ERROR(ProjectAndReduce(w.w_down.ptr, act.ptr, T, inter, d));  // + residual
     }
     // The rows whose logits are wanted, in runs of consecutive rows.
     {
@@ -528,7 +589,10 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
 
 CudaModel::CudaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaModel::~CudaModel() {
-  if (impl_ != nullptr) cudaStreamSynchronize(impl_->stream);
+  if (impl_ != nullptr) {
+    cudaSetDevice(impl_->device);
+    cudaStreamSynchronize(impl_->stream);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const ModelConfig& config, const LlamaWeights& weights,
@@ -552,15 +616,44 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const ModelConfig& 
     SCOUT_RETURN_IF_ERROR(upload_bf16(weights.lm_head.empty() ? weights.embed : weights.lm_head, impl->lm_head));
   }
   SCOUT_RETURN_IF_ERROR(upload_f32(weights.norm, impl->norm));
+  // This shard's slices: rows of [out][in] matrices for split outputs (q, k, v heads; gate and
+  // up columns), columns for split inputs (the attention output and MLP projections).
+  const int64_t dm = config.hidden_size, hd = config.head_dim, r = impl->tp_rank;
+  const int64_t nh = impl->lc.num_attention_heads, nkv = impl->lc.num_key_value_heads, inter = impl->lc.intermediate_size;
+  const int64_t nh_all = config.num_attention_heads, nkv_all = config.num_key_value_heads;
+  auto rows = [](const std::vector<float>& m, int64_t cols, std::initializer_list<std::pair<int64_t, int64_t>> ranges) {
+    std::vector<float> out;
+    for (auto [begin, count] : ranges) out.insert(out.end(), m.begin() + begin * cols, m.begin() + (begin + count) * cols);
+    return out;
+  };
+  auto cols = [](const std::vector<float>& m, int64_t n_rows, int64_t n_cols, int64_t begin, int64_t count) {
+    std::vector<float> out(n_rows * count);
+    for (int64_t i = 0; i < n_rows; ++i) {
+      std::copy_n(m.begin() + i * n_cols + begin, count, out.begin() + i * count);
+    }
+    return out;
+  };
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     const LlamaLayerWeights& w = weights.layers[l];
     LayerWeights& d = impl->layers[l];
     SCOUT_RETURN_IF_ERROR(upload_f32(w.attn_norm, d.attn_norm));
-    SCOUT_RETURN_IF_ERROR(upload_bf16(w.wqkv, d.wqkv));
-    SCOUT_RETURN_IF_ERROR(upload_bf16(w.wo, d.wo));
     SCOUT_RETURN_IF_ERROR(upload_f32(w.mlp_norm, d.mlp_norm));
-    SCOUT_RETURN_IF_ERROR(upload_bf16(w.w_gate_up, d.w_gate_up));
-    SCOUT_RETURN_IF_ERROR(upload_bf16(w.w_down, d.w_down));
+    if (impl->tp_size == 1) {
+      SCOUT_RETURN_IF_ERROR(upload_bf16(w.wqkv, d.wqkv));
+      SCOUT_RETURN_IF_ERROR(upload_bf16(w.wo, d.wo));
+      SCOUT_RETURN_IF_ERROR(upload_bf16(w.w_gate_up, d.w_gate_up));
+      SCOUT_RETURN_IF_ERROR(upload_bf16(w.w_down, d.w_down));
+      continue;
+    }
+    SCOUT_RETURN_IF_ERROR(upload_bf16(rows(w.wqkv, dm,
+                                           {{r * nh * hd, nh * hd},
+                                            {(nh_all + r * nkv) * hd, nkv * hd},
+                                            {(nh_all + nkv_all + r * nkv) * hd, nkv * hd}}),
+                                      d.wqkv));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(cols(w.wo, dm, nh_all * hd, r * nh * hd, nh * hd), d.wo));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(
+        rows(w.w_gate_up, dm, {{r * inter, inter}, {config.intermediate_size + r * inter, inter}}), d.w_gate_up));
+    SCOUT_RETURN_IF_ERROR(upload_bf16(cols(w.w_down, dm, config.intermediate_size, r * inter, inter), d.w_down));
   }
   SCOUT_RETURN_IF_ERROR(impl->AllocKv(options));
   return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
@@ -648,6 +741,7 @@ absl::Status CudaModel::Replay(int graph) {
     return absl::NotFoundError(absl::StrCat("no captured step ", graph));
   }
   const Impl::Graph& g = *impl_->graphs[graph];
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(impl_->device), "cudaSetDevice");
   if (g.generation != impl_->generation) {
     return absl::FailedPreconditionError(absl::StrCat("captured step ", graph,
                                                       " is stale: a larger step reallocated the buffers it uses"));
@@ -657,6 +751,7 @@ absl::Status CudaModel::Replay(int graph) {
 }
 
 absl::Status CudaModel::Synchronize() {
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(impl_->device), "cudaSetDevice");
   SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(impl_->stream), "step");
   return absl::OkStatus();
 }
@@ -667,11 +762,13 @@ const kvstore::BlockTableManager& CudaModel::block_tables() const { return *impl
 size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaModel::kv_bytes_per_token() const {
   const ModelConfig& c = impl_->c;
-  return static_cast<size_t>(c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * sizeof(uint16_t));
+  const ModelConfig& lc = impl_->lc;
+  return static_cast<size_t>(lc.num_hidden_layers * lc.num_key_value_heads * 2 * lc.head_dim * sizeof(uint16_t));
 }
 
 absl::Status CudaModel::FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed) {
   Impl& m = *impl_;
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
   const kvstore::BlockTable* t = m.tables->Find(seq);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
   if (num_tokens > m.c.max_position_embeddings) {
@@ -681,7 +778,7 @@ absl::Status CudaModel::FillRandomContext(SequenceId seq, int64_t num_tokens, ui
   const int64_t before = t->num_tokens;
   SCOUT_RETURN_IF_ERROR(m.tables->Grow(seq, num_tokens));
   const std::vector<int32_t>& blocks = m.tables->Find(seq)->blocks;
-  const int64_t per_block = m.c.num_key_value_heads * 2 * kvstore::kBlockSize * m.c.head_dim;
+  const int64_t per_block = m.lc.num_key_value_heads * 2 * kvstore::kBlockSize * m.lc.head_dim;
   // Runs of consecutive physical blocks, one fill each.
   const size_t first = static_cast<size_t>(before / kvstore::kBlockSize);
   for (int64_t layer = 0; layer < m.c.num_hidden_layers; ++layer) {

@@ -24,6 +24,12 @@ struct CudaModelOptions {
   // Tokens the GPU KV pool holds over all sequences (rounded up to whole blocks). 0: room for
   // four sequences of max_position_embeddings.
   int64_t kv_budget_tokens = 0;
+  // Tensor parallelism (TensorParallelModel sets these): this model is shard tp_rank of tp_size,
+  // holding heads, KV heads and MLP columns [rank * n / size, (rank + 1) * n / size) and summing
+  // the attention output and MLP projections over the shards through nccl_comm (an ncclComm_t).
+  int tp_rank = 0;
+  int tp_size = 1;
+  void* nccl_comm = nullptr;
 };
 
 // Selection lists already on the device for a whole batch: the list of (sequence i of the

@@ -1,0 +1,106 @@
+#include "runtime/tensor_parallel.h"
+
+#include <nccl.h>
+
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace scout::runtime {
+
+absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Load(const std::filesystem::path& model_dir,
+                                                                               const TensorParallelOptions& options) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
+  if (!config.ok()) return config.status();
+  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
+  if (!store.ok()) return store.status();
+  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
+  if (!weights.ok()) return weights.status();
+  return Create(*config, *weights, options);
+}
+
+absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Create(const ModelConfig& config,
+                                                                                 const LlamaWeights& weights,
+                                                                                 const TensorParallelOptions& options) {
+  const int n = static_cast<int>(options.devices.size());
+  if (n < 1) return absl::InvalidArgumentError("tensor parallelism needs at least one device");
+  if (std::set<int>(options.devices.begin(), options.devices.end()).size() != options.devices.size()) {
+    return absl::InvalidArgumentError("tensor-parallel devices repeat");
+  }
+  for (auto [v, what] : {std::pair{config.num_attention_heads, "num_attention_heads"},
+                         std::pair{config.num_key_value_heads, "num_key_value_heads"},
+                         std::pair{config.intermediate_size, "intermediate_size"}}) {
+    if (v % n != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel-size ", n, " does not divide ", what, " = ", v));
+    }
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+  for (int d : options.devices) {
+    if (d < 0 || d >= count) {
+      return absl::UnavailableError(absl::StrCat("tensor parallelism over device ", d, ": ", count, " GPUs present"));
+    }
+  }
+  auto m = std::unique_ptr<TensorParallelModel>(new TensorParallelModel());
+  if (n > 1) {
+    std::vector<ncclComm_t> comms(n);
+    if (ncclResult_t r = ncclCommInitAll(comms.data(), n, options.devices.data()); r != ncclSuccess) {
+      return absl::InternalError(absl::StrCat("ncclCommInitAll: ", ncclGetErrorString(r)));
+    }
+    m->comms_.assign(comms.begin(), comms.end());
+  }
+  for (int i = 0; i < n; ++i) {
+    absl::StatusOr<std::unique_ptr<CudaModel>> shard = CudaModel::Create(
+        config, weights,
+        {.device = options.devices[i], .kv_budget_tokens = options.kv_budget_tokens, .tp_rank = i, .tp_size = n,
+         .nccl_comm = n > 1 ? m->comms_[i] : nullptr});
+    if (!shard.ok()) return shard.status();
+    m->shards_.push_back(std::move(*shard));
+  }
+  return m;
+}
+
+TensorParallelModel::~TensorParallelModel() {
+  shards_.clear();
+  for (void* c : comms_) ncclCommDestroy(static_cast<ncclComm_t>(c));
+}
+
+template <typename Op>
+absl::Status TensorParallelModel::ForEachShard(Op op) {
+  absl::Status first;
+  for (auto& s : shards_) {
+    absl::Status st = op(*s);
+    if (first.ok() && !st.ok()) first = st;
+  }
+  return first;
+}
+
+absl::Status TensorParallelModel::AddSequence(SequenceId seq) {
+  return ForEachShard([&](CudaModel& s) { return s.AddSequence(seq); });
+}
+absl::Status TensorParallelModel::ReleaseSequence(SequenceId seq) {
+  return ForEachShard([&](CudaModel& s) { return s.ReleaseSequence(seq); });
+}
+absl::Status TensorParallelModel::TruncateSequence(SequenceId seq, int64_t num_tokens) {
+  return ForEachShard([&](CudaModel& s) { return s.TruncateSequence(seq, num_tokens); });
+}
+
+absl::Status TensorParallelModel::Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) {
+  if (shards_.size() == 1) return shards_.front()->Forward(batch, logits);
+  // The checks that can fail run identically in every shard before any NCCL call, so either
+  // all shards enter the all-reduces or none does.
+  std::vector<absl::Status> status(shards_.size());
+  std::vector<std::vector<float>> other(shards_.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    threads.emplace_back([&, i] { status[i] = shards_[i]->Forward(batch, i == 0 ? logits : &other[i]); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace scout::runtime
