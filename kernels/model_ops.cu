@@ -209,6 +209,51 @@ __global__ void RandomFillKernel(RandomFillParams p) {
   }
 }
 
+// One warp per output: lanes stream 16-byte chunks of the weight row (read once, not kept in
+// cache), the few x rows come from L1/L2, partial sums meet in a warp reduction.
+template <int ROWS>
+__global__ void __launch_bounds__(256) GemvKernel(GemvParams p) {
+  const int o = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+  if (o >= p.out) return;
+  const uint4* w = reinterpret_cast<const uint4*>(p.w + int64_t{o} * p.in);
+  const int chunks = p.in / 8;
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+#pragma unroll 4
+  for (int c = lane; c < chunks; c += 32) {
+    uint4 wv;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(wv.x), "=r"(wv.y), "=r"(wv.z), "=r"(wv.w)
+                 : "l"(w + c));
+    const uint32_t wu[4] = {wv.x, wv.y, wv.z, wv.w};
+    float wf[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wf[2 * j] = __uint_as_float(wu[j] << 16);
+      wf[2 * j + 1] = __uint_as_float(wu[j] & 0xffff0000u);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(p.x + int64_t{r} * p.in) + c);
+      const uint32_t xu[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[r] = fmaf(__uint_as_float(xu[j] << 16), wf[2 * j], acc[r]);
+        acc[r] = fmaf(__uint_as_float(xu[j] & 0xffff0000u), wf[2 * j + 1], acc[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const float v = WarpSum(acc[r]);
+    if (lane == 0) {
+      float& y = p.y[int64_t{r} * p.out + o];
+      y = v + (p.beta != 0.0f ? p.beta * y : 0.0f);
+    }
+  }
+}
+
 int GridFor(int64_t n, int threads) {
   const int64_t g = (n + threads - 1) / threads;
   return static_cast<int>(g < 65536 * 8 ? (g > 0 ? g : 1) : 65536 * 8);
@@ -259,6 +304,23 @@ cudaError_t BlockMass(const BlockMassParams& p, int max_blocks, int max_q_tokens
     BlockMassKernel<64><<<grid, kMassWarps * 32, 0, stream>>>(p);
   } else {
     BlockMassKernel<128><<<grid, kMassWarps * 32, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t Gemv(const GemvParams& p, cudaStream_t stream) {
+  if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out < 0) return cudaErrorInvalidValue;
+  if (p.out == 0) return cudaSuccess;
+  const int blocks = (p.out + 7) / 8;  // 8 warps a CTA, one output each
+  switch (p.rows) {
+    case 1: GemvKernel<1><<<blocks, 256, 0, stream>>>(p); break;
+    case 2: GemvKernel<2><<<blocks, 256, 0, stream>>>(p); break;
+    case 3: GemvKernel<3><<<blocks, 256, 0, stream>>>(p); break;
+    case 4: GemvKernel<4><<<blocks, 256, 0, stream>>>(p); break;
+    case 5: GemvKernel<5><<<blocks, 256, 0, stream>>>(p); break;
+    case 6: GemvKernel<6><<<blocks, 256, 0, stream>>>(p); break;
+    case 7: GemvKernel<7><<<blocks, 256, 0, stream>>>(p); break;
+    default: GemvKernel<8><<<blocks, 256, 0, stream>>>(p); break;
   }
   return cudaGetLastError();
 }

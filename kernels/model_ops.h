@@ -89,6 +89,21 @@ struct BlockMassParams {
 };
 void BlockMassRef(const BlockMassParams& p);
 
+// y[r][o] = sum_i x[r][i] * w[o][i] + beta * y[r][o] for a few rows (decode steps): the weight
+// matrix streamed once at memory speed, where a general GEMM tiles for many rows. in % 8 == 0,
+// rows 1..8, 16-byte aligned x and w.
+struct GemvParams {
+  const uint16_t* w = nullptr;  // [out][in] bf16, as nn.Linear stores it
+  const uint16_t* x = nullptr;  // [rows][in] bf16
+  float* y = nullptr;           // [rows][out]
+  int rows = 0;
+  int in = 0;
+  int out = 0;
+  float beta = 0.0f;
+};
+void GemvRef(const GemvParams& p);
+inline constexpr int kGemvMaxRows = 8;
+
 // Deterministic pseudo-random bf16 values, uniform in [-scale, scale) + offset, element i from a
 // hash of (seed, i): the same numbers on the host and the device, whatever the launch shape.
 struct RandomFillParams {

@@ -180,6 +180,39 @@ TEST(ModelOpsGpu, ArgmaxMatchesReferenceWithTiesAndNan) {
   }
 }
 
+TEST(ModelOpsGpu, GemvMatchesReference) {
+  std::mt19937 rng(8);
+  struct Shape {
+    int rows, in, out;
+  };
+  for (Shape sh : {Shape{1, 8, 1}, Shape{1, 2056, 1000}, Shape{3, 64, 4099}, Shape{5, 4096, 37}, Shape{8, 14336, 300},
+                   Shape{7, 200, 2}, Shape{2, 2048, 2048}}) {
+    for (float beta : {0.0f, 1.0f}) {
+      std::vector<uint16_t> w = NormalBf16(int64_t{sh.out} * sh.in, rng, 0.05f), x = NormalBf16(int64_t{sh.rows} * sh.in, rng);
+      std::vector<float> y0 = Normal(int64_t{sh.rows} * sh.out, rng), want = y0;
+      GemvParams p{.w = w.data(), .x = x.data(), .y = want.data(), .rows = sh.rows, .in = sh.in, .out = sh.out, .beta = beta};
+      GemvRef(p);
+      Dev dev;
+      p.w = dev.Put(w);
+      p.x = dev.Put(x);
+      p.y = dev.Put(y0);
+      ASSERT_EQ(Gemv(p, nullptr), cudaSuccess);
+      std::vector<float> got = dev.Get(p.y, want.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        // float32 sums of `in` products in another order than the double reference: a few ulps
+        // of the sum of magnitudes (~0.05 * sqrt(in) here).
+        const float tol = 1e-5f * std::sqrt(static_cast<float>(sh.in)) + 1e-5f * std::abs(want[i]);
+        ASSERT_NEAR(got[i], want[i], tol) << "rows " << sh.rows << " in " << sh.in << " out " << sh.out << " at " << i;
+      }
+    }
+  }
+  GemvParams bad{.rows = 9, .in = 8, .out = 1};
+  EXPECT_EQ(Gemv(bad, nullptr), cudaErrorInvalidValue);
+  bad.rows = 1;
+  bad.in = 12;
+  EXPECT_EQ(Gemv(bad, nullptr), cudaErrorInvalidValue);
+}
+
 TEST(ModelOpsGpu, RandomFillMatchesHost) {
   for (int64_t n : {int64_t{1}, int64_t{1000003}}) {
     std::vector<uint16_t> want(n);

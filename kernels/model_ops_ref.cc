@@ -115,6 +115,19 @@ void BlockMassRef(const BlockMassParams& bp) {
   }
 }
 
+void GemvRef(const GemvParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    for (int o = 0; o < p.out; ++o) {
+      double acc = 0;
+      for (int i = 0; i < p.in; ++i) {
+        acc += double{Bf16ToFloat(p.x[int64_t{r} * p.in + i])} * Bf16ToFloat(p.w[int64_t{o} * p.in + i]);
+      }
+      float& y = p.y[int64_t{r} * p.out + o];
+      y = static_cast<float>(acc) + (p.beta != 0.0f ? p.beta * y : 0.0f);
+    }
+  }
+}
+
 void RandomFillRef(const RandomFillParams& p) {
   for (int64_t i = 0; i < p.n; ++i) p.out[i] = FloatToBf16(RandomUniform(p.seed, i, p.scale, p.offset));
 }

@@ -249,6 +249,17 @@ absl::Status CudaModel::Impl::AllocKv(const CudaModelOptions& o) {
 
 absl::Status CudaModel::Impl::Gemm(const void* w, const void* x_bf16, float* y, int64_t rows, int64_t in, int64_t out,
                                    float beta) {
+  if (rows <= 2 && in % 8 == 0) {
+    // Single-token decode steps: the weight streamed once. Measured on the H100 (8B target,
+    // one row): 5.60 ms a step against cuBLAS's 6.17; at 5 and 8 rows cuBLAS was faster (6.23
+    // vs 6.49, 6.24 vs 8.44 ms), as the GEMV re-reads x once per row.
+    SCOUT_RETURN_IF_CUDA(kernels::Gemv({.w = static_cast<const uint16_t*>(w), .x = static_cast<const uint16_t*>(x_bf16),
+                                        .y = y, .rows = static_cast<int>(rows), .in = static_cast<int>(in),
+                                        .out = static_cast<int>(out), .beta = beta},
+                                       stream),
+                         "GEMV");
+    return absl::OkStatus();
+  }
   const float alpha = 1.0f;
   // Row-major y[rows][out] = x . w^T is column-major y^T[out][rows] = w^T(op T of [in][out]) . x^T.
   return BlasStatus(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows),
