@@ -493,6 +493,10 @@ int Serve(int argc, char** argv) {
       {"model", "", "model folder"},
       {"draft", "", "draft model folder: speculative decoding when given"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
+      {"device", "cpu", "backend of the model: cpu, cuda or cuda:N"},
+      {"draft-device", "", "backend of the draft (default: --device)"},
+      {"tensor-parallel-size", "1", "cuda: split the model over this many GPUs (NCCL)"},
+      {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
       {"served-model-name", "", "model id in the API (default: the model folder's name)"},
       {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
       {"max-waiting", "64", "requests that may queue behind the running one; more get 429"},
@@ -521,11 +525,17 @@ int Serve(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not end the server
-  absl::StatusOr<std::unique_ptr<runtime::CpuModel>> model = runtime::CpuModel::Load(flags.Get("model"));
+  absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size");
+  if (!tp.ok()) return Fail(tp.status());
+  absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
+      *tp > 1 || !flags.Get("target-devices").empty()
+          ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), 0)
+          : LoadBackend(flags.Get("model"), flags.Get("device"), 0);
   if (!model.ok()) return Fail(model.status());
-  std::unique_ptr<runtime::CpuModel> draft;
+  std::unique_ptr<runtime::ModelBackend> draft;
   if (!flags.Get("draft").empty()) {
-    absl::StatusOr<std::unique_ptr<runtime::CpuModel>> d = runtime::CpuModel::Load(flags.Get("draft"));
+    const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
+    absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> d = LoadBackend(flags.Get("draft"), draft_device, 0);
     if (!d.ok()) return Fail(d.status());
     draft = std::move(*d);
   }

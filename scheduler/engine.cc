@@ -11,7 +11,7 @@
 
 namespace scout::scheduler {
 
-Engine::Engine(std::unique_ptr<runtime::CpuModel> model, std::unique_ptr<runtime::CpuModel> draft,
+Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
                std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
                const EngineOptions& options)
     : model_(std::move(model)),

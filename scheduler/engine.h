@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "monitoring/metrics.h"
+#include "runtime/backend.h"
 #include "runtime/cpu_model.h"
 #include "runtime/sampling.h"
 #include "runtime/tokenizer.h"
@@ -56,7 +57,7 @@ using TextCallback = std::function<bool(absl::string_view text)>;
 class Engine {
  public:
   // draft may be null (no speculative decoding). metrics must outlive the engine.
-  Engine(std::unique_ptr<runtime::CpuModel> model, std::unique_ptr<runtime::CpuModel> draft,
+  Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
          std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
          const EngineOptions& options);
   Engine(const Engine&) = delete;
@@ -82,8 +83,8 @@ class Engine {
 
  private:
   absl::Mutex mu_;  // one request on the models at a time
-  std::unique_ptr<runtime::CpuModel> model_ ABSL_PT_GUARDED_BY(mu_);
-  std::unique_ptr<runtime::CpuModel> draft_ ABSL_PT_GUARDED_BY(mu_);
+  std::unique_ptr<runtime::ModelBackend> model_ ABSL_PT_GUARDED_BY(mu_);
+  std::unique_ptr<runtime::ModelBackend> draft_ ABSL_PT_GUARDED_BY(mu_);
   std::unique_ptr<runtime::Tokenizer> tokenizer_;
   monitoring::ServerMetrics* metrics_;
   EngineOptions options_;
