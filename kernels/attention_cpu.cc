@@ -9,16 +9,23 @@
 namespace scout::kernels {
 namespace {
 
+// The first position any query of the pass may see: 0, or the first query's window start.
+int64_t FirstVisible(const PagedAttentionParams& p) {
+  return p.sliding_window > 0 ? std::max<int64_t>(0, p.context_len - p.num_tokens - p.sliding_window + 1) : 0;
+}
+
 // Positions KV head kv_head reads, ascending: every position below context_len, or those of its
-// listed blocks.
-std::vector<int64_t> Positions(const PagedAttentionParams& p, int kv_head) {
+// listed blocks; with trim_window, none before FirstVisible.
+std::vector<int64_t> Positions(const PagedAttentionParams& p, int kv_head, bool trim_window) {
   std::vector<int64_t> pos;
-  const int64_t n = p.context_len;
+  const int64_t n = p.context_len, first = trim_window ? FirstVisible(p) : 0;
   auto add_block = [&](int64_t b) {
-    for (int64_t i = b * p.block_size; i < std::min<int64_t>(n, (b + 1) * p.block_size); ++i) pos.push_back(i);
+    for (int64_t i = std::max(first, b * p.block_size); i < std::min<int64_t>(n, (b + 1) * p.block_size); ++i) {
+      pos.push_back(i);
+    }
   };
   if (p.sel_indptr == nullptr) {
-    for (int64_t b = 0; b * p.block_size < n; ++b) add_block(b);
+    for (int64_t b = first / p.block_size; b * p.block_size < n; ++b) add_block(b);
   } else {
     for (int32_t i = p.sel_indptr[kv_head]; i < p.sel_indptr[kv_head + 1]; ++i) add_block(p.sel_blocks[i]);
   }
@@ -43,6 +50,12 @@ int64_t Visible(const std::vector<int64_t>& pos, int64_t qpos) {
   return std::upper_bound(pos.begin(), pos.end(), qpos) - pos.begin();
 }
 
+// The first key a query at qpos may see: the index in pos of its window's start (0 without one).
+int64_t WindowStart(const PagedAttentionParams& p, const std::vector<int64_t>& pos, int64_t qpos) {
+  if (p.sliding_window <= 0) return 0;
+  return std::lower_bound(pos.begin(), pos.end(), qpos - p.sliding_window + 1) - pos.begin();
+}
+
 }  // namespace
 
 void PagedAttentionCpu(const PagedAttentionParams& p) {
@@ -52,7 +65,7 @@ void PagedAttentionCpu(const PagedAttentionParams& p) {
   const int64_t nblocks = (p.context_len + p.block_size - 1) / p.block_size;
   if (p.block_mass != nullptr) std::fill(p.block_mass, p.block_mass + int64_t{p.num_heads} * p.num_tokens * nblocks, 0.0f);
   for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
-    const std::vector<int64_t> pos = Positions(p, kvh);
+    const std::vector<int64_t> pos = Positions(p, kvh, /*trim_window=*/true);
     const int64_t n = static_cast<int64_t>(pos.size());
     // Bound the score buffer: queries are processed in chunks of rows.
     const int chunk = static_cast<int>(
@@ -63,37 +76,43 @@ void PagedAttentionCpu(const PagedAttentionParams& p) {
       const int h = kvh * group + g;
       for (int t0 = 0; t0 < p.num_tokens; t0 += chunk) {
         const int rows = std::min(chunk, p.num_tokens - t0);
-        // Keys after the chunk's last query are masked for every row: skip them.
-        const int64_t cols = Visible(pos, first_pos + t0 + rows - 1);
+        // Keys after the chunk's last query, or before its first query's window, are masked for
+        // every row: the chunk reads columns [col0, col0 + cols) of pos.
+        const int64_t col0 = WindowStart(p, pos, first_pos + t0);
+        const int64_t cols = Visible(pos, first_pos + t0 + rows - 1) - col0;
         float* out = p.out + int64_t{t0} * row_stride + h * p.head_dim;
-        if (cols == 0) {
+        if (cols <= 0) {
           for (int r = 0; r < rows; ++r) std::fill(out + int64_t{r} * row_stride, out + int64_t{r} * row_stride + p.head_dim, 0.0f);
           continue;
         }
         const float* q = p.q + int64_t{t0} * row_stride + h * p.head_dim;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, p.head_dim, p.scale, q, row_stride, k.data(),
-                    p.head_dim, 0.0f, s.data(), cols);
+        const float* kc = k.data() + col0 * p.head_dim;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, static_cast<int>(cols), p.head_dim, p.scale, q,
+                    row_stride, kc, p.head_dim, 0.0f, s.data(), static_cast<int>(cols));
         for (int r = 0; r < rows; ++r) {
           float* row = s.data() + int64_t{r} * cols;
-          const int64_t visible = Visible(pos, first_pos + t0 + r);
-          if (visible > 0) {
-            const float mx = *std::max_element(row, row + visible);
+          const int64_t qpos = first_pos + t0 + r;
+          // This row's keys: [lo, hi) within the chunk's columns.
+          const int64_t lo = WindowStart(p, pos, qpos) - col0, hi = Visible(pos, qpos) - col0;
+          if (hi > lo) {
+            const float mx = *std::max_element(row + lo, row + hi);
             float sum = 0;
-            for (int64_t j = 0; j < visible; ++j) {
+            for (int64_t j = lo; j < hi; ++j) {
               row[j] = std::exp(row[j] - mx);
               sum += row[j];
             }
             const float inv = 1.0f / sum;
-            for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
+            for (int64_t j = lo; j < hi; ++j) row[j] *= inv;
           }
-          std::fill(row + visible, row + cols, 0.0f);
+          std::fill(row, row + std::max<int64_t>(lo, 0), 0.0f);
+          std::fill(row + std::max(hi, lo), row + cols, 0.0f);
           if (p.block_mass != nullptr) {
             float* mass = p.block_mass + (int64_t{h} * p.num_tokens + t0 + r) * nblocks;
-            for (int64_t j = 0; j < visible; ++j) mass[pos[j] / p.block_size] += row[j];
+            for (int64_t j = lo; j < hi; ++j) mass[pos[col0 + j] / p.block_size] += row[j];
           }
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, p.head_dim, cols, 1.0f, s.data(), cols, v.data(),
-                    p.head_dim, 0.0f, out, row_stride);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, p.head_dim, static_cast<int>(cols), 1.0f, s.data(),
+                    static_cast<int>(cols), v.data() + col0 * p.head_dim, p.head_dim, 0.0f, out, row_stride);
       }
     }
   }
@@ -102,31 +121,37 @@ void PagedAttentionCpu(const PagedAttentionParams& p) {
 void PagedAttentionNaiveF64(const PagedAttentionParams& p) {
   const int group = p.num_heads / p.num_kv_heads;
   for (int h = 0; h < p.num_heads; ++h) {
-    const std::vector<int64_t> pos = Positions(p, h / group);
+    const std::vector<int64_t> pos = Positions(p, h / group, /*trim_window=*/false);
     const int64_t n = static_cast<int64_t>(pos.size());
     std::vector<float> k(n * p.head_dim), v(n * p.head_dim);
     GatherHead(p, h / group, pos, k.data(), v.data());
     std::vector<double> w(n);
     for (int t = 0; t < p.num_tokens; ++t) {
       const float* q = p.q + (int64_t{t} * p.num_heads + h) * p.head_dim;
-      const int64_t visible = Visible(pos, p.context_len - p.num_tokens + t);
+      const int64_t qpos = p.context_len - p.num_tokens + t;
       float* out = p.out + (int64_t{t} * p.num_heads + h) * p.head_dim;
-      if (visible == 0) {
+      // Every position the loop visits is checked against the mask directly, not through the
+      // search helpers the fast kernel uses.
+      std::vector<int64_t> seen;
+      for (int64_t j = 0; j < n; ++j) {
+        if (pos[j] <= qpos && (p.sliding_window <= 0 || pos[j] > qpos - p.sliding_window)) seen.push_back(j);
+      }
+      if (seen.empty()) {
         std::fill(out, out + p.head_dim, 0.0f);
         continue;
       }
       double mx = -INFINITY;
-      for (int64_t j = 0; j < visible; ++j) {
+      for (int64_t j : seen) {
         double dot = 0;
         for (int d = 0; d < p.head_dim; ++d) dot += double{q[d]} * k[j * p.head_dim + d];
         w[j] = dot * p.scale;
         mx = std::max(mx, w[j]);
       }
       double sum = 0;
-      for (int64_t j = 0; j < visible; ++j) sum += (w[j] = std::exp(w[j] - mx));
+      for (int64_t j : seen) sum += (w[j] = std::exp(w[j] - mx));
       for (int d = 0; d < p.head_dim; ++d) {
         double acc = 0;
-        for (int64_t j = 0; j < visible; ++j) acc += w[j] * v[j * p.head_dim + d];
+        for (int64_t j : seen) acc += w[j] * v[j * p.head_dim + d];
         out[d] = static_cast<float>(acc / sum);
       }
     }

@@ -8,7 +8,7 @@ namespace scout::kernels {
 
 // Attention of num_tokens new query tokens of one sequence over its paged KV cache.
 // Query token t sits at position context_len - num_tokens + t and attends to positions <= its own
-// (causal among the new tokens; all earlier tokens visible). GQA: query head h reads KV head
+// (causal among the new tokens; all earlier tokens visible, or those within sliding_window). GQA: query head h reads KV head
 // h / (num_heads / num_kv_heads).
 struct PagedAttentionParams {
   const float* q = nullptr;          // [num_tokens][num_heads][head_dim]
@@ -27,6 +27,10 @@ struct PagedAttentionParams {
   // none of their positions outputs zeros. nullptr: every block.
   const int32_t* sel_indptr = nullptr;  // [num_kv_heads + 1]
   const int32_t* sel_blocks = nullptr;
+  // Sliding window: > 0 restricts the query at position p to keys at positions k with
+  // p - sliding_window < k <= p (sliding_window keys, its own included: transformers'
+  // sliding_window_overlay). 0: every earlier position.
+  int64_t sliding_window = 0;
   // Optional output: the attention probability each query row puts on each logical block,
   // [num_heads][num_tokens][ceil(context_len / block_size)], zero for blocks it did not read.
   float* block_mass = nullptr;

@@ -32,12 +32,22 @@ void RmsNorm(const float* x, int64_t rows, int64_t d, const std::vector<float>& 
   }
 }
 
+// y[r][i] += b[i] for every row.
+void AddBias(float* y, int64_t rows, const std::vector<float>& b) {
+  const int64_t n = static_cast<int64_t>(b.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * n;
+    for (int64_t i = 0; i < n; ++i) yr[i] += b[i];
+  }
+}
+
 }  // namespace
 
 CpuModel::CpuModel(const ModelConfig& config, LlamaWeights weights, std::unique_ptr<kvstore::KvPool> pool)
     : config_(config),
       weights_(std::move(weights)),
       inv_freq_(RopeInvFreq(config.rope, config.head_dim)),
+      rope_scaling_(RopeAttentionScaling(config.rope)),
       pool_(std::move(pool)),
       tables_(pool_->shape().num_blocks) {}
 
@@ -73,7 +83,8 @@ absl::StatusOr<int64_t> CpuModel::SequenceLength(SequenceId seq) const {
 size_t CpuModel::weight_bytes() const {
   size_t n = weights_.embed.size() + weights_.norm.size() + weights_.lm_head.size();
   for (const LlamaLayerWeights& l : weights_.layers) {
-    n += l.attn_norm.size() + l.wqkv.size() + l.wo.size() + l.mlp_norm.size() + l.w_gate_up.size() + l.w_down.size();
+    n += l.attn_norm.size() + l.wqkv.size() + l.bqkv.size() + l.wo.size() + l.bo.size() + l.mlp_norm.size() +
+         l.w_gate_up.size() + l.w_down.size();
   }
   return n * sizeof(float);
 }
@@ -110,6 +121,7 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
     const LlamaLayerWeights& w = weights_.layers[layer];
     RmsNorm(x.data(), total, d, w.attn_norm, eps, h.data());
     Linear(h.data(), total, d, w.wqkv, qkv_dim, qkv.data());
+    if (!w.bqkv.empty()) AddBias(qkv.data(), total, w.bqkv);
     int64_t row = 0;
     for (size_t i = 0; i < batch.size(); ++i) {
       const SequenceInput& in = batch[i];
@@ -118,7 +130,7 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
       for (int64_t t = 0; t < n; ++t) {
         const int64_t pos = start[i] + t;
         float* r = qkv.data() + (row + t) * qkv_dim;
-        ApplyRope(r, static_cast<int>(nh + nkv), static_cast<int>(hd), pos, inv_freq_);  // q and k heads
+        ApplyRope(r, static_cast<int>(nh + nkv), static_cast<int>(hd), pos, inv_freq_, rope_scaling_);  // q and k heads
         std::copy_n(r, nh * hd, q.data() + (row + t) * nh * hd);
         const int32_t block = blocks[pos / kvstore::kBlockSize];
         const int64_t off = (pos % kvstore::kBlockSize) * hd;
@@ -201,12 +213,14 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
                                   .scale = scale,
                                   .sel_indptr = sel_indptr,
                                   .sel_blocks = sel_blocks,
+                                  .sliding_window = c.SlidingWindow(layer),
                                   .block_mass = in.block_mass ? in.block_mass->data() + layer * nh * n *
                                                                     kvstore::BlocksFor(start[i] + n)
                                                               : nullptr});
       row += n;
     }
     Linear(attn.data(), total, nh * hd, w.wo, d, x.data(), /*beta=*/1.0f);  // residual add
+    if (!w.bo.empty()) AddBias(x.data(), total, w.bo);
     RmsNorm(x.data(), total, d, w.mlp_norm, eps, h.data());
     Linear(h.data(), total, d, w.w_gate_up, 2 * inter, gu.data());
     for (int64_t r = 0; r < total; ++r) {

@@ -1,4 +1,5 @@
-// The CPU backend: a Llama-family model in float32 over a paged KV cache in host memory.
+// The CPU backend: a Llama-family model (Llama, Qwen2, Mistral) in float32 over a paged KV cache
+// in host memory.
 #pragma once
 
 #include <filesystem>
@@ -46,6 +47,7 @@ class CpuModel final : public ModelBackend {
   ModelConfig config_;
   LlamaWeights weights_;
   std::vector<float> inv_freq_;
+  float rope_scaling_;  // RopeAttentionScaling: multiplies cos and sin
   std::unique_ptr<kvstore::KvPool> pool_;
   kvstore::BlockTableManager tables_;
 };

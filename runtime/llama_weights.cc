@@ -26,6 +26,14 @@ absl::Status Append(const TensorStore& store, const std::string& name, std::vect
   return absl::OkStatus();
 }
 
+// A missing bias tensor: say why it was expected.
+absl::Status WhyBias(const absl::Status& s, const ModelConfig& c) {
+  if (!absl::IsNotFound(s)) return s;
+  return absl::NotFoundError(absl::StrCat(s.message(), " (", c.architecture,
+                                          c.architecture == "Qwen2ForCausalLM" ? " has attention biases)"
+                                                                               : " with \"attention_bias\": true)"));
+}
+
 }  // namespace
 
 absl::StatusOr<LlamaWeights> LoadLlamaWeights(const ModelConfig& c, const TensorStore& store) {
@@ -67,6 +75,15 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const ModelConfig& c, const Tensor
     for (const Part& part : parts) {
       if (!(s = Append(store, p + part.name, part.shape, part.dst)).ok()) return s;
     }
+    if (c.qkv_bias) {
+      const Part biases[] = {{"self_attn.q_proj.bias", {nh * hd}, &l.bqkv},
+                             {"self_attn.k_proj.bias", {nkv * hd}, &l.bqkv},
+                             {"self_attn.v_proj.bias", {nkv * hd}, &l.bqkv}};
+      for (const Part& part : biases) {
+        if (!(s = Append(store, p + part.name, part.shape, part.dst)).ok()) return WhyBias(s, c);
+      }
+    }
+    if (c.o_bias && !(s = Append(store, p + "self_attn.o_proj.bias", {d}, &l.bo)).ok()) return WhyBias(s, c);
   }
   if (!(s = Append(store, "model.norm.weight", {d}, &w.norm)).ok()) return s;
   if (!c.tie_word_embeddings) {
