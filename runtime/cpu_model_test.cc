@@ -1,11 +1,14 @@
 #include "runtime/cpu_model.h"
 
 #include <cmath>
+#include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 
 #include "gtest/gtest.h"
 #include "kernels/test_util.h"
+#include "nlohmann/json.hpp"
 #include "runtime/generator.h"
 #include "runtime/safetensors.h"
 #include "runtime/test_model.h"
@@ -276,6 +279,173 @@ TEST(CpuModelTest, SelectionAlwaysCoversTheNewTokensBlocks) {
   EXPECT_EQ(a, b);
   kvstore::Selection bad{.num_layers = 2, .num_kv_heads = 2, .indptr = {0, 2, 1, 2, 2}, .blocks = {0, 1}};
   EXPECT_TRUE(run(bad).empty());
+}
+
+}  // namespace
+}  // namespace scout::runtime
+
+namespace scout::runtime {
+namespace {
+
+// A float32 checkpoint of c's shapes with random weights (std 0.2, norms near 1) and, when
+// bias_std >= 0, q/k/v biases (and an o_proj bias with with_o_bias), under config.json `config`.
+void WriteArchModel(const std::filesystem::path& dir, const ModelConfig& c, const nlohmann::json& config,
+                    uint32_t seed, float bias_std, bool with_o_bias = false, const std::string& skip = "") {
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json") << config.dump(2);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::map<std::string, TensorData> tensors;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, float mean, float std) {
+    if (name == skip) return;
+    TensorData t{.dtype = DType::kF32, .shape = shape, .data = {}};
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    t.data.resize(n * 4);
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = mean + std * normal(rng);
+      std::memcpy(t.data.data() + i * 4, &x, 4);
+    }
+    tensors[name] = std::move(t);
+  };
+  const int64_t d = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  add("model.embed_tokens.weight", {c.vocab_size, d}, 0, 0.2f);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {d}, 1, 0.2f);
+    add(p + "self_attn.q_proj.weight", {nh * hd, d}, 0, 0.2f);
+    add(p + "self_attn.k_proj.weight", {nkv * hd, d}, 0, 0.2f);
+    add(p + "self_attn.v_proj.weight", {nkv * hd, d}, 0, 0.2f);
+    if (bias_std >= 0) {
+      add(p + "self_attn.q_proj.bias", {nh * hd}, 0, bias_std);
+      add(p + "self_attn.k_proj.bias", {nkv * hd}, 0, bias_std);
+      add(p + "self_attn.v_proj.bias", {nkv * hd}, 0, bias_std);
+    }
+    add(p + "self_attn.o_proj.weight", {d, nh * hd}, 0, 0.2f);
+    if (with_o_bias) add(p + "self_attn.o_proj.bias", {d}, 0, std::max(bias_std, 0.0f));
+    add(p + "post_attention_layernorm.weight", {d}, 1, 0.2f);
+    add(p + "mlp.gate_proj.weight", {c.intermediate_size, d}, 0, 0.2f);
+    add(p + "mlp.up_proj.weight", {c.intermediate_size, d}, 0, 0.2f);
+    add(p + "mlp.down_proj.weight", {d, c.intermediate_size}, 0, 0.2f);
+  }
+  add("model.norm.weight", {d}, 1, 0.2f);
+  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, d}, 0, 0.2f);
+  ASSERT_TRUE(WriteSafetensors(dir / "model.safetensors", tensors).ok());
+}
+
+nlohmann::json ConfigAs(const ModelConfig& c, const std::string& arch, const std::string& model_type,
+                        const nlohmann::json& extra) {
+  nlohmann::json j = nlohmann::json::parse(testing::ConfigJson(c));
+  j["architectures"] = {arch};
+  j["model_type"] = model_type;
+  j.update(extra);
+  return j;
+}
+
+std::unique_ptr<CpuModel> LoadDir(const std::filesystem::path& dir) {
+  absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? std::move(*m) : nullptr;
+}
+
+// Qwen2 checkpoints carry q/k/v biases: zero biases give exactly the Llama model of the same
+// weights, non-zero ones change the logits, and a missing bias tensor is NotFound by name.
+TEST(ArchTest, Qwen2BiasesLoadAndMissingOnesAreNamed) {
+  const ModelConfig c = TinyConfig();
+  const nlohmann::json qwen = ConfigAs(c, "Qwen2ForCausalLM", "qwen2", {{"use_sliding_window", false}});
+  const std::filesystem::path zero = FreshDir("zero"), some = FreshDir("some"), plain = FreshDir("plain");
+  WriteArchModel(zero, c, qwen, 5, /*bias_std=*/0.0f);
+  WriteArchModel(some, c, qwen, 5, /*bias_std=*/0.5f);
+  WriteArchModel(plain, c, nlohmann::json::parse(testing::ConfigJson(c)), 5, /*bias_std=*/-1);
+  std::unique_ptr<CpuModel> mz = LoadDir(zero), ms = LoadDir(some), mp = LoadDir(plain);
+  ASSERT_TRUE(mz && ms && mp);
+  EXPECT_TRUE(mz->config().qkv_bias);
+  EXPECT_FALSE(mp->config().qkv_bias);
+  std::vector<int32_t> t = RandomTokens(30, c.vocab_size, 9);
+  // The Llama reading of the same files ignores the bias tensors (as transformers' Llama does):
+  // the same logits when they are zero, different ones when not.
+  std::ofstream(zero / "config.json") << testing::ConfigJson(c);
+  std::unique_ptr<CpuModel> mzl = LoadDir(zero);
+  ASSERT_NE(mzl, nullptr);
+  EXPECT_EQ(FullPass(*mz, 1, t), FullPass(*mzl, 1, t));
+  std::ofstream(some / "config.json") << testing::ConfigJson(c);
+  std::unique_ptr<CpuModel> msl = LoadDir(some);  // biases ignored, as transformers' Llama ignores them
+  ASSERT_NE(msl, nullptr);
+  EXPECT_GT(RelL2(FullPass(*ms, 1, t), FullPass(*msl, 1, t)), 1e-2);
+
+  const std::filesystem::path missing = FreshDir("missing");
+  WriteArchModel(missing, c, qwen, 5, 0.5f, false, "model.layers.1.self_attn.k_proj.bias");
+  absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(missing);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound) << m.status();
+  EXPECT_NE(m.status().message().find("\"model.layers.1.self_attn.k_proj.bias\""), std::string::npos) << m.status();
+  EXPECT_NE(m.status().message().find("Qwen2ForCausalLM"), std::string::npos) << m.status();
+  // Llama's attention_bias also wants o_proj.bias.
+  const std::filesystem::path llama_bias = FreshDir("llama_bias");
+  WriteArchModel(llama_bias, c, ConfigAs(c, "LlamaForCausalLM", "llama", {{"attention_bias", true}}), 5, 0.5f);
+  m = CpuModel::Load(llama_bias);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("\"model.layers.0.self_attn.o_proj.bias\""), std::string::npos) << m.status();
+  EXPECT_NE(m.status().message().find("attention_bias"), std::string::npos) << m.status();
+  WriteArchModel(llama_bias, c, ConfigAs(c, "LlamaForCausalLM", "llama", {{"attention_bias", true}}), 5, 0.5f, true);
+  EXPECT_NE(LoadDir(llama_bias), nullptr);
+}
+
+// The window's edge, as transformers masks it (key k visible from query p iff p - W < k <= p):
+// with two sliding layers, token 0 reaches position p only while p <= 2W - 2. Changing it leaves
+// every later position's logits bit-identical and changes position 2W - 2.
+TEST(ArchTest, SlidingWindowEdgeMatchesTransformersConvention) {
+  ModelConfig c = TinyConfig();
+  const int64_t W = 20;
+  const std::filesystem::path dir = FreshDir("mistral");
+  WriteArchModel(dir, c, ConfigAs(c, "MistralForCausalLM", "mistral", {{"sliding_window", W}}), 11, -1);
+  std::unique_ptr<CpuModel> m = LoadDir(dir);
+  ASSERT_NE(m, nullptr);
+  ASSERT_EQ(m->config().SlidingWindow(1), W);
+  std::vector<int32_t> a = RandomTokens(70, c.vocab_size, 3), b = a;
+  b[0] = (a[0] + 1) % static_cast<int32_t>(c.vocab_size);
+  std::vector<float> la = FullPass(*m, 1, a), lb = FullPass(*m, 1, b);
+  const int64_t v = c.vocab_size;
+  auto row = [&](const std::vector<float>& l, int64_t p) { return std::vector<float>(l.begin() + p * v, l.begin() + (p + 1) * v); };
+  EXPECT_NE(row(la, 2 * W - 2), row(lb, 2 * W - 2));
+  for (int64_t p = 2 * W - 1; p < 70; ++p) EXPECT_EQ(row(la, p), row(lb, p)) << "position " << p;
+}
+
+// Biases, per-layer sliding windows (Qwen2 layer_types) and YaRN together: decoding over the
+// paged cache, in chunks that cross blocks and the window, gives the logits of one full pass.
+TEST(ArchTest, WindowsBiasesYarnPagedDecodeMatchesRecompute) {
+  ModelConfig c = TinyConfig();
+  c.num_hidden_layers = 3;
+  const std::filesystem::path dir = FreshDir("qwen2");
+  nlohmann::json j = ConfigAs(c, "Qwen2ForCausalLM", "qwen2",
+                              {{"use_sliding_window", true}, {"sliding_window", 21}, {"max_window_layers", 1},
+                               {"layer_types", {"full_attention", "sliding_attention", "sliding_attention"}}});
+  j.erase("rope_theta");
+  j["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 10000.0}, {"factor", 4.0},
+                          {"original_max_position_embeddings", 32}};
+  WriteArchModel(dir, c, j, 17, 0.3f);
+  std::unique_ptr<CpuModel> m = LoadDir(dir);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->config().sliding_layers, (std::vector<bool>{false, true, true}));
+  EXPECT_EQ(m->config().rope.type, "yarn");
+  const int kPrompt = 45, kTotal = 100;
+  std::vector<int32_t> tokens = RandomTokens(kTotal, c.vocab_size, 21);
+  std::vector<float> ref = FullPass(*m, 1, tokens);
+  for (int chunk : {kPrompt, 5, 16, 30}) {
+    ASSERT_TRUE(m->AddSequence(2).ok());
+    std::vector<float> got, logits;
+    for (int at = 0; at < kTotal;) {
+      int n = at < kPrompt ? std::min(chunk, kPrompt - at) : 1;
+      SequenceInput in{.seq = 2, .tokens = std::span<const int32_t>(tokens).subspan(at, n), .all_logits = true};
+      ASSERT_TRUE(m->Forward({&in, 1}, &logits).ok());
+      got.insert(got.end(), logits.begin(), logits.end());
+      at += n;
+    }
+    ASSERT_EQ(got.size(), ref.size());
+    // float32 with different summation grouping (BLAS blocking by row count): ~1e-6.
+    EXPECT_LT(RelL2(got, ref), 1e-5) << "chunk " << chunk;
+    ASSERT_TRUE(m->ReleaseSequence(2).ok());
+  }
 }
 
 }  // namespace
