@@ -168,6 +168,19 @@ __global__ void __launch_bounds__(kMassWarps * 32) BlockMassKernel(BlockMassPara
     n_entries = p.sel_indptr[idx + 1] - p.sel_indptr[idx];
   }
   const int e_begin = blockIdx.x * kMassWarps * kMassBlocksPerWarp;
+  if (p.block_lse != nullptr) {  // the attention pass left each block's log-sum-exp: no key reads
+    const int e_end = min(n_entries, e_begin + kMassWarps * kMassBlocksPerWarp);
+    for (int idx = threadIdx.x; idx < rows * (e_end - e_begin); idx += blockDim.x) {
+      const int r = idx / (e_end - e_begin), e = e_begin + idx % (e_end - e_begin);
+      const int b = list != nullptr ? list[e] : e;
+      const int row = row0 + r, t = row / group, h = kvh * group + row % group;
+      const float bl = p.block_lse[(int64_t{q0 + t} * p.num_heads + h) * p.block_lse_stride + b];
+      const float lse = lse_s[r];
+      bp.mass[s * bp.mass_seq_stride + t * bp.mass_token_stride + (bp.mass_head_offset + h) * bp.mass_head_stride + b] =
+          (bl == -INFINITY || lse == -INFINITY) ? 0.0f : exp2f(bl - lse);
+    }
+    return;
+  }
   for (int e = e_begin + warp; e < min(n_entries, e_begin + kMassWarps * kMassBlocksPerWarp); e += kMassWarps) {
     const int b = list != nullptr ? list[e] : e;
     const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + b];

@@ -79,6 +79,8 @@ void ArgmaxRef(const ArgmaxParams& p);
 // head's list, whose masses then sum to one. Written to
 // mass[s * mass_seq_stride + t * mass_token_stride + (mass_head_offset + h) * mass_head_stride + b]
 // for those blocks b; other entries are left as they are.
+// With attn.block_lse set (the attention pass wrote it), the mass is 2^(block_lse - lse) and the
+// keys are not read again.
 struct BlockMassParams {
   SparseDecodeParams attn;  // q, kv, q_indptr, seq_lens, block_table, shapes, scale, lse (read)
   float* mass = nullptr;

@@ -302,6 +302,39 @@ TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
         }
       }
     }
+
+    // The same masses from the attention pass's own per-block log-sum-exp (no second key read):
+    // the kernel's block_lse against the reference's, then the masses against the ones above.
+    const int stride = nb_max;
+    std::vector<float> blse_want(static_cast<size_t>(rows) * c.nh * stride, -7.0f);
+    SparseDecodeParams ref2 = ref;
+    ref2.block_lse = blse_want.data();
+    ref2.block_lse_stride = stride;
+    SparseDecodeRef(ref2);
+    SparseDecodeParams p2 = p;
+    p2.block_lse = dev.Put(std::vector<float>(blse_want.size(), -7.0f));
+    p2.block_lse_stride = stride;
+    ASSERT_EQ(SparseDecode(p2, plan, ws, nullptr), cudaSuccess);
+    std::vector<float> blse_got = dev.Get(p2.block_lse, blse_want.size());
+    for (size_t i = 0; i < blse_got.size(); ++i) {
+      if (blse_want[i] == -7.0f || blse_want[i] == -INFINITY) {
+        ASSERT_EQ(blse_got[i], blse_want[i]) << "block_lse entry " << i;
+      } else {
+        ASSERT_NEAR(blse_got[i], blse_want[i], 1e-3f * std::max(1.0f, std::abs(blse_want[i]))) << "block_lse entry " << i;
+      }
+    }
+    BlockMassParams bp2 = bp;
+    bp2.attn = p2;
+    bp2.mass = dev.Put(std::vector<float>(mass_want.size(), -1.0f));
+    ASSERT_EQ(BlockMass(bp2, c.keep >= 0 ? pr.max_list_blocks() : nb_max, max_t, nullptr), cudaSuccess);
+    std::vector<float> mass_fused = dev.Get(bp2.mass, mass_want.size());
+    for (size_t i = 0; i < mass_fused.size(); ++i) {
+      if (mass_want[i] == -1.0f) {
+        ASSERT_EQ(mass_fused[i], -1.0f) << "fused mass wrote outside the listed blocks at " << i;
+      } else {
+        ASSERT_NEAR(mass_fused[i], mass_want[i], 2e-4f + 2e-3f * mass_want[i]) << "fused mass " << i;
+      }
+    }
   }
 }
 

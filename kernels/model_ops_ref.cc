@@ -97,7 +97,13 @@ void BlockMassRef(const BlockMassParams& bp) {
         } else {
           for (int b = 0; b < nb; ++b) listed.push_back(b);
         }
+        const int64_t qrow = int64_t{q0 + t} * p.num_heads + h;
         for (int32_t b : listed) {
+          if (p.block_lse != nullptr) {
+            const float bl = p.block_lse[qrow * p.block_lse_stride + b];
+            out[b] = (bl == -INFINITY || lse == -INFINITY) ? 0.0f : std::exp2(bl - lse);
+            continue;
+          }
           const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + b];
           const uint16_t* keys = p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * 2 * kKvBlockSize * hd;
           float m = 0;

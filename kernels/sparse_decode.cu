@@ -299,6 +299,14 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
         }
       }
       l_run[i] = l_run[i] * alpha + sum;
+      if (p.block_lse != nullptr) {  // this block's own log-sum-exp for the row (STS's signal)
+        float bs = sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+        bs += __shfl_xor_sync(0xffffffffu, bs, 2);
+        const int row = row0 + g + 8 * i;
+        if (t == 0 && row < nrows) {
+          p.block_lse[w.q_row(p, row) * p.block_lse_stride + logical] = bs > 0.0f ? m_use + log2f(bs) : -INFINITY;
+        }
+      }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         o[j][2 * i] *= alpha;
@@ -454,6 +462,7 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
   if ((p.head_dim != 64 && p.head_dim != 128) || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
+  if (p.block_lse != nullptr && plan.rows_per_cta != 16) return cudaErrorInvalidValue;  // tensor-core kernel only
   const int total_q_rows = plan.total_q_rows;
   float* ws_o = static_cast<float*>(workspace);
   float* ws_ml = ws_o + static_cast<size_t>(plan.num_splits) * total_q_rows * p.num_heads * p.head_dim;

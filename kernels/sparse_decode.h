@@ -40,6 +40,12 @@ struct SparseDecodeParams {
   // keys it saw, lse2 = log2(sum_j 2^(s_j * scale * log2(e))), so that p_j = 2^(s_j * scale *
   // log2(e) - lse2). -inf for a row that sees no key. [q_indptr[num_seqs]][num_heads].
   float* lse = nullptr;
+  // Optional output (tensor-core plan only): for every query row, head and block of its list, the
+  // base-2 log-sum-exp of its scores over that block's keys it sees (-inf if none), at
+  // block_lse[(row * num_heads + head) * block_lse_stride + logical block]. With lse this gives
+  // the attention mass per block, 2^(block_lse - lse), without reading the keys again.
+  float* block_lse = nullptr;
+  int block_lse_stride = 0;
   int num_seqs = 0;
   int num_heads = 0;
   int num_kv_heads = 0;

@@ -90,6 +90,20 @@ void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32, float* abs_out
           } else if (p.lse != nullptr) {
             p.lse[row / hd] = -INFINITY;
           }
+          if (p.block_lse != nullptr) {
+            for (int32_t b : logical) {
+              float bm = -INFINITY;
+              for (size_t j = 0; j < n; ++j) {
+                if (pos[j] / kKvBlockSize == b) bm = std::max(bm, w[j]);
+              }
+              float bs = 0;
+              for (size_t j = 0; j < n; ++j) {
+                if (pos[j] / kKvBlockSize == b && w[j] != -INFINITY) bs += std::exp(w[j] - bm);
+              }
+              p.block_lse[(row / hd) * p.block_lse_stride + b] =
+                  bm == -INFINITY ? -INFINITY : (bm + std::log(bs)) * static_cast<float>(M_LOG2E);
+            }
+          }
           for (int d = 0; d < hd; ++d) {
             p.out[row + d] = FloatToBf16(acc[d]);
             if (out_f32 != nullptr) out_f32[row + d] = acc[d];

@@ -119,7 +119,7 @@ struct CudaModel::Impl {
   size_t weight_bytes = 0;
 
   // Per-step buffers, grown before a step is enqueued (never during a capture).
-  DeviceBuffer x, h, qkv, q, attn, gu, act, final_x, final_h, logits, lse, attn_ws, mass, index;
+  DeviceBuffer x, h, qkv, q, attn, gu, act, final_x, final_h, logits, lse, block_lse, attn_ws, mass, index;
   PinnedBuffer staging[2];
   cudaEvent_t staged[2] = {nullptr, nullptr};  // the upload of staging[i] has run
   int next_staging = 0;
@@ -374,7 +374,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   }
   const int64_t mass_t = max_q, mass_per_layer = nh * mass_t * max_nb;
   const std::vector<const DeviceBuffer*> per_step = {&x, &h, &qkv, &q, &attn, &gu, &act, &final_x, &final_h,
-                                                     &logits, &lse, &attn_ws, &mass, &partial};
+                                                     &logits, &lse, &block_lse, &attn_ws, &mass, &partial};
   std::vector<void*> before;
   for (const DeviceBuffer* b : per_step) before.push_back(b->ptr);
   SCOUT_RETURN_IF_ERROR(x.Reserve(T * d * 4, "activations"));
@@ -389,6 +389,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   SCOUT_RETURN_IF_ERROR(final_h.Reserve(R * d * 2, "activations"));
   SCOUT_RETURN_IF_ERROR(logits.Reserve(R * vocab * 4, "logits"));
   SCOUT_RETURN_IF_ERROR(lse.Reserve(T * nh * 4, "log-sum-exp"));
+  const bool fused_mass = (host_mass || o.block_mass != nullptr) && plan.rows_per_cta == 16;
+  if (fused_mass) SCOUT_RETURN_IF_ERROR(block_lse.Reserve(T * nh * table_nb * 4, "block log-sum-exp"));
   SCOUT_RETURN_IF_ERROR(attn_ws.Reserve(std::max<size_t>(ws_bytes, 16), "attention workspace"));
   if (host_mass) SCOUT_RETURN_IF_ERROR(mass.Reserve(B * L * mass_per_layer * 4, "block mass"));
   for (size_t i = 0; i < per_step.size(); ++i) {
@@ -486,6 +488,10 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       }
       const bool want_mass = host_mass || o.block_mass != nullptr;
       if (want_mass) ap.lse = lse.as<float>();
+      if (fused_mass) {  // the attention writes each block's log-sum-exp: the mass needs no key reads
+        ap.block_lse = block_lse.as<float>();
+        ap.block_lse_stride = table_nb;
+      }
       if (o.skip_attention) {
         // benchmark variant: no attention kernel
       } else if (o.santa_samples > 0) {
