@@ -52,10 +52,16 @@ __global__ void RopeAppendKernel(RopeAppendParams p) {
   const float* src = p.qkv + (int64_t{r} * (nh + 2 * nkv) + h) * hd;
   const int pos = p.positions[r];
   float a = src[i], b = src[i + half];
+  if (p.bias != nullptr) {
+    a += p.bias[h * hd + i];
+    b += p.bias[h * hd + i + half];
+  }
   if (h < nh + nkv) {
     const float angle = static_cast<float>(pos) * p.inv_freq[i];
     float s, c;
     sincosf(angle, &s, &c);
+    s *= p.attention_scaling;
+    c *= p.attention_scaling;
     const float ra = a * c - b * s, rb = b * c + a * s;
     a = ra;
     b = rb;
@@ -71,6 +77,13 @@ __global__ void RopeAppendKernel(RopeAppendParams p) {
   }
   dst[i] = ToBf(a);
   dst[i + half] = ToBf(b);
+}
+
+__global__ void AddBiasKernel(AddBiasParams p) {
+  const int64_t n = int64_t{p.rows} * p.n;
+  for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < n; k += int64_t{gridDim.x} * blockDim.x) {
+    p.y[k] += p.bias[k % p.n];
+  }
 }
 
 __global__ void SiluMulKernel(SiluMulParams p) {
@@ -291,6 +304,12 @@ cudaError_t RopeAppend(const RopeAppendParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   const dim3 grid(p.rows, p.num_heads + 2 * p.num_kv_heads);
   RopeAppendKernel<<<grid, ((p.head_dim / 2 + 31) / 32) * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t AddBias(const AddBiasParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.n == 0) return cudaSuccess;
+  AddBiasKernel<<<GridFor(int64_t{p.rows} * p.n, 256), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

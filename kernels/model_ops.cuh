@@ -13,6 +13,7 @@ cudaError_t RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 // head_dim even and at most 256.
 cudaError_t RopeAppend(const RopeAppendParams& p, cudaStream_t stream);
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream);
+cudaError_t AddBias(const AddBiasParams& p, cudaStream_t stream);
 cudaError_t Argmax(const ArgmaxParams& p, cudaStream_t stream);
 // head_dim 64 or 128. max_blocks: the most blocks of any sequence, or with a selection the
 // longest list (sizes the grid).

@@ -49,8 +49,19 @@ struct RopeAppendParams {
   int num_heads = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
+  const float* bias = nullptr;     // optional [(num_heads + 2 * num_kv_heads) * head_dim], added first (Qwen2)
+  float attention_scaling = 1.0f;  // cos and sin are multiplied by it (YaRN)
 };
 void RopeAppendRef(const RopeAppendParams& p);
+
+// y[r][j] += bias[j]
+struct AddBiasParams {
+  float* y = nullptr;            // [rows][n]
+  const float* bias = nullptr;   // [n]
+  int rows = 0;
+  int n = 0;
+};
+void AddBiasRef(const AddBiasParams& p);
 
 // out[r][j] = bf16(silu(gate_up[r][j]) * gate_up[r][inter + j])
 struct SiluMulParams {

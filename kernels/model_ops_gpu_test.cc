@@ -123,10 +123,15 @@ TEST(ModelOpsGpu, RopeAppendMatchesReferenceAndTouchesOnlyItsSlots) {
     Dev dev;
     uint16_t* q = dev.Put(q_want);
     uint16_t* kv = dev.Put(kv_want);
+    // Every other shape with Qwen2-style biases and a YaRN-style attention scaling.
+    const bool extras = (s.rows % 2) == 1;
+    std::vector<float> bias = Normal(int64_t{s.nh + 2 * s.nkv} * s.hd, rng, 0.5f);
     RopeAppendParams p{.qkv = qkv.data(), .positions = positions.data(), .phys_blocks = phys.data(),
                        .inv_freq = inv_freq.data(), .q = q_want.data(), .kv = kv_want.data(), .rows = s.rows,
-                       .num_heads = s.nh, .num_kv_heads = s.nkv, .head_dim = s.hd};
+                       .num_heads = s.nh, .num_kv_heads = s.nkv, .head_dim = s.hd,
+                       .bias = extras ? bias.data() : nullptr, .attention_scaling = extras ? 1.1386f : 1.0f};
     RopeAppendRef(p);
+    if (extras) p.bias = dev.Put(bias);
     p.qkv = dev.Put(qkv);
     p.positions = dev.Put(positions);
     p.phys_blocks = dev.Put(phys);
@@ -142,6 +147,19 @@ TEST(ModelOpsGpu, RopeAppendMatchesReferenceAndTouchesOnlyItsSlots) {
       }
     }
     ExpectBf16Near(kv_got, kv_want, "kv");
+  }
+}
+
+TEST(ModelOpsGpu, AddBiasMatchesReference) {
+  std::mt19937 rng(9);
+  for (int n : {1, 33, 4096}) {
+    const int rows = 3;
+    std::vector<float> y = Normal(rows * n, rng), b = Normal(n, rng), want = y;
+    AddBiasRef({.y = want.data(), .bias = b.data(), .rows = rows, .n = n});
+    Dev dev;
+    float* dy = dev.Put(y);
+    ASSERT_EQ(AddBias({.y = dy, .bias = dev.Put(b), .rows = rows, .n = n}, nullptr), cudaSuccess);
+    EXPECT_EQ(dev.Get(dy, want.size()), want);  // one float add each: exact
   }
 }
 

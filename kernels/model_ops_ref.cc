@@ -32,11 +32,11 @@ void RopeAppendRef(const RopeAppendParams& p) {
     const int pos = p.positions[r];
     const int64_t slot = pos % kKvBlockSize;
     for (int h = 0; h < nh + 2 * nkv; ++h) {
-      for (int i = 0; i < hd; ++i) v[i] = src[int64_t{h} * hd + i];
+      for (int i = 0; i < hd; ++i) v[i] = src[int64_t{h} * hd + i] + (p.bias ? p.bias[int64_t{h} * hd + i] : 0.0f);
       if (h < nh + nkv) {
         for (int i = 0; i < half; ++i) {
           const float angle = static_cast<float>(pos) * p.inv_freq[i];
-          const float c = std::cos(angle), s = std::sin(angle);
+          const float c = std::cos(angle) * p.attention_scaling, s = std::sin(angle) * p.attention_scaling;
           const float a = v[i], b = v[i + half];
           v[i] = a * c - b * s;
           v[i + half] = b * c + a * s;
@@ -52,6 +52,12 @@ void RopeAppendRef(const RopeAppendParams& p) {
       }
       for (int i = 0; i < hd; ++i) dst[i] = FloatToBf16(v[i]);
     }
+  }
+}
+
+void AddBiasRef(const AddBiasParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    for (int j = 0; j < p.n; ++j) p.y[int64_t{r} * p.n + j] += p.bias[j];
   }
 }
 

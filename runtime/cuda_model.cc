@@ -89,6 +89,7 @@ struct PinnedBuffer {
 
 struct LayerWeights {
   DeviceBuffer attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down;  // norms float32, matrices bf16
+  DeviceBuffer bqkv, bo;  // float32 biases where the config has them (Qwen2: bqkv)
 };
 
 // Offsets (in int32 elements) of one step's index arrays inside the staging buffer.
@@ -107,6 +108,7 @@ struct CudaModel::Impl {
   ncclComm_t comm = nullptr;  // owned by the caller (TensorParallelModel)
 #endif
   DeviceBuffer partial;  // tensor parallel: a projection's partial sum before the all-reduce
+  float rope_scaling = 1.0f;  // RopeAttentionScaling (YaRN)
   int device = 0;
   int sms = 0;
   cudaStream_t stream = nullptr;
@@ -198,6 +200,12 @@ absl::Status CudaModel::Impl::Init(const CudaModelOptions& o) {
   // A fixed workspace keeps cuBLAS from allocating inside a graph capture.
   SCOUT_RETURN_IF_ERROR(blas_workspace.Reserve(size_t{32} << 20, "cuBLAS workspace"));
   SCOUT_RETURN_IF_ERROR(BlasStatus(cublasSetWorkspace(blas, blas_workspace.ptr, blas_workspace.bytes), "cublasSetWorkspace"));
+  if (c.sliding_window > 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        "config.json sets sliding_window = ", c.sliding_window,
+        ": the CUDA backend does not run sliding-window attention yet (use --device cpu)"));
+  }
+  rope_scaling = RopeAttentionScaling(c.rope);
   std::vector<float> inv = RopeInvFreq(c.rope, c.head_dim);
   SCOUT_RETURN_IF_ERROR(inv_freq.Reserve(inv.size() * sizeof(float), "RoPE frequencies"));
   SCOUT_RETURN_IF_CUDA(cudaMemcpy(inv_freq.ptr, inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice), "upload");
@@ -219,6 +227,8 @@ absl::Status CudaModel::Impl::AllocWeights() {
     SCOUT_RETURN_IF_ERROR(l.mlp_norm.Reserve(d * sizeof(float), "MLP norm"));
     SCOUT_RETURN_IF_ERROR(l.w_gate_up.Reserve(2 * inter * d * b, "gate/up projection"));
     SCOUT_RETURN_IF_ERROR(l.w_down.Reserve(d * inter * b, "down projection"));
+    if (c.qkv_bias) SCOUT_RETURN_IF_ERROR(l.bqkv.Reserve((nh + 2 * nkv) * hd * sizeof(float), "qkv bias"));
+    if (c.o_bias) SCOUT_RETURN_IF_ERROR(l.bo.Reserve(d * sizeof(float), "output bias"));
   }
   weight_bytes = (c.tie_word_embeddings ? 1 : 2) * vocab * d * b +
                  c.num_hidden_layers * ((nh + 2 * nkv) * hd * d + d * nh * hd + 3 * inter * d) * b;
@@ -468,7 +478,9 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                                 .phys_blocks = di + lay.phys, .inv_freq = inv_freq.as<float>(),
                                                 .q = q.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
                                                 .rows = static_cast<int>(T), .num_heads = static_cast<int>(nh),
-                                                .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd)},
+                                                .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd),
+                                                .bias = w.bqkv.ptr != nullptr ? w.bqkv.as<float>() : nullptr,
+                                                .attention_scaling = rope_scaling},
                                                stream),
                            "RoPE and KV append");
       kernels::SparseDecodeParams ap{.q = q.as<uint16_t>(), .out = attn.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
@@ -520,6 +532,12 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                              "block mass");
       }
       SCOUT_RETURN_IF_ERROR(ProjectAndReduce(w.wo.ptr, attn.ptr, T, nh * hd, d));  // + residual
+      if (w.bo.ptr != nullptr) {  // after the all-reduce: added once to the replicated stream
+        SCOUT_RETURN_IF_CUDA(kernels::AddBias({.y = x.as<float>(), .bias = w.bo.as<float>(), .rows = static_cast<int>(T),
+                                               .n = static_cast<int>(d)},
+                                              stream),
+                             "output bias");
+      }
       SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = x.as<float>(), .weight = w.mlp_norm.as<float>(), .out = h.as<uint16_t>(),
                                              .rows = static_cast<int>(T), .dim = static_cast<int>(d), .eps = eps},
                                             stream),
@@ -655,6 +673,15 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const ModelConfig& 
     LayerWeights& d = impl->layers[l];
     SCOUT_RETURN_IF_ERROR(upload_f32(w.attn_norm, d.attn_norm));
     SCOUT_RETURN_IF_ERROR(upload_f32(w.mlp_norm, d.mlp_norm));
+    if (config.o_bias) SCOUT_RETURN_IF_ERROR(upload_f32(w.bo, d.bo));
+    if (config.qkv_bias) {
+      SCOUT_RETURN_IF_ERROR(upload_f32(impl->tp_size == 1 ? w.bqkv
+                                                          : rows(w.bqkv, 1,
+                                                                 {{r * nh * hd, nh * hd},
+                                                                  {(nh_all + r * nkv) * hd, nkv * hd},
+                                                                  {(nh_all + nkv_all + r * nkv) * hd, nkv * hd}}),
+                                       d.bqkv));
+    }
     if (impl->tp_size == 1) {
       SCOUT_RETURN_IF_ERROR(upload_bf16(w.wqkv, d.wqkv));
       SCOUT_RETURN_IF_ERROR(upload_bf16(w.wo, d.wo));
@@ -700,6 +727,9 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const ModelCo
   if (!config.tie_word_embeddings) SCOUT_RETURN_IF_ERROR(fill(impl->lm_head, d));
   SCOUT_RETURN_IF_ERROR(set_ones(impl->norm));
   for (LayerWeights& l : impl->layers) {
+    for (DeviceBuffer* bias : {&l.bqkv, &l.bo}) {  // random models: zero biases
+      if (bias->ptr != nullptr) SCOUT_RETURN_IF_CUDA(cudaMemset(bias->ptr, 0, bias->bytes), "biases");
+    }
     SCOUT_RETURN_IF_ERROR(set_ones(l.attn_norm));
     SCOUT_RETURN_IF_ERROR(set_ones(l.mlp_norm));
     SCOUT_RETURN_IF_ERROR(fill(l.wqkv, d));

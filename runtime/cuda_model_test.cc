@@ -247,6 +247,74 @@ TEST(CudaModelTest, DeviceStepAndGraphReplayMatchForward) {
   cudaFree(argmax);
 }
 
+// Random weights of a config's shapes, in memory (biases included when the config has them).
+LlamaWeights RandomWeights(const ModelConfig& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.2f);
+  auto fill = [&](int64_t n, float offset = 0.0f) {
+    std::vector<float> v(n);
+    for (float& x : v) x = offset + normal(rng);
+    return v;
+  };
+  const int64_t d = c.hidden_size, hd = c.head_dim, qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
+  LlamaWeights w;
+  w.embed = fill(c.vocab_size * d);
+  w.norm = fill(d, 1.0f);
+  if (!c.tie_word_embeddings) w.lm_head = fill(c.vocab_size * d);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LlamaLayerWeights lw;
+    lw.attn_norm = fill(d, 1.0f);
+    lw.wqkv = fill(qkv * d);
+    lw.wo = fill(d * c.num_attention_heads * hd);
+    lw.mlp_norm = fill(d, 1.0f);
+    lw.w_gate_up = fill(2 * c.intermediate_size * d);
+    lw.w_down = fill(d * c.intermediate_size);
+    if (c.qkv_bias) lw.bqkv = fill(qkv);
+    if (c.o_bias) lw.bo = fill(d);
+    w.layers.push_back(std::move(lw));
+  }
+  return w;
+}
+
+// Qwen2-style q/k/v biases, an output bias and YaRN RoPE (its attention scaling) on the GPU agree
+// with the CPU backend (which matches transformers: runtime/arch_golden_test.cc); a sliding
+// window is refused by name.
+TEST(CudaModelTest, BiasesAndYarnMatchCpu) {
+  ModelConfig c = SmallConfig();
+  c.qkv_bias = true;
+  c.o_bias = true;
+  c.rope = {.type = "yarn", .theta = 10000, .factor = 4, .original_max_position_embeddings = 64};
+  LlamaWeights w = RandomWeights(c, 21);
+  absl::StatusOr<std::unique_ptr<CudaModel>> gpu = CudaModel::Create(c, w);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  absl::StatusOr<std::unique_ptr<CpuModel>> cpu = CpuModel::Create(c, w);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  LlamaWeights plain = w;  // the same without biases: the biases must matter
+  for (LlamaLayerWeights& l : plain.layers) {
+    std::fill(l.bqkv.begin(), l.bqkv.end(), 0.0f);
+    std::fill(l.bo.begin(), l.bo.end(), 0.0f);
+  }
+  absl::StatusOr<std::unique_ptr<CudaModel>> gpu_plain = CudaModel::Create(c, plain);
+  ASSERT_TRUE(gpu_plain.ok());
+  std::vector<int32_t> prompt = RandomTokens(230, static_cast<int>(c.vocab_size), 22);  // past 64: YaRN's range
+  std::vector<float> want, got, other;
+  for (auto [m, out] : {std::pair<ModelBackend*, std::vector<float>*>{cpu->get(), &want}, {gpu->get(), &got},
+                        {gpu_plain->get(), &other}}) {
+    ASSERT_TRUE(m->AddSequence(1).ok());
+    SequenceInput in{.seq = 1, .tokens = prompt, .all_logits = true};
+    absl::Status s = m->Forward({&in, 1}, out);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  EXPECT_LT(RelL2(got, want), kLogitTol);
+  EXPECT_GT(RelL2(other, want), 5 * kLogitTol);  // H100: 0.557 without the biases
+  ModelConfig sliding = SmallConfig();
+  sliding.sliding_window = 32;
+  sliding.sliding_layers = {true, true};
+  absl::StatusOr<std::unique_ptr<CudaModel>> refused = CudaModel::Create(sliding, RandomWeights(sliding, 1));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(refused.status().message().find("sliding_window"), std::string::npos);
+}
+
 // The fixture pair: the GPU's logits over a long prompt agree with the CPU's, and 128 greedy
 // tokens are the same.
 void GreedyMatches(const std::string& model) {
