@@ -51,6 +51,9 @@ struct SparseDecodeParams {
   int num_kv_heads = 0;
   int head_dim = 0;                     // 64 or 128 on the GPU
   float scale = 0;                      // softmax scale, usually 1/sqrt(head_dim)
+  // > 0: sliding-window attention (Mistral, Qwen2): a query at position p sees only the keys at
+  // positions k with p - sliding_window < k <= p.
+  int sliding_window = 0;
 };
 
 // Plain C++ reference: float32 scores and softmax, output rounded to bf16. If out_f32 is

@@ -79,6 +79,11 @@ TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
         .head_dim = 128, .keep_fraction = 0.2}, 3},
       {{.seq_lens = {40, 1234}, .q_tokens = {5, 5}, .num_heads = 64, .num_kv_heads = 8, .head_dim = 128}, 0},
       {{.seq_lens = {16, 1}, .q_tokens = {16, 1}, .num_heads = 2, .num_kv_heads = 1, .head_dim = 64}, 0},
+      // Sliding windows (Mistral, Qwen2): not block-aligned, prefill rows with their own windows.
+      {{.seq_lens = {300, 77, 40}, .q_tokens = {5, 1, 40}, .num_heads = 6, .num_kv_heads = 2, .head_dim = 64,
+        .sliding_window = 37}, 0},
+      {{.seq_lens = {4097}, .q_tokens = {3}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .keep_fraction = 0.3,
+        .sliding_window = 1000}, 5},
   };
   uint32_t seed = 7;
   for (const Case& c : cases) {

@@ -23,6 +23,7 @@ struct DecodeShape {
   // random, plus the first block (sink) and the last (the new tokens).
   double keep_fraction = -1;
   bool always_keep_last = true;
+  int sliding_window = 0;  // > 0: SparseDecodeParams::sliding_window
 };
 
 // Host buffers of one problem. params() points into them.
@@ -53,7 +54,7 @@ struct DecodeProblem {
             .sel_blocks = shape.keep_fraction < 0 ? nullptr : sel_blocks.data(),
             .num_seqs = static_cast<int>(seq_lens.size()), .num_heads = shape.num_heads,
             .num_kv_heads = shape.num_kv_heads, .head_dim = shape.head_dim,
-            .scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim))};
+            .scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim)), .sliding_window = shape.sliding_window};
   }
   int total_q_rows() const { return q_indptr.back(); }
   int max_q_tokens() const { return *std::max_element(shape.q_tokens.begin(), shape.q_tokens.end()); }

@@ -200,11 +200,6 @@ absl::Status CudaModel::Impl::Init(const CudaModelOptions& o) {
   // A fixed workspace keeps cuBLAS from allocating inside a graph capture.
   SCOUT_RETURN_IF_ERROR(blas_workspace.Reserve(size_t{32} << 20, "cuBLAS workspace"));
   SCOUT_RETURN_IF_ERROR(BlasStatus(cublasSetWorkspace(blas, blas_workspace.ptr, blas_workspace.bytes), "cublasSetWorkspace"));
-  if (c.sliding_window > 0) {
-    return absl::UnimplementedError(absl::StrCat(
-        "config.json sets sliding_window = ", c.sliding_window,
-        ": the CUDA backend does not run sliding-window attention yet (use --device cpu)"));
-  }
   rope_scaling = RopeAttentionScaling(c.rope);
   std::vector<float> inv = RopeInvFreq(c.rope, c.head_dim);
   SCOUT_RETURN_IF_ERROR(inv_freq.Reserve(inv.size() * sizeof(float), "RoPE frequencies"));
@@ -489,6 +484,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                      .num_seqs = B, .num_heads = static_cast<int>(nh),
                                      .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd),
                                      .scale = 1.0f / std::sqrt(static_cast<float>(hd))};
+      ap.sliding_window = static_cast<int>(c.SlidingWindow(layer));  // 0 on full-attention layers
       if (o.selection != nullptr) {
         ap.sel_indptr = o.selection->indptr + layer * nkv_all + kv0;
         ap.sel_blocks = o.selection->blocks;

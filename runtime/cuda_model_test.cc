@@ -277,8 +277,7 @@ LlamaWeights RandomWeights(const ModelConfig& c, uint32_t seed) {
 }
 
 // Qwen2-style q/k/v biases, an output bias and YaRN RoPE (its attention scaling) on the GPU agree
-// with the CPU backend (which matches transformers: runtime/arch_golden_test.cc); a sliding
-// window is refused by name.
+// with the CPU backend (which matches transformers: runtime/arch_golden_test.cc).
 TEST(CudaModelTest, BiasesAndYarnMatchCpu) {
   ModelConfig c = SmallConfig();
   c.qkv_bias = true;
@@ -307,12 +306,35 @@ TEST(CudaModelTest, BiasesAndYarnMatchCpu) {
   }
   EXPECT_LT(RelL2(got, want), kLogitTol);
   EXPECT_GT(RelL2(other, want), 5 * kLogitTol);  // H100: 0.557 without the biases
-  ModelConfig sliding = SmallConfig();
-  sliding.sliding_window = 32;
-  sliding.sliding_layers = {true, true};
-  absl::StatusOr<std::unique_ptr<CudaModel>> refused = CudaModel::Create(sliding, RandomWeights(sliding, 1));
-  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(refused.status().message().find("sliding_window"), std::string::npos);
+}
+
+// Sliding-window attention (Mistral everywhere, Qwen2 on some layers) over a prompt several
+// windows long, prefilled at once and then decoded token by token across block boundaries.
+TEST(CudaModelTest, SlidingWindowMatchesCpu) {
+  ModelConfig c = SmallConfig();
+  c.sliding_window = 37;  // not a multiple of the 16-token block
+  c.sliding_layers = {false, true};
+  LlamaWeights w = RandomWeights(c, 31);
+  absl::StatusOr<std::unique_ptr<CudaModel>> gpu = CudaModel::Create(c, w);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  absl::StatusOr<std::unique_ptr<CpuModel>> cpu = CpuModel::Create(c, w);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  std::vector<int32_t> prompt = RandomTokens(150, static_cast<int>(c.vocab_size), 32);
+  std::vector<float> want, got;
+  for (auto [m, out] : {std::pair<ModelBackend*, std::vector<float>*>{cpu->get(), &want}, {gpu->get(), &got}}) {
+    ASSERT_TRUE(m->AddSequence(1).ok());
+    SequenceInput in{.seq = 1, .tokens = prompt, .all_logits = true};
+    absl::Status s = m->Forward({&in, 1}, out);
+    ASSERT_TRUE(s.ok()) << s;
+    for (int i = 0; i < 20; ++i) {  // single-token steps
+      std::vector<int32_t> one = {static_cast<int32_t>((7 * i + 3) % c.vocab_size)};
+      std::vector<float> step;
+      SequenceInput st{.seq = 1, .tokens = one};
+      ASSERT_TRUE(m->Forward({&st, 1}, &step).ok());
+      out->insert(out->end(), step.begin(), step.end());
+    }
+  }
+  EXPECT_LT(RelL2(got, want), kLogitTol);
 }
 
 // The fixture pair: the GPU's logits over a long prompt agree with the CPU's, and 128 greedy
