@@ -499,7 +499,8 @@ int Serve(int argc, char** argv) {
       {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
       {"served-model-name", "", "model id in the API (default: the model folder's name)"},
       {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
-      {"max-waiting", "64", "requests that may queue behind the running one; more get 429"},
+      {"max-num-seqs", "16", "requests batched together in each decode step (1 with a draft)"},
+      {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
       {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
       {"host", "0.0.0.0", "address to listen on"},
       {"port", "8000", "port to listen on (0: any free port, printed at start)"},
@@ -512,10 +513,11 @@ int Serve(int argc, char** argv) {
   }
   if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
   absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
-                          max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting");
+                          max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
+                          max_num_seqs = flags.GetInt("max-num-seqs");
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout");
   for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
-                                shutdown_timeout.status()}) {
+                                max_num_seqs.status(), shutdown_timeout.status()}) {
     if (!s.ok()) return Fail(s);
   }
   // Signals are taken by sigwait below: block them before any thread starts.
@@ -549,7 +551,8 @@ int Serve(int argc, char** argv) {
   monitoring::ServerMetrics metrics;
   scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics,
                            {.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
-                            .max_waiting = static_cast<int>(*max_waiting)});
+                            .max_waiting = static_cast<int>(*max_waiting),
+                            .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))});
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
                              rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));

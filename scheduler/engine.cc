@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -11,18 +12,65 @@
 
 namespace scout::scheduler {
 
+using Clock = std::chrono::steady_clock;
+
+// One request from admission to its result. The caller's thread waits in Complete and drains the
+// outbox; the scheduler thread does everything else.
+struct Engine::Request {
+  Request(const CompletionRequest& r, const runtime::Tokenizer& tok)
+      : req(r), sampler(r.sampling), decoder(tok) {}
+  const CompletionRequest req;
+  // Set up by Start.
+  std::vector<int32_t> ids;
+  int64_t seq = 0;
+  int64_t earlier = 0;       // session tokens already in the cache
+  bool new_session = false;
+  bool started = false;
+  runtime::Sampler sampler;
+  runtime::StreamingDecoder decoder;
+  std::string pending;       // text held back as a possible stop-string prefix
+  bool stop_hit = false;
+  int32_t last_token = -1;   // sampled, not yet in the cache
+  Clock::time_point start = Clock::now(), last;
+  bool first = true;
+  CompletionResult result;
+  std::atomic<bool> cancelled{false};
+  // Handed to the caller (Engine::mu_).
+  std::deque<std::string> outbox;
+  bool done = false;
+  absl::Status status;
+};
+
 Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
                std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
                const EngineOptions& options)
-    : model_(std::move(model)),
+    : config_(model->config()),
+      model_(std::move(model)),
       draft_(std::move(draft)),
       tokenizer_(std::move(tokenizer)),
       metrics_(metrics),
-      options_(options) {}
+      options_(options) {
+  if (draft_ != nullptr) options_.max_num_seqs = 1;  // speculative rounds run one request at a time
+  options_.max_num_seqs = std::max(options_.max_num_seqs, 1);
+  loop_ = std::thread([this] { Loop(); });
+}
+
+Engine::~Engine() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  loop_.join();
+}
 
 int64_t Engine::max_model_len() const {
-  const int64_t model_len = model_->config().max_position_embeddings;
+  const int64_t model_len = config_.max_position_embeddings;
   return options_.max_model_len > 0 ? std::min(options_.max_model_len, model_len) : model_len;
+}
+
+EngineStats Engine::stats() {
+  absl::MutexLock lock(&mu_);
+  return stats_;
 }
 
 bool Engine::Drain(double timeout_seconds) {
@@ -38,14 +86,14 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   if (!req.session_id.empty() && draft_ != nullptr) {
     return absl::InvalidArgumentError("sessions are not supported with a draft model yet");
   }
-  const int64_t limit = max_model_len();
   {
     absl::MutexLock admit(&admit_mu_);
     if (draining_) return absl::UnavailableError("server is shutting down");
-    if (admitted_ > options_.max_waiting) {  // one runs, max_waiting wait
+    if (admitted_ >= options_.max_num_seqs + options_.max_waiting) {
       metrics_->requests_error.Increment();
-      return absl::ResourceExhaustedError(absl::StrCat(admitted_ - 1, " requests already wait (max_waiting ",
-                                                       options_.max_waiting, ")"));
+      return absl::ResourceExhaustedError(absl::StrCat(admitted_, " requests already running or waiting (max_num_seqs ",
+                                                       options_.max_num_seqs, ", max_waiting ", options_.max_waiting,
+                                                       ")"));
     }
     ++admitted_;
   }
@@ -53,165 +101,317 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
     absl::MutexLock admit(&admit_mu_);
     --admitted_;
   };
+  auto r = std::make_shared<Request>(req, *tokenizer_);
   metrics_->requests_waiting.Increment();
-  absl::MutexLock lock(&mu_);
-  metrics_->requests_waiting.Decrement();
-  // A session's new tokens follow its pending token; a new session (or none) starts with BOS.
-  Session* session = nullptr;
-  bool new_session = false;
-  if (!req.session_id.empty()) {
-    auto [it, inserted] = sessions_.try_emplace(req.session_id);
-    session = &it->second;
-    new_session = inserted;
-    if (inserted) session->seq = next_seq_++;
+  {
+    absl::MutexLock lock(&mu_);
+    waiting_.push_back(r);
   }
-  std::vector<int32_t> ids;
-  int64_t earlier = 0;
-  if (session != nullptr && !new_session) {
-    earlier = *model_->SequenceLength(session->seq);
-    if (session->pending >= 0) ids.push_back(session->pending);
-    const std::vector<int32_t> more = tokenizer_->Encode(req.prompt, /*add_bos=*/false);
-    ids.insert(ids.end(), more.begin(), more.end());
-  } else {
-    ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
+  // Hand text to the caller as it comes; its callback runs on this thread, never the scheduler's.
+  while (true) {
+    std::deque<std::string> pieces;
+    bool done = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return r->done || !r->outbox.empty(); };
+      mu_.Await(absl::Condition(&ready));
+      pieces.swap(r->outbox);
+      done = r->done;
+    }
+    for (const std::string& piece : pieces) {
+      if (on_text && !r->cancelled && !on_text(piece)) r->cancelled = true;
+    }
+    if (done) break;
   }
-  auto forget_new_session = [&] {
-    if (new_session) sessions_.erase(req.session_id);
-  };
-  if (ids.empty()) {
-    forget_new_session();
-    return absl::InvalidArgumentError("prompt is empty");
+  if (!r->status.ok()) return r->status;
+  return r->result;
+}
+
+void Engine::Loop() {
+  std::vector<std::shared_ptr<Request>> running;
+  while (true) {
+    std::vector<std::shared_ptr<Request>> joining;
+    {
+      absl::MutexLock lock(&mu_);
+      auto work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !waiting_.empty() || !running.empty(); };
+      mu_.Await(absl::Condition(&work));
+      if (stop_ && waiting_.empty() && running.empty()) return;
+      // Admit in arrival order while there is room; a request on a busy session waits its turn.
+      for (auto it = waiting_.begin(); it != waiting_.end() && running.size() + joining.size() < static_cast<size_t>(options_.max_num_seqs);) {
+        const std::string& sid = (*it)->req.session_id;
+        if (!sid.empty()) {
+          auto s = sessions_.find(sid);
+          if (s != sessions_.end() && s->second.busy) {
+            ++it;
+            continue;
+          }
+          sessions_[sid].busy = true;  // created here when new; Start fills it in
+        }
+        joining.push_back(*it);
+        it = waiting_.erase(it);
+      }
+    }
+    absl::MutexLock model_lock(&model_mu_);
+    for (auto& r : joining) {
+      metrics_->requests_waiting.Decrement();
+      metrics_->requests_running.Increment();
+      if (draft_ != nullptr) {
+        RunSpeculative(*r);
+        continue;
+      }
+      if (Start(*r)) running.push_back(r);
+    }
+    if (running.empty()) continue;
+    std::vector<Request*> step;
+    for (auto& r : running) step.push_back(r.get());
+    DecodeStep(step);
+    running.erase(std::remove_if(running.begin(), running.end(), [](const std::shared_ptr<Request>& r) {
+                    return !r->started;  // Finish clears started
+                  }),
+                  running.end());
   }
-  if (earlier + static_cast<int64_t>(ids.size()) + req.max_tokens > limit) {
-    forget_new_session();
-    return absl::OutOfRangeError(absl::StrCat("prompt (", ids.size(), " tokens", earlier > 0 ? absl::StrCat(" after ", earlier, " in the session") : "",
-                                              ") plus max_tokens (", req.max_tokens,
-                                              ") exceeds the model's context of ", limit, " (max_model_len)"));
-  }
-  if (new_session) {
-    if (absl::Status s = model_->AddSequence(session->seq); !s.ok()) {
-      forget_new_session();
-      return s;
+}
+
+bool Engine::Start(Request& r) {
+  const CompletionRequest& req = r.req;
+  const int64_t limit = max_model_len();
+  {
+    absl::MutexLock lock(&mu_);
+    if (!req.session_id.empty()) {
+      Session& s = sessions_[req.session_id];
+      if (s.seq == 0) {  // new: Loop made the entry
+        s.seq = next_seq_++;
+        r.new_session = true;
+      }
+      r.seq = s.seq;
+      if (!r.new_session && s.pending >= 0) r.ids.push_back(s.pending);
+    } else {
+      r.seq = next_seq_++;
     }
   }
-  metrics_->requests_running.Increment();
-  const int64_t seq = session != nullptr ? session->seq : next_seq_++;
-  int32_t last_token = -1;
-
-  using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
-  auto last = start;
-  bool first = true;
-  CompletionResult result{.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(ids.size()),
-                          .cached_tokens = earlier, .completion_tokens = 0};
-  // Text is held back while it could still be the start of a stop string, and released once it
-  // cannot; a stop string ends generation and is not returned.
-  std::string pending;
-  bool cancelled = false, stop_hit = false;
-  // Byte-level BPE tokens can end inside a UTF-8 character: text is released only whole.
-  runtime::StreamingDecoder decoder(*tokenizer_);
-  auto on_token = [&](int32_t token) {
-    const auto now = Clock::now();
-    (first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
-        .Observe(std::chrono::duration<double>(now - (first ? start : last)).count());
-    first = false;
-    last = now;
-    last_token = token;
-    ++result.completion_tokens;
-    const std::vector<int32_t> eos = tokenizer_->eos_ids();
-    if (!req.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
-      result.finish_reason = "stop";
+  r.started = true;
+  if (!req.session_id.empty() && !r.new_session) {
+    r.earlier = *model_->SequenceLength(r.seq);
+    const std::vector<int32_t> more = tokenizer_->Encode(req.prompt, /*add_bos=*/false);
+    r.ids.insert(r.ids.end(), more.begin(), more.end());
+  } else {
+    r.ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
+  }
+  r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size()),
+              .cached_tokens = r.earlier, .completion_tokens = 0};
+  if (r.ids.empty()) {
+    Finish(r, absl::InvalidArgumentError("prompt is empty"));
+    return false;
+  }
+  if (r.earlier + static_cast<int64_t>(r.ids.size()) + req.max_tokens > limit) {
+    Finish(r, absl::OutOfRangeError(absl::StrCat(
+                  "prompt (", r.ids.size(), " tokens",
+                  r.earlier > 0 ? absl::StrCat(" after ", r.earlier, " in the session") : "", ") plus max_tokens (",
+                  req.max_tokens, ") exceeds the model's context of ", limit, " (max_model_len)")));
+    return false;
+  }
+  if (req.session_id.empty() || r.new_session) {
+    if (absl::Status s = model_->AddSequence(r.seq); !s.ok()) {
+      Finish(r, s);
       return false;
     }
-    absl::StatusOr<std::string> piece = decoder.Add(token);
-    if (piece.ok()) pending += *piece;
-    for (const std::string& stop : req.stop) {
-      if (const size_t at = pending.find(stop); !stop.empty() && at != std::string::npos) {
-        pending.resize(at);
-        result.finish_reason = "stop";
-        stop_hit = true;
+  }
+  // Prefill in chunks; the last chunk's last row gives the first token.
+  std::vector<float> logits;
+  for (size_t at = 0; at < r.ids.size(); at += options_.prefill_chunk) {
+    const size_t n = std::min<size_t>(options_.prefill_chunk, r.ids.size() - at);
+    runtime::SequenceInput in{.seq = r.seq, .tokens = std::span<const int32_t>(r.ids).subspan(at, n)};
+    if (absl::Status s = model_->Forward({&in, 1}, &logits); !s.ok()) {
+      Finish(r, s);
+      return false;
+    }
+  }
+  if (!OnToken(r, r.sampler.Sample(logits))) {
+    Finish(r, absl::OkStatus());
+    return false;
+  }
+  return true;
+}
+
+void Engine::DecodeStep(std::vector<Request*>& running) {
+  // Requests cancelled by their callers leave before the pass.
+  for (Request* r : running) {
+    if (r->cancelled) Finish(*r, absl::OkStatus());
+  }
+  running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
+  std::vector<float> logits;
+  while (!running.empty()) {
+    std::vector<runtime::SequenceInput> batch;
+    for (Request* r : running) batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(&r->last_token, 1)});
+    absl::Status s = model_->Forward(batch, &logits);
+    if (s.ok()) break;
+    if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
+      // The KV pool is full: the newest request gives way so the others keep running.
+      Finish(*running.back(), s);
+      running.pop_back();
+      continue;
+    }
+    for (Request* r : running) Finish(*r, s);
+    running.clear();
+  }
+  if (running.empty()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    ++stats_.decode_steps;
+    stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
+  }
+  const int64_t vocab = config_.vocab_size;
+  for (size_t i = 0; i < running.size(); ++i) {
+    Request& r = *running[i];
+    const int32_t token = r.sampler.Sample(std::span<const float>(logits).subspan(i * vocab, vocab));
+    if (!OnToken(r, token)) Finish(r, absl::OkStatus());
+  }
+}
+
+void Engine::RunSpeculative(Request& r) {
+  {
+    absl::MutexLock lock(&mu_);
+    r.seq = next_seq_++;
+  }
+  r.started = true;
+  r.ids = tokenizer_->Encode(r.req.prompt, /*add_bos=*/true);
+  r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size())};
+  const int64_t limit = max_model_len();
+  if (r.ids.empty()) return Finish(r, absl::InvalidArgumentError("prompt is empty"));
+  if (static_cast<int64_t>(r.ids.size()) + r.req.max_tokens > limit) {
+    return Finish(r, absl::OutOfRangeError(absl::StrCat("prompt (", r.ids.size(), " tokens) plus max_tokens (",
+                                                        r.req.max_tokens, ") exceeds the model's context of ", limit,
+                                                        " (max_model_len)")));
+  }
+  absl::StatusOr<runtime::SpeculativeResult> res = runtime::GenerateSpeculative(
+      *model_, *draft_, r.seq, r.ids,
+      {.num_speculative_tokens = options_.num_speculative_tokens, .max_tokens = r.req.max_tokens,
+       .sampling = r.req.sampling, .prefill_chunk = options_.prefill_chunk},
+      [&](int32_t token) { return !r.cancelled && OnToken(r, token); });
+  if (res.ok()) {
+    metrics_->draft_tokens.Increment(static_cast<double>(res->draft_proposed));
+    metrics_->accepted_tokens.Increment(static_cast<double>(res->draft_accepted));
+  }
+  r.seq = -r.seq - 1;  // GenerateSpeculative released its sequence: nothing for Finish to free
+  Finish(r, res.status());
+}
+
+bool Engine::OnToken(Request& r, int32_t token) {
+  const auto now = Clock::now();
+  (r.first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
+      .Observe(std::chrono::duration<double>(now - (r.first ? r.start : r.last)).count());
+  r.first = false;
+  r.last = now;
+  r.last_token = token;
+  ++r.result.completion_tokens;
+  const std::vector<int32_t> eos = tokenizer_->eos_ids();
+  if (!r.req.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+    r.result.finish_reason = "stop";
+    return false;
+  }
+  // Byte-level BPE tokens can end inside a UTF-8 character: text is released only whole.
+  absl::StatusOr<std::string> piece = r.decoder.Add(token);
+  if (piece.ok()) r.pending += *piece;
+  for (const std::string& stop : r.req.stop) {
+    if (const size_t at = r.pending.find(stop); !stop.empty() && at != std::string::npos) {
+      r.pending.resize(at);
+      r.result.finish_reason = "stop";
+      r.stop_hit = true;
+      break;
+    }
+  }
+  // Release the part of pending that no stop string can still start in.
+  size_t keep = 0;
+  for (const std::string& stop : r.req.stop) {
+    for (size_t k = std::min(stop.size() - (stop.empty() ? 0 : 1), r.pending.size()); k > keep; --k) {
+      if (r.pending.compare(r.pending.size() - k, k, stop, 0, k) == 0) {
+        keep = k;
         break;
       }
     }
-    // Release the part of pending that no stop string can still start in.
-    size_t keep = 0;
-    for (const std::string& stop : req.stop) {
-      for (size_t k = std::min(stop.size() - (stop.empty() ? 0 : 1), pending.size()); k > keep; --k) {
-        if (pending.compare(pending.size() - k, k, stop, 0, k) == 0) {
-          keep = k;
-          break;
-        }
+  }
+  if (r.stop_hit) keep = 0;
+  std::string out = r.pending.substr(0, r.pending.size() - keep);
+  r.pending.erase(0, r.pending.size() - keep);
+  if (!out.empty()) {
+    r.result.text += out;
+    absl::MutexLock lock(&mu_);
+    r.outbox.push_back(std::move(out));
+  }
+  return !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
+}
+
+void Engine::Finish(Request& r, absl::Status status) {
+  const bool session = !r.req.session_id.empty();
+  std::string tail;
+  if (status.ok()) {
+    if (!r.stop_hit && !r.cancelled) {
+      r.pending += r.decoder.Finish();  // an unfinished character, as U+FFFD
+      tail = r.pending;                 // held-back text that never became a stop string
+      r.result.text += tail;
+    }
+    if (r.cancelled) r.result.finish_reason = "cancelled";
+  }
+  if (r.seq > 0) {
+    if (!session) {
+      model_->ReleaseSequence(r.seq).IgnoreError();
+    } else if (!status.ok()) {
+      if (r.new_session) {
+        model_->ReleaseSequence(r.seq).IgnoreError();
+      } else {
+        model_->TruncateSequence(r.seq, r.earlier).IgnoreError();  // the session is as it was
       }
     }
-    if (stop_hit) keep = 0;
-    const std::string out = pending.substr(0, pending.size() - keep);
-    pending.erase(0, pending.size() - keep);
-    result.text += out;
-    if (!out.empty() && on_text && !on_text(out)) {
-      cancelled = true;
-      return false;
-    }
-    return !stop_hit;
-  };
-  absl::Status status;
-  if (draft_ != nullptr) {
-    absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(
-        *model_, *draft_, seq, ids,
-        {.num_speculative_tokens = options_.num_speculative_tokens, .max_tokens = req.max_tokens,
-         .sampling = req.sampling},
-        on_token);
-    status = r.status();
-    if (r.ok()) {
-      metrics_->draft_tokens.Increment(static_cast<double>(r->draft_proposed));
-      metrics_->accepted_tokens.Increment(static_cast<double>(r->draft_accepted));
-    }
-  } else {
-    status = runtime::Generate(*model_, seq, ids,
-                               {.max_tokens = req.max_tokens, .sampling = req.sampling,
-                                .continue_sequence = session != nullptr},
-                               on_token)
-                 .status();
   }
   metrics_->requests_running.Decrement();
   if (!status.ok()) {
     metrics_->requests_error.Increment();
-    if (session != nullptr) {
-      if (new_session) {
-        model_->ReleaseSequence(seq).IgnoreError();
-        forget_new_session();
+  } else {
+    (r.cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
+    metrics_->prompt_tokens.Increment(static_cast<double>(r.result.prompt_tokens));
+    metrics_->generation_tokens.Increment(static_cast<double>(r.result.completion_tokens));
+  }
+  absl::MutexLock lock(&mu_);
+  if (session) {
+    auto it = sessions_.find(r.req.session_id);
+    if (it != sessions_.end()) {
+      if (!status.ok() && r.new_session) {
+        sessions_.erase(it);
       } else {
-        model_->TruncateSequence(seq, earlier).IgnoreError();  // the session is as it was
+        it->second.busy = false;
+        if (status.ok()) it->second.pending = r.last_token;
       }
     }
-    return status;
   }
-  if (session != nullptr) session->pending = last_token;
-  if (!stop_hit && !cancelled) pending += decoder.Finish();  // an unfinished character, as U+FFFD
-  if (!stop_hit && !cancelled && !pending.empty()) {  // held-back text that never became a stop string
-    result.text += pending;
-    if (on_text && !on_text(pending)) cancelled = true;
-  }
-  if (cancelled) result.finish_reason = "cancelled";
-  (cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
-  metrics_->prompt_tokens.Increment(static_cast<double>(result.prompt_tokens));
-  metrics_->generation_tokens.Increment(static_cast<double>(result.completion_tokens));
-  return result;
+  if (!tail.empty()) r.outbox.push_back(tail);
+  r.status = status;
+  r.started = false;
+  r.done = true;
 }
 
 std::vector<SessionInfo> Engine::ListSessions() {
+  absl::MutexLock model_lock(&model_mu_);
   absl::MutexLock lock(&mu_);
   std::vector<SessionInfo> out;
   for (const auto& [id, s] : sessions_) {
-    out.push_back({id, *model_->SequenceLength(s.seq) + (s.pending >= 0 ? 1 : 0)});
+    if (s.seq == 0) continue;  // admitted, not started yet
+    absl::StatusOr<int64_t> len = model_->SequenceLength(s.seq);
+    out.push_back({id, (len.ok() ? *len : 0) + (s.pending >= 0 ? 1 : 0)});
   }
   std::sort(out.begin(), out.end(), [](const SessionInfo& a, const SessionInfo& b) { return a.id < b.id; });
   return out;
 }
 
 absl::Status Engine::DeleteSession(const std::string& id) {
-  absl::MutexLock lock(&mu_);  // requests hold mu_ while they run: none uses the session now
+  absl::MutexLock model_lock(&model_mu_);
+  absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
-  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+  if (it == sessions_.end() || it->second.seq == 0) {
+    return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+  }
+  if (it->second.busy) {
+    return absl::FailedPreconditionError(absl::StrCat("session \"", id, "\" has a request running"));
+  }
   absl::Status s = model_->ReleaseSequence(it->second.seq);
   sessions_.erase(it);
   return s;

@@ -1,5 +1,8 @@
-// The serving engine: one model (and optional draft) behind a queue. Requests run one at a time
-// on the CPU backend (it has one caller); continuous batching comes with the GPU backend.
+// The serving engine: one model (and optional draft) behind a queue, driven by one scheduler
+// thread. Without a draft, requests are batched continuously: each step runs one token of every
+// running request in a single forward pass, new requests join between steps (their prompts
+// prefilled first) and finished ones leave. With a draft, requests run one at a time through
+// speculative decoding.
 #pragma once
 
 #include <atomic>
@@ -7,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -24,7 +28,14 @@ namespace scout::scheduler {
 struct EngineOptions {
   int num_speculative_tokens = 4;
   int64_t max_model_len = 0;  // prompt + max_tokens limit; 0: the model's max_position_embeddings
-  int max_waiting = 64;       // requests queued behind the running one before new ones are refused
+  int max_waiting = 64;       // requests queued behind the running ones before new ones are refused
+  int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs); 1 with a draft
+  int64_t prefill_chunk = 512;  // prompt tokens per forward pass
+};
+
+struct EngineStats {
+  int64_t decode_steps = 0;  // batched decode passes run
+  int max_batch = 0;         // most requests one decode pass carried
 };
 
 struct CompletionRequest {
@@ -69,8 +80,7 @@ class Engine {
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request, const TextCallback& on_text = nullptr);
 
   std::vector<SessionInfo> ListSessions();
-  // Frees the session's KV. NotFound if unknown; FailedPrecondition while a request uses it
-  // (cannot happen while requests run one at a time, but the contract holds for batching).
+  // Frees the session's KV. NotFound if unknown; FailedPrecondition while a request uses it.
   absl::Status DeleteSession(const std::string& id);
 
   // Refuses new requests from now on; waits up to timeout_seconds for the admitted ones to
@@ -78,25 +88,52 @@ class Engine {
   bool Drain(double timeout_seconds);
   bool draining() const { return draining_.load(); }
 
-  const runtime::ModelConfig& config() const { return model_->config(); }
+  const runtime::ModelConfig& config() const { return config_; }
   int64_t max_model_len() const;
+  EngineStats stats();
+
+  ~Engine();
 
  private:
-  absl::Mutex mu_;  // one request on the models at a time
-  std::unique_ptr<runtime::ModelBackend> model_ ABSL_PT_GUARDED_BY(mu_);
-  std::unique_ptr<runtime::ModelBackend> draft_ ABSL_PT_GUARDED_BY(mu_);
-  std::unique_ptr<runtime::Tokenizer> tokenizer_;
-  monitoring::ServerMetrics* metrics_;
-  EngineOptions options_;
-  int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  struct Request;
   struct Session {
     int64_t seq = 0;
     int32_t pending = -1;  // last generated token, not yet in the cache
+    bool busy = false;     // a request is running on it
   };
+
+  void Loop();
+  // Scheduler thread, model_mu_ held: turns a waiting request into a running one (session,
+  // tokens, sequence) and prefills its prompt; false when it finished (error or first token).
+  bool Start(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // One decode pass over the running requests (model_mu_ held).
+  void DecodeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  void RunSpeculative(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // Takes a sampled token: metrics, EOS, stop strings, text to the request's outbox. False when
+  // the request is finished.
+  bool OnToken(Request& r, int32_t token);
+  // Frees or keeps the request's sequence and hands the result to its caller.
+  void Finish(Request& r, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+
+  const runtime::ModelConfig config_;
+  absl::Mutex model_mu_;  // the scheduler thread's hold on the models; sessions calls take it briefly
+  std::unique_ptr<runtime::ModelBackend> model_ ABSL_PT_GUARDED_BY(model_mu_);
+  std::unique_ptr<runtime::ModelBackend> draft_ ABSL_PT_GUARDED_BY(model_mu_);
+  std::unique_ptr<runtime::Tokenizer> tokenizer_;
+  monitoring::ServerMetrics* metrics_;
+  EngineOptions options_;
+
+  absl::Mutex mu_;  // queues, sessions, requests' outboxes
+  int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
   absl::flat_hash_map<std::string, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<Request>> waiting_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  EngineStats stats_ ABSL_GUARDED_BY(mu_);
+
   absl::Mutex admit_mu_;
   int admitted_ ABSL_GUARDED_BY(admit_mu_) = 0;  // running + waiting
   std::atomic<bool> draining_{false};
+  std::thread loop_;
 };
 
 }  // namespace scout::scheduler

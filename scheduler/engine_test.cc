@@ -1,6 +1,8 @@
 #include "scheduler/engine.h"
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "runtime/test_model.h"
@@ -82,6 +84,57 @@ TEST(EngineTest, StreamedPiecesAreWholeUtf8WithBpeTokenizer) {
     EXPECT_TRUE(runtime::IsValidUtf8(r->text));
     EXPECT_EQ(streamed, r->text);
   }
+}
+
+// Continuous batching: concurrent requests share decode passes, and each gets the text it gets
+// alone; one cancelled mid-stream leaves the others running; two turns of one session queue
+// behind each other instead of interleaving.
+TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
+  monitoring::ServerMetrics metrics;
+  auto engine = MakeEngine(&metrics);
+  const std::vector<std::string> prompts = {"import os\n", "def f(x):\n    return", "class A:\n    def ",
+                                            "for i in range(", "# comment\nx = ", "while True:\n    "};
+  std::vector<std::string> alone;
+  for (const std::string& p : prompts) {
+    auto r = engine->Complete({.prompt = p, .max_tokens = 24});
+    ASSERT_TRUE(r.ok()) << r.status();
+    alone.push_back(r->text);
+  }
+  const int64_t steps_before = engine->stats().decode_steps;
+  std::vector<std::string> together(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto r = engine->Complete({.prompt = prompts[i], .max_tokens = 24});
+      together[i] = r.ok() ? r->text : std::string(r.status().message());
+    });
+  }
+  // One more that cancels after its first piece of text.
+  std::string cancelled_reason;
+  threads.emplace_back([&] {
+    auto r = engine->Complete({.prompt = "import sys\n", .max_tokens = 200, .ignore_eos = true},
+                              [](absl::string_view) { return false; });
+    cancelled_reason = r.ok() ? r->finish_reason : std::string(r.status().message());
+  });
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(together, alone);
+  EXPECT_EQ(cancelled_reason, "cancelled");
+  EXPECT_GE(engine->stats().max_batch, 2);
+  EXPECT_LT(engine->stats().decode_steps - steps_before, 7 * 24);  // fewer passes than requests x tokens
+
+  // Two turns of one session at once: the second waits for the first and continues after it.
+  std::vector<int64_t> cached(2, -1);
+  std::thread t1([&] {
+    auto r = engine->Complete({.prompt = "def g(y):\n", .max_tokens = 8, .session_id = "s"});
+    cached[0] = r.ok() ? r->cached_tokens : -2;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  auto r2 = engine->Complete({.prompt = "\n", .max_tokens = 8, .session_id = "s"});
+  t1.join();
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(cached[0], 0);
+  EXPECT_GT(r2->cached_tokens, 0);
+  EXPECT_EQ(engine->ListSessions().at(0).tokens, r2->cached_tokens + r2->prompt_tokens + 8);
 }
 
 // A failed turn leaves the session as it was; the next turn still continues it.

@@ -70,9 +70,10 @@ wait "$pid"
 rc=$?
 [ $rc -eq 0 ] || fail "server exit $rc after SIGTERM"
 
-# Admission and drain: with one request running and no queue allowed, another gets 429 with
-# Retry-After; SIGTERM lets the running one finish (health says 503 meanwhile) and exits 0.
-start_server serve.err --model "$src/models/scout-tiny-target" --max-waiting 0 --max-model-len 2048 --shutdown-timeout 60
+# Admission and drain: with one request running, no other batched and no queue allowed, another
+# gets 429 with Retry-After; SIGTERM lets the running one finish (health says 503 meanwhile) and
+# exits 0.
+start_server serve.err --model "$src/models/scout-tiny-target" --max-num-seqs 1 --max-waiting 0 --max-model-len 2048 --shutdown-timeout 60
 curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_len not applied"
 [ "$(code '{"prompt": "x", "max_tokens": 2048}')" = 400 ] || fail "over --max-model-len"
 
