@@ -39,7 +39,10 @@ ServerMetrics::ServerMetrics()
       time_to_first_token(NewHistogram(*registry_, "scout_time_to_first_token_seconds", "Time to first token",
                                        {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600})),
       inter_token_latency(NewHistogram(*registry_, "scout_inter_token_latency_seconds", "Time between tokens",
-                                       {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})) {}
+                                       {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})),
+      kv_cache_usage(NewGauge(*registry_, "scout_kv_cache_usage_ratio", "Fraction of the KV pool's blocks in use")),
+      decode_batch_size(NewHistogram(*registry_, "scout_decode_batch_size", "Requests carried by one decode pass",
+                                     {1, 2, 4, 8, 16, 32, 64, 128, 256})) {}
 
 std::string ServerMetrics::Serialize() const { return prometheus::TextSerializer().Serialize(registry_->Collect()); }
 

@@ -33,6 +33,8 @@ class ServerMetrics {
   prometheus::Gauge& requests_waiting;      // scout_num_requests_waiting
   prometheus::Histogram& time_to_first_token;  // scout_time_to_first_token_seconds
   prometheus::Histogram& inter_token_latency;  // scout_inter_token_latency_seconds
+  prometheus::Gauge& kv_cache_usage;        // scout_kv_cache_usage_ratio: KV pool blocks in use / all
+  prometheus::Histogram& decode_batch_size;  // scout_decode_batch_size: requests per decode pass
 
   // The text exposition format (what Prometheus scrapes).
   std::string Serialize() const;

@@ -59,6 +59,13 @@ class ModelBackend {
   // or duplicated input; OutOfRange past max_position_embeddings; ResourceExhausted when the KV
   // pool cannot hold the new tokens; NotFound for an unknown sequence.
   virtual absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) = 0;
+
+  // Blocks of the KV pool in use and in all (each block: 16 tokens of every layer and KV head).
+  struct KvCacheUsage {
+    int64_t used_blocks = 0;
+    int64_t total_blocks = 0;
+  };
+  virtual KvCacheUsage kv_cache_usage() const = 0;
 };
 
 }  // namespace scout::runtime

@@ -37,6 +37,10 @@ class CpuModel final : public ModelBackend {
   absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const override;
   absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) override;
 
+  KvCacheUsage kv_cache_usage() const override {
+    return {.used_blocks = tables_.allocator().capacity() - tables_.allocator().num_free(),
+            .total_blocks = tables_.allocator().capacity()};
+  }
   const kvstore::BlockTableManager& block_tables() const { return tables_; }
   // Bytes of float32 weights.
   size_t weight_bytes() const;

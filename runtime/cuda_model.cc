@@ -802,6 +802,10 @@ absl::Status CudaModel::Synchronize() {
 const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
 void* CudaModel::stream() const { return impl_->stream; }
 const kvstore::BlockTableManager& CudaModel::block_tables() const { return *impl_->tables; }
+ModelBackend::KvCacheUsage CudaModel::kv_cache_usage() const {
+  const kvstore::BlockAllocator& a = impl_->tables->allocator();
+  return {.used_blocks = a.capacity() - a.num_free(), .total_blocks = a.capacity()};
+}
 size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaModel::kv_bytes_per_token() const {
   const ModelConfig& c = impl_->c;

@@ -122,6 +122,7 @@ class CudaModel final : public ModelBackend {
   // grows it to that length: a long context for benchmarks without a prefill.
   absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
 
+  KvCacheUsage kv_cache_usage() const override;
   const kvstore::BlockTableManager& block_tables() const;
   size_t weight_bytes() const;
   size_t kv_bytes_per_token() const;

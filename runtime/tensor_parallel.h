@@ -36,6 +36,7 @@ class TensorParallelModel final : public ModelBackend {
   absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const override { return shards_.front()->SequenceLength(seq); }
   // Every shard runs the pass on its own thread (their all-reduces meet); logits from shard 0.
   absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) override;
+  KvCacheUsage kv_cache_usage() const override { return shards_.front()->kv_cache_usage(); }
 
   int size() const { return static_cast<int>(shards_.size()); }
 

@@ -260,6 +260,9 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
     ++stats_.decode_steps;
     stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
   }
+  metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
+  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
+  metrics_->kv_cache_usage.Set(usage.total_blocks > 0 ? double(usage.used_blocks) / usage.total_blocks : 0.0);
   const int64_t vocab = config_.vocab_size;
   for (size_t i = 0; i < running.size(); ++i) {
     Request& r = *running[i];
@@ -364,6 +367,8 @@ void Engine::Finish(Request& r, absl::Status status) {
     }
   }
   metrics_->requests_running.Decrement();
+  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
+  metrics_->kv_cache_usage.Set(usage.total_blocks > 0 ? double(usage.used_blocks) / usage.total_blocks : 0.0);
   if (!status.ok()) {
     metrics_->requests_error.Increment();
   } else {
