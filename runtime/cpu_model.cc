@@ -65,13 +65,9 @@ absl::StatusOr<std::unique_ptr<CpuModel>> CpuModel::Create(const ModelConfig& co
 
 absl::StatusOr<std::unique_ptr<CpuModel>> CpuModel::Load(const std::filesystem::path& model_dir,
                                                          const CpuModelOptions& options) {
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
-  if (!config.ok()) return config.status();
-  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
-  if (!store.ok()) return store.status();
-  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
-  if (!weights.ok()) return weights.status();
-  return Create(*config, std::move(*weights), options);
+  absl::StatusOr<Checkpoint> ckpt = LoadCheckpoint(model_dir);
+  if (!ckpt.ok()) return ckpt.status();
+  return Create(ckpt->config, std::move(ckpt->weights), options);
 }
 
 absl::StatusOr<int64_t> CpuModel::SequenceLength(SequenceId seq) const {

@@ -18,17 +18,11 @@ namespace scout::runtime {
 namespace {
 
 using testing::FreshDir;
+using testing::RandomTokens;
 using testing::TinyConfig;
 using testing::WriteRandomModel;
 
 double RelL2(std::span<const float> a, std::span<const float> b) { return kernels::testing::RelL2(a, b); }
-
-std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = std::uniform_int_distribution<int32_t>(0, vocab - 1)(rng);
-  return t;
-}
 
 std::unique_ptr<CpuModel> LoadTiny(const ModelConfig& c, int shards = 1, int64_t kv_tokens = 0) {
   std::filesystem::path dir = FreshDir("model");

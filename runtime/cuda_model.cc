@@ -740,13 +740,9 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::CreateRandom(const ModelCo
 
 absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Load(const std::filesystem::path& model_dir,
                                                            const CudaModelOptions& options) {
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
-  if (!config.ok()) return config.status();
-  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
-  if (!store.ok()) return store.status();
-  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
-  if (!weights.ok()) return weights.status();
-  return Create(*config, *weights, options);
+  absl::StatusOr<Checkpoint> ckpt = LoadCheckpoint(model_dir);
+  if (!ckpt.ok()) return ckpt.status();
+  return Create(ckpt->config, ckpt->weights, options);
 }
 
 const ModelConfig& CudaModel::config() const { return impl_->c; }

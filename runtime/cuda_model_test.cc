@@ -17,6 +17,7 @@ namespace scout::runtime {
 namespace {
 
 using testing::FreshDir;
+using testing::RandomTokens;
 using testing::WriteRandomModel;
 
 // The source tree: SCOUT_SOURCE_DIR in the environment (the GPU machine runs a copy elsewhere),
@@ -25,13 +26,6 @@ const std::filesystem::path kModels =
     std::filesystem::path(std::getenv("SCOUT_SOURCE_DIR") ? std::getenv("SCOUT_SOURCE_DIR") : SCOUT_SOURCE_DIR) / "models";
 
 double RelL2(std::span<const float> a, std::span<const float> b) { return kernels::testing::RelL2(a, b); }
-
-std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = std::uniform_int_distribution<int32_t>(0, vocab - 1)(rng);
-  return t;
-}
 
 int32_t Argmax(std::span<const float> row) {
   return static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());

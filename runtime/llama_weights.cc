@@ -92,4 +92,14 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const ModelConfig& c, const Tensor
   return w;
 }
 
+absl::StatusOr<Checkpoint> LoadCheckpoint(const std::filesystem::path& model_dir) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
+  if (!config.ok()) return config.status();
+  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
+  if (!store.ok()) return store.status();
+  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
+  if (!weights.ok()) return weights.status();
+  return Checkpoint{std::move(*config), std::move(*weights)};
+}
+
 }  // namespace scout::runtime

@@ -36,4 +36,12 @@ struct LlamaWeights {
 // for layers beyond num_hidden_layers, DataLoss passed through from a corrupt shard.
 absl::StatusOr<LlamaWeights> LoadLlamaWeights(const ModelConfig& config, const TensorStore& store);
 
+// A Hugging Face model folder read whole: config.json and its safetensors weights. Errors as
+// LoadModelConfig, TensorStore::OpenDir and LoadLlamaWeights give them.
+struct Checkpoint {
+  ModelConfig config;
+  LlamaWeights weights;
+};
+absl::StatusOr<Checkpoint> LoadCheckpoint(const std::filesystem::path& model_dir);
+
 }  // namespace scout::runtime

@@ -11,13 +11,9 @@ namespace scout::runtime {
 
 absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Load(const std::filesystem::path& model_dir,
                                                                                const TensorParallelOptions& options) {
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
-  if (!config.ok()) return config.status();
-  absl::StatusOr<TensorStore> store = TensorStore::OpenDir(model_dir);
-  if (!store.ok()) return store.status();
-  absl::StatusOr<LlamaWeights> weights = LoadLlamaWeights(*config, *store);
-  if (!weights.ok()) return weights.status();
-  return Create(*config, *weights, options);
+  absl::StatusOr<Checkpoint> ckpt = LoadCheckpoint(model_dir);
+  if (!ckpt.ok()) return ckpt.status();
+  return Create(ckpt->config, ckpt->weights, options);
 }
 
 absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Create(const ModelConfig& config,

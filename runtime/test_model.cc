@@ -110,4 +110,11 @@ std::filesystem::path FreshDir(const std::string& name) {
   return dir;
 }
 
+std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (int32_t& x : t) x = std::uniform_int_distribution<int32_t>(0, vocab - 1)(rng);
+  return t;
+}
+
 }  // namespace scout::runtime::testing

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "runtime/model_config.h"
 
@@ -18,6 +19,9 @@ std::string ConfigJson(const ModelConfig& c);
 // Writes config.json and random weights (normal, std 0.2; norms near 1) into dir, in bf16,
 // as `shards` files with an index when shards > 1.
 void WriteRandomModel(const std::filesystem::path& dir, const ModelConfig& c, uint32_t seed, int shards = 1);
+
+// n token ids uniform in [0, vocab), from a seeded generator.
+std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed);
 
 // A fresh empty directory under the test's temporary folder.
 std::filesystem::path FreshDir(const std::string& name);
