@@ -7,6 +7,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "kvstore/block_table.h"
 #include "runtime/generator.h"
 #include "runtime/speculative.h"
 
@@ -24,6 +25,7 @@ struct Engine::Request {
   std::vector<int32_t> ids;
   int64_t seq = 0;
   int64_t earlier = 0;       // session tokens already in the cache
+  int64_t final_len = 0;     // earlier + prompt + max_tokens: what its sequence may reach
   bool new_session = false;
   bool started = false;
   runtime::Sampler sampler;
@@ -152,14 +154,27 @@ void Engine::Loop() {
       }
     }
     absl::MutexLock model_lock(&model_mu_);
-    for (auto& r : joining) {
+    for (size_t i = 0; i < joining.size(); ++i) {
+      auto& r = joining[i];
       metrics_->requests_waiting.Decrement();
       metrics_->requests_running.Increment();
       if (draft_ != nullptr) {
         RunSpeculative(*r);
         continue;
       }
-      if (Start(*r)) running.push_back(r);
+      const StartResult started = Start(*r, running);
+      if (started == StartResult::kRunning) running.push_back(r);
+      if (started != StartResult::kDeferred) continue;
+      // No room in the KV pool yet: this request and the ones behind it wait, in order, for
+      // running requests to finish.
+      metrics_->requests_waiting.Increment();  // only this one was counted as running
+      metrics_->requests_running.Decrement();
+      absl::MutexLock lock(&mu_);
+      for (size_t j = i; j < joining.size(); ++j) {
+        if (!joining[j]->req.session_id.empty()) sessions_[joining[j]->req.session_id].busy = false;
+      }
+      waiting_.insert(waiting_.begin(), joining.begin() + i, joining.end());
+      break;
     }
     if (running.empty()) continue;
     std::vector<Request*> step;
@@ -172,48 +187,79 @@ void Engine::Loop() {
   }
 }
 
-bool Engine::Start(Request& r) {
+Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<Request>>& running) {
   const CompletionRequest& req = r.req;
   const int64_t limit = max_model_len();
-  {
+  int64_t session_seq = 0;
+  int32_t session_pending = -1;
+  if (!req.session_id.empty()) {
     absl::MutexLock lock(&mu_);
-    if (!req.session_id.empty()) {
-      Session& s = sessions_[req.session_id];
-      if (s.seq == 0) {  // new: Loop made the entry
-        s.seq = next_seq_++;
-        r.new_session = true;
-      }
-      r.seq = s.seq;
-      if (!r.new_session && s.pending >= 0) r.ids.push_back(s.pending);
-    } else {
-      r.seq = next_seq_++;
-    }
+    const Session& s = sessions_[req.session_id];  // Loop made the entry (seq 0 when new)
+    session_seq = s.seq;
+    session_pending = s.pending;
   }
-  r.started = true;
-  if (!req.session_id.empty() && !r.new_session) {
-    r.earlier = *model_->SequenceLength(r.seq);
+  r.ids.clear();
+  r.earlier = 0;
+  if (session_seq != 0) {
+    r.earlier = *model_->SequenceLength(session_seq);
+    if (session_pending >= 0) r.ids.push_back(session_pending);
     const std::vector<int32_t> more = tokenizer_->Encode(req.prompt, /*add_bos=*/false);
     r.ids.insert(r.ids.end(), more.begin(), more.end());
   } else {
     r.ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
   }
+  r.final_len = r.earlier + static_cast<int64_t>(r.ids.size()) + req.max_tokens;
+  // Admission by KV budget: the blocks this request may still take, against the free ones less
+  // what the running requests may still take.
+  const int64_t need = kvstore::BlocksFor(r.final_len) - kvstore::BlocksFor(r.earlier);
+  int64_t reserved = 0;
+  for (const auto& other : running) {
+    absl::StatusOr<int64_t> len = model_->SequenceLength(other->seq);
+    if (len.ok()) reserved += std::max<int64_t>(0, kvstore::BlocksFor(other->final_len) - kvstore::BlocksFor(*len));
+  }
+  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
+  const int64_t free_blocks = usage.total_blocks - usage.used_blocks;
+  const bool fits_in_limit = r.final_len <= limit;
+  if (fits_in_limit && need > free_blocks - reserved && (reserved > 0 || !running.empty())) {
+    return StartResult::kDeferred;  // running requests will free or stop needing room
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (!req.session_id.empty()) {
+      Session& s = sessions_[req.session_id];
+      if (s.seq == 0) {
+        s.seq = next_seq_++;
+        r.new_session = true;
+      }
+      r.seq = s.seq;
+    } else {
+      r.seq = next_seq_++;
+    }
+  }
+  r.started = true;
   r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size()),
               .cached_tokens = r.earlier, .completion_tokens = 0};
   if (r.ids.empty()) {
     Finish(r, absl::InvalidArgumentError("prompt is empty"));
-    return false;
+    return StartResult::kDone;
   }
-  if (r.earlier + static_cast<int64_t>(r.ids.size()) + req.max_tokens > limit) {
+  if (!fits_in_limit) {
     Finish(r, absl::OutOfRangeError(absl::StrCat(
                   "prompt (", r.ids.size(), " tokens",
                   r.earlier > 0 ? absl::StrCat(" after ", r.earlier, " in the session") : "", ") plus max_tokens (",
                   req.max_tokens, ") exceeds the model's context of ", limit, " (max_model_len)")));
-    return false;
+    return StartResult::kDone;
+  }
+  if (need > free_blocks) {  // nothing runs, and it still does not fit
+    Finish(r, absl::ResourceExhaustedError(absl::StrCat(
+                  "KV pool full: the prompt and max_tokens need ", need, " blocks, ", free_blocks, " of ",
+                  usage.total_blocks, " are free (idle sessions hold the rest; delete some or lower max_tokens)")));
+    return StartResult::kDone;
   }
   if (req.session_id.empty() || r.new_session) {
     if (absl::Status s = model_->AddSequence(r.seq); !s.ok()) {
       Finish(r, s);
-      return false;
+      return StartResult::kDone;
     }
   }
   // Prefill in chunks; the last chunk's last row gives the first token.
@@ -223,14 +269,14 @@ bool Engine::Start(Request& r) {
     runtime::SequenceInput in{.seq = r.seq, .tokens = std::span<const int32_t>(r.ids).subspan(at, n)};
     if (absl::Status s = model_->Forward({&in, 1}, &logits); !s.ok()) {
       Finish(r, s);
-      return false;
+      return StartResult::kDone;
     }
   }
   if (!OnToken(r, r.sampler.Sample(logits))) {
     Finish(r, absl::OkStatus());
-    return false;
+    return StartResult::kDone;
   }
-  return true;
+  return StartResult::kRunning;
 }
 
 void Engine::DecodeStep(std::vector<Request*>& running) {

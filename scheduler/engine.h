@@ -104,8 +104,11 @@ class Engine {
 
   void Loop();
   // Scheduler thread, model_mu_ held: turns a waiting request into a running one (session,
-  // tokens, sequence) and prefills its prompt; false when it finished (error or first token).
-  bool Start(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // tokens, sequence) and prefills its prompt. kDeferred, with nothing changed, when the KV pool
+  // cannot hold its prompt and max_tokens next to what the running requests still need.
+  enum class StartResult { kRunning, kDone, kDeferred };
+  StartResult Start(Request& r, const std::vector<std::shared_ptr<Request>>& running)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // One decode pass over the running requests (model_mu_ held).
   void DecodeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   void RunSpeculative(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);

@@ -137,6 +137,33 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   EXPECT_EQ(engine->ListSessions().at(0).tokens, r2->cached_tokens + r2->prompt_tokens + 8);
 }
 
+// Admission by KV budget: with a pool of 16 blocks, two requests that may reach 10 blocks each
+// run one after the other instead of failing halfway; one that can never fit is refused at once.
+TEST(EngineTest, KvBudgetAdmissionQueuesWhatDoesNotFit) {
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target", {.kv_budget_tokens = 256});
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(model.ok() && tok.ok());
+  monitoring::ServerMetrics metrics;
+  Engine engine(std::move(*model), nullptr, std::move(*tok), &metrics, EngineOptions{});
+  std::vector<std::string> out(2);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 2; ++i) {
+    threads.emplace_back([&, i] {
+      auto r = engine.Complete({.prompt = i == 0 ? "import os\n" : "def f(x):\n", .max_tokens = 150, .ignore_eos = true});
+      out[i] = r.ok() ? r->finish_reason : std::string(r.status().message());
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(out[0], "length");
+  EXPECT_EQ(out[1], "length");
+  EXPECT_EQ(engine.stats().max_batch, 1);  // never both at once: 20 blocks > 16
+  auto huge = engine.Complete({.prompt = "x", .max_tokens = 300});
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(huge.status().message().find("KV pool full"), std::string::npos) << huge.status();
+  auto ok = engine.Complete({.prompt = "x", .max_tokens = 20});
+  EXPECT_TRUE(ok.ok()) << ok.status();
+}
+
 // A failed turn leaves the session as it was; the next turn still continues it.
 TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   monitoring::ServerMetrics metrics;
