@@ -500,6 +500,10 @@ int Serve(int argc, char** argv) {
       {"served-model-name", "", "model id in the API (default: the model folder's name)"},
       {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
       {"max-num-seqs", "16", "requests batched together in each decode step (1 with a draft)"},
+      {"sparsity", "dense", "with --draft: target attention while verifying, dense or sts"},
+      {"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"},
+      {"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"},
+      {"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
       {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
       {"host", "0.0.0.0", "address to listen on"},
@@ -548,11 +552,28 @@ int Serve(int argc, char** argv) {
   std::string name = flags.Get("served-model-name");
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
+  scheduler::EngineOptions engine_options{.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
+                                          .max_waiting = static_cast<int>(*max_waiting),
+                                          .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
+  if (flags.Get("sparsity") == "sts") {
+    if (draft == nullptr) return Fail(absl::InvalidArgumentError("--sparsity sts needs --draft DIR"));
+    absl::StatusOr<runtime::HeadMap> m =
+        ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), (*model)->config(), draft->config());
+    if (!m.ok()) return Fail(m.status());
+    absl::StatusOr<int64_t> tokens = flags.GetInt("kv-budget-tokens");
+    absl::StatusOr<double> fraction = flags.GetDouble("kv-budget-fraction");
+    if (!tokens.ok()) return Fail(tokens.status());
+    if (!fraction.ok()) return Fail(fraction.status());
+    if (*tokens < 0 || !(*fraction > 0 && *fraction <= 1)) {
+      return Fail(absl::InvalidArgumentError("--kv-budget-tokens must be >= 0 and --kv-budget-fraction in (0, 1]"));
+    }
+    engine_options.head_map = *m;
+    engine_options.sts_budget = {.budget_tokens = *tokens, .budget_fraction = *fraction};
+  } else if (flags.Get("sparsity") != "dense") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--sparsity must be dense or sts, got \"", flags.Get("sparsity"), "\"")));
+  }
   monitoring::ServerMetrics metrics;
-  scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics,
-                           {.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
-                            .max_waiting = static_cast<int>(*max_waiting),
-                            .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))});
+  scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics, engine_options);
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
                              rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));

@@ -42,7 +42,16 @@ ServerMetrics::ServerMetrics()
                                        {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})),
       kv_cache_usage(NewGauge(*registry_, "scout_kv_cache_usage_ratio", "Fraction of the KV pool's blocks in use")),
       decode_batch_size(NewHistogram(*registry_, "scout_decode_batch_size", "Requests carried by one decode pass",
-                                     {1, 2, 4, 8, 16, 32, 64, 128, 256})) {}
+                                     {1, 2, 4, 8, 16, 32, 64, 128, 256})),
+      attention_blocks_read(NewCounter(*registry_, "scout_attention_blocks_read_total",
+                                       "KV units (layer, KV head, block) the target's sparse attention read")),
+      attention_blocks_dense(NewCounter(*registry_, "scout_attention_blocks_dense_total",
+                                        "KV units dense attention would have read in the same passes")),
+      attention_kv_bytes_skipped(NewCounter(*registry_, "scout_attention_kv_skipped_bytes_total",
+                                            "KV bytes the target's attention did not read thanks to sparsity")),
+      attention_blocks_read_ratio(NewHistogram(*registry_, "scout_attention_blocks_read_ratio",
+                                               "Share of the context's KV blocks a request's verification read",
+                                               {0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1})) {}
 
 std::string ServerMetrics::Serialize() const { return prometheus::TextSerializer().Serialize(registry_->Collect()); }
 

@@ -35,6 +35,12 @@ class ServerMetrics {
   prometheus::Histogram& inter_token_latency;  // scout_inter_token_latency_seconds
   prometheus::Gauge& kv_cache_usage;        // scout_kv_cache_usage_ratio: KV pool blocks in use / all
   prometheus::Histogram& decode_batch_size;  // scout_decode_batch_size: requests per decode pass
+  // Sparse attention (STS) of the target's verification passes, in (layer, KV head, 16-token
+  // block) units: read, and what dense attention would have read; sparsity = 1 - read / dense.
+  prometheus::Counter& attention_blocks_read;        // scout_attention_blocks_read_total
+  prometheus::Counter& attention_blocks_dense;       // scout_attention_blocks_dense_total
+  prometheus::Counter& attention_kv_bytes_skipped;   // scout_attention_kv_skipped_bytes_total
+  prometheus::Histogram& attention_blocks_read_ratio;  // scout_attention_blocks_read_ratio (per request)
 
   // The text exposition format (what Prometheus scrapes).
   std::string Serialize() const;

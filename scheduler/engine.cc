@@ -332,14 +332,28 @@ void Engine::RunSpeculative(Request& r) {
                                                         r.req.max_tokens, ") exceeds the model's context of ", limit,
                                                         " (max_model_len)")));
   }
+  runtime::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
+                                 .max_tokens = r.req.max_tokens, .sampling = r.req.sampling,
+                                 .prefill_chunk = options_.prefill_chunk};
+  if (options_.head_map.has_value()) {
+    so.head_map = &*options_.head_map;
+    so.sts_budget = options_.sts_budget;
+  }
   absl::StatusOr<runtime::SpeculativeResult> res = runtime::GenerateSpeculative(
-      *model_, *draft_, r.seq, r.ids,
-      {.num_speculative_tokens = options_.num_speculative_tokens, .max_tokens = r.req.max_tokens,
-       .sampling = r.req.sampling, .prefill_chunk = options_.prefill_chunk},
-      [&](int32_t token) { return !r.cancelled && OnToken(r, token); });
+      *model_, *draft_, r.seq, r.ids, so, [&](int32_t token) { return !r.cancelled && OnToken(r, token); });
   if (res.ok()) {
     metrics_->draft_tokens.Increment(static_cast<double>(res->draft_proposed));
     metrics_->accepted_tokens.Increment(static_cast<double>(res->draft_accepted));
+    // Attention reads of the target's verification: (layer, KV head, block) units read, and
+    // those a dense pass would have read; their bytes, at this model's unit size.
+    if (res->context_blocks > 0) {
+      const double unit_bytes = 2.0 * kvstore::kBlockSize * config_.head_dim * 2;  // K and V, bf16
+      metrics_->attention_blocks_read.Increment(static_cast<double>(res->selected_blocks));
+      metrics_->attention_blocks_dense.Increment(static_cast<double>(res->context_blocks));
+      metrics_->attention_kv_bytes_skipped.Increment(unit_bytes *
+                                                     static_cast<double>(res->context_blocks - res->selected_blocks));
+      metrics_->attention_blocks_read_ratio.Observe(static_cast<double>(res->selected_blocks) / res->context_blocks);
+    }
   }
   r.seq = -r.seq - 1;  // GenerateSpeculative released its sequence: nothing for Finish to free
   Finish(r, res.status());

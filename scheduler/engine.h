@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "runtime/backend.h"
 #include "runtime/cpu_model.h"
 #include "runtime/sampling.h"
+#include "runtime/sts.h"
 #include "runtime/tokenizer.h"
 
 namespace scout::scheduler {
@@ -31,6 +33,10 @@ struct EngineOptions {
   int max_waiting = 64;       // requests queued behind the running ones before new ones are refused
   int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs); 1 with a draft
   int64_t prefill_chunk = 512;  // prompt tokens per forward pass
+  // STS with a draft: the target verifies attending only to the blocks the draft's attention
+  // picks through this head map, within sts_budget. Unset: dense verification.
+  std::optional<runtime::HeadMap> head_map;
+  runtime::StsBudget sts_budget;
 };
 
 struct EngineStats {

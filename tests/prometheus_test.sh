@@ -20,7 +20,8 @@ promtool check rules "$src/monitoring/rules.yml" >/dev/null || fail "promtool ch
 python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['panels']" "$src/monitoring/grafana/scout.json" 2>/dev/null \
   || grep -q '"panels"' "$src/monitoring/grafana/scout.json" || fail "grafana dashboard JSON"
 
-start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft"
+start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" \
+  --sparsity sts --kv-budget-fraction 0.2
 curl -s "$base/metrics" | promtool check metrics || fail "promtool check metrics on /metrics"
 
 # Prometheus on a free port, scraping the server every second.
@@ -39,8 +40,10 @@ CFG
 rm -rf tsdb
 prometheus --config.file=prom.yml --storage.tsdb.path=tsdb --web.listen-address="127.0.0.1:$pport" > prom.log 2>&1 &
 ppid_=$!
+# Prompts long enough (~600 tokens, 38 blocks) that a 20% STS budget reads a subset.
+long_prompt=$(head -c 600 "$src/models/goldens/long_prompt.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')
 for i in 1 2 3; do
-  curl -s "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 16, "seed": '"$i"'}' >/dev/null || fail "request $i"
+  curl -s "$base/v1/completions" -d '{"prompt": '"$long_prompt"', "max_tokens": 16, "seed": '"$i"'}' >/dev/null || fail "request $i"
 done
 query() { curl -s "http://127.0.0.1:$pport/api/v1/query" --data-urlencode "query=$1"; }
 ok=""
@@ -53,6 +56,12 @@ done
 query 'up{job="scout"}' | grep -q '"value":\[[0-9.]*,"1"\]' || fail "up{job=scout} != 1"
 query 'scout_spec_decode_num_accepted_tokens_total' | grep -q '"result":\[{' || fail "acceptance series missing"
 query 'scout_time_to_first_token_seconds_count' | grep -q '"value":\[[0-9.]*,"3"\]' || fail "TTFT count"
+# Sparsity through Prometheus: STS read some of the blocks, not all, and skipped bytes were counted.
+sparsity=$(query '1 - sum(scout_attention_blocks_read_total) / sum(scout_attention_blocks_dense_total)')
+python3 -c 'import json,sys; v=float(json.loads(sys.argv[1])["data"]["result"][0]["value"][1]); assert 0.3 < v < 1, v' "$sparsity" \
+  || fail "attention sparsity series: $sparsity"
+query 'scout_attention_kv_skipped_bytes_total > 0' | grep -q '"result":\[{' || fail "skipped KV bytes series"
+query 'scout_attention_blocks_read_ratio_count' | grep -q '"value":\[[0-9.]*,"3"\]' || fail "read-ratio histogram"
 curl -s "http://127.0.0.1:$pport/api/v1/rules" | grep -q '"name":"ScoutDown"' || fail "alert rules not loaded"
 
 kill "$ppid_" 2>/dev/null
