@@ -500,6 +500,7 @@ int Serve(int argc, char** argv) {
       {"served-model-name", "", "model id in the API (default: the model folder's name)"},
       {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
       {"max-num-seqs", "16", "requests batched together in each decode step (1 with a draft)"},
+      {"session-idle-timeout", "0", "seconds an idle agent session keeps its KV (0: until deleted or the pool needs it)"},
       {"sparsity", "dense", "with --draft: target attention while verifying, dense or sts"},
       {"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"},
       {"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"},
@@ -555,6 +556,10 @@ int Serve(int argc, char** argv) {
   scheduler::EngineOptions engine_options{.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
                                           .max_waiting = static_cast<int>(*max_waiting),
                                           .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
+  absl::StatusOr<double> idle_timeout = flags.GetDouble("session-idle-timeout");
+  if (!idle_timeout.ok()) return Fail(idle_timeout.status());
+  if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
+  engine_options.session_idle_timeout_s = *idle_timeout;
   if (flags.Get("sparsity") == "sts") {
     if (draft == nullptr) return Fail(absl::InvalidArgumentError("--sparsity sts needs --draft DIR"));
     absl::StatusOr<runtime::HeadMap> m =

@@ -41,6 +41,8 @@ ServerMetrics::ServerMetrics()
       inter_token_latency(NewHistogram(*registry_, "scout_inter_token_latency_seconds", "Time between tokens",
                                        {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})),
       kv_cache_usage(NewGauge(*registry_, "scout_kv_cache_usage_ratio", "Fraction of the KV pool's blocks in use")),
+      sessions_evicted(NewCounter(*registry_, "scout_sessions_evicted_total",
+                                  "Idle agent sessions whose KV was dropped (idle timeout or KV pressure)")),
       decode_batch_size(NewHistogram(*registry_, "scout_decode_batch_size", "Requests carried by one decode pass",
                                      {1, 2, 4, 8, 16, 32, 64, 128, 256})),
       attention_blocks_read(NewCounter(*registry_, "scout_attention_blocks_read_total",

@@ -34,6 +34,7 @@ class ServerMetrics {
   prometheus::Histogram& time_to_first_token;  // scout_time_to_first_token_seconds
   prometheus::Histogram& inter_token_latency;  // scout_inter_token_latency_seconds
   prometheus::Gauge& kv_cache_usage;        // scout_kv_cache_usage_ratio: KV pool blocks in use / all
+  prometheus::Counter& sessions_evicted;    // scout_sessions_evicted_total: idle sessions whose KV was dropped
   prometheus::Histogram& decode_batch_size;  // scout_decode_batch_size: requests per decode pass
   // Sparse attention (STS) of the target's verification passes, in (layer, KV head, 16-token
   // block) units: read, and what dense attention would have read; sparsity = 1 - read / dense.

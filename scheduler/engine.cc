@@ -136,7 +136,12 @@ void Engine::Loop() {
     {
       absl::MutexLock lock(&mu_);
       auto work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !waiting_.empty() || !running.empty(); };
-      mu_.Await(absl::Condition(&work));
+      if (options_.session_idle_timeout_s > 0) {  // wake now and then to drop idle sessions
+        mu_.AwaitWithTimeout(absl::Condition(&work),
+                             absl::Seconds(std::min(1.0, options_.session_idle_timeout_s / 2)));
+      } else {
+        mu_.Await(absl::Condition(&work));
+      }
       if (stop_ && waiting_.empty() && running.empty()) return;
       // Admit in arrival order while there is room; a request on a busy session waits its turn.
       for (auto it = waiting_.begin(); it != waiting_.end() && running.size() + joining.size() < static_cast<size_t>(options_.max_num_seqs);) {
@@ -154,6 +159,7 @@ void Engine::Loop() {
       }
     }
     absl::MutexLock model_lock(&model_mu_);
+    if (options_.session_idle_timeout_s > 0) EvictSessions(0, "");
     for (size_t i = 0; i < joining.size(); ++i) {
       auto& r = joining[i];
       metrics_->requests_waiting.Decrement();
@@ -193,10 +199,23 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
   int64_t session_seq = 0;
   int32_t session_pending = -1;
   if (!req.session_id.empty()) {
-    absl::MutexLock lock(&mu_);
-    const Session& s = sessions_[req.session_id];  // Loop made the entry (seq 0 when new)
-    session_seq = s.seq;
-    session_pending = s.pending;
+    bool evicted = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = sessions_.find(req.session_id);  // Loop made the entry (seq 0 when new)
+      evicted = it->second.evicted;
+      if (evicted) sessions_.erase(it);  // told once; the id then starts a new session
+      else {
+        session_seq = it->second.seq;
+        session_pending = it->second.pending;
+      }
+    }
+    if (evicted) {
+      Finish(r, absl::NotFoundError(absl::StrCat("session \"", req.session_id,
+                                                 "\" was evicted (idle, or its KV was needed): its context is gone; "
+                                                 "send the whole conversation to start it again")));
+      return StartResult::kDone;
+    }
   }
   r.ids.clear();
   r.earlier = 0;
@@ -217,11 +236,15 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
     absl::StatusOr<int64_t> len = model_->SequenceLength(other->seq);
     if (len.ok()) reserved += std::max<int64_t>(0, kvstore::BlocksFor(other->final_len) - kvstore::BlocksFor(*len));
   }
-  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
-  const int64_t free_blocks = usage.total_blocks - usage.used_blocks;
+  runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
+  int64_t free_blocks = usage.total_blocks - usage.used_blocks;
   const bool fits_in_limit = r.final_len <= limit;
   if (fits_in_limit && need > free_blocks - reserved && (reserved > 0 || !running.empty())) {
     return StartResult::kDeferred;  // running requests will free or stop needing room
+  }
+  if (fits_in_limit && need > free_blocks && EvictSessions(need, req.session_id) > 0) {
+    usage = model_->kv_cache_usage();  // idle sessions gave way
+    free_blocks = usage.total_blocks - usage.used_blocks;
   }
   {
     absl::MutexLock lock(&mu_);
@@ -444,6 +467,7 @@ void Engine::Finish(Request& r, absl::Status status) {
         sessions_.erase(it);
       } else {
         it->second.busy = false;
+        it->second.last_used = std::chrono::steady_clock::now();
         if (status.ok()) it->second.pending = r.last_token;
       }
     }
@@ -452,6 +476,34 @@ void Engine::Finish(Request& r, absl::Status status) {
   r.status = status;
   r.started = false;
   r.done = true;
+}
+
+int Engine::EvictSessions(int64_t blocks_wanted, const std::string& keep) {
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<std::pair<std::chrono::steady_clock::time_point, std::string>> idle;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, s] : sessions_) {
+      if (!s.busy && !s.evicted && s.seq != 0 && id != keep) idle.push_back({s.last_used, id});
+    }
+  }
+  std::sort(idle.begin(), idle.end());  // least recently used first
+  int dropped = 0;
+  for (const auto& [last_used, id] : idle) {
+    const bool timed_out = options_.session_idle_timeout_s > 0 &&
+                           std::chrono::duration<double>(now - last_used).count() > options_.session_idle_timeout_s;
+    const runtime::ModelBackend::KvCacheUsage u = model_->kv_cache_usage();
+    const bool pressure = blocks_wanted > 0 && u.total_blocks - u.used_blocks < blocks_wanted;
+    if (!timed_out && !pressure) continue;
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end() || it->second.busy || it->second.evicted) continue;
+    model_->ReleaseSequence(it->second.seq).IgnoreError();
+    it->second = Session{.evicted = true};
+    metrics_->sessions_evicted.Increment();
+    ++dropped;
+  }
+  return dropped;
 }
 
 std::vector<SessionInfo> Engine::ListSessions() {
@@ -471,6 +523,10 @@ absl::Status Engine::DeleteSession(const std::string& id) {
   absl::MutexLock model_lock(&model_mu_);
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
+  if (it != sessions_.end() && it->second.evicted) {
+    sessions_.erase(it);
+    return absl::OkStatus();  // its KV is already gone
+  }
   if (it == sessions_.end() || it->second.seq == 0) {
     return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
   }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -33,6 +34,10 @@ struct EngineOptions {
   int max_waiting = 64;       // requests queued behind the running ones before new ones are refused
   int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs); 1 with a draft
   int64_t prefill_chunk = 512;  // prompt tokens per forward pass
+  // Sessions idle this long lose their KV (0: kept until deleted or needed). Under KV pressure,
+  // with nothing running to wait for, idle sessions are dropped least recently used first
+  // rather than refusing a request. A request on a dropped session gets NotFound saying so.
+  double session_idle_timeout_s = 0;
   // STS with a draft: the target verifies attending only to the blocks the draft's attention
   // picks through this head map, within sts_budget. Unset: dense verification.
   std::optional<runtime::HeadMap> head_map;
@@ -106,7 +111,13 @@ class Engine {
     int64_t seq = 0;
     int32_t pending = -1;  // last generated token, not yet in the cache
     bool busy = false;     // a request is running on it
+    bool evicted = false;  // its KV was dropped; the next request on it is told so
+    std::chrono::steady_clock::time_point last_used = std::chrono::steady_clock::now();
   };
+  // Drops the KV of idle sessions (never one a request uses): those idle past the timeout, or,
+  // with blocks_wanted > 0, the least recently used until that many blocks are free. Returns
+  // how many it dropped.
+  int EvictSessions(int64_t blocks_wanted, const std::string& keep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
 
   void Loop();
   // Scheduler thread, model_mu_ held: turns a waiting request into a running one (session,

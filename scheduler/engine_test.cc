@@ -164,6 +164,45 @@ TEST(EngineTest, KvBudgetAdmissionQueuesWhatDoesNotFit) {
   EXPECT_TRUE(ok.ok()) << ok.status();
 }
 
+// Session eviction: past the idle timeout a session's KV is dropped and its next request is
+// told so once (the id then starts afresh); under KV pressure an idle session gives way to a
+// request that would not fit otherwise.
+TEST(EngineTest, IdleSessionsAreEvictedByTimeoutAndUnderPressure) {
+  auto load = [](int64_t kv_tokens, double timeout) {
+    auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target", {.kv_budget_tokens = kv_tokens});
+    auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+    EXPECT_TRUE(model.ok() && tok.ok());
+    return std::make_pair(std::move(*model), std::move(*tok));
+  };
+  {
+    monitoring::ServerMetrics metrics;
+    auto [model, tok] = load(0, 0);
+    Engine engine(std::move(model), nullptr, std::move(tok), &metrics, EngineOptions{.session_idle_timeout_s = 0.2});
+    ASSERT_TRUE(engine.Complete({.prompt = "def f(x):\n", .max_tokens = 4, .session_id = "a"}).ok());
+    ASSERT_EQ(engine.ListSessions().size(), 1u);
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    EXPECT_TRUE(engine.ListSessions().empty());
+    auto gone = engine.Complete({.prompt = "\n", .max_tokens = 4, .session_id = "a"});
+    EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound);
+    EXPECT_NE(gone.status().message().find("evicted"), std::string::npos) << gone.status();
+    auto fresh = engine.Complete({.prompt = "def g(y):\n", .max_tokens = 4, .session_id = "a"});
+    ASSERT_TRUE(fresh.ok()) << fresh.status();
+    EXPECT_EQ(fresh->cached_tokens, 0);
+  }
+  {
+    monitoring::ServerMetrics metrics;
+    auto [model, tok] = load(256, 0);  // 16 blocks
+    Engine engine(std::move(model), nullptr, std::move(tok), &metrics, EngineOptions{});
+    ASSERT_TRUE(engine.Complete({.prompt = "import os\n", .max_tokens = 150, .ignore_eos = true, .session_id = "big"}).ok());
+    // The idle session holds 10 blocks; this one needs 10 of the 16.
+    auto r = engine.Complete({.prompt = "def f(x):\n", .max_tokens = 150, .ignore_eos = true});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(engine.ListSessions().empty());
+    EXPECT_EQ(engine.Complete({.prompt = "x", .max_tokens = 2, .session_id = "big"}).status().code(),
+              absl::StatusCode::kNotFound);
+  }
+}
+
 // A failed turn leaves the session as it was; the next turn still continues it.
 TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   monitoring::ServerMetrics metrics;
