@@ -129,6 +129,12 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       } else {
         out.Send(200, "text/plain", "OK");
       }
+    } else if (path == "/ready") {  // readiness: 503 while draining or when admission is full
+      if (engine->ready()) {
+        out.Send(200, "text/plain", "ready");
+      } else {
+        out.Send(503, "text/plain", engine->draining() ? "draining" : "full");
+      }
     } else if (path == "/metrics") {
       out.Send(200, "text/plain; version=0.0.4", metrics->Serialize());
     } else if (path == "/v1/sessions" && req.method == "GET") {

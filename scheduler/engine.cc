@@ -70,6 +70,11 @@ int64_t Engine::max_model_len() const {
   return options_.max_model_len > 0 ? std::min(options_.max_model_len, model_len) : model_len;
 }
 
+bool Engine::ready() {
+  absl::MutexLock admit(&admit_mu_);
+  return !draining_ && admitted_ < options_.max_num_seqs + options_.max_waiting;
+}
+
 EngineStats Engine::stats() {
   absl::MutexLock lock(&mu_);
   return stats_;

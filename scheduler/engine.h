@@ -98,6 +98,9 @@ class Engine {
   // finish. Returns whether they all did.
   bool Drain(double timeout_seconds);
   bool draining() const { return draining_.load(); }
+  // Whether a new request would be admitted now: not draining, and fewer than max_num_seqs +
+  // max_waiting requests admitted (a readiness probe stops routing to a saturated server).
+  bool ready();
 
   const runtime::ModelConfig& config() const { return config_; }
   int64_t max_model_len() const;

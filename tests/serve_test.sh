@@ -10,6 +10,7 @@ source "$(dirname "$0")/server_lib.sh"
 start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft"
 
 [ "$(curl -s "$base/health")" = "OK" ] || fail "/health"
+[ "$(curl -s "$base/ready")" = "ready" ] || fail "/ready"
 curl -s "$base/v1/models" | grep -q '"id":"scout-tiny-target"' || fail "/v1/models"
 
 # A greedy completion equals `scout generate` (speculative decoding on the server keeps greedy exact).
@@ -102,12 +103,14 @@ for _ in $(seq 1 100); do
   curl -s "$base/metrics" | grep -q '^scout_num_requests_running 1' && break
   sleep 0.05
 done
+[ "$(curl -s "$base/ready")" = "full" ] || fail "/ready while saturated: $(curl -s "$base/ready")"
 busy=$(curl -s -o busy.json -D busy.hdr -w '%{http_code}' "$base/v1/completions" -d '{"prompt": "b", "max_tokens": 4}')
 [ "$busy" = 429 ] || fail "expected 429 while busy, got $busy: $(cat busy.json)"
 grep -qi '^retry-after: 1' busy.hdr || fail "no Retry-After: $(cat busy.hdr)"
 kill -TERM "$pid"
 sleep 0.3
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/health")" = 503 ] || fail "health while draining"
+[ "$(curl -s "$base/ready")" = "draining" ] || fail "/ready while draining"
 wait "$long"
 grep -q '"finish_reason":"length"' long.txt || fail "in-flight request cut by shutdown: $(tail -c 300 long.txt)"
 wait "$pid"
