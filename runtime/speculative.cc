@@ -87,10 +87,32 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
   if (static_cast<int64_t>(prompt.size()) > limit) {
     return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens exceeds the models' ", limit));
   }
-  if (absl::Status s = target.AddSequence(seq); !s.ok()) return s;
-  absl::Cleanup release_target = [&] { target.ReleaseSequence(seq).IgnoreError(); };
-  if (absl::Status s = draft.AddSequence(seq); !s.ok()) return s;
-  absl::Cleanup release_draft = [&] { draft.ReleaseSequence(seq).IgnoreError(); };
+  int64_t base = 0;  // tokens both caches hold before this call
+  if (options.continue_sequence) {
+    absl::StatusOr<int64_t> t = target.SequenceLength(seq), d = draft.SequenceLength(seq);
+    if (!t.ok()) return t.status();
+    if (!d.ok()) return d.status();
+    if (*t != *d) {
+      return absl::FailedPreconditionError(absl::StrCat("sequence ", seq, " holds ", *t, " tokens in the target but ",
+                                                        *d, " in the draft"));
+    }
+    base = *t;
+    if (base + static_cast<int64_t>(prompt.size()) > limit) {
+      return absl::OutOfRangeError(absl::StrCat("sequence ", seq, " of ", base, " tokens plus a prompt of ",
+                                                prompt.size(), " exceeds the models' ", limit));
+    }
+  } else {
+    if (absl::Status s = target.AddSequence(seq); !s.ok()) return s;
+  }
+  absl::Cleanup release_target = [&] {
+    if (!options.continue_sequence) target.ReleaseSequence(seq).IgnoreError();
+  };
+  if (!options.continue_sequence) {
+    if (absl::Status s = draft.AddSequence(seq); !s.ok()) return s;
+  }
+  absl::Cleanup release_draft = [&] {
+    if (!options.continue_sequence) draft.ReleaseSequence(seq).IgnoreError();
+  };
 
   using Clock = std::chrono::steady_clock;
   SpeculativeResult result;
@@ -221,6 +243,22 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
     }
     target_pending = {v.next};
     draft_pending.push_back(v.next);
+  }
+  if (options.continue_sequence && !result.tokens.empty()) {
+    // Leave both caches at exactly base + prompt + emitted tokens but the last: rounds may have
+    // cached accepted tokens past where emission stopped, or left the draft a token short.
+    std::vector<int32_t> all(prompt.begin(), prompt.end());
+    all.insert(all.end(), result.tokens.begin(), result.tokens.end() - 1);
+    const int64_t want = base + static_cast<int64_t>(all.size());
+    for (ModelBackend* m : {&target, &draft}) {
+      const int64_t have = *m->SequenceLength(seq);
+      if (have > want) {
+        if (absl::Status s = m->TruncateSequence(seq, want); !s.ok()) return s;
+      } else if (have < want) {
+        SequenceInput in{.seq = seq, .tokens = std::span<const int32_t>(all).subspan(have - base)};
+        if (absl::Status s = m->Forward({&in, 1}, &logits); !s.ok()) return s;
+      }
+    }
   }
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return result;

@@ -31,6 +31,11 @@ struct SpeculativeOptions {
   // later draft steps attend. Cuts the draft's KV reads at long context; may change acceptance.
   const HeadMap* draft_head_map = nullptr;
   StsBudget draft_budget;
+  // Agent sessions: continue sequence `seq`, which both models already hold (with the same
+  // tokens), and keep it afterwards. On success both caches hold exactly the earlier tokens, the
+  // prompt and every emitted token but the last, which the caller feeds first next time (as
+  // GenerateOptions::continue_sequence). On error the caller truncates both back.
+  bool continue_sequence = false;
 };
 
 struct SpeculativeResult {

@@ -90,9 +90,6 @@ bool Engine::Drain(double timeout_seconds) {
 absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, const TextCallback& on_text) {
   if (req.max_tokens < 1) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", req.max_tokens));
   if (absl::Status s = runtime::ValidateSamplingParams(req.sampling); !s.ok()) return s;
-  if (!req.session_id.empty() && draft_ != nullptr) {
-    return absl::InvalidArgumentError("sessions are not supported with a draft model yet");
-  }
   {
     absl::MutexLock admit(&admit_mu_);
     if (draining_) return absl::UnavailableError("server is shutting down");
@@ -198,9 +195,8 @@ void Engine::Loop() {
   }
 }
 
-Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<Request>>& running) {
+bool Engine::Resolve(Request& r) {
   const CompletionRequest& req = r.req;
-  const int64_t limit = max_model_len();
   int64_t session_seq = 0;
   int32_t session_pending = -1;
   if (!req.session_id.empty()) {
@@ -219,7 +215,7 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
       Finish(r, absl::NotFoundError(absl::StrCat("session \"", req.session_id,
                                                  "\" was evicted (idle, or its KV was needed): its context is gone; "
                                                  "send the whole conversation to start it again")));
-      return StartResult::kDone;
+      return false;
     }
   }
   r.ids.clear();
@@ -233,6 +229,40 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
     r.ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
   }
   r.final_len = r.earlier + static_cast<int64_t>(r.ids.size()) + req.max_tokens;
+  r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size()),
+              .cached_tokens = r.earlier, .completion_tokens = 0};
+  return true;
+}
+
+void Engine::AssignSequence(Request& r) {
+  absl::MutexLock lock(&mu_);
+  if (!r.req.session_id.empty()) {
+    Session& s = sessions_[r.req.session_id];
+    if (s.seq == 0) {
+      s.seq = next_seq_++;
+      r.new_session = true;
+    }
+    r.seq = s.seq;
+  } else {
+    r.seq = next_seq_++;
+  }
+  r.started = true;
+}
+
+absl::Status Engine::CheckLength(const Request& r) const {
+  if (r.ids.empty()) return absl::InvalidArgumentError("prompt is empty");
+  const int64_t limit = max_model_len();
+  if (r.final_len > limit) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "prompt (", r.ids.size(), " tokens", r.earlier > 0 ? absl::StrCat(" after ", r.earlier, " in the session") : "",
+        ") plus max_tokens (", r.req.max_tokens, ") exceeds the model's context of ", limit, " (max_model_len)"));
+  }
+  return absl::OkStatus();
+}
+
+Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<Request>>& running) {
+  const CompletionRequest& req = r.req;
+  if (!Resolve(r)) return StartResult::kDone;
   // Admission by KV budget: the blocks this request may still take, against the free ones less
   // what the running requests may still take.
   const int64_t need = kvstore::BlocksFor(r.final_len) - kvstore::BlocksFor(r.earlier);
@@ -243,7 +273,7 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
   }
   runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
   int64_t free_blocks = usage.total_blocks - usage.used_blocks;
-  const bool fits_in_limit = r.final_len <= limit;
+  const bool fits_in_limit = r.final_len <= max_model_len();
   if (fits_in_limit && need > free_blocks - reserved && (reserved > 0 || !running.empty())) {
     return StartResult::kDeferred;  // running requests will free or stop needing room
   }
@@ -251,31 +281,9 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
     usage = model_->kv_cache_usage();  // idle sessions gave way
     free_blocks = usage.total_blocks - usage.used_blocks;
   }
-  {
-    absl::MutexLock lock(&mu_);
-    if (!req.session_id.empty()) {
-      Session& s = sessions_[req.session_id];
-      if (s.seq == 0) {
-        s.seq = next_seq_++;
-        r.new_session = true;
-      }
-      r.seq = s.seq;
-    } else {
-      r.seq = next_seq_++;
-    }
-  }
-  r.started = true;
-  r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size()),
-              .cached_tokens = r.earlier, .completion_tokens = 0};
-  if (r.ids.empty()) {
-    Finish(r, absl::InvalidArgumentError("prompt is empty"));
-    return StartResult::kDone;
-  }
-  if (!fits_in_limit) {
-    Finish(r, absl::OutOfRangeError(absl::StrCat(
-                  "prompt (", r.ids.size(), " tokens",
-                  r.earlier > 0 ? absl::StrCat(" after ", r.earlier, " in the session") : "", ") plus max_tokens (",
-                  req.max_tokens, ") exceeds the model's context of ", limit, " (max_model_len)")));
+  AssignSequence(r);
+  if (absl::Status s = CheckLength(r); !s.ok()) {
+    Finish(r, s);
     return StartResult::kDone;
   }
   if (need > free_blocks) {  // nothing runs, and it still does not fit
@@ -346,23 +354,18 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
 }
 
 void Engine::RunSpeculative(Request& r) {
-  {
-    absl::MutexLock lock(&mu_);
-    r.seq = next_seq_++;
-  }
-  r.started = true;
-  r.ids = tokenizer_->Encode(r.req.prompt, /*add_bos=*/true);
-  r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size())};
-  const int64_t limit = max_model_len();
-  if (r.ids.empty()) return Finish(r, absl::InvalidArgumentError("prompt is empty"));
-  if (static_cast<int64_t>(r.ids.size()) + r.req.max_tokens > limit) {
-    return Finish(r, absl::OutOfRangeError(absl::StrCat("prompt (", r.ids.size(), " tokens) plus max_tokens (",
-                                                        r.req.max_tokens, ") exceeds the model's context of ", limit,
-                                                        " (max_model_len)")));
+  if (!Resolve(r)) return;
+  AssignSequence(r);
+  const bool session = !r.req.session_id.empty();
+  if (absl::Status s = CheckLength(r); !s.ok()) return Finish(r, s);
+  if (session && r.new_session) {  // both models hold a session's tokens
+    for (runtime::ModelBackend* m : {model_.get(), draft_.get()}) {
+      if (absl::Status s = m->AddSequence(r.seq); !s.ok()) return Finish(r, s);
+    }
   }
   runtime::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
                                  .max_tokens = r.req.max_tokens, .sampling = r.req.sampling,
-                                 .prefill_chunk = options_.prefill_chunk};
+                                 .prefill_chunk = options_.prefill_chunk, .continue_sequence = session};
   if (options_.head_map.has_value()) {
     so.head_map = &*options_.head_map;
     so.sts_budget = options_.sts_budget;
@@ -383,7 +386,7 @@ void Engine::RunSpeculative(Request& r) {
       metrics_->attention_blocks_read_ratio.Observe(static_cast<double>(res->selected_blocks) / res->context_blocks);
     }
   }
-  r.seq = -r.seq - 1;  // GenerateSpeculative released its sequence: nothing for Finish to free
+  if (!session) r.seq = -r.seq - 1;  // GenerateSpeculative released it: nothing for Finish to free
   Finish(r, res.status());
 }
 
@@ -444,13 +447,16 @@ void Engine::Finish(Request& r, absl::Status status) {
     if (r.cancelled) r.result.finish_reason = "cancelled";
   }
   if (r.seq > 0) {
-    if (!session) {
-      model_->ReleaseSequence(r.seq).IgnoreError();
-    } else if (!status.ok()) {
-      if (r.new_session) {
-        model_->ReleaseSequence(r.seq).IgnoreError();
-      } else {
-        model_->TruncateSequence(r.seq, r.earlier).IgnoreError();  // the session is as it was
+    for (runtime::ModelBackend* m : {model_.get(), draft_.get()}) {
+      if (m == nullptr || (m == draft_.get() && !session)) continue;  // one-off drafts: released already
+      if (!session) {
+        m->ReleaseSequence(r.seq).IgnoreError();
+      } else if (!status.ok()) {
+        if (r.new_session) {
+          m->ReleaseSequence(r.seq).IgnoreError();
+        } else {
+          m->TruncateSequence(r.seq, r.earlier).IgnoreError();  // the session is as it was
+        }
       }
     }
   }
@@ -504,6 +510,7 @@ int Engine::EvictSessions(int64_t blocks_wanted, const std::string& keep) {
     auto it = sessions_.find(id);
     if (it == sessions_.end() || it->second.busy || it->second.evicted) continue;
     model_->ReleaseSequence(it->second.seq).IgnoreError();
+    if (draft_ != nullptr) draft_->ReleaseSequence(it->second.seq).IgnoreError();
     it->second = Session{.evicted = true};
     metrics_->sessions_evicted.Increment();
     ++dropped;
@@ -539,6 +546,7 @@ absl::Status Engine::DeleteSession(const std::string& id) {
     return absl::FailedPreconditionError(absl::StrCat("session \"", id, "\" has a request running"));
   }
   absl::Status s = model_->ReleaseSequence(it->second.seq);
+  if (draft_ != nullptr) draft_->ReleaseSequence(it->second.seq).IgnoreError();
   sessions_.erase(it);
   return s;
 }

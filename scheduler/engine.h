@@ -132,6 +132,11 @@ class Engine {
   // One decode pass over the running requests (model_mu_ held).
   void DecodeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   void RunSpeculative(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // The request's session (told it was evicted: false, finished) and tokens, with nothing else
+  // changed; then its sequence id (a new session's made here); then the context-length check.
+  bool Resolve(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  void AssignSequence(Request& r);
+  absl::Status CheckLength(const Request& r) const;
   // Takes a sampled token: metrics, EOS, stop strings, text to the request's outbox. False when
   // the request is finished.
   bool OnToken(Request& r, int32_t token);

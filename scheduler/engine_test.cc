@@ -203,6 +203,28 @@ TEST(EngineTest, IdleSessionsAreEvictedByTimeoutAndUnderPressure) {
   }
 }
 
+// Agent sessions with speculative decoding: both models keep the session's KV, and the second
+// turn is exactly the one-off request over the whole conversation (greedy: the target's text).
+TEST(EngineTest, SessionsWithADraftContinueExactly) {
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(model.ok() && draft.ok() && tok.ok());
+  monitoring::ServerMetrics metrics;
+  Engine engine(std::move(*model), std::move(*draft), std::move(*tok), &metrics, EngineOptions{});
+  const std::string p1 = "def add(a, b):\n    ", p2 = "\n\ndef sub(a, b):\n    ";
+  auto t1 = engine.Complete({.prompt = p1, .max_tokens = 12, .session_id = "agent"});
+  ASSERT_TRUE(t1.ok()) << t1.status();
+  auto t2 = engine.Complete({.prompt = p2, .max_tokens = 12, .session_id = "agent"});
+  ASSERT_TRUE(t2.ok()) << t2.status();
+  EXPECT_EQ(t2->cached_tokens, t1->prompt_tokens + t1->completion_tokens - 1);
+  auto one = engine.Complete({.prompt = p1 + t1->text + p2, .max_tokens = 12});
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ(t2->text, one->text);
+  EXPECT_EQ(engine.ListSessions().at(0).tokens, t2->cached_tokens + t2->prompt_tokens + t2->completion_tokens);
+  EXPECT_TRUE(engine.DeleteSession("agent").ok());
+}
+
 // A failed turn leaves the session as it was; the next turn still continues it.
 TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   monitoring::ServerMetrics metrics;
