@@ -383,27 +383,30 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   }
   // Draft graphs: k single-token steps, each feeding the previous step's greedy token, plain
   // (dense speculation) or writing its attention mass per block (STS).
-  std::vector<int> g_draft, g_draft_mass, g_draft_sd;
-  for (int variant = 0; variant < 3; ++variant) {  // plain, mass, sparse draft
+  std::vector<int> g_draft, g_draft_mass, g_draft_sd, g_draft_sparse;
+  for (int variant = 0; variant < 4; ++variant) {  // plain, mass, sparse draft, all steps sparse
     const bool with_mass = variant > 0;
     for (int p = 0; p < k; ++p) {
       runtime::DeviceBlockMass bm{.mass = static_cast<float*>(mass.p) + static_cast<size_t>(p) * dh_total * nb,
                                   .seq_stride = static_cast<int64_t>(k) * dh_total * nb, .token_stride = 0,
                                   .head_stride = nb, .layer_stride = 0,
                                   .layer_head_offset = static_cast<int>(dc_.num_attention_heads)};
-      runtime::DeviceStepOptions opt{.selection = variant == 2 && p > 0 ? &dsel : nullptr,
+      runtime::DeviceStepOptions opt{.selection = (variant == 2 && p > 0) || variant == 3 ? &dsel : nullptr,
                                      .block_mass = with_mass ? &bm : nullptr, .argmax = dargmax,
                                      .device_tokens = dargmax};
       std::vector<SequenceInput> in = inputs(one, false);
       absl::StatusOr<int> g = D.CaptureForward(in, opt);
       if (!g.ok()) return g.status();
-      (variant == 0 ? g_draft : variant == 1 ? g_draft_mass : g_draft_sd).push_back(*g);
+      (variant == 0 ? g_draft : variant == 1 ? g_draft_mass : variant == 2 ? g_draft_sd : g_draft_sparse).push_back(*g);
     }
     BENCH_CHECK(truncate_all(D));
   }
   // The graphs captured first must not have been made stale by larger later ones.
   auto replay = [](CudaModel& m, int g) { return m.Replay(g); };
   auto draft_round = [&](const std::vector<int>& gs) -> absl::Status {
+    if (&gs == &g_draft_sparse) {  // its masses cover listed blocks only: clear the previous round's
+      BENCH_CUDA(cudaMemsetAsync(mass.p, 0, mass_floats * 4, ds));
+    }
     for (size_t i = 0; i < gs.size(); ++i) {
       if (absl::Status st = replay(D, gs[i]); !st.ok()) return st;
       if (i == 0 && &gs == &g_draft_sd) {
@@ -445,10 +448,16 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   cudaEvent_t drafted, verified;
   BENCH_CUDA(cudaEventCreateWithFlags(&drafted, cudaEventDisableTiming));
   BENCH_CUDA(cudaEventCreateWithFlags(&verified, cudaEventDisableTiming));
-  auto end_to_end = [&](const std::vector<int>* draft_graphs, bool sts, int verify_graph, int rows) -> absl::StatusOr<double> {
+  // refresh > 1: the sparse draft's dense first step only every `refresh` rounds; the rounds
+  // between run all draft steps over the lists the last dense step picked (draft_graphs must
+  // be g_draft_sd).
+  auto end_to_end = [&](const std::vector<int>* draft_graphs, bool sts, int verify_graph, int rows,
+                        int refresh = 1) -> absl::StatusOr<double> {
+    int round_index = 0;
     auto round = [&]() -> absl::Status {
       if (draft_graphs != nullptr) {
-        if (absl::Status st = draft_round(*draft_graphs); !st.ok()) return st;
+        const bool dense_step = refresh <= 1 || round_index++ % refresh == 0;
+        if (absl::Status st = draft_round(dense_step ? *draft_graphs : g_draft_sparse); !st.ok()) return st;
         BENCH_CUDA(cudaEventRecord(drafted, ds));
         BENCH_CUDA(cudaStreamWaitEvent(ts, drafted, 0));
       }
@@ -475,10 +484,14 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   absl::StatusOr<double> e_santa = end_to_end(&g_draft_mass, true, *g_vss, B * (k + 1));
   absl::StatusOr<double> e_sts_sd = end_to_end(&g_draft_sd, true, *g_vs, B * (k + 1));
   absl::StatusOr<double> e_santa_sd = end_to_end(&g_draft_sd, true, *g_vss, B * (k + 1));
+  const int refresh = o_.draft_refresh_rounds;
+  absl::StatusOr<double> e_sts_sdr = end_to_end(&g_draft_sd, true, *g_vs, B * (k + 1), refresh);
+  absl::StatusOr<double> t_dsparse_round = TimeMs(ds, it, [&] { return draft_round(g_draft_sparse); });
   cudaFreeHost(host_tokens);
   cudaEventDestroy(drafted);
   cudaEventDestroy(verified);
-  for (const absl::StatusOr<double>* t : {&e_ar, &e_spec, &e_sts, &e_santa, &e_sts_sd, &e_santa_sd}) {
+  for (const absl::StatusOr<double>* t : {&e_ar, &e_spec, &e_sts, &e_santa, &e_sts_sd, &e_santa_sd, &e_sts_sdr,
+                                          &t_dsparse_round}) {
     if (!t->ok()) return t->status();
   }
 
@@ -507,6 +520,11 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   const double sd_bytes = k * wd + kv_d + (k - 1) * kv_d_sel + wt + kv_t_sel;
   add("STS-spec-sd", *e_sts_sd, *t_dsd, *t_sel, *t_vs - *t_v_rest, *t_v_rest, sd_bytes, per_round);
   add("STS+SANTA-sd", *e_santa_sd, *t_dsd, *t_sel, *t_vss - *t_v_rest, *t_v_rest, sd_bytes, per_round);
+  // Sparse draft refreshed every `refresh` rounds: amortized draft time and bytes.
+  const double sparse_round_bytes = k * wd + k * kv_d_sel;
+  const double sdr_bytes = (sd_bytes - wt - kv_t_sel + (refresh - 1) * sparse_round_bytes) / refresh + wt + kv_t_sel;
+  add(absl::StrCat("STS-spec-sd/", refresh), *e_sts_sdr, (*t_dsd + (refresh - 1) * *t_dsparse_round) / refresh, *t_sel,
+      *t_vs - *t_v_rest, *t_v_rest, sdr_bytes, per_round);
   for (int s = 0; s < B; ++s) {
     BENCH_CHECK(T.ReleaseSequence(s));
     BENCH_CHECK(D.ReleaseSequence(s));

@@ -20,6 +20,7 @@ struct DecodeBenchOptions {
   int sink_blocks = 1;
   int window_blocks = 4;
   int santa_samples = 512;
+  int draft_refresh_rounds = 4;  // the "-sd/R" rows: the sparse draft's dense step every R rounds
   int iters = 20;             // timed rounds per configuration
   int device = 0;
   std::string json_out;       // optional: results as JSON lines

@@ -275,6 +275,7 @@ int Eval(int argc, char** argv) {
       {"csv", "", "also write the table as CSV to this file"},
       {"acceptance-seeds", "1", "acceptance: sampled continuations per setting (seeds 1..N), averaged"},
       {"sparse-draft", "", "acceptance: also with the sparse draft (its later steps over its own top blocks at the same budget)", true},
+      {"draft-refresh-rounds", "1", "sparse draft: its dense first step every this many rounds (others fully sparse)"},
       {"acceptance-tokens", "0", "also sample this many tokens (temperature 1) speculatively after the context, dense and with STS at each budget, and report the draft's acceptance"},
       {"sink-blocks", "1", "first blocks every list keeps"},
       {"window-blocks", "4", "last blocks every list keeps"},
@@ -366,8 +367,10 @@ int Eval(int argc, char** argv) {
   // Draft acceptance while generating after the context: dense verification, and STS at each budget.
   absl::StatusOr<int64_t> acc_tokens = flags.GetInt("acceptance-tokens");
   if (!acc_tokens.ok()) return Fail(acc_tokens.status());
-  absl::StatusOr<int64_t> acc_seeds = flags.GetInt("acceptance-seeds");
+  absl::StatusOr<int64_t> acc_seeds = flags.GetInt("acceptance-seeds"), refresh_rounds = flags.GetInt("draft-refresh-rounds");
   if (!acc_seeds.ok()) return Fail(acc_seeds.status());
+  if (!refresh_rounds.ok()) return Fail(refresh_rounds.status());
+  if (*refresh_rounds < 1) return Fail(absl::InvalidArgumentError("--draft-refresh-rounds must be >= 1"));
   if (*acc_seeds < 1) return Fail(absl::InvalidArgumentError("--acceptance-seeds must be >= 1"));
   std::map<double, double> acceptance, acceptance_sd;  // budget (1 = dense) -> rate
   const runtime::HeadMap self_map = runtime::SelfHeadMap(draft->config());
@@ -390,6 +393,7 @@ int Eval(int argc, char** argv) {
           if (sparse_draft) {
             so.draft_head_map = &self_map;
             so.draft_budget = b;
+            so.draft_refresh_rounds = static_cast<int>(*refresh_rounds);
           }
           absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(*target, *draft, 77, prompt, so);
           if (!r.ok()) return Fail(r.status());
@@ -604,6 +608,7 @@ int BenchDecode(int argc, char** argv) {
       {"accepted", "3", "draft tokens ASSUMED accepted per round (random weights accept none)"},
       {"kv-budget-fraction", "0.1", "STS: fraction of the blocks each target (layer, KV head) reads"},
       {"santa-samples", "512", "SANTA: value rows sampled per 16-row group"},
+      {"draft-refresh-rounds", "4", "sparse draft: its dense first step every this many rounds (the -sd/R rows)"},
       {"iters", "20", "timed rounds per configuration"},
       {"device", "cuda", "cuda or cuda:N"},
       {"json", "", "also write the results as JSON lines to this file"},
@@ -631,7 +636,9 @@ int BenchDecode(int argc, char** argv) {
     o.batches.push_back(x);
   }
   absl::StatusOr<int64_t> k = flags.GetInt("num-speculative-tokens"), santa = flags.GetInt("santa-samples"),
-                          iters = flags.GetInt("iters");
+                          iters = flags.GetInt("iters"), refresh = flags.GetInt("draft-refresh-rounds");
+  if (!refresh.ok()) return Fail(refresh.status());
+  if (*refresh < 1) return Fail(absl::InvalidArgumentError("--draft-refresh-rounds must be >= 1"));
   absl::StatusOr<double> accepted = flags.GetDouble("accepted"), fraction = flags.GetDouble("kv-budget-fraction");
   for (const absl::Status& s : {k.status(), santa.status(), iters.status(), accepted.status(), fraction.status()}) {
     if (!s.ok()) return Fail(s);
@@ -641,6 +648,7 @@ int BenchDecode(int argc, char** argv) {
   o.budget_fraction = *fraction;
   o.santa_samples = static_cast<int>(*santa);
   o.iters = static_cast<int>(*iters);
+  o.draft_refresh_rounds = static_cast<int>(*refresh);
   const std::string device = flags.Get("device");
   if (device != "cuda" && !(device.rfind("cuda:", 0) == 0 && absl::SimpleAtoi(device.substr(5), &o.device))) {
     return Fail(absl::InvalidArgumentError("--device must be cuda or cuda:N"));

@@ -135,6 +135,9 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   bool done = options.max_tokens == 0;
+  // Sparse draft: the mass of the last dense draft step, which picks the draft's blocks.
+  std::vector<float> refresh_mass;
+  int64_t refresh_rows = 0, refresh_blocks = 0, round_index = 0;
   while (!done) {
     const int64_t target_len = *target.SequenceLength(seq) + static_cast<int64_t>(target_pending.size());
     const int64_t remaining = options.max_tokens - static_cast<int64_t>(result.tokens.size());
@@ -151,22 +154,30 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
     std::vector<int64_t> mass_rows, mass_blocks;
     kvstore::Selection draft_selection;
     masses.reserve(k);
+    const bool refresh = options.draft_head_map != nullptr &&
+                         (refresh_mass.empty() || round_index % std::max(1, options.draft_refresh_rounds) == 0);
+    ++round_index;
     for (int i = 0; i < k; ++i) {
       SequenceInput in{.seq = seq, .tokens = feed};
       const int64_t draft_end = *draft.SequenceLength(seq) + static_cast<int64_t>(feed.size());
-      if (options.head_map != nullptr || (options.draft_head_map != nullptr && i == 0)) {
+      if (options.head_map != nullptr || (refresh && i == 0)) {
         masses.emplace_back();
         in.block_mass = &masses.back();
         mass_rows.push_back(static_cast<int64_t>(feed.size()));
         mass_blocks.push_back(kvstore::BlocksFor(draft_end));
       }
-      if (options.draft_head_map != nullptr && i > 0) {
-        // The first step's rows pick this step's blocks (the new token's block always included).
-        draft_selection = BuildStsSelection(*options.draft_head_map, masses.front(), static_cast<int>(mass_rows.front()),
-                                            mass_blocks.front(), kvstore::BlocksFor(draft_end), options.draft_budget);
+      if (options.draft_head_map != nullptr && (i > 0 || !refresh)) {
+        // The last dense step's rows pick this step's blocks (the new token's block always included).
+        draft_selection = BuildStsSelection(*options.draft_head_map, refresh_mass, static_cast<int>(refresh_rows),
+                                            refresh_blocks, kvstore::BlocksFor(draft_end), options.draft_budget);
         in.selection = &draft_selection;
       }
       if (absl::Status s = draft.Forward({&in, 1}, &logits); !s.ok()) return s;
+      if (refresh && i == 0) {
+        refresh_mass = masses.back();
+        refresh_rows = mass_rows.back();
+        refresh_blocks = mass_blocks.back();
+      }
       q[i].resize(vocab);
       dist.Distribution(logits, q[i]);
       drafted.push_back(SampleFrom(q[i], rng));

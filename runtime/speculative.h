@@ -31,6 +31,9 @@ struct SpeculativeOptions {
   // later draft steps attend. Cuts the draft's KV reads at long context; may change acceptance.
   const HeadMap* draft_head_map = nullptr;
   StsBudget draft_budget;
+  // With draft_head_map: the draft's dense first step runs every this many rounds; the rounds
+  // between run all their draft steps over the blocks the last dense step picked. 1: every round.
+  int draft_refresh_rounds = 1;
   // Agent sessions: continue sequence `seq`, which both models already hold (with the same
   // tokens), and keep it afterwards. On success both caches hold exactly the earlier tokens, the
   // prompt and every emitted token but the last, which the caller feeds first next time (as

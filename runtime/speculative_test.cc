@@ -129,6 +129,12 @@ TEST(GenerateSpeculativeTest, SparseDraftKeepsGreedyOutput) {
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->tokens, plain->tokens);
   EXPECT_GT(spec->draft_accepted, 0);
+  o.draft_refresh_rounds = 4;  // dense draft step only every fourth round
+  spec = GenerateSpeculative(**target, **draft, 4, prompt, o);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->tokens, plain->tokens);
+  EXPECT_GT(spec->draft_accepted, 0);
+  o.draft_refresh_rounds = 1;
   const HeadMap wrong = DefaultHeadMap((*target)->config(), (*draft)->config());
   o.draft_head_map = &wrong;
   EXPECT_EQ(GenerateSpeculative(**target, **draft, 3, prompt, o).status().code(), absl::StatusCode::kInvalidArgument);
