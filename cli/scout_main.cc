@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <iostream>
 #include <string>
 
@@ -51,6 +52,42 @@ absl::StatusOr<runtime::HeadMap> ResolveHeadMap(const std::string& flag, const s
   if (path.empty() && std::filesystem::exists(DefaultHeadMapPath(draft_dir))) path = DefaultHeadMapPath(draft_dir);
   if (path.empty()) return runtime::DefaultHeadMap(target, draft);
   return runtime::LoadHeadMap(path, target, draft);
+}
+
+// The STS flags generate and serve share: --sparsity (with its own help text), --kv-budget-tokens,
+// --kv-budget-fraction and --head-map, appended to a subcommand's flags.
+std::vector<FlagSpec> WithStsFlags(std::vector<FlagSpec> specs, const std::string& sparsity_help) {
+  specs.push_back({"sparsity", "dense", sparsity_help});
+  specs.push_back({"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"});
+  specs.push_back({"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"});
+  specs.push_back({"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"});
+  return specs;
+}
+
+struct StsChoice {
+  runtime::HeadMap head_map;
+  runtime::StsBudget budget;
+};
+
+// Reads those flags: nullopt for --sparsity dense; InvalidArgument for another value or a bad
+// budget; head map errors pass through.
+absl::StatusOr<std::optional<StsChoice>> ParseSts(const Flags& flags, const runtime::ModelConfig& target,
+                                                  const runtime::ModelConfig& draft) {
+  const std::string sparsity = flags.Get("sparsity");
+  if (sparsity == "dense") return std::optional<StsChoice>();
+  if (sparsity != "sts") {
+    return absl::InvalidArgumentError(absl::StrCat("--sparsity must be dense or sts, got \"", sparsity, "\""));
+  }
+  absl::StatusOr<runtime::HeadMap> m = ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), target, draft);
+  if (!m.ok()) return m.status();
+  absl::StatusOr<int64_t> tokens = flags.GetInt("kv-budget-tokens");
+  absl::StatusOr<double> fraction = flags.GetDouble("kv-budget-fraction");
+  if (!tokens.ok()) return tokens.status();
+  if (!fraction.ok()) return fraction.status();
+  if (*tokens < 0 || !(*fraction > 0 && *fraction <= 1)) {
+    return absl::InvalidArgumentError("--kv-budget-tokens must be >= 0 and --kv-budget-fraction in (0, 1]");
+  }
+  return StsChoice{.head_map = *m, .budget = {.budget_tokens = *tokens, .budget_fraction = *fraction}};
 }
 
 // Writes `text` to `path` unless path is empty (the --csv flags).
@@ -133,7 +170,7 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const 
 }
 
 int Generate(int argc, char** argv) {
-  Flags flags({
+  Flags flags(WithStsFlags({
       {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
       {"prompt", "", "prompt text"},
       {"prompt-file", "", "read the prompt from this file instead"},
@@ -152,12 +189,8 @@ int Generate(int argc, char** argv) {
       {"speculative", "", "speculative decoding with --draft proposing tokens", true},
       {"draft", "", "draft model folder (same vocabulary as --model)"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
-      {"sparsity", "dense", "target attention while verifying: dense, or sts (blocks picked by the draft's attention)"},
-      {"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"},
-      {"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"},
-      {"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"help", "", "show this help", true},
-  });
+  }, "target attention while verifying: dense, or sts (blocks picked by the draft's attention)"));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
     std::printf("usage: scout generate --model DIR --prompt TEXT [flags]\n%s", flags.Help().c_str());
@@ -213,24 +246,11 @@ int Generate(int argc, char** argv) {
     runtime::SpeculativeOptions sopt{.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens,
                                      .sampling = opt.sampling, .prefill_chunk = opt.prefill_chunk,
                                      .stop_ids = opt.stop_ids};
-    runtime::HeadMap head_map;
-    const std::string sparsity = flags.Get("sparsity");
-    if (sparsity == "sts") {
-      absl::StatusOr<runtime::HeadMap> m =
-          ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), (*model)->config(), (*draft)->config());
-      if (!m.ok()) return Fail(m.status());
-      head_map = *m;
-      absl::StatusOr<int64_t> tokens = flags.GetInt("kv-budget-tokens");
-      absl::StatusOr<double> fraction = flags.GetDouble("kv-budget-fraction");
-      if (!tokens.ok()) return Fail(tokens.status());
-      if (!fraction.ok()) return Fail(fraction.status());
-      if (*tokens < 0 || !(*fraction > 0 && *fraction <= 1)) {
-        return Fail(absl::InvalidArgumentError("--kv-budget-tokens must be >= 0 and --kv-budget-fraction in (0, 1]"));
-      }
-      sopt.head_map = &head_map;
-      sopt.sts_budget = {.budget_tokens = *tokens, .budget_fraction = *fraction};
-    } else if (sparsity != "dense") {
-      return Fail(absl::InvalidArgumentError(absl::StrCat("--sparsity must be dense or sts, got \"", sparsity, "\"")));
+    absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, (*model)->config(), (*draft)->config());
+    if (!sts.ok()) return Fail(sts.status());
+    if (sts->has_value()) {
+      sopt.head_map = &(*sts)->head_map;
+      sopt.sts_budget = (*sts)->budget;
     }
     absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(**model, **draft, 0, ids, sopt, print);
     std::printf("\n");
@@ -493,7 +513,7 @@ int Calibrate(int argc, char** argv) {
 }
 
 int Serve(int argc, char** argv) {
-  Flags flags({
+  Flags flags(WithStsFlags({
       {"model", "", "model folder"},
       {"draft", "", "draft model folder: speculative decoding when given"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
@@ -505,16 +525,12 @@ int Serve(int argc, char** argv) {
       {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
       {"max-num-seqs", "16", "requests batched together in each decode step (1 with a draft)"},
       {"session-idle-timeout", "0", "seconds an idle agent session keeps its KV (0: until deleted or the pool needs it)"},
-      {"sparsity", "dense", "with --draft: target attention while verifying, dense or sts"},
-      {"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"},
-      {"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"},
-      {"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"},
       {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
       {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
       {"host", "0.0.0.0", "address to listen on"},
       {"port", "8000", "port to listen on (0: any free port, printed at start)"},
       {"help", "", "show this help", true},
-  });
+  }, "with --draft: target attention while verifying, dense or sts"));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
     std::printf("usage: scout serve --model DIR [flags]\n%s", flags.Help().c_str());
@@ -564,22 +580,19 @@ int Serve(int argc, char** argv) {
   if (!idle_timeout.ok()) return Fail(idle_timeout.status());
   if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
   engine_options.session_idle_timeout_s = *idle_timeout;
-  if (flags.Get("sparsity") == "sts") {
-    if (draft == nullptr) return Fail(absl::InvalidArgumentError("--sparsity sts needs --draft DIR"));
-    absl::StatusOr<runtime::HeadMap> m =
-        ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), (*model)->config(), draft->config());
-    if (!m.ok()) return Fail(m.status());
-    absl::StatusOr<int64_t> tokens = flags.GetInt("kv-budget-tokens");
-    absl::StatusOr<double> fraction = flags.GetDouble("kv-budget-fraction");
-    if (!tokens.ok()) return Fail(tokens.status());
-    if (!fraction.ok()) return Fail(fraction.status());
-    if (*tokens < 0 || !(*fraction > 0 && *fraction <= 1)) {
-      return Fail(absl::InvalidArgumentError("--kv-budget-tokens must be >= 0 and --kv-budget-fraction in (0, 1]"));
+  if (flags.Get("sparsity") != "dense" && draft == nullptr) {
+    return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"
+                                               ? "--sparsity sts needs --draft DIR"
+                                               : absl::StrCat("--sparsity must be dense or sts, got \"",
+                                                              flags.Get("sparsity"), "\"")));
+  }
+  if (draft != nullptr) {
+    absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, (*model)->config(), draft->config());
+    if (!sts.ok()) return Fail(sts.status());
+    if (sts->has_value()) {
+      engine_options.head_map = (*sts)->head_map;
+      engine_options.sts_budget = (*sts)->budget;
     }
-    engine_options.head_map = *m;
-    engine_options.sts_budget = {.budget_tokens = *tokens, .budget_fraction = *fraction};
-  } else if (flags.Get("sparsity") != "dense") {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("--sparsity must be dense or sts, got \"", flags.Get("sparsity"), "\"")));
   }
   monitoring::ServerMetrics metrics;
   scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics, engine_options);

@@ -218,8 +218,7 @@ __global__ void __launch_bounds__(kMassWarps * 32) BlockMassKernel(BlockMassPara
       dot += __shfl_xor_sync(0xffffffffu, dot, 1);
       const int qpos = len - nq + row / group;
       const float lse = lse_s[r];
-      const bool in_window = p.sliding_window <= 0 || pos > qpos - p.sliding_window;
-      float e = (pos <= qpos && in_window && lse != -INFINITY) ? exp2f(dot - lse) : 0.0f;
+      float e = (KeyVisible(pos, qpos, p.sliding_window) && lse != -INFINITY) ? exp2f(dot - lse) : 0.0f;
       if (part == 1) e = 0.0f;  // each token counted once
       e = WarpSum(e);
       if (lane == 0) {

@@ -128,12 +128,6 @@ struct RandomFillParams {
 };
 void RandomFillRef(const RandomFillParams& p);
 
-#if defined(__CUDACC__)
-#define SCOUT_HD __host__ __device__
-#else
-#define SCOUT_HD
-#endif
-
 // The value RandomFill draws for element i, before the bf16 rounding.
 SCOUT_HD inline float RandomUniform(uint64_t seed, int64_t i, float scale, float offset) {
   uint64_t x = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i);  // splitmix64

@@ -115,7 +115,7 @@ void BlockMassRef(const BlockMassParams& bp) {
           float m = 0;
           for (int i = 0; i < kKvBlockSize; ++i) {
             const int pos = b * kKvBlockSize + i;
-            if (pos > qpos || lse == -INFINITY || (p.sliding_window > 0 && pos <= qpos - p.sliding_window)) continue;
+            if (!KeyVisible(pos, qpos, p.sliding_window) || lse == -INFINITY) continue;
             float dot = 0;
             for (int d = 0; d < hd; ++d) dot += Bf16ToFloat(q[d]) * Bf16ToFloat(keys[i * hd + d]);
             m += std::exp2(dot * p.scale * log2e - lse);

@@ -69,8 +69,7 @@ __global__ void __launch_bounds__(kWarps * 32) SantaScoreKernel(SparseDecodePara
       for (int c = 0; c < 4; ++c) {
         const int tok = 8 * j + 2 * t + (c & 1), r = g + 8 * (c >> 1);
         const int pos = logical * kKvBlockSize + tok;
-        const bool in_window = p.sliding_window <= 0 || pos > qp[c >> 1] - p.sliding_window;
-        sc[j][c] = (pos < len && pos <= qp[c >> 1] && in_window) ? sc[j][c] * qscale : -INFINITY;
+        sc[j][c] = (pos < len && KeyVisible(pos, qp[c >> 1], p.sliding_window)) ? sc[j][c] * qscale : -INFINITY;
         if (row0 + r < nrows) score_rows[(size_t)r * score_stride + e * kKvBlockSize + tok] = sc[j][c];
       }
     }

@@ -48,7 +48,7 @@ void SantaRef(const SantaParams& sp, float* out_f32) {
           const uint16_t* q = p.q + (int64_t{q0 + t} * p.num_heads + h) * hd;
           double mx = -INFINITY;
           for (size_t j = 0; j < n; ++j) {
-            if (pos[j] > qpos || (p.sliding_window > 0 && pos[j] <= qpos - p.sliding_window)) {
+            if (!KeyVisible(pos[j], qpos, p.sliding_window)) {
               prob[r][j] = -INFINITY;
               continue;
             }

@@ -93,9 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDec
         for (int j = 0; j < 8; ++j) d = fmaf(q[r][j], kf[j], d);
 #pragma unroll
         for (int off = LANES / 2; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-        sc[r][i] = (pos < len && pos <= qpos[r] && (p.sliding_window <= 0 || pos > qpos[r] - p.sliding_window))
-                       ? d
-                       : -INFINITY;
+        sc[r][i] = (pos < len && KeyVisible(pos, qpos[r], p.sliding_window)) ? d : -INFINITY;
       }
     }
 #pragma unroll
@@ -278,8 +276,7 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int pos = logical * kKvBlockSize + 8 * j + 2 * t + (c & 1);
-        const bool in_window = p.sliding_window <= 0 || pos > qp[c >> 1] - p.sliding_window;
-        sc[j][c] = (pos < len && pos <= qp[c >> 1] && in_window) ? sc[j][c] * qscale : -INFINITY;
+        sc[j][c] = (pos < len && KeyVisible(pos, qp[c >> 1], p.sliding_window)) ? sc[j][c] * qscale : -INFINITY;
       }
     }
     float pv[2][4];

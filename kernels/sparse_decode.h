@@ -9,6 +9,19 @@ namespace scout::kernels {
 
 inline constexpr int kKvBlockSize = 16;
 
+#if defined(__CUDACC__)
+#define SCOUT_HD __host__ __device__
+#else
+#define SCOUT_HD
+#endif
+
+// The one masking rule of every attention pass, kernel and reference: the query at position
+// qpos sees the key at pos if it is not in its future and, with a sliding window, within the
+// window's last keys (qpos - window < pos <= qpos).
+SCOUT_HD inline bool KeyVisible(int pos, int qpos, int sliding_window) {
+  return pos <= qpos && (sliding_window <= 0 || pos > qpos - sliding_window);
+}
+
 // Storage is bf16 (uint16_t bit patterns on the host side). Pointers are host memory for the
 // reference and device memory for the kernel.
 //

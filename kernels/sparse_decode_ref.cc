@@ -61,7 +61,7 @@ void SparseDecodeRef(const SparseDecodeParams& p, float* out_f32, float* abs_out
           const int64_t row = (int64_t{q0 + t} * p.num_heads + h) * hd;
           float mx = -INFINITY;
           for (size_t j = 0; j < n; ++j) {
-            if (pos[j] > qpos || (p.sliding_window > 0 && pos[j] <= qpos - p.sliding_window)) {
+            if (!KeyVisible(pos[j], qpos, p.sliding_window)) {
               w[j] = -INFINITY;
               continue;
             }

@@ -42,6 +42,28 @@ std::vector<float> FullPass(CpuModel& m, SequenceId id, std::span<const int32_t>
   return logits;
 }
 
+// The prompt's first kPrompt tokens prefilled in chunks of each size, then the rest one token at
+// a time, all logits kept: they equal `ref`, the logits of one pass over all tokens.
+void ExpectPagedDecodeMatches(CpuModel& m, const std::vector<int32_t>& tokens, int prompt, std::vector<int> chunks,
+                              const std::vector<float>& ref) {
+  const int total = static_cast<int>(tokens.size());
+  for (int chunk : chunks) {
+    ASSERT_TRUE(m.AddSequence(2).ok());
+    std::vector<float> got, logits;
+    for (int at = 0; at < total;) {
+      int n = at < prompt ? std::min(chunk, prompt - at) : 1;
+      SequenceInput in{.seq = 2, .tokens = std::span<const int32_t>(tokens).subspan(at, n), .all_logits = true};
+      ASSERT_TRUE(m.Forward({&in, 1}, &logits).ok());
+      got.insert(got.end(), logits.begin(), logits.end());
+      at += n;
+    }
+    ASSERT_EQ(got.size(), ref.size());
+    // float32 with different summation grouping (BLAS blocking by row count): ~1e-6.
+    EXPECT_LT(RelL2(got, ref), 1e-5) << "chunk " << chunk;
+    ASSERT_TRUE(m.ReleaseSequence(2).ok());
+  }
+}
+
 // Decoding token by token over the paged cache (crossing block boundaries, with llama3 RoPE
 // and shards) gives the logits of recomputing the whole sequence at once.
 TEST(CpuModelTest, PagedDecodeMatchesRecompute) {
@@ -54,21 +76,7 @@ TEST(CpuModelTest, PagedDecodeMatchesRecompute) {
   std::vector<int32_t> tokens = RandomTokens(kTotal, c.vocab_size, 1);
   std::vector<float> ref = FullPass(*m, 1, tokens);
 
-  for (int chunk : {kPrompt, 5, 16}) {
-    ASSERT_TRUE(m->AddSequence(2).ok());
-    std::vector<float> got, logits;
-    for (int at = 0; at < kTotal;) {
-      int n = at < kPrompt ? std::min(chunk, kPrompt - at) : 1;
-      SequenceInput in{.seq = 2, .tokens = std::span<const int32_t>(tokens).subspan(at, n), .all_logits = true};
-      ASSERT_TRUE(m->Forward({&in, 1}, &logits).ok());
-      got.insert(got.end(), logits.begin(), logits.end());
-      at += n;
-    }
-    ASSERT_EQ(got.size(), ref.size());
-    // float32 with different summation grouping (BLAS blocking by row count): ~1e-6.
-    EXPECT_LT(RelL2(got, ref), 1e-5) << "chunk " << chunk;
-    ASSERT_TRUE(m->ReleaseSequence(2).ok());
-  }
+  ExpectPagedDecodeMatches(*m, tokens, kPrompt, {kPrompt, 5, 16}, ref);
   EXPECT_EQ(m->block_tables().allocator().num_used(), 0);
 }
 
@@ -425,21 +433,7 @@ TEST(ArchTest, WindowsBiasesYarnPagedDecodeMatchesRecompute) {
   const int kPrompt = 45, kTotal = 100;
   std::vector<int32_t> tokens = RandomTokens(kTotal, c.vocab_size, 21);
   std::vector<float> ref = FullPass(*m, 1, tokens);
-  for (int chunk : {kPrompt, 5, 16, 30}) {
-    ASSERT_TRUE(m->AddSequence(2).ok());
-    std::vector<float> got, logits;
-    for (int at = 0; at < kTotal;) {
-      int n = at < kPrompt ? std::min(chunk, kPrompt - at) : 1;
-      SequenceInput in{.seq = 2, .tokens = std::span<const int32_t>(tokens).subspan(at, n), .all_logits = true};
-      ASSERT_TRUE(m->Forward({&in, 1}, &logits).ok());
-      got.insert(got.end(), logits.begin(), logits.end());
-      at += n;
-    }
-    ASSERT_EQ(got.size(), ref.size());
-    // float32 with different summation grouping (BLAS blocking by row count): ~1e-6.
-    EXPECT_LT(RelL2(got, ref), 1e-5) << "chunk " << chunk;
-    ASSERT_TRUE(m->ReleaseSequence(2).ok());
-  }
+  ExpectPagedDecodeMatches(*m, tokens, kPrompt, {kPrompt, 5, 16, 30}, ref);
 }
 
 }  // namespace

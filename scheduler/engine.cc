@@ -26,6 +26,7 @@ struct Engine::Request {
   int64_t seq = 0;
   int64_t earlier = 0;       // session tokens already in the cache
   int64_t final_len = 0;     // earlier + prompt + max_tokens: what its sequence may reach
+  int64_t tokenized_for = -1;  // the session sequence ids was built for (0: a new one or none)
   bool new_session = false;
   bool started = false;
   runtime::Sampler sampler;
@@ -218,15 +219,19 @@ bool Engine::Resolve(Request& r) {
       return false;
     }
   }
-  r.ids.clear();
-  r.earlier = 0;
-  if (session_seq != 0) {
-    r.earlier = *model_->SequenceLength(session_seq);
-    if (session_pending >= 0) r.ids.push_back(session_pending);
-    const std::vector<int32_t> more = tokenizer_->Encode(req.prompt, /*add_bos=*/false);
-    r.ids.insert(r.ids.end(), more.begin(), more.end());
-  } else {
-    r.ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
+  r.earlier = session_seq != 0 ? *model_->SequenceLength(session_seq) : 0;
+  // A request deferred for KV room comes back every pass: its tokens are kept while the session
+  // it was tokenized for is the same.
+  if (r.tokenized_for != session_seq) {
+    r.ids.clear();
+    if (session_seq != 0) {
+      if (session_pending >= 0) r.ids.push_back(session_pending);
+      const std::vector<int32_t> more = tokenizer_->Encode(req.prompt, /*add_bos=*/false);
+      r.ids.insert(r.ids.end(), more.begin(), more.end());
+    } else {
+      r.ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
+    }
+    r.tokenized_for = session_seq;
   }
   r.final_len = r.earlier + static_cast<int64_t>(r.ids.size()) + req.max_tokens;
   r.result = {.text = "", .finish_reason = "length", .prompt_tokens = static_cast<int64_t>(r.ids.size()),
