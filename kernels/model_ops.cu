@@ -72,8 +72,9 @@ __global__ void RopeAppendKernel(RopeAppendParams p) {
   } else {
     const int kvh = h < nh + nkv ? h - nh : h - nh - nkv;
     const int kv_index = h < nh + nkv ? 0 : 1;
-    dst = p.kv + ((int64_t{p.phys_blocks[r]} * nkv + kvh) * 2 + kv_index) * kKvBlockSize * hd +
-          (pos % kKvBlockSize) * hd;
+    const int64_t unit = p.unit_slots != nullptr ? int64_t{p.unit_slots[int64_t{r} * nkv + kvh]}
+                                                 : int64_t{p.phys_blocks[r]} * nkv + kvh;
+    dst = p.kv + (unit * 2 + kv_index) * kKvBlockSize * hd + (pos % kKvBlockSize) * hd;
   }
   dst[i] = ToBf(a);
   dst[i + half] = ToBf(b);

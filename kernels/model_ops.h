@@ -51,6 +51,10 @@ struct RopeAppendParams {
   int head_dim = 0;
   const float* bias = nullptr;     // optional [(num_heads + 2 * num_kv_heads) * head_dim], added first (Qwen2)
   float attention_scaling = 1.0f;  // cos and sin are multiplied by it (YaRN)
+  // Optional, instead of phys_blocks: kv is a pool of units ([units][2 (K,V)][16][head_dim], one
+  // (layer, KV head, block) each: the GPU block cache of the host KV tier) and row r's keys and
+  // values of KV head h go to unit unit_slots[r * num_kv_heads + h].
+  const int32_t* unit_slots = nullptr;  // [rows][num_kv_heads]
 };
 void RopeAppendRef(const RopeAppendParams& p);
 

@@ -1,6 +1,8 @@
 // CUDA model operations against their C++ references (ctest label gpu).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <random>
 
@@ -104,7 +106,11 @@ TEST(ModelOpsGpu, RopeAppendMatchesReferenceAndTouchesOnlyItsSlots) {
   struct Shape {
     int nh, nkv, hd, rows;
   };
-  for (Shape s : {Shape{6, 2, 64, 1}, Shape{6, 2, 64, 33}, Shape{32, 8, 128, 5}, Shape{4, 4, 16, 17}, Shape{3, 1, 64, 2}}) {
+  for (int variant = 0; variant < 10; ++variant) {
+    const Shape s = std::array{Shape{6, 2, 64, 1}, Shape{6, 2, 64, 33}, Shape{32, 8, 128, 5}, Shape{4, 4, 16, 17},
+                               Shape{3, 1, 64, 2}}[variant % 5];
+    // Variants 5..9 write into a pool of units (the host KV tier's GPU cache) through unit_slots.
+    const bool units = variant >= 5;
     const int num_blocks = 11;
     std::vector<float> qkv = Normal(int64_t{s.rows} * (s.nh + 2 * s.nkv) * s.hd, rng);
     std::vector<int32_t> positions(s.rows), phys(s.rows);
@@ -115,6 +121,13 @@ TEST(ModelOpsGpu, RopeAppendMatchesReferenceAndTouchesOnlyItsSlots) {
     for (int r = 0; r < s.rows; ++r) {
       phys[r] = cells[r] / kKvBlockSize;
       positions[r] = static_cast<int32_t>(rng() % (1 << 20)) / kKvBlockSize * kKvBlockSize + cells[r] % kKvBlockSize;
+    }
+    // Unit mode: (block, head) cells map to distinct units through a random permutation.
+    std::vector<int32_t> unit_of(num_blocks * s.nkv), unit_slots;
+    for (size_t i = 0; i < unit_of.size(); ++i) unit_of[i] = static_cast<int32_t>(i);
+    std::shuffle(unit_of.begin(), unit_of.end(), rng);
+    for (int r = 0; r < s.rows && units; ++r) {
+      for (int h = 0; h < s.nkv; ++h) unit_slots.push_back(unit_of[phys[r] * s.nkv + h]);
     }
     std::vector<float> inv_freq(s.hd / 2);
     for (int i = 0; i < s.hd / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / s.hd);
@@ -129,9 +142,11 @@ TEST(ModelOpsGpu, RopeAppendMatchesReferenceAndTouchesOnlyItsSlots) {
     RopeAppendParams p{.qkv = qkv.data(), .positions = positions.data(), .phys_blocks = phys.data(),
                        .inv_freq = inv_freq.data(), .q = q_want.data(), .kv = kv_want.data(), .rows = s.rows,
                        .num_heads = s.nh, .num_kv_heads = s.nkv, .head_dim = s.hd,
-                       .bias = extras ? bias.data() : nullptr, .attention_scaling = extras ? 1.1386f : 1.0f};
+                       .bias = extras ? bias.data() : nullptr, .attention_scaling = extras ? 1.1386f : 1.0f,
+                       .unit_slots = units ? unit_slots.data() : nullptr};
     RopeAppendRef(p);
     if (extras) p.bias = dev.Put(bias);
+    if (units) p.unit_slots = dev.Put(unit_slots);
     p.qkv = dev.Put(qkv);
     p.positions = dev.Put(positions);
     p.phys_blocks = dev.Put(phys);

@@ -68,6 +68,7 @@ class HostKvStore {
   // Drops tokens at positions >= num_tokens (rollback of a reservation or of rejected tokens).
   absl::Status Truncate(SequenceId session, int64_t num_tokens) { return tables_.Truncate(session, num_tokens); }
   const BlockTable* Find(SequenceId session) const { return tables_.Find(session); }
+  const BlockTableManager& tables() const { return tables_; }
 
   // Address of one unit of a slab; keys at +0, values at +unit_bytes()/2.
   std::byte* unit(int32_t slab, int layer, int head) const {

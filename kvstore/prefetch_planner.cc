@@ -9,6 +9,11 @@ namespace scout::kvstore {
 
 absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId session, const HostKvStore& store,
                                           BlockCache& cache, uint64_t step) {
+  return PlanPrefetchLayers(sel, session, store, cache, step, 0, sel.num_layers);
+}
+
+absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& sel, SequenceId session, const HostKvStore& store,
+                                                BlockCache& cache, uint64_t step, int layer_first, int layer_last) {
   const KvLayout& layout = store.layout();
   if (sel.num_layers != layout.num_layers || sel.num_kv_heads != layout.num_kv_heads ||
       sel.indptr.size() != static_cast<size_t>(sel.num_layers) * sel.num_kv_heads + 1 ||
@@ -18,10 +23,14 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
                                                    " lists does not match the store's ", layout.num_layers, " x ",
                                                    layout.num_kv_heads));
   }
+  if (layer_first < 0 || layer_last > sel.num_layers || layer_first > layer_last) {
+    return absl::InvalidArgumentError(absl::StrCat("layers [", layer_first, ", ", layer_last, ") of ", sel.num_layers));
+  }
   const BlockTable* table = store.Find(session);
   if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown session ", session));
   const int32_t nblocks = static_cast<int32_t>(table->blocks.size());
-  for (int list = 0; list < sel.num_layers * sel.num_kv_heads; ++list) {
+  const int list_first = layer_first * sel.num_kv_heads, list_last = layer_last * sel.num_kv_heads;
+  for (int list = list_first; list < list_last; ++list) {
     for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
       const int32_t b = sel.blocks[i];
       if (b < 0 || b >= nblocks) {
@@ -34,10 +43,11 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
     }
   }
   PrefetchPlan plan;
-  plan.slots.resize(sel.blocks.size());
-  plan.layer_begin.assign(1, 0);
+  const int32_t first_entry = sel.indptr[list_first];
+  plan.slots.resize(sel.indptr[list_last] - first_entry);
+  plan.layer_begin.assign(layer_first + 1, 0);
   std::vector<UnitKey> claimed;  // misses: their slots hold nothing valid until the transfer
-  for (int layer = 0; layer < sel.num_layers; ++layer) {
+  for (int layer = layer_first; layer < layer_last; ++layer) {
     for (int head = 0; head < sel.num_kv_heads; ++head) {
       const int list = layer * sel.num_kv_heads + head;
       for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
@@ -48,7 +58,7 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
           for (const UnitKey& k : claimed) cache.Invalidate(k).IgnoreError();
           return got.status();
         }
-        plan.slots[i] = got->first;
+        plan.slots[i - first_entry] = got->first;
         if (got->second) {
           ++plan.hits;
         } else {
@@ -60,6 +70,7 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
     }
     plan.layer_begin.push_back(static_cast<int32_t>(plan.transfers.size()));
   }
+  plan.layer_begin.resize(sel.num_layers + 1, static_cast<int32_t>(plan.transfers.size()));
   return plan;
 }
 
@@ -76,18 +87,39 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceId session, int64_t num_tokens, Ho
   const BlockTable* table = store.Find(session);
   if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown session ", session));
   if (num_tokens <= 0) return absl::InvalidArgumentError(absl::StrCat("append of ", num_tokens, " tokens"));
+  const int64_t first_token = table->num_tokens;
+  if (absl::Status s = store.Reserve(session, first_token + num_tokens); !s.ok()) return s;
+  absl::StatusOr<AppendPlan> plan =
+      PlanAppendLayers(session, first_token, num_tokens, store, cache, step, 0, store.layout().num_layers);
+  if (!plan.ok()) {
+    // Give back what the reservation took.
+    if (absl::Status s = store.Truncate(session, first_token); !s.ok()) return s;
+  }
+  return plan;
+}
+
+absl::StatusOr<AppendPlan> PlanAppendLayers(SequenceId session, int64_t first_token, int64_t num_tokens,
+                                            const HostKvStore& store, BlockCache& cache, uint64_t step,
+                                            int layer_first, int layer_last) {
+  const BlockTable* table = store.Find(session);
+  if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown session ", session));
+  if (num_tokens <= 0 || first_token < 0 || first_token + num_tokens > table->num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("append of tokens [", first_token, ", ", first_token + num_tokens,
+                                                   ") to a session of ", table->num_tokens, " reserved"));
+  }
+  const KvLayout& layout = store.layout();
+  if (layer_first < 0 || layer_last > layout.num_layers || layer_first > layer_last) {
+    return absl::InvalidArgumentError(absl::StrCat("layers [", layer_first, ", ", layer_last, ") of ", layout.num_layers));
+  }
   AppendPlan plan;
-  plan.first_token = table->num_tokens;
+  plan.first_token = first_token;
   plan.num_tokens = num_tokens;
-  if (absl::Status s = store.Reserve(session, plan.first_token + num_tokens); !s.ok()) return s;
-  table = store.Find(session);
   plan.first_block = static_cast<int32_t>(plan.first_token / kBlockSize);
   plan.num_blocks = static_cast<int32_t>(BlocksFor(plan.first_token + num_tokens)) - plan.first_block;
-  const KvLayout& layout = store.layout();
   // The first block holds earlier tokens when the session did not end on a block boundary.
   const bool partial_first = plan.first_token % kBlockSize != 0;
   std::vector<UnitKey> claimed;
-  for (int layer = 0; layer < layout.num_layers; ++layer) {
+  for (int layer = layer_first; layer < layer_last; ++layer) {
     for (int head = 0; head < layout.num_kv_heads; ++head) {
       for (int32_t b = plan.first_block; b < plan.first_block + plan.num_blocks; ++b) {
         const UnitKey key{session, layer, head, b};
@@ -95,8 +127,6 @@ absl::StatusOr<AppendPlan> PlanAppend(SequenceId session, int64_t num_tokens, Ho
         if (!got.ok()) {
           cache.Unpin(step, static_cast<int64_t>(plan.slots.size()));  // this plan's pins only
           for (const UnitKey& k : claimed) cache.Invalidate(k).IgnoreError();
-          // Give back what the reservation took.
-          if (absl::Status s = store.Truncate(session, plan.first_token); !s.ok()) return s;
           return got.status();
         }
         const std::byte* host = store.unit(table->blocks[b], layer, head);

@@ -29,7 +29,9 @@ struct Transfer {
 struct PrefetchPlan {
   std::vector<Transfer> transfers;  // grouped by layer, in layer order
   std::vector<int32_t> layer_begin; // [num_layers + 1] first transfer of each layer
-  std::vector<int32_t> slots;       // parallel to Selection::blocks: the slot each block is read from
+  // Parallel to Selection::blocks (of the planned layers only, from the first of them): the slot
+  // each block is read from.
+  std::vector<int32_t> slots;
   int64_t hits = 0;
   int64_t misses = 0;
 };
@@ -41,6 +43,13 @@ struct PrefetchPlan {
 // no unit this plan claimed remains in the cache).
 absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& selection, SequenceId session, const HostKvStore& store,
                                           BlockCache& cache, uint64_t step);
+// The same for layers [layer_first, layer_last) only, with their own cache: a model that gives
+// each layer its own cache (a share of the GPU pool) plans its layers on several threads at once
+// (calls on distinct caches may run concurrently; the store is only read). The plan's
+// layer_begin still spans every layer (empty outside the range).
+absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& selection, SequenceId session,
+                                                const HostKvStore& store, BlockCache& cache, uint64_t step,
+                                                int layer_first, int layer_last);
 
 // The CPU copy engine: performs the transfers of layers [layer_first, layer_last) with memcpy
 // into `pool` (num_slots units of unit_bytes). Used by CPU builds and tests.
@@ -71,6 +80,13 @@ struct AppendPlan {
 // cache rolls the reservation back. Release with cache.ReleaseStep(step) after the flush.
 absl::StatusOr<AppendPlan> PlanAppend(SequenceId session, int64_t num_tokens, HostKvStore& store, BlockCache& cache,
                                       uint64_t step);
+// PlanAppend's second half for layers [layer_first, layer_last) and their own cache, once the
+// caller has reserved tokens [first_token, first_token + num_tokens) in the store: slots is then
+// [layer - layer_first][head][block - first_block]. On ResourceExhausted the plan's own pins are
+// given back and its claimed units forgotten; the reservation is the caller's to undo.
+absl::StatusOr<AppendPlan> PlanAppendLayers(SequenceId session, int64_t first_token, int64_t num_tokens,
+                                            const HostKvStore& store, BlockCache& cache, uint64_t step,
+                                            int layer_first, int layer_last);
 
 // CPU copy engine halves of the write path.
 void ExecuteFetchOnHost(const AppendPlan& plan, size_t unit_bytes, std::byte* pool);

@@ -4,8 +4,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <random>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include "gtest/gtest.h"
@@ -296,4 +298,64 @@ TEST(PrefetchPlannerTest, FailedPlanUnpinsOnlyItsOwnUnits) {
 }
 
 }  // namespace
+// A model that gives each layer its own cache plans its layers on separate threads: the plans
+// put exactly the host bytes into each layer's slots, as one plan over one cache would.
+TEST(PrefetchLayersTest, PerLayerCachesPlannedConcurrentlyMoveTheSameBytes) {
+  std::mt19937 rng(5);
+  auto store_or = HostKvStore::Create(kLayout, 64, AlignedHostAllocator(), {.chunk_bytes = 8 * kLayout.slab_bytes()});
+  ASSERT_TRUE(store_or.ok()) << store_or.status();
+  HostKvStore& store = **store_or;
+  const size_t unit = kLayout.unit_bytes();
+  ASSERT_TRUE(store.AddSession(7).ok());
+  ASSERT_TRUE(store.Reserve(7, 40 * kBlockSize).ok());
+  for (int32_t slab : store.Find(7)->blocks) {
+    for (int l = 0; l < kLayout.num_layers; ++l) {
+      for (int h = 0; h < kLayout.num_kv_heads; ++h) {
+        for (size_t i = 0; i < unit; ++i) store.unit(slab, l, h)[i] = std::byte(rng());
+      }
+    }
+  }
+  const int32_t per_layer = 30;
+  std::vector<std::unique_ptr<BlockCache>> caches;
+  for (int l = 0; l < kLayout.num_layers; ++l) {
+    caches.push_back(std::make_unique<BlockCache>(per_layer, kLayout.num_layers, kLayout.num_kv_heads));
+  }
+  std::vector<std::byte> pool(kLayout.num_layers * per_layer * unit);
+  for (uint64_t step = 1; step <= 6; ++step) {
+    Selection sel{.num_layers = kLayout.num_layers, .num_kv_heads = kLayout.num_kv_heads, .indptr = {0}, .blocks = {}};
+    for (int list = 0; list < kLayout.num_layers * kLayout.num_kv_heads; ++list) {
+      for (int32_t b = 0; b < 40; ++b) {
+        if (rng() % 4 == 0) sel.blocks.push_back(b);
+      }
+      sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
+    }
+    std::vector<absl::StatusOr<PrefetchPlan>> plans(kLayout.num_layers, absl::UnknownError("not run"));
+    std::vector<std::thread> threads;
+    for (int l = 0; l < kLayout.num_layers; ++l) {
+      threads.emplace_back([&, l] { plans[l] = PlanPrefetchLayers(sel, 7, store, *caches[l], step, l, l + 1); });
+    }
+    for (std::thread& t : threads) t.join();
+    for (int l = 0; l < kLayout.num_layers; ++l) {
+      ASSERT_TRUE(plans[l].ok()) << plans[l].status();
+      const PrefetchPlan& p = *plans[l];
+      ASSERT_EQ(p.layer_begin.size(), static_cast<size_t>(kLayout.num_layers) + 1);
+      EXPECT_EQ(p.layer_begin[l + 1] - p.layer_begin[l], static_cast<int32_t>(p.transfers.size()));
+      std::byte* layer_pool = pool.data() + l * per_layer * unit;
+      ExecutePrefetchOnHost(p, unit, layer_pool, 0, kLayout.num_layers);
+      // Every selected block of this layer reads the bytes of its host unit.
+      const int32_t first = sel.indptr[l * kLayout.num_kv_heads];
+      ASSERT_EQ(p.slots.size(), static_cast<size_t>(sel.indptr[(l + 1) * kLayout.num_kv_heads] - first));
+      for (int h = 0; h < kLayout.num_kv_heads; ++h) {
+        const int list = l * kLayout.num_kv_heads + h;
+        for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
+          const std::byte* host = store.unit(store.Find(7)->blocks[sel.blocks[i]], l, h);
+          ASSERT_EQ(std::memcmp(layer_pool + p.slots[i - first] * unit, host, unit), 0)
+              << "layer " << l << " head " << h << " block " << sel.blocks[i] << " step " << step;
+        }
+      }
+      caches[l]->ReleaseStep(step);
+    }
+  }
+}
+
 }  // namespace scout::kvstore

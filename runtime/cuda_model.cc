@@ -7,13 +7,19 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/bf16.h"
 #include "kernels/model_ops.cuh"
 #include "kernels/santa.cuh"
 #include "kernels/sparse_decode.cuh"
+#include "kvstore/block_cache.h"
+#include "kvstore/copy_engine.cuh"
+#include "kvstore/host_store.h"
+#include "kvstore/prefetch_planner.h"
 #include "runtime/batch_check.h"
 #include "runtime/rope.h"
 
@@ -95,7 +101,7 @@ struct LayerWeights {
 // Offsets (in int32 elements) of one step's index arrays inside the staging buffer.
 struct StepLayout {
   size_t tokens = 0, positions = 0, phys = 0, q_indptr = 0, seq_lens = 0, block_table = 0, sel_indptr = 0,
-         sel_blocks = 0, total = 0;
+         sel_blocks = 0, sel_slots = 0, unit_slots = 0, total = 0;
 };
 
 }  // namespace
@@ -117,8 +123,32 @@ struct CudaModel::Impl {
   DeviceBuffer embed, lm_head, norm, inv_freq;
   std::vector<LayerWeights> layers;
   std::vector<DeviceBuffer> kv;  // per layer: [blocks][kv_heads][2][16][head_dim] bf16
-  std::unique_ptr<kvstore::BlockTableManager> tables;
+  std::unique_ptr<kvstore::BlockTableManager> tables;  // GPU-resident KV (no host tier)
   size_t weight_bytes = 0;
+
+  // The host KV tier: the store owns the block tables, the GPU holds a cache of units in `pool`.
+  std::unique_ptr<kvstore::HostKvStore> store;
+  // One cache per layer over its own share of the pool (slots [layer * layer_units, ...)), so
+  // that the layers of a step are planned on several threads at once.
+  std::vector<std::unique_ptr<kvstore::BlockCache>> caches;
+  int32_t layer_units = 0;
+  std::unique_ptr<kvstore::CudaCopyEngine> copier;
+  DeviceBuffer pool;  // [units][2][16][head_dim] bf16
+  size_t unit_bytes = 0;
+  uint64_t step_id = 0;
+  bool step_pending = false;  // step_id's units are pinned until step_done
+  cudaEvent_t main_done = nullptr, step_done = nullptr;
+  HostKvTierStats tier_stats;
+
+  const kvstore::BlockTableManager& Tables() const { return store != nullptr ? store->tables() : *tables; }
+  // Waits for the last tiered step (its flush included) and unpins its units.
+  absl::Status FinishTieredStep() {
+    if (!step_pending) return absl::OkStatus();
+    SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(step_done), "host KV tier step");
+    for (auto& cache : caches) cache->ReleaseStep(step_id);
+    step_pending = false;
+    return absl::OkStatus();
+  }
 
   // Per-step buffers, grown before a step is enqueued (never during a capture).
   DeviceBuffer x, h, qkv, q, attn, gu, act, final_x, final_h, logits, lse, block_lse, attn_ws, mass, index;
@@ -143,6 +173,11 @@ struct CudaModel::Impl {
     for (cudaEvent_t e : staged) {
       if (e != nullptr) cudaEventDestroy(e);
     }
+    if (step_done != nullptr) cudaEventSynchronize(step_done);
+    copier.reset();
+    for (cudaEvent_t e : {main_done, step_done}) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
     if (blas != nullptr) cublasDestroy(blas);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
@@ -150,10 +185,24 @@ struct CudaModel::Impl {
   absl::Status Init(const CudaModelOptions& o);
   absl::Status AllocWeights();
   absl::Status AllocKv(const CudaModelOptions& o);
+  absl::Status AllocHostTier(const CudaModelOptions& o);
   // y[rows][out] (float32) = x[rows][in] (bf16) . w[out][in]^T (bf16) + beta * y
   absl::Status Gemm(const void* w, const void* x_bf16, float* y, int64_t rows, int64_t in, int64_t out, float beta);
   // x += in . w^T, summed over the tensor-parallel shards (each holds a slice of `in`'s columns).
   absl::Status ProjectAndReduce(const void* w, const void* in_bf16, int64_t rows, int64_t in, int64_t out);
+  // One step of the host tier: the batch's transfers merged by layer, and the slot arrays the
+  // kernels read.
+  struct TierPlan {
+    kvstore::PrefetchPlan prefetch;
+    kvstore::AppendPlan append;          // fetch and flush only
+    std::vector<int32_t> sel_slots;      // parallel to the step's sel_blocks
+    std::vector<int32_t> unit_slots;     // [layers][rows][kv_heads]: where each new row is written
+  };
+  // Reserves the new tokens in the store, pins every unit the step reads or writes, and lists
+  // the misses. All or nothing: on error nothing stays reserved or pinned.
+  absl::Status PlanTieredStep(std::span<const SequenceInput> batch, const BatchShape& shape,
+                              const std::vector<int32_t>& sel_indptr, const std::vector<int32_t>& sel_blocks,
+                              TierPlan* tp);
   // capture: records the step into a new entry of graphs instead of running it.
   absl::Status Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
                        std::vector<float>* host_mass_out, std::vector<float>* host_logits);
@@ -231,6 +280,7 @@ absl::Status CudaModel::Impl::AllocWeights() {
 }
 
 absl::Status CudaModel::Impl::AllocKv(const CudaModelOptions& o) {
+  if (o.host_kv_tokens > 0) return AllocHostTier(o);
   const int64_t per_block = lc.num_key_value_heads * 2 * kvstore::kBlockSize * lc.head_dim * sizeof(uint16_t);
   int64_t tokens = o.kv_budget_tokens > 0 ? o.kv_budget_tokens : 4 * c.max_position_embeddings;
   int64_t blocks = kvstore::BlocksFor(tokens);
@@ -249,6 +299,49 @@ absl::Status CudaModel::Impl::AllocKv(const CudaModelOptions& o) {
     SCOUT_RETURN_IF_CUDA(cudaMemset(k.ptr, 0, k.bytes), "KV pool clear");
   }
   tables = std::make_unique<kvstore::BlockTableManager>(static_cast<int32_t>(blocks));
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
+  const kvstore::KvLayout layout{.num_layers = static_cast<int>(lc.num_hidden_layers),
+                                 .num_kv_heads = static_cast<int>(lc.num_key_value_heads),
+                                 .head_dim = static_cast<int>(lc.head_dim), .elem_bytes = 2};
+  unit_bytes = layout.unit_bytes();
+  if (unit_bytes % 512 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("the host KV tier needs head_dim a multiple of 8, not ", lc.head_dim));
+  }
+  const int64_t blocks = kvstore::BlocksFor(o.host_kv_tokens);
+  if (blocks > INT32_MAX) return absl::InvalidArgumentError("host KV store of more than 2^31 blocks");
+  absl::StatusOr<std::unique_ptr<kvstore::HostKvStore>> s =
+      kvstore::HostKvStore::Create(layout, static_cast<int32_t>(blocks), kvstore::PinnedHostAllocator());
+  if (!s.ok()) return s.status();
+  store = std::move(*s);
+  int64_t units = o.gpu_cache_units;
+  if (units <= 0) {
+    size_t free_bytes = 0, total_bytes = 0;
+    SCOUT_RETURN_IF_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+    units = static_cast<int64_t>(0.9 * static_cast<double>(free_bytes)) / static_cast<int64_t>(unit_bytes) - 4096;
+  }
+  units -= units % layout.num_layers;
+  if (units < layout.num_layers || units > INT32_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("GPU block cache of ", units, " units for ", layout.num_layers,
+                                                   " layers"));
+  }
+  SCOUT_RETURN_IF_ERROR(pool.Reserve(static_cast<size_t>(units) * unit_bytes,
+                                     absl::StrCat("GPU block cache of ", units, " units")));
+  // Units are read past a sequence's end (weighted by zero): they must hold finite values.
+  SCOUT_RETURN_IF_CUDA(cudaMemset(pool.ptr, 0, pool.bytes), "GPU block cache clear");
+  layer_units = static_cast<int32_t>(units / layout.num_layers);
+  for (int l = 0; l < layout.num_layers; ++l) {
+    caches.push_back(std::make_unique<kvstore::BlockCache>(layer_units, layout.num_layers, layout.num_kv_heads));
+  }
+  absl::StatusOr<std::unique_ptr<kvstore::CudaCopyEngine>> e = kvstore::CudaCopyEngine::Create(
+      static_cast<std::byte*>(pool.ptr), unit_bytes, layout.num_layers, static_cast<int>(units));
+  if (!e.ok()) return e.status();
+  copier = std::move(*e);
+  for (cudaEvent_t* ev : {&main_done, &step_done}) {
+    SCOUT_RETURN_IF_CUDA(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "event");
+  }
   return absl::OkStatus();
 }
 
@@ -291,6 +384,133 @@ absl::Status CudaModel::Impl::ProjectAndReduce(const void* w, const void* in_bf1
 #endif
 }
 
+absl::Status CudaModel::Impl::PlanTieredStep(std::span<const SequenceInput> batch, const BatchShape& shape,
+                                             const std::vector<int32_t>& sel_indptr,
+                                             const std::vector<int32_t>& sel_blocks, TierPlan* tp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int L = static_cast<int>(lc.num_hidden_layers), nkv = static_cast<int>(lc.num_key_value_heads);
+  const size_t B = batch.size();
+  const int64_t T = shape.total_tokens;
+  const uint64_t step = ++step_id;
+  // The new tokens' room in the store first (serially: it may allocate host memory).
+  for (size_t i = 0; i < B; ++i) {
+    if (absl::Status st = store->Reserve(batch[i].seq, shape.start[i] + static_cast<int64_t>(batch[i].tokens.size()));
+        !st.ok()) {
+      for (size_t j = 0; j < i; ++j) store->Truncate(batch[j].seq, shape.start[j]).IgnoreError();
+      return st;
+    }
+  }
+  std::vector<kvstore::Selection> selections(B);
+  std::vector<int64_t> first_row(B + 1, 0);
+  for (size_t i = 0; i < B; ++i) {
+    kvstore::Selection& sel = selections[i];
+    sel.num_layers = L;
+    sel.num_kv_heads = nkv;
+    const int32_t base = sel_indptr[i * L * nkv];
+    sel.indptr.reserve(static_cast<size_t>(L) * nkv + 1);
+    for (int k = 0; k <= L * nkv; ++k) sel.indptr.push_back(sel_indptr[i * L * nkv + k] - base);
+    sel.blocks.assign(sel_blocks.begin() + base, sel_blocks.begin() + base + sel.indptr.back());
+    first_row[i + 1] = first_row[i] + static_cast<int64_t>(batch[i].tokens.size());
+  }
+  tp->sel_slots.assign(sel_blocks.size(), 0);
+  tp->unit_slots.assign(static_cast<size_t>(L) * T * nkv, 0);
+  // Each layer on its own cache: planned on several threads, writing the slot arrays in place.
+  struct LayerOut {
+    absl::Status status;
+    std::vector<kvstore::Transfer> transfers, fetch, flush;
+    int64_t hits = 0, misses = 0;
+  };
+  std::vector<LayerOut> out(L);
+  auto plan_layer = [&](int l) {
+    LayerOut& o = out[l];
+    const int32_t base = l * layer_units;
+    for (size_t i = 0; i < B && o.status.ok(); ++i) {
+      const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+      absl::StatusOr<kvstore::AppendPlan> a =
+          kvstore::PlanAppendLayers(batch[i].seq, shape.start[i], n, *store, *caches[l], step, l, l + 1);
+      if (!a.ok()) {
+        o.status = a.status();
+        break;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const int32_t b = static_cast<int32_t>((shape.start[i] + t) / kvstore::kBlockSize) - a->first_block;
+        for (int head = 0; head < nkv; ++head) {
+          tp->unit_slots[(static_cast<size_t>(l) * T + first_row[i] + t) * nkv + head] =
+              base + a->slots[static_cast<size_t>(head) * a->num_blocks + b];
+        }
+      }
+      for (kvstore::Transfer x : a->fetch) o.fetch.push_back({x.src, base + x.slot});
+      for (kvstore::Transfer x : a->flush) o.flush.push_back({x.src, base + x.slot});
+      absl::StatusOr<kvstore::PrefetchPlan> p =
+          kvstore::PlanPrefetchLayers(selections[i], batch[i].seq, *store, *caches[l], step, l, l + 1);
+      if (!p.ok()) {
+        o.status = p.status();
+        break;
+      }
+      const size_t entry0 = sel_indptr[(i * L + l) * nkv];
+      for (size_t k = 0; k < p->slots.size(); ++k) tp->sel_slots[entry0 + k] = base + p->slots[k];
+      for (kvstore::Transfer x : p->transfers) o.transfers.push_back({x.src, base + x.slot});
+      o.hits += p->hits;
+      o.misses += p->misses;
+    }
+  };
+  const int threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, std::min(L, 16));
+  if (threads == 1) {
+    for (int l = 0; l < L; ++l) plan_layer(l);
+  } else {
+    std::vector<std::thread> pool_threads;
+    for (int t = 0; t < threads; ++t) {
+      pool_threads.emplace_back([&, t] {
+        for (int l = t; l < L; l += threads) plan_layer(l);
+      });
+    }
+    for (std::thread& th : pool_threads) th.join();
+  }
+  for (int l = 0; l < L; ++l) {
+    if (out[l].status.ok()) continue;
+    // Undo: unpin, forget every unit the plans touched (a claimed slot holds nothing valid yet;
+    // dropping hits too only costs a later miss), give the reserved tokens back.
+    for (auto& cache : caches) cache->ReleaseStep(step);
+    for (size_t i = 0; i < B; ++i) {
+      const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+      const int32_t b0 = static_cast<int32_t>(shape.start[i] / kvstore::kBlockSize);
+      const int32_t b1 = static_cast<int32_t>(kvstore::BlocksFor(shape.start[i] + n));
+      const kvstore::Selection& sel = selections[i];
+      for (int layer = 0; layer < L; ++layer) {
+        for (int head = 0; head < nkv; ++head) {
+          for (int32_t b = b0; b < b1; ++b) caches[layer]->Invalidate({batch[i].seq, layer, head, b}).IgnoreError();
+          const int list = layer * nkv + head;
+          for (int32_t k = sel.indptr[list]; k < sel.indptr[list + 1]; ++k) {
+            caches[layer]->Invalidate({batch[i].seq, layer, head, sel.blocks[k]}).IgnoreError();
+          }
+        }
+      }
+      store->Truncate(batch[i].seq, shape.start[i]).IgnoreError();
+    }
+    const absl::Status& st = out[l].status;
+    if (st.code() == absl::StatusCode::kResourceExhausted) {
+      return absl::ResourceExhaustedError(absl::StrCat("the GPU block cache (", layer_units, " units per layer) cannot hold this step's lists of layer ", l, ": ", st.message()));
+    }
+    return st;
+  }
+  step_pending = true;  // pinned until the step is done
+  tp->prefetch.layer_begin.assign(1, 0);
+  for (int l = 0; l < L; ++l) {
+    LayerOut& o = out[l];
+    tp->prefetch.transfers.insert(tp->prefetch.transfers.end(), o.transfers.begin(), o.transfers.end());
+    tp->prefetch.layer_begin.push_back(static_cast<int32_t>(tp->prefetch.transfers.size()));
+    tp->append.fetch.insert(tp->append.fetch.end(), o.fetch.begin(), o.fetch.end());
+    tp->append.flush.insert(tp->append.flush.end(), o.flush.begin(), o.flush.end());
+    tier_stats.unit_hits += o.hits;
+    tier_stats.unit_misses += o.misses;
+    tier_stats.bytes_prefetched += o.misses * static_cast<int64_t>(unit_bytes);
+    tier_stats.bytes_flushed += static_cast<int64_t>(o.flush.size() * unit_bytes);
+  }
+  ++tier_stats.steps;
+  tier_stats.plan_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return absl::OkStatus();
+}
+
 absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
                                       std::vector<float>* host_mass_out, std::vector<float>* host_logits) {
   // Shapes of this shard; selections name the whole model's KV heads (nkv_all), of which this
@@ -299,9 +519,25 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   const int64_t inter = lc.intermediate_size, vocab = lc.vocab_size, L = lc.num_hidden_layers;
   const int64_t nkv_all = c.num_key_value_heads, kv0 = tp_rank * nkv;
   SCOUT_RETURN_IF_CUDA(cudaSetDevice(device), "cudaSetDevice");  // the calling thread may be new
-  absl::StatusOr<BatchShape> shape = CheckBatch(c, *tables, batch);
+  const bool tier = store != nullptr;
+  if (tier) {
+    if (capture) {
+      return absl::UnimplementedError("steps of the host KV tier are planned on the host: they cannot be captured");
+    }
+    if (o.selection != nullptr) {
+      return absl::UnimplementedError(
+          "the host KV tier plans its prefetch from host selections (SequenceInput::selection), not device ones");
+    }
+    if (o.block_mass != nullptr || (host_mass_out != nullptr && std::any_of(batch.begin(), batch.end(), [](const SequenceInput& in) {
+                                      return in.block_mass != nullptr;
+                                    }))) {
+      return absl::UnimplementedError("block mass (the draft's output) with the host KV tier");
+    }
+    SCOUT_RETURN_IF_ERROR(FinishTieredStep());
+  }
+  absl::StatusOr<BatchShape> shape = CheckBatch(c, Tables(), batch);
   if (!shape.ok()) return shape.status();
-  bool host_selection = false, host_mass = false;
+  bool host_selection = tier, host_mass = false;
   for (const SequenceInput& in : batch) {
     if (in.quest_budget != nullptr) {
       return absl::UnimplementedError("Quest-style selection runs on the CPU backend only");
@@ -363,7 +599,9 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   lay.block_table = lay.seq_lens + B;
   lay.sel_indptr = lay.block_table + static_cast<size_t>(B) * table_nb;
   lay.sel_blocks = lay.sel_indptr + sel_indptr.size();
-  lay.total = lay.sel_blocks + sel_blocks.size();
+  lay.sel_slots = lay.sel_blocks + sel_blocks.size();
+  lay.unit_slots = lay.sel_slots + (tier ? sel_blocks.size() : 0);
+  lay.total = lay.unit_slots + (tier ? static_cast<size_t>(L * T * nkv) : 0);
 
   // Buffers, sized before anything is enqueued (cudaMalloc must not run inside a capture).
   const int rows_per_cta = kernels::SparseDecodeRowsPerCta(static_cast<int>(nh), static_cast<int>(nkv), max_q);
@@ -422,15 +660,21 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   SCOUT_RETURN_IF_ERROR(stage->Reserve(std::max<size_t>(lay.total, 1) * 4));
   SCOUT_RETURN_IF_ERROR(idx->Reserve(std::max<size_t>(lay.total, 1) * 4, "index arrays"));
 
-  // All checks passed: the tables grow now, and the step is filled in.
-  SCOUT_RETURN_IF_ERROR(GrowForBatch(*tables, batch, *shape));
+  // All checks passed: the tables grow now (the host tier: plans the step's transfers, which
+  // grows them), and the step is filled in.
+  TierPlan tp;
+  if (tier) {
+    SCOUT_RETURN_IF_ERROR(PlanTieredStep(batch, *shape, sel_indptr, sel_blocks, &tp));
+  } else {
+    SCOUT_RETURN_IF_ERROR(GrowForBatch(*tables, batch, *shape));
+  }
   int32_t* st = static_cast<int32_t*>(stage->ptr);
   {
     int64_t row = 0;
     st[lay.q_indptr] = 0;
     for (size_t i = 0; i < batch.size(); ++i) {
       const SequenceInput& in = batch[i];
-      const std::vector<int32_t>& blocks = tables->Find(in.seq)->blocks;
+      const std::vector<int32_t>& blocks = Tables().Find(in.seq)->blocks;
       const int64_t n = static_cast<int64_t>(in.tokens.size());
       for (int64_t t = 0; t < n; ++t, ++row) {
         const int64_t pos = shape->start[i] + t;
@@ -446,6 +690,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     }
     std::copy(sel_indptr.begin(), sel_indptr.end(), st + lay.sel_indptr);
     std::copy(sel_blocks.begin(), sel_blocks.end(), st + lay.sel_blocks);
+    std::copy(tp.sel_slots.begin(), tp.sel_slots.end(), st + lay.sel_slots);
+    std::copy(tp.unit_slots.begin(), tp.unit_slots.end(), st + lay.unit_slots);
   }
 
   if (capture) {
@@ -462,6 +708,12 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                         stream),
                          "embedding");
     const float eps = static_cast<float>(c.rms_norm_eps);
+    if (tier) {  // the copy stream: partial blocks the new tokens extend, then every layer's misses
+      SCOUT_RETURN_IF_ERROR(copier->Fetch(tp.append));
+      SCOUT_RETURN_IF_ERROR(copier->Upload(tp.prefetch));
+      for (int64_t layer = 0; layer < L; ++layer) SCOUT_RETURN_IF_ERROR(copier->LaunchLayer(tp.prefetch, static_cast<int>(layer)));
+    }
+    uint16_t* const pool_kv = pool.as<uint16_t>();
     for (int64_t layer = 0; layer < L; ++layer) {
       const LayerWeights& w = layers[layer];
       SCOUT_RETURN_IF_CUDA(kernels::RmsNorm({.x = x.as<float>(), .weight = w.attn_norm.as<float>(), .out = h.as<uint16_t>(),
@@ -469,16 +721,21 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                             stream),
                            "RMSNorm");
       SCOUT_RETURN_IF_ERROR(Gemm(w.wqkv.ptr, h.ptr, qkv.as<float>(), T, d, (nh + 2 * nkv) * hd, 0.0f));
+      // The host tier: this layer's units (and the partial blocks the new rows extend) must have
+      // arrived; later layers' are still moving.
+      if (tier) SCOUT_RETURN_IF_CUDA(cudaStreamWaitEvent(stream, copier->layer_done(static_cast<int>(layer)), 0), "prefetch wait");
+      uint16_t* const layer_kv = tier ? pool_kv : kv[layer].as<uint16_t>();
       SCOUT_RETURN_IF_CUDA(kernels::RopeAppend({.qkv = qkv.as<float>(), .positions = di + lay.positions,
                                                 .phys_blocks = di + lay.phys, .inv_freq = inv_freq.as<float>(),
-                                                .q = q.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
+                                                .q = q.as<uint16_t>(), .kv = layer_kv,
                                                 .rows = static_cast<int>(T), .num_heads = static_cast<int>(nh),
                                                 .num_kv_heads = static_cast<int>(nkv), .head_dim = static_cast<int>(hd),
                                                 .bias = w.bqkv.ptr != nullptr ? w.bqkv.as<float>() : nullptr,
-                                                .attention_scaling = rope_scaling},
+                                                .attention_scaling = rope_scaling,
+                                                .unit_slots = tier ? di + lay.unit_slots + layer * T * nkv : nullptr},
                                                stream),
                            "RoPE and KV append");
-      kernels::SparseDecodeParams ap{.q = q.as<uint16_t>(), .out = attn.as<uint16_t>(), .kv = kv[layer].as<uint16_t>(),
+      kernels::SparseDecodeParams ap{.q = q.as<uint16_t>(), .out = attn.as<uint16_t>(), .kv = layer_kv,
                                      .q_indptr = di + lay.q_indptr, .seq_lens = di + lay.seq_lens,
                                      .block_table = di + lay.block_table, .max_blocks_per_seq = table_nb,
                                      .num_seqs = B, .num_heads = static_cast<int>(nh),
@@ -493,6 +750,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
         ap.sel_indptr = di + lay.sel_indptr + layer * nkv;
         ap.sel_blocks = di + lay.sel_blocks;
         ap.sel_seq_stride = static_cast<int>(L * nkv);
+        if (tier) ap.sel_slots = di + lay.sel_slots;
       }
       const bool want_mass = host_mass || o.block_mass != nullptr;
       if (want_mass) ap.lse = lse.as<float>();
@@ -544,6 +802,12 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                             stream),
                            "SwiGLU");
       SCOUT_RETURN_IF_ERROR(ProjectAndReduce(w.w_down.ptr, act.ptr, T, inter, d));  // + residual
+    }
+    if (tier) {  // the new tokens' units back to the store once every layer has written them
+      SCOUT_RETURN_IF_CUDA(cudaEventRecord(main_done, stream), "event");
+      SCOUT_RETURN_IF_CUDA(cudaStreamWaitEvent(copier->stream(), main_done, 0), "flush wait");
+      SCOUT_RETURN_IF_ERROR(copier->Flush(tp.append));
+      SCOUT_RETURN_IF_CUDA(cudaEventRecord(step_done, copier->stream()), "event");
     }
     // The rows whose logits are wanted, in runs of consecutive rows.
     {
@@ -746,13 +1010,25 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Load(const std::filesystem
 }
 
 const ModelConfig& CudaModel::config() const { return impl_->c; }
-absl::Status CudaModel::AddSequence(SequenceId seq) { return impl_->tables->AddSequence(seq); }
-absl::Status CudaModel::ReleaseSequence(SequenceId seq) { return impl_->tables->Release(seq); }
+absl::Status CudaModel::AddSequence(SequenceId seq) {
+  return impl_->store != nullptr ? impl_->store->AddSession(seq) : impl_->tables->AddSequence(seq);
+}
+absl::Status CudaModel::ReleaseSequence(SequenceId seq) {
+  Impl& m = *impl_;
+  if (m.store == nullptr) return m.tables->Release(seq);
+  if (m.store->Find(seq) == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
+  SCOUT_RETURN_IF_ERROR(m.FinishTieredStep());  // its units may be pinned by the last step
+  for (auto& cache : m.caches) SCOUT_RETURN_IF_ERROR(cache->EraseSession(seq));
+  return m.store->ReleaseSession(seq);
+}
 absl::Status CudaModel::TruncateSequence(SequenceId seq, int64_t num_tokens) {
-  return impl_->tables->Truncate(seq, num_tokens);
+  // The host tier keeps cached units of dropped blocks: their rows past the end are never read,
+  // and a later append rewrites the unit and flushes it whole.
+  return impl_->store != nullptr ? impl_->store->Truncate(seq, num_tokens) : impl_->tables->Truncate(seq, num_tokens);
 }
 absl::StatusOr<int64_t> CudaModel::SequenceLength(SequenceId seq) const {
-  const kvstore::BlockTable* t = impl_->tables->Find(seq);
+  const kvstore::BlockTable* t = impl_->Tables().Find(seq);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
   return t->num_tokens;
 }
@@ -797,14 +1073,15 @@ absl::Status CudaModel::Synchronize() {
 
 const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
 void* CudaModel::stream() const { return impl_->stream; }
-const kvstore::BlockTableManager& CudaModel::block_tables() const { return *impl_->tables; }
+const kvstore::BlockTableManager& CudaModel::block_tables() const { return impl_->Tables(); }
+HostKvTierStats CudaModel::host_tier_stats() const { return impl_->tier_stats; }
+bool CudaModel::host_tier() const { return impl_->store != nullptr; }
 ModelBackend::KvCacheUsage CudaModel::kv_cache_usage() const {
-  const kvstore::BlockAllocator& a = impl_->tables->allocator();
+  const kvstore::BlockAllocator& a = impl_->Tables().allocator();
   return {.used_blocks = a.capacity() - a.num_free(), .total_blocks = a.capacity()};
 }
 size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaModel::kv_bytes_per_token() const {
-  const ModelConfig& c = impl_->c;
   const ModelConfig& lc = impl_->lc;
   return static_cast<size_t>(lc.num_hidden_layers * lc.num_key_value_heads * 2 * lc.head_dim * sizeof(uint16_t));
 }
@@ -812,13 +1089,30 @@ size_t CudaModel::kv_bytes_per_token() const {
 absl::Status CudaModel::FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed) {
   Impl& m = *impl_;
   SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
-  const kvstore::BlockTable* t = m.tables->Find(seq);
+  const kvstore::BlockTable* t = m.Tables().Find(seq);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
   if (num_tokens > m.c.max_position_embeddings) {
     return absl::OutOfRangeError(absl::StrCat("context of ", num_tokens, " tokens past max_position_embeddings ",
                                               m.c.max_position_embeddings));
   }
   const int64_t before = t->num_tokens;
+  if (m.store != nullptr) {
+    // The host tier: the slabs are written in place (the kernel stores into mapped host memory),
+    // and the cache forgets the sequence's units.
+    SCOUT_RETURN_IF_ERROR(m.FinishTieredStep());
+    for (auto& cache : m.caches) SCOUT_RETURN_IF_ERROR(cache->EraseSession(seq));
+    SCOUT_RETURN_IF_ERROR(m.store->Reserve(seq, num_tokens));
+    const std::vector<int32_t>& slabs = m.store->Find(seq)->blocks;
+    const int64_t slab_elems = static_cast<int64_t>(m.store->layout().slab_bytes() / 2);
+    for (size_t i = static_cast<size_t>(before / kvstore::kBlockSize); i < slabs.size(); ++i) {
+      SCOUT_RETURN_IF_CUDA(kernels::RandomFill({.out = reinterpret_cast<uint16_t*>(m.store->unit(slabs[i], 0, 0)),
+                                                .n = slab_elems, .seed = seed * 1315423911ull + slabs[i]},
+                                               m.stream),
+                           "random context");
+    }
+    SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "random context");
+    return absl::OkStatus();
+  }
   SCOUT_RETURN_IF_ERROR(m.tables->Grow(seq, num_tokens));
   const std::vector<int32_t>& blocks = m.tables->Find(seq)->blocks;
   const int64_t per_block = m.lc.num_key_value_heads * 2 * kvstore::kBlockSize * m.lc.head_dim;

@@ -30,6 +30,27 @@ struct CudaModelOptions {
   int tp_rank = 0;
   int tp_size = 1;
   void* nccl_comm = nullptr;
+  // The host KV tier (kvstore/): > 0 keeps every sequence's KV in a host-memory store of this
+  // many tokens (pinned, device-mapped, taken in 1 GiB chunks as sequences grow) and gives the
+  // GPU only a cache of gpu_cache_units units, one (layer, KV head, 16-token block) each. Every
+  // step plans on the host which units its lists name that the cache lacks (PlanPrefetch), moves
+  // them layer by layer on a copy stream (each layer's attention waits for its own units only),
+  // writes its new tokens' keys and values into cache units and flushes those back to the store.
+  // Attention then runs over lists (STS selections; a step without one reads every block, so
+  // the cache must hold the whole context of that step). kv_budget_tokens is unused.
+  int64_t host_kv_tokens = 0;
+  // Units of the GPU cache; 0: what fits in 90% of the GPU memory left after the weights.
+  int64_t gpu_cache_units = 0;
+};
+
+// What the host KV tier did since the model was made.
+struct HostKvTierStats {
+  int64_t steps = 0;
+  int64_t unit_hits = 0;       // selected units the GPU cache already held
+  int64_t unit_misses = 0;     // selected units moved host -> GPU
+  int64_t bytes_prefetched = 0;
+  int64_t bytes_flushed = 0;   // new tokens' units written back GPU -> host
+  double plan_ms = 0;          // host time spent planning (PlanAppend + PlanPrefetch)
 };
 
 // Selection lists already on the device for a whole batch: the list of (sequence i of the
@@ -122,6 +143,9 @@ class CudaModel final : public ModelBackend {
   // grows it to that length: a long context for benchmarks without a prefill.
   absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
 
+  // Host KV tier only (zeros otherwise).
+  HostKvTierStats host_tier_stats() const;
+  bool host_tier() const;
   KvCacheUsage kv_cache_usage() const override;
   const kvstore::BlockTableManager& block_tables() const;
   size_t weight_bytes() const;

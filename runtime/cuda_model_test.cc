@@ -242,6 +242,125 @@ TEST(CudaModelTest, DeviceStepAndGraphReplayMatchForward) {
 }
 
 // Random weights of a config's shapes, in memory (biases included when the config has them).
+// The host KV tier against the GPU-resident cache, step for step: dense prefills, batches of
+// selected and dense members, rollback, release and reuse of ids, with a GPU cache small enough
+// that units are evicted between steps and come back from the host store.
+TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
+  std::filesystem::path dir = FreshDir("tier");
+  const ModelConfig c = SmallConfig();
+  WriteRandomModel(dir, c, 7);
+  absl::StatusOr<std::unique_ptr<CudaModel>> resident = CudaModel::Load(dir, {.kv_budget_tokens = 4096});
+  absl::StatusOr<std::unique_ptr<CudaModel>> tier =
+      CudaModel::Load(dir, {.host_kv_tokens = 4096, .gpu_cache_units = 64});
+  ASSERT_TRUE(resident.ok()) << resident.status();
+  ASSERT_TRUE(tier.ok()) << tier.status();
+  CudaModel& a = **resident;
+  CudaModel& b = **tier;
+  ASSERT_TRUE(b.host_tier());
+  const int vocab = static_cast<int>(c.vocab_size);
+  const int L = static_cast<int>(c.num_hidden_layers), nkv = static_cast<int>(c.num_key_value_heads);
+  std::mt19937 rng(11);
+  auto both = [&](std::span<const SequenceInput> batch, const std::string& what) {
+    std::vector<float> want, got;
+    absl::Status sa = a.Forward(batch, &want);
+    absl::Status sb = b.Forward(batch, &got);
+    ASSERT_TRUE(sa.ok()) << what << ": " << sa;
+    ASSERT_TRUE(sb.ok()) << what << ": " << sb;
+    ASSERT_EQ(got.size(), want.size());
+    // Same kernels over the same bf16 values read from other addresses.
+    EXPECT_LT(RelL2(got, want), 1e-5) << what;
+  };
+  auto random_selection = [&](int64_t length) {
+    kvstore::Selection sel{.num_layers = L, .num_kv_heads = nkv, .indptr = {0}, .blocks = {}};
+    const int nb = static_cast<int>(kvstore::BlocksFor(length));
+    for (int u = 0; u < L * nkv; ++u) {
+      for (int blk = 0; blk < nb; ++blk) {
+        if (blk == 0 || rng() % 5 == 0) sel.blocks.push_back(blk);
+      }
+      sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
+    }
+    return sel;
+  };
+  const std::vector<int> prompt_len = {1, 17, 16, 150};
+  for (int s = 0; s < 4; ++s) {
+    for (CudaModel* m : {&a, &b}) ASSERT_TRUE(m->AddSequence(s).ok());
+    std::vector<int32_t> prompt = RandomTokens(prompt_len[s], vocab, 20 + s);
+    SequenceInput in{.seq = s, .tokens = prompt, .all_logits = true};
+    both({&in, 1}, "prefill " + std::to_string(s));
+  }
+  {  // a second chunk of 150 over a selection: 40 units would not fit beside a dense read
+    std::vector<int32_t> chunk = RandomTokens(150, vocab, 30);
+    kvstore::Selection sel = random_selection(300);
+    SequenceInput in{.seq = 3, .tokens = chunk, .all_logits = true, .selection = &sel};
+    both({&in, 1}, "second chunk");
+  }
+  for (int round = 0; round < 12; ++round) {
+    std::vector<std::vector<int32_t>> toks(4);
+    std::vector<kvstore::Selection> sels(4);
+    std::vector<SequenceInput> batch;
+    for (int s = 0; s < 4; ++s) {
+      if ((s + round) % 3 == 2) continue;  // not every sequence in every step
+      toks[s] = RandomTokens(1 + static_cast<int>(rng() % 5), vocab, 100 * round + s);
+      absl::StatusOr<int64_t> len = b.SequenceLength(s);
+      ASSERT_TRUE(len.ok());
+      const bool dense = *len < 40;  // short sequences read every block
+      if (!dense) sels[s] = random_selection(*len + static_cast<int64_t>(toks[s].size()));
+      batch.push_back({.seq = s, .tokens = toks[s], .all_logits = true, .selection = dense ? nullptr : &sels[s]});
+    }
+    both(batch, "round " + std::to_string(round));
+    if (round % 4 == 3) {  // reject the last step's tokens of one sequence: rollback
+      const SequenceId s = batch.front().seq;
+      absl::StatusOr<int64_t> len = b.SequenceLength(s);
+      ASSERT_TRUE(len.ok());
+      for (CudaModel* m : {&a, &b}) ASSERT_TRUE(m->TruncateSequence(s, *len - 1).ok());
+    }
+    if (round == 6) {  // a released id comes back empty
+      for (CudaModel* m : {&a, &b}) {
+        ASSERT_TRUE(m->ReleaseSequence(1).ok());
+        ASSERT_TRUE(m->AddSequence(1).ok());
+      }
+      std::vector<int32_t> prompt = RandomTokens(23, vocab, 77);
+      SequenceInput in{.seq = 1, .tokens = prompt, .all_logits = true};
+      both({&in, 1}, "re-added");
+    }
+  }
+  const HostKvTierStats st = b.host_tier_stats();
+  EXPECT_GT(st.unit_hits, 0);
+  EXPECT_GT(st.unit_misses, 0);
+  EXPECT_GT(st.bytes_flushed, 0);
+  // More moved than the cache holds: units were evicted and came back from the host store.
+  EXPECT_GT(st.unit_misses, 64) << "the test should force evictions";
+
+  // A dense step over more units than the cache holds (every block of all four sequences)
+  // fails with a clear error and changes nothing; the same tokens over a selection then work.
+  std::vector<int64_t> lens;
+  std::vector<std::vector<int32_t>> more(4);
+  std::vector<SequenceInput> dense_all;
+  for (int s = 0; s < 4; ++s) {
+    absl::StatusOr<int64_t> l = b.SequenceLength(s);
+    ASSERT_TRUE(l.ok());
+    lens.push_back(*l);
+    more[s] = RandomTokens(2, vocab, 5 + s);
+    dense_all.push_back({.seq = s, .tokens = more[s]});
+  }
+  std::vector<float> logits;
+  absl::Status too_big = b.Forward(dense_all, &logits);
+  EXPECT_EQ(too_big.code(), absl::StatusCode::kResourceExhausted) << too_big;
+  EXPECT_NE(too_big.message().find("GPU block cache"), std::string::npos) << too_big;
+  for (int s = 0; s < 4; ++s) {
+    absl::StatusOr<int64_t> l = b.SequenceLength(s);
+    ASSERT_TRUE(l.ok());
+    EXPECT_EQ(*l, lens[s]) << "sequence " << s << " changed by a refused step";
+  }
+  const int64_t* len = &lens[3];
+  const std::vector<int32_t>& more3 = more[3];
+  kvstore::Selection sel = random_selection(*len + 2);
+  SequenceInput sparse{.seq = 3, .tokens = more3, .all_logits = true, .selection = &sel};
+  both({&sparse, 1}, "after the refused step");
+  // The tier refuses what it cannot do, by name.
+  EXPECT_EQ(b.CaptureForward({&sparse, 1}, {}).status().code(), absl::StatusCode::kUnimplemented);
+}
+
 LlamaWeights RandomWeights(const ModelConfig& c, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 0.2f);
