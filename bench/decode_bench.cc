@@ -6,8 +6,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
+#include <random>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -37,8 +39,8 @@ using runtime::SequenceInput;
     }                                                                                                 \
   } while (0)
 
-// Llama-3.x shapes. max_position_embeddings is raised to 1M: positions past 128k cost the same,
-// and the million-token runs use them.
+// Llama-3.x shapes. max_position_embeddings is raised to 2M: positions past 128k cost the same,
+// and the million-token runs decode past 1M.
 ModelConfig Llama(int64_t hidden, int64_t inter, int64_t layers, int64_t head_dim, bool tied, double rope_factor) {
   ModelConfig c;
   c.architecture = "LlamaForCausalLM";
@@ -49,7 +51,7 @@ ModelConfig Llama(int64_t hidden, int64_t inter, int64_t layers, int64_t head_di
   c.num_attention_heads = 32;
   c.num_key_value_heads = 8;
   c.head_dim = head_dim;
-  c.max_position_embeddings = int64_t{1} << 20;
+  c.max_position_embeddings = int64_t{1} << 21;
   c.rms_norm_eps = 1e-5;
   c.rope = {.type = "llama3", .theta = 500000, .factor = rope_factor, .low_freq_factor = 1, .high_freq_factor = 4,
             .original_max_position_embeddings = 8192};
@@ -111,8 +113,12 @@ class Bench {
   absl::Status Run();
 
  private:
+  absl::Status RunResident();
   absl::Status RunConfig(int64_t ctx, int batch);
-  absl::Status MeasureCopyBandwidth();
+  absl::Status RunHostTier(int64_t ctx);
+  absl::Status RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, double fraction, double pcie_gbps);
+  absl::Status WriteJson();
+  absl::Status MeasureCopyBandwidth(cudaStream_t s);
   void Print(const Row& r);
 
   const DecodeBenchOptions& o_;
@@ -122,13 +128,12 @@ class Bench {
   std::vector<Row> rows_;
 };
 
-absl::Status Bench::MeasureCopyBandwidth() {
+absl::Status Bench::MeasureCopyBandwidth(cudaStream_t s) {
   const size_t bytes = size_t{2} << 30;
   DeviceVec a, b;
   BENCH_CUDA(cudaMalloc(&a.p, bytes));
   BENCH_CUDA(cudaMalloc(&b.p, bytes));
   BENCH_CUDA(cudaMemset(a.p, 1, bytes));
-  cudaStream_t s = static_cast<cudaStream_t>(target_->stream());
   absl::StatusOr<double> ms = TimeMs(s, 10, [&]() -> absl::Status {
     if (cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s) != cudaSuccess) return absl::InternalError("copy");
     return absl::OkStatus();
@@ -139,6 +144,21 @@ absl::Status Bench::MeasureCopyBandwidth() {
 }
 
 absl::Status Bench::Run() {
+  std::printf("k = %d draft tokens per round, ASSUMED %.2f accepted per round (random weights accept nothing): "
+              "a round yields %.2f tokens per sequence\n",
+              o_.k, o_.accepted, o_.accepted + 1);
+  if (!o_.contexts.empty()) {
+    if (absl::Status s = RunResident(); !s.ok()) return s;
+  }
+  target_.reset();
+  draft_.reset();
+  for (int64_t ctx : o_.host_contexts) {
+    if (absl::Status s = RunHostTier(ctx); !s.ok()) return s;
+  }
+  return WriteJson();
+}
+
+absl::Status Bench::RunResident() {
   const int k = o_.k;
   const size_t kvpt_t = tc_.num_hidden_layers * tc_.num_key_value_heads * 2 * tc_.head_dim * 2;
   const size_t kvpt_d = dc_.num_hidden_layers * dc_.num_key_value_heads * 2 * dc_.head_dim * 2;
@@ -179,11 +199,8 @@ absl::Status Bench::Run() {
       CudaModel::CreateRandom(dc_, 2, {.device = o_.device, .kv_budget_tokens = pool_tokens});
   if (!d.ok()) return d.status();
   draft_ = std::move(*d);
-  if (absl::Status s = MeasureCopyBandwidth(); !s.ok()) return s;
+  if (absl::Status s = MeasureCopyBandwidth(static_cast<cudaStream_t>(target_->stream())); !s.ok()) return s;
   std::printf("HBM copy bandwidth (read + write) measured: %.0f GB/s\n", copy_gbps_);
-  std::printf("k = %d draft tokens per round, ASSUMED %.2f accepted per round (random weights accept nothing): "
-              "a round yields %.2f tokens per sequence\n",
-              k, o_.accepted, o_.accepted + 1);
   std::printf("STS: %.0f%% of blocks per (layer, KV head) incl. %d sink + %d window blocks; head map: each target "
               "(layer, KV head) reads the draft layer at proportional depth, the 4 query heads of the same KV group; "
               "SANTA %d samples per 16-row group. -sd: sparse draft (first draft step dense, the next k-1 over the "
@@ -194,6 +211,10 @@ absl::Status Bench::Run() {
   for (auto [ctx, b] : runs) {
     if (absl::Status s = RunConfig(ctx, b); !s.ok()) return s;
   }
+  return absl::OkStatus();
+}
+
+absl::Status Bench::WriteJson() {
   if (!o_.json_out.empty()) {
     std::ofstream f(o_.json_out);
     for (const Row& r : rows_) {
@@ -210,7 +231,9 @@ absl::Status Bench::Run() {
 void Bench::Print(const Row& r) {
   double ar = 0;
   for (const Row& x : rows_) {
-    if (x.context == r.context && x.batch == r.batch && x.mode == "dense-AR") ar = x.tokens_per_s;
+    if (x.context == r.context && x.batch == r.batch && (x.mode == "dense-AR" || x.mode == "dense-AR-pcie")) {
+      ar = x.tokens_per_s;
+    }
   }
   std::printf("%8lld %5d %-12s %9.3f %9.1f %6.2fx | %8.3f %8.3f %8.3f %8.3f %8.3f | %10.1f %5.0f%%\n",
               static_cast<long long>(r.context), r.batch, r.mode.c_str(), r.round_ms, r.tokens_per_s,
@@ -532,6 +555,375 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   return absl::OkStatus();
 }
 
+
+// The million-token configuration: the target's KV in the host store (pinned host memory, a GPU
+// block cache, the selected units prefetched every step), the draft on its own GPU with its KV
+// there, as the coordinator places them. Batch 1, sparse draft refreshed every R rounds.
+absl::Status Bench::RunHostTier(int64_t ctx) {
+  const int k = o_.k;
+  const int tdev = o_.device, ddev = o_.draft_device >= 0 ? o_.draft_device : o_.device;
+  const int64_t pool_tokens = ctx + 2 * kvstore::kBlockSize + k + 1;
+  const double kvpt_t = static_cast<double>(tc_.num_hidden_layers * tc_.num_key_value_heads * 2 * tc_.head_dim * 2);
+  std::printf("\nhost KV tier, context %lld, batch 1: target on cuda:%d with its KV (%.1f GB) in pinned host memory, "
+              "draft on cuda:%d with its KV on that GPU\n",
+              static_cast<long long>(ctx), tdev, pool_tokens * kvpt_t / 1e9, ddev);
+  BENCH_CUDA(cudaSetDevice(tdev));
+  double pcie_gbps = 0;
+  {  // PCIe: a pinned 1 GiB host-to-device copy, the bound on what the prefetch can move
+    const size_t bytes = size_t{1} << 30;
+    void* host = nullptr;
+    DeviceVec dev;
+    BENCH_CUDA(cudaHostAlloc(&host, bytes, cudaHostAllocDefault));
+    BENCH_CUDA(cudaMalloc(&dev.p, bytes));
+    std::memset(host, 1, bytes);
+    cudaStream_t s = nullptr;
+    BENCH_CUDA(cudaStreamCreate(&s));
+    absl::StatusOr<double> ms = TimeMs(s, 5, [&]() -> absl::Status {
+      if (cudaMemcpyAsync(dev.p, host, bytes, cudaMemcpyHostToDevice, s) != cudaSuccess) return absl::InternalError("copy");
+      return absl::OkStatus();
+    });
+    cudaStreamDestroy(s);
+    cudaFreeHost(host);
+    if (!ms.ok()) return ms.status();
+    pcie_gbps = bytes / (*ms * 1e-3) / 1e9;
+  }
+  const auto t_create = std::chrono::steady_clock::now();
+  absl::StatusOr<std::unique_ptr<CudaModel>> tm = CudaModel::CreateRandom(
+      tc_, 1, {.device = tdev, .host_kv_tokens = pool_tokens, .gpu_cache_units = o_.gpu_cache_units});
+  if (!tm.ok()) return tm.status();
+  absl::StatusOr<std::unique_ptr<CudaModel>> dm =
+      CudaModel::CreateRandom(dc_, 2, {.device = ddev, .kv_budget_tokens = pool_tokens});
+  if (!dm.ok()) return dm.status();
+  CudaModel& T = **tm;
+  CudaModel& D = **dm;
+  if (copy_gbps_ == 0) {
+    BENCH_CUDA(cudaSetDevice(tdev));
+    if (absl::Status st = MeasureCopyBandwidth(static_cast<cudaStream_t>(T.stream())); !st.ok()) return st;
+  }
+  BENCH_CHECK(T.AddSequence(0));
+  BENCH_CHECK(D.AddSequence(0));
+  BENCH_CHECK(T.FillRandomContext(0, ctx, 100));
+  BENCH_CHECK(D.FillRandomContext(0, ctx, 200));
+  std::printf("models made and %lld-token contexts written in %.1f s (pinning host memory dominates); PCIe pinned "
+              "copy %.1f GB/s, HBM copy %.0f GB/s\n",
+              static_cast<long long>(ctx),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_create).count(), pcie_gbps, copy_gbps_);
+  for (double fraction : o_.host_budget_fractions) {
+    if (absl::Status st = RunHostTierBudget(T, D, ctx, fraction, pcie_gbps); !st.ok()) return st;
+  }
+  BENCH_CHECK(T.ReleaseSequence(0));
+  BENCH_CHECK(D.ReleaseSequence(0));
+  return absl::OkStatus();
+}
+
+absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, double fraction, double pcie_gbps) {
+  const int k = o_.k, B = 1, R = o_.draft_refresh_rounds;
+  const int tdev = o_.device, ddev = o_.draft_device >= 0 ? o_.draft_device : o_.device;
+  cudaStream_t ts = static_cast<cudaStream_t>(T.stream()), ds = static_cast<cudaStream_t>(D.stream());
+  // Draft-side buffers (on the draft's GPU): its block mass, the target's selection and its own.
+  BENCH_CUDA(cudaSetDevice(ddev));
+  const int nb = static_cast<int>(kvstore::BlocksFor(ctx + k + 1));
+  const int dh_total = static_cast<int>(dc_.num_hidden_layers * dc_.num_attention_heads);
+  const int units = static_cast<int>(tc_.num_hidden_layers * tc_.num_key_value_heads);
+  const int tkv = static_cast<int>(tc_.num_key_value_heads);
+  runtime::StsBudget budget{.budget_fraction = fraction, .sink_blocks = o_.sink_blocks,
+                            .window_blocks = o_.window_blocks};
+  const int list = static_cast<int>(runtime::BudgetBlocks(budget, nb));
+  std::vector<int32_t> offsets = kernels::SelectionOffsets({nb}, units, list, o_.sink_blocks, o_.window_blocks);
+  const int group = static_cast<int>(dc_.num_attention_heads / dc_.num_key_value_heads);
+  std::vector<int32_t> mi{0}, mh;
+  for (int u = 0; u < units; ++u) {
+    const int layer = u / tkv, kvh = u % tkv;
+    const int dl = static_cast<int>(int64_t{layer} * dc_.num_hidden_layers / tc_.num_hidden_layers);
+    const int dkv = kvh % static_cast<int>(dc_.num_key_value_heads);
+    for (int g = 0; g < group; ++g) mh.push_back(dl * static_cast<int>(dc_.num_attention_heads) + dkv * group + g);
+    mi.push_back(static_cast<int32_t>(mh.size()));
+  }
+  DeviceVec mass, d_argmax, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
+  const size_t mass_floats = static_cast<size_t>(k) * dh_total * nb;
+  BENCH_CUDA(cudaMalloc(&mass.p, mass_floats * 4));
+  BENCH_CUDA(cudaMemset(mass.p, 0, mass_floats * 4));
+  BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t)));
+  BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t)));
+  int32_t* dargmax = static_cast<int32_t*>(d_argmax.p);
+  auto upload = [](DeviceVec& d, const std::vector<int32_t>& v) -> absl::Status {
+    BENCH_CUDA(cudaMalloc(&d.p, std::max<size_t>(4, v.size() * 4)));
+    BENCH_CUDA(cudaMemcpy(d.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  };
+  BENCH_CHECK(upload(num_blocks, {nb}));
+  BENCH_CHECK(upload(map_indptr, mi));
+  BENCH_CHECK(upload(map_heads, mh));
+  BENCH_CHECK(upload(out_indptr, offsets));
+  BENCH_CUDA(cudaMalloc(&out_blocks.p, std::max<size_t>(4, offsets.back() * 4)));
+  kernels::BlockSelectParams sp{.mass = static_cast<float*>(mass.p), .num_blocks = static_cast<int32_t*>(num_blocks.p),
+                                .map_indptr = static_cast<int32_t*>(map_indptr.p),
+                                .map_heads = static_cast<int32_t*>(map_heads.p),
+                                .out_indptr = static_cast<int32_t*>(out_indptr.p),
+                                .out_blocks = static_cast<int32_t*>(out_blocks.p), .num_seqs = B,
+                                .num_positions = k, .num_draft_heads = dh_total, .max_blocks = nb, .num_units = units,
+                                .budget_blocks = list, .sink_blocks = o_.sink_blocks, .window_blocks = o_.window_blocks};
+  BENCH_CUDA(cudaMalloc(&scratch.p, kernels::BlockSelectScratchBytes(sp)));
+  // The sparse draft's own lists, as in the GPU-resident rows.
+  const int d_units = static_cast<int>(dc_.num_hidden_layers * dc_.num_key_value_heads);
+  const int nb_d = static_cast<int>(kvstore::BlocksFor(ctx + k));
+  const int list_d = static_cast<int>(runtime::BudgetBlocks(budget, nb_d));
+  std::vector<int32_t> offsets_d = kernels::SelectionOffsets({nb_d}, d_units, list_d, o_.sink_blocks, o_.window_blocks);
+  std::vector<int32_t> dmi{0}, dmh;
+  for (int u = 0; u < d_units; ++u) {
+    const int layer = u / static_cast<int>(dc_.num_key_value_heads), kvh = u % static_cast<int>(dc_.num_key_value_heads);
+    for (int g = 0; g < group; ++g) dmh.push_back(layer * static_cast<int>(dc_.num_attention_heads) + kvh * group + g);
+    dmi.push_back(static_cast<int32_t>(dmh.size()));
+  }
+  DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
+  BENCH_CHECK(upload(d_num_blocks, {nb_d}));
+  BENCH_CHECK(upload(d_map_indptr, dmi));
+  BENCH_CHECK(upload(d_map_heads, dmh));
+  BENCH_CHECK(upload(d_out_indptr, offsets_d));
+  BENCH_CUDA(cudaMalloc(&d_out_blocks.p, std::max<size_t>(4, offsets_d.back() * 4)));
+  kernels::BlockSelectParams dsp = sp;
+  dsp.num_blocks = static_cast<int32_t*>(d_num_blocks.p);
+  dsp.map_indptr = static_cast<int32_t*>(d_map_indptr.p);
+  dsp.map_heads = static_cast<int32_t*>(d_map_heads.p);
+  dsp.out_indptr = static_cast<int32_t*>(d_out_indptr.p);
+  dsp.out_blocks = static_cast<int32_t*>(d_out_blocks.p);
+  dsp.num_units = d_units;
+  dsp.budget_blocks = list_d;
+  BENCH_CUDA(cudaMalloc(&d_scratch.p, kernels::BlockSelectScratchBytes(dsp)));
+  runtime::DeviceSelection dsel{.indptr = static_cast<int32_t*>(d_out_indptr.p),
+                                .blocks = static_cast<int32_t*>(d_out_blocks.p), .max_list_blocks = list_d,
+                                .block_bound = nb_d};
+  auto draft_select = [&]() -> absl::Status {
+    BENCH_CUDA(cudaSetDevice(ddev));
+    if (k > 1) {
+      BENCH_CUDA(cudaMemsetAsync(static_cast<float*>(mass.p) + static_cast<size_t>(dh_total) * nb, 0,
+                                 static_cast<size_t>(k - 1) * dh_total * nb * 4, ds));
+    }
+    BENCH_CUDA(kernels::BlockSelect(dsp, d_scratch.p, ds));
+    return absl::OkStatus();
+  };
+  BENCH_CHECK(draft_select());
+  BENCH_CUDA(cudaStreamSynchronize(ds));
+  std::vector<int32_t> one_tok{7}, kp1(k + 1, 7);
+  SequenceInput d_in{.seq = 0, .tokens = one_tok};
+  auto bm_at = [&](int p) {
+    return runtime::DeviceBlockMass{.mass = static_cast<float*>(mass.p) + static_cast<size_t>(p) * dh_total * nb,
+                                    .seq_stride = static_cast<int64_t>(k) * dh_total * nb, .token_stride = 0,
+                                    .head_stride = nb, .layer_stride = 0,
+                                    .layer_head_offset = static_cast<int>(dc_.num_attention_heads)};
+  };
+  {  // the draft's step buffers at their largest before any capture
+    runtime::DeviceBlockMass bm = bm_at(0);
+    const std::vector<const runtime::DeviceSelection*> variants = {nullptr, &dsel};
+    for (const runtime::DeviceSelection* sel : variants) {
+      BENCH_CHECK(D.EnqueueForward({&d_in, 1}, {.selection = sel, .block_mass = &bm, .argmax = dargmax}));
+      BENCH_CHECK(D.Synchronize());
+      BENCH_CHECK(D.TruncateSequence(0, ctx));
+    }
+  }
+  std::vector<int> g_sd, g_sparse;  // first step dense then sparse; every step sparse
+  std::vector<runtime::DeviceBlockMass> bms;
+  for (int p = 0; p < k; ++p) bms.push_back(bm_at(p));
+  for (int variant = 0; variant < 2; ++variant) {
+    for (int p = 0; p < k; ++p) {
+      runtime::DeviceStepOptions opt{.selection = variant == 1 || p > 0 ? &dsel : nullptr, .block_mass = &bms[p],
+                                     .argmax = dargmax, .device_tokens = dargmax};
+      absl::StatusOr<int> g = D.CaptureForward({&d_in, 1}, opt);
+      if (!g.ok()) return g.status();
+      (variant == 0 ? g_sd : g_sparse).push_back(*g);
+    }
+    BENCH_CHECK(D.TruncateSequence(0, ctx));
+  }
+  auto draft_round = [&](bool dense_first) -> absl::Status {
+    BENCH_CUDA(cudaSetDevice(ddev));
+    const std::vector<int>& gs = dense_first ? g_sd : g_sparse;
+    if (!dense_first) BENCH_CUDA(cudaMemsetAsync(mass.p, 0, mass_floats * 4, ds));
+    for (size_t i = 0; i < gs.size(); ++i) {
+      if (absl::Status st = D.Replay(gs[i]); !st.ok()) return st;
+      if (i == 0 && dense_first) {
+        if (absl::Status st = draft_select(); !st.ok()) return st;
+      }
+    }
+    return absl::OkStatus();
+  };
+  // The target's selection: picked on the draft's GPU, read back to the host, where the tier
+  // plans the step's prefetch.
+  int32_t* host_blocks = nullptr;
+  BENCH_CUDA(cudaHostAlloc(&host_blocks, std::max<size_t>(4, offsets.back() * 4), cudaHostAllocDefault));
+  kvstore::Selection sel{.num_layers = static_cast<int>(tc_.num_hidden_layers), .num_kv_heads = tkv,
+                         .indptr = std::vector<int32_t>(offsets.begin(), offsets.begin() + units + 1), .blocks = {}};
+  auto target_select = [&](kvstore::Selection* out) -> absl::Status {
+    BENCH_CUDA(cudaSetDevice(ddev));
+    BENCH_CUDA(kernels::BlockSelect(sp, scratch.p, ds));
+    BENCH_CUDA(cudaMemcpyAsync(host_blocks, out_blocks.p, offsets.back() * 4, cudaMemcpyDeviceToHost, ds));
+    BENCH_CUDA(cudaStreamSynchronize(ds));
+    out->blocks.assign(host_blocks, host_blocks + offsets[units]);
+    return absl::OkStatus();
+  };
+  BENCH_CUDA(cudaSetDevice(tdev));
+  DeviceVec t_argmax;
+  BENCH_CUDA(cudaMalloc(&t_argmax.p, sizeof(int32_t) * (k + 1)));
+  int32_t* host_tokens = nullptr;
+  BENCH_CUDA(cudaHostAlloc(&host_tokens, sizeof(int32_t) * (k + 1), cudaHostAllocDefault));
+  auto verify = [&](const kvstore::Selection& s, bool skip_attention) -> absl::Status {
+    SequenceInput in{.seq = 0, .tokens = kp1, .all_logits = true, .selection = &s};
+    if (absl::Status st = T.EnqueueForward({&in, 1}, {.argmax = static_cast<int32_t*>(t_argmax.p),
+                                                      .skip_attention = skip_attention});
+        !st.ok()) {
+      return st;
+    }
+    BENCH_CUDA(cudaSetDevice(tdev));
+    BENCH_CUDA(cudaMemcpyAsync(host_tokens, t_argmax.p, sizeof(int32_t) * (k + 1), cudaMemcpyDeviceToHost, ts));
+    BENCH_CUDA(cudaStreamSynchronize(ts));
+    return T.TruncateSequence(0, ctx);
+  };
+  using Clock = std::chrono::steady_clock;
+  auto wall_ms = [&](int n, auto fn) -> absl::StatusOr<double> {
+    if (absl::Status st = fn(); !st.ok()) return st;  // warm-up
+    const auto start = Clock::now();
+    for (int i = 0; i < n; ++i) {
+      if (absl::Status st = fn(); !st.ok()) return st;
+    }
+    return std::chrono::duration<double, std::milli>(Clock::now() - start).count() / n;
+  };
+  const int it = o_.iters;
+  // End to end: the draft's round, the selection, the target's tiered verification (plan,
+  // prefetch, attention over cached units, write-back), and the greedy tokens read back.
+  // The parts. The draft: dense-first and all-sparse rounds on its GPU; the target's selection;
+  // its verification with every unit cached (the same lists again), with and without attention.
+  BENCH_CHECK(target_select(&sel));
+  BENCH_CUDA(cudaSetDevice(ddev));
+  absl::StatusOr<double> t_dsd = TimeMs(ds, it, [&] { return draft_round(true); });
+  absl::StatusOr<double> t_dsparse = TimeMs(ds, it, [&] { return draft_round(false); });
+  absl::StatusOr<double> t_sel = wall_ms(it, [&] { return target_select(&sel); });
+  const kvstore::Selection fixed_sel = sel;
+  BENCH_CHECK(verify(fixed_sel, false));
+  const runtime::HostKvTierStats h0 = T.host_tier_stats();
+  absl::StatusOr<double> t_vhit = wall_ms(it, [&] { return verify(fixed_sel, false); });
+  const runtime::HostKvTierStats h1 = T.host_tier_stats();
+  absl::StatusOr<double> t_vrest = wall_ms(it, [&] { return verify(fixed_sel, true); });
+  for (const absl::StatusOr<double>* t : {&t_dsd, &t_dsparse, &t_sel, &t_vhit, &t_vrest}) {
+    if (!t->ok()) return t->status();
+  }
+  const double draft_ms = (*t_dsd + (R - 1) * *t_dsparse) / R;
+  const double plan_hit_ms = (h1.plan_ms - h0.plan_ms) / (it + 1);  // wall_ms runs one warm-up call
+  const double attn_ms = *t_vhit - *t_vrest;
+  const double rest_ms = *t_vrest - plan_hit_ms;
+  const double dense_pcie_tok_s = pcie_gbps * 1e9 / (static_cast<double>(ctx) * T.kv_bytes_per_token());
+  if (fraction == o_.host_budget_fractions.front()) {
+    std::printf("dense decoding with the KV streamed over PCIe instead (not run: bound by PCIe): %.2f tokens/s\n",
+                dense_pcie_tok_s);
+    Row r{.context = ctx, .batch = B, .mode = "dense-AR-pcie", .round_ms = 1e3 / dense_pcie_tok_s,
+          .tokens_per_s = dense_pcie_tok_s, .roofline_tokens_per_s = dense_pcie_tok_s};
+    rows_.push_back(r);
+  }
+  // Roofline of a round, the parts in series: draft bytes over HBM, target weights and selected
+  // KV over HBM, the moved units over PCIe.
+  const double bw = copy_gbps_ * 1e9;
+  const double wt = static_cast<double>(T.weight_bytes()), wd = static_cast<double>(D.weight_bytes());
+  const double kv_d = static_cast<double>(ctx) * D.kv_bytes_per_token();
+  const double kv_d_sel = static_cast<double>(list_d) * kvstore::kBlockSize * D.kv_bytes_per_token();
+  const double kv_t_sel = static_cast<double>(list) * kvstore::kBlockSize * T.kv_bytes_per_token();
+  const double draft_bytes = (kv_d + (k - 1) * kv_d_sel + (R - 1) * k * kv_d_sel) / R + k * wd;
+  const double per_round = o_.accepted + 1;
+  std::printf("STS budget %.3g%%: %d units selected per round; draft %.3f ms a round (dense-first %.3f, all-sparse %.3f; "
+              "dense first step every %d rounds); target selection + readback %.3f ms; verification with every unit "
+              "cached %.3f ms, of which host planning %.2f ms\n",
+              100 * fraction, offsets[units], draft_ms, *t_dsd, *t_dsparse, R, *t_sel, *t_vhit, plan_hit_ms);
+  std::printf("%8s %5s %-14s %9s %9s %7s | %8s %8s %8s %8s %8s | %10s %6s | %6s %8s %8s\n", "context", "batch", "mode",
+              "round_ms", "tok/s", "vs_AR", "draft", "select", "prefetch", "t_attn", "t_rest", "roof_tok/s", "%roof",
+              "cached", "moved_GB", "plan_ms");
+  // Turnover: random weights make the draft pick the same blocks every round (its queries and
+  // the context do not change between rounds), so, as with acceptance, how much the target's
+  // lists change from one round to the next is set explicitly: each round replaces that
+  // fraction of every list's blocks (sinks and window excepted) with blocks it did not hold,
+  // starting from the draft's real selection.
+  std::mt19937 rng(17);
+  const int sink = o_.sink_blocks, window_begin = nb - o_.window_blocks;
+  std::vector<char> in_list(nb);
+  auto mutate = [&](const kvstore::Selection& from, double turnover) {
+    kvstore::Selection to = from;
+    to.blocks.clear();
+    to.indptr.assign(1, 0);
+    std::vector<int32_t> keep;
+    for (int u = 0; u < units; ++u) {
+      keep.assign(from.blocks.begin() + from.indptr[u], from.blocks.begin() + from.indptr[u + 1]);
+      for (int32_t b : keep) in_list[b] = 1;
+      int movable = 0;
+      for (int32_t b : keep) movable += b >= sink && b < window_begin;
+      const int replace = static_cast<int>(std::lround(turnover * movable));
+      const int room = window_begin - sink - movable;
+      for (int r = 0; r < std::min(replace, room); ++r) {
+        // drop a random movable block, add a random block not in the list
+        int32_t victim;
+        do {
+          victim = keep[rng() % keep.size()];
+        } while (victim < sink || victim >= window_begin || in_list[victim] != 1);
+        in_list[victim] = 2;  // dropped this round: not re-added
+        int32_t fresh;
+        do {
+          fresh = sink + static_cast<int32_t>(rng() % (window_begin - sink));
+        } while (in_list[fresh] != 0);
+        in_list[fresh] = 3;
+      }
+      const size_t begin = to.blocks.size();
+      for (int32_t b : keep) {
+        if (in_list[b] == 1) to.blocks.push_back(b);
+        in_list[b] = 0;
+      }
+      for (int32_t b = sink; b < window_begin && replace > 0; ++b) {
+        if (in_list[b] == 3) {
+          to.blocks.push_back(b);
+          in_list[b] = 0;
+        }
+      }
+      std::sort(to.blocks.begin() + begin, to.blocks.end());
+      to.indptr.push_back(static_cast<int32_t>(to.blocks.size()));
+    }
+    return to;
+  };
+  for (double turnover : o_.host_turnovers) {
+    std::vector<kvstore::Selection> sels = {fixed_sel};
+    while (static_cast<int>(sels.size()) < it + 3) sels.push_back(mutate(sels.back(), turnover));
+    int round_index = 0;
+    auto round = [&]() -> absl::Status {
+      const int r = round_index++;
+      if (absl::Status st = draft_round(r % R == 0); !st.ok()) return st;
+      if (absl::Status st = target_select(&sel); !st.ok()) return st;  // run as in serving; lists from sels
+      return verify(sels[r % sels.size()], false);
+    };
+    for (int w = 0; w < 2; ++w) BENCH_CHECK(round());  // round 1 is the first with a turnover
+    const runtime::HostKvTierStats s0 = T.host_tier_stats();
+    absl::StatusOr<double> e2e = wall_ms(it, round);
+    const runtime::HostKvTierStats s1 = T.host_tier_stats();
+    if (!e2e.ok()) return e2e.status();
+    const double rounds = it + 1;
+    const double plan_ms = (s1.plan_ms - s0.plan_ms) / rounds;
+    const double moved = static_cast<double>(s1.bytes_prefetched - s0.bytes_prefetched) / rounds;
+    const double hits = static_cast<double>(s1.unit_hits - s0.unit_hits);
+    const double misses = static_cast<double>(s1.unit_misses - s0.unit_misses);
+    const double prefetch_ms = std::max(0.0, *e2e - draft_ms - *t_sel - *t_vhit - (plan_ms - plan_hit_ms));
+    const double roof_s = (draft_bytes + wt + kv_t_sel) / bw + moved / (pcie_gbps * 1e9);
+    Row r{.context = ctx, .batch = B, .mode = absl::StrCat("host-", 100 * fraction, "%-t", std::lround(100 * turnover)),
+          .round_ms = *e2e, .tokens_per_s = per_round / (*e2e * 1e-3), .draft_ms = draft_ms, .select_ms = *t_sel,
+          .prefetch_ms = prefetch_ms, .attn_ms = attn_ms, .rest_ms = rest_ms, .roofline_tokens_per_s = per_round / roof_s};
+    rows_.push_back(r);
+    std::printf("%8lld %5d %-14s %9.3f %9.1f %6.2fx | %8.3f %8.3f %8.3f %8.3f %8.3f | %10.1f %5.0f%% | %5.1f%% %8.2f %8.2f\n",
+                static_cast<long long>(r.context), r.batch, r.mode.c_str(), r.round_ms, r.tokens_per_s,
+                r.tokens_per_s / dense_pcie_tok_s, r.draft_ms, r.select_ms, r.prefetch_ms, r.attn_ms, r.rest_ms,
+                r.roofline_tokens_per_s, 100 * r.tokens_per_s / r.roofline_tokens_per_s,
+                100 * hits / std::max(1.0, hits + misses), moved / 1e9, plan_ms);
+    std::fflush(stdout);
+  }
+  std::printf("(-tN: N%% of each list's blocks new every round; vs_AR: against dense decoding streamed over PCIe; "
+              "select: the target's selection on the draft's GPU and its readback; prefetch: what the transfers add "
+              "to the round beyond the all-cached verification; t_rest: the verification without attention or "
+              "planning; cached: selected units already on the GPU)\n");
+  cudaFreeHost(host_blocks);
+  cudaFreeHost(host_tokens);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 int RunDecodeBench(const DecodeBenchOptions& o) {
@@ -559,8 +951,7 @@ int RunDecodeBench(const DecodeBenchOptions& o) {
     std::fprintf(stderr, "scout bench decode: no CUDA device %d\n", o.device);
     return 1;
   }
-  std::printf("scout bench decode on %s: target %s, draft %s, bf16, KV on the GPU\n", prop.name, o.target.c_str(),
-              o.draft.c_str());
+  std::printf("scout bench decode on %s: target %s, draft %s, bf16\n", prop.name, o.target.c_str(), o.draft.c_str());
   Bench b(o, *tc, *dc);
   absl::Status s = b.Run();
   if (!s.ok()) {

@@ -615,7 +615,13 @@ int BenchDecode(int argc, char** argv) {
   Flags flags({
       {"target", "llama-3.1-8b", "target shape: llama-3.1-8b, llama-3.2-3b, llama-3.2-1b or a model folder"},
       {"draft", "llama-3.2-1b", "draft shape (same forms)"},
-      {"contexts", "32768,131072", "context lengths, comma-separated"},
+      {"contexts", "32768,131072", "context lengths with the KV on the GPU, comma-separated (empty: none)"},
+      {"host-contexts", "", "context lengths with the target's KV in the host store (batch 1), e.g. 1048576"},
+      {"draft-device", "", "host-store runs: the draft's GPU, cuda:N (default: the target's)"},
+      {"gpu-cache-units", "0", "host-store runs: the target's GPU block cache in 16-token units (0: what fits)"},
+      {"host-budget-fractions", "0.02", "host-store runs: STS budgets, comma-separated (one model setup for all)"},
+      {"host-turnovers", "0,0.1,0.5,1", "host-store runs: fraction of each list's blocks new every round (random "
+                                        "weights pick the same blocks every round), comma-separated"},
       {"batch-sizes", "1,8", "sequences per step, comma-separated"},
       {"num-speculative-tokens", "4", "draft tokens per round (k)"},
       {"accepted", "3", "draft tokens ASSUMED accepted per round (random weights accept none)"},
@@ -638,10 +644,45 @@ int BenchDecode(int argc, char** argv) {
   o.draft = flags.Get("draft");
   o.contexts.clear();
   o.batches.clear();
-  for (absl::string_view v : absl::StrSplit(flags.Get("contexts"), ',')) {
-    int64_t x = 0;
-    if (!absl::SimpleAtoi(v, &x) || x < 1) return Fail(absl::InvalidArgumentError("--contexts: positive integers"));
-    o.contexts.push_back(x);
+  for (auto [name, out] : {std::pair{"contexts", &o.contexts}, std::pair{"host-contexts", &o.host_contexts}}) {
+    for (absl::string_view v : absl::StrSplit(flags.Get(name), ',', absl::SkipEmpty())) {
+      int64_t x = 0;
+      if (!absl::SimpleAtoi(v, &x) || x < 1) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--", name, ": positive integers")));
+      }
+      out->push_back(x);
+    }
+  }
+  if (o.contexts.empty() && o.host_contexts.empty()) {
+    return Fail(absl::InvalidArgumentError("--contexts and --host-contexts are both empty"));
+  }
+  if (const std::string dd = flags.Get("draft-device"); !dd.empty()) {
+    if (!(dd.rfind("cuda:", 0) == 0 && absl::SimpleAtoi(dd.substr(5), &o.draft_device) && o.draft_device >= 0)) {
+      return Fail(absl::InvalidArgumentError("--draft-device must be cuda:N"));
+    }
+  }
+  absl::StatusOr<int64_t> cache_units = flags.GetInt("gpu-cache-units");
+  if (!cache_units.ok()) return Fail(cache_units.status());
+  if (*cache_units < 0) return Fail(absl::InvalidArgumentError("--gpu-cache-units must be >= 0"));
+  o.gpu_cache_units = *cache_units;
+  o.host_budget_fractions.clear();
+  for (absl::string_view v : absl::StrSplit(flags.Get("host-budget-fractions"), ',', absl::SkipEmpty())) {
+    double x = 0;
+    if (!absl::SimpleAtod(v, &x) || !(x > 0 && x <= 1)) {
+      return Fail(absl::InvalidArgumentError("--host-budget-fractions: numbers in (0, 1]"));
+    }
+    o.host_budget_fractions.push_back(x);
+  }
+  o.host_turnovers.clear();
+  for (absl::string_view v : absl::StrSplit(flags.Get("host-turnovers"), ',', absl::SkipEmpty())) {
+    double x = 0;
+    if (!absl::SimpleAtod(v, &x) || !(x >= 0 && x <= 1)) {
+      return Fail(absl::InvalidArgumentError("--host-turnovers: numbers in [0, 1]"));
+    }
+    o.host_turnovers.push_back(x);
+  }
+  if (!o.host_contexts.empty() && (o.host_budget_fractions.empty() || o.host_turnovers.empty())) {
+    return Fail(absl::InvalidArgumentError("--host-budget-fractions and --host-turnovers must not be empty"));
   }
   for (absl::string_view v : absl::StrSplit(flags.Get("batch-sizes"), ',')) {
     int x = 0;
