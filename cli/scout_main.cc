@@ -119,9 +119,36 @@ absl::StatusOr<ModelPair> LoadPair(const std::string& model_dir, const std::stri
   return pair;
 }
 
+// --host-kv-gb and --gpu-kv-cache-gb: the CUDA backend's host KV tier.
+struct HostTierFlags {
+  double host_gb = 0;  // > 0: the KV in a host store of this size
+  double gpu_cache_gb = 0;
+};
+
+std::vector<FlagSpec> WithHostTierFlags(std::vector<FlagSpec> specs) {
+  specs.push_back({"host-kv-gb", "0",
+                   "cuda: keep the model's KV in a pinned host-memory store of this many GB (like SGLang's "
+                   "hierarchical cache); the GPU keeps a cache of the 16-token blocks steps read, and sessions "
+                   "outlive their GPU blocks (0: KV on the GPU only)"});
+  specs.push_back({"gpu-kv-cache-gb", "0", "with --host-kv-gb: the GPU block cache in GB (0: what the GPU has room for)"});
+  return specs;
+}
+
+absl::StatusOr<HostTierFlags> ParseHostTier(const Flags& flags) {
+  absl::StatusOr<double> host = flags.GetDouble("host-kv-gb"), cache = flags.GetDouble("gpu-kv-cache-gb");
+  if (!host.ok()) return host.status();
+  if (!cache.ok()) return cache.status();
+  if (*host < 0 || *cache < 0) return absl::InvalidArgumentError("--host-kv-gb and --gpu-kv-cache-gb must be >= 0");
+  if (*cache > 0 && *host == 0) return absl::InvalidArgumentError("--gpu-kv-cache-gb needs --host-kv-gb");
+  return HostTierFlags{.host_gb = *host, .gpu_cache_gb = *cache};
+}
+
 // A model on the backend a --device flag names: "cpu", "cuda" or "cuda:N".
 absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::string& dir, const std::string& device,
-                                                                   int64_t kv_tokens) {
+                                                                   int64_t kv_tokens, const HostTierFlags& tier = {}) {
+  if (tier.host_gb > 0 && device == "cpu") {
+    return absl::InvalidArgumentError("--host-kv-gb is the CUDA backend's host KV tier: it needs --device cuda");
+  }
   if (device == "cpu") {
     absl::StatusOr<std::unique_ptr<runtime::CpuModel>> m = runtime::CpuModel::Load(dir, {.kv_budget_tokens = kv_tokens});
     if (!m.ok()) return m.status();
@@ -132,8 +159,20 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::st
     return absl::InvalidArgumentError(absl::StrCat("device must be cpu, cuda or cuda:N, got \"", device, "\""));
   }
 #ifdef SCOUT_HAVE_CUDA
-  absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m =
-      runtime::CudaModel::Load(dir, {.device = index, .kv_budget_tokens = kv_tokens});
+  runtime::CudaModelOptions options{.device = index, .kv_budget_tokens = kv_tokens};
+  if (tier.host_gb > 0) {
+    absl::StatusOr<runtime::ModelConfig> c = runtime::LoadModelConfig(dir);
+    if (!c.ok()) return c.status();
+    const double unit = 2.0 * kvstore::kBlockSize * static_cast<double>(c->head_dim) * 2;
+    const double per_token = static_cast<double>(c->num_hidden_layers * c->num_key_value_heads) * unit / kvstore::kBlockSize;
+    options.host_kv_tokens = std::max<int64_t>(kvstore::kBlockSize, static_cast<int64_t>(tier.host_gb * 1e9 / per_token));
+    options.gpu_cache_units = static_cast<int64_t>(tier.gpu_cache_gb * 1e9 / unit);
+    if (tier.gpu_cache_gb > 0 && options.gpu_cache_units < c->num_hidden_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("--gpu-kv-cache-gb ", tier.gpu_cache_gb,
+                                                     " holds less than one block per layer"));
+    }
+  }
+  absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m = runtime::CudaModel::Load(dir, options);
   if (!m.ok()) return m.status();
   return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
 #else
@@ -170,7 +209,7 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const 
 }
 
 int Generate(int argc, char** argv) {
-  Flags flags(WithStsFlags({
+  Flags flags(WithStsFlags(WithHostTierFlags({
       {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
       {"prompt", "", "prompt text"},
       {"prompt-file", "", "read the prompt from this file instead"},
@@ -190,7 +229,7 @@ int Generate(int argc, char** argv) {
       {"draft", "", "draft model folder (same vocabulary as --model)"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
       {"help", "", "show this help", true},
-  }, "target attention while verifying: dense, or sts (blocks picked by the draft's attention)"));
+  }), "target attention while verifying: dense, or sts (blocks picked by the draft's attention)"));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
     std::printf("usage: scout generate --model DIR --prompt TEXT [flags]\n%s", flags.Help().c_str());
@@ -213,10 +252,15 @@ int Generate(int argc, char** argv) {
   }
   absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size");
   if (!tp.ok()) return Fail(tp.status());
+  absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
+  if (!tier.ok()) return Fail(tier.status());
+  const bool split = *tp > 1 || !flags.Get("target-devices").empty();
+  if (split && tier->host_gb > 0) {
+    return Fail(absl::UnimplementedError("--host-kv-gb with tensor parallelism is not supported yet"));
+  }
   absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
-      *tp > 1 || !flags.Get("target-devices").empty()
-          ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *budget)
-          : LoadBackend(flags.Get("model"), flags.Get("device"), *budget);
+      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *budget)
+            : LoadBackend(flags.Get("model"), flags.Get("device"), *budget, *tier);
   if (!model.ok()) return Fail(model.status());
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
@@ -296,7 +340,7 @@ int Eval(int argc, char** argv) {
       {"acceptance-seeds", "1", "acceptance: sampled continuations per setting (seeds 1..N), averaged"},
       {"sparse-draft", "", "acceptance: also with the sparse draft (its later steps over its own top blocks at the same budget)", true},
       {"draft-refresh-rounds", "1", "sparse draft: its dense first step every this many rounds (others fully sparse)"},
-      {"acceptance-tokens", "0", "also sample this many tokens (temperature 1) speculatively after the context, dense and with STS at each budget, and report the draft's acceptance"},
+      {"acceptance-tokens", "0", "also sample this many tokens (temperature 1) speculatively after the context, dense and with STS at each budget, and report the draft's acceptance and how much the STS lists change from round to round"},
       {"sink-blocks", "1", "first blocks every list keeps"},
       {"window-blocks", "4", "last blocks every list keeps"},
       {"tasks", "", "instead of perplexity on --text: retrieval accuracy on generated tasks (passkey,kv)"},
@@ -393,12 +437,14 @@ int Eval(int argc, char** argv) {
   if (*refresh_rounds < 1) return Fail(absl::InvalidArgumentError("--draft-refresh-rounds must be >= 1"));
   if (*acc_seeds < 1) return Fail(absl::InvalidArgumentError("--acceptance-seeds must be >= 1"));
   std::map<double, double> acceptance, acceptance_sd;  // budget (1 = dense) -> rate
+  // budget -> {new, movable} blocks of the target's lists between consecutive rounds (STS only)
+  std::map<double, std::pair<int64_t, int64_t>> turnover, turnover_sd;
   const runtime::HeadMap self_map = runtime::SelfHeadMap(draft->config());
   if (*acc_tokens > 0) {
     std::span<const int32_t> prompt(ids.data(), static_cast<size_t>(opt.context_tokens));
     for (double budget : [&] { std::vector<double> b = {1.0}; b.insert(b.end(), opt.budgets.begin(), opt.budgets.end()); return b; }()) {
       for (int sparse_draft = 0; sparse_draft < (flags.GetBool("sparse-draft") && budget < 1.0 ? 2 : 1); ++sparse_draft) {
-        int64_t proposed = 0, accepted = 0;
+        int64_t proposed = 0, accepted = 0, fresh = 0, movable = 0;
         for (int64_t seed = 1; seed <= *acc_seeds; ++seed) {
           // Sampled at temperature 1: greedy continuations of this text are runs the draft always
           // gets right, which says little.
@@ -419,8 +465,11 @@ int Eval(int argc, char** argv) {
           if (!r.ok()) return Fail(r.status());
           proposed += r->draft_proposed;
           accepted += r->draft_accepted;
+          fresh += r->turnover_new_blocks;
+          movable += r->turnover_movable_blocks;
         }
         (sparse_draft ? acceptance_sd : acceptance)[budget] = proposed > 0 ? double(accepted) / proposed : 0.0;
+        if (budget < 1.0) (sparse_draft ? turnover_sd : turnover)[budget] = {fresh, movable};
       }
     }
   }
@@ -429,22 +478,38 @@ int Eval(int argc, char** argv) {
     if ((r.method != "dense" && r.method != "sts") || !from.contains(key)) return "";
     return absl::StrFormat("%.3f", from.at(key));
   };
+  // Empty where not measured; "-" where every list was sinks and window only (nothing can move).
+  auto turnover_text = [&](const runtime::FidelityRow& r, const std::map<double, std::pair<int64_t, int64_t>>& from,
+                           bool table) -> std::string {
+    if (r.method != "sts" || !from.contains(r.budget)) return "";
+    const auto [fresh, movable] = from.at(r.budget);
+    if (movable == 0) return table ? "-" : "";
+    return absl::StrFormat("%.3f", double(fresh) / movable);
+  };
   std::printf("fidelity: %s scored on %lld tokens after %lld of context, rounds of k+1 = %d\n",
               flags.Get("text").c_str(), static_cast<long long>(opt.eval_tokens),
               static_cast<long long>(opt.context_tokens), opt.num_speculative_tokens + 1);
-  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s | %10s %13s\n", "method", "budget", "perplexity", "vs dense",
-              "bits/tok", "recall", "jaccard", "read", "acceptance", "acc_sparse_dr");
+  if (*acc_tokens > 0) {
+    std::printf("turnover: share of each (layer, KV head) list's blocks, sinks and window excepted, that the "
+                "previous round's list did not hold, over the acceptance runs\n");
+  }
+  std::printf("%-8s %7s | %10s %8s %9s | %8s %8s %8s | %10s %13s | %8s %14s\n", "method", "budget", "perplexity",
+              "vs dense", "bits/tok", "recall", "jaccard", "read", "acceptance", "acc_sparse_dr", "turnover",
+              "turn_sparse_dr");
   std::string csv =
       "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read,acceptance,"
-      "acceptance_sparse_draft\n";
+      "acceptance_sparse_draft,turnover,turnover_sparse_draft\n";
   for (const runtime::FidelityRow& r : *rows) {
     const double change = 100.0 * (r.perplexity / dense_ppl - 1.0);
-    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%% | %10s %13s\n", r.method.c_str(),
-                r.budget * 100, r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall, r.jaccard_oracle,
-                100 * r.blocks_read, acceptance_text(r, acceptance).c_str(), acceptance_text(r, acceptance_sd).c_str());
+    std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%% | %10s %13s | %8s %14s\n",
+                r.method.c_str(), r.budget * 100, r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall,
+                r.jaccard_oracle, 100 * r.blocks_read, acceptance_text(r, acceptance).c_str(),
+                acceptance_text(r, acceptance_sd).c_str(), turnover_text(r, turnover, true).c_str(),
+                turnover_text(r, turnover_sd, true).c_str());
     absl::StrAppend(&csv, r.method, ",", r.budget, ",", r.perplexity, ",", change, ",", r.nll_per_token, ",", r.recall,
                     ",", r.jaccard_oracle, ",", r.blocks_read, ",", acceptance_text(r, acceptance), ",",
-                    acceptance_text(r, acceptance_sd), "\n");
+                    acceptance_text(r, acceptance_sd), ",", turnover_text(r, turnover, false), ",",
+                    turnover_text(r, turnover_sd, false), "\n");
   }
   if (absl::Status st = WriteCsv(flags.Get("csv"), csv); !st.ok()) return Fail(st);
   return 0;
@@ -513,7 +578,7 @@ int Calibrate(int argc, char** argv) {
 }
 
 int Serve(int argc, char** argv) {
-  Flags flags(WithStsFlags({
+  Flags flags(WithStsFlags(WithHostTierFlags({
       {"model", "", "model folder"},
       {"draft", "", "draft model folder: speculative decoding when given"},
       {"num-speculative-tokens", "4", "draft tokens proposed per round"},
@@ -530,7 +595,7 @@ int Serve(int argc, char** argv) {
       {"host", "0.0.0.0", "address to listen on"},
       {"port", "8000", "port to listen on (0: any free port, printed at start)"},
       {"help", "", "show this help", true},
-  }, "with --draft: target attention while verifying, dense or sts"));
+  }), "with --draft: target attention while verifying, dense or sts"));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
     std::printf("usage: scout serve --model DIR [flags]\n%s", flags.Help().c_str());
@@ -554,10 +619,15 @@ int Serve(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not end the server
   absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size");
   if (!tp.ok()) return Fail(tp.status());
+  absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
+  if (!tier.ok()) return Fail(tier.status());
+  const bool split = *tp > 1 || !flags.Get("target-devices").empty();
+  if (split && tier->host_gb > 0) {
+    return Fail(absl::UnimplementedError("--host-kv-gb with tensor parallelism is not supported yet"));
+  }
   absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
-      *tp > 1 || !flags.Get("target-devices").empty()
-          ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), 0)
-          : LoadBackend(flags.Get("model"), flags.Get("device"), 0);
+      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), 0)
+            : LoadBackend(flags.Get("model"), flags.Get("device"), 0, *tier);
   if (!model.ok()) return Fail(model.status());
   std::unique_ptr<runtime::ModelBackend> draft;
   if (!flags.Get("draft").empty()) {

@@ -53,7 +53,19 @@ ServerMetrics::ServerMetrics()
                                             "KV bytes the target's attention did not read thanks to sparsity")),
       attention_blocks_read_ratio(NewHistogram(*registry_, "scout_attention_blocks_read_ratio",
                                                "Share of the context's KV blocks a request's verification read",
-                                               {0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1})) {}
+                                               {0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1})),
+      kv_prefetch_bytes(NewCounter(*registry_, "scout_kv_prefetch_bytes_total",
+                                   "KV bytes moved host -> GPU by the host KV tier's prefetch")),
+      kv_prefetch_seconds(NewCounter(*registry_, "scout_kv_prefetch_seconds_total",
+                                     "GPU time of the host KV tier's transfers (bandwidth: bytes rate / this rate)")),
+      kv_flush_bytes(NewCounter(*registry_, "scout_kv_flush_bytes_total",
+                                "New tokens' KV bytes written back GPU -> host by the host KV tier")),
+      kv_block_cache_hits(NewCounter(*registry_, "scout_kv_block_cache_hits_total",
+                                     "Selected KV units the GPU block cache already held (host KV tier)")),
+      kv_block_cache_misses(NewCounter(*registry_, "scout_kv_block_cache_misses_total",
+                                       "Selected KV units fetched from host memory (host KV tier)")),
+      gpu_block_cache_usage(NewGauge(*registry_, "scout_gpu_block_cache_usage_ratio",
+                                     "Fraction of the GPU block cache's units holding KV (host KV tier)")) {}
 
 std::string ServerMetrics::Serialize() const { return prometheus::TextSerializer().Serialize(registry_->Collect()); }
 

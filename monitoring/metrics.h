@@ -42,6 +42,15 @@ class ServerMetrics {
   prometheus::Counter& attention_blocks_dense;       // scout_attention_blocks_dense_total
   prometheus::Counter& attention_kv_bytes_skipped;   // scout_attention_kv_skipped_bytes_total
   prometheus::Histogram& attention_blocks_read_ratio;  // scout_attention_blocks_read_ratio (per request)
+  // The host KV tier (--host-kv-gb): every session's KV in host memory, a GPU block cache of
+  // (layer, KV head, block) units. With --host-kv-gb, scout_kv_cache_usage_ratio is the host
+  // store's (it bounds admission).
+  prometheus::Counter& kv_prefetch_bytes;      // scout_kv_prefetch_bytes_total: host -> GPU
+  prometheus::Counter& kv_prefetch_seconds;    // scout_kv_prefetch_seconds_total: GPU time of those transfers
+  prometheus::Counter& kv_flush_bytes;         // scout_kv_flush_bytes_total: GPU -> host write-back
+  prometheus::Counter& kv_block_cache_hits;    // scout_kv_block_cache_hits_total (units)
+  prometheus::Counter& kv_block_cache_misses;  // scout_kv_block_cache_misses_total (units)
+  prometheus::Gauge& gpu_block_cache_usage;    // scout_gpu_block_cache_usage_ratio
 
   // The text exposition format (what Prometheus scrapes).
   std::string Serialize() const;

@@ -38,6 +38,20 @@ struct SequenceInput {
   kvstore::Selection* quest_selection = nullptr;
 };
 
+// What a host KV tier did since the model was made, in (layer, KV head, 16-token block) units.
+struct HostKvTierStats {
+  bool enabled = false;
+  int64_t steps = 0;
+  int64_t unit_hits = 0;        // selected units the GPU cache already held
+  int64_t unit_misses = 0;      // selected units moved host -> GPU
+  int64_t bytes_prefetched = 0;
+  int64_t bytes_flushed = 0;    // new tokens' units written back GPU -> host
+  double prefetch_seconds = 0;  // GPU time of the host -> GPU transfers (achieved bandwidth: bytes / this)
+  double plan_ms = 0;           // host time spent planning
+  int64_t cache_units_used = 0;  // the GPU block cache now
+  int64_t cache_units_total = 0;
+};
+
 // A model with a paged KV cache holding any number of sequences. Not thread-safe: one caller.
 class ModelBackend {
  public:
@@ -66,6 +80,10 @@ class ModelBackend {
     int64_t total_blocks = 0;
   };
   virtual KvCacheUsage kv_cache_usage() const = 0;
+
+  // Backends that keep the KV in a host-memory store and cache blocks on the GPU (the CUDA
+  // backend's host KV tier) say what the tier did; others return zeros (enabled = false).
+  virtual HostKvTierStats host_tier_stats() const { return {}; }
 };
 
 }  // namespace scout::runtime

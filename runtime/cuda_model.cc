@@ -138,6 +138,7 @@ struct CudaModel::Impl {
   uint64_t step_id = 0;
   bool step_pending = false;  // step_id's units are pinned until step_done
   cudaEvent_t main_done = nullptr, step_done = nullptr;
+  cudaEvent_t xfer_begin = nullptr, xfer_end = nullptr;  // timing the step's transfers
   HostKvTierStats tier_stats;
 
   const kvstore::BlockTableManager& Tables() const { return store != nullptr ? store->tables() : *tables; }
@@ -145,6 +146,8 @@ struct CudaModel::Impl {
   absl::Status FinishTieredStep() {
     if (!step_pending) return absl::OkStatus();
     SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(step_done), "host KV tier step");
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, xfer_begin, xfer_end) == cudaSuccess) tier_stats.prefetch_seconds += ms * 1e-3;
     for (auto& cache : caches) cache->ReleaseStep(step_id);
     step_pending = false;
     return absl::OkStatus();
@@ -175,7 +178,7 @@ struct CudaModel::Impl {
     }
     if (step_done != nullptr) cudaEventSynchronize(step_done);
     copier.reset();
-    for (cudaEvent_t e : {main_done, step_done}) {
+    for (cudaEvent_t e : {main_done, step_done, xfer_begin, xfer_end}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
     if (blas != nullptr) cublasDestroy(blas);
@@ -342,6 +345,7 @@ absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
   for (cudaEvent_t* ev : {&main_done, &step_done}) {
     SCOUT_RETURN_IF_CUDA(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "event");
   }
+  for (cudaEvent_t* ev : {&xfer_begin, &xfer_end}) SCOUT_RETURN_IF_CUDA(cudaEventCreate(ev), "event");
   return absl::OkStatus();
 }
 
@@ -709,9 +713,11 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                          "embedding");
     const float eps = static_cast<float>(c.rms_norm_eps);
     if (tier) {  // the copy stream: partial blocks the new tokens extend, then every layer's misses
+      SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_begin, copier->stream()), "event");
       SCOUT_RETURN_IF_ERROR(copier->Fetch(tp.append));
       SCOUT_RETURN_IF_ERROR(copier->Upload(tp.prefetch));
       for (int64_t layer = 0; layer < L; ++layer) SCOUT_RETURN_IF_ERROR(copier->LaunchLayer(tp.prefetch, static_cast<int>(layer)));
+      SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_end, copier->stream()), "event");
     }
     uint16_t* const pool_kv = pool.as<uint16_t>();
     for (int64_t layer = 0; layer < L; ++layer) {
@@ -1074,7 +1080,16 @@ absl::Status CudaModel::Synchronize() {
 const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
 void* CudaModel::stream() const { return impl_->stream; }
 const kvstore::BlockTableManager& CudaModel::block_tables() const { return impl_->Tables(); }
-HostKvTierStats CudaModel::host_tier_stats() const { return impl_->tier_stats; }
+HostKvTierStats CudaModel::host_tier_stats() const {
+  const Impl& m = *impl_;
+  HostKvTierStats s = m.tier_stats;
+  s.enabled = m.store != nullptr;
+  for (const auto& cache : m.caches) {
+    s.cache_units_used += cache->num_used();
+    s.cache_units_total += cache->num_slots();
+  }
+  return s;
+}
 bool CudaModel::host_tier() const { return impl_->store != nullptr; }
 ModelBackend::KvCacheUsage CudaModel::kv_cache_usage() const {
   const kvstore::BlockAllocator& a = impl_->Tables().allocator();

@@ -43,15 +43,6 @@ struct CudaModelOptions {
   int64_t gpu_cache_units = 0;
 };
 
-// What the host KV tier did since the model was made.
-struct HostKvTierStats {
-  int64_t steps = 0;
-  int64_t unit_hits = 0;       // selected units the GPU cache already held
-  int64_t unit_misses = 0;     // selected units moved host -> GPU
-  int64_t bytes_prefetched = 0;
-  int64_t bytes_flushed = 0;   // new tokens' units written back GPU -> host
-  double plan_ms = 0;          // host time spent planning (PlanAppend + PlanPrefetch)
-};
 
 // Selection lists already on the device for a whole batch: the list of (sequence i of the
 // batch, layer, KV head) at blocks[indptr[(i * layers + layer) * kv_heads + kv_head] ...],
@@ -143,8 +134,7 @@ class CudaModel final : public ModelBackend {
   // grows it to that length: a long context for benchmarks without a prefill.
   absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
 
-  // Host KV tier only (zeros otherwise).
-  HostKvTierStats host_tier_stats() const;
+  HostKvTierStats host_tier_stats() const override;
   bool host_tier() const;
   KvCacheUsage kv_cache_usage() const override;
   const kvstore::BlockTableManager& block_tables() const;

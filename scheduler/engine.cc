@@ -348,8 +348,7 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
     stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
   }
   metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
-  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
-  metrics_->kv_cache_usage.Set(usage.total_blocks > 0 ? double(usage.used_blocks) / usage.total_blocks : 0.0);
+  UpdateKvMetrics();
   const int64_t vocab = config_.vocab_size;
   for (size_t i = 0; i < running.size(); ++i) {
     Request& r = *running[i];
@@ -440,6 +439,21 @@ bool Engine::OnToken(Request& r, int32_t token) {
   return !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
 }
 
+void Engine::UpdateKvMetrics() {
+  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
+  metrics_->kv_cache_usage.Set(usage.total_blocks > 0 ? double(usage.used_blocks) / usage.total_blocks : 0.0);
+  const runtime::HostKvTierStats t = model_->host_tier_stats();
+  if (!t.enabled) return;
+  metrics_->kv_prefetch_bytes.Increment(static_cast<double>(t.bytes_prefetched - tier_seen_.bytes_prefetched));
+  metrics_->kv_prefetch_seconds.Increment(std::max(0.0, t.prefetch_seconds - tier_seen_.prefetch_seconds));
+  metrics_->kv_flush_bytes.Increment(static_cast<double>(t.bytes_flushed - tier_seen_.bytes_flushed));
+  metrics_->kv_block_cache_hits.Increment(static_cast<double>(t.unit_hits - tier_seen_.unit_hits));
+  metrics_->kv_block_cache_misses.Increment(static_cast<double>(t.unit_misses - tier_seen_.unit_misses));
+  metrics_->gpu_block_cache_usage.Set(
+      t.cache_units_total > 0 ? static_cast<double>(t.cache_units_used) / static_cast<double>(t.cache_units_total) : 0.0);
+  tier_seen_ = t;
+}
+
 void Engine::Finish(Request& r, absl::Status status) {
   const bool session = !r.req.session_id.empty();
   std::string tail;
@@ -466,8 +480,7 @@ void Engine::Finish(Request& r, absl::Status status) {
     }
   }
   metrics_->requests_running.Decrement();
-  const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
-  metrics_->kv_cache_usage.Set(usage.total_blocks > 0 ? double(usage.used_blocks) / usage.total_blocks : 0.0);
+  UpdateKvMetrics();
   if (!status.ok()) {
     metrics_->requests_error.Increment();
   } else {

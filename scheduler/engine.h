@@ -140,6 +140,8 @@ class Engine {
   // Takes a sampled token: metrics, EOS, stop strings, text to the request's outbox. False when
   // the request is finished.
   bool OnToken(Request& r, int32_t token);
+  // KV usage gauges and the host KV tier's counters (what it did since the last call).
+  void UpdateKvMetrics() ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Frees or keeps the request's sequence and hands the result to its caller.
   void Finish(Request& r, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
 
@@ -150,6 +152,7 @@ class Engine {
   std::unique_ptr<runtime::Tokenizer> tokenizer_;
   monitoring::ServerMetrics* metrics_;
   EngineOptions options_;
+  runtime::HostKvTierStats tier_seen_ ABSL_GUARDED_BY(model_mu_);  // counters already exported
 
   absl::Mutex mu_;  // queues, sessions, requests' outboxes
   int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
