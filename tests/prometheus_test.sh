@@ -62,6 +62,12 @@ python3 -c 'import json,sys; v=float(json.loads(sys.argv[1])["data"]["result"][0
   || fail "attention sparsity series: $sparsity"
 query 'scout_attention_kv_skipped_bytes_total > 0' | grep -q '"result":\[{' || fail "skipped KV bytes series"
 query 'scout_attention_blocks_read_ratio_count' | grep -q '"value":\[[0-9.]*,"3"\]' || fail "read-ratio histogram"
+# The host KV tier's bandwidth series (zero on the CPU backend, which has no tier: the GPU smoke
+# test checks their values) are scraped and queryable, as the dashboard's bandwidth panel uses them.
+for m in scout_kv_prefetch_bytes_total scout_kv_prefetch_seconds_total scout_kv_flush_bytes_total \
+         scout_kv_block_cache_hits_total scout_kv_block_cache_misses_total scout_gpu_block_cache_usage_ratio; do
+  query "$m" | grep -q '"result":\[{' || fail "$m series missing"
+done
 curl -s "http://127.0.0.1:$pport/api/v1/rules" | grep -q '"name":"ScoutDown"' || fail "alert rules not loaded"
 
 kill "$ppid_" 2>/dev/null
