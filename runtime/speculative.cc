@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -22,6 +23,26 @@ int32_t SampleFrom(std::span<const float> probs, std::mt19937_64& rng) {
     if (u < acc) return last;
   }
   return last;
+}
+
+// Adds to `result`'s turnover counts one round pair: per unit, the blocks of `cur` (over a context
+// of nb blocks) outside the sinks and the window, and of those the ones `prev` did not list. Both
+// hold ascending lists for the same units.
+void CountTurnover(const kvstore::Selection& prev, const kvstore::Selection& cur, int64_t nb, const StsBudget& budget,
+                   SpeculativeResult& result) {
+  const int64_t window_begin = nb - budget.window_blocks;
+  for (size_t u = 0; u + 1 < cur.indptr.size(); ++u) {
+    int32_t p = prev.indptr[u];
+    const int32_t p_end = prev.indptr[u + 1];
+    for (int32_t i = cur.indptr[u]; i < cur.indptr[u + 1]; ++i) {
+      const int32_t b = cur.blocks[i];
+      if (b < budget.sink_blocks || b >= window_begin) continue;
+      ++result.turnover_movable_blocks;
+      while (p < p_end && prev.blocks[p] < b) ++p;
+      if (p == p_end || prev.blocks[p] != b) ++result.turnover_new_blocks;
+    }
+  }
+  ++result.turnover_round_pairs;
 }
 
 }  // namespace
@@ -138,6 +159,7 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
   // Sparse draft: the mass of the last dense draft step, which picks the draft's blocks.
   std::vector<float> refresh_mass;
   int64_t refresh_rows = 0, refresh_blocks = 0, round_index = 0;
+  kvstore::Selection previous_selection;  // the last round's target lists, for turnover; empty: none
   while (!done) {
     const int64_t target_len = *target.SequenceLength(seq) + static_cast<int64_t>(target_pending.size());
     const int64_t remaining = options.max_tokens - static_cast<int64_t>(result.tokens.size());
@@ -217,8 +239,10 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
       in.selection = &selection;
       result.selected_blocks += static_cast<int64_t>(selection.blocks.size());
       result.context_blocks += nb * selection.num_layers * selection.num_kv_heads;
+      if (!previous_selection.indptr.empty()) CountTurnover(previous_selection, selection, nb, options.sts_budget, result);
     }
     if (absl::Status s = target.Forward({&in, 1}, &logits); !s.ok()) return s;
+    previous_selection = std::move(selection);  // empty after a round without one: pairs are back to back
     const size_t first = target_pending.size() - 1;  // row of the last pending token
     for (int i = 0; i <= k; ++i) {
       p[i].resize(vocab);

@@ -51,7 +51,18 @@ struct SpeculativeResult {
   double decode_seconds = 0;
   int64_t selected_blocks = 0;  // STS: blocks the target's (layer, KV head) lists named, summed
   int64_t context_blocks = 0;   // over the same lists, the blocks a dense pass would read
+  // STS turnover between consecutive rounds, per (layer, KV head) list: the list's movable blocks
+  // (neither sinks nor the recent window of its round, which every list holds) and, of those, the
+  // ones the previous round's list for that unit did not hold: what a cache of last round's lists
+  // would miss. Summed over lists and over round pairs (rounds with a selection, back to back).
+  int64_t turnover_new_blocks = 0;
+  int64_t turnover_movable_blocks = 0;
+  int64_t turnover_round_pairs = 0;
   double acceptance_rate() const { return draft_proposed > 0 ? double(draft_accepted) / draft_proposed : 0.0; }
+  // Share of movable blocks new each round; 0 when no list had a movable block.
+  double turnover() const {
+    return turnover_movable_blocks > 0 ? double(turnover_new_blocks) / turnover_movable_blocks : 0.0;
+  }
 };
 
 // One verification: the target's distributions p[0..k] (p[i] after the first i drafted tokens),

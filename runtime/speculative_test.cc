@@ -2,7 +2,9 @@
 
 #include <cmath>
 #include <map>
+#include <optional>
 #include <random>
+#include <set>
 
 #include "gtest/gtest.h"
 #include "runtime/cpu_model.h"
@@ -138,6 +140,88 @@ TEST(GenerateSpeculativeTest, SparseDraftKeepsGreedyOutput) {
   const HeadMap wrong = DefaultHeadMap((*target)->config(), (*draft)->config());
   o.draft_head_map = &wrong;
   EXPECT_EQ(GenerateSpeculative(**target, **draft, 3, prompt, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Passes every call through to `inner` and keeps a copy of each verification pass's Selection
+// (nullopt for a verification without one) and the context it covered, in blocks.
+class RecordingBackend final : public ModelBackend {
+ public:
+  explicit RecordingBackend(ModelBackend& inner) : inner_(inner) {}
+  const ModelConfig& config() const override { return inner_.config(); }
+  absl::Status AddSequence(SequenceId seq) override { return inner_.AddSequence(seq); }
+  absl::Status ReleaseSequence(SequenceId seq) override { return inner_.ReleaseSequence(seq); }
+  absl::Status TruncateSequence(SequenceId seq, int64_t n) override { return inner_.TruncateSequence(seq, n); }
+  absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const override { return inner_.SequenceLength(seq); }
+  KvCacheUsage kv_cache_usage() const override { return inner_.kv_cache_usage(); }
+  absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) override {
+    if (batch.size() == 1 && batch[0].all_logits) {
+      absl::StatusOr<int64_t> len = inner_.SequenceLength(batch[0].seq);
+      if (!len.ok()) return len.status();
+      verifications.push_back({batch[0].selection ? std::optional(*batch[0].selection) : std::nullopt,
+                               kvstore::BlocksFor(*len + static_cast<int64_t>(batch[0].tokens.size()))});
+    }
+    return inner_.Forward(batch, logits);
+  }
+
+  struct Verification {
+    std::optional<kvstore::Selection> selection;
+    int64_t nb = 0;
+  };
+  std::vector<Verification> verifications;
+
+ private:
+  ModelBackend& inner_;
+};
+
+// The turnover GenerateSpeculative reports equals a recount, with sets, over the lists the target
+// was actually given; it is nonzero on the fixture pair at 20% of blocks, and zero at 100%, where
+// every list holds every block and so all of last round's.
+TEST(GenerateSpeculativeTest, StsTurnoverMatchesTheListsTheTargetRead) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
+  ASSERT_TRUE(text.ok());
+  std::vector<int32_t> prompt = {256};
+  for (char c : text->substr(0, 1200)) prompt.push_back(static_cast<unsigned char>(c));
+  const HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
+  for (double fraction : {0.2, 1.0}) {
+    RecordingBackend recorder(**target);
+    const StsBudget budget{.budget_fraction = fraction, .sink_blocks = 2, .window_blocks = 3};
+    SpeculativeOptions o{.num_speculative_tokens = 4, .max_tokens = 60,
+                         .sampling = {.temperature = 1.0f, .seed = 5}, .head_map = &map, .sts_budget = budget};
+    absl::StatusOr<SpeculativeResult> r = GenerateSpeculative(recorder, **draft, 2, prompt, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    int64_t want_new = 0, want_movable = 0, want_pairs = 0;
+    const std::vector<RecordingBackend::Verification>& v = recorder.verifications;
+    for (size_t i = 1; i < v.size(); ++i) {
+      if (!v[i - 1].selection || !v[i].selection) continue;
+      ++want_pairs;
+      const kvstore::Selection &prev = *v[i - 1].selection, &cur = *v[i].selection;
+      for (int u = 0; u < cur.num_layers * cur.num_kv_heads; ++u) {
+        const std::set<int32_t> before(prev.blocks.begin() + prev.indptr[u], prev.blocks.begin() + prev.indptr[u + 1]);
+        for (int32_t j = cur.indptr[u]; j < cur.indptr[u + 1]; ++j) {
+          const int32_t b = cur.blocks[j];
+          if (b < budget.sink_blocks || b >= v[i].nb - budget.window_blocks) continue;
+          ++want_movable;
+          want_new += !before.contains(b);
+        }
+      }
+    }
+    EXPECT_EQ(r->turnover_round_pairs, want_pairs) << fraction;
+    EXPECT_EQ(r->turnover_movable_blocks, want_movable) << fraction;
+    EXPECT_EQ(r->turnover_new_blocks, want_new) << fraction;
+    EXPECT_GT(r->turnover_round_pairs, 5) << fraction;
+    EXPECT_GT(r->turnover_movable_blocks, 0) << fraction;
+    if (fraction < 1.0) {
+      EXPECT_GT(r->turnover_new_blocks, 0);  // the draft's attention moves between rounds
+      EXPECT_LT(r->turnover(), 1.0);
+    } else {
+      EXPECT_EQ(r->turnover_new_blocks, 0);
+    }
+    std::printf("budget %.0f%%: turnover %.3f over %lld round pairs\n", 100 * fraction, r->turnover(),
+                static_cast<long long>(r->turnover_round_pairs));
+  }
 }
 
 // With sampling, the first generated token follows the target's distribution whatever the draft.
