@@ -115,8 +115,8 @@ class Bench {
  private:
   absl::Status RunResident();
   absl::Status RunConfig(int64_t ctx, int batch);
-  absl::Status RunHostTier(int64_t ctx);
-  absl::Status RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, double fraction, double pcie_gbps);
+  absl::Status RunHostTier(int64_t ctx, int batch);
+  absl::Status RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, int batch, double fraction, double pcie_gbps);
   absl::Status WriteJson();
   absl::Status MeasureCopyBandwidth(cudaStream_t s);
   void Print(const Row& r);
@@ -153,7 +153,9 @@ absl::Status Bench::Run() {
   target_.reset();
   draft_.reset();
   for (int64_t ctx : o_.host_contexts) {
-    if (absl::Status s = RunHostTier(ctx); !s.ok()) return s;
+    for (int b : o_.host_batches) {
+      if (absl::Status s = RunHostTier(ctx, b); !s.ok()) return s;
+    }
   }
   return WriteJson();
 }
@@ -558,15 +560,15 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
 
 // The million-token configuration: the target's KV in the host store (pinned host memory, a GPU
 // block cache, the selected units prefetched every step), the draft on its own GPU with its KV
-// there, as the coordinator places them. Batch 1, sparse draft refreshed every R rounds.
-absl::Status Bench::RunHostTier(int64_t ctx) {
+// there, as the coordinator places them. Sparse draft refreshed every R rounds.
+absl::Status Bench::RunHostTier(int64_t ctx, int B) {
   const int k = o_.k;
   const int tdev = o_.device, ddev = o_.draft_device >= 0 ? o_.draft_device : o_.device;
-  const int64_t pool_tokens = ctx + 2 * kvstore::kBlockSize + k + 1;
+  const int64_t pool_tokens = int64_t{B} * (ctx + 2 * kvstore::kBlockSize + k + 1);
   const double kvpt_t = static_cast<double>(tc_.num_hidden_layers * tc_.num_key_value_heads * 2 * tc_.head_dim * 2);
-  std::printf("\nhost KV tier, context %lld, batch 1: target on cuda:%d with its KV (%.1f GB) in pinned host memory, "
+  std::printf("\nhost KV tier, context %lld, batch %d: target on cuda:%d with its KV (%.1f GB) in pinned host memory, "
               "draft on cuda:%d with its KV on that GPU\n",
-              static_cast<long long>(ctx), tdev, pool_tokens * kvpt_t / 1e9, ddev);
+              static_cast<long long>(ctx), B, tdev, pool_tokens * kvpt_t / 1e9, ddev);
   BENCH_CUDA(cudaSetDevice(tdev));
   double pcie_gbps = 0;
   {  // PCIe: a pinned 1 GiB host-to-device copy, the bound on what the prefetch can move
@@ -600,24 +602,29 @@ absl::Status Bench::RunHostTier(int64_t ctx) {
     BENCH_CUDA(cudaSetDevice(tdev));
     if (absl::Status st = MeasureCopyBandwidth(static_cast<cudaStream_t>(T.stream())); !st.ok()) return st;
   }
-  BENCH_CHECK(T.AddSequence(0));
-  BENCH_CHECK(D.AddSequence(0));
-  BENCH_CHECK(T.FillRandomContext(0, ctx, 100));
-  BENCH_CHECK(D.FillRandomContext(0, ctx, 200));
-  std::printf("models made and %lld-token contexts written in %.1f s (pinning host memory dominates); PCIe pinned "
-              "copy %.1f GB/s, HBM copy %.0f GB/s\n",
-              static_cast<long long>(ctx),
+  for (int s = 0; s < B; ++s) {
+    BENCH_CHECK(T.AddSequence(s));
+    BENCH_CHECK(D.AddSequence(s));
+    BENCH_CHECK(T.FillRandomContext(s, ctx, 100 + s));
+    BENCH_CHECK(D.FillRandomContext(s, ctx, 200 + s));
+  }
+  std::printf("models made and %d x %lld-token contexts written in %.1f s (pinning host memory dominates); PCIe "
+              "pinned copy %.1f GB/s, HBM copy %.0f GB/s\n",
+              B, static_cast<long long>(ctx),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_create).count(), pcie_gbps, copy_gbps_);
   for (double fraction : o_.host_budget_fractions) {
-    if (absl::Status st = RunHostTierBudget(T, D, ctx, fraction, pcie_gbps); !st.ok()) return st;
+    if (absl::Status st = RunHostTierBudget(T, D, ctx, B, fraction, pcie_gbps); !st.ok()) return st;
   }
-  BENCH_CHECK(T.ReleaseSequence(0));
-  BENCH_CHECK(D.ReleaseSequence(0));
+  for (int s = 0; s < B; ++s) {
+    BENCH_CHECK(T.ReleaseSequence(s));
+    BENCH_CHECK(D.ReleaseSequence(s));
+  }
   return absl::OkStatus();
 }
 
-absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, double fraction, double pcie_gbps) {
-  const int k = o_.k, B = 1, R = o_.draft_refresh_rounds;
+absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, int B, double fraction,
+                                      double pcie_gbps) {
+  const int k = o_.k, R = o_.draft_refresh_rounds;
   const int tdev = o_.device, ddev = o_.draft_device >= 0 ? o_.draft_device : o_.device;
   cudaStream_t ts = static_cast<cudaStream_t>(T.stream()), ds = static_cast<cudaStream_t>(D.stream());
   // Draft-side buffers (on the draft's GPU): its block mass, the target's selection and its own.
@@ -629,7 +636,8 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   runtime::StsBudget budget{.budget_fraction = fraction, .sink_blocks = o_.sink_blocks,
                             .window_blocks = o_.window_blocks};
   const int list = static_cast<int>(runtime::BudgetBlocks(budget, nb));
-  std::vector<int32_t> offsets = kernels::SelectionOffsets({nb}, units, list, o_.sink_blocks, o_.window_blocks);
+  std::vector<int32_t> offsets =
+      kernels::SelectionOffsets(std::vector<int32_t>(B, nb), units, list, o_.sink_blocks, o_.window_blocks);
   const int group = static_cast<int>(dc_.num_attention_heads / dc_.num_key_value_heads);
   std::vector<int32_t> mi{0}, mh;
   for (int u = 0; u < units; ++u) {
@@ -640,18 +648,18 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
     mi.push_back(static_cast<int32_t>(mh.size()));
   }
   DeviceVec mass, d_argmax, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
-  const size_t mass_floats = static_cast<size_t>(k) * dh_total * nb;
+  const size_t mass_floats = static_cast<size_t>(B) * k * dh_total * nb;
   BENCH_CUDA(cudaMalloc(&mass.p, mass_floats * 4));
   BENCH_CUDA(cudaMemset(mass.p, 0, mass_floats * 4));
-  BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t)));
-  BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t)));
+  BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t) * B));
+  BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t) * B));
   int32_t* dargmax = static_cast<int32_t*>(d_argmax.p);
   auto upload = [](DeviceVec& d, const std::vector<int32_t>& v) -> absl::Status {
     BENCH_CUDA(cudaMalloc(&d.p, std::max<size_t>(4, v.size() * 4)));
     BENCH_CUDA(cudaMemcpy(d.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
     return absl::OkStatus();
   };
-  BENCH_CHECK(upload(num_blocks, {nb}));
+  BENCH_CHECK(upload(num_blocks, std::vector<int32_t>(B, nb)));
   BENCH_CHECK(upload(map_indptr, mi));
   BENCH_CHECK(upload(map_heads, mh));
   BENCH_CHECK(upload(out_indptr, offsets));
@@ -668,7 +676,8 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   const int d_units = static_cast<int>(dc_.num_hidden_layers * dc_.num_key_value_heads);
   const int nb_d = static_cast<int>(kvstore::BlocksFor(ctx + k));
   const int list_d = static_cast<int>(runtime::BudgetBlocks(budget, nb_d));
-  std::vector<int32_t> offsets_d = kernels::SelectionOffsets({nb_d}, d_units, list_d, o_.sink_blocks, o_.window_blocks);
+  std::vector<int32_t> offsets_d =
+      kernels::SelectionOffsets(std::vector<int32_t>(B, nb_d), d_units, list_d, o_.sink_blocks, o_.window_blocks);
   std::vector<int32_t> dmi{0}, dmh;
   for (int u = 0; u < d_units; ++u) {
     const int layer = u / static_cast<int>(dc_.num_key_value_heads), kvh = u % static_cast<int>(dc_.num_key_value_heads);
@@ -676,7 +685,7 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
     dmi.push_back(static_cast<int32_t>(dmh.size()));
   }
   DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
-  BENCH_CHECK(upload(d_num_blocks, {nb_d}));
+  BENCH_CHECK(upload(d_num_blocks, std::vector<int32_t>(B, nb_d)));
   BENCH_CHECK(upload(d_map_indptr, dmi));
   BENCH_CHECK(upload(d_map_heads, dmh));
   BENCH_CHECK(upload(d_out_indptr, offsets_d));
@@ -695,8 +704,8 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
                                 .block_bound = nb_d};
   auto draft_select = [&]() -> absl::Status {
     BENCH_CUDA(cudaSetDevice(ddev));
-    if (k > 1) {
-      BENCH_CUDA(cudaMemsetAsync(static_cast<float*>(mass.p) + static_cast<size_t>(dh_total) * nb, 0,
+    for (int s = 0; s < B && k > 1; ++s) {
+      BENCH_CUDA(cudaMemsetAsync(static_cast<float*>(mass.p) + (static_cast<size_t>(s) * k + 1) * dh_total * nb, 0,
                                  static_cast<size_t>(k - 1) * dh_total * nb * 4, ds));
     }
     BENCH_CUDA(kernels::BlockSelect(dsp, d_scratch.p, ds));
@@ -705,7 +714,14 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   BENCH_CHECK(draft_select());
   BENCH_CUDA(cudaStreamSynchronize(ds));
   std::vector<int32_t> one_tok{7}, kp1(k + 1, 7);
-  SequenceInput d_in{.seq = 0, .tokens = one_tok};
+  std::vector<SequenceInput> d_in;
+  for (int s = 0; s < B; ++s) d_in.push_back({.seq = s, .tokens = one_tok});
+  auto truncate_draft = [&]() -> absl::Status {
+    for (int s = 0; s < B; ++s) {
+      if (absl::Status st = D.TruncateSequence(s, ctx); !st.ok()) return st;
+    }
+    return absl::OkStatus();
+  };
   auto bm_at = [&](int p) {
     return runtime::DeviceBlockMass{.mass = static_cast<float*>(mass.p) + static_cast<size_t>(p) * dh_total * nb,
                                     .seq_stride = static_cast<int64_t>(k) * dh_total * nb, .token_stride = 0,
@@ -716,9 +732,9 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
     runtime::DeviceBlockMass bm = bm_at(0);
     const std::vector<const runtime::DeviceSelection*> variants = {nullptr, &dsel};
     for (const runtime::DeviceSelection* sel : variants) {
-      BENCH_CHECK(D.EnqueueForward({&d_in, 1}, {.selection = sel, .block_mass = &bm, .argmax = dargmax}));
+      BENCH_CHECK(D.EnqueueForward(d_in, {.selection = sel, .block_mass = &bm, .argmax = dargmax}));
       BENCH_CHECK(D.Synchronize());
-      BENCH_CHECK(D.TruncateSequence(0, ctx));
+      BENCH_CHECK(truncate_draft());
     }
   }
   std::vector<int> g_sd, g_sparse;  // first step dense then sparse; every step sparse
@@ -728,11 +744,11 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
     for (int p = 0; p < k; ++p) {
       runtime::DeviceStepOptions opt{.selection = variant == 1 || p > 0 ? &dsel : nullptr, .block_mass = &bms[p],
                                      .argmax = dargmax, .device_tokens = dargmax};
-      absl::StatusOr<int> g = D.CaptureForward({&d_in, 1}, opt);
+      absl::StatusOr<int> g = D.CaptureForward(d_in, opt);
       if (!g.ok()) return g.status();
       (variant == 0 ? g_sd : g_sparse).push_back(*g);
     }
-    BENCH_CHECK(D.TruncateSequence(0, ctx));
+    BENCH_CHECK(truncate_draft());
   }
   auto draft_round = [&](bool dense_first) -> absl::Status {
     BENCH_CUDA(cudaSetDevice(ddev));
@@ -750,32 +766,42 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   // plans the step's prefetch.
   int32_t* host_blocks = nullptr;
   BENCH_CUDA(cudaHostAlloc(&host_blocks, std::max<size_t>(4, offsets.back() * 4), cudaHostAllocDefault));
-  kvstore::Selection sel{.num_layers = static_cast<int>(tc_.num_hidden_layers), .num_kv_heads = tkv,
-                         .indptr = std::vector<int32_t>(offsets.begin(), offsets.begin() + units + 1), .blocks = {}};
-  auto target_select = [&](kvstore::Selection* out) -> absl::Status {
+  using Lists = std::vector<kvstore::Selection>;  // one per sequence
+  Lists sel(B);
+  for (int s = 0; s < B; ++s) {
+    sel[s] = {.num_layers = static_cast<int>(tc_.num_hidden_layers), .num_kv_heads = tkv, .indptr = {}, .blocks = {}};
+    for (int u = 0; u <= units; ++u) sel[s].indptr.push_back(offsets[s * units + u] - offsets[s * units]);
+  }
+  auto target_select = [&](Lists* out) -> absl::Status {
     BENCH_CUDA(cudaSetDevice(ddev));
     BENCH_CUDA(kernels::BlockSelect(sp, scratch.p, ds));
     BENCH_CUDA(cudaMemcpyAsync(host_blocks, out_blocks.p, offsets.back() * 4, cudaMemcpyDeviceToHost, ds));
     BENCH_CUDA(cudaStreamSynchronize(ds));
-    out->blocks.assign(host_blocks, host_blocks + offsets[units]);
+    for (int s = 0; s < B; ++s) {
+      (*out)[s].blocks.assign(host_blocks + offsets[s * units], host_blocks + offsets[(s + 1) * units]);
+    }
     return absl::OkStatus();
   };
   BENCH_CUDA(cudaSetDevice(tdev));
   DeviceVec t_argmax;
-  BENCH_CUDA(cudaMalloc(&t_argmax.p, sizeof(int32_t) * (k + 1)));
+  BENCH_CUDA(cudaMalloc(&t_argmax.p, sizeof(int32_t) * B * (k + 1)));
   int32_t* host_tokens = nullptr;
-  BENCH_CUDA(cudaHostAlloc(&host_tokens, sizeof(int32_t) * (k + 1), cudaHostAllocDefault));
-  auto verify = [&](const kvstore::Selection& s, bool skip_attention) -> absl::Status {
-    SequenceInput in{.seq = 0, .tokens = kp1, .all_logits = true, .selection = &s};
-    if (absl::Status st = T.EnqueueForward({&in, 1}, {.argmax = static_cast<int32_t*>(t_argmax.p),
-                                                      .skip_attention = skip_attention});
+  BENCH_CUDA(cudaHostAlloc(&host_tokens, sizeof(int32_t) * B * (k + 1), cudaHostAllocDefault));
+  auto verify = [&](const Lists& lists, bool skip_attention) -> absl::Status {
+    std::vector<SequenceInput> in;
+    for (int s = 0; s < B; ++s) in.push_back({.seq = s, .tokens = kp1, .all_logits = true, .selection = &lists[s]});
+    if (absl::Status st = T.EnqueueForward(in, {.argmax = static_cast<int32_t*>(t_argmax.p),
+                                                .skip_attention = skip_attention});
         !st.ok()) {
       return st;
     }
     BENCH_CUDA(cudaSetDevice(tdev));
-    BENCH_CUDA(cudaMemcpyAsync(host_tokens, t_argmax.p, sizeof(int32_t) * (k + 1), cudaMemcpyDeviceToHost, ts));
+    BENCH_CUDA(cudaMemcpyAsync(host_tokens, t_argmax.p, sizeof(int32_t) * B * (k + 1), cudaMemcpyDeviceToHost, ts));
     BENCH_CUDA(cudaStreamSynchronize(ts));
-    return T.TruncateSequence(0, ctx);
+    for (int s = 0; s < B; ++s) {
+      if (absl::Status st = T.TruncateSequence(s, ctx); !st.ok()) return st;
+    }
+    return absl::OkStatus();
   };
   using Clock = std::chrono::steady_clock;
   auto wall_ms = [&](int n, auto fn) -> absl::StatusOr<double> {
@@ -796,7 +822,7 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   absl::StatusOr<double> t_dsd = TimeMs(ds, it, [&] { return draft_round(true); });
   absl::StatusOr<double> t_dsparse = TimeMs(ds, it, [&] { return draft_round(false); });
   absl::StatusOr<double> t_sel = wall_ms(it, [&] { return target_select(&sel); });
-  const kvstore::Selection fixed_sel = sel;
+  const Lists fixed_sel = sel;
   BENCH_CHECK(verify(fixed_sel, false));
   const runtime::HostKvTierStats h0 = T.host_tier_stats();
   absl::StatusOr<double> t_vhit = wall_ms(it, [&] { return verify(fixed_sel, false); });
@@ -821,15 +847,15 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   // KV over HBM, the moved units over PCIe.
   const double bw = copy_gbps_ * 1e9;
   const double wt = static_cast<double>(T.weight_bytes()), wd = static_cast<double>(D.weight_bytes());
-  const double kv_d = static_cast<double>(ctx) * D.kv_bytes_per_token();
-  const double kv_d_sel = static_cast<double>(list_d) * kvstore::kBlockSize * D.kv_bytes_per_token();
-  const double kv_t_sel = static_cast<double>(list) * kvstore::kBlockSize * T.kv_bytes_per_token();
+  const double kv_d = static_cast<double>(B) * ctx * D.kv_bytes_per_token();
+  const double kv_d_sel = static_cast<double>(B) * list_d * kvstore::kBlockSize * D.kv_bytes_per_token();
+  const double kv_t_sel = static_cast<double>(B) * list * kvstore::kBlockSize * T.kv_bytes_per_token();
   const double draft_bytes = (kv_d + (k - 1) * kv_d_sel + (R - 1) * k * kv_d_sel) / R + k * wd;
-  const double per_round = o_.accepted + 1;
-  std::printf("STS budget %.3g%%: %d units selected per round; draft %.3f ms a round (dense-first %.3f, all-sparse %.3f; "
+  const double per_round = B * (o_.accepted + 1);
+  std::printf("STS budget %.3g%%: %d units selected per round over the batch; draft %.3f ms a round (dense-first %.3f, all-sparse %.3f; "
               "dense first step every %d rounds); target selection + readback %.3f ms; verification with every unit "
               "cached %.3f ms, of which host planning %.2f ms\n",
-              100 * fraction, offsets[units], draft_ms, *t_dsd, *t_dsparse, R, *t_sel, *t_vhit, plan_hit_ms);
+              100 * fraction, offsets.back(), draft_ms, *t_dsd, *t_dsparse, R, *t_sel, *t_vhit, plan_hit_ms);
   std::printf("%8s %5s %-14s %9s %9s %7s | %8s %8s %8s %8s %8s | %10s %6s | %6s %8s %8s\n", "context", "batch", "mode",
               "round_ms", "tok/s", "vs_AR", "draft", "select", "prefetch", "t_attn", "t_rest", "roof_tok/s", "%roof",
               "cached", "moved_GB", "plan_ms");
@@ -841,7 +867,7 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
   std::mt19937 rng(17);
   const int sink = o_.sink_blocks, window_begin = nb - o_.window_blocks;
   std::vector<char> in_list(nb);
-  auto mutate = [&](const kvstore::Selection& from, double turnover) {
+  auto mutate_one = [&](const kvstore::Selection& from, double turnover) {
     kvstore::Selection to = from;
     to.blocks.clear();
     to.indptr.assign(1, 0);
@@ -882,8 +908,13 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, d
     }
     return to;
   };
+  auto mutate = [&](const Lists& from, double turnover) {
+    Lists to;
+    for (const kvstore::Selection& one : from) to.push_back(mutate_one(one, turnover));
+    return to;
+  };
   for (double turnover : o_.host_turnovers) {
-    std::vector<kvstore::Selection> sels = {fixed_sel};
+    std::vector<Lists> sels = {fixed_sel};
     while (static_cast<int>(sels.size()) < it + 3) sels.push_back(mutate(sels.back(), turnover));
     int round_index = 0;
     auto round = [&]() -> absl::Status {
