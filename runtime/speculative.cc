@@ -65,24 +65,39 @@ Verdict VerifyDraft(std::span<const std::vector<float>> p, std::span<const std::
   return {static_cast<int>(drafted.size()), SampleFrom(p[drafted.size()], rng)};
 }
 
-absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, ModelBackend& draft, SequenceId seq,
-                                                      std::span<const int32_t> prompt,
-                                                      const SpeculativeOptions& options,
-                                                      const TokenCallback& on_token) {
-  const int64_t vocab = target.config().vocab_size;
-  if (draft.config().vocab_size != vocab) {
-    return absl::InvalidArgumentError(absl::StrCat("draft vocabulary (", draft.config().vocab_size,
-                                                   ") differs from the target's (", vocab, ")"));
+SpeculativeStream::SpeculativeStream(ModelBackend& target, ModelBackend& draft, SequenceId seq,
+                                     std::vector<int32_t> prompt, SpeculativeOptions options, TokenCallback on_token)
+    : target_(target),
+      draft_(draft),
+      seq_(seq),
+      prompt_(std::move(prompt)),
+      options_(std::move(options)),
+      on_token_(std::move(on_token)),
+      dist_(options_.sampling),  // only its Distribution() is used: both models filtered alike
+      rng_(options_.sampling.seed) {}
+
+SpeculativeStream::~SpeculativeStream() {
+  if (added_) {
+    target_.ReleaseSequence(seq_).IgnoreError();
+    draft_.ReleaseSequence(seq_).IgnoreError();
   }
-  if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
-  if (options.num_speculative_tokens < 1) {
+}
+
+absl::Status SpeculativeStream::Begin() {
+  vocab_ = target_.config().vocab_size;
+  if (draft_.config().vocab_size != vocab_) {
+    return absl::InvalidArgumentError(absl::StrCat("draft vocabulary (", draft_.config().vocab_size,
+                                                   ") differs from the target's (", vocab_, ")"));
+  }
+  if (prompt_.empty()) return absl::InvalidArgumentError("prompt is empty");
+  if (options_.num_speculative_tokens < 1) {
     return absl::InvalidArgumentError(absl::StrCat("num_speculative_tokens must be >= 1, got ",
-                                                   options.num_speculative_tokens));
+                                                   options_.num_speculative_tokens));
   }
-  if (options.max_tokens < 0 || options.prefill_chunk <= 0) return absl::InvalidArgumentError("bad max_tokens or prefill_chunk");
-  if (absl::Status s = ValidateSamplingParams(options.sampling); !s.ok()) return s;
-  if (const HeadMap* m = options.head_map; m != nullptr) {
-    const ModelConfig &t = target.config(), &d = draft.config();
+  if (options_.max_tokens < 0 || options_.prefill_chunk <= 0) return absl::InvalidArgumentError("bad max_tokens or prefill_chunk");
+  if (absl::Status s = ValidateSamplingParams(options_.sampling); !s.ok()) return s;
+  if (const HeadMap* m = options_.head_map; m != nullptr) {
+    const ModelConfig &t = target_.config(), &d = draft_.config();
     if (m->target_layers != t.num_hidden_layers || m->target_kv_heads != t.num_key_value_heads ||
         m->draft_layers != d.num_hidden_layers || m->draft_heads != d.num_attention_heads ||
         m->units.size() != static_cast<size_t>(m->target_layers) * m->target_kv_heads) {
@@ -96,207 +111,288 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
       }
     }
   }
-  if (const HeadMap* m = options.draft_head_map; m != nullptr) {
-    const ModelConfig& d = draft.config();
+  if (const HeadMap* m = options_.draft_head_map; m != nullptr) {
+    const ModelConfig& d = draft_.config();
     if (m->target_layers != d.num_hidden_layers || m->target_kv_heads != d.num_key_value_heads ||
         m->draft_layers != d.num_hidden_layers || m->draft_heads != d.num_attention_heads ||
         m->units.size() != static_cast<size_t>(m->target_layers) * m->target_kv_heads) {
       return absl::InvalidArgumentError("draft head map does not map the draft onto itself");
     }
   }
-  const int64_t limit = std::min(target.config().max_position_embeddings, draft.config().max_position_embeddings);
-  if (static_cast<int64_t>(prompt.size()) > limit) {
-    return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt.size(), " tokens exceeds the models' ", limit));
+  limit_ = std::min(target_.config().max_position_embeddings, draft_.config().max_position_embeddings);
+  if (static_cast<int64_t>(prompt_.size()) > limit_) {
+    return absl::OutOfRangeError(absl::StrCat("prompt of ", prompt_.size(), " tokens exceeds the models' ", limit_));
   }
-  int64_t base = 0;  // tokens both caches hold before this call
-  if (options.continue_sequence) {
-    absl::StatusOr<int64_t> t = target.SequenceLength(seq), d = draft.SequenceLength(seq);
+  if (options_.continue_sequence) {
+    absl::StatusOr<int64_t> t = target_.SequenceLength(seq_), d = draft_.SequenceLength(seq_);
     if (!t.ok()) return t.status();
     if (!d.ok()) return d.status();
     if (*t != *d) {
-      return absl::FailedPreconditionError(absl::StrCat("sequence ", seq, " holds ", *t, " tokens in the target but ",
+      return absl::FailedPreconditionError(absl::StrCat("sequence ", seq_, " holds ", *t, " tokens in the target but ",
                                                         *d, " in the draft"));
     }
-    base = *t;
-    if (base + static_cast<int64_t>(prompt.size()) > limit) {
-      return absl::OutOfRangeError(absl::StrCat("sequence ", seq, " of ", base, " tokens plus a prompt of ",
-                                                prompt.size(), " exceeds the models' ", limit));
+    base_ = *t;
+    if (base_ + static_cast<int64_t>(prompt_.size()) > limit_) {
+      return absl::OutOfRangeError(absl::StrCat("sequence ", seq_, " of ", base_, " tokens plus a prompt of ",
+                                                prompt_.size(), " exceeds the models' ", limit_));
     }
   } else {
-    if (absl::Status s = target.AddSequence(seq); !s.ok()) return s;
+    if (absl::Status s = target_.AddSequence(seq_); !s.ok()) return s;
+    if (absl::Status s = draft_.AddSequence(seq_); !s.ok()) {
+      target_.ReleaseSequence(seq_).IgnoreError();
+      return s;
+    }
+    added_ = true;
   }
-  absl::Cleanup release_target = [&] {
-    if (!options.continue_sequence) target.ReleaseSequence(seq).IgnoreError();
-  };
-  if (!options.continue_sequence) {
-    if (absl::Status s = draft.AddSequence(seq); !s.ok()) return s;
-  }
-  absl::Cleanup release_draft = [&] {
-    if (!options.continue_sequence) draft.ReleaseSequence(seq).IgnoreError();
-  };
-
   using Clock = std::chrono::steady_clock;
-  SpeculativeResult result;
-  result.prompt_tokens = static_cast<int64_t>(prompt.size());
-  Sampler dist(options.sampling);  // only its Distribution() is used: both models filtered alike
-  std::mt19937_64 rng(options.sampling.seed);
-  auto t0 = Clock::now();
+  result_.prompt_tokens = static_cast<int64_t>(prompt_.size());
+  const auto t0 = Clock::now();
   // Both models process the prompt but its last token, which opens the first round.
   std::vector<float> logits;
-  for (ModelBackend* m : {&target, &draft}) {
-    for (size_t at = 0; at + 1 < prompt.size(); at += options.prefill_chunk) {
-      const size_t n = std::min<size_t>(options.prefill_chunk, prompt.size() - 1 - at);
-      SequenceInput in{.seq = seq, .tokens = prompt.subspan(at, n)};
+  const std::span<const int32_t> prompt(prompt_);
+  for (ModelBackend* m : {&target_, &draft_}) {
+    for (size_t at = 0; at + 1 < prompt.size(); at += options_.prefill_chunk) {
+      const size_t n = std::min<size_t>(options_.prefill_chunk, prompt.size() - 1 - at);
+      SequenceInput in{.seq = seq_, .tokens = prompt.subspan(at, n)};
       if (absl::Status s = m->Forward({&in, 1}, &logits); !s.ok()) return s;
     }
   }
   // Tokens each model has yet to process (the last accepted ones).
-  std::vector<int32_t> target_pending = {prompt.back()}, draft_pending = {prompt.back()};
-  auto t1 = Clock::now();
-  result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  target_pending_ = {prompt_.back()};
+  draft_pending_ = {prompt_.back()};
+  decode_start_ = Clock::now();
+  result_.prefill_seconds = std::chrono::duration<double>(decode_start_ - t0).count();
+  done_ = options_.max_tokens == 0;
+  return absl::OkStatus();
+}
 
-  bool done = options.max_tokens == 0;
-  // Sparse draft: the mass of the last dense draft step, which picks the draft's blocks.
-  std::vector<float> refresh_mass;
-  int64_t refresh_rows = 0, refresh_blocks = 0, round_index = 0;
-  kvstore::Selection previous_selection;  // the last round's target lists, for turnover; empty: none
-  while (!done) {
-    const int64_t target_len = *target.SequenceLength(seq) + static_cast<int64_t>(target_pending.size());
-    const int64_t remaining = options.max_tokens - static_cast<int64_t>(result.tokens.size());
-    // k drafted tokens plus the pending ones must fit the context; the round emits up to k + 1.
-    int k = static_cast<int>(std::min<int64_t>(options.num_speculative_tokens, remaining - 1));
-    k = static_cast<int>(std::min<int64_t>(k, limit - target_len));
-    if (limit - target_len < 0) break;
-    k = std::max(k, 0);
-    // Draft proposals (and, for STS, its attention mass per block for every row it runs).
-    std::vector<std::vector<float>> q(k), p(k + 1);
-    std::vector<int32_t> drafted;
-    std::vector<int32_t> feed = draft_pending;
-    std::vector<std::vector<float>> masses;
-    std::vector<int64_t> mass_rows, mass_blocks;
-    kvstore::Selection draft_selection;
-    masses.reserve(k);
-    const bool refresh = options.draft_head_map != nullptr &&
-                         (refresh_mass.empty() || round_index % std::max(1, options.draft_refresh_rounds) == 0);
-    ++round_index;
-    for (int i = 0; i < k; ++i) {
-      SequenceInput in{.seq = seq, .tokens = feed};
-      const int64_t draft_end = *draft.SequenceLength(seq) + static_cast<int64_t>(feed.size());
-      if (options.head_map != nullptr || (refresh && i == 0)) {
-        masses.emplace_back();
-        in.block_mass = &masses.back();
-        mass_rows.push_back(static_cast<int64_t>(feed.size()));
-        mass_blocks.push_back(kvstore::BlocksFor(draft_end));
-      }
-      if (options.draft_head_map != nullptr && (i > 0 || !refresh)) {
-        // The last dense step's rows pick this step's blocks (the new token's block always included).
-        draft_selection = BuildStsSelection(*options.draft_head_map, refresh_mass, static_cast<int>(refresh_rows),
-                                            refresh_blocks, kvstore::BlocksFor(draft_end), options.draft_budget);
-        in.selection = &draft_selection;
-      }
-      if (absl::Status s = draft.Forward({&in, 1}, &logits); !s.ok()) return s;
-      if (refresh && i == 0) {
-        refresh_mass = masses.back();
-        refresh_rows = mass_rows.back();
-        refresh_blocks = mass_blocks.back();
-      }
-      q[i].resize(vocab);
-      dist.Distribution(logits, q[i]);
-      drafted.push_back(SampleFrom(q[i], rng));
-      feed = {drafted.back()};
-    }
-    const int64_t draft_base = *draft.SequenceLength(seq);  // after pending + drafted[0..k-2]
-    // Target verification: pending + all drafted tokens in one pass, every position's logits.
-    std::vector<int32_t> verify = target_pending;
-    verify.insert(verify.end(), drafted.begin(), drafted.end());
-    const int64_t target_before = *target.SequenceLength(seq);
-    SequenceInput in{.seq = seq, .tokens = verify, .all_logits = true};
-    kvstore::Selection selection;
-    if (options.head_map == nullptr) {
-      masses.clear();  // only the sparse draft's own
-      mass_rows.clear();
-      mass_blocks.clear();
-    }
-    if (options.head_map != nullptr && k > 0) {
-      // Stack the round's draft rows into [layers][heads][rows][blocks], zero-padded.
-      const int64_t nb_mass = *std::max_element(mass_blocks.begin(), mass_blocks.end());
-      int64_t rows = 0;
-      for (int64_t r : mass_rows) rows += r;
-      const int units = options.head_map->draft_layers * options.head_map->draft_heads;
-      std::vector<float> stacked(static_cast<size_t>(units) * rows * nb_mass, 0.0f);
-      int64_t row0 = 0;
-      for (size_t f = 0; f < masses.size(); ++f) {
-        for (int u = 0; u < units; ++u) {
-          for (int64_t r = 0; r < mass_rows[f]; ++r) {
-            const float* from = masses[f].data() + (u * mass_rows[f] + r) * mass_blocks[f];
-            std::copy(from, from + mass_blocks[f], stacked.begin() + (u * rows + row0 + r) * nb_mass);
-          }
-        }
-        row0 += mass_rows[f];
-      }
-      const int64_t nb = kvstore::BlocksFor(target_before + static_cast<int64_t>(verify.size()));
-      selection = BuildStsSelection(*options.head_map, stacked, static_cast<int>(rows), nb_mass, nb, options.sts_budget);
-      in.selection = &selection;
-      result.selected_blocks += static_cast<int64_t>(selection.blocks.size());
-      result.context_blocks += nb * selection.num_layers * selection.num_kv_heads;
-      if (!previous_selection.indptr.empty()) CountTurnover(previous_selection, selection, nb, options.sts_budget, result);
-    }
-    if (absl::Status s = target.Forward({&in, 1}, &logits); !s.ok()) return s;
-    previous_selection = std::move(selection);  // empty after a round without one: pairs are back to back
-    const size_t first = target_pending.size() - 1;  // row of the last pending token
-    for (int i = 0; i <= k; ++i) {
-      p[i].resize(vocab);
-      dist.Distribution(std::span<const float>(logits).subspan((first + i) * vocab, vocab), p[i]);
-    }
-    const Verdict v = VerifyDraft(p, q, drafted, rng);
-    ++result.rounds;
-    result.draft_proposed += k;
-    result.draft_accepted += v.accepted;
-    // Roll back what the rejected tokens left in each cache.
-    const int64_t keep_target = target_before + static_cast<int64_t>(target_pending.size()) + v.accepted;
-    if (absl::Status s = target.TruncateSequence(seq, keep_target); !s.ok()) return s;
-    // The draft processed pending + drafted[0..k-2]; it keeps pending + drafted[0..accepted-1].
-    const int64_t draft_kept_drafted = std::min<int64_t>(v.accepted, std::max(k - 1, 0));
-    const int64_t keep_draft = draft_base - std::max(k - 1, 0) + draft_kept_drafted;
-    if (absl::Status s = draft.TruncateSequence(seq, keep_draft); !s.ok()) return s;
-    // Emit accepted tokens, then the correction or bonus token.
-    std::vector<int32_t> emitted(drafted.begin(), drafted.begin() + v.accepted);
-    emitted.push_back(v.next);
-    if (k > 0) {
-      // The draft consumed its pending tokens in this round's first forward.
-      draft_pending.clear();
-      if (v.accepted == k) draft_pending.push_back(drafted.back());  // accepted but never fed
-    }
-    for (int32_t t : emitted) {
-      result.tokens.push_back(t);
-      if ((on_token && !on_token(t)) ||
-          std::find(options.stop_ids.begin(), options.stop_ids.end(), t) != options.stop_ids.end() ||
-          static_cast<int64_t>(result.tokens.size()) >= options.max_tokens) {
-        done = true;
-        break;
-      }
-    }
-    target_pending = {v.next};
-    draft_pending.push_back(v.next);
+void SpeculativeStream::StartRound() {
+  const int64_t target_len = *target_.SequenceLength(seq_) + static_cast<int64_t>(target_pending_.size());
+  const int64_t remaining = options_.max_tokens - static_cast<int64_t>(result_.tokens.size());
+  if (limit_ - target_len < 0) {
+    done_ = true;
+    return;
   }
-  if (options.continue_sequence && !result.tokens.empty()) {
+  // k drafted tokens plus the pending ones must fit the context; the round emits up to k + 1.
+  int k = static_cast<int>(std::min<int64_t>(options_.num_speculative_tokens, remaining - 1));
+  k = static_cast<int>(std::min<int64_t>(k, limit_ - target_len));
+  k_ = std::max(k, 0);
+  rng_at_start_ = rng_;
+  draft_len_at_start_ = *draft_.SequenceLength(seq_);
+  refresh_mass_at_start_ = refresh_mass_;
+  refresh_rows_at_start_ = refresh_rows_;
+  refresh_blocks_at_start_ = refresh_blocks_;
+  q_.assign(k_, {});
+  drafted_.clear();
+  feed_ = draft_pending_;
+  masses_.clear();
+  masses_.reserve(k_);
+  mass_rows_.clear();
+  mass_blocks_.clear();
+  draft_selection_ = {};
+  selection_ = {};
+  refresh_ = options_.draft_head_map != nullptr &&
+             (refresh_mass_.empty() || round_index_ % std::max(1, options_.draft_refresh_rounds) == 0);
+  ++round_index_;
+}
+
+SequenceInput SpeculativeStream::DraftInput(int i) {
+  SequenceInput in{.seq = seq_, .tokens = feed_};
+  const int64_t draft_end = *draft_.SequenceLength(seq_) + static_cast<int64_t>(feed_.size());
+  if (options_.head_map != nullptr || (refresh_ && i == 0)) {
+    masses_.emplace_back();
+    in.block_mass = &masses_.back();
+    mass_rows_.push_back(static_cast<int64_t>(feed_.size()));
+    mass_blocks_.push_back(kvstore::BlocksFor(draft_end));
+  }
+  if (options_.draft_head_map != nullptr && (i > 0 || !refresh_)) {
+    // The last dense step's rows pick this step's blocks (the new token's block always included).
+    draft_selection_ = BuildStsSelection(*options_.draft_head_map, refresh_mass_, static_cast<int>(refresh_rows_),
+                                         refresh_blocks_, kvstore::BlocksFor(draft_end), options_.draft_budget);
+    in.selection = &draft_selection_;
+  }
+  return in;
+}
+
+void SpeculativeStream::OnDraftLogits(int i, std::span<const float> row) {
+  if (refresh_ && i == 0) {
+    refresh_mass_ = masses_.back();
+    refresh_rows_ = mass_rows_.back();
+    refresh_blocks_ = mass_blocks_.back();
+  }
+  q_[i].resize(vocab_);
+  dist_.Distribution(row, q_[i]);
+  drafted_.push_back(SampleFrom(q_[i], rng_));
+  feed_ = {drafted_.back()};
+}
+
+SequenceInput SpeculativeStream::VerifyInput() {
+  draft_base_ = *draft_.SequenceLength(seq_);  // after pending + drafted[0..k-2]
+  // Target verification: pending + all drafted tokens in one pass, every position's logits.
+  verify_ = target_pending_;
+  verify_.insert(verify_.end(), drafted_.begin(), drafted_.end());
+  target_before_ = *target_.SequenceLength(seq_);
+  SequenceInput in{.seq = seq_, .tokens = verify_, .all_logits = true};
+  if (options_.head_map != nullptr && k_ > 0) {
+    // Stack the round's draft rows into [layers][heads][rows][blocks], zero-padded.
+    const int64_t nb_mass = *std::max_element(mass_blocks_.begin(), mass_blocks_.end());
+    int64_t rows = 0;
+    for (int64_t r : mass_rows_) rows += r;
+    const int units = options_.head_map->draft_layers * options_.head_map->draft_heads;
+    std::vector<float> stacked(static_cast<size_t>(units) * rows * nb_mass, 0.0f);
+    int64_t row0 = 0;
+    for (size_t f = 0; f < masses_.size(); ++f) {
+      for (int u = 0; u < units; ++u) {
+        for (int64_t r = 0; r < mass_rows_[f]; ++r) {
+          const float* from = masses_[f].data() + (u * mass_rows_[f] + r) * mass_blocks_[f];
+          std::copy(from, from + mass_blocks_[f], stacked.begin() + (u * rows + row0 + r) * nb_mass);
+        }
+      }
+      row0 += mass_rows_[f];
+    }
+    const int64_t nb = kvstore::BlocksFor(target_before_ + static_cast<int64_t>(verify_.size()));
+    selection_ = BuildStsSelection(*options_.head_map, stacked, static_cast<int>(rows), nb_mass, nb, options_.sts_budget);
+    in.selection = &selection_;
+  }
+  return in;
+}
+
+absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
+  if (!selection_.indptr.empty()) {
+    const int64_t nb = kvstore::BlocksFor(target_before_ + static_cast<int64_t>(verify_.size()));
+    result_.selected_blocks += static_cast<int64_t>(selection_.blocks.size());
+    result_.context_blocks += nb * selection_.num_layers * selection_.num_kv_heads;
+    if (!previous_selection_.indptr.empty()) CountTurnover(previous_selection_, selection_, nb, options_.sts_budget, result_);
+  }
+  previous_selection_ = std::move(selection_);  // empty after a round without one: pairs are back to back
+  selection_ = {};
+  std::vector<std::vector<float>> p(k_ + 1);
+  const size_t first = target_pending_.size() - 1;  // row of the last pending token
+  for (int i = 0; i <= k_; ++i) {
+    p[i].resize(vocab_);
+    dist_.Distribution(logits.subspan((first + i) * vocab_, vocab_), p[i]);
+  }
+  const Verdict v = VerifyDraft(p, q_, drafted_, rng_);
+  ++result_.rounds;
+  result_.draft_proposed += k_;
+  result_.draft_accepted += v.accepted;
+  // Roll back what the rejected tokens left in each cache.
+  const int64_t keep_target = target_before_ + static_cast<int64_t>(target_pending_.size()) + v.accepted;
+  if (absl::Status s = target_.TruncateSequence(seq_, keep_target); !s.ok()) return s;
+  // The draft processed pending + drafted[0..k-2]; it keeps pending + drafted[0..accepted-1].
+  const int64_t draft_kept_drafted = std::min<int64_t>(v.accepted, std::max(k_ - 1, 0));
+  const int64_t keep_draft = draft_base_ - std::max(k_ - 1, 0) + draft_kept_drafted;
+  if (absl::Status s = draft_.TruncateSequence(seq_, keep_draft); !s.ok()) return s;
+  // Emit accepted tokens, then the correction or bonus token.
+  std::vector<int32_t> emitted(drafted_.begin(), drafted_.begin() + v.accepted);
+  emitted.push_back(v.next);
+  if (k_ > 0) {
+    // The draft consumed its pending tokens in this round's first forward.
+    draft_pending_.clear();
+    if (v.accepted == k_) draft_pending_.push_back(drafted_.back());  // accepted but never fed
+  }
+  for (int32_t t : emitted) {
+    result_.tokens.push_back(t);
+    if ((on_token_ && !on_token_(t)) ||
+        std::find(options_.stop_ids.begin(), options_.stop_ids.end(), t) != options_.stop_ids.end() ||
+        static_cast<int64_t>(result_.tokens.size()) >= options_.max_tokens) {
+      done_ = true;
+      break;
+    }
+  }
+  target_pending_ = {v.next};
+  draft_pending_.push_back(v.next);
+  result_.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - decode_start_).count();
+  return absl::OkStatus();
+}
+
+absl::Status SpeculativeStream::AbortRound() {
+  rng_ = rng_at_start_;
+  refresh_mass_ = std::move(refresh_mass_at_start_);
+  refresh_rows_ = refresh_rows_at_start_;
+  refresh_blocks_ = refresh_blocks_at_start_;
+  --round_index_;
+  selection_ = {};
+  return draft_.TruncateSequence(seq_, draft_len_at_start_);
+}
+
+absl::Status SpeculativeStream::Finish() {
+  if (options_.continue_sequence && !result_.tokens.empty()) {
     // Leave both caches at exactly base + prompt + emitted tokens but the last: rounds may have
     // cached accepted tokens past where emission stopped, or left the draft a token short.
-    std::vector<int32_t> all(prompt.begin(), prompt.end());
-    all.insert(all.end(), result.tokens.begin(), result.tokens.end() - 1);
-    const int64_t want = base + static_cast<int64_t>(all.size());
-    for (ModelBackend* m : {&target, &draft}) {
-      const int64_t have = *m->SequenceLength(seq);
+    std::vector<int32_t> all(prompt_.begin(), prompt_.end());
+    all.insert(all.end(), result_.tokens.begin(), result_.tokens.end() - 1);
+    const int64_t want = base_ + static_cast<int64_t>(all.size());
+    std::vector<float> logits;
+    for (ModelBackend* m : {&target_, &draft_}) {
+      const int64_t have = *m->SequenceLength(seq_);
       if (have > want) {
-        if (absl::Status s = m->TruncateSequence(seq, want); !s.ok()) return s;
+        if (absl::Status s = m->TruncateSequence(seq_, want); !s.ok()) return s;
       } else if (have < want) {
-        SequenceInput in{.seq = seq, .tokens = std::span<const int32_t>(all).subspan(have - base)};
+        SequenceInput in{.seq = seq_, .tokens = std::span<const int32_t>(all).subspan(have - base_)};
         if (absl::Status s = m->Forward({&in, 1}, &logits); !s.ok()) return s;
       }
     }
   }
-  result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
-  return result;
+  return absl::OkStatus();
+}
+
+absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams) {
+  std::vector<SpeculativeStream*> live;
+  for (SpeculativeStream* s : streams) {
+    if (s->done()) continue;
+    s->StartRound();
+    if (!s->done()) live.push_back(s);
+  }
+  if (live.empty()) return absl::OkStatus();
+  auto abort = [&](absl::Status st) {
+    for (SpeculativeStream* s : live) s->AbortRound().IgnoreError();
+    return st;
+  };
+  const int64_t vocab = target.config().vocab_size;
+  int max_k = 0;
+  for (SpeculativeStream* s : live) max_k = std::max(max_k, s->k_);
+  std::vector<float> logits;
+  for (int i = 0; i < max_k; ++i) {
+    std::vector<SpeculativeStream*> step;
+    std::vector<SequenceInput> batch;
+    for (SpeculativeStream* s : live) {
+      if (i >= s->k_) continue;
+      step.push_back(s);
+      batch.push_back(s->DraftInput(i));
+    }
+    if (absl::Status st = draft.Forward(batch, &logits); !st.ok()) return abort(st);
+    for (size_t j = 0; j < step.size(); ++j) {
+      step[j]->OnDraftLogits(i, std::span<const float>(logits).subspan(j * vocab, vocab));
+    }
+  }
+  std::vector<SequenceInput> batch;
+  for (SpeculativeStream* s : live) batch.push_back(s->VerifyInput());
+  if (absl::Status st = target.Forward(batch, &logits); !st.ok()) return abort(st);
+  size_t row = 0;
+  for (size_t j = 0; j < live.size(); ++j) {
+    const size_t rows = batch[j].tokens.size();
+    if (absl::Status st = live[j]->OnVerifyLogits(std::span<const float>(logits).subspan(row * vocab, rows * vocab));
+        !st.ok()) {
+      return st;
+    }
+    row += rows;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, ModelBackend& draft, SequenceId seq,
+                                                      std::span<const int32_t> prompt,
+                                                      const SpeculativeOptions& options,
+                                                      const TokenCallback& on_token) {
+  SpeculativeStream stream(target, draft, seq, std::vector<int32_t>(prompt.begin(), prompt.end()), options, on_token);
+  if (absl::Status s = stream.Begin(); !s.ok()) return s;
+  SpeculativeStream* const one[] = {&stream};
+  while (!stream.done()) {
+    if (absl::Status s = RunSpeculativeRound(target, draft, one); !s.ok()) return s;
+  }
+  if (absl::Status s = stream.Finish(); !s.ok()) return s;
+  return stream.result();
 }
 
 }  // namespace scout::runtime

@@ -3,6 +3,7 @@
 // (greedy decoding is the special case where both distributions are one-hot).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <random>
 #include <span>
@@ -84,5 +85,80 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
                                                       std::span<const int32_t> prompt,
                                                       const SpeculativeOptions& options,
                                                       const TokenCallback& on_token = nullptr);
+
+// One sequence's speculative decoding, cut into the phases that several sequences run together
+// (RunSpeculativeRound batches each draft step and the verification over them): a server's
+// continuous batching with a draft. GenerateSpeculative is one stream, round after round; a
+// stream alone gives exactly its result.
+class SpeculativeStream {
+ public:
+  SpeculativeStream(ModelBackend& target, ModelBackend& draft, SequenceId seq, std::vector<int32_t> prompt,
+                    SpeculativeOptions options, TokenCallback on_token = nullptr);
+  // Releases the sequences Begin added (not with continue_sequence).
+  ~SpeculativeStream();
+  SpeculativeStream(const SpeculativeStream&) = delete;
+  SpeculativeStream& operator=(const SpeculativeStream&) = delete;
+
+  // The checks of GenerateSpeculative; adds the sequences (unless continue_sequence) and
+  // prefills both models with the prompt but its last token.
+  absl::Status Begin();
+  // True once max_tokens, a stop id, the context limit or on_token returning false ended it.
+  bool done() const { return done_; }
+  // With continue_sequence: leaves both caches at exactly the earlier tokens, the prompt and
+  // every emitted token but the last. Call once, when done.
+  absl::Status Finish();
+  const SpeculativeResult& result() const { return result_; }
+  SequenceId seq() const { return seq_; }
+
+ private:
+  friend absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft,
+                                          std::span<SpeculativeStream* const> streams);
+  // The round's k (0: the target only checks its pending tokens); done() if the context is full.
+  void StartRound();
+  // Draft step i < k: this sequence's input (valid until the next call), then its logits row.
+  SequenceInput DraftInput(int i);
+  void OnDraftLogits(int i, std::span<const float> row);
+  SequenceInput VerifyInput();
+  // Rejection sampling, rollback of both caches, emission.
+  absl::Status OnVerifyLogits(std::span<const float> rows);
+  // Puts the draft's cache and the random state back as they were at StartRound.
+  absl::Status AbortRound();
+
+  ModelBackend& target_;
+  ModelBackend& draft_;
+  const SequenceId seq_;
+  const std::vector<int32_t> prompt_;
+  const SpeculativeOptions options_;
+  const TokenCallback on_token_;
+  int64_t vocab_ = 0, limit_ = 0, base_ = 0;
+  bool added_ = false, done_ = false;
+  SpeculativeResult result_;
+  Sampler dist_;
+  std::mt19937_64 rng_;
+  std::vector<int32_t> target_pending_, draft_pending_;
+  std::vector<float> refresh_mass_;
+  int64_t refresh_rows_ = 0, refresh_blocks_ = 0, round_index_ = 0;
+  kvstore::Selection previous_selection_;
+  std::chrono::steady_clock::time_point decode_start_;
+  // The round in flight.
+  int k_ = 0;
+  bool refresh_ = false;
+  std::mt19937_64 rng_at_start_;
+  int64_t draft_len_at_start_ = 0;
+  std::vector<float> refresh_mass_at_start_;
+  int64_t refresh_rows_at_start_ = 0, refresh_blocks_at_start_ = 0;
+  std::vector<std::vector<float>> q_;
+  std::vector<int32_t> drafted_, feed_, verify_;
+  std::vector<std::vector<float>> masses_;
+  std::vector<int64_t> mass_rows_, mass_blocks_;
+  kvstore::Selection draft_selection_, selection_;
+  int64_t draft_base_ = 0, target_before_ = 0;
+};
+
+// One round of every stream that is not done: the draft's steps, each one Forward over the
+// streams still drafting, then one verification Forward over all of them. All or nothing: on
+// error every stream's caches and random state are as before the round (a server can drop one
+// stream and run the round again).
+absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams);
 
 }  // namespace scout::runtime

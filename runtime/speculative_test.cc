@@ -1,6 +1,8 @@
 #include "runtime/speculative.h"
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <map>
 #include <optional>
 #include <random>
@@ -110,6 +112,80 @@ TEST(GenerateSpeculativeTest, GreedyOutputEqualsTargetGreedy) {
   auto wrong = CpuModel::Load(b);
   ASSERT_TRUE(wrong.ok());
   EXPECT_EQ(GenerateSpeculative(**ta, **wrong, 1, small, {}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Streams of different prompts, lengths and k run round by round together (each draft step and
+// the verification one batched pass) give each stream exactly what it gives alone, greedy and
+// sampled; a round that fails leaves every stream as it was, and the next round carries on.
+TEST(SpeculativeStreamTest, BatchedRoundsEqualEachStreamAlone) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  auto bytes = [](const std::string& text) {
+    std::vector<int32_t> ids = {256};
+    for (char c : text) ids.push_back(static_cast<unsigned char>(c));
+    return ids;
+  };
+  const std::vector<std::vector<int32_t>> prompts = {bytes("import os\nimport sys\n\n"), bytes("def add(a, b):\n"),
+                                                     bytes("class Stack:\n    def __init__(self):\n        self."),
+                                                     bytes("for i in range(")};
+  std::vector<SpeculativeOptions> options;
+  for (int i = 0; i < 4; ++i) {
+    SpeculativeOptions o{.num_speculative_tokens = 2 + i, .max_tokens = 30 + 7 * i};
+    if (i == 3) o.sampling = {.temperature = 0.8f, .seed = 11};
+    options.push_back(o);
+  }
+  std::vector<std::vector<int32_t>> alone;
+  for (int i = 0; i < 4; ++i) {
+    absl::StatusOr<SpeculativeResult> r = GenerateSpeculative(**target, **draft, 100 + i, prompts[i], options[i]);
+    ASSERT_TRUE(r.ok()) << r.status();
+    alone.push_back(r->tokens);
+  }
+  std::vector<std::unique_ptr<SpeculativeStream>> streams;
+  std::vector<SpeculativeStream*> ptrs;
+  for (int i = 0; i < 4; ++i) {
+    streams.push_back(std::make_unique<SpeculativeStream>(**target, **draft, 200 + i, prompts[i], options[i]));
+    ASSERT_TRUE(streams.back()->Begin().ok());
+    ptrs.push_back(streams.back().get());
+  }
+  while (std::any_of(ptrs.begin(), ptrs.end(), [](SpeculativeStream* s) { return !s->done(); })) {
+    ASSERT_TRUE(RunSpeculativeRound(**target, **draft, ptrs).ok());
+  }
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(streams[i]->Finish().ok());
+    EXPECT_EQ(streams[i]->result().tokens, alone[i]) << "stream " << i;
+  }
+  streams.clear();
+  EXPECT_EQ((*target)->block_tables().num_sequences(), 0u);
+  EXPECT_EQ((*draft)->block_tables().num_sequences(), 0u);
+
+  // A target whose KV pool cannot hold two of them: the round that runs out fails as a whole
+  // (the draft's steps of that round rolled back), the newest stream leaves, and the other
+  // carries on to exactly what it gives alone.
+  auto small = CpuModel::Load(kModels / "scout-tiny-target", {.kv_budget_tokens = 8 * 16});
+  ASSERT_TRUE(small.ok());
+  SpeculativeOptions o{.num_speculative_tokens = 4, .max_tokens = 70};
+  absl::StatusOr<SpeculativeResult> want = GenerateSpeculative(**small, **draft, 1, prompts[0], o);
+  ASSERT_TRUE(want.ok()) << want.status();
+  auto a = std::make_unique<SpeculativeStream>(**small, **draft, 2, prompts[0], o);
+  auto b = std::make_unique<SpeculativeStream>(**small, **draft, 3, prompts[1], o);
+  ASSERT_TRUE(a->Begin().ok());
+  ASSERT_TRUE(b->Begin().ok());
+  std::vector<SpeculativeStream*> both = {a.get(), b.get()};
+  int failures = 0;
+  while (!a->done()) {
+    absl::Status st = RunSpeculativeRound(**small, **draft, both);
+    if (!st.ok()) {
+      ASSERT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+      ASSERT_EQ(both.size(), 2u) << "one stream alone fits";
+      ++failures;
+      b.reset();  // the newest gives way: its sequences are released
+      both.pop_back();
+    }
+  }
+  EXPECT_EQ(failures, 1);
+  ASSERT_TRUE(a->Finish().ok());
+  EXPECT_EQ(a->result().tokens, want->tokens);
 }
 
 // The sparse draft (its later steps over its own top blocks) changes only what is proposed: greedy
