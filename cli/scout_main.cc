@@ -588,7 +588,7 @@ int Serve(int argc, char** argv) {
       {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
       {"served-model-name", "", "model id in the API (default: the model folder's name)"},
       {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
-      {"max-num-seqs", "16", "requests batched together in each decode step (1 with a draft)"},
+      {"max-num-seqs", "16", "requests batched together in each decode step (with a draft: in each speculative round)"},
       {"session-idle-timeout", "0", "seconds an idle agent session keeps its KV (0: until deleted or the pool needs it)"},
       {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
       {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},

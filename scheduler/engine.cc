@@ -38,6 +38,7 @@ struct Engine::Request {
   bool first = true;
   CompletionResult result;
   std::atomic<bool> cancelled{false};
+  std::unique_ptr<runtime::SpeculativeStream> spec;  // with a draft: the request's rounds
   // Handed to the caller (Engine::mu_).
   std::deque<std::string> outbox;
   bool done = false;
@@ -53,7 +54,6 @@ Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<run
       tokenizer_(std::move(tokenizer)),
       metrics_(metrics),
       options_(options) {
-  if (draft_ != nullptr) options_.max_num_seqs = 1;  // speculative rounds run one request at a time
   options_.max_num_seqs = std::max(options_.max_num_seqs, 1);
   loop_ = std::thread([this] { Loop(); });
 }
@@ -167,10 +167,6 @@ void Engine::Loop() {
       auto& r = joining[i];
       metrics_->requests_waiting.Decrement();
       metrics_->requests_running.Increment();
-      if (draft_ != nullptr) {
-        RunSpeculative(*r);
-        continue;
-      }
       const StartResult started = Start(*r, running);
       if (started == StartResult::kRunning) running.push_back(r);
       if (started != StartResult::kDeferred) continue;
@@ -297,6 +293,7 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
                   usage.total_blocks, " are free (idle sessions hold the rest; delete some or lower max_tokens)")));
     return StartResult::kDone;
   }
+  if (draft_ != nullptr) return StartSpeculative(r);
   if (req.session_id.empty() || r.new_session) {
     if (absl::Status s = model_->AddSequence(r.seq); !s.ok()) {
       Finish(r, s);
@@ -321,6 +318,7 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
 }
 
 void Engine::DecodeStep(std::vector<Request*>& running) {
+  if (draft_ != nullptr) return SpeculativeStep(running);
   // Requests cancelled by their callers leave before the pass.
   for (Request* r : running) {
     if (r->cancelled) Finish(*r, absl::OkStatus());
@@ -357,14 +355,14 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
   }
 }
 
-void Engine::RunSpeculative(Request& r) {
-  if (!Resolve(r)) return;
-  AssignSequence(r);
+Engine::StartResult Engine::StartSpeculative(Request& r) {
   const bool session = !r.req.session_id.empty();
-  if (absl::Status s = CheckLength(r); !s.ok()) return Finish(r, s);
   if (session && r.new_session) {  // both models hold a session's tokens
     for (runtime::ModelBackend* m : {model_.get(), draft_.get()}) {
-      if (absl::Status s = m->AddSequence(r.seq); !s.ok()) return Finish(r, s);
+      if (absl::Status s = m->AddSequence(r.seq); !s.ok()) {
+        Finish(r, s);
+        return StartResult::kDone;
+      }
     }
   }
   runtime::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
@@ -374,24 +372,68 @@ void Engine::RunSpeculative(Request& r) {
     so.head_map = &*options_.head_map;
     so.sts_budget = options_.sts_budget;
   }
-  absl::StatusOr<runtime::SpeculativeResult> res = runtime::GenerateSpeculative(
-      *model_, *draft_, r.seq, r.ids, so, [&](int32_t token) { return !r.cancelled && OnToken(r, token); });
-  if (res.ok()) {
-    metrics_->draft_tokens.Increment(static_cast<double>(res->draft_proposed));
-    metrics_->accepted_tokens.Increment(static_cast<double>(res->draft_accepted));
+  Request* rp = &r;
+  r.spec = std::make_unique<runtime::SpeculativeStream>(
+      *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return !rp->cancelled && OnToken(*rp, token); });
+  if (absl::Status s = r.spec->Begin(); !s.ok()) {
+    FinishSpeculative(r, s);
+    return StartResult::kDone;
+  }
+  return StartResult::kRunning;
+}
+
+void Engine::SpeculativeStep(std::vector<Request*>& running) {
+  for (Request* r : running) {
+    if (r->cancelled) FinishSpeculative(*r, absl::OkStatus());
+  }
+  running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
+  while (!running.empty()) {
+    std::vector<runtime::SpeculativeStream*> streams;
+    for (Request* r : running) streams.push_back(r->spec.get());
+    const absl::Status s = runtime::RunSpeculativeRound(*model_, *draft_, streams);
+    if (s.ok()) break;
+    if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
+      // A KV pool is full: the round was rolled back; the newest request gives way.
+      FinishSpeculative(*running.back(), s);
+      running.pop_back();
+      continue;
+    }
+    for (Request* r : running) FinishSpeculative(*r, s);
+    running.clear();
+  }
+  if (running.empty()) return;
+  {
+    absl::MutexLock lock(&mu_);
+    ++stats_.decode_steps;
+    stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
+  }
+  metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
+  UpdateKvMetrics();
+  for (Request* r : running) {
+    if (r->spec->done()) FinishSpeculative(*r, absl::OkStatus());
+  }
+}
+
+void Engine::FinishSpeculative(Request& r, absl::Status status) {
+  if (r.spec != nullptr) {
+    if (status.ok()) status = r.spec->Finish();
+    const runtime::SpeculativeResult& res = r.spec->result();
+    metrics_->draft_tokens.Increment(static_cast<double>(res.draft_proposed));
+    metrics_->accepted_tokens.Increment(static_cast<double>(res.draft_accepted));
     // Attention reads of the target's verification: (layer, KV head, block) units read, and
     // those a dense pass would have read; their bytes, at this model's unit size.
-    if (res->context_blocks > 0) {
+    if (res.context_blocks > 0) {
       const double unit_bytes = 2.0 * kvstore::kBlockSize * config_.head_dim * 2;  // K and V, bf16
-      metrics_->attention_blocks_read.Increment(static_cast<double>(res->selected_blocks));
-      metrics_->attention_blocks_dense.Increment(static_cast<double>(res->context_blocks));
+      metrics_->attention_blocks_read.Increment(static_cast<double>(res.selected_blocks));
+      metrics_->attention_blocks_dense.Increment(static_cast<double>(res.context_blocks));
       metrics_->attention_kv_bytes_skipped.Increment(unit_bytes *
-                                                     static_cast<double>(res->context_blocks - res->selected_blocks));
-      metrics_->attention_blocks_read_ratio.Observe(static_cast<double>(res->selected_blocks) / res->context_blocks);
+                                                     static_cast<double>(res.context_blocks - res.selected_blocks));
+      metrics_->attention_blocks_read_ratio.Observe(static_cast<double>(res.selected_blocks) / res.context_blocks);
     }
+    r.spec.reset();  // a one-off request's sequences go with its stream
+    if (r.req.session_id.empty()) r.seq = -r.seq - 1;  // nothing left for Finish to free
   }
-  if (!session) r.seq = -r.seq - 1;  // GenerateSpeculative released it: nothing for Finish to free
-  Finish(r, res.status());
+  Finish(r, status);
 }
 
 bool Engine::OnToken(Request& r, int32_t token) {

@@ -1,8 +1,8 @@
 // The serving engine: one model (and optional draft) behind a queue, driven by one scheduler
 // thread. Without a draft, requests are batched continuously: each step runs one token of every
 // running request in a single forward pass, new requests join between steps (their prompts
-// prefilled first) and finished ones leave. With a draft, requests run one at a time through
-// speculative decoding.
+// prefilled first) and finished ones leave. With a draft, the same continuous batching runs
+// speculative rounds: each draft step and each verification is one pass over the running requests.
 #pragma once
 
 #include <atomic>
@@ -32,7 +32,7 @@ struct EngineOptions {
   int num_speculative_tokens = 4;
   int64_t max_model_len = 0;  // prompt + max_tokens limit; 0: the model's max_position_embeddings
   int max_waiting = 64;       // requests queued behind the running ones before new ones are refused
-  int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs); 1 with a draft
+  int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs)
   int64_t prefill_chunk = 512;  // prompt tokens per forward pass
   // Sessions idle this long lose their KV (0: kept until deleted or needed). Under KV pressure,
   // with nothing running to wait for, idle sessions are dropped least recently used first
@@ -131,7 +131,11 @@ class Engine {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // One decode pass over the running requests (model_mu_ held).
   void DecodeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
-  void RunSpeculative(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // With a draft: the request's speculative stream (its prefill on both models), then rounds
+  // batched over the running requests; FinishSpeculative counts its draft and sparsity metrics.
+  StartResult StartSpeculative(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  void SpeculativeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  void FinishSpeculative(Request& r, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // The request's session (told it was evicted: false, finished) and tokens, with nothing else
   // changed; then its sequence id (a new session's made here); then the context-length check.
   bool Resolve(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);

@@ -225,6 +225,60 @@ TEST(EngineTest, SessionsWithADraftContinueExactly) {
   EXPECT_TRUE(engine.DeleteSession("agent").ok());
 }
 
+// With a draft, concurrent requests run their speculative rounds together (each draft step and
+// verification one pass over them) and give what each gives alone, greedy and sampled; a session
+// turn and a cancelled request run among them.
+TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(model.ok() && draft.ok() && tok.ok());
+  monitoring::ServerMetrics metrics;
+  Engine engine(std::move(*model), std::move(*draft), std::move(*tok), &metrics, EngineOptions{});
+  std::vector<CompletionRequest> reqs = {{.prompt = "import os\n", .max_tokens = 24},
+                                         {.prompt = "def f(x):\n    return", .max_tokens = 30},
+                                         {.prompt = "class A:\n    def ", .max_tokens = 18},
+                                         {.prompt = "for i in range(", .max_tokens = 24}};
+  reqs[3].sampling = {.temperature = 0.7f, .seed = 5};
+  std::vector<std::string> alone;
+  for (const CompletionRequest& r : reqs) {
+    auto out = engine.Complete(r);
+    ASSERT_TRUE(out.ok()) << out.status();
+    alone.push_back(out->text);
+  }
+  auto first_turn = engine.Complete({.prompt = "def g(y):\n", .max_tokens = 8, .session_id = "s"});
+  ASSERT_TRUE(first_turn.ok()) << first_turn.status();
+  const int64_t steps_before = engine.stats().decode_steps;
+  std::vector<std::string> together(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto out = engine.Complete(reqs[i]);
+      together[i] = out.ok() ? out->text : std::string(out.status().message());
+    });
+  }
+  std::string cancelled_reason;
+  threads.emplace_back([&] {
+    auto out = engine.Complete({.prompt = "import sys\n", .max_tokens = 200, .ignore_eos = true},
+                               [](absl::string_view) { return false; });
+    cancelled_reason = out.ok() ? out->finish_reason : std::string(out.status().message());
+  });
+  absl::StatusOr<CompletionResult> second_turn;
+  threads.emplace_back([&] { second_turn = engine.Complete({.prompt = "\n", .max_tokens = 10, .session_id = "s"}); });
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(together, alone);
+  EXPECT_EQ(cancelled_reason, "cancelled");
+  EXPECT_GE(engine.stats().max_batch, 3);
+  // Rounds emit one to five tokens each: far fewer passes than requests x tokens.
+  EXPECT_LT(engine.stats().decode_steps - steps_before, 24 + 30 + 18 + 24);
+  ASSERT_TRUE(second_turn.ok()) << second_turn.status();
+  // The session's second turn continues exactly: as the whole conversation in one request.
+  auto whole = engine.Complete({.prompt = "def g(y):\n" + first_turn->text + "\n", .max_tokens = 10});
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(second_turn->text, whole->text);
+  EXPECT_GT(metrics.draft_tokens.Value(), 0);
+}
+
 // A failed turn leaves the session as it was; the next turn still continues it.
 TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   monitoring::ServerMetrics metrics;
