@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/sampling.h"
 #include "kvstore/block_table.h"
 #include "kvstore/prefetch_planner.h"
 #include "runtime/model_config.h"
@@ -84,6 +85,15 @@ class ModelBackend {
   // Backends that keep the KV in a host-memory store and cache blocks on the GPU (the CUDA
   // backend's host KV tier) say what the tier did; others return zeros (enabled = false).
   virtual HostKvTierStats host_tier_stats() const { return {}; }
+
+  // Sampling on the device: Forward, then per logit row the token drawn with that row's params
+  // (kernels/sampling.h: the host Sampler's distribution, drawn from the row's seed alone), so
+  // only the tokens come back. Backends that cannot say false and return Unimplemented.
+  virtual bool samples_on_device() const { return false; }
+  virtual absl::Status ForwardSampled(std::span<const SequenceInput> batch,
+                                      std::span<const kernels::SampleRowParams> rows, std::vector<int32_t>* tokens) {
+    return absl::UnimplementedError("this backend samples on the host");
+  }
 };
 
 }  // namespace scout::runtime

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/bf16.h"
 #include "kernels/model_ops.cuh"
+#include "kernels/sampling.cuh"
 #include "kernels/santa.cuh"
 #include "kernels/sparse_decode.cuh"
 #include "kvstore/block_cache.h"
@@ -155,6 +156,8 @@ struct CudaModel::Impl {
 
   // Per-step buffers, grown before a step is enqueued (never during a capture).
   DeviceBuffer x, h, qkv, q, attn, gu, act, final_x, final_h, logits, lse, block_lse, attn_ws, mass, index;
+  DeviceBuffer sample_rows, sample_out;  // ForwardSampled's parameters and tokens
+  PinnedBuffer sample_stage;
   PinnedBuffer staging[2];
   cudaEvent_t staged[2] = {nullptr, nullptr};  // the upload of staging[i] has run
   int next_staging = 0;
@@ -1042,6 +1045,39 @@ absl::StatusOr<int64_t> CudaModel::SequenceLength(SequenceId seq) const {
 absl::Status CudaModel::Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) {
   std::vector<float> unused;
   return impl_->Enqueue(batch, {}, /*capture=*/false, &unused, logits);
+}
+
+absl::Status CudaModel::ForwardSampled(std::span<const SequenceInput> batch,
+                                       std::span<const kernels::SampleRowParams> rows, std::vector<int32_t>* tokens) {
+  Impl& m = *impl_;
+  int64_t logit_rows = 0;
+  for (const SequenceInput& in : batch) logit_rows += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
+  if (static_cast<int64_t>(rows.size()) != logit_rows) {
+    return absl::InvalidArgumentError(absl::StrCat(rows.size(), " sampling rows for ", logit_rows, " logit rows"));
+  }
+  for (const kernels::SampleRowParams& r : rows) {
+    if (!(r.temperature >= 0) || r.top_k < 0 || !(r.top_p > 0 && r.top_p <= 1)) {
+      return absl::InvalidArgumentError("sampling row: temperature >= 0, top_k >= 0, top_p in (0, 1]");
+    }
+  }
+  SCOUT_RETURN_IF_ERROR(m.Enqueue(batch, {}, /*capture=*/false, nullptr, nullptr));
+  const size_t param_bytes = rows.size() * sizeof(kernels::SampleRowParams), out_bytes = rows.size() * sizeof(int32_t);
+  SCOUT_RETURN_IF_ERROR(m.sample_rows.Reserve(std::max<size_t>(param_bytes, 16), "sampling parameters"));
+  SCOUT_RETURN_IF_ERROR(m.sample_out.Reserve(std::max<size_t>(out_bytes, 16), "sampled tokens"));
+  SCOUT_RETURN_IF_ERROR(m.sample_stage.Reserve(std::max(param_bytes, out_bytes) + 16));
+  std::copy(rows.begin(), rows.end(), static_cast<kernels::SampleRowParams*>(m.sample_stage.ptr));
+  SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(m.sample_rows.ptr, m.sample_stage.ptr, param_bytes, cudaMemcpyHostToDevice, m.stream),
+                       "sampling parameters upload");
+  SCOUT_RETURN_IF_CUDA(kernels::Sample({.logits = m.logits.as<float>(), .row = m.sample_rows.as<kernels::SampleRowParams>(),
+                                        .out = m.sample_out.as<int32_t>(), .rows = static_cast<int>(rows.size()),
+                                        .vocab = static_cast<int>(m.c.vocab_size)},
+                                       m.stream),
+                       "sampling");
+  tokens->resize(rows.size());
+  SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(tokens->data(), m.sample_out.ptr, out_bytes, cudaMemcpyDeviceToHost, m.stream),
+                       "tokens download");
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "sampling");
+  return absl::OkStatus();
 }
 
 absl::Status CudaModel::EnqueueForward(std::span<const SequenceInput> batch, const DeviceStepOptions& options) {

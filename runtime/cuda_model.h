@@ -135,6 +135,11 @@ class CudaModel final : public ModelBackend {
   absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
 
   HostKvTierStats host_tier_stats() const override;
+  // The step as Forward, then kernels::Sample over its logits: greedy, temperature, top-k and
+  // top-p on the GPU; only the tokens are copied back.
+  bool samples_on_device() const override { return true; }
+  absl::Status ForwardSampled(std::span<const SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
+                              std::vector<int32_t>* tokens) override;
   bool host_tier() const;
   KvCacheUsage kv_cache_usage() const override;
   const kvstore::BlockTableManager& block_tables() const;

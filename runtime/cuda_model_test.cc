@@ -361,6 +361,53 @@ TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
   EXPECT_EQ(b.CaptureForward({&sparse, 1}, {}).status().code(), absl::StatusCode::kUnimplemented);
 }
 
+// Sampling on the GPU: the tokens ForwardSampled returns are what the reference draws from the
+// same step's logits (greedy, temperature, top-k, top-p), and a wrong row count is refused.
+TEST(CudaModelTest, ForwardSampledMatchesTheReferenceOnTheStepsLogits) {
+  Pair p = SmallPair();
+  ASSERT_TRUE(p.gpu);
+  CudaModel& m = *p.gpu;
+  const int vocab = static_cast<int>(SmallConfig().vocab_size);
+  std::vector<std::vector<int32_t>> prompts = {RandomTokens(20, vocab, 1), RandomTokens(33, vocab, 2),
+                                               RandomTokens(5, vocab, 3)};
+  for (int s = 0; s < 3; ++s) {
+    ASSERT_TRUE(m.AddSequence(s).ok());
+    SequenceInput in{.seq = s, .tokens = prompts[s]};
+    std::vector<float> unused;
+    ASSERT_TRUE(m.Forward({&in, 1}, &unused).ok());
+  }
+  for (int step = 0; step < 6; ++step) {
+    std::vector<std::vector<int32_t>> toks(3);
+    std::vector<SequenceInput> batch;
+    for (int s = 0; s < 3; ++s) {
+      toks[s] = RandomTokens(1 + (s == 1 ? step % 3 : 0), vocab, 10 * step + s);
+      batch.push_back({.seq = s, .tokens = toks[s], .all_logits = s == 1});
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(m.Forward(batch, &logits).ok());
+    const int rows = static_cast<int>(logits.size() / vocab);
+    for (int s = 0; s < 3; ++s) {
+      absl::StatusOr<int64_t> len = m.SequenceLength(s);
+      ASSERT_TRUE(len.ok());
+      ASSERT_TRUE(m.TruncateSequence(s, *len - static_cast<int64_t>(toks[s].size())).ok());
+    }
+    std::vector<kernels::SampleRowParams> params;
+    for (int r = 0; r < rows; ++r) {
+      params.push_back({.temperature = (r + step) % 4 == 0 ? 0.0f : 0.8f, .top_k = (r % 3) * 7,
+                        .top_p = r % 2 == 0 ? 1.0f : 0.7f, .seed = static_cast<uint64_t>(100 * step + r)});
+    }
+    std::vector<int32_t> want(rows);
+    kernels::SampleRef({.logits = logits.data(), .row = params.data(), .out = want.data(), .rows = rows, .vocab = vocab});
+    std::vector<int32_t> got;
+    absl::Status st = m.ForwardSampled(batch, params, &got);
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_EQ(got, want) << "step " << step;
+  }
+  std::vector<int32_t> one = RandomTokens(1, vocab, 99), got;
+  SequenceInput in{.seq = 0, .tokens = one};
+  EXPECT_EQ(m.ForwardSampled({&in, 1}, {}, &got).code(), absl::StatusCode::kInvalidArgument);
+}
+
 LlamaWeights RandomWeights(const ModelConfig& c, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 0.2f);

@@ -1,9 +1,11 @@
 #include "runtime/sampling.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/sampling.h"
 
 namespace scout::runtime {
 namespace {
@@ -68,6 +70,52 @@ TEST(SamplingTest, ValidationNamesTheField) {
   EXPECT_NE(ValidateSamplingParams({.top_p = 0}).message().find("top_p"), std::string::npos);
   EXPECT_NE(ValidateSamplingParams({.top_p = 1.5f}).message().find("top_p"), std::string::npos);
   EXPECT_TRUE(ValidateSamplingParams({.temperature = 0.8f, .top_k = 40, .top_p = 0.95f}).ok());
+}
+
+}  // namespace
+}  // namespace scout::runtime
+
+namespace scout::runtime {
+namespace {
+
+// The GPU sampler's reference (kernels/sampling.h) draws from exactly the host Sampler's
+// distribution: over many seeds its frequencies match Distribution() (chi-square), it never picks
+// a token Distribution() gives zero, and greedy is ArgMax.
+TEST(SamplingTest, GpuSamplerReferenceFollowsTheHostDistribution) {
+  const std::vector<float> logits = {1.0f, 2.5f, 2.5f, 0.2f, -1.0f, 3.0f, 2.5f, 0.0f};
+  const int vocab = static_cast<int>(logits.size());
+  for (SamplingParams sp : {SamplingParams{.temperature = 1.0f}, SamplingParams{.temperature = 0.7f, .top_k = 3},
+                            SamplingParams{.temperature = 1.3f, .top_p = 0.6f},
+                            SamplingParams{.temperature = 1.0f, .top_k = 5, .top_p = 0.8f},
+                            SamplingParams{.temperature = 0.0f}}) {
+    std::vector<float> probs(vocab);
+    Sampler(sp).Distribution(logits, probs);
+    const int draws = 40000;
+    std::vector<kernels::SampleRowParams> rows(draws);
+    std::vector<float> all(static_cast<size_t>(draws) * vocab);
+    for (int d = 0; d < draws; ++d) {
+      rows[d] = {.temperature = sp.temperature, .top_k = sp.top_k, .top_p = sp.top_p, .seed = 1000 + static_cast<uint64_t>(d)};
+      std::copy(logits.begin(), logits.end(), all.begin() + static_cast<size_t>(d) * vocab);
+    }
+    std::vector<int32_t> out(draws);
+    kernels::SampleRef({.logits = all.data(), .row = rows.data(), .out = out.data(), .rows = draws, .vocab = vocab});
+    std::vector<int> count(vocab);
+    for (int32_t t : out) ++count[t];
+    double chi2 = 0;
+    int dof = -1;
+    for (int i = 0; i < vocab; ++i) {
+      if (probs[i] == 0.0f) {
+        EXPECT_EQ(count[i], 0) << "token " << i << " is outside the host's kept set (T " << sp.temperature << ")";
+        continue;
+      }
+      const double expect = probs[i] * draws;
+      chi2 += (count[i] - expect) * (count[i] - expect) / expect;
+      ++dof;
+    }
+    // 99.9% quantile of chi-square with at most 7 degrees of freedom is 24.3.
+    if (dof > 0) EXPECT_LT(chi2, 24.3) << "T " << sp.temperature << " top_k " << sp.top_k << " top_p " << sp.top_p;
+    if (sp.temperature == 0.0f) EXPECT_EQ(count[ArgMax(logits)], draws);
+  }
 }
 
 }  // namespace

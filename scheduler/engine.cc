@@ -325,10 +325,20 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
   }
   running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
   std::vector<float> logits;
+  std::vector<int32_t> sampled;
+  const bool on_device = model_->samples_on_device();
   while (!running.empty()) {
     std::vector<runtime::SequenceInput> batch;
-    for (Request* r : running) batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(&r->last_token, 1)});
-    absl::Status s = model_->Forward(batch, &logits);
+    std::vector<kernels::SampleRowParams> rows;
+    for (Request* r : running) {
+      batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(&r->last_token, 1)});
+      // Device sampling draws from a seed per (request seed, position): reproducible per request
+      // whatever the batch around it.
+      const runtime::SamplingParams& sp = r->req.sampling;
+      rows.push_back({.temperature = sp.temperature, .top_k = sp.top_k, .top_p = sp.top_p,
+                      .seed = sp.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(r->result.completion_tokens)});
+    }
+    absl::Status s = on_device ? model_->ForwardSampled(batch, rows, &sampled) : model_->Forward(batch, &logits);
     if (s.ok()) break;
     if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
       // The KV pool is full: the newest request gives way so the others keep running.
@@ -350,7 +360,8 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
   const int64_t vocab = config_.vocab_size;
   for (size_t i = 0; i < running.size(); ++i) {
     Request& r = *running[i];
-    const int32_t token = r.sampler.Sample(std::span<const float>(logits).subspan(i * vocab, vocab));
+    const int32_t token =
+        on_device ? sampled[i] : r.sampler.Sample(std::span<const float>(logits).subspan(i * vocab, vocab));
     if (!OnToken(r, token)) Finish(r, absl::OkStatus());
   }
 }
