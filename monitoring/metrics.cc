@@ -65,7 +65,18 @@ ServerMetrics::ServerMetrics()
       kv_block_cache_misses(NewCounter(*registry_, "scout_kv_block_cache_misses_total",
                                        "Selected KV units fetched from host memory (host KV tier)")),
       gpu_block_cache_usage(NewGauge(*registry_, "scout_gpu_block_cache_usage_ratio",
-                                     "Fraction of the GPU block cache's units holding KV (host KV tier)")) {}
+                                     "Fraction of the GPU block cache's units holding KV (host KV tier)")) {
+  layer_read_ratio_ = &prometheus::BuildHistogram()
+                           .Name("scout_attention_layer_blocks_read_ratio")
+                           .Help("Share of the context's KV blocks a request's verification read, per target layer")
+                           .Register(*registry_);
+}
+
+prometheus::Histogram& ServerMetrics::LayerBlocksReadRatio(int layer) {
+  // Family::Add returns the existing histogram for labels it has seen.
+  return layer_read_ratio_->Add({{"layer", std::to_string(layer)}},
+                                prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1});
+}
 
 std::string ServerMetrics::Serialize() const { return prometheus::TextSerializer().Serialize(registry_->Collect()); }
 

@@ -16,6 +16,7 @@ namespace scout::monitoring {
 class ServerMetrics {
  private:
   std::shared_ptr<prometheus::Registry> registry_;  // first: the metrics below live in it
+  prometheus::Family<prometheus::Histogram>* layer_read_ratio_ = nullptr;
 
  public:
   ServerMetrics();
@@ -42,6 +43,8 @@ class ServerMetrics {
   prometheus::Counter& attention_blocks_dense;       // scout_attention_blocks_dense_total
   prometheus::Counter& attention_kv_bytes_skipped;   // scout_attention_kv_skipped_bytes_total
   prometheus::Histogram& attention_blocks_read_ratio;  // scout_attention_blocks_read_ratio (per request)
+  // scout_attention_layer_blocks_read_ratio{layer="L"}: the same per target layer (per request).
+  prometheus::Histogram& LayerBlocksReadRatio(int layer);
   // The host KV tier (--host-kv-gb): every session's KV in host memory, a GPU block cache of
   // (layer, KV head, block) units. With --host-kv-gb, scout_kv_cache_usage_ratio is the host
   // store's (it bounds admission).

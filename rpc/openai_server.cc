@@ -99,6 +99,14 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
         for (const std::string& s : j["stop"].get<std::vector<std::string>>()) req->stop.push_back(s);
       }
     }
+    // Scout's own sparsity settings (a server with a draft).
+    if (j.contains("sparsity") && !j["sparsity"].is_null()) req->sparsity = j["sparsity"].get<std::string>();
+    if (j.contains("kv_budget_tokens") && !j["kv_budget_tokens"].is_null()) {
+      req->kv_budget_tokens = j["kv_budget_tokens"].get<int64_t>();
+    }
+    if (j.contains("kv_budget_fraction") && !j["kv_budget_fraction"].is_null()) {
+      req->kv_budget_fraction = j["kv_budget_fraction"].get<double>();
+    }
     *stream = j.value("stream", false);
   } catch (const json::exception& e) {
     SendError(out, 400, absl::StrCat("malformed field: ", e.what()), "invalid_request_error");

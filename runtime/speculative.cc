@@ -262,6 +262,13 @@ absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
     const int64_t nb = kvstore::BlocksFor(target_before_ + static_cast<int64_t>(verify_.size()));
     result_.selected_blocks += static_cast<int64_t>(selection_.blocks.size());
     result_.context_blocks += nb * selection_.num_layers * selection_.num_kv_heads;
+    const int layers = selection_.num_layers, heads = selection_.num_kv_heads;
+    result_.layer_selected_blocks.resize(layers);
+    result_.layer_context_blocks.resize(layers);
+    for (int l = 0; l < layers; ++l) {
+      result_.layer_selected_blocks[l] += selection_.indptr[(l + 1) * heads] - selection_.indptr[l * heads];
+      result_.layer_context_blocks[l] += nb * heads;
+    }
     if (!previous_selection_.indptr.empty()) CountTurnover(previous_selection_, selection_, nb, options_.sts_budget, result_);
   }
   previous_selection_ = std::move(selection_);  // empty after a round without one: pairs are back to back

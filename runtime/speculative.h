@@ -52,6 +52,8 @@ struct SpeculativeResult {
   double decode_seconds = 0;
   int64_t selected_blocks = 0;  // STS: blocks the target's (layer, KV head) lists named, summed
   int64_t context_blocks = 0;   // over the same lists, the blocks a dense pass would read
+  // The same two, per target layer (summed over its KV heads and the rounds).
+  std::vector<int64_t> layer_selected_blocks, layer_context_blocks;
   // STS turnover between consecutive rounds, per (layer, KV head) list: the list's movable blocks
   // (neither sinks nor the recent window of its round, which every list holds) and, of those, the
   // ones the previous round's list for that unit did not hold: what a cache of last round's lists

@@ -55,6 +55,10 @@ Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<run
       metrics_(metrics),
       options_(options) {
   options_.max_num_seqs = std::max(options_.max_num_seqs, 1);
+  if (draft_ != nullptr) {
+    request_head_map_ = options_.head_map.has_value() ? *options_.head_map
+                                                      : runtime::DefaultHeadMap(config_, draft_->config());
+  }
   loop_ = std::thread([this] { Loop(); });
 }
 
@@ -91,6 +95,18 @@ bool Engine::Drain(double timeout_seconds) {
 absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, const TextCallback& on_text) {
   if (req.max_tokens < 1) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", req.max_tokens));
   if (absl::Status s = runtime::ValidateSamplingParams(req.sampling); !s.ok()) return s;
+  if (req.sparsity.has_value() && *req.sparsity != "dense" && *req.sparsity != "sts") {
+    return absl::InvalidArgumentError(absl::StrCat("sparsity must be \"dense\" or \"sts\", got \"", *req.sparsity, "\""));
+  }
+  if (req.sparsity == "sts" && draft_ == nullptr) {
+    return absl::InvalidArgumentError("sparsity \"sts\" needs a server started with --draft (its attention picks the blocks)");
+  }
+  if (req.kv_budget_tokens.has_value() && *req.kv_budget_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_budget_tokens must be >= 1, got ", *req.kv_budget_tokens));
+  }
+  if (req.kv_budget_fraction.has_value() && !(*req.kv_budget_fraction > 0 && *req.kv_budget_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_budget_fraction must be in (0, 1], got ", *req.kv_budget_fraction));
+  }
   {
     absl::MutexLock admit(&admit_mu_);
     if (draining_) return absl::UnavailableError("server is shutting down");
@@ -379,9 +395,16 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
   runtime::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
                                  .max_tokens = r.req.max_tokens, .sampling = r.req.sampling,
                                  .prefill_chunk = options_.prefill_chunk, .continue_sequence = session};
-  if (options_.head_map.has_value()) {
-    so.head_map = &*options_.head_map;
+  const bool sts = r.req.sparsity.has_value() ? *r.req.sparsity == "sts" : options_.head_map.has_value();
+  if (sts) {
+    so.head_map = &*request_head_map_;
     so.sts_budget = options_.sts_budget;
+    if (r.req.kv_budget_tokens.has_value()) {
+      so.sts_budget.budget_tokens = *r.req.kv_budget_tokens;
+    } else if (r.req.kv_budget_fraction.has_value()) {
+      so.sts_budget.budget_tokens = 0;
+      so.sts_budget.budget_fraction = *r.req.kv_budget_fraction;
+    }
   }
   Request* rp = &r;
   r.spec = std::make_unique<runtime::SpeculativeStream>(
@@ -440,6 +463,11 @@ void Engine::FinishSpeculative(Request& r, absl::Status status) {
       metrics_->attention_kv_bytes_skipped.Increment(unit_bytes *
                                                      static_cast<double>(res.context_blocks - res.selected_blocks));
       metrics_->attention_blocks_read_ratio.Observe(static_cast<double>(res.selected_blocks) / res.context_blocks);
+      for (size_t l = 0; l < res.layer_context_blocks.size(); ++l) {
+        if (res.layer_context_blocks[l] == 0) continue;
+        metrics_->LayerBlocksReadRatio(static_cast<int>(l))
+            .Observe(static_cast<double>(res.layer_selected_blocks[l]) / res.layer_context_blocks[l]);
+      }
     }
     r.spec.reset();  // a one-off request's sequences go with its stream
     if (r.req.session_id.empty()) r.seq = -r.seq - 1;  // nothing left for Finish to free

@@ -58,6 +58,12 @@ struct CompletionRequest {
   // Agent sessions: the prompt continues this session's context, whose KV stays in the cache
   // between requests, so only the new tokens are prefilled. Empty: a one-off request.
   std::string session_id;
+  // Scout's own, for a server with a draft: the target's attention while verifying, "dense" or
+  // "sts" (unset: the server's --sparsity), and the STS budget per (layer, KV head): tokens, or
+  // else a fraction of the context (unset: the server's).
+  std::optional<std::string> sparsity;
+  std::optional<int64_t> kv_budget_tokens;
+  std::optional<double> kv_budget_fraction;
 };
 
 struct CompletionResult {
@@ -156,6 +162,9 @@ class Engine {
   std::unique_ptr<runtime::Tokenizer> tokenizer_;
   monitoring::ServerMetrics* metrics_;
   EngineOptions options_;
+  // With a draft: the head map of requests that ask for STS (the server's, else the
+  // proportional-depth default).
+  std::optional<runtime::HeadMap> request_head_map_;
   runtime::HostKvTierStats tier_seen_ ABSL_GUARDED_BY(model_mu_);  // counters already exported
 
   absl::Mutex mu_;  // queues, sessions, requests' outboxes

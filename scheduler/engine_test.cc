@@ -279,6 +279,36 @@ TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
   EXPECT_GT(metrics.draft_tokens.Value(), 0);
 }
 
+// A request picks its own sparsity on a server with a draft: STS at its own budget on a dense
+// server (sparsity metrics, per layer too), dense on the same server reads every block; bad
+// settings are refused by name.
+TEST(EngineTest, RequestsChooseTheirSparsity) {
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(model.ok() && draft.ok() && tok.ok());
+  monitoring::ServerMetrics metrics;
+  Engine engine(std::move(*model), std::move(*draft), std::move(*tok), &metrics, EngineOptions{});
+  std::string prompt;
+  for (int i = 0; i < 40; ++i) prompt += "def f" + std::to_string(i) + "(x):\n    return x + " + std::to_string(i) + "\n";
+  auto dense = engine.Complete({.prompt = prompt, .max_tokens = 8, .sparsity = "dense"});
+  ASSERT_TRUE(dense.ok()) << dense.status();
+  EXPECT_EQ(metrics.attention_blocks_dense.Value(), 0);
+  auto sts = engine.Complete({.prompt = prompt, .max_tokens = 8, .sparsity = "sts", .kv_budget_fraction = 0.2});
+  ASSERT_TRUE(sts.ok()) << sts.status();
+  ASSERT_GT(metrics.attention_blocks_dense.Value(), 0);
+  const double read = metrics.attention_blocks_read.Value() / metrics.attention_blocks_dense.Value();
+  EXPECT_LT(read, 0.4);  // 20% of the blocks plus sinks and window
+  EXPECT_GT(read, 0.1);
+  EXPECT_NE(metrics.Serialize().find("scout_attention_layer_blocks_read_ratio_count{layer=\"5\"} 1"), std::string::npos);
+  auto tokens = engine.Complete({.prompt = prompt, .max_tokens = 8, .sparsity = "sts", .kv_budget_tokens = 64});
+  ASSERT_TRUE(tokens.ok()) << tokens.status();
+  EXPECT_EQ(engine.Complete({.prompt = "x", .sparsity = "sparse"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.Complete({.prompt = "x", .kv_budget_fraction = 0.0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.Complete({.prompt = "x", .kv_budget_tokens = -4}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // A failed turn leaves the session as it was; the next turn still continues it.
 TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   monitoring::ServerMetrics metrics;

@@ -62,6 +62,7 @@ python3 -c 'import json,sys; v=float(json.loads(sys.argv[1])["data"]["result"][0
   || fail "attention sparsity series: $sparsity"
 query 'scout_attention_kv_skipped_bytes_total > 0' | grep -q '"result":\[{' || fail "skipped KV bytes series"
 query 'scout_attention_blocks_read_ratio_count' | grep -q '"value":\[[0-9.]*,"3"\]' || fail "read-ratio histogram"
+query 'scout_attention_layer_blocks_read_ratio_count{layer="0"}' | grep -q '"value":\[[0-9.]*,"3"\]' || fail "per-layer read-ratio histogram"
 # The host KV tier's bandwidth series (zero on the CPU backend, which has no tier: the GPU smoke
 # test checks their values) are scraped and queryable, as the dashboard's bandwidth panel uses them.
 for m in scout_kv_prefetch_bytes_total scout_kv_prefetch_seconds_total scout_kv_flush_bytes_total \

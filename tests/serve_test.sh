@@ -49,6 +49,9 @@ code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
 [ "$(code '{"max_tokens": 3}')" = 400 ] || fail "missing prompt"
 [ "$(code '{"prompt": "x", "max_tokens": 100000}')" = 400 ] && grep -q "exceeds the model" err.json || fail "over max-model-len"
 [ "$(code '{"prompt": "x", "temperature": -1}')" = 400 ] || fail "negative temperature"
+[ "$(code '{"prompt": "def f(x):", "max_tokens": 4, "sparsity": "sts", "kv_budget_fraction": 0.5}')" = 200 ] || fail "per-request sts"
+[ "$(code '{"prompt": "x", "sparsity": "sparse"}')" = 400 ] || fail "unknown sparsity"
+[ "$(code '{"prompt": "x", "kv_budget_fraction": 1.5}')" = 400 ] || fail "budget fraction over 1"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/nope")" = 404 ] || fail "unknown route"
 
 # A client that goes away mid-stream cancels its request; two clients at once both finish.
@@ -77,6 +80,7 @@ rc=$?
 start_server serve.err --model "$src/models/scout-tiny-target" --max-num-seqs 1 --max-waiting 0 --max-model-len 2048 --shutdown-timeout 60
 curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_len not applied"
 [ "$(code '{"prompt": "x", "max_tokens": 2048}')" = 400 ] || fail "over --max-model-len"
+[ "$(code '{"prompt": "x", "sparsity": "sts"}')" = 400 ] && grep -q "needs a server started with --draft" err.json || fail "sts without a draft"
 
 # Agent sessions: the second turn prefills only its new tokens and continues exactly where a
 # one-off request over the whole conversation would.
