@@ -17,6 +17,9 @@
 #include "bench/decode_bench.h"
 #include "runtime/cuda_model.h"
 #endif
+#ifdef SCOUT_HAVE_UCX
+#include "kvstore/remote_store.h"
+#endif
 #ifdef SCOUT_HAVE_NCCL
 #include "runtime/tensor_parallel.h"
 #endif
@@ -791,6 +794,47 @@ int BenchDecode(int argc, char** argv) {
 #endif
 }
 
+// `scout kvstore`: a KV store node of the cluster (host memory, served over UCX).
+int KvStore(int argc, char** argv) {
+  Flags flags({
+      {"host", "0.0.0.0", "address to listen on"},
+      {"port", "7100", "port to listen on (0: any free port, printed at start)"},
+      {"capacity-gb", "16", "host memory for KV units, in GB"},
+      {"unit-bytes", "8192", "bytes of one (layer, KV head, 16-token block) unit: 64 x head_dim for bf16"},
+      {"help", "", "show this help", true},
+  });
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout kvstore [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  absl::StatusOr<int64_t> port = flags.GetInt("port"), unit = flags.GetInt("unit-bytes");
+  absl::StatusOr<double> gb = flags.GetDouble("capacity-gb");
+  for (const absl::Status& s : {port.status(), unit.status(), gb.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  if (*unit < 1 || *gb <= 0) return Fail(absl::InvalidArgumentError("--unit-bytes and --capacity-gb must be > 0"));
+#ifdef SCOUT_HAVE_UCX
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const int64_t capacity = static_cast<int64_t>(*gb * 1e9 / static_cast<double>(*unit));
+  absl::StatusOr<std::unique_ptr<kvstore::KvStoreServer>> server =
+      kvstore::KvStoreServer::Start(flags.Get("host"), static_cast<int>(*port), static_cast<size_t>(*unit), capacity);
+  if (!server.ok()) return Fail(server.status());
+  std::fprintf(stderr, "scout: KV store on %s:%d (UCX), %lld units of %lld bytes\n", flags.Get("host").c_str(),
+               (*server)->port(), static_cast<long long>(capacity), static_cast<long long>(*unit));
+  int sig = 0;
+  sigwait(&signals, &sig);
+  std::fprintf(stderr, "scout: signal %d, stopping (%lld units held)\n", sig, static_cast<long long>((*server)->units_held()));
+  return 0;
+#else
+  return Fail(absl::UnavailableError("this scout was built without UCX (SCOUT_USE_UCX=OFF)"));
+#endif
+}
+
 void Usage() {
   std::printf(
       "usage: scout <command> [flags]\n\n"
@@ -799,6 +843,7 @@ void Usage() {
       "  eval       fidelity of sparse attention (STS, oracle, Quest, window) against dense on a text\n"
       "  calibrate  choose the draft heads that stand for each target (layer, KV head)\n"
       "  serve      OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health, /metrics)\n"
+      "  kvstore    a KV store node: sessions' KV units in host memory, served over UCX\n"
       "  bench decode  decode throughput at production shapes on the GPU (dense, speculative, STS, SANTA)\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }
@@ -816,6 +861,7 @@ int main(int argc, char** argv) {
   if (cmd == "eval") return scout::cli::Eval(argc - 2, argv + 2);
   if (cmd == "calibrate") return scout::cli::Calibrate(argc - 2, argv + 2);
   if (cmd == "serve") return scout::cli::Serve(argc - 2, argv + 2);
+  if (cmd == "kvstore") return scout::cli::KvStore(argc - 2, argv + 2);
   if (cmd == "bench") {
     if (argc >= 3 && std::string(argv[2]) == "decode") return scout::cli::BenchDecode(argc - 3, argv + 3);
     std::fprintf(stderr, "scout: bench needs a benchmark name: decode\n");

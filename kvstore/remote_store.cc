@@ -1,0 +1,535 @@
+#include "kvstore/remote_store.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <ucp/api/ucp.h>
+
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+
+namespace scout::kvstore {
+namespace {
+
+constexpr unsigned kRequestAm = 17;  // client -> server
+constexpr unsigned kReplyAm = 18;    // server -> client
+
+enum Op : uint32_t { kPut = 1, kGet = 2, kRelease = 3, kPing = 4 };
+
+// Replies up to this size are copied into one buffer; larger ones go zero-copy from the units
+// (measured on the 2-core workstation, shared memory: 256 units 3.5 GB/s copied against 0.7 by
+// iov; 4096 units 1.0 against 1.2).
+constexpr size_t kCopyReplyBytes = size_t{8} << 20;
+
+struct RequestHeader {
+  uint32_t op = 0;
+  uint32_t count = 0;
+  uint64_t id = 0;
+  int64_t session = 0;
+};
+
+struct ReplyHeader {
+  uint64_t id = 0;
+  int32_t code = 0;  // absl::StatusCode; the message is the data when not OK
+  uint32_t pad = 0;
+  uint64_t length = 0;
+};
+
+// A unit key on the wire (fixed layout, both ends of one build).
+struct WireKey {
+  int64_t session = 0;
+  int32_t layer = 0, head = 0, block = 0, pad = 0;
+};
+
+absl::Status Ucx(ucs_status_t s, absl::string_view what) {
+  if (s == UCS_OK) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(what, ": ", ucs_status_string(s)));
+}
+
+absl::StatusOr<sockaddr_in> Address(const std::string& host, int port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  if (port < 0 || port > 65535 || inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", host, ":", port, "\" is not an IPv4 address and port"));
+  }
+  return a;
+}
+
+// A UCP context and one worker (single-threaded use).
+struct UcxWorker {
+  ucp_context_h context = nullptr;
+  ucp_worker_h worker = nullptr;
+  absl::Status Init() {
+    ucp_params_t p{};
+    p.field_mask = UCP_PARAM_FIELD_FEATURES;
+    p.features = UCP_FEATURE_AM;
+    ucp_config_t* config = nullptr;
+    if (absl::Status s = Ucx(ucp_config_read(nullptr, nullptr, &config), "UCX config"); !s.ok()) return s;
+    const ucs_status_t st = ucp_init(&p, config, &context);
+    ucp_config_release(config);
+    if (absl::Status s = Ucx(st, "UCX init"); !s.ok()) return s;
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+    return Ucx(ucp_worker_create(context, &wp, &worker), "UCX worker");
+  }
+  ~UcxWorker() {
+    if (worker != nullptr) ucp_worker_destroy(worker);
+    if (context != nullptr) ucp_cleanup(context);
+  }
+  absl::Status SetHandler(unsigned id, ucp_am_recv_callback_t cb, void* arg) {
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    hp.id = id;
+    hp.cb = cb;
+    hp.arg = arg;
+    return Ucx(ucp_worker_set_am_recv_handler(worker, &hp), "UCX active-message handler");
+  }
+  // Progresses until the request completes or the deadline passes (then it is cancelled).
+  ucs_status_t Wait(ucs_status_ptr_t req, absl::Time deadline) {
+    if (req == nullptr) return UCS_OK;
+    if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
+    ucs_status_t st;
+    bool cancelled = false;
+    while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS) {
+      ucp_worker_progress(worker);
+      if (!cancelled && absl::Now() > deadline) {
+        ucp_request_cancel(worker, req);
+        cancelled = true;
+      }
+    }
+    ucp_request_free(req);
+    return cancelled && st != UCS_OK ? UCS_ERR_TIMED_OUT : st;
+  }
+  // Closes an endpoint, flushing it for at most `grace`, then forcibly (at once if it failed:
+  // UCX wants a failed endpoint closed by force).
+  void Close(ucp_ep_h ep, absl::Duration grace, bool failed = false) {
+    ucp_request_param_t p{};
+    if (failed || Wait(ucp_ep_close_nbx(ep, &p), absl::Now() + grace) != UCS_OK) {
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      Wait(ucp_ep_close_nbx(ep, &p), absl::Now() + grace);
+    }
+  }
+};
+
+}  // namespace
+
+// --- Server ----------------------------------------------------------------------------------
+
+struct KvStoreServer::Impl {
+  UcxWorker ucx;
+  ucp_listener_h listener = nullptr;
+  int port = 0;
+  size_t unit_bytes = 0;
+  int64_t capacity = 0;
+  std::atomic<int64_t> held{0};
+  std::atomic<bool> stop{false};
+  std::thread thread;
+  std::vector<ucp_ep_h> eps;
+  // session -> (layer, head, block) -> bytes. Shared: a reply being sent holds the units it
+  // sends (zero copy), so a rewrite (a new buffer) or a release never frees them under it.
+  using Unit = std::shared_ptr<std::byte[]>;
+  absl::flat_hash_map<int64_t, absl::flat_hash_map<std::tuple<int32_t, int32_t, int32_t>, Unit>> units;
+
+  struct Job {
+    ucp_ep_h reply_ep = nullptr;
+    RequestHeader header;
+    std::vector<std::byte> payload;
+    bool ready = false;
+    bool ok = true;
+  };
+  std::deque<std::unique_ptr<Job>> jobs;  // arrival order; each runs once its payload is in
+
+  // A reply and what it sends: kept until the send completes. Either contiguous data (an error
+  // message) or the units themselves, gathered by UCX from an I/O vector.
+  struct Reply {
+    ReplyHeader header;
+    std::vector<std::byte> data;
+    std::vector<Unit> units;
+    std::vector<ucp_dt_iov_t> iov;
+  };
+
+  static void OnConnection(ucp_conn_request_h request, void* arg) {
+    auto* self = static_cast<Impl*>(arg);
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    p.conn_request = request;
+    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};  // a client went away: its replies fail, nothing else
+    p.err_handler.arg = self;
+    ucp_ep_h ep = nullptr;
+    if (ucp_ep_create(self->ucx.worker, &p, &ep) == UCS_OK) self->eps.push_back(ep);
+  }
+
+  static void OnPayload(void* request, ucs_status_t status, size_t, void* user_data) {
+    auto* job = static_cast<Job*>(user_data);
+    job->ok = status == UCS_OK;
+    job->ready = true;
+    ucp_request_free(request);
+  }
+
+  static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data, size_t length,
+                                const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    if (header_length != sizeof(RequestHeader) || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) {
+      return UCS_OK;  // not ours: dropped
+    }
+    auto job = std::make_unique<Job>();
+    std::memcpy(&job->header, header, sizeof(RequestHeader));
+    job->reply_ep = param->reply_ep;
+    job->payload.resize(length);
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      p.cb.recv_am = OnPayload;
+      p.user_data = job.get();
+      ucs_status_ptr_t r = ucp_am_recv_data_nbx(self->ucx.worker, data, job->payload.data(), length, &p);
+      if (r == nullptr) {
+        job->ready = true;
+      } else if (UCS_PTR_IS_ERR(r)) {
+        job->ready = true;
+        job->ok = false;
+      }
+    } else {
+      if (length > 0) std::memcpy(job->payload.data(), data, length);
+      job->ready = true;
+    }
+    self->jobs.push_back(std::move(job));
+    return UCS_OK;
+  }
+
+  void Send(ucp_ep_h ep, uint64_t id, const absl::Status& status, std::vector<Unit> out) {
+    auto* reply = new Reply{.header = {.id = id, .code = static_cast<int32_t>(status.code())}, .units = std::move(out)};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    const void* buffer = nullptr;
+    size_t count = 0;
+    if (!status.ok()) {
+      const std::string msg(status.message());
+      reply->data.assign(reinterpret_cast<const std::byte*>(msg.data()), reinterpret_cast<const std::byte*>(msg.data()) + msg.size());
+      reply->header.length = reply->data.size();
+      buffer = reply->data.data();
+      count = reply->data.size();
+    } else if (!reply->units.empty() && reply->units.size() * unit_bytes <= kCopyReplyBytes) {
+      // Small replies: one contiguous copy goes faster over shared memory than many iov pieces.
+      reply->data.resize(reply->units.size() * unit_bytes);
+      for (size_t i = 0; i < reply->units.size(); ++i) {
+        std::memcpy(reply->data.data() + i * unit_bytes, reply->units[i].get(), unit_bytes);
+      }
+      reply->units.clear();
+      reply->header.length = reply->data.size();
+      buffer = reply->data.data();
+      count = reply->data.size();
+    } else if (!reply->units.empty()) {
+      for (const Unit& u : reply->units) reply->iov.push_back({.buffer = u.get(), .length = unit_bytes});
+      reply->header.length = reply->units.size() * unit_bytes;
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+      p.datatype = ucp_dt_make_iov();
+      buffer = reply->iov.data();
+      count = reply->iov.size();
+    }
+    p.cb.send = [](void* request, ucs_status_t, void* user_data) {
+      delete static_cast<Reply*>(user_data);
+      ucp_request_free(request);
+    };
+    p.user_data = reply;
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep, kReplyAm, &reply->header, sizeof(ReplyHeader), buffer, count, &p);
+    if (r == nullptr || UCS_PTR_IS_ERR(r)) delete reply;  // done at once, or the client is gone
+  }
+
+  absl::StatusOr<std::vector<Unit>> Process(const Job& job) {
+    const RequestHeader& h = job.header;
+    const size_t n = h.count;
+    if (!job.ok) return absl::DataLossError("request payload was not received");
+    switch (h.op) {
+      case kPing:
+        return std::vector<Unit>();
+      case kRelease: {
+        auto it = units.find(h.session);
+        if (it != units.end()) {
+          held -= static_cast<int64_t>(it->second.size());
+          units.erase(it);
+        }
+        return std::vector<Unit>();
+      }
+      case kPut: {
+        if (job.payload.size() != n * (sizeof(WireKey) + unit_bytes)) {
+          return absl::InvalidArgumentError(absl::StrCat("put of ", n, " units carries ", job.payload.size(), " bytes"));
+        }
+        const auto* keys = reinterpret_cast<const WireKey*>(job.payload.data());
+        const std::byte* bytes = job.payload.data() + n * sizeof(WireKey);
+        int64_t fresh = 0;
+        for (size_t i = 0; i < n; ++i) {
+          auto s = units.find(keys[i].session);
+          fresh += s == units.end() || !s->second.contains({keys[i].layer, keys[i].head, keys[i].block});
+        }
+        if (held + fresh > capacity) {
+          return absl::ResourceExhaustedError(absl::StrCat("KV store full: ", held.load(), " of ", capacity,
+                                                           " units held, this write adds ", fresh));
+        }
+        for (size_t i = 0; i < n; ++i) {
+          Unit& slot = units[keys[i].session][{keys[i].layer, keys[i].head, keys[i].block}];
+          if (slot == nullptr) ++held;
+          // Always a new buffer: a reply in flight may still be sending the old one.
+          slot = Unit(new std::byte[unit_bytes]);
+          std::memcpy(slot.get(), bytes + i * unit_bytes, unit_bytes);
+        }
+        return std::vector<Unit>();
+      }
+      case kGet: {
+        if (job.payload.size() != n * sizeof(WireKey)) {
+          return absl::InvalidArgumentError(absl::StrCat("get of ", n, " units carries ", job.payload.size(), " bytes"));
+        }
+        const auto* keys = reinterpret_cast<const WireKey*>(job.payload.data());
+        std::vector<Unit> out(n);
+        for (size_t i = 0; i < n; ++i) {
+          if (auto s = units.find(keys[i].session); s != units.end()) {
+            if (auto u = s->second.find({keys[i].layer, keys[i].head, keys[i].block}); u != s->second.end()) {
+              out[i] = u->second;
+            }
+          }
+          if (out[i] == nullptr) {
+            return absl::NotFoundError(absl::StrCat("the KV store holds no unit (session ", keys[i].session, ", layer ",
+                                                    keys[i].layer, ", head ", keys[i].head, ", block ", keys[i].block, ")"));
+          }
+        }
+        return out;
+      }
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("unknown KV store operation ", h.op));
+    }
+  }
+
+  void Loop() {
+    int idle = 0;
+    while (!stop) {
+      const unsigned events = ucp_worker_progress(ucx.worker);
+      bool worked = events > 0;
+      while (!jobs.empty() && jobs.front()->ready) {
+        std::unique_ptr<Job> job = std::move(jobs.front());
+        jobs.pop_front();
+        absl::StatusOr<std::vector<Unit>> out = Process(*job);
+        Send(job->reply_ep, job->header.id, out.status(), out.ok() ? std::move(*out) : std::vector<Unit>());
+        worked = true;
+      }
+      idle = worked ? 0 : idle + 1;
+      if (idle > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+  ~Impl() {
+    stop = true;
+    if (thread.joinable()) thread.join();
+    for (ucp_ep_h ep : eps) ucx.Close(ep, absl::Milliseconds(200));
+    if (listener != nullptr) ucp_listener_destroy(listener);
+  }
+};
+
+KvStoreServer::KvStoreServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+KvStoreServer::~KvStoreServer() = default;
+int KvStoreServer::port() const { return impl_->port; }
+int64_t KvStoreServer::units_held() const { return impl_->held; }
+
+absl::StatusOr<std::unique_ptr<KvStoreServer>> KvStoreServer::Start(const std::string& host, int port,
+                                                                    size_t unit_bytes, int64_t capacity_units) {
+  if (unit_bytes == 0 || capacity_units < 0) return absl::InvalidArgumentError("unit_bytes > 0, capacity_units >= 0");
+  absl::StatusOr<sockaddr_in> addr = Address(host, port);
+  if (!addr.ok()) return addr.status();
+  auto impl = std::make_unique<Impl>();
+  impl->unit_bytes = unit_bytes;
+  impl->capacity = capacity_units;
+  if (absl::Status s = impl->ucx.Init(); !s.ok()) return s;
+  if (absl::Status s = impl->ucx.SetHandler(kRequestAm, &Impl::OnRequest, impl.get()); !s.ok()) return s;
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*addr);
+  lp.sockaddr.addrlen = sizeof(sockaddr_in);
+  lp.conn_handler.cb = &Impl::OnConnection;
+  lp.conn_handler.arg = impl.get();
+  if (absl::Status s = Ucx(ucp_listener_create(impl->ucx.worker, &lp, &impl->listener),
+                           absl::StrCat("KV store listening on ", host, ":", port));
+      !s.ok()) {
+    return s;
+  }
+  ucp_listener_attr_t attr{};
+  attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  if (absl::Status s = Ucx(ucp_listener_query(impl->listener, &attr), "listener query"); !s.ok()) return s;
+  impl->port = ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port);
+  Impl* raw = impl.get();
+  impl->thread = std::thread([raw] { raw->Loop(); });
+  return std::unique_ptr<KvStoreServer>(new KvStoreServer(std::move(impl)));
+}
+
+// --- Client ----------------------------------------------------------------------------------
+
+struct KvStoreClient::Impl {
+  UcxWorker ucx;
+  ucp_ep_h ep = nullptr;
+  std::string peer;
+  size_t unit_bytes = 0;
+  absl::Duration timeout;
+  uint64_t next_id = 1;
+  bool broken = false;
+  ucs_status_t broken_status = UCS_OK;
+
+  // The reply being waited for.
+  struct Pending {
+    uint64_t id = 0;
+    bool done = false;
+    absl::Status status;
+    std::byte* out = nullptr;
+    size_t out_length = 0;
+  };
+  Pending* pending = nullptr;
+
+  static void OnData(void* request, ucs_status_t status, size_t, void* user_data) {
+    auto* p = static_cast<Pending*>(user_data);
+    if (status != UCS_OK) p->status = Ucx(status, "KV store reply data");
+    p->done = true;
+    ucp_request_free(request);
+  }
+
+  static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data, size_t length,
+                              const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    ReplyHeader h;
+    if (header_length != sizeof(h)) return UCS_OK;
+    std::memcpy(&h, header, sizeof(h));
+    Pending* p = self->pending;
+    if (p == nullptr || h.id != p->id) return UCS_OK;  // a reply nobody waits for any more
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    if (h.code != 0) {
+      std::string msg(length, '\0');
+      if (!rndv && length > 0) std::memcpy(msg.data(), data, length);
+      p->status = absl::Status(static_cast<absl::StatusCode>(h.code), msg);
+      p->done = true;
+      return UCS_OK;
+    }
+    if (length != p->out_length) {
+      p->status = absl::InternalError(absl::StrCat("KV store replied ", length, " bytes, ", p->out_length, " expected"));
+      p->done = true;
+      return UCS_OK;
+    }
+    if (length == 0) {
+      p->done = true;
+    } else if (rndv) {  // straight into the caller's buffer
+      ucp_request_param_t rp{};
+      rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      rp.cb.recv_am = OnData;
+      rp.user_data = p;
+      ucs_status_ptr_t r = ucp_am_recv_data_nbx(self->ucx.worker, data, p->out, length, &rp);
+      if (r == nullptr) {
+        p->done = true;
+      } else if (UCS_PTR_IS_ERR(r)) {
+        p->status = Ucx(UCS_PTR_STATUS(r), "KV store reply data");
+        p->done = true;
+      }
+    } else {
+      std::memcpy(p->out, data, length);
+      p->done = true;
+    }
+    return UCS_OK;
+  }
+
+  absl::Status Call(uint32_t op, uint32_t count, int64_t session, const void* payload, size_t payload_length,
+                    std::byte* out, size_t out_length) {
+    if (broken) return absl::UnavailableError(absl::StrCat("KV store ", peer, " is unreachable: ", ucs_status_string(broken_status)));
+    Pending p{.id = next_id++, .out = out, .out_length = out_length};
+    pending = &p;
+    RequestHeader h{.op = op, .count = count, .id = p.id, .session = session};
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    rp.flags = UCP_AM_SEND_FLAG_REPLY;
+    const absl::Time deadline = absl::Now() + timeout;
+    const ucs_status_t sent = ucx.Wait(ucp_am_send_nbx(ep, kRequestAm, &h, sizeof(h), payload, payload_length, &rp), deadline);
+    while (sent == UCS_OK && !p.done && !broken && absl::Now() < deadline) ucp_worker_progress(ucx.worker);
+    pending = nullptr;
+    if (sent != UCS_OK || !p.done) {
+      // The connection is unusable now (and a late reply must not land in `out`): close it.
+      if (!broken) {
+        broken = true;
+        broken_status = sent != UCS_OK ? sent : UCS_ERR_TIMED_OUT;
+      }
+      if (ep != nullptr) {
+        ucx.Close(ep, absl::Milliseconds(100), /*failed=*/true);
+        ep = nullptr;
+      }
+      if (sent == UCS_ERR_TIMED_OUT || broken_status == UCS_ERR_TIMED_OUT) {
+        return absl::DeadlineExceededError(absl::StrCat("KV store ", peer, " did not answer within ",
+                                                        absl::FormatDuration(timeout)));
+      }
+      return absl::UnavailableError(absl::StrCat("KV store ", peer, " is unreachable: ", ucs_status_string(broken_status)));
+    }
+    return p.status;
+  }
+
+  ~Impl() {
+    if (ep != nullptr) ucx.Close(ep, absl::Milliseconds(500), broken);
+  }
+};
+
+KvStoreClient::KvStoreClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+KvStoreClient::~KvStoreClient() = default;
+
+absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Connect(const std::string& host, int port,
+                                                                      size_t unit_bytes, absl::Duration timeout) {
+  if (unit_bytes == 0) return absl::InvalidArgumentError("unit_bytes must be > 0");
+  absl::StatusOr<sockaddr_in> addr = Address(host, port);
+  if (!addr.ok()) return addr.status();
+  auto impl = std::make_unique<Impl>();
+  impl->peer = absl::StrCat(host, ":", port);
+  impl->unit_bytes = unit_bytes;
+  impl->timeout = timeout;
+  if (absl::Status s = impl->ucx.Init(); !s.ok()) return s;
+  if (absl::Status s = impl->ucx.SetHandler(kReplyAm, &Impl::OnReply, impl.get()); !s.ok()) return s;
+  ucp_ep_params_t p{};
+  p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                 UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*addr);
+  p.sockaddr.addrlen = sizeof(sockaddr_in);
+  p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  p.err_handler.cb = [](void* arg, ucp_ep_h, ucs_status_t status) {
+    auto* self = static_cast<Impl*>(arg);
+    self->broken = true;
+    self->broken_status = status;
+  };
+  p.err_handler.arg = impl.get();
+  if (absl::Status s = Ucx(ucp_ep_create(impl->ucx.worker, &p, &impl->ep), absl::StrCat("connecting to KV store ", impl->peer));
+      !s.ok()) {
+    return s;
+  }
+  // The connection is made lazily: a ping proves it.
+  if (absl::Status s = impl->Call(kPing, 0, 0, nullptr, 0, nullptr, 0); !s.ok()) return s;
+  return std::unique_ptr<KvStoreClient>(new KvStoreClient(std::move(impl)));
+}
+
+absl::Status KvStoreClient::Put(std::span<const UnitKey> keys, const std::byte* data) {
+  const size_t n = keys.size(), ub = impl_->unit_bytes;
+  std::vector<std::byte> payload(n * (sizeof(WireKey) + ub));
+  auto* wire = reinterpret_cast<WireKey*>(payload.data());
+  for (size_t i = 0; i < n; ++i) wire[i] = {.session = keys[i].session, .layer = keys[i].layer, .head = keys[i].head, .block = keys[i].block};
+  if (n > 0) std::memcpy(payload.data() + n * sizeof(WireKey), data, n * ub);
+  return impl_->Call(kPut, static_cast<uint32_t>(n), 0, payload.data(), payload.size(), nullptr, 0);
+}
+
+absl::Status KvStoreClient::Get(std::span<const UnitKey> keys, std::byte* out) {
+  const size_t n = keys.size();
+  std::vector<WireKey> wire(n);
+  for (size_t i = 0; i < n; ++i) wire[i] = {.session = keys[i].session, .layer = keys[i].layer, .head = keys[i].head, .block = keys[i].block};
+  return impl_->Call(kGet, static_cast<uint32_t>(n), 0, wire.data(), n * sizeof(WireKey), out, n * impl_->unit_bytes);
+}
+
+absl::Status KvStoreClient::Release(SequenceId session) {
+  return impl_->Call(kRelease, 0, session, nullptr, 0, nullptr, 0);
+}
+
+}  // namespace scout::kvstore

@@ -1,0 +1,69 @@
+// The KV store service over UCX: a process (`scout kvstore`) that holds sessions' KV units in its
+// host memory, and the client a target worker uses to write units and fetch the units a
+// Selection names. Requests and replies are UCX active messages; bulk data goes by UCX's
+// rendezvous protocol (RDMA where the hardware has it, TCP or shared memory here), never through
+// a control channel. A unit is one (session, layer, KV head, 16-token block), as in the local
+// tier (kvstore::UnitKey).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kvstore/block_cache.h"
+
+namespace scout::kvstore {
+
+class KvStoreServer {
+ public:
+  // Listens on host:port (port 0: any free one) and serves on its own thread until destroyed.
+  // It holds at most capacity_units units of unit_bytes each; a write beyond that is refused
+  // (ResourceExhausted to the writer, nothing stored). Unavailable if UCX cannot listen.
+  static absl::StatusOr<std::unique_ptr<KvStoreServer>> Start(const std::string& host, int port, size_t unit_bytes,
+                                                              int64_t capacity_units);
+  ~KvStoreServer();
+  KvStoreServer(const KvStoreServer&) = delete;
+  KvStoreServer& operator=(const KvStoreServer&) = delete;
+
+  int port() const;
+  int64_t units_held() const;
+
+  struct Impl;
+
+ private:
+  explicit KvStoreServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// One connection to one server. Not thread-safe: one caller at a time. Every call waits at most
+// the connection's timeout: a dead or silent server gives Unavailable or DeadlineExceeded naming
+// it, never a hang.
+class KvStoreClient {
+ public:
+  static absl::StatusOr<std::unique_ptr<KvStoreClient>> Connect(const std::string& host, int port, size_t unit_bytes,
+                                                                absl::Duration timeout = absl::Seconds(30));
+  ~KvStoreClient();
+  KvStoreClient(const KvStoreClient&) = delete;
+  KvStoreClient& operator=(const KvStoreClient&) = delete;
+
+  // Writes units: keys[i]'s bytes at data + i * unit_bytes (a unit written again is replaced).
+  absl::Status Put(std::span<const UnitKey> keys, const std::byte* data);
+  // Reads units into out + i * unit_bytes. NotFound naming the first unit the server does not
+  // hold (never written, or its session released); nothing is written to out then.
+  absl::Status Get(std::span<const UnitKey> keys, std::byte* out);
+  // Forgets every unit of a session (OK if it holds none).
+  absl::Status Release(SequenceId session);
+
+  struct Impl;
+
+ private:
+  explicit KvStoreClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace scout::kvstore

@@ -1,0 +1,148 @@
+// The KV store service over UCX: in one process, and as separate processes on loopback, one of
+// them killed mid-session.
+#include "kvstore/remote_store.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace scout::kvstore {
+namespace {
+
+constexpr size_t kUnit = 8192;  // Llama-3.1-8B: 16 tokens x K and V x 128 x bf16
+
+std::vector<std::byte> RandomBytes(size_t n, std::mt19937& rng) {
+  std::vector<std::byte> v(n);
+  for (auto& b : v) b = std::byte(rng());
+  return v;
+}
+
+TEST(RemoteKvStoreTest, WritesReadsReleasesAndRefusesByName) {
+  absl::StatusOr<std::unique_ptr<KvStoreServer>> server = KvStoreServer::Start("127.0.0.1", 0, kUnit, 700);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_GT((*server)->port(), 0);
+  absl::StatusOr<std::unique_ptr<KvStoreClient>> client = KvStoreClient::Connect("127.0.0.1", (*server)->port(), kUnit);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::mt19937 rng(5);
+  // Two sessions, 600 units (4.9 MB in one write: the rendezvous path).
+  std::vector<UnitKey> keys;
+  for (int64_t s : {11, 12}) {
+    for (int layer = 0; layer < 3; ++layer) {
+      for (int head = 0; head < 2; ++head) {
+        for (int block = 0; block < 50; ++block) keys.push_back({s, layer, head, block});
+      }
+    }
+  }
+  std::vector<std::byte> data = RandomBytes(keys.size() * kUnit, rng);
+  ASSERT_TRUE((*client)->Put(keys, data.data()).ok());
+  EXPECT_EQ((*server)->units_held(), 600);
+  // Read back in another order, small (eager) and large (rendezvous) requests.
+  std::vector<size_t> order(keys.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  for (size_t batch : {1, 7, 600}) {
+    std::vector<UnitKey> want_keys;
+    for (size_t i = 0; i < batch; ++i) want_keys.push_back(keys[order[i]]);
+    std::vector<std::byte> got(batch * kUnit);
+    absl::Status st = (*client)->Get(want_keys, got.data());
+    ASSERT_TRUE(st.ok()) << st;
+    for (size_t i = 0; i < batch; ++i) {
+      ASSERT_EQ(std::memcmp(got.data() + i * kUnit, data.data() + order[i] * kUnit, kUnit), 0) << "unit " << i;
+    }
+  }
+  // A rewrite replaces; a unit never written is NotFound, by name, and nothing is written out.
+  std::vector<std::byte> fresh = RandomBytes(kUnit, rng), got(2 * kUnit, std::byte{0x5a});
+  ASSERT_TRUE((*client)->Put({&keys[3], 1}, fresh.data()).ok());
+  ASSERT_TRUE((*client)->Get({&keys[3], 1}, got.data()).ok());
+  EXPECT_EQ(std::memcmp(got.data(), fresh.data(), kUnit), 0);
+  const std::vector<UnitKey> missing = {keys[0], {11, 0, 0, 999}};
+  std::fill(got.begin(), got.end(), std::byte{0x5a});
+  absl::Status st = (*client)->Get(missing, got.data());
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+  EXPECT_NE(st.message().find("block 999"), std::string::npos) << st;
+  EXPECT_EQ(got[0], std::byte{0x5a});
+  // Capacity: 700 units; 200 more are refused whole.
+  std::vector<UnitKey> more;
+  for (int block = 0; block < 200; ++block) more.push_back({13, 0, 0, block});
+  std::vector<std::byte> more_data(more.size() * kUnit);
+  st = (*client)->Put(more, more_data.data());
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_EQ((*server)->units_held(), 600);
+  // Releasing a session frees its units; they are gone.
+  ASSERT_TRUE((*client)->Release(11).ok());
+  EXPECT_EQ((*server)->units_held(), 300);
+  EXPECT_EQ((*client)->Get({&keys[0], 1}, got.data()).code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE((*client)->Put(more, more_data.data()).ok());
+  // Bad addresses are refused at once.
+  EXPECT_EQ(KvStoreClient::Connect("not-an-ip", 1, kUnit).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Two KV store processes on loopback: a client writes to both, one is killed (-9), its reads fail
+// with a clear error within the client's timeout, and the other keeps serving.
+TEST(RemoteKvStoreTest, SeparateProcessesAndAKilledNode) {
+  int ports[2] = {0, 0};
+  pid_t pids[2] = {0, 0};
+  for (int k = 0; k < 2; ++k) {
+    int fds[2];
+    ASSERT_EQ(pipe(fds), 0);
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {  // the KV store node: serve until killed
+      close(fds[0]);
+      absl::StatusOr<std::unique_ptr<KvStoreServer>> s = KvStoreServer::Start("127.0.0.1", 0, kUnit, 100000);
+      const int port = s.ok() ? (*s)->port() : -1;
+      if (write(fds[1], &port, sizeof(port)) != sizeof(port)) _exit(1);
+      close(fds[1]);
+      while (true) pause();
+    }
+    close(fds[1]);
+    ASSERT_EQ(read(fds[0], &ports[k], sizeof(int)), static_cast<ssize_t>(sizeof(int)));
+    close(fds[0]);
+    pids[k] = pid;
+    ASSERT_GT(ports[k], 0) << "KV store process " << k << " could not listen";
+  }
+  std::vector<std::unique_ptr<KvStoreClient>> clients;
+  for (int k = 0; k < 2; ++k) {
+    absl::StatusOr<std::unique_ptr<KvStoreClient>> c =
+        KvStoreClient::Connect("127.0.0.1", ports[k], kUnit, absl::Seconds(5));
+    ASSERT_TRUE(c.ok()) << c.status();
+    clients.push_back(std::move(*c));
+  }
+  std::mt19937 rng(9);
+  std::vector<UnitKey> keys;
+  // 1200 units: 9.8 MB a reply, sent zero-copy from the units (the small replies above are copied).
+  for (int block = 0; block < 1200; ++block) keys.push_back({1, block % 4, 0, block});
+  std::vector<std::byte> data[2] = {RandomBytes(keys.size() * kUnit, rng), RandomBytes(keys.size() * kUnit, rng)};
+  for (int k = 0; k < 2; ++k) ASSERT_TRUE(clients[k]->Put(keys, data[k].data()).ok());
+  std::vector<std::byte> got(keys.size() * kUnit);
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_TRUE(clients[k]->Get(keys, got.data()).ok());
+    EXPECT_EQ(std::memcmp(got.data(), data[k].data(), got.size()), 0) << "node " << k;
+  }
+  ASSERT_EQ(kill(pids[0], SIGKILL), 0);
+  ASSERT_EQ(waitpid(pids[0], nullptr, 0), pids[0]);
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st = clients[0]->Get(keys, got.data());
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_TRUE(st.code() == absl::StatusCode::kUnavailable || st.code() == absl::StatusCode::kDeadlineExceeded) << st;
+  EXPECT_NE(st.message().find(std::to_string(ports[0])), std::string::npos) << st;
+  EXPECT_LT(waited, 8.0);
+  EXPECT_EQ(clients[0]->Release(1).code(), absl::StatusCode::kUnavailable);  // stays refused, at once
+  // The other node is untouched.
+  ASSERT_TRUE(clients[1]->Get(keys, got.data()).ok());
+  EXPECT_EQ(std::memcmp(got.data(), data[1].data(), got.size()), 0);
+  clients.clear();
+  kill(pids[1], SIGKILL);
+  waitpid(pids[1], nullptr, 0);
+}
+
+}  // namespace
+}  // namespace scout::kvstore
