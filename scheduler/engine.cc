@@ -343,7 +343,7 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
   std::vector<float> logits;
   std::vector<int32_t> sampled;
   const bool on_device = model_->samples_on_device();
-  while (!running.empty()) {
+  auto pass = [&]() -> absl::Status {
     std::vector<runtime::SequenceInput> batch;
     std::vector<kernels::SampleRowParams> rows;
     for (Request* r : running) {
@@ -354,25 +354,9 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
       rows.push_back({.temperature = sp.temperature, .top_k = sp.top_k, .top_p = sp.top_p,
                       .seed = sp.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(r->result.completion_tokens)});
     }
-    absl::Status s = on_device ? model_->ForwardSampled(batch, rows, &sampled) : model_->Forward(batch, &logits);
-    if (s.ok()) break;
-    if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
-      // The KV pool is full: the newest request gives way so the others keep running.
-      Finish(*running.back(), s);
-      running.pop_back();
-      continue;
-    }
-    for (Request* r : running) Finish(*r, s);
-    running.clear();
-  }
-  if (running.empty()) return;
-  {
-    absl::MutexLock lock(&mu_);
-    ++stats_.decode_steps;
-    stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
-  }
-  metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
-  UpdateKvMetrics();
+    return on_device ? model_->ForwardSampled(batch, rows, &sampled) : model_->Forward(batch, &logits);
+  };
+  if (!RunBatchedPass(running, pass, [this](Request& r, absl::Status s) { Finish(r, s); })) return;
   const int64_t vocab = config_.vocab_size;
   for (size_t i = 0; i < running.size(); ++i) {
     Request& r = *running[i];
@@ -380,6 +364,31 @@ void Engine::DecodeStep(std::vector<Request*>& running) {
         on_device ? sampled[i] : r.sampler.Sample(std::span<const float>(logits).subspan(i * vocab, vocab));
     if (!OnToken(r, token)) Finish(r, absl::OkStatus());
   }
+}
+
+bool Engine::RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<absl::Status()> pass,
+                            absl::FunctionRef<void(Request&, absl::Status)> finish) {
+  while (!running.empty()) {
+    const absl::Status s = pass();
+    if (s.ok()) break;
+    if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
+      // The KV pool is full: the newest request gives way so the others keep running.
+      finish(*running.back(), s);
+      running.pop_back();
+      continue;
+    }
+    for (Request* r : running) finish(*r, s);
+    running.clear();
+  }
+  if (running.empty()) return false;
+  {
+    absl::MutexLock lock(&mu_);
+    ++stats_.decode_steps;
+    stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
+  }
+  metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
+  UpdateKvMetrics();
+  return true;
 }
 
 Engine::StartResult Engine::StartSpeculative(Request& r) {
@@ -421,28 +430,13 @@ void Engine::SpeculativeStep(std::vector<Request*>& running) {
     if (r->cancelled) FinishSpeculative(*r, absl::OkStatus());
   }
   running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
-  while (!running.empty()) {
+  // A round that fails is rolled back whole, so it can run again without the newest request.
+  auto round = [&]() -> absl::Status {
     std::vector<runtime::SpeculativeStream*> streams;
     for (Request* r : running) streams.push_back(r->spec.get());
-    const absl::Status s = runtime::RunSpeculativeRound(*model_, *draft_, streams);
-    if (s.ok()) break;
-    if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
-      // A KV pool is full: the round was rolled back; the newest request gives way.
-      FinishSpeculative(*running.back(), s);
-      running.pop_back();
-      continue;
-    }
-    for (Request* r : running) FinishSpeculative(*r, s);
-    running.clear();
-  }
-  if (running.empty()) return;
-  {
-    absl::MutexLock lock(&mu_);
-    ++stats_.decode_steps;
-    stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
-  }
-  metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
-  UpdateKvMetrics();
+    return runtime::RunSpeculativeRound(*model_, *draft_, streams);
+  };
+  if (!RunBatchedPass(running, round, [this](Request& r, absl::Status s) { FinishSpeculative(r, s); })) return;
   for (Request* r : running) {
     if (r->spec->done()) FinishSpeculative(*r, absl::OkStatus());
   }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -135,6 +136,11 @@ class Engine {
   enum class StartResult { kRunning, kDone, kDeferred };
   StartResult Start(Request& r, const std::vector<std::shared_ptr<Request>>& running)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // Runs `pass` over the running requests; when a KV pool is full the newest gives way (finished
+  // with the error) and the pass runs again over the rest; any other error finishes them all.
+  // False when none is left; otherwise counts the pass in the stats and metrics.
+  bool RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<absl::Status()> pass,
+                      absl::FunctionRef<void(Request&, absl::Status)> finish) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // One decode pass over the running requests (model_mu_ held).
   void DecodeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // With a draft: the request's speculative stream (its prefill on both models), then rounds

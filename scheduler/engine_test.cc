@@ -21,6 +21,16 @@ std::unique_ptr<Engine> MakeEngine(monitoring::ServerMetrics* metrics, int64_t m
                                   EngineOptions{.max_model_len = max_model_len});
 }
 
+// The fixture target with the fixture draft (speculative decoding), default options.
+std::unique_ptr<Engine> MakeDraftEngine(monitoring::ServerMetrics* metrics) {
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  EXPECT_TRUE(model.ok() && draft.ok() && tok.ok());
+  if (!model.ok() || !draft.ok() || !tok.ok()) return nullptr;
+  return std::make_unique<Engine>(std::move(*model), std::move(*draft), std::move(*tok), metrics, EngineOptions{});
+}
+
 // Streamed pieces add up to the returned text; a stop string never appears in either, and text
 // held back as a possible stop prefix is released when it turns out not to be one.
 TEST(EngineTest, StopStringsAndStreamingAgree) {
@@ -206,12 +216,10 @@ TEST(EngineTest, IdleSessionsAreEvictedByTimeoutAndUnderPressure) {
 // Agent sessions with speculative decoding: both models keep the session's KV, and the second
 // turn is exactly the one-off request over the whole conversation (greedy: the target's text).
 TEST(EngineTest, SessionsWithADraftContinueExactly) {
-  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
-  ASSERT_TRUE(model.ok() && draft.ok() && tok.ok());
   monitoring::ServerMetrics metrics;
-  Engine engine(std::move(*model), std::move(*draft), std::move(*tok), &metrics, EngineOptions{});
+  std::unique_ptr<Engine> engine_ptr = MakeDraftEngine(&metrics);
+  ASSERT_NE(engine_ptr, nullptr);
+  Engine& engine = *engine_ptr;
   const std::string p1 = "def add(a, b):\n    ", p2 = "\n\ndef sub(a, b):\n    ";
   auto t1 = engine.Complete({.prompt = p1, .max_tokens = 12, .session_id = "agent"});
   ASSERT_TRUE(t1.ok()) << t1.status();
@@ -229,12 +237,10 @@ TEST(EngineTest, SessionsWithADraftContinueExactly) {
 // verification one pass over them) and give what each gives alone, greedy and sampled; a session
 // turn and a cancelled request run among them.
 TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
-  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
-  ASSERT_TRUE(model.ok() && draft.ok() && tok.ok());
   monitoring::ServerMetrics metrics;
-  Engine engine(std::move(*model), std::move(*draft), std::move(*tok), &metrics, EngineOptions{});
+  std::unique_ptr<Engine> engine_ptr = MakeDraftEngine(&metrics);
+  ASSERT_NE(engine_ptr, nullptr);
+  Engine& engine = *engine_ptr;
   std::vector<CompletionRequest> reqs = {{.prompt = "import os\n", .max_tokens = 24},
                                          {.prompt = "def f(x):\n    return", .max_tokens = 30},
                                          {.prompt = "class A:\n    def ", .max_tokens = 18},
@@ -283,12 +289,10 @@ TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
 // server (sparsity metrics, per layer too), dense on the same server reads every block; bad
 // settings are refused by name.
 TEST(EngineTest, RequestsChooseTheirSparsity) {
-  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-  auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
-  ASSERT_TRUE(model.ok() && draft.ok() && tok.ok());
   monitoring::ServerMetrics metrics;
-  Engine engine(std::move(*model), std::move(*draft), std::move(*tok), &metrics, EngineOptions{});
+  std::unique_ptr<Engine> engine_ptr = MakeDraftEngine(&metrics);
+  ASSERT_NE(engine_ptr, nullptr);
+  Engine& engine = *engine_ptr;
   std::string prompt;
   for (int i = 0; i < 40; ++i) prompt += "def f" + std::to_string(i) + "(x):\n    return x + " + std::to_string(i) + "\n";
   auto dense = engine.Complete({.prompt = prompt, .max_tokens = 8, .sparsity = "dense"});
