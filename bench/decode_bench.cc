@@ -107,6 +107,21 @@ struct DeviceVec {
   ~DeviceVec() { cudaFree(p); }
 };
 
+// The STS plumbing of one configuration, on the current device: the draft's block mass
+// [seqs][k positions][draft layers * heads][blocks], the target's lists (BlockSelect through
+// the proportional-depth head map: each target (layer, KV head) reads the draft layer at the
+// same depth, the query heads of the same KV group) and the sparse draft's own lists (its own
+// heads, same budget).
+struct StsPlumbing {
+  int nb = 0, nb_d = 0, list = 0, list_d = 0, dh_total = 0, units = 0, d_units = 0;
+  size_t mass_floats = 0;
+  std::vector<int32_t> offsets, offsets_d;
+  DeviceVec mass, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
+  DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
+  kernels::BlockSelectParams sp, dsp;
+  runtime::DeviceSelection sel, dsel;
+};
+
 class Bench {
  public:
   Bench(const DecodeBenchOptions& o, ModelConfig tc, ModelConfig dc) : o_(o), tc_(std::move(tc)), dc_(std::move(dc)) {}
@@ -119,6 +134,7 @@ class Bench {
   absl::Status RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, int batch, double fraction, double pcie_gbps);
   absl::Status WriteJson();
   absl::Status MeasureCopyBandwidth(cudaStream_t s);
+  absl::Status MakeSts(int batch, int64_t ctx, double fraction, StsPlumbing* out) const;
   void Print(const Row& r);
 
   const DecodeBenchOptions& o_;
@@ -140,6 +156,75 @@ absl::Status Bench::MeasureCopyBandwidth(cudaStream_t s) {
   });
   if (!ms.ok()) return ms.status();
   copy_gbps_ = 2.0 * bytes / (*ms * 1e-3) / 1e9;
+  return absl::OkStatus();
+}
+
+absl::Status Bench::MakeSts(int B, int64_t ctx, double fraction, StsPlumbing* out) const {
+  StsPlumbing& p = *out;
+  const int k = o_.k;
+  p.nb = static_cast<int>(kvstore::BlocksFor(ctx + k + 1));  // the verification's context
+  p.nb_d = static_cast<int>(kvstore::BlocksFor(ctx + k));
+  p.dh_total = static_cast<int>(dc_.num_hidden_layers * dc_.num_attention_heads);
+  p.units = static_cast<int>(tc_.num_hidden_layers * tc_.num_key_value_heads);
+  p.d_units = static_cast<int>(dc_.num_hidden_layers * dc_.num_key_value_heads);
+  const runtime::StsBudget budget{.budget_fraction = fraction, .sink_blocks = o_.sink_blocks,
+                                  .window_blocks = o_.window_blocks};
+  p.list = static_cast<int>(runtime::BudgetBlocks(budget, p.nb));
+  p.list_d = static_cast<int>(runtime::BudgetBlocks(budget, p.nb_d));
+  p.offsets = kernels::SelectionOffsets(std::vector<int32_t>(B, p.nb), p.units, p.list, o_.sink_blocks, o_.window_blocks);
+  p.offsets_d =
+      kernels::SelectionOffsets(std::vector<int32_t>(B, p.nb_d), p.d_units, p.list_d, o_.sink_blocks, o_.window_blocks);
+  const int group = static_cast<int>(dc_.num_attention_heads / dc_.num_key_value_heads);
+  const int tkv = static_cast<int>(tc_.num_key_value_heads), dkv_n = static_cast<int>(dc_.num_key_value_heads);
+  std::vector<int32_t> mi{0}, mh, dmi{0}, dmh;
+  for (int u = 0; u < p.units; ++u) {
+    const int layer = u / tkv, kvh = u % tkv;
+    const int dl = static_cast<int>(int64_t{layer} * dc_.num_hidden_layers / tc_.num_hidden_layers);
+    for (int g = 0; g < group; ++g) mh.push_back(dl * static_cast<int>(dc_.num_attention_heads) + (kvh % dkv_n) * group + g);
+    mi.push_back(static_cast<int32_t>(mh.size()));
+  }
+  for (int u = 0; u < p.d_units; ++u) {
+    const int layer = u / dkv_n, kvh = u % dkv_n;
+    for (int g = 0; g < group; ++g) dmh.push_back(layer * static_cast<int>(dc_.num_attention_heads) + kvh * group + g);
+    dmi.push_back(static_cast<int32_t>(dmh.size()));
+  }
+  auto upload = [](DeviceVec& d, const std::vector<int32_t>& v) -> absl::Status {
+    BENCH_CUDA(cudaMalloc(&d.p, std::max<size_t>(4, v.size() * 4)));
+    BENCH_CUDA(cudaMemcpy(d.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  };
+  p.mass_floats = static_cast<size_t>(B) * k * p.dh_total * p.nb;
+  BENCH_CUDA(cudaMalloc(&p.mass.p, p.mass_floats * 4));
+  BENCH_CUDA(cudaMemset(p.mass.p, 0, p.mass_floats * 4));
+  BENCH_CHECK(upload(p.num_blocks, std::vector<int32_t>(B, p.nb)));
+  BENCH_CHECK(upload(p.map_indptr, mi));
+  BENCH_CHECK(upload(p.map_heads, mh));
+  BENCH_CHECK(upload(p.out_indptr, p.offsets));
+  BENCH_CUDA(cudaMalloc(&p.out_blocks.p, std::max<size_t>(4, p.offsets.back() * 4)));
+  p.sp = {.mass = static_cast<float*>(p.mass.p), .num_blocks = static_cast<int32_t*>(p.num_blocks.p),
+          .map_indptr = static_cast<int32_t*>(p.map_indptr.p), .map_heads = static_cast<int32_t*>(p.map_heads.p),
+          .out_indptr = static_cast<int32_t*>(p.out_indptr.p), .out_blocks = static_cast<int32_t*>(p.out_blocks.p),
+          .num_seqs = B, .num_positions = k, .num_draft_heads = p.dh_total, .max_blocks = p.nb, .num_units = p.units,
+          .budget_blocks = p.list, .sink_blocks = o_.sink_blocks, .window_blocks = o_.window_blocks};
+  BENCH_CUDA(cudaMalloc(&p.scratch.p, kernels::BlockSelectScratchBytes(p.sp)));
+  p.sel = {.indptr = static_cast<int32_t*>(p.out_indptr.p), .blocks = static_cast<int32_t*>(p.out_blocks.p),
+           .max_list_blocks = p.list};
+  BENCH_CHECK(upload(p.d_num_blocks, std::vector<int32_t>(B, p.nb_d)));
+  BENCH_CHECK(upload(p.d_map_indptr, dmi));
+  BENCH_CHECK(upload(p.d_map_heads, dmh));
+  BENCH_CHECK(upload(p.d_out_indptr, p.offsets_d));
+  BENCH_CUDA(cudaMalloc(&p.d_out_blocks.p, std::max<size_t>(4, p.offsets_d.back() * 4)));
+  p.dsp = p.sp;
+  p.dsp.num_blocks = static_cast<int32_t*>(p.d_num_blocks.p);
+  p.dsp.map_indptr = static_cast<int32_t*>(p.d_map_indptr.p);
+  p.dsp.map_heads = static_cast<int32_t*>(p.d_map_heads.p);
+  p.dsp.out_indptr = static_cast<int32_t*>(p.d_out_indptr.p);
+  p.dsp.out_blocks = static_cast<int32_t*>(p.d_out_blocks.p);
+  p.dsp.num_units = p.d_units;
+  p.dsp.budget_blocks = p.list_d;
+  BENCH_CUDA(cudaMalloc(&p.d_scratch.p, kernels::BlockSelectScratchBytes(p.dsp)));
+  p.dsel = {.indptr = static_cast<int32_t*>(p.d_out_indptr.p), .blocks = static_cast<int32_t*>(p.d_out_blocks.p),
+            .max_list_blocks = p.list_d, .block_bound = p.nb_d};
   return absl::OkStatus();
 }
 
@@ -267,7 +352,7 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
     for (int s = 0; s < B; ++s) in.push_back({.seq = s, .tokens = toks[s], .all_logits = all_logits});
     return in;
   };
-  DeviceVec t_argmax, d_argmax, mass, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
+  DeviceVec t_argmax, d_argmax;
   BENCH_CUDA(cudaMalloc(&t_argmax.p, sizeof(int32_t) * B * (k + 1)));
   BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t) * B));
   BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t) * B));
@@ -284,47 +369,19 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
     }
     return g;
   };
-  // STS selection buffers, sized for the verification's context.
-  const int nb = static_cast<int>(kvstore::BlocksFor(ctx + k + 1));
-  const int dh_total = static_cast<int>(dc_.num_hidden_layers * dc_.num_attention_heads);
-  const int units = static_cast<int>(tc_.num_hidden_layers * tc_.num_key_value_heads);
-  runtime::StsBudget budget{.budget_fraction = o_.budget_fraction, .sink_blocks = o_.sink_blocks,
-                            .window_blocks = o_.window_blocks};
-  const int list = static_cast<int>(runtime::BudgetBlocks(budget, nb));
-  std::vector<int32_t> nbs(B, nb);
-  std::vector<int32_t> offsets = kernels::SelectionOffsets(nbs, units, list, o_.sink_blocks, o_.window_blocks);
-  std::vector<int32_t> mi{0}, mh;
-  const int group = static_cast<int>(dc_.num_attention_heads / dc_.num_key_value_heads);
-  for (int u = 0; u < units; ++u) {
-    const int layer = u / static_cast<int>(tc_.num_key_value_heads), kvh = u % static_cast<int>(tc_.num_key_value_heads);
-    const int dl = static_cast<int>(int64_t{layer} * dc_.num_hidden_layers / tc_.num_hidden_layers);
-    const int dkv = kvh % static_cast<int>(dc_.num_key_value_heads);
-    for (int g = 0; g < group; ++g) mh.push_back(dl * static_cast<int>(dc_.num_attention_heads) + dkv * group + g);
-    mi.push_back(static_cast<int32_t>(mh.size()));
-  }
-  const size_t mass_floats = size_t{static_cast<size_t>(B)} * k * dh_total * nb;
-  BENCH_CUDA(cudaMalloc(&mass.p, mass_floats * 4));
-  BENCH_CUDA(cudaMemset(mass.p, 0, mass_floats * 4));
-  auto upload = [](DeviceVec& d, const std::vector<int32_t>& v) -> absl::Status {
-    BENCH_CUDA(cudaMalloc(&d.p, std::max<size_t>(4, v.size() * 4)));
-    BENCH_CUDA(cudaMemcpy(d.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
-    return absl::OkStatus();
-  };
-  BENCH_CHECK(upload(num_blocks, nbs));
-  BENCH_CHECK(upload(map_indptr, mi));
-  BENCH_CHECK(upload(map_heads, mh));
-  BENCH_CHECK(upload(out_indptr, offsets));
-  BENCH_CUDA(cudaMalloc(&out_blocks.p, std::max<size_t>(4, offsets.back() * 4)));
-  kernels::BlockSelectParams sp{.mass = static_cast<float*>(mass.p), .num_blocks = static_cast<int32_t*>(num_blocks.p),
-                                .map_indptr = static_cast<int32_t*>(map_indptr.p),
-                                .map_heads = static_cast<int32_t*>(map_heads.p),
-                                .out_indptr = static_cast<int32_t*>(out_indptr.p),
-                                .out_blocks = static_cast<int32_t*>(out_blocks.p), .num_seqs = B,
-                                .num_positions = k, .num_draft_heads = dh_total, .max_blocks = nb, .num_units = units,
-                                .budget_blocks = list, .sink_blocks = o_.sink_blocks, .window_blocks = o_.window_blocks};
-  BENCH_CUDA(cudaMalloc(&scratch.p, kernels::BlockSelectScratchBytes(sp)));
-  runtime::DeviceSelection sel{.indptr = static_cast<int32_t*>(out_indptr.p),
-                               .blocks = static_cast<int32_t*>(out_blocks.p), .max_list_blocks = list};
+  // STS plumbing, sized for the verification's context: the draft's mass, the target's lists
+  // and the sparse draft's own.
+  StsPlumbing sts;
+  BENCH_CHECK(MakeSts(B, ctx, o_.budget_fraction, &sts));
+  const int nb = sts.nb, dh_total = sts.dh_total, list = sts.list, list_d = sts.list_d;
+  DeviceVec& mass = sts.mass;
+  const size_t mass_floats = sts.mass_floats;
+  const kernels::BlockSelectParams& sp = sts.sp;
+  const kernels::BlockSelectParams& dsp = sts.dsp;
+  DeviceVec& scratch = sts.scratch;
+  DeviceVec& d_scratch = sts.d_scratch;
+  const runtime::DeviceSelection& dsel = sts.dsel;
+  const runtime::DeviceSelection& sel = sts.sel;
   auto select = [&]() -> absl::Status {
     BENCH_CUDA(kernels::BlockSelect(sp, scratch.p, ts));
     return absl::OkStatus();
@@ -335,34 +392,6 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   // Sparse draft ("-sd" rows): the draft's first step of a round is dense and writes its mass;
   // its own top blocks per (draft layer, KV head) — its 4 query heads, same budget — then serve
   // its remaining k - 1 steps, which write their mass over those blocks only.
-  const int d_units = static_cast<int>(dc_.num_hidden_layers * dc_.num_key_value_heads);
-  const int nb_d = static_cast<int>(kvstore::BlocksFor(ctx + k));
-  const int list_d = static_cast<int>(runtime::BudgetBlocks(budget, nb_d));
-  std::vector<int32_t> nbs_d(B, nb_d), dmi{0}, dmh;
-  std::vector<int32_t> offsets_d = kernels::SelectionOffsets(nbs_d, d_units, list_d, o_.sink_blocks, o_.window_blocks);
-  for (int u = 0; u < d_units; ++u) {
-    const int layer = u / static_cast<int>(dc_.num_key_value_heads), kvh = u % static_cast<int>(dc_.num_key_value_heads);
-    for (int g = 0; g < group; ++g) dmh.push_back(layer * static_cast<int>(dc_.num_attention_heads) + kvh * group + g);
-    dmi.push_back(static_cast<int32_t>(dmh.size()));
-  }
-  DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
-  BENCH_CHECK(upload(d_num_blocks, nbs_d));
-  BENCH_CHECK(upload(d_map_indptr, dmi));
-  BENCH_CHECK(upload(d_map_heads, dmh));
-  BENCH_CHECK(upload(d_out_indptr, offsets_d));
-  BENCH_CUDA(cudaMalloc(&d_out_blocks.p, std::max<size_t>(4, offsets_d.back() * 4)));
-  kernels::BlockSelectParams dsp = sp;
-  dsp.num_blocks = static_cast<int32_t*>(d_num_blocks.p);
-  dsp.map_indptr = static_cast<int32_t*>(d_map_indptr.p);
-  dsp.map_heads = static_cast<int32_t*>(d_map_heads.p);
-  dsp.out_indptr = static_cast<int32_t*>(d_out_indptr.p);
-  dsp.out_blocks = static_cast<int32_t*>(d_out_blocks.p);
-  dsp.num_units = d_units;
-  dsp.budget_blocks = list_d;
-  BENCH_CUDA(cudaMalloc(&d_scratch.p, kernels::BlockSelectScratchBytes(dsp)));
-  runtime::DeviceSelection dsel{.indptr = static_cast<int32_t*>(d_out_indptr.p),
-                                .blocks = static_cast<int32_t*>(d_out_blocks.p), .max_list_blocks = list_d,
-                                .block_bound = nb_d};
   // Between the first and second draft step: forget the previous round's later positions, then
   // pick the draft's own blocks from the first step's mass.
   auto draft_select = [&]() -> absl::Status {
@@ -590,12 +619,13 @@ absl::Status Bench::RunHostTier(int64_t ctx, int B) {
     pcie_gbps = bytes / (*ms * 1e-3) / 1e9;
   }
   const auto t_create = std::chrono::steady_clock::now();
-  absl::StatusOr<std::unique_ptr<CudaModel>> tm = CudaModel::CreateRandom(
-      tc_, 1, {.device = tdev, .host_kv_tokens = pool_tokens, .gpu_cache_units = o_.gpu_cache_units});
-  if (!tm.ok()) return tm.status();
+  // The draft first: on a shared GPU the target's block cache then takes only what is left.
   absl::StatusOr<std::unique_ptr<CudaModel>> dm =
       CudaModel::CreateRandom(dc_, 2, {.device = ddev, .kv_budget_tokens = pool_tokens});
   if (!dm.ok()) return dm.status();
+  absl::StatusOr<std::unique_ptr<CudaModel>> tm = CudaModel::CreateRandom(
+      tc_, 1, {.device = tdev, .host_kv_tokens = pool_tokens, .gpu_cache_units = o_.gpu_cache_units});
+  if (!tm.ok()) return tm.status();
   CudaModel& T = **tm;
   CudaModel& D = **dm;
   if (copy_gbps_ == 0) {
@@ -627,88 +657,29 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, i
   const int k = o_.k, R = o_.draft_refresh_rounds;
   const int tdev = o_.device, ddev = o_.draft_device >= 0 ? o_.draft_device : o_.device;
   cudaStream_t ts = static_cast<cudaStream_t>(T.stream()), ds = static_cast<cudaStream_t>(D.stream());
-  // Draft-side buffers (on the draft's GPU): its block mass, the target's selection and its own.
+  // Draft-side buffers, on the draft's GPU: its block mass, the target's lists and its own.
   BENCH_CUDA(cudaSetDevice(ddev));
-  const int nb = static_cast<int>(kvstore::BlocksFor(ctx + k + 1));
-  const int dh_total = static_cast<int>(dc_.num_hidden_layers * dc_.num_attention_heads);
-  const int units = static_cast<int>(tc_.num_hidden_layers * tc_.num_key_value_heads);
+  StsPlumbing sts;
+  BENCH_CHECK(MakeSts(B, ctx, fraction, &sts));
+  const int nb = sts.nb, dh_total = sts.dh_total, units = sts.units, list = sts.list, list_d = sts.list_d;
   const int tkv = static_cast<int>(tc_.num_key_value_heads);
-  runtime::StsBudget budget{.budget_fraction = fraction, .sink_blocks = o_.sink_blocks,
-                            .window_blocks = o_.window_blocks};
-  const int list = static_cast<int>(runtime::BudgetBlocks(budget, nb));
-  std::vector<int32_t> offsets =
-      kernels::SelectionOffsets(std::vector<int32_t>(B, nb), units, list, o_.sink_blocks, o_.window_blocks);
-  const int group = static_cast<int>(dc_.num_attention_heads / dc_.num_key_value_heads);
-  std::vector<int32_t> mi{0}, mh;
-  for (int u = 0; u < units; ++u) {
-    const int layer = u / tkv, kvh = u % tkv;
-    const int dl = static_cast<int>(int64_t{layer} * dc_.num_hidden_layers / tc_.num_hidden_layers);
-    const int dkv = kvh % static_cast<int>(dc_.num_key_value_heads);
-    for (int g = 0; g < group; ++g) mh.push_back(dl * static_cast<int>(dc_.num_attention_heads) + dkv * group + g);
-    mi.push_back(static_cast<int32_t>(mh.size()));
-  }
-  DeviceVec mass, d_argmax, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
-  const size_t mass_floats = static_cast<size_t>(B) * k * dh_total * nb;
-  BENCH_CUDA(cudaMalloc(&mass.p, mass_floats * 4));
-  BENCH_CUDA(cudaMemset(mass.p, 0, mass_floats * 4));
+  const std::vector<int32_t>& offsets = sts.offsets;
+  DeviceVec& mass = sts.mass;
+  const size_t mass_floats = sts.mass_floats;
+  const kernels::BlockSelectParams& sp = sts.sp;
+  const kernels::BlockSelectParams& dsp = sts.dsp;
+  const runtime::DeviceSelection& dsel = sts.dsel;
+  DeviceVec d_argmax;
   BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t) * B));
   BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t) * B));
   int32_t* dargmax = static_cast<int32_t*>(d_argmax.p);
-  auto upload = [](DeviceVec& d, const std::vector<int32_t>& v) -> absl::Status {
-    BENCH_CUDA(cudaMalloc(&d.p, std::max<size_t>(4, v.size() * 4)));
-    BENCH_CUDA(cudaMemcpy(d.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
-    return absl::OkStatus();
-  };
-  BENCH_CHECK(upload(num_blocks, std::vector<int32_t>(B, nb)));
-  BENCH_CHECK(upload(map_indptr, mi));
-  BENCH_CHECK(upload(map_heads, mh));
-  BENCH_CHECK(upload(out_indptr, offsets));
-  BENCH_CUDA(cudaMalloc(&out_blocks.p, std::max<size_t>(4, offsets.back() * 4)));
-  kernels::BlockSelectParams sp{.mass = static_cast<float*>(mass.p), .num_blocks = static_cast<int32_t*>(num_blocks.p),
-                                .map_indptr = static_cast<int32_t*>(map_indptr.p),
-                                .map_heads = static_cast<int32_t*>(map_heads.p),
-                                .out_indptr = static_cast<int32_t*>(out_indptr.p),
-                                .out_blocks = static_cast<int32_t*>(out_blocks.p), .num_seqs = B,
-                                .num_positions = k, .num_draft_heads = dh_total, .max_blocks = nb, .num_units = units,
-                                .budget_blocks = list, .sink_blocks = o_.sink_blocks, .window_blocks = o_.window_blocks};
-  BENCH_CUDA(cudaMalloc(&scratch.p, kernels::BlockSelectScratchBytes(sp)));
-  // The sparse draft's own lists, as in the GPU-resident rows.
-  const int d_units = static_cast<int>(dc_.num_hidden_layers * dc_.num_key_value_heads);
-  const int nb_d = static_cast<int>(kvstore::BlocksFor(ctx + k));
-  const int list_d = static_cast<int>(runtime::BudgetBlocks(budget, nb_d));
-  std::vector<int32_t> offsets_d =
-      kernels::SelectionOffsets(std::vector<int32_t>(B, nb_d), d_units, list_d, o_.sink_blocks, o_.window_blocks);
-  std::vector<int32_t> dmi{0}, dmh;
-  for (int u = 0; u < d_units; ++u) {
-    const int layer = u / static_cast<int>(dc_.num_key_value_heads), kvh = u % static_cast<int>(dc_.num_key_value_heads);
-    for (int g = 0; g < group; ++g) dmh.push_back(layer * static_cast<int>(dc_.num_attention_heads) + kvh * group + g);
-    dmi.push_back(static_cast<int32_t>(dmh.size()));
-  }
-  DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
-  BENCH_CHECK(upload(d_num_blocks, std::vector<int32_t>(B, nb_d)));
-  BENCH_CHECK(upload(d_map_indptr, dmi));
-  BENCH_CHECK(upload(d_map_heads, dmh));
-  BENCH_CHECK(upload(d_out_indptr, offsets_d));
-  BENCH_CUDA(cudaMalloc(&d_out_blocks.p, std::max<size_t>(4, offsets_d.back() * 4)));
-  kernels::BlockSelectParams dsp = sp;
-  dsp.num_blocks = static_cast<int32_t*>(d_num_blocks.p);
-  dsp.map_indptr = static_cast<int32_t*>(d_map_indptr.p);
-  dsp.map_heads = static_cast<int32_t*>(d_map_heads.p);
-  dsp.out_indptr = static_cast<int32_t*>(d_out_indptr.p);
-  dsp.out_blocks = static_cast<int32_t*>(d_out_blocks.p);
-  dsp.num_units = d_units;
-  dsp.budget_blocks = list_d;
-  BENCH_CUDA(cudaMalloc(&d_scratch.p, kernels::BlockSelectScratchBytes(dsp)));
-  runtime::DeviceSelection dsel{.indptr = static_cast<int32_t*>(d_out_indptr.p),
-                                .blocks = static_cast<int32_t*>(d_out_blocks.p), .max_list_blocks = list_d,
-                                .block_bound = nb_d};
   auto draft_select = [&]() -> absl::Status {
     BENCH_CUDA(cudaSetDevice(ddev));
     for (int s = 0; s < B && k > 1; ++s) {
       BENCH_CUDA(cudaMemsetAsync(static_cast<float*>(mass.p) + (static_cast<size_t>(s) * k + 1) * dh_total * nb, 0,
                                  static_cast<size_t>(k - 1) * dh_total * nb * 4, ds));
     }
-    BENCH_CUDA(kernels::BlockSelect(dsp, d_scratch.p, ds));
+    BENCH_CUDA(kernels::BlockSelect(dsp, sts.d_scratch.p, ds));
     return absl::OkStatus();
   };
   BENCH_CHECK(draft_select());
@@ -774,8 +745,8 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, i
   }
   auto target_select = [&](Lists* out) -> absl::Status {
     BENCH_CUDA(cudaSetDevice(ddev));
-    BENCH_CUDA(kernels::BlockSelect(sp, scratch.p, ds));
-    BENCH_CUDA(cudaMemcpyAsync(host_blocks, out_blocks.p, offsets.back() * 4, cudaMemcpyDeviceToHost, ds));
+    BENCH_CUDA(kernels::BlockSelect(sp, sts.scratch.p, ds));
+    BENCH_CUDA(cudaMemcpyAsync(host_blocks, sts.out_blocks.p, offsets.back() * 4, cudaMemcpyDeviceToHost, ds));
     BENCH_CUDA(cudaStreamSynchronize(ds));
     for (int s = 0; s < B; ++s) {
       (*out)[s].blocks.assign(host_blocks + offsets[s * units], host_blocks + offsets[(s + 1) * units]);
