@@ -92,7 +92,9 @@ struct UcxWorker {
     hp.arg = arg;
     return Ucx(ucp_worker_set_am_recv_handler(worker, &hp), "UCX active-message handler");
   }
-  // Progresses until the request completes or the deadline passes (then it is cancelled).
+  // Progresses until the request completes or the deadline passes; then it is cancelled, and
+  // if even that does not end it within a short grace (a close waiting on a peer that never
+  // answers), it is left to complete on its own (UCX frees it then).
   ucs_status_t Wait(ucs_status_ptr_t req, absl::Time deadline) {
     if (req == nullptr) return UCS_OK;
     if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
@@ -100,9 +102,13 @@ struct UcxWorker {
     bool cancelled = false;
     while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS) {
       ucp_worker_progress(worker);
-      if (!cancelled && absl::Now() > deadline) {
+      const absl::Time now = absl::Now();
+      if (!cancelled && now > deadline) {
         ucp_request_cancel(worker, req);
         cancelled = true;
+      } else if (cancelled && now > deadline + absl::Milliseconds(100)) {
+        ucp_request_free(req);
+        return UCS_ERR_TIMED_OUT;
       }
     }
     ucp_request_free(req);
@@ -328,7 +334,8 @@ struct KvStoreServer::Impl {
   ~Impl() {
     stop = true;
     if (thread.joinable()) thread.join();
-    for (ucp_ep_h ep : eps) ucx.Close(ep, absl::Milliseconds(200));
+    // Shutting down: clients see their connection fail, as if the node died.
+    for (ucp_ep_h ep : eps) ucx.Close(ep, absl::Milliseconds(200), /*failed=*/true);
     if (listener != nullptr) ucp_listener_destroy(listener);
   }
 };
