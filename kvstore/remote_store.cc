@@ -114,15 +114,16 @@ struct UcxWorker {
     ucp_request_free(req);
     return cancelled && st != UCS_OK ? UCS_ERR_TIMED_OUT : st;
   }
-  // Closes an endpoint, flushing it for at most `grace`, then forcibly (at once if it failed:
-  // UCX wants a failed endpoint closed by force).
+
+  // Closes an endpoint: flushing what it has queued (for at most `grace`), or by force if it
+  // failed (UCX wants a failed endpoint closed so). An endpoint is closed once either way.
   void Close(ucp_ep_h ep, absl::Duration grace, bool failed = false) {
     ucp_request_param_t p{};
-    if (failed || Wait(ucp_ep_close_nbx(ep, &p), absl::Now() + grace) != UCS_OK) {
+    if (failed) {
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      Wait(ucp_ep_close_nbx(ep, &p), absl::Now() + grace);
     }
+    Wait(ucp_ep_close_nbx(ep, &p), absl::Now() + grace);
   }
 };
 
