@@ -16,6 +16,8 @@ pkgs=(
   libicu-dev             # Unicode normalization (NFC) for tokenizer.json normalizers
   curl                   # the server tests talk HTTP to a real `scout serve`
   prometheus             # a real Prometheus scrapes `scout serve` in tests; promtool checks monitoring/
+  nodejs                 # schema check of the rendered k8s/ manifests (kubernetes-models from npm;
+                         # npm comes with it here, kubectl is on the machines)
 )
 missing=()
 for p in "${pkgs[@]}"; do
