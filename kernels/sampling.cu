@@ -12,7 +12,8 @@ constexpr int kWarps = kThreads / 32;
 
 // Order-preserving map of a float to an unsigned key: a < b exactly when key(a) < key(b).
 __device__ uint32_t OrderKey(float v) {
-  const uint32_t b = __float_as_uint(v);
+  // -0 and +0 compare equal (ties go by index, as the reference's float comparisons do).
+  const uint32_t b = __float_as_uint(v + 0.0f);
   return (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
 }
 __device__ float KeyValue(uint32_t k) { return __uint_as_float((k & 0x80000000u) != 0 ? (k & 0x7fffffffu) : ~k); }

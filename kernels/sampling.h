@@ -1,6 +1,8 @@
 // Sampling the next token on the GPU: greedy, temperature, top-k, top-p, seeded. The kept set is
-// exactly the host Sampler's (runtime/sampling.h): logits ordered by value, ties to the lower
-// index; the top_k first of them; of those, the shortest prefix whose softmax mass reaches top_p.
+// the host Sampler's (runtime/sampling.h): logits ordered by value, ties to the lower index; the
+// top_k first of them; of those, the shortest prefix whose softmax mass reaches top_p (sums in
+// another order: a row whose prefix mass lands within rounding of top_p may keep one token more
+// or less).
 // The draw among the kept tokens is the Gumbel-max trick with counter-based uniforms, so a row's
 // token depends only on its logits, its parameters and its seed (not on the batch around it):
 //   token = argmax over kept i of (l_i - max) / T - log(-log(u_i)),  u_i = RandomUniform(seed, i)

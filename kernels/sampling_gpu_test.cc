@@ -44,6 +44,8 @@ TEST(SampleGpu, MatchesReferenceWithTiesAtTheBoundaries) {
         for (int i = 0; i < vocab; i += 3) x[i] = 9.0f;
       } else if (r % 5 == 3) {  // flat
         for (int i = 0; i < vocab; ++i) x[i] = 0.5f;
+      } else if (r % 10 == 4) {  // flat at signed zeros: -0 and +0 tie (the lower index first)
+        for (int i = 0; i < vocab; ++i) x[i] = i % 2 == 1 ? 0.0f : -0.0f;
       }
     }
     std::vector<int32_t> want(rows, -1);

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <deque>
@@ -141,6 +142,7 @@ struct KvStoreServer::Impl {
   std::atomic<bool> stop{false};
   std::thread thread;
   std::vector<ucp_ep_h> eps;
+  std::vector<ucp_ep_h> failed;  // endpoints whose client went away, not yet closed
   // session -> (layer, head, block) -> bytes. Shared: a reply being sent holds the units it
   // sends (zero copy), so a rewrite (a new buffer) or a release never frees them under it.
   using Unit = std::shared_ptr<std::byte[]>;
@@ -170,10 +172,31 @@ struct KvStoreServer::Impl {
     p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
     p.conn_request = request;
     p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    p.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};  // a client went away: its replies fail, nothing else
+    // A client went away: its endpoint is closed by the loop once no request of it is pending.
+    p.err_handler.cb = [](void* arg, ucp_ep_h ep, ucs_status_t) { static_cast<Impl*>(arg)->failed.push_back(ep); };
     p.err_handler.arg = self;
     ucp_ep_h ep = nullptr;
-    if (ucp_ep_create(self->ucx.worker, &p, &ep) == UCS_OK) self->eps.push_back(ep);
+    if (ucp_ep_create(self->ucx.worker, &p, &ep) == UCS_OK) {
+      self->eps.push_back(ep);
+    } else {
+      ucp_listener_reject(self->listener, request);
+    }
+  }
+
+  bool Failed(ucp_ep_h ep) const { return std::find(failed.begin(), failed.end(), ep) != failed.end(); }
+
+  // Force-closes failed endpoints that no queued request still answers to.
+  void CloseFailed() {
+    for (size_t i = 0; i < failed.size();) {
+      ucp_ep_h ep = failed[i];
+      if (std::any_of(jobs.begin(), jobs.end(), [&](const std::unique_ptr<Job>& j) { return j->reply_ep == ep; })) {
+        ++i;
+        continue;
+      }
+      failed.erase(failed.begin() + static_cast<std::ptrdiff_t>(i));
+      eps.erase(std::remove(eps.begin(), eps.end(), ep), eps.end());
+      ucx.Close(ep, absl::Milliseconds(100), /*failed=*/true);
+    }
   }
 
   static void OnPayload(void* request, ucs_status_t status, size_t, void* user_data) {
@@ -323,10 +346,12 @@ struct KvStoreServer::Impl {
       while (!jobs.empty() && jobs.front()->ready) {
         std::unique_ptr<Job> job = std::move(jobs.front());
         jobs.pop_front();
+        worked = true;
+        if (Failed(job->reply_ep)) continue;  // nobody to answer
         absl::StatusOr<std::vector<Unit>> out = Process(*job);
         Send(job->reply_ep, job->header.id, out.status(), out.ok() ? std::move(*out) : std::vector<Unit>());
-        worked = true;
       }
+      if (!failed.empty()) CloseFailed();
       idle = worked ? 0 : idle + 1;
       if (idle > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
@@ -335,9 +360,18 @@ struct KvStoreServer::Impl {
   ~Impl() {
     stop = true;
     if (thread.joinable()) thread.join();
-    // Shutting down: clients see their connection fail, as if the node died.
-    for (ucp_ep_h ep : eps) ucx.Close(ep, absl::Milliseconds(200), /*failed=*/true);
+    // No new connections while closing; then clients see theirs fail, as if the node died.
     if (listener != nullptr) ucp_listener_destroy(listener);
+    std::vector<ucp_ep_h> closing;
+    closing.swap(eps);
+    for (ucp_ep_h ep : closing) ucx.Close(ep, absl::Milliseconds(200), /*failed=*/true);
+    // Receives still in flight end (in error) with their endpoints; let them before the jobs go.
+    const absl::Time deadline = absl::Now() + absl::Milliseconds(200);
+    while (absl::Now() < deadline &&
+           std::any_of(jobs.begin(), jobs.end(), [](const std::unique_ptr<Job>& j) { return !j->ready; })) {
+      ucp_worker_progress(ucx.worker);
+    }
+    jobs.clear();
   }
 };
 
@@ -447,17 +481,28 @@ struct KvStoreClient::Impl {
     return UCS_OK;
   }
 
-  absl::Status Call(uint32_t op, uint32_t count, int64_t session, const void* payload, size_t payload_length,
-                    std::byte* out, size_t out_length) {
+  // The request in flight: header, payload and reply state live here, not on the caller's stack,
+  // so that UCX never touches freed memory if a call gives up on a silent server.
+  RequestHeader request_header;
+  std::vector<std::byte> request_payload;
+  Pending call;
+
+  absl::Status Call(uint32_t op, uint32_t count, int64_t session, std::vector<std::byte> payload, std::byte* out,
+                    size_t out_length) {
     if (broken) return absl::UnavailableError(absl::StrCat("KV store ", peer, " is unreachable: ", ucs_status_string(broken_status)));
-    Pending p{.id = next_id++, .out = out, .out_length = out_length};
+    call = Pending{.id = next_id++, .out = out, .out_length = out_length};
+    Pending& p = call;
     pending = &p;
-    RequestHeader h{.op = op, .count = count, .id = p.id, .session = session};
+    request_header = {.op = op, .count = count, .id = p.id, .session = session};
+    request_payload = std::move(payload);
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     rp.flags = UCP_AM_SEND_FLAG_REPLY;
     const absl::Time deadline = absl::Now() + timeout;
-    const ucs_status_t sent = ucx.Wait(ucp_am_send_nbx(ep, kRequestAm, &h, sizeof(h), payload, payload_length, &rp), deadline);
+    const ucs_status_t sent =
+        ucx.Wait(ucp_am_send_nbx(ep, kRequestAm, &request_header, sizeof(RequestHeader), request_payload.data(),
+                                 request_payload.size(), &rp),
+                 deadline);
     while (sent == UCS_OK && !p.done && !broken && absl::Now() < deadline) ucp_worker_progress(ucx.worker);
     pending = nullptr;
     if (sent != UCS_OK || !p.done) {
@@ -516,7 +561,7 @@ absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Connect(const std:
     return s;
   }
   // The connection is made lazily: a ping proves it.
-  if (absl::Status s = impl->Call(kPing, 0, 0, nullptr, 0, nullptr, 0); !s.ok()) return s;
+  if (absl::Status s = impl->Call(kPing, 0, 0, {}, nullptr, 0); !s.ok()) return s;
   return std::unique_ptr<KvStoreClient>(new KvStoreClient(std::move(impl)));
 }
 
@@ -526,18 +571,19 @@ absl::Status KvStoreClient::Put(std::span<const UnitKey> keys, const std::byte* 
   auto* wire = reinterpret_cast<WireKey*>(payload.data());
   for (size_t i = 0; i < n; ++i) wire[i] = {.session = keys[i].session, .layer = keys[i].layer, .head = keys[i].head, .block = keys[i].block};
   if (n > 0) std::memcpy(payload.data() + n * sizeof(WireKey), data, n * ub);
-  return impl_->Call(kPut, static_cast<uint32_t>(n), 0, payload.data(), payload.size(), nullptr, 0);
+  return impl_->Call(kPut, static_cast<uint32_t>(n), 0, std::move(payload), nullptr, 0);
 }
 
 absl::Status KvStoreClient::Get(std::span<const UnitKey> keys, std::byte* out) {
   const size_t n = keys.size();
-  std::vector<WireKey> wire(n);
+  std::vector<std::byte> payload(n * sizeof(WireKey));
+  auto* wire = reinterpret_cast<WireKey*>(payload.data());
   for (size_t i = 0; i < n; ++i) wire[i] = {.session = keys[i].session, .layer = keys[i].layer, .head = keys[i].head, .block = keys[i].block};
-  return impl_->Call(kGet, static_cast<uint32_t>(n), 0, wire.data(), n * sizeof(WireKey), out, n * impl_->unit_bytes);
+  return impl_->Call(kGet, static_cast<uint32_t>(n), 0, std::move(payload), out, n * impl_->unit_bytes);
 }
 
 absl::Status KvStoreClient::Release(SequenceId session) {
-  return impl_->Call(kRelease, 0, session, nullptr, 0, nullptr, 0);
+  return impl_->Call(kRelease, 0, session, {}, nullptr, 0);
 }
 
 }  // namespace scout::kvstore

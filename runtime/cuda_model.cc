@@ -210,8 +210,10 @@ struct CudaModel::Impl {
                               const std::vector<int32_t>& sel_indptr, const std::vector<int32_t>& sel_blocks,
                               TierPlan* tp);
   // capture: records the step into a new entry of graphs instead of running it.
+  // host_selections: honour the inputs' host selections although the logits stay on the device
+  // (ForwardSampled); Forward always does, EnqueueForward takes only device ones.
   absl::Status Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
-                       std::vector<float>* host_mass_out, std::vector<float>* host_logits);
+                       std::vector<float>* host_mass_out, std::vector<float>* host_logits, bool host_selections = false);
 };
 
 absl::Status CudaModel::Impl::Init(const CudaModelOptions& o) {
@@ -508,6 +510,7 @@ absl::Status CudaModel::Impl::PlanTieredStep(std::span<const SequenceInput> batc
     tp->prefetch.layer_begin.push_back(static_cast<int32_t>(tp->prefetch.transfers.size()));
     tp->append.fetch.insert(tp->append.fetch.end(), o.fetch.begin(), o.fetch.end());
     tp->append.flush.insert(tp->append.flush.end(), o.flush.begin(), o.flush.end());
+    tier_stats.bytes_prefetched += static_cast<int64_t>(o.fetch.size() * unit_bytes);  // partial blocks appended to
     tier_stats.unit_hits += o.hits;
     tier_stats.unit_misses += o.misses;
     tier_stats.bytes_prefetched += o.misses * static_cast<int64_t>(unit_bytes);
@@ -519,7 +522,8 @@ absl::Status CudaModel::Impl::PlanTieredStep(std::span<const SequenceInput> batc
 }
 
 absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
-                                      std::vector<float>* host_mass_out, std::vector<float>* host_logits) {
+                                      std::vector<float>* host_mass_out, std::vector<float>* host_logits,
+                                      bool host_selections) {
   // Shapes of this shard; selections name the whole model's KV heads (nkv_all), of which this
   // shard holds [kv0, kv0 + nkv).
   const int64_t d = lc.hidden_size, hd = lc.head_dim, nh = lc.num_attention_heads, nkv = lc.num_key_value_heads;
@@ -549,7 +553,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     if (in.quest_budget != nullptr) {
       return absl::UnimplementedError("Quest-style selection runs on the CPU backend only");
     }
-    host_selection |= in.selection != nullptr && o.selection == nullptr && host_logits != nullptr;
+    host_selection |= in.selection != nullptr && o.selection == nullptr && (host_logits != nullptr || host_selections);
     host_mass |= in.block_mass != nullptr && host_mass_out != nullptr;
   }
   if (host_mass && host_selection) {
@@ -845,6 +849,19 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     return absl::OkStatus();
   };
   absl::Status status = enqueue();
+  if (tier && !status.ok()) {
+    // The step was planned but not (all) enqueued: claimed slots may never be filled. Wait for
+    // what did run, unpin, forget the batch's cached units (the host store has their bytes) and
+    // give the reserved tokens back.
+    cudaStreamSynchronize(stream);
+    cudaStreamSynchronize(copier->stream());
+    for (auto& cache : caches) cache->ReleaseStep(step_id);
+    step_pending = false;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      for (auto& cache : caches) cache->EraseSession(batch[i].seq).IgnoreError();
+      store->Truncate(batch[i].seq, shape->start[i]).IgnoreError();
+    }
+  }
   if (capture) {
     cudaGraph_t g = nullptr;
     const cudaError_t end = cudaStreamEndCapture(stream, &g);
@@ -1060,7 +1077,7 @@ absl::Status CudaModel::ForwardSampled(std::span<const SequenceInput> batch,
       return absl::InvalidArgumentError("sampling row: temperature >= 0, top_k >= 0, top_p in (0, 1]");
     }
   }
-  SCOUT_RETURN_IF_ERROR(m.Enqueue(batch, {}, /*capture=*/false, nullptr, nullptr));
+  SCOUT_RETURN_IF_ERROR(m.Enqueue(batch, {}, /*capture=*/false, nullptr, nullptr, /*host_selections=*/true));
   const size_t param_bytes = rows.size() * sizeof(kernels::SampleRowParams), out_bytes = rows.size() * sizeof(int32_t);
   SCOUT_RETURN_IF_ERROR(m.sample_rows.Reserve(std::max<size_t>(param_bytes, 16), "sampling parameters"));
   SCOUT_RETURN_IF_ERROR(m.sample_out.Reserve(std::max<size_t>(out_bytes, 16), "sampled tokens"));

@@ -179,6 +179,7 @@ void SpeculativeStream::StartRound() {
   k_ = std::max(k, 0);
   rng_at_start_ = rng_;
   draft_len_at_start_ = *draft_.SequenceLength(seq_);
+  target_len_at_start_ = *target_.SequenceLength(seq_);
   refresh_mass_at_start_ = refresh_mass_;
   refresh_rows_at_start_ = refresh_rows_;
   refresh_blocks_at_start_ = refresh_blocks_;
@@ -320,7 +321,9 @@ absl::Status SpeculativeStream::AbortRound() {
   refresh_blocks_ = refresh_blocks_at_start_;
   --round_index_;
   selection_ = {};
-  return draft_.TruncateSequence(seq_, draft_len_at_start_);
+  absl::Status s = draft_.TruncateSequence(seq_, draft_len_at_start_);
+  absl::Status t = target_.TruncateSequence(seq_, target_len_at_start_);
+  return s.ok() ? t : s;
 }
 
 absl::Status SpeculativeStream::Finish() {
@@ -381,6 +384,9 @@ absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std:
     const size_t rows = batch[j].tokens.size();
     if (absl::Status st = live[j]->OnVerifyLogits(std::span<const float>(logits).subspan(row * vocab, rows * vocab));
         !st.ok()) {
+      // A cache truncation failed while accepting: the streams not yet accepted go back; the
+      // ones before have emitted (the caller ends them all).
+      for (size_t later = j + 1; later < live.size(); ++later) live[later]->AbortRound().IgnoreError();
       return st;
     }
     row += rows;

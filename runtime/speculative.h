@@ -146,7 +146,7 @@ class SpeculativeStream {
   int k_ = 0;
   bool refresh_ = false;
   std::mt19937_64 rng_at_start_;
-  int64_t draft_len_at_start_ = 0;
+  int64_t draft_len_at_start_ = 0, target_len_at_start_ = 0;
   std::vector<float> refresh_mass_at_start_;
   int64_t refresh_rows_at_start_ = 0, refresh_blocks_at_start_ = 0;
   std::vector<std::vector<float>> q_;
@@ -158,9 +158,10 @@ class SpeculativeStream {
 };
 
 // One round of every stream that is not done: the draft's steps, each one Forward over the
-// streams still drafting, then one verification Forward over all of them. All or nothing: on
-// error every stream's caches and random state are as before the round (a server can drop one
-// stream and run the round again).
+// streams still drafting, then one verification Forward over all of them. A pass that fails
+// (a full KV pool, say) leaves every stream's caches and random state as before the round, so a
+// server can drop one stream and run the round again; an error while accepting (a cache
+// truncation, which does not fail in practice) leaves the streams before it advanced: end them.
 absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams);
 
 }  // namespace scout::runtime

@@ -417,7 +417,9 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
   }
   Request* rp = &r;
   r.spec = std::make_unique<runtime::SpeculativeStream>(
-      *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return !rp->cancelled && OnToken(*rp, token); });
+      // OnToken takes every token the stream emits (it returns false once cancelled): the
+      // session's pending token must be the stream's last, which its cache does not hold.
+      *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return OnToken(*rp, token); });
   if (absl::Status s = r.spec->Begin(); !s.ok()) {
     FinishSpeculative(r, s);
     return StartResult::kDone;

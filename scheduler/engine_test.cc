@@ -313,6 +313,25 @@ TEST(EngineTest, RequestsChooseTheirSparsity) {
   EXPECT_EQ(engine.Complete({.prompt = "x", .kv_budget_tokens = -4}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A session turn cancelled mid-round (with a draft) keeps the session consistent: the next turn
+// continues exactly after the tokens the cancelled one emitted.
+TEST(EngineTest, CancelledSpeculativeTurnLeavesTheSessionConsistent) {
+  monitoring::ServerMetrics metrics;
+  std::unique_ptr<Engine> engine = MakeDraftEngine(&metrics);
+  ASSERT_NE(engine, nullptr);
+  const std::string p1 = "def add(a, b):\n    ", p2 = "\n\ndef sub(a, b):\n    ";
+  int pieces = 0;
+  auto t1 = engine->Complete({.prompt = p1, .max_tokens = 40, .session_id = "c"},
+                             [&](absl::string_view) { return ++pieces < 3; });
+  ASSERT_TRUE(t1.ok()) << t1.status();
+  ASSERT_EQ(t1->finish_reason, "cancelled");
+  auto t2 = engine->Complete({.prompt = p2, .max_tokens = 12, .session_id = "c"});
+  ASSERT_TRUE(t2.ok()) << t2.status();
+  auto whole = engine->Complete({.prompt = p1 + t1->text + p2, .max_tokens = 12});
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(t2->text, whole->text);
+}
+
 // A failed turn leaves the session as it was; the next turn still continues it.
 TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   monitoring::ServerMetrics metrics;
