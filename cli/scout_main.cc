@@ -146,6 +146,30 @@ absl::StatusOr<HostTierFlags> ParseHostTier(const Flags& flags) {
   return HostTierFlags{.host_gb = *host, .gpu_cache_gb = *cache};
 }
 
+#ifdef SCOUT_HAVE_CUDA
+// The host tier's sizes for one shard of `shards`: the store holds --host-kv-gb of the whole
+// model's KV in tokens (each shard its KV heads' share), the GPU cache --gpu-kv-cache-gb per GPU.
+struct TierSizes {
+  int64_t host_kv_tokens = 0;
+  int64_t gpu_cache_units = 0;
+};
+absl::StatusOr<TierSizes> TierSizesFor(const std::string& dir, const HostTierFlags& tier, int shards) {
+  absl::StatusOr<runtime::ModelConfig> c = runtime::LoadModelConfig(dir);
+  if (!c.ok()) return c.status();
+  const double unit = 2.0 * kvstore::kBlockSize * static_cast<double>(c->head_dim) * 2;
+  const double per_token = static_cast<double>(c->num_hidden_layers * c->num_key_value_heads) * unit / kvstore::kBlockSize;
+  TierSizes t;
+  t.host_kv_tokens = std::max<int64_t>(kvstore::kBlockSize, static_cast<int64_t>(tier.host_gb * 1e9 / per_token));
+  t.gpu_cache_units = static_cast<int64_t>(tier.gpu_cache_gb * 1e9 / unit);
+  if (tier.gpu_cache_gb > 0 && t.gpu_cache_units < c->num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpu-kv-cache-gb ", tier.gpu_cache_gb,
+                                                   " holds less than one block per layer"));
+  }
+  (void)shards;  // the token count is the same for every shard; each stores only its heads
+  return t;
+}
+#endif
+
 // A model on the backend a --device flag names: "cpu", "cuda" or "cuda:N".
 absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::string& dir, const std::string& device,
                                                                    int64_t kv_tokens, const HostTierFlags& tier = {}) {
@@ -164,16 +188,10 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::st
 #ifdef SCOUT_HAVE_CUDA
   runtime::CudaModelOptions options{.device = index, .kv_budget_tokens = kv_tokens};
   if (tier.host_gb > 0) {
-    absl::StatusOr<runtime::ModelConfig> c = runtime::LoadModelConfig(dir);
-    if (!c.ok()) return c.status();
-    const double unit = 2.0 * kvstore::kBlockSize * static_cast<double>(c->head_dim) * 2;
-    const double per_token = static_cast<double>(c->num_hidden_layers * c->num_key_value_heads) * unit / kvstore::kBlockSize;
-    options.host_kv_tokens = std::max<int64_t>(kvstore::kBlockSize, static_cast<int64_t>(tier.host_gb * 1e9 / per_token));
-    options.gpu_cache_units = static_cast<int64_t>(tier.gpu_cache_gb * 1e9 / unit);
-    if (tier.gpu_cache_gb > 0 && options.gpu_cache_units < c->num_hidden_layers) {
-      return absl::InvalidArgumentError(absl::StrCat("--gpu-kv-cache-gb ", tier.gpu_cache_gb,
-                                                     " holds less than one block per layer"));
-    }
+    absl::StatusOr<TierSizes> sizes = TierSizesFor(dir, tier, 1);
+    if (!sizes.ok()) return sizes.status();
+    options.host_kv_tokens = sizes->host_kv_tokens;
+    options.gpu_cache_units = sizes->gpu_cache_units;
   }
   absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m = runtime::CudaModel::Load(dir, options);
   if (!m.ok()) return m.status();
@@ -185,7 +203,8 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::st
 
 // The target split over GPUs: --tensor-parallel-size N, or --target-devices 0,1,...
 absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const std::string& dir, int size,
-                                                                          const std::string& devices, int64_t kv_tokens) {
+                                                                          const std::string& devices, int64_t kv_tokens,
+                                                                          const HostTierFlags& tier = {}) {
   std::vector<int> ids;
   if (devices.empty()) {
     for (int i = 0; i < size; ++i) ids.push_back(i);
@@ -202,8 +221,14 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const 
     }
   }
 #ifdef SCOUT_HAVE_NCCL
-  absl::StatusOr<std::unique_ptr<runtime::TensorParallelModel>> m =
-      runtime::TensorParallelModel::Load(dir, {.devices = ids, .kv_budget_tokens = kv_tokens});
+  runtime::TensorParallelOptions options{.devices = ids, .kv_budget_tokens = kv_tokens};
+  if (tier.host_gb > 0) {
+    absl::StatusOr<TierSizes> sizes = TierSizesFor(dir, tier, static_cast<int>(ids.size()));
+    if (!sizes.ok()) return sizes.status();
+    options.host_kv_tokens = sizes->host_kv_tokens;
+    options.gpu_cache_units = sizes->gpu_cache_units;
+  }
+  absl::StatusOr<std::unique_ptr<runtime::TensorParallelModel>> m = runtime::TensorParallelModel::Load(dir, options);
   if (!m.ok()) return m.status();
   return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
 #else
@@ -258,11 +283,8 @@ int Generate(int argc, char** argv) {
   absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
   if (!tier.ok()) return Fail(tier.status());
   const bool split = *tp > 1 || !flags.Get("target-devices").empty();
-  if (split && tier->host_gb > 0) {
-    return Fail(absl::UnimplementedError("--host-kv-gb with tensor parallelism is not supported yet"));
-  }
   absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
-      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *budget)
+      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *budget, *tier)
             : LoadBackend(flags.Get("model"), flags.Get("device"), *budget, *tier);
   if (!model.ok()) return Fail(model.status());
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
@@ -625,11 +647,8 @@ int Serve(int argc, char** argv) {
   absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
   if (!tier.ok()) return Fail(tier.status());
   const bool split = *tp > 1 || !flags.Get("target-devices").empty();
-  if (split && tier->host_gb > 0) {
-    return Fail(absl::UnimplementedError("--host-kv-gb with tensor parallelism is not supported yet"));
-  }
   absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
-      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), 0)
+      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), 0, *tier)
             : LoadBackend(flags.Get("model"), flags.Get("device"), 0, *tier);
   if (!model.ok()) return Fail(model.status());
   std::unique_ptr<runtime::ModelBackend> draft;

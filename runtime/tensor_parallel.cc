@@ -50,11 +50,30 @@ absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Create
     absl::StatusOr<std::unique_ptr<CudaModel>> shard = CudaModel::Create(
         config, weights,
         {.device = options.devices[i], .kv_budget_tokens = options.kv_budget_tokens, .tp_rank = i, .tp_size = n,
-         .nccl_comm = n > 1 ? m->comms_[i] : nullptr});
+         .nccl_comm = n > 1 ? m->comms_[i] : nullptr, .host_kv_tokens = options.host_kv_tokens,
+         .gpu_cache_units = options.gpu_cache_units});
     if (!shard.ok()) return shard.status();
     m->shards_.push_back(std::move(*shard));
   }
   return m;
+}
+
+HostKvTierStats TensorParallelModel::host_tier_stats() const {
+  HostKvTierStats sum;
+  for (const auto& shard : shards_) {
+    const HostKvTierStats s = shard->host_tier_stats();
+    sum.enabled = s.enabled;
+    sum.steps = s.steps;
+    sum.unit_hits += s.unit_hits;
+    sum.unit_misses += s.unit_misses;
+    sum.bytes_prefetched += s.bytes_prefetched;
+    sum.bytes_flushed += s.bytes_flushed;
+    sum.prefetch_seconds = std::max(sum.prefetch_seconds, s.prefetch_seconds);  // the shards move in parallel
+    sum.plan_ms = std::max(sum.plan_ms, s.plan_ms);
+    sum.cache_units_used += s.cache_units_used;
+    sum.cache_units_total += s.cache_units_total;
+  }
+  return sum;
 }
 
 TensorParallelModel::~TensorParallelModel() {

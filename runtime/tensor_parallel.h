@@ -16,6 +16,10 @@ namespace scout::runtime {
 struct TensorParallelOptions {
   std::vector<int> devices = {0};  // shard i on devices[i]; the size is the tensor-parallel size
   int64_t kv_budget_tokens = 0;    // per shard, as CudaModelOptions
+  // The host KV tier, per shard (each keeps its own KV heads' units in its own host store and
+  // GPU block cache), as CudaModelOptions.
+  int64_t host_kv_tokens = 0;
+  int64_t gpu_cache_units = 0;
 };
 
 class TensorParallelModel final : public ModelBackend {
@@ -37,6 +41,8 @@ class TensorParallelModel final : public ModelBackend {
   // Every shard runs the pass on its own thread (their all-reduces meet); logits from shard 0.
   absl::Status Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) override;
   KvCacheUsage kv_cache_usage() const override { return shards_.front()->kv_cache_usage(); }
+  // Summed over the shards (each moves its own KV heads' units).
+  HostKvTierStats host_tier_stats() const override;
 
   int size() const { return static_cast<int>(shards_.size()); }
 

@@ -103,6 +103,36 @@ TEST(TensorParallelTest, ShardsReadOnlyTheirHeadsOfASelection) {
     ASSERT_TRUE(s.ok()) << s;
   }
   EXPECT_LT(kernels::testing::RelL2(got, want), 2e-2);
+  // The host KV tier per shard: the same steps as the resident two shards, with a GPU cache of
+  // 20 units per layer per shard (a shard holds one KV head): the 300-token context (19 blocks)
+  // fits, and another sequence's 200 tokens in between evict most of it, so every step fetches
+  // units back from the host store.
+  auto tier = TensorParallelModel::Load(dir, {.devices = {0, 1}, .host_kv_tokens = 4096, .gpu_cache_units = 40});
+  ASSERT_TRUE(tier.ok()) << tier.status();
+  std::vector<float> tier_got;
+  ASSERT_TRUE((*tier)->AddSequence(4).ok());
+  {
+    SequenceInput pre{.seq = 4, .tokens = prompt};
+    ASSERT_TRUE((*tier)->Forward({&pre, 1}, &unused).ok());
+  }
+  std::vector<int32_t> other(200);
+  for (int32_t& t : other) t = static_cast<int32_t>(rng() % c.vocab_size);
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_TRUE((*tier)->AddSequence(10 + round).ok());
+    SequenceInput in_between{.seq = 10 + round, .tokens = other};
+    ASSERT_TRUE((*tier)->Forward({&in_between, 1}, &unused).ok());
+    ASSERT_TRUE((*tier)->ReleaseSequence(10 + round).ok());
+    for (auto* m : {two->get(), tier->get()}) {
+      ASSERT_TRUE(m->TruncateSequence(4, 300).ok());  // verify the same rows again
+      SequenceInput in{.seq = 4, .tokens = step, .all_logits = true, .selection = &sel};
+      absl::Status s = m->Forward({&in, 1}, m == two->get() ? &want : &tier_got);
+      ASSERT_TRUE(s.ok()) << s;
+    }
+    EXPECT_LT(kernels::testing::RelL2(tier_got, want), 1e-5) << "round " << round;
+  }
+  const HostKvTierStats ts = (*tier)->host_tier_stats();
+  EXPECT_TRUE(ts.enabled);
+  EXPECT_GT(ts.unit_misses, 0);
   // Sizes that do not divide the heads are refused, naming the field.
   auto three = TensorParallelModel::Load(dir, {.devices = {0, 1, 2}});
   EXPECT_EQ(three.status().code(), absl::StatusCode::kInvalidArgument);
