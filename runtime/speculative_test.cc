@@ -17,6 +17,16 @@ namespace {
 
 const std::filesystem::path kModels = std::filesystem::path(SCOUT_SOURCE_DIR) / "models";
 
+// BOS and the first `bytes` bytes of the long golden prompt (byte-level fixture tokens); empty
+// if the file cannot be read.
+std::vector<int32_t> GoldenPrompt(size_t bytes) {
+  absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
+  if (!text.ok()) return {};
+  std::vector<int32_t> prompt = {256};
+  for (char c : text->substr(0, bytes)) prompt.push_back(static_cast<unsigned char>(c));
+  return prompt;
+}
+
 // Rejection sampling keeps the target's distribution: over many seeded verifications of k = 2
 // drafted tokens on a 5-token vocabulary, the first emitted token is distributed as p[0], and
 // the second (where the first was accepted) as p[1]. Chi-square against the exact distribution.
@@ -194,10 +204,8 @@ TEST(GenerateSpeculativeTest, SparseDraftKeepsGreedyOutput) {
   auto target = CpuModel::Load(kModels / "scout-tiny-target");
   auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
   ASSERT_TRUE(target.ok() && draft.ok());
-  absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
-  ASSERT_TRUE(text.ok());
-  std::vector<int32_t> prompt = {256};
-  for (char c : text->substr(0, 1200)) prompt.push_back(static_cast<unsigned char>(c));
+  const std::vector<int32_t> prompt = GoldenPrompt(1200);
+  ASSERT_EQ(prompt.size(), 1201u);
   absl::StatusOr<GenerateResult> plain = Generate(**target, 1, prompt, {.max_tokens = 60});
   ASSERT_TRUE(plain.ok());
   const HeadMap self = SelfHeadMap((*draft)->config());
@@ -256,10 +264,8 @@ TEST(GenerateSpeculativeTest, StsTurnoverMatchesTheListsTheTargetRead) {
   auto target = CpuModel::Load(kModels / "scout-tiny-target");
   auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
   ASSERT_TRUE(target.ok() && draft.ok());
-  absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
-  ASSERT_TRUE(text.ok());
-  std::vector<int32_t> prompt = {256};
-  for (char c : text->substr(0, 1200)) prompt.push_back(static_cast<unsigned char>(c));
+  const std::vector<int32_t> prompt = GoldenPrompt(1200);
+  ASSERT_EQ(prompt.size(), 1201u);
   const HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
   for (double fraction : {0.2, 1.0}) {
     RecordingBackend recorder(**target);
