@@ -39,6 +39,11 @@ struct SequenceInput {
   kvstore::Selection* quest_selection = nullptr;
 };
 
+// A ResourceExhausted status carrying this payload says a step did not fit the GPU block cache of
+// a host KV tier: the KV itself is safe in host memory, so a server can run the step without its
+// newest sequences and bring them back once the others finish (preemption), instead of failing.
+inline constexpr absl::string_view kGpuBlockCacheFullPayload = "scout.dev/gpu-block-cache-full";
+
 // What a host KV tier did since the model was made, in (layer, KV head, 16-token block) units.
 struct HostKvTierStats {
   bool enabled = false;

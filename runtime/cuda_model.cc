@@ -11,6 +11,7 @@
 #include <cmath>
 #include <thread>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/bf16.h"
 #include "kernels/model_ops.cuh"
@@ -498,7 +499,11 @@ absl::Status CudaModel::Impl::PlanTieredStep(std::span<const SequenceInput> batc
     }
     const absl::Status& st = out[l].status;
     if (st.code() == absl::StatusCode::kResourceExhausted) {
-      return absl::ResourceExhaustedError(absl::StrCat("the GPU block cache (", layer_units, " units per layer) cannot hold this step's lists of layer ", l, ": ", st.message()));
+      absl::Status full = absl::ResourceExhaustedError(absl::StrCat(
+          "the GPU block cache (", layer_units, " units per layer) cannot hold this step's lists of layer ", l, ": ",
+          st.message()));
+      full.SetPayload(kGpuBlockCacheFullPayload, absl::Cord("1"));
+      return full;
     }
     return st;
   }

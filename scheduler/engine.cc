@@ -372,6 +372,12 @@ bool Engine::RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<ab
     const absl::Status s = pass();
     if (s.ok()) break;
     if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
+      if (s.GetPayload(runtime::kGpuBlockCacheFullPayload).has_value()) {
+        // Only the GPU's block cache is short (the KV is in host memory): the newest request
+        // sits this pass out and runs again once the others leave room (preemption).
+        running.pop_back();
+        continue;
+      }
       // The KV pool is full: the newest request gives way so the others keep running.
       finish(*running.back(), s);
       running.pop_back();

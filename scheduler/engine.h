@@ -137,7 +137,8 @@ class Engine {
   StartResult Start(Request& r, const std::vector<std::shared_ptr<Request>>& running)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Runs `pass` over the running requests; when a KV pool is full the newest gives way (finished
-  // with the error) and the pass runs again over the rest; any other error finishes them all.
+  // with the error; when only a host tier's GPU block cache is short, it just sits this pass
+  // out) and the pass runs again over the rest; any other error finishes them all.
   // False when none is left; otherwise counts the pass in the stats and metrics.
   bool RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<absl::Status()> pass,
                       absl::FunctionRef<void(Request&, absl::Status)> finish) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);

@@ -16,6 +16,7 @@ chat='{"model":"scout-tiny-target","messages":[{"role":"user","content":"import 
 turn1='{"prompt":"class Stack:\n    def __init__(self):\n","max_tokens":24,"temperature":0,"session_id":"s1"}'
 other='{"prompt":"import numpy as np\nimport json\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n\n","max_tokens":30,"temperature":0}'
 turn2='{"prompt":"\n    def push(self, x):\n","max_tokens":24,"temperature":0,"session_id":"s1"}'
+text() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); c=d["choices"][0]; print(c.get("text") or c["message"]["content"])' "$1"; }
 # One server configuration per entry, separated by ';'.
 IFS=';' read -ra configs <<< "${CONFIGS:-cpu;cuda;cuda --host-kv-gb 1 --gpu-kv-cache-gb 0.0005}"
 for i in "${!configs[@]}"; do
@@ -30,11 +31,24 @@ for i in "${!configs[@]}"; do
   curl -sf "$base/v1/completions" -d "$turn1" > "$work/$i.t1.json" || fail "${configs[$i]} turn 1: $(cat "$work/$i.log")"
   curl -sf "$base/v1/completions" -d "$other" > "$work/$i.other.json" || fail "${configs[$i]} other: $(cat "$work/$i.log")"
   curl -sf "$base/v1/completions" -d "$turn2" > "$work/$i.t2.json" || fail "${configs[$i]} turn 2: $(cat "$work/$i.log")"
+  if [[ "${configs[$i]}" == *--host-kv-gb* ]]; then
+    # More streams than the GPU block cache holds at once: the newest sit passes out and resume
+    # (preemption); every one finishes with the single request's text.
+    curls=()
+    for n in 1 2 3 4; do
+      curl -sf "$base/v1/completions" -H 'Content-Type: application/json' -d "$body" > "$work/$i.many$n.json" &
+      curls+=($!)
+    done
+    wait "${curls[@]}"  # not a bare wait: the server is a child too
+    for n in 1 2 3 4; do
+      [ "$(text "$work/$i.many$n.json")" == "$(text "$work/$i.json")" ] ||
+        fail "${configs[$i]}: concurrent request $n: $(cat "$work/$i.many$n.json")"
+    done
+  fi
   curl -sf "$base/metrics" > "$work/$i.metrics" || fail "${configs[$i]} metrics"
   kill -TERM "$pid"
   wait "$pid" || true
 done
-text() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); c=d["choices"][0]; print(c.get("text") or c["message"]["content"])' "$1"; }
 metric() { awk -v n="$2" '$1 == n {print $2}' "$1"; }
 for i in "${!configs[@]}"; do
   for part in json chat.json t1.json other.json t2.json; do
