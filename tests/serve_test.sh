@@ -51,6 +51,8 @@ code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
 [ "$(code '{"prompt": "x", "temperature": -1}')" = 400 ] || fail "negative temperature"
 [ "$(code '{"prompt": "def f(x):", "max_tokens": 4, "sparsity": "sts", "kv_budget_fraction": 0.5}')" = 200 ] || fail "per-request sts"
 [ "$(code '{"prompt": "x", "sparsity": "sparse"}')" = 400 ] || fail "unknown sparsity"
+[ "$(code '{"prompt": "x", "sparsity": 5}')" = 400 ] && grep -q "malformed field" err.json || fail "sparsity of the wrong type"
+[ "$(code '{"prompt": "x", "kv_budget_tokens": "many"}')" = 400 ] || fail "kv_budget_tokens of the wrong type"
 [ "$(code '{"prompt": "x", "kv_budget_fraction": 1.5}')" = 400 ] || fail "budget fraction over 1"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/nope")" = 404 ] || fail "unknown route"
 
