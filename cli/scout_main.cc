@@ -147,13 +147,15 @@ absl::StatusOr<HostTierFlags> ParseHostTier(const Flags& flags) {
 }
 
 #ifdef SCOUT_HAVE_CUDA
-// The host tier's sizes for one shard of `shards`: the store holds --host-kv-gb of the whole
-// model's KV in tokens (each shard its KV heads' share), the GPU cache --gpu-kv-cache-gb per GPU.
+// The host tier's sizes (zeros without --host-kv-gb): the store holds --host-kv-gb of the whole
+// model's KV in tokens (a tensor-parallel shard stores only its KV heads of those tokens), the
+// GPU cache --gpu-kv-cache-gb per GPU.
 struct TierSizes {
   int64_t host_kv_tokens = 0;
   int64_t gpu_cache_units = 0;
 };
-absl::StatusOr<TierSizes> TierSizesFor(const std::string& dir, const HostTierFlags& tier, int shards) {
+absl::StatusOr<TierSizes> TierSizesFor(const std::string& dir, const HostTierFlags& tier) {
+  if (tier.host_gb <= 0) return TierSizes{};
   absl::StatusOr<runtime::ModelConfig> c = runtime::LoadModelConfig(dir);
   if (!c.ok()) return c.status();
   const double unit = 2.0 * kvstore::kBlockSize * static_cast<double>(c->head_dim) * 2;
@@ -165,7 +167,6 @@ absl::StatusOr<TierSizes> TierSizesFor(const std::string& dir, const HostTierFla
     return absl::InvalidArgumentError(absl::StrCat("--gpu-kv-cache-gb ", tier.gpu_cache_gb,
                                                    " holds less than one block per layer"));
   }
-  (void)shards;  // the token count is the same for every shard; each stores only its heads
   return t;
 }
 #endif
@@ -186,14 +187,11 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::st
     return absl::InvalidArgumentError(absl::StrCat("device must be cpu, cuda or cuda:N, got \"", device, "\""));
   }
 #ifdef SCOUT_HAVE_CUDA
-  runtime::CudaModelOptions options{.device = index, .kv_budget_tokens = kv_tokens};
-  if (tier.host_gb > 0) {
-    absl::StatusOr<TierSizes> sizes = TierSizesFor(dir, tier, 1);
-    if (!sizes.ok()) return sizes.status();
-    options.host_kv_tokens = sizes->host_kv_tokens;
-    options.gpu_cache_units = sizes->gpu_cache_units;
-  }
-  absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m = runtime::CudaModel::Load(dir, options);
+  absl::StatusOr<TierSizes> sizes = TierSizesFor(dir, tier);
+  if (!sizes.ok()) return sizes.status();
+  absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m = runtime::CudaModel::Load(
+      dir, {.device = index, .kv_budget_tokens = kv_tokens, .host_kv_tokens = sizes->host_kv_tokens,
+            .gpu_cache_units = sizes->gpu_cache_units});
   if (!m.ok()) return m.status();
   return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
 #else
@@ -221,14 +219,11 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const 
     }
   }
 #ifdef SCOUT_HAVE_NCCL
-  runtime::TensorParallelOptions options{.devices = ids, .kv_budget_tokens = kv_tokens};
-  if (tier.host_gb > 0) {
-    absl::StatusOr<TierSizes> sizes = TierSizesFor(dir, tier, static_cast<int>(ids.size()));
-    if (!sizes.ok()) return sizes.status();
-    options.host_kv_tokens = sizes->host_kv_tokens;
-    options.gpu_cache_units = sizes->gpu_cache_units;
-  }
-  absl::StatusOr<std::unique_ptr<runtime::TensorParallelModel>> m = runtime::TensorParallelModel::Load(dir, options);
+  absl::StatusOr<TierSizes> sizes = TierSizesFor(dir, tier);
+  if (!sizes.ok()) return sizes.status();
+  absl::StatusOr<std::unique_ptr<runtime::TensorParallelModel>> m = runtime::TensorParallelModel::Load(
+      dir, {.devices = ids, .kv_budget_tokens = kv_tokens, .host_kv_tokens = sizes->host_kv_tokens,
+            .gpu_cache_units = sizes->gpu_cache_units});
   if (!m.ok()) return m.status();
   return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
 #else
