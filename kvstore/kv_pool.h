@@ -38,6 +38,9 @@ class KvPool {
   float* keys(int layer, int32_t block, int head) {
     return this->layer(layer) + block * block_stride_ + int64_t{head} * 2 * kBlockSize * shape_.head_dim;
   }
+  const float* keys(int layer, int32_t block, int head) const {
+    return const_cast<KvPool*>(this)->keys(layer, block, head);
+  }
   float* values(int layer, int32_t block, int head) {
     return keys(layer, block, head) + int64_t{kBlockSize} * shape_.head_dim;
   }

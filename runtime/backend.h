@@ -91,6 +91,24 @@ class ModelBackend {
   // backend's host KV tier) say what the tier did; others return zeros (enabled = false).
   virtual HostKvTierStats host_tier_stats() const { return {}; }
 
+  // Moving a sequence's KV between processes (a cluster worker persists it to a KV store node,
+  // and another adopts it after a failure). A unit is one (layer, KV head, 16-token block): its
+  // 16 keys then its 16 values, kv_unit_bytes() bytes in the backend's own element type; units
+  // go in (block, layer, KV head) order. 0: this backend cannot (a cluster rebuilds its
+  // sequences from their tokens instead).
+  virtual size_t kv_unit_bytes() const { return 0; }
+  // Copies blocks [first_block, first_block + num_blocks) of the sequence to out (num_blocks *
+  // layers * KV heads units). NotFound for an unknown sequence, OutOfRange past its blocks.
+  virtual absl::Status ExportKv(SequenceId seq, int64_t first_block, int64_t num_blocks, std::byte* out) const {
+    return absl::UnimplementedError("this backend cannot export its KV");
+  }
+  // An existing, empty sequence takes num_tokens tokens whose KV is `data` (all units of blocks
+  // [0, ceil(num_tokens / 16))). FailedPrecondition if it is not empty; ResourceExhausted, with
+  // nothing changed, when the pool cannot hold them.
+  virtual absl::Status ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) {
+    return absl::UnimplementedError("this backend cannot import KV");
+  }
+
   // Sampling on the device: Forward, then per logit row the token drawn with that row's params
   // (kernels/sampling.h: the host Sampler's distribution, drawn from the row's seed alone), so
   // only the tokens come back. Backends that cannot say false and return Unimplemented.

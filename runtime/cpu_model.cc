@@ -1,5 +1,7 @@
 #include "runtime/cpu_model.h"
 
+#include <cstring>
+
 #include <cblas.h>
 
 #include <cmath>
@@ -74,6 +76,54 @@ absl::StatusOr<int64_t> CpuModel::SequenceLength(SequenceId seq) const {
   const kvstore::BlockTable* t = tables_.Find(seq);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
   return t->num_tokens;
+}
+
+size_t CpuModel::kv_unit_bytes() const {
+  return size_t{2} * kvstore::kBlockSize * static_cast<size_t>(config_.head_dim) * sizeof(float);
+}
+
+absl::Status CpuModel::ExportKv(SequenceId seq, int64_t first_block, int64_t num_blocks, std::byte* out) const {
+  const kvstore::BlockTable* t = tables_.Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (first_block < 0 || num_blocks < 0 || first_block + num_blocks > static_cast<int64_t>(t->blocks.size())) {
+    return absl::OutOfRangeError(absl::StrCat("blocks [", first_block, ", ", first_block + num_blocks, ") of sequence ",
+                                              seq, ", which has ", t->blocks.size()));
+  }
+  const size_t unit = kv_unit_bytes();
+  for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
+    for (int l = 0; l < config_.num_hidden_layers; ++l) {
+      for (int h = 0; h < config_.num_key_value_heads; ++h) {
+        std::memcpy(out, pool_->keys(l, t->blocks[b], h), unit);
+        out += unit;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) {
+  const kvstore::BlockTable* t = tables_.Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (t->num_tokens != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("sequence ", seq, " holds ", t->num_tokens,
+                                                      " tokens; KV is imported into an empty one"));
+  }
+  if (num_tokens > config_.max_position_embeddings) {
+    return absl::OutOfRangeError(absl::StrCat(num_tokens, " tokens of KV is past max_position_embeddings ",
+                                              config_.max_position_embeddings));
+  }
+  if (absl::Status s = tables_.Grow(seq, num_tokens); !s.ok()) return s;
+  t = tables_.Find(seq);
+  const size_t unit = kv_unit_bytes();
+  for (int32_t block : t->blocks) {
+    for (int l = 0; l < config_.num_hidden_layers; ++l) {
+      for (int h = 0; h < config_.num_key_value_heads; ++h) {
+        std::memcpy(pool_->keys(l, block, h), data, unit);
+        data += unit;
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 size_t CpuModel::weight_bytes() const {

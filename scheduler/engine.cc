@@ -76,6 +76,7 @@ int64_t Engine::max_model_len() const {
 }
 
 bool Engine::ready() {
+  if (options_.health && !options_.health().ok()) return false;
   absl::MutexLock admit(&admit_mu_);
   return !draining_ && admitted_ < options_.max_num_seqs + options_.max_waiting;
 }

@@ -43,6 +43,9 @@ struct EngineOptions {
   // picks through this head map, within sts_budget. Unset: dense verification.
   std::optional<runtime::HeadMap> head_map;
   runtime::StsBudget sts_budget;
+  // Optional: whether the models can run now (a cluster coordinator's live workers); not ready
+  // while it says no.
+  std::function<absl::Status()> health;
 };
 
 struct EngineStats {
@@ -105,8 +108,9 @@ class Engine {
   // finish. Returns whether they all did.
   bool Drain(double timeout_seconds);
   bool draining() const { return draining_.load(); }
-  // Whether a new request would be admitted now: not draining, and fewer than max_num_seqs +
-  // max_waiting requests admitted (a readiness probe stops routing to a saturated server).
+  // Whether a new request would be admitted now: not draining, the models healthy, and fewer
+  // than max_num_seqs + max_waiting requests admitted (a readiness probe stops routing to a
+  // saturated server).
   bool ready();
 
   const runtime::ModelConfig& config() const { return config_; }

@@ -1,0 +1,630 @@
+#include "scheduler/cluster.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kvstore/block_table.h"
+#include "scheduler/placement.h"
+
+namespace scout::scheduler {
+
+namespace {
+
+const char* RoleName(v1::Role role) {
+  switch (role) {
+    case v1::ROLE_TARGET:
+      return "target";
+    case v1::ROLE_DRAFT:
+      return "draft";
+    case v1::ROLE_KVSTORE:
+      return "kvstore";
+    default:
+      return "unknown";
+  }
+}
+
+bool TransportFailure(const absl::Status& s) { return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s); }
+
+}  // namespace
+
+// --- Coordinator ---------------------------------------------------------------------------
+
+Coordinator::Coordinator(const CoordinatorOptions& options) : options_(options) {}
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const std::string& host, int port,
+                                                                const CoordinatorOptions& options) {
+  std::unique_ptr<Coordinator> c(new Coordinator(options));
+  Coordinator* self = c.get();
+  absl::StatusOr<std::unique_ptr<rpc::Listener>> l = rpc::Listener::Start(
+      host, port,
+      [self](const std::string& peer) {
+        auto key = std::make_shared<std::atomic<uint64_t>>(0);
+        return std::make_pair(
+            rpc::Channel::Handler([self, key](rpc::Channel& ch, v1::Envelope m) { self->OnMessage(ch, std::move(m), key); }),
+            rpc::Channel::CloseHandler([self, key](const absl::Status& why) {
+              if (key->load() != 0) self->MarkDead(key->load(), std::string(why.message()));
+            }));
+      },
+      [](std::shared_ptr<rpc::Channel>) {});
+  if (!l.ok()) return l.status();
+  c->listener_ = std::move(*l);
+  c->monitor_ = std::thread([self] { self->Monitor(); });
+  return c;
+}
+
+Coordinator::~Coordinator() {
+  stop_.Notify();
+  if (monitor_.joinable()) monitor_.join();
+  listener_.reset();
+  std::vector<std::shared_ptr<rpc::Channel>> channels;
+  {
+    absl::MutexLock lock(&mu_);
+    for (Member& m : members_) {
+      if (m.channel) channels.push_back(std::move(m.channel));
+    }
+  }
+  for (auto& ch : channels) ch->Close();
+}
+
+int Coordinator::port() const { return listener_->port(); }
+
+void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_ptr<std::atomic<uint64_t>> key) {
+  if (m.body_case() == v1::Envelope::kHeartbeat) {
+    absl::MutexLock lock(&mu_);
+    for (Member& member : members_) {
+      if (member.key == key->load() && member.alive) {
+        member.last = m.heartbeat();
+        last_seen_[member.key] = absl::Now();
+      }
+    }
+    return;
+  }
+  if (m.body_case() != v1::Envelope::kRegister) return;
+  const v1::Register& r = m.register_();
+  absl::Status refuse;
+  if (key->load() != 0) {
+    refuse = absl::FailedPreconditionError("already registered on this connection");
+  } else if (r.id().empty()) {
+    refuse = absl::InvalidArgumentError("registration without an id");
+  } else if (r.role() == v1::ROLE_TARGET && r.model_fingerprint() != options_.target_fingerprint) {
+    refuse = absl::FailedPreconditionError(absl::StrCat("target worker ", r.id(), " serves [", r.model_fingerprint(),
+                                                        "], the coordinator's target is [", options_.target_fingerprint, "]"));
+  } else if (r.role() == v1::ROLE_DRAFT && options_.draft_fingerprint.empty()) {
+    refuse = absl::FailedPreconditionError(absl::StrCat("draft worker ", r.id(), ": this coordinator runs no draft (--draft)"));
+  } else if (r.role() == v1::ROLE_DRAFT && r.model_fingerprint() != options_.draft_fingerprint) {
+    refuse = absl::FailedPreconditionError(absl::StrCat("draft worker ", r.id(), " serves [", r.model_fingerprint(),
+                                                        "], the coordinator's draft is [", options_.draft_fingerprint, "]"));
+  } else if (r.role() == v1::ROLE_KVSTORE && (r.kvstore_address().empty() || r.kv_unit_bytes() <= 0)) {
+    refuse = absl::InvalidArgumentError(absl::StrCat("KV store ", r.id(), " registered without an address or unit size"));
+  } else if (r.role() == v1::ROLE_UNSPECIFIED || !v1::Role_IsValid(r.role())) {
+    refuse = absl::InvalidArgumentError(absl::StrCat("member ", r.id(), " registered without a role"));
+  }
+  v1::Envelope reply;
+  reply.set_call_id(m.call_id());
+  *reply.mutable_register_reply()->mutable_status() = rpc::ToProto(refuse);
+  reply.mutable_register_reply()->set_heartbeat_interval_ms(
+      static_cast<uint32_t>(absl::ToInt64Milliseconds(options_.heartbeat_interval)));
+  if (refuse.ok()) {
+    std::vector<uint64_t> replaced;
+    {
+      absl::MutexLock lock(&mu_);
+      for (const Member& old : members_) {
+        if (old.alive && old.info.id() == r.id()) replaced.push_back(old.key);
+      }
+    }
+    for (uint64_t k : replaced) MarkDead(k, absl::StrCat(r.id(), " registered again"));
+    std::shared_ptr<rpc::Channel> self_ref = channel.shared_from_this();
+    absl::MutexLock lock(&mu_);
+    Member member{.key = next_key_++, .info = r, .alive = true, .channel = std::move(self_ref)};
+    key->store(member.key);
+    last_seen_[member.key] = absl::Now();
+    std::fprintf(stderr, "scout: %s %s registered from %s\n", RoleName(r.role()), r.id().c_str(), channel.peer().c_str());
+    members_.push_back(std::move(member));
+  } else {
+    std::fprintf(stderr, "scout: refused a member from %s: %s\n", channel.peer().c_str(), refuse.ToString().c_str());
+  }
+  (void)channel.Send(std::move(reply));
+}
+
+void Coordinator::Monitor() {
+  while (!stop_.WaitForNotificationWithTimeout(options_.heartbeat_interval / 2)) {
+    std::vector<std::pair<uint64_t, std::string>> late;
+    {
+      absl::MutexLock lock(&mu_);
+      const absl::Time now = absl::Now();
+      for (const Member& m : members_) {
+        if (!m.alive) continue;
+        const absl::Duration silent = now - last_seen_[m.key];
+        if (silent > options_.heartbeat_timeout) {
+          late.emplace_back(m.key, absl::StrCat("no heartbeat for ", absl::FormatDuration(silent)));
+        }
+      }
+    }
+    for (const auto& [k, why] : late) MarkDead(k, why);
+  }
+}
+
+void Coordinator::MarkDead(uint64_t key, const std::string& why) {
+  std::shared_ptr<rpc::Channel> channel;
+  {
+    absl::MutexLock lock(&mu_);
+    for (Member& m : members_) {
+      if (m.key != key || !m.alive) continue;
+      m.alive = false;
+      m.why_dead = why;
+      channel = std::move(m.channel);
+      std::fprintf(stderr, "scout: %s %s is dead: %s\n", RoleName(m.info.role()), m.info.id().c_str(), why.c_str());
+    }
+  }
+  if (channel) channel->Close();
+}
+
+std::vector<Coordinator::Member> Coordinator::Members(v1::Role role) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<Member> out;
+  for (const Member& m : members_) {
+    if (m.info.role() == role) out.push_back(m);
+  }
+  return out;
+}
+
+bool Coordinator::Alive(uint64_t key) const {
+  absl::MutexLock lock(&mu_);
+  for (const Member& m : members_) {
+    if (m.key == key) return m.alive;
+  }
+  return false;
+}
+
+std::shared_ptr<rpc::Channel> Coordinator::ChannelOf(uint64_t key) const {
+  absl::MutexLock lock(&mu_);
+  for (const Member& m : members_) {
+    if (m.key == key && m.alive) return m.channel;
+  }
+  return nullptr;
+}
+
+bool Coordinator::WaitForMembers(v1::Role role, int n, absl::Duration timeout) const {
+  auto enough = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    int alive = 0;
+    for (const Member& m : members_) alive += m.alive && m.info.role() == role;
+    return alive >= n;
+  };
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithTimeout(absl::Condition(&enough), timeout);
+}
+
+ClusterCounters Coordinator::counters() const {
+  absl::MutexLock lock(&mu_);
+  ClusterCounters c = counters_;
+  for (const Member& m : members_) {
+    c.kv_bytes_written += m.last.kv_bytes_written();
+    c.kv_bytes_read += m.last.kv_bytes_read();
+    c.kv_transfer_seconds += m.last.kv_transfer_seconds();
+  }
+  return c;
+}
+
+void Coordinator::Count(const ClusterCounters& d) {
+  absl::MutexLock lock(&mu_);
+  counters_.failovers += d.failovers;
+  counters_.adopted_tokens += d.adopted_tokens;
+  counters_.replayed_tokens += d.replayed_tokens;
+  counters_.rehomed += d.rehomed;
+  counters_.retried_passes += d.retried_passes;
+}
+
+// --- RemoteBackend -------------------------------------------------------------------------
+
+RemoteBackend::RemoteBackend(Coordinator* coordinator, v1::Role role, runtime::ModelConfig config,
+                             const RemoteBackendOptions& options)
+    : coordinator_(coordinator), role_(role), config_(std::move(config)), options_(options) {}
+
+absl::Status RemoteBackend::Health() const {
+  for (const Coordinator::Member& m : coordinator_->Members(role_)) {
+    if (m.alive) return absl::OkStatus();
+  }
+  return absl::UnavailableError(absl::StrCat("no live ", RoleName(role_), " worker"));
+}
+
+std::string RemoteBackend::WorkerOf(SequenceId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return "";
+  for (const Coordinator::Member& m : coordinator_->Members(role_)) {
+    if (m.key == it->second.worker) return m.info.id();
+  }
+  return "";
+}
+
+absl::StatusOr<v1::BackendReply> RemoteBackend::Call(uint64_t worker, v1::BackendRequest request,
+                                                      const std::string& what) {
+  std::shared_ptr<rpc::Channel> ch = coordinator_->ChannelOf(worker);
+  if (ch == nullptr) return absl::UnavailableError(absl::StrCat(what, ": the worker is dead"));
+  v1::Envelope e;
+  *e.mutable_request() = std::move(request);
+  absl::StatusOr<v1::Envelope> r = ch->Call(std::move(e), coordinator_->options().call_timeout, what);
+  if (!r.ok()) {
+    coordinator_->MarkDead(worker, std::string(r.status().message()));
+    return r.status();
+  }
+  usage_[worker] = {.used_blocks = r->reply().kv_used_blocks(), .total_blocks = r->reply().kv_total_blocks()};
+  return std::move(*r->mutable_reply());
+}
+
+uint64_t RemoteBackend::PickHome(const Seq& seq, uint64_t exclude) const {
+  // KV store nodes whose unit is this model's, through AssignSession's admission rule.
+  const std::vector<Coordinator::Member> workers = coordinator_->Members(role_);
+  int64_t unit = 0;
+  for (const Coordinator::Member& w : workers) {
+    if (w.key == seq.worker) unit = w.info.kv_unit_bytes();
+  }
+  if (unit <= 0) return 0;
+  std::vector<KvStoreInfo> stores;
+  std::vector<uint64_t> keys;
+  for (const Coordinator::Member& s : coordinator_->Members(v1::ROLE_KVSTORE)) {
+    if (!s.alive || s.key == exclude || s.info.kv_unit_bytes() != unit) continue;
+    stores.push_back({.id = std::to_string(s.key), .capacity_bytes = s.info.capacity_units() * unit,
+                      .used_bytes = s.last.units_held() * unit, .alive = true});
+    keys.push_back(s.key);
+  }
+  if (stores.empty()) return 0;
+  Placement one{.target_groups = {{GpuSlot{.worker = "w", .gpu = 0}}}};
+  const SessionLoad load{.target_group = 0, .active_sessions = 0};
+  const int64_t blocks = kvstore::BlocksFor(static_cast<int64_t>(seq.tokens.size()) + kvstore::kBlockSize);
+  absl::StatusOr<SessionAssignment> a = AssignSession(one, {&load, 1}, stores, SessionPlace{},
+                                                      blocks * config_.num_hidden_layers * config_.num_key_value_heads * unit);
+  if (!a.ok()) return 0;
+  uint64_t key = 0;
+  (void)absl::SimpleAtoi(a->kv_store, &key);
+  return key;
+}
+
+v1::KvHome RemoteBackend::HomeOf(SequenceId id, const Seq& seq) const {
+  v1::KvHome home;
+  if (seq.home_store == 0) return home;
+  for (const Coordinator::Member& s : coordinator_->Members(v1::ROLE_KVSTORE)) {
+    if (s.key == seq.home_store && s.alive) home.set_address(s.info.kvstore_address());
+  }
+  // Target and draft sequences share the nodes: the role picks the low bit.
+  home.set_store_session(static_cast<uint64_t>(id) * 2 + (role_ == v1::ROLE_DRAFT ? 1 : 0));
+  return home;
+}
+
+absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
+  ClusterCounters count;
+  if (seq.worker != 0) count.failovers = 1;
+  for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
+    // The live worker holding the fewest sequences (the earliest registered on ties).
+    uint64_t worker = 0;
+    int64_t fewest = 0;
+    for (const Coordinator::Member& w : coordinator_->Members(role_)) {
+      if (!w.alive) continue;
+      int64_t n = 0;
+      for (const auto& [sid, s] : seqs_) n += s.worker == w.key;
+      if (worker == 0 || n < fewest) {
+        worker = w.key;
+        fewest = n;
+      }
+    }
+    if (worker == 0) return absl::UnavailableError(absl::StrCat("no live ", RoleName(role_), " worker"));
+    seq.worker = worker;
+    if (seq.home_store != 0 && !coordinator_->Alive(seq.home_store)) {
+      seq.home_store = 0;
+      seq.persisted = 0;
+    }
+    if (seq.home_store == 0) {
+      seq.home_store = PickHome(seq, 0);
+      seq.persisted = 0;
+    }
+    v1::BackendRequest req;
+    int64_t have = 0;
+    if (seq.persisted > 0) {
+      v1::AdoptSequence* adopt = req.mutable_adopt();
+      adopt->set_seq(id);
+      *adopt->mutable_home() = HomeOf(id, seq);
+      adopt->set_num_tokens(seq.persisted);
+      have = seq.persisted;
+    } else {
+      req.mutable_add()->set_seq(id);
+      *req.mutable_add()->mutable_home() = HomeOf(id, seq);
+    }
+    absl::StatusOr<v1::BackendReply> r = Call(worker, std::move(req), absl::StrCat("place sequence ", id));
+    if (!r.ok()) continue;  // that worker died too: another
+    if (absl::Status s = rpc::FromProto(r->status()); !s.ok()) {
+      if (seq.persisted == 0) return s;
+      // The home could not give the KV back: rebuild from the tokens instead.
+      std::fprintf(stderr, "scout: sequence %lld: adopting from its home failed (%s); rebuilding from tokens\n",
+                   static_cast<long long>(id), s.ToString().c_str());
+      seq.persisted = 0;
+      seq.home_store = 0;
+      seq.worker = 0;
+      continue;
+    }
+    count.adopted_tokens += have;
+    // Run the tokens the home did not hold again, in chunks, discarding the logits.
+    bool lost_worker = false;
+    for (int64_t at = have; at < static_cast<int64_t>(seq.tokens.size());) {
+      const int64_t n = std::min<int64_t>(options_.replay_chunk, static_cast<int64_t>(seq.tokens.size()) - at);
+      v1::BackendRequest f;
+      v1::SequenceInput* in = f.mutable_forward()->add_batch();
+      in->set_seq(id);
+      in->mutable_tokens()->Add(seq.tokens.begin() + at, seq.tokens.begin() + at + n);
+      absl::StatusOr<v1::BackendReply> fr = Call(worker, std::move(f), absl::StrCat("rebuild sequence ", id));
+      if (!fr.ok()) {
+        lost_worker = true;
+        break;
+      }
+      if (absl::Status s = rpc::FromProto(fr->status()); !s.ok()) {
+        v1::BackendRequest rel;
+        rel.mutable_release()->set_seq(id);
+        (void)Call(worker, std::move(rel), absl::StrCat("release sequence ", id));
+        seq.worker = 0;
+        return absl::Status(s.code(), absl::StrCat("rebuilding sequence ", id, " on a new worker: ", s.message()));
+      }
+      at += n;
+      count.replayed_tokens += n;
+      if (fr->unpersisted_size() == 0 && seq.home_store != 0) seq.persisted = at;
+    }
+    if (lost_worker) continue;
+    coordinator_->Count(count);
+    return absl::OkStatus();
+  }
+  seq.worker = 0;
+  coordinator_->Count(count);
+  return absl::UnavailableError(absl::StrCat("sequence ", id, ": every ", RoleName(role_), " worker tried died"));
+}
+
+absl::Status RemoteBackend::AddSequence(SequenceId seq) {
+  if (seqs_.contains(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence ", seq, " exists"));
+  Seq s;
+  if (absl::Status st = Place(seq, s); !st.ok()) return st;
+  seqs_[seq] = std::move(s);
+  return absl::OkStatus();
+}
+
+absl::Status RemoteBackend::ReleaseSequence(SequenceId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (coordinator_->Alive(it->second.worker)) {
+    v1::BackendRequest req;
+    req.mutable_release()->set_seq(seq);
+    (void)Call(it->second.worker, std::move(req), absl::StrCat("release sequence ", seq));
+  }
+  seqs_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status RemoteBackend::TruncateSequence(SequenceId seq, int64_t num_tokens) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  Seq& s = it->second;
+  if (num_tokens < 0) return absl::InvalidArgumentError("negative length");
+  if (num_tokens >= static_cast<int64_t>(s.tokens.size())) return absl::OkStatus();
+  if (coordinator_->Alive(s.worker)) {
+    v1::BackendRequest req;
+    req.mutable_truncate()->set_seq(seq);
+    req.mutable_truncate()->set_num_tokens(num_tokens);
+    absl::StatusOr<v1::BackendReply> r = Call(s.worker, std::move(req), absl::StrCat("truncate sequence ", seq));
+    if (r.ok()) {
+      if (absl::Status st = rpc::FromProto(r->status()); !st.ok()) return st;
+    }
+    // A worker that died meanwhile: the sequence is placed again, from the shorter log, later.
+  }
+  s.tokens.resize(num_tokens);
+  s.persisted = std::min(s.persisted, num_tokens);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> RemoteBackend::SequenceLength(SequenceId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  return static_cast<int64_t>(it->second.tokens.size());
+}
+
+runtime::ModelBackend::KvCacheUsage RemoteBackend::kv_cache_usage() const {
+  KvCacheUsage total;
+  for (const Coordinator::Member& m : coordinator_->Members(role_)) {
+    if (!m.alive) continue;
+    auto it = usage_.find(m.key);
+    const KvCacheUsage u = it != usage_.end() ? it->second
+                                              : KvCacheUsage{.used_blocks = m.last.kv_used_blocks(),
+                                                             .total_blocks = m.last.kv_total_blocks()};
+    total.used_blocks += u.used_blocks;
+    total.total_blocks += u.total_blocks;
+  }
+  return total;
+}
+
+bool RemoteBackend::samples_on_device() const {
+  bool any = false;
+  for (const Coordinator::Member& m : coordinator_->Members(role_)) {
+    if (!m.alive) continue;
+    if (!m.info.samples_on_device()) return false;
+    any = true;
+  }
+  return any;
+}
+
+void RemoteBackend::Rehome(SequenceId id, Seq& seq, const absl::Status& why) {
+  const uint64_t failed = seq.home_store;
+  if (TransportFailure(why) && failed != 0) coordinator_->MarkDead(failed, std::string(why.message()));
+  seq.home_store = PickHome(seq, failed);
+  seq.persisted = 0;
+  if (seq.home_store == 0) return;  // no node left: rebuilt from tokens if its worker dies
+  v1::BackendRequest req;
+  req.mutable_rehome()->set_seq(id);
+  *req.mutable_rehome()->mutable_home() = HomeOf(id, seq);
+  absl::StatusOr<v1::BackendReply> r = Call(seq.worker, std::move(req), absl::StrCat("rehome sequence ", id));
+  if (r.ok() && rpc::FromProto(r->status()).ok()) {
+    seq.persisted = static_cast<int64_t>(seq.tokens.size());
+    coordinator_->Count({.rehomed = 1});
+  } else {
+    seq.home_store = 0;
+  }
+}
+
+absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batch,
+                                    std::span<const kernels::SampleRowParams> rows, std::vector<float>* logits,
+                                    std::vector<int32_t>* tokens) {
+  const bool sampled = tokens != nullptr;
+  // Rows of each batch entry, and where they start in the reply's row order.
+  std::vector<int64_t> entry_rows(batch.size()), row_start(batch.size());
+  int64_t total_rows = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (batch[i].quest_budget != nullptr) {
+      return absl::UnimplementedError("Quest-style selection in the pass is not supported over the cluster");
+    }
+    if (!seqs_.contains(batch[i].seq)) return absl::NotFoundError(absl::StrCat("unknown sequence ", batch[i].seq));
+    entry_rows[i] = batch[i].all_logits ? static_cast<int64_t>(batch[i].tokens.size()) : 1;
+    row_start[i] = total_rows;
+    total_rows += entry_rows[i];
+  }
+  if (sampled && static_cast<int64_t>(rows.size()) != total_rows) {
+    return absl::InvalidArgumentError(absl::StrCat(rows.size(), " sample rows for a pass of ", total_rows, " rows"));
+  }
+  for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
+    if (attempt > 0) coordinator_->Count({.retried_passes = 1});
+    // Every sequence on a live worker.
+    for (const runtime::SequenceInput& in : batch) {
+      Seq& s = seqs_[in.seq];
+      if (!coordinator_->Alive(s.worker)) {
+        if (absl::Status st = Place(in.seq, s); !st.ok()) return st;
+      }
+    }
+    // One request per worker, in parallel.
+    absl::flat_hash_map<uint64_t, std::vector<size_t>> groups;
+    std::vector<uint64_t> order;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const uint64_t w = seqs_[batch[i].seq].worker;
+      if (!groups.contains(w)) order.push_back(w);
+      groups[w].push_back(i);
+    }
+    std::vector<std::shared_ptr<rpc::PendingCall>> calls;
+    for (uint64_t w : order) {
+      v1::Envelope e;
+      v1::Forward* f = e.mutable_request()->mutable_forward();
+      for (size_t i : groups[w]) {
+        const runtime::SequenceInput& in = batch[i];
+        v1::SequenceInput* p = f->add_batch();
+        p->set_seq(in.seq);
+        p->mutable_tokens()->Add(in.tokens.begin(), in.tokens.end());
+        p->set_all_logits(in.all_logits);
+        p->set_want_block_mass(in.block_mass != nullptr);
+        if (in.selection != nullptr) {
+          v1::Selection* sel = p->mutable_selection();
+          sel->set_num_layers(in.selection->num_layers);
+          sel->set_num_kv_heads(in.selection->num_kv_heads);
+          sel->mutable_indptr()->Add(in.selection->indptr.begin(), in.selection->indptr.end());
+          sel->mutable_blocks()->Add(in.selection->blocks.begin(), in.selection->blocks.end());
+        }
+        if (sampled) {
+          for (int64_t r = 0; r < entry_rows[i]; ++r) {
+            const kernels::SampleRowParams& sp = rows[row_start[i] + r];
+            v1::SampleRow* row = f->add_rows();
+            row->set_temperature(sp.temperature);
+            row->set_top_k(sp.top_k);
+            row->set_top_p(sp.top_p);
+            row->set_seed(sp.seed);
+          }
+        }
+      }
+      std::shared_ptr<rpc::Channel> ch = coordinator_->ChannelOf(w);
+      if (ch == nullptr) {
+        calls.push_back(nullptr);
+        continue;
+      }
+      calls.push_back(ch->CallAsync(std::move(e), coordinator_->options().call_timeout,
+                                    absl::StrCat(RoleName(role_), " pass")));
+    }
+    std::vector<absl::StatusOr<v1::BackendReply>> replies;
+    bool worker_died = false;
+    absl::Status model_error;
+    for (size_t g = 0; g < order.size(); ++g) {
+      absl::StatusOr<v1::Envelope> r =
+          calls[g] ? calls[g]->Wait() : absl::StatusOr<v1::Envelope>(absl::UnavailableError("the worker is dead"));
+      if (!r.ok()) {
+        coordinator_->MarkDead(order[g], std::string(r.status().message()));
+        worker_died = true;
+        replies.push_back(r.status());
+        continue;
+      }
+      usage_[order[g]] = {.used_blocks = r->reply().kv_used_blocks(), .total_blocks = r->reply().kv_total_blocks()};
+      if (absl::Status s = rpc::FromProto(r->reply().status()); !s.ok() && model_error.ok()) model_error = s;
+      replies.push_back(std::move(*r->mutable_reply()));
+    }
+    if (worker_died || !model_error.ok()) {
+      // All or nothing: undo the pass where it ran.
+      for (size_t g = 0; g < order.size(); ++g) {
+        if (!replies[g].ok() || !rpc::FromProto(replies[g]->status()).ok()) continue;
+        for (size_t i : groups[order[g]]) {
+          v1::BackendRequest t;
+          t.mutable_truncate()->set_seq(batch[i].seq);
+          t.mutable_truncate()->set_num_tokens(static_cast<int64_t>(seqs_[batch[i].seq].tokens.size()));
+          (void)Call(order[g], std::move(t), "undo a pass");
+        }
+      }
+      if (!worker_died) return model_error;
+      continue;
+    }
+    // The pass ran everywhere: rows back in batch order.
+    const size_t vocab = static_cast<size_t>(config_.vocab_size);
+    if (sampled) {
+      tokens->assign(static_cast<size_t>(total_rows), 0);
+    } else {
+      logits->assign(static_cast<size_t>(total_rows) * vocab, 0.0f);
+    }
+    for (size_t g = 0; g < order.size(); ++g) {
+      const v1::BackendReply& rep = *replies[g];
+      int64_t at = 0;
+      for (size_t j = 0; j < groups[order[g]].size(); ++j) {
+        const size_t i = groups[order[g]][j];
+        const int64_t n = entry_rows[i];
+        if (sampled) {
+          if (rep.tokens_size() < at + n) return absl::DataLossError("a worker's reply is short of sampled rows");
+          std::copy(rep.tokens().begin() + at, rep.tokens().begin() + at + n, tokens->begin() + row_start[i]);
+        } else {
+          if (rep.logits().size() < (at + n) * vocab * sizeof(float)) {
+            return absl::DataLossError("a worker's reply is short of logits");
+          }
+          std::memcpy(logits->data() + row_start[i] * vocab, rep.logits().data() + at * vocab * sizeof(float),
+                      n * vocab * sizeof(float));
+        }
+        at += n;
+        if (batch[i].block_mass != nullptr && static_cast<int>(j) < rep.block_mass_size()) {
+          const std::string& m = rep.block_mass(static_cast<int>(j));
+          batch[i].block_mass->resize(m.size() / sizeof(float));
+          std::memcpy(batch[i].block_mass->data(), m.data(), m.size());
+        }
+        Seq& s = seqs_[batch[i].seq];
+        s.tokens.insert(s.tokens.end(), batch[i].tokens.begin(), batch[i].tokens.end());
+      }
+      absl::flat_hash_map<int64_t, bool> unpersisted;
+      for (int64_t id : rep.unpersisted()) unpersisted[id] = true;
+      for (size_t i : groups[order[g]]) {
+        Seq& s = seqs_[batch[i].seq];
+        if (s.home_store == 0) continue;
+        if (unpersisted.contains(batch[i].seq)) {
+          Rehome(batch[i].seq, s, rpc::FromProto(rep.persist_error()));
+        } else {
+          s.persisted = static_cast<int64_t>(s.tokens.size());
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+  return absl::UnavailableError(absl::StrCat("no ", RoleName(role_), " worker could run the pass: ",
+                                             options_.max_attempts, " tries, each lost a worker"));
+}
+
+absl::Status RemoteBackend::Forward(std::span<const runtime::SequenceInput> batch, std::vector<float>* logits) {
+  return RunPass(batch, {}, logits, nullptr);
+}
+
+absl::Status RemoteBackend::ForwardSampled(std::span<const runtime::SequenceInput> batch,
+                                           std::span<const kernels::SampleRowParams> rows,
+                                           std::vector<int32_t>* tokens) {
+  return RunPass(batch, rows, nullptr, tokens);
+}
+
+}  // namespace scout::scheduler

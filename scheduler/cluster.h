@@ -1,0 +1,164 @@
+// The coordinator's side of the cluster. Coordinator keeps the registry: workers (target and
+// draft) and KV store nodes register over the control channel, send heartbeats, and are marked
+// dead when they miss them or their connection closes. RemoteBackend is a ModelBackend whose
+// sequences live on the workers of one role, so the serving Engine runs unchanged over the
+// cluster: each pass is split by worker and sent in parallel, and its rows come back in batch
+// order.
+//
+// Failover: every sequence's tokens are kept here, and workers copy the KV each pass writes to
+// the sequence's home on a KV store node. When a worker dies, its sequences move to live
+// workers: a sequence whose home holds its KV is adopted from there (no recomputation) and only
+// tokens past what the home held are run again; one without a home is rebuilt from its tokens.
+// A pass that a worker's death interrupts is undone on the other workers and run again, so the
+// Engine sees either the pass or an error naming why no worker could run it, never a hang. When
+// a home dies, the worker still holds the KV and writes all of it to a new home.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "rpc/channel.h"
+#include "rpc/control.pb.h"
+#include "runtime/backend.h"
+
+namespace scout::scheduler {
+
+namespace v1 = rpc::v1;
+using kvstore::SequenceId;
+
+struct CoordinatorOptions {
+  // Workers must serve these models (ModelFingerprint); an empty draft: draft workers are refused.
+  std::string target_fingerprint;
+  std::string draft_fingerprint;
+  absl::Duration heartbeat_interval = absl::Milliseconds(500);
+  absl::Duration heartbeat_timeout = absl::Seconds(3);  // silent this long: dead
+  absl::Duration call_timeout = absl::Seconds(120);     // one backend call at most
+};
+
+// What the cluster did since the coordinator started.
+struct ClusterCounters {
+  int64_t failovers = 0;        // sequences moved off a dead worker
+  int64_t adopted_tokens = 0;   // tokens of KV new workers took from KV store nodes
+  int64_t replayed_tokens = 0;  // tokens run again (no home, or past what the home held)
+  int64_t rehomed = 0;          // sequences whose KV was written to a new home
+  int64_t retried_passes = 0;   // passes run again after a worker died under them
+  // KV over UCX, summed over workers' heartbeats (dead workers' last values kept).
+  int64_t kv_bytes_written = 0;
+  int64_t kv_bytes_read = 0;
+  double kv_transfer_seconds = 0;
+};
+
+class Coordinator {
+ public:
+  // Listens for members on host:port (0: any free port). Unavailable if it cannot.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Start(const std::string& host, int port,
+                                                            const CoordinatorOptions& options);
+  ~Coordinator();
+  Coordinator(const Coordinator&) = delete;
+  Coordinator& operator=(const Coordinator&) = delete;
+
+  int port() const;
+  const CoordinatorOptions& options() const { return options_; }
+
+  struct Member {
+    uint64_t key = 0;  // this registration (a member that registers again gets a new key)
+    v1::Register info;
+    bool alive = true;
+    std::string why_dead;
+    v1::Heartbeat last;
+    std::shared_ptr<rpc::Channel> channel;
+  };
+  // Snapshot of the members of a role, live and dead, in registration order.
+  std::vector<Member> Members(v1::Role role) const;
+  bool Alive(uint64_t key) const;
+  std::shared_ptr<rpc::Channel> ChannelOf(uint64_t key) const;  // null once dead
+  // Marks a member dead and closes its connection (idempotent).
+  void MarkDead(uint64_t key, const std::string& why);
+  // Waits until n members of the role are alive; false at the timeout.
+  bool WaitForMembers(v1::Role role, int n, absl::Duration timeout) const;
+
+  ClusterCounters counters() const;
+  void Count(const ClusterCounters& delta);
+
+ private:
+  explicit Coordinator(const CoordinatorOptions& options);
+  // Reader thread of a member's channel; `key` is 0 until it registered.
+  void OnMessage(rpc::Channel& channel, v1::Envelope message, std::shared_ptr<std::atomic<uint64_t>> key);
+  void Monitor();
+
+  CoordinatorOptions options_;
+  std::unique_ptr<rpc::Listener> listener_;
+  mutable absl::Mutex mu_;
+  uint64_t next_key_ ABSL_GUARDED_BY(mu_) = 1;
+  std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
+  ClusterCounters counters_ ABSL_GUARDED_BY(mu_);
+  absl::Notification stop_;
+  std::thread monitor_;
+};
+
+struct RemoteBackendOptions {
+  int64_t replay_chunk = 512;  // tokens per pass when a sequence is rebuilt from its tokens
+  int max_attempts = 4;        // passes tried while workers die under them
+};
+
+class RemoteBackend final : public runtime::ModelBackend {
+ public:
+  // Sequences on the live workers of `role` (target or draft); `config` is the model they serve.
+  RemoteBackend(Coordinator* coordinator, v1::Role role, runtime::ModelConfig config,
+                const RemoteBackendOptions& options = {});
+
+  const runtime::ModelConfig& config() const override { return config_; }
+  absl::Status AddSequence(SequenceId seq) override;
+  absl::Status ReleaseSequence(SequenceId seq) override;
+  absl::Status TruncateSequence(SequenceId seq, int64_t num_tokens) override;
+  absl::StatusOr<int64_t> SequenceLength(SequenceId seq) const override;
+  absl::Status Forward(std::span<const runtime::SequenceInput> batch, std::vector<float>* logits) override;
+  KvCacheUsage kv_cache_usage() const override;
+  bool samples_on_device() const override;
+  absl::Status ForwardSampled(std::span<const runtime::SequenceInput> batch,
+                              std::span<const kernels::SampleRowParams> rows, std::vector<int32_t>* tokens) override;
+
+  // OK while a worker of the role is alive; else Unavailable saying so.
+  absl::Status Health() const;
+  // The worker holding a sequence (its registered id), for tests and logs; empty if none.
+  std::string WorkerOf(SequenceId seq) const;
+
+ private:
+  struct Seq {
+    uint64_t worker = 0;  // member key; 0: not placed
+    std::vector<int32_t> tokens;  // every token it holds, to rebuild it
+    uint64_t home_store = 0;  // member key of its KV store node; 0: none
+    int64_t persisted = 0;    // tokens of KV its home holds
+  };
+  // Runs a request on a worker: the reply, or Unavailable/DeadlineExceeded when the worker
+  // failed (it is marked dead then). Model errors are in the reply's status.
+  absl::StatusOr<v1::BackendReply> Call(uint64_t worker, v1::BackendRequest request, const std::string& what);
+  // Puts a sequence that has no live worker on one: adopted from its home, then its remaining
+  // tokens run again.
+  absl::Status Place(SequenceId id, Seq& seq);
+  // A live KV store node for the sequence (AssignSession's rule), or 0 if none fits.
+  uint64_t PickHome(const Seq& seq, uint64_t exclude) const;
+  v1::KvHome HomeOf(SequenceId id, const Seq& seq) const;
+  // After a pass: sequences whose home could not be written get a new one.
+  void Rehome(SequenceId id, Seq& seq, const absl::Status& why);
+  absl::Status RunPass(std::span<const runtime::SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
+                       std::vector<float>* logits, std::vector<int32_t>* tokens);
+
+  Coordinator* coordinator_;
+  v1::Role role_;
+  runtime::ModelConfig config_;
+  RemoteBackendOptions options_;
+  absl::flat_hash_map<SequenceId, Seq> seqs_;
+  absl::flat_hash_map<uint64_t, KvCacheUsage> usage_;  // per worker, from its last reply
+};
+
+}  // namespace scout::scheduler

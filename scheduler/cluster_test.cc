@@ -1,0 +1,285 @@
+// The cluster in one process, over the real transports: a Coordinator, workers (CPU models
+// behind WorkerService, each connected over the control channel by RunClusterMember) and KV
+// store nodes (UCX). RemoteBackend must give the logits a local model gives, through worker and
+// KV store deaths. tests/cluster_test.sh runs the same as separate processes.
+#include "scheduler/cluster.h"
+
+#include <cmath>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "kvstore/remote_store.h"
+#include "runtime/cpu_model.h"
+#include "runtime/test_model.h"
+#include "scheduler/worker.h"
+
+namespace scout::scheduler {
+namespace {
+
+using runtime::CpuModel;
+using runtime::SequenceInput;
+
+// One member (worker or KV store node) connected to the coordinator on its own thread.
+struct Member {
+  std::unique_ptr<WorkerService> service;  // workers
+  std::unique_ptr<kvstore::KvStoreServer> store;  // KV store nodes
+  absl::Notification stop;
+  std::thread thread;
+  absl::Status result;
+
+  void Run(const MemberOptions& options) {
+    thread = std::thread([this, options] {
+      WorkerService* s = service.get();
+      kvstore::KvStoreServer* st = store.get();
+      result = RunClusterMember(
+          options, s ? std::function<v1::BackendReply(const v1::BackendRequest&)>(
+                           [s](const v1::BackendRequest& r) { return s->Handle(r); })
+                     : nullptr,
+          [s, st] {
+            if (s) return s->Heartbeat();
+            v1::Heartbeat h;
+            h.set_units_held(st->units_held());
+            return h;
+          },
+          [s] {
+            if (s) s->Reset();
+          },
+          &stop);
+    });
+  }
+  void Stop() {
+    if (!stop.HasBeenNotified()) stop.Notify();
+    if (thread.joinable()) thread.join();
+  }
+  ~Member() { Stop(); }
+};
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = runtime::testing::FreshDir("cluster_model");
+    runtime::testing::WriteRandomModel(dir_, runtime::testing::TinyConfig(), 7);
+    absl::StatusOr<std::unique_ptr<CpuModel>> local = CpuModel::Load(dir_);
+    ASSERT_TRUE(local.ok()) << local.status();
+    local_ = std::move(*local);
+    absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(
+        "127.0.0.1", 0,
+        {.target_fingerprint = ModelFingerprint(local_->config()), .heartbeat_interval = absl::Milliseconds(100),
+         .heartbeat_timeout = absl::Seconds(2), .call_timeout = absl::Seconds(20)});
+    ASSERT_TRUE(c.ok()) << c.status();
+    coordinator_ = std::move(*c);
+    remote_ = std::make_unique<RemoteBackend>(coordinator_.get(), v1::ROLE_TARGET, local_->config());
+  }
+  void TearDown() override {
+    for (auto& m : workers_) m->Stop();
+    for (auto& m : stores_) m->Stop();
+  }
+
+  Member& AddWorker(const std::string& id) {
+    absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
+    EXPECT_TRUE(m.ok());
+    auto member = std::make_unique<Member>();
+    member->service = std::make_unique<WorkerService>(std::move(*m), absl::Seconds(3));
+    MemberOptions o{.registration = member->service->Describe(), .coordinator_host = "127.0.0.1",
+                    .coordinator_port = coordinator_->port(), .reconnect_interval = absl::Milliseconds(50)};
+    o.registration.set_id(id);
+    o.registration.set_role(v1::ROLE_TARGET);
+    o.registration.set_gpu_class("cpu");
+    member->Run(o);
+    workers_.push_back(std::move(member));
+    return *workers_.back();
+  }
+
+  Member& AddStore(const std::string& id) {
+    auto member = std::make_unique<Member>();
+    absl::StatusOr<std::unique_ptr<kvstore::KvStoreServer>> s =
+        kvstore::KvStoreServer::Start("127.0.0.1", 0, local_->kv_unit_bytes(), 100000);
+    EXPECT_TRUE(s.ok()) << s.status();
+    member->store = std::move(*s);
+    MemberOptions o{.coordinator_host = "127.0.0.1", .coordinator_port = coordinator_->port(),
+                    .reconnect_interval = absl::Milliseconds(50)};
+    o.registration.set_id(id);
+    o.registration.set_role(v1::ROLE_KVSTORE);
+    o.registration.set_kvstore_address(absl::StrCat("127.0.0.1:", member->store->port()));
+    o.registration.set_kv_unit_bytes(static_cast<int64_t>(local_->kv_unit_bytes()));
+    o.registration.set_capacity_units(100000);
+    member->Run(o);
+    stores_.push_back(std::move(member));
+    return *stores_.back();
+  }
+
+  // Runs the same pass on the local model and over the cluster; their logits must agree.
+  void PassBoth(const std::vector<SequenceInput>& batch) {
+    std::vector<float> want, got;
+    ASSERT_TRUE(local_->Forward(batch, &want).ok());
+    absl::Status s = remote_->Forward(batch, &got);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_EQ(want.size(), got.size());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      num += (want[i] - got[i]) * (want[i] - got[i]);
+      den += want[i] * want[i];
+    }
+    // The same CPU code on both sides; batches split across workers may round differently.
+    EXPECT_LT(std::sqrt(num / den), 1e-5);
+  }
+
+  // Prefills three sequences and decodes `steps` tokens of each, all batched.
+  void Drive(const std::vector<int64_t>& seqs, int prompt, int steps, uint32_t seed) {
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t i = 0; i < seqs.size(); ++i) prompts.push_back(runtime::testing::RandomTokens(prompt + 5 * i, 40, seed + i));
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (!local_->SequenceLength(seqs[i]).ok()) {
+        ASSERT_TRUE(local_->AddSequence(seqs[i]).ok());
+        ASSERT_TRUE(remote_->AddSequence(seqs[i]).ok());
+      }
+      PassBoth({SequenceInput{.seq = seqs[i], .tokens = prompts[i]}});
+    }
+    for (int step = 0; step < steps; ++step) {
+      std::vector<std::vector<int32_t>> next;
+      for (size_t i = 0; i < seqs.size(); ++i) next.push_back({static_cast<int32_t>((seed + step * 7 + i) % 40)});
+      std::vector<SequenceInput> batch;
+      for (size_t i = 0; i < seqs.size(); ++i) batch.push_back({.seq = seqs[i], .tokens = next[i]});
+      PassBoth(batch);
+    }
+  }
+
+  bool EventuallyCounted(const std::function<bool(const ClusterCounters&)>& done) {
+    for (int i = 0; i < 100; ++i) {
+      if (done(coordinator_->counters())) return true;
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    return false;
+  }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<CpuModel> local_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<RemoteBackend> remote_;
+  std::vector<std::unique_ptr<Member>> workers_, stores_;
+};
+
+TEST_F(ClusterTest, SpreadsSequencesOverWorkersAndMatchesALocalModel) {
+  AddWorker("t0");
+  AddWorker("t1");
+  AddStore("kv0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1, 2, 3, 4}, 37, 20, 11);
+  EXPECT_NE(remote_->WorkerOf(1), remote_->WorkerOf(2));
+  // Rollback (speculative rejection) and all-logits rows go through too.
+  ASSERT_TRUE(local_->TruncateSequence(2, 40).ok());
+  ASSERT_TRUE(remote_->TruncateSequence(2, 40).ok());
+  const std::vector<int32_t> toks = {3, 1, 4, 1, 5};
+  PassBoth({SequenceInput{.seq = 2, .tokens = toks, .all_logits = true},
+            SequenceInput{.seq = 1, .tokens = std::span(toks).first(2), .all_logits = true}});
+  EXPECT_EQ(*remote_->SequenceLength(2), 45);
+  EXPECT_TRUE(EventuallyCounted([](const ClusterCounters& c) { return c.kv_bytes_written > 0; }));
+  EXPECT_EQ(remote_->kv_cache_usage().total_blocks, 2 * local_->kv_cache_usage().total_blocks);
+}
+
+TEST_F(ClusterTest, AWorkersSequencesAreAdoptedFromTheKvStoreWhenItDies) {
+  Member& t0 = AddWorker("t0");
+  AddWorker("t1");
+  AddStore("kv0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1, 2, 3}, 50, 10, 3);
+  const std::string before = remote_->WorkerOf(1) == "t0" ? "t0" : remote_->WorkerOf(2);
+  ASSERT_EQ(before, "t0");
+  t0.Stop();  // its connection closes, as a killed process's does
+  Drive({1, 2, 3}, 3, 10, 5);
+  for (int64_t s : {1, 2, 3}) EXPECT_EQ(remote_->WorkerOf(s), "t1");
+  const ClusterCounters c = coordinator_->counters();
+  EXPECT_GE(c.failovers, 1);
+  EXPECT_GE(c.adopted_tokens, 60);
+  EXPECT_EQ(c.replayed_tokens, 0);  // every token's KV was home
+  // Bytes moved come with the workers' heartbeats.
+  EXPECT_TRUE(EventuallyCounted([](const ClusterCounters& c) { return c.kv_bytes_read > 0; }));
+}
+
+TEST_F(ClusterTest, WithoutAKvStoreSequencesAreRebuiltFromTheirTokens) {
+  Member& t0 = AddWorker("t0");
+  AddWorker("t1");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  Drive({1, 2}, 40, 5, 9);
+  t0.Stop();
+  Drive({1, 2}, 2, 5, 13);
+  const ClusterCounters c = coordinator_->counters();
+  EXPECT_EQ(c.adopted_tokens, 0);
+  EXPECT_GE(c.replayed_tokens, 40);
+}
+
+TEST_F(ClusterTest, WhenAKvStoreDiesItsSequencesMoveHomeAndSurviveALaterWorkerDeath) {
+  Member& t0 = AddWorker("t0");
+  AddWorker("t1");
+  Member& kv0 = AddStore("kv0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1, 2}, 40, 3, 21);  // homes on kv0, the only node
+  AddStore("kv1");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 2, absl::Seconds(10)));
+  kv0.Stop();
+  kv0.store.reset();  // the node's memory is gone
+  Drive({1, 2}, 2, 3, 23);
+  EXPECT_GE(coordinator_->counters().rehomed, 2);
+  t0.Stop();
+  Drive({1, 2}, 2, 3, 29);
+  const ClusterCounters c = coordinator_->counters();
+  EXPECT_GE(c.adopted_tokens, 40);
+  EXPECT_EQ(c.replayed_tokens, 0);
+}
+
+TEST_F(ClusterTest, NoLiveWorkerIsAClearErrorNotAHang) {
+  EXPECT_EQ(remote_->Health().code(), absl::StatusCode::kUnavailable);
+  absl::Status s = remote_->AddSequence(1);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(s.message().find("no live target worker"), std::string::npos) << s;
+  Member& t0 = AddWorker("t0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 1, absl::Seconds(10)));
+  EXPECT_TRUE(remote_->Health().ok());
+  ASSERT_TRUE(remote_->AddSequence(1).ok());
+  t0.Stop();
+  const std::vector<int32_t> toks = {1, 2};
+  std::vector<float> logits;
+  const absl::Time t = absl::Now();
+  s = remote_->Forward(std::vector<SequenceInput>{{.seq = 1, .tokens = toks}}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_LT(absl::Now() - t, absl::Seconds(5));
+}
+
+TEST_F(ClusterTest, ModelErrorsPassThroughAndUndoThePassEverywhere) {
+  AddWorker("t0");
+  AddWorker("t1");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  Drive({1, 2}, 20, 1, 31);
+  ASSERT_NE(remote_->WorkerOf(1), remote_->WorkerOf(2));
+  const std::vector<int32_t> good = {5}, bad = {99};  // vocab is 40
+  std::vector<float> logits;
+  absl::Status s = remote_->Forward(std::vector<SequenceInput>{{.seq = 1, .tokens = good}, {.seq = 2, .tokens = bad}}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  // Neither sequence moved: the good half was undone on its worker.
+  EXPECT_EQ(*remote_->SequenceLength(1), 21);
+  Drive({1, 2}, 1, 3, 37);
+}
+
+TEST_F(ClusterTest, AWorkerOfAnotherModelIsRefusedByName) {
+  auto other = runtime::testing::TinyConfig();
+  other.num_hidden_layers = 3;
+  const std::filesystem::path d = runtime::testing::FreshDir("other_model");
+  runtime::testing::WriteRandomModel(d, other, 1);
+  absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(d);
+  ASSERT_TRUE(m.ok());
+  WorkerService service(std::move(*m));
+  MemberOptions o{.registration = service.Describe(), .coordinator_host = "127.0.0.1",
+                  .coordinator_port = coordinator_->port()};
+  o.registration.set_id("wrong");
+  o.registration.set_role(v1::ROLE_TARGET);
+  absl::Notification stop;
+  absl::Status s = RunClusterMember(o, nullptr, nullptr, nullptr, &stop);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_NE(s.message().find("layers=3"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace scout::scheduler

@@ -1,0 +1,93 @@
+// A cluster worker: one model (target or draft) served to the coordinator. WorkerService is the
+// plain class (a ModelBackend behind BackendRequest / BackendReply, plus the sequences' KV homes
+// on KV store nodes), testable without a network; RunClusterMember is the thin loop that
+// connects it to the coordinator over the control channel (register, heartbeats, reconnect).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "rpc/control.pb.h"
+#include "runtime/backend.h"
+
+namespace scout::kvstore {
+class KvStoreClient;
+}
+
+namespace scout::scheduler {
+
+namespace v1 = rpc::v1;
+
+// The model's identity for the cluster: workers whose fingerprint differs from the
+// coordinator's are refused at registration.
+std::string ModelFingerprint(const runtime::ModelConfig& config);
+
+// Serves one model. Not thread-safe: the runner calls Handle from one thread at a time.
+class WorkerService {
+ public:
+  explicit WorkerService(std::unique_ptr<runtime::ModelBackend> model, absl::Duration kv_timeout = absl::Seconds(10));
+  ~WorkerService();
+  WorkerService(const WorkerService&) = delete;
+  WorkerService& operator=(const WorkerService&) = delete;
+
+  // Runs one request. Model errors come back in the reply's status (never as a lost reply).
+  // After a Forward, the units the pass changed go to each sequence's KV home; sequences whose
+  // home could not be written are listed in the reply (their KV is still here).
+  v1::BackendReply Handle(const v1::BackendRequest& request);
+  // Forgets every sequence (the coordinator that placed them is gone).
+  void Reset();
+
+  runtime::ModelBackend& model() { return *model_; }
+  v1::Register Describe() const;  // role-independent fields of the registration
+  v1::Heartbeat Heartbeat() const;
+
+ private:
+  struct Home {
+    std::string address;
+    uint64_t store_session = 0;
+  };
+  absl::Status AddSequence(int64_t seq, const v1::KvHome& home);
+  v1::BackendReply Forward(const v1::Forward& forward);
+  absl::Status Adopt(const v1::AdoptSequence& adopt);
+  // Writes blocks [first, first + n) of the sequence to its home.
+  absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks);
+  absl::StatusOr<kvstore::KvStoreClient*> Client(const std::string& address);
+  void DropClient(const std::string& address);
+
+  std::unique_ptr<runtime::ModelBackend> model_;
+  absl::Duration kv_timeout_;
+  absl::flat_hash_map<int64_t, Home> homes_;  // every sequence this worker holds ("" address: none)
+  absl::flat_hash_map<std::string, std::unique_ptr<kvstore::KvStoreClient>> clients_;
+  std::vector<std::byte> staging_;
+  int64_t kv_bytes_written_ = 0;
+  int64_t kv_bytes_read_ = 0;
+  double kv_seconds_ = 0;
+};
+
+struct MemberOptions {
+  v1::Register registration;  // id and role must be set
+  std::string coordinator_host;
+  int coordinator_port = 0;
+  absl::Duration reconnect_interval = absl::Milliseconds(500);
+  absl::Duration connect_timeout = absl::Seconds(5);
+};
+
+// Connects to the coordinator, registers and sends heartbeats at the interval it asks for;
+// `serve` answers its requests (may be null: KV store nodes only register and beat), `beat`
+// fills each heartbeat, and `lost` runs when a connection ends (a worker forgets its sequences:
+// the coordinator has moved them). Reconnects until `stop` is notified, then returns OK. A
+// refused registration (another model, another protocol version) is returned: it will not
+// change by retrying.
+absl::Status RunClusterMember(const MemberOptions& options,
+                              std::function<v1::BackendReply(const v1::BackendRequest&)> serve,
+                              std::function<v1::Heartbeat()> beat, std::function<void()> lost,
+                              absl::Notification* stop);
+
+}  // namespace scout::scheduler
