@@ -23,12 +23,17 @@
 #ifdef SCOUT_HAVE_NCCL
 #include "runtime/tensor_parallel.h"
 #endif
+#include <unistd.h>
+
 #include <csignal>
+#include <thread>
 
 #include "monitoring/metrics.h"
 #include "rpc/openai_server.h"
 #include "runtime/calibrate.h"
+#include "scheduler/cluster.h"
 #include "scheduler/engine.h"
+#include "scheduler/worker.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
@@ -597,46 +602,109 @@ int Calibrate(int argc, char** argv) {
   return 0;
 }
 
+// Flags of the HTTP front end and its engine, shared by `serve` and `coordinator`.
+std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
+  for (FlagSpec f : std::vector<FlagSpec>{
+           {"num-speculative-tokens", "4", "draft tokens proposed per round"},
+           {"served-model-name", "", "model id in the API (default: the model folder's name)"},
+           {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
+           {"max-num-seqs", "16", "requests batched together in each decode step (with a draft: in each speculative round)"},
+           {"session-idle-timeout", "0", "seconds an idle agent session keeps its KV (0: until deleted or the pool needs it)"},
+           {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
+           {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
+           {"host", "0.0.0.0", "address to listen on"},
+           {"port", "8000", "port to listen on (0: any free port, printed at start)"},
+           {"help", "", "show this help", true},
+       }) {
+    specs.push_back(f);
+  }
+  return WithStsFlags(std::move(specs), "with --draft: target attention while verifying, dense or sts");
+}
+
+// Blocks SIGINT and SIGTERM (taken by sigwait later) before any thread starts, and ignores
+// SIGPIPE (a peer that hangs up must not end the process).
+sigset_t BlockStopSignals() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+  return signals;
+}
+
+// The OpenAI-compatible front end over an engine of `model` (and `draft`), until SIGINT/SIGTERM,
+// then a drain. `health`: whether the models can run (a coordinator's live workers).
+int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::ModelBackend> model,
+                std::unique_ptr<runtime::ModelBackend> draft, std::function<absl::Status()> health = nullptr) {
+  absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
+                          max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
+                          max_num_seqs = flags.GetInt("max-num-seqs");
+  absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
+                         idle_timeout = flags.GetDouble("session-idle-timeout");
+  for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
+                                max_num_seqs.status(), shutdown_timeout.status(), idle_timeout.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return Fail(tok.status());
+  absl::StatusOr<std::optional<runtime::ModelChatTemplate>> chat_template = runtime::LoadChatTemplate(flags.Get("model"));
+  if (!chat_template.ok()) return Fail(chat_template.status());
+  std::string name = flags.Get("served-model-name");
+  if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
+  if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
+  scheduler::EngineOptions engine_options{.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
+                                          .max_waiting = static_cast<int>(*max_waiting),
+                                          .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
+  engine_options.session_idle_timeout_s = *idle_timeout;
+  engine_options.health = std::move(health);
+  if (flags.Get("sparsity") != "dense" && draft == nullptr) {
+    return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"
+                                               ? "--sparsity sts needs --draft DIR"
+                                               : absl::StrCat("--sparsity must be dense or sts, got \"",
+                                                              flags.Get("sparsity"), "\"")));
+  }
+  if (draft != nullptr) {
+    absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, model->config(), draft->config());
+    if (!sts.ok()) return Fail(sts.status());
+    if (sts->has_value()) {
+      engine_options.head_map = (*sts)->head_map;
+      engine_options.sts_budget = (*sts)->budget;
+    }
+  }
+  monitoring::ServerMetrics metrics;
+  scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
+  absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
+      rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
+                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));
+  if (!server.ok()) return Fail(server.status());
+  std::fprintf(stderr, "scout: serving %s on http://%s:%d\n", name.c_str(), flags.Get("host").c_str(), (*server)->port());
+  int sig = 0;
+  sigwait(&signals, &sig);
+  std::fprintf(stderr, "scout: signal %d, draining (up to %.0f s)\n", sig, *shutdown_timeout);
+  const bool drained = engine.Drain(*shutdown_timeout);
+  (*server)->Stop();
+  std::fprintf(stderr, "scout: stopped%s\n", drained ? "" : " with requests still running (timeout)");
+  return 0;
+}
+
 int Serve(int argc, char** argv) {
-  Flags flags(WithStsFlags(WithHostTierFlags({
+  Flags flags(FrontEndFlags(WithHostTierFlags({
       {"model", "", "model folder"},
       {"draft", "", "draft model folder: speculative decoding when given"},
-      {"num-speculative-tokens", "4", "draft tokens proposed per round"},
       {"device", "cpu", "backend of the model: cpu, cuda or cuda:N"},
       {"draft-device", "", "backend of the draft (default: --device)"},
       {"tensor-parallel-size", "1", "cuda: split the model over this many GPUs (NCCL)"},
       {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
-      {"served-model-name", "", "model id in the API (default: the model folder's name)"},
-      {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
-      {"max-num-seqs", "16", "requests batched together in each decode step (with a draft: in each speculative round)"},
-      {"session-idle-timeout", "0", "seconds an idle agent session keeps its KV (0: until deleted or the pool needs it)"},
-      {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
-      {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
-      {"host", "0.0.0.0", "address to listen on"},
-      {"port", "8000", "port to listen on (0: any free port, printed at start)"},
-      {"help", "", "show this help", true},
-  }), "with --draft: target attention while verifying, dense or sts"));
+  })));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
     std::printf("usage: scout serve --model DIR [flags]\n%s", flags.Help().c_str());
     return 0;
   }
   if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
-  absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
-                          max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
-                          max_num_seqs = flags.GetInt("max-num-seqs");
-  absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout");
-  for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
-                                max_num_seqs.status(), shutdown_timeout.status()}) {
-    if (!s.ok()) return Fail(s);
-  }
-  // Signals are taken by sigwait below: block them before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not end the server
+  const sigset_t signals = BlockStopSignals();
   absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size");
   if (!tp.ok()) return Fail(tp.status());
   absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
@@ -653,47 +721,158 @@ int Serve(int argc, char** argv) {
     if (!d.ok()) return Fail(d.status());
     draft = std::move(*d);
   }
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
-  if (!tok.ok()) return Fail(tok.status());
-  absl::StatusOr<std::optional<runtime::ModelChatTemplate>> chat_template = runtime::LoadChatTemplate(flags.Get("model"));
-  if (!chat_template.ok()) return Fail(chat_template.status());
-  std::string name = flags.Get("served-model-name");
-  if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
-  if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
-  scheduler::EngineOptions engine_options{.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
-                                          .max_waiting = static_cast<int>(*max_waiting),
-                                          .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
-  absl::StatusOr<double> idle_timeout = flags.GetDouble("session-idle-timeout");
-  if (!idle_timeout.ok()) return Fail(idle_timeout.status());
-  if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
-  engine_options.session_idle_timeout_s = *idle_timeout;
-  if (flags.Get("sparsity") != "dense" && draft == nullptr) {
-    return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"
-                                               ? "--sparsity sts needs --draft DIR"
-                                               : absl::StrCat("--sparsity must be dense or sts, got \"",
-                                                              flags.Get("sparsity"), "\"")));
+  return RunFrontEnd(flags, signals, std::move(*model), std::move(draft));
+}
+
+// host:port -> (host, port). InvalidArgument naming the flag.
+absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& flag, const std::string& value) {
+  const size_t colon = value.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(value.substr(colon + 1), &port) || port <= 0 ||
+      port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be host:port, got \"", value, "\""));
   }
-  if (draft != nullptr) {
-    absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, (*model)->config(), draft->config());
-    if (!sts.ok()) return Fail(sts.status());
-    if (sts->has_value()) {
-      engine_options.head_map = (*sts)->head_map;
-      engine_options.sts_budget = (*sts)->budget;
+  return std::make_pair(value.substr(0, colon), port);
+}
+
+// `scout coordinator`: the cluster's HTTP front end and scheduler. Workers and KV store nodes
+// register on --control-port; the engine runs over them (scheduler/cluster.h).
+int Coordinator(int argc, char** argv) {
+  Flags flags(FrontEndFlags({
+      {"model", "", "the target model's folder: its config.json, tokenizer and chat template (no weights needed)"},
+      {"draft", "", "the draft model's folder (config.json): speculative decoding over draft workers"},
+      {"control-host", "0.0.0.0", "address workers and KV store nodes connect to"},
+      {"control-port", "8100", "port workers and KV store nodes connect to (0: any free port, printed)"},
+      {"heartbeat-interval", "0.5", "seconds between members' heartbeats"},
+      {"heartbeat-timeout", "3", "a member silent this many seconds is dead: its sessions move"},
+      {"worker-timeout", "120", "seconds one call to a worker may take before the worker is taken for dead"},
+  }));
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout coordinator --model DIR [--draft DIR] [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  const sigset_t signals = BlockStopSignals();
+  absl::StatusOr<runtime::ModelConfig> target = runtime::LoadModelConfig(flags.Get("model"));
+  if (!target.ok()) return Fail(target.status());
+  std::optional<runtime::ModelConfig> draft;
+  if (!flags.Get("draft").empty()) {
+    absl::StatusOr<runtime::ModelConfig> d = runtime::LoadModelConfig(flags.Get("draft"));
+    if (!d.ok()) return Fail(d.status());
+    draft = *d;
+  }
+  absl::StatusOr<int64_t> control_port = flags.GetInt("control-port");
+  absl::StatusOr<double> interval = flags.GetDouble("heartbeat-interval"), timeout = flags.GetDouble("heartbeat-timeout"),
+                         call = flags.GetDouble("worker-timeout");
+  for (const absl::Status& s : {control_port.status(), interval.status(), timeout.status(), call.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  if (!(*interval > 0 && *timeout > *interval && *call > 0)) {
+    return Fail(absl::InvalidArgumentError("need 0 < --heartbeat-interval < --heartbeat-timeout and --worker-timeout > 0"));
+  }
+  absl::StatusOr<std::unique_ptr<scheduler::Coordinator>> coordinator = scheduler::Coordinator::Start(
+      flags.Get("control-host"), static_cast<int>(*control_port),
+      {.target_fingerprint = scheduler::ModelFingerprint(*target),
+       .draft_fingerprint = draft ? scheduler::ModelFingerprint(*draft) : "",
+       .heartbeat_interval = absl::Seconds(*interval), .heartbeat_timeout = absl::Seconds(*timeout),
+       .call_timeout = absl::Seconds(*call)});
+  if (!coordinator.ok()) return Fail(coordinator.status());
+  std::fprintf(stderr, "scout: coordinator control channel on %s:%d\n", flags.Get("control-host").c_str(),
+               (*coordinator)->port());
+  scheduler::Coordinator* c = coordinator->get();
+  auto remote_target = std::make_unique<scheduler::RemoteBackend>(c, scheduler::v1::ROLE_TARGET, *target);
+  std::unique_ptr<scheduler::RemoteBackend> remote_draft;
+  if (draft) remote_draft = std::make_unique<scheduler::RemoteBackend>(c, scheduler::v1::ROLE_DRAFT, *draft);
+  // Health reads only the registry (thread-safe), never the backends' sequence tables.
+  auto health = [c, with_draft = draft.has_value()]() -> absl::Status {
+    bool target_alive = false, draft_alive = !with_draft;
+    for (const auto& m : c->Members(scheduler::v1::ROLE_TARGET)) target_alive |= m.alive;
+    if (with_draft) {
+      for (const auto& m : c->Members(scheduler::v1::ROLE_DRAFT)) draft_alive |= m.alive;
     }
+    if (!target_alive) return absl::UnavailableError("no live target worker");
+    if (!draft_alive) return absl::UnavailableError("no live draft worker");
+    return absl::OkStatus();
+  };
+  const int rc = RunFrontEnd(flags, signals, std::move(remote_target), std::move(remote_draft), health);
+  const scheduler::ClusterCounters n = c->counters();
+  std::fprintf(stderr,
+               "scout: cluster: %lld failovers, %lld tokens adopted from KV stores, %lld replayed, %lld rehomed, "
+               "%lld passes retried; KV over UCX %.1f MB written, %.1f MB read\n",
+               static_cast<long long>(n.failovers), static_cast<long long>(n.adopted_tokens),
+               static_cast<long long>(n.replayed_tokens), static_cast<long long>(n.rehomed),
+               static_cast<long long>(n.retried_passes), n.kv_bytes_written / 1e6, n.kv_bytes_read / 1e6);
+  return rc;
+}
+
+// `scout worker`: serves the target or the draft model to a coordinator.
+int Worker(int argc, char** argv) {
+  Flags flags(WithHostTierFlags({
+      {"model", "", "model folder"},
+      {"role", "target", "target or draft"},
+      {"coordinator", "127.0.0.1:8100", "the coordinator's control address, host:port"},
+      {"id", "", "this worker's name in the cluster (default: host name and process id)"},
+      {"device", "cpu", "backend: cpu, cuda or cuda:N"},
+      {"tensor-parallel-size", "1", "cuda: split the model over this many GPUs (NCCL)"},
+      {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
+      {"gpu-class", "", "the class placement knows this worker's GPUs by (default: cpu, or the CUDA device name)"},
+      {"kv-budget-tokens", "0", "cpu: tokens of KV the worker holds (0: four sequences of the model's context)"},
+      {"help", "", "show this help", true},
+  }));
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout worker --model DIR --role target|draft --coordinator HOST:PORT [flags]\n%s",
+                flags.Help().c_str());
+    return 0;
   }
-  monitoring::ServerMetrics metrics;
-  scheduler::Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics, engine_options);
-  absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
-      rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
-                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));
-  if (!server.ok()) return Fail(server.status());
-  std::fprintf(stderr, "scout: serving %s on http://%s:%d\n", name.c_str(), flags.Get("host").c_str(), (*server)->port());
-  int sig = 0;
-  sigwait(&signals, &sig);
-  std::fprintf(stderr, "scout: signal %d, draining (up to %.0f s)\n", sig, *shutdown_timeout);
-  const bool drained = engine.Drain(*shutdown_timeout);
-  (*server)->Stop();
-  std::fprintf(stderr, "scout: stopped%s\n", drained ? "" : " with requests still running (timeout)");
+  if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  const std::string role = flags.Get("role");
+  if (role != "target" && role != "draft") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--role must be target or draft, got \"", role, "\"")));
+  }
+  absl::StatusOr<std::pair<std::string, int>> coord = ParseHostPort("coordinator", flags.Get("coordinator"));
+  if (!coord.ok()) return Fail(coord.status());
+  const sigset_t signals = BlockStopSignals();
+  absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size"), kv_tokens = flags.GetInt("kv-budget-tokens");
+  if (!tp.ok()) return Fail(tp.status());
+  if (!kv_tokens.ok()) return Fail(kv_tokens.status());
+  absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
+  if (!tier.ok()) return Fail(tier.status());
+  const bool split = *tp > 1 || !flags.Get("target-devices").empty();
+  absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
+      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *kv_tokens, *tier)
+            : LoadBackend(flags.Get("model"), flags.Get("device"), *kv_tokens, *tier);
+  if (!model.ok()) return Fail(model.status());
+  scheduler::WorkerService service(std::move(*model));
+  scheduler::MemberOptions options{.registration = service.Describe(), .coordinator_host = coord->first,
+                                   .coordinator_port = coord->second};
+  std::string id = flags.Get("id");
+  if (id.empty()) {
+    char host[256] = {0};
+    gethostname(host, sizeof host - 1);
+    id = absl::StrCat(host, "-", getpid());
+  }
+  options.registration.set_id(id);
+  options.registration.set_role(role == "target" ? scheduler::v1::ROLE_TARGET : scheduler::v1::ROLE_DRAFT);
+  std::string gpu_class = flags.Get("gpu-class");
+  if (gpu_class.empty()) gpu_class = flags.Get("device") == "cpu" && !split ? "cpu" : "cuda";
+  options.registration.set_gpu_class(gpu_class);
+  options.registration.set_num_gpus(split ? static_cast<int32_t>(*tp) : (flags.Get("device") == "cpu" ? 0 : 1));
+  absl::Notification stop;
+  std::thread signal_thread([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    std::fprintf(stderr, "scout: signal %d, leaving the cluster\n", sig);
+    stop.Notify();
+  });
+  signal_thread.detach();
+  std::fprintf(stderr, "scout: %s worker %s (%s) for %s\n", role.c_str(), id.c_str(), gpu_class.c_str(),
+               flags.Get("model").c_str());
+  absl::Status s = scheduler::RunClusterMember(
+      options, [&service](const scheduler::v1::BackendRequest& r) { return service.Handle(r); },
+      [&service] { return service.Heartbeat(); }, [&service] { service.Reset(); }, &stop);
+  if (!s.ok()) return Fail(s);
   return 0;
 }
 
@@ -814,7 +993,11 @@ int KvStore(int argc, char** argv) {
       {"host", "0.0.0.0", "address to listen on"},
       {"port", "7100", "port to listen on (0: any free port, printed at start)"},
       {"capacity-gb", "16", "host memory for KV units, in GB"},
-      {"unit-bytes", "8192", "bytes of one (layer, KV head, 16-token block) unit: 64 x head_dim for bf16"},
+      {"unit-bytes", "8192", "bytes of one (layer, KV head, 16-token block) unit: 64 x head_dim for bf16, 128 x head_dim "
+                             "for the CPU backend's float32"},
+      {"coordinator", "", "register with this coordinator (host:port of its control channel)"},
+      {"advertise-host", "", "the host workers reach this node at (default: --host, or this machine's name)"},
+      {"id", "", "this node's name in the cluster (default: host name and port)"},
       {"help", "", "show this help", true},
   });
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
@@ -828,21 +1011,56 @@ int KvStore(int argc, char** argv) {
     if (!s.ok()) return Fail(s);
   }
   if (*unit < 1 || *gb <= 0) return Fail(absl::InvalidArgumentError("--unit-bytes and --capacity-gb must be > 0"));
+  std::optional<std::pair<std::string, int>> coord;
+  if (!flags.Get("coordinator").empty()) {
+    absl::StatusOr<std::pair<std::string, int>> c = ParseHostPort("coordinator", flags.Get("coordinator"));
+    if (!c.ok()) return Fail(c.status());
+    coord = *c;
+  }
 #ifdef SCOUT_HAVE_UCX
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = BlockStopSignals();
   const int64_t capacity = static_cast<int64_t>(*gb * 1e9 / static_cast<double>(*unit));
   absl::StatusOr<std::unique_ptr<kvstore::KvStoreServer>> server =
       kvstore::KvStoreServer::Start(flags.Get("host"), static_cast<int>(*port), static_cast<size_t>(*unit), capacity);
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: KV store on %s:%d (UCX), %lld units of %lld bytes\n", flags.Get("host").c_str(),
                (*server)->port(), static_cast<long long>(capacity), static_cast<long long>(*unit));
+  absl::Notification stop;
+  std::thread member;
+  if (coord) {
+    char hostname[256] = {0};
+    gethostname(hostname, sizeof hostname - 1);
+    std::string advertise = flags.Get("advertise-host");
+    if (advertise.empty()) advertise = flags.Get("host") == "0.0.0.0" ? hostname : flags.Get("host");
+    scheduler::MemberOptions options{.coordinator_host = coord->first, .coordinator_port = coord->second};
+    std::string id = flags.Get("id");
+    if (id.empty()) id = absl::StrCat(hostname, "-", (*server)->port());
+    options.registration.set_id(id);
+    options.registration.set_role(scheduler::v1::ROLE_KVSTORE);
+    options.registration.set_kvstore_address(absl::StrCat(advertise, ":", (*server)->port()));
+    options.registration.set_kv_unit_bytes(*unit);
+    options.registration.set_capacity_units(capacity);
+    kvstore::KvStoreServer* srv = server->get();
+    member = std::thread([options, srv, &stop] {
+      absl::Status s = scheduler::RunClusterMember(
+          options, nullptr,
+          [srv] {
+            scheduler::v1::Heartbeat h;
+            h.set_units_held(srv->units_held());
+            return h;
+          },
+          nullptr, &stop);
+      if (!s.ok()) {
+        std::fprintf(stderr, "scout: error: %s\n", s.ToString().c_str());
+        std::exit(1);
+      }
+    });
+  }
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "scout: signal %d, stopping (%lld units held)\n", sig, static_cast<long long>((*server)->units_held()));
+  stop.Notify();
+  if (member.joinable()) member.join();
   return 0;
 #else
   return Fail(absl::UnavailableError("this scout was built without UCX (SCOUT_USE_UCX=OFF)"));
@@ -857,6 +1075,8 @@ void Usage() {
       "  eval       fidelity of sparse attention (STS, oracle, Quest, window) against dense on a text\n"
       "  calibrate  choose the draft heads that stand for each target (layer, KV head)\n"
       "  serve      OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health, /metrics)\n"
+      "  coordinator  the cluster's HTTP front end and scheduler over registered workers\n"
+      "  worker     serves the target or draft model to a coordinator (--role target|draft)\n"
       "  kvstore    a KV store node: sessions' KV units in host memory, served over UCX\n"
       "  bench decode  decode throughput at production shapes on the GPU (dense, speculative, STS, SANTA)\n\n"
       "Run `scout <command> --help` for its flags.\n");
@@ -876,6 +1096,8 @@ int main(int argc, char** argv) {
   if (cmd == "calibrate") return scout::cli::Calibrate(argc - 2, argv + 2);
   if (cmd == "serve") return scout::cli::Serve(argc - 2, argv + 2);
   if (cmd == "kvstore") return scout::cli::KvStore(argc - 2, argv + 2);
+  if (cmd == "coordinator") return scout::cli::Coordinator(argc - 2, argv + 2);
+  if (cmd == "worker") return scout::cli::Worker(argc - 2, argv + 2);
   if (cmd == "bench") {
     if (argc >= 3 && std::string(argv[2]) == "decode") return scout::cli::BenchDecode(argc - 3, argv + 3);
     std::fprintf(stderr, "scout: bench needs a benchmark name: decode\n");

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The cluster as separate processes on loopback: a coordinator, 2 draft workers, 2 target
+# workers (the fixture pair on the CPU backend) and 2 KV store nodes, driven over HTTP. Outputs
+# must equal a single-process `scout serve`'s; then a target worker, a draft worker and a KV store
+# node are killed with SIGKILL mid-session, and every request must still finish with the same text.
+# usage: cluster_test.sh SCOUT_BINARY SOURCE_DIR
+set -uo pipefail
+scout=$1
+src=$2
+T=$src/models/scout-tiny-target
+D=$src/models/scout-tiny-draft
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*"
+  for f in *.err; do echo "== $f"; tail -n 15 "$f"; done
+  exit 1
+}
+source "$(dirname "$0")/server_lib.sh"
+rm -f ./*.err ./*.out
+
+# complete NAME BODY: POST /v1/completions, the text to NAME.out (a request that fails or takes
+# over 90 s fails the test: nothing may hang).
+complete() {
+  local body
+  body=$(curl -s --max-time 90 "$base/v1/completions" -d "$2") || { echo "curl failed: $1" > "$1.out"; return; }
+  echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")' > "$1.out" 2>/dev/null \
+    || echo "bad reply: $body" > "$1.out"
+}
+P1='import numpy as np\n\n\ndef softmax(x):\n    '
+P2='class Stack:\n    def __init__(self):\n        '
+P3='def fibonacci(n):\n    '
+P4='# Read a CSV file and print the sum of each column\nimport csv\n'
+long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0, \"ignore_eos\": true}"; }
+sampled() { echo "{\"prompt\": \"$1\", \"max_tokens\": 48, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": $2, \"ignore_eos\": true}"; }
+turn() { echo "{\"prompt\": \"$1\", \"max_tokens\": 24, \"temperature\": 0, \"session_id\": \"$2\", \"ignore_eos\": true}"; }
+
+# requests PREFIX: every request of the test, results in PREFIX.*.out.
+requests() {
+  local p=$1 ps=()
+  complete "$p.g1" "$(long "$P1" 40)" & ps+=($!)
+  complete "$p.g2" "$(long "$P2" 40)" & ps+=($!)
+  complete "$p.g3" "$(long "$P3" 40)" & ps+=($!)
+  complete "$p.g4" "$(long "$P4" 40)" & ps+=($!)
+  complete "$p.s1" "$(sampled "$P1" 7)" & ps+=($!)
+  complete "$p.s2" "$(sampled "$P3" 11)" & ps+=($!)
+  wait "${ps[@]}"
+}
+
+# --- the reference: one process ------------------------------------------------------------
+start_server serve.err --model "$T" --draft "$D"
+pids+=("$pid")
+complete ref.g1 "$(long "$P1" 40)"; complete ref.g2 "$(long "$P2" 40)"; complete ref.g3 "$(long "$P3" 40)"
+complete ref.g4 "$(long "$P4" 40)"; complete ref.s1 "$(sampled "$P1" 7)"; complete ref.s2 "$(sampled "$P3" 11)"
+complete ref.k1 "$(long "$P1" 1200)"; complete ref.k2 "$(long "$P2" 1200)"
+for t in 1 2 3; do complete "ref.t$t" "$(turn "$P4" "agent")"; done
+kill "$pid"
+for f in ref.*.out; do grep -q "^curl failed\|^bad reply" "$f" && fail "reference $f: $(cat "$f")"; done
+
+# --- the cluster ---------------------------------------------------------------------------
+"$scout" coordinator --model "$T" --draft "$D" --host 127.0.0.1 --port 0 --control-host 127.0.0.1 --control-port 0 \
+  --heartbeat-interval 0.2 --heartbeat-timeout 2 --shutdown-timeout 5 2> coord.err &
+coord=$!
+pids+=("$coord")
+for _ in $(seq 1 100); do
+  cport=$(grep -o "control channel on 127.0.0.1:[0-9]*" coord.err | grep -o "[0-9]*$")
+  port=$(grep -o "http://127.0.0.1:[0-9]*" coord.err | grep -o "[0-9]*$")
+  [ -n "$cport" ] && [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$cport" ] && [ -n "$port" ] || fail "coordinator did not report its ports"
+base="http://127.0.0.1:$port"
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready without workers should be 503"
+
+start_member() {  # NAME ARGS...
+  local name=$1
+  shift
+  "$scout" "$@" --coordinator "127.0.0.1:$cport" 2> "$name.err" &
+  eval "pid_$name=$!"
+  pids+=("$!")
+}
+start_member kv0 kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 1 --id kv0
+start_member kv1 kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 1 --id kv1
+start_member draft0 worker --model "$D" --role draft --id draft0
+start_member draft1 worker --model "$D" --role draft --id draft1
+start_member target0 worker --model "$T" --role target --id target0
+start_member target1 worker --model "$T" --role target --id target1
+for _ in $(seq 1 200); do
+  [ "$(grep -c " registered from " coord.err)" -ge 6 ] && break
+  sleep 0.1
+done
+[ "$(grep -c " registered from " coord.err)" -ge 6 ] || fail "not all 6 members registered"
+[ "$(curl -s "$base/ready")" = "ready" ] || fail "/ready with workers"
+
+# 1. Outputs equal the single process's, with requests spread over both target workers.
+requests clu
+for n in g1 g2 g3 g4 s1 s2; do
+  cmp -s "ref.$n.out" "clu.$n.out" || fail "$n differs from scout serve: [$(cat "clu.$n.out")] vs [$(cat "ref.$n.out")]"
+done
+complete clu.t1 "$(turn "$P4" "agent")"
+cmp -s ref.t1.out clu.t1.out || fail "session turn 1 differs"
+echo "ok: 7 outputs equal the single process's"
+
+# 2. SIGKILL a target worker while two long requests run (one on each target worker).
+# kill_during NAME: SIGKILL member NAME while both requests still run, then wait for them.
+kill_during() {
+  sleep 1
+  kill -0 "$k1" 2>/dev/null && kill -0 "$k2" 2>/dev/null || fail "the requests ended before $1 was killed"
+  eval "kill -9 \$pid_$1"
+  wait "$k1" "$k2"
+  grep -q " $1 is dead" coord.err || fail "the coordinator did not see $1 die"
+}
+complete clu.k1 "$(long "$P1" 1200)" & k1=$!
+complete clu.k2 "$(long "$P2" 1200)" & k2=$!
+kill_during target0
+cmp -s ref.k1.out clu.k1.out || fail "k1 differs after a target worker died: [$(cat clu.k1.out)]"
+cmp -s ref.k2.out clu.k2.out || fail "k2 differs after a target worker died: [$(cat clu.k2.out)]"
+echo "ok: a target worker killed mid-generation; both requests finished with the same text"
+
+# 3. SIGKILL a draft worker the same way.
+complete clu.k1b "$(long "$P1" 1200)" & k1=$!
+complete clu.k2b "$(long "$P2" 1200)" & k2=$!
+kill_during draft0
+cmp -s ref.k1.out clu.k1b.out || fail "k1 differs after a draft worker died"
+cmp -s ref.k2.out clu.k2b.out || fail "k2 differs after a draft worker died"
+echo "ok: a draft worker killed mid-generation; both requests finished with the same text"
+
+# 4. SIGKILL a KV store node; the session goes on, and survives the death of its worker later
+# (its KV moved to the other node, from which a new worker adopts it).
+kill -9 "$pid_kv0"
+complete clu.t2 "$(turn "$P4" "agent")"
+cmp -s ref.t2.out clu.t2.out || fail "session turn 2 differs after a KV store node died: [$(cat clu.t2.out)]"
+start_member target2 worker --model "$T" --role target --id target2
+for _ in $(seq 1 100); do grep -q "target target2 registered" coord.err && break; sleep 0.1; done
+kill -9 "$pid_target1"
+for _ in $(seq 1 50); do grep -q "target target1 is dead" coord.err && break; sleep 0.1; done
+complete clu.t3 "$(turn "$P4" "agent")"
+cmp -s ref.t3.out clu.t3.out || fail "session turn 3 differs after its worker died: [$(cat clu.t3.out)]"
+echo "ok: a KV store node killed; the session's KV moved home and a new worker adopted it"
+
+# 5. With no draft worker left, requests fail at once with a clear error and /ready says no.
+kill -9 "$pid_draft1"
+for _ in $(seq 1 50); do grep -q "draft draft1 is dead" coord.err && break; sleep 0.1; done
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready with no draft worker"
+code=$(curl -s --max-time 30 -o err.json -w '%{http_code}' "$base/v1/completions" -d "$(long "$P1" 8)")
+[ "$code" = 503 ] && grep -q "no live draft worker" err.json || fail "no draft worker: $code $(cat err.json)"
+echo "ok: no draft worker: 503 naming it"
+
+kill -TERM "$coord"
+wait "$coord"
+grep "scout: cluster:" coord.err
+grep -q "scout: cluster: [1-9][0-9]* failovers" coord.err || fail "no failovers counted"
+echo "PASS"
