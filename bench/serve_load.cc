@@ -2,7 +2,11 @@
 // requests/s, tokens/s, time to first token and inter-token latency percentiles, and errors.
 //
 //   serve_load --port 8000 [--host 127.0.0.1] [--clients 4] [--seconds 20] [--max-tokens 64]
-//              [--prompt TEXT]
+//              [--prompt TEXT] [--session-turns N]
+//
+// With --session-turns, each client is an agent: its requests are the turns of a session
+// (session_id), each turn adding the prompt to a context the server keeps, for N turns; then
+// the session is deleted and a new one begins.
 #include <utility>  // before Boost 1.74's asio: its awaitable.hpp uses std::exchange
 
 #include <boost/asio.hpp>
@@ -98,9 +102,26 @@ void OneRequest(const std::string& host, const std::string& port, const std::str
   }
 }
 
+// DELETE /v1/sessions/ID (a finished agent's KV is freed).
+void DeleteSession(const std::string& host, const std::string& port, const std::string& id) {
+  try {
+    asio::io_context io;
+    tcp::resolver resolver(io);
+    beast::tcp_stream stream(io);
+    stream.connect(resolver.resolve(host, port));
+    http::request<http::empty_body> req{http::verb::delete_, "/v1/sessions/" + id, 11};
+    req.set(http::field::host, host);
+    http::write(stream, req);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> res;
+    http::read(stream, buffer, res);
+  } catch (const std::exception&) {
+  }
+}
+
 int main(int argc, char** argv) {
   std::string host = "127.0.0.1", port = "8000", prompt = "import numpy as np\n\n\ndef softmax(x):\n    ";
-  int clients = 4, max_tokens = 64;
+  int clients = 4, max_tokens = 64, session_turns = 0;
   double seconds = 20;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
@@ -110,6 +131,7 @@ int main(int argc, char** argv) {
     else if (f == "--seconds") seconds = std::stod(v);
     else if (f == "--max-tokens") max_tokens = std::stoi(v);
     else if (f == "--prompt") prompt = v;
+    else if (f == "--session-turns") session_turns = std::stoi(v);
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
   Stats stats;
@@ -117,18 +139,26 @@ int main(int argc, char** argv) {
   std::vector<std::thread> threads;
   std::atomic<int> seed{0};
   for (int c = 0; c < clients; ++c) {
-    threads.emplace_back([&] {
-      while (Clock::now() < end) {
-        const nlohmann::json body = {{"prompt", prompt}, {"max_tokens", max_tokens}, {"stream", true},
-                                     {"ignore_eos", true}, {"temperature", 0.8}, {"seed", seed++}};
-        OneRequest(host, port, body.dump(), stats);
+    threads.emplace_back([&, c] {
+      for (int64_t n = 0; Clock::now() < end; ++n) {
+        nlohmann::json body = {{"prompt", prompt}, {"max_tokens", max_tokens}, {"stream", true},
+                               {"ignore_eos", true}, {"temperature", 0.8}, {"seed", seed++}};
+        if (session_turns > 0) {
+          const std::string id = "agent-" + std::to_string(c) + "-" + std::to_string(n / session_turns);
+          body["session_id"] = id;
+          OneRequest(host, port, body.dump(), stats);
+          if (n % session_turns == session_turns - 1) DeleteSession(host, port, id);
+        } else {
+          OneRequest(host, port, body.dump(), stats);
+        }
       }
     });
   }
   const auto t0 = Clock::now();
   for (std::thread& t : threads) t.join();
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
-  std::printf("%d clients, %.0f s (%.1f s with the last requests), max_tokens %d\n", clients, seconds, wall, max_tokens);
+  std::printf("%d clients, %.0f s (%.1f s with the last requests), max_tokens %d, session turns %d\n", clients, seconds,
+              wall, max_tokens, session_turns);
   std::printf("requests %lld (%.2f/s), errors %lld, generated tokens %lld (%.1f/s)\n",
               static_cast<long long>(stats.requests), stats.requests / wall, static_cast<long long>(stats.errors),
               static_cast<long long>(stats.tokens), stats.tokens / wall);

@@ -364,7 +364,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       }
       at += n;
       count.replayed_tokens += n;
-      if (fr->unpersisted_size() == 0 && seq.home_store != 0) seq.persisted = at;
+      if (fr->unpersisted_size() == 0 && seq.home_store != 0) seq.persisted = at / kvstore::kBlockSize * kvstore::kBlockSize;
     }
     if (lost_worker) continue;
     coordinator_->Count(count);
@@ -457,7 +457,7 @@ void RemoteBackend::Rehome(SequenceId id, Seq& seq, const absl::Status& why) {
   *req.mutable_rehome()->mutable_home() = HomeOf(id, seq);
   absl::StatusOr<v1::BackendReply> r = Call(seq.worker, std::move(req), absl::StrCat("rehome sequence ", id));
   if (r.ok() && rpc::FromProto(r->status()).ok()) {
-    seq.persisted = static_cast<int64_t>(seq.tokens.size());
+    seq.persisted = static_cast<int64_t>(seq.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
     coordinator_->Count({.rehomed = 1});
   } else {
     seq.home_store = 0;
@@ -485,11 +485,14 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
   }
   for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
     if (attempt > 0) coordinator_->Count({.retried_passes = 1});
-    // Every sequence on a live worker.
+    // Every sequence on a live worker, and its KV home alive (a dead one is replaced before the
+    // worker could die too).
     for (const runtime::SequenceInput& in : batch) {
       Seq& s = seqs_[in.seq];
       if (!coordinator_->Alive(s.worker)) {
         if (absl::Status st = Place(in.seq, s); !st.ok()) return st;
+      } else if (s.home_store != 0 && !coordinator_->Alive(s.home_store)) {
+        Rehome(in.seq, s, absl::UnavailableError("its KV store node is dead"));
       }
     }
     // One request per worker, in parallel.
@@ -606,8 +609,8 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
         if (s.home_store == 0) continue;
         if (unpersisted.contains(batch[i].seq)) {
           Rehome(batch[i].seq, s, rpc::FromProto(rep.persist_error()));
-        } else {
-          s.persisted = static_cast<int64_t>(s.tokens.size());
+        } else {  // workers persist whole blocks
+          s.persisted = static_cast<int64_t>(s.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
         }
       }
     }

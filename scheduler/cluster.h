@@ -5,8 +5,8 @@
 // cluster: each pass is split by worker and sent in parallel, and its rows come back in batch
 // order.
 //
-// Failover: every sequence's tokens are kept here, and workers copy the KV each pass writes to
-// the sequence's home on a KV store node. When a worker dies, its sequences move to live
+// Failover: every sequence's tokens are kept here, and workers copy each 16-token block of KV,
+// once it is full, to the sequence's home on a KV store node. When a worker dies, its sequences move to live
 // workers: a sequence whose home holds its KV is adopted from there (no recomputation) and only
 // tokens past what the home held are run again; one without a home is rebuilt from its tokens.
 // A pass that a worker's death interrupts is undone on the other workers and run again, so the

@@ -193,7 +193,8 @@ TEST_F(ClusterTest, AWorkersSequencesAreAdoptedFromTheKvStoreWhenItDies) {
   const ClusterCounters c = coordinator_->counters();
   EXPECT_GE(c.failovers, 1);
   EXPECT_GE(c.adopted_tokens, 60);
-  EXPECT_EQ(c.replayed_tokens, 0);  // every token's KV was home
+  // Whole blocks were home; only each sequence's partial last block ran again.
+  EXPECT_LE(c.replayed_tokens, 3 * 15);
   // Bytes moved come with the workers' heartbeats.
   EXPECT_TRUE(EventuallyCounted([](const ClusterCounters& c) { return c.kv_bytes_read > 0; }));
 }
@@ -221,13 +222,15 @@ TEST_F(ClusterTest, WhenAKvStoreDiesItsSequencesMoveHomeAndSurviveALaterWorkerDe
   ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 2, absl::Seconds(10)));
   kv0.Stop();
   kv0.store.reset();  // the node's memory is gone
+  // The coordinator sees kv0 go before the next pass.
+  for (int i = 0; i < 100 && coordinator_->Members(v1::ROLE_KVSTORE)[0].alive; ++i) absl::SleepFor(absl::Milliseconds(20));
   Drive({1, 2}, 2, 3, 23);
   EXPECT_GE(coordinator_->counters().rehomed, 2);
   t0.Stop();
   Drive({1, 2}, 2, 3, 29);
   const ClusterCounters c = coordinator_->counters();
-  EXPECT_GE(c.adopted_tokens, 40);
-  EXPECT_EQ(c.replayed_tokens, 0);
+  EXPECT_GE(c.adopted_tokens, 32);
+  EXPECT_LE(c.replayed_tokens, 2 * 15);
 }
 
 TEST_F(ClusterTest, NoLiveWorkerIsAClearErrorNotAHang) {

@@ -211,12 +211,14 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
   *reply.mutable_status() = rpc::ToProto(s);
   if (!s.ok()) return reply;
   for (size_t i = 0; i < n; ++i) PutFloats(masses[i], reply.add_block_mass());
-  // Persist what the pass wrote: from the block the first new token went into to the last.
+  // Persist the blocks this pass filled: each block goes to its home once, when full. The
+  // tokens of a partial last block are not there: after a failover they are run again.
   for (size_t i = 0; i < n; ++i) {
     auto it = homes_.find(batch[i].seq);
     if (it == homes_.end() || it->second.address.empty()) continue;
     const int64_t first = before[i] / kvstore::kBlockSize;
-    const int64_t last = kvstore::BlocksFor(before[i] + static_cast<int64_t>(batch[i].tokens.size()));
+    const int64_t last = (before[i] + static_cast<int64_t>(batch[i].tokens.size())) / kvstore::kBlockSize;
+    if (last == first) continue;
     if (absl::Status p = Persist(batch[i].seq, it->second, first, last - first); !p.ok()) {
       reply.add_unpersisted(batch[i].seq);
       *reply.mutable_persist_error() = rpc::ToProto(p);
@@ -263,7 +265,7 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
       Home home{.address = request.rehome().home().address(), .store_session = request.rehome().home().store_session()};
       absl::StatusOr<int64_t> len = model_->SequenceLength(seq);
       s = len.status();
-      if (s.ok()) s = Persist(seq, home, 0, kvstore::BlocksFor(*len));
+      if (s.ok()) s = Persist(seq, home, 0, *len / kvstore::kBlockSize);
       if (s.ok()) homes_[seq] = home;
       break;
     }

@@ -126,9 +126,14 @@ cmp -s ref.k1.out clu.k1b.out || fail "k1 differs after a draft worker died"
 cmp -s ref.k2.out clu.k2b.out || fail "k2 differs after a draft worker died"
 echo "ok: a draft worker killed mid-generation; both requests finished with the same text"
 
-# 4. SIGKILL a KV store node; the session goes on, and survives the death of its worker later
-# (its KV moved to the other node, from which a new worker adopts it).
+# 4. SIGKILL both KV store nodes (a third joins in between, so whichever held the session is
+# gone); the session goes on, and survives the death of its worker later: the worker wrote its
+# KV to the new node, from which a new worker adopts it.
 kill -9 "$pid_kv0"
+start_member kv2 kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 1 --id kv2
+for _ in $(seq 1 100); do grep -q "kvstore kv2 registered" coord.err && break; sleep 0.1; done
+kill -9 "$pid_kv1"
+for _ in $(seq 1 50); do grep -q "kvstore kv1 is dead" coord.err && break; sleep 0.1; done
 complete clu.t2 "$(turn "$P4" "agent")"
 cmp -s ref.t2.out clu.t2.out || fail "session turn 2 differs after a KV store node died: [$(cat clu.t2.out)]"
 start_member target2 worker --model "$T" --role target --id target2
@@ -137,7 +142,7 @@ kill -9 "$pid_target1"
 for _ in $(seq 1 50); do grep -q "target target1 is dead" coord.err && break; sleep 0.1; done
 complete clu.t3 "$(turn "$P4" "agent")"
 cmp -s ref.t3.out clu.t3.out || fail "session turn 3 differs after its worker died: [$(cat clu.t3.out)]"
-echo "ok: a KV store node killed; the session's KV moved home and a new worker adopted it"
+echo "ok: KV store nodes killed; the session's KV moved home and a new worker adopted it"
 
 # 5. With no draft worker left, requests fail at once with a clear error and /ready says no.
 kill -9 "$pid_draft1"
@@ -150,5 +155,6 @@ echo "ok: no draft worker: 503 naming it"
 kill -TERM "$coord"
 wait "$coord"
 grep "scout: cluster:" coord.err
-grep -q "scout: cluster: [1-9][0-9]* failovers" coord.err || fail "no failovers counted"
+grep -q "scout: cluster: [1-9][0-9]* failovers, [1-9][0-9]* tokens adopted" coord.err || fail "no failovers or adoptions counted"
+grep -q ", [1-9][0-9]* rehomed" coord.err || fail "no sequence moved to a new KV home"
 echo "PASS"

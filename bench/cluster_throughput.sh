@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Cluster throughput: concurrent agent sessions (multi-turn, each turn adding to a context the
+# cluster keeps) against a coordinator with 1, 2 and 4 target workers, 2 draft workers and 2 KV
+# store nodes, all processes on this machine's loopback with the fixture pair on the CPU backend.
+# Prints aggregate tokens/s, TTFT and inter-token percentiles (bench/serve_load) and the KV bytes
+# the workers moved over UCX, per worker count. The machine's cores bound the scaling here: the
+# table says how many there are.
+# usage: bench/cluster_throughput.sh BUILD_DIR [CLIENTS] [SECONDS] [WORKER_COUNTS]
+set -uo pipefail
+build=$1
+clients=${2:-8}
+seconds=${3:-20}
+counts=${4:-"1 2 4"}
+src=$(cd "$(dirname "$0")/.." && pwd)
+scout=$build/bin/scout
+load=$build/bench/serve_load
+[ -x "$load" ] || load=$build/bin/serve_load
+T=$src/models/scout-tiny-target
+D=$src/models/scout-tiny-draft
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
+trap 'cleanup; rm -rf "$work"' EXIT
+prompt='# Next step of the agent: read the file, find the function, and fix the failing test.
+def parse(line):
+    key, value = line.split("=", 1)
+    return key.strip(), value.strip()
+'
+echo "cluster throughput: $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
+printf "%8s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
+  "UCX MB w" "UCX MB r" "UCX GB/s"
+for w in $counts; do
+  pids=()
+  log=$work/coord-$w.err
+  "$scout" coordinator --model "$T" --draft "$D" --host 127.0.0.1 --port 0 --control-host 127.0.0.1 --control-port 0 \
+    --max-num-seqs 64 2> "$log" &
+  coord=$!
+  pids+=("$coord")
+  for _ in $(seq 1 100); do
+    cport=$(grep -o "control channel on 127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
+    port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
+    [ -n "$cport" ] && [ -n "$port" ] && break
+    sleep 0.1
+  done
+  for i in 0 1; do
+    "$scout" kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 4 --coordinator "127.0.0.1:$cport" \
+      --id "kv$i" 2> "$work/kv$i.err" &
+    pids+=("$!")
+    "$scout" worker --model "$D" --role draft --coordinator "127.0.0.1:$cport" --id "draft$i" 2> "$work/d$i.err" &
+    pids+=("$!")
+  done
+  for i in $(seq 1 "$w"); do
+    "$scout" worker --model "$T" --role target --coordinator "127.0.0.1:$cport" --id "target$i" \
+      --kv-budget-tokens 131072 2> "$work/t$i.err" &
+    pids+=("$!")
+  done
+  want=$((4 + w))
+  for _ in $(seq 1 300); do
+    [ "$(grep -c " registered from " "$log")" -ge "$want" ] && break
+    sleep 0.1
+  done
+  out=$("$load" --port "$port" --clients "$clients" --seconds "$seconds" --max-tokens 32 --session-turns 8 --prompt "$prompt")
+  kill -TERM "$coord"
+  wait "$coord" 2>/dev/null
+  cluster=$(grep "scout: cluster:" "$log")
+  tps=$(echo "$out" | grep -o "generated tokens [0-9]* ([0-9.]*/s)" | grep -o "([0-9.]*" | tr -d '(')
+  errors=$(echo "$out" | grep -o "errors [0-9]*" | grep -o "[0-9]*")
+  read -r t50 t99 <<< "$(echo "$out" | grep "time to first" | awk '{print $6, $12}')"
+  read -r i50 i99 <<< "$(echo "$out" | grep "inter-token" | awk '{print $4, $10}')"
+  mbw=$(echo "$cluster" | grep -o "[0-9.]* MB written" | grep -o "^[0-9.]*")
+  mbr=$(echo "$cluster" | grep -o "[0-9.]* MB read" | grep -o "^[0-9.]*")
+  secs=$(echo "$cluster" | grep -o "in [0-9.]* s" | grep -o "[0-9.]*")
+  gbs=$(python3 -c "print(f'{($mbw + $mbr) / 1e3 / max($secs, 1e-9):.2f}')")
+  printf "%8s | %10s | %6s ms %6s ms | %6s ms %6s ms | %10s %10s %9s   errors %s\n" "$w" "$tps" "$t50" "$t99" "$i50" "$i99" \
+    "$mbw" "$mbr" "$gbs" "$errors"
+  cleanup
+  wait 2>/dev/null
+done
