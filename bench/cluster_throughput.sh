@@ -3,8 +3,9 @@
 # cluster keeps) against a coordinator with 1, 2 and 4 target workers, 2 draft workers and 2 KV
 # store nodes, all processes on this machine's loopback with the fixture pair on the CPU backend.
 # Prints aggregate tokens/s, TTFT and inter-token percentiles (bench/serve_load) and the KV bytes
-# the workers moved over UCX, per worker count. The machine's cores bound the scaling here: the
-# table says how many there are.
+# the workers moved over UCX, per worker count, and the same load on one `scout serve` process
+# (the "serve" row, the baseline). The machine's cores bound the scaling here: the table says how
+# many there are.
 # usage: bench/cluster_throughput.sh BUILD_DIR [CLIENTS] [SECONDS] [WORKER_COUNTS]
 set -uo pipefail
 build=$1
@@ -29,6 +30,33 @@ def parse(line):
 echo "cluster throughput: $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
 printf "%8s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
   "UCX MB w" "UCX MB r" "UCX GB/s"
+row() {  # NAME LOAD_OUTPUT [CLUSTER_LINE]
+  local out=$2 cluster=${3:-} tps errors t50 t99 i50 i99 mbw=- mbr=- gbs=-
+  tps=$(echo "$out" | grep -o "generated tokens [0-9]* ([0-9.]*/s)" | grep -o "([0-9.]*" | tr -d '(')
+  errors=$(echo "$out" | grep -o "errors [0-9]*" | grep -o "[0-9]*")
+  read -r t50 t99 <<< "$(echo "$out" | grep "time to first" | awk '{print $6, $12}')"
+  read -r i50 i99 <<< "$(echo "$out" | grep "inter-token" | awk '{print $4, $10}')"
+  if [ -n "$cluster" ]; then
+    mbw=$(echo "$cluster" | grep -o "[0-9.]* MB written" | grep -o "^[0-9.]*")
+    mbr=$(echo "$cluster" | grep -o "[0-9.]* MB read" | grep -o "^[0-9.]*")
+    secs=$(echo "$cluster" | grep -o "in [0-9.]* s" | grep -o "[0-9.]*")
+    gbs=$(python3 -c "print(f'{($mbw + $mbr) / 1e3 / max($secs, 1e-9):.2f}')")
+  fi
+  printf "%8s | %10s | %6s ms %6s ms | %6s ms %6s ms | %10s %10s %9s   errors %s\n" "$1" "$tps" "$t50" "$t99" "$i50" \
+    "$i99" "$mbw" "$mbr" "$gbs" "$errors"
+}
+# The baseline: one process with both models.
+log=$work/serve.err
+"$scout" serve --model "$T" --draft "$D" --host 127.0.0.1 --port 0 --max-num-seqs 64 2> "$log" &
+pids+=("$!")
+for _ in $(seq 1 100); do
+  port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+row serve "$("$load" --port "$port" --clients "$clients" --seconds "$seconds" --max-tokens 32 --session-turns 8 --prompt "$prompt")"
+cleanup
+wait 2>/dev/null
 for w in $counts; do
   pids=()
   log=$work/coord-$w.err
@@ -62,17 +90,7 @@ for w in $counts; do
   out=$("$load" --port "$port" --clients "$clients" --seconds "$seconds" --max-tokens 32 --session-turns 8 --prompt "$prompt")
   kill -TERM "$coord"
   wait "$coord" 2>/dev/null
-  cluster=$(grep "scout: cluster:" "$log")
-  tps=$(echo "$out" | grep -o "generated tokens [0-9]* ([0-9.]*/s)" | grep -o "([0-9.]*" | tr -d '(')
-  errors=$(echo "$out" | grep -o "errors [0-9]*" | grep -o "[0-9]*")
-  read -r t50 t99 <<< "$(echo "$out" | grep "time to first" | awk '{print $6, $12}')"
-  read -r i50 i99 <<< "$(echo "$out" | grep "inter-token" | awk '{print $4, $10}')"
-  mbw=$(echo "$cluster" | grep -o "[0-9.]* MB written" | grep -o "^[0-9.]*")
-  mbr=$(echo "$cluster" | grep -o "[0-9.]* MB read" | grep -o "^[0-9.]*")
-  secs=$(echo "$cluster" | grep -o "in [0-9.]* s" | grep -o "[0-9.]*")
-  gbs=$(python3 -c "print(f'{($mbw + $mbr) / 1e3 / max($secs, 1e-9):.2f}')")
-  printf "%8s | %10s | %6s ms %6s ms | %6s ms %6s ms | %10s %10s %9s   errors %s\n" "$w" "$tps" "$t50" "$t99" "$i50" "$i99" \
-    "$mbw" "$mbr" "$gbs" "$errors"
+  row "$w" "$out" "$(grep "scout: cluster:" "$log")"
   cleanup
   wait 2>/dev/null
 done

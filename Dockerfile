@@ -1,0 +1,17 @@
+# The Scout image the k8s/ manifests name (ghcr.io/scout-llm/scout). CPU build with the fixture
+# pair under /opt/scout/models; for GPU nodes build FROM an NVIDIA CUDA 13 Debian 12 devel image
+# instead (CMake finds nvcc at /usr/local/cuda and builds the CUDA backend). Not built on the
+# development machines (no container engine there): `docker build -t scout .` elsewhere.
+FROM debian:12
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY . /src
+WORKDIR /src
+RUN bash tools/setup.sh \
+ && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSCOUT_BUILD_TESTS=OFF -DSCOUT_BUILD_BENCHMARKS=OFF \
+ && ninja -C build scout \
+ && install -D build/bin/scout /usr/local/bin/scout \
+ && mkdir -p /opt/scout && cp -r models /opt/scout/models \
+ && rm -rf /src/build /var/lib/apt/lists/*
+WORKDIR /
+ENTRYPOINT ["scout"]
+CMD ["--help"]
