@@ -636,7 +636,8 @@ sigset_t BlockStopSignals() {
 // The OpenAI-compatible front end over an engine of `model` (and `draft`), until SIGINT/SIGTERM,
 // then a drain. `health`: whether the models can run (a coordinator's live workers).
 int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::ModelBackend> model,
-                std::unique_ptr<runtime::ModelBackend> draft, std::function<absl::Status()> health = nullptr) {
+                std::unique_ptr<runtime::ModelBackend> draft, std::function<absl::Status()> health = nullptr,
+                monitoring::ServerMetrics::Collector extra_metrics = nullptr) {
   absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
                           max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
                           max_num_seqs = flags.GetInt("max-num-seqs");
@@ -674,6 +675,7 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
     }
   }
   monitoring::ServerMetrics metrics;
+  if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));
   scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
@@ -795,7 +797,8 @@ int Coordinator(int argc, char** argv) {
     if (!draft_alive) return absl::UnavailableError("no live draft worker");
     return absl::OkStatus();
   };
-  const int rc = RunFrontEnd(flags, signals, std::move(remote_target), std::move(remote_draft), health);
+  const int rc = RunFrontEnd(flags, signals, std::move(remote_target), std::move(remote_draft), health,
+                             [c] { return scheduler::ClusterMetricFamilies(*c); });
   const scheduler::ClusterCounters n = c->counters();
   std::fprintf(stderr,
                "scout: cluster: %lld failovers, %lld tokens adopted from KV stores, %lld replayed, %lld rehomed, "

@@ -78,6 +78,19 @@ prometheus::Histogram& ServerMetrics::LayerBlocksReadRatio(int layer) {
                                 prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1});
 }
 
-std::string ServerMetrics::Serialize() const { return prometheus::TextSerializer().Serialize(registry_->Collect()); }
+void ServerMetrics::AddCollector(Collector collector) {
+  std::lock_guard<std::mutex> lock(collectors_mu_);
+  collectors_.push_back(std::move(collector));
+}
+
+std::string ServerMetrics::Serialize() const {
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  std::lock_guard<std::mutex> lock(collectors_mu_);
+  for (const Collector& c : collectors_) {
+    std::vector<prometheus::MetricFamily> more = c();
+    families.insert(families.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
+  }
+  return prometheus::TextSerializer().Serialize(families);
+}
 
 }  // namespace scout::monitoring

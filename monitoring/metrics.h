@@ -2,8 +2,11 @@
 // the HTTP front end's /metrics.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
@@ -55,8 +58,17 @@ class ServerMetrics {
   prometheus::Counter& kv_block_cache_misses;  // scout_kv_block_cache_misses_total (units)
   prometheus::Gauge& gpu_block_cache_usage;    // scout_gpu_block_cache_usage_ratio
 
+  // Families computed at scrape time from state kept elsewhere (a coordinator's cluster), served
+  // after the registry's. The function must be thread-safe and outlive this object's use.
+  using Collector = std::function<std::vector<prometheus::MetricFamily>()>;
+  void AddCollector(Collector collector);
+
   // The text exposition format (what Prometheus scrapes).
   std::string Serialize() const;
+
+ private:
+  mutable std::mutex collectors_mu_;
+  std::vector<Collector> collectors_;
 };
 
 }  // namespace scout::monitoring

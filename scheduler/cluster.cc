@@ -215,6 +215,57 @@ void Coordinator::Count(const ClusterCounters& d) {
   counters_.retried_passes += d.retried_passes;
 }
 
+std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const Coordinator& coordinator) {
+  auto family = [](std::string name, std::string help, prometheus::MetricType type) {
+    prometheus::MetricFamily f;
+    f.name = std::move(name);
+    f.help = std::move(help);
+    f.type = type;
+    return f;
+  };
+  auto metric = [](double value, std::vector<prometheus::ClientMetric::Label> labels, bool counter) {
+    prometheus::ClientMetric m;
+    m.label = std::move(labels);
+    if (counter) {
+      m.counter.value = value;
+    } else {
+      m.gauge.value = value;
+    }
+    return m;
+  };
+  std::vector<prometheus::MetricFamily> out;
+  prometheus::MetricFamily members =
+      family("scout_cluster_members", "Workers and KV store nodes registered, by role and state", prometheus::MetricType::Gauge);
+  for (v1::Role role : {v1::ROLE_TARGET, v1::ROLE_DRAFT, v1::ROLE_KVSTORE}) {
+    int alive = 0, dead = 0;
+    for (const Coordinator::Member& m : coordinator.Members(role)) (m.alive ? alive : dead) += 1;
+    members.metric.push_back(metric(alive, {{"role", RoleName(role)}, {"state", "alive"}}, false));
+    members.metric.push_back(metric(dead, {{"role", RoleName(role)}, {"state", "dead"}}, false));
+  }
+  out.push_back(std::move(members));
+  const ClusterCounters c = coordinator.counters();
+  for (auto [name, help, value] : std::vector<std::tuple<const char*, const char*, double>>{
+           {"scout_cluster_failovers_total", "Sequences moved off a dead worker", double(c.failovers)},
+           {"scout_cluster_adopted_tokens_total", "Tokens of KV new workers took from KV store nodes", double(c.adopted_tokens)},
+           {"scout_cluster_replayed_tokens_total", "Tokens run again to rebuild sequences after a failure",
+            double(c.replayed_tokens)},
+           {"scout_cluster_rehomed_total", "Sequences whose KV was written to a new KV store node", double(c.rehomed)},
+           {"scout_cluster_retried_passes_total", "Passes run again after a worker died under them", double(c.retried_passes)},
+           {"scout_kv_remote_seconds_total", "Time workers spent moving KV to and from KV store nodes", c.kv_transfer_seconds},
+       }) {
+    prometheus::MetricFamily f = family(name, help, prometheus::MetricType::Counter);
+    f.metric.push_back(metric(value, {}, true));
+    out.push_back(std::move(f));
+  }
+  prometheus::MetricFamily bytes = family("scout_kv_remote_bytes_total",
+                                          "KV bytes workers moved to (write) and from (read) KV store nodes over UCX",
+                                          prometheus::MetricType::Counter);
+  bytes.metric.push_back(metric(double(c.kv_bytes_written), {{"direction", "write"}}, true));
+  bytes.metric.push_back(metric(double(c.kv_bytes_read), {{"direction", "read"}}, true));
+  out.push_back(std::move(bytes));
+  return out;
+}
+
 // --- RemoteBackend -------------------------------------------------------------------------
 
 RemoteBackend::RemoteBackend(Coordinator* coordinator, v1::Role role, runtime::ModelConfig config,

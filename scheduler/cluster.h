@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "prometheus/metric_family.h"
 #include "rpc/channel.h"
 #include "rpc/control.pb.h"
 #include "runtime/backend.h"
@@ -104,6 +105,14 @@ class Coordinator {
   absl::Notification stop_;
   std::thread monitor_;
 };
+
+// The cluster's Prometheus families, read from the coordinator at scrape time:
+// scout_cluster_members{role,state}, scout_cluster_failovers_total,
+// scout_cluster_adopted_tokens_total, scout_cluster_replayed_tokens_total,
+// scout_cluster_rehomed_total, scout_cluster_retried_passes_total,
+// scout_kv_remote_bytes_total{direction="write|read"} and scout_kv_remote_seconds_total (KV moved
+// between workers and KV store nodes over UCX).
+std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const Coordinator& coordinator);
 
 struct RemoteBackendOptions {
   int64_t replay_chunk = 512;  // tokens per pass when a sequence is rebuilt from its tokens
