@@ -7,7 +7,14 @@
 # (the "serve" row, the baseline). The machine's cores bound the scaling here: the table says how
 # many there are.
 # usage: bench/cluster_throughput.sh BUILD_DIR [CLIENTS] [SECONDS] [WORKER_COUNTS]
+# SCOUT_CLUSTER_DEVICE=cuda puts the model workers on the GPU. On 16 cores or more, each CPU
+# target worker (and the single-process baseline) gets 2 cores of its own (taskset, 2 OpenBLAS
+# threads), as if each were its own machine; the coordinator, drafts, KV stores and clients share
+# cores 0-3.
 set -uo pipefail
+device=${SCOUT_CLUSTER_DEVICE:-cpu}
+unit=8192
+[ "$device" = cpu ] || unit=4096
 build=$1
 clients=${2:-8}
 seconds=${3:-20}
@@ -27,9 +34,19 @@ def parse(line):
     key, value = line.split("=", 1)
     return key.strip(), value.strip()
 '
-echo "cluster throughput: $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
+echo "cluster throughput ($device workers): $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
 printf "%8s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
   "UCX MB w" "UCX MB r" "UCX GB/s"
+pin() {  # I COMMAND...: the I-th target process on cores 2I+2 and 2I+3 when there are 16 or more.
+  # Run with & : exec makes the background job the command itself, so its pid can be killed.
+  local i=$1
+  shift
+  if [ "$(nproc)" -ge 16 ] && [ "$device" = cpu ]; then
+    OPENBLAS_NUM_THREADS=2 exec taskset -c "$((2 * i + 2)),$((2 * i + 3))" "$@"
+  else
+    exec "$@"
+  fi
+}
 row() {  # NAME LOAD_OUTPUT [CLUSTER_LINE]
   local out=$2 cluster=${3:-} tps errors t50 t99 i50 i99 mbw=- mbr=- gbs=-
   tps=$(echo "$out" | grep -o "generated tokens [0-9]* ([0-9.]*/s)" | grep -o "([0-9.]*" | tr -d '(')
@@ -47,7 +64,7 @@ row() {  # NAME LOAD_OUTPUT [CLUSTER_LINE]
 }
 # The baseline: one process with both models.
 log=$work/serve.err
-"$scout" serve --model "$T" --draft "$D" --host 127.0.0.1 --port 0 --max-num-seqs 64 2> "$log" &
+pin 1 "$scout" serve --model "$T" --draft "$D" --device "$device" --host 127.0.0.1 --port 0 --max-num-seqs 64 2> "$log" &
 pids+=("$!")
 for _ in $(seq 1 100); do
   port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
@@ -71,15 +88,15 @@ for w in $counts; do
     sleep 0.1
   done
   for i in 0 1; do
-    "$scout" kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 4 --coordinator "127.0.0.1:$cport" \
+    "$scout" kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 4 --coordinator "127.0.0.1:$cport" \
       --id "kv$i" 2> "$work/kv$i.err" &
     pids+=("$!")
-    "$scout" worker --model "$D" --role draft --coordinator "127.0.0.1:$cport" --id "draft$i" 2> "$work/d$i.err" &
+    "$scout" worker --model "$D" --role draft --device "$device" --coordinator "127.0.0.1:$cport" --id "draft$i" 2> "$work/d$i.err" &
     pids+=("$!")
   done
   for i in $(seq 1 "$w"); do
-    "$scout" worker --model "$T" --role target --coordinator "127.0.0.1:$cport" --id "target$i" \
-      --kv-budget-tokens 131072 2> "$work/t$i.err" &
+    pin "$i" "$scout" worker --model "$T" --role target --device "$device" --coordinator "127.0.0.1:$cport" --id "target$i" \
+      $([ "$device" = cpu ] && echo --kv-budget-tokens 131072) 2> "$work/t$i.err" &
     pids+=("$!")
   done
   want=$((4 + w))

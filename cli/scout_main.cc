@@ -875,7 +875,8 @@ int Worker(int argc, char** argv) {
                flags.Get("model").c_str());
   absl::Status s = scheduler::RunClusterMember(
       options, [&service](const scheduler::v1::BackendRequest& r) { return service.Handle(r); },
-      [&service] { return service.Heartbeat(); }, [&service] { service.Reset(); }, &stop);
+      [&service] { return service.Heartbeat(); }, [&service] { service.Reset(); }, &stop,
+      [&service] { service.Flush(); });
   if (!s.ok()) return Fail(s);
   return 0;
 }

@@ -1,5 +1,7 @@
 #include "runtime/cuda_model.h"
 
+#include <cstring>
+
 #include <cublas_v2.h>
 #ifdef SCOUT_HAVE_NCCL
 #include <nccl.h>
@@ -1157,6 +1159,87 @@ size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaModel::kv_bytes_per_token() const {
   const ModelConfig& lc = impl_->lc;
   return static_cast<size_t>(lc.num_hidden_layers * lc.num_key_value_heads * 2 * lc.head_dim * sizeof(uint16_t));
+}
+
+size_t CudaModel::kv_unit_bytes() const {
+  if (impl_->tp_size > 1) return 0;
+  return size_t{2} * kvstore::kBlockSize * static_cast<size_t>(impl_->c.head_dim) * 2;
+}
+
+absl::Status CudaModel::ExportKv(SequenceId seq, int64_t first_block, int64_t num_blocks, std::byte* out) const {
+  Impl& m = *impl_;
+  if (kv_unit_bytes() == 0) return absl::UnimplementedError("a tensor-parallel shard cannot export its KV alone");
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
+  const kvstore::BlockTable* t = m.Tables().Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (first_block < 0 || num_blocks < 0 || first_block + num_blocks > static_cast<int64_t>(t->blocks.size())) {
+    return absl::OutOfRangeError(absl::StrCat("blocks [", first_block, ", ", first_block + num_blocks, ") of sequence ",
+                                              seq, ", which has ", t->blocks.size()));
+  }
+  const int64_t L = m.c.num_hidden_layers, nkv = m.c.num_key_value_heads;
+  const size_t unit = kv_unit_bytes();
+  if (m.store != nullptr) {
+    SCOUT_RETURN_IF_ERROR(m.FinishTieredStep());  // the last step's rows are flushed to the store
+    for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
+      // A slab is [layer][kv_head][K|V][16][head_dim]: the export order of one block.
+      std::memcpy(out, m.store->unit(t->blocks[b], 0, 0), unit * L * nkv);
+      out += unit * L * nkv;
+    }
+    return absl::OkStatus();
+  }
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "export KV");
+  for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
+    for (int64_t l = 0; l < L; ++l) {
+      // The pool's layer l holds [blocks][kv_heads][2][16][head_dim]: one block's heads together.
+      SCOUT_RETURN_IF_CUDA(cudaMemcpy(out, m.kv[l].as<std::byte>() + t->blocks[b] * nkv * unit, nkv * unit,
+                                      cudaMemcpyDeviceToHost),
+                           "export KV");
+      out += nkv * unit;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) {
+  Impl& m = *impl_;
+  if (kv_unit_bytes() == 0) return absl::UnimplementedError("a tensor-parallel shard cannot import KV alone");
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
+  const kvstore::BlockTable* t = m.Tables().Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (t->num_tokens != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("sequence ", seq, " holds ", t->num_tokens,
+                                                      " tokens; KV is imported into an empty one"));
+  }
+  if (num_tokens > m.c.max_position_embeddings) {
+    return absl::OutOfRangeError(absl::StrCat(num_tokens, " tokens of KV is past max_position_embeddings ",
+                                              m.c.max_position_embeddings));
+  }
+  const int64_t L = m.c.num_hidden_layers, nkv = m.c.num_key_value_heads;
+  const size_t unit = kv_unit_bytes();
+  if (m.store != nullptr) {
+    SCOUT_RETURN_IF_ERROR(m.FinishTieredStep());
+    for (auto& cache : m.caches) SCOUT_RETURN_IF_ERROR(cache->EraseSession(seq));
+    SCOUT_RETURN_IF_ERROR(m.store->Reserve(seq, num_tokens));
+    for (int32_t slab : m.store->Find(seq)->blocks) {
+      std::memcpy(m.store->unit(slab, 0, 0), data, unit * L * nkv);
+      data += unit * L * nkv;
+    }
+    return absl::OkStatus();
+  }
+  SCOUT_RETURN_IF_ERROR(m.tables->Grow(seq, num_tokens));
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "import KV");
+  for (int32_t block : m.tables->Find(seq)->blocks) {
+    for (int64_t l = 0; l < L; ++l) {
+      const cudaError_t e =
+          cudaMemcpy(m.kv[l].as<std::byte>() + block * nkv * unit, data, nkv * unit, cudaMemcpyHostToDevice);
+      if (e != cudaSuccess) {
+        (void)m.tables->Truncate(seq, 0);
+        SCOUT_RETURN_IF_CUDA(e, "import KV");
+      }
+      data += nkv * unit;
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaModel::FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed) {

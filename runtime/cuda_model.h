@@ -141,6 +141,11 @@ class CudaModel final : public ModelBackend {
   absl::Status ForwardSampled(std::span<const SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
                               std::vector<int32_t>* tokens) override;
   bool host_tier() const;
+  // bf16 units: from the GPU pool, or with the host tier from the host store (after the last
+  // step's flush). A tensor-parallel shard holds only its KV heads: Unimplemented there.
+  size_t kv_unit_bytes() const override;
+  absl::Status ExportKv(SequenceId seq, int64_t first_block, int64_t num_blocks, std::byte* out) const override;
+  absl::Status ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) override;
   KvCacheUsage kv_cache_usage() const override;
   const kvstore::BlockTableManager& block_tables() const;
   size_t weight_bytes() const;

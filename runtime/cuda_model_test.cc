@@ -175,6 +175,49 @@ TEST(CudaModelTest, TruncateThenContinueEqualsFreshSequence) {
   EXPECT_LT(RelL2(got, want), 1e-3);
 }
 
+// A cluster worker adopting a sequence: its whole blocks exported from one model (GPU-resident or
+// host tier) and imported into another continue exactly as the original does.
+TEST(CudaModelTest, ExportedKvImportedElsewhereContinuesTheSameWay) {
+  std::filesystem::path dir = FreshDir("export");
+  WriteRandomModel(dir, SmallConfig(), 7);
+  const int vocab = static_cast<int>(SmallConfig().vocab_size);
+  for (const bool tier_from : {false, true}) {
+    for (const bool tier_to : {false, true}) {
+      auto load = [&](bool tier) {
+        absl::StatusOr<std::unique_ptr<CudaModel>> m =
+            tier ? CudaModel::Load(dir, {.host_kv_tokens = 4096, .gpu_cache_units = 256})
+                 : CudaModel::Load(dir, {.kv_budget_tokens = 4096});
+        EXPECT_TRUE(m.ok()) << m.status();
+        return std::move(*m);
+      };
+      std::unique_ptr<CudaModel> a = load(tier_from), b = load(tier_to);
+      ASSERT_EQ(a->kv_unit_bytes(), size_t{2} * 16 * 64 * 2);
+      std::vector<int32_t> prompt = RandomTokens(53, vocab, 3), next = RandomTokens(3, vocab, 4);
+      ASSERT_TRUE(a->AddSequence(1).ok());
+      std::vector<float> unused, want, got;
+      SequenceInput in{.seq = 1, .tokens = prompt};
+      ASSERT_TRUE(a->Forward({&in, 1}, &unused).ok());
+      // 3 whole blocks (48 tokens) travel; the 5 tokens of the partial block are run again.
+      const size_t units = 3 * SmallConfig().num_hidden_layers * SmallConfig().num_key_value_heads;
+      std::vector<std::byte> kv(units * a->kv_unit_bytes());
+      ASSERT_TRUE(a->ExportKv(1, 0, 3, kv.data()).ok());
+      EXPECT_EQ(a->ExportKv(1, 2, 5, kv.data()).code(), absl::StatusCode::kOutOfRange);
+      ASSERT_TRUE(b->AddSequence(7).ok());
+      ASSERT_TRUE(b->ImportKv(7, 48, kv.data()).ok());
+      EXPECT_EQ(*b->SequenceLength(7), 48);
+      EXPECT_EQ(b->ImportKv(7, 48, kv.data()).code(), absl::StatusCode::kFailedPrecondition);
+      SequenceInput tail{.seq = 7, .tokens = std::span<const int32_t>(prompt).subspan(48)};
+      ASSERT_TRUE(b->Forward({&tail, 1}, &unused).ok());
+      SequenceInput cont_a{.seq = 1, .tokens = next, .all_logits = true}, cont_b{.seq = 7, .tokens = next, .all_logits = true};
+      ASSERT_TRUE(a->Forward({&cont_a, 1}, &want).ok());
+      ASSERT_TRUE(b->Forward({&cont_b, 1}, &got).ok());
+      // The same bf16 KV; only the 5-token tail ran as its own pass rather than inside the
+      // prefill (float32 sums in another order), as in TruncateThenContinueEqualsFreshSequence.
+      EXPECT_LT(RelL2(got, want), 1e-3) << "from tier " << tier_from << " to tier " << tier_to;
+    }
+  }
+}
+
 TEST(CudaModelTest, BadInputsLeaveStateUnchanged) {
   Pair p = SmallPair(/*kv_tokens=*/64);
   ASSERT_TRUE(p.gpu);

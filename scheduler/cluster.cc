@@ -36,15 +36,25 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const std::strin
                                                                 const CoordinatorOptions& options) {
   std::unique_ptr<Coordinator> c(new Coordinator(options));
   Coordinator* self = c.get();
+  {
+    absl::MutexLock lock(&c->guard_->mu);
+    c->guard_->self = self;
+  }
+  std::shared_ptr<Guard> guard = c->guard_;
   absl::StatusOr<std::unique_ptr<rpc::Listener>> l = rpc::Listener::Start(
       host, port,
-      [self](const std::string& peer) {
+      [guard](const std::string& peer) {
         auto key = std::make_shared<std::atomic<uint64_t>>(0);
-        return std::make_pair(
-            rpc::Channel::Handler([self, key](rpc::Channel& ch, v1::Envelope m) { self->OnMessage(ch, std::move(m), key); }),
-            rpc::Channel::CloseHandler([self, key](const absl::Status& why) {
-              if (key->load() != 0) self->MarkDead(key->load(), std::string(why.message()));
-            }));
+        return std::make_pair(rpc::Channel::Handler([guard, key](rpc::Channel& ch, v1::Envelope m) {
+                                absl::MutexLock lock(&guard->mu);
+                                if (guard->self != nullptr) guard->self->OnMessage(ch, std::move(m), key);
+                              }),
+                              rpc::Channel::CloseHandler([guard, key](const absl::Status& why) {
+                                absl::MutexLock lock(&guard->mu);
+                                if (guard->self != nullptr && key->load() != 0) {
+                                  guard->self->MarkDead(key->load(), std::string(why.message()));
+                                }
+                              }));
       },
       [](std::shared_ptr<rpc::Channel>) {});
   if (!l.ok()) return l.status();
@@ -54,6 +64,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const std::strin
 }
 
 Coordinator::~Coordinator() {
+  {
+    absl::MutexLock lock(&guard_->mu);  // waits for a handler running now
+    guard_->self = nullptr;
+  }
   stop_.Notify();
   if (monitor_.joinable()) monitor_.join();
   listener_.reset();
@@ -415,7 +429,8 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       }
       at += n;
       count.replayed_tokens += n;
-      if (fr->unpersisted_size() == 0 && seq.home_store != 0) seq.persisted = at / kvstore::kBlockSize * kvstore::kBlockSize;
+      // The worker writes the filled blocks after replying; a failure comes with a later reply.
+      if (seq.home_store != 0) seq.persisted = at / kvstore::kBlockSize * kvstore::kBlockSize;
     }
     if (lost_worker) continue;
     coordinator_->Count(count);
@@ -653,15 +668,20 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
         Seq& s = seqs_[batch[i].seq];
         s.tokens.insert(s.tokens.end(), batch[i].tokens.begin(), batch[i].tokens.end());
       }
-      absl::flat_hash_map<int64_t, bool> unpersisted;
-      for (int64_t id : rep.unpersisted()) unpersisted[id] = true;
+      // Workers write whole blocks after replying: counted as home now; a write that failed
+      // (this pass's or an earlier one's) is listed in a later reply, and the sequence gets a
+      // new home then. A worker that dies before writing leaves its adopter a Get that fails,
+      // and the sequence is rebuilt from its tokens instead.
       for (size_t i : groups[order[g]]) {
         Seq& s = seqs_[batch[i].seq];
-        if (s.home_store == 0) continue;
-        if (unpersisted.contains(batch[i].seq)) {
-          Rehome(batch[i].seq, s, rpc::FromProto(rep.persist_error()));
-        } else {  // workers persist whole blocks
+        if (s.home_store != 0) {
           s.persisted = static_cast<int64_t>(s.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
+        }
+      }
+      for (int64_t id : rep.unpersisted()) {
+        auto it = seqs_.find(id);
+        if (it != seqs_.end() && it->second.worker == order[g] && it->second.home_store != 0) {
+          Rehome(id, it->second, rpc::FromProto(rep.persist_error()));
         }
       }
     }

@@ -95,7 +95,15 @@ class Coordinator {
   void OnMessage(rpc::Channel& channel, v1::Envelope message, std::shared_ptr<std::atomic<uint64_t>> key);
   void Monitor();
 
+  // What members' reader threads reach the coordinator through: nulled (under its mutex) when
+  // the coordinator goes, so a connection closing after that finds no one to tell.
+  struct Guard {
+    absl::Mutex mu;
+    Coordinator* self ABSL_GUARDED_BY(mu) = nullptr;
+  };
+
   CoordinatorOptions options_;
+  std::shared_ptr<Guard> guard_ = std::make_shared<Guard>();
   std::unique_ptr<rpc::Listener> listener_;
   mutable absl::Mutex mu_;
   uint64_t next_key_ ABSL_GUARDED_BY(mu_) = 1;

@@ -44,7 +44,9 @@ struct Member {
           [s] {
             if (s) s->Reset();
           },
-          &stop);
+          &stop, [s] {
+            if (s) s->Flush();
+          });
     });
   }
   void Stop() {

@@ -66,6 +66,8 @@ v1::Heartbeat WorkerService::Heartbeat() const {
 void WorkerService::Reset() {
   for (const auto& [seq, home] : homes_) (void)model_->ReleaseSequence(seq);
   homes_.clear();
+  pending_.clear();
+  unpersisted_.clear();
 }
 
 absl::StatusOr<kvstore::KvStoreClient*> WorkerService::Client(const std::string& address) {
@@ -211,23 +213,33 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
   *reply.mutable_status() = rpc::ToProto(s);
   if (!s.ok()) return reply;
   for (size_t i = 0; i < n; ++i) PutFloats(masses[i], reply.add_block_mass());
-  // Persist the blocks this pass filled: each block goes to its home once, when full. The
-  // tokens of a partial last block are not there: after a failover they are run again.
+  // Queue the blocks this pass filled: each block goes to its home once, when full. The tokens
+  // of a partial last block are not there: after a failover they are run again.
   for (size_t i = 0; i < n; ++i) {
     auto it = homes_.find(batch[i].seq);
     if (it == homes_.end() || it->second.address.empty()) continue;
     const int64_t first = before[i] / kvstore::kBlockSize;
     const int64_t last = (before[i] + static_cast<int64_t>(batch[i].tokens.size())) / kvstore::kBlockSize;
-    if (last == first) continue;
-    if (absl::Status p = Persist(batch[i].seq, it->second, first, last - first); !p.ok()) {
-      reply.add_unpersisted(batch[i].seq);
-      *reply.mutable_persist_error() = rpc::ToProto(p);
-    }
+    if (last > first) pending_.push_back({.seq = batch[i].seq, .first_block = first, .num_blocks = last - first});
   }
   return reply;
 }
 
+void WorkerService::Flush() {
+  std::vector<PersistJob> jobs;
+  jobs.swap(pending_);
+  for (const PersistJob& j : jobs) {
+    auto it = homes_.find(j.seq);
+    if (it == homes_.end() || it->second.address.empty()) continue;  // released meanwhile
+    if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks); !p.ok()) {
+      unpersisted_.push_back(j.seq);
+      persist_error_ = p;
+    }
+  }
+}
+
 v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
+  Flush();  // a caller without after_reply: nothing is left queued
   v1::BackendReply reply;
   absl::Status s;
   switch (request.op_case()) {
@@ -273,6 +285,11 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
       s = absl::InvalidArgumentError("empty or unknown backend request");
   }
   if (request.op_case() != v1::BackendRequest::kForward) *reply.mutable_status() = rpc::ToProto(s);
+  if (!unpersisted_.empty()) {
+    reply.mutable_unpersisted()->Add(unpersisted_.begin(), unpersisted_.end());
+    *reply.mutable_persist_error() = rpc::ToProto(persist_error_);
+    unpersisted_.clear();
+  }
   const runtime::ModelBackend::KvCacheUsage u = model_->kv_cache_usage();
   reply.set_kv_used_blocks(u.used_blocks);
   reply.set_kv_total_blocks(u.total_blocks);
@@ -282,25 +299,27 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
 absl::Status RunClusterMember(const MemberOptions& options,
                               std::function<v1::BackendReply(const v1::BackendRequest&)> serve,
                               std::function<v1::Heartbeat()> beat, std::function<void()> lost,
-                              absl::Notification* stop) {
+                              absl::Notification* stop, std::function<void()> after_reply) {
   absl::Mutex serve_mu;  // requests run one at a time, heartbeats read the service beside them
   bool announced_wait = false;
   while (!stop->HasBeenNotified()) {
     auto closed = std::make_shared<absl::Notification>();
     absl::StatusOr<std::shared_ptr<rpc::Channel>> ch = rpc::Channel::Connect(
         options.coordinator_host, options.coordinator_port, options.connect_timeout,
-        [&serve, &serve_mu](rpc::Channel& c, v1::Envelope m) {
+        [&serve, &serve_mu, &after_reply](rpc::Channel& c, v1::Envelope m) {
           if (m.body_case() != v1::Envelope::kRequest) return;
           v1::Envelope out;
           out.set_call_id(m.call_id());
-          if (serve) {
-            absl::MutexLock lock(&serve_mu);
-            *out.mutable_reply() = serve(m.request());
-          } else {
+          if (!serve) {
             *out.mutable_reply()->mutable_status() =
                 rpc::ToProto(absl::UnimplementedError("this cluster member serves no model"));
+            (void)c.Send(std::move(out));
+            return;
           }
+          absl::MutexLock lock(&serve_mu);
+          *out.mutable_reply() = serve(m.request());
           (void)c.Send(std::move(out));
+          if (after_reply) after_reply();
         },
         [closed](const absl::Status&) { closed->Notify(); });
     if (!ch.ok()) {

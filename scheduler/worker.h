@@ -38,9 +38,11 @@ class WorkerService {
   WorkerService& operator=(const WorkerService&) = delete;
 
   // Runs one request. Model errors come back in the reply's status (never as a lost reply).
-  // After a Forward, the units the pass changed go to each sequence's KV home; sequences whose
-  // home could not be written are listed in the reply (their KV is still here).
+  // A Forward queues the blocks it filled for their sequences' KV homes; Flush (after the reply
+  // is on its way, before the next request) writes them, and sequences whose home could not be
+  // written are listed in the next reply (their KV is still here).
   v1::BackendReply Handle(const v1::BackendRequest& request);
+  void Flush();
   // Forgets every sequence (the coordinator that placed them is gone).
   void Reset();
 
@@ -65,6 +67,14 @@ class WorkerService {
   absl::Duration kv_timeout_;
   absl::flat_hash_map<int64_t, Home> homes_;  // every sequence this worker holds ("" address: none)
   absl::flat_hash_map<std::string, std::unique_ptr<kvstore::KvStoreClient>> clients_;
+  struct PersistJob {
+    int64_t seq = 0;
+    int64_t first_block = 0;
+    int64_t num_blocks = 0;
+  };
+  std::vector<PersistJob> pending_;           // queued by Forward, written by Flush
+  std::vector<int64_t> unpersisted_;          // reported with the next reply
+  absl::Status persist_error_;
   std::vector<std::byte> staging_;
   int64_t kv_bytes_written_ = 0;
   int64_t kv_bytes_read_ = 0;
@@ -80,7 +90,8 @@ struct MemberOptions {
 };
 
 // Connects to the coordinator, registers and sends heartbeats at the interval it asks for;
-// `serve` answers its requests (may be null: KV store nodes only register and beat), `beat`
+// `serve` answers its requests (may be null: KV store nodes only register and beat) and
+// `after_reply` runs once each reply is sent, before the next request (a worker's Flush); `beat`
 // fills each heartbeat, and `lost` runs when a connection ends (a worker forgets its sequences:
 // the coordinator has moved them). Reconnects until `stop` is notified, then returns OK. A
 // refused registration (another model, another protocol version) is returned: it will not
@@ -88,6 +99,6 @@ struct MemberOptions {
 absl::Status RunClusterMember(const MemberOptions& options,
                               std::function<v1::BackendReply(const v1::BackendRequest&)> serve,
                               std::function<v1::Heartbeat()> beat, std::function<void()> lost,
-                              absl::Notification* stop);
+                              absl::Notification* stop, std::function<void()> after_reply = nullptr);
 
 }  // namespace scout::scheduler

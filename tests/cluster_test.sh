@@ -4,7 +4,13 @@
 # must equal a single-process `scout serve`'s; then a target worker, a draft worker and a KV store
 # node are killed with SIGKILL mid-session, and every request must still finish with the same text.
 # usage: cluster_test.sh SCOUT_BINARY SOURCE_DIR
+# SCOUT_CLUSTER_DEVICE=cuda runs the reference and the workers on the GPU (KV units in bf16).
 set -uo pipefail
+device=${SCOUT_CLUSTER_DEVICE:-cpu}
+unit=8192  # the fixture pair's (layer, KV head, block) unit: 2 x 16 x 64 float32
+[ "$device" = cpu ] || unit=4096  # bf16
+long_tokens=1200  # long enough that a kill lands mid-generation
+[ "$device" = cpu ] || long_tokens=6000
 scout=$1
 src=$2
 T=$src/models/scout-tiny-target
@@ -49,11 +55,11 @@ requests() {
 }
 
 # --- the reference: one process ------------------------------------------------------------
-start_server serve.err --model "$T" --draft "$D"
+start_server serve.err --model "$T" --draft "$D" --device "$device"
 pids+=("$pid")
 complete ref.g1 "$(long "$P1" 40)"; complete ref.g2 "$(long "$P2" 40)"; complete ref.g3 "$(long "$P3" 40)"
 complete ref.g4 "$(long "$P4" 40)"; complete ref.s1 "$(sampled "$P1" 7)"; complete ref.s2 "$(sampled "$P3" 11)"
-complete ref.k1 "$(long "$P1" 1200)"; complete ref.k2 "$(long "$P2" 1200)"
+complete ref.k1 "$(long "$P1" "$long_tokens")"; complete ref.k2 "$(long "$P2" "$long_tokens")"
 for t in 1 2 3; do complete "ref.t$t" "$(turn "$P4" "agent")"; done
 kill "$pid"
 for f in ref.*.out; do grep -q "^curl failed\|^bad reply" "$f" && fail "reference $f: $(cat "$f")"; done
@@ -80,12 +86,12 @@ start_member() {  # NAME ARGS...
   eval "pid_$name=$!"
   pids+=("$!")
 }
-start_member kv0 kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 1 --id kv0
-start_member kv1 kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 1 --id kv1
-start_member draft0 worker --model "$D" --role draft --id draft0
-start_member draft1 worker --model "$D" --role draft --id draft1
-start_member target0 worker --model "$T" --role target --id target0
-start_member target1 worker --model "$T" --role target --id target1
+start_member kv0 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv0
+start_member kv1 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv1
+start_member draft0 worker --model "$D" --role draft --id draft0 --device "$device"
+start_member draft1 worker --model "$D" --role draft --id draft1 --device "$device"
+start_member target0 worker --model "$T" --role target --id target0 --device "$device"
+start_member target1 worker --model "$T" --role target --id target1 --device "$device"
 for _ in $(seq 1 200); do
   [ "$(grep -c " registered from " coord.err)" -ge 6 ] && break
   sleep 0.1
@@ -111,16 +117,16 @@ kill_during() {
   wait "$k1" "$k2"
   grep -q " $1 is dead" coord.err || fail "the coordinator did not see $1 die"
 }
-complete clu.k1 "$(long "$P1" 1200)" & k1=$!
-complete clu.k2 "$(long "$P2" 1200)" & k2=$!
+complete clu.k1 "$(long "$P1" "$long_tokens")" & k1=$!
+complete clu.k2 "$(long "$P2" "$long_tokens")" & k2=$!
 kill_during target0
 cmp -s ref.k1.out clu.k1.out || fail "k1 differs after a target worker died: [$(cat clu.k1.out)]"
 cmp -s ref.k2.out clu.k2.out || fail "k2 differs after a target worker died: [$(cat clu.k2.out)]"
 echo "ok: a target worker killed mid-generation; both requests finished with the same text"
 
 # 3. SIGKILL a draft worker the same way.
-complete clu.k1b "$(long "$P1" 1200)" & k1=$!
-complete clu.k2b "$(long "$P2" 1200)" & k2=$!
+complete clu.k1b "$(long "$P1" "$long_tokens")" & k1=$!
+complete clu.k2b "$(long "$P2" "$long_tokens")" & k2=$!
 kill_during draft0
 cmp -s ref.k1.out clu.k1b.out || fail "k1 differs after a draft worker died"
 cmp -s ref.k2.out clu.k2b.out || fail "k2 differs after a draft worker died"
@@ -130,13 +136,13 @@ echo "ok: a draft worker killed mid-generation; both requests finished with the 
 # gone); the session goes on, and survives the death of its worker later: the worker wrote its
 # KV to the new node, from which a new worker adopts it.
 kill -9 "$pid_kv0"
-start_member kv2 kvstore --host 127.0.0.1 --port 0 --unit-bytes 8192 --capacity-gb 1 --id kv2
+start_member kv2 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv2
 for _ in $(seq 1 100); do grep -q "kvstore kv2 registered" coord.err && break; sleep 0.1; done
 kill -9 "$pid_kv1"
 for _ in $(seq 1 50); do grep -q "kvstore kv1 is dead" coord.err && break; sleep 0.1; done
 complete clu.t2 "$(turn "$P4" "agent")"
 cmp -s ref.t2.out clu.t2.out || fail "session turn 2 differs after a KV store node died: [$(cat clu.t2.out)]"
-start_member target2 worker --model "$T" --role target --id target2
+start_member target2 worker --model "$T" --role target --id target2 --device "$device"
 for _ in $(seq 1 100); do grep -q "target target2 registered" coord.err && break; sleep 0.1; done
 kill -9 "$pid_target1"
 for _ in $(seq 1 50); do grep -q "target target1 is dead" coord.err && break; sleep 0.1; done
