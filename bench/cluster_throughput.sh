@@ -108,6 +108,7 @@ for w in $counts; do
   kill -TERM "$coord"
   wait "$coord" 2>/dev/null
   row "$w" "$out" "$(grep "scout: cluster:" "$log")"
+  grep -o "waited .*" "$log" | sed 's/^/           coordinator /' 
   cleanup
   wait 2>/dev/null
 done

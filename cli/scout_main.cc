@@ -802,11 +802,13 @@ int Coordinator(int argc, char** argv) {
   const scheduler::ClusterCounters n = c->counters();
   std::fprintf(stderr,
                "scout: cluster: %lld failovers, %lld tokens adopted from KV stores, %lld replayed, %lld rehomed, "
-               "%lld passes retried; KV over UCX %.1f MB written, %.1f MB read in %.2f s\n",
+               "%lld passes retried; KV over UCX %.1f MB written, %.1f MB read in %.2f s; waited %.2f s on %lld target "
+               "passes, %.2f s on %lld draft passes\n",
                static_cast<long long>(n.failovers), static_cast<long long>(n.adopted_tokens),
                static_cast<long long>(n.replayed_tokens), static_cast<long long>(n.rehomed),
                static_cast<long long>(n.retried_passes), n.kv_bytes_written / 1e6, n.kv_bytes_read / 1e6,
-               n.kv_transfer_seconds);
+               n.kv_transfer_seconds, n.target_pass_seconds, static_cast<long long>(n.target_passes),
+               n.draft_pass_seconds, static_cast<long long>(n.draft_passes));
   return rc;
 }
 

@@ -83,7 +83,7 @@ SpeculativeStream::~SpeculativeStream() {
   }
 }
 
-absl::Status SpeculativeStream::Begin() {
+absl::Status SpeculativeStream::Begin(bool prefill) {
   vocab_ = target_.config().vocab_size;
   if (draft_.config().vocab_size != vocab_) {
     return absl::InvalidArgumentError(absl::StrCat("draft vocabulary (", draft_.config().vocab_size,
@@ -144,26 +144,46 @@ absl::Status SpeculativeStream::Begin() {
     }
     added_ = true;
   }
-  using Clock = std::chrono::steady_clock;
   result_.prompt_tokens = static_cast<int64_t>(prompt_.size());
-  const auto t0 = Clock::now();
-  // Both models process the prompt but its last token, which opens the first round.
-  std::vector<float> logits;
-  const std::span<const int32_t> prompt(prompt_);
-  for (ModelBackend* m : {&target_, &draft_}) {
-    for (size_t at = 0; at + 1 < prompt.size(); at += options_.prefill_chunk) {
-      const size_t n = std::min<size_t>(options_.prefill_chunk, prompt.size() - 1 - at);
-      SequenceInput in{.seq = seq_, .tokens = prompt.subspan(at, n)};
-      if (absl::Status s = m->Forward({&in, 1}, &logits); !s.ok()) return s;
-    }
-  }
   // Tokens each model has yet to process (the last accepted ones).
   target_pending_ = {prompt_.back()};
   draft_pending_ = {prompt_.back()};
-  decode_start_ = Clock::now();
-  result_.prefill_seconds = std::chrono::duration<double>(decode_start_ - t0).count();
   done_ = options_.max_tokens == 0;
-  return absl::OkStatus();
+  prefill_start_ = std::chrono::steady_clock::now();
+  decode_start_ = prefill_start_;
+  if (!prefill) return absl::OkStatus();
+  SpeculativeStream* self = this;
+  return PrefillStreams(target_, draft_, {&self, 1}, options_.prefill_chunk)[0];
+}
+
+std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
+                                         std::span<SpeculativeStream* const> streams, int64_t chunk) {
+  // Both models process each prompt but its last token, which opens the first round.
+  std::vector<absl::Status> status(streams.size());
+  std::vector<float> logits;
+  for (ModelBackend* m : {&target, &draft}) {
+    for (size_t at = 0;; at += static_cast<size_t>(chunk)) {
+      std::vector<SequenceInput> batch;
+      std::vector<size_t> who;
+      for (size_t i = 0; i < streams.size(); ++i) {
+        const std::span<const int32_t> prompt(streams[i]->prompt_);
+        if (!status[i].ok() || at + 1 >= prompt.size()) continue;
+        const size_t n = std::min<size_t>(static_cast<size_t>(chunk), prompt.size() - 1 - at);
+        batch.push_back({.seq = streams[i]->seq_, .tokens = prompt.subspan(at, n)});
+        who.push_back(i);
+      }
+      if (batch.empty()) break;
+      if (m->Forward(batch, &logits).ok()) continue;
+      // All or nothing failed: again one by one, so the error lands on its own stream.
+      for (size_t j = 0; j < batch.size(); ++j) status[who[j]] = m->Forward({&batch[j], 1}, &logits);
+    }
+  }
+  const auto now = std::chrono::steady_clock::now();
+  for (SpeculativeStream* st : streams) {
+    st->decode_start_ = now;
+    st->result_.prefill_seconds = std::chrono::duration<double>(now - st->prefill_start_).count();
+  }
+  return status;
 }
 
 void SpeculativeStream::StartRound() {

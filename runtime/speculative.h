@@ -102,8 +102,9 @@ class SpeculativeStream {
   SpeculativeStream& operator=(const SpeculativeStream&) = delete;
 
   // The checks of GenerateSpeculative; adds the sequences (unless continue_sequence) and
-  // prefills both models with the prompt but its last token.
-  absl::Status Begin();
+  // prefills both models with the prompt but its last token (with prefill false, the caller
+  // prefills: PrefillStreams, batched over several streams).
+  absl::Status Begin(bool prefill = true);
   // True once max_tokens, a stop id, the context limit or on_token returning false ended it.
   bool done() const { return done_; }
   // With continue_sequence: leaves both caches at exactly the earlier tokens, the prompt and
@@ -115,6 +116,8 @@ class SpeculativeStream {
  private:
   friend absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft,
                                           std::span<SpeculativeStream* const> streams);
+  friend std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
+                                                  std::span<SpeculativeStream* const> streams, int64_t chunk);
   // The round's k (0: the target only checks its pending tokens); done() if the context is full.
   void StartRound();
   // Draft step i < k: this sequence's input (valid until the next call), then its logits row.
@@ -141,7 +144,7 @@ class SpeculativeStream {
   std::vector<float> refresh_mass_;
   int64_t refresh_rows_ = 0, refresh_blocks_ = 0, round_index_ = 0;
   kvstore::Selection previous_selection_;
-  std::chrono::steady_clock::time_point decode_start_;
+  std::chrono::steady_clock::time_point prefill_start_, decode_start_;
   // The round in flight.
   int k_ = 0;
   bool refresh_ = false;
@@ -163,5 +166,11 @@ class SpeculativeStream {
 // server can drop one stream and run the round again; an error while accepting (a cache
 // truncation, which does not fail in practice) leaves the streams before it advanced: end them.
 absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams);
+
+// The prefill of streams begun with Begin(false), batched: each pass carries one chunk of every
+// stream's prompt (but its last token) on one model. A pass that fails runs again stream by
+// stream, so each stream gets its own error; returns one status per stream.
+std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
+                                         std::span<SpeculativeStream* const> streams, int64_t chunk);
 
 }  // namespace scout::runtime

@@ -227,6 +227,10 @@ void Coordinator::Count(const ClusterCounters& d) {
   counters_.replayed_tokens += d.replayed_tokens;
   counters_.rehomed += d.rehomed;
   counters_.retried_passes += d.retried_passes;
+  counters_.target_passes += d.target_passes;
+  counters_.draft_passes += d.draft_passes;
+  counters_.target_pass_seconds += d.target_pass_seconds;
+  counters_.draft_pass_seconds += d.draft_pass_seconds;
 }
 
 std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const Coordinator& coordinator) {
@@ -692,13 +696,31 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
 }
 
 absl::Status RemoteBackend::Forward(std::span<const runtime::SequenceInput> batch, std::vector<float>* logits) {
-  return RunPass(batch, {}, logits, nullptr);
+  return TimedPass(batch, {}, logits, nullptr);
 }
 
 absl::Status RemoteBackend::ForwardSampled(std::span<const runtime::SequenceInput> batch,
                                            std::span<const kernels::SampleRowParams> rows,
                                            std::vector<int32_t>* tokens) {
-  return RunPass(batch, rows, nullptr, tokens);
+  return TimedPass(batch, rows, nullptr, tokens);
+}
+
+absl::Status RemoteBackend::TimedPass(std::span<const runtime::SequenceInput> batch,
+                                      std::span<const kernels::SampleRowParams> rows, std::vector<float>* logits,
+                                      std::vector<int32_t>* tokens) {
+  const absl::Time t0 = absl::Now();
+  absl::Status s = RunPass(batch, rows, logits, tokens);
+  const double secs = absl::ToDoubleSeconds(absl::Now() - t0);
+  ClusterCounters d;
+  if (role_ == v1::ROLE_DRAFT) {
+    d.draft_passes = 1;
+    d.draft_pass_seconds = secs;
+  } else {
+    d.target_passes = 1;
+    d.target_pass_seconds = secs;
+  }
+  coordinator_->Count(d);
+  return s;
 }
 
 }  // namespace scout::scheduler

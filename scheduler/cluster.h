@@ -51,6 +51,11 @@ struct ClusterCounters {
   int64_t replayed_tokens = 0;  // tokens run again (no home, or past what the home held)
   int64_t rehomed = 0;          // sequences whose KV was written to a new home
   int64_t retried_passes = 0;   // passes run again after a worker died under them
+  // Passes the engine ran over the workers, and the wall time it waited for them, per role.
+  int64_t target_passes = 0;
+  int64_t draft_passes = 0;
+  double target_pass_seconds = 0;
+  double draft_pass_seconds = 0;
   // KV over UCX, summed over workers' heartbeats (dead workers' last values kept).
   int64_t kv_bytes_written = 0;
   int64_t kv_bytes_read = 0;
@@ -169,6 +174,9 @@ class RemoteBackend final : public runtime::ModelBackend {
   void Rehome(SequenceId id, Seq& seq, const absl::Status& why);
   absl::Status RunPass(std::span<const runtime::SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
                        std::vector<float>* logits, std::vector<int32_t>* tokens);
+  // RunPass, its wall time counted.
+  absl::Status TimedPass(std::span<const runtime::SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
+                         std::vector<float>* logits, std::vector<int32_t>* tokens);
 
   Coordinator* coordinator_;
   v1::Role role_;

@@ -180,12 +180,16 @@ void Engine::Loop() {
     }
     absl::MutexLock model_lock(&model_mu_);
     if (options_.session_idle_timeout_s > 0) EvictSessions(0, "");
+    std::vector<Request*> joined;
     for (size_t i = 0; i < joining.size(); ++i) {
       auto& r = joining[i];
       metrics_->requests_waiting.Decrement();
       metrics_->requests_running.Increment();
       const StartResult started = Start(*r, running);
-      if (started == StartResult::kRunning) running.push_back(r);
+      if (started == StartResult::kPrefill) {
+        running.push_back(r);  // counted as running by the admission of the ones behind it
+        joined.push_back(r.get());
+      }
       if (started != StartResult::kDeferred) continue;
       // No room in the KV pool yet: this request and the ones behind it wait, in order, for
       // running requests to finish.
@@ -198,6 +202,10 @@ void Engine::Loop() {
       waiting_.insert(waiting_.begin(), joining.begin() + i, joining.end());
       break;
     }
+    if (!joined.empty()) Prefill(joined);
+    running.erase(std::remove_if(running.begin(), running.end(),
+                                 [](const std::shared_ptr<Request>& r) { return !r->started; }),
+                  running.end());
     if (running.empty()) continue;
     std::vector<Request*> step;
     for (auto& r : running) step.push_back(r.get());
@@ -317,21 +325,65 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
       return StartResult::kDone;
     }
   }
-  // Prefill in chunks; the last chunk's last row gives the first token.
-  std::vector<float> logits;
-  for (size_t at = 0; at < r.ids.size(); at += options_.prefill_chunk) {
-    const size_t n = std::min<size_t>(options_.prefill_chunk, r.ids.size() - at);
-    runtime::SequenceInput in{.seq = r.seq, .tokens = std::span<const int32_t>(r.ids).subspan(at, n)};
-    if (absl::Status s = model_->Forward({&in, 1}, &logits); !s.ok()) {
-      Finish(r, s);
-      return StartResult::kDone;
+  return StartResult::kPrefill;
+}
+
+void Engine::Prefill(const std::vector<Request*>& joined) {
+  if (draft_ != nullptr) {
+    std::vector<runtime::SpeculativeStream*> streams;
+    std::vector<Request*> owners;
+    for (Request* r : joined) {
+      if (r->started && r->spec != nullptr) {
+        streams.push_back(r->spec.get());
+        owners.push_back(r);
+      }
+    }
+    const std::vector<absl::Status> status = runtime::PrefillStreams(*model_, *draft_, streams, options_.prefill_chunk);
+    for (size_t i = 0; i < owners.size(); ++i) {
+      if (!status[i].ok()) FinishSpeculative(*owners[i], status[i]);
+    }
+    return;
+  }
+  // Chunk after chunk; the last chunk's row of each request gives its first token.
+  const int64_t vocab = config_.vocab_size;
+  std::vector<absl::Status> status(joined.size());
+  std::vector<std::vector<float>> first(joined.size());
+  std::vector<float> logits, one;
+  for (size_t at = 0;; at += static_cast<size_t>(options_.prefill_chunk)) {
+    std::vector<runtime::SequenceInput> batch;
+    std::vector<size_t> who;
+    for (size_t i = 0; i < joined.size(); ++i) {
+      const std::vector<int32_t>& ids = joined[i]->ids;
+      if (!status[i].ok() || at >= ids.size()) continue;
+      const size_t n = std::min<size_t>(options_.prefill_chunk, ids.size() - at);
+      batch.push_back({.seq = joined[i]->seq, .tokens = std::span<const int32_t>(ids).subspan(at, n)});
+      who.push_back(i);
+    }
+    if (batch.empty()) break;
+    const bool together = model_->Forward(batch, &logits).ok();
+    for (size_t j = 0; j < batch.size(); ++j) {
+      const size_t i = who[j];
+      std::span<const float> row;
+      if (together) {
+        row = std::span<const float>(logits).subspan(j * vocab, vocab);
+      } else {  // all or nothing failed: again one by one, so the error is the request's own
+        status[i] = model_->Forward({&batch[j], 1}, &one);
+        if (!status[i].ok()) continue;
+        row = one;
+      }
+      if (at + batch[j].tokens.size() == joined[i]->ids.size()) first[i].assign(row.begin(), row.end());
     }
   }
-  if (!OnToken(r, r.sampler.Sample(logits))) {
-    Finish(r, absl::OkStatus());
-    return StartResult::kDone;
+  for (size_t i = 0; i < joined.size(); ++i) {
+    Request& r = *joined[i];
+    if (!status[i].ok()) {
+      Finish(r, status[i]);
+    } else if (first[i].empty()) {
+      Finish(r, absl::InvalidArgumentError("nothing to prefill: the prompt is empty"));
+    } else if (!OnToken(r, r.sampler.Sample(first[i]))) {
+      Finish(r, absl::OkStatus());
+    }
   }
-  return StartResult::kRunning;
 }
 
 void Engine::DecodeStep(std::vector<Request*>& running) {
@@ -427,11 +479,11 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
       // OnToken takes every token the stream emits (it returns false once cancelled): the
       // session's pending token must be the stream's last, which its cache does not hold.
       *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return OnToken(*rp, token); });
-  if (absl::Status s = r.spec->Begin(); !s.ok()) {
+  if (absl::Status s = r.spec->Begin(/*prefill=*/false); !s.ok()) {
     FinishSpeculative(r, s);
     return StartResult::kDone;
   }
-  return StartResult::kRunning;
+  return StartResult::kPrefill;
 }
 
 void Engine::SpeculativeStep(std::vector<Request*>& running) {

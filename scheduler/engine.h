@@ -135,11 +135,17 @@ class Engine {
 
   void Loop();
   // Scheduler thread, model_mu_ held: turns a waiting request into a running one (session,
-  // tokens, sequence) and prefills its prompt. kDeferred, with nothing changed, when the KV pool
-  // cannot hold its prompt and max_tokens next to what the running requests still need.
-  enum class StartResult { kRunning, kDone, kDeferred };
+  // tokens, sequence); kPrefill when its prompt is to be prefilled (Prefill, batched with the
+  // others that joined). kDeferred, with nothing changed, when the KV pool cannot hold its
+  // prompt and max_tokens next to what the running requests still need.
+  enum class StartResult { kPrefill, kDone, kDeferred };
   StartResult Start(Request& r, const std::vector<std::shared_ptr<Request>>& running)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // The prompts of requests that just started, in passes that carry one chunk of each (so
+  // the sessions' new turns are prefilled together, and split over a cluster's workers); then
+  // each request's first token. A failed pass runs again request by request, so errors stay
+  // each request's own.
+  void Prefill(const std::vector<Request*>& joined) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Runs `pass` over the running requests; when a KV pool is full the newest gives way (finished
   // with the error; when only a host tier's GPU block cache is short, it just sits this pass
   // out) and the pass runs again over the rest; any other error finishes them all.

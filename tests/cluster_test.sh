@@ -60,7 +60,7 @@ pids+=("$pid")
 complete ref.g1 "$(long "$P1" 40)"; complete ref.g2 "$(long "$P2" 40)"; complete ref.g3 "$(long "$P3" 40)"
 complete ref.g4 "$(long "$P4" 40)"; complete ref.s1 "$(sampled "$P1" 7)"; complete ref.s2 "$(sampled "$P3" 11)"
 complete ref.k1 "$(long "$P1" "$long_tokens")"; complete ref.k2 "$(long "$P2" "$long_tokens")"
-for t in 1 2 3; do complete "ref.t$t" "$(turn "$P4" "agent")"; done
+for t in 1 2 3 4; do complete "ref.t$t" "$(turn "$P4" "agent")"; done
 kill "$pid"
 for f in ref.*.out; do grep -q "^curl failed\|^bad reply" "$f" && fail "reference $f: $(cat "$f")"; done
 
@@ -135,19 +135,23 @@ echo "ok: a draft worker killed mid-generation; both requests finished with the 
 # 4. SIGKILL both KV store nodes (a third joins in between, so whichever held the session is
 # gone); the session goes on, and survives the death of its worker later: the worker wrote its
 # KV to the new node, from which a new worker adopts it.
+# The session's next turn first, so it sits on a live worker (adopted from its home if its
+# worker was target0).
+complete clu.t2 "$(turn "$P4" "agent")"
+cmp -s ref.t2.out clu.t2.out || fail "session turn 2 differs: [$(cat clu.t2.out)]"
 kill -9 "$pid_kv0"
 start_member kv2 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv2
 for _ in $(seq 1 100); do grep -q "kvstore kv2 registered" coord.err && break; sleep 0.1; done
 kill -9 "$pid_kv1"
 for _ in $(seq 1 50); do grep -q "kvstore kv1 is dead" coord.err && break; sleep 0.1; done
-complete clu.t2 "$(turn "$P4" "agent")"
-cmp -s ref.t2.out clu.t2.out || fail "session turn 2 differs after a KV store node died: [$(cat clu.t2.out)]"
+complete clu.t3 "$(turn "$P4" "agent")"
+cmp -s ref.t3.out clu.t3.out || fail "session turn 3 differs after its KV store node died: [$(cat clu.t3.out)]"
 start_member target2 worker --model "$T" --role target --id target2 --device "$device"
 for _ in $(seq 1 100); do grep -q "target target2 registered" coord.err && break; sleep 0.1; done
 kill -9 "$pid_target1"
 for _ in $(seq 1 50); do grep -q "target target1 is dead" coord.err && break; sleep 0.1; done
-complete clu.t3 "$(turn "$P4" "agent")"
-cmp -s ref.t3.out clu.t3.out || fail "session turn 3 differs after its worker died: [$(cat clu.t3.out)]"
+complete clu.t4 "$(turn "$P4" "agent")"
+cmp -s ref.t4.out clu.t4.out || fail "session turn 4 differs after its worker died: [$(cat clu.t4.out)]"
 echo "ok: KV store nodes killed; the session's KV moved home and a new worker adopted it"
 
 # 5. With no draft worker left, requests fail at once with a clear error and /ready says no.
