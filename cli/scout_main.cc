@@ -12,8 +12,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "cli/flags.h"
+#include "yaml-cpp/yaml.h"
 #include "runtime/cpu_model.h"
 #ifdef SCOUT_HAVE_CUDA
+#include <cuda_runtime.h>
+
 #include "bench/decode_bench.h"
 #include "runtime/cuda_model.h"
 #endif
@@ -737,6 +740,39 @@ absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& fla
   return std::make_pair(value.substr(0, colon), port);
 }
 
+// A --cluster-config YAML file: PlaceModels' ClusterConfig. InvalidArgument naming the file and
+// the key for a malformed file or an unknown key.
+absl::StatusOr<scheduler::ClusterConfig> LoadClusterConfig(const std::string& path) {
+  scheduler::ClusterConfig c;
+  try {
+    const YAML::Node root = YAML::LoadFile(path);
+    if (!root.IsMap()) return absl::InvalidArgumentError(absl::StrCat(path, ": a map of placement settings is expected"));
+    for (const auto& kv : root) {
+      const std::string key = kv.first.as<std::string>();
+      const YAML::Node& v = kv.second;
+      if (key == "tensor_parallel_size") {
+        c.tensor_parallel_size = v.as<int>();
+      } else if (key == "target_bytes_per_gpu") {
+        c.target_bytes_per_gpu = v.as<int64_t>();
+      } else if (key == "draft_bytes_per_gpu") {
+        c.draft_bytes_per_gpu = v.as<int64_t>();
+      } else if (key == "max_draft_replicas") {
+        c.max_draft_replicas = v.as<int>();
+      } else if (key == "target_classes") {
+        c.target_classes = v.as<std::vector<std::string>>();
+      } else if (key == "draft_classes") {
+        c.draft_classes = v.as<std::vector<std::string>>();
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": unknown key \"", key, "\""));
+      }
+    }
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", e.what()));
+  }
+  if (c.target_classes.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": target_classes is empty"));
+  return c;
+}
+
 // `scout coordinator`: the cluster's HTTP front end and scheduler. Workers and KV store nodes
 // register on --control-port; the engine runs over them (scheduler/cluster.h).
 int Coordinator(int argc, char** argv) {
@@ -748,6 +784,9 @@ int Coordinator(int argc, char** argv) {
       {"heartbeat-interval", "0.5", "seconds between members' heartbeats"},
       {"heartbeat-timeout", "3", "a member silent this many seconds is dead: its sessions move"},
       {"worker-timeout", "120", "seconds one call to a worker may take before the worker is taken for dead"},
+      {"cluster-config", "", "YAML placement config: target_classes, draft_classes (GPU classes in order of "
+                             "preference), tensor_parallel_size, target_bytes_per_gpu, draft_bytes_per_gpu, "
+                             "max_draft_replicas; workers placement leaves out stay idle (default: every worker serves)"},
   }));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
@@ -773,12 +812,19 @@ int Coordinator(int argc, char** argv) {
   if (!(*interval > 0 && *timeout > *interval && *call > 0)) {
     return Fail(absl::InvalidArgumentError("need 0 < --heartbeat-interval < --heartbeat-timeout and --worker-timeout > 0"));
   }
+  std::optional<scheduler::ClusterConfig> placement;
+  if (!flags.Get("cluster-config").empty()) {
+    absl::StatusOr<scheduler::ClusterConfig> pc = LoadClusterConfig(flags.Get("cluster-config"));
+    if (!pc.ok()) return Fail(pc.status());
+    pc->drafts = draft.has_value();
+    placement = *pc;
+  }
   absl::StatusOr<std::unique_ptr<scheduler::Coordinator>> coordinator = scheduler::Coordinator::Start(
       flags.Get("control-host"), static_cast<int>(*control_port),
       {.target_fingerprint = scheduler::ModelFingerprint(*target),
        .draft_fingerprint = draft ? scheduler::ModelFingerprint(*draft) : "",
        .heartbeat_interval = absl::Seconds(*interval), .heartbeat_timeout = absl::Seconds(*timeout),
-       .call_timeout = absl::Seconds(*call)});
+       .call_timeout = absl::Seconds(*call), .placement = placement});
   if (!coordinator.ok()) return Fail(coordinator.status());
   std::fprintf(stderr, "scout: coordinator control channel on %s:%d\n", flags.Get("control-host").c_str(),
                (*coordinator)->port());
@@ -789,9 +835,9 @@ int Coordinator(int argc, char** argv) {
   // Health reads only the registry (thread-safe), never the backends' sequence tables.
   auto health = [c, with_draft = draft.has_value()]() -> absl::Status {
     bool target_alive = false, draft_alive = !with_draft;
-    for (const auto& m : c->Members(scheduler::v1::ROLE_TARGET)) target_alive |= m.alive;
+    for (const auto& m : c->Members(scheduler::v1::ROLE_TARGET)) target_alive |= c->Serving(m.key);
     if (with_draft) {
-      for (const auto& m : c->Members(scheduler::v1::ROLE_DRAFT)) draft_alive |= m.alive;
+      for (const auto& m : c->Members(scheduler::v1::ROLE_DRAFT)) draft_alive |= c->Serving(m.key);
     }
     if (!target_alive) return absl::UnavailableError("no live target worker");
     if (!draft_alive) return absl::UnavailableError("no live draft worker");
@@ -861,10 +907,26 @@ int Worker(int argc, char** argv) {
   }
   options.registration.set_id(id);
   options.registration.set_role(role == "target" ? scheduler::v1::ROLE_TARGET : scheduler::v1::ROLE_DRAFT);
+  // What placement knows the worker by: its devices (the CPU counts as one), their class and
+  // memory.
+  const bool on_cpu = flags.Get("device") == "cpu" && !split;
   std::string gpu_class = flags.Get("gpu-class");
-  if (gpu_class.empty()) gpu_class = flags.Get("device") == "cpu" && !split ? "cpu" : "cuda";
+  int64_t device_memory = 0;
+#ifdef SCOUT_HAVE_CUDA
+  if (!on_cpu) {
+    int index = 0;
+    if (flags.Get("device").rfind("cuda:", 0) == 0) (void)absl::SimpleAtoi(flags.Get("device").substr(5), &index);
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, index) == cudaSuccess) {
+      device_memory = static_cast<int64_t>(prop.totalGlobalMem);
+      if (gpu_class.empty()) gpu_class = prop.name;
+    }
+  }
+#endif
+  if (gpu_class.empty()) gpu_class = on_cpu ? "cpu" : "cuda";
   options.registration.set_gpu_class(gpu_class);
-  options.registration.set_num_gpus(split ? static_cast<int32_t>(*tp) : (flags.Get("device") == "cpu" ? 0 : 1));
+  options.registration.set_num_gpus(split ? static_cast<int32_t>(*tp) : 1);
+  options.registration.set_gpu_memory_bytes(device_memory);
   absl::Notification stop;
   std::thread signal_thread([&] {
     int sig = 0;

@@ -135,6 +135,7 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
     last_seen_[member.key] = absl::Now();
     std::fprintf(stderr, "scout: %s %s registered from %s\n", RoleName(r.role()), r.id().c_str(), channel.peer().c_str());
     members_.push_back(std::move(member));
+    Replace();
   } else {
     std::fprintf(stderr, "scout: refused a member from %s: %s\n", channel.peer().c_str(), refuse.ToString().c_str());
   }
@@ -169,9 +170,63 @@ void Coordinator::MarkDead(uint64_t key, const std::string& why) {
       m.why_dead = why;
       channel = std::move(m.channel);
       std::fprintf(stderr, "scout: %s %s is dead: %s\n", RoleName(m.info.role()), m.info.id().c_str(), why.c_str());
+      Replace();
     }
   }
   if (channel) channel->Close();
+}
+
+void Coordinator::Replace() {
+  serving_.clear();
+  if (!options_.placement.has_value()) return;  // every live worker serves
+  std::vector<WorkerInfo> workers;
+  for (const Member& m : members_) {
+    if (!m.alive || m.info.role() == v1::ROLE_KVSTORE) continue;
+    workers.push_back({.id = m.info.id(), .gpu_class = m.info.gpu_class(), .num_gpus = m.info.num_gpus(),
+                       .gpu_memory_bytes = m.info.gpu_memory_bytes(), .alive = true});
+  }
+  std::vector<std::string> notes;
+  absl::StatusOr<Placement> p = PlaceModels(*options_.placement, workers);
+  if (p.ok()) {
+    notes = p->notes;
+    for (const Member& m : members_) {
+      if (!m.alive) continue;
+      bool chosen = false;
+      if (m.info.role() == v1::ROLE_TARGET) {
+        for (const auto& group : p->target_groups) chosen |= group.front().worker == m.info.id();
+      } else if (m.info.role() == v1::ROLE_DRAFT) {
+        for (const GpuSlot& slot : p->draft_replicas) chosen |= slot.worker == m.info.id();
+      }
+      serving_[m.key] = chosen;
+      if (!chosen && m.info.role() != v1::ROLE_KVSTORE) {
+        notes.push_back(absl::StrCat(m.info.id(), ": registered as ", RoleName(m.info.role()),
+                                     " but placement gives it no ", RoleName(m.info.role()), " slot"));
+      }
+    }
+  } else {
+    notes.push_back(std::string(p.status().message()));
+  }
+  if (notes != placement_notes_) {
+    for (const std::string& n : notes) std::fprintf(stderr, "scout: placement: %s\n", n.c_str());
+  }
+  placement_notes_ = std::move(notes);
+}
+
+bool Coordinator::Serving(uint64_t key) const {
+  absl::MutexLock lock(&mu_);
+  for (const Member& m : members_) {
+    if (m.key != key) continue;
+    if (!m.alive) return false;
+    if (!options_.placement.has_value() || m.info.role() == v1::ROLE_KVSTORE) return true;
+    auto it = serving_.find(key);
+    return it != serving_.end() && it->second;
+  }
+  return false;
+}
+
+std::vector<std::string> Coordinator::PlacementNotes() const {
+  absl::MutexLock lock(&mu_);
+  return placement_notes_;
 }
 
 std::vector<Coordinator::Member> Coordinator::Members(v1::Role role) const {
@@ -292,7 +347,7 @@ RemoteBackend::RemoteBackend(Coordinator* coordinator, v1::Role role, runtime::M
 
 absl::Status RemoteBackend::Health() const {
   for (const Coordinator::Member& m : coordinator_->Members(role_)) {
-    if (m.alive) return absl::OkStatus();
+    if (coordinator_->Serving(m.key)) return absl::OkStatus();
   }
   return absl::UnavailableError(absl::StrCat("no live ", RoleName(role_), " worker"));
 }
@@ -368,7 +423,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
     uint64_t worker = 0;
     int64_t fewest = 0;
     for (const Coordinator::Member& w : coordinator_->Members(role_)) {
-      if (!w.alive) continue;
+      if (!coordinator_->Serving(w.key)) continue;
       int64_t n = 0;
       for (const auto& [sid, s] : seqs_) n += s.worker == w.key;
       if (worker == 0 || n < fewest) {

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "rpc/channel.h"
 #include "rpc/control.pb.h"
 #include "runtime/backend.h"
+#include "scheduler/placement.h"
 
 namespace scout::scheduler {
 
@@ -42,6 +44,11 @@ struct CoordinatorOptions {
   absl::Duration heartbeat_interval = absl::Milliseconds(500);
   absl::Duration heartbeat_timeout = absl::Seconds(3);  // silent this long: dead
   absl::Duration call_timeout = absl::Seconds(120);     // one backend call at most
+  // With a cluster config, placement (PlaceModels) decides which registered workers serve:
+  // target-role workers only where it puts a target group, draft-role workers only where it puts
+  // a draft replica; the others stay registered, idle, with the reason logged. Without one,
+  // every live worker of a role serves.
+  std::optional<ClusterConfig> placement;
 };
 
 // What the cluster did since the coordinator started.
@@ -85,6 +92,10 @@ class Coordinator {
   // Snapshot of the members of a role, live and dead, in registration order.
   std::vector<Member> Members(v1::Role role) const;
   bool Alive(uint64_t key) const;
+  // Alive, and chosen by placement (always, without a cluster config).
+  bool Serving(uint64_t key) const;
+  // The last placement's notes (workers left out and why), or its error.
+  std::vector<std::string> PlacementNotes() const;
   std::shared_ptr<rpc::Channel> ChannelOf(uint64_t key) const;  // null once dead
   // Marks a member dead and closes its connection (idempotent).
   void MarkDead(uint64_t key, const std::string& why);
@@ -99,6 +110,8 @@ class Coordinator {
   // Reader thread of a member's channel; `key` is 0 until it registered.
   void OnMessage(rpc::Channel& channel, v1::Envelope message, std::shared_ptr<std::atomic<uint64_t>> key);
   void Monitor();
+  // Runs placement over the live workers (mu_ held) after a registration or a death.
+  void Replace() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // What members' reader threads reach the coordinator through: nulled (under its mutex) when
   // the coordinator goes, so a connection closing after that finds no one to tell.
@@ -115,6 +128,8 @@ class Coordinator {
   std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
   ClusterCounters counters_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, bool> serving_ ABSL_GUARDED_BY(mu_);  // placement's choice per member
+  std::vector<std::string> placement_notes_ ABSL_GUARDED_BY(mu_);
   absl::Notification stop_;
   std::thread monitor_;
 };

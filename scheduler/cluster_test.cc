@@ -235,6 +235,37 @@ TEST_F(ClusterTest, WhenAKvStoreDiesItsSequencesMoveHomeAndSurviveALaterWorkerDe
   EXPECT_LE(c.replayed_tokens, 2 * 15);
 }
 
+// Regression: heartbeats waited for the request being served, so a pass longer than the
+// heartbeat timeout (a long prefill) got a busy worker declared dead.
+TEST_F(ClusterTest, AWorkerBusyPastTheHeartbeatTimeoutIsNotTakenForDead) {
+  absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
+  ASSERT_TRUE(m.ok());
+  WorkerService service(std::move(*m));
+  MemberOptions o{.registration = service.Describe(), .coordinator_host = "127.0.0.1",
+                  .coordinator_port = coordinator_->port()};
+  o.registration.set_id("slow");
+  o.registration.set_role(v1::ROLE_TARGET);
+  absl::Notification stop;
+  std::thread t([&] {
+    (void)RunClusterMember(
+        o,
+        [&service](const v1::BackendRequest& r) {
+          if (r.op_case() == v1::BackendRequest::kForward) absl::SleepFor(absl::Milliseconds(2600));
+          return service.Handle(r);
+        },
+        [&service] { return service.Heartbeat(); }, [&service] { service.Reset(); }, &stop);
+  });
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 1, absl::Seconds(10)));
+  ASSERT_TRUE(local_->AddSequence(1).ok());
+  ASSERT_TRUE(remote_->AddSequence(1).ok());
+  const std::vector<int32_t> toks = runtime::testing::RandomTokens(9, 40, 2);
+  PassBoth({SequenceInput{.seq = 1, .tokens = toks}});  // 2.6 s, past the 2 s heartbeat timeout
+  EXPECT_TRUE(coordinator_->Members(v1::ROLE_TARGET)[0].alive);
+  EXPECT_EQ(coordinator_->counters().failovers, 0);
+  stop.Notify();
+  t.join();
+}
+
 TEST_F(ClusterTest, NoLiveWorkerIsAClearErrorNotAHang) {
   EXPECT_EQ(remote_->Health().code(), absl::StatusCode::kUnavailable);
   absl::Status s = remote_->AddSequence(1);
@@ -266,6 +297,44 @@ TEST_F(ClusterTest, ModelErrorsPassThroughAndUndoThePassEverywhere) {
   // Neither sequence moved: the good half was undone on its worker.
   EXPECT_EQ(*remote_->SequenceLength(1), 21);
   Drive({1, 2}, 1, 3, 37);
+}
+
+TEST_F(ClusterTest, PlacementChoosesWhichRegisteredWorkersServe) {
+  absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(
+      "127.0.0.1", 0,
+      {.target_fingerprint = ModelFingerprint(local_->config()), .heartbeat_interval = absl::Milliseconds(100),
+       .placement = ClusterConfig{.target_classes = {"H100"}, .draft_classes = {"L4"}, .drafts = false}});
+  ASSERT_TRUE(c.ok());
+  RemoteBackend remote(c->get(), v1::ROLE_TARGET, local_->config());
+  std::vector<std::unique_ptr<Member>> workers;
+  for (auto [id, cls] : {std::pair{"small", "T4"}, std::pair{"big", "H100"}}) {
+    absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
+    ASSERT_TRUE(m.ok());
+    auto member = std::make_unique<Member>();
+    member->service = std::make_unique<WorkerService>(std::move(*m));
+    MemberOptions o{.registration = member->service->Describe(), .coordinator_host = "127.0.0.1",
+                    .coordinator_port = (*c)->port()};
+    o.registration.set_id(id);
+    o.registration.set_role(v1::ROLE_TARGET);
+    o.registration.set_gpu_class(cls);
+    o.registration.set_num_gpus(1);
+    member->Run(o);
+    workers.push_back(std::move(member));
+  }
+  ASSERT_TRUE((*c)->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  for (int64_t seq = 1; seq <= 4; ++seq) {
+    ASSERT_TRUE(remote.AddSequence(seq).ok());
+    EXPECT_EQ(remote.WorkerOf(seq), "big");
+  }
+  const std::vector<std::string> notes = (*c)->PlacementNotes();
+  ASSERT_FALSE(notes.empty());
+  EXPECT_NE(notes.front().find("small"), std::string::npos) << notes.front();
+  // Without a worker of a listed class, nothing serves: a clear error, not a hang.
+  workers[1]->Stop();
+  for (int i = 0; i < 100 && remote.Health().ok(); ++i) absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_EQ(remote.Health().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(remote.AddSequence(9).code(), absl::StatusCode::kUnavailable);
+  for (auto& w : workers) w->Stop();
 }
 
 TEST_F(ClusterTest, AWorkerOfAnotherModelIsRefusedByName) {

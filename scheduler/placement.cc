@@ -71,6 +71,7 @@ absl::StatusOr<Placement> PlaceModels(const ClusterConfig& config, std::span<con
         "no worker can hold a target group of ", tp, " GPUs of class [", absl::StrJoin(config.target_classes, ", "),
         "] with ", config.target_bytes_per_gpu, " bytes each", p.notes.empty() ? "" : ": ", absl::StrJoin(p.notes, "; ")));
   }
+  if (!config.drafts) return p;
   const size_t max_drafts = config.max_draft_replicas > 0 ? static_cast<size_t>(config.max_draft_replicas)
                                                           : std::numeric_limits<size_t>::max();
   for (const WorkerInfo* w : Candidates(config.draft_classes, workers)) {

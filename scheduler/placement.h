@@ -33,6 +33,7 @@ struct ClusterConfig {
   std::vector<std::string> target_classes;  // large GPUs
   std::vector<std::string> draft_classes;   // cheap GPUs
   int max_draft_replicas = 0;  // 0: one per usable draft GPU
+  bool drafts = true;          // false: no draft model (no replica placed or needed)
 };
 
 struct GpuSlot {

@@ -140,5 +140,17 @@ TEST(PlacementTest, SessionsKeepTheirGroupAndStoreUntilTheyCannot) {
   EXPECT_NE(a.status().message().find("the most free is"), std::string::npos);
 }
 
+TEST(PlacementTest, WithoutADraftModelNoReplicaIsNeeded) {
+  const std::vector<WorkerInfo> workers = {{.id = "a", .gpu_class = "H100", .num_gpus = 2, .gpu_memory_bytes = 80}};
+  ClusterConfig config{.target_classes = {"H100"}, .draft_classes = {"L4"}, .drafts = false};
+  absl::StatusOr<Placement> p = PlaceModels(config, workers);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->target_groups.size(), 2u);
+  EXPECT_TRUE(p->draft_replicas.empty());
+  config.drafts = true;  // the same cluster with a draft: its spare GPUs are none, so it fails
+  config.tensor_parallel_size = 2;
+  EXPECT_EQ(PlaceModels(config, workers).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace scout::scheduler

@@ -345,12 +345,16 @@ absl::Status RunClusterMember(const MemberOptions& options,
                  options.coordinator_port, options.registration.id().c_str());
     announced_wait = false;
     const absl::Duration interval = absl::Milliseconds(std::max<uint32_t>(10, ack->register_reply().heartbeat_interval_ms()));
+    v1::Heartbeat last;
     while (!stop->HasBeenNotified() && !closed->HasBeenNotified()) {
-      v1::Envelope hb;
-      {
-        absl::MutexLock lock(&serve_mu);
-        *hb.mutable_heartbeat() = beat ? beat() : v1::Heartbeat();
+      // A request may run for longer than the heartbeat timeout (a long prefill): the heartbeat
+      // never waits for it, and repeats the last figures while it runs.
+      if (beat && serve_mu.TryLock()) {
+        last = beat();
+        serve_mu.Unlock();
       }
+      v1::Envelope hb;
+      *hb.mutable_heartbeat() = last;
       if (!(*ch)->Send(std::move(hb)).ok()) break;
       closed->WaitForNotificationWithTimeout(interval);
     }

@@ -174,4 +174,9 @@ wait "$coord"
 grep "scout: cluster:" coord.err
 grep -q "scout: cluster: [1-9][0-9]* failovers, [1-9][0-9]* tokens adopted" coord.err || fail "no failovers or adoptions counted"
 grep -q ", [1-9][0-9]* rehomed" coord.err || fail "no sequence moved to a new KV home"
+# A placement config with an unknown key is refused by name.
+printf 'target_classes: [H100]\ncolours: 3\n' > bad-cluster.yaml
+out=$("$scout" coordinator --model "$T" --cluster-config bad-cluster.yaml --port 0 --control-port 0 2>&1) \
+  && fail "a bad cluster config was accepted"
+echo "$out" | grep -q 'unknown key "colours"' || fail "bad cluster config: $out"
 echo "PASS"
