@@ -160,60 +160,59 @@ TEST(ChannelTest, RefusedConnectionNamesTheAddress) {
   EXPECT_NE(c.status().message().find(std::to_string(port)), std::string::npos) << c.status();
 }
 
-TEST(ChannelTest, GarbageAndOversizedFramesCloseTheConnection) {
-  for (const bool oversized : {false, true}) {
-    absl::Notification closed;
-    absl::Status why;
-    std::vector<std::shared_ptr<Channel>> keep;
+// A listener that records why its one connection closed, and a raw socket dialling it (to send
+// what a Channel never would).
+struct RawPeer {
+  absl::Notification closed;
+  absl::Status why;
+  std::vector<std::shared_ptr<Channel>> keep;
+  std::unique_ptr<Listener> listener;
+  int fd = -1;
+
+  void Start() {
     absl::StatusOr<std::unique_ptr<Listener>> l = Listener::Start(
         "127.0.0.1", 0,
-        [&](const std::string&) {
-          return std::make_pair(Channel::Handler(nullptr), Channel::CloseHandler([&](const absl::Status& s) {
+        [this](const std::string&) {
+          return std::make_pair(Channel::Handler(nullptr), Channel::CloseHandler([this](const absl::Status& s) {
                                   why = s;
                                   closed.Notify();
                                 }));
         },
-        [&](std::shared_ptr<Channel> ch) { keep.push_back(ch); });
+        [this](std::shared_ptr<Channel> ch) { keep.push_back(ch); });
     ASSERT_TRUE(l.ok());
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    listener = std::move(*l);
+    fd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons(static_cast<uint16_t>((*l)->port()));
+    a.sin_port = htons(static_cast<uint16_t>(listener->port()));
     ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  }
+  void Write(const void* data, size_t n) { ASSERT_EQ(::write(fd, data, n), static_cast<ssize_t>(n)); }
+  ~RawPeer() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+TEST(ChannelTest, GarbageAndOversizedFramesCloseTheConnection) {
+  for (const bool oversized : {false, true}) {
+    RawPeer peer;
+    peer.Start();
     const unsigned char garbage[] = {0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff};
     const unsigned char huge[] = {0xff, 0xff, 0xff, 0xff};
     if (oversized) {
-      ASSERT_EQ(::write(fd, huge, sizeof huge), static_cast<ssize_t>(sizeof huge));
+      peer.Write(huge, sizeof huge);
     } else {
-      ASSERT_EQ(::write(fd, garbage, sizeof garbage), static_cast<ssize_t>(sizeof garbage));
+      peer.Write(garbage, sizeof garbage);
     }
-    ASSERT_TRUE(closed.WaitForNotificationWithTimeout(absl::Seconds(5)));
-    EXPECT_EQ(why.code(), absl::StatusCode::kDataLoss) << why;
-    ::close(fd);
+    ASSERT_TRUE(peer.closed.WaitForNotificationWithTimeout(absl::Seconds(5)));
+    EXPECT_EQ(peer.why.code(), absl::StatusCode::kDataLoss) << peer.why;
   }
 }
 
 TEST(ChannelTest, AnotherProtocolVersionIsRefused) {
-  absl::Notification closed;
-  absl::Status why;
-  std::vector<std::shared_ptr<Channel>> keep;
-  absl::StatusOr<std::unique_ptr<Listener>> l = Listener::Start(
-      "127.0.0.1", 0,
-      [&](const std::string&) {
-        return std::make_pair(Channel::Handler(nullptr), Channel::CloseHandler([&](const absl::Status& s) {
-                                why = s;
-                                closed.Notify();
-                              }));
-      },
-      [&](std::shared_ptr<Channel> ch) { keep.push_back(ch); });
-  ASSERT_TRUE(l.ok());
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<uint16_t>((*l)->port()));
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  RawPeer peer;
+  peer.Start();
   v1::Envelope e;
   e.set_version(kProtocolVersion + 1);
   e.mutable_heartbeat();
@@ -221,12 +220,11 @@ TEST(ChannelTest, AnotherProtocolVersionIsRefused) {
   const uint32_t n = static_cast<uint32_t>(body.size());
   const unsigned char header[4] = {static_cast<unsigned char>(n >> 24), static_cast<unsigned char>(n >> 16),
                                    static_cast<unsigned char>(n >> 8), static_cast<unsigned char>(n)};
-  ASSERT_EQ(::write(fd, header, 4), 4);
-  ASSERT_EQ(::write(fd, body.data(), body.size()), static_cast<ssize_t>(body.size()));
-  ASSERT_TRUE(closed.WaitForNotificationWithTimeout(absl::Seconds(5)));
-  EXPECT_EQ(why.code(), absl::StatusCode::kFailedPrecondition) << why;
-  EXPECT_NE(why.message().find("protocol version 2"), std::string::npos) << why;
-  ::close(fd);
+  peer.Write(header, 4);
+  peer.Write(body.data(), body.size());
+  ASSERT_TRUE(peer.closed.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  EXPECT_EQ(peer.why.code(), absl::StatusCode::kFailedPrecondition) << peer.why;
+  EXPECT_NE(peer.why.message().find("protocol version 2"), std::string::npos) << peer.why;
 }
 
 TEST(ChannelTest, StatusPayloadsSurviveTheWire) {

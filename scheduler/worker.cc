@@ -26,7 +26,24 @@ void PutFloats(const std::vector<float>& v, std::string* out) {
   out->assign(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
 }
 
-absl::StatusOr<std::pair<std::string, int>> SplitAddress(const std::string& address) {
+// Every (layer, KV head) unit of blocks [first, first + n) of a store session, in the order
+// ModelBackend::ExportKv writes them.
+[[maybe_unused]] std::vector<kvstore::UnitKey> UnitKeys(const runtime::ModelConfig& c, uint64_t session, int64_t first,
+                                                        int64_t n) {
+  std::vector<kvstore::UnitKey> keys;
+  keys.reserve(static_cast<size_t>(n * c.num_hidden_layers * c.num_key_value_heads));
+  for (int64_t b = first; b < first + n; ++b) {
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      for (int h = 0; h < c.num_key_value_heads; ++h) {
+        keys.push_back({.session = static_cast<kvstore::SequenceId>(session), .layer = l, .head = h,
+                        .block = static_cast<int32_t>(b)});
+      }
+    }
+  }
+  return keys;
+}
+
+[[maybe_unused]] absl::StatusOr<std::pair<std::string, int>> SplitAddress(const std::string& address) {
   const size_t colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) || port <= 0) {
@@ -90,21 +107,9 @@ void WorkerService::DropClient(const std::string& address) { clients_.erase(addr
 absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks) {
 #ifdef SCOUT_HAVE_UCX
   if (home.address.empty() || num_blocks <= 0) return absl::OkStatus();
-  const runtime::ModelConfig& c = model_->config();
-  const size_t unit = model_->kv_unit_bytes();
-  const int64_t per_block = c.num_hidden_layers * c.num_key_value_heads;
-  staging_.resize(static_cast<size_t>(num_blocks * per_block) * unit);
+  const std::vector<kvstore::UnitKey> keys = UnitKeys(model_->config(), home.store_session, first_block, num_blocks);
+  staging_.resize(keys.size() * model_->kv_unit_bytes());
   if (absl::Status s = model_->ExportKv(seq, first_block, num_blocks, staging_.data()); !s.ok()) return s;
-  std::vector<kvstore::UnitKey> keys;
-  keys.reserve(num_blocks * per_block);
-  for (int64_t b = first_block; b < first_block + num_blocks; ++b) {
-    for (int l = 0; l < c.num_hidden_layers; ++l) {
-      for (int h = 0; h < c.num_key_value_heads; ++h) {
-        keys.push_back({.session = static_cast<kvstore::SequenceId>(home.store_session), .layer = l, .head = h,
-                        .block = static_cast<int32_t>(b)});
-      }
-    }
-  }
   absl::StatusOr<kvstore::KvStoreClient*> client = Client(home.address);
   if (!client.ok()) return client.status();
   const absl::Time t0 = absl::Now();
@@ -129,21 +134,10 @@ absl::Status WorkerService::AddSequence(int64_t seq, const v1::KvHome& home) {
 
 absl::Status WorkerService::Adopt(const v1::AdoptSequence& adopt) {
 #ifdef SCOUT_HAVE_UCX
-  const runtime::ModelConfig& c = model_->config();
-  const int64_t num_blocks = kvstore::BlocksFor(adopt.num_tokens());
-  const int64_t per_block = c.num_hidden_layers * c.num_key_value_heads;
   const size_t unit = model_->kv_unit_bytes();
   if (unit == 0) return absl::UnimplementedError("this worker's backend cannot import KV");
-  std::vector<kvstore::UnitKey> keys;
-  keys.reserve(num_blocks * per_block);
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    for (int l = 0; l < c.num_hidden_layers; ++l) {
-      for (int h = 0; h < c.num_key_value_heads; ++h) {
-        keys.push_back({.session = static_cast<kvstore::SequenceId>(adopt.home().store_session()), .layer = l,
-                        .head = h, .block = static_cast<int32_t>(b)});
-      }
-    }
-  }
+  const std::vector<kvstore::UnitKey> keys =
+      UnitKeys(model_->config(), adopt.home().store_session(), 0, kvstore::BlocksFor(adopt.num_tokens()));
   absl::StatusOr<kvstore::KvStoreClient*> client = Client(adopt.home().address());
   if (!client.ok()) return client.status();
   staging_.resize(keys.size() * unit);
