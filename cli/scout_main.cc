@@ -72,6 +72,7 @@ std::vector<FlagSpec> WithStsFlags(std::vector<FlagSpec> specs, const std::strin
   specs.push_back({"kv-budget-tokens", "0", "sts: tokens of KV each target (layer, KV head) reads (0: --kv-budget-fraction)"});
   specs.push_back({"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"});
   specs.push_back({"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"});
+  specs.push_back({"dense-layers", "", "sts: target layers that read every block, e.g. 0,1 or -1 for the last"});
   return specs;
 }
 
@@ -98,7 +99,10 @@ absl::StatusOr<std::optional<StsChoice>> ParseSts(const Flags& flags, const runt
   if (*tokens < 0 || !(*fraction > 0 && *fraction <= 1)) {
     return absl::InvalidArgumentError("--kv-budget-tokens must be >= 0 and --kv-budget-fraction in (0, 1]");
   }
-  return StsChoice{.head_map = *m, .budget = {.budget_tokens = *tokens, .budget_fraction = *fraction}};
+  absl::StatusOr<std::vector<int>> dense = runtime::ParseDenseLayers(flags.Get("dense-layers"));
+  if (!dense.ok()) return dense.status();
+  return StsChoice{.head_map = *m,
+                   .budget = {.budget_tokens = *tokens, .budget_fraction = *fraction, .dense_layers = *dense}};
 }
 
 // Writes `text` to `path` unless path is empty (the --csv flags).
@@ -371,6 +375,7 @@ int Eval(int argc, char** argv) {
       {"acceptance-tokens", "0", "also sample this many tokens (temperature 1) speculatively after the context, dense and with STS at each budget, and report the draft's acceptance and how much the STS lists change from round to round"},
       {"sink-blocks", "1", "first blocks every list keeps"},
       {"window-blocks", "4", "last blocks every list keeps"},
+      {"dense-layers", "", "target layers every method reads densely, e.g. 0,1 (Quest's practice) or -1 (the last)"},
       {"tasks", "", "instead of perplexity on --text: retrieval accuracy on generated tasks (passkey,kv)"},
       {"task-lengths", "2048,4096", "tasks: prompt lengths in bytes"},
       {"task-count", "8", "tasks: prompts per task and length"},
@@ -422,6 +427,9 @@ int Eval(int argc, char** argv) {
   if (*sinks < 0 || *window < 1) return Fail(absl::InvalidArgumentError("--sink-blocks >= 0 and --window-blocks >= 1"));
   opt.sink_blocks = static_cast<int>(*sinks);
   opt.window_blocks = static_cast<int>(*window);
+  absl::StatusOr<std::vector<int>> dense_layers = runtime::ParseDenseLayers(flags.Get("dense-layers"));
+  if (!dense_layers.ok()) return Fail(dense_layers.status());
+  opt.dense_layers = *dense_layers;
   if (tasks) {
     absl::StatusOr<int64_t> count = flags.GetInt("task-count");
     if (!count.ok()) return Fail(count.status());
@@ -479,7 +487,7 @@ int Eval(int argc, char** argv) {
           runtime::SpeculativeOptions so{.num_speculative_tokens = opt.num_speculative_tokens, .max_tokens = *acc_tokens,
                                          .sampling = {.temperature = 1.0f, .seed = static_cast<uint64_t>(seed)}};
           const runtime::StsBudget b{.budget_fraction = budget, .sink_blocks = opt.sink_blocks,
-                                     .window_blocks = opt.window_blocks};
+                                     .window_blocks = opt.window_blocks, .dense_layers = opt.dense_layers};
           if (budget < 1.0) {
             so.head_map = &map;
             so.sts_budget = b;

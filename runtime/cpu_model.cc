@@ -189,7 +189,9 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
       std::vector<int32_t> quest_indptr, quest_blocks;
       if (in.selection == nullptr && in.quest_budget != nullptr) {
         const int64_t end = start[i] + n, nb = kvstore::BlocksFor(end);
-        const int64_t len = BudgetBlocks(*in.quest_budget, nb);
+        // A dense layer's lists name every block.
+        const int64_t len =
+            in.quest_budget->IsDenseLayer(layer, c.num_hidden_layers) ? nb : BudgetBlocks(*in.quest_budget, nb);
         const int group = static_cast<int>(nh / nkv);
         std::vector<float> kmin(hd), kmax(hd), score(nb);
         std::vector<int32_t> order(nb);

@@ -56,7 +56,8 @@ absl::Status ForEachMethodPass(
                              const std::vector<float>& logits, const kvstore::Selection& oracle)>& visit) {
   std::vector<float> logits;
   for (double budget : o.budgets) {
-    const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks};
+    const StsBudget b{.budget_fraction = budget, .sink_blocks = o.sink_blocks, .window_blocks = o.window_blocks,
+                      .dense_layers = o.dense_layers};
     const kvstore::Selection oracle =
         BuildOracleSelection(target.config(), *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
     for (const std::string& method : o.methods) {

@@ -21,6 +21,7 @@ struct FidelityOptions {
   std::vector<std::string> methods = {"sts", "oracle", "quest", "window"};
   int sink_blocks = 1;
   int window_blocks = 4;
+  std::vector<int> dense_layers;  // layers every method reads densely (StsBudget::dense_layers)
 };
 
 // One round of k + 1 teacher-forced tokens, as the harness and calibration see it.

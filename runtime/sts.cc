@@ -4,7 +4,9 @@
 #include <cmath>
 #include <fstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "kernels/block_select.h"
 #include "nlohmann/json.hpp"
 
@@ -139,10 +141,39 @@ kvstore::Selection Select(int layers, int kv_heads, const std::vector<std::vecto
 
 }  // namespace
 
+absl::StatusOr<std::vector<int>> ParseDenseLayers(absl::string_view text) {
+  std::vector<int> layers;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int l = 0;
+    if (!absl::SimpleAtoi(part, &l)) {
+      return absl::InvalidArgumentError(absl::StrCat("dense layers: \"", part, "\" is not a layer index"));
+    }
+    layers.push_back(l);
+  }
+  return layers;
+}
+
+void ApplyDenseLayers(const StsBudget& budget, int64_t nb, kvstore::Selection* sel) {
+  if (budget.dense_layers.empty()) return;
+  const int kvh = sel->num_kv_heads;
+  kvstore::Selection out{.num_layers = sel->num_layers, .num_kv_heads = kvh, .indptr = {0}, .blocks = {}};
+  for (int u = 0; u < sel->num_layers * kvh; ++u) {
+    if (budget.IsDenseLayer(u / kvh, sel->num_layers)) {
+      for (int64_t b = 0; b < nb; ++b) out.blocks.push_back(static_cast<int32_t>(b));
+    } else {
+      out.blocks.insert(out.blocks.end(), sel->blocks.begin() + sel->indptr[u], sel->blocks.begin() + sel->indptr[u + 1]);
+    }
+    out.indptr.push_back(static_cast<int32_t>(out.blocks.size()));
+  }
+  *sel = std::move(out);
+}
+
 kvstore::Selection BuildStsSelection(const HeadMap& map, std::span<const float> draft_mass, int rows,
                                      int64_t mass_blocks, int64_t nb, const StsBudget& budget) {
-  return Select(map.target_layers, map.target_kv_heads, map.units, map.draft_layers * map.draft_heads, draft_mass,
-                rows, mass_blocks, nb, budget);
+  kvstore::Selection sel = Select(map.target_layers, map.target_kv_heads, map.units, map.draft_layers * map.draft_heads,
+                                  draft_mass, rows, mass_blocks, nb, budget);
+  ApplyDenseLayers(budget, nb, &sel);
+  return sel;
 }
 
 kvstore::Selection BuildOracleSelection(const ModelConfig& t, std::span<const float> target_mass, int rows,
@@ -162,6 +193,7 @@ kvstore::Selection BuildWindowSelection(const ModelConfig& t, int64_t nb, const 
     }
     sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
   }
+  ApplyDenseLayers(budget, nb, &sel);
   return sel;
 }
 

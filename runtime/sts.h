@@ -44,7 +44,25 @@ struct StsBudget {
   double budget_fraction = 0.1;  // of the context's blocks
   int sink_blocks = 1;           // always kept: the first blocks (attention sinks)
   int window_blocks = 4;         // always kept: the last blocks (recent tokens, the new ones)
+  // Target layers that read every block (indices; negative ones count from the last layer, -1
+  // being the last). Quest and most sparse-attention methods leave their first layers dense; on
+  // the fixture pair STS's loss sits in the last layer (docs/FIDELITY.md).
+  std::vector<int> dense_layers;
+
+  // Whether layer `layer` of a `layers`-layer model is one of dense_layers.
+  bool IsDenseLayer(int64_t layer, int64_t layers) const {
+    for (int l : dense_layers) {
+      if ((l >= 0 ? l : layers + l) == layer) return true;
+    }
+    return false;
+  }
 };
+
+// Makes the lists of budget.dense_layers name every block of a context of nb blocks.
+void ApplyDenseLayers(const StsBudget& budget, int64_t nb, kvstore::Selection* sel);
+
+// "0,1" or "-1": dense_layers from a flag. InvalidArgument naming the text.
+absl::StatusOr<std::vector<int>> ParseDenseLayers(absl::string_view text);
 
 // Blocks per list for a context of nb blocks (sinks and window included, at most nb).
 int64_t BudgetBlocks(const StsBudget& budget, int64_t nb);

@@ -46,6 +46,48 @@ TEST(StsSelectionTest, AlwaysHoldsSinksAndWindowWithinBudget) {
   }
 }
 
+TEST(StsSelectionTest, DenseLayersReadEveryBlockAndTheRestAreUnchanged) {
+  auto target = LoadModelConfig(kModels / "scout-tiny-target");
+  auto draft = LoadModelConfig(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  const HeadMap map = DefaultHeadMap(*target, *draft);
+  std::mt19937 rng(9);
+  std::exponential_distribution<float> expo(1.0f);
+  const int rows = 5;
+  const int64_t nb = 100;
+  std::vector<float> mass(12 * rows * nb);
+  for (float& m : mass) m = expo(rng);
+  StsBudget sparse{.budget_fraction = 0.1};
+  StsBudget dense2 = sparse;
+  dense2.dense_layers = *ParseDenseLayers("0,1");
+  const kvstore::Selection a = BuildStsSelection(map, mass, rows, nb, nb, sparse);
+  const kvstore::Selection b = BuildStsSelection(map, mass, rows, nb, nb, dense2);
+  for (int u = 0; u < 12; ++u) {
+    std::vector<int32_t> la(a.blocks.begin() + a.indptr[u], a.blocks.begin() + a.indptr[u + 1]);
+    std::vector<int32_t> lb(b.blocks.begin() + b.indptr[u], b.blocks.begin() + b.indptr[u + 1]);
+    if (u / 2 < 2) {  // layers 0 and 1 of 2 KV heads each
+      ASSERT_EQ(static_cast<int64_t>(lb.size()), nb);
+      for (int64_t i = 0; i < nb; ++i) EXPECT_EQ(lb[i], i);
+    } else {
+      EXPECT_EQ(la, lb) << "unit " << u;
+    }
+  }
+  // Window and oracle lists follow the same rule.
+  const kvstore::Selection w = BuildWindowSelection(*target, nb, dense2);
+  EXPECT_EQ(w.indptr[1] - w.indptr[0], nb);
+  EXPECT_EQ(w.indptr[5] - w.indptr[4], BudgetBlocks(dense2, nb));
+  // Negative indices count from the last layer.
+  StsBudget last = sparse;
+  last.dense_layers = *ParseDenseLayers("-1");
+  EXPECT_TRUE(last.IsDenseLayer(5, 6));
+  EXPECT_FALSE(last.IsDenseLayer(0, 6));
+  const kvstore::Selection l = BuildStsSelection(map, mass, rows, nb, nb, last);
+  EXPECT_EQ(l.indptr[12] - l.indptr[11], nb);
+  EXPECT_EQ(l.indptr[11] - l.indptr[10], nb);
+  EXPECT_EQ(l.indptr[10] - l.indptr[9], BudgetBlocks(last, nb));
+  EXPECT_FALSE(ParseDenseLayers("0,x").ok());
+}
+
 TEST(HeadMapTest, RoundTripsAndRejectsMismatchedFiles) {
   auto target = LoadModelConfig(kModels / "scout-tiny-target");
   auto draft = LoadModelConfig(kModels / "scout-tiny-draft");
