@@ -376,6 +376,7 @@ int Eval(int argc, char** argv) {
       {"sink-blocks", "1", "first blocks every list keeps"},
       {"window-blocks", "4", "last blocks every list keeps"},
       {"dense-layers", "", "target layers every method reads densely, e.g. 0,1 (Quest's practice) or -1 (the last)"},
+      {"santa-samples", "64", "methods named M+santa (and dense+santa): SANTA value rows sampled per (KV head, 16 query rows)"},
       {"tasks", "", "instead of perplexity on --text: retrieval accuracy on generated tasks (passkey,kv)"},
       {"task-lengths", "2048,4096", "tasks: prompt lengths in bytes"},
       {"task-count", "8", "tasks: prompts per task and length"},
@@ -430,6 +431,10 @@ int Eval(int argc, char** argv) {
   absl::StatusOr<std::vector<int>> dense_layers = runtime::ParseDenseLayers(flags.Get("dense-layers"));
   if (!dense_layers.ok()) return Fail(dense_layers.status());
   opt.dense_layers = *dense_layers;
+  absl::StatusOr<int64_t> santa = flags.GetInt("santa-samples");
+  if (!santa.ok()) return Fail(santa.status());
+  if (*santa < 1) return Fail(absl::InvalidArgumentError("--santa-samples must be >= 1"));
+  opt.santa_samples = static_cast<int>(*santa);
   if (tasks) {
     absl::StatusOr<int64_t> count = flags.GetInt("task-count");
     if (!count.ok()) return Fail(count.status());

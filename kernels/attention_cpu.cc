@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/santa.h"
+
 namespace scout::kernels {
 namespace {
 
@@ -58,7 +60,81 @@ int64_t WindowStart(const PagedAttentionParams& p, const std::vector<int64_t>& p
 
 }  // namespace
 
+void SantaAttentionCpu(const PagedAttentionParams& p) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int64_t first_pos = p.context_len - p.num_tokens;
+  const int row_stride = p.num_heads * p.head_dim;
+  const int64_t nblocks = (p.context_len + p.block_size - 1) / p.block_size;
+  if (p.block_mass != nullptr) std::fill(p.block_mass, p.block_mass + int64_t{p.num_heads} * p.num_tokens * nblocks, 0.0f);
+  const int rows = p.num_tokens * group;
+  for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+    const std::vector<int64_t> pos = Positions(p, kvh, /*trim_window=*/true);
+    const int64_t n = static_cast<int64_t>(pos.size());
+    std::vector<float> k(n * p.head_dim), v(n * p.head_dim);
+    GatherHead(p, kvh, pos, k.data(), v.data());
+    // Exact softmax of every row over the keys it sees: prob[row][j], row = t * group + g.
+    std::vector<float> prob(static_cast<size_t>(rows) * std::max<int64_t>(n, 1), 0.0f);
+    std::vector<bool> sees(rows, false);
+    for (int t = 0; t < p.num_tokens; ++t) {
+      const int64_t qpos = first_pos + t, lo = WindowStart(p, pos, qpos), hi = Visible(pos, qpos);
+      for (int g = 0; g < group; ++g) {
+        const int h = kvh * group + g, row = t * group + g;
+        if (hi <= lo) continue;
+        sees[row] = true;
+        const float* q = p.q + int64_t{t} * row_stride + h * p.head_dim;
+        float* pr = prob.data() + int64_t{row} * n;
+        for (int64_t j = lo; j < hi; ++j) {
+          pr[j] = p.scale * cblas_sdot(p.head_dim, q, 1, k.data() + j * p.head_dim, 1);
+        }
+        const float mx = *std::max_element(pr + lo, pr + hi);
+        float sum = 0;
+        for (int64_t j = lo; j < hi; ++j) sum += (pr[j] = std::exp(pr[j] - mx));
+        for (int64_t j = lo; j < hi; ++j) pr[j] /= sum;
+        if (p.block_mass != nullptr) {
+          float* mass = p.block_mass + (int64_t{h} * p.num_tokens + t) * nblocks;
+          for (int64_t j = lo; j < hi; ++j) mass[pos[j] / p.block_size] += pr[j];
+        }
+      }
+    }
+    // Per group of 16 rows: systematic points (u + i) / S on the rows' mixed distribution; each
+    // hit on key j adds p_r(j) / (S q(j)) of its value to row r.
+    for (int rg = 0; rg * kSantaRowGroup < rows; ++rg) {
+      const int r0 = rg * kSantaRowGroup, nr = std::min(kSantaRowGroup, rows - r0);
+      std::vector<int> valid;
+      for (int r = r0; r < r0 + nr; ++r) {
+        if (sees[r]) valid.push_back(r);
+      }
+      std::vector<double> acc(static_cast<size_t>(nr) * p.head_dim, 0.0);
+      if (!valid.empty()) {
+        const double u = SantaUniform(p.santa_seed, 0, kvh, rg);
+        double cdf = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          double mix = 0;
+          for (int r : valid) mix += prob[int64_t{r} * n + j];
+          mix /= static_cast<double>(valid.size());
+          const double lo = cdf;
+          cdf += mix;
+          const long hits = std::max(0L, static_cast<long>(std::ceil(cdf * p.santa_samples - u)) -
+                                             static_cast<long>(std::ceil(lo * p.santa_samples - u)));
+          if (hits == 0 || mix == 0) continue;
+          for (int r : valid) {
+            const double w = hits * prob[int64_t{r} * n + j] / (p.santa_samples * mix);
+            double* a = acc.data() + int64_t{r - r0} * p.head_dim;
+            for (int d = 0; d < p.head_dim; ++d) a[d] += w * v[j * p.head_dim + d];
+          }
+        }
+      }
+      for (int r = r0; r < r0 + nr; ++r) {
+        const int t = r / group, h = kvh * group + r % group;
+        float* out = p.out + int64_t{t} * row_stride + h * p.head_dim;
+        for (int d = 0; d < p.head_dim; ++d) out[d] = static_cast<float>(acc[int64_t{r - r0} * p.head_dim + d]);
+      }
+    }
+  }
+}
+
 void PagedAttentionCpu(const PagedAttentionParams& p) {
+  if (p.santa_samples > 0) return SantaAttentionCpu(p);
   const int group = p.num_heads / p.num_kv_heads;
   const int64_t first_pos = p.context_len - p.num_tokens;
   const int row_stride = p.num_heads * p.head_dim;

@@ -34,11 +34,22 @@ struct PagedAttentionParams {
   // Optional output: the attention probability each query row puts on each logical block,
   // [num_heads][num_tokens][ceil(context_len / block_size)], zero for blocks it did not read.
   float* block_mass = nullptr;
+  // SANTA (kernels/santa.h) instead of the exact value sum: > 0 draws this many value rows per
+  // (KV head, group of 16 query rows) by systematic sampling from the rows' mixed softmax, with
+  // the same rows, groups and uniform (SantaUniform(santa_seed, 0, kv_head, group)) as SantaRef.
+  // Scores stay exact. Vary santa_seed per step and layer.
+  int santa_samples = 0;
+  uint64_t santa_seed = 0;
 };
 
 // Single precision, softmax in float32 with the row maximum subtracted; GEMMs through CBLAS.
-// Thread-compatible: concurrent calls must not share `out`.
+// Thread-compatible: concurrent calls must not share `out`. With santa_samples > 0, runs
+// SantaAttentionCpu.
 void PagedAttentionCpu(const PagedAttentionParams& p);
+
+// The SANTA estimate over float32 keys and values (rows t * group + g of a KV head, as in
+// SantaRef); block_mass, when asked for, is the exact softmax's.
+void SantaAttentionCpu(const PagedAttentionParams& p);
 
 // The same function computed naively in double precision: the ground truth for tests.
 void PagedAttentionNaiveF64(const PagedAttentionParams& p);

@@ -6,7 +6,11 @@
 #include <random>
 #include <vector>
 
+#include <tuple>
+
 #include "gtest/gtest.h"
+#include "kernels/bf16.h"
+#include "kernels/santa.h"
 #include "kernels/test_util.h"
 
 namespace scout::kernels {
@@ -223,6 +227,79 @@ TEST(PagedAttentionCpuTest, SlidingWindowMatchesFloat64) {
   PagedAttentionCpu(p);
   const float* v = pool.data() + (int64_t{table[(ctx - 1) / bs]} * 2 + 1) * bs * 4 + ((ctx - 1) % bs) * 4;
   for (int d = 0; d < 4; ++d) EXPECT_FLOAT_EQ(out[d], v[d]);
+}
+
+}  // namespace
+}  // namespace scout::kernels
+
+namespace scout::kernels {
+namespace {
+
+// SANTA on the CPU backend's float32 layout: the same estimator as SantaRef (same rows, groups,
+// uniforms and hits), and unbiased over seeds.
+TEST(SantaAttentionCpuTest, MatchesSantaRefAndIsUnbiased) {
+  std::mt19937 rng(77);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const auto& [context, tokens, heads, kv_heads, hd, selected] :
+       std::vector<std::tuple<int64_t, int, int, int, int, bool>>{
+           {37, 1, 4, 1, 64, false}, {300, 5, 6, 2, 64, true}, {129, 7, 8, 2, 128, false}, {1000, 5, 32, 8, 128, true}}) {
+    const int64_t nblocks = (context + 15) / 16;
+    std::vector<int32_t> table(nblocks);
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), rng);
+    // Values rounded to bf16 first, so SantaRef (bf16 inputs) sees the same numbers.
+    auto bf16_round = [](float x) { return Bf16ToFloat(FloatToBf16(x)); };
+    std::vector<float> kv(nblocks * kv_heads * 2 * 16 * hd), q(int64_t{tokens} * heads * hd);
+    for (float& x : kv) x = bf16_round(normal(rng));
+    for (float& x : q) x = bf16_round(normal(rng));
+    std::vector<int32_t> sel_indptr = {0}, sel_blocks;
+    for (int h = 0; h < kv_heads && selected; ++h) {
+      for (int64_t b = 0; b < nblocks; ++b) {
+        if (b == 0 || b >= nblocks - 2 || rng() % 3 == 0) sel_blocks.push_back(static_cast<int32_t>(b));
+      }
+      sel_indptr.push_back(static_cast<int32_t>(sel_blocks.size()));
+    }
+    PagedAttentionParams p{.q = q.data(), .kv_layer = kv.data(), .block_table = table.data(), .context_len = context,
+                           .num_tokens = tokens, .num_heads = heads, .num_kv_heads = kv_heads, .head_dim = hd,
+                           .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                           .sel_indptr = selected ? sel_indptr.data() : nullptr,
+                           .sel_blocks = selected ? sel_blocks.data() : nullptr, .santa_samples = 64, .santa_seed = 5};
+    std::vector<float> got(q.size()), exact(q.size()), ref(q.size()), mean(q.size(), 0.0f);
+    p.out = got.data();
+    PagedAttentionCpu(p);
+    // SantaRef over the same numbers in bf16.
+    std::vector<uint16_t> q16(q.size()), kv16(kv.size()), out16(q.size());
+    for (size_t i = 0; i < q.size(); ++i) q16[i] = FloatToBf16(q[i]);
+    for (size_t i = 0; i < kv.size(); ++i) kv16[i] = FloatToBf16(kv[i]);
+    const int32_t q_indptr[2] = {0, tokens}, seq_len = static_cast<int32_t>(context);
+    SantaRef({.attn = {.q = q16.data(), .out = out16.data(), .kv = kv16.data(), .q_indptr = q_indptr,
+                       .seq_lens = &seq_len, .block_table = table.data(), .max_blocks_per_seq = static_cast<int>(nblocks),
+                       .sel_indptr = selected ? sel_indptr.data() : nullptr,
+                       .sel_blocks = selected ? sel_blocks.data() : nullptr, .num_seqs = 1, .num_heads = heads,
+                       .num_kv_heads = kv_heads, .head_dim = hd, .scale = p.scale},
+              .samples = 64, .seed = 5},
+             ref.data());
+    // float32 against double softmax: a hit can move only where a point falls within rounding of
+    // a boundary, so the outputs agree to float precision on these seeded inputs.
+    EXPECT_LT(RelL2(got, ref), 1e-4) << "context " << context;
+    // Unbiased: the mean over seeds approaches the exact output.
+    p.santa_samples = 0;
+    p.out = exact.data();
+    PagedAttentionCpu(p);
+    p.santa_samples = 16;
+    const int seeds = 400;
+    for (int s = 0; s < seeds; ++s) {
+      p.santa_seed = 1000 + s;
+      p.out = got.data();
+      PagedAttentionCpu(p);
+      for (size_t i = 0; i < got.size(); ++i) mean[i] += got[i] / seeds;
+    }
+    p.santa_seed = 1;
+    PagedAttentionCpu(p);
+    const double one = RelL2(got, exact), avg = RelL2(mean, exact);
+    // Sampling error falls as 1/sqrt(seeds): 400 seeds cut it about 20-fold.
+    EXPECT_LT(avg, one / 5) << "context " << context << ": one draw " << one << ", mean of " << seeds << " " << avg;
+  }
 }
 
 }  // namespace

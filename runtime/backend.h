@@ -37,6 +37,10 @@ struct SequenceInput {
   // quest_selection if it is not null.
   const StsBudget* quest_budget = nullptr;
   kvstore::Selection* quest_selection = nullptr;
+  // Optional, CPU backend: SANTA value sampling (kernels/santa.h) in this pass's attention, > 0
+  // value rows drawn per (KV head, 16 query rows); seeded by santa_seed and the layer.
+  int santa_samples = 0;
+  uint64_t santa_seed = 0;
 };
 
 // A ResourceExhausted status carrying this payload says a step did not fit the GPU block cache of

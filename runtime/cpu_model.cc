@@ -264,7 +264,9 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
                                   .sliding_window = c.SlidingWindow(layer),
                                   .block_mass = in.block_mass ? in.block_mass->data() + layer * nh * n *
                                                                     kvstore::BlocksFor(start[i] + n)
-                                                              : nullptr});
+                                                              : nullptr,
+                                  .santa_samples = in.santa_samples,
+                                  .santa_seed = in.santa_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(layer)});
       row += n;
     }
     Linear(attn.data(), total, nh * hd, w.wo, d, x.data(), /*beta=*/1.0f);  // residual add

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace scout::runtime {
@@ -27,11 +28,19 @@ struct Acc {
 // Runs the target over round r with `method`'s Selection at budget b (rolled back after), giving
 // the logits and the lists it read.
 absl::Status MethodPass(ModelBackend& target, SequenceId seq, const HeadMap& map, const Round& r,
-                        const std::string& method, const StsBudget& b, const kvstore::Selection& oracle,
-                        kvstore::Selection* sel, std::vector<float>* logits) {
+                        const std::string& full_method, const StsBudget& b, const kvstore::Selection& oracle,
+                        int santa_samples, kvstore::Selection* sel, std::vector<float>* logits) {
   const ModelConfig& tc = target.config();
   SequenceInput sin{.seq = seq, .tokens = r.tokens, .all_logits = true};
-  if (method == "sts") {
+  std::string method = full_method;
+  if (absl::EndsWith(method, "+santa")) {
+    method.resize(method.size() - 6);
+    sin.santa_samples = santa_samples;
+    sin.santa_seed = static_cast<uint64_t>(r.pos) + 1;  // a new draw every round; layers mixed in by the backend
+  }
+  if (method == "dense") {  // every block (with SANTA: its value sampling alone)
+    *sel = BuildWindowSelection(tc, r.nb, {.budget_fraction = 1.0});
+  } else if (method == "sts") {
     *sel = BuildStsSelection(map, *r.draft_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
   } else if (method == "oracle") {
     *sel = oracle;
@@ -62,7 +71,9 @@ absl::Status ForEachMethodPass(
         BuildOracleSelection(target.config(), *r.target_mass, static_cast<int>(r.rows), r.nb, r.nb, b);
     for (const std::string& method : o.methods) {
       kvstore::Selection sel;
-      if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, &sel, &logits); !s.ok()) return s;
+      if (absl::Status s = MethodPass(target, seq, map, r, method, b, oracle, o.santa_samples, &sel, &logits); !s.ok()) {
+        return s;
+      }
       visit(method, budget, sel, logits, oracle);
     }
   }
@@ -71,8 +82,11 @@ absl::Status ForEachMethodPass(
 
 absl::Status CheckMethods(const std::vector<std::string>& methods) {
   for (const std::string& m : methods) {
-    if (m != "sts" && m != "oracle" && m != "window" && m != "quest") {
-      return absl::InvalidArgumentError(absl::StrCat("unknown method \"", m, "\" (sts, oracle, window, quest)"));
+    const bool santa = absl::EndsWith(m, "+santa");
+    const std::string base = santa ? m.substr(0, m.size() - 6) : m;
+    if (base != "sts" && base != "oracle" && base != "window" && base != "quest" && !(santa && base == "dense")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown method \"", m, "\" (sts, oracle, window, quest, each optionally +santa, and dense+santa)"));
     }
   }
   return absl::OkStatus();

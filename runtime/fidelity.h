@@ -18,10 +18,13 @@ struct FidelityOptions {
   int64_t eval_tokens = 512;              // scored after the context, in rounds of k + 1
   int num_speculative_tokens = 4;         // k: a round is one verification's k + 1 rows
   std::vector<double> budgets = {0.5, 0.2, 0.1, 0.05, 0.02};  // fractions of the context's blocks
-  std::vector<std::string> methods = {"sts", "oracle", "quest", "window"};
+  std::vector<std::string> methods = {"sts", "oracle", "quest", "window"};  // "+santa" suffix: see below
   int sink_blocks = 1;
   int window_blocks = 4;
   std::vector<int> dense_layers;  // layers every method reads densely (StsBudget::dense_layers)
+  // Methods named "M+santa" (M one of the above, or "dense") run M's lists with SANTA value
+  // sampling of this many rows per (KV head, 16 query rows), seeded per round and layer.
+  int santa_samples = 64;
 };
 
 // One round of k + 1 teacher-forced tokens, as the harness and calibration see it.

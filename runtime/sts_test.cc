@@ -168,5 +168,29 @@ TEST(FidelityTest, FullBudgetEqualsDense) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(FidelityTest, SantaVariantsRunAndConvergeToTheirExactMethod) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  std::vector<int32_t> ids = {256};
+  for (int i = 0; i < 700; ++i) ids.push_back("for i in range(10):\n    print(i * i)\n"[i % 37]);
+  HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
+  FidelityOptions o{.context_tokens = 600, .eval_tokens = 40, .budgets = {0.1},
+                    .methods = {"dense+santa", "sts", "sts+santa"}};
+  o.santa_samples = 4096;  // far more samples than keys: the estimate is all but exact
+  auto many = RunFidelity(**target, **draft, map, ids, o);
+  ASSERT_TRUE(many.ok()) << many.status();
+  ASSERT_EQ(many->size(), 4u);
+  const double dense = (*many)[0].perplexity;
+  EXPECT_NEAR((*many)[1].perplexity, dense, 1e-3 * dense);                         // dense+santa
+  EXPECT_NEAR((*many)[3].perplexity, (*many)[2].perplexity, 1e-3 * (*many)[2].perplexity);  // sts+santa vs sts
+  o.santa_samples = 4;  // few samples: a visible cost
+  auto few = RunFidelity(**target, **draft, map, ids, o);
+  ASSERT_TRUE(few.ok());
+  EXPECT_GT((*few)[1].perplexity, dense * 1.001);
+  o.methods = {"dense"};
+  EXPECT_EQ(RunFidelity(**target, **draft, map, ids, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace scout::runtime
