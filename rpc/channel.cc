@@ -128,13 +128,18 @@ std::shared_ptr<PendingCall> Channel::CallAsync(v1::Envelope request, absl::Dura
   request.set_call_id(id);
   request.set_deadline_ms(static_cast<uint32_t>(std::max<int64_t>(1, absl::ToInt64Milliseconds(timeout))));
   if (absl::Status s = Send(std::move(request)); !s.ok()) {
-    absl::MutexLock lock(&calls_mu_);
-    calls_.erase(id);
+    bool mine = false;  // else the reader's FailPending has completed it already
     {
-      absl::MutexLock l(&call->mu_);
-      call->result_ = absl::Status(s.code(), absl::StrCat(call->what_, ": ", s.message()));
+      absl::MutexLock lock(&calls_mu_);
+      mine = calls_.erase(id) == 1;
     }
-    call->done_.Notify();
+    if (mine) {
+      {
+        absl::MutexLock l(&call->mu_);
+        call->result_ = absl::Status(s.code(), absl::StrCat(call->what_, ": ", s.message()));
+      }
+      call->done_.Notify();
+    }
   }
   return call;
 }
@@ -185,6 +190,13 @@ void Channel::ReadLoop() {
     if (message.version() != kProtocolVersion) {
       why = absl::FailedPreconditionError(absl::StrCat("protocol version ", message.version(), " from ", peer_,
                                                        "; this side speaks ", kProtocolVersion));
+      if (message.body_case() == v1::Envelope::kRegister) {
+        // Say why before hanging up, so the member stops retrying.
+        v1::Envelope refusal;
+        refusal.set_call_id(message.call_id());
+        *refusal.mutable_register_reply()->mutable_status() = ToProto(why);
+        (void)Send(std::move(refusal));
+      }
       break;
     }
     if (message.body_case() == v1::Envelope::kReply || message.body_case() == v1::Envelope::kRegisterReply) {

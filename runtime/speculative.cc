@@ -162,20 +162,26 @@ std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& dra
   std::vector<absl::Status> status(streams.size());
   std::vector<float> logits;
   for (ModelBackend* m : {&target, &draft}) {
-    for (size_t at = 0;; at += static_cast<size_t>(chunk)) {
+    // Passes of at most `chunk` tokens in all, filled from the streams in order.
+    std::vector<size_t> done(streams.size(), 0);
+    while (true) {
       std::vector<SequenceInput> batch;
       std::vector<size_t> who;
-      for (size_t i = 0; i < streams.size(); ++i) {
+      int64_t room = std::max<int64_t>(1, chunk);
+      for (size_t i = 0; i < streams.size() && room > 0; ++i) {
         const std::span<const int32_t> prompt(streams[i]->prompt_);
-        if (!status[i].ok() || at + 1 >= prompt.size()) continue;
-        const size_t n = std::min<size_t>(static_cast<size_t>(chunk), prompt.size() - 1 - at);
-        batch.push_back({.seq = streams[i]->seq_, .tokens = prompt.subspan(at, n)});
+        if (!status[i].ok() || done[i] + 1 >= prompt.size()) continue;
+        const size_t n = std::min<size_t>(static_cast<size_t>(room), prompt.size() - 1 - done[i]);
+        batch.push_back({.seq = streams[i]->seq_, .tokens = prompt.subspan(done[i], n)});
         who.push_back(i);
+        room -= static_cast<int64_t>(n);
       }
       if (batch.empty()) break;
-      if (m->Forward(batch, &logits).ok()) continue;
-      // All or nothing failed: again one by one, so the error lands on its own stream.
-      for (size_t j = 0; j < batch.size(); ++j) status[who[j]] = m->Forward({&batch[j], 1}, &logits);
+      if (!m->Forward(batch, &logits).ok()) {
+        // All or nothing failed: again one by one, so the error lands on its own stream.
+        for (size_t j = 0; j < batch.size(); ++j) status[who[j]] = m->Forward({&batch[j], 1}, &logits);
+      }
+      for (size_t j = 0; j < batch.size(); ++j) done[who[j]] += batch[j].tokens.size();
     }
   }
   const auto now = std::chrono::steady_clock::now();

@@ -167,9 +167,10 @@ class SpeculativeStream {
 // truncation, which does not fail in practice) leaves the streams before it advanced: end them.
 absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams);
 
-// The prefill of streams begun with Begin(false), batched: each pass carries one chunk of every
-// stream's prompt (but its last token) on one model. A pass that fails runs again stream by
-// stream, so each stream gets its own error; returns one status per stream.
+// The prefill of streams begun with Begin(false), batched: passes of at most `chunk` tokens in
+// all, carrying the streams' prompts (but their last tokens) in order, on each model. A pass that
+// fails runs again stream by stream, so each stream gets its own error; returns one status per
+// stream.
 std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
                                          std::span<SpeculativeStream* const> streams, int64_t chunk);
 

@@ -24,8 +24,6 @@ const char* RoleName(v1::Role role) {
   }
 }
 
-bool TransportFailure(const absl::Status& s) { return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s); }
-
 }  // namespace
 
 // --- Coordinator ---------------------------------------------------------------------------
@@ -373,7 +371,17 @@ absl::StatusOr<v1::BackendReply> RemoteBackend::Call(uint64_t worker, v1::Backen
     return r.status();
   }
   usage_[worker] = {.used_blocks = r->reply().kv_used_blocks(), .total_blocks = r->reply().kv_total_blocks()};
+  HandleUnpersisted(worker, r->reply());
   return std::move(*r->mutable_reply());
+}
+
+void RemoteBackend::HandleUnpersisted(uint64_t worker, const v1::BackendReply& reply) {
+  for (int64_t id : reply.unpersisted()) {
+    auto it = seqs_.find(id);
+    if (it != seqs_.end() && it->second.worker == worker && it->second.home_store != 0) {
+      Rehome(id, it->second, rpc::FromProto(reply.persist_error()));
+    }
+  }
 }
 
 uint64_t RemoteBackend::PickHome(const Seq& seq, uint64_t exclude) const {
@@ -572,20 +580,32 @@ bool RemoteBackend::samples_on_device() const {
 }
 
 void RemoteBackend::Rehome(SequenceId id, Seq& seq, const absl::Status& why) {
+  // A node's liveness is its own heartbeats' business: one worker's failed write (the node full,
+  // or a passing network error) only moves this sequence elsewhere.
   const uint64_t failed = seq.home_store;
-  if (TransportFailure(why) && failed != 0) coordinator_->MarkDead(failed, std::string(why.message()));
   seq.home_store = PickHome(seq, failed);
   seq.persisted = 0;
-  if (seq.home_store == 0) return;  // no node left: rebuilt from tokens if its worker dies
-  v1::BackendRequest req;
-  req.mutable_rehome()->set_seq(id);
-  *req.mutable_rehome()->mutable_home() = HomeOf(id, seq);
-  absl::StatusOr<v1::BackendReply> r = Call(seq.worker, std::move(req), absl::StrCat("rehome sequence ", id));
-  if (r.ok() && rpc::FromProto(r->status()).ok()) {
-    seq.persisted = static_cast<int64_t>(seq.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
-    coordinator_->Count({.rehomed = 1});
-  } else {
+  if (seq.home_store != 0) {
+    v1::BackendRequest req;
+    req.mutable_rehome()->set_seq(id);
+    *req.mutable_rehome()->mutable_home() = HomeOf(id, seq);
+    absl::StatusOr<v1::BackendReply> r = Call(seq.worker, std::move(req), absl::StrCat("rehome sequence ", id));
+    if (r.ok() && rpc::FromProto(r->status()).ok()) {
+      seq.persisted = static_cast<int64_t>(seq.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
+      coordinator_->Count({.rehomed = 1});
+      return;
+    }
     seq.home_store = 0;
+  }
+  // No home: the worker stops writing (an empty home), and the sequence is rebuilt from its
+  // tokens if its worker dies.
+  std::fprintf(stderr, "scout: sequence %lld has no KV home (%s)\n", static_cast<long long>(id),
+               std::string(why.message()).c_str());
+  if (coordinator_->Alive(seq.worker)) {
+    v1::BackendRequest req;
+    req.mutable_rehome()->set_seq(id);
+    req.mutable_rehome()->mutable_home();
+    (void)Call(seq.worker, std::move(req), absl::StrCat("stop persisting sequence ", id));
   }
 }
 
@@ -668,6 +688,7 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
     std::vector<absl::StatusOr<v1::BackendReply>> replies;
     bool worker_died = false;
     absl::Status model_error;
+    std::vector<size_t> answered;
     for (size_t g = 0; g < order.size(); ++g) {
       absl::StatusOr<v1::Envelope> r =
           calls[g] ? calls[g]->Wait() : absl::StatusOr<v1::Envelope>(absl::UnavailableError("the worker is dead"));
@@ -677,11 +698,18 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
         replies.push_back(r.status());
         continue;
       }
+      answered.push_back(g);
       usage_[order[g]] = {.used_blocks = r->reply().kv_used_blocks(), .total_blocks = r->reply().kv_total_blocks()};
       if (absl::Status s = rpc::FromProto(r->reply().status()); !s.ok() && model_error.ok()) model_error = s;
       replies.push_back(std::move(*r->mutable_reply()));
     }
+    // Writes of earlier passes that failed come back with any reply: their sequences move home
+    // (after this pass's tokens are in the logs, below, on success).
+    auto rehome_failed_writes = [&] {
+      for (size_t g : answered) HandleUnpersisted(order[g], *replies[g]);
+    };
     if (worker_died || !model_error.ok()) {
+      rehome_failed_writes();
       // All or nothing: undo the pass where it ran.
       for (size_t g = 0; g < order.size(); ++g) {
         if (!replies[g].ok() || !rpc::FromProto(replies[g]->status()).ok()) continue;
@@ -737,13 +765,8 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
           s.persisted = static_cast<int64_t>(s.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
         }
       }
-      for (int64_t id : rep.unpersisted()) {
-        auto it = seqs_.find(id);
-        if (it != seqs_.end() && it->second.worker == order[g] && it->second.home_store != 0) {
-          Rehome(id, it->second, rpc::FromProto(rep.persist_error()));
-        }
-      }
     }
+    rehome_failed_writes();
     return absl::OkStatus();
   }
   return absl::UnavailableError(absl::StrCat("no ", RoleName(role_), " worker could run the pass: ",

@@ -185,8 +185,11 @@ class RemoteBackend final : public runtime::ModelBackend {
   // A live KV store node for the sequence (AssignSession's rule), or 0 if none fits.
   uint64_t PickHome(const Seq& seq, uint64_t exclude) const;
   v1::KvHome HomeOf(SequenceId id, const Seq& seq) const;
-  // After a pass: sequences whose home could not be written get a new one.
+  // Sequences whose home could not be written get a new one (or none: the worker then stops
+  // writing, and they are rebuilt from tokens after a failure).
   void Rehome(SequenceId id, Seq& seq, const absl::Status& why);
+  // The sequences a worker's reply lists as not written home, rehomed.
+  void HandleUnpersisted(uint64_t worker, const v1::BackendReply& reply);
   absl::Status RunPass(std::span<const runtime::SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
                        std::vector<float>* logits, std::vector<int32_t>* tokens);
   // RunPass, its wall time counted.

@@ -92,10 +92,10 @@ class ClusterTest : public ::testing::Test {
     return *workers_.back();
   }
 
-  Member& AddStore(const std::string& id) {
+  Member& AddStore(const std::string& id, int64_t capacity_units = 100000) {
     auto member = std::make_unique<Member>();
     absl::StatusOr<std::unique_ptr<kvstore::KvStoreServer>> s =
-        kvstore::KvStoreServer::Start("127.0.0.1", 0, local_->kv_unit_bytes(), 100000);
+        kvstore::KvStoreServer::Start("127.0.0.1", 0, local_->kv_unit_bytes(), capacity_units);
     EXPECT_TRUE(s.ok()) << s.status();
     member->store = std::move(*s);
     MemberOptions o{.coordinator_host = "127.0.0.1", .coordinator_port = coordinator_->port(),
@@ -264,6 +264,23 @@ TEST_F(ClusterTest, AWorkerBusyPastTheHeartbeatTimeoutIsNotTakenForDead) {
   EXPECT_EQ(coordinator_->counters().failovers, 0);
   stop.Notify();
   t.join();
+}
+
+// Review finding: when a write failed and no other node fitted, the worker was never told and
+// tried its home again after every pass (against a dead node, a connect timeout each time). Now
+// the sequences lose their home, the worker stops writing, the node stays alive (a refusal is
+// not a death), and passes go on.
+TEST_F(ClusterTest, AFullKvStoreLeavesSequencesWithoutAHomeAndStaysAlive) {
+  AddWorker("t0");
+  AddStore("tiny", /*capacity_units=*/8);  // 2 layers x 2 heads: two blocks of one sequence
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 1, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1, 2}, 70, 20, 41);  // each sequence fills 5+ blocks: the node refuses
+  EXPECT_TRUE(coordinator_->Members(v1::ROLE_KVSTORE)[0].alive);
+  EXPECT_EQ(coordinator_->counters().rehomed, 0);
+  const absl::Time t = absl::Now();
+  Drive({1, 2}, 3, 20, 43);  // no write is retried against the full node
+  EXPECT_LT(absl::Now() - t, absl::Seconds(5));
 }
 
 TEST_F(ClusterTest, NoLiveWorkerIsAClearErrorNotAHang) {

@@ -344,20 +344,24 @@ void Engine::Prefill(const std::vector<Request*>& joined) {
     }
     return;
   }
-  // Chunk after chunk; the last chunk's row of each request gives its first token.
+  // Passes of at most prefill_chunk tokens in all, filled from the requests in order; the row of
+  // each request's last prompt token gives its first token.
   const int64_t vocab = config_.vocab_size;
   std::vector<absl::Status> status(joined.size());
   std::vector<std::vector<float>> first(joined.size());
+  std::vector<size_t> done(joined.size(), 0);
   std::vector<float> logits, one;
-  for (size_t at = 0;; at += static_cast<size_t>(options_.prefill_chunk)) {
+  while (true) {
     std::vector<runtime::SequenceInput> batch;
     std::vector<size_t> who;
-    for (size_t i = 0; i < joined.size(); ++i) {
+    int64_t room = std::max<int64_t>(1, options_.prefill_chunk);
+    for (size_t i = 0; i < joined.size() && room > 0; ++i) {
       const std::vector<int32_t>& ids = joined[i]->ids;
-      if (!status[i].ok() || at >= ids.size()) continue;
-      const size_t n = std::min<size_t>(options_.prefill_chunk, ids.size() - at);
-      batch.push_back({.seq = joined[i]->seq, .tokens = std::span<const int32_t>(ids).subspan(at, n)});
+      if (!status[i].ok() || done[i] >= ids.size()) continue;
+      const size_t n = std::min<size_t>(static_cast<size_t>(room), ids.size() - done[i]);
+      batch.push_back({.seq = joined[i]->seq, .tokens = std::span<const int32_t>(ids).subspan(done[i], n)});
       who.push_back(i);
+      room -= static_cast<int64_t>(n);
     }
     if (batch.empty()) break;
     const bool together = model_->Forward(batch, &logits).ok();
@@ -371,7 +375,8 @@ void Engine::Prefill(const std::vector<Request*>& joined) {
         if (!status[i].ok()) continue;
         row = one;
       }
-      if (at + batch[j].tokens.size() == joined[i]->ids.size()) first[i].assign(row.begin(), row.end());
+      done[i] += batch[j].tokens.size();
+      if (done[i] == joined[i]->ids.size()) first[i].assign(row.begin(), row.end());
     }
   }
   for (size_t i = 0; i < joined.size(); ++i) {

@@ -34,7 +34,7 @@ struct EngineOptions {
   int64_t max_model_len = 0;  // prompt + max_tokens limit; 0: the model's max_position_embeddings
   int max_waiting = 64;       // requests queued behind the running ones before new ones are refused
   int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs)
-  int64_t prefill_chunk = 512;  // prompt tokens per forward pass
+  int64_t prefill_chunk = 512;  // prompt tokens per forward pass, over all the prompts it carries
   // Sessions idle this long lose their KV (0: kept until deleted or needed). Under KV pressure,
   // with nothing running to wait for, idle sessions are dropped least recently used first
   // rather than refusing a request. A request on a dropped session gets NotFound saying so.

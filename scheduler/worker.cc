@@ -228,6 +228,7 @@ void WorkerService::Flush() {
     if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks); !p.ok()) {
       unpersisted_.push_back(j.seq);
       persist_error_ = p;
+      it->second.address.clear();  // no more writes there until the coordinator names a new home
     }
   }
 }
@@ -312,8 +313,9 @@ absl::Status RunClusterMember(const MemberOptions& options,
           }
           absl::MutexLock lock(&serve_mu);
           *out.mutable_reply() = serve(m.request());
-          (void)c.Send(std::move(out));
-          if (after_reply) after_reply();
+          // A reply that cannot be sent: the coordinator takes this worker for dead and moves its
+          // sequences, so nothing more may be written to their homes.
+          if (c.Send(std::move(out)).ok() && after_reply) after_reply();
         },
         [closed](const absl::Status&) { closed->Notify(); });
     if (!ch.ok()) {
