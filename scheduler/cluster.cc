@@ -523,6 +523,15 @@ absl::Status RemoteBackend::ReleaseSequence(SequenceId seq) {
     v1::BackendRequest req;
     req.mutable_release()->set_seq(seq);
     (void)Call(it->second.worker, std::move(req), absl::StrCat("release sequence ", seq));
+  } else if (it->second.home_store != 0 && coordinator_->Alive(it->second.home_store)) {
+    // Its worker is gone: another worker of the role frees its units on the node.
+    for (const Coordinator::Member& w : coordinator_->Members(role_)) {
+      if (!coordinator_->Serving(w.key)) continue;
+      v1::BackendRequest req;
+      *req.mutable_release_home()->mutable_home() = HomeOf(seq, it->second);
+      (void)Call(w.key, std::move(req), absl::StrCat("release the home of sequence ", seq));
+      break;
+    }
   }
   seqs_.erase(it);
   return absl::OkStatus();

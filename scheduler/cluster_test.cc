@@ -283,6 +283,25 @@ TEST_F(ClusterTest, AFullKvStoreLeavesSequencesWithoutAHomeAndStaysAlive) {
   EXPECT_LT(absl::Now() - t, absl::Seconds(5));
 }
 
+// Review finding: a sequence released while its worker was dead left its units on the node.
+TEST_F(ClusterTest, ReleasingASequenceWhoseWorkerDiedFreesItsHome) {
+  Member& t0 = AddWorker("t0");
+  Member& kv = AddStore("kv0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 1, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1}, 60, 4, 51);  // 4 whole blocks home
+  for (int i = 0; i < 100 && kv.store->units_held() == 0; ++i) absl::SleepFor(absl::Milliseconds(20));
+  ASSERT_GT(kv.store->units_held(), 0);
+  AddWorker("t1");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  t0.Stop();
+  for (int i = 0; i < 100 && coordinator_->Alive(coordinator_->Members(v1::ROLE_TARGET)[0].key); ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_TRUE(remote_->ReleaseSequence(1).ok());
+  EXPECT_EQ(kv.store->units_held(), 0);  // t1 freed them
+}
+
 TEST_F(ClusterTest, NoLiveWorkerIsAClearErrorNotAHang) {
   EXPECT_EQ(remote_->Health().code(), absl::StatusCode::kUnavailable);
   absl::Status s = remote_->AddSequence(1);

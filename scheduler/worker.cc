@@ -104,6 +104,16 @@ absl::StatusOr<kvstore::KvStoreClient*> WorkerService::Client(const std::string&
 
 void WorkerService::DropClient(const std::string& address) { clients_.erase(address); }
 
+void WorkerService::ReleaseHome(const Home& home) {
+#ifdef SCOUT_HAVE_UCX
+  if (home.address.empty()) return;
+  // Best effort: a node that is gone has forgotten the units anyway.
+  if (absl::StatusOr<kvstore::KvStoreClient*> c = Client(home.address); c.ok()) {
+    if (!(*c)->Release(static_cast<kvstore::SequenceId>(home.store_session)).ok()) DropClient(home.address);
+  }
+#endif
+}
+
 absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks) {
 #ifdef SCOUT_HAVE_UCX
   if (home.address.empty() || num_blocks <= 0) return absl::OkStatus();
@@ -211,7 +221,7 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
   // of a partial last block are not there: after a failover they are run again.
   for (size_t i = 0; i < n; ++i) {
     auto it = homes_.find(batch[i].seq);
-    if (it == homes_.end() || it->second.address.empty()) continue;
+    if (it == homes_.end() || it->second.address.empty() || !it->second.writable) continue;
     const int64_t first = before[i] / kvstore::kBlockSize;
     const int64_t last = (before[i] + static_cast<int64_t>(batch[i].tokens.size())) / kvstore::kBlockSize;
     if (last > first) pending_.push_back({.seq = batch[i].seq, .first_block = first, .num_blocks = last - first});
@@ -224,11 +234,11 @@ void WorkerService::Flush() {
   jobs.swap(pending_);
   for (const PersistJob& j : jobs) {
     auto it = homes_.find(j.seq);
-    if (it == homes_.end() || it->second.address.empty()) continue;  // released meanwhile
+    if (it == homes_.end() || it->second.address.empty() || !it->second.writable) continue;  // released, or failed
     if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks); !p.ok()) {
       unpersisted_.push_back(j.seq);
       persist_error_ = p;
-      it->second.address.clear();  // no more writes there until the coordinator names a new home
+      it->second.writable = false;  // no more writes there until the coordinator names a new home
     }
   }
 }
@@ -244,17 +254,7 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
     case v1::BackendRequest::kRelease: {
       const int64_t seq = request.release().seq();
       s = model_->ReleaseSequence(seq);
-#ifdef SCOUT_HAVE_UCX
-      auto it = homes_.find(seq);
-      if (it != homes_.end() && !it->second.address.empty()) {
-        // Best effort: a node that is gone has forgotten the units anyway.
-        if (absl::StatusOr<kvstore::KvStoreClient*> c = Client(it->second.address); c.ok()) {
-          if (!(*c)->Release(static_cast<kvstore::SequenceId>(it->second.store_session)).ok()) {
-            DropClient(it->second.address);
-          }
-        }
-      }
-#endif
+      if (auto it = homes_.find(seq); it != homes_.end()) ReleaseHome(it->second);
       homes_.erase(seq);
       break;
     }
@@ -273,9 +273,19 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
       absl::StatusOr<int64_t> len = model_->SequenceLength(seq);
       s = len.status();
       if (s.ok()) s = Persist(seq, home, 0, *len / kvstore::kBlockSize);
-      if (s.ok()) homes_[seq] = home;
+      if (s.ok()) {
+        auto old = homes_.find(seq);
+        if (old != homes_.end() && !old->second.address.empty() && old->second.address != home.address) {
+          ReleaseHome(old->second);  // a node that only refused writes still holds the units
+        }
+        homes_[seq] = home;
+      }
       break;
     }
+    case v1::BackendRequest::kReleaseHome:
+      ReleaseHome({.address = request.release_home().home().address(),
+                   .store_session = request.release_home().home().store_session()});
+      break;
     default:
       s = absl::InvalidArgumentError("empty or unknown backend request");
   }

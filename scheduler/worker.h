@@ -54,6 +54,7 @@ class WorkerService {
   struct Home {
     std::string address;
     uint64_t store_session = 0;
+    bool writable = true;  // false after a write failed, until the coordinator names a new home
   };
   absl::Status AddSequence(int64_t seq, const v1::KvHome& home);
   v1::BackendReply Forward(const v1::Forward& forward);
@@ -62,6 +63,8 @@ class WorkerService {
   absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks);
   absl::StatusOr<kvstore::KvStoreClient*> Client(const std::string& address);
   void DropClient(const std::string& address);
+  // Forgets a sequence's units on a node (best effort).
+  void ReleaseHome(const Home& home);
 
   std::unique_ptr<runtime::ModelBackend> model_;
   absl::Duration kv_timeout_;
