@@ -412,14 +412,16 @@ uint64_t RemoteBackend::PickHome(const Seq& seq, uint64_t exclude) const {
   return key;
 }
 
-v1::KvHome RemoteBackend::HomeOf(SequenceId id, const Seq& seq) const {
+v1::KvHome RemoteBackend::HomeOf(SequenceId id, const Seq& seq, std::optional<uint32_t> epoch) const {
   v1::KvHome home;
   if (seq.home_store == 0) return home;
   for (const Coordinator::Member& s : coordinator_->Members(v1::ROLE_KVSTORE)) {
     if (s.key == seq.home_store && s.alive) home.set_address(s.info.kvstore_address());
   }
-  // Target and draft sequences share the nodes: the role picks the low bit.
-  home.set_store_session(static_cast<uint64_t>(id) * 2 + (role_ == v1::ROLE_DRAFT ? 1 : 0));
+  // Target and draft sequences share the nodes: the role picks the low bit; the epoch the high
+  // ones (sequence ids stay below 2^39).
+  home.set_store_session((static_cast<uint64_t>(epoch.value_or(seq.epoch)) << 40) |
+                         (static_cast<uint64_t>(id) * 2 + (role_ == v1::ROLE_DRAFT ? 1 : 0)));
   return home;
 }
 
@@ -455,6 +457,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       v1::AdoptSequence* adopt = req.mutable_adopt();
       adopt->set_seq(id);
       *adopt->mutable_home() = HomeOf(id, seq);
+      *adopt->mutable_new_home() = HomeOf(id, seq, seq.epoch + 1);
       adopt->set_num_tokens(seq.persisted);
       have = seq.persisted;
     } else {
@@ -473,6 +476,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       seq.worker = 0;
       continue;
     }
+    if (have > 0) ++seq.epoch;  // the adopter writes under the next session
     count.adopted_tokens += have;
     // Run the tokens the home did not hold again, in chunks, discarding the logits.
     bool lost_worker = false;

@@ -175,6 +175,9 @@ class RemoteBackend final : public runtime::ModelBackend {
     std::vector<int32_t> tokens;  // every token it holds, to rebuild it
     uint64_t home_store = 0;  // member key of its KV store node; 0: none
     int64_t persisted = 0;    // tokens of KV its home holds
+    // Bumped at each adoption: the home's session there (a worker taken for dead but still
+    // running writes to the old one, which the adopter has read and freed).
+    uint32_t epoch = 0;
   };
   // Runs a request on a worker: the reply, or Unavailable/DeadlineExceeded when the worker
   // failed (it is marked dead then). Model errors are in the reply's status.
@@ -184,7 +187,8 @@ class RemoteBackend final : public runtime::ModelBackend {
   absl::Status Place(SequenceId id, Seq& seq);
   // A live KV store node for the sequence (AssignSession's rule), or 0 if none fits.
   uint64_t PickHome(const Seq& seq, uint64_t exclude) const;
-  v1::KvHome HomeOf(SequenceId id, const Seq& seq) const;
+  // The sequence's home and session on it (epoch: Seq::epoch unless given).
+  v1::KvHome HomeOf(SequenceId id, const Seq& seq, std::optional<uint32_t> epoch = std::nullopt) const;
   // Sequences whose home could not be written get a new one (or none: the worker then stops
   // writing, and they are rebuilt from tokens after a failure).
   void Rehome(SequenceId id, Seq& seq, const absl::Status& why);

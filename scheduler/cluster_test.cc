@@ -199,6 +199,13 @@ TEST_F(ClusterTest, AWorkersSequencesAreAdoptedFromTheKvStoreWhenItDies) {
   EXPECT_LE(c.replayed_tokens, 3 * 15);
   // Bytes moved come with the workers' heartbeats.
   EXPECT_TRUE(EventuallyCounted([](const ClusterCounters& c) { return c.kv_bytes_read > 0; }));
+  // The adopter rewrote what it took under a new session and freed the old one: the node holds
+  // each sequence's whole blocks once (2 layers x 2 KV heads a block).
+  int64_t want = 0;
+  for (int64_t s : {1, 2, 3}) want += *remote_->SequenceLength(s) / 16 * 4;
+  Member& kv = *stores_[0];
+  for (int i = 0; i < 100 && kv.store->units_held() != want; ++i) absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_EQ(kv.store->units_held(), want);
 }
 
 TEST_F(ClusterTest, WithoutAKvStoreSequencesAreRebuiltFromTheirTokens) {

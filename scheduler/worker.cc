@@ -164,7 +164,19 @@ absl::Status WorkerService::Adopt(const v1::AdoptSequence& adopt) {
     (void)model_->ReleaseSequence(adopt.seq());
     return s;
   }
-  homes_[adopt.seq()] = Home{.address = adopt.home().address(), .store_session = adopt.home().store_session()};
+  const Home old{.address = adopt.home().address(), .store_session = adopt.home().store_session()};
+  Home fresh = old;
+  if (adopt.has_new_home()) {
+    fresh = Home{.address = adopt.new_home().address(), .store_session = adopt.new_home().store_session()};
+    if (absl::Status p = Persist(adopt.seq(), fresh, 0, adopt.num_tokens() / kvstore::kBlockSize); p.ok()) {
+      ReleaseHome(old);
+    } else {  // the KV is here; the coordinator finds it a home
+      fresh.writable = false;
+      unpersisted_.push_back(adopt.seq());
+      persist_error_ = p;
+    }
+  }
+  homes_[adopt.seq()] = fresh;
   return absl::OkStatus();
 #else
   return absl::UnavailableError("this scout was built without UCX: KV homes are not reachable");
