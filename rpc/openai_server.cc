@@ -107,6 +107,9 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
     if (j.contains("kv_budget_fraction") && !j["kv_budget_fraction"].is_null()) {
       req->kv_budget_fraction = j["kv_budget_fraction"].get<double>();
     }
+    if (j.contains("dense_layers") && !j["dense_layers"].is_null()) {
+      req->dense_layers = j["dense_layers"].get<std::vector<int>>();
+    }
     *stream = j.value("stream", false);
   } catch (const json::exception& e) {
     SendError(out, 400, absl::StrCat("malformed field: ", e.what()), "invalid_request_error");

@@ -108,6 +108,15 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   if (req.kv_budget_fraction.has_value() && !(*req.kv_budget_fraction > 0 && *req.kv_budget_fraction <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("kv_budget_fraction must be in (0, 1], got ", *req.kv_budget_fraction));
   }
+  if (req.dense_layers.has_value()) {
+    const int64_t layers = config_.num_hidden_layers;
+    for (int l : *req.dense_layers) {
+      if (l >= layers || l < -layers) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("dense_layers names layer ", l, "; the model has ", layers, " (negative: from the last)"));
+      }
+    }
+  }
   {
     absl::MutexLock admit(&admit_mu_);
     if (draining_) return absl::UnavailableError("server is shutting down");
@@ -472,6 +481,7 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
   if (sts) {
     so.head_map = &*request_head_map_;
     so.sts_budget = options_.sts_budget;
+    if (r.req.dense_layers.has_value()) so.sts_budget.dense_layers = *r.req.dense_layers;
     if (r.req.kv_budget_tokens.has_value()) {
       so.sts_budget.budget_tokens = *r.req.kv_budget_tokens;
     } else if (r.req.kv_budget_fraction.has_value()) {

@@ -68,6 +68,9 @@ struct CompletionRequest {
   std::optional<std::string> sparsity;
   std::optional<int64_t> kv_budget_tokens;
   std::optional<double> kv_budget_fraction;
+  // Target layers that read every block (StsBudget::dense_layers; -1 the last); unset: the
+  // server's --dense-layers.
+  std::optional<std::vector<int>> dense_layers;
 };
 
 struct CompletionResult {

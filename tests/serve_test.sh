@@ -54,6 +54,10 @@ code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
 [ "$(code '{"prompt": "x", "sparsity": 5}')" = 400 ] && grep -q "malformed field" err.json || fail "sparsity of the wrong type"
 [ "$(code '{"prompt": "x", "kv_budget_tokens": "many"}')" = 400 ] || fail "kv_budget_tokens of the wrong type"
 [ "$(code '{"prompt": "x", "kv_budget_fraction": 1.5}')" = 400 ] || fail "budget fraction over 1"
+[ "$(code '{"prompt": "def f(x):", "max_tokens": 4, "sparsity": "sts", "dense_layers": [-1]}')" = 200 ] || fail "dense_layers"
+[ "$(code '{"prompt": "x", "sparsity": "sts", "dense_layers": [6]}')" = 400 ] && grep -q "dense_layers names layer 6" err.json \
+  || fail "dense_layers past the model"
+[ "$(code '{"prompt": "x", "dense_layers": "last"}')" = 400 ] || fail "dense_layers of the wrong type"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/nope")" = 404 ] || fail "unknown route"
 
 # A client that goes away mid-stream cancels its request; two clients at once both finish.
