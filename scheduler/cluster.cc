@@ -365,13 +365,18 @@ absl::StatusOr<v1::BackendReply> RemoteBackend::Call(uint64_t worker, v1::Backen
   if (ch == nullptr) return absl::UnavailableError(absl::StrCat(what, ": the worker is dead"));
   v1::Envelope e;
   *e.mutable_request() = std::move(request);
-  absl::StatusOr<v1::Envelope> r = ch->Call(std::move(e), coordinator_->options().call_timeout, what);
+  absl::StatusOr<v1::BackendReply> reply =
+      TakeReply(worker, ch->Call(std::move(e), coordinator_->options().call_timeout, what));
+  if (reply.ok()) HandleUnpersisted(worker, *reply);
+  return reply;
+}
+
+absl::StatusOr<v1::BackendReply> RemoteBackend::TakeReply(uint64_t worker, absl::StatusOr<v1::Envelope> r) {
   if (!r.ok()) {
     coordinator_->MarkDead(worker, std::string(r.status().message()));
     return r.status();
   }
   usage_[worker] = {.used_blocks = r->reply().kv_used_blocks(), .total_blocks = r->reply().kv_total_blocks()};
-  HandleUnpersisted(worker, r->reply());
   return std::move(*r->mutable_reply());
 }
 
@@ -703,18 +708,15 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
     absl::Status model_error;
     std::vector<size_t> answered;
     for (size_t g = 0; g < order.size(); ++g) {
-      absl::StatusOr<v1::Envelope> r =
-          calls[g] ? calls[g]->Wait() : absl::StatusOr<v1::Envelope>(absl::UnavailableError("the worker is dead"));
-      if (!r.ok()) {
-        coordinator_->MarkDead(order[g], std::string(r.status().message()));
+      replies.push_back(TakeReply(order[g], calls[g] ? calls[g]->Wait()
+                                                      : absl::StatusOr<v1::Envelope>(
+                                                            absl::UnavailableError("the worker is dead"))));
+      if (!replies.back().ok()) {
         worker_died = true;
-        replies.push_back(r.status());
         continue;
       }
       answered.push_back(g);
-      usage_[order[g]] = {.used_blocks = r->reply().kv_used_blocks(), .total_blocks = r->reply().kv_total_blocks()};
-      if (absl::Status s = rpc::FromProto(r->reply().status()); !s.ok() && model_error.ok()) model_error = s;
-      replies.push_back(std::move(*r->mutable_reply()));
+      if (absl::Status s = rpc::FromProto(replies.back()->status()); !s.ok() && model_error.ok()) model_error = s;
     }
     // Writes of earlier passes that failed come back with any reply: their sequences move home
     // (after this pass's tokens are in the logs, below, on success).

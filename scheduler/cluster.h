@@ -182,6 +182,9 @@ class RemoteBackend final : public runtime::ModelBackend {
   // Runs a request on a worker: the reply, or Unavailable/DeadlineExceeded when the worker
   // failed (it is marked dead then). Model errors are in the reply's status.
   absl::StatusOr<v1::BackendReply> Call(uint64_t worker, v1::BackendRequest request, const std::string& what);
+  // A worker's answer: its reply (usage recorded), or the transport error (the worker marked
+  // dead). Failed home writes it lists are left to the caller.
+  absl::StatusOr<v1::BackendReply> TakeReply(uint64_t worker, absl::StatusOr<v1::Envelope> answer);
   // Puts a sequence that has no live worker on one: adopted from its home, then its remaining
   // tokens run again.
   absl::Status Place(SequenceId id, Seq& seq);
