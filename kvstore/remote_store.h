@@ -58,6 +58,11 @@ class KvStoreClient {
   absl::Status Get(std::span<const UnitKey> keys, std::byte* out);
   // Forgets every unit of a session (OK if it holds none).
   absl::Status Release(SequenceId session);
+  // Gives every unit of session `from` to session `to` without moving bytes; whatever `to` held
+  // is forgotten first, and `from` is left empty (OK if it held nothing). A worker adopting a
+  // sequence takes its units this way, so a predecessor taken for dead that still writes under
+  // the old session cannot change what the adopter reads.
+  absl::Status Move(SequenceId from, SequenceId to);
 
   struct Impl;
 

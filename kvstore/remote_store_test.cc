@@ -83,6 +83,21 @@ TEST(RemoteKvStoreTest, WritesReadsReleasesAndRefusesByName) {
   EXPECT_EQ((*server)->units_held(), 300);
   EXPECT_EQ((*client)->Get({&keys[0], 1}, got.data()).code(), absl::StatusCode::kNotFound);
   ASSERT_TRUE((*client)->Put(more, more_data.data()).ok());
+  // Moving session 12 to 14: its units answer under 14, none under 12, and nothing is counted
+  // twice; moving onto a session that holds units forgets those first.
+  ASSERT_TRUE((*client)->Move(12, 14).ok());
+  EXPECT_EQ((*server)->units_held(), 500);
+  const size_t k12 = 300;  // keys[300..599] were session 12's
+  UnitKey moved = keys[k12 + 217];  // layer 2: session 13 has only layer 0
+  EXPECT_EQ((*client)->Get({&moved, 1}, got.data()).code(), absl::StatusCode::kNotFound);
+  moved.session = 14;
+  ASSERT_TRUE((*client)->Get({&moved, 1}, got.data()).ok());
+  EXPECT_EQ(std::memcmp(got.data(), data.data() + (k12 + 217) * kUnit, kUnit), 0);
+  ASSERT_TRUE((*client)->Move(13, 14).ok());  // 13's 200 units replace 14's 300
+  EXPECT_EQ((*server)->units_held(), 200);
+  EXPECT_EQ((*client)->Get({&moved, 1}, got.data()).code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE((*client)->Move(99, 98).ok());  // nothing to move
+  EXPECT_EQ((*server)->units_held(), 200);
   // Bad addresses are refused at once.
   EXPECT_EQ(KvStoreClient::Connect("not-an-ip", 1, kUnit).status().code(), absl::StatusCode::kInvalidArgument);
 }
