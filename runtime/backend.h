@@ -43,6 +43,13 @@ struct SequenceInput {
   uint64_t santa_seed = 0;
 };
 
+// One (layer, KV head, 16-token logical block) of a sequence's KV.
+struct KvUnitRef {
+  int32_t layer = 0;
+  int32_t head = 0;
+  int32_t block = 0;
+};
+
 // A ResourceExhausted status carrying this payload says a step did not fit the GPU block cache of
 // a host KV tier: the KV itself is safe in host memory, so a server can run the step without its
 // newest sequences and bring them back once the others finish (preemption), instead of failing.
@@ -108,8 +115,16 @@ class ModelBackend {
   }
   // An existing, empty sequence takes num_tokens tokens whose KV is `data` (all units of blocks
   // [0, ceil(num_tokens / 16))). FailedPrecondition if it is not empty; ResourceExhausted, with
-  // nothing changed, when the pool cannot hold them.
+  // nothing changed, when the pool cannot hold them. data == nullptr reserves the tokens and
+  // leaves their KV unset: the caller fills each unit with WriteKvUnits before a pass reads it
+  // (a cluster worker fetching a sequence's KV from its home lazily, as steps need it).
   virtual absl::Status ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) {
+    return absl::UnimplementedError("this backend cannot import KV");
+  }
+  // Overwrites single units of blocks the sequence holds: units[i]'s bytes at data + i *
+  // kv_unit_bytes(). NotFound for an unknown sequence; OutOfRange for a layer, KV head or block
+  // past it, with nothing written.
+  virtual absl::Status WriteKvUnits(SequenceId seq, std::span<const KvUnitRef> units, const std::byte* data) {
     return absl::UnimplementedError("this backend cannot import KV");
   }
 

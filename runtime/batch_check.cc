@@ -100,4 +100,18 @@ void ListsWithNewBlocks(const int32_t* indptr, const int32_t* blocks, int64_t nu
   }
 }
 
+absl::Status CheckKvUnits(const ModelConfig& config, SequenceId seq, int64_t num_blocks,
+                          std::span<const KvUnitRef> units) {
+  for (const KvUnitRef& u : units) {
+    if (u.layer < 0 || u.layer >= config.num_hidden_layers || u.head < 0 || u.head >= config.num_key_value_heads ||
+        u.block < 0 || u.block >= num_blocks) {
+      return absl::OutOfRangeError(absl::StrCat("KV unit (layer ", u.layer, ", head ", u.head, ", block ", u.block,
+                                                ") is outside sequence ", seq, ": ", config.num_hidden_layers,
+                                                " layers, ", config.num_key_value_heads, " KV heads, ", num_blocks,
+                                                " blocks"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace scout::runtime

@@ -25,6 +25,11 @@ struct BatchShape {
 absl::StatusOr<BatchShape> CheckBatch(const ModelConfig& config, const kvstore::BlockTableManager& tables,
                                       std::span<const SequenceInput> batch);
 
+// ModelBackend::WriteKvUnits's check: every unit's layer, KV head and block (of num_blocks) in
+// range, OutOfRange naming the first that is not.
+absl::Status CheckKvUnits(const ModelConfig& config, SequenceId seq, int64_t num_blocks,
+                          std::span<const KvUnitRef> units);
+
 // Grows every sequence of the batch by its new tokens; cannot fail after CheckBatch.
 absl::Status GrowForBatch(kvstore::BlockTableManager& tables, std::span<const SequenceInput> batch,
                           const BatchShape& shape);

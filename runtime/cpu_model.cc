@@ -113,6 +113,7 @@ absl::Status CpuModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::b
                                               config_.max_position_embeddings));
   }
   if (absl::Status s = tables_.Grow(seq, num_tokens); !s.ok()) return s;
+  if (data == nullptr) return absl::OkStatus();  // filled unit by unit later (WriteKvUnits)
   t = tables_.Find(seq);
   const size_t unit = kv_unit_bytes();
   for (int32_t block : t->blocks) {
@@ -122,6 +123,17 @@ absl::Status CpuModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::b
         data += unit;
       }
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuModel::WriteKvUnits(SequenceId seq, std::span<const KvUnitRef> units, const std::byte* data) {
+  const kvstore::BlockTable* t = tables_.Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  if (absl::Status s = CheckKvUnits(config_, seq, static_cast<int64_t>(t->blocks.size()), units); !s.ok()) return s;
+  const size_t unit = kv_unit_bytes();
+  for (size_t i = 0; i < units.size(); ++i) {
+    std::memcpy(pool_->keys(units[i].layer, t->blocks[units[i].block], units[i].head), data + i * unit, unit);
   }
   return absl::OkStatus();
 }

@@ -45,6 +45,7 @@ class CpuModel final : public ModelBackend {
   size_t kv_unit_bytes() const override;
   absl::Status ExportKv(SequenceId seq, int64_t first_block, int64_t num_blocks, std::byte* out) const override;
   absl::Status ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) override;
+  absl::Status WriteKvUnits(SequenceId seq, std::span<const KvUnitRef> units, const std::byte* data) override;
   const kvstore::BlockTableManager& block_tables() const { return tables_; }
   // Bytes of float32 weights.
   size_t weight_bytes() const;

@@ -120,6 +120,43 @@ TEST(CpuModelTest, TruncateThenContinueMatchesFreshSequence) {
   EXPECT_LT(RelL2(logits, std::span(ref).subspan(30 * c.vocab_size)), 1e-5);
 }
 
+// A sequence's KV reserved empty (ImportKv with no data) and filled unit by unit in any order
+// (WriteKvUnits, as a cluster worker fetching from a KV home lazily) continues exactly as the
+// sequence it came from, partial last block included; bad units are refused by name.
+TEST(CpuModelTest, KvWrittenUnitByUnitContinuesTheSameWay) {
+  ModelConfig c = TinyConfig();
+  std::unique_ptr<CpuModel> m = LoadTiny(c);
+  ASSERT_NE(m, nullptr);
+  std::vector<int32_t> prompt = RandomTokens(37, c.vocab_size, 8), next = RandomTokens(4, c.vocab_size, 9);
+  ASSERT_TRUE(m->AddSequence(1).ok());
+  std::vector<float> unused, want, got;
+  SequenceInput in{.seq = 1, .tokens = prompt};
+  ASSERT_TRUE(m->Forward({&in, 1}, &unused).ok());
+  const int blocks = 3, L = static_cast<int>(c.num_hidden_layers), H = static_cast<int>(c.num_key_value_heads);
+  const size_t unit = m->kv_unit_bytes();
+  std::vector<std::byte> kv(static_cast<size_t>(blocks) * L * H * unit);
+  ASSERT_TRUE(m->ExportKv(1, 0, blocks, kv.data()).ok());
+  ASSERT_TRUE(m->AddSequence(2).ok());
+  ASSERT_TRUE(m->ImportKv(2, 37, nullptr).ok());
+  EXPECT_EQ(*m->SequenceLength(2), 37);
+  std::vector<KvUnitRef> units;
+  std::vector<std::byte> data;
+  for (int i = blocks * L * H - 1; i >= 0; --i) {  // export order is (block, layer, head): reversed here
+    units.push_back({.layer = (i / H) % L, .head = i % H, .block = i / (L * H)});
+    data.insert(data.end(), kv.begin() + static_cast<ptrdiff_t>(i * unit), kv.begin() + static_cast<ptrdiff_t>((i + 1) * unit));
+  }
+  ASSERT_TRUE(m->WriteKvUnits(2, units, data.data()).ok());
+  const KvUnitRef bad[] = {{.layer = 0, .head = 0, .block = 3}};
+  absl::Status st = m->WriteKvUnits(2, bad, data.data());
+  EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange) << st;
+  EXPECT_NE(st.message().find("block 3"), std::string::npos) << st;
+  EXPECT_EQ(m->WriteKvUnits(5, units, data.data()).code(), absl::StatusCode::kNotFound);
+  SequenceInput a{.seq = 1, .tokens = next, .all_logits = true}, b{.seq = 2, .tokens = next, .all_logits = true};
+  ASSERT_TRUE(m->Forward({&a, 1}, &want).ok());
+  ASSERT_TRUE(m->Forward({&b, 1}, &got).ok());
+  EXPECT_EQ(got, want);  // the same float32 KV, the same pass
+}
+
 TEST(CpuModelTest, FullPoolIsCleanErrorAndOtherSequencesGoOn) {
   ModelConfig c = TinyConfig();
   std::unique_ptr<CpuModel> m = LoadTiny(c, 1, /*kv_tokens=*/64);  // 4 blocks

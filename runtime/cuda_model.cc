@@ -1220,6 +1220,7 @@ absl::Status CudaModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::
     SCOUT_RETURN_IF_ERROR(m.FinishTieredStep());
     for (auto& cache : m.caches) SCOUT_RETURN_IF_ERROR(cache->EraseSession(seq));
     SCOUT_RETURN_IF_ERROR(m.store->Reserve(seq, num_tokens));
+    if (data == nullptr) return absl::OkStatus();  // filled unit by unit later (WriteKvUnits)
     for (int32_t slab : m.store->Find(seq)->blocks) {
       std::memcpy(m.store->unit(slab, 0, 0), data, unit * L * nkv);
       data += unit * L * nkv;
@@ -1227,6 +1228,7 @@ absl::Status CudaModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::
     return absl::OkStatus();
   }
   SCOUT_RETURN_IF_ERROR(m.tables->Grow(seq, num_tokens));
+  if (data == nullptr) return absl::OkStatus();
   SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "import KV");
   for (int32_t block : m.tables->Find(seq)->blocks) {
     for (int64_t l = 0; l < L; ++l) {
@@ -1238,6 +1240,35 @@ absl::Status CudaModel::ImportKv(SequenceId seq, int64_t num_tokens, const std::
       }
       data += nkv * unit;
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::WriteKvUnits(SequenceId seq, std::span<const KvUnitRef> units, const std::byte* data) {
+  Impl& m = *impl_;
+  if (kv_unit_bytes() == 0) return absl::UnimplementedError("a tensor-parallel shard cannot import KV alone");
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
+  const kvstore::BlockTable* t = m.Tables().Find(seq);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  SCOUT_RETURN_IF_ERROR(CheckKvUnits(m.c, seq, static_cast<int64_t>(t->blocks.size()), units));
+  const int64_t nkv = m.c.num_key_value_heads;
+  const size_t unit = kv_unit_bytes();
+  if (m.store != nullptr) {
+    // Into the host store; a GPU copy of the unit, if the cache has one, is stale now.
+    SCOUT_RETURN_IF_ERROR(m.FinishTieredStep());
+    for (size_t i = 0; i < units.size(); ++i) {
+      const KvUnitRef& u = units[i];
+      std::memcpy(m.store->unit(t->blocks[u.block], u.layer, u.head), data + i * unit, unit);
+      m.caches[u.layer]->Invalidate({seq, u.layer, u.head, u.block}).IgnoreError();
+    }
+    return absl::OkStatus();
+  }
+  SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "write KV units");
+  for (size_t i = 0; i < units.size(); ++i) {
+    const KvUnitRef& u = units[i];
+    SCOUT_RETURN_IF_CUDA(cudaMemcpy(m.kv[u.layer].as<std::byte>() + (t->blocks[u.block] * nkv + u.head) * unit,
+                                    data + i * unit, unit, cudaMemcpyHostToDevice),
+                         "write KV units");
   }
   return absl::OkStatus();
 }

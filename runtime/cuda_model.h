@@ -146,6 +146,7 @@ class CudaModel final : public ModelBackend {
   size_t kv_unit_bytes() const override;
   absl::Status ExportKv(SequenceId seq, int64_t first_block, int64_t num_blocks, std::byte* out) const override;
   absl::Status ImportKv(SequenceId seq, int64_t num_tokens, const std::byte* data) override;
+  absl::Status WriteKvUnits(SequenceId seq, std::span<const KvUnitRef> units, const std::byte* data) override;
   KvCacheUsage kv_cache_usage() const override;
   const kvstore::BlockTableManager& block_tables() const;
   size_t weight_bytes() const;

@@ -214,6 +214,29 @@ TEST(CudaModelTest, ExportedKvImportedElsewhereContinuesTheSameWay) {
       // The same bf16 KV; only the 5-token tail ran as its own pass rather than inside the
       // prefill (float32 sums in another order), as in TruncateThenContinueEqualsFreshSequence.
       EXPECT_LT(RelL2(got, want), 1e-3) << "from tier " << tier_from << " to tier " << tier_to;
+      // Reserved empty and filled unit by unit (a worker fetching lazily), partial block too:
+      // the same bf16 KV as `a` had before its continuation, so the same logits.
+      std::unique_ptr<CudaModel> c = load(tier_to);
+      const int L = static_cast<int>(SmallConfig().num_hidden_layers), H = static_cast<int>(SmallConfig().num_key_value_heads);
+      std::vector<std::byte> all(4 * L * H * a->kv_unit_bytes());
+      ASSERT_TRUE(a->TruncateSequence(1, 53).ok());
+      ASSERT_TRUE(a->ExportKv(1, 0, 4, all.data()).ok());
+      ASSERT_TRUE(c->AddSequence(9).ok());
+      ASSERT_TRUE(c->ImportKv(9, 53, nullptr).ok());
+      std::vector<KvUnitRef> refs;
+      std::vector<std::byte> bytes;
+      const size_t unit = a->kv_unit_bytes();
+      for (int i = 4 * L * H - 1; i >= 0; --i) {
+        refs.push_back({.layer = (i / H) % L, .head = i % H, .block = i / (L * H)});
+        bytes.insert(bytes.end(), all.begin() + static_cast<ptrdiff_t>(i * unit), all.begin() + static_cast<ptrdiff_t>((i + 1) * unit));
+      }
+      ASSERT_TRUE(c->WriteKvUnits(9, refs, bytes.data()).ok());
+      const KvUnitRef bad[] = {{.layer = L, .head = 0, .block = 0}};
+      EXPECT_EQ(c->WriteKvUnits(9, bad, bytes.data()).code(), absl::StatusCode::kOutOfRange);
+      SequenceInput cont_c{.seq = 9, .tokens = next, .all_logits = true};
+      std::vector<float> lazy;
+      ASSERT_TRUE(c->Forward({&cont_c, 1}, &lazy).ok());
+      EXPECT_LT(RelL2(lazy, want), 1e-6) << "unit by unit, tier " << tier_to;
     }
   }
 }
