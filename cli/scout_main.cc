@@ -883,6 +883,10 @@ int Worker(int argc, char** argv) {
       {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
       {"gpu-class", "", "the class placement knows this worker's GPUs by (default: cpu, or the CUDA device name)"},
       {"kv-budget-tokens", "0", "cpu: tokens of KV the worker holds (0: four sequences of the model's context)"},
+      {"kv-remote-tier", "",
+       "keep sequences whole on their KV store homes (partial blocks and lengths too) and, after an adoption, fetch "
+       "per step only the KV units the step reads",
+       true},
       {"help", "", "show this help", true},
   }));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
@@ -909,7 +913,7 @@ int Worker(int argc, char** argv) {
       split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *kv_tokens, *tier)
             : LoadBackend(flags.Get("model"), flags.Get("device"), *kv_tokens, *tier);
   if (!model.ok()) return Fail(model.status());
-  scheduler::WorkerService service(std::move(*model));
+  scheduler::WorkerService service(std::move(*model), {.remote_tier = flags.GetBool("kv-remote-tier")});
   scheduler::MemberOptions options{.registration = service.Describe(), .coordinator_host = coord->first,
                                    .coordinator_port = coord->second};
   std::string id = flags.Get("id");

@@ -55,6 +55,11 @@ struct KvUnitRef {
 // newest sequences and bring them back once the others finish (preemption), instead of failing.
 inline constexpr absl::string_view kGpuBlockCacheFullPayload = "scout.dev/gpu-block-cache-full";
 
+// A pass that failed because of one sequence alone (its KV could not be read: the KV store node
+// holding it is gone) carries this payload, the sequence's id in decimal: a server fails that
+// sequence's request and runs the others again.
+inline constexpr absl::string_view kFailedSequencePayload = "scout.dev/failed-sequence";
+
 // What a host KV tier did since the model was made, in (layer, KV head, 16-token block) units.
 struct HostKvTierStats {
   bool enabled = false;

@@ -437,6 +437,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
     // The live worker holding the fewest sequences (the earliest registered on ties).
     uint64_t worker = 0;
     int64_t fewest = 0;
+    bool whole = false;
     for (const Coordinator::Member& w : coordinator_->Members(role_)) {
       if (!coordinator_->Serving(w.key)) continue;
       int64_t n = 0;
@@ -444,10 +445,12 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       if (worker == 0 || n < fewest) {
         worker = w.key;
         fewest = n;
+        whole = w.info.writes_partial_blocks();
       }
     }
     if (worker == 0) return absl::UnavailableError(absl::StrCat("no live ", RoleName(role_), " worker"));
     seq.worker = worker;
+    seq.whole_home = whole;
     if (seq.home_store != 0 && !coordinator_->Alive(seq.home_store)) {
       seq.home_store = 0;
       seq.persisted = 0;
@@ -481,7 +484,11 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       seq.worker = 0;
       continue;
     }
-    if (have > 0) ++seq.epoch;  // the adopter writes under the next session
+    if (have > 0) {
+      ++seq.epoch;  // the adopter took the units under the next session
+      if (r->has_adopted_tokens()) have = std::min(have, r->adopted_tokens());
+      seq.persisted = have;
+    }
     count.adopted_tokens += have;
     // Run the tokens the home did not hold again, in chunks, discarding the logits.
     bool lost_worker = false;
@@ -506,7 +513,9 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       at += n;
       count.replayed_tokens += n;
       // The worker writes the filled blocks after replying; a failure comes with a later reply.
-      if (seq.home_store != 0) seq.persisted = at / kvstore::kBlockSize * kvstore::kBlockSize;
+      if (seq.home_store != 0) {
+        seq.persisted = seq.whole_home ? at : at / kvstore::kBlockSize * kvstore::kBlockSize;
+      }
     }
     if (lost_worker) continue;
     coordinator_->Count(count);
@@ -609,7 +618,7 @@ void RemoteBackend::Rehome(SequenceId id, Seq& seq, const absl::Status& why) {
     *req.mutable_rehome()->mutable_home() = HomeOf(id, seq);
     absl::StatusOr<v1::BackendReply> r = Call(seq.worker, std::move(req), absl::StrCat("rehome sequence ", id));
     if (r.ok() && rpc::FromProto(r->status()).ok()) {
-      seq.persisted = static_cast<int64_t>(seq.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
+      seq.persisted = seq.HomeHolds();
       coordinator_->Count({.rehomed = 1});
       return;
     }
@@ -776,9 +785,7 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
       // and the sequence is rebuilt from its tokens instead.
       for (size_t i : groups[order[g]]) {
         Seq& s = seqs_[batch[i].seq];
-        if (s.home_store != 0) {
-          s.persisted = static_cast<int64_t>(s.tokens.size()) / kvstore::kBlockSize * kvstore::kBlockSize;
-        }
+        s.persisted = s.HomeHolds();
       }
     }
     rehome_failed_writes();

@@ -176,8 +176,14 @@ class RemoteBackend final : public runtime::ModelBackend {
     uint64_t home_store = 0;  // member key of its KV store node; 0: none
     int64_t persisted = 0;    // tokens of KV its home holds
     // Bumped at each adoption: the home's session there (a worker taken for dead but still
-    // running writes to the old one, which the adopter has read and freed).
+    // running writes to the old one, which the adopter has taken and freed).
     uint32_t epoch = 0;
+    bool whole_home = false;  // its worker writes partial blocks too (the remote KV tier)
+    // Tokens its home holds once the worker has written after a pass.
+    int64_t HomeHolds() const {
+      const int64_t n = static_cast<int64_t>(tokens.size());
+      return home_store == 0 ? 0 : whole_home ? n : n / kvstore::kBlockSize * kvstore::kBlockSize;
+    }
   };
   // Runs a request on a worker: the reply, or Unavailable/DeadlineExceeded when the worker
   // failed (it is marked dead then). Model errors are in the reply's status.

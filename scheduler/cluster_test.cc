@@ -77,11 +77,11 @@ class ClusterTest : public ::testing::Test {
     for (auto& m : stores_) m->Stop();
   }
 
-  Member& AddWorker(const std::string& id) {
+  Member& AddWorker(const std::string& id, WorkerOptions options = {.kv_timeout = absl::Seconds(3)}) {
     absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
     EXPECT_TRUE(m.ok());
     auto member = std::make_unique<Member>();
-    member->service = std::make_unique<WorkerService>(std::move(*m), absl::Seconds(3));
+    member->service = std::make_unique<WorkerService>(std::move(*m), options);
     MemberOptions o{.registration = member->service->Describe(), .coordinator_host = "127.0.0.1",
                     .coordinator_port = coordinator_->port(), .reconnect_interval = absl::Milliseconds(50)};
     o.registration.set_id(id);
@@ -240,6 +240,90 @@ TEST_F(ClusterTest, WhenAKvStoreDiesItsSequencesMoveHomeAndSurviveALaterWorkerDe
   const ClusterCounters c = coordinator_->counters();
   EXPECT_GE(c.adopted_tokens, 32);
   EXPECT_LE(c.replayed_tokens, 2 * 15);
+}
+
+// A Selection naming the same blocks in every (layer, KV head) list.
+kvstore::Selection SameBlocks(const runtime::ModelConfig& c, const std::vector<int32_t>& blocks) {
+  kvstore::Selection sel;
+  sel.num_layers = static_cast<int>(c.num_hidden_layers);
+  sel.num_kv_heads = static_cast<int>(c.num_key_value_heads);
+  sel.indptr.push_back(0);
+  for (int list = 0; list < sel.num_layers * sel.num_kv_heads; ++list) {
+    sel.blocks.insert(sel.blocks.end(), blocks.begin(), blocks.end());
+    sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
+  }
+  return sel;
+}
+
+// The remote tier: homes hold sequences whole (partial block and length too), so an adopter
+// runs nothing again, and it fetches only the units each pass reads: a sparse pass the blocks
+// its Selection lists (and the block its token goes into), a dense pass the rest.
+TEST_F(ClusterTest, RemoteTierAdoptsWithoutRunningAgainAndFetchesOnlyWhatPassesRead) {
+  const WorkerOptions tier{.kv_timeout = absl::Seconds(3), .remote_tier = true};
+  AddWorker("t0", tier);
+  AddWorker("t1", tier);
+  AddStore("kv0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 2, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1}, 100, 3, 41);  // 103 tokens: 6 whole blocks and 7 tokens of a seventh
+  // A rejected speculative token: the home's length follows the truncation.
+  const std::vector<int32_t> extra = {7, 8};
+  PassBoth({SequenceInput{.seq = 1, .tokens = extra}});
+  ASSERT_TRUE(local_->TruncateSequence(1, 103).ok());
+  ASSERT_TRUE(remote_->TruncateSequence(1, 103).ok());
+  const std::string first = remote_->WorkerOf(1);
+  workers_[first == "t0" ? 0 : 1]->Stop();
+  const runtime::ModelConfig& c = local_->config();
+  const int64_t lists = c.num_hidden_layers * c.num_key_value_heads;
+  const kvstore::Selection sel = SameBlocks(c, {0, 3, 6});
+  const std::vector<int32_t> one = {9};
+  PassBoth({SequenceInput{.seq = 1, .tokens = one, .selection = &sel}});
+  EXPECT_EQ(remote_->WorkerOf(1), first == "t0" ? "t1" : "t0");
+  ClusterCounters n = coordinator_->counters();
+  EXPECT_EQ(n.adopted_tokens, 103);
+  EXPECT_EQ(n.replayed_tokens, 0);
+  const int64_t unit = static_cast<int64_t>(local_->kv_unit_bytes());
+  // Blocks 0, 3 and 6 of every list came over; nothing else.
+  EXPECT_TRUE(EventuallyCounted([&](const ClusterCounters& k) { return k.kv_bytes_read == 3 * lists * unit; }))
+      << coordinator_->counters().kv_bytes_read << " bytes read, want " << 3 * lists * unit;
+  // A dense pass reads every block: the other four of each list come then, once.
+  PassBoth({SequenceInput{.seq = 1, .tokens = one}});
+  PassBoth({SequenceInput{.seq = 1, .tokens = one}});
+  EXPECT_TRUE(EventuallyCounted([&](const ClusterCounters& k) { return k.kv_bytes_read == 7 * lists * unit; }))
+      << coordinator_->counters().kv_bytes_read << " bytes read, want " << 7 * lists * unit;
+}
+
+// A sequence whose KV is partly only on a KV store node that dies fails alone, naming itself and
+// the node (the payload lets a server end just its request); the worker's other sequences go on.
+TEST_F(ClusterTest, RemoteTierSequenceFailsAloneWhenItsNodeDies) {
+  const WorkerOptions tier{.kv_timeout = absl::Seconds(3), .remote_tier = true};
+  Member& t0 = AddWorker("t0", tier);
+  AddStore("kv0");
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 1, absl::Seconds(10)));
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_KVSTORE, 1, absl::Seconds(10)));
+  Drive({1}, 60, 2, 43);
+  t0.Stop();
+  for (int i = 0; i < 100 && coordinator_->Members(v1::ROLE_TARGET)[0].alive; ++i) absl::SleepFor(absl::Milliseconds(20));
+  AddWorker("t1", tier);
+  ASSERT_TRUE(coordinator_->WaitForMembers(v1::ROLE_TARGET, 1, absl::Seconds(10)));
+  const kvstore::Selection sel = SameBlocks(local_->config(), {0, 3});
+  const std::vector<int32_t> one = {5};
+  PassBoth({SequenceInput{.seq = 1, .tokens = one, .selection = &sel}});  // adopted, blocks 1 and 2 still away
+  ASSERT_EQ(remote_->WorkerOf(1), "t1");
+  Drive({2}, 40, 1, 47);  // a sequence computed on t1 itself
+  Member& kv0 = *stores_[0];
+  kv0.Stop();
+  kv0.store.reset();
+  for (int i = 0; i < 100 && coordinator_->Members(v1::ROLE_KVSTORE)[0].alive; ++i) absl::SleepFor(absl::Milliseconds(20));
+  std::vector<float> logits;
+  absl::Status s = remote_->Forward(std::vector<SequenceInput>{{.seq = 2, .tokens = one}, {.seq = 1, .tokens = one}}, &logits);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("sequence 1"), std::string::npos) << s;
+  absl::optional<absl::Cord> failed = s.GetPayload(runtime::kFailedSequencePayload);
+  ASSERT_TRUE(failed.has_value()) << s;
+  EXPECT_EQ(std::string(*failed), "1");
+  EXPECT_EQ(*remote_->SequenceLength(2), 41);  // undone
+  PassBoth({SequenceInput{.seq = 2, .tokens = one}});
 }
 
 // Regression: heartbeats waited for the request being served, so a pass longer than the

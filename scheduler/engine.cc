@@ -5,6 +5,7 @@
 #include <deque>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "kvstore/block_table.h"
@@ -438,6 +439,21 @@ bool Engine::RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<ab
   while (!running.empty()) {
     const absl::Status s = pass();
     if (s.ok()) break;
+    if (absl::optional<absl::Cord> failed = s.GetPayload(runtime::kFailedSequencePayload);
+        failed.has_value() && running.size() > 1) {
+      // One sequence's own failure (its KV is lost with a KV store node): its request ends with
+      // the error, the others run again without it.
+      int64_t id = 0;
+      auto it = running.end();
+      if (absl::SimpleAtoi(std::string(*failed), &id)) {
+        it = std::find_if(running.begin(), running.end(), [id](Request* r) { return r->seq == id; });
+      }
+      if (it != running.end()) {
+        finish(**it, s);
+        running.erase(it);
+        continue;
+      }
+    }
     if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
       if (s.GetPayload(runtime::kGpuBlockCacheFullPayload).has_value()) {
         // Only the GPU's block cache is short (the KV is in host memory): the newest request

@@ -1,5 +1,6 @@
 #include "scheduler/worker.h"
 
+#include <algorithm>
 #include <cstring>
 #include <thread>
 
@@ -43,6 +44,12 @@ void PutFloats(const std::vector<float>& v, std::string* out) {
   return keys;
 }
 
+// Remote tier: a sequence's length on its home, in a unit of its own beside the KV units
+// (int64 at its start), written in the same request as the blocks so the two always agree.
+[[maybe_unused]] kvstore::UnitKey LengthKey(uint64_t session) {
+  return {.session = static_cast<kvstore::SequenceId>(session), .layer = -1, .head = 0, .block = 0};
+}
+
 [[maybe_unused]] absl::StatusOr<std::pair<std::string, int>> SplitAddress(const std::string& address) {
   const size_t colon = address.rfind(':');
   int port = 0;
@@ -54,8 +61,8 @@ void PutFloats(const std::vector<float>& v, std::string* out) {
 
 }  // namespace
 
-WorkerService::WorkerService(std::unique_ptr<runtime::ModelBackend> model, absl::Duration kv_timeout)
-    : model_(std::move(model)), kv_timeout_(kv_timeout) {}
+WorkerService::WorkerService(std::unique_ptr<runtime::ModelBackend> model, const WorkerOptions& options)
+    : model_(std::move(model)), options_(options) {}
 
 WorkerService::~WorkerService() = default;
 
@@ -65,6 +72,7 @@ v1::Register WorkerService::Describe() const {
   r.set_samples_on_device(model_->samples_on_device());
 #ifdef SCOUT_HAVE_UCX
   r.set_kv_unit_bytes(static_cast<int64_t>(model_->kv_unit_bytes()));
+  r.set_writes_partial_blocks(options_.remote_tier && model_->kv_unit_bytes() > 0);
 #endif
   return r;
 }
@@ -83,6 +91,7 @@ v1::Heartbeat WorkerService::Heartbeat() const {
 void WorkerService::Reset() {
   for (const auto& [seq, home] : homes_) (void)model_->ReleaseSequence(seq);
   homes_.clear();
+  lazy_.clear();
   pending_.clear();
   unpersisted_.clear();
 }
@@ -94,7 +103,7 @@ absl::StatusOr<kvstore::KvStoreClient*> WorkerService::Client(const std::string&
   absl::StatusOr<std::pair<std::string, int>> hp = SplitAddress(address);
   if (!hp.ok()) return hp.status();
   absl::StatusOr<std::unique_ptr<kvstore::KvStoreClient>> c =
-      kvstore::KvStoreClient::Connect(hp->first, hp->second, model_->kv_unit_bytes(), kv_timeout_);
+      kvstore::KvStoreClient::Connect(hp->first, hp->second, model_->kv_unit_bytes(), options_.kv_timeout);
   if (!c.ok()) return c.status();
   return (clients_[address] = std::move(*c)).get();
 #else
@@ -114,12 +123,23 @@ void WorkerService::ReleaseHome(const Home& home) {
 #endif
 }
 
-absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks) {
+absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks,
+                                    int64_t length) {
 #ifdef SCOUT_HAVE_UCX
-  if (home.address.empty() || num_blocks <= 0) return absl::OkStatus();
-  const std::vector<kvstore::UnitKey> keys = UnitKeys(model_->config(), home.store_session, first_block, num_blocks);
-  staging_.resize(keys.size() * model_->kv_unit_bytes());
-  if (absl::Status s = model_->ExportKv(seq, first_block, num_blocks, staging_.data()); !s.ok()) return s;
+  num_blocks = std::max<int64_t>(num_blocks, 0);
+  if (home.address.empty() || (num_blocks == 0 && length < 0)) return absl::OkStatus();
+  std::vector<kvstore::UnitKey> keys = UnitKeys(model_->config(), home.store_session, first_block, num_blocks);
+  const size_t unit = model_->kv_unit_bytes();
+  staging_.resize((keys.size() + (length >= 0 ? 1 : 0)) * unit);
+  if (num_blocks > 0) {
+    if (absl::Status s = model_->ExportKv(seq, first_block, num_blocks, staging_.data()); !s.ok()) return s;
+  }
+  if (length >= 0) {
+    std::byte* record = staging_.data() + keys.size() * unit;
+    std::memset(record, 0, unit);
+    std::memcpy(record, &length, sizeof(length));
+    keys.push_back(LengthKey(home.store_session));
+  }
   absl::StatusOr<kvstore::KvStoreClient*> client = Client(home.address);
   if (!client.ok()) return client.status();
   const absl::Time t0 = absl::Now();
@@ -136,51 +156,229 @@ absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first
 #endif
 }
 
+absl::Status WorkerService::FetchUnits(int64_t seq, Lazy& lazy, const std::vector<runtime::KvUnitRef>& want) {
+#ifdef SCOUT_HAVE_UCX
+  if (want.empty()) return absl::OkStatus();
+  auto home = homes_.find(seq);
+  if (home == homes_.end() || home->second.address.empty()) {
+    return absl::UnavailableError(absl::StrCat("sequence ", seq, ": ", want.size(),
+                                               " units of its KV were on a KV store node that is gone"));
+  }
+  const Home& h = home->second;
+  std::vector<kvstore::UnitKey> keys;
+  keys.reserve(want.size());
+  for (const runtime::KvUnitRef& u : want) {
+    keys.push_back({.session = static_cast<kvstore::SequenceId>(h.store_session), .layer = u.layer, .head = u.head,
+                    .block = u.block});
+  }
+  absl::StatusOr<kvstore::KvStoreClient*> client = Client(h.address);
+  absl::Status got = client.status();
+  const size_t unit = model_->kv_unit_bytes();
+  staging_.resize(keys.size() * unit);
+  if (got.ok()) {
+    const absl::Time t0 = absl::Now();
+    got = (*client)->Get(keys, staging_.data());
+    kv_seconds_ += absl::ToDoubleSeconds(absl::Now() - t0);
+    if (absl::IsUnavailable(got) || absl::IsDeadlineExceeded(got)) DropClient(h.address);
+  }
+  if (!got.ok()) {
+    return absl::Status(got.code(), absl::StrCat("sequence ", seq, ": fetching ", want.size(), " units of its KV from ",
+                                                 h.address, ": ", got.message()));
+  }
+  kv_bytes_read_ += static_cast<int64_t>(staging_.size());
+  if (absl::Status s = model_->WriteKvUnits(seq, want, staging_.data()); !s.ok()) return s;
+  const int heads = static_cast<int>(model_->config().num_key_value_heads);
+  for (const runtime::KvUnitRef& u : want) {
+    std::vector<bool>::reference here = lazy.here[static_cast<size_t>(u.layer * heads + u.head)][u.block];
+    if (!here) --lazy.missing;
+    here = true;
+  }
+  return absl::OkStatus();
+#else
+  return absl::UnavailableError("this scout was built without UCX: KV homes are not reachable");
+#endif
+}
+
+absl::Status WorkerService::FetchForPass(const runtime::SequenceInput& in, int64_t length) {
+  auto it = lazy_.find(in.seq);
+  if (it == lazy_.end()) return absl::OkStatus();
+  Lazy& lazy = it->second;
+  const runtime::ModelConfig& c = model_->config();
+  const int layers = static_cast<int>(c.num_hidden_layers), heads = static_cast<int>(c.num_key_value_heads);
+  // The block the new tokens go into, when it already holds some.
+  const int64_t tail = length % kvstore::kBlockSize != 0 ? length / kvstore::kBlockSize : -1;
+  std::vector<runtime::KvUnitRef> want;
+  for (int l = 0; l < layers; ++l) {
+    for (int h = 0; h < heads; ++h) {
+      const std::vector<bool>& here = lazy.here[static_cast<size_t>(l * heads + h)];
+      auto need = [&](int64_t b) {
+        if (b >= 0 && b < lazy.blocks && !here[b]) want.push_back({.layer = l, .head = h, .block = static_cast<int32_t>(b)});
+      };
+      const size_t before = want.size();
+      if (in.selection != nullptr) {
+        const int list = l * heads + h;
+        for (int32_t i = in.selection->indptr[list]; i < in.selection->indptr[list + 1]; ++i) need(in.selection->blocks[i]);
+        need(tail);
+      } else {
+        for (int64_t b = 0; b < lazy.blocks; ++b) need(b);
+      }
+      // A list may name the tail block too.
+      std::sort(want.begin() + static_cast<ptrdiff_t>(before), want.end(),
+                [](const runtime::KvUnitRef& a, const runtime::KvUnitRef& b) { return a.block < b.block; });
+      want.erase(std::unique(want.begin() + static_cast<ptrdiff_t>(before), want.end(),
+                             [](const runtime::KvUnitRef& a, const runtime::KvUnitRef& b) { return a.block == b.block; }),
+                 want.end());
+    }
+  }
+  if (absl::Status s = FetchUnits(in.seq, lazy, want); !s.ok()) return s;
+  if (lazy.missing == 0) lazy_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status WorkerService::FetchAll(int64_t seq) {
+  auto it = lazy_.find(seq);
+  if (it == lazy_.end()) return absl::OkStatus();
+  Lazy& lazy = it->second;
+  const int heads = static_cast<int>(model_->config().num_key_value_heads);
+  std::vector<runtime::KvUnitRef> want;
+  for (size_t list = 0; list < lazy.here.size(); ++list) {
+    for (int64_t b = 0; b < lazy.blocks; ++b) {
+      if (!lazy.here[list][b]) {
+        want.push_back({.layer = static_cast<int32_t>(list / heads), .head = static_cast<int32_t>(list % heads),
+                        .block = static_cast<int32_t>(b)});
+      }
+    }
+  }
+  if (absl::Status s = FetchUnits(seq, lazy, want); !s.ok()) return s;
+  lazy_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status WorkerService::Truncate(int64_t seq, int64_t num_tokens) {
+  absl::StatusOr<int64_t> len = model_->SequenceLength(seq);
+  if (!len.ok()) return len.status();
+  if (absl::Status s = model_->TruncateSequence(seq, num_tokens); !s.ok()) return s;
+  if (num_tokens >= *len) return absl::OkStatus();
+  if (auto it = lazy_.find(seq); it != lazy_.end()) {
+    Lazy& lazy = it->second;
+    lazy.blocks = std::min<int64_t>(lazy.blocks, kvstore::BlocksFor(num_tokens));
+    lazy.missing = 0;
+    for (std::vector<bool>& here : lazy.here) {
+      here.resize(static_cast<size_t>(lazy.blocks));
+      lazy.missing += std::count(here.begin(), here.end(), false);
+    }
+    if (lazy.missing == 0) lazy_.erase(it);
+  }
+  // The home's length follows (the blocks past it there are stale now). Written after the reply
+  // like a pass's blocks: a coordinator that hears of the truncation asks an adopter for no more.
+  auto home = homes_.find(seq);
+  if (options_.remote_tier && home != homes_.end() && !home->second.address.empty() && home->second.writable) {
+    pending_.push_back({.seq = seq, .first_block = 0, .num_blocks = 0, .length = num_tokens});
+  }
+  return absl::OkStatus();
+}
+
 absl::Status WorkerService::AddSequence(int64_t seq, const v1::KvHome& home) {
   if (absl::Status s = model_->AddSequence(seq); !s.ok()) return s;
   homes_[seq] = Home{.address = home.address(), .store_session = home.store_session()};
   return absl::OkStatus();
 }
 
-absl::Status WorkerService::Adopt(const v1::AdoptSequence& adopt) {
+absl::StatusOr<int64_t> WorkerService::Adopt(const v1::AdoptSequence& adopt) {
 #ifdef SCOUT_HAVE_UCX
   const size_t unit = model_->kv_unit_bytes();
   if (unit == 0) return absl::UnimplementedError("this worker's backend cannot import KV");
-  const std::vector<kvstore::UnitKey> keys =
-      UnitKeys(model_->config(), adopt.home().store_session(), 0, kvstore::BlocksFor(adopt.num_tokens()));
-  absl::StatusOr<kvstore::KvStoreClient*> client = Client(adopt.home().address());
-  if (!client.ok()) return client.status();
-  staging_.resize(keys.size() * unit);
-  const absl::Time t0 = absl::Now();
-  absl::Status got = (*client)->Get(keys, staging_.data());
-  kv_seconds_ += absl::ToDoubleSeconds(absl::Now() - t0);
-  if (!got.ok()) {
-    if (absl::IsUnavailable(got) || absl::IsDeadlineExceeded(got)) DropClient(adopt.home().address());
-    return got;
-  }
-  kv_bytes_read_ += static_cast<int64_t>(staging_.size());
-  if (absl::Status s = model_->AddSequence(adopt.seq()); !s.ok()) return s;
-  if (absl::Status s = model_->ImportKv(adopt.seq(), adopt.num_tokens(), staging_.data()); !s.ok()) {
-    (void)model_->ReleaseSequence(adopt.seq());
-    return s;
-  }
+  const int64_t seq = adopt.seq();
   const Home old{.address = adopt.home().address(), .store_session = adopt.home().store_session()};
   Home fresh = old;
   if (adopt.has_new_home()) {
-    fresh = Home{.address = adopt.new_home().address(), .store_session = adopt.new_home().store_session()};
-    if (absl::Status p = Persist(adopt.seq(), fresh, 0, adopt.num_tokens() / kvstore::kBlockSize); p.ok()) {
-      ReleaseHome(old);
-    } else {  // the KV is here; the coordinator finds it a home
-      fresh.writable = false;
-      unpersisted_.push_back(adopt.seq());
-      persist_error_ = p;
+    if (adopt.new_home().address() != old.address) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", seq, " is adopted onto ", adopt.new_home().address(),
+                                                     ", not the node that holds it (", old.address, ")"));
+    }
+    fresh.store_session = adopt.new_home().store_session();
+  }
+  absl::StatusOr<kvstore::KvStoreClient*> client = Client(old.address);
+  if (!client.ok()) return client.status();
+  auto failed = [&](absl::Status s, bool release) {
+    if (absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s)) {
+      DropClient(old.address);
+    } else if (release) {
+      (void)(*client)->Release(static_cast<kvstore::SequenceId>(fresh.store_session));  // nobody reads it now
+    }
+    return s;
+  };
+  if (fresh.store_session != old.store_session) {
+    absl::Status s = (*client)->Move(static_cast<kvstore::SequenceId>(old.store_session),
+                                     static_cast<kvstore::SequenceId>(fresh.store_session));
+    if (!s.ok()) return failed(s, false);
+  }
+  // How much the home holds whole: up to its length record (remote-tier workers write one with
+  // every pass) or, without one, its whole blocks.
+  int64_t usable = adopt.num_tokens() / kvstore::kBlockSize * kvstore::kBlockSize;
+  {
+    const kvstore::UnitKey key = LengthKey(fresh.store_session);
+    staging_.resize(unit);
+    absl::Status got = (*client)->Get({&key, 1}, staging_.data());
+    if (got.ok()) {
+      int64_t recorded = 0;
+      std::memcpy(&recorded, staging_.data(), sizeof(recorded));
+      usable = std::min(adopt.num_tokens(), recorded);
+    } else if (!absl::IsNotFound(got)) {
+      return failed(got, true);
     }
   }
-  homes_[adopt.seq()] = fresh;
-  return absl::OkStatus();
+  if (absl::Status s = model_->AddSequence(seq); !s.ok()) return failed(s, true);
+  const int64_t blocks = kvstore::BlocksFor(usable);
+  absl::Status s;
+  if (options_.remote_tier) {
+    // Nothing moves now: each pass fetches what it reads.
+    s = model_->ImportKv(seq, usable, nullptr);
+    if (s.ok() && blocks > 0) {
+      const runtime::ModelConfig& c = model_->config();
+      const size_t lists = static_cast<size_t>(c.num_hidden_layers * c.num_key_value_heads);
+      lazy_[seq] = Lazy{.blocks = blocks,
+                        .here = std::vector<std::vector<bool>>(lists, std::vector<bool>(static_cast<size_t>(blocks))),
+                        .missing = blocks * static_cast<int64_t>(lists)};
+    }
+  } else {
+    const std::vector<kvstore::UnitKey> keys = UnitKeys(model_->config(), fresh.store_session, 0, blocks);
+    staging_.resize(keys.size() * unit);
+    const absl::Time t0 = absl::Now();
+    s = (*client)->Get(keys, staging_.data());
+    kv_seconds_ += absl::ToDoubleSeconds(absl::Now() - t0);
+    if (s.ok()) {
+      kv_bytes_read_ += static_cast<int64_t>(staging_.size());
+      s = model_->ImportKv(seq, usable, staging_.data());
+    }
+  }
+  if (!s.ok()) {
+    (void)model_->ReleaseSequence(seq);
+    return failed(s, true);
+  }
+  homes_[seq] = fresh;
+  return usable;
 #else
   return absl::UnavailableError("this scout was built without UCX: KV homes are not reachable");
 #endif
+}
+
+absl::Status WorkerService::MoveHome(int64_t seq, const Home& home) {
+  absl::StatusOr<int64_t> len = model_->SequenceLength(seq);
+  if (!len.ok()) return len.status();
+  if (!home.address.empty()) {
+    // Units still only on the old home come here first (that fails if the old home is gone).
+    if (absl::Status s = FetchAll(seq); !s.ok()) return s;
+    absl::Status s = options_.remote_tier ? Persist(seq, home, 0, kvstore::BlocksFor(*len), *len)
+                                          : Persist(seq, home, 0, *len / kvstore::kBlockSize);
+    if (!s.ok()) return s;
+  }
+  auto old = homes_.find(seq);
+  if (old != homes_.end() && !old->second.address.empty() && old->second.address != home.address) {
+    ReleaseHome(old->second);  // a node that only refused writes still holds the units
+  }
+  homes_[seq] = home;
+  return absl::OkStatus();
 }
 
 v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
@@ -211,6 +409,13 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
       return reply;
     }
     before[i] = *len;
+    if (!lazy_.empty()) {
+      if (absl::Status f = FetchForPass(b, *len); !f.ok()) {
+        f.SetPayload(runtime::kFailedSequencePayload, absl::Cord(absl::StrCat(b.seq)));
+        *reply.mutable_status() = rpc::ToProto(f);
+        return reply;
+      }
+    }
   }
   absl::Status s;
   if (forward.rows_size() > 0) {
@@ -229,13 +434,20 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
   *reply.mutable_status() = rpc::ToProto(s);
   if (!s.ok()) return reply;
   for (size_t i = 0; i < n; ++i) PutFloats(masses[i], reply.add_block_mass());
-  // Queue the blocks this pass filled: each block goes to its home once, when full. The tokens
-  // of a partial last block are not there: after a failover they are run again.
+  // Queue the blocks this pass filled: each block goes to its home once, when full, and the
+  // tokens of a partial last block run again after a failover. The remote tier writes the
+  // partial block too, with the length, so nothing runs again.
   for (size_t i = 0; i < n; ++i) {
     auto it = homes_.find(batch[i].seq);
     if (it == homes_.end() || it->second.address.empty() || !it->second.writable) continue;
     const int64_t first = before[i] / kvstore::kBlockSize;
-    const int64_t last = (before[i] + static_cast<int64_t>(batch[i].tokens.size())) / kvstore::kBlockSize;
+    const int64_t after = before[i] + static_cast<int64_t>(batch[i].tokens.size());
+    if (options_.remote_tier) {
+      pending_.push_back({.seq = batch[i].seq, .first_block = first,
+                          .num_blocks = kvstore::BlocksFor(after) - first, .length = after});
+      continue;
+    }
+    const int64_t last = after / kvstore::kBlockSize;
     if (last > first) pending_.push_back({.seq = batch[i].seq, .first_block = first, .num_blocks = last - first});
   }
   return reply;
@@ -247,7 +459,7 @@ void WorkerService::Flush() {
   for (const PersistJob& j : jobs) {
     auto it = homes_.find(j.seq);
     if (it == homes_.end() || it->second.address.empty() || !it->second.writable) continue;  // released, or failed
-    if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks); !p.ok()) {
+    if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks, j.length); !p.ok()) {
       unpersisted_.push_back(j.seq);
       persist_error_ = p;
       it->second.writable = false;  // no more writes there until the coordinator names a new home
@@ -268,32 +480,25 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
       s = model_->ReleaseSequence(seq);
       if (auto it = homes_.find(seq); it != homes_.end()) ReleaseHome(it->second);
       homes_.erase(seq);
+      lazy_.erase(seq);
       break;
     }
     case v1::BackendRequest::kTruncate:
-      s = model_->TruncateSequence(request.truncate().seq(), request.truncate().num_tokens());
+      s = Truncate(request.truncate().seq(), request.truncate().num_tokens());
       break;
     case v1::BackendRequest::kForward:
       reply = Forward(request.forward());
       break;
-    case v1::BackendRequest::kAdopt:
-      s = Adopt(request.adopt());
-      break;
-    case v1::BackendRequest::kRehome: {
-      const int64_t seq = request.rehome().seq();
-      Home home{.address = request.rehome().home().address(), .store_session = request.rehome().home().store_session()};
-      absl::StatusOr<int64_t> len = model_->SequenceLength(seq);
-      s = len.status();
-      if (s.ok()) s = Persist(seq, home, 0, *len / kvstore::kBlockSize);
-      if (s.ok()) {
-        auto old = homes_.find(seq);
-        if (old != homes_.end() && !old->second.address.empty() && old->second.address != home.address) {
-          ReleaseHome(old->second);  // a node that only refused writes still holds the units
-        }
-        homes_[seq] = home;
-      }
+    case v1::BackendRequest::kAdopt: {
+      absl::StatusOr<int64_t> took = Adopt(request.adopt());
+      s = took.status();
+      if (took.ok()) reply.set_adopted_tokens(*took);
       break;
     }
+    case v1::BackendRequest::kRehome:
+      s = MoveHome(request.rehome().seq(), {.address = request.rehome().home().address(),
+                                            .store_session = request.rehome().home().store_session()});
+      break;
     case v1::BackendRequest::kReleaseHome:
       ReleaseHome({.address = request.release_home().home().address(),
                    .store_session = request.release_home().home().store_session()});

@@ -29,10 +29,21 @@ namespace v1 = rpc::v1;
 // coordinator's are refused at registration.
 std::string ModelFingerprint(const runtime::ModelConfig& config);
 
+struct WorkerOptions {
+  absl::Duration kv_timeout = absl::Seconds(10);  // each call to a KV store node
+  // The remote KV tier. Every pass also writes its sequences' partial last block and their
+  // length to their homes, so a home holds a whole sequence and an adopter runs nothing again.
+  // An adopted sequence's KV stays on its home: each pass first fetches, of the units it reads
+  // (the blocks its Selection lists, every block for a dense pass, and the block its new tokens
+  // go into), those this worker does not hold yet. The cost: up to 16 times the KV written per
+  // token, since a partial block is written again by every pass that adds to it.
+  bool remote_tier = false;
+};
+
 // Serves one model. Not thread-safe: the runner calls Handle from one thread at a time.
 class WorkerService {
  public:
-  explicit WorkerService(std::unique_ptr<runtime::ModelBackend> model, absl::Duration kv_timeout = absl::Seconds(10));
+  explicit WorkerService(std::unique_ptr<runtime::ModelBackend> model, const WorkerOptions& options = {});
   ~WorkerService();
   WorkerService(const WorkerService&) = delete;
   WorkerService& operator=(const WorkerService&) = delete;
@@ -56,24 +67,41 @@ class WorkerService {
     uint64_t store_session = 0;
     bool writable = true;  // false after a write failed, until the coordinator names a new home
   };
+  // An adopted sequence whose KV is partly still only on its home (remote tier): of blocks
+  // [0, blocks), each (layer, KV head) unit is here where `here` says so.
+  struct Lazy {
+    int64_t blocks = 0;
+    std::vector<std::vector<bool>> here;  // [layer * kv_heads + head][block]
+    int64_t missing = 0;
+  };
   absl::Status AddSequence(int64_t seq, const v1::KvHome& home);
   v1::BackendReply Forward(const v1::Forward& forward);
-  absl::Status Adopt(const v1::AdoptSequence& adopt);
-  // Writes blocks [first, first + n) of the sequence to its home.
-  absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks);
+  // Returns how many tokens of KV the sequence took from its home.
+  absl::StatusOr<int64_t> Adopt(const v1::AdoptSequence& adopt);
+  absl::Status Truncate(int64_t seq, int64_t num_tokens);
+  absl::Status MoveHome(int64_t seq, const Home& home);
+  // Writes blocks [first, first + n) of the sequence to its home, and its length (length >= 0,
+  // remote tier) in the same write.
+  absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks, int64_t length = -1);
+  // Remote tier: the units a pass over `in` reads that are not here yet come from its home.
+  absl::Status FetchForPass(const runtime::SequenceInput& in, int64_t length);
+  absl::Status FetchUnits(int64_t seq, Lazy& lazy, const std::vector<runtime::KvUnitRef>& want);
+  absl::Status FetchAll(int64_t seq);
   absl::StatusOr<kvstore::KvStoreClient*> Client(const std::string& address);
   void DropClient(const std::string& address);
   // Forgets a sequence's units on a node (best effort).
   void ReleaseHome(const Home& home);
 
   std::unique_ptr<runtime::ModelBackend> model_;
-  absl::Duration kv_timeout_;
+  WorkerOptions options_;
   absl::flat_hash_map<int64_t, Home> homes_;  // every sequence this worker holds ("" address: none)
+  absl::flat_hash_map<int64_t, Lazy> lazy_;   // remote tier: sequences with units still away
   absl::flat_hash_map<std::string, std::unique_ptr<kvstore::KvStoreClient>> clients_;
   struct PersistJob {
     int64_t seq = 0;
     int64_t first_block = 0;
     int64_t num_blocks = 0;
+    int64_t length = -1;  // >= 0: the sequence's length goes with the blocks (remote tier)
   };
   std::vector<PersistJob> pending_;           // queued by Forward, written by Flush
   std::vector<int64_t> unpersisted_;          // reported with the next reply
