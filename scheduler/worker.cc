@@ -161,8 +161,8 @@ absl::Status WorkerService::FetchUnits(int64_t seq, Lazy& lazy, const std::vecto
   if (want.empty()) return absl::OkStatus();
   auto home = homes_.find(seq);
   if (home == homes_.end() || home->second.address.empty()) {
-    return absl::UnavailableError(absl::StrCat("sequence ", seq, ": ", want.size(),
-                                               " units of its KV were on a KV store node that is gone"));
+    return absl::UnavailableError(absl::StrCat("sequence ", seq, ": ", want.size(), " of the KV units this step reads",
+                                               " were only on a KV store node that is gone"));
   }
   const Home& h = home->second;
   std::vector<kvstore::UnitKey> keys;
