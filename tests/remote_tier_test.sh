@@ -8,8 +8,15 @@
 #    on that node fails alone with an error naming it, while the request beside it finishes with
 #    the same text.
 # usage: remote_tier_test.sh SCOUT_BINARY SOURCE_DIR
+# SCOUT_CLUSTER_DEVICE=cuda runs the reference and the workers on the GPU (KV units in bf16);
+# SCOUT_TARGET_FLAGS adds flags to the reference and the target workers (e.g. --host-kv-gb 1).
 set -uo pipefail
+device=${SCOUT_CLUSTER_DEVICE:-cpu}
 unit=8192  # the fixture pair's (layer, KV head, block) unit: 2 x 16 x 64 float32
+[ "$device" = cpu ] || unit=4096  # bf16
+read -r -a TF <<< "${SCOUT_TARGET_FLAGS:-}"
+long_tokens=1500  # long enough that a kill lands mid-generation
+[ "$device" = cpu ] || long_tokens=6000
 scout=$1
 src=$2
 T=$src/models/scout-tiny-target
@@ -34,11 +41,11 @@ complete() {
 }
 P1='import numpy as np\n\n\ndef softmax(x):\n    '
 P2='class Stack:\n    def __init__(self):\n        '
-long() { echo "{\"prompt\": \"$1\", \"max_tokens\": 1500, \"temperature\": 0, \"ignore_eos\": true}"; }
+long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $long_tokens, \"temperature\": 0, \"ignore_eos\": true}"; }
 metric() { curl -s "$base/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 
 # --- the reference: one process ------------------------------------------------------------
-start_server serve.err --model "$T" --draft "$D" "${STS[@]}"
+start_server serve.err --model "$T" --draft "$D" "${STS[@]}" --device "$device" "${TF[@]}"
 pids+=("$pid")
 complete ref.k1 "$(long "$P1")"
 complete ref.k2 "$(long "$P2")"
@@ -67,9 +74,9 @@ start_member() {  # NAME ARGS...
 }
 registered() { for _ in $(seq 1 200); do [ "$(grep -c " registered from " coord.err)" -ge "$1" ] && return; sleep 0.1; done; fail "not $1 members registered"; }
 start_member kv0 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv0
-start_member draft0 worker --model "$D" --role draft --id draft0
-start_member target0 worker --model "$T" --role target --id target0 --kv-remote-tier
-start_member target1 worker --model "$T" --role target --id target1 --kv-remote-tier
+start_member draft0 worker --model "$D" --role draft --id draft0 --device "$device"
+start_member target0 worker --model "$T" --role target --id target0 --kv-remote-tier --device "$device" "${TF[@]}"
+start_member target1 worker --model "$T" --role target --id target1 --kv-remote-tier --device "$device" "${TF[@]}"
 registered 4
 
 # kill_during NAME: SIGKILL member NAME while both requests still run.
@@ -95,7 +102,7 @@ read_bytes=$(metric 'scout_kv_remote_bytes_total{direction="read"}')
 echo "ok: adopted $adopted tokens mid-generation, none run again, $read_bytes bytes fetched over UCX; texts equal"
 
 # 2. A worker dies, then the KV store node: only the sequence whose KV was still there fails.
-start_member target2 worker --model "$T" --role target --id target2 --kv-remote-tier
+start_member target2 worker --model "$T" --role target --id target2 --kv-remote-tier --device "$device" "${TF[@]}"
 registered 5
 complete clu.k1b "$(long "$P1")" & k1=$!
 complete clu.k2b "$(long "$P2")" & k2=$!
