@@ -1,11 +1,13 @@
 // Selective prefetch host -> GPU at Llama-3.1-8B KV shape (32 layers x 8 KV heads, head dim 128,
 // bf16: 8 KiB a unit). One session of --tokens tokens lives in the pinned host store; each case
 // runs a warm-up step with a random selection, then a step whose selection overlaps it by the
-// given fraction, and times the second (transfer-list upload + one gather kernel per layer).
+// given fraction, and times the second (transfer-list upload + the gathers: consecutive layers
+// grouped into launches of at least --launch-units units, 1 for one launch per layer).
 // Baselines in the same run: a 1 GiB pinned cudaMemcpy (the PCIe roofline) and one
 // cudaMemcpyAsync per unit for the same transfers (the naive way).
 //
 //   prefetch_bench [--tokens 131072] [--fractions 0.01,0.02,0.05,0.1] [--overlaps 0,0.5,0.9]
+//                  [--launch-units N] [--overlap-fraction F] [--overlap-keep K] [--reserve-ctas C]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -36,7 +38,7 @@ int main(int argc, char** argv) {
   long tokens = 131072;
   std::string fractions = "0.01,0.02,0.05,0.1", overlaps = "0,0.5,0.9";
   double overlap_frac = 0.02, overlap_keep = 0.9;
-  int reserve_ctas = 0;
+  int reserve_ctas = 0, launch_units = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
     if (f == "--tokens") tokens = std::stol(v);
@@ -45,6 +47,7 @@ int main(int argc, char** argv) {
     else if (f == "--overlap-fraction") overlap_frac = std::stod(v);
     else if (f == "--overlap-keep") overlap_keep = std::stod(v);
     else if (f == "--reserve-ctas") reserve_ctas = std::stoi(v);
+    else if (f == "--launch-units") launch_units = std::stoi(v);
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
   const KvLayout layout{.num_layers = 32, .num_kv_heads = 8, .head_dim = 128, .elem_bytes = 2};
@@ -101,6 +104,9 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&pool, size_t(slots) * layout.unit_bytes()));
   auto engine = CudaCopyEngine::Create(pool, layout.unit_bytes(), layout.num_layers, slots);
   if (!engine.ok()) return 1;
+  if (launch_units > 0) (*engine)->set_min_launch_units(launch_units);
+  std::printf("gathers: layers grouped into launches of at least %d units (1: one launch per layer)\n",
+              (*engine)->min_launch_units());
   cudaStream_t s = (*engine)->stream();
 
   std::printf("%8s %8s | %9s %10s %9s %8s %10s | %10s %9s\n", "select", "overlap", "units", "MB moved", "ms", "GB/s",
@@ -259,9 +265,10 @@ int main(int argc, char** argv) {
       CHECK(cudaEventRecord(c0, s));
       CHECK(cudaStreamWaitEvent(compute, c0));
       if (!(*engine)->Upload(*plan).ok()) std::exit(1);
+      if (!serial && !(*engine)->LaunchLayers(*plan).ok()) std::exit(1);
       for (int layer = 0; layer < 32; ++layer) {
         if (serial && layer > 0) CHECK(cudaStreamWaitEvent(s, attn_done[layer - 1]));
-        if (!(*engine)->LaunchLayer(*plan, layer).ok()) std::exit(1);
+        if (serial && !(*engine)->LaunchLayer(*plan, layer).ok()) std::exit(1);
         CHECK(cudaStreamWaitEvent(compute, (*engine)->layer_done(layer)));
         CHECK(SparseDecode(layer_params(layer), dplan, ws, compute));
         CHECK(cudaEventRecord(attn_done[layer], compute));

@@ -178,23 +178,43 @@ absl::Status CudaCopyEngine::Flush(const AppendPlan& plan) {
   return absl::OkStatus();
 }
 
+absl::Status CudaCopyEngine::LaunchGroup(int begin, int count, int first_layer, int end_layer) {
+  cudaError_t err = GatherUnits(dev_src_ + begin, dev_slots_ + begin, count, unit_bytes_, pool_, num_sms_, stream_);
+  for (int layer = first_layer; layer < end_layer && err == cudaSuccess; ++layer) {
+    err = cudaEventRecord(layer_events_[layer], stream_);
+  }
+  if (err != cudaSuccess) {
+    return absl::InternalError(absl::StrCat("copy engine layers ", first_layer, "-", end_layer - 1, ": ", cudaGetErrorString(err)));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaCopyEngine::LaunchLayer(const PrefetchPlan& plan, int layer) {
   if (layer < 0 || layer >= static_cast<int>(layer_events_.size())) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " outside the engine's ", layer_events_.size()));
   }
   const int first = plan.layer_begin[layer], count = plan.layer_begin[layer + 1] - first;
-  cudaError_t err = GatherUnits(dev_src_ + first, dev_slots_ + first, count, unit_bytes_, pool_, num_sms_, stream_);
-  if (err == cudaSuccess) err = cudaEventRecord(layer_events_[layer], stream_);
-  if (err != cudaSuccess) return absl::InternalError(absl::StrCat("copy engine layer ", layer, ": ", cudaGetErrorString(err)));
+  return LaunchGroup(first, count, layer, layer + 1);
+}
+
+absl::Status CudaCopyEngine::LaunchLayers(const PrefetchPlan& plan) {
+  const int layers = static_cast<int>(layer_events_.size());
+  if (plan.layer_begin.size() != layer_events_.size() + 1) {
+    return absl::InvalidArgumentError("plan and engine disagree on the number of layers");
+  }
+  for (int first = 0; first < layers;) {
+    int end = first + 1;
+    while (end < layers && plan.layer_begin[end] - plan.layer_begin[first] < min_launch_units_) ++end;
+    const int begin = plan.layer_begin[first];
+    if (absl::Status s = LaunchGroup(begin, plan.layer_begin[end] - begin, first, end); !s.ok()) return s;
+    first = end;
+  }
   return absl::OkStatus();
 }
 
 absl::Status CudaCopyEngine::Execute(const PrefetchPlan& plan) {
   if (absl::Status s = Upload(plan); !s.ok()) return s;
-  for (size_t layer = 0; layer < layer_events_.size(); ++layer) {
-    if (absl::Status s = LaunchLayer(plan, static_cast<int>(layer)); !s.ok()) return s;
-  }
-  return absl::OkStatus();
+  return LaunchLayers(plan);
 }
 
 }  // namespace scout::kvstore

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -40,13 +41,26 @@ class CudaCopyEngine {
   CudaCopyEngine(const CudaCopyEngine&) = delete;
   CudaCopyEngine& operator=(const CudaCopyEngine&) = delete;
 
-  // Uploads the plan's transfer list and launches one gather per layer, recording
-  // layer_done(l) after layer l's. Asynchronous: wait on layer_done before reading the slots.
+  // Uploads the plan's transfer list and launches its gathers (LaunchLayers), recording
+  // layer_done(l) once layer l's units are in. Asynchronous: wait on layer_done before reading
+  // the slots.
   absl::Status Execute(const PrefetchPlan& plan);
   // Execute in two halves, for callers that interleave other work between layers: Upload once,
-  // then LaunchLayer for each layer in order (each records layer_done(layer)).
+  // then LaunchLayers, or LaunchLayer for each layer in order (each records layer_done(layer)).
   absl::Status Upload(const PrefetchPlan& plan);
   absl::Status LaunchLayer(const PrefetchPlan& plan, int layer);
+  // All layers in order, consecutive layers grouped into one gather until a group moves at
+  // least min_launch_units() units; every layer's event is recorded after the gather that moves
+  // it. Each launch leaves the PCIe link idle while it starts and drains (~10 µs on the H100: a
+  // third of the time of a layer that moves 136 units), so small steps go faster in a few
+  // launches; the price is that a layer's attention waits for the rest of its group.
+  absl::Status LaunchLayers(const PrefetchPlan& plan);
+  // 1 (the default): one gather per layer. Grouping moves a small step's units faster (2% of a
+  // 128k session with 90% overlap: 65-70% of the PCIe roofline per layer, 78-85% in groups of
+  // 4096 units) but makes each layer's attention wait for its whole group, and a step whose
+  // attention runs beside its copies took longer that way (docs/BENCHMARKS.md has the sweep).
+  void set_min_launch_units(int units) { min_launch_units_ = std::max(1, units); }
+  int min_launch_units() const { return min_launch_units_; }
   // The write path on the engine's stream: Fetch before the kernel that writes the new rows
   // (which must wait for it), Flush after that kernel (order it with an event or the stream).
   absl::Status Fetch(const AppendPlan& plan);
@@ -63,7 +77,10 @@ class CudaCopyEngine {
   size_t unit_bytes_ = 0;
   int max_transfers_ = 0;
   int num_sms_ = 0;
+  int min_launch_units_ = 1;
   cudaStream_t stream_ = nullptr;
+  // One gather of transfers [begin, begin + count), then the events of layers [first, end).
+  absl::Status LaunchGroup(int begin, int count, int first_layer, int end_layer);
   std::vector<cudaEvent_t> layer_events_;
   cudaEvent_t upload_done_ = nullptr;
   // Pinned staging of the transfer list and its device copy.

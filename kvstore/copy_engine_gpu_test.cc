@@ -42,10 +42,23 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
       }
       absl::StatusOr<PrefetchPlan> plan = PlanPrefetch(sel, 5, store, cache, step);
       ASSERT_TRUE(plan.ok()) << plan.status();
+      // One launch per layer, small groups, and every layer in one launch.
+      const int group_units[] = {1, 5, 40, 1 << 20};
+      (*engine)->set_min_launch_units(group_units[step % 4]);
       ASSERT_TRUE((*engine)->Execute(*plan).ok());
-      ASSERT_EQ(cudaEventSynchronize((*engine)->layer_done(3)), cudaSuccess);
+      // Layer 0's event alone says its units are in, whatever group moved them.
+      ASSERT_EQ(cudaEventSynchronize((*engine)->layer_done(0)), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(back.data(), pool, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
       const BlockTable* t = store.Find(5);
+      for (int list = 0; list < 3; ++list) {
+        for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
+          const std::byte* host = store.unit(t->blocks[sel.blocks[i]], 0, list);
+          ASSERT_EQ(std::memcmp(back.data() + plan->slots[i] * unit, host, unit), 0)
+              << "layer 0 at its event, step " << step << " head " << list << " block " << sel.blocks[i];
+        }
+      }
+      ASSERT_EQ(cudaEventSynchronize((*engine)->layer_done(3)), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(back.data(), pool, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
       for (int list = 0; list < 12; ++list) {
         for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
           const std::byte* host = store.unit(t->blocks[sel.blocks[i]], list / 3, list % 3);

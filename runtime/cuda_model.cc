@@ -730,7 +730,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_begin, copier->stream()), "event");
       SCOUT_RETURN_IF_ERROR(copier->Fetch(tp.append));
       SCOUT_RETURN_IF_ERROR(copier->Upload(tp.prefetch));
-      for (int64_t layer = 0; layer < L; ++layer) SCOUT_RETURN_IF_ERROR(copier->LaunchLayer(tp.prefetch, static_cast<int>(layer)));
+      SCOUT_RETURN_IF_ERROR(copier->LaunchLayers(tp.prefetch));
       SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_end, copier->stream()), "event");
     }
     uint16_t* const pool_kv = pool.as<uint16_t>();
