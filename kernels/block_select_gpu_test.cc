@@ -32,6 +32,13 @@ TEST(BlockSelectGpuTest, SameListsAsReference) {
       {{8192}, 4, 64, 32, 820, 1, 4, true},     // ties everywhere
       {{4096, 4096}, 2, 16, 8, 4096, 1, 4, false},  // budget = whole context
       {{65536}, 4, 16, 4, 6554, 1, 4, false},   // 1M tokens
+      // Register-key kernel (max_blocks % 4 == 0, up to 8192): each chunk size, lists ending
+      // inside a float4 chunk, a one-block sequence, ties, a budget of every block.
+      {{1, 4}, 4, 8, 5, 3, 1, 4, false},
+      {{2048, 5, 701}, 3, 16, 6, 70, 2, 4, true},
+      {{8000, 4001, 3}, 4, 64, 12, 800, 1, 4, false},
+      {{8192}, 4, 64, 32, 820, 1, 4, true},
+      {{3000, 3072}, 1, 4, 4, 3072, 1, 4, false},
   };
   uint32_t seed = 11;
   for (const Case& c : cases) {
