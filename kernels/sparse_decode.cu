@@ -31,7 +31,8 @@ __device__ __forceinline__ void Bf16x8ToFloat(const uint4& raw, float (&f)[8]) {
 // log2(e) folded into q. Writes unnormalised partial output, running max and sum per row.
 template <int HD, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDecodeParams p, int blocks_per_split,
-                                                                       int total_q_rows, float* ws_o, float* ws_ml) {
+                                                                       int total_q_rows, float* ws_o, float* ws_ml,
+                                                                       bool evict_first) {
   constexpr int LANES = HD / 8;             // lanes per token
   constexpr int TOK_PER_LOAD = 32 / LANES;  // tokens a warp covers per 16-byte load
   constexpr int ITERS = kKvBlockSize / TOK_PER_LOAD;
@@ -77,8 +78,10 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeSplitKernel(SparseDec
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int off = (i * TOK_PER_LOAD + tok) * HD + sub * 8;
-      kr[i] = __ldg(reinterpret_cast<const uint4*>(kb + off));
-      vr[i] = __ldg(reinterpret_cast<const uint4*>(kb + kKvBlockSize * HD + off));
+      const uint4* kp = reinterpret_cast<const uint4*>(kb + off);
+      const uint4* vp = reinterpret_cast<const uint4*>(kb + kKvBlockSize * HD + off);
+      kr[i] = evict_first ? __ldcs(kp) : __ldg(kp);  // ld.global.cs: L2 evict-first
+      vr[i] = evict_first ? __ldcs(vp) : __ldg(vp);
     }
     float sc[ROWS][ITERS];
 #pragma unroll
@@ -183,6 +186,11 @@ __global__ void SparseDecodeMergeKernel(SparseDecodeParams p, int num_splits, in
   // loop of dependent global loads per split cost ~0.6 us a split (measured: 33 splits were a
   // quarter of a 32k decode).
   extern __shared__ float ml[];  // [num_splits][2]
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent launch this may start before the splits finish: wait
+  // for them (a no-op for an ordinary launch).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int64_t rh = blockIdx.x;  // row * num_heads + head
   const int d = threadIdx.x;
   const int64_t stride = (int64_t)total_q_rows * p.num_heads;
@@ -195,12 +203,22 @@ __global__ void SparseDecodeMergeKernel(SparseDecodeParams p, int num_splits, in
   for (int sp = 0; sp < num_splits; ++sp) mx = fmaxf(mx, ml[2 * sp]);
   float acc = 0.0f, sum = 0.0f;
   if (mx != -INFINITY) {
-#pragma unroll 8
-    for (int sp = 0; sp < num_splits; ++sp) {
-      const float m = ml[2 * sp];
-      const float f = m == -INFINITY ? 0.0f : exp2f(m - mx);
-      acc += f * ws_o[(sp * stride + rh) * HD + d];
-      sum += f * ml[2 * sp + 1];
+    // 32 splits' loads in flight before any is used: the loop is latency-bound (8 at a time
+    // would wait on L2 seven times at 49 splits).
+    constexpr int kChunk = 32;
+    for (int sp0 = 0; sp0 < num_splits; sp0 += kChunk) {
+      float o[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) o[i] = sp0 + i < num_splits ? ws_o[((sp0 + i) * stride + rh) * HD + d] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (sp0 + i < num_splits) {
+          const float m = ml[2 * (sp0 + i)];
+          const float f = m == -INFINITY ? 0.0f : exp2f(m - mx);
+          acc += f * o[i];
+          sum += f * ml[2 * (sp0 + i) + 1];
+        }
+      }
     }
   }
   const float v = sum > 0.0f ? acc / sum : 0.0f;
@@ -213,29 +231,165 @@ __global__ void SparseDecodeMergeKernel(SparseDecodeParams p, int num_splits, in
 constexpr int kMmaRows = 16;
 
 template <int HD>
-constexpr int MmaSmemBytes() {
-  return kMmaRows * HD * 2 + kWarps * 2 /*stages*/ * 2 /*K,V*/ * kKvBlockSize * HD * 2;
+constexpr int MmaSmemBytes(int stages) {
+  return kMmaRows * HD * 2 + kWarps * stages * 2 /*K,V*/ * kKvBlockSize * HD * 2;
+}
+
+struct MmaArgs {
+  int blocks_per_split = 0;
+  int total_q_rows = 0;
+  int num_splits = 0;
+  float* ws_o = nullptr;
+  float* ws_ml = nullptr;
+  unsigned int* counters = nullptr;  // kInKernel: [row_groups x num_seqs x num_kv_heads], zeroed
+  bool in_kernel_merge = false;
+  bool trigger_dependents = false;  // kKernelPdl: let the merge kernel start early
+};
+
+// Rows [0, nr) of the CTA's group: combines every split's partial (unnormalised output, max, sum)
+// and writes bf16 output and, if asked, the log-sum-exp. Loads go through L2 (__ldcg): other CTAs
+// wrote them. HD / 8 splits' loads are issued before any is used.
+template <int HD>
+__device__ void MergeSplitsOfGroup(const SparseDecodeParams& p, const SplitWork& w, int nr, const MmaArgs& a) {
+  constexpr int C4 = HD / 4;
+  constexpr int kChunk = HD / 8;  // registers: no more than the main loop needs
+  const int64_t stride = (int64_t)a.total_q_rows * p.num_heads;
+  for (int idx = threadIdx.x; idx < nr * C4; idx += blockDim.x) {
+    const int r = idx / C4, c = idx % C4;
+    const int64_t rh = w.q_row(p, w.row0 + r);
+    float mx = -INFINITY, sum = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int sp0 = 0; sp0 < a.num_splits; sp0 += kChunk) {
+      float m[kChunk], l[kChunk];
+      float4 o[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int sp = sp0 + i;
+        if (sp < a.num_splits) {
+          const int64_t at = sp * stride + rh;
+          m[i] = __ldcg(a.ws_ml + at * 2);
+          l[i] = __ldcg(a.ws_ml + at * 2 + 1);
+          o[i] = __ldcg(reinterpret_cast<const float4*>(a.ws_o + at * HD) + c);
+        } else {
+          m[i] = -INFINITY;
+          l[i] = 0.0f;
+          o[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const float mn = fmaxf(mx, m[i]);
+        const float mu = mn == -INFINITY ? 0.0f : mn;  // nothing seen yet: keep zeros
+        const float fa = exp2f(mx - mu), fb = exp2f(m[i] - mu);
+        acc.x = acc.x * fa + o[i].x * fb;
+        acc.y = acc.y * fa + o[i].y * fb;
+        acc.z = acc.z * fa + o[i].z * fb;
+        acc.w = acc.w * fa + o[i].w * fb;
+        sum = sum * fa + l[i] * fb;
+        mx = mn;
+      }
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD + c * 4);
+    dst[0] = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
+    dst[1] = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
+    if (p.lse != nullptr && c == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
+  }
 }
 
 // Same contract and output as SparseDecodeSplitKernel with 16 rows per CTA: each warp takes a
 // 16-token block at a time, S = Q K^T and O += P V on the tensor cores (m16n8k16), K and V staged
-// through shared memory by cp.async two blocks deep.
-template <int HD>
-__global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecodeParams p, int blocks_per_split,
-                                                                     int total_q_rows, float* ws_o, float* ws_ml) {
+// through shared memory: by cp.async STAGES blocks deep, or with LDCS (STAGES 2) by ld.global.cs
+// (L2 evict-first) into registers one block ahead, then stored. With in_kernel_merge the last CTA
+// of the group to finish also merges the splits (MergeSplitsOfGroup).
+template <int HD, int STAGES, bool LDCS>
+__global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecodeParams p, MmaArgs a) {
+  static_assert(!LDCS || STAGES == 2, "the register path holds one block ahead: two stages");
   constexpr int CH = HD / 8;        // 16-byte chunks per row
   constexpr int KS = HD / 16;       // k-steps of Q K^T
   constexpr int NT = HD / 8;        // n-tiles of O
   constexpr int TILE = kKvBlockSize * HD * 2;
+  constexpr int PER_LANE = 2 * kKvBlockSize * CH / 32;  // 16-byte chunks of a K/V unit per lane
   extern __shared__ __align__(128) uint8_t smem[];
-  const SplitWork w = GetSplitWork(p, kMmaRows, blocks_per_split);
+  __shared__ int stage_logical[kWarps][STAGES];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.trigger_dependents) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  const SplitWork w = GetSplitWork(p, kMmaRows, a.blocks_per_split);
   if (w.empty()) return;
   const int split = w.split, nrows = w.nrows, row0 = w.row0;
   const int len = w.len, e0 = w.e0, e1 = w.e1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   uint8_t* q_s = smem;
-  uint8_t* kv_s = smem + kMmaRows * HD * 2 + warp * 2 * 2 * TILE;
+  uint8_t* kv_s = smem + kMmaRows * HD * 2 + warp * STAGES * 2 * TILE;
+
+  // The warp reads entries e0 + warp + kWarps * k, k < n. Their units and logical blocks are
+  // looked up 32 at a time, one per lane, ahead of the copies: each lookup is two dependent loads
+  // (list entry, block table) that would otherwise stall every issue.
+  const int n = e1 - e0 > warp ? (e1 - e0 - warp + kWarps - 1) / kWarps : 0;
+  int64_t batch_unit = 0;
+  int batch_logical = 0;
+  auto lookup = [&](int k0) {
+    const int k = k0 + lane;
+    if (k < n) {
+      const int e = e0 + warp + kWarps * k;
+      batch_logical = w.logical(p, e);
+      batch_unit = w.unit_index(p, e);
+    }
+  };
+  // Entry k's unit; lookups happen in order of k, all lanes together.
+  auto unit_of = [&](int k, int* logical) {
+    if ((k & 31) == 0) lookup(k);
+    *logical = __shfl_sync(0xffffffffu, batch_logical, k & 31);
+    return p.kv + __shfl_sync(0xffffffffu, batch_unit, k & 31) * (2 * kKvBlockSize * HD);
+  };
+  // Chunk i of a lane: source offset in the unit and destination in a (swizzled) stage.
+  auto chunk_src = [&](int i) {
+    const int idx = i * 32 + lane, which = idx / (kKvBlockSize * CH), rem = idx % (kKvBlockSize * CH);
+    return which * kKvBlockSize * HD + (rem / CH) * HD + (rem % CH) * 8;
+  };
+  auto chunk_dst = [&](int i) {
+    const int idx = i * 32 + lane, which = idx / (kKvBlockSize * CH), rem = idx % (kKvBlockSize * CH);
+    return which * TILE + Swz<HD>(rem / CH, rem % CH);
+  };
+  auto issue = [&](int k, int stage) {  // cp.async path
+    if (k < n) {
+      int logical;
+      const uint16_t* kb = unit_of(k, &logical);
+      if (lane == 0) stage_logical[warp][stage] = logical;
+      uint8_t* dst = kv_s + stage * 2 * TILE;
+#pragma unroll
+      for (int i = 0; i < PER_LANE; ++i) CpAsync16(SmemAddr(dst + chunk_dst(i)), kb + chunk_src(i));
+    }
+    CpAsyncCommit();
+  };
+  uint4 held[LDCS ? PER_LANE : 1];  // register path: the next unit, in flight
+  int held_logical = 0;
+  auto load_held = [&](int k) {
+    if constexpr (LDCS) {
+      if (k < n) {
+        const uint16_t* kb = unit_of(k, &held_logical);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) held[i] = __ldcs(reinterpret_cast<const uint4*>(kb + chunk_src(i)));
+      }
+    }
+  };
+  auto store_held = [&](int stage) {
+    if constexpr (LDCS) {
+      uint8_t* dst = kv_s + stage * 2 * TILE;
+#pragma unroll
+      for (int i = 0; i < PER_LANE; ++i) *reinterpret_cast<uint4*>(dst + chunk_dst(i)) = held[i];
+      if (lane == 0) stage_logical[warp][stage] = held_logical;
+    }
+  };
+  // K/V loads start before the query tile loads, so that the two latencies overlap.
+  if constexpr (LDCS) {
+    load_held(0);
+  } else {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+  }
   uint32_t qa[KS][4];
   LoadQFragments<HD>(p, w, q_s, qa);
   const int qp[2] = {w.qpos(row0 + g), w.qpos(row0 + g + 8)};
@@ -243,31 +397,26 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   float o[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-
-  auto issue = [&](int e, int stage) {
-    if (e < e1) {
-      const uint16_t* kb = w.unit(p, e, HD);
-      uint8_t* dst = kv_s + stage * 2 * TILE;
-#pragma unroll
-      for (int i = 0; i < 2 * kKvBlockSize * CH / 32; ++i) {
-        const int idx = i * 32 + lane;
-        const int which = idx / (kKvBlockSize * CH), rem = idx % (kKvBlockSize * CH);
-        const int r = rem / CH, c = rem % CH;
-        CpAsync16(SmemAddr(dst + which * TILE + Swz<HD>(r, c)), kb + which * kKvBlockSize * HD + r * HD + c * 8);
-      }
+  if constexpr (LDCS) {
+    if (n > 0) {
+      store_held(0);
+      load_held(1);
     }
-    CpAsyncCommit();
-  };
-  const float qscale = p.scale * kLog2e;
-  issue(e0 + warp, 0);
-  int stage = 0;
-  for (int e = e0 + warp; e < e1; e += kWarps) {
-    issue(e + kWarps, stage ^ 1);
-    CpAsyncWait<1>();
     __syncwarp();
+  }
+
+  const float qscale = p.scale * kLog2e;
+  int stage = 0, next_stage = STAGES - 1;
+  for (int k = 0; k < n; ++k) {
+    if constexpr (!LDCS) {
+      issue(k + STAGES - 1, next_stage);
+      next_stage = next_stage == STAGES - 1 ? 0 : next_stage + 1;
+      CpAsyncWait<STAGES - 1>();
+      __syncwarp();
+    }
     const uint8_t* ks = kv_s + stage * 2 * TILE;
     const uint8_t* vs = ks + TILE;
-    const int logical = w.logical(p, e);
+    const int logical = stage_logical[warp][stage];
     float sc[2][4];
     ScoreTile<HD>(qa, ks, sc);
     // Mask, scale to base 2, online softmax per row (rows g and g + 8 of the tile).
@@ -325,8 +474,15 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
         Mma16816(o[2 * jj + 1], pa, b[2], b[3]);
       }
     }
-    __syncwarp();  // every lane is done with this stage before the next issue overwrites it
-    stage ^= 1;
+    __syncwarp();  // every lane is done with this stage before a later copy overwrites it
+    if constexpr (LDCS) {
+      if (k + 1 < n) {
+        store_held(stage ^ 1);  // waits for the unit in flight
+        load_held(k + 2);
+      }
+      __syncwarp();
+    }
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
   }
   CpAsyncWait<0>();
 #pragma unroll
@@ -367,25 +523,82 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
         sum += f * sl[wp * kMmaRows + r];
       }
     }
-    const int64_t out_row = (int64_t)split * total_q_rows * p.num_heads + w.q_row(p, row);
-    ws_o[out_row * HD + d] = acc;
+    const int64_t out_row = (int64_t)split * a.total_q_rows * p.num_heads + w.q_row(p, row);
+    a.ws_o[out_row * HD + d] = acc;
     if (d == 0) {
-      ws_ml[out_row * 2] = mx;
-      ws_ml[out_row * 2 + 1] = sum;
+      a.ws_ml[out_row * 2] = mx;
+      a.ws_ml[out_row * 2 + 1] = sum;
     }
   }
+  if (!a.in_kernel_merge) return;
+  // Arrive; the last of the group's num_splits CTAs merges. The fences order this CTA's partial
+  // before its arrival and the others' partials before the merge's reads (threadFenceReduction in
+  // the CUDA samples).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int arrived = atomicAdd(a.counters + blockIdx.z * gridDim.x + blockIdx.x, 1u);
+    last = arrived == static_cast<unsigned int>(a.num_splits) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  MergeSplitsOfGroup<HD>(p, w, min(kMmaRows, nrows - row0), a);
+}
+
+template <int HD, int STAGES, bool LDCS = false>
+cudaError_t LaunchMma(const SparseDecodeParams& p, const SparseDecodePlan& plan, const MmaArgs& a,
+                      cudaStream_t stream) {
+  static const cudaError_t attr = cudaFuncSetAttribute(SparseDecodeMmaKernel<HD, STAGES, LDCS>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                       MmaSmemBytes<HD>(STAGES));
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(plan.row_groups, plan.num_splits, p.num_seqs * p.num_kv_heads);
+  SparseDecodeMmaKernel<HD, STAGES, LDCS><<<grid, kWarps * 32, MmaSmemBytes<HD>(STAGES), stream>>>(p, a);
+  return cudaGetLastError();
 }
 
 template <int HD>
-cudaError_t LaunchMma(const SparseDecodeParams& p, const SparseDecodePlan& plan, float* ws_o, float* ws_ml,
-                      cudaStream_t stream) {
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      SparseDecodeMmaKernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, MmaSmemBytes<HD>());
-  if (attr != cudaSuccess) return attr;
-  const dim3 grid(plan.row_groups, plan.num_splits, p.num_seqs * p.num_kv_heads);
-  SparseDecodeMmaKernel<HD><<<grid, kWarps * 32, MmaSmemBytes<HD>(), stream>>>(p, plan.blocks_per_split,
-                                                                                 plan.total_q_rows, ws_o, ws_ml);
-  return cudaGetLastError();
+cudaError_t LaunchMmaStages(const SparseDecodeParams& p, const SparseDecodePlan& plan, const MmaArgs& a,
+                            cudaStream_t stream) {
+  if (plan.kv_evict_first) return plan.stages == 2 ? LaunchMma<HD, 2, true>(p, plan, a, stream) : cudaErrorInvalidValue;
+  switch (plan.stages) {
+    case 2: return LaunchMma<HD, 2>(p, plan, a, stream);
+    case 3: return LaunchMma<HD, 3>(p, plan, a, stream);
+    case 4: return LaunchMma<HD, 4>(p, plan, a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <int HD, int STAGES>
+int MmaCtasPerSm() {
+  int n = 0;
+  if (cudaFuncSetAttribute(SparseDecodeMmaKernel<HD, STAGES, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           MmaSmemBytes<HD>(STAGES)) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, SparseDecodeMmaKernel<HD, STAGES, false>, kWarps * 32,
+                                                    MmaSmemBytes<HD>(STAGES)) != cudaSuccess) {
+    return 0;
+  }
+  return n;
+}
+
+template <int HD>
+cudaError_t LaunchMerge(const SparseDecodeParams& p, const SparseDecodePlan& plan, const float* ws_o,
+                        const float* ws_ml, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(plan.total_q_rows * p.num_heads);
+  cfg.blockDim = dim3(HD);
+  cfg.dynamicSmemBytes = 2 * sizeof(float) * plan.num_splits;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (plan.rows_per_cta == kMmaRows && plan.merge == SparseDecodeMerge::kKernelPdl) {
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, SparseDecodeMergeKernel<HD>, p, plan.num_splits, plan.total_q_rows, ws_o, ws_ml);
 }
 
 }  // namespace
@@ -405,7 +618,8 @@ int SparseDecodeCudaCoreRows(int num_heads, int num_kv_heads, int max_q_tokens) 
   return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 0;
 }
 
-int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta) {
+int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta, int stages) {
+  if (stages == 0) stages = kSparseDecodeDefaultStages;
   int n = 0;
   const void* fn = nullptr;
   switch (head_dim * 100 + rows_per_cta) {
@@ -416,21 +630,11 @@ int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta) {
     case 12802: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 2>); break;
     case 12804: fn = reinterpret_cast<const void*>(SparseDecodeSplitKernel<128, 4>); break;
     case 6416:
-      if (cudaFuncSetAttribute(SparseDecodeMmaKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               MmaSmemBytes<64>()) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, SparseDecodeMmaKernel<64>, kWarps * 32,
-                                                        MmaSmemBytes<64>()) != cudaSuccess) {
-        return 0;
-      }
-      return n;
+      return stages == 2 ? MmaCtasPerSm<64, 2>() : stages == 3 ? MmaCtasPerSm<64, 3>()
+                                                 : stages == 4 ? MmaCtasPerSm<64, 4>() : 0;
     case 12816:
-      if (cudaFuncSetAttribute(SparseDecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               MmaSmemBytes<128>()) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, SparseDecodeMmaKernel<128>, kWarps * 32,
-                                                        MmaSmemBytes<128>()) != cudaSuccess) {
-        return 0;
-      }
-      return n;
+      return stages == 2 ? MmaCtasPerSm<128, 2>() : stages == 3 ? MmaCtasPerSm<128, 3>()
+                                                  : stages == 4 ? MmaCtasPerSm<128, 4>() : 0;
     default: return 0;
   }
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kWarps * 32, 0) != cudaSuccess) return 0;
@@ -446,14 +650,23 @@ SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads,
   plan.row_groups = (rows + plan.rows_per_cta - 1) / plan.rows_per_cta;
   const int base_ctas = std::max(1, num_seqs * num_kv_heads * plan.row_groups);
   if (num_splits <= 0) {
-    // One full wave of resident CTAs, and at least one block per warp in every split.
-    const int slots = std::max(1, num_sms * std::max(1, ctas_per_sm));
-    num_splits = std::max(1, std::min(slots / base_ctas, (max_list_blocks + kWarps - 1) / kWarps));
+    // num_sms / lists splits, at most one wave, at least one block per warp in every split.
+    // Filling every resident slot was slower at batch 1 (H100, 128k, 10% lists, q = 1: 49 splits
+    // 42.3 us, 16 splits 38.8 us; q = 5, two row groups: 24 splits 45.2 us, 16 splits 41.9 us).
+    const int lists = std::max(1, num_seqs * num_kv_heads);
+    const int wave = std::max(1, num_sms * std::max(1, ctas_per_sm) / base_ctas);
+    num_splits = std::max(1, std::min({num_sms / lists, wave, (max_list_blocks + kWarps - 1) / kWarps}));
   }
   plan.num_splits = num_splits;
   plan.total_q_rows = total_q_rows;
   plan.blocks_per_split = std::max(1, (max_list_blocks + num_splits - 1) / num_splits);
-  plan.workspace_bytes = sizeof(float) * static_cast<size_t>(num_splits) * total_q_rows * num_heads * (head_dim + 2);
+  plan.num_counters = num_seqs * num_kv_heads * plan.row_groups;
+  // The in-kernel merge gives each of a CTA's 128 threads one (row, 4 dims) to combine across the
+  // splits: one pass when rows x head_dim <= 512. Beyond that it serialises (q = 5 at 128k: 48.1
+  // us against 44.9 with the merge kernel), so the merge kernel runs instead.
+  plan.merge = rows * head_dim <= kWarps * 32 * 4 ? SparseDecodeMerge::kInKernel : SparseDecodeMerge::kKernelPdl;
+  const size_t partials = sizeof(float) * static_cast<size_t>(num_splits) * total_q_rows * num_heads * (head_dim + 2);
+  plan.workspace_bytes = partials + sizeof(unsigned int) * static_cast<size_t>(plan.num_counters);
   return plan;
 }
 
@@ -462,42 +675,54 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
   if ((p.head_dim != 64 && p.head_dim != 128) || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
-  if (p.block_lse != nullptr && plan.rows_per_cta != 16) return cudaErrorInvalidValue;  // tensor-core kernel only
+  if (p.block_lse != nullptr && plan.rows_per_cta != kMmaRows) return cudaErrorInvalidValue;  // tensor-core kernel only
   const int total_q_rows = plan.total_q_rows;
   float* ws_o = static_cast<float*>(workspace);
   float* ws_ml = ws_o + static_cast<size_t>(plan.num_splits) * total_q_rows * p.num_heads * p.head_dim;
+  unsigned int* counters =
+      reinterpret_cast<unsigned int*>(ws_ml + static_cast<size_t>(plan.num_splits) * total_q_rows * p.num_heads * 2);
   const dim3 grid(plan.row_groups, plan.num_splits, p.num_seqs * p.num_kv_heads);
   const dim3 block(kWarps * 32);
+  const bool mma = plan.rows_per_cta == kMmaRows;
+  const bool in_kernel = mma && plan.merge == SparseDecodeMerge::kInKernel;
 #define SCOUT_SPLIT(HD, ROWS)                                                                              \
   SparseDecodeSplitKernel<HD, ROWS><<<grid, block, 0, stream>>>(p, plan.blocks_per_split, total_q_rows, ws_o, \
-                                                                 ws_ml)
+                                                                 ws_ml, plan.kv_evict_first)
   const int key = p.head_dim * 100 + plan.rows_per_cta;
-  switch (key) {
-    case 6401: SCOUT_SPLIT(64, 1); break;
-    case 6402: SCOUT_SPLIT(64, 2); break;
-    case 6404: SCOUT_SPLIT(64, 4); break;
-    case 12801: SCOUT_SPLIT(128, 1); break;
-    case 12802: SCOUT_SPLIT(128, 2); break;
-    case 12804: SCOUT_SPLIT(128, 4); break;
-    case 6416:
-      if (cudaError_t e = LaunchMma<64>(p, plan, ws_o, ws_ml, stream); e != cudaSuccess) return e;
-      break;
-    case 12816:
-      if (cudaError_t e = LaunchMma<128>(p, plan, ws_o, ws_ml, stream); e != cudaSuccess) return e;
-      break;
-    default: return cudaErrorInvalidValue;
+  if (mma) {
+    if (in_kernel && plan.num_counters > 0) {
+      if (cudaError_t e = cudaMemsetAsync(counters, 0, sizeof(unsigned int) * plan.num_counters, stream); e != cudaSuccess) {
+        return e;
+      }
+    }
+    MmaArgs a;
+    a.blocks_per_split = plan.blocks_per_split;
+    a.total_q_rows = total_q_rows;
+    a.num_splits = plan.num_splits;
+    a.ws_o = ws_o;
+    a.ws_ml = ws_ml;
+    a.counters = counters;
+    a.in_kernel_merge = in_kernel;
+    a.trigger_dependents = plan.merge == SparseDecodeMerge::kKernelPdl;
+    const cudaError_t e = p.head_dim == 64 ? LaunchMmaStages<64>(p, plan, a, stream)
+                                           : LaunchMmaStages<128>(p, plan, a, stream);
+    if (e != cudaSuccess) return e;
+  } else {
+    switch (key) {
+      case 6401: SCOUT_SPLIT(64, 1); break;
+      case 6402: SCOUT_SPLIT(64, 2); break;
+      case 6404: SCOUT_SPLIT(64, 4); break;
+      case 12801: SCOUT_SPLIT(128, 1); break;
+      case 12802: SCOUT_SPLIT(128, 2); break;
+      case 12804: SCOUT_SPLIT(128, 4); break;
+      default: return cudaErrorInvalidValue;
+    }
   }
 #undef SCOUT_SPLIT
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  if (total_q_rows == 0) return cudaSuccess;
-  if (p.head_dim == 64) {
-    SparseDecodeMergeKernel<64><<<total_q_rows * p.num_heads, 64, 2 * sizeof(float) * plan.num_splits, stream>>>(
-        p, plan.num_splits, total_q_rows, ws_o, ws_ml);
-  } else {
-    SparseDecodeMergeKernel<128><<<total_q_rows * p.num_heads, 128, 2 * sizeof(float) * plan.num_splits, stream>>>(
-        p, plan.num_splits, total_q_rows, ws_o, ws_ml);
-  }
-  return cudaGetLastError();
+  if (total_q_rows == 0 || in_kernel) return cudaSuccess;
+  return p.head_dim == 64 ? LaunchMerge<64>(p, plan, ws_o, ws_ml, stream)
+                          : LaunchMerge<128>(p, plan, ws_o, ws_ml, stream);
 }
 
 }  // namespace scout::kernels

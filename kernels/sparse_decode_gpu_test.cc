@@ -22,8 +22,27 @@ T* ToDevice(const std::vector<T>& v, std::vector<void*>* owned) {
   return d;
 }
 
-// Runs the kernel on the problem; returns its bf16 output.
-std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta = 0) {
+// Kernel knobs (SparseDecodePlan); stages 0 keeps all of the plan's choices.
+struct Tune {
+  int stages = 0;
+  SparseDecodeMerge merge = SparseDecodeMerge::kKernel;
+  bool evict_first = false;
+};
+// Every non-default path the decode kernel has, run on every case beside the default.
+std::vector<Tune> AllTunes() {
+  std::vector<Tune> t;
+  for (int stages : {2, 3, 4}) {
+    for (SparseDecodeMerge m : {SparseDecodeMerge::kKernel, SparseDecodeMerge::kKernelPdl, SparseDecodeMerge::kInKernel}) {
+      t.push_back({stages, m, false});
+    }
+  }
+  return t;
+}
+
+// Runs the kernel on the problem; returns its bf16 output (and, if lse is given, each row's
+// log-sum-exp). The workspace starts as garbage (0xff bytes): the kernel must need no contents.
+std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta = 0, Tune tune = {},
+                             std::vector<float>* lse = nullptr, int launches = 1) {
   std::vector<void*> owned;
   SparseDecodeParams p = pr.params();
   p.q = ToDevice(pr.q, &owned);
@@ -43,17 +62,30 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   int sms = 0;
   EXPECT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
   const int rows = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta(p.num_heads, p.num_kv_heads, pr.max_q_tokens());
-  const int ctas = SparseDecodeCtasPerSm(p.head_dim, rows);
+  const int ctas = SparseDecodeCtasPerSm(p.head_dim, rows, tune.stages);
   EXPECT_GT(ctas, 0);
   SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, p.num_heads, p.num_kv_heads, pr.max_q_tokens(),
                                            pr.max_list_blocks(), pr.total_q_rows(), p.head_dim, sms, ctas, num_splits,
                                            rows);
+  if (tune.stages > 0) {
+    plan.stages = tune.stages;
+    plan.merge = tune.merge;
+    plan.kv_evict_first = tune.evict_first;
+  }
+  if (lse != nullptr) {
+    lse->assign(static_cast<size_t>(pr.total_q_rows()) * p.num_heads, 0.0f);
+    p.lse = ToDevice(*lse, &owned);
+  }
   void* ws = nullptr;
   EXPECT_EQ(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
-  EXPECT_EQ(SparseDecode(p, plan, ws, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaMemset(ws, 0xff, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
+  for (int i = 0; i < launches; ++i) EXPECT_EQ(SparseDecode(p, plan, ws, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint16_t> out(pr.out.size());
   EXPECT_EQ(cudaMemcpy(out.data(), p.out, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  if (lse != nullptr) {
+    EXPECT_EQ(cudaMemcpy(lse->data(), p.lse, lse->size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
   cudaFree(ws);
   for (void* d : owned) cudaFree(d);
   return out;
@@ -64,8 +96,8 @@ struct Case {
   int num_splits;  // 0: planner's choice
 };
 
-TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
-  std::vector<Case> cases = {
+std::vector<Case> AwkwardCases() {
+  return {
       {{.seq_lens = {1}, .q_tokens = {1}, .num_heads = 1, .num_kv_heads = 1, .head_dim = 64}, 0},
       {{.seq_lens = {17}, .q_tokens = {17}, .num_heads = 4, .num_kv_heads = 4, .head_dim = 128}, 0},
       {{.seq_lens = {16, 32, 48}, .q_tokens = {1, 1, 1}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128}, 0},
@@ -85,18 +117,23 @@ TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
       {{.seq_lens = {4097}, .q_tokens = {3}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .keep_fraction = 0.3,
         .sliding_window = 1000}, 5},
   };
+}
+
+// Each case of AwkwardCases on the tensor-core kernel with each tune and, where it applies, the
+// CUDA-core kernel; outputs against the reference.
+void CheckAwkwardCases(const std::vector<Tune>& tunes, bool cuda_core, Tune cuda_core_tune = {}) {
   uint32_t seed = 7;
-  for (const Case& c : cases) {
+  for (const Case& c : AwkwardCases()) {
     DecodeProblem pr = MakeDecodeProblem(c.shape, seed++);
     std::vector<float> ref(pr.out.size()), ref_abs(pr.out.size());
     DecodeProblem ref_pr = pr;
     SparseDecodeRef(ref_pr.params(), ref.data(), ref_abs.data());
-    // Each case on the default (tensor-core) kernel and, where it applies, the CUDA-core one.
     const int cc = SparseDecodeCudaCoreRows(c.shape.num_heads, c.shape.num_kv_heads, pr.max_q_tokens());
-    std::vector<int> variants = {0};
-    if (cc > 0) variants.push_back(cc);
-    for (int rows : variants) {
-    std::vector<uint16_t> got = RunGpu(pr, c.num_splits, rows);
+    std::vector<std::pair<int, Tune>> variants;
+    for (const Tune& t : tunes) variants.push_back({t.stages > 0 ? 16 : 0, t});
+    if (cuda_core && cc > 0) variants.push_back({cc, cuda_core_tune});
+    for (const auto& [rows, tune] : variants) {
+    std::vector<uint16_t> got = RunGpu(pr, c.num_splits, rows, tune);
     int bad = 0;
     double worst = 0;
     for (size_t i = 0; i < got.size(); ++i) {
@@ -113,12 +150,28 @@ TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
         ADD_FAILURE() << "element " << i << ": gpu " << g << " ref " << ref[i] << " bound " << bound;
       }
     }
-    std::printf("case %zu seqs, first len %d, rows/cta %d: worst error %.2f of its bound\n", c.shape.seq_lens.size(),
-                c.shape.seq_lens[0], rows, worst);
+    std::printf("case %zu seqs, first len %d, rows/cta %d, stages %d merge %d evict %d: worst error %.2f of its bound\n",
+                c.shape.seq_lens.size(), c.shape.seq_lens[0], rows, tune.stages, static_cast<int>(tune.merge),
+                tune.evict_first, worst);
     EXPECT_EQ(bad, 0) << "seqs " << c.shape.seq_lens.size() << " first len " << c.shape.seq_lens[0] << " rows/cta "
-                      << rows;
+                      << rows << " stages " << tune.stages << " merge " << static_cast<int>(tune.merge);
     }
   }
+}
+
+TEST(SparseDecodeGpuTest, MatchesReferenceOnAwkwardShapes) {
+  std::vector<Tune> tunes = {Tune{}};
+  for (const Tune& t : AllTunes()) tunes.push_back(t);
+  CheckAwkwardCases(tunes, /*cuda_core=*/true);
+}
+
+// L2 evict-first loads (ld.global.cs into registers) on both kernels. Kept apart from the
+// others: the earlier cp.async cache-policy form died of an illegal instruction, which poisons
+// the CUDA context of every later test in the process.
+TEST(SparseDecodeGpuTest, EvictFirstMatchesReference) {
+  CheckAwkwardCases({{2, SparseDecodeMerge::kKernel, true}, {2, SparseDecodeMerge::kInKernel, true},
+                     {2, SparseDecodeMerge::kKernelPdl, true}},
+                    /*cuda_core=*/true, {2, SparseDecodeMerge::kKernel, true});
 }
 
 // The same sparse problems with the blocks read from a unit pool (the GPU block cache layout):
@@ -139,10 +192,40 @@ TEST(SparseDecodeGpuTest, UnitPoolMatchesPagedReference) {
     DecodeProblem units = pr;
     SparseDecodeRef(units.params(), ref_units.data());
     EXPECT_EQ(ref_units, ref) << "the reference disagrees with itself across layouts";
-    std::vector<uint16_t> got = RunGpu(pr, 0);
-    for (size_t i = 0; i < got.size(); ++i) {
-      const double bound = 1e-5 + std::abs(ref[i]) * 0x1p-7 + ref_abs[i] * 0x1p-8;
-      ASSERT_LE(std::abs(Bf16ToFloat(got[i]) - ref[i]), bound) << "element " << i;
+    for (const Tune& tune : {Tune{}, Tune{3, SparseDecodeMerge::kInKernel, false}}) {
+      std::vector<uint16_t> got = RunGpu(pr, 0, 0, tune);
+      for (size_t i = 0; i < got.size(); ++i) {
+        const double bound = 1e-5 + std::abs(ref[i]) * 0x1p-7 + ref_abs[i] * 0x1p-8;
+        ASSERT_LE(std::abs(Bf16ToFloat(got[i]) - ref[i]), bound) << "element " << i << " stages " << tune.stages;
+      }
+    }
+  }
+}
+
+// The in-kernel merge writes the same log-sum-exp as the merge kernel, and its arrival counters
+// work launch after launch on one workspace (each launch zeroes them first).
+TEST(SparseDecodeGpuTest, InKernelMergeLseAndRepeatedLaunches) {
+  const DecodeShape shapes[] = {
+      {.seq_lens = {20000, 1, 16}, .q_tokens = {1, 1, 1}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128,
+       .keep_fraction = 0.1},
+      {.seq_lens = {4096, 33}, .q_tokens = {5, 2}, .num_heads = 8, .num_kv_heads = 1, .head_dim = 64},
+  };
+  uint32_t seed = 90;
+  for (const DecodeShape& shape : shapes) {
+    DecodeProblem pr = MakeDecodeProblem(shape, seed++);
+    std::vector<float> lse_kernel, lse_in;
+    const std::vector<uint16_t> a = RunGpu(pr, 0, 16, {2, SparseDecodeMerge::kKernel, false}, &lse_kernel);
+    const std::vector<uint16_t> b = RunGpu(pr, 0, 16, {2, SparseDecodeMerge::kInKernel, false}, &lse_in, 3);
+    ASSERT_EQ(lse_kernel.size(), lse_in.size());
+    for (size_t i = 0; i < lse_in.size(); ++i) {
+      if (std::isinf(lse_kernel[i]) && lse_kernel[i] == lse_in[i]) continue;  // a row that sees no key
+      // Same partials merged in another order: float rounding only.
+      ASSERT_NEAR(lse_in[i], lse_kernel[i], 1e-4 * (1.0 + std::abs(lse_kernel[i]))) << "row x head " << i;
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+      // One bf16 rounding step apart at most (the two merges round the same float sums).
+      ASSERT_LE(std::abs(Bf16ToFloat(a[i]) - Bf16ToFloat(b[i])), 1e-5 + std::abs(Bf16ToFloat(a[i])) * 0x1p-7)
+          << "element " << i;
     }
   }
 }

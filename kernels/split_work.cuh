@@ -24,12 +24,16 @@ struct SplitWork {
   __device__ int logical(const SparseDecodeParams& p, int e) const {
     return p.sel_indptr != nullptr ? p.sel_blocks[list_begin + e] : e;
   }
+  // Index of entry e's unit in p.kv, counted in units of [2][16][head_dim] (keys, then values):
+  // a slot of the pool, or (physical block, KV head) of the paged cache.
+  __device__ int64_t unit_index(const SparseDecodeParams& p, int e) const {
+    if (p.sel_slots != nullptr) return p.sel_slots[list_begin + e];
+    const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + logical(p, e)];
+    return int64_t{phys} * p.num_kv_heads + kvh;
+  }
   // Start of entry e's unit for this KV head: keys [16][head_dim], then values.
   __device__ const uint16_t* unit(const SparseDecodeParams& p, int e, int head_dim) const {
-    const int64_t unit_elems = int64_t{2} * kKvBlockSize * head_dim;
-    if (p.sel_slots != nullptr) return p.kv + p.sel_slots[list_begin + e] * unit_elems;
-    const int32_t phys = p.block_table[int64_t{s} * p.max_blocks_per_seq + logical(p, e)];
-    return p.kv + (int64_t{phys} * p.num_kv_heads + kvh) * unit_elems;
+    return p.kv + unit_index(p, e) * (int64_t{2} * kKvBlockSize * head_dim);
   }
   // Query row r of this KV head: token r / group, head kvh * group + r % group.
   __device__ int64_t q_row(const SparseDecodeParams& p, int r) const {
