@@ -1,10 +1,18 @@
 // Decode attention on the GPU at Llama-3.1-8B shapes (32 query heads, 8 KV heads, head dim 128,
 // bf16, one layer): dense and STS block-sparse, against the HBM roofline measured in the same run
 // and, when --sdpa-json names the output of bench/sdpa_baseline.py from the same machine, PyTorch
-// SDPA. L2 is flushed before every timed launch (as triton.testing.do_bench does).
+// SDPA. L2 is flushed before every timed launch: by default by writing 256 MB (as
+// triton.testing.do_bench does, which leaves L2 full of dirty lines that the timed kernel's reads
+// must write back), with --flush read by reading 256 MB (L2 full of clean lines), or not at all.
 //
 //   attention_bench [--contexts 32768,131072,524288,1048576] [--batches 1,16] [--q-tokens 1,5]
-//                   [--keep 0.1] [--sdpa-json FILE] [--reps 20]
+//                   [--keep 0.1] [--sdpa-json FILE] [--reps 20] [--flush write|read|none]
+//                   [--cc 0] [--dense 0] [--splits N] [--tune 2k0,3f1,...] [--select-only 1]
+//
+// --tune adds, per case, dense and sts rows with the tensor-core kernel's knobs set: stages
+// (2..4), merge (k: merge kernel, p: merge kernel as a programmatic dependent launch, f: merged
+// by the last split CTA), K/V loads L2 evict-first (0/1). Their err column is the relative L2
+// distance from the default kernel's output on the same inputs.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -36,6 +44,16 @@ __global__ void FillBf16(uint16_t* p, size_t n, uint32_t seed) {
   }
 }
 
+// Reads n 16-byte words and writes nothing (sink is written only if the xor equals `never`).
+__global__ void ReadFlush(const uint4* p, size_t n, uint32_t never, uint32_t* sink) {
+  uint32_t acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == never) *sink = acc;
+}
+
 std::vector<long> ParseList(const std::string& s) {
   std::vector<long> v;
   std::stringstream ss(s);
@@ -63,9 +81,11 @@ std::map<std::string, double> ReadSdpa(const std::string& path) {
 struct Timer {
   void* flush = nullptr;
   size_t flush_bytes = size_t{256} << 20;
+  std::string mode = "write";
   cudaEvent_t a, b;
   Timer() {
     CHECK(cudaMalloc(&flush, flush_bytes));
+    CHECK(cudaMemset(flush, 1, flush_bytes));
     CHECK(cudaEventCreate(&a));
     CHECK(cudaEventCreate(&b));
   }
@@ -87,7 +107,13 @@ struct Timer {
     }
     std::vector<float> t;
     for (int i = 0; i < reps + 2; ++i) {
-      CHECK(cudaMemsetAsync(flush, i, flush_bytes));
+      if (mode == "write") {
+        CHECK(cudaMemsetAsync(flush, i, flush_bytes));
+      } else if (mode == "read") {
+        ReadFlush<<<1056, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, 0x9e3779b9u + i,
+                                 static_cast<uint32_t*>(flush));
+        CHECK(cudaGetLastError());
+      }
       CHECK(cudaEventRecord(a));
       fn();
       CHECK(cudaEventRecord(b));
@@ -107,6 +133,9 @@ int main(int argc, char** argv) {
   std::vector<int> santa_samples;
   int force_splits = 0;  // 0: the planner's choice
   int reps = 20;
+  bool cc = true, dense = true, select_only = false;
+  std::string flush = "write";
+  std::vector<std::string> tunes;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
     if (f == "--contexts") contexts = v;
@@ -117,6 +146,22 @@ int main(int argc, char** argv) {
     else if (f == "--reps") reps = std::stoi(v);
     else if (f == "--splits") force_splits = std::stoi(v);
     else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
+    else if (f == "--flush") flush = v;
+    else if (f == "--cc") cc = v != "0";
+    else if (f == "--dense") dense = v != "0";
+    else if (f == "--select-only") select_only = v != "0";
+    else if (f == "--tune") {
+      std::stringstream ss(v);
+      std::string item;
+      while (std::getline(ss, item, ',')) {
+        if (item.size() != 3 || item[0] < '2' || item[0] > '4' || std::string("kpf").find(item[1]) == std::string::npos ||
+            (item[2] != '0' && item[2] != '1')) {
+          std::fprintf(stderr, "bad --tune item %s\n", item.c_str());
+          return 2;
+        }
+        tunes.push_back(item);
+      }
+    }
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
   std::map<std::string, double> sdpa;
@@ -126,6 +171,11 @@ int main(int argc, char** argv) {
   size_t free_b, total_b;
   CHECK(cudaMemGetInfo(&free_b, &total_b));
   Timer timer;
+  if (flush != "write" && flush != "read" && flush != "none") {
+    std::fprintf(stderr, "--flush write|read|none\n");
+    return 2;
+  }
+  timer.mode = flush;
   std::map<std::string, double> sts_us;  // "ctx,batch,q" -> sparse attention time of one layer
 
   // Copy bandwidth (bytes read + written) of a 2 GiB device-to-device copy.
@@ -142,12 +192,13 @@ int main(int argc, char** argv) {
   }
   std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D)\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12);
+  std::printf("L2 flush before each timed launch: %s\n", flush.c_str());
   std::printf("shape: 32 q heads, 8 KV heads, head dim 128, bf16, one layer; sparse keeps %.0f%% of blocks + sink + last\n\n",
               keep * 100);
   std::printf("%8s %5s %3s %14s | %10s %9s %8s %8s | %10s %8s\n", "context", "batch", "q", "kind", "us", "TB/s",
               "roofline", "splits", "sdpa us", "vs sdpa");
 
-  for (long ctx : ParseList(contexts)) {
+  for (long ctx : select_only ? std::vector<long>{} : ParseList(contexts)) {
     for (long batch : ParseList(batches)) {
       for (long qt : ParseList(qtoks)) {
         const size_t kv_bytes = size_t(batch) * ctx * 8 * 2 * 128 * 2;
@@ -156,11 +207,25 @@ int main(int argc, char** argv) {
                       kv_bytes / double(1 << 30));
           continue;
         }
-        struct Variant { double frac; int rows; const char* name; int santa = 0; };
+        struct Variant { double frac; int rows; const char* name; int santa = 0; const char* tune = nullptr; };
         std::vector<Variant> variants = {{-1.0, 0, "dense"}, {keep, 0, "sts"}};
-        if (int cc = SparseDecodeCudaCoreRows(32, 8, int(qt)); cc > 0) {
-          variants.push_back({-1.0, cc, "dense-cc"});
-          variants.push_back({keep, cc, "sts-cc"});
+        if (int cc_rows = SparseDecodeCudaCoreRows(32, 8, int(qt)); cc && cc_rows > 0) {
+          variants.push_back({-1.0, cc_rows, "dense-cc"});
+          variants.push_back({keep, cc_rows, "sts-cc"});
+        }
+        if (!dense) {
+          variants.erase(std::remove_if(variants.begin(), variants.end(), [](const Variant& v) { return v.frac < 0; }),
+                         variants.end());
+        }
+        for (const std::string& t : tunes) {
+          static char names[64][24];
+          static int used = 0;
+          char* dn = names[used++ % 64];
+          std::snprintf(dn, 24, "dense/%s", t.c_str());
+          char* sn = names[used++ % 64];
+          std::snprintf(sn, 24, "sts/%s", t.c_str());
+          if (dense) variants.push_back({-1.0, 16, dn, 0, t.c_str()});
+          variants.push_back({keep, 16, sn, 0, t.c_str()});
         }
         for (int S : santa_samples) {
           static char names[16][24];
@@ -202,10 +267,18 @@ int main(int argc, char** argv) {
           p.q = q; p.out = out; p.kv = kv; p.q_indptr = qi; p.seq_lens = sl; p.block_table = bt;
           p.sel_indptr = si; p.sel_blocks = sb;
           const int rows = var.rows > 0 ? var.rows : SparseDecodeRowsPerCta(32, 8, int(qt));
-          const int ctas = SparseDecodeCtasPerSm(128, rows);
+          const int stages = var.tune != nullptr ? var.tune[0] - '0' : 0;
+          const int ctas = SparseDecodeCtasPerSm(128, rows, stages);
           SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(),
                                                    pr.total_q_rows(), 128, prop.multiProcessorCount, ctas,
                                                    force_splits, rows);
+          if (var.tune != nullptr) {
+            plan.stages = stages;
+            plan.merge = var.tune[1] == 'k'   ? SparseDecodeMerge::kKernel
+                         : var.tune[1] == 'p' ? SparseDecodeMerge::kKernelPdl
+                                              : SparseDecodeMerge::kInKernel;
+            plan.kv_evict_first = var.tune[2] == '1';
+          }
           SantaPlan splan;
           if (var.santa > 0) {
             splan = PlanSanta(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(), pr.total_q_rows(), 128,
@@ -221,7 +294,7 @@ int main(int argc, char** argv) {
           CHECK(cudaMemcpy(host_out.data(), out, q_elems * 2, cudaMemcpyDeviceToHost));
           char err_text[32] = "";
           if (var.santa == 0 && var.rows == 0) exact_out[frac] = host_out;
-          if (var.santa > 0 && exact_out.count(frac)) {
+          if ((var.santa > 0 || var.tune != nullptr) && exact_out.count(frac)) {
             double num = 0, den = 0;
             for (size_t i = 0; i < q_elems; ++i) {
               const double a = Bf16ToFloat(host_out[i]), b = Bf16ToFloat(exact_out[frac][i]);
@@ -249,7 +322,7 @@ int main(int argc, char** argv) {
             std::snprintf(sd, sizeof sd, "%.1f", it->second);
             std::snprintf(ratio, sizeof ratio, "%.2fx", it->second / us);
           }
-          if (frac >= 0) sts_us[key] = std::min(us, sts_us.count(key) ? sts_us[key] : 1e30);
+          if (frac >= 0 && var.santa == 0 && var.rows == 0) sts_us[key] = std::min(us, sts_us.count(key) ? sts_us[key] : 1e30);
           std::printf("%8ld %5ld %3ld %14s | %10.1f %9.2f %7.0f%% %8d | %10s %8s%s\n", ctx, batch, qt,
                       var.name, us, tbs, 100.0 * roof_us / us, plan.num_splits, sd, ratio, err_text);
           std::fflush(stdout);

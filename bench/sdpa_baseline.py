@@ -1,8 +1,11 @@
 """PyTorch SDPA decode attention baseline at Llama-3.1-8B shapes (32 q heads, 8 KV heads, head dim
 128, bf16, enable_gqa), contiguous KV. Runs on the GPU machine; writes {"ctx,batch,q": median us}
-for bench/attention_bench --sdpa-json. L2 is flushed between runs (triton.testing.do_bench).
+for bench/attention_bench --sdpa-json. L2 is flushed between runs: by default by
+triton.testing.do_bench (it zeroes 256 MB: L2 left full of dirty lines); with --flush read by
+reading 256 MB before each of 100 event-timed runs (median), as attention_bench --flush read.
 
   python3 bench/sdpa_baseline.py --out sdpa.json [--contexts ...] [--batches 1,16] [--q-tokens 1,5]
+                                 [--flush write|read]
 """
 import argparse
 import json
@@ -12,15 +15,35 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 
+def bench_read_flush(fn, reps=100):
+    """Median microseconds of fn, each run after reading (not writing) 256 MB."""
+    cache = torch.ones(256 << 18, dtype=torch.int32, device="cuda")
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        cache.sum()
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--contexts", default="32768,131072,524288,1048576")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--q-tokens", default="1,5")
+    ap.add_argument("--flush", default="write", choices=["write", "read"])
     args = ap.parse_args()
     res = {}
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, flush {args.flush}", flush=True)
     for ctx in map(int, args.contexts.split(",")):
         for b in map(int, args.batches.split(",")):
             for qt in map(int, args.q_tokens.split(",")):
@@ -38,7 +61,10 @@ def main():
                     if qt > 1:  # bottom-right causal: query t sees keys <= ctx - qt + t
                         mask = torch.ones(qt, ctx, dtype=torch.bool, device="cuda").tril(diagonal=ctx - qt)
                     fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-                    us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1000.0
+                    if args.flush == "write":
+                        us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1000.0
+                    else:
+                        us = bench_read_flush(fn)
                     res[key] = us
                     print(f"{key}: {us:.1f} us ({kv_bytes / us / 1e6:.2f} TB/s of KV)", flush=True)
                     del q, k, v, mask
