@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kvstore/block_table.h"
 #include "scheduler/placement.h"
@@ -479,6 +480,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
       // The home could not give the KV back: rebuild from the tokens instead.
       std::fprintf(stderr, "scout: sequence %lld: adopting from its home failed (%s); rebuilding from tokens\n",
                    static_cast<long long>(id), s.ToString().c_str());
+      ++seq.epoch;  // the adopter may have moved units to the next session: the rebuild writes past it
       seq.persisted = 0;
       seq.home_store = 0;
       seq.worker = 0;
@@ -662,7 +664,11 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
     for (const runtime::SequenceInput& in : batch) {
       Seq& s = seqs_[in.seq];
       if (!coordinator_->Alive(s.worker)) {
-        if (absl::Status st = Place(in.seq, s); !st.ok()) return st;
+        if (absl::Status st = Place(in.seq, s); !st.ok()) {
+          // This sequence's own failure: a server can end its request and run the others.
+          st.SetPayload(runtime::kFailedSequencePayload, absl::Cord(absl::StrCat(in.seq)));
+          return st;
+        }
       } else if (s.home_store != 0 && !coordinator_->Alive(s.home_store)) {
         Rehome(in.seq, s, absl::UnavailableError("its KV store node is dead"));
       }
@@ -744,7 +750,27 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
           (void)Call(order[g], std::move(t), "undo a pass");
         }
       }
-      if (!worker_died) return model_error;
+      if (!worker_died) {
+        // A sequence whose KV was lost with its node (remote tier: units not fetched yet) is
+        // rebuilt from its tokens, and the pass runs again.
+        int64_t lost = 0;
+        if (absl::optional<absl::Cord> p = model_error.GetPayload(runtime::kFailedSequencePayload);
+            p.has_value() && absl::SimpleAtoi(std::string(*p), &lost) && seqs_.contains(lost) &&
+            (absl::IsUnavailable(model_error) || absl::IsNotFound(model_error) || absl::IsDeadlineExceeded(model_error))) {
+          Seq& s = seqs_[lost];
+          std::fprintf(stderr, "scout: sequence %lld: %s; rebuilding it from its tokens\n", static_cast<long long>(lost),
+                       std::string(model_error.message()).c_str());
+          v1::BackendRequest rel;
+          rel.mutable_release()->set_seq(lost);
+          (void)Call(s.worker, std::move(rel), absl::StrCat("release sequence ", lost));
+          s.worker = 0;
+          s.persisted = 0;
+          s.home_store = 0;
+          ++s.epoch;
+          continue;
+        }
+        return model_error;
+      }
       continue;
     }
     // The pass ran everywhere: rows back in batch order.

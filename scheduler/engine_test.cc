@@ -354,5 +354,66 @@ TEST(EngineTest, FailedTurnLeavesSessionIntact) {
   EXPECT_TRUE(engine->ListSessions().empty());
 }
 
+// The fixture target whose passes fail for one sequence alone once it has run a few: what a
+// cluster's pass returns when a sequence's KV is lost beyond rebuilding (kFailedSequencePayload).
+class LosesOneSequence : public runtime::ModelBackend {
+ public:
+  explicit LosesOneSequence(std::unique_ptr<runtime::ModelBackend> model) : model_(std::move(model)) {}
+  const runtime::ModelConfig& config() const override { return model_->config(); }
+  absl::Status AddSequence(runtime::SequenceId seq) override {
+    if (++added_ == 2) victim_ = seq;
+    return model_->AddSequence(seq);
+  }
+  absl::Status ReleaseSequence(runtime::SequenceId seq) override { return model_->ReleaseSequence(seq); }
+  absl::Status TruncateSequence(runtime::SequenceId seq, int64_t n) override { return model_->TruncateSequence(seq, n); }
+  absl::StatusOr<int64_t> SequenceLength(runtime::SequenceId seq) const override { return model_->SequenceLength(seq); }
+  KvCacheUsage kv_cache_usage() const override { return model_->kv_cache_usage(); }
+  absl::Status Forward(std::span<const runtime::SequenceInput> batch, std::vector<float>* logits) override {
+    for (const runtime::SequenceInput& in : batch) {
+      if (in.seq == victim_ && ++victim_passes_ > 5) {
+        absl::Status s = absl::UnavailableError(absl::StrCat("sequence ", in.seq, ": its KV is gone"));
+        s.SetPayload(runtime::kFailedSequencePayload, absl::Cord(absl::StrCat(in.seq)));
+        return s;
+      }
+    }
+    return model_->Forward(batch, logits);
+  }
+
+ private:
+  std::unique_ptr<runtime::ModelBackend> model_;
+  int added_ = 0;
+  int64_t victim_passes_ = 0;
+  runtime::SequenceId victim_ = -1;
+};
+
+// A pass that fails for one sequence alone ends that request with the error; the request batched
+// beside it runs on and gives the text it gives alone.
+TEST(EngineTest, ASequenceThatFailsAloneEndsOnlyItsRequest) {
+  monitoring::ServerMetrics metrics;
+  const std::string p1 = "import os\n", p2 = "def f(x):\n    return";
+  std::string alone;
+  {
+    auto engine = MakeEngine(&metrics);
+    auto r = engine->Complete({.prompt = p1, .max_tokens = 40, .ignore_eos = true});
+    ASSERT_TRUE(r.ok()) << r.status();
+    alone = r->text;
+  }
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(model.ok() && tok.ok());
+  Engine engine(std::make_unique<LosesOneSequence>(std::move(*model)), nullptr, std::move(*tok), &metrics, EngineOptions{});
+  absl::StatusOr<CompletionResult> first, second;
+  std::thread a([&] { first = engine.Complete({.prompt = p1, .max_tokens = 40, .ignore_eos = true}); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::thread b([&] { second = engine.Complete({.prompt = p2, .max_tokens = 40, .ignore_eos = true}); });
+  a.join();
+  b.join();
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->text, alone);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable) << second.status();
+  EXPECT_NE(second.status().message().find("its KV is gone"), std::string::npos) << second.status();
+  EXPECT_GE(engine.stats().max_batch, 2);
+}
+
 }  // namespace
 }  // namespace scout::scheduler

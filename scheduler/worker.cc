@@ -159,12 +159,7 @@ absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first
 absl::Status WorkerService::FetchUnits(int64_t seq, Lazy& lazy, const std::vector<runtime::KvUnitRef>& want) {
 #ifdef SCOUT_HAVE_UCX
   if (want.empty()) return absl::OkStatus();
-  auto home = homes_.find(seq);
-  if (home == homes_.end() || home->second.address.empty()) {
-    return absl::UnavailableError(absl::StrCat("sequence ", seq, ": ", want.size(), " of the KV units this step reads",
-                                               " were only on a KV store node that is gone"));
-  }
-  const Home& h = home->second;
+  const Home& h = lazy.source;
   std::vector<kvstore::UnitKey> keys;
   keys.reserve(want.size());
   for (const runtime::KvUnitRef& u : want) {
@@ -207,6 +202,17 @@ absl::Status WorkerService::FetchForPass(const runtime::SequenceInput& in, int64
   const int layers = static_cast<int>(c.num_hidden_layers), heads = static_cast<int>(c.num_key_value_heads);
   // The block the new tokens go into, when it already holds some.
   const int64_t tail = length % kvstore::kBlockSize != 0 ? length / kvstore::kBlockSize : -1;
+  if (const kvstore::Selection* sel = in.selection; sel != nullptr) {
+    // Off the wire: checked before it is read (the model checks the rest).
+    bool ok = sel->num_layers == layers && sel->num_kv_heads == heads &&
+              sel->indptr.size() == static_cast<size_t>(layers * heads + 1) && sel->indptr[0] == 0;
+    for (size_t i = 1; ok && i < sel->indptr.size(); ++i) ok = sel->indptr[i] >= sel->indptr[i - 1];
+    ok = ok && sel->indptr.back() == static_cast<int32_t>(sel->blocks.size());
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat("the selection of sequence ", in.seq,
+                                                     " does not match the model's layers and KV heads"));
+    }
+  }
   std::vector<runtime::KvUnitRef> want;
   for (int l = 0; l < layers; ++l) {
     for (int h = 0; h < heads; ++h) {
@@ -231,7 +237,7 @@ absl::Status WorkerService::FetchForPass(const runtime::SequenceInput& in, int64
     }
   }
   if (absl::Status s = FetchUnits(in.seq, lazy, want); !s.ok()) return s;
-  if (lazy.missing == 0) lazy_.erase(it);
+  if (lazy.missing == 0) DoneFetching(in.seq);
   return absl::OkStatus();
 }
 
@@ -250,7 +256,7 @@ absl::Status WorkerService::FetchAll(int64_t seq) {
     }
   }
   if (absl::Status s = FetchUnits(seq, lazy, want); !s.ok()) return s;
-  lazy_.erase(it);
+  DoneFetching(seq);
   return absl::OkStatus();
 }
 
@@ -267,19 +273,27 @@ absl::Status WorkerService::Truncate(int64_t seq, int64_t num_tokens) {
       here.resize(static_cast<size_t>(lazy.blocks));
       lazy.missing += std::count(here.begin(), here.end(), false);
     }
-    if (lazy.missing == 0) lazy_.erase(it);
+    if (lazy.missing == 0) DoneFetching(seq);
   }
-  // The home's length follows (the blocks past it there are stale now). Written after the reply
-  // like a pass's blocks: a coordinator that hears of the truncation asks an adopter for no more.
+  // The home's record comes down (what it holds past the new length is stale now). Written
+  // after the reply, before the next request: the coordinator, which heard of the truncation,
+  // asks an adopter for no more meanwhile.
   auto home = homes_.find(seq);
-  if (options_.remote_tier && home != homes_.end() && !home->second.address.empty() && home->second.writable) {
-    pending_.push_back({.seq = seq, .first_block = 0, .num_blocks = 0, .length = num_tokens});
+  if (home != homes_.end() && !home->second.address.empty() && home->second.writable) {
+    pending_.push_back({.seq = seq, .first_block = 0, .num_blocks = 0, .length = RecordFor(num_tokens)});
   }
   return absl::OkStatus();
 }
 
+int64_t WorkerService::RecordFor(int64_t length) const {
+  return options_.remote_tier ? length : length / kvstore::kBlockSize * kvstore::kBlockSize;
+}
+
 absl::Status WorkerService::AddSequence(int64_t seq, const v1::KvHome& home) {
   if (absl::Status s = model_->AddSequence(seq); !s.ok()) return s;
+  // The session may hold what an earlier worker of the sequence wrote (before a truncation to
+  // nothing, or an adoption that failed): it must not be taken for this sequence's KV.
+  ReleaseHome({.address = home.address(), .store_session = home.store_session()});
   homes_[seq] = Home{.address = home.address(), .store_session = home.store_session()};
   return absl::OkStatus();
 }
@@ -313,9 +327,10 @@ absl::StatusOr<int64_t> WorkerService::Adopt(const v1::AdoptSequence& adopt) {
                                      static_cast<kvstore::SequenceId>(fresh.store_session));
     if (!s.ok()) return failed(s, false);
   }
-  // How much the home holds whole: up to its length record (remote-tier workers write one with
-  // every pass) or, without one, its whole blocks.
-  int64_t usable = adopt.num_tokens() / kvstore::kBlockSize * kvstore::kBlockSize;
+  // What the home may be trusted for: its length record (written in the same request as a
+  // pass's blocks, lowered by truncations), and never more than the coordinator's count of the
+  // sequence. No record: nothing was written.
+  int64_t usable = 0;
   {
     const kvstore::UnitKey key = LengthKey(fresh.store_session);
     staging_.resize(unit);
@@ -323,11 +338,14 @@ absl::StatusOr<int64_t> WorkerService::Adopt(const v1::AdoptSequence& adopt) {
     if (got.ok()) {
       int64_t recorded = 0;
       std::memcpy(&recorded, staging_.data(), sizeof(recorded));
-      usable = std::min(adopt.num_tokens(), recorded);
+      usable = std::clamp<int64_t>(recorded, 0, adopt.num_tokens());
     } else if (!absl::IsNotFound(got)) {
       return failed(got, true);
     }
   }
+  // The record now says what this worker takes, before it writes anything: rows past it, an
+  // earlier owner's, are never trusted again even if this worker's next write is lost.
+  if (absl::Status s = Persist(seq, fresh, 0, 0, usable); !s.ok()) return failed(s, true);
   if (absl::Status s = model_->AddSequence(seq); !s.ok()) return failed(s, true);
   const int64_t blocks = kvstore::BlocksFor(usable);
   absl::Status s;
@@ -337,7 +355,8 @@ absl::StatusOr<int64_t> WorkerService::Adopt(const v1::AdoptSequence& adopt) {
     if (s.ok() && blocks > 0) {
       const runtime::ModelConfig& c = model_->config();
       const size_t lists = static_cast<size_t>(c.num_hidden_layers * c.num_key_value_heads);
-      lazy_[seq] = Lazy{.blocks = blocks,
+      lazy_[seq] = Lazy{.source = fresh,
+                        .blocks = blocks,
                         .here = std::vector<std::vector<bool>>(lists, std::vector<bool>(static_cast<size_t>(blocks))),
                         .missing = blocks * static_cast<int64_t>(lists)};
     }
@@ -367,18 +386,38 @@ absl::Status WorkerService::MoveHome(int64_t seq, const Home& home) {
   absl::StatusOr<int64_t> len = model_->SequenceLength(seq);
   if (!len.ok()) return len.status();
   if (!home.address.empty()) {
-    // Units still only on the old home come here first (that fails if the old home is gone).
+    // Units still only on the node they were adopted from come here first (that fails if the
+    // node is gone; the coordinator then tells the sequence it has no home).
     if (absl::Status s = FetchAll(seq); !s.ok()) return s;
-    absl::Status s = options_.remote_tier ? Persist(seq, home, 0, kvstore::BlocksFor(*len), *len)
-                                          : Persist(seq, home, 0, *len / kvstore::kBlockSize);
-    if (!s.ok()) return s;
+    const int64_t blocks = options_.remote_tier ? kvstore::BlocksFor(*len) : *len / kvstore::kBlockSize;
+    if (absl::Status s = Persist(seq, home, 0, blocks, RecordFor(*len)); !s.ok()) return s;
   }
   auto old = homes_.find(seq);
-  if (old != homes_.end() && !old->second.address.empty() && old->second.address != home.address) {
+  if (old != homes_.end() && !old->second.address.empty() && old->second.address != home.address &&
+      !IsSource(seq, old->second)) {
     ReleaseHome(old->second);  // a node that only refused writes still holds the units
   }
   homes_[seq] = home;
   return absl::OkStatus();
+}
+
+bool WorkerService::IsSource(int64_t seq, const Home& home) const {
+  auto it = lazy_.find(seq);
+  return it != lazy_.end() && it->second.source.address == home.address &&
+         it->second.source.store_session == home.store_session;
+}
+
+bool WorkerService::IsHome(int64_t seq, const Home& home) const {
+  auto it = homes_.find(seq);
+  return it != homes_.end() && it->second.address == home.address && it->second.store_session == home.store_session;
+}
+
+void WorkerService::DoneFetching(int64_t seq) {
+  auto it = lazy_.find(seq);
+  if (it == lazy_.end()) return;
+  const Home source = it->second.source;
+  lazy_.erase(it);
+  if (!IsHome(seq, source)) ReleaseHome(source);  // no longer its home, and nothing more to read there
 }
 
 v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
@@ -448,7 +487,10 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
       continue;
     }
     const int64_t last = after / kvstore::kBlockSize;
-    if (last > first) pending_.push_back({.seq = batch[i].seq, .first_block = first, .num_blocks = last - first});
+    if (last > first) {
+      pending_.push_back({.seq = batch[i].seq, .first_block = first, .num_blocks = last - first,
+                          .length = last * kvstore::kBlockSize});
+    }
   }
   return reply;
 }
@@ -478,6 +520,7 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
     case v1::BackendRequest::kRelease: {
       const int64_t seq = request.release().seq();
       s = model_->ReleaseSequence(seq);
+      if (auto it = lazy_.find(seq); it != lazy_.end() && !IsHome(seq, it->second.source)) ReleaseHome(it->second.source);
       if (auto it = homes_.find(seq); it != homes_.end()) ReleaseHome(it->second);
       homes_.erase(seq);
       lazy_.erase(seq);

@@ -67,9 +67,11 @@ class WorkerService {
     uint64_t store_session = 0;
     bool writable = true;  // false after a write failed, until the coordinator names a new home
   };
-  // An adopted sequence whose KV is partly still only on its home (remote tier): of blocks
-  // [0, blocks), each (layer, KV head) unit is here where `here` says so.
+  // An adopted sequence whose KV is partly still only on the node it was adopted from (remote
+  // tier): of blocks [0, blocks), each (layer, KV head) unit is here where `here` says so. The
+  // source stays even when the sequence stops writing there (no home), until nothing is away.
   struct Lazy {
+    Home source;
     int64_t blocks = 0;
     std::vector<std::vector<bool>> here;  // [layer * kv_heads + head][block]
     int64_t missing = 0;
@@ -80,13 +82,21 @@ class WorkerService {
   absl::StatusOr<int64_t> Adopt(const v1::AdoptSequence& adopt);
   absl::Status Truncate(int64_t seq, int64_t num_tokens);
   absl::Status MoveHome(int64_t seq, const Home& home);
-  // Writes blocks [first, first + n) of the sequence to its home, and its length (length >= 0,
-  // remote tier) in the same write.
+  // Writes blocks [first, first + n) of the sequence to its home, and (length >= 0) its length
+  // record in the same write: how many tokens of the home an adopter may trust.
   absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks, int64_t length = -1);
+  // What a home may claim of a sequence of `length` tokens once its blocks are written: all of
+  // it with the remote tier (partial blocks are written), else its whole blocks.
+  int64_t RecordFor(int64_t length) const;
   // Remote tier: the units a pass over `in` reads that are not here yet come from its home.
   absl::Status FetchForPass(const runtime::SequenceInput& in, int64_t length);
   absl::Status FetchUnits(int64_t seq, Lazy& lazy, const std::vector<runtime::KvUnitRef>& want);
   absl::Status FetchAll(int64_t seq);
+  // Whether `home` is where the sequence's units still away are (IsSource) or where it writes.
+  bool IsSource(int64_t seq, const Home& home) const;
+  bool IsHome(int64_t seq, const Home& home) const;
+  // Nothing is away any more: forgets the lazy state, and frees the source if it is not home.
+  void DoneFetching(int64_t seq);
   absl::StatusOr<kvstore::KvStoreClient*> Client(const std::string& address);
   void DropClient(const std::string& address);
   // Forgets a sequence's units on a node (best effort).

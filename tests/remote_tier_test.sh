@@ -5,8 +5,9 @@
 #    homes with nothing run again (the homes hold partial blocks and lengths too), the adopter
 #    fetches only the units each step reads, and the text equals a single-process `scout serve`'s.
 # 2. A worker is killed again and then the KV store node: a sequence whose units were still only
-#    on that node fails alone with an error naming it, while the request beside it finishes with
-#    the same text.
+#    on that node is rebuilt from its tokens (the coordinator holds them), and both requests
+#    finish; the one beside it with the same text. (The rebuilt one recomputes densely the tokens
+#    that were verified under STS, so its text may drift from the reference.)
 # usage: remote_tier_test.sh SCOUT_BINARY SOURCE_DIR
 # SCOUT_CLUSTER_DEVICE=cuda runs the reference and the workers on the GPU (KV units in bf16);
 # SCOUT_TARGET_FLAGS adds flags to the reference and the target workers (e.g. --host-kv-gb 1).
@@ -110,23 +111,16 @@ kill_during target1  # its sequence moves to target2 beside the other one
 sleep 0.3
 kill -9 "$pid_kv0"
 wait "$k1" "$k2"
-ok=0
+same=0
 for n in k1b k2b; do
   r=${n%b}
-  if cmp -s "ref.$r.out" "clu.$n.out"; then
-    ok=$((ok + 1))
-  elif ! grep -q "KV store node\|fetching .* units" "clu.$n.body"; then
-    fail "$n neither finished with the reference text nor failed naming its KV: $(head -c 400 "clu.$n.body")"
-  else
-    echo "ok: $n failed with: $(python3 -c 'import json,sys; print(json.load(sys.stdin)["error"]["message"])' < "clu.$n.body")"
-  fi
+  grep -q "^curl failed\|^bad reply" "clu.$n.out" && fail "$n did not finish: $(head -c 400 "clu.$n.body")"
+  cmp -s "ref.$r.out" "clu.$n.out" && same=$((same + 1))
 done
-[ "$ok" -ge 1 ] || fail "the sequence computed on the surviving worker did not finish"
-if [ "$ok" = 2 ]; then
-  echo "ok: the KV store node died; both requests finished with the same text (the adopted one had fetched every unit it read before)"
-else
-  echo "ok: the KV store node died; one request finished with the same text, the other failed by name"
-fi
+rebuilt=$(grep -c "rebuilding it from its tokens" coord.err)
+[ "$same" -ge 1 ] || fail "neither request finished with the reference text"
+[ "$rebuilt" -ge 1 ] || [ "$same" = 2 ] || fail "a text differs but no sequence was rebuilt"
+echo "ok: the KV store node died; both requests finished ($same with the reference text, $rebuilt sequences rebuilt from their tokens)"
 
 kill -TERM "$coord"
 wait "$coord"
