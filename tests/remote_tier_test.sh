@@ -2,7 +2,7 @@
 # The remote KV tier as separate processes on loopback: a coordinator running STS, a draft
 # worker, target workers started with --kv-remote-tier and a KV store node, driven over HTTP.
 # 1. A target worker is killed (SIGKILL) mid-generation: its sequences are adopted from their
-#    homes with nothing run again (the homes hold partial blocks and lengths too), the adopter
+#    homes with at most the last pass run again (the homes hold partial blocks and lengths too), the adopter
 #    fetches only the units each step reads, and the text equals a single-process `scout serve`'s.
 # 2. A worker is killed again and then the KV store node: a sequence whose units were still only
 #    on that node is rebuilt from its tokens (the coordinator holds them), and both requests
@@ -99,8 +99,10 @@ adopted=$(metric scout_cluster_adopted_tokens_total)
 replayed=$(metric scout_cluster_replayed_tokens_total)
 read_bytes=$(metric 'scout_kv_remote_bytes_total{direction="read"}')
 [ "${adopted%.*}" -gt 0 ] 2>/dev/null || fail "no tokens adopted ($adopted)"
-[ "${replayed%.*}" = 0 ] || fail "$replayed tokens were run again; the homes should have held them whole"
-echo "ok: adopted $adopted tokens mid-generation, none run again, $read_bytes bytes fetched over UCX; texts equal"
+# The home holds the sequence whole, but for the last pass when the worker was killed between
+# its reply and its write (then its record is behind and those k + 1 = 5 tokens run again).
+[ "${replayed%.*}" -le 5 ] 2>/dev/null || fail "$replayed tokens were run again; the homes should have held all but the last pass"
+echo "ok: adopted $adopted tokens mid-generation, $replayed run again, $read_bytes bytes fetched over UCX; texts equal"
 
 # 2. A worker dies, then the KV store node: only the sequence whose KV was still there fails.
 start_member target2 worker --model "$T" --role target --id target2 --kv-remote-tier --device "$device" "${TF[@]}"
