@@ -32,7 +32,8 @@ std::string ModelFingerprint(const runtime::ModelConfig& config);
 struct WorkerOptions {
   absl::Duration kv_timeout = absl::Seconds(10);  // each call to a KV store node
   // The remote KV tier. Every pass also writes its sequences' partial last block and their
-  // length to their homes, so a home holds a whole sequence and an adopter runs nothing again.
+  // length to their homes, so a home holds a whole sequence and an adopter runs nothing again
+  // (but the last pass, if the worker died between its reply and its write).
   // An adopted sequence's KV stays on its home: each pass first fetches, of the units it reads
   // (the blocks its Selection lists, every block for a dense pass, and the block its new tokens
   // go into), those this worker does not hold yet. The cost: up to 16 times the KV written per
