@@ -624,7 +624,8 @@ absl::Status Bench::RunHostTier(int64_t ctx, int B) {
       CudaModel::CreateRandom(dc_, 2, {.device = ddev, .kv_budget_tokens = pool_tokens});
   if (!dm.ok()) return dm.status();
   absl::StatusOr<std::unique_ptr<CudaModel>> tm = CudaModel::CreateRandom(
-      tc_, 1, {.device = tdev, .host_kv_tokens = pool_tokens, .gpu_cache_units = o_.gpu_cache_units});
+      tc_, 1, {.device = tdev, .host_kv_tokens = pool_tokens, .gpu_cache_units = o_.gpu_cache_units,
+                        .signalled_prefetch = o_.signalled_prefetch});
   if (!tm.ok()) return tm.status();
   CudaModel& T = **tm;
   CudaModel& D = **dm;

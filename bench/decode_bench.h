@@ -30,6 +30,7 @@ struct DecodeBenchOptions {
   std::vector<int> host_batches = {1};
   int draft_device = -1;
   int64_t gpu_cache_units = 0;  // target's GPU block cache in units (0: what the GPU has room for)
+  bool signalled_prefetch = true;  // CudaModelOptions::signalled_prefetch of the host-store runs
   std::vector<double> host_budget_fractions = {0.02};  // STS budgets of the host-store runs
   // Host-store runs: fraction of each target list's blocks replaced every round (random weights
   // select the same blocks every round, so the turnover is set explicitly, as acceptance is).

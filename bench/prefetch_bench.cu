@@ -7,7 +7,7 @@
 // cudaMemcpyAsync per unit for the same transfers (the naive way).
 //
 //   prefetch_bench [--tokens 131072] [--fractions 0.01,0.02,0.05,0.1] [--overlaps 0,0.5,0.9]
-//                  [--launch-units N] [--overlap-fraction F] [--overlap-keep K] [--reserve-ctas C]
+//                  [--launch-units N] [--signal 0|1] [--signal-ctas C] [--overlap-fraction F] [--overlap-keep K] [--reserve-ctas C]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   long tokens = 131072;
   std::string fractions = "0.01,0.02,0.05,0.1", overlaps = "0,0.5,0.9";
   double overlap_frac = 0.02, overlap_keep = 0.9;
-  int reserve_ctas = 0, launch_units = 0;
+  int reserve_ctas = 0, launch_units = 0, signal = 1, signal_ctas = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
     if (f == "--tokens") tokens = std::stol(v);
@@ -48,6 +48,8 @@ int main(int argc, char** argv) {
     else if (f == "--overlap-keep") overlap_keep = std::stod(v);
     else if (f == "--reserve-ctas") reserve_ctas = std::stoi(v);
     else if (f == "--launch-units") launch_units = std::stoi(v);
+    else if (f == "--signal") signal = std::stoi(v);
+    else if (f == "--signal-ctas") signal_ctas = std::stoi(v);
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
   const KvLayout layout{.num_layers = 32, .num_kv_heads = 8, .head_dim = 128, .elem_bytes = 2};
@@ -105,8 +107,14 @@ int main(int argc, char** argv) {
   auto engine = CudaCopyEngine::Create(pool, layout.unit_bytes(), layout.num_layers, slots);
   if (!engine.ok()) return 1;
   if (launch_units > 0) (*engine)->set_min_launch_units(launch_units);
-  std::printf("gathers: layers grouped into launches of at least %d units (1: one launch per layer)\n",
-              (*engine)->min_launch_units());
+  (*engine)->set_signal(signal != 0);
+  if (signal_ctas > 0) (*engine)->set_signal_ctas(signal_ctas);
+  if ((*engine)->signal() && (*engine)->can_signal()) {
+    std::printf("gathers: one signalled launch for all layers (layers waited for with cuStreamWaitValue64)\n");
+  } else {
+    std::printf("gathers: layers grouped into launches of at least %d units (1: one launch per layer)\n",
+                (*engine)->min_launch_units());
+  }
   cudaStream_t s = (*engine)->stream();
 
   std::printf("%8s %8s | %9s %10s %9s %8s %10s | %10s %9s\n", "select", "overlap", "units", "MB moved", "ms", "GB/s",
@@ -265,11 +273,11 @@ int main(int argc, char** argv) {
       CHECK(cudaEventRecord(c0, s));
       CHECK(cudaStreamWaitEvent(compute, c0));
       if (!(*engine)->Upload(*plan).ok()) std::exit(1);
-      if (!serial && !(*engine)->LaunchLayers(*plan).ok()) std::exit(1);
+      if (!serial && !(*engine)->Launch(*plan).ok()) std::exit(1);
       for (int layer = 0; layer < 32; ++layer) {
         if (serial && layer > 0) CHECK(cudaStreamWaitEvent(s, attn_done[layer - 1]));
         if (serial && !(*engine)->LaunchLayer(*plan, layer).ok()) std::exit(1);
-        CHECK(cudaStreamWaitEvent(compute, (*engine)->layer_done(layer)));
+        if (!(*engine)->WaitLayer(compute, layer).ok()) std::exit(1);
         CHECK(SparseDecode(layer_params(layer), dplan, ws, compute));
         CHECK(cudaEventRecord(attn_done[layer], compute));
       }

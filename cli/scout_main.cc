@@ -972,6 +972,9 @@ int BenchDecode(int argc, char** argv) {
       {"host-batch-sizes", "1", "host-store runs: sequences per step, comma-separated"},
       {"draft-device", "", "host-store runs: the draft's GPU, cuda:N (default: the target's)"},
       {"gpu-cache-units", "0", "host-store runs: the target's GPU block cache in 16-token units (0: what fits)"},
+      {"prefetch-launch", "signal",
+       "host-store runs: signal (one gather a step, layers waited for through counters) or layers (a gather and an "
+       "event per layer)"},
       {"host-budget-fractions", "0.02", "host-store runs: STS budgets, comma-separated (one model setup for all)"},
       {"host-turnovers", "0,0.17,0.5,1", "host-store runs: fraction of each list's blocks new every round (0.17 measured on the fixture pair; random "
                                         "weights pick the same blocks every round), comma-separated"},
@@ -1018,6 +1021,11 @@ int BenchDecode(int argc, char** argv) {
   if (!cache_units.ok()) return Fail(cache_units.status());
   if (*cache_units < 0) return Fail(absl::InvalidArgumentError("--gpu-cache-units must be >= 0"));
   o.gpu_cache_units = *cache_units;
+  if (const std::string pl = flags.Get("prefetch-launch"); pl == "signal" || pl == "layers") {
+    o.signalled_prefetch = pl == "signal";
+  } else {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--prefetch-launch must be signal or layers, got \"", pl, "\"")));
+  }
   o.host_budget_fractions.clear();
   for (absl::string_view v : absl::StrSplit(flags.Get("host-budget-fractions"), ',', absl::SkipEmpty())) {
     double x = 0;

@@ -1,6 +1,7 @@
 // The GPU copy engine: moves a prefetch plan's units from pinned, device-mapped host memory into
-// the GPU slot pool with a gather kernel (one warp per unit, 16-byte loads straight over PCIe),
-// layer by layer on its own stream, so a layer's attention waits only for its own units.
+// the GPU slot pool with a gather kernel (one warp per unit, 16-byte loads straight over PCIe) on
+// its own stream: one launch for every layer that counts each layer's units in, so a layer's
+// attention waits (WaitLayer) only for its own units; or one launch per layer with events.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,13 +42,22 @@ class CudaCopyEngine {
   CudaCopyEngine(const CudaCopyEngine&) = delete;
   CudaCopyEngine& operator=(const CudaCopyEngine&) = delete;
 
-  // Uploads the plan's transfer list and launches its gathers (LaunchLayers), recording
-  // layer_done(l) once layer l's units are in. Asynchronous: wait on layer_done before reading
-  // the slots.
+  // Uploads the plan's transfer list and launches its gathers (Launch). Asynchronous: a stream
+  // waits for layer l's units with WaitLayer (or layer_done(l) after LaunchLayers).
   absl::Status Execute(const PrefetchPlan& plan);
   // Execute in two halves, for callers that interleave other work between layers: Upload once,
-  // then LaunchLayers, or LaunchLayer for each layer in order (each records layer_done(layer)).
+  // then Launch (LaunchSignalled, or LaunchLayers with set_signal(false)), or LaunchLayer for
+  // each layer in order (each records layer_done(layer)).
   absl::Status Upload(const PrefetchPlan& plan);
+  absl::Status Launch(const PrefetchPlan& plan);
+  void set_signal(bool on) { signal_ = on; }
+  bool signal() const { return signal_; }
+  // CTAs of 8 warps the signalled gather runs on (each warp keeps one unit in flight). It stays
+  // resident for the whole step, beside the attention kernels that wait for its layers, so it
+  // takes no more SMs than the PCIe link needs: 8 CTAs (512 KiB in flight at 8 KiB units) move
+  // 2% of a 128k session at 83% of the link and let the attention beside them go fastest; 32 or
+  // 264 CTAs moved no faster and slowed the attention (docs/BENCHMARKS.md).
+  void set_signal_ctas(int ctas) { signal_ctas_ = std::max(1, ctas); }
   absl::Status LaunchLayer(const PrefetchPlan& plan, int layer);
   // All layers in order, consecutive layers grouped into one gather until a group moves at
   // least min_launch_units() units; every layer's event is recorded after the gather that moves
@@ -55,6 +65,16 @@ class CudaCopyEngine {
   // third of the time of a layer that moves 136 units), so small steps go faster in a few
   // launches; the price is that a layer's attention waits for the rest of its group.
   absl::Status LaunchLayers(const PrefetchPlan& plan);
+  // One gather for every layer of the plan: each layer's last unit in raises a counter, and
+  // WaitLayer makes a stream wait for it (cuStreamWaitValue64), so a layer's attention waits
+  // only for its own units without a launch per layer. layer_done events are recorded after the
+  // whole gather. Falls back to LaunchLayers where the driver has no stream memory operations
+  // or the unit is not 4 or 8 KiB. Call after Upload.
+  absl::Status LaunchSignalled(const PrefetchPlan& plan);
+  // Makes `stream` wait until the last launch's units of `layer` are in (an event wait after
+  // LaunchLayers or LaunchLayer).
+  absl::Status WaitLayer(cudaStream_t stream, int layer);
+  bool can_signal() const { return wait_value_ != nullptr; }
   // 1 (the default): one gather per layer. Grouping moves a small step's units faster (2% of a
   // 128k session with 90% overlap: 65-70% of the PCIe roofline per layer, 78-85% in groups of
   // 4096 units) but makes each layer's attention wait for its whole group, and a step whose
@@ -78,6 +98,17 @@ class CudaCopyEngine {
   int max_transfers_ = 0;
   int num_sms_ = 0;
   int min_launch_units_ = 1;
+  // Signalled gathers: per-layer counts of units moved, ever (device), what each reaches once
+  // the last launch is done (host), the plan's layer list, and the driver's cuStreamWaitValue64.
+  unsigned long long* counters_ = nullptr;
+  std::vector<uint64_t> targets_;
+  std::vector<bool> moved_;  // per layer: the last signalled launch moved some of its units
+  int32_t* dev_layer_begin_ = nullptr;
+  int32_t* host_layer_begin_ = nullptr;
+  void* wait_value_ = nullptr;
+  bool signalled_ = false;  // the last launch was signalled
+  bool signal_ = true;      // Launch signals (where it can)
+  int signal_ctas_ = 8;
   cudaStream_t stream_ = nullptr;
   // One gather of transfers [begin, begin + count), then the events of layers [first, end).
   absl::Status LaunchGroup(int begin, int count, int first_layer, int end_layer);

@@ -31,6 +31,11 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
     BlockCache cache(kSlots, layout.num_layers, layout.num_kv_heads);
     auto engine = CudaCopyEngine::Create(pool, unit, layout.num_layers, 4 * 3 * 50);
     ASSERT_TRUE(engine.ok()) << engine.status();
+    EXPECT_TRUE((*engine)->can_signal());  // the H100 machine's driver has stream memory operations
+    cudaStream_t side;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), cudaSuccess);
+    cudaEvent_t seen;
+    ASSERT_EQ(cudaEventCreate(&seen), cudaSuccess);
     std::vector<std::byte> back(kSlots * unit);
     for (uint64_t step = 1; step <= 20; ++step) {
       Selection sel{.num_layers = 4, .num_kv_heads = 3, .indptr = {0}, .blocks = {}};
@@ -42,12 +47,15 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
       }
       absl::StatusOr<PrefetchPlan> plan = PlanPrefetch(sel, 5, store, cache, step);
       ASSERT_TRUE(plan.ok()) << plan.status();
-      // One launch per layer, small groups, and every layer in one launch.
+      // One signalled launch; one launch per layer, small groups, every layer in one launch.
       const int group_units[] = {1, 5, 40, 1 << 20};
+      (*engine)->set_signal(step % 2 == 0);
       (*engine)->set_min_launch_units(group_units[step % 4]);
       ASSERT_TRUE((*engine)->Execute(*plan).ok());
-      // Layer 0's event alone says its units are in, whatever group moved them.
-      ASSERT_EQ(cudaEventSynchronize((*engine)->layer_done(0)), cudaSuccess);
+      // Waiting for layer 0 alone says its units are in, whatever launch moved them.
+      ASSERT_TRUE((*engine)->WaitLayer(side, 0).ok());
+      ASSERT_EQ(cudaEventRecord(seen, side), cudaSuccess);
+      ASSERT_EQ(cudaEventSynchronize(seen), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(back.data(), pool, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
       const BlockTable* t = store.Find(5);
       for (int list = 0; list < 3; ++list) {
@@ -57,7 +65,9 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
               << "layer 0 at its event, step " << step << " head " << list << " block " << sel.blocks[i];
         }
       }
-      ASSERT_EQ(cudaEventSynchronize((*engine)->layer_done(3)), cudaSuccess);
+      for (int layer = 1; layer < 4; ++layer) ASSERT_TRUE((*engine)->WaitLayer(side, layer).ok());
+      ASSERT_EQ(cudaEventRecord(seen, side), cudaSuccess);
+      ASSERT_EQ(cudaEventSynchronize(seen), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(back.data(), pool, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
       for (int list = 0; list < 12; ++list) {
         for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
@@ -71,6 +81,8 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
     EXPECT_GT(cache.counters().hits, 0);
     EXPECT_GT(cache.counters().evictions, 0);
     engine->reset();
+    cudaEventDestroy(seen);
+    cudaStreamDestroy(side);
     cudaFree(pool);
   }
 }

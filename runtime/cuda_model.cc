@@ -350,6 +350,7 @@ absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
       static_cast<std::byte*>(pool.ptr), unit_bytes, layout.num_layers, static_cast<int>(units));
   if (!e.ok()) return e.status();
   copier = std::move(*e);
+  copier->set_signal(o.signalled_prefetch);
   for (cudaEvent_t* ev : {&main_done, &step_done}) {
     SCOUT_RETURN_IF_CUDA(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "event");
   }
@@ -730,7 +731,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_begin, copier->stream()), "event");
       SCOUT_RETURN_IF_ERROR(copier->Fetch(tp.append));
       SCOUT_RETURN_IF_ERROR(copier->Upload(tp.prefetch));
-      SCOUT_RETURN_IF_ERROR(copier->LaunchLayers(tp.prefetch));
+      SCOUT_RETURN_IF_ERROR(copier->Launch(tp.prefetch));
       SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_end, copier->stream()), "event");
     }
     uint16_t* const pool_kv = pool.as<uint16_t>();
@@ -743,7 +744,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       SCOUT_RETURN_IF_ERROR(Gemm(w.wqkv.ptr, h.ptr, qkv.as<float>(), T, d, (nh + 2 * nkv) * hd, 0.0f));
       // The host tier: this layer's units (and the partial blocks the new rows extend) must have
       // arrived; later layers' are still moving.
-      if (tier) SCOUT_RETURN_IF_CUDA(cudaStreamWaitEvent(stream, copier->layer_done(static_cast<int>(layer)), 0), "prefetch wait");
+      if (tier) SCOUT_RETURN_IF_ERROR(copier->WaitLayer(stream, static_cast<int>(layer)));
       uint16_t* const layer_kv = tier ? pool_kv : kv[layer].as<uint16_t>();
       SCOUT_RETURN_IF_CUDA(kernels::RopeAppend({.qkv = qkv.as<float>(), .positions = di + lay.positions,
                                                 .phys_blocks = di + lay.phys, .inv_freq = inv_freq.as<float>(),

@@ -41,6 +41,9 @@ struct CudaModelOptions {
   int64_t host_kv_tokens = 0;
   // Units of the GPU cache; 0: what fits in 90% of the GPU memory left after the weights.
   int64_t gpu_cache_units = 0;
+  // true: one gather a step whose layers are waited for through memory counters
+  // (CudaCopyEngine::LaunchSignalled); false: one gather and one event per layer.
+  bool signalled_prefetch = true;
 };
 
 
