@@ -9,11 +9,22 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Per-layer counts of the units a signalled gather has stored (nullptr: no counting).
+struct LayerCounts {
+  const int32_t* layer_begin = nullptr;  // [num_layers + 1] the plan's layer ranges of units
+  int num_layers = 0;
+  unsigned long long* counters = nullptr;  // [num_layers]
+};
+
 // One warp per unit: all of its 16-byte loads are issued before any store, so a warp keeps a
 // whole unit (8 KiB at 32 loads per lane... here unit_bytes / 512 per lane) in flight over PCIe.
+// Signalled (counts.counters set): every layer's units in one launch, warps taking units in plan
+// order so layers finish roughly in order; once a unit is stored its warp bumps its layer's
+// counter, which another stream waits for with cuStreamWaitValue64 (WaitLayer).
 template <int PER_LANE>
 __global__ void __launch_bounds__(kThreads) GatherKernel(const std::byte* const* src, const int32_t* dst_slots,
-                                                         int count, size_t unit_bytes, std::byte* pool) {
+                                                         int count, size_t unit_bytes, std::byte* pool,
+                                                         LayerCounts counts) {
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (kThreads / 32);
   for (int u = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); u < count; u += warps) {
@@ -24,37 +35,17 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const std::byte* const*
     for (int i = 0; i < PER_LANE; ++i) v[i] = s[i * 32 + lane];
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) d[i * 32 + lane] = v[i];
-  }
-}
-
-// The signalled gather: every layer's units in one launch (warps take units in plan order, so
-// layers finish roughly in order); once a unit is stored, its warp bumps its layer's counter.
-// Another stream waits for a layer with cuStreamWaitValue64 on that counter (WaitLayer).
-template <int PER_LANE>
-__global__ void __launch_bounds__(kThreads) SignalledGatherKernel(const std::byte* const* src, const int32_t* dst_slots,
-                                                                  int count, size_t unit_bytes, std::byte* pool,
-                                                                  const int32_t* layer_begin, int num_layers,
-                                                                  unsigned long long* counters) {
-  const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * (kThreads / 32);
-  for (int u = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); u < count; u += warps) {
-    const uint4* s = reinterpret_cast<const uint4*>(src[u]);
-    uint4* d = reinterpret_cast<uint4*>(pool + static_cast<size_t>(dst_slots[u]) * unit_bytes);
-    uint4 v[PER_LANE];
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) v[i] = s[i * 32 + lane];
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) d[i * 32 + lane] = v[i];
+    if (counts.counters == nullptr) continue;
     // Every lane's stores are visible device-wide before the count says the unit is in.
     __threadfence();
     __syncwarp();
     if (lane == 0) {
-      int lo = 0, hi = num_layers;  // the layer whose range [layer_begin[l], layer_begin[l + 1]) holds u
+      int lo = 0, hi = counts.num_layers;  // the layer whose [layer_begin[l], layer_begin[l + 1]) holds u
       while (hi - lo > 1) {
         const int mid = (lo + hi) / 2;
-        if (layer_begin[mid] <= u) lo = mid; else hi = mid;
+        if (counts.layer_begin[mid] <= u) lo = mid; else hi = mid;
       }
-      atomicAdd(&counters[lo], 1ull);
+      atomicAdd(&counts.counters[lo], 1ull);
     }
   }
 }
@@ -120,8 +111,8 @@ cudaError_t GatherUnits(const std::byte* const* src, const int32_t* dst_slots, i
   // Two CTAs of 8 warps per SM keep ~16 units per SM in flight: enough for the PCIe link.
   const int blocks = std::max(1, std::min((count + 7) / 8, 2 * num_sms));
   switch (unit_bytes) {
-    case 4096: GatherKernel<8><<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool); break;
-    case 8192: GatherKernel<16><<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool); break;
+    case 4096: GatherKernel<8><<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool, {}); break;
+    case 8192: GatherKernel<16><<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool, {}); break;
     default: GatherKernelAnySize<<<blocks, kThreads, 0, stream>>>(src, dst_slots, count, unit_bytes, pool); break;
   }
   return cudaGetLastError();
@@ -283,14 +274,13 @@ absl::Status CudaCopyEngine::LaunchSignalled(const PrefetchPlan& plan) {
   if (err == cudaSuccess && count > 0) {
     if (unit_bytes_ % 512 != 0) return absl::InvalidArgumentError("unit size is not a multiple of 512 bytes");
     const int blocks = std::max(1, std::min((count + 7) / 8, signal_ctas_));
+    const LayerCounts counts{.layer_begin = dev_layer_begin_, .num_layers = layers, .counters = counters_};
     switch (unit_bytes_) {
       case 4096:
-        SignalledGatherKernel<8><<<blocks, kThreads, 0, stream_>>>(dev_src_, dev_slots_, count, unit_bytes_, pool_,
-                                                                    dev_layer_begin_, layers, counters_);
+        GatherKernel<8><<<blocks, kThreads, 0, stream_>>>(dev_src_, dev_slots_, count, unit_bytes_, pool_, counts);
         break;
       case 8192:
-        SignalledGatherKernel<16><<<blocks, kThreads, 0, stream_>>>(dev_src_, dev_slots_, count, unit_bytes_, pool_,
-                                                                     dev_layer_begin_, layers, counters_);
+        GatherKernel<16><<<blocks, kThreads, 0, stream_>>>(dev_src_, dev_slots_, count, unit_bytes_, pool_, counts);
         break;
       default:
         return LaunchLayers(plan);  // other sizes: per-layer launches and events

@@ -65,27 +65,11 @@ kill "$pid"
 for f in ref.*.out; do grep -q "^curl failed\|^bad reply" "$f" && fail "reference $f: $(cat "$f")"; done
 
 # --- the cluster ---------------------------------------------------------------------------
-"$scout" coordinator --model "$T" --draft "$D" --host 127.0.0.1 --port 0 --control-host 127.0.0.1 --control-port 0 \
-  --heartbeat-interval 0.2 --heartbeat-timeout 2 --shutdown-timeout 5 2> coord.err &
-coord=$!
+start_coordinator coord.err --model "$T" --draft "$D" --heartbeat-interval 0.2 --heartbeat-timeout 2 \
+  --shutdown-timeout 5
 pids+=("$coord")
-for _ in $(seq 1 100); do
-  cport=$(grep -o "control channel on 127.0.0.1:[0-9]*" coord.err | grep -o "[0-9]*$")
-  port=$(grep -o "http://127.0.0.1:[0-9]*" coord.err | grep -o "[0-9]*$")
-  [ -n "$cport" ] && [ -n "$port" ] && break
-  sleep 0.1
-done
-[ -n "$cport" ] && [ -n "$port" ] || fail "coordinator did not report its ports"
-base="http://127.0.0.1:$port"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready without workers should be 503"
 
-start_member() {  # NAME ARGS...
-  local name=$1
-  shift
-  "$scout" "$@" --coordinator "127.0.0.1:$cport" 2> "$name.err" &
-  eval "pid_$name=$!"
-  pids+=("$!")
-}
 start_member kv0 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv0
 start_member kv1 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv1
 start_member draft0 worker --model "$D" --role draft --id draft0 --device "$device"

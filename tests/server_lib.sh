@@ -15,3 +15,30 @@ start_server() {
   [ -n "$port" ] || fail "server did not report its port: $(cat "$log")"
   base="http://127.0.0.1:$port"
 }
+
+# start_coordinator LOG ARGS...: starts `$scout coordinator ARGS` on free loopback ports in the
+# background, logging to LOG; sets coord (its pid), cport (control port), port and base.
+start_coordinator() {
+  local log=$1
+  shift
+  "$scout" coordinator "$@" --host 127.0.0.1 --port 0 --control-host 127.0.0.1 --control-port 0 2> "$log" &
+  coord=$!
+  for _ in $(seq 1 100); do
+    cport=$(grep -o "control channel on 127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
+    port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
+    [ -n "$cport" ] && [ -n "$port" ] && break
+    sleep 0.1
+  done
+  [ -n "$cport" ] && [ -n "$port" ] || fail "coordinator did not report its ports"
+  base="http://127.0.0.1:$port"
+}
+
+# start_member NAME ARGS...: starts `$scout ARGS --coordinator` against the coordinator above,
+# logging to NAME.err; sets pid_NAME and adds it to pids.
+start_member() {
+  local name=$1
+  shift
+  "$scout" "$@" --coordinator "127.0.0.1:$cport" 2> "$name.err" &
+  eval "pid_$name=$!"
+  pids+=("$!")
+}
