@@ -209,6 +209,12 @@ __global__ void __launch_bounds__(kRegThreads, 2) BlockSelectRegKernel(BlockSele
   int need = want;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < kRegWarps * 256; i += kRegThreads) (&warp_hist[0][0])[i] = 0;
+    // Kept when no digit qualifies (want above the valid keys): the threshold stays defined.
+    // (Thread 0 writes the values every thread read last round, so a late reader sees the same.)
+    if (threadIdx.x == 0) {
+      sh_prefix = prefix;
+      sh_need = need;
+    }
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < K; ++k) {

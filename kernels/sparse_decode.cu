@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 
 #include "kernels/mma_utils.cuh"
@@ -550,10 +551,18 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
 template <int HD, int STAGES, bool LDCS = false>
 cudaError_t LaunchMma(const SparseDecodeParams& p, const SparseDecodePlan& plan, const MmaArgs& a,
                       cudaStream_t stream) {
-  static const cudaError_t attr = cudaFuncSetAttribute(SparseDecodeMmaKernel<HD, STAGES, LDCS>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       MmaSmemBytes<HD>(STAGES));
-  if (attr != cudaSuccess) return attr;
+  // The shared-memory limit is a per-device attribute: set once for each device this process
+  // launches on (a second GPU of a tensor-parallel worker needs its own).
+  static std::atomic<uint64_t> set_on{0};
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (set_on.load(std::memory_order_acquire) & bit) == 0) {
+    const cudaError_t attr = cudaFuncSetAttribute(SparseDecodeMmaKernel<HD, STAGES, LDCS>,
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, MmaSmemBytes<HD>(STAGES));
+    if (attr != cudaSuccess) return attr;
+    set_on.fetch_or(bit, std::memory_order_acq_rel);
+  }
   const dim3 grid(plan.row_groups, plan.num_splits, p.num_seqs * p.num_kv_heads);
   SparseDecodeMmaKernel<HD, STAGES, LDCS><<<grid, kWarps * 32, MmaSmemBytes<HD>(STAGES), stream>>>(p, a);
   return cudaGetLastError();
@@ -690,6 +699,8 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
                                                                  ws_ml, plan.kv_evict_first)
   const int key = p.head_dim * 100 + plan.rows_per_cta;
   if (mma) {
+    // A plan the kernels cannot run is refused before anything is queued.
+    if (plan.kv_evict_first ? plan.stages != 2 : (plan.stages < 2 || plan.stages > 4)) return cudaErrorInvalidValue;
     if (in_kernel && plan.num_counters > 0) {
       if (cudaError_t e = cudaMemsetAsync(counters, 0, sizeof(unsigned int) * plan.num_counters, stream); e != cudaSuccess) {
         return e;

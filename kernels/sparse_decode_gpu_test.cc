@@ -41,8 +41,10 @@ std::vector<Tune> AllTunes() {
 
 // Runs the kernel on the problem; returns its bf16 output (and, if lse is given, each row's
 // log-sum-exp). The workspace starts as garbage (0xff bytes): the kernel must need no contents.
+// With launches > 1 the outputs are poisoned (NaN) again before each launch, so every launch
+// must write them; `graph` captures one launch on a stream of its own and replays it.
 std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta = 0, Tune tune = {},
-                             std::vector<float>* lse = nullptr, int launches = 1) {
+                             std::vector<float>* lse = nullptr, int launches = 1, bool graph = false) {
   std::vector<void*> owned;
   SparseDecodeParams p = pr.params();
   p.q = ToDevice(pr.q, &owned);
@@ -79,8 +81,31 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   void* ws = nullptr;
   EXPECT_EQ(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
   EXPECT_EQ(cudaMemset(ws, 0xff, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
-  for (int i = 0; i < launches; ++i) EXPECT_EQ(SparseDecode(p, plan, ws, nullptr), cudaSuccess);
+  cudaStream_t stream = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    EXPECT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    cudaGraph_t g = nullptr;
+    EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    EXPECT_EQ(SparseDecode(p, plan, ws, stream), cudaSuccess);
+    EXPECT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
+    EXPECT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+    cudaGraphDestroy(g);
+  }
+  for (int i = 0; i < launches; ++i) {
+    if (i > 0) {
+      EXPECT_EQ(cudaMemsetAsync(p.out, 0xff, pr.out.size() * 2, stream), cudaSuccess);
+      if (lse != nullptr) {
+        EXPECT_EQ(cudaMemsetAsync(p.lse, 0xff, lse->size() * 4, stream), cudaSuccess);
+      }
+    }
+    EXPECT_EQ(graph ? cudaGraphLaunch(exec, stream) : SparseDecode(p, plan, ws, stream), cudaSuccess);
+  }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (graph) {
+    cudaGraphExecDestroy(exec);
+    cudaStreamDestroy(stream);
+  }
   std::vector<uint16_t> out(pr.out.size());
   EXPECT_EQ(cudaMemcpy(out.data(), p.out, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
   if (lse != nullptr) {
@@ -226,6 +251,26 @@ TEST(SparseDecodeGpuTest, InKernelMergeLseAndRepeatedLaunches) {
       // One bf16 rounding step apart at most (the two merges round the same float sums).
       ASSERT_LE(std::abs(Bf16ToFloat(a[i]) - Bf16ToFloat(b[i])), 1e-5 + std::abs(Bf16ToFloat(a[i])) * 0x1p-7)
           << "element " << i;
+    }
+  }
+}
+
+// Both merges (the last split CTA's, and the merge kernel as a programmatic dependent launch)
+// captured in a CUDA graph on a stream of their own and replayed give what a plain launch gives.
+TEST(SparseDecodeGpuTest, BothMergesReplayInACudaGraph) {
+  const DecodeShape shapes[] = {
+      {.seq_lens = {20000, 1, 16}, .q_tokens = {1, 1, 1}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128,
+       .keep_fraction = 0.1},
+      {.seq_lens = {4096, 33}, .q_tokens = {5, 2}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128},
+  };
+  uint32_t seed = 120;
+  for (const DecodeShape& shape : shapes) {
+    DecodeProblem pr = MakeDecodeProblem(shape, seed++);
+    for (SparseDecodeMerge merge : {SparseDecodeMerge::kInKernel, SparseDecodeMerge::kKernelPdl, SparseDecodeMerge::kKernel}) {
+      const Tune tune{2, merge, false};
+      const std::vector<uint16_t> plain = RunGpu(pr, 0, 16, tune);
+      const std::vector<uint16_t> replayed = RunGpu(pr, 0, 16, tune, nullptr, 3, /*graph=*/true);
+      ASSERT_EQ(plain, replayed) << "merge " << static_cast<int>(merge);
     }
   }
 }
