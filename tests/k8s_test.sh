@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Renders every Kustomize overlay of k8s/ with `kubectl kustomize` and checks every rendered object
 # against the Kubernetes JSON schemas (the npm registry's kubernetes-models and
-# @kubernetes-models/prometheus-operator, installed once into the work folder).
-# usage: k8s_test.sh SOURCE_DIR WORK_DIR
+# @kubernetes-models/prometheus-operator, installed once into the work folder). With SCOUT_BINARY,
+# every scout flag the manifests pass (args and --config files) must exist in that build.
+# usage: k8s_test.sh SOURCE_DIR WORK_DIR [SCOUT_BINARY]
 set -euo pipefail
 src=$1
 work=$2
+scout=${3:-}
 fail() { echo "FAIL: $*"; exit 1; }
 command -v kubectl >/dev/null || fail "kubectl is needed to render k8s/ (kubectl kustomize)"
 command -v node >/dev/null && command -v npm >/dev/null || fail "node and npm are needed (tools/setup.sh installs them)"
@@ -24,6 +26,9 @@ for overlay in "$src"/k8s/overlays/*/; do
   grep -q "path: /ready" "$work/$name.yaml" || fail "$name: no readiness probe on /ready"
   grep -q "path: /health" "$work/$name.yaml" || fail "$name: no liveness probe on /health"
   grep -q "preStop" "$work/$name.yaml" || fail "$name: no preStop drain"
+  if [ -n "$scout" ]; then
+    python3 "$src/tools/k8s/check_flags.py" "$scout" "$work/$name.yaml" || fail "$name: flags scout does not know"
+  fi
   overlays=$((overlays + 1))
 done
 [ "$overlays" -gt 0 ] || fail "no overlays under k8s/overlays"

@@ -19,6 +19,7 @@ pkgs=(
   prometheus             # a real Prometheus scrapes `scout serve` in tests; promtool checks monitoring/
   nodejs                 # schema check of the rendered k8s/ manifests (kubernetes-models from npm;
                          # npm comes with it here, kubectl is on the machines)
+  python3-yaml           # the k8s test reads the rendered manifests' scout flags
 )
 missing=()
 for p in "${pkgs[@]}"; do
