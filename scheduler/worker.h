@@ -89,7 +89,8 @@ class WorkerService {
   // What a home may claim of a sequence of `length` tokens once its blocks are written: all of
   // it with the remote tier (partial blocks are written), else its whole blocks.
   int64_t RecordFor(int64_t length) const;
-  // Remote tier: the units a pass over `in` reads that are not here yet come from its home.
+  // Remote tier: the units a pass over `in` reads that are not here yet come from the node the
+  // sequence was adopted from (Lazy::source). Errors name the sequence and the node.
   absl::Status FetchForPass(const runtime::SequenceInput& in, int64_t length);
   absl::Status FetchUnits(int64_t seq, Lazy& lazy, const std::vector<runtime::KvUnitRef>& want);
   absl::Status FetchAll(int64_t seq);
@@ -112,7 +113,7 @@ class WorkerService {
     int64_t seq = 0;
     int64_t first_block = 0;
     int64_t num_blocks = 0;
-    int64_t length = -1;  // >= 0: the sequence's length goes with the blocks (remote tier)
+    int64_t length = -1;  // >= 0: the length record goes with the blocks
   };
   std::vector<PersistJob> pending_;           // queued by Forward, written by Flush
   std::vector<int64_t> unpersisted_;          // reported with the next reply
