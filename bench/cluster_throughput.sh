@@ -10,7 +10,7 @@
 # SCOUT_CLUSTER_DEVICE=cuda puts the model workers on the GPU. On 16 cores or more, each CPU
 # target worker (and the single-process baseline) gets 2 cores of its own (taskset, 2 OpenBLAS
 # threads), as if each were its own machine; the coordinator, drafts, KV stores and clients share
-# cores 0-3.
+# cores 0-3. SCOUT_TARGET_FLAGS adds flags to the target workers (e.g. --kv-remote-tier).
 set -uo pipefail
 device=${SCOUT_CLUSTER_DEVICE:-cpu}
 unit=8192
@@ -19,6 +19,7 @@ build=$1
 clients=${2:-8}
 seconds=${3:-20}
 counts=${4:-"1 2 4"}
+read -r -a target_flags <<< "${SCOUT_TARGET_FLAGS:-}"
 src=$(cd "$(dirname "$0")/.." && pwd)
 scout=$build/bin/scout
 load=$build/bench/serve_load
@@ -34,7 +35,7 @@ def parse(line):
     key, value = line.split("=", 1)
     return key.strip(), value.strip()
 '
-echo "cluster throughput ($device workers): $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
+echo "cluster throughput ($device workers${SCOUT_TARGET_FLAGS:+, targets with $SCOUT_TARGET_FLAGS}): $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
 printf "%8s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
   "UCX MB w" "UCX MB r" "UCX GB/s"
 pin() {  # I COMMAND...: the I-th target process on cores 2I+2 and 2I+3 when there are 16 or more.
@@ -96,7 +97,7 @@ for w in $counts; do
   done
   for i in $(seq 1 "$w"); do
     pin "$i" "$scout" worker --model "$T" --role target --device "$device" --coordinator "127.0.0.1:$cport" --id "target$i" \
-      $([ "$device" = cpu ] && echo --kv-budget-tokens 131072) 2> "$work/t$i.err" &
+      $([ "$device" = cpu ] && echo --kv-budget-tokens 131072) "${target_flags[@]}" 2> "$work/t$i.err" &
     pids+=("$!")
   done
   want=$((4 + w))
