@@ -43,6 +43,13 @@ class KvStoreServer {
 // One connection to one server. Not thread-safe: one caller at a time. Every call waits at most
 // the connection's timeout: a dead or silent server gives Unavailable or DeadlineExceeded naming
 // it, never a hang.
+// Bytes [offset, offset + length) of one stored unit.
+struct UnitPatch {
+  UnitKey key;
+  uint32_t offset = 0;
+  uint32_t length = 0;
+};
+
 class KvStoreClient {
  public:
   static absl::StatusOr<std::unique_ptr<KvStoreClient>> Connect(const std::string& host, int port, size_t unit_bytes,
@@ -53,6 +60,11 @@ class KvStoreClient {
 
   // Writes units: keys[i]'s bytes at data + i * unit_bytes (a unit written again is replaced).
   absl::Status Put(std::span<const UnitKey> keys, const std::byte* data);
+  // Overwrites byte ranges of units the server holds, the ranges' bytes one after another at
+  // data (a worker writes only the rows a pass added to a partly filled block). All or
+  // nothing: NotFound naming the first unit the server does not hold, InvalidArgument for a
+  // range past a unit's end. Applied after every request sent before it on this connection.
+  absl::Status Patch(std::span<const UnitPatch> patches, const std::byte* data);
   // Reads units into out + i * unit_bytes. NotFound naming the first unit the server does not
   // hold (never written, or its session released); nothing is written to out then.
   absl::Status Get(std::span<const UnitKey> keys, std::byte* out);

@@ -98,6 +98,30 @@ TEST(RemoteKvStoreTest, WritesReadsReleasesAndRefusesByName) {
   EXPECT_EQ((*client)->Get({&moved, 1}, got.data()).code(), absl::StatusCode::kNotFound);
   ASSERT_TRUE((*client)->Move(99, 98).ok());  // nothing to move
   EXPECT_EQ((*server)->units_held(), 200);
+  // Patches overwrite byte ranges of held units, copy on write, all or nothing.
+  {
+    UnitKey k{14, 0, 0, 5};  // held: one of session 13's units, moved to 14
+    std::vector<std::byte> before(kUnit), after(kUnit);
+    ASSERT_TRUE((*client)->Get({&k, 1}, before.data()).ok());
+    std::vector<std::byte> bytes = RandomBytes(100 + 28, rng);
+    const UnitPatch two[] = {{.key = k, .offset = 8, .length = 100}, {.key = k, .offset = kUnit - 28, .length = 28}};
+    ASSERT_TRUE((*client)->Patch(two, bytes.data()).ok());
+    ASSERT_TRUE((*client)->Get({&k, 1}, after.data()).ok());
+    std::vector<std::byte> want = before;
+    std::memcpy(want.data() + 8, bytes.data(), 100);
+    std::memcpy(want.data() + kUnit - 28, bytes.data() + 100, 28);
+    EXPECT_EQ(after, want);
+    EXPECT_EQ((*server)->units_held(), 200);
+    UnitKey absent = k;
+    absent.block = 9999;
+    const UnitPatch bad[] = {{.key = k, .offset = 0, .length = 4}, {.key = absent, .offset = 0, .length = 4}};
+    st = (*client)->Patch(bad, bytes.data());
+    EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+    const UnitPatch past[] = {{.key = k, .offset = kUnit - 2, .length = 4}};
+    EXPECT_EQ((*client)->Patch(past, bytes.data()).code(), absl::StatusCode::kInvalidArgument);
+    ASSERT_TRUE((*client)->Get({&k, 1}, after.data()).ok());
+    EXPECT_EQ(after, want);  // neither refused patch changed anything
+  }
   // Bad addresses are refused at once.
   EXPECT_EQ(KvStoreClient::Connect("not-an-ip", 1, kUnit).status().code(), absl::StatusCode::kInvalidArgument);
 }

@@ -124,7 +124,7 @@ void WorkerService::ReleaseHome(const Home& home) {
 }
 
 absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks,
-                                    int64_t length) {
+                                    int64_t length, int first_row) {
 #ifdef SCOUT_HAVE_UCX
   num_blocks = std::max<int64_t>(num_blocks, 0);
   if (home.address.empty() || (num_blocks == 0 && length < 0)) return absl::OkStatus();
@@ -134,22 +134,51 @@ absl::Status WorkerService::Persist(int64_t seq, const Home& home, int64_t first
   if (num_blocks > 0) {
     if (absl::Status s = model_->ExportKv(seq, first_block, num_blocks, staging_.data()); !s.ok()) return s;
   }
+  absl::StatusOr<kvstore::KvStoreClient*> client = Client(home.address);
+  if (!client.ok()) return client.status();
+  auto failed = [&](absl::Status s) {
+    if (absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s)) DropClient(home.address);
+    return s;
+  };
+  const absl::Time t0 = absl::Now();
+  size_t skip = 0;  // units of the first block sent as patches instead
+  if (first_row > 0 && num_blocks > 0) {
+    // The home holds the first block's rows before first_row: only the rows this pass added go,
+    // keys and values (a unit is 16 key rows, then 16 value rows).
+    const size_t per_block = static_cast<size_t>(model_->config().num_hidden_layers * model_->config().num_key_value_heads);
+    const size_t row = unit / (2 * kvstore::kBlockSize);
+    const int64_t end_row = num_blocks > 1 || length < 0 ? kvstore::kBlockSize
+                                                         : std::min<int64_t>(kvstore::kBlockSize, length - first_block * kvstore::kBlockSize);
+    const size_t rows = static_cast<size_t>(std::max<int64_t>(end_row - first_row, 0));
+    std::vector<kvstore::UnitPatch> patches;
+    std::vector<std::byte> bytes;
+    bytes.reserve(per_block * 2 * rows * row);
+    for (size_t u = 0; u < per_block && rows > 0; ++u) {
+      for (size_t half : {size_t{0}, size_t{kvstore::kBlockSize}}) {
+        const size_t offset = (half + static_cast<size_t>(first_row)) * row;
+        patches.push_back({.key = keys[u], .offset = static_cast<uint32_t>(offset), .length = static_cast<uint32_t>(rows * row)});
+        const std::byte* from = staging_.data() + u * unit + offset;
+        bytes.insert(bytes.end(), from, from + rows * row);
+      }
+    }
+    if (!patches.empty()) {
+      if (absl::Status s = (*client)->Patch(patches, bytes.data()); !s.ok()) return failed(s);
+      kv_bytes_written_ += static_cast<int64_t>(bytes.size());
+    }
+    skip = per_block;
+  }
   if (length >= 0) {
     std::byte* record = staging_.data() + keys.size() * unit;
     std::memset(record, 0, unit);
     std::memcpy(record, &length, sizeof(length));
     keys.push_back(LengthKey(home.store_session));
   }
-  absl::StatusOr<kvstore::KvStoreClient*> client = Client(home.address);
-  if (!client.ok()) return client.status();
-  const absl::Time t0 = absl::Now();
-  absl::Status s = (*client)->Put(keys, staging_.data());
+  // The rest, and the length record last, in one request after the patches.
+  const std::span<const kvstore::UnitKey> rest = std::span<const kvstore::UnitKey>(keys).subspan(skip);
+  absl::Status s = rest.empty() ? absl::OkStatus() : (*client)->Put(rest, staging_.data() + skip * unit);
   kv_seconds_ += absl::ToDoubleSeconds(absl::Now() - t0);
-  if (!s.ok()) {
-    if (absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s)) DropClient(home.address);
-    return s;
-  }
-  kv_bytes_written_ += static_cast<int64_t>(staging_.size());
+  if (!s.ok()) return failed(s);
+  kv_bytes_written_ += static_cast<int64_t>(rest.size() * unit);
   return absl::OkStatus();
 #else
   return absl::UnavailableError("this scout was built without UCX: KV homes are not reachable");
@@ -483,7 +512,8 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
     const int64_t after = before[i] + static_cast<int64_t>(batch[i].tokens.size());
     if (options_.remote_tier) {
       pending_.push_back({.seq = batch[i].seq, .first_block = first,
-                          .num_blocks = kvstore::BlocksFor(after) - first, .length = after});
+                          .num_blocks = kvstore::BlocksFor(after) - first, .length = after,
+                          .first_row = static_cast<int>(before[i] % kvstore::kBlockSize)});
       continue;
     }
     const int64_t last = after / kvstore::kBlockSize;
@@ -501,7 +531,7 @@ void WorkerService::Flush() {
   for (const PersistJob& j : jobs) {
     auto it = homes_.find(j.seq);
     if (it == homes_.end() || it->second.address.empty() || !it->second.writable) continue;  // released, or failed
-    if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks, j.length); !p.ok()) {
+    if (absl::Status p = Persist(j.seq, it->second, j.first_block, j.num_blocks, j.length, j.first_row); !p.ok()) {
       unpersisted_.push_back(j.seq);
       persist_error_ = p;
       it->second.writable = false;  // no more writes there until the coordinator names a new home

@@ -84,8 +84,11 @@ class WorkerService {
   absl::Status Truncate(int64_t seq, int64_t num_tokens);
   absl::Status MoveHome(int64_t seq, const Home& home);
   // Writes blocks [first, first + n) of the sequence to its home, and (length >= 0) its length
-  // record in the same write: how many tokens of the home an adopter may trust.
-  absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks, int64_t length = -1);
+  // record in the same write: how many tokens of the home an adopter may trust. first_row > 0:
+  // the home holds the first block's rows before it, and only the rows after go (a patch sent
+  // before the write with the record).
+  absl::Status Persist(int64_t seq, const Home& home, int64_t first_block, int64_t num_blocks, int64_t length = -1,
+                       int first_row = 0);
   // What a home may claim of a sequence of `length` tokens once its blocks are written: all of
   // it with the remote tier (partial blocks are written), else its whole blocks.
   int64_t RecordFor(int64_t length) const;
@@ -114,6 +117,7 @@ class WorkerService {
     int64_t first_block = 0;
     int64_t num_blocks = 0;
     int64_t length = -1;  // >= 0: the length record goes with the blocks
+    int first_row = 0;    // rows of the first block the home already holds
   };
   std::vector<PersistJob> pending_;           // queued by Forward, written by Flush
   std::vector<int64_t> unpersisted_;          // reported with the next reply
