@@ -30,6 +30,8 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
 trap 'cleanup; rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+source "$src/tests/server_lib.sh"
 prompt='# Next step of the agent: read the file, find the function, and fix the failing test.
 def parse(line):
     key, value = line.split("=", 1)
@@ -78,16 +80,8 @@ wait 2>/dev/null
 for w in $counts; do
   pids=()
   log=$work/coord-$w.err
-  "$scout" coordinator --model "$T" --draft "$D" --host 127.0.0.1 --port 0 --control-host 127.0.0.1 --control-port 0 \
-    --max-num-seqs 64 2> "$log" &
-  coord=$!
+  start_coordinator "$log" --model "$T" --draft "$D" --max-num-seqs 64
   pids+=("$coord")
-  for _ in $(seq 1 100); do
-    cport=$(grep -o "control channel on 127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
-    port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
-    [ -n "$cport" ] && [ -n "$port" ] && break
-    sleep 0.1
-  done
   for i in 0 1; do
     "$scout" kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 4 --coordinator "127.0.0.1:$cport" \
       --id "kv$i" 2> "$work/kv$i.err" &

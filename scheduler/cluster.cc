@@ -432,6 +432,8 @@ v1::KvHome RemoteBackend::HomeOf(SequenceId id, const Seq& seq, std::optional<ui
 }
 
 absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
+  // A sequence placed for the first time: no worker ever held its session (ids are not reused).
+  const bool fresh = seq.worker == 0 && seq.epoch == 0 && seq.tokens.empty();
   ClusterCounters count;
   if (seq.worker != 0) count.failovers = 1;
   for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
@@ -472,6 +474,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
     } else {
       req.mutable_add()->set_seq(id);
       *req.mutable_add()->mutable_home() = HomeOf(id, seq);
+      req.mutable_add()->set_clear_home(!fresh);
     }
     absl::StatusOr<v1::BackendReply> r = Call(worker, std::move(req), absl::StrCat("place sequence ", id));
     if (!r.ok()) continue;  // that worker died too: another

@@ -318,11 +318,10 @@ int64_t WorkerService::RecordFor(int64_t length) const {
   return options_.remote_tier ? length : length / kvstore::kBlockSize * kvstore::kBlockSize;
 }
 
-absl::Status WorkerService::AddSequence(int64_t seq, const v1::KvHome& home) {
+absl::Status WorkerService::AddSequence(int64_t seq, const v1::KvHome& home, bool clear_home) {
   if (absl::Status s = model_->AddSequence(seq); !s.ok()) return s;
-  // The session may hold what an earlier worker of the sequence wrote (before a truncation to
-  // nothing, or an adoption that failed): it must not be taken for this sequence's KV.
-  ReleaseHome({.address = home.address(), .store_session = home.store_session()});
+  // What an earlier worker of the sequence wrote there must not be taken for this one's KV.
+  if (clear_home) ReleaseHome({.address = home.address(), .store_session = home.store_session()});
   homes_[seq] = Home{.address = home.address(), .store_session = home.store_session()};
   return absl::OkStatus();
 }
@@ -545,7 +544,7 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
   absl::Status s;
   switch (request.op_case()) {
     case v1::BackendRequest::kAdd:
-      s = AddSequence(request.add().seq(), request.add().home());
+      s = AddSequence(request.add().seq(), request.add().home(), request.add().clear_home());
       break;
     case v1::BackendRequest::kRelease: {
       const int64_t seq = request.release().seq();

@@ -77,7 +77,7 @@ class WorkerService {
     std::vector<std::vector<bool>> here;  // [layer * kv_heads + head][block]
     int64_t missing = 0;
   };
-  absl::Status AddSequence(int64_t seq, const v1::KvHome& home);
+  absl::Status AddSequence(int64_t seq, const v1::KvHome& home, bool clear_home);
   v1::BackendReply Forward(const v1::Forward& forward);
   // Returns how many tokens of KV the sequence took from its home.
   absl::StatusOr<int64_t> Adopt(const v1::AdoptSequence& adopt);
