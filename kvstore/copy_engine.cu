@@ -1,8 +1,20 @@
 #include "kvstore/copy_engine.cuh"
 
 #include <cuda.h>
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
 
 #include "absl/strings/str_cat.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and the pages are touched
+#endif
 
 namespace scout::kvstore {
 namespace {
@@ -102,6 +114,72 @@ HostAllocator PinnedHostAllocator() {
             return p;
           },
           [](void* p) { cudaFreeHost(p); }};
+}
+
+HostAllocator HugePageHostAllocator() {
+  // The release function gets only the pointer: the lengths of the mappings are kept here.
+  struct Mappings {
+    absl::Mutex mu;
+    absl::flat_hash_map<void*, size_t> length ABSL_GUARDED_BY(mu);
+  };
+  auto maps = std::make_shared<Mappings>();
+  constexpr size_t kHuge = size_t{2} << 20;
+  return {[maps](size_t bytes) -> absl::StatusOr<void*> {
+            const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
+            void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+            if (p == MAP_FAILED) {
+              // No reserved huge pages: map 2 MiB more, keep the aligned part, ask for THP.
+              void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+              if (raw == MAP_FAILED) {
+                return absl::ResourceExhaustedError(absl::StrCat("mmap of ", len, " bytes: ", std::strerror(errno)));
+              }
+              const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
+              const uintptr_t aligned = (base + kHuge - 1) / kHuge * kHuge;
+              if (aligned > base) munmap(raw, aligned - base);
+              if (const uintptr_t end = base + len + kHuge; end > aligned + len) {
+                munmap(reinterpret_cast<void*>(aligned + len), end - (aligned + len));
+              }
+              p = reinterpret_cast<void*>(aligned);
+              madvise(p, len, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
+            }
+            if (madvise(p, len, MADV_POPULATE_WRITE) != 0) {
+              volatile char* c = static_cast<volatile char*>(p);
+              for (size_t off = 0; off < len; off += 4096) c[off] = 0;
+            }
+            if (cudaError_t e = cudaHostRegister(p, len, cudaHostRegisterMapped | cudaHostRegisterPortable);
+                e != cudaSuccess) {
+              munmap(p, len);
+              return absl::ResourceExhaustedError(
+                  absl::StrCat("cudaHostRegister of ", len, " bytes: ", cudaGetErrorString(e)));
+            }
+            void* dev = nullptr;
+            if (cudaHostGetDevicePointer(&dev, p, 0) != cudaSuccess || dev != p) {
+              cudaHostUnregister(p);
+              munmap(p, len);
+              return absl::FailedPreconditionError("registered memory is not addressable at the same pointer on the GPU");
+            }
+            absl::MutexLock lock(&maps->mu);
+            maps->length[p] = len;
+            return p;
+          },
+          [maps](void* p) {
+            size_t len = 0;
+            {
+              absl::MutexLock lock(&maps->mu);
+              auto it = maps->length.find(p);
+              if (it == maps->length.end()) return;
+              len = it->second;
+              maps->length.erase(it);
+            }
+            cudaHostUnregister(p);
+            munmap(p, len);
+          }};
+}
+
+absl::StatusOr<HostAllocator> HostAllocatorNamed(const std::string& name) {
+  if (name == "pinned") return PinnedHostAllocator();
+  if (name == "hugepages") return HugePageHostAllocator();
+  return absl::InvalidArgumentError(absl::StrCat("host memory \"", name, "\": expected pinned or hugepages"));
 }
 
 cudaError_t GatherUnits(const std::byte* const* src, const int32_t* dst_slots, int count, size_t unit_bytes,

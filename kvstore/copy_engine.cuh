@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -21,6 +22,16 @@ namespace scout::kvstore {
 // addressing (the device pointer equals the host pointer), which every 64-bit CUDA system has;
 // allocation fails with FailedPrecondition otherwise.
 HostAllocator PinnedHostAllocator();
+
+// The same contract from 2 MiB pages: each chunk is mapped anonymous (MAP_HUGETLB when the system
+// has huge pages reserved, else transparent huge pages asked for with MADV_HUGEPAGE), populated
+// (MADV_POPULATE_WRITE, or touched page by page on kernels without it) and then registered
+// (cudaHostRegister, Mapped | Portable). Pinning runs over far fewer pages than cudaHostAlloc's,
+// so a large store comes up faster; ResourceExhausted naming the step that failed.
+HostAllocator HugePageHostAllocator();
+
+// Which of the two a flag names: "pinned" or "hugepages"; InvalidArgument otherwise.
+absl::StatusOr<HostAllocator> HostAllocatorNamed(const std::string& name);
 
 // Copies count units: pool[dst_slots[i]] = *src[i], unit_bytes each (a multiple of 512).
 // src and dst_slots are device-readable arrays. Returns launch errors.

@@ -11,9 +11,12 @@ namespace scout::kvstore {
 namespace {
 
 TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
+  // head dim 64 from cudaHostAlloc'd chunks, 128 from registered huge pages.
   for (int head_dim : {64, 128}) {
     const KvLayout layout{.num_layers = 4, .num_kv_heads = 3, .head_dim = head_dim, .elem_bytes = 2};
-    auto store_or = HostKvStore::Create(layout, 64, PinnedHostAllocator(),
+    auto allocator = HostAllocatorNamed(head_dim == 64 ? "pinned" : "hugepages");
+    ASSERT_TRUE(allocator.ok()) << allocator.status();
+    auto store_or = HostKvStore::Create(layout, 64, *allocator,
                                         {.chunk_bytes = 10 * layout.slab_bytes(), .allocate_upfront = true});
     ASSERT_TRUE(store_or.ok()) << store_or.status();
     HostKvStore& store = **store_or;
@@ -144,6 +147,23 @@ TEST(CudaCopyEngineTest, AppendFetchFlushKeepsHostCurrent) {
   EXPECT_GT(cache.counters().evictions, 0);
   engine->reset();
   cudaFree(pool);
+}
+
+TEST(CudaCopyEngineTest, HostAllocatorsByName) {
+  EXPECT_TRUE(HostAllocatorNamed("pinned").ok());
+  EXPECT_TRUE(HostAllocatorNamed("hugepages").ok());
+  const absl::StatusOr<HostAllocator> bad = HostAllocatorNamed("huge");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("expected pinned or hugepages"), std::string::npos);
+  // An odd size is rounded up to whole 2 MiB pages, released without leaking the mapping.
+  auto huge = HugePageHostAllocator();
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<void*> p = huge.allocate((size_t{3} << 20) + 5);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(*p) % (size_t{2} << 20), 0u);
+    std::memset(*p, 7, (size_t{3} << 20) + 5);
+    huge.release(*p);
+  }
 }
 
 }  // namespace
