@@ -2,12 +2,15 @@
 // bf16: 8 KiB a unit). One session of --tokens tokens lives in the pinned host store; each case
 // runs a warm-up step with a random selection, then a step whose selection overlaps it by the
 // given fraction, and times the second (transfer-list upload + the gathers: consecutive layers
-// grouped into launches of at least --launch-units units, 1 for one launch per layer).
+// grouped into launches of at least --launch-units units, 1 for one launch per layer). Each row
+// runs --repeats times with fresh selections and prints the median, least and most GB/s.
+// --host-alloc pinned (cudaHostAlloc) or hugepages (2 MiB pages, registered) picks the store's memory.
 // Baselines in the same run: a 1 GiB pinned cudaMemcpy (the PCIe roofline) and one
 // cudaMemcpyAsync per unit for the same transfers (the naive way).
 //
 //   prefetch_bench [--tokens 131072] [--fractions 0.01,0.02,0.05,0.1] [--overlaps 0,0.5,0.9]
 //                  [--launch-units N] [--signal 0|1] [--signal-ctas C] [--overlap-fraction F] [--overlap-keep K] [--reserve-ctas C]
+//                  [--repeats 3] [--host-alloc pinned|hugepages] [--skip-overlap 0|1]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,7 +41,8 @@ int main(int argc, char** argv) {
   long tokens = 131072;
   std::string fractions = "0.01,0.02,0.05,0.1", overlaps = "0,0.5,0.9";
   double overlap_frac = 0.02, overlap_keep = 0.9;
-  int reserve_ctas = 0, launch_units = 0, signal = 1, signal_ctas = 0;
+  int reserve_ctas = 0, launch_units = 0, signal = 1, signal_ctas = 0, repeats = 3, skip_overlap = 0;
+  std::string host_alloc = "pinned";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
     if (f == "--tokens") tokens = std::stol(v);
@@ -50,6 +54,9 @@ int main(int argc, char** argv) {
     else if (f == "--launch-units") launch_units = std::stoi(v);
     else if (f == "--signal") signal = std::stoi(v);
     else if (f == "--signal-ctas") signal_ctas = std::stoi(v);
+    else if (f == "--repeats") repeats = std::max(1, std::stoi(v));
+    else if (f == "--host-alloc") host_alloc = v;
+    else if (f == "--skip-overlap") skip_overlap = std::stoi(v);
     else { std::fprintf(stderr, "unknown flag %s\n", f.c_str()); return 2; }
   }
   const KvLayout layout{.num_layers = 32, .num_kv_heads = 8, .head_dim = 128, .elem_bytes = 2};
@@ -60,7 +67,12 @@ int main(int argc, char** argv) {
   CHECK(cudaFree(nullptr));  // create the context before timing the allocation
 
   auto t0 = std::chrono::steady_clock::now();
-  auto store_or = HostKvStore::Create(layout, nb, PinnedHostAllocator(), {.allocate_upfront = true});
+  absl::StatusOr<HostAllocator> allocator = HostAllocatorNamed(host_alloc);
+  if (!allocator.ok()) {
+    std::fprintf(stderr, "%s\n", allocator.status().ToString().c_str());
+    return 2;
+  }
+  auto store_or = HostKvStore::Create(layout, nb, *allocator, {.allocate_upfront = true});
   if (!store_or.ok()) {
     std::fprintf(stderr, "%s\n", store_or.status().ToString().c_str());
     return 1;
@@ -72,8 +84,8 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < store.chunk_bytes(); i += 4096) c[i] = std::byte(i >> 12);
   }
   if (!store.AddSession(1).ok() || !store.Reserve(1, tokens).ok()) return 1;
-  std::printf("device: %s; session %ld tokens = %.1f GiB of KV in pinned host memory (allocated in %.1f s, %zu chunks)\n",
-              prop.name, tokens, store.bytes() / double(1 << 30), alloc_s, store.chunks().size());
+  std::printf("device: %s; session %ld tokens = %.1f GiB of KV in %s host memory (allocated in %.1f s, %zu chunks)\n",
+              prop.name, tokens, store.bytes() / double(1 << 30), host_alloc.c_str(), alloc_s, store.chunks().size());
 
   // PCIe roofline: 1 GiB pinned host -> device.
   const size_t big = size_t{1} << 30;
@@ -117,73 +129,90 @@ int main(int argc, char** argv) {
   }
   cudaStream_t s = (*engine)->stream();
 
-  std::printf("%8s %8s | %9s %10s %9s %8s %10s | %10s %9s\n", "select", "overlap", "units", "MB moved", "ms", "GB/s",
-              "of roof", "naive GB/s", "plan ms");
+  std::printf("%8s %8s | %9s %10s %9s %8s %10s %13s | %10s %9s\n", "select", "overlap", "units", "MB moved", "ms",
+              "GB/s", "of roof", "least-most", "naive GB/s", "plan ms");
   std::mt19937 rng(7);
   uint64_t step = 0;
+  std::vector<int32_t> all(nb);
   for (double frac : fracs) {
     for (double ov : ParseList(overlaps)) {
-      BlockCache cache(slots, layout.num_layers, layout.num_kv_heads);
       const int per_list = std::max(1, int(frac * nb));
-      // Step A: random per-list selection, moved to warm the cache.
-      std::vector<std::vector<int32_t>> prev(lists);
-      Selection sa{.num_layers = 32, .num_kv_heads = 8, .indptr = {0}, .blocks = {}};
-      std::vector<int32_t> all(nb);
-      for (int32_t i = 0; i < nb; ++i) all[i] = i;
-      for (int l = 0; l < lists; ++l) {
-        std::shuffle(all.begin(), all.end(), rng);
-        prev[l].assign(all.begin(), all.begin() + per_list);
-        std::sort(prev[l].begin(), prev[l].end());
-        sa.blocks.insert(sa.blocks.end(), prev[l].begin(), prev[l].end());
-        sa.indptr.push_back(int32_t(sa.blocks.size()));
-      }
-      auto pa = PlanPrefetch(sa, 1, store, cache, ++step);
-      if (!pa.ok() || !(*engine)->Execute(*pa).ok()) return 1;
-      CHECK(cudaStreamSynchronize(s));
-      cache.ReleaseStep(step);
-      // Step B: keep `ov` of each list, replace the rest with blocks not in it.
-      Selection sb{.num_layers = 32, .num_kv_heads = 8, .indptr = {0}, .blocks = {}};
-      for (int l = 0; l < lists; ++l) {
-        std::vector<int32_t> keep(prev[l].begin(), prev[l].begin() + int(ov * per_list));
-        std::vector<char> used(nb, 0);
-        for (int32_t x : prev[l]) used[x] = 1;
-        std::shuffle(all.begin(), all.end(), rng);
-        for (int32_t x : all) {
-          if (int(keep.size()) >= per_list) break;
-          if (!used[x]) keep.push_back(x);
+      std::vector<double> gbps;
+      double units = 0, ms_median = 0, naive_gbps = 0, plan_ms = 0;
+      std::vector<double> ms_all;
+      for (int rep = 0; rep < repeats; ++rep) {
+        BlockCache cache(slots, layout.num_layers, layout.num_kv_heads);
+        // Step A: random per-list selection, moved to warm the cache.
+        std::vector<std::vector<int32_t>> prev(lists);
+        Selection sa{.num_layers = 32, .num_kv_heads = 8, .indptr = {0}, .blocks = {}};
+        for (int32_t i = 0; i < nb; ++i) all[i] = i;
+        for (int l = 0; l < lists; ++l) {
+          std::shuffle(all.begin(), all.end(), rng);
+          prev[l].assign(all.begin(), all.begin() + per_list);
+          std::sort(prev[l].begin(), prev[l].end());
+          sa.blocks.insert(sa.blocks.end(), prev[l].begin(), prev[l].end());
+          sa.indptr.push_back(int32_t(sa.blocks.size()));
         }
-        std::sort(keep.begin(), keep.end());
-        sb.blocks.insert(sb.blocks.end(), keep.begin(), keep.end());
-        sb.indptr.push_back(int32_t(sb.blocks.size()));
+        auto pa = PlanPrefetch(sa, 1, store, cache, ++step);
+        if (!pa.ok() || !(*engine)->Execute(*pa).ok()) return 1;
+        CHECK(cudaStreamSynchronize(s));
+        cache.ReleaseStep(step);
+        // Step B: keep `ov` of each list, replace the rest with blocks not in it.
+        Selection sb{.num_layers = 32, .num_kv_heads = 8, .indptr = {0}, .blocks = {}};
+        for (int l = 0; l < lists; ++l) {
+          std::vector<int32_t> keep(prev[l].begin(), prev[l].begin() + int(ov * per_list));
+          std::vector<char> used(nb, 0);
+          for (int32_t x : prev[l]) used[x] = 1;
+          std::shuffle(all.begin(), all.end(), rng);
+          for (int32_t x : all) {
+            if (int(keep.size()) >= per_list) break;
+            if (!used[x]) keep.push_back(x);
+          }
+          std::sort(keep.begin(), keep.end());
+          sb.blocks.insert(sb.blocks.end(), keep.begin(), keep.end());
+          sb.indptr.push_back(int32_t(sb.blocks.size()));
+        }
+        auto p0 = std::chrono::steady_clock::now();
+        auto pb = PlanPrefetch(sb, 1, store, cache, ++step);
+        plan_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
+        if (!pb.ok()) {
+          std::fprintf(stderr, "%s\n", pb.status().ToString().c_str());
+          return 1;
+        }
+        CHECK(cudaEventRecord(a, s));
+        if (!(*engine)->Execute(*pb).ok()) return 1;
+        CHECK(cudaEventRecord(b, s));
+        CHECK(cudaEventSynchronize(b));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, a, b));
+        units = double(pb->transfers.size());
+        const double bytes = units * layout.unit_bytes();
+        gbps.push_back(bytes / (ms * 1e-3) / 1e9);
+        ms_all.push_back(ms);
+        if (rep + 1 == repeats) {
+          // Naive: one cudaMemcpyAsync per unit, same transfers (the last repeat's).
+          CHECK(cudaEventRecord(a, s));
+          for (const Transfer& t : pb->transfers) {
+            CHECK(cudaMemcpyAsync(pool + size_t(t.slot) * layout.unit_bytes(), t.src, layout.unit_bytes(),
+                                  cudaMemcpyHostToDevice, s));
+          }
+          CHECK(cudaEventRecord(b, s));
+          CHECK(cudaEventSynchronize(b));
+          float naive_ms;
+          CHECK(cudaEventElapsedTime(&naive_ms, a, b));
+          naive_gbps = bytes / (naive_ms * 1e-3) / 1e9;
+        }
+        cache.ReleaseStep(step);
       }
-      auto p0 = std::chrono::steady_clock::now();
-      auto pb = PlanPrefetch(sb, 1, store, cache, ++step);
-      const double plan_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
-      if (!pb.ok()) {
-        std::fprintf(stderr, "%s\n", pb.status().ToString().c_str());
-        return 1;
-      }
-      CHECK(cudaEventRecord(a, s));
-      if (!(*engine)->Execute(*pb).ok()) return 1;
-      CHECK(cudaEventRecord(b, s));
-      CHECK(cudaEventSynchronize(b));
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, a, b));
-      const double bytes = double(pb->transfers.size()) * layout.unit_bytes();
-      // Naive: one cudaMemcpyAsync per unit, same transfers.
-      CHECK(cudaEventRecord(a, s));
-      for (const Transfer& t : pb->transfers) {
-        CHECK(cudaMemcpyAsync(pool + size_t(t.slot) * layout.unit_bytes(), t.src, layout.unit_bytes(),
-                              cudaMemcpyHostToDevice, s));
-      }
-      CHECK(cudaEventRecord(b, s));
-      CHECK(cudaEventSynchronize(b));
-      float naive_ms;
-      CHECK(cudaEventElapsedTime(&naive_ms, a, b));
-      cache.ReleaseStep(step);
-      std::printf("%7.0f%% %7.0f%% | %9zu %10.1f %9.3f %8.1f %9.0f%% | %10.1f %9.1f\n", frac * 100, ov * 100,
-                  pb->transfers.size(), bytes / 1e6, ms, bytes / (ms * 1e-3) / 1e9, 100 * bytes / (ms * 1e-3) / roof,
-                  bytes / (naive_ms * 1e-3) / 1e9, plan_ms);
+      std::sort(gbps.begin(), gbps.end());
+      std::sort(ms_all.begin(), ms_all.end());
+      ms_median = ms_all[ms_all.size() / 2];
+      const double med = gbps[gbps.size() / 2];
+      char spread[32];
+      std::snprintf(spread, sizeof spread, "%.0f-%.0f%%", 100 * gbps.front() * 1e9 / roof, 100 * gbps.back() * 1e9 / roof);
+      std::printf("%7.0f%% %7.0f%% | %9.0f %10.1f %9.3f %8.1f %9.0f%% %13s | %10.1f %9.1f\n", frac * 100, ov * 100,
+                  units, units * layout.unit_bytes() / 1e6, ms_median, med, 100 * med * 1e9 / roof, spread, naive_gbps,
+                  plan_ms);
       std::fflush(stdout);
     }
   }
@@ -191,7 +220,7 @@ int main(int argc, char** argv) {
 
   // Overlap: STS attention of layer L (q = 5 verification rows, over the slot pool) while layer
   // L+1's units are still moving. Serial: each layer's gather waits for the previous attention.
-  {
+  if (skip_overlap == 0) {
     const double frac = overlap_frac;
     BlockCache cache(slots, layout.num_layers, layout.num_kv_heads);
     const int per_list = std::max(1, int(frac * nb));
