@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <random>
 #include <sstream>
 #include <string>
@@ -84,6 +85,12 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < store.chunk_bytes(); i += 4096) c[i] = std::byte(i >> 12);
   }
   if (!store.AddSession(1).ok() || !store.Reserve(1, tokens).ok()) return 1;
+  {  // whether the kernel gave transparent huge pages (Linux; 0 kB also with MAP_HUGETLB pages)
+    std::ifstream meminfo("/proc/meminfo");
+    for (std::string line; std::getline(meminfo, line);) {
+      if (line.rfind("AnonHugePages:", 0) == 0 || line.rfind("Hugetlb:", 0) == 0) std::printf("%s\n", line.c_str());
+    }
+  }
   std::printf("device: %s; session %ld tokens = %.1f GiB of KV in %s host memory (allocated in %.1f s, %zu chunks)\n",
               prop.name, tokens, store.bytes() / double(1 << 30), host_alloc.c_str(), alloc_s, store.chunks().size());
 

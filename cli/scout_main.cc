@@ -138,6 +138,7 @@ absl::StatusOr<ModelPair> LoadPair(const std::string& model_dir, const std::stri
 struct HostTierFlags {
   double host_gb = 0;  // > 0: the KV in a host store of this size
   double gpu_cache_gb = 0;
+  std::string host_memory = "hugepages";
 };
 
 std::vector<FlagSpec> WithHostTierFlags(std::vector<FlagSpec> specs) {
@@ -146,6 +147,9 @@ std::vector<FlagSpec> WithHostTierFlags(std::vector<FlagSpec> specs) {
                    "hierarchical cache); the GPU keeps a cache of the 16-token blocks steps read, and sessions "
                    "outlive their GPU blocks (0: KV on the GPU only)"});
   specs.push_back({"gpu-kv-cache-gb", "0", "with --host-kv-gb: the GPU block cache in GB (0: what the GPU has room for)"});
+  specs.push_back({"host-kv-memory", "hugepages",
+                   "with --host-kv-gb: the store's memory, hugepages (2 MiB pages registered with CUDA: faster to "
+                   "pin) or pinned (cudaHostAlloc)"});
   return specs;
 }
 
@@ -155,7 +159,11 @@ absl::StatusOr<HostTierFlags> ParseHostTier(const Flags& flags) {
   if (!cache.ok()) return cache.status();
   if (*host < 0 || *cache < 0) return absl::InvalidArgumentError("--host-kv-gb and --gpu-kv-cache-gb must be >= 0");
   if (*cache > 0 && *host == 0) return absl::InvalidArgumentError("--gpu-kv-cache-gb needs --host-kv-gb");
-  return HostTierFlags{.host_gb = *host, .gpu_cache_gb = *cache};
+  const std::string memory = flags.Get("host-kv-memory");
+  if (memory != "hugepages" && memory != "pinned") {
+    return absl::InvalidArgumentError(absl::StrCat("--host-kv-memory must be hugepages or pinned, got \"", memory, "\""));
+  }
+  return HostTierFlags{.host_gb = *host, .gpu_cache_gb = *cache, .host_memory = memory};
 }
 
 #ifdef SCOUT_HAVE_CUDA
@@ -203,7 +211,7 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadBackend(const std::st
   if (!sizes.ok()) return sizes.status();
   absl::StatusOr<std::unique_ptr<runtime::CudaModel>> m = runtime::CudaModel::Load(
       dir, {.device = index, .kv_budget_tokens = kv_tokens, .host_kv_tokens = sizes->host_kv_tokens,
-            .gpu_cache_units = sizes->gpu_cache_units});
+            .gpu_cache_units = sizes->gpu_cache_units, .host_kv_memory = tier.host_memory});
   if (!m.ok()) return m.status();
   return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
 #else
@@ -235,7 +243,7 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const 
   if (!sizes.ok()) return sizes.status();
   absl::StatusOr<std::unique_ptr<runtime::TensorParallelModel>> m = runtime::TensorParallelModel::Load(
       dir, {.devices = ids, .kv_budget_tokens = kv_tokens, .host_kv_tokens = sizes->host_kv_tokens,
-            .gpu_cache_units = sizes->gpu_cache_units});
+            .gpu_cache_units = sizes->gpu_cache_units, .host_kv_memory = tier.host_memory});
   if (!m.ok()) return m.status();
   return std::unique_ptr<runtime::ModelBackend>(std::move(*m));
 #else

@@ -323,8 +323,10 @@ absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
   }
   const int64_t blocks = kvstore::BlocksFor(o.host_kv_tokens);
   if (blocks > INT32_MAX) return absl::InvalidArgumentError("host KV store of more than 2^31 blocks");
+  absl::StatusOr<kvstore::HostAllocator> memory = kvstore::HostAllocatorNamed(o.host_kv_memory);
+  if (!memory.ok()) return memory.status();
   absl::StatusOr<std::unique_ptr<kvstore::HostKvStore>> s =
-      kvstore::HostKvStore::Create(layout, static_cast<int32_t>(blocks), kvstore::PinnedHostAllocator());
+      kvstore::HostKvStore::Create(layout, static_cast<int32_t>(blocks), *memory);
   if (!s.ok()) return s.status();
   store = std::move(*s);
   int64_t units = o.gpu_cache_units;

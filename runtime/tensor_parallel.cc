@@ -51,7 +51,7 @@ absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Create
         config, weights,
         {.device = options.devices[i], .kv_budget_tokens = options.kv_budget_tokens, .tp_rank = i, .tp_size = n,
          .nccl_comm = n > 1 ? m->comms_[i] : nullptr, .host_kv_tokens = options.host_kv_tokens,
-         .gpu_cache_units = options.gpu_cache_units});
+         .gpu_cache_units = options.gpu_cache_units, .host_kv_memory = options.host_kv_memory});
     if (!shard.ok()) return shard.status();
     m->shards_.push_back(std::move(*shard));
   }

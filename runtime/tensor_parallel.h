@@ -20,6 +20,7 @@ struct TensorParallelOptions {
   // GPU block cache), as CudaModelOptions.
   int64_t host_kv_tokens = 0;
   int64_t gpu_cache_units = 0;
+  std::string host_kv_memory = "hugepages";
 };
 
 class TensorParallelModel final : public ModelBackend {

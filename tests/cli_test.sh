@@ -45,6 +45,8 @@ grep -q "/nonexistent/config.json: no such file" err.txt || fail "missing model 
 [ $rc -eq 1 ] && grep -q -- "--max-tokens must be an integer" err.txt || fail "bad number: exit $rc $(cat err.txt)"
 "$scout" generate --model "$src/models/scout-tiny-target" --prompt x --temperature -1 >/dev/null 2>err.txt; rc=$?
 [ $rc -eq 1 ] && grep -q "temperature must be >= 0" err.txt || fail "bad temperature: exit $rc $(cat err.txt)"
+"$scout" generate --model "$src/models/scout-tiny-target" --prompt x --host-kv-gb 1 --host-kv-memory huge >/dev/null 2>err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q -- "--host-kv-memory must be hugepages or pinned" err.txt || fail "bad host memory: exit $rc $(cat err.txt)"
 "$scout" bogus >/dev/null 2>&1; rc=$?
 [ $rc -eq 2 ] || fail "unknown command: exit $rc"
 echo "cli_test: ok"
