@@ -8,6 +8,22 @@
 //   attention_bench [--contexts 32768,131072,524288,1048576] [--batches 1,16] [--q-tokens 1,5]
 //                   [--keep 0.1] [--sdpa-json FILE] [--reps 20] [--flush write|read|none]
 //                   [--cc 0] [--dense 0] [--splits N] [--tune 2k0,3f1,...] [--select-only 1]
+//                   [--santa 256,2048] [--data random|peaked] [--peak-sigma 3] [--peak-corr 0.5]
+//
+// --santa adds SANTA rows (santaS over the dense list, sts+santaS over the sparse one) with err,
+// the relative L2 distance from the exact kernel's output on the same inputs, and their speed
+// against that exact kernel.
+//
+// --data: random (default) fills q, K and V uniform in [-2, 2): the attention of every head is
+// nearly flat over tens of thousands of keys. peaked keeps V so and gives each key j of KV head h
+// a salience x_jg per query head g of the group, x_jg = c z_j + sqrt(1 - c^2) y_jg (standard
+// normals, c = --peak-corr: the heads of a group partly agree), and each query head a direction
+// u_g of +-1 entries: k_j = sigma / sqrt(128) sum_g x_jg u_g + U(-1/4, 1/4) noise, q_g = u_g +
+// U(-1/4, 1/4) noise, so head g's logits are about sigma x_jg (sigma = --peak-sigma) plus cross
+// terms and noise: log-normal attention weights, a few keys carrying most of the mass and a long
+// tail, as real heads at long context show (no sink or recency structure). The bench prints each
+// head's measured effective support (exp(entropy) and 1 / sum p^2) over the first sequence's
+// dense list, for its last query token, so the reader can judge.
 //
 // --tune adds, per case, dense and sts rows with the tensor-core kernel's knobs set: stages
 // (2..4), merge (k: merge kernel, p: merge kernel as a programmatic dependent launch, f: merged
@@ -41,6 +57,46 @@ __global__ void FillBf16(uint16_t* p, size_t n, uint32_t seed) {
     // uniform in [-2, 2): a bf16 with 7 bits of mantissa
     float f = (float(x & 0xffff) / 65536.0f) * 4.0f - 2.0f;
     p[i] = static_cast<uint16_t>(__float_as_uint(f) >> 16);
+  }
+}
+
+__device__ uint32_t Mix32(uint64_t x) {
+  x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull; x ^= x >> 33;
+  return uint32_t(x);
+}
+__device__ float Uniform01(uint64_t key) { return (Mix32(key) + 0.5f) * 0x1p-32f; }
+__device__ float Gauss(uint64_t key) {
+  return sqrtf(-2.0f * logf(Uniform01(key))) * cospif(2.0f * Uniform01(key ^ 0x5bd1e995ull << 32));
+}
+__device__ float Bf16Round(float f) { return __uint_as_float(__float_as_uint(f) & 0xffff0000u); }
+// Sign of direction u_g of query head g (of KV head h) at dim d.
+__device__ float DirSign(int h, int g, int d) { return (Mix32((uint64_t(h) * 64 + g) << 16 | d) & 1) ? 1.0f : -1.0f; }
+
+// --data peaked (see the top of the file): kv [units = blocks x 8][2][16][128], q [rows][32][128].
+__global__ void FillPeakedKv(uint16_t* kv, size_t n, float sigma, float corr) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const int d = i % 128, which = (i / (16 * 128)) % 2;
+    const size_t unit = i / (2 * 16 * 128), key = unit * 16 + (i / 128) % 16;
+    const int h = unit % 8;
+    float f;
+    if (which == 1) {
+      f = Uniform01(i * 3 + 1) * 4.0f - 2.0f;
+    } else {
+      const float z = Gauss(key * 8 + 7), a = sigma / sqrtf(128.0f);
+      f = (Uniform01(i * 3 + 2) - 0.5f) * 0.5f;
+      for (int g = 0; g < 4; ++g) {
+        const float x = corr * z + sqrtf(1.0f - corr * corr) * Gauss(key * 8 + g);
+        f += a * x * DirSign(h, g, d);
+      }
+    }
+    kv[i] = static_cast<uint16_t>(__float_as_uint(Bf16Round(f)) >> 16);
+  }
+}
+__global__ void FillPeakedQ(uint16_t* q, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const int d = i % 128, head = (i / 128) % 32;
+    const float f = DirSign(head / 4, head % 4, d) + (Uniform01(i * 5 + 3) - 0.5f) * 0.5f;
+    q[i] = static_cast<uint16_t>(__float_as_uint(Bf16Round(f)) >> 16);
   }
 }
 
@@ -127,6 +183,51 @@ struct Timer {
   }
 };
 
+// Effective support of each query head's attention (last query token of sequence 0, its dense
+// list): exp(entropy) and 1 / sum p^2, from the device's q and K in double precision.
+void PrintSupport(const DecodeProblem& pr, const uint16_t* kv_dev, const uint16_t* q_dev, int q_tokens) {
+  const int len = pr.seq_lens[0], nb = (len + 15) / 16;
+  std::vector<uint16_t> q(32 * 128), k(size_t(len) * 128);
+  CHECK(cudaMemcpy(q.data(), q_dev + size_t(q_tokens - 1) * 32 * 128, q.size() * 2, cudaMemcpyDeviceToHost));
+  std::vector<double> ent(32), inv_sq(32);
+  for (int h = 0; h < 8; ++h) {
+    for (int b = 0; b < nb; ++b) {
+      const size_t unit = (size_t(pr.block_table[b]) * 8 + h) * 2 * 16 * 128;
+      const int n = std::min(16, len - b * 16);
+      CHECK(cudaMemcpy(k.data() + size_t(b) * 16 * 128, kv_dev + unit, size_t(n) * 128 * 2, cudaMemcpyDeviceToHost));
+    }
+    for (int g = 0; g < 4; ++g) {
+      const int head = h * 4 + g;
+      std::vector<double> lg(len);
+      double mx = -1e300;
+      for (int j = 0; j < len; ++j) {
+        double dot = 0;
+        for (int d = 0; d < 128; ++d) dot += double(Bf16ToFloat(q[head * 128 + d])) * Bf16ToFloat(k[size_t(j) * 128 + d]);
+        lg[j] = dot / std::sqrt(128.0);
+        mx = std::max(mx, lg[j]);
+      }
+      double sum = 0;
+      for (double& x : lg) sum += (x = std::exp(x - mx));
+      double h_nat = 0, sq = 0;
+      for (double x : lg) {
+        const double p = x / sum;
+        if (p > 0) h_nat -= p * std::log(p);
+        sq += p * p;
+      }
+      ent[head] = std::exp(h_nat);
+      inv_sq[head] = 1.0 / sq;
+    }
+  }
+  std::printf("attention support over %d keys, per query head (exp(entropy) / (1 / sum p^2)):\n", len);
+  for (int head = 0; head < 32; ++head) {
+    std::printf("  h%02d %6.0f/%-5.0f%s", head, ent[head], inv_sq[head], head % 8 == 7 ? "\n" : "");
+  }
+  std::vector<double> e = ent, s2 = inv_sq;
+  std::sort(e.begin(), e.end());
+  std::sort(s2.begin(), s2.end());
+  std::printf("  median exp(entropy) %.0f, median 1/sum p^2 %.0f\n", e[16], s2[16]);
+}
+
 int main(int argc, char** argv) {
   std::string contexts = "32768,131072,524288,1048576", batches = "1,16", qtoks = "1,5", sdpa_path;
   double keep = 0.1;
@@ -134,7 +235,8 @@ int main(int argc, char** argv) {
   int force_splits = 0;  // 0: the planner's choice
   int reps = 20;
   bool cc = true, dense = true, select_only = false;
-  std::string flush = "write";
+  std::string flush = "write", data = "random";
+  float peak_sigma = 3.0f, peak_corr = 0.5f;
   std::vector<std::string> tunes;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string f = argv[i], v = argv[i + 1];
@@ -147,6 +249,9 @@ int main(int argc, char** argv) {
     else if (f == "--splits") force_splits = std::stoi(v);
     else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
     else if (f == "--flush") flush = v;
+    else if (f == "--data") data = v;
+    else if (f == "--peak-sigma") peak_sigma = std::stof(v);
+    else if (f == "--peak-corr") peak_corr = std::stof(v);
     else if (f == "--cc") cc = v != "0";
     else if (f == "--dense") dense = v != "0";
     else if (f == "--select-only") select_only = v != "0";
@@ -176,7 +281,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   timer.mode = flush;
+  if (data != "random" && data != "peaked") {
+    std::fprintf(stderr, "--data random|peaked\n");
+    return 2;
+  }
   std::map<std::string, double> sts_us;  // "ctx,batch,q" -> sparse attention time of one layer
+  std::map<long, bool> support_done;     // contexts whose attention support was printed
 
   // Copy bandwidth (bytes read + written) of a 2 GiB device-to-device copy.
   double copy_bw;
@@ -193,6 +303,11 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D)\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12);
   std::printf("L2 flush before each timed launch: %s\n", flush.c_str());
+  if (data == "peaked") {
+    std::printf("data: peaked, sigma %.2f, heads' salience correlation %.2f\n", peak_sigma, peak_corr);
+  } else {
+    std::printf("data: random, q, K, V uniform in [-2, 2)\n");
+  }
   std::printf("shape: 32 q heads, 8 KV heads, head dim 128, bf16, one layer; sparse keeps %.0f%% of blocks + sink + last\n\n",
               keep * 100);
   std::printf("%8s %5s %3s %14s | %10s %9s %8s %8s | %10s %8s\n", "context", "batch", "q", "kind", "us", "TB/s",
@@ -238,6 +353,7 @@ int main(int argc, char** argv) {
           variants.push_back({keep, 16, sn, S});
         }
         std::map<double, std::vector<uint16_t>> exact_out;  // list kind -> output of the exact kernel
+        std::map<double, double> exact_us;                   // list kind -> its time
         for (const Variant& var : variants) {
           const double frac = var.frac;
           DecodeShape shape{.seq_lens = std::vector<int>(batch, int(ctx)), .q_tokens = std::vector<int>(batch, int(qt)),
@@ -251,8 +367,18 @@ int main(int argc, char** argv) {
           CHECK(cudaMalloc(&kv, kv_elems * 2));
           CHECK(cudaMalloc(&q, q_elems * 2));
           CHECK(cudaMalloc(&out, q_elems * 2));
-          FillBf16<<<1024, 256>>>(kv, kv_elems, 1);
-          FillBf16<<<64, 256>>>(q, q_elems, 2);
+          if (data == "peaked") {
+            FillPeakedKv<<<1024, 256>>>(kv, kv_elems, peak_sigma, peak_corr);
+            FillPeakedQ<<<64, 256>>>(q, q_elems);
+          } else {
+            FillBf16<<<1024, 256>>>(kv, kv_elems, 1);
+            FillBf16<<<64, 256>>>(q, q_elems, 2);
+          }
+          CHECK(cudaGetLastError());
+          if (data == "peaked" && frac < 0 && !support_done.count(ctx)) {
+            support_done[ctx] = true;
+            PrintSupport(pr, kv, q, int(qt));
+          }
           auto up = [](const std::vector<int32_t>& v, int32_t** d) {
             CHECK(cudaMalloc(d, std::max<size_t>(4, v.size() * 4)));
             CHECK(cudaMemcpy(*d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
@@ -292,8 +418,11 @@ int main(int argc, char** argv) {
                           : timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr)); }, reps);
           std::vector<uint16_t> host_out(q_elems);
           CHECK(cudaMemcpy(host_out.data(), out, q_elems * 2, cudaMemcpyDeviceToHost));
-          char err_text[32] = "";
-          if (var.santa == 0 && var.rows == 0) exact_out[frac] = host_out;
+          char err_text[64] = "";
+          if (var.santa == 0 && var.rows == 0) {
+            exact_out[frac] = host_out;
+            exact_us[frac] = us;
+          }
           if ((var.santa > 0 || var.tune != nullptr) && exact_out.count(frac)) {
             double num = 0, den = 0;
             for (size_t i = 0; i < q_elems; ++i) {
@@ -301,7 +430,8 @@ int main(int argc, char** argv) {
               num += (a - b) * (a - b);
               den += b * b;
             }
-            std::snprintf(err_text, sizeof err_text, " err %.3f", std::sqrt(num / den));
+            std::snprintf(err_text, sizeof err_text, " err %.3f, %.2fx exact", std::sqrt(num / den),
+                          exact_us[frac] / us);
           }
           // Bytes the kernel must read: the listed blocks' K and V (whole blocks), q, and out written.
           size_t blocks = 0;
@@ -310,7 +440,13 @@ int main(int argc, char** argv) {
           } else {
             blocks = pr.sel_blocks.size();
           }
-          const double bytes = double(blocks) * 2 * kKvBlockSize * 128 * 2 + 2.0 * q_elems * 2;
+          // SANTA: K of every listed block, at most S value rows per (sequence, KV head, row group).
+          const double bytes =
+              var.santa > 0
+                  ? double(blocks) * kKvBlockSize * 128 * 2 +
+                        std::min(double(var.santa), double(blocks) * kKvBlockSize / (8 * batch)) * 8 * batch *
+                            splan.split.row_groups * 128 * 2 + 2.0 * q_elems * 2
+                  : double(blocks) * 2 * kKvBlockSize * 128 * 2 + 2.0 * q_elems * 2;
           const double tbs = bytes / (us * 1e-6) / 1e12;
           // The copy moved copy_bw bytes a second, reads and writes counted: HBM's ceiling for any mix.
           const double roof_us = bytes / copy_bw * 1e6;
@@ -324,7 +460,8 @@ int main(int argc, char** argv) {
           }
           if (frac >= 0 && var.santa == 0 && var.rows == 0) sts_us[key] = std::min(us, sts_us.count(key) ? sts_us[key] : 1e30);
           std::printf("%8ld %5ld %3ld %14s | %10.1f %9.2f %7.0f%% %8d | %10s %8s%s\n", ctx, batch, qt,
-                      var.name, us, tbs, 100.0 * roof_us / us, plan.num_splits, sd, ratio, err_text);
+                      var.name, us, tbs, 100.0 * roof_us / us, var.santa > 0 ? splan.split.num_splits : plan.num_splits,
+                      sd, ratio, err_text);
           std::fflush(stdout);
           for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, ws}) {
             if (d) CHECK(cudaFree(d));
