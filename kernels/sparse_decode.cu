@@ -544,6 +544,8 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   }
   __syncthreads();
   if (!last) return;
+  // Every CTA of the group has arrived: the counter is back to zero for the next launch.
+  if (threadIdx.x == 0) a.counters[blockIdx.z * gridDim.x + blockIdx.x] = 0;
   __threadfence();
   MergeSplitsOfGroup<HD>(p, w, min(kMmaRows, nrows - row0), a);
 }
@@ -680,7 +682,7 @@ SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads,
 }
 
 cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& plan, void* workspace,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, unsigned int* kept_counters) {
   if ((p.head_dim != 64 && p.head_dim != 128) || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
@@ -689,7 +691,9 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
   float* ws_o = static_cast<float*>(workspace);
   float* ws_ml = ws_o + static_cast<size_t>(plan.num_splits) * total_q_rows * p.num_heads * p.head_dim;
   unsigned int* counters =
-      reinterpret_cast<unsigned int*>(ws_ml + static_cast<size_t>(plan.num_splits) * total_q_rows * p.num_heads * 2);
+      kept_counters != nullptr
+          ? kept_counters
+          : reinterpret_cast<unsigned int*>(ws_ml + static_cast<size_t>(plan.num_splits) * total_q_rows * p.num_heads * 2);
   const dim3 grid(plan.row_groups, plan.num_splits, p.num_seqs * p.num_kv_heads);
   const dim3 block(kWarps * 32);
   const bool mma = plan.rows_per_cta == kMmaRows;
@@ -701,7 +705,7 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
   if (mma) {
     // A plan the kernels cannot run is refused before anything is queued.
     if (plan.kv_evict_first ? plan.stages != 2 : (plan.stages < 2 || plan.stages > 4)) return cudaErrorInvalidValue;
-    if (in_kernel && plan.num_counters > 0) {
+    if (in_kernel && plan.num_counters > 0 && kept_counters == nullptr) {
       if (cudaError_t e = cudaMemsetAsync(counters, 0, sizeof(unsigned int) * plan.num_counters, stream); e != cudaSuccess) {
         return e;
       }

@@ -16,7 +16,8 @@ enum class SparseDecodeMerge {
   kKernel,     // a second kernel, one CTA per (query row, head)
   kKernelPdl,  // the same, launched as a programmatic dependent launch (its start overlaps the splits)
   kInKernel,   // the last split CTA of each (sequence, KV head, row group) to finish merges: one
-               // launch (plus a memset of the arrival counters in the workspace)
+               // launch (plus a memset of the arrival counters in the workspace, unless the caller
+               // keeps them: SparseDecode's counters)
 };
 
 // Defaults, the fastest measured (docs/BENCHMARKS.md); the merge is the planner's choice.
@@ -71,11 +72,15 @@ int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta, int stages = 0);
 
 // Runs on `stream`. workspace: plan.workspace_bytes of device memory. KV slots past a sequence's
 // length inside its last block are read and weighted by zero, so they must hold finite values
-// (pools start zeroed). The workspace needs no initial contents (kInKernel zeroes its counters
-// with a memset on `stream` first). Returns cudaErrorInvalidValue for head dims other than 64 and
-// 128, for stages outside 2..4 and for kv_evict_first with stages other than 2 (tensor-core
-// kernel); launch errors otherwise.
+// (pools start zeroed). The workspace needs no initial contents. The in-kernel merge's arrival
+// counters: with counters nullptr, the workspace's, zeroed by a memset on `stream` first; else
+// counters, at least plan.num_counters of them, zero before the first launch and left zero by
+// every launch (the merging CTA resets its group's), so launches after it on the same stream and
+// graph replays need no memset (one operation less a step: ~1 µs at batch 1 on the H100). Such a
+// buffer must not be shared by launches that may run at the same time. Returns
+// cudaErrorInvalidValue for head dims other than 64 and 128, for stages outside 2..4 and for
+// kv_evict_first with stages other than 2 (tensor-core kernel); launch errors otherwise.
 cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& plan, void* workspace,
-                         cudaStream_t stream);
+                         cudaStream_t stream, unsigned int* counters = nullptr);
 
 }  // namespace scout::kernels

@@ -1,6 +1,7 @@
 // CUDA decode attention against the C++ reference (ctest label gpu: runs on the GPU machine).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "gtest/gtest.h"
@@ -43,8 +44,10 @@ std::vector<Tune> AllTunes() {
 // log-sum-exp). The workspace starts as garbage (0xff bytes): the kernel must need no contents.
 // With launches > 1 the outputs are poisoned (NaN) again before each launch, so every launch
 // must write them; `graph` captures one launch on a stream of its own and replays it.
+// keep_counters passes SparseDecode a counters buffer zeroed once, checked zero again at the end.
 std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta = 0, Tune tune = {},
-                             std::vector<float>* lse = nullptr, int launches = 1, bool graph = false) {
+                             std::vector<float>* lse = nullptr, int launches = 1, bool graph = false,
+                             bool keep_counters = false) {
   std::vector<void*> owned;
   SparseDecodeParams p = pr.params();
   p.q = ToDevice(pr.q, &owned);
@@ -81,13 +84,19 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   void* ws = nullptr;
   EXPECT_EQ(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
   EXPECT_EQ(cudaMemset(ws, 0xff, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
+  unsigned int* counters = nullptr;
+  const size_t num_counters = std::max(plan.num_counters, 1);
+  if (keep_counters) {
+    EXPECT_EQ(cudaMalloc(&counters, num_counters * sizeof(unsigned int)), cudaSuccess);
+    EXPECT_EQ(cudaMemset(counters, 0, num_counters * sizeof(unsigned int)), cudaSuccess);
+  }
   cudaStream_t stream = nullptr;
   cudaGraphExec_t exec = nullptr;
   if (graph) {
     EXPECT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
     cudaGraph_t g = nullptr;
     EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-    EXPECT_EQ(SparseDecode(p, plan, ws, stream), cudaSuccess);
+    EXPECT_EQ(SparseDecode(p, plan, ws, stream, counters), cudaSuccess);
     EXPECT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
     EXPECT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
     cudaGraphDestroy(g);
@@ -99,7 +108,7 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
         EXPECT_EQ(cudaMemsetAsync(p.lse, 0xff, lse->size() * 4, stream), cudaSuccess);
       }
     }
-    EXPECT_EQ(graph ? cudaGraphLaunch(exec, stream) : SparseDecode(p, plan, ws, stream), cudaSuccess);
+    EXPECT_EQ(graph ? cudaGraphLaunch(exec, stream) : SparseDecode(p, plan, ws, stream, counters), cudaSuccess);
   }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (graph) {
@@ -110,6 +119,12 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   EXPECT_EQ(cudaMemcpy(out.data(), p.out, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
   if (lse != nullptr) {
     EXPECT_EQ(cudaMemcpy(lse->data(), p.lse, lse->size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  if (keep_counters) {
+    std::vector<unsigned int> left(num_counters, 1);
+    EXPECT_EQ(cudaMemcpy(left.data(), counters, left.size() * sizeof(unsigned int), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(std::count(left.begin(), left.end(), 0u), static_cast<long>(left.size())) << "counters left non-zero";
+    cudaFree(counters);
   }
   cudaFree(ws);
   for (void* d : owned) cudaFree(d);
@@ -241,6 +256,12 @@ TEST(SparseDecodeGpuTest, InKernelMergeLseAndRepeatedLaunches) {
     std::vector<float> lse_kernel, lse_in;
     const std::vector<uint16_t> a = RunGpu(pr, 0, 16, {2, SparseDecodeMerge::kKernel, false}, &lse_kernel);
     const std::vector<uint16_t> b = RunGpu(pr, 0, 16, {2, SparseDecodeMerge::kInKernel, false}, &lse_in, 3);
+    // Counters kept by the caller, zeroed once: each launch leaves them zero for the next.
+    std::vector<float> lse_kept;
+    const std::vector<uint16_t> c =
+        RunGpu(pr, 0, 16, {2, SparseDecodeMerge::kInKernel, false}, &lse_kept, 4, false, /*keep_counters=*/true);
+    ASSERT_EQ(b, c);
+    ASSERT_EQ(lse_in, lse_kept);
     ASSERT_EQ(lse_kernel.size(), lse_in.size());
     for (size_t i = 0; i < lse_in.size(); ++i) {
       if (std::isinf(lse_kernel[i]) && lse_kernel[i] == lse_in[i]) continue;  // a row that sees no key
@@ -271,6 +292,8 @@ TEST(SparseDecodeGpuTest, BothMergesReplayInACudaGraph) {
       const std::vector<uint16_t> plain = RunGpu(pr, 0, 16, tune);
       const std::vector<uint16_t> replayed = RunGpu(pr, 0, 16, tune, nullptr, 3, /*graph=*/true);
       ASSERT_EQ(plain, replayed) << "merge " << static_cast<int>(merge);
+      const std::vector<uint16_t> kept = RunGpu(pr, 0, 16, tune, nullptr, 3, /*graph=*/true, /*keep_counters=*/true);
+      ASSERT_EQ(plain, kept) << "merge " << static_cast<int>(merge) << ", counters kept by the caller";
     }
   }
 }
