@@ -9,6 +9,14 @@
 //                   [--keep 0.1] [--sdpa-json FILE] [--reps 20] [--flush write|read|none]
 //                   [--cc 0] [--dense 0] [--splits N] [--tune 2k0,3f1,...] [--select-only 1]
 //                   [--santa 256,2048] [--data random|peaked] [--peak-sigma 3] [--peak-corr 0.5]
+//                   [--layout shuffled|contiguous] [--counters kept|memset]
+//
+// --counters: the in-kernel merge's arrival counters kept zero by the kernel in a buffer of the
+// caller's (kept, as the runtime does) or zeroed by a memset before each launch.
+//
+// --layout: where each sequence's 16-token blocks sit in the paged pool: shuffled (default:
+// scattered over the pool, as after long churn) or contiguous (in order, as for a session
+// prefilled at once; the layout SDPA's contiguous tensors have).
 //
 // --santa adds SANTA rows (santaS over the dense list, sts+santaS over the sparse one) with err,
 // the relative L2 distance from the exact kernel's output on the same inputs, and their speed
@@ -235,7 +243,7 @@ int main(int argc, char** argv) {
   int force_splits = 0;  // 0: the planner's choice
   int reps = 20;
   bool cc = true, dense = true, select_only = false;
-  std::string flush = "write", data = "random";
+  std::string flush = "write", data = "random", layout = "shuffled", counters_mode = "kept";
   float peak_sigma = 3.0f, peak_corr = 0.5f;
   std::vector<std::string> tunes;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -250,6 +258,8 @@ int main(int argc, char** argv) {
     else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
     else if (f == "--flush") flush = v;
     else if (f == "--data") data = v;
+    else if (f == "--layout") layout = v;
+    else if (f == "--counters") counters_mode = v;
     else if (f == "--peak-sigma") peak_sigma = std::stof(v);
     else if (f == "--peak-corr") peak_corr = std::stof(v);
     else if (f == "--cc") cc = v != "0";
@@ -281,6 +291,19 @@ int main(int argc, char** argv) {
     return 2;
   }
   timer.mode = flush;
+  if (counters_mode != "kept" && counters_mode != "memset") {
+    std::fprintf(stderr, "--counters kept|memset\n");
+    return 2;
+  }
+  unsigned int* kept_counters = nullptr;  // zero, and left zero by every launch
+  if (counters_mode == "kept") {
+    CHECK(cudaMalloc(&kept_counters, 65536 * sizeof(unsigned int)));
+    CHECK(cudaMemset(kept_counters, 0, 65536 * sizeof(unsigned int)));
+  }
+  if (layout != "shuffled" && layout != "contiguous") {
+    std::fprintf(stderr, "--layout shuffled|contiguous\n");
+    return 2;
+  }
   if (data != "random" && data != "peaked") {
     std::fprintf(stderr, "--data random|peaked\n");
     return 2;
@@ -302,7 +325,8 @@ int main(int argc, char** argv) {
   }
   std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D)\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12);
-  std::printf("L2 flush before each timed launch: %s\n", flush.c_str());
+  std::printf("L2 flush before each timed launch: %s; blocks of each sequence: %s; merge counters: %s\n", flush.c_str(),
+              layout.c_str(), counters_mode.c_str());
   if (data == "peaked") {
     std::printf("data: peaked, sigma %.2f, heads' salience correlation %.2f\n", peak_sigma, peak_corr);
   } else {
@@ -357,7 +381,8 @@ int main(int argc, char** argv) {
         for (const Variant& var : variants) {
           const double frac = var.frac;
           DecodeShape shape{.seq_lens = std::vector<int>(batch, int(ctx)), .q_tokens = std::vector<int>(batch, int(qt)),
-                            .num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .keep_fraction = frac};
+                            .num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .keep_fraction = frac,
+                            .shuffle_blocks = layout == "shuffled"};
           DecodeProblem pr = MakeDecodeProblem(shape, 1234, /*fill_values=*/false);
           SparseDecodeParams p = pr.params();
           const size_t kv_elems = size_t(pr.num_blocks) * 8 * 2 * kKvBlockSize * 128;
@@ -415,7 +440,7 @@ int main(int argc, char** argv) {
           uint64_t seed = 1;
           double us = var.santa > 0
                           ? timer.Median([&] { CHECK(Santa({.attn = p, .samples = var.santa, .seed = seed++}, splan, ws, nullptr)); }, reps)
-                          : timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr)); }, reps);
+                          : timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr, kept_counters)); }, reps);
           std::vector<uint16_t> host_out(q_elems);
           CHECK(cudaMemcpy(host_out.data(), out, q_elems * 2, cudaMemcpyDeviceToHost));
           char err_text[64] = "";

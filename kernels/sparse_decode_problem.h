@@ -24,6 +24,9 @@ struct DecodeShape {
   double keep_fraction = -1;
   bool always_keep_last = true;
   int sliding_window = 0;  // > 0: SparseDecodeParams::sliding_window
+  // true: every sequence's blocks scattered over a shuffled pool (a pool after long churn);
+  // false: each sequence's blocks in order, one after the other (a session prefilled at once).
+  bool shuffle_blocks = true;
 };
 
 // Host buffers of one problem. params() points into them.
@@ -85,7 +88,7 @@ inline DecodeProblem MakeDecodeProblem(const DecodeShape& shape, uint32_t seed, 
   pr.num_blocks = used + 3;
   std::vector<int32_t> ids(pr.num_blocks);
   std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);
+  if (shape.shuffle_blocks) std::shuffle(ids.begin(), ids.end(), rng);
   pr.block_table.assign(static_cast<size_t>(n) * pr.max_blocks_per_seq, -1);
   int next = 0;
   for (int s = 0; s < n; ++s) {
