@@ -159,6 +159,9 @@ struct CudaModel::Impl {
 
   // Per-step buffers, grown before a step is enqueued (never during a capture).
   DeviceBuffer x, h, qkv, q, attn, gu, act, final_x, final_h, logits, lse, block_lse, attn_ws, mass, index;
+  // The attention's in-kernel merge counters: zeroed when allocated, left zero by every launch
+  // (kernels::SparseDecode), so steps and graph replays need no memset.
+  DeviceBuffer merge_counters;
   DeviceBuffer sample_rows, sample_out;  // ForwardSampled's parameters and tokens
   PinnedBuffer sample_stage;
   PinnedBuffer staging[2];
@@ -638,7 +641,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   }
   const int64_t mass_t = max_q, mass_per_layer = nh * mass_t * max_nb;
   const std::vector<const DeviceBuffer*> per_step = {&x, &h, &qkv, &q, &attn, &gu, &act, &final_x, &final_h,
-                                                     &logits, &lse, &block_lse, &attn_ws, &mass, &partial};
+                                                     &logits, &lse, &block_lse, &attn_ws, &mass, &partial,
+                                                     &merge_counters};
   std::vector<void*> before;
   for (const DeviceBuffer* b : per_step) before.push_back(b->ptr);
   SCOUT_RETURN_IF_ERROR(x.Reserve(T * d * 4, "activations"));
@@ -656,6 +660,10 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   const bool fused_mass = (host_mass || o.block_mass != nullptr) && plan.rows_per_cta == 16;
   if (fused_mass) SCOUT_RETURN_IF_ERROR(block_lse.Reserve(T * nh * table_nb * 4, "block log-sum-exp"));
   SCOUT_RETURN_IF_ERROR(attn_ws.Reserve(std::max<size_t>(ws_bytes, 16), "attention workspace"));
+  if (const size_t n = sizeof(unsigned int) * std::max(plan.num_counters, 1); n > merge_counters.bytes) {
+    SCOUT_RETURN_IF_ERROR(merge_counters.Reserve(n, "attention merge counters"));
+    SCOUT_RETURN_IF_CUDA(cudaMemset(merge_counters.ptr, 0, n), "attention merge counters");
+  }
   if (host_mass) SCOUT_RETURN_IF_ERROR(mass.Reserve(B * L * mass_per_layer * 4, "block mass"));
   for (size_t i = 0; i < per_step.size(); ++i) {
     if (per_step[i]->ptr != before[i]) ++generation;
@@ -788,7 +796,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
                                 .seed = o.santa_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(layer)};
         SCOUT_RETURN_IF_CUDA(kernels::Santa(sp, santa_plan, attn_ws.ptr, stream), "SANTA attention");
       } else {
-        SCOUT_RETURN_IF_CUDA(kernels::SparseDecode(ap, plan, attn_ws.ptr, stream), "attention");
+        SCOUT_RETURN_IF_CUDA(kernels::SparseDecode(ap, plan, attn_ws.ptr, stream, merge_counters.as<unsigned int>()), "attention");
       }
       if (want_mass && !o.skip_attention) {
         kernels::BlockMassParams mp{.attn = ap};
