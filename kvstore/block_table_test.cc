@@ -25,6 +25,29 @@ TEST(BlockAllocatorTest, ExhaustionIsCleanAndAllOrNothing) {
   EXPECT_EQ(a.Free(-1).code(), absl::StatusCode::kOutOfRange);
 }
 
+// The lowest free ids go first, so a sequence's blocks come in ascending runs even after churn;
+// pools of any size (a partial last word of the free bit set included) hand out every id once.
+TEST(BlockAllocatorTest, HandsOutTheLowestFreeIdsFirst) {
+  BlockAllocator a(200);
+  std::vector<int32_t> ids;
+  ASSERT_TRUE(a.AllocateMany(150, &ids).ok());
+  for (int32_t i = 0; i < 150; ++i) ASSERT_EQ(ids[i], i);
+  for (int32_t id : {120, 7, 64, 8, 63}) ASSERT_TRUE(a.Free(id).ok());
+  std::vector<int32_t> again;
+  ASSERT_TRUE(a.AllocateMany(7, &again).ok());
+  EXPECT_EQ(again, (std::vector<int32_t>{7, 8, 63, 64, 120, 150, 151}));
+  EXPECT_TRUE(a.is_allocated(151));
+  EXPECT_FALSE(a.is_allocated(152));
+  std::vector<int32_t> rest;
+  ASSERT_TRUE(a.AllocateMany(48, &rest).ok());
+  EXPECT_EQ(rest.front(), 152);
+  EXPECT_EQ(rest.back(), 199);
+  EXPECT_EQ(a.num_free(), 0);
+  EXPECT_EQ(a.Allocate().status().code(), absl::StatusCode::kResourceExhausted);
+  BlockAllocator empty(0);
+  EXPECT_EQ(empty.Allocate().status().code(), absl::StatusCode::kResourceExhausted);
+}
+
 // Random operation sequences against a plain map of sequence -> length (leveldb's ModelDB
 // pattern). After every step: each table has exactly ceil(len/16) blocks, no block belongs to two
 // sequences, and allocator counts add up.
