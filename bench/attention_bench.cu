@@ -58,6 +58,8 @@ using namespace scout::kernels;
 
 #define CHECK SCOUT_CUDA_CHECK
 
+__global__ void EmptyKernel() {}
+
 __global__ void FillBf16(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint32_t x = uint32_t(i) * 2654435761u ^ seed;
@@ -323,8 +325,10 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(x));
     CHECK(cudaFree(y));
   }
-  std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D)\n", prop.name,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12);
+  const double empty_us = timer.Median([] { EmptyKernel<<<132, 128>>>(); CHECK(cudaGetLastError()); }, reps);
+  std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D); an empty kernel "
+              "timed the same way: %.1f us\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12, empty_us);
   std::printf("L2 flush before each timed launch: %s; blocks of each sequence: %s; merge counters: %s\n", flush.c_str(),
               layout.c_str(), counters_mode.c_str());
   if (data == "peaked") {
@@ -487,6 +491,20 @@ int main(int argc, char** argv) {
           std::printf("%8ld %5ld %3ld %14s | %10.1f %9.2f %7.0f%% %8d | %10s %8s%s\n", ctx, batch, qt,
                       var.name, us, tbs, 100.0 * roof_us / us, var.santa > 0 ? splan.split.num_splits : plan.num_splits,
                       sd, ratio, err_text);
+          // What a launch moving the same bytes can reach at this size: a device-to-device copy of
+          // half of them (as many bytes read plus written), timed the same way (batch 1 rows).
+          if (frac >= 0 && var.santa == 0 && var.rows == 0 && var.tune == nullptr && batch == 1 && bytes < 2e9) {
+            const size_t half = size_t(bytes / 2) / 256 * 256;
+            void *x, *y;
+            CHECK(cudaMalloc(&x, half));
+            CHECK(cudaMalloc(&y, half));
+            CHECK(cudaMemset(x, 1, half));
+            const double copy_us = timer.Median([&] { CHECK(cudaMemcpyAsync(y, x, half, cudaMemcpyDeviceToDevice)); }, reps);
+            std::printf("%8s %5s %3s %14s | %10.1f %9.2f %7.0f%% %8s |\n", "", "", "", "(same bytes, copy)", copy_us,
+                        2.0 * half / (copy_us * 1e-6) / 1e12, 100.0 * roof_us / copy_us, "");
+            CHECK(cudaFree(x));
+            CHECK(cudaFree(y));
+          }
           std::fflush(stdout);
           for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, ws}) {
             if (d) CHECK(cudaFree(d));
