@@ -45,56 +45,6 @@ struct FusedArgs {
   bool in_kernel_merge = false;
 };
 
-// Rows [0, nr) of the CTA's group: combines every split's partial and writes bf16 output (and
-// the log-sum-exp if asked). The dense kernel's in-kernel merge (sparse_decode.cu).
-template <int HD>
-__device__ void MergeSplitsOfGroup(const SparseDecodeParams& p, const SplitWork& w, int nr, const FusedArgs& a) {
-  constexpr int C4 = HD / 4;
-  constexpr int kChunk = HD / 8;
-  const int64_t stride = (int64_t)a.total_q_rows * p.num_heads;
-  for (int idx = threadIdx.x; idx < nr * C4; idx += blockDim.x) {
-    const int r = idx / C4, c = idx % C4;
-    const int64_t rh = w.q_row(p, w.row0 + r);
-    float mx = -INFINITY, sum = 0.0f;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int sp0 = 0; sp0 < a.num_splits; sp0 += kChunk) {
-      float m[kChunk], l[kChunk];
-      float4 o[kChunk];
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        const int sp = sp0 + i;
-        if (sp < a.num_splits) {
-          const int64_t at = sp * stride + rh;
-          m[i] = __ldcg(a.ws_ml + at * 2);
-          l[i] = __ldcg(a.ws_ml + at * 2 + 1);
-          o[i] = __ldcg(reinterpret_cast<const float4*>(a.ws_o + at * HD) + c);
-        } else {
-          m[i] = -INFINITY;
-          l[i] = 0.0f;
-          o[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        const float mn = fmaxf(mx, m[i]);
-        const float mu = mn == -INFINITY ? 0.0f : mn;
-        const float fa = exp2f(mx - mu), fb = exp2f(m[i] - mu);
-        acc.x = acc.x * fa + o[i].x * fb;
-        acc.y = acc.y * fa + o[i].y * fb;
-        acc.z = acc.z * fa + o[i].z * fb;
-        acc.w = acc.w * fa + o[i].w * fb;
-        sum = sum * fa + l[i] * fb;
-        mx = mn;
-      }
-    }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD + c * 4);
-    dst[0] = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
-    dst[1] = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
-    if (p.lse != nullptr && c == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
-  }
-}
-
 // One CTA per (row group, split, sequence x KV head); see santa.cuh. Dynamic shared memory:
 // Q tile | K stages (then the sampled value rows) | logits [logit_rows][keys + 4] (then e_r(j))
 // | q(j) (then each hit key's weight factor) | compacted hit keys | the split's units.
@@ -335,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) SantaFusedKernel(SparseDecodeParams 
   __syncthreads();
   if (!last) return;
   __threadfence();
-  MergeSplitsOfGroup<HD>(p, w, nr, a);
+  MergeSplitsOfGroup<HD>(p, w, nr, a.num_splits, a.total_q_rows, a.ws_o, a.ws_ml);
 }
 
 // One CTA per (query row, head), HD threads: combines the splits' partials, writes bf16.
