@@ -21,6 +21,13 @@ int32_t BlockAllocator::TakeLowest() {
   return static_cast<int32_t>(lowest_word_ * 64 + bit);
 }
 
+int32_t BlockAllocator::LowestFree() const {
+  if (num_free_ == 0) return -1;
+  size_t w = lowest_word_;
+  while (free_[w] == 0) ++w;
+  return static_cast<int32_t>(w * 64 + std::countr_zero(free_[w]));
+}
+
 absl::StatusOr<int32_t> BlockAllocator::Allocate() {
   if (num_free_ == 0) {
     return absl::ResourceExhaustedError(

@@ -32,6 +32,8 @@ class BlockAllocator {
   int32_t capacity() const { return capacity_; }
   int32_t num_free() const { return num_free_; }
   int32_t num_used() const { return capacity() - num_free(); }
+  // The id Allocate would hand out next, -1 when none is free.
+  int32_t LowestFree() const;
   bool is_allocated(int32_t id) const { return id >= 0 && id < capacity() && !(free_[id >> 6] >> (id & 63) & 1); }
 
  private:

@@ -25,16 +25,78 @@ HostKvStore::HostKvStore(const KvLayout& layout, int32_t capacity_blocks, HostAl
       allocator_(std::move(allocator)),
       slabs_per_chunk_(slabs_per_chunk),
       chunks_((capacity_blocks + slabs_per_chunk - 1) / slabs_per_chunk, nullptr),
-      tables_(capacity_blocks) {}
+      tables_(capacity_blocks),
+      state_(chunks_.size(), kAbsent) {}
 
 HostKvStore::~HostKvStore() {
+  if (ahead_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    ahead_.join();
+  }
   for (std::byte* c : chunks_) {
     if (c != nullptr) allocator_.release(c);
   }
 }
 
 int HostKvStore::num_allocated_chunks() const {
-  return static_cast<int>(std::count_if(chunks_.begin(), chunks_.end(), [](std::byte* c) { return c != nullptr; }));
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(std::count(state_.begin(), state_.end(), kReady));
+}
+
+size_t HostKvStore::ChunkBytes(int32_t chunk) const {
+  const int32_t first = chunk * slabs_per_chunk_;
+  return static_cast<size_t>(std::min(slabs_per_chunk_, capacity_blocks() - first)) * layout_.slab_bytes();
+}
+
+void HostKvStore::KickAhead() {
+  if (chunks_ahead_ <= 0 || ahead_failed_) return;
+  const int32_t next = tables_.allocator().LowestFree();
+  if (next < 0) return;
+  const int32_t first = next / slabs_per_chunk_;
+  const int32_t end = std::min<int32_t>(first + 1 + chunks_ahead_, static_cast<int32_t>(chunks_.size()));
+  for (int32_t c = first; c < end; ++c) {
+    if (state_[c] != kAbsent) continue;
+    state_[c] = kPending;
+    ahead_queue_.push_back(c);
+  }
+  changed_.notify_all();
+}
+
+void HostKvStore::AheadLoop() {
+  for (;;) {
+    int32_t c = 0;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      changed_.wait(lock, [&] { return stop_ || !ahead_queue_.empty(); });
+      if (stop_) return;
+      c = ahead_queue_.front();
+      ahead_queue_.pop_front();
+      ahead_current_ = c;
+    }
+    absl::StatusOr<void*> got = allocator_.allocate(ChunkBytes(c));
+    std::lock_guard<std::mutex> lock(mu_);
+    ahead_current_ = -1;
+    if (got.ok()) {
+      chunks_[c] = static_cast<std::byte*>(*got);
+      state_[c] = kReady;
+    } else {
+      // Reserve allocates it itself when needed, and reports what the allocator says.
+      state_[c] = kAbsent;
+      ahead_failed_ = true;
+      for (int32_t q : ahead_queue_) state_[q] = kAbsent;
+      ahead_queue_.clear();
+    }
+    changed_.notify_all();
+  }
+}
+
+void HostKvStore::AwaitAhead() {
+  std::unique_lock<std::mutex> lock(mu_);
+  changed_.wait(lock, [&] { return ahead_queue_.empty() && ahead_current_ < 0; });
 }
 
 absl::Status HostKvStore::AllocateChunks(const std::vector<int32_t>& which) {
@@ -43,9 +105,7 @@ absl::Status HostKvStore::AllocateChunks(const std::vector<int32_t>& which) {
   std::atomic<size_t> next{0};
   auto worker = [&] {
     for (size_t i = next++; i < which.size(); i = next++) {
-      const int32_t first = which[i] * slabs_per_chunk_;
-      got[i] = allocator_.allocate(static_cast<size_t>(std::min(slabs_per_chunk_, capacity_blocks() - first)) *
-                                   layout_.slab_bytes());
+      got[i] = allocator_.allocate(ChunkBytes(which[i]));
     }
   };
   const int threads = std::clamp<int>(static_cast<int>(std::thread::hardware_concurrency()), 1, 16);
@@ -54,10 +114,15 @@ absl::Status HostKvStore::AllocateChunks(const std::vector<int32_t>& which) {
   worker();
   for (std::thread& t : pool) t.join();
   absl::Status failed;
+  std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < which.size(); ++i) {
     if (got[i].ok()) {
       chunks_[which[i]] = static_cast<std::byte*>(*got[i]);
-    } else if (failed.ok()) {
+      state_[which[i]] = kReady;
+      continue;
+    }
+    state_[which[i]] = kAbsent;
+    if (failed.ok()) {
       failed = absl::ResourceExhaustedError(absl::StrCat("KV store: host memory for blocks from ", which[i] * slabs_per_chunk_,
                                                          " refused: ", got[i].status().message()));
     }
@@ -78,7 +143,16 @@ absl::StatusOr<std::unique_ptr<HostKvStore>> HostKvStore::Create(const KvLayout&
   if (options.allocate_upfront) {
     std::vector<int32_t> all(store->chunks_.size());
     for (size_t c = 0; c < all.size(); ++c) all[c] = static_cast<int32_t>(c);
+    {
+      std::lock_guard<std::mutex> lock(store->mu_);
+      for (ChunkState& st : store->state_) st = kPending;
+    }
     if (absl::Status s = store->AllocateChunks(all); !s.ok()) return s;  // the destructor frees the rest
+  } else if (options.chunks_ahead > 0) {
+    store->chunks_ahead_ = options.chunks_ahead;
+    store->ahead_ = std::thread([s = store.get()] { s->AheadLoop(); });
+    std::lock_guard<std::mutex> lock(store->mu_);
+    store->KickAhead();
   }
   return store;
 }
@@ -89,17 +163,40 @@ absl::Status HostKvStore::Reserve(SequenceId session, int64_t num_tokens) {
   const size_t old_blocks = t != nullptr ? t->blocks.size() : 0;
   if (absl::Status s = tables_.Grow(session, num_tokens); !s.ok()) return s;
   t = tables_.Find(session);
-  std::vector<int32_t> missing;
+  std::vector<int32_t> needed;
   for (size_t i = old_blocks; i < t->blocks.size(); ++i) {
     const int32_t c = t->blocks[i] / slabs_per_chunk_;
-    if (chunks_[c] == nullptr && std::find(missing.begin(), missing.end(), c) == missing.end()) missing.push_back(c);
+    if (std::find(needed.begin(), needed.end(), c) == needed.end()) needed.push_back(c);
   }
-  if (missing.empty()) return absl::OkStatus();
-  if (absl::Status s = AllocateChunks(missing); !s.ok()) {
-    tables_.Truncate(session, old_tokens).IgnoreError();  // frees exactly the slabs Grow took
-    return s;
+  // Allocated here: absent chunks, and those queued ahead but not started (taken off the queue);
+  // the one the background thread is allocating now is waited for (and taken if it failed).
+  std::vector<int32_t> missing;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    const int32_t busy = ahead_current_;
+    for (int32_t c : needed) {
+      if (state_[c] == kAbsent) {
+        state_[c] = kPending;
+        missing.push_back(c);
+      } else if (state_[c] == kPending && c != busy) {
+        ahead_queue_.erase(std::find(ahead_queue_.begin(), ahead_queue_.end(), c));
+        missing.push_back(c);
+      }
+    }
+    if (busy >= 0 && std::find(needed.begin(), needed.end(), busy) != needed.end()) {
+      // Only the background thread moves a pending chunk it took to ready or absent.
+      changed_.wait(lock, [&] { return state_[busy] != kPending; });
+      if (state_[busy] == kAbsent) {
+        state_[busy] = kPending;
+        missing.push_back(busy);
+      }
+    }
   }
-  return absl::OkStatus();
+  absl::Status s = missing.empty() ? absl::OkStatus() : AllocateChunks(missing);
+  if (!s.ok()) tables_.Truncate(session, old_tokens).IgnoreError();  // frees exactly the slabs Grow took
+  std::lock_guard<std::mutex> lock(mu_);
+  KickAhead();
+  return s;
 }
 
 absl::Status HostKvStore::WriteTokens(SequenceId session, int layer, int head, int64_t first, int64_t n,

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <set>
 #include <thread>
@@ -24,11 +25,15 @@ const KvLayout kLayout{.num_layers = 3, .num_kv_heads = 2, .head_dim = 8, .elem_
 TEST(PrefetchModelTest, SlotsHoldTheBytesOfTheHostBlocksTheyClaim) {
   for (uint32_t seed = 1; seed <= 12; ++seed) {
     std::mt19937 rng(seed);
-    auto store_or = HostKvStore::Create(kLayout, 40, AlignedHostAllocator(), {.chunk_bytes = 5 * kLayout.slab_bytes()});
+    // Odd seeds keep a chunk allocated ahead by the store's background thread.
+    const int ahead = static_cast<int>(seed % 2);
+    auto store_or = HostKvStore::Create(kLayout, 40, AlignedHostAllocator(),
+                                        {.chunk_bytes = 5 * kLayout.slab_bytes(), .chunks_ahead = ahead});
     ASSERT_TRUE(store_or.ok()) << store_or.status();
     HostKvStore& store = **store_or;
+    store.AwaitAhead();
     ASSERT_EQ(store.chunks().size(), 8u);  // 40 slabs in chunks of 5
-    ASSERT_EQ(store.num_allocated_chunks(), 0);  // allocated as sessions grow
+    ASSERT_EQ(store.num_allocated_chunks(), ahead == 0 ? 0 : 2);  // allocated as sessions grow
     const int32_t kSlots = 24;
     BlockCache cache(kSlots, kLayout.num_layers, kLayout.num_kv_heads);
     const size_t unit = kLayout.unit_bytes(), row = kLayout.head_dim * kLayout.elem_bytes;
@@ -228,6 +233,84 @@ TEST(HostKvStoreTest, AllocatesChunksOnDemandAndRollsBackWhenRefused) {
     EXPECT_EQ(eager.status().code(), absl::StatusCode::kResourceExhausted);
   }
   EXPECT_EQ(releases.load(), allocations.load()) << "chunks leaked";
+}
+
+// With chunks_ahead the background thread allocates the next free slab's chunk and the ones
+// after it, so reservations find them ready; a failure there stops it, and Reserve then
+// allocates (and reports) by itself.
+TEST(HostKvStoreTest, AllocatesChunksAheadInTheBackground) {
+  std::mutex mu;
+  std::vector<std::thread::id> allocators;  // the thread of each allocation
+  int fail_at = -1;                         // allocation index to refuse
+  std::atomic<int> releases = 0;
+  HostAllocator recording{[&](size_t bytes) -> absl::StatusOr<void*> {
+                            std::lock_guard<std::mutex> lock(mu);
+                            if (static_cast<int>(allocators.size()) == fail_at) {
+                              fail_at = -1;
+                              return absl::ResourceExhaustedError("test: refused once");
+                            }
+                            allocators.push_back(std::this_thread::get_id());
+                            return std::malloc(bytes);
+                          },
+                          [&](void* p) {
+                            ++releases;
+                            std::free(p);
+                          }};
+  auto allocations = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return allocators.size();
+  };
+  auto by_this_thread = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return std::count(allocators.begin(), allocators.end(), std::this_thread::get_id());
+  };
+  {
+    auto store = HostKvStore::Create(kLayout, 20, recording, {.chunk_bytes = 4 * kLayout.slab_bytes(), .chunks_ahead = 1});
+    ASSERT_TRUE(store.ok());
+    HostKvStore& st = **store;
+    st.AwaitAhead();
+    EXPECT_EQ(allocations(), 2u);  // chunks 0 and 1, before any session
+    EXPECT_EQ(st.num_allocated_chunks(), 2);
+    ASSERT_TRUE(st.AddSession(1).ok());
+    ASSERT_TRUE(st.Reserve(1, 5 * kBlockSize).ok());  // slabs 0-4: chunks 0 and 1, both ready
+    st.AwaitAhead();
+    EXPECT_EQ(allocations(), 3u);  // next free slab 5 (chunk 1): chunk 2 ahead
+    ASSERT_TRUE(st.Reserve(1, 12 * kBlockSize).ok());  // slabs up to 11: chunk 2, ready
+    st.AwaitAhead();
+    EXPECT_EQ(allocations(), 5u);  // next free slab 12 (chunk 3): chunks 3 and 4
+    ASSERT_TRUE(st.Reserve(1, 20 * kBlockSize).ok());  // the whole store
+    st.AwaitAhead();
+    EXPECT_EQ(allocations(), 5u);
+    EXPECT_EQ(st.num_allocated_chunks(), 5);
+    // The bytes are usable: a row written lands in the unit that names it.
+    std::vector<std::byte> k(kLayout.head_dim * kLayout.elem_bytes, std::byte{7}), v(k.size(), std::byte{9});
+    ASSERT_TRUE(st.WriteTokens(1, 2, 1, 16 * kBlockSize + 3, 1, k.data(), v.data()).ok());
+    const std::byte* u = st.unit(st.Find(1)->blocks[16], 2, 1);  // holds token 16 * 16 + 3
+    EXPECT_EQ(u[3 * k.size()], std::byte{7});
+    EXPECT_EQ(u[(kBlockSize + 3) * k.size()], std::byte{9});
+    EXPECT_EQ(by_this_thread(), 0);  // this thread never waited for an allocation of its own
+  }
+  EXPECT_EQ(releases.load(), 5);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    allocators.clear();
+    fail_at = 1;  // the background thread's second chunk is refused
+  }
+  releases = 0;
+  {
+    auto store = HostKvStore::Create(kLayout, 20, recording, {.chunk_bytes = 4 * kLayout.slab_bytes(), .chunks_ahead = 2});
+    ASSERT_TRUE(store.ok());
+    HostKvStore& st = **store;
+    st.AwaitAhead();
+    EXPECT_EQ(st.num_allocated_chunks(), 1);  // chunk 0; chunk 1 refused, so the thread stopped
+    ASSERT_TRUE(st.AddSession(1).ok());
+    EXPECT_EQ(allocations(), 1u);
+    ASSERT_TRUE(st.Reserve(1, 9 * kBlockSize).ok());  // chunks 1 and 2, by Reserve itself
+    EXPECT_EQ(allocations(), 3u);
+    st.AwaitAhead();
+    EXPECT_EQ(st.num_allocated_chunks(), 3);  // and nothing more ahead
+  }
+  EXPECT_EQ(releases.load(), 3);
 }
 
 TEST(PrefetchPlannerTest, RejectsBadSelectionsAndFullCacheCleanly) {
