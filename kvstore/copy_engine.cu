@@ -99,7 +99,11 @@ cudaError_t ScatterUnits(const int32_t* src_slots, std::byte* const* dst, int co
 }
 
 HostAllocator PinnedHostAllocator() {
-  return {[](size_t bytes) -> absl::StatusOr<void*> {
+  // Chunks are allocated from threads of the store's (a new thread's current device is 0).
+  int device = 0;
+  cudaGetDevice(&device);
+  return {[device](size_t bytes) -> absl::StatusOr<void*> {
+            cudaSetDevice(device);
             void* p = nullptr;
             cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
             if (e != cudaSuccess) {
@@ -124,7 +128,10 @@ HostAllocator HugePageHostAllocator() {
   };
   auto maps = std::make_shared<Mappings>();
   constexpr size_t kHuge = size_t{2} << 20;
-  return {[maps](size_t bytes) -> absl::StatusOr<void*> {
+  int device = 0;  // as PinnedHostAllocator: chunks come from the store's threads
+  cudaGetDevice(&device);
+  return {[maps, device](size_t bytes) -> absl::StatusOr<void*> {
+            cudaSetDevice(device);
             const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
             void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
             if (p == MAP_FAILED) {

@@ -316,6 +316,10 @@ absl::Status CudaModel::Impl::AllocKv(const CudaModelOptions& o) {
   return absl::OkStatus();
 }
 
+// 1 GiB chunks the host store keeps allocated ahead of the next free slab's, in a background
+// thread, so a growing sequence does not wait for pinning (kvstore::HostStoreOptions).
+constexpr int kHostChunksAhead = 2;
+
 absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
   const kvstore::KvLayout layout{.num_layers = static_cast<int>(lc.num_hidden_layers),
                                  .num_kv_heads = static_cast<int>(lc.num_key_value_heads),
@@ -329,7 +333,7 @@ absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
   absl::StatusOr<kvstore::HostAllocator> memory = kvstore::HostAllocatorNamed(o.host_kv_memory);
   if (!memory.ok()) return memory.status();
   absl::StatusOr<std::unique_ptr<kvstore::HostKvStore>> s =
-      kvstore::HostKvStore::Create(layout, static_cast<int32_t>(blocks), *memory);
+      kvstore::HostKvStore::Create(layout, static_cast<int32_t>(blocks), *memory, {.chunks_ahead = kHostChunksAhead});
   if (!s.ok()) return s.status();
   store = std::move(*s);
   int64_t units = o.gpu_cache_units;
