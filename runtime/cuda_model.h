@@ -32,7 +32,8 @@ struct CudaModelOptions {
   int tp_size = 1;
   void* nccl_comm = nullptr;
   // The host KV tier (kvstore/): > 0 keeps every sequence's KV in a host-memory store of this
-  // many tokens (pinned, device-mapped, taken in 1 GiB chunks as sequences grow) and gives the
+  // many tokens (pinned, device-mapped, taken in 1 GiB chunks as sequences grow, two kept
+  // allocated ahead by a background thread) and gives the
   // GPU only a cache of gpu_cache_units units, one (layer, KV head, 16-token block) each. Every
   // step plans on the host which units its lists name that the cache lacks (PlanPrefetch), moves
   // them layer by layer on a copy stream (each layer's attention waits for its own units only),
