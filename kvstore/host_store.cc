@@ -179,7 +179,11 @@ absl::Status HostKvStore::Reserve(SequenceId session, int64_t num_tokens) {
         state_[c] = kPending;
         missing.push_back(c);
       } else if (state_[c] == kPending && c != busy) {
-        ahead_queue_.erase(std::find(ahead_queue_.begin(), ahead_queue_.end(), c));
+        // Pending and not in hand: still queued (only the background thread and this owner set
+        // kPending, and this call is the owner's).
+        if (auto it = std::find(ahead_queue_.begin(), ahead_queue_.end(), c); it != ahead_queue_.end()) {
+          ahead_queue_.erase(it);
+        }
         missing.push_back(c);
       }
     }
