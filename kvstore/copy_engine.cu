@@ -6,12 +6,17 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 
 #include "absl/strings/str_cat.h"
 
+#ifndef MAP_HUGE_2MB
+#define MAP_HUGE_2MB (21 << 26)  // log2(2 MiB) << MAP_HUGE_SHIFT
+#endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and the pages are touched
 #endif
@@ -98,12 +103,42 @@ cudaError_t ScatterUnits(const int32_t* src_slots, std::byte* const* dst, int co
   return cudaGetLastError();
 }
 
+namespace {
+
+// Chunks are allocated from the store's threads (a new thread's current device is 0) and from
+// the owner's: the allocators pin on the device current when they were made, and give the
+// calling thread its own current device back.
+class OnDevice {
+ public:
+  explicit OnDevice(int device) {
+    cudaGetDevice(&previous_);
+    if (previous_ != device) set_ = cudaSetDevice(device);
+  }
+  ~OnDevice() {
+    if (set_.has_value()) cudaSetDevice(previous_);
+  }
+  cudaError_t status() const { return set_.value_or(cudaSuccess); }
+
+ private:
+  int previous_ = 0;
+  std::optional<cudaError_t> set_;
+};
+
+std::string ErrnoText(int err) {
+  char buf[128];
+  return strerror_r(err, buf, sizeof buf);  // GNU: returns the message
+}
+
+}  // namespace
+
 HostAllocator PinnedHostAllocator() {
-  // Chunks are allocated from threads of the store's (a new thread's current device is 0).
   int device = 0;
   cudaGetDevice(&device);
   return {[device](size_t bytes) -> absl::StatusOr<void*> {
-            cudaSetDevice(device);
+            OnDevice on(device);
+            if (on.status() != cudaSuccess) {
+              return absl::InternalError(absl::StrCat("cudaSetDevice(", device, "): ", cudaGetErrorString(on.status())));
+            }
             void* p = nullptr;
             cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
             if (e != cudaSuccess) {
@@ -128,17 +163,22 @@ HostAllocator HugePageHostAllocator() {
   };
   auto maps = std::make_shared<Mappings>();
   constexpr size_t kHuge = size_t{2} << 20;
-  int device = 0;  // as PinnedHostAllocator: chunks come from the store's threads
+  int device = 0;  // as PinnedHostAllocator
   cudaGetDevice(&device);
   return {[maps, device](size_t bytes) -> absl::StatusOr<void*> {
-            cudaSetDevice(device);
+            OnDevice on(device);
+            if (on.status() != cudaSuccess) {
+              return absl::InternalError(absl::StrCat("cudaSetDevice(", device, "): ", cudaGetErrorString(on.status())));
+            }
             const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
-            void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+            // 2 MiB pages explicitly: the system's default huge page may be 1 GiB.
+            void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB,
+                           -1, 0);
             if (p == MAP_FAILED) {
               // No reserved huge pages: map 2 MiB more, keep the aligned part, ask for THP.
               void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
               if (raw == MAP_FAILED) {
-                return absl::ResourceExhaustedError(absl::StrCat("mmap of ", len, " bytes: ", std::strerror(errno)));
+                return absl::ResourceExhaustedError(absl::StrCat("mmap of ", len, " bytes: ", ErrnoText(errno)));
               }
               const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
               const uintptr_t aligned = (base + kHuge - 1) / kHuge * kHuge;
@@ -150,7 +190,12 @@ HostAllocator HugePageHostAllocator() {
               madvise(p, len, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
             }
             if (madvise(p, len, MADV_POPULATE_WRITE) != 0) {
-              volatile char* c = static_cast<volatile char*>(p);
+              const int err = errno;
+              if (err != EINVAL) {  // out of memory, say: an error, not the OOM killer's page faults
+                munmap(p, len);
+                return absl::ResourceExhaustedError(absl::StrCat("populating ", len, " bytes: ", ErrnoText(err)));
+              }
+              volatile char* c = static_cast<volatile char*>(p);  // a kernel before 5.14
               for (size_t off = 0; off < len; off += 4096) c[off] = 0;
             }
             if (cudaError_t e = cudaHostRegister(p, len, cudaHostRegisterMapped | cudaHostRegisterPortable);

@@ -1,6 +1,7 @@
 // The GPU copy engine moves exactly the planned units (ctest label gpu).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 
@@ -21,8 +22,10 @@ TEST(CudaCopyEngineTest, SlotsMatchHostUnitsOverManySteps) {
     ASSERT_TRUE(store_or.ok()) << store_or.status();
     HostKvStore& store = **store_or;
     std::mt19937 rng(head_dim);
-    for (std::byte* c : store.chunks()) {
-      for (size_t i = 0; i < store.chunk_bytes(); ++i) c[i] = std::byte(rng());
+    // Fill each chunk's slabs (the last chunk holds only the slabs left: 64 in chunks of 10).
+    for (size_t ci = 0; ci < store.chunks().size(); ++ci) {
+      const size_t slabs = std::min<size_t>(10, 64 - ci * 10);
+      for (size_t i = 0; i < slabs * layout.slab_bytes(); ++i) store.chunks()[ci][i] = std::byte(rng());
     }
     ASSERT_TRUE(store.AddSession(5).ok());
     ASSERT_TRUE(store.Reserve(5, 50 * kBlockSize - 3).ok());

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -85,6 +86,8 @@ void HostKvStore::AheadLoop() {
       state_[c] = kReady;
     } else {
       // Reserve allocates it itself when needed, and reports what the allocator says.
+      std::fprintf(stderr, "KV store: allocating host memory ahead stopped (%s); chunks now come as reservations need them\n",
+                   got.status().ToString().c_str());
       state_[c] = kAbsent;
       ahead_failed_ = true;
       for (int32_t q : ahead_queue_) state_[q] = kAbsent;
@@ -149,7 +152,7 @@ absl::StatusOr<std::unique_ptr<HostKvStore>> HostKvStore::Create(const KvLayout&
     }
     if (absl::Status s = store->AllocateChunks(all); !s.ok()) return s;  // the destructor frees the rest
   } else if (options.chunks_ahead > 0) {
-    store->chunks_ahead_ = options.chunks_ahead;
+    store->chunks_ahead_ = std::min<int>(options.chunks_ahead, static_cast<int>(store->chunks_.size()));
     store->ahead_ = std::thread([s = store.get()] { s->AheadLoop(); });
     std::lock_guard<std::mutex> lock(store->mu_);
     store->KickAhead();
@@ -169,16 +172,19 @@ absl::Status HostKvStore::Reserve(SequenceId session, int64_t num_tokens) {
     if (std::find(needed.begin(), needed.end(), c) == needed.end()) needed.push_back(c);
   }
   // Allocated here: absent chunks, and those queued ahead but not started (taken off the queue);
-  // the one the background thread is allocating now is waited for (and taken if it failed).
+  // the one the background thread is allocating now is waited for after ours are in (and taken
+  // if it failed).
   std::vector<int32_t> missing;
+  int32_t busy = -1;
   {
-    std::unique_lock<std::mutex> lock(mu_);
-    const int32_t busy = ahead_current_;
+    std::lock_guard<std::mutex> lock(mu_);
     for (int32_t c : needed) {
       if (state_[c] == kAbsent) {
         state_[c] = kPending;
         missing.push_back(c);
-      } else if (state_[c] == kPending && c != busy) {
+      } else if (state_[c] == kPending && c == ahead_current_) {
+        busy = c;
+      } else if (state_[c] == kPending) {
         // Pending and not in hand: still queued (only the background thread and this owner set
         // kPending, and this call is the owner's).
         if (auto it = std::find(ahead_queue_.begin(), ahead_queue_.end(), c); it != ahead_queue_.end()) {
@@ -187,20 +193,28 @@ absl::Status HostKvStore::Reserve(SequenceId session, int64_t num_tokens) {
         missing.push_back(c);
       }
     }
-    if (busy >= 0 && std::find(needed.begin(), needed.end(), busy) != needed.end()) {
-      // Only the background thread moves a pending chunk it took to ready or absent.
+  }
+  absl::Status s = missing.empty() ? absl::OkStatus() : AllocateChunks(missing);
+  if (s.ok() && busy >= 0) {
+    bool take = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // Only the background thread moves a chunk it took to ready or absent.
       changed_.wait(lock, [&] { return state_[busy] != kPending; });
       if (state_[busy] == kAbsent) {
         state_[busy] = kPending;
-        missing.push_back(busy);
+        take = true;
       }
     }
+    if (take) s = AllocateChunks({busy});
   }
-  absl::Status s = missing.empty() ? absl::OkStatus() : AllocateChunks(missing);
-  if (!s.ok()) tables_.Truncate(session, old_tokens).IgnoreError();  // frees exactly the slabs Grow took
+  if (!s.ok()) {
+    tables_.Truncate(session, old_tokens).IgnoreError();  // frees exactly the slabs Grow took
+    return s;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   KickAhead();
-  return s;
+  return absl::OkStatus();
 }
 
 absl::Status HostKvStore::WriteTokens(SequenceId session, int layer, int head, int64_t first, int64_t n,

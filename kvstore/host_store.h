@@ -50,8 +50,10 @@ struct HostStoreOptions {
   // > 0 (chunks allocated as needed): a background thread keeps the chunk of the next free slab
   // and this many chunks after it allocated ahead of need, so a growing session (a long prefill)
   // does not wait in Reserve for pinning (0.26-0.6 s per GiB on the H100 machines). Slabs go
-  // lowest first, so those are the chunks the next reservations take. After a background
-  // allocation fails the thread stops; Reserve then allocates, and reports, as without it.
+  // lowest first, so those are the chunks the next reservations take. The store pins them as
+  // soon as it is made, sessions or not (per tensor-parallel rank). After a background
+  // allocation fails (said once on stderr) the thread stops; Reserve then allocates, and
+  // reports, as without it. A store must be destroyed before the process's CUDA teardown.
   int chunks_ahead = 0;
 };
 
@@ -95,8 +97,8 @@ class HostKvStore {
   int32_t capacity_blocks() const { return tables_.allocator().capacity(); }
   int32_t used_blocks() const { return tables_.allocator().num_used(); }
   size_t bytes() const { return static_cast<size_t>(capacity_blocks()) * layout_.slab_bytes(); }
-  // The chunks (nullptr where not yet allocated), for registering or filling them elsewhere;
-  // with chunks_ahead, only after AwaitAhead (the background thread writes entries).
+  // The chunks (nullptr where not yet allocated), for registering or filling them elsewhere:
+  // stores allocated up front, or without chunks_ahead (a background thread writes entries).
   const std::vector<std::byte*>& chunks() const { return chunks_; }
   int num_allocated_chunks() const;
   // Returns once no chunk is queued or being allocated ahead (tests, benchmarks).

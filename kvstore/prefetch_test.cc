@@ -1,6 +1,7 @@
 #include "kvstore/prefetch_planner.h"
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -309,6 +310,53 @@ TEST(HostKvStoreTest, AllocatesChunksAheadInTheBackground) {
     EXPECT_EQ(allocations(), 3u);
     st.AwaitAhead();
     EXPECT_EQ(st.num_allocated_chunks(), 3);  // and nothing more ahead
+  }
+  EXPECT_EQ(releases.load(), 3);
+}
+
+// A reservation takes a chunk still queued for the background thread off the queue and
+// allocates it on its own thread, and waits for the one the thread has in hand.
+TEST(HostKvStoreTest, ReserveTakesQueuedChunksAndWaitsForTheOneInHand) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hold = true;  // the first allocation blocks until the test lets it go
+  std::vector<std::thread::id> who;
+  std::atomic<int> releases = 0;
+  HostAllocator blocking{[&](size_t bytes) -> absl::StatusOr<void*> {
+                           std::unique_lock<std::mutex> lock(mu);
+                           who.push_back(std::this_thread::get_id());
+                           cv.notify_all();
+                           if (who.size() == 1) cv.wait(lock, [&] { return !hold; });
+                           return std::malloc(bytes);
+                         },
+                         [&](void* p) {
+                           ++releases;
+                           std::free(p);
+                         }};
+  {
+    auto store = HostKvStore::Create(kLayout, 20, blocking, {.chunk_bytes = 4 * kLayout.slab_bytes(), .chunks_ahead = 1});
+    ASSERT_TRUE(store.ok());
+    HostKvStore& st = **store;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return who.size() >= 1; });  // chunk 0 in hand, chunk 1 queued
+    }
+    ASSERT_TRUE(st.AddSession(1).ok());
+    absl::Status reserved = absl::UnknownError("not run");
+    std::thread owner([&] { reserved = st.Reserve(1, 5 * kBlockSize); });  // slabs 0-4: chunks 0 and 1
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return who.size() >= 2; });
+      EXPECT_EQ(who[1], owner.get_id());  // chunk 1, taken off the queue
+      hold = false;
+      cv.notify_all();
+    }
+    owner.join();
+    ASSERT_TRUE(reserved.ok()) << reserved;
+    st.AwaitAhead();
+    EXPECT_EQ(st.num_allocated_chunks(), 3);  // and chunk 2 ahead
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(who.size(), 3u);
   }
   EXPECT_EQ(releases.load(), 3);
 }

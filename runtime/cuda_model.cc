@@ -666,7 +666,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   SCOUT_RETURN_IF_ERROR(attn_ws.Reserve(std::max<size_t>(ws_bytes, 16), "attention workspace"));
   if (const size_t n = sizeof(unsigned int) * std::max(plan.num_counters, 1); n > merge_counters.bytes) {
     SCOUT_RETURN_IF_ERROR(merge_counters.Reserve(n, "attention merge counters"));
-    SCOUT_RETURN_IF_CUDA(cudaMemset(merge_counters.ptr, 0, n), "attention merge counters");
+    // On the model's stream (non-blocking: it does not wait for the legacy default stream).
+    SCOUT_RETURN_IF_CUDA(cudaMemsetAsync(merge_counters.ptr, 0, n, stream), "attention merge counters");
   }
   if (host_mass) SCOUT_RETURN_IF_ERROR(mass.Reserve(B * L * mass_per_layer * 4, "block mass"));
   for (size_t i = 0; i < per_step.size(); ++i) {
