@@ -293,36 +293,7 @@ template <int HD>
 __global__ void SantaMergeKernel(SparseDecodeParams p, int num_splits, int total_q_rows, const float* ws_o,
                                  const float* ws_ml) {
   extern __shared__ float ml[];  // [num_splits][2]
-  const int64_t rh = blockIdx.x;
-  const int d = threadIdx.x;
-  const int64_t stride = (int64_t)total_q_rows * p.num_heads;
-  for (int sp = threadIdx.x; sp < num_splits; sp += blockDim.x) {
-    ml[2 * sp] = ws_ml[(sp * stride + rh) * 2];
-    ml[2 * sp + 1] = ws_ml[(sp * stride + rh) * 2 + 1];
-  }
-  __syncthreads();
-  float mx = -INFINITY;
-  for (int sp = 0; sp < num_splits; ++sp) mx = fmaxf(mx, ml[2 * sp]);
-  float acc = 0.0f, sum = 0.0f;
-  if (mx != -INFINITY) {
-    constexpr int kChunk = 32;  // loads in flight before any is used
-    for (int sp0 = 0; sp0 < num_splits; sp0 += kChunk) {
-      float o[kChunk];
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) o[i] = sp0 + i < num_splits ? ws_o[((sp0 + i) * stride + rh) * HD + d] : 0.0f;
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        if (sp0 + i < num_splits) {
-          const float m = ml[2 * (sp0 + i)];
-          const float f = m == -INFINITY ? 0.0f : exp2f(m - mx);
-          acc += f * o[i];
-          sum += f * ml[2 * (sp0 + i) + 1];
-        }
-      }
-    }
-  }
-  reinterpret_cast<__nv_bfloat16*>(p.out)[rh * HD + d] = __float2bfloat16(sum > 0.0f ? acc / sum : 0.0f);
-  if (p.lse != nullptr && d == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
+  MergeSplitsOfRowHead<HD>(p, num_splits, total_q_rows, ws_o, ws_ml, ml);
 }
 
 template <int HD>

@@ -155,4 +155,48 @@ __device__ inline void MergeSplitsOfGroup(const SparseDecodeParams& p, const Spl
   }
 }
 
+// The merge kernels' CTA (one per query row and head, HD threads): combines the splits'
+// partials for row x head blockIdx.x and writes bf16 (and the log-sum-exp if asked). ml: shared
+// memory for num_splits (max, sum) pairs, loaded once by all threads; then each thread's pass
+// over its dimension has independent loads only (a serial loop of dependent global loads per
+// split cost ~0.6 us a split: 33 splits were a quarter of a 32k decode). Shared by the decode
+// and SANTA merge kernels.
+template <int HD>
+__device__ inline void MergeSplitsOfRowHead(const SparseDecodeParams& p, int num_splits, int total_q_rows,
+                                            const float* ws_o, const float* ws_ml, float* ml) {
+  const int64_t rh = blockIdx.x;  // row * num_heads + head
+  const int d = threadIdx.x;
+  const int64_t stride = (int64_t)total_q_rows * p.num_heads;
+  for (int sp = threadIdx.x; sp < num_splits; sp += blockDim.x) {
+    ml[2 * sp] = ws_ml[(sp * stride + rh) * 2];
+    ml[2 * sp + 1] = ws_ml[(sp * stride + rh) * 2 + 1];
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int sp = 0; sp < num_splits; ++sp) mx = fmaxf(mx, ml[2 * sp]);
+  float acc = 0.0f, sum = 0.0f;
+  if (mx != -INFINITY) {
+    // 32 splits' loads in flight before any is used: the loop is latency-bound (8 at a time
+    // would wait on L2 seven times at 49 splits).
+    constexpr int kChunk = 32;
+    for (int sp0 = 0; sp0 < num_splits; sp0 += kChunk) {
+      float o[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) o[i] = sp0 + i < num_splits ? ws_o[((sp0 + i) * stride + rh) * HD + d] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (sp0 + i < num_splits) {
+          const float m = ml[2 * (sp0 + i)];
+          const float f = m == -INFINITY ? 0.0f : exp2f(m - mx);
+          acc += f * o[i];
+          sum += f * ml[2 * (sp0 + i) + 1];
+        }
+      }
+    }
+  }
+  const float v = sum > 0.0f ? acc / sum : 0.0f;
+  reinterpret_cast<__nv_bfloat16*>(p.out)[rh * HD + d] = __float2bfloat16(v);
+  if (p.lse != nullptr && d == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
+}
+
 }  // namespace scout::kernels
