@@ -11,6 +11,9 @@
 //                   [--santa 256,2048] [--data random|peaked] [--peak-sigma 3] [--peak-corr 0.5]
 //                   [--layout shuffled|contiguous] [--counters kept|memset]
 //
+// Batch-1 STS rows are followed by two floors timed the same way: a device copy of the same
+// bytes, and a plain kernel reading the same selected units where they lie.
+//
 // --counters: the in-kernel merge's arrival counters kept zero by the kernel in a buffer of the
 // caller's (kept, as the runtime does) or zeroed by a memset before each launch.
 //
@@ -59,6 +62,23 @@ using namespace scout::kernels;
 #define CHECK SCOUT_CUDA_CHECK
 
 __global__ void EmptyKernel() {}
+
+// Reads count 8 KiB units at kv + offsets[i] * 4096 elements (one warp a unit, all 16 loads of a
+// lane issued together) and keeps only an xor of them: the floor of reading the same scattered
+// units STS reads, without its arithmetic.
+__global__ void __launch_bounds__(256) ReadUnits(const uint16_t* kv, const int64_t* offsets, int count, uint4* sink) {
+  const int lane = threadIdx.x & 31;
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < count; u += gridDim.x * 8) {
+    const uint4* src = reinterpret_cast<const uint4*>(kv + offsets[u] * 4096);
+    uint4 v[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = src[i * 32 + lane];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc.x ^= v[i].x, acc.y ^= v[i].y, acc.z ^= v[i].z, acc.w ^= v[i].w;
+  }
+  if (acc.x == 0x9e3779b9u && acc.y == 1u) sink[0] = acc;  // never in practice; keeps the loads
+}
 
 __global__ void FillBf16(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -504,6 +524,29 @@ int main(int argc, char** argv) {
                         2.0 * half / (copy_us * 1e-6) / 1e12, 100.0 * roof_us / copy_us, "");
             CHECK(cudaFree(x));
             CHECK(cudaFree(y));
+            // The same selected units read where they lie (scattered 8 KiB), by a plain kernel.
+            std::vector<int64_t> offsets;
+            for (int h = 0; h < 8; ++h) {
+              for (int e = pr.sel_indptr[h]; e < pr.sel_indptr[h + 1]; ++e) {
+                offsets.push_back(int64_t{pr.block_table[pr.sel_blocks[e]]} * 8 + h);
+              }
+            }
+            int64_t* doff;
+            uint4* sink;
+            CHECK(cudaMalloc(&doff, offsets.size() * 8));
+            CHECK(cudaMalloc(&sink, 16));
+            CHECK(cudaMemcpy(doff, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice));
+            const int n = int(offsets.size());
+            const double read_us = timer.Median(
+                [&] {
+                  ReadUnits<<<std::min(2 * prop.multiProcessorCount, (n + 7) / 8), 256>>>(kv, doff, n, sink);
+                  CHECK(cudaGetLastError());
+                },
+                reps);
+            std::printf("%8s %5s %3s %14s | %10.1f %9.2f %7.0f%% %8s |\n", "", "", "", "(same units, read)", read_us,
+                        double(n) * 8192 / (read_us * 1e-6) / 1e12, 100.0 * roof_us / read_us, "");
+            CHECK(cudaFree(doff));
+            CHECK(cudaFree(sink));
           }
           std::fflush(stdout);
           for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, ws}) {
