@@ -59,12 +59,14 @@ void HostKvStore::KickAhead() {
   if (next < 0) return;
   const int32_t first = next / slabs_per_chunk_;
   const int32_t end = std::min<int32_t>(first + 1 + chunks_ahead_, static_cast<int32_t>(chunks_.size()));
+  bool queued = false;
   for (int32_t c = first; c < end; ++c) {
     if (state_[c] != kAbsent) continue;
     state_[c] = kPending;
     ahead_queue_.push_back(c);
+    queued = true;
   }
-  changed_.notify_all();
+  if (queued) changed_.notify_all();  // Reserve calls this every step; most steps queue nothing
 }
 
 void HostKvStore::AheadLoop() {

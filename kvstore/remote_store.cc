@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 
 namespace scout::kvstore {
@@ -359,7 +360,7 @@ struct KvStoreServer::Impl {
           return absl::InvalidArgumentError(absl::StrCat("patch of ", n, " ranges carries ", job.payload.size(), " bytes"));
         }
         // Copy on write (a reply in flight may still be sending the old buffer), once per unit.
-        absl::flat_hash_map<std::byte*, std::byte*> copied;
+        absl::flat_hash_set<const std::byte*> copied;
         const std::byte* bytes = job.payload.data() + n * sizeof(WirePatch);
         for (size_t i = 0; i < n; ++i) {
           const WirePatch& pt = patches[i];
@@ -368,7 +369,7 @@ struct KvStoreServer::Impl {
             Unit fresh(new std::byte[unit_bytes]);
             std::memcpy(fresh.get(), slot.get(), unit_bytes);
             slot = std::move(fresh);
-            copied[slot.get()] = slot.get();
+            copied.insert(slot.get());
           }
           std::memcpy(slot.get() + pt.offset, bytes, pt.length);
           bytes += pt.length;
