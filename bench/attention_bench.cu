@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -211,7 +212,58 @@ struct Timer {
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
   }
+  // fn once after the same flush as a timed launch, then waits for it.
+  template <typename F>
+  void Once(F fn, int i) {
+    if (mode == "write") {
+      CHECK(cudaMemsetAsync(flush, i, flush_bytes));
+    } else if (mode == "read") {
+      ReadFlush<<<1056, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, 0x9e3779b9u + i,
+                               static_cast<uint32_t*>(flush));
+      CHECK(cudaGetLastError());
+    }
+    fn();
+    CHECK(cudaDeviceSynchronize());
+  }
 };
+
+// Where one launch's time goes, from the decode kernel's per-CTA %globaltimer stamps
+// (SparseDecodePlan::timeline), all relative to the first CTA's start, in us: last CTA start;
+// warp 0's first unit landed (median, max); warp 0's loop end and the CTA's last warp's (median,
+// max); partials written (max); the merging CTAs' merge (median, max).
+void PrintTimeline(const std::vector<unsigned long long>& st, int ctas) {
+  auto at = [&](int c, int k) { return st[size_t(c) * kTimelineStamps + k]; };
+  unsigned long long t0 = ~0ull, end = 0;
+  std::vector<double> start, first, loop0, loop_all, written, merge;
+  std::map<unsigned long long, int> per_sm;
+  for (int c = 0; c < ctas; ++c) {
+    if (at(c, 0) != 0) t0 = std::min(t0, at(c, 0));  // an empty CTA returns before stamping
+  }
+  auto rel = [&](unsigned long long t) { return (t - t0) * 1e-3; };
+  for (int c = 0; c < ctas; ++c) {
+    if (at(c, 0) == 0) continue;
+    end = std::max(end, std::max(at(c, 4), at(c, 5)));
+    start.push_back(rel(at(c, 0)));
+    if (at(c, 1) != 0) first.push_back(rel(at(c, 1)));
+    loop0.push_back(rel(at(c, 2)));
+    loop_all.push_back(rel(at(c, 3)));
+    written.push_back(rel(at(c, 4)));
+    if (at(c, 5) != 0) merge.push_back((at(c, 5) - at(c, 4)) * 1e-3);
+    ++per_sm[at(c, 6)];
+  }
+  auto q = [](std::vector<double> v, double f) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, size_t(f * (v.size() - 1) + 0.5))];
+  };
+  int most = 0;
+  for (auto& [sm, n] : per_sm) most = std::max(most, n);
+  std::printf("%8s %5s %3s %14s | span %.1f us; start last %.1f; first unit %.1f/%.1f; warp 0 done %.1f/%.1f; "
+              "all warps %.1f/%.1f; partial %.1f; merge %.1f/%.1f; %d CTAs on %zu SMs (<= %d each)\n",
+              "", "", "", "(timeline)", rel(end), q(start, 1.0), q(first, 0.5), q(first, 1.0), q(loop0, 0.5),
+              q(loop0, 1.0), q(loop_all, 0.5), q(loop_all, 1.0), q(written, 1.0), q(merge, 0.5), q(merge, 1.0),
+              int(start.size()), per_sm.size(), most);
+}
 
 // Effective support of each query head's attention (last query token of sequence 0, its dense
 // list): exp(entropy) and 1 / sum p^2, from the device's q and K in double precision.
@@ -265,6 +317,7 @@ int main(int argc, char** argv) {
   int force_splits = 0;  // 0: the planner's choice
   int reps = 20;
   bool cc = true, dense = true, select_only = false;
+  bool timeline = false;
   std::string flush = "write", data = "random", layout = "shuffled", counters_mode = "kept";
   float peak_sigma = 3.0f, peak_corr = 0.5f;
   std::vector<std::string> tunes;
@@ -279,6 +332,7 @@ int main(int argc, char** argv) {
     else if (f == "--splits") force_splits = std::stoi(v);
     else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
     else if (f == "--flush") flush = v;
+    else if (f == "--timeline") timeline = v != "0";
     else if (f == "--data") data = v;
     else if (f == "--layout") layout = v;
     else if (f == "--counters") counters_mode = v;
@@ -462,9 +516,35 @@ int main(int argc, char** argv) {
           void* ws;
           CHECK(cudaMalloc(&ws, var.santa > 0 ? splan.workspace_bytes : plan.workspace_bytes));
           uint64_t seed = 1;
+          std::function<void()> timeline_text;
           double us = var.santa > 0
                           ? timer.Median([&] { CHECK(Santa({.attn = p, .samples = var.santa, .seed = seed++}, splan, ws, nullptr)); }, reps)
                           : timer.Median([&] { CHECK(SparseDecode(p, plan, ws, nullptr, kept_counters)); }, reps);
+          if (timeline && var.santa == 0 && rows == 16) {
+            // Three stamped launches after the same flush; the one of median span is printed.
+            const int ctas_total = plan.row_groups * plan.num_splits * p.num_seqs * p.num_kv_heads;
+            unsigned long long* dst;
+            CHECK(cudaMalloc(&dst, size_t(ctas_total) * kTimelineStamps * 8));
+            SparseDecodePlan stamped = plan;
+            stamped.timeline = dst;
+            std::vector<std::pair<unsigned long long, std::vector<unsigned long long>>> runs;
+            for (int i = 0; i < 3; ++i) {
+              CHECK(cudaMemset(dst, 0, size_t(ctas_total) * kTimelineStamps * 8));
+              timer.Once([&] { CHECK(SparseDecode(p, stamped, ws, nullptr, kept_counters)); }, i);
+              std::vector<unsigned long long> st(size_t(ctas_total) * kTimelineStamps);
+              CHECK(cudaMemcpy(st.data(), dst, st.size() * 8, cudaMemcpyDeviceToHost));
+              unsigned long long lo = ~0ull, hi = 0;
+              for (int c = 0; c < ctas_total; ++c) {
+                if (st[size_t(c) * kTimelineStamps] == 0) continue;
+                lo = std::min(lo, st[size_t(c) * kTimelineStamps]);
+                hi = std::max({hi, st[size_t(c) * kTimelineStamps + 4], st[size_t(c) * kTimelineStamps + 5]});
+              }
+              runs.push_back({hi - lo, std::move(st)});
+            }
+            std::sort(runs.begin(), runs.end(), [](auto& x, auto& y) { return x.first < y.first; });
+            timeline_text = [&, st = runs[1].second, ctas_total] { PrintTimeline(st, ctas_total); };
+            CHECK(cudaFree(dst));
+          }
           std::vector<uint16_t> host_out(q_elems);
           CHECK(cudaMemcpy(host_out.data(), out, q_elems * 2, cudaMemcpyDeviceToHost));
           char err_text[64] = "";
@@ -511,6 +591,7 @@ int main(int argc, char** argv) {
           std::printf("%8ld %5ld %3ld %14s | %10.1f %9.2f %7.0f%% %8d | %10s %8s%s\n", ctx, batch, qt,
                       var.name, us, tbs, 100.0 * roof_us / us, var.santa > 0 ? splan.split.num_splits : plan.num_splits,
                       sd, ratio, err_text);
+          if (timeline_text) timeline_text();
           // What a launch moving the same bytes can reach at this size: a device-to-device copy of
           // half of them (as many bytes read plus written), timed the same way (batch 1 rows).
           if (frac >= 0 && var.santa == 0 && var.rows == 0 && var.tune == nullptr && batch == 1 && bytes < 2e9) {

@@ -209,7 +209,20 @@ struct MmaArgs {
   unsigned int* counters = nullptr;  // kInKernel: [row_groups x num_seqs x num_kv_heads], zeroed
   bool in_kernel_merge = false;
   bool trigger_dependents = false;  // kKernelPdl: let the merge kernel start early
+  unsigned long long* timeline = nullptr;  // SparseDecodePlan::timeline
 };
+
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ unsigned int SmId() {
+  unsigned int id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
 
 // Same contract and output as SparseDecodeSplitKernel with 16 rows per CTA: each warp takes a
 // 16-token block at a time, S = Q K^T and O += P V on the tensor cores (m16n8k16), K and V staged
@@ -229,6 +242,13 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (a.trigger_dependents) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+  unsigned long long* stamp = nullptr;
+  if (a.timeline != nullptr && threadIdx.x == 0) {
+    stamp = a.timeline + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * kTimelineStamps;
+    stamp[0] = GlobalTimer();
+    stamp[1] = stamp[2] = stamp[3] = stamp[4] = stamp[5] = 0;
+    stamp[6] = SmId();
+  }
   const SplitWork w = GetSplitWork(p, kMmaRows, a.blocks_per_split);
   if (w.empty()) return;
   const int split = w.split, nrows = w.nrows, row0 = w.row0;
@@ -328,6 +348,7 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
       CpAsyncWait<STAGES - 1>();
       __syncwarp();
     }
+    if (stamp != nullptr && k == 0) stamp[1] = GlobalTimer();
     const uint8_t* ks = kv_s + stage * 2 * TILE;
     const uint8_t* vs = ks + TILE;
     const int logical = stage_logical[warp][stage];
@@ -399,6 +420,10 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
     stage = stage == STAGES - 1 ? 0 : stage + 1;
   }
   CpAsyncWait<0>();
+  if (stamp != nullptr) {
+    stamp[2] = GlobalTimer();
+    stamp[7] = n;
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
@@ -406,6 +431,7 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   }
   // Merge the four warps through shared memory (the K/V stages are free now).
   __syncthreads();
+  if (stamp != nullptr) stamp[3] = GlobalTimer();
   float* so = reinterpret_cast<float*>(smem + kMmaRows * HD * 2);  // [warp][row][HD]
   float* sm = so + kWarps * kMmaRows * HD;                          // [warp][row]
   float* sl = sm + kWarps * kMmaRows;
@@ -444,13 +470,17 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
       a.ws_ml[out_row * 2 + 1] = sum;
     }
   }
-  if (!a.in_kernel_merge) return;
+  if (!a.in_kernel_merge) {
+    if (stamp != nullptr) stamp[4] = GlobalTimer();
+    return;
+  }
   // Arrive; the last of the group's num_splits CTAs merges. The fences order this CTA's partial
   // before its arrival and the others' partials before the merge's reads (threadFenceReduction in
   // the CUDA samples).
   __shared__ bool last;
   __threadfence();
   __syncthreads();
+  if (stamp != nullptr) stamp[4] = GlobalTimer();
   if (threadIdx.x == 0) {
     const unsigned int arrived = atomicAdd(a.counters + blockIdx.z * gridDim.x + blockIdx.x, 1u);
     last = arrived == static_cast<unsigned int>(a.num_splits) - 1;
@@ -461,6 +491,10 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   if (threadIdx.x == 0) a.counters[blockIdx.z * gridDim.x + blockIdx.x] = 0;
   __threadfence();
   MergeSplitsOfGroup<HD>(p, w, min(kMmaRows, nrows - row0), a.num_splits, a.total_q_rows, a.ws_o, a.ws_ml);
+  if (a.timeline != nullptr) {
+    __syncthreads();
+    if (stamp != nullptr) stamp[5] = GlobalTimer();
+  }
 }
 
 template <int HD, int STAGES, bool LDCS = false>
@@ -632,6 +666,7 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
     a.counters = counters;
     a.in_kernel_merge = in_kernel;
     a.trigger_dependents = plan.merge == SparseDecodeMerge::kKernelPdl;
+    a.timeline = plan.timeline;
     const cudaError_t e = p.head_dim == 64 ? LaunchMmaStages<64>(p, plan, a, stream)
                                            : LaunchMmaStages<128>(p, plan, a, stream);
     if (e != cudaSuccess) return e;

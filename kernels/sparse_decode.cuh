@@ -24,6 +24,8 @@ enum class SparseDecodeMerge {
 inline constexpr int kSparseDecodeDefaultStages = 2;
 inline constexpr bool kSparseDecodeDefaultEvictFirst = false;
 
+inline constexpr int kTimelineStamps = 8;
+
 // Host-side launch plan; a pure function of shapes, so it is computed once per step.
 struct SparseDecodePlan {
   int rows_per_cta = 0;      // query rows (query tokens x heads of one KV head) a CTA handles:
@@ -44,6 +46,13 @@ struct SparseDecodePlan {
   // illegal instruction with ptxas 13.0: seen here, and triton-lang/triton#11660.)
   bool kv_evict_first = kSparseDecodeDefaultEvictFirst;
   int num_counters = 0;        // arrival counters of kInKernel: row_groups x num_seqs x num_kv_heads
+  // Instrumentation (attention_bench --timeline), tensor-core kernel: when set, thread 0 of every
+  // CTA writes kTimelineStamps values at timeline[cta * kTimelineStamps], cta = blockIdx.x +
+  // gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z): %globaltimer (ns) at entry, when warp 0's
+  // first unit landed, when warp 0 left its loop, when all four warps had, when the CTA's partial
+  // was written (and fenced, with the in-kernel merge), when its merge ended (0 if another CTA
+  // merged); then the SM id and warp 0's unit count.
+  unsigned long long* timeline = nullptr;
   size_t workspace_bytes = 0;  // the splits' partials, then the counters
 };
 
