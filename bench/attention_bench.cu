@@ -9,7 +9,12 @@
 //                   [--keep 0.1] [--sdpa-json FILE] [--reps 20] [--flush write|read|none]
 //                   [--cc 0] [--dense 0] [--splits N] [--tune 2k0,3f1,...] [--select-only 1]
 //                   [--santa 256,2048] [--data random|peaked] [--peak-sigma 3] [--peak-corr 0.5]
-//                   [--layout shuffled|contiguous] [--counters kept|memset]
+//                   [--layout shuffled|contiguous] [--counters kept|memset] [--lookup table|slots]
+//                   [--timeline 1]
+//
+// --lookup slots hands the sparse kernels each listed block's unit of the pool directly (as the
+// host tier's block cache does) instead of logical blocks through the block table. --timeline 1
+// prints, after each tensor-core decode row, where one launch's time went (PrintTimeline).
 //
 // Batch-1 STS rows are followed by two floors timed the same way: a device copy of the same
 // bytes, and a plain kernel reading the same selected units where they lie.
@@ -318,6 +323,7 @@ int main(int argc, char** argv) {
   int reps = 20;
   bool cc = true, dense = true, select_only = false;
   bool timeline = false;
+  std::string lookup = "table";
   std::string flush = "write", data = "random", layout = "shuffled", counters_mode = "kept";
   float peak_sigma = 3.0f, peak_corr = 0.5f;
   std::vector<std::string> tunes;
@@ -333,6 +339,7 @@ int main(int argc, char** argv) {
     else if (f == "--santa") for (long x : ParseList(v)) santa_samples.push_back(int(x));
     else if (f == "--flush") flush = v;
     else if (f == "--timeline") timeline = v != "0";
+    else if (f == "--lookup") lookup = v;
     else if (f == "--data") data = v;
     else if (f == "--layout") layout = v;
     else if (f == "--counters") counters_mode = v;
@@ -384,6 +391,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--data random|peaked\n");
     return 2;
   }
+  if (lookup != "table" && lookup != "slots") {
+    std::fprintf(stderr, "--lookup table|slots\n");
+    return 2;
+  }
   std::map<std::string, double> sts_us;  // "ctx,batch,q" -> sparse attention time of one layer
   std::map<long, bool> support_done;     // contexts whose attention support was printed
 
@@ -403,8 +414,9 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth %.2f TB/s (read + write, 1 GiB D2D); an empty kernel "
               "timed the same way: %.1f us\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e12, empty_us);
-  std::printf("L2 flush before each timed launch: %s; blocks of each sequence: %s; merge counters: %s\n", flush.c_str(),
-              layout.c_str(), counters_mode.c_str());
+  std::printf("L2 flush before each timed launch: %s; blocks of each sequence: %s; merge counters: %s; sparse lists "
+              "read through: %s\n", flush.c_str(), layout.c_str(), counters_mode.c_str(),
+              lookup == "slots" ? "unit slots" : "the block table");
   if (data == "peaked") {
     std::printf("data: peaked, sigma %.2f, heads' salience correlation %.2f\n", peak_sigma, peak_corr);
   } else {
@@ -466,7 +478,7 @@ int main(int argc, char** argv) {
           const size_t kv_elems = size_t(pr.num_blocks) * 8 * 2 * kKvBlockSize * 128;
           const size_t q_elems = size_t(pr.total_q_rows()) * 32 * 128;
           uint16_t *kv, *q, *out;
-          int32_t *qi, *sl, *bt, *si = nullptr, *sb = nullptr;
+          int32_t *qi, *sl, *bt, *si = nullptr, *sb = nullptr, *ss = nullptr;
           CHECK(cudaMalloc(&kv, kv_elems * 2));
           CHECK(cudaMalloc(&q, q_elems * 2));
           CHECK(cudaMalloc(&out, q_elems * 2));
@@ -492,9 +504,22 @@ int main(int argc, char** argv) {
           if (frac >= 0) {
             up(pr.sel_indptr, &si);
             up(pr.sel_blocks, &sb);
+            if (lookup == "slots") {
+              // Each entry's unit of the pool, as the host tier's block cache hands them over: one
+              // dependent load (list entry) before the K/V copies instead of two (and the block table).
+              std::vector<int32_t> slots(pr.sel_blocks.size());
+              for (int s = 0; s < batch; ++s) {
+                for (int h = 0; h < 8; ++h) {
+                  for (int e = pr.sel_indptr[s * 8 + h]; e < pr.sel_indptr[s * 8 + h + 1]; ++e) {
+                    slots[e] = pr.block_table[size_t(s) * pr.max_blocks_per_seq + pr.sel_blocks[e]] * 8 + h;
+                  }
+                }
+              }
+              up(slots, &ss);
+            }
           }
           p.q = q; p.out = out; p.kv = kv; p.q_indptr = qi; p.seq_lens = sl; p.block_table = bt;
-          p.sel_indptr = si; p.sel_blocks = sb;
+          p.sel_indptr = si; p.sel_blocks = sb; p.sel_slots = ss;
           const int rows = var.rows > 0 ? var.rows : SparseDecodeRowsPerCta(32, 8, int(qt));
           const int stages = var.tune != nullptr ? var.tune[0] - '0' : 0;
           const int ctas = SparseDecodeCtasPerSm(128, rows, stages);
@@ -630,7 +655,7 @@ int main(int argc, char** argv) {
             CHECK(cudaFree(sink));
           }
           std::fflush(stdout);
-          for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, ws}) {
+          for (void* d : {(void*)kv, (void*)q, (void*)out, (void*)qi, (void*)sl, (void*)bt, (void*)si, (void*)sb, (void*)ss, ws}) {
             if (d) CHECK(cudaFree(d));
           }
         }

@@ -38,7 +38,8 @@ struct SparseDecodePlan {
   int stages = kSparseDecodeDefaultStages;  // tensor-core kernel: blocks each warp has in flight through
                                             // cp.async, 2..4
   // PlanSparseDecode: kInKernel where one CTA's 128 threads merge a group's rows in one pass
-  // (rows x head_dim <= 512: decode at GQA group 4, head dim 128), kKernelPdl otherwise.
+  // (rows x head_dim <= 512: decode at GQA group 4, head dim 128), kKernelPdl otherwise. Not used
+  // by the tensor-core kernel with one split: each CTA then writes its rows' output itself.
   SparseDecodeMerge merge = SparseDecodeMerge::kKernelPdl;
   // K/V read by ld.global.cs, L2 evict-first (read once per step, they give way before anything
   // else in L2); the tensor-core kernel then stages them through registers one block ahead
