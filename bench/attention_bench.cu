@@ -199,13 +199,7 @@ struct Timer {
     }
     std::vector<float> t;
     for (int i = 0; i < reps + 2; ++i) {
-      if (mode == "write") {
-        CHECK(cudaMemsetAsync(flush, i, flush_bytes));
-      } else if (mode == "read") {
-        ReadFlush<<<1056, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, 0x9e3779b9u + i,
-                                 static_cast<uint32_t*>(flush));
-        CHECK(cudaGetLastError());
-      }
+      Flush(i);
       CHECK(cudaEventRecord(a));
       fn();
       CHECK(cudaEventRecord(b));
@@ -220,6 +214,12 @@ struct Timer {
   // fn once after the same flush as a timed launch, then waits for it.
   template <typename F>
   void Once(F fn, int i) {
+    Flush(i);
+    fn();
+    CHECK(cudaDeviceSynchronize());
+  }
+  // The L2 flush before launch i: write (dirty lines, as do_bench), read (clean lines) or none.
+  void Flush(int i) {
     if (mode == "write") {
       CHECK(cudaMemsetAsync(flush, i, flush_bytes));
     } else if (mode == "read") {
@@ -227,8 +227,6 @@ struct Timer {
                                static_cast<uint32_t*>(flush));
       CHECK(cudaGetLastError());
     }
-    fn();
-    CHECK(cudaDeviceSynchronize());
   }
 };
 
