@@ -231,13 +231,14 @@ struct Timer {
 };
 
 // Where one launch's time goes, from the decode kernel's per-CTA %globaltimer stamps
-// (SparseDecodePlan::timeline), all relative to the first CTA's start, in us: last CTA start;
-// warp 0's first unit landed (median, max); warp 0's loop end and the CTA's last warp's (median,
-// max); partials written (max); the merging CTAs' merge (median, max).
+// (SparseDecodePlan::timeline), relative to the first CTA's start, in us, median / max over CTAs:
+// last CTA start; warp 0's first unit landed; warp 0's loop end and the CTA's last warp's; the
+// warps' results merged in shared memory; the output or partial stored; arrived (in-kernel
+// merge); and the merging CTAs' merge time after arriving.
 void PrintTimeline(const std::vector<unsigned long long>& st, int ctas) {
   auto at = [&](int c, int k) { return st[size_t(c) * kTimelineStamps + k]; };
   unsigned long long t0 = ~0ull, end = 0;
-  std::vector<double> start, first, loop0, loop_all, written, merge;
+  std::vector<double> start, first, loop0, loop_all, merged, stored, arrived, merge;
   std::map<unsigned long long, int> per_sm;
   for (int c = 0; c < ctas; ++c) {
     if (at(c, 0) != 0) t0 = std::min(t0, at(c, 0));  // an empty CTA returns before stamping
@@ -245,14 +246,16 @@ void PrintTimeline(const std::vector<unsigned long long>& st, int ctas) {
   auto rel = [&](unsigned long long t) { return (t - t0) * 1e-3; };
   for (int c = 0; c < ctas; ++c) {
     if (at(c, 0) == 0) continue;
-    end = std::max(end, std::max(at(c, 4), at(c, 5)));
+    for (int k : {5, 6, 7}) end = std::max(end, at(c, k));
     start.push_back(rel(at(c, 0)));
     if (at(c, 1) != 0) first.push_back(rel(at(c, 1)));
     loop0.push_back(rel(at(c, 2)));
     loop_all.push_back(rel(at(c, 3)));
-    written.push_back(rel(at(c, 4)));
-    if (at(c, 5) != 0) merge.push_back((at(c, 5) - at(c, 4)) * 1e-3);
-    ++per_sm[at(c, 6)];
+    merged.push_back(rel(at(c, 4)));
+    stored.push_back(rel(at(c, 5)));
+    if (at(c, 6) != 0) arrived.push_back(rel(at(c, 6)));
+    if (at(c, 7) != 0) merge.push_back((at(c, 7) - at(c, 6)) * 1e-3);
+    ++per_sm[at(c, 8)];
   }
   auto q = [](std::vector<double> v, double f) {
     if (v.empty()) return 0.0;
@@ -262,10 +265,12 @@ void PrintTimeline(const std::vector<unsigned long long>& st, int ctas) {
   int most = 0;
   for (auto& [sm, n] : per_sm) most = std::max(most, n);
   std::printf("%8s %5s %3s %14s | span %.1f us; start last %.1f; first unit %.1f/%.1f; warp 0 done %.1f/%.1f; "
-              "all warps %.1f/%.1f; partial %.1f; merge %.1f/%.1f; %d CTAs on %zu SMs (<= %d each)\n",
+              "all warps %.1f/%.1f; merged %.1f/%.1f; stored %.1f/%.1f; arrived %.1f/%.1f; merge %.1f/%.1f; %d CTAs "
+              "on %zu SMs (<= %d each)\n",
               "", "", "", "(timeline)", rel(end), q(start, 1.0), q(first, 0.5), q(first, 1.0), q(loop0, 0.5),
-              q(loop0, 1.0), q(loop_all, 0.5), q(loop_all, 1.0), q(written, 1.0), q(merge, 0.5), q(merge, 1.0),
-              int(start.size()), per_sm.size(), most);
+              q(loop0, 1.0), q(loop_all, 0.5), q(loop_all, 1.0), q(merged, 0.5), q(merged, 1.0), q(stored, 0.5),
+              q(stored, 1.0), q(arrived, 0.5), q(arrived, 1.0), q(merge, 0.5), q(merge, 1.0), int(start.size()),
+              per_sm.size(), most);
 }
 
 // Effective support of each query head's attention (last query token of sequence 0, its dense
@@ -560,7 +565,7 @@ int main(int argc, char** argv) {
               for (int c = 0; c < ctas_total; ++c) {
                 if (st[size_t(c) * kTimelineStamps] == 0) continue;
                 lo = std::min(lo, st[size_t(c) * kTimelineStamps]);
-                hi = std::max({hi, st[size_t(c) * kTimelineStamps + 4], st[size_t(c) * kTimelineStamps + 5]});
+                for (int k : {5, 6, 7}) hi = std::max(hi, st[size_t(c) * kTimelineStamps + k]);
               }
               runs.push_back({hi - lo, std::move(st)});
             }

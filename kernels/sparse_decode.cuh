@@ -24,7 +24,7 @@ enum class SparseDecodeMerge {
 inline constexpr int kSparseDecodeDefaultStages = 2;
 inline constexpr bool kSparseDecodeDefaultEvictFirst = false;
 
-inline constexpr int kTimelineStamps = 8;
+inline constexpr int kTimelineStamps = 10;
 
 // Host-side launch plan; a pure function of shapes, so it is computed once per step.
 struct SparseDecodePlan {
@@ -49,10 +49,11 @@ struct SparseDecodePlan {
   int num_counters = 0;        // arrival counters of kInKernel: row_groups x num_seqs x num_kv_heads
   // Instrumentation (attention_bench --timeline), tensor-core kernel: when set, thread 0 of every
   // CTA writes kTimelineStamps values at timeline[cta * kTimelineStamps], cta = blockIdx.x +
-  // gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z): %globaltimer (ns) at entry, when warp 0's
-  // first unit landed, when warp 0 left its loop, when all four warps had, when the CTA's partial
-  // was written (and fenced, with the in-kernel merge), when its merge ended (0 if another CTA
-  // merged); then the SM id and warp 0's unit count.
+  // gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z): %globaltimer (ns) at entry [0], when warp
+  // 0's first unit landed [1], when warp 0 left its loop [2], when all four warps had [3], when
+  // the warps' results were in shared memory [4], when the CTA's output or partial was stored [5],
+  // when it had arrived (in-kernel merge) [6], when its merge ended [7] (0 where not reached);
+  // then the SM id [8] and warp 0's unit count [9].
   unsigned long long* timeline = nullptr;
   size_t workspace_bytes = 0;  // the splits' partials, then the counters
 };
