@@ -241,7 +241,7 @@ void PrintTimeline(const std::vector<unsigned long long>& st, int ctas) {
   std::vector<double> start, first, loop0, loop_all, merged, stored, arrived, merge;
   std::map<unsigned long long, int> per_sm;
   for (int c = 0; c < ctas; ++c) {
-    if (at(c, 0) != 0) t0 = std::min(t0, at(c, 0));  // an empty CTA returns before stamping
+    if (at(c, 0) != 0) t0 = std::min(t0, at(c, 0));  // a CTA past its group's rows stamps nothing
   }
   auto rel = [&](unsigned long long t) { return (t - t0) * 1e-3; };
   for (int c = 0; c < ctas; ++c) {

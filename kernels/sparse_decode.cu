@@ -243,15 +243,16 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (a.trigger_dependents) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+  const unsigned long long t_entry = a.timeline != nullptr ? GlobalTimer() : 0;
+  const SplitWork w = GetSplitWork(p, kMmaRows, a.blocks_per_split);
+  if (w.empty()) return;  // a CTA past its group's rows (stamps none)
   unsigned long long* stamp = nullptr;
   if (a.timeline != nullptr && threadIdx.x == 0) {
     stamp = a.timeline + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * kTimelineStamps;
-    stamp[0] = GlobalTimer();
+    stamp[0] = t_entry;
     for (int i = 1; i < kTimelineStamps; ++i) stamp[i] = 0;
     stamp[8] = SmId();
   }
-  const SplitWork w = GetSplitWork(p, kMmaRows, a.blocks_per_split);
-  if (w.empty()) return;
   const int split = w.split, nrows = w.nrows, row0 = w.row0;
   const int len = w.len, e0 = w.e0, e1 = w.e1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -53,7 +53,7 @@ struct SparseDecodePlan {
   // 0's first unit landed [1], when warp 0 left its loop [2], when all four warps had [3], when
   // the warps' results were in shared memory [4], when the CTA's output or partial was stored [5],
   // when it had arrived (in-kernel merge) [6], when its merge ended [7] (0 where not reached);
-  // then the SM id [8] and warp 0's unit count [9].
+  // then the SM id [8] and warp 0's unit count [9]. A CTA past its group's rows writes nothing.
   unsigned long long* timeline = nullptr;
   size_t workspace_bytes = 0;  // the splits' partials, then the counters
 };

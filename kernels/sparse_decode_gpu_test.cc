@@ -45,9 +45,10 @@ std::vector<Tune> AllTunes() {
 // With launches > 1 the outputs are poisoned (NaN) again before each launch, so every launch
 // must write them; `graph` captures one launch on a stream of its own and replays it.
 // keep_counters passes SparseDecode a counters buffer zeroed once, checked zero again at the end.
+// stamps: if given, the plan's timeline is set and its stamps of the last launch returned.
 std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta = 0, Tune tune = {},
                              std::vector<float>* lse = nullptr, int launches = 1, bool graph = false,
-                             bool keep_counters = false) {
+                             bool keep_counters = false, std::vector<unsigned long long>* stamps = nullptr) {
   std::vector<void*> owned;
   SparseDecodeParams p = pr.params();
   p.q = ToDevice(pr.q, &owned);
@@ -80,6 +81,14 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   if (lse != nullptr) {
     lse->assign(static_cast<size_t>(pr.total_q_rows()) * p.num_heads, 0.0f);
     p.lse = ToDevice(*lse, &owned);
+  }
+  unsigned long long* timeline = nullptr;
+  const size_t grid_ctas = static_cast<size_t>(plan.row_groups) * plan.num_splits * p.num_seqs * p.num_kv_heads;
+  if (stamps != nullptr) {
+    EXPECT_EQ(cudaMalloc(&timeline, grid_ctas * kTimelineStamps * 8), cudaSuccess);
+    EXPECT_EQ(cudaMemset(timeline, 0, grid_ctas * kTimelineStamps * 8), cudaSuccess);
+    owned.push_back(timeline);
+    plan.timeline = timeline;
   }
   void* ws = nullptr;
   EXPECT_EQ(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 4)), cudaSuccess);
@@ -119,6 +128,10 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   EXPECT_EQ(cudaMemcpy(out.data(), p.out, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
   if (lse != nullptr) {
     EXPECT_EQ(cudaMemcpy(lse->data(), p.lse, lse->size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  if (stamps != nullptr) {
+    stamps->assign(grid_ctas * kTimelineStamps, 0);
+    EXPECT_EQ(cudaMemcpy(stamps->data(), timeline, stamps->size() * 8, cudaMemcpyDeviceToHost), cudaSuccess);
   }
   if (keep_counters) {
     std::vector<unsigned int> left(num_counters, 1);
@@ -295,6 +308,75 @@ TEST(SparseDecodeGpuTest, BothMergesReplayInACudaGraph) {
       const std::vector<uint16_t> kept = RunGpu(pr, 0, 16, tune, nullptr, 3, /*graph=*/true, /*keep_counters=*/true);
       ASSERT_EQ(plain, kept) << "merge " << static_cast<int>(merge) << ", counters kept by the caller";
     }
+  }
+}
+
+// One split: each CTA writes the output and the log-sum-exp itself, including a second row
+// group with 4 of its 16 rows (q = 5 at GQA group 4) and head dim 64 and 128.
+TEST(SparseDecodeGpuTest, OneSplitWritesOutputAndLse) {
+  const DecodeShape shapes[] = {
+      {.seq_lens = {3000, 17, 999, 16}, .q_tokens = {5, 1, 5, 2}, .num_heads = 32, .num_kv_heads = 8, .head_dim = 128},
+      {.seq_lens = {2049, 100, 33}, .q_tokens = {5, 1, 3}, .num_heads = 8, .num_kv_heads = 2, .head_dim = 64,
+       .keep_fraction = 0.3},
+  };
+  uint32_t seed = 170;
+  for (const DecodeShape& shape : shapes) {
+    DecodeProblem pr = MakeDecodeProblem(shape, seed++);
+    std::vector<float> ref(pr.out.size()), ref_abs(pr.out.size());
+    DecodeProblem ref_pr = pr;
+    std::vector<float> ref_lse(static_cast<size_t>(pr.total_q_rows()) * shape.num_heads);
+    SparseDecodeParams rp = ref_pr.params();
+    rp.lse = ref_lse.data();
+    SparseDecodeRef(rp, ref.data(), ref_abs.data());
+    std::vector<float> lse;
+    const std::vector<uint16_t> got = RunGpu(pr, /*num_splits=*/1, 16, {}, &lse, 2);
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double bound = 1e-5 + std::abs(ref[i]) * 0x1p-7 + ref_abs[i] * 0x1p-8;  // as in the awkward cases
+      ASSERT_LE(std::abs(Bf16ToFloat(got[i]) - ref[i]), bound) << "element " << i;
+    }
+    ASSERT_EQ(lse.size(), ref_lse.size());
+    for (size_t i = 0; i < lse.size(); ++i) {
+      if (std::isinf(ref_lse[i]) && lse[i] == ref_lse[i]) continue;
+      // float sums in another order and base-2 exponentials: rounding only.
+      ASSERT_NEAR(lse[i], ref_lse[i], 1e-4 * (1.0 + std::abs(ref_lse[i]))) << "row x head " << i;
+    }
+  }
+}
+
+// The timeline (instrumentation) changes nothing in the output, and every CTA with rows stamps
+// its steps in order; CTAs past their group's rows (a short sequence beside a long one) stamp none.
+TEST(SparseDecodeGpuTest, TimelineStampsInOrderAndLeaveOutputUnchanged) {
+  DecodeProblem pr = MakeDecodeProblem({.seq_lens = {20000, 40}, .q_tokens = {1, 5}, .num_heads = 32, .num_kv_heads = 8,
+                                        .head_dim = 128, .keep_fraction = 0.1},
+                                       190);
+  for (SparseDecodeMerge merge : {SparseDecodeMerge::kInKernel, SparseDecodeMerge::kKernelPdl}) {
+    const Tune tune{2, merge, false};
+    const std::vector<uint16_t> plain = RunGpu(pr, 0, 16, tune);
+    std::vector<unsigned long long> st;
+    const std::vector<uint16_t> stamped = RunGpu(pr, 0, 16, tune, nullptr, 1, false, false, &st);
+    ASSERT_EQ(plain, stamped) << "merge " << static_cast<int>(merge);
+    int stamped_ctas = 0, empty_ctas = 0;
+    for (size_t c = 0; c * kTimelineStamps < st.size(); ++c) {
+      const unsigned long long* t = st.data() + c * kTimelineStamps;
+      if (t[0] == 0) {
+        ++empty_ctas;
+        continue;
+      }
+      ++stamped_ctas;
+      // entry <= loop end of warp 0 <= all warps <= merged <= stored (<= arrived <= merge end)
+      EXPECT_LE(t[0], t[2]);
+      EXPECT_LE(t[2], t[3]);
+      EXPECT_LE(t[3], t[4]);
+      EXPECT_LE(t[4], t[5]);
+      if (t[6] != 0) {
+        EXPECT_LE(t[5], t[6]);
+      }
+      if (t[7] != 0) {
+        EXPECT_LE(t[6], t[7]);
+      }
+    }
+    EXPECT_GT(stamped_ctas, 0);
+    EXPECT_GT(empty_ctas, 0) << "the q = 1 sequence's second row group should be empty";
   }
 }
 
