@@ -7,17 +7,12 @@
 #include "kernels/block_select.cuh"
 #include "kernels/block_select_problem.h"
 #include "kernels/cuda_test_util.h"
+#include "kernels/gpu_test_util.h"
 
 namespace scout::kernels {
 namespace {
 
-template <typename T>
-T* Dev(const std::vector<T>& v, std::vector<void*>* owned) {
-  cudaError_t e = cudaSuccess;
-  T* d = testing::ToDevice(v, owned, &e);
-  EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-  return d;
-}
+using testing::Upload;
 
 TEST(BlockSelectGpuTest, SameListsAsReference) {
   struct Case {
@@ -47,12 +42,12 @@ TEST(BlockSelectGpuTest, SameListsAsReference) {
     std::vector<int32_t> gpu_out(pr.out_blocks.size(), -7);
     std::vector<void*> owned;
     BlockSelectParams d = pr.p;
-    d.mass = Dev(pr.mass, &owned);
-    d.num_blocks = Dev(pr.num_blocks, &owned);
-    d.map_indptr = Dev(pr.map_indptr, &owned);
-    d.map_heads = Dev(pr.map_heads, &owned);
-    d.out_indptr = Dev(pr.out_indptr, &owned);
-    d.out_blocks = Dev(gpu_out, &owned);  // poisoned with -7
+    d.mass = Upload(pr.mass, &owned);
+    d.num_blocks = Upload(pr.num_blocks, &owned);
+    d.map_indptr = Upload(pr.map_indptr, &owned);
+    d.map_heads = Upload(pr.map_heads, &owned);
+    d.out_indptr = Upload(pr.out_indptr, &owned);
+    d.out_blocks = Upload(gpu_out, &owned);  // poisoned with -7
     void* scratch = nullptr;
     ASSERT_EQ(cudaMalloc(&scratch, BlockSelectScratchBytes(d)), cudaSuccess);
     ASSERT_EQ(BlockSelect(d, scratch, nullptr), cudaSuccess);

@@ -9,6 +9,7 @@
 #include "gtest/gtest.h"
 #include "kernels/bf16.h"
 #include "kernels/cuda_test_util.h"
+#include "kernels/gpu_test_util.h"
 #include "kernels/model_ops.cuh"
 #include "kernels/sparse_decode.cuh"
 #include "kernels/sparse_decode_problem.h"
@@ -24,10 +25,7 @@ struct Dev {
   }
   template <typename T>
   T* Put(const std::vector<T>& v) {
-    cudaError_t e = cudaSuccess;
-    T* d = testing::ToDevice(v, &owned, &e);
-    EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-    return d;
+    return testing::Upload(v, &owned);
   }
   template <typename T>
   std::vector<T> Get(const T* d, size_t n) {

@@ -6,18 +6,13 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cuda_test_util.h"
+#include "kernels/gpu_test_util.h"
 #include "kernels/sampling.cuh"
 
 namespace scout::kernels {
 namespace {
 
-template <typename T>
-T* Put(const std::vector<T>& v, std::vector<void*>* owned) {
-  cudaError_t e = cudaSuccess;
-  T* d = testing::ToDevice(v, owned, &e);
-  EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-  return d;
-}
+using testing::Upload;
 
 // Every parameter combination over awkward vocabularies, with ties planted at the top-k and top-p
 // boundaries (repeated logits, a flat row): the kernel picks exactly the reference's token.
@@ -51,8 +46,8 @@ TEST(SampleGpu, MatchesReferenceWithTiesAtTheBoundaries) {
     std::vector<int32_t> want(rows, -1);
     SampleRef({.logits = logits.data(), .row = params.data(), .out = want.data(), .rows = rows, .vocab = vocab});
     std::vector<void*> owned;
-    int32_t* out = Put(std::vector<int32_t>(rows, -7), &owned);
-    ASSERT_EQ(Sample({.logits = Put(logits, &owned), .row = Put(params, &owned), .out = out, .rows = rows, .vocab = vocab},
+    int32_t* out = Upload(std::vector<int32_t>(rows, -7), &owned);
+    ASSERT_EQ(Sample({.logits = Upload(logits, &owned), .row = Upload(params, &owned), .out = out, .rows = rows, .vocab = vocab},
                      nullptr),
               cudaSuccess);
     std::vector<int32_t> got(rows);

@@ -6,6 +6,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cuda_test_util.h"
+#include "kernels/gpu_test_util.h"
 #include "kernels/santa.cuh"
 #include "kernels/sparse_decode_problem.h"
 #include "kernels/test_util.h"
@@ -65,10 +66,7 @@ class DeviceSanta {
  private:
   template <typename T>
   T* Dev(const std::vector<T>& v) {
-    cudaError_t e = cudaSuccess;
-    T* d = testing::ToDevice(v, &owned_, &e);
-    EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-    return d;
+    return testing::Upload(v, &owned_);
   }
   DecodeProblem& pr_;
   SparseDecodeParams d_;

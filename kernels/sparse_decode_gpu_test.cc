@@ -6,6 +6,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cuda_test_util.h"
+#include "kernels/gpu_test_util.h"
 #include "kernels/sparse_decode.cuh"
 #include "kernels/sparse_decode_problem.h"
 
@@ -14,13 +15,10 @@ namespace {
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
 
+// An empty vector stays nullptr (an absent optional array).
 template <typename T>
 T* ToDevice(const std::vector<T>& v, std::vector<void*>* owned) {
-  if (v.empty()) return nullptr;
-  cudaError_t e = cudaSuccess;
-  T* d = testing::ToDevice(v, owned, &e);
-  EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-  return d;
+  return v.empty() ? nullptr : testing::Upload(v, owned);
 }
 
 // Kernel knobs (SparseDecodePlan); stages 0 keeps all of the plan's choices.
