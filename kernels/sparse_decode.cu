@@ -484,12 +484,7 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
       }
     }
     if (a.direct) {  // the only split: normalise and write the output as the merges would
-      const int64_t rh = w.q_row(p, row);
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD + 4 * c);
-      dst[0] = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
-      dst[1] = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
-      if (p.lse != nullptr && c == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
+      StoreOutputChunk<HD>(p, w.q_row(p, row), c, acc, mx, sum);
       continue;
     }
     const int64_t out_row = (int64_t)split * a.total_q_rows * p.num_heads + w.q_row(p, row);

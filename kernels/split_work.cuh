@@ -102,6 +102,19 @@ __device__ inline void ScoreTile(const uint32_t (&qa)[HD / 16][4], const uint8_t
   }
 }
 
+// Dims [4c, 4c + 4) of query row x head rh from its combined (unnormalised) output, base-2 max
+// and sum: bf16 output, and the log-sum-exp once per row (c == 0) if asked. A row that saw no
+// key gets zeros and -inf.
+template <int HD>
+__device__ inline void StoreOutputChunk(const SparseDecodeParams& p, int64_t rh, int c, float4 acc, float mx,
+                                        float sum) {
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD + c * 4);
+  dst[0] = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
+  dst[1] = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
+  if (p.lse != nullptr && c == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
+}
+
 // Rows [0, nr) of the CTA's group: combines every split's partial (unnormalised output, max, sum)
 // and writes bf16 output and, if asked, the log-sum-exp. Loads go through L2 (__ldcg): other CTAs
 // wrote them. HD / 8 splits' loads are issued before any is used. Shared by the decode kernel's
@@ -147,11 +160,7 @@ __device__ inline void MergeSplitsOfGroup(const SparseDecodeParams& p, const Spl
         mx = mn;
       }
     }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD + c * 4);
-    dst[0] = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
-    dst[1] = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
-    if (p.lse != nullptr && c == 0) p.lse[rh] = sum > 0.0f ? mx + log2f(sum) : -INFINITY;
+    StoreOutputChunk<HD>(p, rh, c, acc, mx, sum);
   }
 }
 
