@@ -40,7 +40,7 @@
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
-#include "runtime/speculative.h"
+#include "round/speculative.h"
 #include "runtime/tokenizer.h"
 
 namespace scout::cli {
@@ -73,7 +73,35 @@ std::vector<FlagSpec> WithStsFlags(std::vector<FlagSpec> specs, const std::strin
   specs.push_back({"kv-budget-fraction", "0.1", "sts: fraction of the context's blocks each (layer, KV head) reads"});
   specs.push_back({"head-map", "", "sts: head map JSON (default: DRAFT/scout_head_map.json if present, else proportional depth)"});
   specs.push_back({"dense-layers", "", "sts: target layers that read every block, e.g. 0,1 or -1 for the last"});
+  specs.push_back({"sparse-draft", "", "the draft's own steps attend only to its top blocks, picked by a dense step every --draft-refresh-rounds rounds", true});
+  specs.push_back({"draft-kv-budget-fraction", "0", "sparse draft: fraction of the draft's blocks each of its (layer, KV head) reads (0: --kv-budget-fraction)"});
+  specs.push_back({"draft-refresh-rounds", "1", "sparse draft: rounds between the draft's dense steps (1: every round)"});
+  specs.push_back({"santa-samples", "0", "SANTA: value rows the target's verification samples per (KV head, 16 query rows) instead of summing all (0: exact)"});
   return specs;
+}
+
+// The sparse draft and SANTA, from the flags above.
+struct RoundChoice {
+  bool sparse_draft = false;
+  runtime::StsBudget draft_budget;
+  int draft_refresh_rounds = 1;
+  int santa_samples = 0;
+};
+
+absl::StatusOr<RoundChoice> ParseRoundFlags(const Flags& flags) {
+  absl::StatusOr<double> fraction = flags.GetDouble("draft-kv-budget-fraction"),
+                         sts_fraction = flags.GetDouble("kv-budget-fraction");
+  absl::StatusOr<int64_t> refresh = flags.GetInt("draft-refresh-rounds"), santa = flags.GetInt("santa-samples");
+  for (const absl::Status& s : {fraction.status(), sts_fraction.status(), refresh.status(), santa.status()}) {
+    if (!s.ok()) return s;
+  }
+  if (*fraction < 0 || *fraction > 1) return absl::InvalidArgumentError("--draft-kv-budget-fraction must be in [0, 1]");
+  if (*refresh < 1) return absl::InvalidArgumentError("--draft-refresh-rounds must be >= 1");
+  if (*santa < 0) return absl::InvalidArgumentError("--santa-samples must be >= 0");
+  RoundChoice c{.sparse_draft = flags.GetBool("sparse-draft"), .draft_refresh_rounds = static_cast<int>(*refresh),
+                .santa_samples = static_cast<int>(*santa)};
+  c.draft_budget.budget_fraction = *fraction > 0 ? *fraction : *sts_fraction;
+  return c;
 }
 
 struct StsChoice {
@@ -327,28 +355,42 @@ int Generate(int argc, char** argv) {
     const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
     absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> draft = LoadBackend(flags.Get("draft"), draft_device, *budget);
     if (!draft.ok()) return Fail(draft.status());
-    runtime::SpeculativeOptions sopt{.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens,
-                                     .sampling = opt.sampling, .prefill_chunk = opt.prefill_chunk,
-                                     .stop_ids = opt.stop_ids};
+    round::SpeculativeOptions sopt{.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens,
+                                   .sampling = opt.sampling, .prefill_chunk = opt.prefill_chunk,
+                                   .stop_ids = opt.stop_ids};
     absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, (*model)->config(), (*draft)->config());
     if (!sts.ok()) return Fail(sts.status());
     if (sts->has_value()) {
       sopt.head_map = &(*sts)->head_map;
       sopt.sts_budget = (*sts)->budget;
     }
-    absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(**model, **draft, 0, ids, sopt, print);
+    absl::StatusOr<RoundChoice> rc = ParseRoundFlags(flags);
+    if (!rc.ok()) return Fail(rc.status());
+    const runtime::HeadMap self_map = runtime::SelfHeadMap((*draft)->config());
+    if (rc->sparse_draft) {
+      sopt.draft_head_map = &self_map;
+      sopt.draft_budget = rc->draft_budget;
+      sopt.draft_refresh_rounds = rc->draft_refresh_rounds;
+    }
+    sopt.santa_samples = rc->santa_samples;
+    absl::StatusOr<round::SpeculativeResult> r = round::GenerateSpeculative(**model, **draft, 0, ids, sopt, print);
     std::printf("\n");
     if (!r.ok()) return Fail(r.status());
     std::fprintf(stderr,
                  "scout: prompt %lld tokens, prefill %.3f s; generated %zu tokens in %lld rounds, decode %.3f s "
-                 "(%.1f tokens/s); draft acceptance %.1f%% (%lld of %lld)\n",
+                 "(%.1f tokens/s, %.3f ms a round, %s round); draft acceptance %.1f%% (%lld of %lld)\n",
                  static_cast<long long>(r->prompt_tokens), r->prefill_seconds, r->tokens.size(),
                  static_cast<long long>(r->rounds), r->decode_seconds, r->tokens.size() / std::max(r->decode_seconds, 1e-9),
+                 1e3 * r->decode_seconds / std::max<int64_t>(r->rounds, 1), r->round_impl.c_str(),
                  100.0 * r->acceptance_rate(), static_cast<long long>(r->draft_accepted),
                  static_cast<long long>(r->draft_proposed));
     if (r->context_blocks > 0) {
       std::fprintf(stderr, "scout: sts: target read %.1f%% of the context's blocks while verifying\n",
                    100.0 * r->selected_blocks / r->context_blocks);
+    }
+    if (rc->sparse_draft && r->draft_context_blocks > 0) {
+      std::fprintf(stderr, "scout: sparse draft: its steps read %.1f%% of its context's blocks\n",
+                   100.0 * r->draft_selected_blocks / r->draft_context_blocks);
     }
     return 0;
   }
@@ -497,7 +539,7 @@ int Eval(int argc, char** argv) {
         for (int64_t seed = 1; seed <= *acc_seeds; ++seed) {
           // Sampled at temperature 1: greedy continuations of this text are runs the draft always
           // gets right, which says little.
-          runtime::SpeculativeOptions so{.num_speculative_tokens = opt.num_speculative_tokens, .max_tokens = *acc_tokens,
+          round::SpeculativeOptions so{.num_speculative_tokens = opt.num_speculative_tokens, .max_tokens = *acc_tokens,
                                          .sampling = {.temperature = 1.0f, .seed = static_cast<uint64_t>(seed)}};
           const runtime::StsBudget b{.budget_fraction = budget, .sink_blocks = opt.sink_blocks,
                                      .window_blocks = opt.window_blocks, .dense_layers = opt.dense_layers};
@@ -510,7 +552,7 @@ int Eval(int argc, char** argv) {
             so.draft_budget = b;
             so.draft_refresh_rounds = static_cast<int>(*refresh_rounds);
           }
-          absl::StatusOr<runtime::SpeculativeResult> r = runtime::GenerateSpeculative(*target, *draft, 77, prompt, so);
+          absl::StatusOr<round::SpeculativeResult> r = round::GenerateSpeculative(*target, *draft, 77, prompt, so);
           if (!r.ok()) return Fail(r.status());
           proposed += r->draft_proposed;
           accepted += r->draft_accepted;
@@ -697,6 +739,12 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
       engine_options.head_map = (*sts)->head_map;
       engine_options.sts_budget = (*sts)->budget;
     }
+    absl::StatusOr<RoundChoice> rc = ParseRoundFlags(flags);
+    if (!rc.ok()) return Fail(rc.status());
+    engine_options.sparse_draft = rc->sparse_draft;
+    engine_options.draft_budget = rc->draft_budget;
+    engine_options.draft_refresh_rounds = rc->draft_refresh_rounds;
+    engine_options.santa_samples = rc->santa_samples;
   }
   monitoring::ServerMetrics metrics;
   if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));

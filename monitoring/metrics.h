@@ -45,6 +45,10 @@ class ServerMetrics {
   prometheus::Counter& attention_blocks_read;        // scout_attention_blocks_read_total
   prometheus::Counter& attention_blocks_dense;       // scout_attention_blocks_dense_total
   prometheus::Counter& attention_kv_bytes_skipped;   // scout_attention_kv_skipped_bytes_total
+  // The sparse draft's own steps (--sparse-draft), in the draft's units: read, and what its dense
+  // steps would have read; the draft's sparsity = 1 - read / dense.
+  prometheus::Counter& draft_attention_blocks_read;   // scout_draft_attention_blocks_read_total
+  prometheus::Counter& draft_attention_blocks_dense;  // scout_draft_attention_blocks_dense_total
   prometheus::Histogram& attention_blocks_read_ratio;  // scout_attention_blocks_read_ratio (per request)
   // scout_attention_layer_blocks_read_ratio{layer="L"}: the same per target layer (per request).
   prometheus::Histogram& LayerBlocksReadRatio(int layer);

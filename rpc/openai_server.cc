@@ -110,6 +110,14 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
     if (j.contains("dense_layers") && !j["dense_layers"].is_null()) {
       req->dense_layers = j["dense_layers"].get<std::vector<int>>();
     }
+    if (j.contains("sparse_draft") && !j["sparse_draft"].is_null()) req->sparse_draft = j["sparse_draft"].get<bool>();
+    if (j.contains("draft_kv_budget_fraction") && !j["draft_kv_budget_fraction"].is_null()) {
+      req->draft_kv_budget_fraction = j["draft_kv_budget_fraction"].get<double>();
+    }
+    if (j.contains("draft_refresh_rounds") && !j["draft_refresh_rounds"].is_null()) {
+      req->draft_refresh_rounds = j["draft_refresh_rounds"].get<int>();
+    }
+    if (j.contains("santa_samples") && !j["santa_samples"].is_null()) req->santa_samples = j["santa_samples"].get<int>();
     *stream = j.value("stream", false);
   } catch (const json::exception& e) {
     SendError(out, 400, absl::StrCat("malformed field: ", e.what()), "invalid_request_error");

@@ -1154,6 +1154,7 @@ absl::Status CudaModel::Synchronize() {
 }
 
 const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
+int CudaModel::device() const { return impl_->device; }
 void* CudaModel::stream() const { return impl_->stream; }
 const kvstore::BlockTableManager& CudaModel::block_tables() const { return impl_->Tables(); }
 HostKvTierStats CudaModel::host_tier_stats() const {

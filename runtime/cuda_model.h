@@ -135,6 +135,8 @@ class CudaModel final : public ModelBackend {
   absl::Status Synchronize();
 
   const float* logits_device() const;
+  // The CUDA device the model runs on.
+  int device() const;
   // The model's CUDA stream (a cudaStream_t), for callers that enqueue their own kernels
   // between steps.
   void* stream() const;

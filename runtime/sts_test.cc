@@ -7,7 +7,6 @@
 #include "gtest/gtest.h"
 #include "runtime/cpu_model.h"
 #include "runtime/fidelity.h"
-#include "runtime/speculative.h"
 #include "runtime/test_model.h"
 
 namespace scout::runtime {
@@ -111,30 +110,6 @@ TEST(HeadMapTest, RoundTripsAndRejectsMismatchedFiles) {
   std::ofstream(dir / "partial.json") << R"({"target": {"layers": 6, "kv_heads": 2}})";
   EXPECT_EQ(LoadHeadMap(dir / "partial.json", *target, *draft).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(LoadHeadMap(dir / "missing.json", *target, *draft).status().code(), absl::StatusCode::kNotFound);
-}
-
-// Verification over a Selection of every block is plain dense verification: greedy STS output
-// equals the target's greedy output token for token. At a 10% budget it still runs end to end.
-TEST(StsSpeculativeTest, FullSelectionEqualsDenseAndSparseRuns) {
-  auto target = CpuModel::Load(kModels / "scout-tiny-target");
-  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
-  ASSERT_TRUE(target.ok() && draft.ok());
-  HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
-  std::vector<int32_t> prompt = {256};
-  for (int i = 0; i < 900; ++i) prompt.push_back("def f(x):\n    return x + 1\n\n"[i % 29]);
-  absl::StatusOr<GenerateResult> plain = Generate(**target, 1, prompt, {.max_tokens = 40});
-  ASSERT_TRUE(plain.ok());
-  SpeculativeOptions opt{.num_speculative_tokens = 4, .max_tokens = 40, .head_map = &map,
-                         .sts_budget = {.budget_fraction = 1.0}};
-  absl::StatusOr<SpeculativeResult> full = GenerateSpeculative(**target, **draft, 2, prompt, opt);
-  ASSERT_TRUE(full.ok()) << full.status();
-  EXPECT_EQ(full->tokens, plain->tokens);
-  EXPECT_EQ(full->selected_blocks, full->context_blocks);
-  opt.sts_budget = {.budget_fraction = 0.1};
-  absl::StatusOr<SpeculativeResult> sparse = GenerateSpeculative(**target, **draft, 3, prompt, opt);
-  ASSERT_TRUE(sparse.ok()) << sparse.status();
-  EXPECT_EQ(sparse->tokens.size(), 40u);
-  EXPECT_LT(double(sparse->selected_blocks) / sparse->context_blocks, 0.15);
 }
 
 }  // namespace

@@ -10,7 +10,7 @@
 #include "absl/time/time.h"
 #include "kvstore/block_table.h"
 #include "runtime/generator.h"
-#include "runtime/speculative.h"
+#include "round/speculative.h"
 
 namespace scout::scheduler {
 
@@ -39,7 +39,7 @@ struct Engine::Request {
   bool first = true;
   CompletionResult result;
   std::atomic<bool> cancelled{false};
-  std::unique_ptr<runtime::SpeculativeStream> spec;  // with a draft: the request's rounds
+  std::unique_ptr<round::SpeculativeStream> spec;  // with a draft: the request's rounds
   // Handed to the caller (Engine::mu_).
   std::deque<std::string> outbox;
   bool done = false;
@@ -59,6 +59,8 @@ Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<run
   if (draft_ != nullptr) {
     request_head_map_ = options_.head_map.has_value() ? *options_.head_map
                                                       : runtime::DefaultHeadMap(config_, draft_->config());
+    draft_self_map_ = runtime::SelfHeadMap(draft_->config());
+    round_ = round::MakeRound(*model_, *draft_);
   }
   loop_ = std::thread([this] { Loop(); });
 }
@@ -108,6 +110,20 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   }
   if (req.kv_budget_fraction.has_value() && !(*req.kv_budget_fraction > 0 && *req.kv_budget_fraction <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("kv_budget_fraction must be in (0, 1], got ", *req.kv_budget_fraction));
+  }
+  if ((req.sparse_draft.value_or(false) || req.santa_samples.value_or(0) > 0) && draft_ == nullptr) {
+    return absl::InvalidArgumentError("sparse_draft and santa_samples need a server started with --draft");
+  }
+  if (req.draft_kv_budget_fraction.has_value() &&
+      !(*req.draft_kv_budget_fraction > 0 && *req.draft_kv_budget_fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("draft_kv_budget_fraction must be in (0, 1], got ", *req.draft_kv_budget_fraction));
+  }
+  if (req.draft_refresh_rounds.has_value() && *req.draft_refresh_rounds < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_refresh_rounds must be >= 1, got ", *req.draft_refresh_rounds));
+  }
+  if (req.santa_samples.has_value() && *req.santa_samples < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("santa_samples must be >= 0, got ", *req.santa_samples));
   }
   if (req.dense_layers.has_value()) {
     const int64_t layers = config_.num_hidden_layers;
@@ -340,7 +356,7 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
 
 void Engine::Prefill(const std::vector<Request*>& joined) {
   if (draft_ != nullptr) {
-    std::vector<runtime::SpeculativeStream*> streams;
+    std::vector<round::SpeculativeStream*> streams;
     std::vector<Request*> owners;
     for (Request* r : joined) {
       if (r->started && r->spec != nullptr) {
@@ -348,7 +364,7 @@ void Engine::Prefill(const std::vector<Request*>& joined) {
         owners.push_back(r);
       }
     }
-    const std::vector<absl::Status> status = runtime::PrefillStreams(*model_, *draft_, streams, options_.prefill_chunk);
+    const std::vector<absl::Status> status = round::PrefillStreams(*model_, *draft_, streams, options_.prefill_chunk);
     for (size_t i = 0; i < owners.size(); ++i) {
       if (!status[i].ok()) FinishSpeculative(*owners[i], status[i]);
     }
@@ -490,7 +506,7 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
       }
     }
   }
-  runtime::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
+  round::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
                                  .max_tokens = r.req.max_tokens, .sampling = r.req.sampling,
                                  .prefill_chunk = options_.prefill_chunk, .continue_sequence = session};
   const bool sts = r.req.sparsity.has_value() ? *r.req.sparsity == "sts" : options_.head_map.has_value();
@@ -505,8 +521,18 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
       so.sts_budget.budget_fraction = *r.req.kv_budget_fraction;
     }
   }
+  if (r.req.sparse_draft.value_or(options_.sparse_draft)) {
+    so.draft_head_map = &*draft_self_map_;
+    so.draft_budget = options_.draft_budget;
+    if (r.req.draft_kv_budget_fraction.has_value()) {
+      so.draft_budget.budget_tokens = 0;
+      so.draft_budget.budget_fraction = *r.req.draft_kv_budget_fraction;
+    }
+    so.draft_refresh_rounds = r.req.draft_refresh_rounds.value_or(options_.draft_refresh_rounds);
+  }
+  so.santa_samples = r.req.santa_samples.value_or(options_.santa_samples);
   Request* rp = &r;
-  r.spec = std::make_unique<runtime::SpeculativeStream>(
+  r.spec = std::make_unique<round::SpeculativeStream>(
       // OnToken takes every token the stream emits (it returns false once cancelled): the
       // session's pending token must be the stream's last, which its cache does not hold.
       *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return OnToken(*rp, token); });
@@ -524,9 +550,9 @@ void Engine::SpeculativeStep(std::vector<Request*>& running) {
   running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
   // A round that fails is rolled back whole, so it can run again without the newest request.
   auto round = [&]() -> absl::Status {
-    std::vector<runtime::SpeculativeStream*> streams;
+    std::vector<round::SpeculativeStream*> streams;
     for (Request* r : running) streams.push_back(r->spec.get());
-    return runtime::RunSpeculativeRound(*model_, *draft_, streams);
+    return round_->Run(streams);
   };
   if (!RunBatchedPass(running, round, [this](Request& r, absl::Status s) { FinishSpeculative(r, s); })) return;
   for (Request* r : running) {
@@ -537,9 +563,11 @@ void Engine::SpeculativeStep(std::vector<Request*>& running) {
 void Engine::FinishSpeculative(Request& r, absl::Status status) {
   if (r.spec != nullptr) {
     if (status.ok()) status = r.spec->Finish();
-    const runtime::SpeculativeResult& res = r.spec->result();
+    const round::SpeculativeResult& res = r.spec->result();
     metrics_->draft_tokens.Increment(static_cast<double>(res.draft_proposed));
     metrics_->accepted_tokens.Increment(static_cast<double>(res.draft_accepted));
+    metrics_->draft_attention_blocks_read.Increment(static_cast<double>(res.draft_selected_blocks));
+    metrics_->draft_attention_blocks_dense.Increment(static_cast<double>(res.draft_context_blocks));
     // Attention reads of the target's verification: (layer, KV head, block) units read, and
     // those a dense pass would have read; their bytes, at this model's unit size.
     if (res.context_blocks > 0) {

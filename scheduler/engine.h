@@ -26,6 +26,7 @@
 #include "runtime/sampling.h"
 #include "runtime/sts.h"
 #include "runtime/tokenizer.h"
+#include "round/speculative.h"
 
 namespace scout::scheduler {
 
@@ -43,6 +44,14 @@ struct EngineOptions {
   // picks through this head map, within sts_budget. Unset: dense verification.
   std::optional<runtime::HeadMap> head_map;
   runtime::StsBudget sts_budget;
+  // The sparse draft: a round's first draft step attends densely and picks, within draft_budget,
+  // the blocks its later steps attend (and every step of the next draft_refresh_rounds - 1
+  // rounds). SANTA: the target's verification samples santa_samples value rows per (KV head, 16
+  // query rows) instead of summing all of them (0: exact).
+  bool sparse_draft = false;
+  runtime::StsBudget draft_budget;
+  int draft_refresh_rounds = 1;
+  int santa_samples = 0;
   // Optional: whether the models can run now (a cluster coordinator's live workers); not ready
   // while it says no.
   std::function<absl::Status()> health;
@@ -71,6 +80,11 @@ struct CompletionRequest {
   // Target layers that read every block (StsBudget::dense_layers; -1 the last); unset: the
   // server's --dense-layers.
   std::optional<std::vector<int>> dense_layers;
+  // The sparse draft and SANTA (EngineOptions); unset: the server's.
+  std::optional<bool> sparse_draft;
+  std::optional<double> draft_kv_budget_fraction;
+  std::optional<int> draft_refresh_rounds;
+  std::optional<int> santa_samples;
 };
 
 struct CompletionResult {
@@ -185,6 +199,8 @@ class Engine {
   // With a draft: the head map of requests that ask for STS (the server's, else the
   // proportional-depth default).
   std::optional<runtime::HeadMap> request_head_map_;
+  std::optional<runtime::HeadMap> draft_self_map_;  // the sparse draft's: the draft onto itself
+  std::unique_ptr<round::SpeculativeRound> round_;   // with a draft: runs the rounds (MakeRound)
   runtime::HostKvTierStats tier_seen_ ABSL_GUARDED_BY(model_mu_);  // counters already exported
 
   absl::Mutex mu_;  // queues, sessions, requests' outboxes

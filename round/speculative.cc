@@ -1,4 +1,4 @@
-#include "runtime/speculative.h"
+#include "round/speculative.h"
 
 #include <algorithm>
 #include <chrono>
@@ -7,8 +7,10 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 
-namespace scout::runtime {
+namespace scout::round {
 namespace {
+
+using runtime::ModelConfig;
 
 int32_t SampleFrom(std::span<const float> probs, std::mt19937_64& rng) {
   double total = 0;
@@ -95,7 +97,14 @@ absl::Status SpeculativeStream::Begin(bool prefill) {
                                                    options_.num_speculative_tokens));
   }
   if (options_.max_tokens < 0 || options_.prefill_chunk <= 0) return absl::InvalidArgumentError("bad max_tokens or prefill_chunk");
-  if (absl::Status s = ValidateSamplingParams(options_.sampling); !s.ok()) return s;
+  if (absl::Status s = runtime::ValidateSamplingParams(options_.sampling); !s.ok()) return s;
+  if (options_.santa_samples < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("santa_samples must be >= 0, got ", options_.santa_samples));
+  }
+  if (options_.draft_refresh_rounds < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_refresh_rounds must be >= 1, got ",
+                                                   options_.draft_refresh_rounds));
+  }
   if (const HeadMap* m = options_.head_map; m != nullptr) {
     const ModelConfig &t = target_.config(), &d = draft_.config();
     if (m->target_layers != t.num_hidden_layers || m->target_kv_heads != t.num_key_value_heads ||
@@ -238,6 +247,10 @@ SequenceInput SpeculativeStream::DraftInput(int i) {
                                          refresh_blocks_, kvstore::BlocksFor(draft_end), options_.draft_budget);
     in.selection = &draft_selection_;
   }
+  const int64_t units = draft_.config().num_hidden_layers * draft_.config().num_key_value_heads;
+  result_.draft_context_blocks += kvstore::BlocksFor(draft_end) * units;
+  result_.draft_selected_blocks += in.selection != nullptr ? static_cast<int64_t>(draft_selection_.blocks.size())
+                                                           : kvstore::BlocksFor(draft_end) * units;
   return in;
 }
 
@@ -254,12 +267,13 @@ void SpeculativeStream::OnDraftLogits(int i, std::span<const float> row) {
 }
 
 SequenceInput SpeculativeStream::VerifyInput() {
-  draft_base_ = *draft_.SequenceLength(seq_);  // after pending + drafted[0..k-2]
   // Target verification: pending + all drafted tokens in one pass, every position's logits.
   verify_ = target_pending_;
   verify_.insert(verify_.end(), drafted_.begin(), drafted_.end());
   target_before_ = *target_.SequenceLength(seq_);
   SequenceInput in{.seq = seq_, .tokens = verify_, .all_logits = true};
+  in.santa_samples = options_.santa_samples;
+  in.santa_seed = options_.sampling.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(round_index_);
   if (options_.head_map != nullptr && k_ > 0) {
     // Stack the round's draft rows into [layers][heads][rows][blocks], zero-padded.
     const int64_t nb_mass = *std::max_element(mass_blocks_.begin(), mass_blocks_.end());
@@ -284,18 +298,25 @@ SequenceInput SpeculativeStream::VerifyInput() {
   return in;
 }
 
+void SpeculativeStream::CountSelection(std::span<const int64_t> layer_selected, int64_t nb, int kv_heads) {
+  const int layers = static_cast<int>(layer_selected.size());
+  result_.layer_selected_blocks.resize(layers);
+  result_.layer_context_blocks.resize(layers);
+  for (int l = 0; l < layers; ++l) {
+    result_.selected_blocks += layer_selected[l];
+    result_.context_blocks += nb * kv_heads;
+    result_.layer_selected_blocks[l] += layer_selected[l];
+    result_.layer_context_blocks[l] += nb * kv_heads;
+  }
+}
+
 absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
   if (!selection_.indptr.empty()) {
     const int64_t nb = kvstore::BlocksFor(target_before_ + static_cast<int64_t>(verify_.size()));
-    result_.selected_blocks += static_cast<int64_t>(selection_.blocks.size());
-    result_.context_blocks += nb * selection_.num_layers * selection_.num_kv_heads;
     const int layers = selection_.num_layers, heads = selection_.num_kv_heads;
-    result_.layer_selected_blocks.resize(layers);
-    result_.layer_context_blocks.resize(layers);
-    for (int l = 0; l < layers; ++l) {
-      result_.layer_selected_blocks[l] += selection_.indptr[(l + 1) * heads] - selection_.indptr[l * heads];
-      result_.layer_context_blocks[l] += nb * heads;
-    }
+    std::vector<int64_t> per_layer(layers);
+    for (int l = 0; l < layers; ++l) per_layer[l] = selection_.indptr[(l + 1) * heads] - selection_.indptr[l * heads];
+    CountSelection(per_layer, nb, heads);
     if (!previous_selection_.indptr.empty()) CountTurnover(previous_selection_, selection_, nb, options_.sts_budget, result_);
   }
   previous_selection_ = std::move(selection_);  // empty after a round without one: pairs are back to back
@@ -307,24 +328,31 @@ absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
     dist_.Distribution(logits.subspan((first + i) * vocab_, vocab_), p[i]);
   }
   const Verdict v = VerifyDraft(p, q_, drafted_, rng_);
+  return AcceptVerdict(v, std::max(k_ - 1, 0));
+}
+
+absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed) {
   ++result_.rounds;
   result_.draft_proposed += k_;
   result_.draft_accepted += v.accepted;
-  // Roll back what the rejected tokens left in each cache.
+  // Roll back what the rejected tokens left in each cache. The target processed its pending
+  // tokens and every drafted one; it keeps the pending ones and the accepted drafts.
   const int64_t keep_target = target_before_ + static_cast<int64_t>(target_pending_.size()) + v.accepted;
   if (absl::Status s = target_.TruncateSequence(seq_, keep_target); !s.ok()) return s;
-  // The draft processed pending + drafted[0..k-2]; it keeps pending + drafted[0..accepted-1].
-  const int64_t draft_kept_drafted = std::min<int64_t>(v.accepted, std::max(k_ - 1, 0));
-  const int64_t keep_draft = draft_base_ - std::max(k_ - 1, 0) + draft_kept_drafted;
-  if (absl::Status s = draft_.TruncateSequence(seq_, keep_draft); !s.ok()) return s;
+  // A round that drafted consumed the draft's pending tokens and drafted[0..draft_fed-1]; the
+  // draft keeps those that were accepted, and is fed the accepted ones it never saw next round.
+  std::vector<int32_t> next_feed;
+  if (draft_fed > 0 || !drafted_.empty()) {
+    const int kept = std::min(v.accepted, draft_fed);
+    const int64_t keep_draft = draft_len_at_start_ + static_cast<int64_t>(draft_pending_.size()) + kept;
+    if (absl::Status s = draft_.TruncateSequence(seq_, keep_draft); !s.ok()) return s;
+    next_feed.assign(drafted_.begin() + kept, drafted_.begin() + v.accepted);
+  } else {
+    next_feed = draft_pending_;  // no draft step ran: nothing consumed
+  }
   // Emit accepted tokens, then the correction or bonus token.
   std::vector<int32_t> emitted(drafted_.begin(), drafted_.begin() + v.accepted);
   emitted.push_back(v.next);
-  if (k_ > 0) {
-    // The draft consumed its pending tokens in this round's first forward.
-    draft_pending_.clear();
-    if (v.accepted == k_) draft_pending_.push_back(drafted_.back());  // accepted but never fed
-  }
   for (int32_t t : emitted) {
     result_.tokens.push_back(t);
     if ((on_token_ && !on_token_(t)) ||
@@ -335,6 +363,7 @@ absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
     }
   }
   target_pending_ = {v.next};
+  draft_pending_ = std::move(next_feed);
   draft_pending_.push_back(v.next);
   result_.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - decode_start_).count();
   return absl::OkStatus();
@@ -373,7 +402,9 @@ absl::Status SpeculativeStream::Finish() {
   return absl::OkStatus();
 }
 
-absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams) {
+absl::Status HostRound::Run(std::span<SpeculativeStream* const> streams) {
+  ModelBackend& target = target_;
+  ModelBackend& draft = draft_;
   std::vector<SpeculativeStream*> live;
   for (SpeculativeStream* s : streams) {
     if (s->done()) continue;
@@ -427,11 +458,14 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
   SpeculativeStream stream(target, draft, seq, std::vector<int32_t>(prompt.begin(), prompt.end()), options, on_token);
   if (absl::Status s = stream.Begin(); !s.ok()) return s;
   SpeculativeStream* const one[] = {&stream};
+  const std::unique_ptr<SpeculativeRound> round = MakeRound(target, draft);
   while (!stream.done()) {
-    if (absl::Status s = RunSpeculativeRound(target, draft, one); !s.ok()) return s;
+    if (absl::Status s = round->Run(one); !s.ok()) return s;
   }
   if (absl::Status s = stream.Finish(); !s.ok()) return s;
-  return stream.result();
+  SpeculativeResult result = stream.result();
+  result.round_impl = round->name();
+  return result;
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::round

@@ -1,12 +1,22 @@
 // Speculative decoding: a draft model proposes k tokens, the target verifies all of them in one
 // forward pass, and rejection sampling keeps the output distribution exactly the target's
 // (greedy decoding is the special case where both distributions are one-hot).
+//
+// The round's one home. A SpeculativeStream holds one sequence's state between rounds (pending
+// tokens, random state, emission, rollback); a SpeculativeRound runs one round of many streams.
+// MakeRound picks the implementation: on the device when both models are CUDA models (draft
+// steps, block mass, STS selection, verification and greedy acceptance stay on the GPUs; one
+// host synchronisation a round: cuda_round.h), else the host round (any ModelBackend: logits
+// and block masses come back to the host, selections are made there). `scout generate`,
+// `scout serve`'s engine and `scout bench decode` all run rounds through MakeRound.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -15,7 +25,16 @@
 #include "runtime/sampling.h"
 #include "runtime/sts.h"
 
-namespace scout::runtime {
+namespace scout::round {
+
+using runtime::HeadMap;
+using runtime::ModelBackend;
+using runtime::SamplingParams;
+using runtime::Sampler;
+using runtime::SequenceId;
+using runtime::SequenceInput;
+using runtime::StsBudget;
+using runtime::TokenCallback;
 
 struct SpeculativeOptions {
   int num_speculative_tokens = 4;  // k: draft proposals per round
@@ -35,6 +54,9 @@ struct SpeculativeOptions {
   // With draft_head_map: the draft's dense first step runs every this many rounds; the rounds
   // between run all their draft steps over the blocks the last dense step picked. 1: every round.
   int draft_refresh_rounds = 1;
+  // SANTA: > 0 makes the target's verification sample this many value rows per (KV head, 16
+  // query rows) from its softmax instead of summing all of them (kernels/santa.h). 0: exact.
+  int santa_samples = 0;
   // Agent sessions: continue sequence `seq`, which both models already hold (with the same
   // tokens), and keep it afterwards. On success both caches hold exactly the earlier tokens, the
   // prompt and every emitted token but the last, which the caller feeds first next time (as
@@ -50,14 +72,20 @@ struct SpeculativeResult {
   int64_t draft_accepted = 0;   // of those, accepted
   double prefill_seconds = 0;
   double decode_seconds = 0;
+  std::string round_impl;       // GenerateSpeculative: the round that ran ("cuda" or "host")
   int64_t selected_blocks = 0;  // STS: blocks the target's (layer, KV head) lists named, summed
   int64_t context_blocks = 0;   // over the same lists, the blocks a dense pass would read
-  // The same two, per target layer (summed over its KV heads and the rounds).
+  // The draft's steps, in its own (layer, KV head, block) units: read (fewer than dense with a
+  // sparse draft), and what dense steps would have read.
+  int64_t draft_selected_blocks = 0;
+  int64_t draft_context_blocks = 0;
+  // The same two for the target, per target layer (summed over its KV heads and the rounds).
   std::vector<int64_t> layer_selected_blocks, layer_context_blocks;
   // STS turnover between consecutive rounds, per (layer, KV head) list: the list's movable blocks
   // (neither sinks nor the recent window of its round, which every list holds) and, of those, the
   // ones the previous round's list for that unit did not hold: what a cache of last round's lists
   // would miss. Summed over lists and over round pairs (rounds with a selection, back to back).
+  // Counted by the host round only (the device round's lists never come to the host).
   int64_t turnover_new_blocks = 0;
   int64_t turnover_movable_blocks = 0;
   int64_t turnover_round_pairs = 0;
@@ -89,7 +117,7 @@ absl::StatusOr<SpeculativeResult> GenerateSpeculative(ModelBackend& target, Mode
                                                       const TokenCallback& on_token = nullptr);
 
 // One sequence's speculative decoding, cut into the phases that several sequences run together
-// (RunSpeculativeRound batches each draft step and the verification over them): a server's
+// (a SpeculativeRound batches each draft step and the verification over them): a server's
 // continuous batching with a draft. GenerateSpeculative is one stream, round after round; a
 // stream alone gives exactly its result.
 class SpeculativeStream {
@@ -112,20 +140,29 @@ class SpeculativeStream {
   absl::Status Finish();
   const SpeculativeResult& result() const { return result_; }
   SequenceId seq() const { return seq_; }
+  const SpeculativeOptions& options() const { return options_; }
 
  private:
-  friend absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft,
-                                          std::span<SpeculativeStream* const> streams);
+  friend class HostRound;
+  friend class CudaRound;
   friend std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
                                                   std::span<SpeculativeStream* const> streams, int64_t chunk);
   // The round's k (0: the target only checks its pending tokens); done() if the context is full.
   void StartRound();
-  // Draft step i < k: this sequence's input (valid until the next call), then its logits row.
+  // Host round. Draft step i < k: this sequence's input (valid until the next call), then its
+  // logits row.
   SequenceInput DraftInput(int i);
   void OnDraftLogits(int i, std::span<const float> row);
   SequenceInput VerifyInput();
-  // Rejection sampling, rollback of both caches, emission.
+  // Rejection sampling over the verification's logit rows, then AcceptVerdict.
   absl::Status OnVerifyLogits(std::span<const float> rows);
+  // Both rounds: the verdict over this round's drafted_ (at least k_ of them; the draft consumed
+  // its pending tokens and the first draft_fed drafted ones, the target its pending tokens and
+  // every drafted one): rollback of both caches, the tokens to feed next, emission.
+  absl::Status AcceptVerdict(const Verdict& v, int draft_fed);
+  // The target's STS lists of one round, for the result's counts: per target layer, the blocks
+  // its KV heads' lists named, over a context of nb blocks.
+  void CountSelection(std::span<const int64_t> layer_selected, int64_t nb, int kv_heads);
   // Puts the draft's cache and the random state back as they were at StartRound.
   absl::Status AbortRound();
 
@@ -157,15 +194,40 @@ class SpeculativeStream {
   std::vector<std::vector<float>> masses_;
   std::vector<int64_t> mass_rows_, mass_blocks_;
   kvstore::Selection draft_selection_, selection_;
-  int64_t draft_base_ = 0, target_before_ = 0;
+  int64_t target_before_ = 0;
 };
 
-// One round of every stream that is not done: the draft's steps, each one Forward over the
-// streams still drafting, then one verification Forward over all of them. A pass that fails
-// (a full KV pool, say) leaves every stream's caches and random state as before the round, so a
-// server can drop one stream and run the round again; an error while accepting (a cache
-// truncation, which does not fail in practice) leaves the streams before it advanced: end them.
-absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std::span<SpeculativeStream* const> streams);
+// Runs rounds for one (target, draft) pair. Not thread-safe: one caller, as the models.
+class SpeculativeRound {
+ public:
+  virtual ~SpeculativeRound() = default;
+  // One round of every stream that is not done: the draft's steps over the streams still
+  // drafting, then one verification over all of them. A pass that fails (a full KV pool, say)
+  // leaves every stream's caches and random state as before the round, so a server can drop one
+  // stream and run the round again; an error while accepting (a cache truncation, which does
+  // not fail in practice) leaves the streams before it advanced: end them. The streams must have
+  // been made with this round's target and draft.
+  virtual absl::Status Run(std::span<SpeculativeStream* const> streams) = 0;
+  // "host" or "cuda": where the round's selections and acceptance run.
+  virtual const char* name() const = 0;
+};
+
+// Any ModelBackend pair: every pass through Forward, logits and block masses to the host, STS
+// selections made there (BuildStsSelection).
+class HostRound final : public SpeculativeRound {
+ public:
+  HostRound(ModelBackend& target, ModelBackend& draft) : target_(target), draft_(draft) {}
+  absl::Status Run(std::span<SpeculativeStream* const> streams) override;
+  const char* name() const override { return "host"; }
+
+ private:
+  ModelBackend& target_;
+  ModelBackend& draft_;
+};
+
+// The device round (CudaRound) when both models are single-GPU CUDA models of a CUDA build,
+// else the host round. The models must outlive the round.
+std::unique_ptr<SpeculativeRound> MakeRound(ModelBackend& target, ModelBackend& draft);
 
 // The prefill of streams begun with Begin(false), batched: passes of at most `chunk` tokens in
 // all, carrying the streams' prompts (but their last tokens) in order, on each model. A pass that
@@ -174,4 +236,4 @@ absl::Status RunSpeculativeRound(ModelBackend& target, ModelBackend& draft, std:
 std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
                                          std::span<SpeculativeStream* const> streams, int64_t chunk);
 
-}  // namespace scout::runtime
+}  // namespace scout::round

@@ -1,4 +1,4 @@
-#include "runtime/speculative.h"
+#include "round/speculative.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,8 +12,10 @@
 #include "runtime/cpu_model.h"
 #include "runtime/test_model.h"
 
-namespace scout::runtime {
+namespace scout::round {
 namespace {
+
+using namespace scout::runtime;  // the models and sampling the tests drive
 
 const std::filesystem::path kModels = std::filesystem::path(SCOUT_SOURCE_DIR) / "models";
 
@@ -159,7 +161,7 @@ TEST(SpeculativeStreamTest, BatchedRoundsEqualEachStreamAlone) {
     ptrs.push_back(streams.back().get());
   }
   while (std::any_of(ptrs.begin(), ptrs.end(), [](SpeculativeStream* s) { return !s->done(); })) {
-    ASSERT_TRUE(RunSpeculativeRound(**target, **draft, ptrs).ok());
+    ASSERT_TRUE(HostRound(**target, **draft).Run(ptrs).ok());
   }
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(streams[i]->Finish().ok());
@@ -184,7 +186,7 @@ TEST(SpeculativeStreamTest, BatchedRoundsEqualEachStreamAlone) {
   std::vector<SpeculativeStream*> both = {a.get(), b.get()};
   int failures = 0;
   while (!a->done()) {
-    absl::Status st = RunSpeculativeRound(**small, **draft, both);
+    absl::Status st = HostRound(**small, **draft).Run(both);
     if (!st.ok()) {
       ASSERT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
       ASSERT_EQ(both.size(), 2u) << "one stream alone fits";
@@ -348,5 +350,29 @@ TEST(GenerateSpeculativeTest, SampledFirstTokenFollowsTarget) {
   EXPECT_LT(tv, 0.1);
 }
 
+// Verification over a Selection of every block is plain dense verification: greedy STS output
+// equals the target's greedy output token for token. At a 10% budget it still runs end to end.
+TEST(StsSpeculativeTest, FullSelectionEqualsDenseAndSparseRuns) {
+  auto target = CpuModel::Load(kModels / "scout-tiny-target");
+  auto draft = CpuModel::Load(kModels / "scout-tiny-draft");
+  ASSERT_TRUE(target.ok() && draft.ok());
+  HeadMap map = DefaultHeadMap((*target)->config(), (*draft)->config());
+  std::vector<int32_t> prompt = {256};
+  for (int i = 0; i < 900; ++i) prompt.push_back("def f(x):\n    return x + 1\n\n"[i % 29]);
+  absl::StatusOr<GenerateResult> plain = Generate(**target, 1, prompt, {.max_tokens = 40});
+  ASSERT_TRUE(plain.ok());
+  SpeculativeOptions opt{.num_speculative_tokens = 4, .max_tokens = 40, .head_map = &map,
+                         .sts_budget = {.budget_fraction = 1.0}};
+  absl::StatusOr<SpeculativeResult> full = GenerateSpeculative(**target, **draft, 2, prompt, opt);
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->tokens, plain->tokens);
+  EXPECT_EQ(full->selected_blocks, full->context_blocks);
+  opt.sts_budget = {.budget_fraction = 0.1};
+  absl::StatusOr<SpeculativeResult> sparse = GenerateSpeculative(**target, **draft, 3, prompt, opt);
+  ASSERT_TRUE(sparse.ok()) << sparse.status();
+  EXPECT_EQ(sparse->tokens.size(), 40u);
+  EXPECT_LT(double(sparse->selected_blocks) / sparse->context_blocks, 0.15);
+}
+
 }  // namespace
-}  // namespace scout::runtime
+}  // namespace scout::round
