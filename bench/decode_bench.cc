@@ -14,7 +14,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/block_select.cuh"
+#include "round/cuda_round.h"
 #include "runtime/cuda_model.h"
+#include "runtime/generator.h"
 #include "runtime/sts.h"
 
 namespace scout::bench {
@@ -100,6 +102,10 @@ struct Row {
   double round_ms = 0, tokens_per_s = 0;
   double draft_ms = 0, select_ms = 0, prefetch_ms = 0, attn_ms = 0, rest_ms = 0;
   double roofline_tokens_per_s = 0;
+  // "lab": the bench's own graph-replayed steps; "product": the round scout generate and serve run
+  // (round::MakeRound), timed over real rounds; "computed": not run (dense over PCIe).
+  std::string path = "lab";
+  double measured_acceptance = -1;  // product rows: accepted draft tokens per proposed, as measured
 };
 
 struct DeviceVec {
@@ -132,6 +138,10 @@ class Bench {
   absl::Status RunConfig(int64_t ctx, int batch);
   absl::Status RunHostTier(int64_t ctx, int batch);
   absl::Status RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, int batch, double fraction, double pcie_gbps);
+  // The product's rounds (round::MakeRound over SpeculativeStreams continuing the filled contexts,
+  // and runtime::Generate for plain decoding) in the given modes; contexts are put back after.
+  absl::Status RunProductRows(CudaModel& T, CudaModel& D, int64_t ctx, int batch, double fraction,
+                              const std::vector<std::string>& modes, const std::string& prefix);
   absl::Status WriteJson();
   absl::Status MeasureCopyBandwidth(cudaStream_t s);
   absl::Status MakeSts(int batch, int64_t ctx, double fraction, StsPlumbing* out) const;
@@ -309,7 +319,8 @@ absl::Status Bench::WriteJson() {
         << "\",\"round_ms\":" << r.round_ms << ",\"tokens_per_s\":" << r.tokens_per_s << ",\"draft_ms\":" << r.draft_ms
         << ",\"select_ms\":" << r.select_ms << ",\"prefetch_ms\":" << r.prefetch_ms << ",\"target_attn_ms\":" << r.attn_ms
         << ",\"target_rest_ms\":" << r.rest_ms << ",\"roofline_tokens_per_s\":" << r.roofline_tokens_per_s
-        << ",\"accepted\":" << o_.accepted << ",\"k\":" << o_.k << ",\"copy_gbps\":" << copy_gbps_ << "}\n";
+        << ",\"accepted_assumed\":" << o_.accepted << ",\"k\":" << o_.k << ",\"copy_gbps\":" << copy_gbps_
+        << ",\"path\":\"" << r.path << "\",\"measured_acceptance\":" << r.measured_acceptance << "}\n";
     }
   }
   return absl::OkStatus();
@@ -579,9 +590,100 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   const double sdr_bytes = (sd_bytes - wt - kv_t_sel + (refresh - 1) * sparse_round_bytes) / refresh + wt + kv_t_sel;
   add(absl::StrCat("STS-spec-sd/", refresh), *e_sts_sdr, (*t_dsd + (refresh - 1) * *t_dsparse_round) / refresh, *t_sel,
       *t_vs - *t_v_rest, *t_v_rest, sdr_bytes, per_round);
+  BENCH_CHECK(RunProductRows(T, D, ctx, B, o_.budget_fraction,
+                             {"dense-AR", "dense-spec", "STS-spec", "STS+SANTA", "STS-spec-sd",
+                              absl::StrCat("STS-spec-sd/", refresh)},
+                             "product:"));
   for (int s = 0; s < B; ++s) {
     BENCH_CHECK(T.ReleaseSequence(s));
     BENCH_CHECK(D.ReleaseSequence(s));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Bench::RunProductRows(CudaModel& T, CudaModel& D, int64_t ctx, int B, double fraction,
+                                   const std::vector<std::string>& modes, const std::string& prefix) {
+  const int k = o_.k, it = o_.iters;
+  // What scout generate uses for a checkpoint without a calibrated head map.
+  const runtime::HeadMap map = runtime::DefaultHeadMap(tc_, dc_), self = runtime::SelfHeadMap(dc_);
+  const runtime::StsBudget budget{.budget_fraction = fraction, .sink_blocks = o_.sink_blocks,
+                                  .window_blocks = o_.window_blocks};
+  const std::unique_ptr<round::SpeculativeRound> rnd = round::MakeRound(T, D);
+  const std::vector<int32_t> prompt = {7};
+  auto restore = [&]() -> absl::Status {
+    for (int s = 0; s < B; ++s) {
+      for (CudaModel* m : {&T, &D}) {
+        if (absl::Status st = m->TruncateSequence(s, ctx); !st.ok()) return st;
+      }
+    }
+    return absl::OkStatus();
+  };
+  using Clock = std::chrono::steady_clock;
+  std::printf("product path: the rounds scout generate and serve run (round::MakeRound: the %s round; default head "
+              "map, contexts continued by real rounds, acceptance as measured on random weights)\n",
+              rnd->name());
+  for (const std::string& mode : modes) {
+    Row r{.context = ctx, .batch = B, .mode = prefix + mode, .path = "product"};
+    if (mode == "dense-AR") {
+      // Plain decoding as scout generate runs it (one sequence at a time).
+      double seconds = 0;
+      int64_t tokens = 0;
+      for (int s = 0; s < B; ++s) {
+        absl::StatusOr<runtime::GenerateResult> g =
+            runtime::Generate(T, s, prompt, {.max_tokens = it + 1, .continue_sequence = true});
+        if (!g.ok()) return g.status();
+        seconds += g->decode_seconds;
+        tokens += static_cast<int64_t>(g->tokens.size()) - 1;
+      }
+      r.round_ms = 1e3 * seconds / std::max<int64_t>(tokens / B, 1);
+      r.tokens_per_s = tokens / std::max(seconds, 1e-9);
+    } else {
+      round::SpeculativeOptions so{.num_speculative_tokens = k, .max_tokens = int64_t{it + 4} * (k + 1),
+                                   .continue_sequence = true};
+      if (mode.rfind("STS", 0) == 0) {
+        so.head_map = &map;
+        so.sts_budget = budget;
+      }
+      if (mode.find("SANTA") != std::string::npos) so.santa_samples = o_.santa_samples;
+      if (mode.find("-sd") != std::string::npos) {
+        so.draft_head_map = &self;
+        so.draft_budget = budget;
+        const size_t slash = mode.find('/');
+        so.draft_refresh_rounds = slash == std::string::npos ? 1 : std::stoi(mode.substr(slash + 1));
+      }
+      std::vector<std::unique_ptr<round::SpeculativeStream>> streams;
+      std::vector<round::SpeculativeStream*> ptrs;
+      for (int s = 0; s < B; ++s) {
+        streams.push_back(std::make_unique<round::SpeculativeStream>(T, D, s, prompt, so));
+        BENCH_CHECK(streams.back()->Begin());
+        ptrs.push_back(streams.back().get());
+      }
+      for (int w = 0; w < 2; ++w) BENCH_CHECK(rnd->Run(ptrs));  // buffers grown, first refresh done
+      int64_t proposed0 = 0, accepted0 = 0, proposed1 = 0, accepted1 = 0;
+      for (auto* st : ptrs) {
+        proposed0 += st->result().draft_proposed;
+        accepted0 += st->result().draft_accepted;
+      }
+      const auto start = Clock::now();
+      for (int i = 0; i < it; ++i) BENCH_CHECK(rnd->Run(ptrs));
+      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count() / it;
+      for (auto* st : ptrs) {
+        proposed1 += st->result().draft_proposed;
+        accepted1 += st->result().draft_accepted;
+      }
+      r.round_ms = ms;
+      r.measured_acceptance = proposed1 > proposed0 ? double(accepted1 - accepted0) / (proposed1 - proposed0) : 0;
+      const double emitted_per_round = static_cast<double>(B) + double(accepted1 - accepted0) / it;
+      r.tokens_per_s = emitted_per_round / (ms * 1e-3);
+      streams.clear();
+    }
+    BENCH_CHECK(restore());
+    rows_.push_back(r);
+    std::printf("%8lld %5d %-22s %9.3f %9.1f  (measured acceptance %s; tok/s at the assumed %.2f accepted: %.1f)\n",
+                static_cast<long long>(r.context), r.batch, r.mode.c_str(), r.round_ms, r.tokens_per_s,
+                r.measured_acceptance < 0 ? "-" : absl::StrCat(r.measured_acceptance).c_str(), o_.accepted,
+                mode == "dense-AR" ? r.tokens_per_s : B * (o_.accepted + 1) / (r.round_ms * 1e-3));
+    std::fflush(stdout);
   }
   return absl::OkStatus();
 }
@@ -812,7 +914,7 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, i
     std::printf("dense decoding with the KV streamed over PCIe instead (not run: bound by PCIe): %.2f tokens/s\n",
                 dense_pcie_tok_s);
     Row r{.context = ctx, .batch = B, .mode = "dense-AR-pcie", .round_ms = 1e3 / dense_pcie_tok_s,
-          .tokens_per_s = dense_pcie_tok_s, .roofline_tokens_per_s = dense_pcie_tok_s};
+          .tokens_per_s = dense_pcie_tok_s, .roofline_tokens_per_s = dense_pcie_tok_s, .path = "computed"};
     rows_.push_back(r);
   }
   // Roofline of a round, the parts in series: draft bytes over HBM, target weights and selected
@@ -924,7 +1026,8 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, i
               "planning; cached: selected units already on the GPU)\n");
   cudaFreeHost(host_blocks);
   cudaFreeHost(host_tokens);
-  return absl::OkStatus();
+  BENCH_CUDA(cudaSetDevice(tdev));
+  return RunProductRows(T, D, ctx, B, fraction, {absl::StrCat("STS-spec-sd/", R)}, absl::StrCat("product:host-", 100 * fraction, "%-"));
 }
 
 }  // namespace
