@@ -672,6 +672,7 @@ int Calibrate(int argc, char** argv) {
 std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
   for (FlagSpec f : std::vector<FlagSpec>{
            {"num-speculative-tokens", "4", "draft tokens proposed per round"},
+           {"prefill-chunk", "512", "prompt tokens per prefill pass, over all the prompts it carries"},
            {"served-model-name", "", "model id in the API (default: the model folder's name)"},
            {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
            {"max-num-seqs", "16", "requests batched together in each decode step (with a draft: in each speculative round)"},
@@ -706,14 +707,16 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                 monitoring::ServerMetrics::Collector extra_metrics = nullptr) {
   absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
                           max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
-                          max_num_seqs = flags.GetInt("max-num-seqs");
+                          max_num_seqs = flags.GetInt("max-num-seqs"), prefill_chunk = flags.GetInt("prefill-chunk");
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
                          idle_timeout = flags.GetDouble("session-idle-timeout");
   for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
-                                max_num_seqs.status(), shutdown_timeout.status(), idle_timeout.status()}) {
+                                max_num_seqs.status(), prefill_chunk.status(), shutdown_timeout.status(),
+                                idle_timeout.status()}) {
     if (!s.ok()) return Fail(s);
   }
   if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
+  if (*prefill_chunk < 1) return Fail(absl::InvalidArgumentError("--prefill-chunk must be >= 1"));
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
   absl::StatusOr<std::optional<runtime::ModelChatTemplate>> chat_template = runtime::LoadChatTemplate(flags.Get("model"));
@@ -725,6 +728,7 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                                           .max_waiting = static_cast<int>(*max_waiting),
                                           .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
   engine_options.session_idle_timeout_s = *idle_timeout;
+  engine_options.prefill_chunk = *prefill_chunk;
   engine_options.health = std::move(health);
   if (flags.Get("sparsity") != "dense" && draft == nullptr) {
     return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"
@@ -771,6 +775,7 @@ int Serve(int argc, char** argv) {
       {"draft-device", "", "backend of the draft (default: --device)"},
       {"tensor-parallel-size", "1", "cuda: split the model over this many GPUs (NCCL)"},
       {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
+      {"kv-cache-tokens", "0", "KV pool of each model in tokens (0: 4 x max_position_embeddings)"},
   })));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
@@ -783,15 +788,18 @@ int Serve(int argc, char** argv) {
   if (!tp.ok()) return Fail(tp.status());
   absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
   if (!tier.ok()) return Fail(tier.status());
+  absl::StatusOr<int64_t> kv_tokens = flags.GetInt("kv-cache-tokens");
+  if (!kv_tokens.ok()) return Fail(kv_tokens.status());
+  if (*kv_tokens < 0) return Fail(absl::InvalidArgumentError("--kv-cache-tokens must be >= 0"));
   const bool split = *tp > 1 || !flags.Get("target-devices").empty();
   absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> model =
-      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), 0, *tier)
-            : LoadBackend(flags.Get("model"), flags.Get("device"), 0, *tier);
+      split ? LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *kv_tokens, *tier)
+            : LoadBackend(flags.Get("model"), flags.Get("device"), *kv_tokens, *tier);
   if (!model.ok()) return Fail(model.status());
   std::unique_ptr<runtime::ModelBackend> draft;
   if (!flags.Get("draft").empty()) {
     const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
-    absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> d = LoadBackend(flags.Get("draft"), draft_device, 0);
+    absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> d = LoadBackend(flags.Get("draft"), draft_device, *kv_tokens);
     if (!d.ok()) return Fail(d.status());
     draft = std::move(*d);
   }

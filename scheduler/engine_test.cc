@@ -313,6 +313,46 @@ TEST(EngineTest, RequestsChooseTheirSparsity) {
   EXPECT_EQ(engine.Complete({.prompt = "x", .kv_budget_tokens = -4}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A request turns on the sparse draft and SANTA: the draft's own sparsity shows in /metrics, greedy
+// output stays the target's (exact rejection sampling), and bad values are refused by name.
+TEST(EngineTest, RequestsTurnOnTheSparseDraftAndSanta) {
+  monitoring::ServerMetrics metrics;
+  std::unique_ptr<Engine> engine_ptr = MakeDraftEngine(&metrics);
+  ASSERT_NE(engine_ptr, nullptr);
+  Engine& engine = *engine_ptr;
+  std::string prompt;
+  for (int i = 0; i < 40; ++i) prompt += "def f" + std::to_string(i) + "(x):\n    return x + " + std::to_string(i) + "\n";
+  auto dense = engine.Complete({.prompt = prompt, .max_tokens = 12});
+  ASSERT_TRUE(dense.ok()) << dense.status();
+  EXPECT_EQ(metrics.draft_attention_blocks_read.Value(), metrics.draft_attention_blocks_dense.Value());
+  const double read0 = metrics.draft_attention_blocks_read.Value(), dense0 = metrics.draft_attention_blocks_dense.Value();
+  CompletionRequest sd{.prompt = prompt, .max_tokens = 12};
+  sd.sparse_draft = true;
+  sd.draft_kv_budget_fraction = 0.2;
+  sd.draft_refresh_rounds = 2;
+  auto sparse = engine.Complete(sd);
+  ASSERT_TRUE(sparse.ok()) << sparse.status();
+  EXPECT_EQ(sparse->text, dense->text);  // the draft only proposes
+  const double read = metrics.draft_attention_blocks_read.Value() - read0;
+  const double all = metrics.draft_attention_blocks_dense.Value() - dense0;
+  ASSERT_GT(all, 0);
+  EXPECT_LT(read / all, 0.6);  // dense first steps, the rest at 20% plus sinks and window
+  EXPECT_NE(metrics.Serialize().find("scout_draft_attention_blocks_read_total"), std::string::npos);
+  CompletionRequest santa{.prompt = prompt, .max_tokens = 12, .sparsity = "sts", .kv_budget_fraction = 0.5};
+  santa.santa_samples = 64;
+  auto sampled = engine.Complete(santa);
+  ASSERT_TRUE(sampled.ok()) << sampled.status();
+  EXPECT_EQ(sampled->completion_tokens, 12);
+  using Edit = void (*)(CompletionRequest&);
+  for (Edit bad : {+[](CompletionRequest& r) { r.draft_refresh_rounds = 0; },
+                   +[](CompletionRequest& r) { r.santa_samples = -1; },
+                   +[](CompletionRequest& r) { r.draft_kv_budget_fraction = 1.5; }}) {
+    CompletionRequest r{.prompt = "x"};
+    bad(r);
+    EXPECT_EQ(engine.Complete(r).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
 // A session turn cancelled mid-round (with a draft) keeps the session consistent: the next turn
 // continues exactly after the tokens the cancelled one emitted.
 TEST(EngineTest, CancelledSpeculativeTurnLeavesTheSessionConsistent) {
