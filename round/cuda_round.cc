@@ -11,6 +11,7 @@
 #include "kernels/model_ops.cuh"
 #include "kernels/sampling.cuh"
 #include "kvstore/block_table.h"
+#include "round/round_plan.h"
 
 namespace scout::round {
 namespace {
@@ -108,40 +109,25 @@ struct Upload {
   const int32_t* data() const { return dev.as<int32_t>(); }
 };
 
-// A head map on the draft's GPU, uploaded once per map.
+// A head map on the draft's GPU, uploaded again only when its contents change.
 struct DeviceHeadMap {
-  const HeadMap* source = nullptr;
+  std::vector<int32_t> ip, hs;  // what is on the device
   Upload indptr, heads;
   absl::Status Set(int device, const HeadMap& map, cudaStream_t stream) {
-    if (source == &map) return absl::OkStatus();
-    std::vector<int32_t> ip{0}, hs;
+    std::vector<int32_t> want_ip{0}, want_hs;
     for (const std::vector<int32_t>& u : map.units) {
-      hs.insert(hs.end(), u.begin(), u.end());
-      ip.push_back(static_cast<int32_t>(hs.size()));
+      want_hs.insert(want_hs.end(), u.begin(), u.end());
+      want_ip.push_back(static_cast<int32_t>(want_hs.size()));
     }
-    ROUND_OK(indptr.Send(device, ip, stream, "head map"));
-    ROUND_OK(heads.Send(device, hs, stream, "head map"));
+    if (want_ip == ip && want_hs == hs) return absl::OkStatus();
+    ROUND_OK(indptr.Send(device, want_ip, stream, "head map"));
+    ROUND_OK(heads.Send(device, want_hs, stream, "head map"));
     ROUND_CUDA(cudaStreamSynchronize(stream), "head map upload");  // the staging is reused by the next map
-    source = &map;
+    ip = std::move(want_ip);
+    hs = std::move(want_hs);
     return absl::OkStatus();
   }
 };
-
-// List lengths of one BlockSelect call: per stream of nb[s] blocks, per unit, min(nb, budget) with
-// at least the sinks and the window, or nb for a unit of a dense layer. Returns the offsets.
-std::vector<int32_t> ListOffsets(const std::vector<int32_t>& nb, int layers, int kv_heads, const StsBudget& budget,
-                                 int window_blocks) {
-  std::vector<int32_t> off{0};
-  for (int32_t n : nb) {
-    const int32_t len =
-        std::min<int32_t>(n, std::max<int64_t>(runtime::BudgetBlocks(budget, n), budget.sink_blocks + window_blocks));
-    for (int l = 0; l < layers; ++l) {
-      const int32_t unit_len = budget.IsDenseLayer(l, layers) ? n : len;
-      for (int h = 0; h < kv_heads; ++h) off.push_back(off.back() + unit_len);
-    }
-  }
-  return off;
-}
 
 int MaxList(const std::vector<int32_t>& off) {
   int m = 0;
@@ -205,17 +191,10 @@ struct CudaRound::Buffers {
   PinnedArray lists_back;           // the target's lists, for a host KV tier
   PinnedArray logits_back;          // sampled rounds: target rows, then draft rows
   cudaEvent_t drafted_event = nullptr, verified_event = nullptr, draft_done = nullptr;
-  // The sparse draft's lists: for which streams, in which order, under which options, and how far
-  // each stream's context may grow before they must be picked again.
-  struct SparseDraft {
-    bool valid = false;
-    std::vector<SequenceId> seqs;
-    const HeadMap* map = nullptr;
-    int rounds_since = 0;
-    std::vector<int32_t> bound;  // blocks each stream's lists cover
-    int max_list = 0, max_bound = 0;
-    std::vector<int64_t> list_units;  // per stream, the blocks its lists name over all units
-  } sd;
+  // The sparse draft's lists: when to pick them again, and what they cover.
+  SparseDraftPlan sd;
+  int sd_max_list = 0;
+  std::vector<int64_t> sd_list_units;  // per stream, the blocks its lists name over all units
 };
 
 CudaRound::CudaRound(runtime::CudaModel& target, runtime::CudaModel& draft)
@@ -228,15 +207,22 @@ CudaRound::~CudaRound() {
 }
 
 absl::Status CudaRound::Run(std::span<SpeculativeStream* const> streams) {
-  std::vector<Group> groups;
+  std::vector<SpeculativeStream*> live;
+  int max_k = 0;
   for (SpeculativeStream* s : streams) {
     if (s->done()) continue;
     s->StartRound();
     if (s->done()) continue;
+    live.push_back(s);
+    max_k = std::max(max_k, s->k_);
+  }
+  std::vector<Group> groups;
+  for (SpeculativeStream* s : live) {
     const SpeculativeOptions& o = s->options();
-    // A stream whose context cannot take the group's k drafted tokens drafts alone.
+    // A stream whose context cannot take as many drafted tokens as any stream drafts runs alone
+    // with its own k; the others draft their group's largest k and propose their own.
     const int64_t room = s->limit_ - (s->target_len_at_start_ + static_cast<int64_t>(s->target_pending_.size()));
-    const bool own_k = room < o.num_speculative_tokens || s->k_ == 0;
+    const bool own_k = room < max_k || s->k_ == 0;
     auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.Accepts(*s, o, own_k, s->k_); });
     if (g == groups.end()) {
       groups.push_back({.head_map = o.head_map, .budget = o.sts_budget, .draft_map = o.draft_head_map,
@@ -265,7 +251,7 @@ absl::Status CudaRound::Abort(const Group& group, absl::Status why) {
   cudaSetDevice(target_.device());
   cudaStreamSynchronize(static_cast<cudaStream_t>(target_.stream()));
   for (SpeculativeStream* s : group.streams) s->AbortRound().IgnoreError();
-  buf_->sd.valid = false;
+  buf_->sd.Invalidate();
   return why;
 }
 
@@ -282,12 +268,6 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   const int tl = static_cast<int>(tc.num_hidden_layers), tkv = static_cast<int>(tc.num_key_value_heads);
   const int dl = static_cast<int>(dc.num_hidden_layers), dkv = static_cast<int>(dc.num_key_value_heads);
   const int dh_total = static_cast<int>(dc.num_hidden_layers * dc.num_attention_heads);
-  for (cudaEvent_t* e : {&b.drafted_event, &b.verified_event, &b.draft_done}) {
-    if (*e == nullptr) {
-      ROUND_CUDA(cudaSetDevice(e == &b.verified_event ? tdev : ddev), "cudaSetDevice");
-      ROUND_CUDA(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
-    }
-  }
 
   // Lengths: the target verifies pending + k tokens over nb_verify blocks; the draft's steps
   // reach draft_start + pending + k - 1 tokens.
@@ -304,27 +284,12 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   // about to be outgrown.
   bool refresh = false;
   if (sd) {
-    Buffers::SparseDraft& st = b.sd;
     std::vector<SequenceId> seqs;
     for (SpeculativeStream* s : g.streams) seqs.push_back(s->seq());
-    refresh = !st.valid || st.seqs != seqs || st.map != g.draft_map || st.rounds_since + 1 >= g.refresh_rounds;
-    for (int j = 0; j < B && !refresh; ++j) refresh = kvstore::BlocksFor(draft_end[j]) > st.bound[j];
-    if (refresh) {
-      // Room for the rounds until the next refresh: each adds at most k + 1 tokens.
-      const int ahead = static_cast<int>(kvstore::BlocksFor(int64_t{g.refresh_rounds} * (k + 1))) + 1;
-      st.valid = false;
-      st.seqs = seqs;
-      st.map = g.draft_map;
-      st.rounds_since = 0;
-      st.bound.resize(B);
-      for (int j = 0; j < B; ++j) st.bound[j] = static_cast<int32_t>(kvstore::BlocksFor(draft_end[j])) + ahead;
-      st.max_bound = *std::max_element(st.bound.begin(), st.bound.end());
-    } else {
-      ++st.rounds_since;
-    }
+    refresh = b.sd.StartRound(seqs, g.draft_map->units, draft_end, g.refresh_rounds, k);
   }
   int stride = *std::max_element(nb_verify.begin(), nb_verify.end());
-  if (sd) stride = std::max(stride, b.sd.max_bound);
+  if (sd) stride = std::max(stride, b.sd.max_bound());
   stride = (stride + 3) & ~3;  // BlockSelect reads rows as float4
   const int slots = k + 1;     // step 0 may carry two rows
 
@@ -334,6 +299,12 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     if (absl::Status s_ = (expr); !s_.ok()) return fail(s_); \
   } while (0)
 #define ROUND_TRY_CUDA(expr, what) ROUND_TRY(Cuda((expr), what))
+  for (cudaEvent_t* e : {&b.drafted_event, &b.verified_event, &b.draft_done}) {
+    if (*e == nullptr) {
+      ROUND_TRY_CUDA(cudaSetDevice(e == &b.verified_event ? tdev : ddev), "cudaSetDevice");
+      ROUND_TRY_CUDA(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
+    }
+  }
 
   // ---- The draft's GPU: buffers, uploads, the mass cleared.
   ROUND_TRY(b.drafted.Reserve(ddev, sizeof(int32_t) * std::max(k, 1) * B, "drafted tokens"));
@@ -348,14 +319,10 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   std::vector<int32_t> t_off;
   if (sts) {
     ROUND_TRY(b.t_map.Set(ddev, *g.head_map, ds));
-    t_off = ListOffsets(nb_verify, tl, tkv, g.budget, g.budget.window_blocks);
-    // The window must hold the blocks of the verified tokens (they must see themselves).
-    int window = g.budget.window_blocks;
-    for (int j = 0; j < B; ++j) {
-      const int64_t first_new = g.streams[j]->target_before_;
-      window = std::max<int>(window, nb_verify[j] - static_cast<int>(first_new / kvstore::kBlockSize));
-    }
-    if (window != g.budget.window_blocks) t_off = ListOffsets(nb_verify, tl, tkv, g.budget, window);
+    std::vector<int64_t> first_new(B);
+    for (int j = 0; j < B; ++j) first_new[j] = g.streams[j]->target_before_;
+    const int window = VerifyWindowBlocks(g.budget, first_new, nb_verify);
+    t_off = StsListOffsets(nb_verify, tl, tkv, g.budget, window);
     ROUND_TRY(b.t_indptr.Send(ddev, t_off, ds, "selection offsets"));
     ROUND_TRY(b.t_num_blocks.Send(ddev, nb_verify, ds, "selection lengths"));
     ROUND_TRY(b.t_blocks.Reserve(ddev, sizeof(int32_t) * t_off.back(), "target lists"));
@@ -367,22 +334,22 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   }
   if (refresh) {
     ROUND_TRY(b.d_map.Set(ddev, *g.draft_map, ds));
-    const int ahead_window = g.draft_budget.window_blocks + (b.sd.bound[0] - static_cast<int>(kvstore::BlocksFor(draft_end[0])));
+    const int ahead_window = g.draft_budget.window_blocks + b.sd.ahead_blocks();
     StsBudget db = g.draft_budget;
     db.dense_layers.clear();  // the draft's own lists: no dense layers of the target's budget
-    std::vector<int32_t> d_off = ListOffsets(b.sd.bound, dl, dkv, db, ahead_window);
+    std::vector<int32_t> d_off = StsListOffsets(b.sd.bound(), dl, dkv, db, ahead_window);
     ROUND_TRY(b.d_indptr.Send(ddev, d_off, ds, "draft selection offsets"));
-    ROUND_TRY(b.d_num_blocks.Send(ddev, b.sd.bound, ds, "draft selection lengths"));
+    ROUND_TRY(b.d_num_blocks.Send(ddev, b.sd.bound(), ds, "draft selection lengths"));
     ROUND_TRY(b.d_blocks.Reserve(ddev, sizeof(int32_t) * d_off.back(), "draft lists"));
     dsp = {.mass = b.mass.as<float>(), .num_blocks = b.d_num_blocks.data(), .map_indptr = b.d_map.indptr.data(),
            .map_heads = b.d_map.heads.data(), .out_indptr = b.d_indptr.data(), .out_blocks = b.d_blocks.as<int32_t>(),
            .num_seqs = B, .num_positions = slots, .num_draft_heads = dh_total, .max_blocks = stride,
            .num_units = dl * dkv, .budget_blocks = 0, .sink_blocks = db.sink_blocks, .window_blocks = ahead_window};
     ROUND_TRY(b.d_scratch.Reserve(ddev, kernels::BlockSelectScratchBytes(dsp), "draft selection scratch"));
-    b.sd.max_list = MaxList(d_off);
+    b.sd_max_list = MaxList(d_off);
     const int units = dl * dkv;
-    b.sd.list_units.resize(B);
-    for (int j = 0; j < B; ++j) b.sd.list_units[j] = d_off[(j + 1) * units] - d_off[j * units];
+    b.sd_list_units.resize(B);
+    for (int j = 0; j < B; ++j) b.sd_list_units[j] = d_off[(j + 1) * units] - d_off[j * units];
   }
   if (!g.greedy && k > 0) {
     ROUND_TRY(b.draft_logits.Reserve(ddev, sizeof(float) * k * B * vocab, "draft logits"));
@@ -416,7 +383,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
 
   // ---- 1. The draft's steps.
   const runtime::DeviceSelection dsel{.indptr = b.d_indptr.data(), .blocks = b.d_blocks.as<int32_t>(),
-                                      .max_list_blocks = b.sd.max_list, .block_bound = b.sd.max_bound};
+                                      .max_list_blocks = b.sd_max_list, .block_bound = b.sd.max_bound()};
   const std::vector<int32_t> one_token(1, 0);
   for (int i = 0; i < k; ++i) {
     std::vector<SequenceInput> in;
@@ -429,7 +396,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
       const int64_t end = s.draft_len_at_start_ + static_cast<int64_t>(s.draft_pending_.size()) + i;
       const int64_t dense_units = kvstore::BlocksFor(end) * dl * dkv;
       s.result_.draft_context_blocks += dense_units;
-      s.result_.draft_selected_blocks += dense_step ? dense_units : b.sd.list_units[j];
+      s.result_.draft_selected_blocks += dense_step ? dense_units : b.sd_list_units[j];
     }
     // Slot 0 (and 1, for a second pending token) is step 0's; slot i + 1 is step i's.
     const runtime::DeviceBlockMass bm{
@@ -453,7 +420,6 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     }
     if (refresh && i == 0) {
       ROUND_TRY_CUDA(kernels::BlockSelect(dsp, b.d_scratch.as<void>(), ds), "draft block selection");
-      b.sd.valid = true;
     }
   }
   // ---- 2. The target's lists, on the draft's GPU.
@@ -583,7 +549,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     }
     if (absl::Status st = s.AcceptVerdict(v, std::max(k - 1, 0)); !st.ok()) {
       for (int later = j + 1; later < B; ++later) g.streams[later]->AbortRound().IgnoreError();
-      b.sd.valid = false;
+      b.sd.Invalidate();
       return st;
     }
   }
