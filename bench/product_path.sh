@@ -57,7 +57,7 @@ if [[ " $STEPS " == *" generate "* ]]; then
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
   "$SCOUT" bench decode --target "$CK/target" --draft "$CK/draft" --contexts "$CONTEXT,$SERVE_CONTEXT" \
-    --batches "1,$SERVE_BATCH" --iters 20 --json "$OUTDIR/bench_ckpt.json" > "$OUTDIR/bench_ckpt.log" 2>&1
+    --batch-sizes "1,$SERVE_BATCH" --iters 20 --json "$OUTDIR/bench_ckpt.json" > "$OUTDIR/bench_ckpt.log" 2>&1
   grep -E "product:|STS-spec|dense-spec|skip" "$OUTDIR/bench_ckpt.log" | tee -a "$summary"
 fi
 if [[ " $STEPS " == *" serve "* ]]; then

