@@ -197,8 +197,8 @@ struct CudaRound::Buffers {
   std::vector<int64_t> sd_list_units;  // per stream, the blocks its lists name over all units
 };
 
-CudaRound::CudaRound(runtime::CudaModel& target, runtime::CudaModel& draft)
-    : target_(target), draft_(draft), buf_(std::make_unique<Buffers>()) {}
+CudaRound::CudaRound(runtime::CudaModel& target, runtime::CudaModel& draft, bool use_graphs)
+    : target_(target), draft_(draft), use_graphs_(use_graphs), buf_(std::make_unique<Buffers>()) {}
 
 CudaRound::~CudaRound() {
   for (cudaEvent_t e : {buf_->drafted_event, buf_->verified_event, buf_->draft_done}) {
@@ -406,7 +406,8 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     runtime::DeviceStepOptions o{.selection = dense_step ? nullptr : &dsel,
                                  .block_mass = (sts || (refresh && i == 0)) ? &bm : nullptr,
                                  .argmax = g.greedy ? b.drafted.as<int32_t>() + i * B : nullptr,
-                                 .device_tokens = i == 0 ? nullptr : b.drafted.as<int32_t>() + (i - 1) * B};
+                                 .device_tokens = i == 0 ? nullptr : b.drafted.as<int32_t>() + (i - 1) * B,
+                                 .use_graph = use_graphs_};
     ROUND_TRY(draft_.EnqueueForward(in, o));
     ROUND_TRY_CUDA(cudaSetDevice(ddev), "cudaSetDevice");
     if (!g.greedy) {
@@ -485,7 +486,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   ROUND_TRY(target_.EnqueueForward(vin, {.selection = (sts && !tier) ? &tsel : nullptr,
                                          .argmax = g.greedy ? b.t_argmax.as<int32_t>() : nullptr,
                                          .device_tokens = b.verify_tokens.as<int32_t>(), .santa_samples = g.santa,
-                                         .santa_seed = ++rounds_}));
+                                         .santa_seed = ++rounds_, .use_graph = use_graphs_}));
 
   // ---- 4. One synchronisation: tokens (greedy) or logit rows (sampled) back to the host.
   int32_t* const back_targ = b.readback.as<int32_t>();

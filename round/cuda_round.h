@@ -28,7 +28,9 @@ namespace scout::round {
 
 class CudaRound final : public SpeculativeRound {
  public:
-  CudaRound(runtime::CudaModel& target, runtime::CudaModel& draft);
+  // use_graphs: the draft's steps and the verification run as CUDA graphs kept per step shape
+  // (DeviceStepOptions::use_graph); false for plain launches (the same results).
+  CudaRound(runtime::CudaModel& target, runtime::CudaModel& draft, bool use_graphs = true);
   ~CudaRound() override;
   CudaRound(const CudaRound&) = delete;
   CudaRound& operator=(const CudaRound&) = delete;
@@ -46,6 +48,7 @@ class CudaRound final : public SpeculativeRound {
 
   runtime::CudaModel& target_;
   runtime::CudaModel& draft_;
+  const bool use_graphs_;
   std::unique_ptr<Buffers> buf_;
   uint64_t rounds_ = 0;
 };

@@ -116,6 +116,34 @@ TEST(CudaRoundTest, GreedyEqualsTargetGreedyInEveryMode) {
   }
 }
 
+// Step graphs (kept per shape, replayed with new index arrays) give exactly the plain launches'
+// tokens and acceptance; most steps replay a graph.
+TEST(CudaRoundTest, StepGraphsGiveThePlainLaunchesTokens) {
+  Fixture f;
+  ASSERT_TRUE(f.target && f.draft);
+  const std::vector<int32_t> prompt = Prompt(2000, 300);
+  SpeculativeOptions o{.num_speculative_tokens = 4, .max_tokens = 80, .head_map = &f.map,
+                       .sts_budget = {.budget_fraction = 0.1}, .draft_head_map = &f.self,
+                       .draft_budget = {.budget_fraction = 0.2}, .draft_refresh_rounds = 3};
+  CudaRound plain(*f.target, *f.draft, /*use_graphs=*/false);
+  absl::StatusOr<SpeculativeResult> want = RunStream(plain, *f.target, *f.draft, 1, prompt, o);
+  ASSERT_TRUE(want.ok()) << want.status();
+  const runtime::CudaModel::StepGraphStats t0 = f.target->step_graph_stats(), d0 = f.draft->step_graph_stats();
+  EXPECT_EQ(t0.captures + t0.replays + d0.captures + d0.replays, 0);
+  CudaRound graphed(*f.target, *f.draft);
+  absl::StatusOr<SpeculativeResult> got = RunStream(graphed, *f.target, *f.draft, 2, prompt, o);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->tokens, want->tokens);
+  EXPECT_EQ(got->draft_accepted, want->draft_accepted);
+  EXPECT_EQ(got->selected_blocks, want->selected_blocks);
+  const runtime::CudaModel::StepGraphStats t = f.target->step_graph_stats(), d = f.draft->step_graph_stats();
+  std::printf("step graphs: target %lld captured, %lld replayed; draft %lld captured, %lld replayed\n",
+              static_cast<long long>(t.captures), static_cast<long long>(t.replays),
+              static_cast<long long>(d.captures), static_cast<long long>(d.replays));
+  EXPECT_GT(t.replays, t.captures);
+  EXPECT_GT(d.replays, d.captures);
+}
+
 // The device round against the host round on the same models: the same drafts, the same
 // selections (BlockSelect against BuildStsSelection over the same masses), so the same
 // acceptance, round for round.

@@ -177,10 +177,61 @@ struct CudaModel::Impl {
   };
   std::vector<std::unique_ptr<Graph>> graphs;
   uint64_t generation = 0;  // bumped whenever a per-step buffer is reallocated
+  // DeviceStepOptions::use_graph: one graph per step shape (everything a launch bakes in), the
+  // least recently used dropped beyond kMaxStepGraphs. A replay refills the graph's own staging
+  // once its last replay has run (`done`).
+  struct StepGraph {
+    std::string key;
+    std::unique_ptr<Graph> graph;
+    cudaEvent_t done = nullptr;
+    uint64_t last_use = 0;
+  };
+  static constexpr size_t kMaxStepGraphs = 48;
+  std::vector<StepGraph> step_graphs;
+  uint64_t step_graph_clock = 0;
+  int64_t step_graph_captures = 0, step_graph_replays = 0;
+
+  // The step graph for `key`: found (*replay = true), or a new empty entry to capture into.
+  absl::StatusOr<StepGraph*> StepGraphFor(const std::string& key, bool* replay) {
+    ++step_graph_clock;
+    for (StepGraph& g : step_graphs) {
+      if (g.key == key && g.graph->exec != nullptr) {
+        g.last_use = step_graph_clock;
+        *replay = true;
+        return &g;
+      }
+    }
+    *replay = false;
+    if (step_graphs.size() >= kMaxStepGraphs) {
+      auto oldest = std::min_element(step_graphs.begin(), step_graphs.end(),
+                                     [](const StepGraph& a, const StepGraph& b) { return a.last_use < b.last_use; });
+      if (oldest->done != nullptr) {
+        cudaEventSynchronize(oldest->done);
+        cudaEventDestroy(oldest->done);
+      }
+      if (oldest->graph->exec != nullptr) cudaGraphExecDestroy(oldest->graph->exec);
+      step_graphs.erase(oldest);
+    }
+    StepGraph g{.key = key, .graph = std::make_unique<Graph>(), .last_use = step_graph_clock};
+    if (cudaError_t e = cudaEventCreateWithFlags(&g.done, cudaEventDisableTiming); e != cudaSuccess) {
+      return CudaStatus(e, "step graph event");
+    }
+    step_graphs.push_back(std::move(g));
+    return &step_graphs.back();
+  }
+  void DropStepGraph(StepGraph* g) {
+    if (g->done != nullptr) cudaEventDestroy(g->done);
+    if (g->graph->exec != nullptr) cudaGraphExecDestroy(g->graph->exec);
+    step_graphs.erase(step_graphs.begin() + (g - step_graphs.data()));
+  }
 
   ~Impl() {
     for (auto& g : graphs) {
       if (g->exec != nullptr) cudaGraphExecDestroy(g->exec);
+    }
+    for (StepGraph& g : step_graphs) {
+      if (g.done != nullptr) cudaEventDestroy(g.done);
+      if (g.graph->exec != nullptr) cudaGraphExecDestroy(g.graph->exec);
     }
     for (cudaEvent_t e : staged) {
       if (e != nullptr) cudaEventDestroy(e);
@@ -590,6 +641,15 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     max_q = std::max(max_q, static_cast<int>(batch[i].tokens.size()));
     max_nb = std::max(max_nb, static_cast<int>(kvstore::BlocksFor(shape->start[i] + batch[i].tokens.size())));
   }
+  // A step graph bakes in the block table's width and the attention plan: both are sized for a
+  // few blocks more than the step needs (entries past a sequence's blocks are masked by its
+  // length), so that consecutive steps share a graph.
+  const bool graphed = o.use_graph && !capture && !tier && o.santa_samples == 0 && host_logits == nullptr &&
+                       host_mass_out == nullptr && !host_selections &&
+                       std::none_of(batch.begin(), batch.end(), [](const SequenceInput& in) { return in.selection != nullptr; });
+  constexpr int kGraphBlockQuantum = 16;
+  auto quantize = [&](int n) { return graphed ? (n + kGraphBlockQuantum - 1) / kGraphBlockQuantum * kGraphBlockQuantum : n; };
+  max_nb = quantize(max_nb);
 
   // Host index arrays: built in the staging buffer, uploaded with one copy.
   std::vector<int32_t> sel_indptr, sel_blocks;
@@ -615,8 +675,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     }
     for (size_t k = 0; k + 1 < sel_indptr.size(); ++k) max_list = std::max(max_list, sel_indptr[k + 1] - sel_indptr[k]);
   }
-  if (o.selection != nullptr) max_list = o.selection->max_list_blocks;
-  const int table_nb = std::max(max_nb, o.selection != nullptr ? o.selection->block_bound : 0);
+  if (o.selection != nullptr) max_list = quantize(o.selection->max_list_blocks);
+  const int table_nb = std::max(max_nb, o.selection != nullptr ? quantize(o.selection->block_bound) : 0);
 
   StepLayout lay;
   lay.tokens = 0;
@@ -677,7 +737,32 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   DeviceBuffer* idx;
   cudaEvent_t staged_event = nullptr;
   Graph* graph = nullptr;
-  if (capture) {
+  StepGraph* step_graph = nullptr;
+  bool replay = false;
+  if (graphed) {
+    // Everything the launches bake in: shapes, the plan's inputs, buffer generation, pointers.
+    std::string key = absl::StrCat(generation, "|", B, "|", T, "|", R, "|", table_nb, "|", max_list, "|", max_nb, "|",
+                                   lay.total, "|", fused_mass, "|", o.skip_attention, "|",
+                                   reinterpret_cast<uintptr_t>(o.argmax), "|", reinterpret_cast<uintptr_t>(o.device_tokens));
+    for (const SequenceInput& in : batch) absl::StrAppend(&key, "|", in.tokens.size(), in.all_logits ? "a" : "l");
+    if (o.selection != nullptr) {
+      absl::StrAppend(&key, "|s", reinterpret_cast<uintptr_t>(o.selection->indptr), ",",
+                      reinterpret_cast<uintptr_t>(o.selection->blocks));
+    }
+    if (o.block_mass != nullptr) {
+      const DeviceBlockMass& m = *o.block_mass;
+      absl::StrAppend(&key, "|m", reinterpret_cast<uintptr_t>(m.mass), ",", m.seq_stride, ",", m.token_stride, ",",
+                      m.head_stride, ",", m.layer_stride, ",", m.layer_head_offset);
+    }
+    absl::StatusOr<StepGraph*> sg = StepGraphFor(key, &replay);
+    if (!sg.ok()) return sg.status();
+    step_graph = *sg;
+    // Its staging is rewritten below: the upload of its last replay must have run.
+    if (replay) SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(step_graph->done), "step graph wait");
+    graph = step_graph->graph.get();
+    stage = &graph->staging;
+    idx = &graph->index;
+  } else if (capture) {
     graphs.push_back(std::make_unique<Graph>());
     graph = graphs.back().get();
     stage = &graph->staging;
@@ -728,7 +813,14 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     std::copy(tp.unit_slots.begin(), tp.unit_slots.end(), st + lay.unit_slots);
   }
 
-  if (capture) {
+  if (replay) {
+    ++step_graph_replays;
+    SCOUT_RETURN_IF_CUDA(cudaGraphLaunch(graph->exec, stream), "step graph launch");
+    SCOUT_RETURN_IF_CUDA(cudaEventRecord(step_graph->done, stream), "event");
+    return absl::OkStatus();
+  }
+  const bool recording = capture || graphed;
+  if (recording) {
     SCOUT_RETURN_IF_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "graph capture");
   }
   // From here on errors must end the capture; the lambda enqueues, the caller closes.
@@ -885,7 +977,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       store->Truncate(batch[i].seq, shape->start[i]).IgnoreError();
     }
   }
-  if (capture) {
+  if (recording) {
     cudaGraph_t g = nullptr;
     const cudaError_t end = cudaStreamEndCapture(stream, &g);
     if (status.ok() && end != cudaSuccess) status = CudaStatus(end, "graph capture");
@@ -895,6 +987,19 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     }
     if (g != nullptr) cudaGraphDestroy(g);
     graph->generation = generation;
+  }
+  if (graphed) {
+    if (status.ok()) {
+      // Captured, not run: run it now, as the step it stands for.
+      ++step_graph_captures;
+      if (const cudaError_t e = cudaGraphLaunch(graph->exec, stream); e != cudaSuccess) {
+        status = CudaStatus(e, "step graph launch");
+      }
+      if (status.ok()) {
+        if (const cudaError_t e = cudaEventRecord(step_graph->done, stream); e != cudaSuccess) status = CudaStatus(e, "event");
+      }
+    }
+    if (!status.ok()) DropStepGraph(step_graph);
   }
   if (!status.ok()) return status;
 
@@ -1155,6 +1260,9 @@ absl::Status CudaModel::Synchronize() {
 
 const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
 int CudaModel::device() const { return impl_->device; }
+CudaModel::StepGraphStats CudaModel::step_graph_stats() const {
+  return {.captures = impl_->step_graph_captures, .replays = impl_->step_graph_replays};
+}
 void* CudaModel::stream() const { return impl_->stream; }
 const kvstore::BlockTableManager& CudaModel::block_tables() const { return impl_->Tables(); }
 HostKvTierStats CudaModel::host_tier_stats() const {

@@ -91,6 +91,12 @@ struct DeviceStepOptions {
   // instead of summing all of them (kernels/santa.h); the seed is mixed with the layer.
   int santa_samples = 0;
   uint64_t santa_seed = 0;
+  // Run the step through a CUDA graph kept for its shape (every size and pointer a launch bakes
+  // in): the first step of a shape is captured and run, later ones refill the graph's index
+  // arrays and replay it, which saves the launch gaps of a few hundred kernels. The block table
+  // and the attention plan are sized to the next 16 blocks so that consecutive steps share a
+  // shape. Ignored (a plain step) with the host KV tier, SANTA, or host selections or logits.
+  bool use_graph = false;
   // Benchmarks only: leave the attention out (its output buffer keeps whatever it held), so that
   // the time of a step with and without it gives the attention's share.
   bool skip_attention = false;
@@ -145,6 +151,12 @@ class CudaModel final : public ModelBackend {
   absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
 
   HostKvTierStats host_tier_stats() const override;
+  // Steps run through use_graph: graphs captured, and steps that replayed one.
+  struct StepGraphStats {
+    int64_t captures = 0;
+    int64_t replays = 0;
+  };
+  StepGraphStats step_graph_stats() const;
   // The step as Forward, then kernels::Sample over its logits: greedy, temperature, top-k and
   // top-p on the GPU; only the tokens are copied back.
   bool samples_on_device() const override { return true; }
