@@ -757,7 +757,8 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
                              rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));
   if (!server.ok()) return Fail(server.status());
-  std::fprintf(stderr, "scout: serving %s on http://%s:%d\n", name.c_str(), flags.Get("host").c_str(), (*server)->port());
+  std::fprintf(stderr, "scout: serving %s on http://%s:%d%s%s\n", name.c_str(), flags.Get("host").c_str(),
+               (*server)->port(), *engine.round_name() != '\0' ? ", speculative rounds: " : "", engine.round_name());
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "scout: signal %d, draining (up to %.0f s)\n", sig, *shutdown_timeout);

@@ -403,8 +403,6 @@ absl::Status SpeculativeStream::Finish() {
 }
 
 absl::Status HostRound::Run(std::span<SpeculativeStream* const> streams) {
-  ModelBackend& target = target_;
-  ModelBackend& draft = draft_;
   std::vector<SpeculativeStream*> live;
   for (SpeculativeStream* s : streams) {
     if (s->done()) continue;
@@ -416,7 +414,7 @@ absl::Status HostRound::Run(std::span<SpeculativeStream* const> streams) {
     for (SpeculativeStream* s : live) s->AbortRound().IgnoreError();
     return st;
   };
-  const int64_t vocab = target.config().vocab_size;
+  const int64_t vocab = target_.config().vocab_size;
   int max_k = 0;
   for (SpeculativeStream* s : live) max_k = std::max(max_k, s->k_);
   std::vector<float> logits;
@@ -428,14 +426,14 @@ absl::Status HostRound::Run(std::span<SpeculativeStream* const> streams) {
       step.push_back(s);
       batch.push_back(s->DraftInput(i));
     }
-    if (absl::Status st = draft.Forward(batch, &logits); !st.ok()) return abort(st);
+    if (absl::Status st = draft_.Forward(batch, &logits); !st.ok()) return abort(st);
     for (size_t j = 0; j < step.size(); ++j) {
       step[j]->OnDraftLogits(i, std::span<const float>(logits).subspan(j * vocab, vocab));
     }
   }
   std::vector<SequenceInput> batch;
   for (SpeculativeStream* s : live) batch.push_back(s->VerifyInput());
-  if (absl::Status st = target.Forward(batch, &logits); !st.ok()) return abort(st);
+  if (absl::Status st = target_.Forward(batch, &logits); !st.ok()) return abort(st);
   size_t row = 0;
   for (size_t j = 0; j < live.size(); ++j) {
     const size_t rows = batch[j].tokens.size();

@@ -61,6 +61,7 @@ Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<run
                                                       : runtime::DefaultHeadMap(config_, draft_->config());
     draft_self_map_ = runtime::SelfHeadMap(draft_->config());
     round_ = round::MakeRound(*model_, *draft_);
+    round_name_ = round_->name();
   }
   loop_ = std::thread([this] { Loop(); });
 }

@@ -131,6 +131,8 @@ class Engine {
   bool ready();
 
   const runtime::ModelConfig& config() const { return config_; }
+  // With a draft: where the speculative rounds run ("cuda": on the GPUs, "host"); else "".
+  const char* round_name() const { return round_name_; }
   int64_t max_model_len() const;
   EngineStats stats();
 
@@ -201,6 +203,7 @@ class Engine {
   std::optional<runtime::HeadMap> request_head_map_;
   std::optional<runtime::HeadMap> draft_self_map_;  // the sparse draft's: the draft onto itself
   std::unique_ptr<round::SpeculativeRound> round_;   // with a draft: runs the rounds (MakeRound)
+  const char* round_name_ = "";
   runtime::HostKvTierStats tier_seen_ ABSL_GUARDED_BY(model_mu_);  // counters already exported
 
   absl::Mutex mu_;  // queues, sessions, requests' outboxes

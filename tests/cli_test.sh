@@ -32,6 +32,21 @@ grep -q "sts: target read 100.0%" err.txt || fail "no sts report: $(cat err.txt)
   --sparsity sts --head-map /nonexistent.json --prompt x >/dev/null 2>err.txt; rc=$?
 [ $rc -eq 1 ] && grep -q "/nonexistent.json: no such file" err.txt || fail "missing head map: exit $rc $(cat err.txt)"
 
+# The sparse draft (its later steps over its own top blocks) keeps the target's greedy text; SANTA
+# runs; bad values are refused by name.
+sd=$("$scout" generate --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --speculative \
+  --sparse-draft --draft-kv-budget-fraction 0.3 --draft-refresh-rounds 2 --prompt $'def fibonacci(n):\n    ' \
+  --max-tokens 24 2>err.txt) || fail "sparse draft exited $?: $(cat err.txt)"
+[ "$sd" = "$out" ] || fail "sparse draft greedy output differs from plain greedy"
+grep -q "sparse draft: its steps read" err.txt || fail "no sparse draft report: $(cat err.txt)"
+"$scout" generate --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --speculative \
+  --sparsity sts --santa-samples 64 --prompt $'def fibonacci(n):\n    ' --max-tokens 12 >/dev/null 2>err.txt \
+  || fail "santa exited $?: $(cat err.txt)"
+grep -q "generated 12 tokens" err.txt || fail "santa run: $(cat err.txt)"
+"$scout" generate --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --speculative \
+  --sparse-draft --draft-refresh-rounds 0 --prompt x >/dev/null 2>err.txt; rc=$?
+[ $rc -eq 1 ] && grep -q -- "--draft-refresh-rounds must be >= 1" err.txt || fail "bad refresh: exit $rc $(cat err.txt)"
+
 # Flags from YAML, command line winning.
 printf 'model: %s\nmax-tokens: 5\ntemperature: 0.7\nseed: 3\n' "$src/models/scout-tiny-draft" > cfg.yaml
 "$scout" generate --config cfg.yaml --prompt "x = " >/dev/null 2>err.txt || fail "YAML config run failed: $(cat err.txt)"
