@@ -135,14 +135,9 @@ int MaxList(const std::vector<int32_t>& off) {
   return m;
 }
 
-bool SameBudget(const StsBudget& a, const StsBudget& b) {
-  return a.budget_tokens == b.budget_tokens && a.budget_fraction == b.budget_fraction && a.sink_blocks == b.sink_blocks &&
-         a.window_blocks == b.window_blocks && a.dense_layers == b.dense_layers;
-}
-
 }  // namespace
 
-// What streams must share to run as one group.
+// One group of a round (round_plan.h: PlanRoundGroups), with the options its members share.
 struct CudaRound::Group {
   std::vector<SpeculativeStream*> streams;
   const HeadMap* head_map = nullptr;
@@ -153,19 +148,6 @@ struct CudaRound::Group {
   int santa = 0;
   bool greedy = true;
   int k = 0;
-  bool own_k = false;  // k is this group's alone (a stream near the context limit)
-
-  bool Accepts(const SpeculativeStream& s, const SpeculativeOptions& o, bool needs_own_k, int stream_k) const {
-    if (o.head_map != head_map || o.draft_head_map != draft_map || o.santa_samples != santa ||
-        (o.sampling.temperature == 0) != greedy || own_k != needs_own_k || (own_k && stream_k != k)) {
-      return false;
-    }
-    if (head_map != nullptr && !SameBudget(o.sts_budget, budget)) return false;
-    if (draft_map != nullptr && (!SameBudget(o.draft_budget, draft_budget) || o.draft_refresh_rounds != refresh_rounds)) {
-      return false;
-    }
-    return true;
-  }
 };
 
 struct CudaRound::Buffers {
@@ -208,30 +190,23 @@ CudaRound::~CudaRound() {
 
 absl::Status CudaRound::Run(std::span<SpeculativeStream* const> streams) {
   std::vector<SpeculativeStream*> live;
-  int max_k = 0;
+  std::vector<StreamRound> plan;
   for (SpeculativeStream* s : streams) {
     if (s->done()) continue;
     s->StartRound();
     if (s->done()) continue;
     live.push_back(s);
-    max_k = std::max(max_k, s->k_);
+    plan.push_back({.options = &s->options(), .k = s->k_,
+                    .room = s->limit_ - (s->target_len_at_start_ + static_cast<int64_t>(s->target_pending_.size()))});
   }
   std::vector<Group> groups;
-  for (SpeculativeStream* s : live) {
-    const SpeculativeOptions& o = s->options();
-    // A stream whose context cannot take as many drafted tokens as any stream drafts runs alone
-    // with its own k; the others draft their group's largest k and propose their own.
-    const int64_t room = s->limit_ - (s->target_len_at_start_ + static_cast<int64_t>(s->target_pending_.size()));
-    const bool own_k = room < max_k || s->k_ == 0;
-    auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.Accepts(*s, o, own_k, s->k_); });
-    if (g == groups.end()) {
-      groups.push_back({.head_map = o.head_map, .budget = o.sts_budget, .draft_map = o.draft_head_map,
-                        .draft_budget = o.draft_budget, .refresh_rounds = std::max(1, o.draft_refresh_rounds),
-                        .santa = o.santa_samples, .greedy = o.sampling.temperature == 0, .k = s->k_, .own_k = own_k});
-      g = groups.end() - 1;
-    }
-    g->streams.push_back(s);
-    g->k = std::max(g->k, s->k_);
+  for (const RoundGroup& rg : PlanRoundGroups(plan)) {
+    const SpeculativeOptions& o = live[rg.members[0]]->options();
+    Group g{.head_map = o.head_map, .budget = o.sts_budget, .draft_map = o.draft_head_map, .draft_budget = o.draft_budget,
+            .refresh_rounds = std::max(1, o.draft_refresh_rounds), .santa = o.santa_samples,
+            .greedy = o.sampling.temperature == 0, .k = rg.k};
+    for (int m : rg.members) g.streams.push_back(live[m]);
+    groups.push_back(std::move(g));
   }
   for (size_t i = 0; i < groups.size(); ++i) {
     if (absl::Status st = RunGroup(groups[i]); !st.ok()) {

@@ -15,7 +15,9 @@
 //     argmax tokens, and acceptance is their common prefix. Sampled rounds read back the draft's
 //     and the target's logit rows and run exact rejection sampling (VerifyDraft) on the host.
 // Streams whose options differ (STS or not, budgets, head maps, sparse draft, SANTA, greedy or
-// sampled) run as separate groups, one after the other.
+// sampled) run as separate groups, one after the other (round_plan.h: PlanRoundGroups). A pass
+// that fails rolls back its group and the groups after it; groups before it have completed their
+// round, consistently, and simply advance again when the caller runs the round anew.
 #pragma once
 
 #include <memory>

@@ -29,6 +29,49 @@ int VerifyWindowBlocks(const runtime::StsBudget& budget, const std::vector<int64
   return window;
 }
 
+namespace {
+
+bool SameBudget(const runtime::StsBudget& a, const runtime::StsBudget& b) {
+  return a.budget_tokens == b.budget_tokens && a.budget_fraction == b.budget_fraction && a.sink_blocks == b.sink_blocks &&
+         a.window_blocks == b.window_blocks && a.dense_layers == b.dense_layers;
+}
+
+// Whether two streams' rounds are the same launches (see RoundGroup).
+bool SameLaunches(const SpeculativeOptions& a, const SpeculativeOptions& b) {
+  if (a.head_map != b.head_map || a.draft_head_map != b.draft_head_map || a.santa_samples != b.santa_samples ||
+      (a.sampling.temperature == 0) != (b.sampling.temperature == 0)) {
+    return false;
+  }
+  if (a.head_map != nullptr && !SameBudget(a.sts_budget, b.sts_budget)) return false;
+  if (a.draft_head_map != nullptr &&
+      (!SameBudget(a.draft_budget, b.draft_budget) || a.draft_refresh_rounds != b.draft_refresh_rounds)) {
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::vector<RoundGroup> PlanRoundGroups(std::span<const StreamRound> streams) {
+  int max_k = 0;
+  for (const StreamRound& s : streams) max_k = std::max(max_k, s.k);
+  std::vector<RoundGroup> groups;
+  for (int i = 0; i < static_cast<int>(streams.size()); ++i) {
+    const StreamRound& s = streams[i];
+    const bool own_k = s.room < max_k || s.k == 0;
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const RoundGroup& x) {
+      return x.own_k == own_k && (!own_k || x.k == s.k) && SameLaunches(*streams[x.members[0]].options, *s.options);
+    });
+    if (g == groups.end()) {
+      groups.push_back({.k = s.k, .own_k = own_k});
+      g = groups.end() - 1;
+    }
+    g->members.push_back(i);
+    g->k = std::max(g->k, s.k);
+  }
+  return groups;
+}
+
 bool SparseDraftPlan::StartRound(const std::vector<kvstore::SequenceId>& seqs,
                                  const std::vector<std::vector<int32_t>>& map_units, const std::vector<int32_t>& draft_end,
                                  int refresh_rounds, int k) {

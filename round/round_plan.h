@@ -6,7 +6,10 @@
 #include <cstdint>
 #include <vector>
 
+#include <span>
+
 #include "kvstore/prefetch_planner.h"
+#include "round/speculative.h"
 #include "runtime/sts.h"
 
 namespace scout::round {
@@ -23,6 +26,27 @@ std::vector<int32_t> StsListOffsets(const std::vector<int32_t>& nb, int layers, 
 // the position of stream s's first new token, nb[s] its blocks after the pass.
 int VerifyWindowBlocks(const runtime::StsBudget& budget, const std::vector<int64_t>& first_new,
                        const std::vector<int32_t>& nb);
+
+// One stream of a device round, as the grouping sees it: its options, the k it proposes this
+// round, and how many tokens its context can still take after its pending ones.
+struct StreamRound {
+  const SpeculativeOptions* options = nullptr;
+  int k = 0;
+  int64_t room = 0;
+};
+
+// A group of streams that run one device round together: members (indices into the streams, in
+// order) and the number of tokens each drafts. Streams share a group when their rounds are the
+// same launches: the same head maps (by address), STS budget, sparse-draft budget and interval,
+// SANTA samples, and greedy or sampled. They draft the group's largest k and propose their own;
+// a stream whose context cannot take the largest k of the round (or that proposes none) runs in
+// a group of its own k.
+struct RoundGroup {
+  std::vector<int> members;
+  int k = 0;
+  bool own_k = false;
+};
+std::vector<RoundGroup> PlanRoundGroups(std::span<const StreamRound> streams);
 
 // The sparse draft's lists across rounds. They are picked by a refresh round's dense first step
 // for the streams of that round, in its order, and cover each stream's blocks up to a bound that

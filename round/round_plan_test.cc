@@ -64,5 +64,48 @@ TEST(RoundPlanTest, SparseDraftRefreshesOnSchedule) {
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(p.StartRound({2, 1}, other, {2100, 1030}, 1, 4));  // every round
 }
 
+// Streams group by what their launches share; a stream near its context limit, or proposing
+// nothing, drafts alone with its own k; the others draft the group's largest k.
+TEST(RoundPlanTest, StreamsGroupByTheirLaunches) {
+  runtime::HeadMap map, other_map;
+  SpeculativeOptions dense{.num_speculative_tokens = 4};
+  SpeculativeOptions sts{.num_speculative_tokens = 4, .head_map = &map, .sts_budget = {.budget_fraction = 0.1}};
+  SpeculativeOptions sts_b = sts, sts_other_budget = sts, sts_other_map = sts, sampled = dense, santa = sts;
+  sts_other_budget.sts_budget.budget_fraction = 0.2;
+  sts_other_map.head_map = &other_map;
+  sampled.sampling.temperature = 0.7f;
+  santa.santa_samples = 256;
+  SpeculativeOptions sd = sts;
+  sd.draft_head_map = &map;
+  SpeculativeOptions sd_other_interval = sd;
+  sd_other_interval.draft_refresh_rounds = 4;
+  const std::vector<StreamRound> streams = {
+      {.options = &dense, .k = 4, .room = 1000},           // 0
+      {.options = &sts, .k = 4, .room = 1000},             // 1
+      {.options = &sts_b, .k = 2, .room = 1000},           // 2: same launches as 1, proposes 2
+      {.options = &sts_other_budget, .k = 4, .room = 1000},  // 3
+      {.options = &sts_other_map, .k = 4, .room = 1000},   // 4
+      {.options = &sampled, .k = 4, .room = 1000},         // 5
+      {.options = &santa, .k = 4, .room = 1000},           // 6
+      {.options = &sd, .k = 4, .room = 1000},              // 7
+      {.options = &sd_other_interval, .k = 4, .room = 1000},  // 8
+      {.options = &sts, .k = 3, .room = 3},                // 9: 3 tokens of room left
+      {.options = &sts, .k = 0, .room = 0},                // 10: the target only checks its pending token
+      {.options = &dense, .k = 4, .room = 500},            // 11: joins 0
+  };
+  const std::vector<RoundGroup> g = PlanRoundGroups(streams);
+  ASSERT_EQ(g.size(), 10u);
+  EXPECT_EQ(g[0].members, (std::vector<int>{0, 11}));
+  EXPECT_EQ(g[1].members, (std::vector<int>{1, 2}));
+  EXPECT_EQ(g[1].k, 4);
+  for (size_t i = 2; i < 8; ++i) EXPECT_EQ(g[i].members.size(), 1u) << i;
+  EXPECT_EQ(g[8].members, (std::vector<int>{9}));
+  EXPECT_TRUE(g[8].own_k);
+  EXPECT_EQ(g[8].k, 3);
+  EXPECT_EQ(g[9].members, (std::vector<int>{10}));
+  EXPECT_EQ(g[9].k, 0);
+  EXPECT_TRUE(PlanRoundGroups({}).empty());
+}
+
 }  // namespace
 }  // namespace scout::round
