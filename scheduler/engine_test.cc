@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include "gtest/gtest.h"
@@ -132,19 +133,18 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   EXPECT_GE(engine->stats().max_batch, 2);
   EXPECT_LT(engine->stats().decode_steps - steps_before, 7 * 24);  // fewer passes than requests x tokens
 
-  // Two turns of one session at once: the second waits for the first and continues after it.
-  std::vector<int64_t> cached(2, -1);
-  std::thread t1([&] {
-    auto r = engine->Complete({.prompt = "def g(y):\n", .max_tokens = 8, .session_id = "s"});
-    cached[0] = r.ok() ? r->cached_tokens : -2;
-  });
-  std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  auto r2 = engine->Complete({.prompt = "\n", .max_tokens = 8, .session_id = "s"});
+  // Two turns of one session at once: whichever comes second waits for the first and continues
+  // after it (the order is the threads', so the test does not assume one).
+  std::vector<absl::StatusOr<CompletionResult>> turns(2, absl::UnknownError("not run"));
+  std::thread t1([&] { turns[0] = engine->Complete({.prompt = "def g(y):\n", .max_tokens = 8, .session_id = "s"}); });
+  std::thread t2([&] { turns[1] = engine->Complete({.prompt = "\n", .max_tokens = 8, .session_id = "s"}); });
   t1.join();
-  ASSERT_TRUE(r2.ok()) << r2.status();
-  EXPECT_EQ(cached[0], 0);
-  EXPECT_GT(r2->cached_tokens, 0);
-  EXPECT_EQ(engine->ListSessions().at(0).tokens, r2->cached_tokens + r2->prompt_tokens + 8);
+  t2.join();
+  ASSERT_TRUE(turns[0].ok() && turns[1].ok()) << turns[0].status() << turns[1].status();
+  const int later = turns[0]->cached_tokens > turns[1]->cached_tokens ? 0 : 1;
+  EXPECT_EQ(turns[1 - later]->cached_tokens, 0);
+  EXPECT_GT(turns[later]->cached_tokens, 0);
+  EXPECT_EQ(engine->ListSessions().at(0).tokens, turns[later]->cached_tokens + turns[later]->prompt_tokens + 8);
 }
 
 // Admission by KV budget: with a pool of 16 blocks, two requests that may reach 10 blocks each
@@ -396,12 +396,16 @@ TEST(EngineTest, FailedTurnLeavesSessionIntact) {
 
 // The fixture target whose passes fail for one sequence alone once it has run a few: what a
 // cluster's pass returns when a sequence's KV is lost beyond rebuilding (kFailedSequencePayload).
+// The victim is the sequence whose first pass begins with victim_prefix, whatever order the
+// requests arrive in; the other sequences' passes are slowed (slow_pass) so that the requests
+// certainly overlap.
 class LosesOneSequence : public runtime::ModelBackend {
  public:
-  explicit LosesOneSequence(std::unique_ptr<runtime::ModelBackend> model) : model_(std::move(model)) {}
+  LosesOneSequence(std::unique_ptr<runtime::ModelBackend> model, std::vector<int32_t> victim_prefix)
+      : model_(std::move(model)), victim_prefix_(std::move(victim_prefix)) {}
   const runtime::ModelConfig& config() const override { return model_->config(); }
   absl::Status AddSequence(runtime::SequenceId seq) override {
-    if (++added_ == 2) victim_ = seq;
+    fresh_.insert(seq);
     return model_->AddSequence(seq);
   }
   absl::Status ReleaseSequence(runtime::SequenceId seq) override { return model_->ReleaseSequence(seq); }
@@ -409,6 +413,15 @@ class LosesOneSequence : public runtime::ModelBackend {
   absl::StatusOr<int64_t> SequenceLength(runtime::SequenceId seq) const override { return model_->SequenceLength(seq); }
   KvCacheUsage kv_cache_usage() const override { return model_->kv_cache_usage(); }
   absl::Status Forward(std::span<const runtime::SequenceInput> batch, std::vector<float>* logits) override {
+    for (const runtime::SequenceInput& in : batch) {
+      if (fresh_.erase(in.seq) > 0 && in.tokens.size() >= victim_prefix_.size() &&
+          std::equal(victim_prefix_.begin(), victim_prefix_.end(), in.tokens.begin())) {
+        victim_ = in.seq;
+      }
+    }
+    if (std::any_of(batch.begin(), batch.end(), [&](const runtime::SequenceInput& in) { return in.seq != victim_; })) {
+      std::this_thread::sleep_for(slow_pass);
+    }
     for (const runtime::SequenceInput& in : batch) {
       if (in.seq == victim_ && ++victim_passes_ > 5) {
         absl::Status s = absl::UnavailableError(absl::StrCat("sequence ", in.seq, ": its KV is gone"));
@@ -420,8 +433,10 @@ class LosesOneSequence : public runtime::ModelBackend {
   }
 
  private:
+  static constexpr std::chrono::milliseconds slow_pass{5};
   std::unique_ptr<runtime::ModelBackend> model_;
-  int added_ = 0;
+  const std::vector<int32_t> victim_prefix_;
+  std::set<runtime::SequenceId> fresh_;  // added, no pass yet
   int64_t victim_passes_ = 0;
   runtime::SequenceId victim_ = -1;
 };
@@ -441,10 +456,13 @@ TEST(EngineTest, ASequenceThatFailsAloneEndsOnlyItsRequest) {
   auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
   auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
   ASSERT_TRUE(model.ok() && tok.ok());
-  Engine engine(std::make_unique<LosesOneSequence>(std::move(*model)), nullptr, std::move(*tok), &metrics, EngineOptions{});
+  // p2's request is the victim: its prompt's first tokens (BOS, "def") pick it, in any order.
+  std::vector<int32_t> victim_prefix = (*tok)->Encode(p2, /*add_bos=*/true);
+  victim_prefix.resize(4);
+  Engine engine(std::make_unique<LosesOneSequence>(std::move(*model), victim_prefix), nullptr, std::move(*tok), &metrics,
+                EngineOptions{});
   absl::StatusOr<CompletionResult> first, second;
   std::thread a([&] { first = engine.Complete({.prompt = p1, .max_tokens = 40, .ignore_eos = true}); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(2));
   std::thread b([&] { second = engine.Complete({.prompt = p2, .max_tokens = 40, .ignore_eos = true}); });
   a.join();
   b.join();
