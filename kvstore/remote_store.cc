@@ -2,7 +2,11 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <ucp/api/ucp.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -60,13 +64,46 @@ absl::Status Ucx(ucs_status_t s, absl::string_view what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", ucs_status_string(s)));
 }
 
-absl::StatusOr<sockaddr_in> Address(const std::string& host, int port) {
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  if (port < 0 || port > 65535 || inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
-    return absl::InvalidArgumentError(absl::StrCat("\"", host, ":", port, "\" is not an IPv4 address and port"));
+// A socket address for UCX. Host names resolve through DNS (Asio's resolver: a pod's
+// `name.service` in Kubernetes) to their first IPv4 address; IPv4 literals pass through; listen
+// also takes "0.0.0.0". IPv6 is refused by name: UCX 1.13's TCP wireup, on the machine this was
+// built on, crashed the server (segmentation fault in its error path) when a client reached it
+// over ::1, so the store does not offer what it cannot serve safely.
+struct SockAddr {
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
+};
+
+int PortOf(const sockaddr_storage& a) {
+  return ntohs(a.ss_family == AF_INET6 ? reinterpret_cast<const sockaddr_in6*>(&a)->sin6_port
+                                       : reinterpret_cast<const sockaddr_in*>(&a)->sin_port);
+}
+
+// InvalidArgument for a port out of range or an empty host; Unavailable when the name does not
+// resolve (DNS can be late: a pod's name appears once it runs).
+absl::StatusOr<SockAddr> Address(std::string host, int port, bool listen) {
+  if (port < 0 || port > 65535 || host.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", host, ":", port, "\" is not a host and port"));
   }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  namespace ip = boost::asio::ip;
+  boost::asio::io_context io;
+  ip::tcp::resolver resolver(io);
+  boost::system::error_code error;
+  const auto flags = ip::resolver_base::numeric_service | (listen ? ip::resolver_base::passive : ip::resolver_base::flags());
+  if (boost::system::error_code v6; ip::make_address_v6(host, v6), !v6) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", host, "\" is an IPv6 address; the KV store is reached over IPv4"));
+  }
+  const ip::tcp::resolver::results_type found = resolver.resolve(ip::tcp::v4(), host, std::to_string(port), flags, error);
+  if (error || found.empty()) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot resolve \"", host, "\" to an IPv4 address: ", error ? error.message() : "none"));
+  }
+  const ip::tcp::endpoint endpoint = found.begin()->endpoint();
+  SockAddr a;
+  std::memcpy(&a.storage, endpoint.data(), endpoint.size());
+  a.length = static_cast<socklen_t>(endpoint.size());
   return a;
 }
 
@@ -445,7 +482,7 @@ int64_t KvStoreServer::units_held() const { return impl_->held; }
 absl::StatusOr<std::unique_ptr<KvStoreServer>> KvStoreServer::Start(const std::string& host, int port,
                                                                     size_t unit_bytes, int64_t capacity_units) {
   if (unit_bytes == 0 || capacity_units < 0) return absl::InvalidArgumentError("unit_bytes > 0, capacity_units >= 0");
-  absl::StatusOr<sockaddr_in> addr = Address(host, port);
+  absl::StatusOr<SockAddr> addr = Address(host, port, /*listen=*/true);
   if (!addr.ok()) return addr.status();
   auto impl = std::make_unique<Impl>();
   impl->unit_bytes = unit_bytes;
@@ -454,8 +491,8 @@ absl::StatusOr<std::unique_ptr<KvStoreServer>> KvStoreServer::Start(const std::s
   if (absl::Status s = impl->ucx.SetHandler(kRequestAm, &Impl::OnRequest, impl.get()); !s.ok()) return s;
   ucp_listener_params_t lp{};
   lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*addr);
-  lp.sockaddr.addrlen = sizeof(sockaddr_in);
+  lp.sockaddr.addr = addr->get();
+  lp.sockaddr.addrlen = addr->length;
   lp.conn_handler.cb = &Impl::OnConnection;
   lp.conn_handler.arg = impl.get();
   if (absl::Status s = Ucx(ucp_listener_create(impl->ucx.worker, &lp, &impl->listener),
@@ -466,7 +503,7 @@ absl::StatusOr<std::unique_ptr<KvStoreServer>> KvStoreServer::Start(const std::s
   ucp_listener_attr_t attr{};
   attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
   if (absl::Status s = Ucx(ucp_listener_query(impl->listener, &attr), "listener query"); !s.ok()) return s;
-  impl->port = ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port);
+  impl->port = PortOf(attr.sockaddr);
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] { raw->Loop(); });
   return std::unique_ptr<KvStoreServer>(new KvStoreServer(std::move(impl)));
@@ -597,8 +634,10 @@ KvStoreClient::~KvStoreClient() = default;
 absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Connect(const std::string& host, int port,
                                                                       size_t unit_bytes, absl::Duration timeout) {
   if (unit_bytes == 0) return absl::InvalidArgumentError("unit_bytes must be > 0");
-  absl::StatusOr<sockaddr_in> addr = Address(host, port);
-  if (!addr.ok()) return addr.status();
+  absl::StatusOr<SockAddr> addr = Address(host, port, /*listen=*/false);
+  if (!addr.ok()) {
+    return absl::Status(addr.status().code(), absl::StrCat("KV store node ", host, ":", port, ": ", addr.status().message()));
+  }
   auto impl = std::make_unique<Impl>();
   impl->peer = absl::StrCat(host, ":", port);
   impl->unit_bytes = unit_bytes;
@@ -609,8 +648,8 @@ absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Connect(const std:
   p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
   p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-  p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*addr);
-  p.sockaddr.addrlen = sizeof(sockaddr_in);
+  p.sockaddr.addr = addr->get();
+  p.sockaddr.addrlen = addr->length;
   p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   p.err_handler.cb = [](void* arg, ucp_ep_h, ucs_status_t status) {
     auto* self = static_cast<Impl*>(arg);

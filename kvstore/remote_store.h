@@ -21,7 +21,9 @@ namespace scout::kvstore {
 
 class KvStoreServer {
  public:
-  // Listens on host:port (port 0: any free one) and serves on its own thread until destroyed.
+  // Listens on host:port (port 0: any free one) and serves on its own thread until destroyed. The
+  // host is a name (resolved through DNS to its first IPv4 address), an IPv4 address, or
+  // "0.0.0.0"; a name that does not resolve gives Unavailable, an IPv6 address InvalidArgument.
   // It holds at most capacity_units units of unit_bytes each; a write beyond that is refused
   // (ResourceExhausted to the writer, nothing stored). Unavailable if UCX cannot listen.
   static absl::StatusOr<std::unique_ptr<KvStoreServer>> Start(const std::string& host, int port, size_t unit_bytes,
@@ -52,6 +54,7 @@ struct UnitPatch {
 
 class KvStoreClient {
  public:
+  // host as KvStoreServer::Start's: a name resolves through DNS (the first address is used).
   static absl::StatusOr<std::unique_ptr<KvStoreClient>> Connect(const std::string& host, int port, size_t unit_bytes,
                                                                 absl::Duration timeout = absl::Seconds(30));
   ~KvStoreClient();

@@ -123,7 +123,7 @@ TEST(RemoteKvStoreTest, WritesReadsReleasesAndRefusesByName) {
     EXPECT_EQ(after, want);  // neither refused patch changed anything
   }
   // Bad addresses are refused at once.
-  EXPECT_EQ(KvStoreClient::Connect("not-an-ip", 1, kUnit).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(KvStoreClient::Connect("not-an-ip.invalid", 1, kUnit).status().code(), absl::StatusCode::kUnavailable);
 }
 
 // Two KV store processes on loopback: a client writes to both, one is killed (-9), its reads fail
@@ -261,4 +261,33 @@ TEST(RemoteTierTest, WorkerFetchesWhatSelectionsNameAndThePlannerMovesIt) {
 }
 
 }  // namespace
+// Nodes are reached by name (DNS, as the manifests advertise them), not only by IPv4 literal; a
+// name that does not resolve is an error naming it.
+TEST(RemoteStoreTest, NodesAreReachedByName) {
+  constexpr size_t kUnit = 64;
+  std::vector<std::byte> unit(kUnit, std::byte{7}), back(kUnit);
+  auto roundtrip = [&](const std::string& listen, const std::string& connect) {
+    absl::StatusOr<std::unique_ptr<KvStoreServer>> server = KvStoreServer::Start(listen, 0, kUnit, 10);
+    if (!server.ok()) return server.status();
+    absl::StatusOr<std::unique_ptr<KvStoreClient>> client =
+        KvStoreClient::Connect(connect, (*server)->port(), kUnit, absl::Seconds(5));
+    if (!client.ok()) return client.status();
+    const UnitKey key{.session = 1, .layer = 0, .head = 0, .block = 0};
+    if (absl::Status s = (*client)->Put({&key, 1}, unit.data()); !s.ok()) return s;
+    if (absl::Status s = (*client)->Get({&key, 1}, back.data()); !s.ok()) return s;
+    EXPECT_EQ(back, unit) << listen << " -> " << connect;
+    return absl::OkStatus();
+  };
+  EXPECT_TRUE(roundtrip("localhost", "localhost").ok());
+  // IPv6 is refused by name (remote_store.cc says why), not crashed on.
+  absl::StatusOr<std::unique_ptr<KvStoreServer>> v6 = KvStoreServer::Start("[::1]", 0, kUnit, 10);
+  EXPECT_EQ(v6.status().code(), absl::StatusCode::kInvalidArgument) << v6.status();
+  EXPECT_NE(v6.status().message().find("IPv6"), std::string::npos) << v6.status();
+  absl::StatusOr<std::unique_ptr<KvStoreClient>> nowhere =
+      KvStoreClient::Connect("no-such-node.invalid", 4000, kUnit, absl::Seconds(2));
+  ASSERT_FALSE(nowhere.ok());
+  EXPECT_EQ(nowhere.status().code(), absl::StatusCode::kUnavailable) << nowhere.status();
+  EXPECT_NE(nowhere.status().message().find("no-such-node.invalid"), std::string::npos) << nowhere.status();
+}
+
 }  // namespace scout::kvstore
