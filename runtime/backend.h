@@ -37,8 +37,10 @@ struct SequenceInput {
   // quest_selection if it is not null.
   const StsBudget* quest_budget = nullptr;
   kvstore::Selection* quest_selection = nullptr;
-  // Optional, CPU backend: SANTA value sampling (kernels/santa.h) in this pass's attention, > 0
-  // value rows drawn per (KV head, 16 query rows); seeded by santa_seed and the layer.
+  // Optional: SANTA value sampling (kernels/santa.h) in this pass's attention, > 0 value rows
+  // drawn per (KV head, 16 query rows); seeded by santa_seed and the layer. The CUDA backend
+  // takes one sample count per pass (InvalidArgument when the inputs differ) and the first
+  // input's seed.
   int santa_samples = 0;
   uint64_t santa_seed = 0;
 };

@@ -1189,7 +1189,18 @@ absl::StatusOr<int64_t> CudaModel::SequenceLength(SequenceId seq) const {
 
 absl::Status CudaModel::Forward(std::span<const SequenceInput> batch, std::vector<float>* logits) {
   std::vector<float> unused;
-  return impl_->Enqueue(batch, {}, /*capture=*/false, &unused, logits);
+  // SANTA: one sample count a pass (the kernel's); the seeds of the inputs only vary the draw,
+  // so the first one seeds the pass.
+  DeviceStepOptions o;
+  for (const SequenceInput& in : batch) {
+    if (&in != &batch.front() && in.santa_samples != o.santa_samples) {
+      return absl::InvalidArgumentError(absl::StrCat("SANTA samples differ within one pass (", o.santa_samples, " and ",
+                                                     in.santa_samples, "): the CUDA backend takes one per pass"));
+    }
+    o.santa_samples = in.santa_samples;
+  }
+  if (!batch.empty()) o.santa_seed = batch.front().santa_seed;
+  return impl_->Enqueue(batch, o, /*capture=*/false, &unused, logits);
 }
 
 absl::Status CudaModel::ForwardSampled(std::span<const SequenceInput> batch,

@@ -695,6 +695,8 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
         p->mutable_tokens()->Add(in.tokens.begin(), in.tokens.end());
         p->set_all_logits(in.all_logits);
         p->set_want_block_mass(in.block_mass != nullptr);
+        p->set_santa_samples(in.santa_samples);
+        p->set_santa_seed(in.santa_seed);
         if (in.selection != nullptr) {
           v1::Selection* sel = p->mutable_selection();
           sel->set_num_layers(in.selection->num_layers);

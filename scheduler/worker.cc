@@ -470,6 +470,8 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
       b.selection = &sel;
     }
     if (in.want_block_mass()) b.block_mass = &masses[i];
+    b.santa_samples = in.santa_samples();
+    b.santa_seed = in.santa_seed();
     absl::StatusOr<int64_t> len = model_->SequenceLength(in.seq());
     if (!len.ok()) {
       *reply.mutable_status() = rpc::ToProto(len.status());
