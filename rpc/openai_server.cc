@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
@@ -18,10 +19,64 @@ void SendError(HttpResponder& out, int status, const std::string& message, const
   out.Send(status, "application/json", err.dump());
 }
 
+// A chat message's content as one string: a string as it is, an array of parts (as agent
+// frameworks send it) as its text parts joined. A part of another type, or another shape, is an
+// error naming it (empty string returned, *error set).
+template <typename Json>
+std::string ContentText(const Json& content, std::string* error) {
+  if (content.is_string()) return content.template get<std::string>();
+  if (content.is_null()) return "";
+  if (!content.is_array()) {
+    *error = "a message's \"content\" must be a string or an array of text parts";
+    return "";
+  }
+  std::string text;
+  for (const auto& part : content) {
+    if (!part.is_object() || !part.contains("type") || part["type"] != "text" || !part.contains("text") ||
+        !part["text"].is_string()) {
+      *error = absl::StrCat("content part ", part.dump(), " is not supported: only {\"type\": \"text\", \"text\": ...} parts are");
+      return "";
+    }
+    text += part["text"].template get<std::string>();
+  }
+  return text;
+}
+
+// Fields this server does not implement yet: refused by name unless they ask for the default, so
+// that nothing a client sets is silently ignored.
+bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
+  auto refuse = [&](const std::string& field, const std::string& why) {
+    SendError(out, 400, absl::StrCat("\"", field, "\" is not supported by this server", why), "invalid_request_error", field);
+    return true;
+  };
+  if (j.contains("n") && !j["n"].is_null() && !(j["n"].is_number_integer() && j["n"].get<int64_t>() == 1)) {
+    return refuse("n", " (one choice per request; send n requests)");
+  }
+  if (j.contains("best_of") && !j["best_of"].is_null() && !(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == 1)) {
+    return refuse("best_of", "");
+  }
+  for (const char* f : {"logprobs", "top_logprobs"}) {
+    if (!j.contains(f) || j[f].is_null()) continue;
+    const json& v = j[f];
+    const bool off = (v.is_boolean() && !v.get<bool>()) || (!chat && v.is_number_integer() && v.get<int64_t>() == 0);
+    if (!off) return refuse(f, " yet");
+  }
+  for (const char* f : {"frequency_penalty", "presence_penalty"}) {
+    if (j.contains(f) && !j[f].is_null() && !(j[f].is_number() && j[f].get<double>() == 0.0)) return refuse(f, " yet");
+  }
+  if (j.contains("repetition_penalty") && !j["repetition_penalty"].is_null() &&
+      !(j["repetition_penalty"].is_number() && j["repetition_penalty"].get<double>() == 1.0)) {
+    return refuse("repetition_penalty", " yet");
+  }
+  if (j.contains("echo") && j["echo"].is_boolean() && j["echo"].get<bool>()) return refuse("echo", " yet");
+  if (j.contains("logit_bias") && !j["logit_bias"].is_null() && !j["logit_bias"].empty()) return refuse("logit_bias", " yet");
+  return false;
+}
+
 // Parses a completion request body. On error writes the OpenAI-style error and returns false.
 bool ParseCompletion(const std::string& body, const std::string& model_name, bool chat,
                      const runtime::ModelChatTemplate* chat_template, scheduler::CompletionRequest* req, bool* stream,
-                     HttpResponder& out) {
+                     bool* include_usage, HttpResponder& out) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
@@ -39,10 +94,21 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
         return false;
       }
     }
+    if (RefuseUnsupported(j, chat, out)) return false;
     if (chat && chat_template != nullptr) {
       // The model's own template. Parsed again keeping key order: tojson writes tool arguments as
       // the client ordered them.
-      const nlohmann::ordered_json oj = nlohmann::ordered_json::parse(body);
+      nlohmann::ordered_json oj = nlohmann::ordered_json::parse(body);
+      for (auto& m : oj["messages"]) {  // content parts to text, as the templates expect
+        if (!m.is_object() || !m.contains("content") || m["content"].is_string() || m["content"].is_null()) continue;
+        std::string error;
+        std::string text = ContentText(m["content"], &error);
+        if (!error.empty()) {
+          SendError(out, 400, error, "invalid_request_error", "messages");
+          return false;
+        }
+        m["content"] = std::move(text);
+      }
       nlohmann::ordered_json extra = nlohmann::ordered_json::object();
       if (oj.contains("tools") && !oj["tools"].is_null()) extra["tools"] = oj["tools"];
       absl::StatusOr<std::string> text = chat_template->Render(oj["messages"], /*add_generation_prompt=*/true, extra);
@@ -67,7 +133,13 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
         }
         std::string r = role;
         r[0] = static_cast<char>(r[0] - 'a' + 'A');
-        absl::StrAppend(&req->prompt, r, ": ", m.at("content").get<std::string>(), "\n");
+        std::string error;
+        const std::string content = ContentText(m.contains("content") ? m["content"] : json(), &error);
+        if (!error.empty()) {
+          SendError(out, 400, error, "invalid_request_error", "messages");
+          return false;
+        }
+        absl::StrAppend(&req->prompt, r, ": ", content, "\n");
       }
       req->prompt += "Assistant:";
       req->stop.push_back("\nUser:");
@@ -86,10 +158,20 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       return false;
     }
     req->max_tokens = j.value("max_tokens", int64_t{16});
+    // The chat API's current name for it (the SDK sends this one); it wins over max_tokens.
+    if (j.contains("max_completion_tokens") && !j["max_completion_tokens"].is_null()) {
+      req->max_tokens = j["max_completion_tokens"].get<int64_t>();
+    }
     req->sampling.temperature = j.value("temperature", 1.0f);
     req->sampling.top_p = j.value("top_p", 1.0f);
     req->sampling.top_k = j.value("top_k", 0);
-    req->sampling.seed = j.value("seed", uint64_t{0});
+    // Without a seed a request draws fresh randomness; with one it repeats.
+    if (j.contains("seed") && !j["seed"].is_null()) {
+      req->sampling.seed = j["seed"].get<uint64_t>();
+    } else {
+      static std::atomic<uint64_t> fresh{std::random_device{}() * 0x9E3779B97F4A7C15ull};
+      req->sampling.seed = fresh.fetch_add(0xD1B54A32D192ED03ull);
+    }
     req->ignore_eos = j.value("ignore_eos", false);
     if (j.contains("session_id") && !j["session_id"].is_null()) req->session_id = j["session_id"].get<std::string>();
     if (j.contains("stop") && !j["stop"].is_null()) {
@@ -119,6 +201,9 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
     }
     if (j.contains("santa_samples") && !j["santa_samples"].is_null()) req->santa_samples = j["santa_samples"].get<int>();
     *stream = j.value("stream", false);
+    if (j.contains("stream_options") && !j["stream_options"].is_null()) {
+      *include_usage = j["stream_options"].value("include_usage", false);
+    }
   } catch (const json::exception& e) {
     SendError(out, 400, absl::StrCat("malformed field: ", e.what()), "invalid_request_error");
     return false;
@@ -184,8 +269,8 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         return;
       }
       scheduler::CompletionRequest creq;
-      bool stream = false;
-      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, out)) return;
+      bool stream = false, include_usage = false;
+      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, out)) return;
       const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
       const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =
@@ -236,6 +321,11 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         if (!streaming && !out.BeginStream("text/event-stream")) return;
         if (r->finish_reason == "cancelled") return;  // the client is gone
         out.Write(chunk("", r->finish_reason));
+        if (include_usage) {  // stream_options.include_usage: one more chunk, no choices, the usage
+          json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
+                    {"model", model_name}, {"choices", json::array()}, {"usage", usage}};
+          out.Write(absl::StrCat("data: ", c.dump(), "\n\n"));
+        }
         out.Write("data: [DONE]\n\n");
         out.EndStream();
         return;

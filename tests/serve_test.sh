@@ -6,6 +6,7 @@ scout=$1
 src=$2
 fail() { echo "FAIL: $*"; [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; cat serve.err 2>/dev/null; exit 1; }
 source "$(dirname "$0")/server_lib.sh"
+py() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft"
 
@@ -60,6 +61,32 @@ code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
 [ "$(code '{"prompt": "x", "dense_layers": "last"}')" = 400 ] || fail "dense_layers of the wrong type"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/nope")" = 404 ] || fail "unknown route"
 
+# The OpenAI SDK's fields: each implemented or refused by name, none silently ignored.
+usage_stream=$(curl -sN "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true, "stream_options": {"include_usage": true}}')
+echo "$usage_stream" | grep -q '"choices":\[\],.*"usage":{' || echo "$usage_stream" | grep -q '"usage":{.*"choices":\[\]' \
+  || fail "no usage chunk with include_usage: $usage_stream"
+mct=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3, "ignore_eos": true}')
+echo "$mct" | grep -q '"completion_tokens":3' || fail "max_completion_tokens ignored: $mct"
+parts=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": [{"type": "text", "text": "def "}, {"type": "text", "text": "add(a, b):"}]}], "max_tokens": 4, "temperature": 0}')
+flat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 4, "temperature": 0}')
+[ "$(echo "$parts" | py 'd["choices"][0]["message"]["content"]' 2>/dev/null)" = "$(echo "$flat" | py 'd["choices"][0]["message"]["content"]' 2>/dev/null)" ] \
+  || fail "content parts differ from the same text: $parts vs $flat"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}')" = 400 ] \
+  && grep -q "image_url" err.json || fail "image part not refused by name: $(cat err.json)"
+for field in '"n": 2' '"logprobs": 2' '"frequency_penalty": 0.5' '"presence_penalty": 1' '"best_of": 3'; do
+  name=$(echo "$field" | cut -d'"' -f2)
+  [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "\"param\":\"$name\"" err.json || fail "$name not refused by name: $(cat err.json)"
+done
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 2}')" = 400 ] \
+  || fail "chat logprobs not refused"
+[ "$(code '{"prompt": "x", "max_tokens": 2, "n": 1, "logprobs": null, "frequency_penalty": 0}')" = 200 ] || fail "default values refused: $(cat err.json)"
+# No seed: fresh randomness (four sampled continuations are not all the same); a seed repeats.
+texts=$(for i in 1 2 3 4; do curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "temperature": 1, "ignore_eos": true}' | py 'd["choices"][0]["text"]'; done | sort -u | wc -l)
+[ "$texts" -gt 1 ] || fail "unseeded requests all gave the same text"
+s1=$(curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "temperature": 1, "seed": 7}' | py 'd["choices"][0]["text"]')
+s2=$(curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "temperature": 1, "seed": 7}' | py 'd["choices"][0]["text"]')
+[ "$s1" = "$s2" ] || fail "seeded requests differ: [$s1] vs [$s2]"
+
 # A client that goes away mid-stream cancels its request; two clients at once both finish.
 curl -sN --max-time 0.3 "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 4000, "stream": true, "ignore_eos": true}' >/dev/null 2>&1
 curl -s "$base/v1/completions" -d '{"prompt": "x = ", "max_tokens": 20, "seed": 1}' > a.json &
@@ -97,7 +124,6 @@ curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_le
 
 # Agent sessions: the second turn prefills only its new tokens and continues exactly where a
 # one-off request over the whole conversation would.
-py() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 t1=$(curl -s "$base/v1/completions" -d '{"prompt": "def add(a, b):\n    ", "max_tokens": 12, "temperature": 0, "session_id": "agent-1"}')
 echo "$t1" | grep -q '"cached_tokens":0' || fail "first turn: $t1"
 t2=$(curl -s "$base/v1/completions" -d '{"prompt": "\n\ndef sub(a, b):\n    ", "max_tokens": 12, "temperature": 0, "session_id": "agent-1"}')
