@@ -2,7 +2,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <random>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
@@ -73,10 +76,46 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
   return false;
 }
 
+// One prompt of a request: text, or token ids.
+struct PromptItem {
+  std::string text;
+  std::optional<std::vector<int32_t>> ids;
+};
+
+// The completions API's `prompt`: a string, token ids, or a batch of either (one choice each).
+// std::nullopt when it is none of those.
+std::optional<std::vector<PromptItem>> ParsePrompts(const json& prompt) {
+  auto ids_of = [](const json& a) -> std::optional<std::vector<int32_t>> {
+    if (!a.is_array() || a.empty()) return std::nullopt;
+    std::vector<int32_t> ids;
+    for (const json& x : a) {
+      if (!x.is_number_integer()) return std::nullopt;
+      const int64_t v = x.get<int64_t>();
+      if (v < INT32_MIN || v > INT32_MAX) return std::nullopt;
+      ids.push_back(static_cast<int32_t>(v));
+    }
+    return ids;
+  };
+  if (prompt.is_string()) return std::vector<PromptItem>{{.text = prompt.get<std::string>()}};
+  if (!prompt.is_array() || prompt.empty()) return std::nullopt;
+  if (std::optional<std::vector<int32_t>> ids = ids_of(prompt)) return std::vector<PromptItem>{{.ids = std::move(ids)}};
+  std::vector<PromptItem> items;
+  for (const json& p : prompt) {
+    if (p.is_string()) {
+      items.push_back({.text = p.get<std::string>()});
+    } else if (std::optional<std::vector<int32_t>> ids = ids_of(p)) {
+      items.push_back({.ids = std::move(ids)});
+    } else {
+      return std::nullopt;
+    }
+  }
+  return items;
+}
+
 // Parses a completion request body. On error writes the OpenAI-style error and returns false.
 bool ParseCompletion(const std::string& body, const std::string& model_name, bool chat,
                      const runtime::ModelChatTemplate* chat_template, scheduler::CompletionRequest* req, bool* stream,
-                     bool* include_usage, HttpResponder& out) {
+                     bool* include_usage, std::vector<PromptItem>* prompts, HttpResponder& out) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
@@ -147,16 +186,15 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       SendError(out, 400, "\"prompt\" is required", "invalid_request_error", "prompt");
       return false;
     }
-    const json& prompt = chat ? json(req->prompt) : j["prompt"];
-    if (prompt.is_string()) {
-      req->prompt = prompt.get<std::string>();
-    } else if (prompt.is_array() && prompt.size() == 1 && prompt[0].is_string()) {
-      req->prompt = prompt[0].get<std::string>();
-    } else {
-      SendError(out, 400, "\"prompt\" must be a string (batches of prompts are not supported yet)",
+    std::optional<std::vector<PromptItem>> items = ParsePrompts(chat ? json(req->prompt) : j["prompt"]);
+    if (!items.has_value()) {
+      SendError(out, 400, "\"prompt\" must be a string, an array of token ids, or an array of either",
                 "invalid_request_error", "prompt");
       return false;
     }
+    *prompts = std::move(*items);
+    req->prompt = prompts->front().text;
+    req->prompt_ids = prompts->front().ids;
     req->max_tokens = j.value("max_tokens", int64_t{16});
     // The chat API's current name for it (the SDK sends this one); it wins over max_tokens.
     if (j.contains("max_completion_tokens") && !j["max_completion_tokens"].is_null()) {
@@ -220,6 +258,62 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
   return true;
 }
 
+// A batch of prompts (completions API): one engine request each, run at once, answered as one
+// choice per prompt in order (`index` set), usage summed. Not streamed, and not on a session
+// (a session continues one conversation): those are refused by name.
+void RunBatch(scheduler::Engine* engine, const scheduler::CompletionRequest& base, const std::vector<PromptItem>& prompts,
+              bool stream, const std::string& model_name, int64_t number, HttpResponder& out) {
+  if (stream) {
+    SendError(out, 400, "a batch of prompts cannot be streamed yet: send one request per prompt", "invalid_request_error",
+              "stream");
+    return;
+  }
+  if (!base.session_id.empty()) {
+    SendError(out, 400, "a session continues one conversation: a batch of prompts cannot name one",
+              "invalid_request_error", "session_id");
+    return;
+  }
+  std::vector<absl::StatusOr<scheduler::CompletionResult>> results(prompts.size(), absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      scheduler::CompletionRequest r = base;
+      r.prompt = prompts[i].text;
+      r.prompt_ids = prompts[i].ids;
+      r.sampling.seed = base.sampling.seed + i;  // distinct draws, repeatable with a seed
+      results[i] = engine->Complete(r);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  json choices = json::array();
+  int64_t prompt_tokens = 0, completion_tokens = 0, cached = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    if (!results[i].ok()) {
+      const absl::StatusCode code = results[i].status().code();
+      const int status = code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kOutOfRange ? 400
+                         : code == absl::StatusCode::kResourceExhausted                                    ? 429
+                         : code == absl::StatusCode::kUnavailable                                          ? 503
+                                                                                                            : 500;
+      SendError(out, status, absl::StrCat("prompt ", i, ": ", results[i].status().message()),
+                status == 400 ? "invalid_request_error" : "internal_error", "prompt");
+      return;
+    }
+    const scheduler::CompletionResult& r = *results[i];
+    choices.push_back({{"index", i}, {"text", r.text}, {"logprobs", nullptr}, {"finish_reason", r.finish_reason}});
+    prompt_tokens += r.prompt_tokens;
+    completion_tokens += r.completion_tokens;
+    cached += r.cached_tokens;
+  }
+  const int64_t created =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  json body = {{"id", absl::StrCat("cmpl-", number)}, {"object", "text_completion"}, {"created", created},
+               {"model", model_name}, {"choices", choices},
+               {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens},
+                          {"total_tokens", prompt_tokens + completion_tokens},
+                          {"prompt_tokens_details", {{"cached_tokens", cached}}}}}};
+  out.Send(200, "application/json", body.dump());
+}
+
 }  // namespace
 
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
@@ -270,7 +364,14 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       }
       scheduler::CompletionRequest creq;
       bool stream = false, include_usage = false;
-      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, out)) return;
+      std::vector<PromptItem> prompts;
+      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, &prompts, out)) {
+        return;
+      }
+      if (prompts.size() > 1) {
+        RunBatch(engine, creq, prompts, stream, model_name, (*counter)++, out);
+        return;
+      }
       const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
       const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =

@@ -126,6 +126,15 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   if (req.santa_samples.has_value() && *req.santa_samples < 0) {
     return absl::InvalidArgumentError(absl::StrCat("santa_samples must be >= 0, got ", *req.santa_samples));
   }
+  if (req.prompt_ids.has_value()) {
+    if (req.prompt_ids->empty()) return absl::InvalidArgumentError("the prompt's token ids are empty");
+    for (int32_t id : *req.prompt_ids) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("prompt token id ", id, " is outside the vocabulary (0..", config_.vocab_size - 1, ")"));
+      }
+    }
+  }
   if (req.dense_layers.has_value()) {
     const int64_t layers = config_.num_hidden_layers;
     for (int l : *req.dense_layers) {
@@ -274,10 +283,11 @@ bool Engine::Resolve(Request& r) {
     r.ids.clear();
     if (session_seq != 0) {
       if (session_pending >= 0) r.ids.push_back(session_pending);
-      const std::vector<int32_t> more = tokenizer_->Encode(req.prompt, /*add_bos=*/false);
+      const std::vector<int32_t> more =
+          req.prompt_ids.has_value() ? *req.prompt_ids : tokenizer_->Encode(req.prompt, /*add_bos=*/false);
       r.ids.insert(r.ids.end(), more.begin(), more.end());
     } else {
-      r.ids = tokenizer_->Encode(req.prompt, /*add_bos=*/true);
+      r.ids = req.prompt_ids.has_value() ? *req.prompt_ids : tokenizer_->Encode(req.prompt, /*add_bos=*/true);
     }
     r.tokenized_for = session_seq;
   }

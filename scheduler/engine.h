@@ -64,6 +64,9 @@ struct EngineStats {
 
 struct CompletionRequest {
   std::string prompt;
+  // Token ids used instead of `prompt`, as given (no BOS added: the client's tokens are the
+  // prompt, as vLLM takes them). Each must be below the vocabulary size.
+  std::optional<std::vector<int32_t>> prompt_ids;
   int64_t max_tokens = 16;
   runtime::SamplingParams sampling;
   std::vector<std::string> stop;  // generation ends before the first of these strings

@@ -80,6 +80,18 @@ done
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 2}')" = 400 ] \
   || fail "chat logprobs not refused"
 [ "$(code '{"prompt": "x", "max_tokens": 2, "n": 1, "logprobs": null, "frequency_penalty": 0}')" = 200 ] || fail "default values refused: $(cat err.json)"
+# Token-id prompts (the fixtures' bytes, BOS 256 given by the client) and batches of prompts.
+byid=$(curl -s "$base/v1/completions" -d '{"prompt": [256, 100, 101, 102, 32, 102], "max_tokens": 8, "temperature": 0}' | py 'd["choices"][0]["text"]')
+bytext=$(curl -s "$base/v1/completions" -d '{"prompt": "def f", "max_tokens": 8, "temperature": 0}' | py 'd["choices"][0]["text"]')
+[ "$byid" = "$bytext" ] || fail "token-id prompt differs from its text: [$byid] vs [$bytext]"
+batch=$(curl -s "$base/v1/completions" -d '{"prompt": ["def f", [256, 105, 109, 112]], "max_tokens": 8, "temperature": 0}')
+[ "$(echo "$batch" | py 'len(d["choices"])')" = 2 ] || fail "batch: $batch"
+[ "$(echo "$batch" | py 'd["choices"][0]["text"]')" = "$bytext" ] || fail "batch choice 0: $batch"
+[ "$(echo "$batch" | py 'd["choices"][1]["index"]')" = 1 ] || fail "batch index: $batch"
+[ "$(echo "$batch" | py 'd["usage"]["completion_tokens"]')" = 16 ] || fail "batch usage: $batch"
+[ "$(code '{"prompt": [256, 99999], "max_tokens": 2}')" = 400 ] && grep -q "99999" err.json || fail "bad token id: $(cat err.json)"
+[ "$(code '{"prompt": ["a", "b"], "stream": true}')" = 400 ] && grep -q '"param":"stream"' err.json || fail "streamed batch: $(cat err.json)"
+[ "$(code '{"prompt": [1.5]}')" = 400 ] || fail "float prompt"
 # No seed: fresh randomness (four sampled continuations are not all the same); a seed repeats.
 texts=$(for i in 1 2 3 4; do curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "temperature": 1, "ignore_eos": true}' | py 'd["choices"][0]["text"]'; done | sort -u | wc -l)
 [ "$texts" -gt 1 ] || fail "unseeded requests all gave the same text"
