@@ -76,6 +76,21 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
   return false;
 }
 
+// The HTTP status of an engine error: bad requests 400, a full server 429, models down 503.
+int HttpStatusOf(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return 400;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kUnavailable:
+      return 503;
+    default:
+      return 500;
+  }
+}
+
 // One prompt of a request: text, or token ids.
 struct PromptItem {
   std::string text;
@@ -289,11 +304,7 @@ void RunBatch(scheduler::Engine* engine, const scheduler::CompletionRequest& bas
   int64_t prompt_tokens = 0, completion_tokens = 0, cached = 0;
   for (size_t i = 0; i < results.size(); ++i) {
     if (!results[i].ok()) {
-      const absl::StatusCode code = results[i].status().code();
-      const int status = code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kOutOfRange ? 400
-                         : code == absl::StatusCode::kResourceExhausted                                    ? 429
-                         : code == absl::StatusCode::kUnavailable                                          ? 503
-                                                                                                            : 500;
+      const int status = HttpStatusOf(results[i].status().code());
       SendError(out, status, absl::StrCat("prompt ", i, ": ", results[i].status().message()),
                 status == 400 ? "invalid_request_error" : "internal_error", "prompt");
       return;
@@ -397,11 +408,7 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         return out.Write(chunk(std::string(text), nullptr));
       });
       if (!r.ok()) {
-        const absl::StatusCode code = r.status().code();
-        const int status = code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kOutOfRange ? 400
-                           : code == absl::StatusCode::kResourceExhausted                                    ? 429
-                           : code == absl::StatusCode::kUnavailable                                          ? 503
-                                                                                                              : 500;
+        const int status = HttpStatusOf(r.status().code());
         if (!streaming && (status == 429 || status == 503)) {
           json err = {{"error", {{"message", r.status().message()}, {"type", "server_busy"}, {"code", status}}}};
           out.Send(status, "application/json", err.dump(), {{"Retry-After", "1"}});
