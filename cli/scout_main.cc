@@ -681,6 +681,7 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
            {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
            {"host", "0.0.0.0", "address to listen on"},
            {"port", "8000", "port to listen on (0: any free port, printed at start)"},
+           {"max-request-bytes", "67108864", "largest request body accepted; larger ones get 413"},
            {"help", "", "show this help", true},
        }) {
     specs.push_back(f);
@@ -707,16 +708,18 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                 monitoring::ServerMetrics::Collector extra_metrics = nullptr) {
   absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
                           max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
-                          max_num_seqs = flags.GetInt("max-num-seqs"), prefill_chunk = flags.GetInt("prefill-chunk");
+                          max_num_seqs = flags.GetInt("max-num-seqs"), prefill_chunk = flags.GetInt("prefill-chunk"),
+                          max_request_bytes = flags.GetInt("max-request-bytes");
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
                          idle_timeout = flags.GetDouble("session-idle-timeout");
   for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
-                                max_num_seqs.status(), prefill_chunk.status(), shutdown_timeout.status(),
-                                idle_timeout.status()}) {
+                                max_num_seqs.status(), prefill_chunk.status(), max_request_bytes.status(),
+                                shutdown_timeout.status(), idle_timeout.status()}) {
     if (!s.ok()) return Fail(s);
   }
   if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
   if (*prefill_chunk < 1) return Fail(absl::InvalidArgumentError("--prefill-chunk must be >= 1"));
+  if (*max_request_bytes < 1) return Fail(absl::InvalidArgumentError("--max-request-bytes must be >= 1"));
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
   absl::StatusOr<std::optional<runtime::ModelChatTemplate>> chat_template = runtime::LoadChatTemplate(flags.Get("model"));
@@ -755,7 +758,8 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
   scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
-                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr));
+                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr),
+                             {.max_request_bytes = static_cast<size_t>(*max_request_bytes)});
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d%s%s\n", name.c_str(), flags.Get("host").c_str(),
                (*server)->port(), *engine.round_name() != '\0' ? ", speculative rounds: " : "", engine.round_name());

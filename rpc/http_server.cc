@@ -1,5 +1,8 @@
 #include "rpc/http_server.h"
 
+#include <sys/socket.h>
+#include <sys/time.h>
+
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -73,7 +76,28 @@ class BeastResponder final : public HttpResponder {
 
 }  // namespace
 
+// 413 for a body over the limit, then the rest of what the client sends is read and dropped (for
+// at most a second) so that it sees the answer rather than a reset connection.
+static void RefuseTooLarge(tcp::socket& socket, size_t limit) {
+  BeastResponder responder(socket, /*keep_alive=*/false);
+  const std::string msg = absl::StrCat("request body over the server's limit of ", limit,
+                                       " bytes (--max-request-bytes)");
+  responder.Send(413, "application/json",
+                 absl::StrCat(R"({"error":{"message":")", msg, R"(","type":"invalid_request_error","code":413}})"), {});
+  beast::error_code ec;
+  socket.shutdown(tcp::socket::shutdown_send, ec);
+  const timeval timeout{.tv_sec = 1, .tv_usec = 0};
+  ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  char sink[1 << 16];
+  const absl::Time deadline = absl::Now() + absl::Seconds(1);
+  while (absl::Now() < deadline) {
+    const size_t n = socket.read_some(asio::buffer(sink), ec);
+    if (ec || n == 0) break;
+  }
+}
+
 struct HttpServer::Impl {
+  HttpServerOptions options;
   asio::io_context io;
   tcp::acceptor acceptor{io};
   HttpHandler handler;
@@ -95,9 +119,13 @@ struct HttpServer::Impl {
     beast::flat_buffer buffer;
     while (!stopping) {
       http::request_parser<http::string_body> parser;
-      parser.body_limit(64 << 20);
+      parser.body_limit(options.max_request_bytes);
       beast::error_code ec;
       http::read(socket, buffer, parser, ec);
+      if (ec == http::error::body_limit) {
+        RefuseTooLarge(socket, options.max_request_bytes);
+        break;
+      }
       if (ec) break;
       const auto& req = parser.get();
       HttpRequest r{std::string(req.method_string()), std::string(req.target()), req.body()};
@@ -120,11 +148,13 @@ struct HttpServer::Impl {
   }
 };
 
-absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& host, int port, HttpHandler handler) {
+absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& host, int port, HttpHandler handler,
+                                                               const HttpServerOptions& options) {
   std::unique_ptr<HttpServer> server(new HttpServer());
   server->impl_ = std::make_unique<Impl>();
   Impl& impl = *server->impl_;
   impl.handler = std::move(handler);
+  impl.options = options;
   beast::error_code ec;
   const auto address = asio::ip::make_address(host, ec);
   if (ec) return absl::InvalidArgumentError(absl::StrCat("bad listen address \"", host, "\": ", ec.message()));

@@ -34,11 +34,17 @@ class HttpResponder {
 
 using HttpHandler = std::function<void(const HttpRequest&, HttpResponder&)>;
 
+struct HttpServerOptions {
+  // A request whose body is larger gets 413 with OpenAI's error object, and its connection closes.
+  size_t max_request_bytes = size_t{64} << 20;
+};
+
 class HttpServer {
  public:
   // Listens on host:port (port 0: any free port; see port()). Unavailable naming the address if
   // it cannot bind.
-  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& host, int port, HttpHandler handler);
+  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& host, int port, HttpHandler handler,
+                                                           const HttpServerOptions& options = {});
   ~HttpServer();  // stops accepting and joins the connection threads
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;

@@ -8,7 +8,7 @@ fail() { echo "FAIL: $*"; [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; cat serv
 source "$(dirname "$0")/server_lib.sh"
 py() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
-start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft"
+start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/models/scout-tiny-draft" --max-request-bytes 1048576
 
 [ "$(curl -s "$base/health")" = "OK" ] || fail "/health"
 [ "$(curl -s "$base/ready")" = "ready" ] || fail "/ready"
@@ -60,6 +60,12 @@ code() { curl -s -o err.json -w '%{http_code}' "$base/v1/completions" -d "$1"; }
   || fail "dense_layers past the model"
 [ "$(code '{"prompt": "x", "dense_layers": "last"}')" = 400 ] || fail "dense_layers of the wrong type"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/nope")" = 404 ] || fail "unknown route"
+
+# A body over --max-request-bytes gets 413 with the error object; the server goes on.
+python3 -c 'import json; print(json.dumps({"prompt": "x" * 3000000, "max_tokens": 1}))' > big.json
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/completions" --data-binary @big.json)" = 413 ] \
+  && grep -q "max-request-bytes" err.json || fail "oversized body: $(cat err.json)"
+[ "$(curl -s "$base/health")" = "OK" ] || fail "/health after an oversized body"
 
 # The OpenAI SDK's fields: each implemented or refused by name, none silently ignored.
 usage_stream=$(curl -sN "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true, "stream_options": {"include_usage": true}}')
