@@ -9,6 +9,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "cli/flags.h"
@@ -682,11 +683,43 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
            {"host", "0.0.0.0", "address to listen on"},
            {"port", "8000", "port to listen on (0: any free port, printed at start)"},
            {"max-request-bytes", "67108864", "largest request body accepted; larger ones get 413"},
+           {"api-key", "", "API keys clients must send as Authorization: Bearer KEY, comma-separated (also SCOUT_API_KEY); each key is a tenant with its own sessions"},
+           {"api-key-file", "", "a file of API keys, one a line (with --api-key and SCOUT_API_KEY)"},
            {"help", "", "show this help", true},
        }) {
     specs.push_back(f);
   }
   return WithStsFlags(std::move(specs), "with --draft: target attention while verifying, dense or sts");
+}
+
+// The API keys of --api-key (comma-separated), --api-key-file (one a line; blank lines and
+// '#' comments skipped) and SCOUT_API_KEY, deduplicated in that order. NotFound for a missing
+// file; InvalidArgument for a key with spaces.
+absl::StatusOr<std::vector<std::string>> ApiKeys(const Flags& flags) {
+  std::vector<std::string> keys;
+  auto add = [&](absl::string_view key) -> absl::Status {
+    key = absl::StripAsciiWhitespace(key);
+    if (key.empty() || key[0] == '#') return absl::OkStatus();
+    if (key.find_first_of(" \t") != absl::string_view::npos) {
+      return absl::InvalidArgumentError("an API key may not contain spaces");
+    }
+    if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.emplace_back(key);
+    return absl::OkStatus();
+  };
+  for (absl::string_view k : absl::StrSplit(flags.Get("api-key"), ',')) {
+    if (absl::Status s = add(k); !s.ok()) return s;
+  }
+  if (!flags.Get("api-key-file").empty()) {
+    absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get("api-key-file"));
+    if (!text.ok()) return text.status();
+    for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+      if (absl::Status s = add(line); !s.ok()) return s;
+    }
+  }
+  if (const char* env = std::getenv("SCOUT_API_KEY"); env != nullptr) {
+    if (absl::Status s = add(env); !s.ok()) return s;
+  }
+  return keys;
 }
 
 // Blocks SIGINT and SIGTERM (taken by sigwait later) before any thread starts, and ignores
@@ -753,12 +786,15 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
     engine_options.draft_refresh_rounds = rc->draft_refresh_rounds;
     engine_options.santa_samples = rc->santa_samples;
   }
+  absl::StatusOr<std::vector<std::string>> api_keys = ApiKeys(flags);
+  if (!api_keys.ok()) return Fail(api_keys.status());
   monitoring::ServerMetrics metrics;
   if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));
   scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
-                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr),
+                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
+                                                    {.api_keys = *api_keys}),
                              {.max_request_bytes = static_cast<size_t>(*max_request_bytes)});
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d%s%s\n", name.c_str(), flags.Get("host").c_str(),

@@ -128,7 +128,8 @@ struct HttpServer::Impl {
       }
       if (ec) break;
       const auto& req = parser.get();
-      HttpRequest r{std::string(req.method_string()), std::string(req.target()), req.body()};
+      HttpRequest r{std::string(req.method_string()), std::string(req.target()), req.body(),
+                    std::string(req[http::field::authorization])};
       BeastResponder responder(socket, req.keep_alive());
       {
         absl::MutexLock lock(&mu);

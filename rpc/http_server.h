@@ -18,6 +18,7 @@ struct HttpRequest {
   std::string method;  // "GET", "POST", ...
   std::string target;  // path and query
   std::string body;
+  std::string authorization;  // the Authorization header, "" when absent
 };
 
 // How a handler answers. Either Send once, or BeginStream, then Write chunks, then EndStream.

@@ -1,12 +1,16 @@
 #include "rpc/openai_server.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <optional>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 
@@ -74,6 +78,13 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
   if (j.contains("echo") && j["echo"].is_boolean() && j["echo"].get<bool>()) return refuse("echo", " yet");
   if (j.contains("logit_bias") && !j["logit_bias"].is_null() && !j["logit_bias"].empty()) return refuse("logit_bias", " yet");
   return false;
+}
+
+bool ValidSessionId(const std::string& id) {
+  if (id.empty() || id.size() > 128) return false;
+  return std::all_of(id.begin(), id.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == ':' || c == '-';
+  });
 }
 
 // The HTTP status of an engine error: bad requests 400, a full server 429, models down 503.
@@ -226,7 +237,14 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       req->sampling.seed = fresh.fetch_add(0xD1B54A32D192ED03ull);
     }
     req->ignore_eos = j.value("ignore_eos", false);
-    if (j.contains("session_id") && !j["session_id"].is_null()) req->session_id = j["session_id"].get<std::string>();
+    if (j.contains("session_id") && !j["session_id"].is_null()) {
+      req->session_id = j["session_id"].get<std::string>();
+      if (!ValidSessionId(req->session_id)) {
+        SendError(out, 400, "\"session_id\" must be 1 to 128 bytes of letters, digits and . _ : -",
+                  "invalid_request_error", "session_id");
+        return false;
+      }
+    }
     if (j.contains("stop") && !j["stop"].is_null()) {
       if (j["stop"].is_string()) {
         req->stop.push_back(j["stop"].get<std::string>());
@@ -328,10 +346,30 @@ void RunBatch(scheduler::Engine* engine, const scheduler::CompletionRequest& bas
 }  // namespace
 
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
-                              const std::string& model_name, const runtime::ModelChatTemplate* chat_template) {
+                              const std::string& model_name, const runtime::ModelChatTemplate* chat_template,
+                              const FrontEndOptions& options) {
   auto counter = std::make_shared<std::atomic<int64_t>>(0);
-  return [engine, metrics, model_name, chat_template, counter](const HttpRequest& req, HttpResponder& out) {
+  // Each key's tenant is its position: sessions live in the engine as "tN/<id>" ('/' is not in a
+  // client's session id, so tenants cannot reach each other's).
+  auto tenants = std::make_shared<absl::flat_hash_map<std::string, std::string>>();
+  for (size_t i = 0; i < options.api_keys.size(); ++i) tenants->emplace(options.api_keys[i], absl::StrCat("t", i, "/"));
+  return [engine, metrics, model_name, chat_template, counter, tenants](const HttpRequest& req, HttpResponder& out) {
     const std::string path = req.target.substr(0, req.target.find('?'));
+    std::string tenant;  // prefix of this client's sessions in the engine
+    if (!tenants->empty() && path.rfind("/v1/", 0) == 0) {
+      constexpr absl::string_view kBearer = "Bearer ";
+      const auto it = absl::StartsWith(req.authorization, kBearer)
+                          ? tenants->find(req.authorization.substr(kBearer.size()))
+                          : tenants->end();
+      if (it == tenants->end()) {
+        json err = {{"error", {{"message", req.authorization.empty() ? "no API key: send Authorization: Bearer KEY"
+                                                                     : "invalid API key"},
+                               {"type", "invalid_request_error"}, {"code", "invalid_api_key"}}}};
+        out.Send(401, "application/json", err.dump(), {{"WWW-Authenticate", "Bearer"}});
+        return;
+      }
+      tenant = it->second;
+    }
     if (path == "/health") {
       if (engine->draining()) {
         out.Send(503, "text/plain", "draining");
@@ -349,12 +387,15 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
     } else if (path == "/v1/sessions" && req.method == "GET") {
       json data = json::array();
       for (const scheduler::SessionInfo& si : engine->ListSessions()) {
-        data.push_back({{"id", si.id}, {"object", "session"}, {"tokens", si.tokens}});
+        if (!absl::StartsWith(si.id, tenant) || si.id.find('/', tenant.size()) != std::string::npos) continue;
+        data.push_back({{"id", si.id.substr(tenant.size())}, {"object", "session"}, {"tokens", si.tokens}});
       }
       out.Send(200, "application/json", json({{"object", "list"}, {"data", data}}).dump());
     } else if (path.rfind("/v1/sessions/", 0) == 0 && req.method == "DELETE") {
       const std::string id = path.substr(std::string("/v1/sessions/").size());
-      absl::Status st = engine->DeleteSession(id);
+      absl::Status st = ValidSessionId(id) ? engine->DeleteSession(tenant + id)
+                                           : absl::NotFoundError(absl::StrCat("no session \"", id, "\""));
+      if (st.code() == absl::StatusCode::kNotFound) st = absl::NotFoundError(absl::StrCat("no session \"", id, "\""));
       if (st.code() == absl::StatusCode::kNotFound) {
         SendError(out, 404, std::string(st.message()), "invalid_request_error", "session_id");
       } else if (!st.ok()) {
@@ -383,6 +424,7 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         RunBatch(engine, creq, prompts, stream, model_name, (*counter)++, out);
         return;
       }
+      if (!creq.session_id.empty()) creq.session_id = tenant + creq.session_id;
       const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
       const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "monitoring/metrics.h"
 #include "rpc/http_server.h"
@@ -11,11 +12,21 @@
 
 namespace scout::rpc {
 
+struct FrontEndOptions {
+  // Empty: every client is served (one tenant). Otherwise /v1/* answer 401 without
+  // `Authorization: Bearer KEY` for one of these keys, and each key is a tenant: a session
+  // belongs to the key that made it, and another key neither lists, continues nor deletes it
+  // (the same id under another key is another session). /health, /ready and /metrics stay open.
+  std::vector<std::string> api_keys;
+};
+
 // The handler for HttpServer. engine, metrics and chat_template must outlive the server.
 // /v1/chat/completions renders `messages` (and `tools`) with chat_template, the model folder's
-// (runtime::LoadChatTemplate); without one, with the fixtures' "Role: content" lines.
+// (runtime::LoadChatTemplate); without one, with the fixtures' "Role: content" lines. Session ids
+// are at most 128 bytes of [A-Za-z0-9._:-] (400 otherwise).
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
                               const std::string& model_name,
-                              const runtime::ModelChatTemplate* chat_template = nullptr);
+                              const runtime::ModelChatTemplate* chat_template = nullptr,
+                              const FrontEndOptions& options = {});
 
 }  // namespace scout::rpc

@@ -191,4 +191,32 @@ echo "$chat" | grep -q '"prompt_tokens":28' || fail "chat template not applied: 
   && grep -q 'must alternate' err.json || fail "template's raise_exception: $(cat err.json)"
 kill -TERM "$pid"
 wait "$pid"
+
+# API keys and tenants: /v1 answers 401 without a valid key; each key sees, continues and deletes
+# only its own sessions; /health and /metrics stay open; bad session ids are 400.
+printf '# keys\nkey-two\n' > keys.txt
+SCOUT_API_KEY=key-three start_server serve.err --model "$src/models/scout-tiny-target" --api-key key-one --api-key-file keys.txt
+a1=(-H "Authorization: Bearer key-one")
+a2=(-H "Authorization: Bearer key-two")
+a3=(-H "Authorization: Bearer key-three")
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/models")" = 401 ] && grep -q "no API key" err.json || fail "no key: $(cat err.json)"
+[ "$(curl -s -o err.json -w '%{http_code}' -H "Authorization: Bearer nope" "$base/v1/models")" = 401 ] || fail "bad key"
+[ "$(curl -s -o /dev/null -w '%{http_code}' "${a3[@]}" "$base/v1/models")" = 200 ] || fail "SCOUT_API_KEY key refused"
+[ "$(curl -s "$base/health")" = "OK" ] || fail "/health behind the key"
+curl -s "$base/metrics" | grep -q "^scout_" || fail "/metrics behind the key"
+k1=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 4, "temperature": 0, "session_id": "mine"}')
+echo "$k1" | grep -q '"cached_tokens":0' || fail "key one's first turn: $k1"
+curl -s "${a1[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key one does not see its session"
+curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"mine"' && fail "key two sees key one's session"
+[ "$(curl -s -o /dev/null -w '%{http_code}' "${a2[@]}" -X DELETE "$base/v1/sessions/mine")" = 404 ] || fail "key two deleted key one's session"
+k2=$(curl -s "${a2[@]}" "$base/v1/completions" -d '{"prompt": "x", "max_tokens": 2, "session_id": "mine"}')
+echo "$k2" | grep -q '"cached_tokens":0' || fail "key two continued key one's session: $k2"
+k1b=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "\n", "max_tokens": 2, "session_id": "mine"}')
+echo "$k1b" | grep -q '"cached_tokens":[1-9]' || fail "key one's session lost: $k1b"
+[ "$(curl -s -o /dev/null -w '%{http_code}' "${a1[@]}" -X DELETE "$base/v1/sessions/mine")" = 200 ] || fail "key one cannot delete its session"
+curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key two's own session gone with key one's"
+[ "$(curl -s -o err.json -w '%{http_code}' "${a1[@]}" "$base/v1/completions" -d '{"prompt": "x", "session_id": "a/b"}')" = 400 ] \
+  && grep -q '"param":"session_id"' err.json || fail "bad session id: $(cat err.json)"
+kill -TERM "$pid"
+wait "$pid"
 echo "serve_test: ok"
