@@ -40,6 +40,24 @@ ServerMetrics::ServerMetrics()
                                        {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600})),
       inter_token_latency(NewHistogram(*registry_, "scout_inter_token_latency_seconds", "Time between tokens",
                                        {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})),
+      e2e_request_latency(NewHistogram(*registry_, "scout_e2e_request_latency_seconds",
+                                       "Request arrival to its last token",
+                                       {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800})),
+      request_queue_time(NewHistogram(*registry_, "scout_request_queue_time_seconds",
+                                      "Time a request waited before it started",
+                                      {0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300})),
+      request_prefill_time(NewHistogram(*registry_, "scout_request_prefill_time_seconds",
+                                        "Request start to its first token (prefill)",
+                                        {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600})),
+      request_decode_time(NewHistogram(*registry_, "scout_request_decode_time_seconds",
+                                       "A request's first token to its last (decode)",
+                                       {0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600})),
+      request_prompt_tokens(NewHistogram(*registry_, "scout_request_prompt_tokens", "Prompt tokens prefilled per request",
+                                         {16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576})),
+      request_generation_tokens(NewHistogram(*registry_, "scout_request_generation_tokens", "Tokens generated per request",
+                                             {1, 4, 16, 64, 256, 1024, 4096, 16384})),
+      session_cached_tokens(NewCounter(*registry_, "scout_session_cached_tokens_total",
+                                       "Prompt tokens served from a session's kept KV instead of prefilled")),
       kv_cache_usage(NewGauge(*registry_, "scout_kv_cache_usage_ratio", "Fraction of the KV pool's blocks in use")),
       sessions_evicted(NewCounter(*registry_, "scout_sessions_evicted_total",
                                   "Idle agent sessions whose KV was dropped (idle timeout or KV pressure)")),
@@ -74,6 +92,10 @@ ServerMetrics::ServerMetrics()
                            .Name("scout_attention_layer_blocks_read_ratio")
                            .Help("Share of the context's KV blocks a request's verification read, per target layer")
                            .Register(*registry_);
+  request_success_ = &prometheus::BuildCounter()
+                          .Name("scout_request_success_total")
+                          .Help("Requests finished without error, by why they ended")
+                          .Register(*registry_);
 }
 
 prometheus::Histogram& ServerMetrics::LayerBlocksReadRatio(int layer) {
@@ -95,6 +117,10 @@ std::string ServerMetrics::Serialize() const {
     families.insert(families.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
   }
   return prometheus::TextSerializer().Serialize(families);
+}
+
+prometheus::Counter& ServerMetrics::RequestSuccess(const std::string& finish_reason) {
+  return request_success_->Add({{"finished_reason", finish_reason}});
 }
 
 }  // namespace scout::monitoring

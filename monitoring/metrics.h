@@ -20,6 +20,7 @@ class ServerMetrics {
  private:
   std::shared_ptr<prometheus::Registry> registry_;  // first: the metrics below live in it
   prometheus::Family<prometheus::Histogram>* layer_read_ratio_ = nullptr;
+  prometheus::Family<prometheus::Counter>* request_success_ = nullptr;
 
  public:
   ServerMetrics();
@@ -37,6 +38,18 @@ class ServerMetrics {
   prometheus::Gauge& requests_waiting;      // scout_num_requests_waiting
   prometheus::Histogram& time_to_first_token;  // scout_time_to_first_token_seconds
   prometheus::Histogram& inter_token_latency;  // scout_inter_token_latency_seconds
+  // A request's life, as vLLM names them: arrival to its last token; waiting before it started;
+  // started to its first token (prefill); first token to last (decode). Finished requests only.
+  prometheus::Histogram& e2e_request_latency;   // scout_e2e_request_latency_seconds
+  prometheus::Histogram& request_queue_time;    // scout_request_queue_time_seconds
+  prometheus::Histogram& request_prefill_time;  // scout_request_prefill_time_seconds
+  prometheus::Histogram& request_decode_time;   // scout_request_decode_time_seconds
+  prometheus::Histogram& request_prompt_tokens;      // scout_request_prompt_tokens (prefilled)
+  prometheus::Histogram& request_generation_tokens;  // scout_request_generation_tokens
+  // Prompt tokens a session served from its kept KV instead of prefilling (vLLM's prefix-cache hits).
+  prometheus::Counter& session_cached_tokens;        // scout_session_cached_tokens_total
+  // scout_request_success_total{finished_reason="stop"|"length"|"cancelled"}.
+  prometheus::Counter& RequestSuccess(const std::string& finish_reason);
   prometheus::Gauge& kv_cache_usage;        // scout_kv_cache_usage_ratio: KV pool blocks in use / all
   prometheus::Counter& sessions_evicted;    // scout_sessions_evicted_total: idle sessions whose KV was dropped
   prometheus::Histogram& decode_batch_size;  // scout_decode_batch_size: requests per decode pass

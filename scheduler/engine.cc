@@ -36,6 +36,7 @@ struct Engine::Request {
   bool stop_hit = false;
   int32_t last_token = -1;   // sampled, not yet in the cache
   Clock::time_point start = Clock::now(), last;
+  Clock::time_point started_at, first_token_at;  // when it left the queue; its first token
   bool first = true;
   CompletionResult result;
   std::atomic<bool> cancelled{false};
@@ -310,6 +311,7 @@ void Engine::AssignSequence(Request& r) {
     r.seq = next_seq_++;
   }
   r.started = true;
+  r.started_at = Clock::now();
 }
 
 absl::Status Engine::CheckLength(const Request& r) const {
@@ -604,6 +606,7 @@ bool Engine::OnToken(Request& r, int32_t token) {
   const auto now = Clock::now();
   (r.first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
       .Observe(std::chrono::duration<double>(now - (r.first ? r.start : r.last)).count());
+  if (r.first) r.first_token_at = now;
   r.first = false;
   r.last = now;
   r.last_token = token;
@@ -693,6 +696,21 @@ void Engine::Finish(Request& r, absl::Status status) {
     (r.cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
     metrics_->prompt_tokens.Increment(static_cast<double>(r.result.prompt_tokens));
     metrics_->generation_tokens.Increment(static_cast<double>(r.result.completion_tokens));
+    // The request's life (only requests that started and produced tokens have every phase).
+    const auto now = Clock::now();
+    auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+    metrics_->e2e_request_latency.Observe(seconds(now - r.start));
+    if (r.started) {
+      metrics_->request_queue_time.Observe(seconds(r.started_at - r.start));
+      if (!r.first) {
+        metrics_->request_prefill_time.Observe(seconds(r.first_token_at - r.started_at));
+        metrics_->request_decode_time.Observe(seconds(now - r.first_token_at));
+      }
+    }
+    metrics_->request_prompt_tokens.Observe(static_cast<double>(r.result.prompt_tokens));
+    metrics_->request_generation_tokens.Observe(static_cast<double>(r.result.completion_tokens));
+    metrics_->session_cached_tokens.Increment(static_cast<double>(r.result.cached_tokens));
+    metrics_->RequestSuccess(r.result.finish_reason).Increment();
   }
   absl::MutexLock lock(&mu_);
   if (session) {

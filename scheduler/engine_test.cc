@@ -231,6 +231,15 @@ TEST(EngineTest, SessionsWithADraftContinueExactly) {
   EXPECT_EQ(t2->text, one->text);
   EXPECT_EQ(engine.ListSessions().at(0).tokens, t2->cached_tokens + t2->prompt_tokens + t2->completion_tokens);
   EXPECT_TRUE(engine.DeleteSession("agent").ok());
+  // The requests' lives in /metrics: three finished by length, the session's reuse counted.
+  EXPECT_EQ(metrics.session_cached_tokens.Value(), t2->cached_tokens);
+  const std::string text = metrics.Serialize();
+  for (const char* want : {"scout_request_success_total{finished_reason=\"length\"} 3",
+                           "scout_e2e_request_latency_seconds_count 3", "scout_request_queue_time_seconds_count 3",
+                           "scout_request_prefill_time_seconds_count 3", "scout_request_decode_time_seconds_count 3",
+                           "scout_request_generation_tokens_sum 36"}) {
+    EXPECT_NE(text.find(want), std::string::npos) << want;
+  }
 }
 
 // With a draft, concurrent requests run their speculative rounds together (each draft step and
