@@ -137,17 +137,13 @@ int MaxList(const std::vector<int32_t>& off) {
 
 }  // namespace
 
-// One group of a round (round_plan.h: PlanRoundGroups), with the options its members share.
+// One group of a round (round_plan.h: PlanRoundGroups): its streams, the options they share (the
+// first stream's), and the tokens each drafts.
 struct CudaRound::Group {
   std::vector<SpeculativeStream*> streams;
-  const HeadMap* head_map = nullptr;
-  StsBudget budget;
-  const HeadMap* draft_map = nullptr;
-  StsBudget draft_budget;
-  int refresh_rounds = 1;
-  int santa = 0;
-  bool greedy = true;
+  const SpeculativeOptions* o = nullptr;
   int k = 0;
+  bool greedy() const { return o->sampling.temperature == 0; }
 };
 
 struct CudaRound::Buffers {
@@ -201,10 +197,7 @@ absl::Status CudaRound::Run(std::span<SpeculativeStream* const> streams) {
   }
   std::vector<Group> groups;
   for (const RoundGroup& rg : PlanRoundGroups(plan)) {
-    const SpeculativeOptions& o = live[rg.members[0]]->options();
-    Group g{.head_map = o.head_map, .budget = o.sts_budget, .draft_map = o.draft_head_map, .draft_budget = o.draft_budget,
-            .refresh_rounds = std::max(1, o.draft_refresh_rounds), .santa = o.santa_samples,
-            .greedy = o.sampling.temperature == 0, .k = rg.k};
+    Group g{.o = &live[rg.members[0]]->options(), .k = rg.k};
     for (int m : rg.members) g.streams.push_back(live[m]);
     groups.push_back(std::move(g));
   }
@@ -238,8 +231,8 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   const runtime::ModelConfig &tc = target_.config(), &dc = draft_.config();
   const int64_t vocab = tc.vocab_size;
   const bool tier = target_.host_tier();
-  const bool sts = g.head_map != nullptr && k > 0;
-  const bool sd = g.draft_map != nullptr && k > 0;
+  const bool sts = g.o->head_map != nullptr && k > 0;
+  const bool sd = g.o->draft_head_map != nullptr && k > 0;
   const int tl = static_cast<int>(tc.num_hidden_layers), tkv = static_cast<int>(tc.num_key_value_heads);
   const int dl = static_cast<int>(dc.num_hidden_layers), dkv = static_cast<int>(dc.num_key_value_heads);
   const int dh_total = static_cast<int>(dc.num_hidden_layers * dc.num_attention_heads);
@@ -261,7 +254,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   if (sd) {
     std::vector<SequenceId> seqs;
     for (SpeculativeStream* s : g.streams) seqs.push_back(s->seq());
-    refresh = b.sd.StartRound(seqs, g.draft_map->units, draft_end, g.refresh_rounds, k);
+    refresh = b.sd.StartRound(seqs, g.o->draft_head_map->units, draft_end, g.o->draft_refresh_rounds, k);
   }
   int stride = *std::max_element(nb_verify.begin(), nb_verify.end());
   if (sd) stride = std::max(stride, b.sd.max_bound());
@@ -293,24 +286,24 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   kernels::BlockSelectParams tsp, dsp;
   std::vector<int32_t> t_off;
   if (sts) {
-    ROUND_TRY(b.t_map.Set(ddev, *g.head_map, ds));
+    ROUND_TRY(b.t_map.Set(ddev, *g.o->head_map, ds));
     std::vector<int64_t> first_new(B);
     for (int j = 0; j < B; ++j) first_new[j] = g.streams[j]->target_before_;
-    const int window = VerifyWindowBlocks(g.budget, first_new, nb_verify);
-    t_off = StsListOffsets(nb_verify, tl, tkv, g.budget, window);
+    const int window = VerifyWindowBlocks(g.o->sts_budget, first_new, nb_verify);
+    t_off = StsListOffsets(nb_verify, tl, tkv, g.o->sts_budget, window);
     ROUND_TRY(b.t_indptr.Send(ddev, t_off, ds, "selection offsets"));
     ROUND_TRY(b.t_num_blocks.Send(ddev, nb_verify, ds, "selection lengths"));
     ROUND_TRY(b.t_blocks.Reserve(ddev, sizeof(int32_t) * t_off.back(), "target lists"));
     tsp = {.mass = b.mass.as<float>(), .num_blocks = b.t_num_blocks.data(), .map_indptr = b.t_map.indptr.data(),
            .map_heads = b.t_map.heads.data(), .out_indptr = b.t_indptr.data(), .out_blocks = b.t_blocks.as<int32_t>(),
            .num_seqs = B, .num_positions = slots, .num_draft_heads = dh_total, .max_blocks = stride,
-           .num_units = tl * tkv, .budget_blocks = 0, .sink_blocks = g.budget.sink_blocks, .window_blocks = window};
+           .num_units = tl * tkv, .budget_blocks = 0, .sink_blocks = g.o->sts_budget.sink_blocks, .window_blocks = window};
     ROUND_TRY(b.t_scratch.Reserve(ddev, kernels::BlockSelectScratchBytes(tsp), "selection scratch"));
   }
   if (refresh) {
-    ROUND_TRY(b.d_map.Set(ddev, *g.draft_map, ds));
-    const int ahead_window = g.draft_budget.window_blocks + b.sd.ahead_blocks();
-    StsBudget db = g.draft_budget;
+    ROUND_TRY(b.d_map.Set(ddev, *g.o->draft_head_map, ds));
+    const int ahead_window = g.o->draft_budget.window_blocks + b.sd.ahead_blocks();
+    StsBudget db = g.o->draft_budget;
     db.dense_layers.clear();  // the draft's own lists: no dense layers of the target's budget
     std::vector<int32_t> d_off = StsListOffsets(b.sd.bound(), dl, dkv, db, ahead_window);
     ROUND_TRY(b.d_indptr.Send(ddev, d_off, ds, "draft selection offsets"));
@@ -326,7 +319,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     b.sd_list_units.resize(B);
     for (int j = 0; j < B; ++j) b.sd_list_units[j] = d_off[(j + 1) * units] - d_off[j * units];
   }
-  if (!g.greedy && k > 0) {
+  if (!g.greedy() && k > 0) {
     ROUND_TRY(b.draft_logits.Reserve(ddev, sizeof(float) * k * B * vocab, "draft logits"));
     ROUND_TRY(b.sample_rows.Reserve(ddev, sizeof(kernels::SampleRowParams) * k * B, "sampling parameters"));
     ROUND_TRY(b.sample_stage.Reserve(sizeof(kernels::SampleRowParams) * k * B));
@@ -348,7 +341,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   // pinned allocation can wait for the device).
   ROUND_TRY(b.readback.Reserve(sizeof(int32_t) * (B * (k + 1) + k * B)));
   const size_t target_floats = static_cast<size_t>(B) * (k + 1) * vocab, draft_floats = static_cast<size_t>(k) * B * vocab;
-  if (!g.greedy) ROUND_TRY(b.logits_back.Reserve(sizeof(float) * (target_floats + draft_floats)));
+  if (!g.greedy()) ROUND_TRY(b.logits_back.Reserve(sizeof(float) * (target_floats + draft_floats)));
   ROUND_TRY(b.pending.Reserve(sizeof(int32_t) * B));
   ROUND_TRY(b.verify_tokens.Reserve(tdev, sizeof(int32_t) * B * (k + 1), "verification tokens"));
   ROUND_TRY(b.t_argmax.Reserve(tdev, sizeof(int32_t) * B * (k + 1), "verification tokens"));
@@ -380,12 +373,12 @@ absl::Status CudaRound::RunGroup(const Group& g) {
         .head_stride = stride, .layer_stride = 0, .layer_head_offset = static_cast<int>(dc.num_attention_heads)};
     runtime::DeviceStepOptions o{.selection = dense_step ? nullptr : &dsel,
                                  .block_mass = (sts || (refresh && i == 0)) ? &bm : nullptr,
-                                 .argmax = g.greedy ? b.drafted.as<int32_t>() + i * B : nullptr,
+                                 .argmax = g.greedy() ? b.drafted.as<int32_t>() + i * B : nullptr,
                                  .device_tokens = i == 0 ? nullptr : b.drafted.as<int32_t>() + (i - 1) * B,
                                  .use_graph = use_graphs_};
     ROUND_TRY(draft_.EnqueueForward(in, o));
     ROUND_TRY_CUDA(cudaSetDevice(ddev), "cudaSetDevice");
-    if (!g.greedy) {
+    if (!g.greedy()) {
       float* rows = b.draft_logits.as<float>() + static_cast<size_t>(i) * B * vocab;
       ROUND_TRY_CUDA(cudaMemcpyAsync(rows, draft_.logits_device(), sizeof(float) * B * vocab, cudaMemcpyDeviceToDevice, ds),
                      "draft logits");
@@ -459,8 +452,8 @@ absl::Status CudaRound::RunGroup(const Group& g) {
                    .selection = host_lists.empty() ? nullptr : &host_lists[j]});
   }
   ROUND_TRY(target_.EnqueueForward(vin, {.selection = (sts && !tier) ? &tsel : nullptr,
-                                         .argmax = g.greedy ? b.t_argmax.as<int32_t>() : nullptr,
-                                         .device_tokens = b.verify_tokens.as<int32_t>(), .santa_samples = g.santa,
+                                         .argmax = g.greedy() ? b.t_argmax.as<int32_t>() : nullptr,
+                                         .device_tokens = b.verify_tokens.as<int32_t>(), .santa_samples = g.o->santa_samples,
                                          .santa_seed = ++rounds_, .use_graph = use_graphs_}));
 
   // ---- 4. One synchronisation: tokens (greedy) or logit rows (sampled) back to the host.
@@ -471,7 +464,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     ROUND_TRY_CUDA(cudaMemcpyAsync(back_drafted, drafted_t, sizeof(int32_t) * k * B, cudaMemcpyDeviceToHost, ts),
                    "drafted tokens");
   }
-  if (g.greedy) {
+  if (g.greedy()) {
     ROUND_TRY_CUDA(cudaMemcpyAsync(back_targ, b.t_argmax.as<int32_t>(), sizeof(int32_t) * B * (k + 1),
                                    cudaMemcpyDeviceToHost, ts),
                    "verified tokens");
@@ -490,7 +483,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   ROUND_TRY_CUDA(cudaSetDevice(tdev), "cudaSetDevice");
   ROUND_TRY_CUDA(cudaEventRecord(b.verified_event, ts), "event");
   ROUND_TRY_CUDA(cudaEventSynchronize(b.verified_event), "speculative round");
-  if (!g.greedy && k > 0) ROUND_TRY_CUDA(cudaEventSynchronize(b.draft_done), "speculative round");
+  if (!g.greedy() && k > 0) ROUND_TRY_CUDA(cudaEventSynchronize(b.draft_done), "speculative round");
   // The next round's draft steps must not overwrite what this round's verification still reads.
   ROUND_TRY_CUDA(cudaSetDevice(ddev), "cudaSetDevice");
   ROUND_TRY_CUDA(cudaStreamWaitEvent(ds, b.verified_event, 0), "event wait");
@@ -503,7 +496,7 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     s.drafted_.resize(k);
     for (int i = 0; i < k; ++i) s.drafted_[i] = back_drafted[i * B + j];
     Verdict v;
-    if (g.greedy) {
+    if (g.greedy()) {
       const int32_t* t = back_targ + j * (k + 1);
       while (v.accepted < s.k_ && s.drafted_[v.accepted] == t[v.accepted]) ++v.accepted;
       v.next = t[v.accepted];

@@ -342,7 +342,7 @@ absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed) {
   // A round that drafted consumed the draft's pending tokens and drafted[0..draft_fed-1]; the
   // draft keeps those that were accepted, and is fed the accepted ones it never saw next round.
   std::vector<int32_t> next_feed;
-  if (draft_fed > 0 || !drafted_.empty()) {
+  if (!drafted_.empty()) {
     const int kept = std::min(v.accepted, draft_fed);
     const int64_t keep_draft = draft_len_at_start_ + static_cast<int64_t>(draft_pending_.size()) + kept;
     if (absl::Status s = draft_.TruncateSequence(seq_, keep_draft); !s.ok()) return s;

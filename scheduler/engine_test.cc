@@ -294,6 +294,13 @@ TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
   EXPECT_GT(metrics.draft_tokens.Value(), 0);
 }
 
+// About 1,100 bytes of Python: a context of ~70 blocks for the sparsity tests.
+std::string FortyFunctions() {
+  std::string prompt;
+  for (int i = 0; i < 40; ++i) prompt += "def f" + std::to_string(i) + "(x):\n    return x + " + std::to_string(i) + "\n";
+  return prompt;
+}
+
 // A request picks its own sparsity on a server with a draft: STS at its own budget on a dense
 // server (sparsity metrics, per layer too), dense on the same server reads every block; bad
 // settings are refused by name.
@@ -302,8 +309,7 @@ TEST(EngineTest, RequestsChooseTheirSparsity) {
   std::unique_ptr<Engine> engine_ptr = MakeDraftEngine(&metrics);
   ASSERT_NE(engine_ptr, nullptr);
   Engine& engine = *engine_ptr;
-  std::string prompt;
-  for (int i = 0; i < 40; ++i) prompt += "def f" + std::to_string(i) + "(x):\n    return x + " + std::to_string(i) + "\n";
+  const std::string prompt = FortyFunctions();
   auto dense = engine.Complete({.prompt = prompt, .max_tokens = 8, .sparsity = "dense"});
   ASSERT_TRUE(dense.ok()) << dense.status();
   EXPECT_EQ(metrics.attention_blocks_dense.Value(), 0);
@@ -329,8 +335,7 @@ TEST(EngineTest, RequestsTurnOnTheSparseDraftAndSanta) {
   std::unique_ptr<Engine> engine_ptr = MakeDraftEngine(&metrics);
   ASSERT_NE(engine_ptr, nullptr);
   Engine& engine = *engine_ptr;
-  std::string prompt;
-  for (int i = 0; i < 40; ++i) prompt += "def f" + std::to_string(i) + "(x):\n    return x + " + std::to_string(i) + "\n";
+  const std::string prompt = FortyFunctions();
   auto dense = engine.Complete({.prompt = prompt, .max_tokens = 12});
   ASSERT_TRUE(dense.ok()) << dense.status();
   EXPECT_EQ(metrics.draft_attention_blocks_read.Value(), metrics.draft_attention_blocks_dense.Value());
