@@ -1,0 +1,304 @@
+#include "kernels/prefill_attention.cuh"
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "kernels/mma_utils.cuh"
+
+namespace scout::kernels {
+namespace {
+
+using namespace mma;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int BM = kPrefillRowsPerCta;
+constexpr int kWarpRows = BM / kWarps;  // 32: two m16 tiles a warp
+constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kWarpRows == 32);
+
+template <int HD, int BN>
+constexpr int SmemBytes() {
+  return (BM + 2 * BN) * HD * 2;  // Q tile, one K tile, one V tile
+}
+
+// One CTA: query rows [row0, row0 + 128) of (sequence, KV head blockIdx.y); the tiles of all
+// sequences are numbered in order and taken in reverse (the last rows of a causal sequence see
+// the most keys: they start first). Q stays in shared memory and is read per key tile (32 rows a
+// warp do not fit in registers beside S and O). K of the next tile loads while P V runs, V of
+// this tile while S and the softmax run.
+template <int HD, int BN>
+__global__ void __launch_bounds__(kThreads) PrefillAttentionKernel(SparseDecodeParams p) {
+  static_assert(BN % kKvBlockSize == 0 && BN % 16 == 0);
+  constexpr int CH = HD / 8;   // 16-byte chunks per row
+  constexpr int KS = HD / 16;  // k-steps of Q K^T
+  constexpr int NT = HD / 8;   // n-tiles of O
+  constexpr int ST = BN / 8;   // n-tiles of S
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* q_s = smem;
+  uint8_t* k_s = smem + BM * HD * 2;
+  uint8_t* v_s = k_s + BN * HD * 2;
+
+  const int group = p.num_heads / p.num_kv_heads;
+  const int kvh = blockIdx.y;
+  int tile = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  int s = 0;
+  for (; s < p.num_seqs; ++s) {
+    const int tiles = ((p.q_indptr[s + 1] - p.q_indptr[s]) * group + BM - 1) / BM;
+    if (tile < tiles) break;
+    tile -= tiles;
+  }
+  if (s >= p.num_seqs) return;  // the grid is an upper bound on the tiles
+  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, len = p.seq_lens[s];
+  const int row0 = tile * BM, rows = min(BM, nq * group - row0);
+  const int first_pos = len - nq;  // position of the sequence's first query token
+  const int qpos_min = first_pos + row0 / group, qpos_max = first_pos + (row0 + rows - 1) / group;
+  const int window = p.sliding_window;
+  const int kt_last = qpos_max / BN;
+  const int kt_first = window > 0 ? max(0, qpos_min - window + 1) / BN : 0;
+  const int num_blocks = (len + kKvBlockSize - 1) / kKvBlockSize;
+  const int32_t* table = p.block_table + static_cast<int64_t>(s) * p.max_blocks_per_seq;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+
+  // Query rows past the tile's end load as zeros and are not stored.
+  for (int idx = tid; idx < BM * CH; idx += kThreads) {
+    const int r = idx / CH, c = idx % CH, row = row0 + r;
+    const bool ok = r < rows;
+    const int64_t qr = ok ? static_cast<int64_t>(q0 + row / group) * p.num_heads + kvh * group + row % group : 0;
+    CpAsync16Zfill(SmemAddr(q_s + Swz<HD>(r, c)), p.q + qr * HD + c * 8, ok);
+  }
+  // K (which 0) or V (1) of key tile kt; blocks past the sequence's last load as zeros (their
+  // keys are in every row's future: masked, and P V must not meet NaN garbage). A thread copies
+  // chunk c_kv of rows r_kv + 8 i (HD 128) or r_kv + 16 i (HD 64): in shared memory a fixed stride
+  // apart (the swizzle depends on the row mod 8 only).
+  constexpr int kRowsPerPass = kThreads / CH;
+  constexpr int kPasses = BN / kRowsPerPass;
+  const int c_kv = tid % CH, r_kv = tid / CH;
+  const uint32_t kv_dst0 = Swz<HD>(r_kv, c_kv);
+  const int64_t head_stride = 2 * kKvBlockSize * HD;  // one (block, KV head) unit
+  const uint16_t* kv_head = p.kv + kvh * head_stride + c_kv * 8;
+  auto load_kv = [&](int kt, int which, uint8_t* dst) {
+    const uint32_t d = SmemAddr(dst) + kv_dst0;
+    const uint16_t* base = kv_head + which * kKvBlockSize * HD;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = i * kRowsPerPass + r_kv;
+      const int b = kt * (BN / kKvBlockSize) + r / kKvBlockSize;
+      const bool ok = b < num_blocks;
+      const int phys = ok ? table[b] : 0;
+      const uint16_t* src = base + static_cast<int64_t>(phys) * p.num_kv_heads * head_stride + (r % kKvBlockSize) * HD;
+      CpAsync16Zfill(d + i * kRowsPerPass * CH * 16, src, ok);
+    }
+    CpAsyncCommit();
+  };
+  load_kv(kt_last, 0, k_s);  // with Q in the same group
+
+  // This thread's rows: warp rows [32 warp, 32 warp + 32), m-tile mi, half h: row g + 8 h.
+  int qpos[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * kWarpRows + mi * 16 + g + 8 * h;
+      qpos[mi][h] = r < rows ? first_pos + (row0 + r) / group : -1;
+    }
+  }
+  float o[2][NT][4];
+  float m_run[2][2], l_run[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) o[mi][j][0] = o[mi][j][1] = o[mi][j][2] = o[mi][j][3] = 0.0f;
+    m_run[mi][0] = m_run[mi][1] = -INFINITY;
+    l_run[mi][0] = l_run[mi][1] = 0.0f;
+  }
+  const float qscale = p.scale * kLog2e;
+
+  for (int kt = kt_last; kt >= kt_first; --kt) {
+    // The ldmatrix addresses are recomputed from a lane id the compiler cannot see through:
+    // hoisted out of the loop, the 80 of them took the registers O needs (spills at head dim 128).
+    int lv = lane;
+    asm volatile("" : "+r"(lv));
+    const int lm = lv >> 3;
+    const int a_row = (lm & 1) * 8 + (lv & 7), a_chunk = lm >> 1;  // ldmatrix lanes of an A (Q) tile
+    const int b_row = (lm >> 1) * 8 + (lv & 7), b_chunk = lm & 1;  // of a K tile (B, non-transposed)
+    CpAsyncWait<0>();
+    __syncthreads();  // K (and at first Q) landed for all; every warp is done with the last V
+    load_kv(kt, 1, v_s);
+
+    float sc[2][ST][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int j = 0; j < ST; ++j) sc[mi][j][0] = sc[mi][j][1] = sc[mi][j][2] = sc[mi][j][3] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      uint32_t qa[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        LdMatrixX4(qa[mi], SmemAddr(q_s + Swz<HD>(warp * kWarpRows + mi * 16 + a_row, 2 * kk + a_chunk)));
+      }
+#pragma unroll
+      for (int jj = 0; jj < BN / 16; ++jj) {
+        uint32_t b[4];
+        LdMatrixX4(b, SmemAddr(k_s + Swz<HD>(jj * 16 + b_row, 2 * kk + b_chunk)));
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          Mma16816(sc[mi][2 * jj], qa[mi], b[0], b[1]);
+          Mma16816(sc[mi][2 * jj + 1], qa[mi], b[2], b[3]);
+        }
+      }
+    }
+
+    // Scale to base 2; mask only the tiles that cross a row's causal edge or window start.
+    const int k0 = kt * BN;
+    const bool need_mask = k0 + BN - 1 > qpos_min || (window > 0 && k0 <= qpos_max - window);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int j = 0; j < ST; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int pos = k0 + 8 * j + 2 * t + (c & 1);
+          const bool visible = !need_mask || KeyVisible(pos, qpos[mi][c >> 1], window);
+          sc[mi][j][c] = visible ? sc[mi][j][c] * qscale : -INFINITY;
+        }
+      }
+    }
+    // Online softmax per row (a row's 4 lanes hold its 64 scores).
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(sc[mi][j][2 * h], sc[mi][j][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[mi][h], mx);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: keep zeros
+        const float alpha = exp2f(m_run[mi][h] - m_use);
+        m_run[mi][h] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ST; ++j) {
+#pragma unroll
+          for (int c = 2 * h; c < 2 * h + 2; ++c) {
+            sc[mi][j][c] = exp2f(sc[mi][j][c] - m_use);
+            sum += sc[mi][j][c];
+          }
+        }
+        l_run[mi][h] = l_run[mi][h] * alpha + sum;  // this lane's part; the row's 4 lanes add at the end
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          o[mi][j][2 * h] *= alpha;
+          o[mi][j][2 * h + 1] *= alpha;
+        }
+      }
+    }
+
+    // P as the A operand of P V, bf16 (the fp32 scores die here: registers for O).
+    uint32_t pa[2][BN / 16][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[mi][kk][0] = PackBf16(sc[mi][2 * kk][0], sc[mi][2 * kk][1]);
+        pa[mi][kk][1] = PackBf16(sc[mi][2 * kk][2], sc[mi][2 * kk][3]);
+        pa[mi][kk][2] = PackBf16(sc[mi][2 * kk + 1][0], sc[mi][2 * kk + 1][1]);
+        pa[mi][kk][3] = PackBf16(sc[mi][2 * kk + 1][2], sc[mi][2 * kk + 1][3]);
+      }
+    }
+
+    CpAsyncWait<0>();
+    __syncthreads();  // V landed for all; every warp is done with K
+    if (kt > kt_first) load_kv(kt - 1, 0, k_s);
+
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+      for (int jj = 0; jj < HD / 16; ++jj) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, SmemAddr(v_s + Swz<HD>(kk * 16 + a_row, 2 * jj + a_chunk)));
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          Mma16816(o[mi][2 * jj], pa[mi][kk], b[0], b[1]);
+          Mma16816(o[mi][2 * jj + 1], pa[mi][kk], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // Normalise and store the rows that exist; a row that saw no key gets zeros and -inf.
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[mi][h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int r = warp * kWarpRows + mi * 16 + g + 8 * h;
+      if (r >= rows) continue;
+      const int row = row0 + r;
+      const int64_t rh = static_cast<int64_t>(q0 + row / group) * p.num_heads + kvh * group + row % group;
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        dst[4 * j + t] = __floats2bfloat162_rn(o[mi][j][2 * h] * inv, o[mi][j][2 * h + 1] * inv);
+      }
+      if (p.lse != nullptr && t == 0) p.lse[rh] = l > 0.0f ? m_run[mi][h] + log2f(l) : -INFINITY;
+    }
+  }
+}
+
+template <int HD, int BN>
+cudaError_t Launch(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream) {
+  constexpr int smem = SmemBytes<HD, BN>();
+  // Per launch: the attribute is the current device's (a draft on another GPU needs its own), and
+  // setting it is no stream operation (allowed while a graph is captured).
+  const cudaError_t attr =
+      cudaFuncSetAttribute(PrefillAttentionKernel<HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr != cudaSuccess) return attr;
+  const int group = p.num_heads / p.num_kv_heads;
+  const long long tiles = (static_cast<long long>(total_q_rows) * group + BM - 1) / BM + p.num_seqs;
+  if (tiles > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.num_kv_heads));
+  PrefillAttentionKernel<HD, BN><<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool PrefillAttentionSupports(const SparseDecodeParams& p) {
+  return p.sel_indptr == nullptr && p.sel_slots == nullptr && p.block_lse == nullptr &&
+         (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0;
+}
+
+bool PrefillAttentionPays(int num_heads, int num_kv_heads, int total_q_rows, int max_q_tokens, int num_sms) {
+  if (num_kv_heads <= 0 || max_q_tokens < 16) return false;
+  const long long tiles = (static_cast<long long>(total_q_rows) * (num_heads / num_kv_heads) + BM - 1) / BM;
+  return tiles * num_kv_heads >= num_sms || max_q_tokens >= kPrefillMinQ;
+}
+
+cudaError_t PrefillAttention(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream, int keys_per_tile) {
+  if (!PrefillAttentionSupports(p) || total_q_rows < 0) return cudaErrorInvalidValue;
+  if (total_q_rows == 0 || p.num_seqs == 0) return cudaSuccess;
+  if (p.head_dim == 64) {
+    if (keys_per_tile != 0 && keys_per_tile != 64) return cudaErrorInvalidValue;
+    return Launch<64, 64>(p, total_q_rows, stream);
+  }
+  if (keys_per_tile == 0) keys_per_tile = kPrefillDefaultKeys128;
+  switch (keys_per_tile) {
+    case 32:
+      return Launch<128, 32>(p, total_q_rows, stream);
+    case 64:
+      return Launch<128, 64>(p, total_q_rows, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace scout::kernels
