@@ -6,7 +6,7 @@
 // dense peak, and the ratio to PyTorch SDPA's flash kernel from bench/sdpa_prefill.py run on the
 // same machine (--sdpa-json).
 //
-//   prefill_bench [--rows C:Q,...] [--keys 0,32,64] [--decode-max-q 16384] [--reps 5]
+//   prefill_bench [--rows C:Q,...] [--kernels wgmma,mma32,mma64] [--decode-max-q 16384] [--reps 5]
 //                 [--sdpa-json FILE] [--json OUT]
 #include <cuda_runtime.h>
 
@@ -94,13 +94,13 @@ double MedianUs(F fn, int reps) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string rows_arg = "32768:32768,131072:131072,32768:4096,131072:4096,131072:16384", keys_arg = "0,32,64";
+  std::string rows_arg = "32768:32768,131072:131072,32768:4096,131072:4096,131072:16384", kernels_arg = "wgmma,mma32,mma64";
   std::string sdpa_path, json_path;
   int reps = 5, decode_max_q = 16384;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
     if (f == "--rows") rows_arg = v;
-    else if (f == "--keys") keys_arg = v;
+    else if (f == "--kernels") kernels_arg = v;
     else if (f == "--reps") reps = std::atoi(v.c_str());
     else if (f == "--decode-max-q") decode_max_q = std::atoi(v.c_str());
     else if (f == "--sdpa-json") sdpa_path = v;
@@ -167,11 +167,18 @@ int main(int argc, char** argv) {
       out["rows"].push_back({{"context", ctx}, {"q_tokens", qn}, {"kernel", name}, {"us", us}, {"tflops", tf},
                              {"sdpa_flash_us", sdpa_us}, {"sdpa_over_kernel", sdpa_us > 0 ? sdpa_us / us : 0.0}});
     };
-    for (const std::string& k : Split(keys_arg)) {
-      const int keys = std::atoi(k.c_str());
-      CHECK(PrefillAttention(p, qn, nullptr, keys));
-      const double us = MedianUs([&] { CHECK(PrefillAttention(p, qn, nullptr, keys)); }, reps);
-      report(keys == 0 ? "prefill (default)" : "prefill keys/tile " + k, us);
+    for (const std::string& k : Split(kernels_arg)) {
+      const PrefillKernel kernel = k == "wgmma"   ? PrefillKernel::kWgmma
+                                   : k == "mma32" ? PrefillKernel::kMma32
+                                   : k == "mma64" ? PrefillKernel::kMma64
+                                                  : PrefillKernel::kAuto;
+      const cudaError_t e = PrefillAttention(p, qn, nullptr, kernel);
+      if (e != cudaSuccess) {
+        std::printf("%8d %7d | prefill %-14s %s\n", ctx, qn, k.c_str(), cudaGetErrorString(e));
+        continue;
+      }
+      const double us = MedianUs([&] { CHECK(PrefillAttention(p, qn, nullptr, kernel)); }, reps);
+      report("prefill " + k, us);
     }
     if (qn <= decode_max_q) {  // the path prompt chunks took before the prefill kernel
       int sms = prop.multiProcessorCount;

@@ -2,9 +2,11 @@
 
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "kernels/mma_utils.cuh"
+#include "kernels/wgmma.cuh"
 
 namespace scout::kernels {
 namespace {
@@ -23,9 +25,43 @@ constexpr int SmemBytes() {
   return (BM + 2 * BN) * HD * 2;  // Q tile, one K tile, one V tile
 }
 
-// One CTA: query rows [row0, row0 + 128) of (sequence, KV head blockIdx.y); the tiles of all
-// sequences are numbered in order and taken in reverse (the last rows of a causal sequence see
-// the most keys: they start first). Q stays in shared memory and is read per key tile (32 rows a
+
+// The query tile a CTA takes: rows [row0, row0 + rows) of (sequence s, KV head blockIdx.y), rows
+// being (token, query head of the KV head) pairs, token-major. The tiles of all sequences are
+// numbered in order and taken in reverse: the last rows of a causal sequence see the most keys,
+// so they start first. Key tiles of bn keys [kt_first, kt_last] hold every key a row sees.
+struct TileWork {
+  int group, kvh, q0, nq, len, row0, rows, first_pos, qpos_min, qpos_max, kt_first, kt_last, num_blocks;
+  const int32_t* table;
+};
+
+__device__ inline bool GetTileWork(const SparseDecodeParams& p, int bn, TileWork* w) {
+  w->group = p.num_heads / p.num_kv_heads;
+  w->kvh = blockIdx.y;
+  int tile = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  int s = 0;
+  for (; s < p.num_seqs; ++s) {
+    const int tiles = ((p.q_indptr[s + 1] - p.q_indptr[s]) * w->group + BM - 1) / BM;
+    if (tile < tiles) break;
+    tile -= tiles;
+  }
+  if (s >= p.num_seqs) return false;  // the grid is an upper bound on the tiles
+  w->q0 = p.q_indptr[s];
+  w->nq = p.q_indptr[s + 1] - w->q0;
+  w->len = p.seq_lens[s];
+  w->row0 = tile * BM;
+  w->rows = min(BM, w->nq * w->group - w->row0);
+  w->first_pos = w->len - w->nq;  // position of the sequence's first query token
+  w->qpos_min = w->first_pos + w->row0 / w->group;
+  w->qpos_max = w->first_pos + (w->row0 + w->rows - 1) / w->group;
+  w->kt_last = w->qpos_max / bn;
+  w->kt_first = p.sliding_window > 0 ? max(0, w->qpos_min - p.sliding_window + 1) / bn : 0;
+  w->num_blocks = (w->len + kKvBlockSize - 1) / kKvBlockSize;
+  w->table = p.block_table + static_cast<int64_t>(s) * p.max_blocks_per_seq;
+  return true;
+}
+
+// mma.sync kernel. One CTA: the 128 query rows of a TileWork. Q stays in shared memory and is read per key tile (32 rows a
 // warp do not fit in registers beside S and O). K of the next tile loads while P V runs, V of
 // this tile while S and the softmax run.
 template <int HD, int BN>
@@ -40,25 +76,12 @@ __global__ void __launch_bounds__(kThreads) PrefillAttentionKernel(SparseDecodeP
   uint8_t* k_s = smem + BM * HD * 2;
   uint8_t* v_s = k_s + BN * HD * 2;
 
-  const int group = p.num_heads / p.num_kv_heads;
-  const int kvh = blockIdx.y;
-  int tile = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
-  int s = 0;
-  for (; s < p.num_seqs; ++s) {
-    const int tiles = ((p.q_indptr[s + 1] - p.q_indptr[s]) * group + BM - 1) / BM;
-    if (tile < tiles) break;
-    tile -= tiles;
-  }
-  if (s >= p.num_seqs) return;  // the grid is an upper bound on the tiles
-  const int q0 = p.q_indptr[s], nq = p.q_indptr[s + 1] - q0, len = p.seq_lens[s];
-  const int row0 = tile * BM, rows = min(BM, nq * group - row0);
-  const int first_pos = len - nq;  // position of the sequence's first query token
-  const int qpos_min = first_pos + row0 / group, qpos_max = first_pos + (row0 + rows - 1) / group;
-  const int window = p.sliding_window;
-  const int kt_last = qpos_max / BN;
-  const int kt_first = window > 0 ? max(0, qpos_min - window + 1) / BN : 0;
-  const int num_blocks = (len + kKvBlockSize - 1) / kKvBlockSize;
-  const int32_t* table = p.block_table + static_cast<int64_t>(s) * p.max_blocks_per_seq;
+  TileWork w;
+  if (!GetTileWork(p, BN, &w)) return;
+  const int group = w.group, kvh = w.kvh, q0 = w.q0, rows = w.rows, row0 = w.row0, first_pos = w.first_pos;
+  const int qpos_min = w.qpos_min, qpos_max = w.qpos_max, window = p.sliding_window;
+  const int kt_last = w.kt_last, kt_first = w.kt_first, num_blocks = w.num_blocks;
+  const int32_t* table = w.table;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 
   // Query rows past the tile's end load as zeros and are not stored.
@@ -254,20 +277,267 @@ __global__ void __launch_bounds__(kThreads) PrefillAttentionKernel(SparseDecodeP
   }
 }
 
+
+// wgmma kernel (sm_90a). Two warpgroups, 64 of the tile's 128 rows each; key tiles of BN = 128.
+// S = Q K^T and O += P V by wgmma: Q and K from shared memory, P from registers (the S
+// accumulator's layout is the A fragment's), V as a transposed B. K and V of the next tile load
+// by cp.async into the other of two stages while this one computes. Tiles in shared memory are
+// in the 128-byte swizzle wgmma reads (kernels/wgmma.cuh).
+constexpr int kWgThreads = 256;
+constexpr int kWgKeys = 128;
+
 template <int HD, int BN>
+constexpr int WgSmemBytes() {
+  return 1024 + (BM * HD + 2 * 2 * BN * HD) * 2;  // alignment slack, Q, two stages of K and V
+}
+
+// Byte offset of 16-byte chunk c of row r in a swizzled tile of `rows` rows.
+[[maybe_unused]] __device__ __forceinline__ uint32_t Sw128(int r, int c, int rows) {
+  return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+template <int N>
+__device__ __forceinline__ void MmaSS(float (&d)[N / 2], uint64_t a, uint64_t b, bool accumulate) {
+  if constexpr (N == 128) {
+    wgmma::WgmmaSS128(d, a, b, accumulate);
+  } else {
+    wgmma::WgmmaSS64(d, a, b, accumulate);
+  }
+}
+template <int N>
+__device__ __forceinline__ void MmaRST(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+  if constexpr (N == 128) {
+    wgmma::WgmmaRS128T(d, a, b, true);
+  } else {
+    wgmma::WgmmaRS64T(d, a, b, true);
+  }
+}
+
+template <int HD, int BN>
+__global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(SparseDecodeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int CH = HD / 8;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t q_addr = SmemAddr(smem);
+  const uint32_t kv_addr = q_addr + BM * HD * 2;  // stage st: K at kv_addr + st * 2 * BN * HD * 2, V after it
+  constexpr uint32_t kTileBytes = BN * HD * 2;
+
+  TileWork w;
+  if (!GetTileWork(p, BN, &w)) return;
+  const int group = w.group, kvh = w.kvh, rows = w.rows, row0 = w.row0;
+  const int window = p.sliding_window, num_blocks = w.num_blocks;
+  const int32_t* table = w.table;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2;  // warpgroup: rows [64 wg, 64 wg + 64)
+
+  for (int idx = tid; idx < BM * CH; idx += kWgThreads) {
+    const int r = idx / CH, c = idx % CH, row = row0 + r;
+    const bool ok = r < rows;
+    const int64_t qr = ok ? static_cast<int64_t>(w.q0 + row / group) * p.num_heads + kvh * group + row % group : 0;
+    CpAsync16Zfill(q_addr + Sw128(r, c, BM), p.q + qr * HD + c * 8, ok);
+  }
+  const int64_t head_stride = 2 * kKvBlockSize * HD;
+  const uint16_t* kv_head = p.kv + kvh * head_stride;
+  auto load_tile = [&](int kt, int st) {
+    const uint32_t k_dst = kv_addr + st * 2 * kTileBytes;
+#pragma unroll 4
+    for (int idx = tid; idx < 2 * BN * CH; idx += kWgThreads) {
+      const int which = idx / (BN * CH), rem = idx % (BN * CH), r = rem / CH, c = rem % CH;
+      const int b = kt * (BN / kKvBlockSize) + r / kKvBlockSize;
+      const bool ok = b < num_blocks;
+      const int phys = ok ? table[b] : 0;
+      const uint16_t* src = kv_head + static_cast<int64_t>(phys) * p.num_kv_heads * head_stride +
+                            (which * kKvBlockSize + r % kKvBlockSize) * HD + c * 8;
+      CpAsync16Zfill(k_dst + which * kTileBytes + Sw128(r, c, BN), src, ok);
+    }
+  };
+  const int n_tiles = w.kt_last - w.kt_first + 1;  // tile i is key tile kt_last - i
+  load_tile(w.kt_last, 0);
+  CpAsyncCommit();  // with Q
+  if (n_tiles > 1) load_tile(w.kt_last - 1, 1);
+  CpAsyncCommit();
+
+  int qpos[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = warp * 16 + g + 8 * h;
+    qpos[h] = r < rows ? w.first_pos + (row0 + r) / group : -1;
+  }
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  const float qscale = p.scale * kLog2e;
+  const uint32_t q_wg = q_addr + wg * 64 * 128;
+
+  for (int i = 0; i < n_tiles; ++i) {
+    const int kt = w.kt_last - i, st = i & 1;
+    CpAsyncWait<1>();  // tile i (and Q) landed for this thread's copies
+    wgmma::FenceProxyAsync();
+    __syncthreads();  // ... and for everyone's
+    const uint32_t k_st = kv_addr + st * 2 * kTileBytes, v_st = k_st + kTileBytes;
+
+    float sc[BN / 2];
+    wgmma::Fence();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      MmaSS<BN>(sc, wgmma::DescK(q_wg + (kk & 3) * 32 + (kk >> 2) * BM * 128),
+                wgmma::DescK(k_st + (kk & 3) * 32 + (kk >> 2) * BN * 128), kk > 0);
+    }
+    wgmma::Commit();
+    wgmma::Wait<0>();
+    wgmma::FenceRegs(sc);
+
+    const int k0 = kt * BN;
+    const bool need_mask = k0 + BN - 1 > w.qpos_min || (window > 0 && k0 <= w.qpos_max - window);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int pos = k0 + 8 * j + 2 * t + (c & 1);
+        const bool visible = !need_mask || KeyVisible(pos, qpos[c >> 1], window);
+        sc[4 * j + c] = visible ? sc[4 * j + c] * qscale : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[h], mx);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = exp2f(m_run[h] - m_use);
+      m_run[h] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        sc[4 * j + 2 * h] = exp2f(sc[4 * j + 2 * h] - m_use);
+        sc[4 * j + 2 * h + 1] = exp2f(sc[4 * j + 2 * h + 1] - m_use);
+        sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
+      }
+      l_run[h] = l_run[h] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < HD / 8; ++j) {
+        o[4 * j + 2 * h] *= alpha;
+        o[4 * j + 2 * h + 1] *= alpha;
+      }
+    }
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = PackBf16(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pa[kk][1] = PackBf16(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = PackBf16(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = PackBf16(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+    wgmma::Fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) MmaRST<HD>(o, pa[kk], wgmma::DescMN(v_st + kk * 2048, BN));
+    wgmma::Commit();
+    wgmma::Wait<0>();
+    wgmma::FenceRegs(o);
+
+    __syncthreads();  // every warpgroup is done with stage st
+    if (i + 2 < n_tiles) load_tile(kt - 2, st);
+    CpAsyncCommit();
+  }
+  CpAsyncWait<0>();
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = warp * 16 + g + 8 * h;
+    if (r >= rows) continue;
+    const int row = row0 + r;
+    const int64_t rh = static_cast<int64_t>(w.q0 + row / group) * p.num_heads + kvh * group + row % group;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD);
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      dst[4 * j + t] = __floats2bfloat162_rn(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (p.lse != nullptr && t == 0) p.lse[rh] = l > 0.0f ? m_run[h] + log2f(l) : -INFINITY;
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this (WgmmaAvailable)
+#endif
+}
+
+// 1 where this module's code for the current device has the wgmma kernel.
+__global__ void WgmmaProbeKernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+template <int HD, int BN, bool WGMMA>
 cudaError_t Launch(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream) {
-  constexpr int smem = SmemBytes<HD, BN>();
+  int smem = 0;
+  const void* kernel = nullptr;
+  if constexpr (WGMMA) {
+    smem = WgSmemBytes<HD, BN>();
+    kernel = reinterpret_cast<const void*>(PrefillWgmmaKernel<HD, BN>);
+  } else {
+    smem = SmemBytes<HD, BN>();
+    kernel = reinterpret_cast<const void*>(PrefillAttentionKernel<HD, BN>);
+  }
   // Per launch: the attribute is the current device's (a draft on another GPU needs its own), and
   // setting it is no stream operation (allowed while a graph is captured).
-  const cudaError_t attr =
-      cudaFuncSetAttribute(PrefillAttentionKernel<HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
   const int group = p.num_heads / p.num_kv_heads;
   const long long tiles = (static_cast<long long>(total_q_rows) * group + BM - 1) / BM + p.num_seqs;
   if (tiles > 0x7fffffffLL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.num_kv_heads));
-  PrefillAttentionKernel<HD, BN><<<grid, kThreads, smem, stream>>>(p);
+  if constexpr (WGMMA) {
+    PrefillWgmmaKernel<HD, BN><<<grid, kWgThreads, smem, stream>>>(p);
+  } else {
+    PrefillAttentionKernel<HD, BN><<<grid, kThreads, smem, stream>>>(p);
+  }
   return cudaGetLastError();
+}
+
+// Whether the wgmma kernel runs on the current device: a Hopper GPU and this module's code for it
+// built for sm_90a (a build for plain sm_90 has no wgmma). Probed once per device with a kernel
+// on a stream of its own; never while `stream` is being captured (then false, once).
+bool WgmmaAvailable(cudaStream_t stream) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> state[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  const int known = state[dev].load();
+  if (known != 0) return known == 1;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone) {
+    return false;
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9) {
+    state[dev] = 2;
+    return false;
+  }
+  int result = 0;
+  int* flag = nullptr;
+  cudaStream_t probe = nullptr;
+  bool ok = cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking) == cudaSuccess &&
+            cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+  if (ok) {
+    WgmmaProbeKernel<<<1, 1, 0, probe>>>(flag);
+    ok = cudaGetLastError() == cudaSuccess &&
+         cudaMemcpyAsync(&result, flag, sizeof(int), cudaMemcpyDeviceToHost, probe) == cudaSuccess &&
+         cudaStreamSynchronize(probe) == cudaSuccess;
+  }
+  if (flag != nullptr) cudaFree(flag);
+  if (probe != nullptr) cudaStreamDestroy(probe);
+  state[dev] = ok && result == 1 ? 1 : 2;
+  return state[dev] == 1;
 }
 
 }  // namespace
@@ -283,19 +553,24 @@ bool PrefillAttentionPays(int num_heads, int num_kv_heads, int total_q_rows, int
   return tiles * num_kv_heads >= num_sms || max_q_tokens >= kPrefillMinQ;
 }
 
-cudaError_t PrefillAttention(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream, int keys_per_tile) {
+cudaError_t PrefillAttention(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream,
+                             PrefillKernel kernel) {
   if (!PrefillAttentionSupports(p) || total_q_rows < 0) return cudaErrorInvalidValue;
   if (total_q_rows == 0 || p.num_seqs == 0) return cudaSuccess;
-  if (p.head_dim == 64) {
-    if (keys_per_tile != 0 && keys_per_tile != 64) return cudaErrorInvalidValue;
-    return Launch<64, 64>(p, total_q_rows, stream);
+  if (kernel == PrefillKernel::kAuto) {
+    kernel = WgmmaAvailable(stream) ? PrefillKernel::kWgmma
+                                    : (p.head_dim == 128 ? PrefillKernel::kMma32 : PrefillKernel::kMma64);
   }
-  if (keys_per_tile == 0) keys_per_tile = kPrefillDefaultKeys128;
-  switch (keys_per_tile) {
-    case 32:
-      return Launch<128, 32>(p, total_q_rows, stream);
-    case 64:
-      return Launch<128, 64>(p, total_q_rows, stream);
+  const bool hd128 = p.head_dim == 128;
+  switch (kernel) {
+    case PrefillKernel::kWgmma:
+      if (!WgmmaAvailable(stream)) return cudaErrorNotSupported;
+      return hd128 ? Launch<128, kWgKeys, true>(p, total_q_rows, stream) : Launch<64, kWgKeys, true>(p, total_q_rows, stream);
+    case PrefillKernel::kMma32:
+      if (!hd128) return cudaErrorInvalidValue;
+      return Launch<128, 32, false>(p, total_q_rows, stream);
+    case PrefillKernel::kMma64:
+      return hd128 ? Launch<128, 64, false>(p, total_q_rows, stream) : Launch<64, 64, false>(p, total_q_rows, stream);
     default:
       return cudaErrorInvalidValue;
   }

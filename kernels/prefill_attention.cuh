@@ -5,9 +5,9 @@
 //
 // A CTA takes 128 query rows of one (sequence, KV head): the rows are (token, query head of the
 // KV head) pairs, token-major, so the KV head's K and V tiles are loaded once for all its query
-// heads. It walks the keys the rows can see in tiles of 32 or 64 (16-token blocks looked up in
-// the block table), S = Q K^T and O += P V by mma.sync m16n8k16 (bf16, fp32 accumulate) with an
-// online softmax; each of its 4 warps owns 32 rows. The decode kernel stays for decode and
+// heads. It walks the keys the rows can see in tiles (16-token blocks looked up in the block
+// table), S = Q K^T and O += P V on the tensor cores (wgmma on sm_90a, else mma.sync; bf16, fp32
+// accumulate) with an online softmax. The decode kernel stays for decode and
 // verification: it splits long lists across CTAs, which few query rows need.
 #pragma once
 
@@ -18,9 +18,16 @@
 namespace scout::kernels {
 
 inline constexpr int kPrefillRowsPerCta = 128;
-// Keys a tile at head dim 128 (64 at head dim 64): 32 fits the registers; 64 spills some of them
-// (ptxas) but syncs half as often. The benchmark compares both (bench/prefill_bench).
-inline constexpr int kPrefillDefaultKeys128 = 32;
+
+// Which kernel runs. kAuto: the wgmma one where the device and the build have it (Hopper, sm_90a),
+// else mma.sync with 32-key tiles at head dim 128 (64 spills registers; the benchmark compares
+// them) and 64-key tiles at head dim 64.
+enum class PrefillKernel {
+  kAuto,
+  kWgmma,  // two warpgroups, 128-key tiles, wgmma.mma_async; cudaErrorNotSupported without sm_90a
+  kMma32,  // mma.sync, 4 warps of 32 rows, 32-key tiles (head dim 128 only)
+  kMma64,  // the same with 64-key tiles
+};
 
 // Whether PrefillAttention runs these parameters: dense (no Selection, no unit pool, no per-block
 // log-sum-exp), head dim 64 or 128, query heads a multiple of KV heads. The optional lse output
@@ -37,8 +44,8 @@ bool PrefillAttentionPays(int num_heads, int num_kv_heads, int total_q_rows, int
 // Runs on `stream`; total_q_rows is q_indptr[num_seqs] (the grid is sized from it: no host reads
 // of device arrays). KV slots past a sequence's length inside its last block must hold finite
 // values, as for SparseDecode. Returns cudaErrorInvalidValue where !PrefillAttentionSupports(p),
-// launch errors otherwise. keys_per_tile: 0 the default; at head dim 128 also 32 or 64.
+// launch errors otherwise.
 cudaError_t PrefillAttention(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream,
-                             int keys_per_tile = 0);
+                             PrefillKernel kernel = PrefillKernel::kAuto);
 
 }  // namespace scout::kernels

@@ -16,7 +16,7 @@ namespace {
 
 // Runs the kernel; returns its bf16 output and each row's log-sum-exp. Outputs start poisoned
 // (NaN) so that every row must be written.
-std::vector<uint16_t> RunGpu(DecodeProblem& pr, int keys_per_tile, std::vector<float>* lse) {
+std::vector<uint16_t> RunGpu(DecodeProblem& pr, PrefillKernel kernel, std::vector<float>* lse) {
   std::vector<void*> owned;
   SparseDecodeParams p = pr.params();
   p.q = testing::Upload(pr.q, &owned);
@@ -28,7 +28,7 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int keys_per_tile, std::vector<f
   lse->assign(static_cast<size_t>(pr.total_q_rows()) * p.num_heads, std::nanf(""));
   p.lse = testing::Upload(*lse, &owned);
   EXPECT_TRUE(PrefillAttentionSupports(p));
-  EXPECT_EQ(PrefillAttention(p, pr.total_q_rows(), nullptr, keys_per_tile), cudaSuccess);
+  EXPECT_EQ(PrefillAttention(p, pr.total_q_rows(), nullptr, kernel), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint16_t> out(pr.out.size());
   EXPECT_EQ(cudaMemcpy(out.data(), p.out, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -64,11 +64,12 @@ TEST(PrefillAttentionGpuTest, MatchesReferenceOnAwkwardShapes) {
     SparseDecodeParams rp = ref_pr.params();
     rp.lse = ref_lse.data();
     SparseDecodeRef(rp, ref.data(), ref_abs.data());
-    std::vector<int> tiles = {0};
-    if (shape.head_dim == 128) tiles = {0, 32, 64};
-    for (int keys : tiles) {
+    std::vector<PrefillKernel> kernels = {PrefillKernel::kAuto, PrefillKernel::kWgmma, PrefillKernel::kMma64};
+    if (shape.head_dim == 128) kernels.push_back(PrefillKernel::kMma32);
+    for (PrefillKernel kernel : kernels) {
+      const int k = static_cast<int>(kernel);
       std::vector<float> lse;
-      std::vector<uint16_t> got = RunGpu(pr, keys, &lse);
+      std::vector<uint16_t> got = RunGpu(pr, kernel, &lse);
       int bad = 0;
       double worst = 0;
       for (size_t i = 0; i < got.size(); ++i) {
@@ -90,10 +91,10 @@ TEST(PrefillAttentionGpuTest, MatchesReferenceOnAwkwardShapes) {
           EXPECT_NEAR(lse[i], ref_lse[i], 1e-3 * std::max(1.0f, std::abs(ref_lse[i]))) << "row x head " << i;
         }
       }
-      std::printf("prefill case %zu seqs, first len %d q %d, hd %d, window %d, keys/tile %d: worst %.2f of bound\n",
+      std::printf("prefill case %zu seqs, first len %d q %d, hd %d, window %d, kernel %d: worst %.2f of bound\n",
                   shape.seq_lens.size(), shape.seq_lens[0], shape.q_tokens[0], shape.head_dim,
-                  shape.sliding_window, keys, worst);
-      EXPECT_EQ(bad, 0) << "first len " << shape.seq_lens[0] << " keys/tile " << keys;
+                  shape.sliding_window, k, worst);
+      EXPECT_EQ(bad, 0) << "first len " << shape.seq_lens[0] << " kernel " << k;
     }
   }
 }
@@ -109,7 +110,8 @@ TEST(PrefillAttentionGpuTest, RefusesWhatItDoesNotRun) {
   EXPECT_FALSE(PrefillAttentionSupports(p));
   p.sel_indptr = nullptr;
   EXPECT_TRUE(PrefillAttentionSupports(p));
-  EXPECT_EQ(PrefillAttention(p, pr.total_q_rows(), nullptr, 48), cudaErrorInvalidValue);
+  p.head_dim = 64;
+  EXPECT_EQ(PrefillAttention(p, pr.total_q_rows(), nullptr, PrefillKernel::kMma32), cudaErrorInvalidValue);
 }
 
 }  // namespace
