@@ -1,5 +1,7 @@
 // scout: one binary, subcommands in the style of `vllm serve` / `vllm bench`.
+#include <chrono>
 #include <cstdio>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -280,6 +282,46 @@ absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> LoadTensorParallel(const 
 #endif
 }
 
+// The progress line of a long prefill on a terminal (stderr): tokens done, tokens/s and the time
+// left at that rate, redrawn at most 5 times a second and wiped when the prefill ends. Prompts of
+// fewer than 8192 tokens, and stderr that is not a terminal, draw nothing.
+class PrefillProgressLine {
+ public:
+  explicit PrefillProgressLine(int64_t prompt_tokens)
+      : enabled_(prompt_tokens >= 8192 && isatty(STDERR_FILENO) == 1), start_(Clock::now()), last_(start_) {}
+  ~PrefillProgressLine() { Clear(); }
+  void Update(int64_t done, int64_t total) {
+    if (!enabled_) return;
+    const Clock::time_point now = Clock::now();
+    if (done < total && now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    const double s = std::chrono::duration<double>(now - start_).count();
+    const double rate = s > 0 ? static_cast<double>(done) / s : 0.0;
+    const double left = rate > 0 ? static_cast<double>(total - done) / rate : 0.0;
+    std::fprintf(stderr, "\r\033[Kscout: prefill %lld / %lld tokens (%.0f%%), %.0f tokens/s, %.0f s left",
+                 static_cast<long long>(done), static_cast<long long>(total), total > 0 ? 100.0 * done / total : 100.0,
+                 rate, left);
+    std::fflush(stderr);
+    drawn_ = true;
+    if (done >= total) Clear();
+  }
+  std::function<void(int64_t, int64_t)> Callback() {
+    return [this](int64_t done, int64_t total) { Update(done, total); };
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  void Clear() {
+    if (!drawn_) return;
+    std::fprintf(stderr, "\r\033[K");
+    std::fflush(stderr);
+    drawn_ = false;
+  }
+  bool enabled_;
+  bool drawn_ = false;
+  Clock::time_point start_, last_;
+};
+
 int Generate(int argc, char** argv) {
   Flags flags(WithStsFlags(WithHostTierFlags({
       {"model", "", "Hugging Face model folder (config.json, safetensors, tokenizer)"},
@@ -342,6 +384,8 @@ int Generate(int argc, char** argv) {
       .prefill_chunk = *chunk,
   };
   if (!flags.GetBool("ignore-eos")) opt.stop_ids = (*tok)->eos_ids();
+  PrefillProgressLine progress(static_cast<int64_t>(ids.size()));
+  opt.on_prefill_progress = progress.Callback();
   const runtime::Tokenizer& t = **tok;
   auto print = [&](int32_t id) {
     absl::StatusOr<std::string> piece = t.Decode({&id, 1});
@@ -358,7 +402,7 @@ int Generate(int argc, char** argv) {
     if (!draft.ok()) return Fail(draft.status());
     round::SpeculativeOptions sopt{.num_speculative_tokens = static_cast<int>(*k), .max_tokens = opt.max_tokens,
                                    .sampling = opt.sampling, .prefill_chunk = opt.prefill_chunk,
-                                   .stop_ids = opt.stop_ids};
+                                   .stop_ids = opt.stop_ids, .on_prefill_progress = opt.on_prefill_progress};
     absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, (*model)->config(), (*draft)->config());
     if (!sts.ok()) return Fail(sts.status());
     if (sts->has_value()) {
@@ -673,7 +717,10 @@ int Calibrate(int argc, char** argv) {
 std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
   for (FlagSpec f : std::vector<FlagSpec>{
            {"num-speculative-tokens", "4", "draft tokens proposed per round"},
-           {"prefill-chunk", "512", "prompt tokens per prefill pass, over all the prompts it carries"},
+           {"max-num-batched-tokens", "2048",
+            "prompt tokens one prefill pass may carry, over all its prompts; prefill passes alternate with the "
+            "running requests' decode steps"},
+           {"prefill-chunk", "", "the same as --max-num-batched-tokens (older name)"},
            {"served-model-name", "", "model id in the API (default: the model folder's name)"},
            {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
            {"max-num-seqs", "16", "requests batched together in each decode step (with a draft: in each speculative round)"},
@@ -741,7 +788,8 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                 monitoring::ServerMetrics::Collector extra_metrics = nullptr) {
   absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
                           max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
-                          max_num_seqs = flags.GetInt("max-num-seqs"), prefill_chunk = flags.GetInt("prefill-chunk"),
+                          max_num_seqs = flags.GetInt("max-num-seqs"),
+                          prefill_chunk = flags.GetInt(flags.IsSet("prefill-chunk") ? "prefill-chunk" : "max-num-batched-tokens"),
                           max_request_bytes = flags.GetInt("max-request-bytes");
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
                          idle_timeout = flags.GetDouble("session-idle-timeout");
@@ -751,7 +799,11 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
     if (!s.ok()) return Fail(s);
   }
   if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
-  if (*prefill_chunk < 1) return Fail(absl::InvalidArgumentError("--prefill-chunk must be >= 1"));
+  if (flags.IsSet("prefill-chunk") && flags.IsSet("max-num-batched-tokens") &&
+      flags.Get("prefill-chunk") != flags.Get("max-num-batched-tokens")) {
+    return Fail(absl::InvalidArgumentError("--prefill-chunk and --max-num-batched-tokens name the same bound: give one"));
+  }
+  if (*prefill_chunk < 1) return Fail(absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1"));
   if (*max_request_bytes < 1) return Fail(absl::InvalidArgumentError("--max-request-bytes must be >= 1"));
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
@@ -764,7 +816,7 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                                           .max_waiting = static_cast<int>(*max_waiting),
                                           .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
   engine_options.session_idle_timeout_s = *idle_timeout;
-  engine_options.prefill_chunk = *prefill_chunk;
+  engine_options.max_num_batched_tokens = *prefill_chunk;
   engine_options.health = std::move(health);
   if (flags.Get("sparsity") != "dense" && draft == nullptr) {
     return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"

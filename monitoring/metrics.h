@@ -53,6 +53,10 @@ class ServerMetrics {
   prometheus::Gauge& kv_cache_usage;        // scout_kv_cache_usage_ratio: KV pool blocks in use / all
   prometheus::Counter& sessions_evicted;    // scout_sessions_evicted_total: idle sessions whose KV was dropped
   prometheus::Histogram& decode_batch_size;  // scout_decode_batch_size: requests per decode pass
+  // Prefill passes (at most --max-num-batched-tokens each): prompt tokens through them, and each
+  // pass's time; prefill throughput = rate(tokens) / rate(pass seconds sum).
+  prometheus::Counter& prefill_tokens;       // scout_prefill_tokens_total
+  prometheus::Histogram& prefill_pass_time;  // scout_prefill_pass_seconds
   // Sparse attention (STS) of the target's verification passes, in (layer, KV head, 16-token
   // block) units: read, and what dense attention would have read; sparsity = 1 - read / dense.
   prometheus::Counter& attention_blocks_read;        // scout_attention_blocks_read_total

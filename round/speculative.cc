@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <utility>
 
 #include "absl/cleanup/cleanup.h"
@@ -160,43 +161,98 @@ absl::Status SpeculativeStream::Begin(bool prefill) {
   done_ = options_.max_tokens == 0;
   prefill_start_ = std::chrono::steady_clock::now();
   decode_start_ = prefill_start_;
+  prefilled_target_ = prefilled_draft_ = 0;
   if (!prefill) return absl::OkStatus();
   SpeculativeStream* self = this;
   return PrefillStreams(target_, draft_, {&self, 1}, options_.prefill_chunk)[0];
 }
 
-std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
-                                         std::span<SpeculativeStream* const> streams, int64_t chunk) {
-  // Both models process each prompt but its last token, which opens the first round.
-  std::vector<absl::Status> status(streams.size());
+namespace {
+
+// One pass of at most `budget` tokens on one model, filled from the streams in order from
+// (*done)[i]; a pass that fails runs again stream by stream, so the error lands on its own stream.
+void PrefillPassOn(ModelBackend& m, std::span<SpeculativeStream* const> streams,
+                   std::span<const std::vector<int32_t>* const> prompts, std::vector<int64_t>* done,
+                   std::vector<absl::Status>* status, int64_t budget) {
+  std::vector<SequenceInput> batch;
+  std::vector<size_t> who;
+  int64_t room = std::max<int64_t>(1, budget);
+  for (size_t i = 0; i < streams.size() && room > 0; ++i) {
+    const std::span<const int32_t> prompt(*prompts[i]);
+    const int64_t left = static_cast<int64_t>(prompt.size()) - 1 - (*done)[i];
+    if (!(*status)[i].ok() || left <= 0) continue;
+    const int64_t n = std::min(room, left);
+    batch.push_back({.seq = streams[i]->seq(), .tokens = prompt.subspan((*done)[i], n)});
+    who.push_back(i);
+    room -= n;
+  }
+  if (batch.empty()) return;
   std::vector<float> logits;
-  for (ModelBackend* m : {&target, &draft}) {
-    // Passes of at most `chunk` tokens in all, filled from the streams in order.
-    std::vector<size_t> done(streams.size(), 0);
-    while (true) {
-      std::vector<SequenceInput> batch;
-      std::vector<size_t> who;
-      int64_t room = std::max<int64_t>(1, chunk);
-      for (size_t i = 0; i < streams.size() && room > 0; ++i) {
-        const std::span<const int32_t> prompt(streams[i]->prompt_);
-        if (!status[i].ok() || done[i] + 1 >= prompt.size()) continue;
-        const size_t n = std::min<size_t>(static_cast<size_t>(room), prompt.size() - 1 - done[i]);
-        batch.push_back({.seq = streams[i]->seq_, .tokens = prompt.subspan(done[i], n)});
-        who.push_back(i);
-        room -= static_cast<int64_t>(n);
-      }
-      if (batch.empty()) break;
-      if (!m->Forward(batch, &logits).ok()) {
-        // All or nothing failed: again one by one, so the error lands on its own stream.
-        for (size_t j = 0; j < batch.size(); ++j) status[who[j]] = m->Forward({&batch[j], 1}, &logits);
-      }
-      for (size_t j = 0; j < batch.size(); ++j) done[who[j]] += batch[j].tokens.size();
+  if (!m.Forward(batch, &logits).ok()) {
+    for (size_t j = 0; j < batch.size(); ++j) (*status)[who[j]] = m.Forward({&batch[j], 1}, &logits);
+  }
+  for (size_t j = 0; j < batch.size(); ++j) {
+    if ((*status)[who[j]].ok()) (*done)[who[j]] += static_cast<int64_t>(batch[j].tokens.size());
+  }
+}
+
+}  // namespace
+
+std::vector<absl::Status> PrefillStep(ModelBackend& target, ModelBackend& draft,
+                                      std::span<SpeculativeStream* const> streams, int64_t budget) {
+  // Both models process each prompt but its last token, which opens the first round.
+  std::vector<absl::Status> target_status(streams.size()), draft_status(streams.size());
+  std::vector<int64_t> target_done(streams.size()), draft_done(streams.size());
+  std::vector<const std::vector<int32_t>*> prompts(streams.size());
+  for (size_t i = 0; i < streams.size(); ++i) {
+    target_done[i] = streams[i]->prefilled_target_;
+    draft_done[i] = streams[i]->prefilled_draft_;
+    prompts[i] = &streams[i]->prompt_;
+  }
+  // The draft's pass runs beside the target's: on its own GPU it costs no time of the target's.
+  // (The CUDA models are separate objects on separate devices; the CPU ones share nothing.)
+  std::thread draft_pass;
+  if (&draft != &target && target.concurrent_with(draft)) {
+    draft_pass = std::thread([&] { PrefillPassOn(draft, streams, prompts, &draft_done, &draft_status, budget); });
+  } else {
+    PrefillPassOn(draft, streams, prompts, &draft_done, &draft_status, budget);
+  }
+  PrefillPassOn(target, streams, prompts, &target_done, &target_status, budget);
+  if (draft_pass.joinable()) draft_pass.join();
+  std::vector<absl::Status> status(streams.size());
+  const auto now = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < streams.size(); ++i) {
+    SpeculativeStream& st = *streams[i];
+    status[i] = !target_status[i].ok() ? target_status[i] : draft_status[i];
+    st.prefilled_target_ = target_done[i];
+    st.prefilled_draft_ = draft_done[i];
+    if (status[i].ok() && st.options_.on_prefill_progress) {
+      // The prompt but its last token, which opens the first round.
+      st.options_.on_prefill_progress(st.prefilled_target_, static_cast<int64_t>(st.prompt_.size()) - 1);
+    }
+    if (status[i].ok() && st.prefilled() && st.decode_start_ == st.prefill_start_) {
+      st.decode_start_ = now;
+      st.result_.prefill_seconds = std::chrono::duration<double>(now - st.prefill_start_).count();
     }
   }
-  const auto now = std::chrono::steady_clock::now();
-  for (SpeculativeStream* st : streams) {
-    st->decode_start_ = now;
-    st->result_.prefill_seconds = std::chrono::duration<double>(now - st->prefill_start_).count();
+  return status;
+}
+
+std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
+                                         std::span<SpeculativeStream* const> streams, int64_t chunk) {
+  std::vector<absl::Status> status(streams.size());
+  while (true) {
+    std::vector<SpeculativeStream*> left;
+    std::vector<size_t> at;
+    for (size_t i = 0; i < streams.size(); ++i) {
+      if (status[i].ok() && !streams[i]->prefilled()) {
+        left.push_back(streams[i]);
+        at.push_back(i);
+      }
+    }
+    if (left.empty()) break;
+    const std::vector<absl::Status> step = PrefillStep(target, draft, left, chunk);
+    for (size_t j = 0; j < left.size(); ++j) status[at[j]] = step[j];
   }
   return status;
 }

@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <span>
@@ -42,6 +43,9 @@ struct SpeculativeOptions {
   SamplingParams sampling;         // applied to both models' logits (temperature, top-k, top-p)
   int64_t prefill_chunk = 512;
   std::vector<int32_t> stop_ids;
+  // Called after each prefill pass with the prompt tokens the target holds and those it will (the
+  // prompt but its last token).
+  std::function<void(int64_t done, int64_t total)> on_prefill_progress;
   // STS: when set, the target verifies each round attending only to the blocks that the
   // draft's attention over the round's rows selects through this map, within sts_budget.
   const HeadMap* head_map = nullptr;
@@ -140,11 +144,20 @@ class SpeculativeStream {
   absl::Status Finish();
   const SpeculativeResult& result() const { return result_; }
   SequenceId seq() const { return seq_; }
+  // Whether both models hold the prompt but its last token (Begin(true), or PrefillStep passes).
+  bool prefilled() const {
+    const int64_t want = static_cast<int64_t>(prompt_.size()) - 1;
+    return prefilled_target_ >= want && prefilled_draft_ >= want;
+  }
+  // Prompt tokens the target has prefilled so far.
+  int64_t prefilled_tokens() const { return prefilled_target_; }
   const SpeculativeOptions& options() const { return options_; }
 
  private:
   friend class HostRound;
   friend class CudaRound;
+  friend std::vector<absl::Status> PrefillStep(ModelBackend& target, ModelBackend& draft,
+                                               std::span<SpeculativeStream* const> streams, int64_t budget);
   friend std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
                                                   std::span<SpeculativeStream* const> streams, int64_t chunk);
   // The round's k (0: the target only checks its pending tokens); done() if the context is full.
@@ -182,6 +195,7 @@ class SpeculativeStream {
   int64_t refresh_rows_ = 0, refresh_blocks_ = 0, round_index_ = 0;
   kvstore::Selection previous_selection_;
   std::chrono::steady_clock::time_point prefill_start_, decode_start_;
+  int64_t prefilled_target_ = 0, prefilled_draft_ = 0;  // prompt tokens each model holds
   // The round in flight.
   int k_ = 0;
   bool refresh_ = false;
@@ -229,10 +243,15 @@ class HostRound final : public SpeculativeRound {
 // else the host round. The models must outlive the round.
 std::unique_ptr<SpeculativeRound> MakeRound(ModelBackend& target, ModelBackend& draft);
 
-// The prefill of streams begun with Begin(false), batched: passes of at most `chunk` tokens in
-// all, carrying the streams' prompts (but their last tokens) in order, on each model. A pass that
-// fails runs again stream by stream, so each stream gets its own error; returns one status per
-// stream.
+// One step of the prefill of streams begun with Begin(false): on each model one pass of at most
+// `budget` tokens in all, carrying the streams' prompts (but their last tokens) from where they
+// stand, in order; the draft's pass on a thread of its own beside the target's where the two may
+// run at once (ModelBackend::concurrent_with). A pass that fails runs again stream by stream, so
+// each stream gets its own error; returns one status per stream. A stream is done when
+// prefilled().
+std::vector<absl::Status> PrefillStep(ModelBackend& target, ModelBackend& draft,
+                                      std::span<SpeculativeStream* const> streams, int64_t budget);
+// The whole prefill of such streams: PrefillStep until each is prefilled or failed.
 std::vector<absl::Status> PrefillStreams(ModelBackend& target, ModelBackend& draft,
                                          std::span<SpeculativeStream* const> streams, int64_t chunk);
 

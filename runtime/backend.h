@@ -135,6 +135,10 @@ class ModelBackend {
     return absl::UnimplementedError("this backend cannot import KV");
   }
 
+  // Whether this model's calls may run on one thread while `other`'s run on another (a draft's
+  // prefill beside the target's): models that share no device and no state. Default false.
+  virtual bool concurrent_with(const ModelBackend& other) const { return false; }
+
   // Sampling on the device: Forward, then per logit row the token drawn with that row's params
   // (kernels/sampling.h: the host Sampler's distribution, drawn from the row's seed alone), so
   // only the tokens come back. Backends that cannot say false and return Unimplemented.

@@ -42,6 +42,9 @@ absl::StatusOr<GenerateResult> Generate(ModelBackend& backend, SequenceId seq, s
     size_t n = std::min<size_t>(options.prefill_chunk, prompt.size() - at);
     SequenceInput in{.seq = seq, .tokens = prompt.subspan(at, n)};
     if (absl::Status s = backend.Forward({&in, 1}, &logits); !s.ok()) return s;
+    if (options.on_prefill_progress) {
+      options.on_prefill_progress(static_cast<int64_t>(at + n), static_cast<int64_t>(prompt.size()));
+    }
   }
   auto t1 = Clock::now();
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();

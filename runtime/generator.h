@@ -17,6 +17,8 @@ struct GenerateOptions {
   SamplingParams sampling;
   int64_t prefill_chunk = 512;     // prompt tokens per forward pass
   std::vector<int32_t> stop_ids;   // generation ends after emitting one of these (kept in output)
+  // Called after each prefill pass with the prompt tokens done and the prompt's length.
+  std::function<void(int64_t done, int64_t total)> on_prefill_progress;
   // Continue sequence `seq`, which already holds earlier tokens, and keep it afterwards (agent
   // sessions). The last generated token is not in the cache when Generate returns: the caller
   // feeds it first next time.

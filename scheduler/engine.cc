@@ -30,6 +30,8 @@ struct Engine::Request {
   int64_t tokenized_for = -1;  // the session sequence ids was built for (0: a new one or none)
   bool new_session = false;
   bool started = false;
+  bool prefilling = false;   // started, its prompt not all in the cache yet
+  int64_t prefilled = 0;     // prompt tokens in the cache (without a draft; the stream counts its own)
   runtime::Sampler sampler;
   runtime::StreamingDecoder decoder;
   std::string pending;       // text held back as a possible stop-string prefix
@@ -217,15 +219,14 @@ void Engine::Loop() {
     }
     absl::MutexLock model_lock(&model_mu_);
     if (options_.session_idle_timeout_s > 0) EvictSessions(0, "");
-    std::vector<Request*> joined;
     for (size_t i = 0; i < joining.size(); ++i) {
       auto& r = joining[i];
       metrics_->requests_waiting.Decrement();
       metrics_->requests_running.Increment();
       const StartResult started = Start(*r, running);
       if (started == StartResult::kPrefill) {
+        r->prefilling = true;
         running.push_back(r);  // counted as running by the admission of the ones behind it
-        joined.push_back(r.get());
       }
       if (started != StartResult::kDeferred) continue;
       // No room in the KV pool yet: this request and the ones behind it wait, in order, for
@@ -239,13 +240,21 @@ void Engine::Loop() {
       waiting_.insert(waiting_.begin(), joining.begin() + i, joining.end());
       break;
     }
-    if (!joined.empty()) Prefill(joined);
+    // One prefill pass (bounded by max_num_batched_tokens), then one decode step of the requests
+    // past their prefill: a long prompt slows the others' tokens, it does not stop them.
+    std::vector<Request*> prefilling;
+    for (auto& r : running) {
+      if (r->started && r->prefilling) prefilling.push_back(r.get());
+    }
+    if (!prefilling.empty()) PrefillPass(prefilling);
     running.erase(std::remove_if(running.begin(), running.end(),
                                  [](const std::shared_ptr<Request>& r) { return !r->started; }),
                   running.end());
-    if (running.empty()) continue;
     std::vector<Request*> step;
-    for (auto& r : running) step.push_back(r.get());
+    for (auto& r : running) {
+      if (!r->prefilling) step.push_back(r.get());
+    }
+    if (step.empty()) continue;
     DecodeStep(step);
     running.erase(std::remove_if(running.begin(), running.end(), [](const std::shared_ptr<Request>& r) {
                     return !r->started;  // Finish clears started
@@ -367,67 +376,77 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
   return StartResult::kPrefill;
 }
 
-void Engine::Prefill(const std::vector<Request*>& joined) {
+void Engine::PrefillPass(const std::vector<Request*>& prefilling) {
+  const auto pass_start = Clock::now();
+  int64_t tokens = 0;
   if (draft_ != nullptr) {
     std::vector<round::SpeculativeStream*> streams;
     std::vector<Request*> owners;
-    for (Request* r : joined) {
-      if (r->started && r->spec != nullptr) {
+    for (Request* r : prefilling) {
+      if (r->spec != nullptr) {
         streams.push_back(r->spec.get());
         owners.push_back(r);
       }
     }
-    const std::vector<absl::Status> status = round::PrefillStreams(*model_, *draft_, streams, options_.prefill_chunk);
+    std::vector<int64_t> before(streams.size());
+    for (size_t i = 0; i < streams.size(); ++i) before[i] = streams[i]->prefilled_tokens();
+    const std::vector<absl::Status> status =
+        round::PrefillStep(*model_, *draft_, streams, options_.max_num_batched_tokens);
     for (size_t i = 0; i < owners.size(); ++i) {
-      if (!status[i].ok()) FinishSpeculative(*owners[i], status[i]);
+      tokens += streams[i]->prefilled_tokens() - before[i];
+      if (!status[i].ok()) {
+        FinishSpeculative(*owners[i], status[i]);
+      } else if (streams[i]->prefilled()) {
+        owners[i]->prefilling = false;
+      }
     }
-    return;
-  }
-  // Passes of at most prefill_chunk tokens in all, filled from the requests in order; the row of
-  // each request's last prompt token gives its first token.
-  const int64_t vocab = config_.vocab_size;
-  std::vector<absl::Status> status(joined.size());
-  std::vector<std::vector<float>> first(joined.size());
-  std::vector<size_t> done(joined.size(), 0);
-  std::vector<float> logits, one;
-  while (true) {
+  } else {
+    // Each request's prompt runs to its end; the row of its last prompt token gives its first
+    // token.
+    const int64_t vocab = config_.vocab_size;
     std::vector<runtime::SequenceInput> batch;
-    std::vector<size_t> who;
-    int64_t room = std::max<int64_t>(1, options_.prefill_chunk);
-    for (size_t i = 0; i < joined.size() && room > 0; ++i) {
-      const std::vector<int32_t>& ids = joined[i]->ids;
-      if (!status[i].ok() || done[i] >= ids.size()) continue;
-      const size_t n = std::min<size_t>(static_cast<size_t>(room), ids.size() - done[i]);
-      batch.push_back({.seq = joined[i]->seq, .tokens = std::span<const int32_t>(ids).subspan(done[i], n)});
-      who.push_back(i);
-      room -= static_cast<int64_t>(n);
+    std::vector<Request*> who;
+    int64_t room = std::max<int64_t>(1, options_.max_num_batched_tokens);
+    for (Request* r : prefilling) {
+      if (room <= 0) break;
+      const int64_t left = static_cast<int64_t>(r->ids.size()) - r->prefilled;
+      if (left <= 0) continue;
+      const int64_t n = std::min(room, left);
+      batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(r->ids).subspan(r->prefilled, n)});
+      who.push_back(r);
+      room -= n;
     }
-    if (batch.empty()) break;
-    const bool together = model_->Forward(batch, &logits).ok();
+    std::vector<float> logits, one;
+    const bool together = !batch.empty() && model_->Forward(batch, &logits).ok();
     for (size_t j = 0; j < batch.size(); ++j) {
-      const size_t i = who[j];
+      Request& r = *who[j];
       std::span<const float> row;
       if (together) {
         row = std::span<const float>(logits).subspan(j * vocab, vocab);
       } else {  // all or nothing failed: again one by one, so the error is the request's own
-        status[i] = model_->Forward({&batch[j], 1}, &one);
-        if (!status[i].ok()) continue;
+        if (absl::Status s = model_->Forward({&batch[j], 1}, &one); !s.ok()) {
+          Finish(r, s);
+          continue;
+        }
         row = one;
       }
-      done[i] += batch[j].tokens.size();
-      if (done[i] == joined[i]->ids.size()) first[i].assign(row.begin(), row.end());
+      r.prefilled += static_cast<int64_t>(batch[j].tokens.size());
+      tokens += static_cast<int64_t>(batch[j].tokens.size());
+      if (r.prefilled < static_cast<int64_t>(r.ids.size())) continue;
+      r.prefilling = false;
+      if (!OnToken(r, r.sampler.Sample(row))) Finish(r, absl::OkStatus());
+    }
+    for (Request* r : prefilling) {  // nothing to prefill: an empty prompt
+      if (r->started && r->prefilling && r->ids.empty()) {
+        Finish(*r, absl::InvalidArgumentError("nothing to prefill: the prompt is empty"));
+      }
     }
   }
-  for (size_t i = 0; i < joined.size(); ++i) {
-    Request& r = *joined[i];
-    if (!status[i].ok()) {
-      Finish(r, status[i]);
-    } else if (first[i].empty()) {
-      Finish(r, absl::InvalidArgumentError("nothing to prefill: the prompt is empty"));
-    } else if (!OnToken(r, r.sampler.Sample(first[i]))) {
-      Finish(r, absl::OkStatus());
-    }
+  if (tokens > 0) {
+    metrics_->prefill_tokens.Increment(static_cast<double>(tokens));
+    metrics_->prefill_pass_time.Observe(std::chrono::duration<double>(Clock::now() - pass_start).count());
   }
+  UpdateKvMetrics();
 }
 
 void Engine::DecodeStep(std::vector<Request*>& running) {
@@ -521,7 +540,7 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
   }
   round::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
                                  .max_tokens = r.req.max_tokens, .sampling = r.req.sampling,
-                                 .prefill_chunk = options_.prefill_chunk, .continue_sequence = session};
+                                 .prefill_chunk = options_.max_num_batched_tokens, .continue_sequence = session};
   const bool sts = r.req.sparsity.has_value() ? *r.req.sparsity == "sts" : options_.head_map.has_value();
   if (sts) {
     so.head_map = &*request_head_map_;

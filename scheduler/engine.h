@@ -35,7 +35,10 @@ struct EngineOptions {
   int64_t max_model_len = 0;  // prompt + max_tokens limit; 0: the model's max_position_embeddings
   int max_waiting = 64;       // requests queued behind the running ones before new ones are refused
   int max_num_seqs = 16;      // requests batched together (vLLM's --max-num-seqs)
-  int64_t prefill_chunk = 512;  // prompt tokens per forward pass, over all the prompts it carries
+  // Prompt tokens one prefill pass may carry, over all the prompts in it (vLLM's
+  // --max-num-batched-tokens). Prefill passes alternate with decode steps of the requests already
+  // decoding, so a long prompt delays their next token by one pass, not by its whole prefill.
+  int64_t max_num_batched_tokens = 2048;
   // Sessions idle this long lose their KV (0: kept until deleted or needed). Under KV pressure,
   // with nothing running to wait for, idle sessions are dropped least recently used first
   // rather than refusing a request. A request on a dropped session gets NotFound saying so.
@@ -163,11 +166,12 @@ class Engine {
   enum class StartResult { kPrefill, kDone, kDeferred };
   StartResult Start(Request& r, const std::vector<std::shared_ptr<Request>>& running)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
-  // The prompts of requests that just started, in passes that carry one chunk of each (so
-  // the sessions' new turns are prefilled together, and split over a cluster's workers); then
-  // each request's first token. A failed pass runs again request by request, so errors stay
+  // One prefill pass of at most max_num_batched_tokens over the requests still prefilling, in
+  // arrival order, from where each stands (so the sessions' new turns are prefilled together, and
+  // split over a cluster's workers); a request whose prompt is done gets its first token and
+  // decodes from the next step. A failed pass runs again request by request, so errors stay
   // each request's own.
-  void Prefill(const std::vector<Request*>& joined) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  void PrefillPass(const std::vector<Request*>& prefilling) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Runs `pass` over the running requests; when a KV pool is full the newest gives way (finished
   // with the error; when only a host tier's GPU block cache is short, it just sits this pass
   // out) and the pass runs again over the rest; any other error finishes them all.

@@ -1,5 +1,6 @@
 #include "scheduler/engine.h"
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <set>
@@ -145,6 +146,55 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   EXPECT_EQ(turns[1 - later]->cached_tokens, 0);
   EXPECT_GT(turns[later]->cached_tokens, 0);
   EXPECT_EQ(engine->ListSessions().at(0).tokens, turns[later]->cached_tokens + turns[later]->prompt_tokens + 8);
+}
+
+// A long prompt does not stall the requests already decoding: its prefill passes (at most
+// max_num_batched_tokens each) alternate with their decode steps, so a decoding request keeps
+// getting tokens while the long prompt prefills; and both give what they give alone. With and
+// without a draft (the speculative streams prefill step by step as well).
+TEST(EngineTest, LongPromptPrefillInterleavesWithDecoding) {
+  for (bool with_draft : {false, true}) {
+    SCOPED_TRACE(with_draft ? "with a draft" : "without a draft");
+    monitoring::ServerMetrics metrics;
+    auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+    auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+    ASSERT_TRUE(model.ok() && tok.ok());
+    std::unique_ptr<runtime::ModelBackend> draft;
+    if (with_draft) {
+      auto d = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
+      ASSERT_TRUE(d.ok());
+      draft = std::move(*d);
+    }
+    Engine engine(std::move(*model), std::move(draft), std::move(*tok), &metrics,
+                  EngineOptions{.max_num_batched_tokens = 64});
+    std::string long_prompt;
+    while (long_prompt.size() < 1500) long_prompt += "def f" + std::to_string(long_prompt.size()) + "(x):\n    return x\n";
+    const CompletionRequest decoding{.prompt = "import os\n", .max_tokens = 300, .ignore_eos = true};
+    const CompletionRequest prompt{.prompt = long_prompt, .max_tokens = 4, .ignore_eos = true};
+    auto decoding_alone = engine.Complete(decoding);
+    auto prompt_alone = engine.Complete(prompt);
+    ASSERT_TRUE(decoding_alone.ok() && prompt_alone.ok());
+
+    std::atomic<int> pieces{0};
+    absl::StatusOr<CompletionResult> decoded = absl::UnknownError("not run"), prefilled = decoded;
+    std::thread a([&] {
+      decoded = engine.Complete(decoding, [&](absl::string_view) {
+        ++pieces;
+        return true;
+      });
+    });
+    while (pieces.load() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const int before = pieces.load();
+    prefilled = engine.Complete(prompt);
+    const int during = pieces.load() - before;
+    a.join();
+    ASSERT_TRUE(decoded.ok() && prefilled.ok()) << decoded.status() << prefilled.status();
+    EXPECT_EQ(decoded->text, decoding_alone->text);
+    EXPECT_EQ(prefilled->text, prompt_alone->text);
+    // About 1500 / 64 prefill passes, each followed by a decode step of the other request.
+    EXPECT_GE(during, 10) << "the decoding request got " << during << " pieces while the long prompt ran";
+    EXPECT_GT(metrics.prefill_tokens.Value(), 2 * 1500);
+  }
 }
 
 // Admission by KV budget: with a pool of 16 blocks, two requests that may reach 10 blocks each
