@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/bf16.h"
 #include "kernels/model_ops.cuh"
+#include "kernels/prefill_attention.cuh"
 #include "kernels/sampling.cuh"
 #include "kernels/santa.cuh"
 #include "kernels/sparse_decode.cuh"
@@ -696,6 +697,11 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   kernels::SparseDecodePlan plan = kernels::PlanSparseDecode(
       B, static_cast<int>(nh), static_cast<int>(nkv), max_q, max_list, static_cast<int>(T), static_cast<int>(hd), sms,
       kernels::SparseDecodeCtasPerSm(static_cast<int>(hd), rows_per_cta), 0, rows_per_cta);
+  // Prompt chunks: the tiled prefill kernel where its tiles fill the GPU (dense layers only; the
+  // per-layer check below keeps selections, unit pools and fused block mass on the decode kernel).
+  const bool use_prefill_kernel =
+      o.santa_samples == 0 && kernels::PrefillAttentionPays(static_cast<int>(nh), static_cast<int>(nkv),
+                                                            static_cast<int>(T), max_q, sms);
   kernels::SantaPlan santa_plan;
   size_t ws_bytes = plan.workspace_bytes;
   if (o.santa_samples > 0) {
@@ -892,6 +898,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
         kernels::SantaParams sp{.attn = ap, .samples = o.santa_samples,
                                 .seed = o.santa_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(layer)};
         SCOUT_RETURN_IF_CUDA(kernels::Santa(sp, santa_plan, attn_ws.ptr, stream), "SANTA attention");
+      } else if (use_prefill_kernel && kernels::PrefillAttentionSupports(ap)) {
+        SCOUT_RETURN_IF_CUDA(kernels::PrefillAttention(ap, static_cast<int>(T), stream), "prefill attention");
       } else {
         SCOUT_RETURN_IF_CUDA(kernels::SparseDecode(ap, plan, attn_ws.ptr, stream, merge_counters.as<unsigned int>()), "attention");
       }
@@ -1271,6 +1279,10 @@ absl::Status CudaModel::Synchronize() {
 
 const float* CudaModel::logits_device() const { return impl_->logits.as<float>(); }
 int CudaModel::device() const { return impl_->device; }
+bool CudaModel::concurrent_with(const ModelBackend& other) const {
+  const auto* o = dynamic_cast<const CudaModel*>(&other);
+  return o != nullptr && o != this && o->device() != device();
+}
 CudaModel::StepGraphStats CudaModel::step_graph_stats() const {
   return {.captures = impl_->step_graph_captures, .replays = impl_->step_graph_replays};
 }

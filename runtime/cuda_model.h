@@ -143,6 +143,8 @@ class CudaModel final : public ModelBackend {
   const float* logits_device() const;
   // The CUDA device the model runs on.
   int device() const;
+  // True for another single-device CudaModel on another GPU.
+  bool concurrent_with(const ModelBackend& other) const override;
   // The model's CUDA stream (a cudaStream_t), for callers that enqueue their own kernels
   // between steps.
   void* stream() const;

@@ -540,12 +540,14 @@ TEST(CudaModelTest, SlidingWindowMatchesCpu) {
   ModelConfig c = SmallConfig();
   c.sliding_window = 37;  // not a multiple of the 16-token block
   c.sliding_layers = {false, true};
+  c.max_position_embeddings = 2048;
   LlamaWeights w = RandomWeights(c, 31);
   absl::StatusOr<std::unique_ptr<CudaModel>> gpu = CudaModel::Create(c, w);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   absl::StatusOr<std::unique_ptr<CpuModel>> cpu = CpuModel::Create(c, w);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  std::vector<int32_t> prompt = RandomTokens(150, static_cast<int>(c.vocab_size), 32);
+  // 1100 tokens at once: the prefill kernel (kernels::PrefillAttentionPays); then decode steps.
+  std::vector<int32_t> prompt = RandomTokens(1100, static_cast<int>(c.vocab_size), 32);
   std::vector<float> want, got;
   for (auto [m, out] : {std::pair<ModelBackend*, std::vector<float>*>{cpu->get(), &want}, {gpu->get(), &got}}) {
     ASSERT_TRUE(m->AddSequence(1).ok());
