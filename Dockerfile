@@ -1,7 +1,8 @@
-# The Scout image the k8s/ manifests name (ghcr.io/scout-llm/scout). CPU build with the fixture
-# pair under /opt/scout/models; for GPU nodes build FROM an NVIDIA CUDA 13 Debian 12 devel image
-# instead (CMake finds nvcc at /usr/local/cuda and builds the CUDA backend). Not built on the
-# development machines (no container engine there): `docker build -t scout .` elsewhere.
+# image: ghcr.io/scout-llm/scout
+# The CPU image the k8s/ manifests name by default (coordinator, KV store nodes, CPU workers): the
+# CPU build with the fixture pair under /opt/scout/models. GPU workers run Dockerfile.cuda's image.
+# Not built on the development machines (no container engine there; CI lints this file):
+# `docker build -t scout .` elsewhere.
 FROM debian:12
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
 COPY . /src

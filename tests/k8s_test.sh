@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Renders every Kustomize overlay of k8s/ with `kubectl kustomize` and checks every rendered object
 # against the Kubernetes JSON schemas (the npm registry's kubernetes-models and
-# @kubernetes-models/prometheus-operator, installed once into the work folder). With SCOUT_BINARY,
+# @kubernetes-models/prometheus-operator, installed once into the work folder), that every image an
+# overlay names is built by a Dockerfile here and that each Dockerfile parses (dockerfile-utils,
+# tools/k8s/check_images.mjs). With SCOUT_BINARY,
 # every scout flag the manifests pass (args and --config files) must exist in that build.
 # usage: k8s_test.sh SOURCE_DIR WORK_DIR [SCOUT_BINARY]
 set -euo pipefail
@@ -12,8 +14,8 @@ fail() { echo "FAIL: $*"; exit 1; }
 command -v kubectl >/dev/null || fail "kubectl is needed to render k8s/ (kubectl kustomize)"
 command -v node >/dev/null && command -v npm >/dev/null || fail "node and npm are needed (tools/setup.sh installs them)"
 mkdir -p "$work"
-cp "$src/tools/k8s/package.json" "$src/tools/k8s/validate.mjs" "$work/"
-if [ ! -d "$work/node_modules/kubernetes-models" ]; then
+cp "$src/tools/k8s/package.json" "$src/tools/k8s/validate.mjs" "$src/tools/k8s/check_images.mjs" "$work/"
+if [ ! -d "$work/node_modules/kubernetes-models" ] || [ ! -d "$work/node_modules/dockerfile-utils" ]; then
   (cd "$work" && npm install --no-audit --no-fund --silent) || fail "npm install of the schema packages"
 fi
 overlays=0
@@ -32,4 +34,6 @@ for overlay in "$src"/k8s/overlays/*/; do
   overlays=$((overlays + 1))
 done
 [ "$overlays" -gt 0 ] || fail "no overlays under k8s/overlays"
+# Every image an overlay names is built by a Dockerfile here, and every Dockerfile parses.
+node "$work/check_images.mjs" "$src" "$work"/*.yaml || fail "images the overlays name, or the Dockerfiles"
 echo "k8s_test: $overlays overlays render and pass the schema check"
