@@ -6,7 +6,7 @@
 // dense peak, and the ratio to PyTorch SDPA's flash kernel from bench/sdpa_prefill.py run on the
 // same machine (--sdpa-json).
 //
-//   prefill_bench [--rows C:Q,...] [--kernels wgmma,mma32,mma64] [--decode-max-q 16384] [--reps 5]
+//   prefill_bench [--rows C:Q,...] [--kernels overlap,pingpong,wgmma,mma32,mma64] [--decode-max-q 16384] [--reps 5]
 //                 [--sdpa-json FILE] [--json OUT]
 #include <cuda_runtime.h>
 
@@ -94,7 +94,7 @@ double MedianUs(F fn, int reps) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string rows_arg = "32768:32768,131072:131072,32768:4096,131072:4096,131072:16384", kernels_arg = "wgmma,mma32,mma64";
+  std::string rows_arg = "32768:32768,131072:131072,32768:4096,131072:4096,131072:16384", kernels_arg = "overlap,pingpong,wgmma,mma32,mma64";
   std::string sdpa_path, json_path;
   int reps = 5, decode_max_q = 16384;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -168,7 +168,9 @@ int main(int argc, char** argv) {
                              {"sdpa_flash_us", sdpa_us}, {"sdpa_over_kernel", sdpa_us > 0 ? sdpa_us / us : 0.0}});
     };
     for (const std::string& k : Split(kernels_arg)) {
-      const PrefillKernel kernel = k == "wgmma"   ? PrefillKernel::kWgmma
+      const PrefillKernel kernel = k == "pingpong" ? PrefillKernel::kWgmmaPingPong
+                                   : k == "overlap" ? PrefillKernel::kWgmmaOverlap
+                                   : k == "wgmma"  ? PrefillKernel::kWgmma
                                    : k == "mma32" ? PrefillKernel::kMma32
                                    : k == "mma64" ? PrefillKernel::kMma64
                                                   : PrefillKernel::kAuto;

@@ -313,6 +313,88 @@ __device__ __forceinline__ void MmaRST(float (&d)[N / 2], const uint32_t (&a)[4]
   }
 }
 
+// Masks a warpgroup tile of scores S (this thread's rows g and g + 8 of its warp, the layout of
+// kernels/wgmma.cuh) for keys [k0, k0 + BN), updates the rows' online softmax (running max and
+// this lane's part of the sum, base 2), rescales O, and leaves P in bf16 as the A fragments of
+// P V. Only tiles crossing a row's causal edge or window start are masked.
+// With RESCALE false O is left alone and the rows' factors come back in alpha (the caller
+// rescales O once an MMA still accumulating into it is done).
+template <int HD, int BN, bool RESCALE = true>
+__device__ __forceinline__ void SoftmaxTile(float (&sc)[BN / 2], float (&o)[HD / 2], float (&m_run)[2],
+                                            float (&l_run)[2], uint32_t (&pa)[BN / 16][4], int k0,
+                                            const TileWork& w, const int (&qpos)[2], int window, float qscale,
+                                            int t, float (&alpha_out)[2]) {
+  const bool need_mask = k0 + BN - 1 > w.qpos_min || (window > 0 && k0 <= w.qpos_max - window);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int pos = k0 + 8 * j + 2 * t + (c & 1);
+      const bool visible = !need_mask || KeyVisible(pos, qpos[c >> 1], window);
+      sc[4 * j + c] = visible ? sc[4 * j + c] * qscale : -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run[h], mx);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: keep zeros
+    const float alpha = exp2f(m_run[h] - m_use);
+    m_run[h] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      sc[4 * j + 2 * h] = exp2f(sc[4 * j + 2 * h] - m_use);
+      sc[4 * j + 2 * h + 1] = exp2f(sc[4 * j + 2 * h + 1] - m_use);
+      sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
+    }
+    l_run[h] = l_run[h] * alpha + sum;
+    alpha_out[h] = alpha;
+    if constexpr (RESCALE) {
+#pragma unroll
+      for (int j = 0; j < HD / 8; ++j) {
+        o[4 * j + 2 * h] *= alpha;
+        o[4 * j + 2 * h + 1] *= alpha;
+      }
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    pa[kk][0] = PackBf16(sc[8 * kk + 0], sc[8 * kk + 1]);
+    pa[kk][1] = PackBf16(sc[8 * kk + 2], sc[8 * kk + 3]);
+    pa[kk][2] = PackBf16(sc[8 * kk + 4], sc[8 * kk + 5]);
+    pa[kk][3] = PackBf16(sc[8 * kk + 6], sc[8 * kk + 7]);
+  }
+}
+
+// Normalises a warpgroup's O and stores this thread's rows (and their log-sum-exp if asked); a row
+// that saw no key gets zeros and -inf.
+template <int HD>
+__device__ __forceinline__ void StoreWgRows(const SparseDecodeParams& p, const TileWork& w, const float (&o)[HD / 2],
+                                            const float (&m_run)[2], const float (&l_run)[2], int warp, int g, int t) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = warp * 16 + g + 8 * h;
+    if (r >= w.rows) continue;
+    const int row = w.row0 + r;
+    const int64_t rh = static_cast<int64_t>(w.q0 + row / w.group) * p.num_heads + w.kvh * w.group + row % w.group;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD);
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      dst[4 * j + t] = __floats2bfloat162_rn(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (p.lse != nullptr && t == 0) p.lse[rh] = l > 0.0f ? m_run[h] + log2f(l) : -INFINITY;
+  }
+}
+
 template <int HD, int BN>
 __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(SparseDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -389,50 +471,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(SparseDecode
     wgmma::Wait<0>();
     wgmma::FenceRegs(sc);
 
-    const int k0 = kt * BN;
-    const bool need_mask = k0 + BN - 1 > w.qpos_min || (window > 0 && k0 <= w.qpos_max - window);
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int pos = k0 + 8 * j + 2 * t + (c & 1);
-        const bool visible = !need_mask || KeyVisible(pos, qpos[c >> 1], window);
-        sc[4 * j + c] = visible ? sc[4 * j + c] * qscale : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[h], mx);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = exp2f(m_run[h] - m_use);
-      m_run[h] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        sc[4 * j + 2 * h] = exp2f(sc[4 * j + 2 * h] - m_use);
-        sc[4 * j + 2 * h + 1] = exp2f(sc[4 * j + 2 * h + 1] - m_use);
-        sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
-      }
-      l_run[h] = l_run[h] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < HD / 8; ++j) {
-        o[4 * j + 2 * h] *= alpha;
-        o[4 * j + 2 * h + 1] *= alpha;
-      }
-    }
     uint32_t pa[BN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      pa[kk][0] = PackBf16(sc[8 * kk + 0], sc[8 * kk + 1]);
-      pa[kk][1] = PackBf16(sc[8 * kk + 2], sc[8 * kk + 3]);
-      pa[kk][2] = PackBf16(sc[8 * kk + 4], sc[8 * kk + 5]);
-      pa[kk][3] = PackBf16(sc[8 * kk + 6], sc[8 * kk + 7]);
-    }
+    float alpha[2];
+    SoftmaxTile<HD, BN>(sc, o, m_run, l_run, pa, kt * BN, w, qpos, window, qscale, t, alpha);
     wgmma::Fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) MmaRST<HD>(o, pa[kk], wgmma::DescMN(v_st + kk * 2048, BN));
@@ -445,24 +486,204 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(SparseDecode
     CpAsyncCommit();
   }
   CpAsyncWait<0>();
+  StoreWgRows<HD>(p, w, o, m_run, l_run, warp, g, t);
+#else
+  __trap();  // built without sm_90a: the host never launches this (WgmmaAvailable)
+#endif
+}
 
+// The same tiles, the two warpgroups decoupled (FlashAttention-3's ping-pong, without a producer
+// warp): K and V stream through three stages guarded by mbarriers (full: every thread's share of
+// the tile's cp.async landed; empty: every thread is done with it), so no block-wide barrier is
+// left in the loop; each thread loads its share of the tile two ahead once both warpgroups are
+// done with the tile three back. Two named barriers make the warpgroups take turns issuing Q K^T,
+// so that one's softmax runs while the other's MMAs occupy the tensor cores.
+constexpr int kPpStages = 3;
+
+template <int HD, int BN>
+constexpr int PpSmemBytes() {
+  return 1024 + (BM * HD + kPpStages * 2 * BN * HD) * 2 + 2 * kPpStages * 8;
+}
+
+template <int HD, int BN, bool OVERLAP>
+__global__ void __launch_bounds__(kWgThreads, 1) PrefillPingPongKernel(SparseDecodeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int CH = HD / 8;
+  constexpr uint32_t kTileBytes = BN * HD * 2;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const uint32_t q_addr = SmemAddr(smem);
+  const uint32_t kv_addr = q_addr + BM * HD * 2;  // stage st: K at kv_addr + st * 2 * kTileBytes, V after it
+  const uint32_t bars = kv_addr + kPpStages * 2 * kTileBytes;
+  auto full = [&](int st) { return bars + 8 * st; };
+  auto empty = [&](int st) { return bars + 8 * (kPpStages + st); };
+
+  TileWork w;
+  if (!GetTileWork(p, BN, &w)) return;  // the whole CTA
+  const int group = w.group, kvh = w.kvh, rows = w.rows, row0 = w.row0;
+  const int window = p.sliding_window, num_blocks = w.num_blocks;
+  const int32_t* table = w.table;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2;  // warpgroup: rows [64 wg, 64 wg + 64)
+  if (tid == 0) {
+    for (int st = 0; st < kPpStages; ++st) {
+      wgmma::MbarInit(full(st), kWgThreads);
+      wgmma::MbarInit(empty(st), kWgThreads);
+    }
+  }
+  __syncthreads();  // the barriers are initialised for everyone
+
+  for (int idx = tid; idx < BM * CH; idx += kWgThreads) {
+    const int r = idx / CH, c = idx % CH, row = row0 + r;
+    const bool ok = r < rows;
+    const int64_t qr = ok ? static_cast<int64_t>(w.q0 + row / group) * p.num_heads + kvh * group + row % group : 0;
+    CpAsync16Zfill(q_addr + Sw128(r, c, BM), p.q + qr * HD + c * 8, ok);
+  }
+  const int64_t head_stride = 2 * kKvBlockSize * HD;
+  const uint16_t* kv_head = p.kv + kvh * head_stride;
+  // This thread's share of key tile kt into stage st, then its arrival on full(st) once it lands.
+  auto load_tile = [&](int kt, int st) {
+    const uint32_t k_dst = kv_addr + st * 2 * kTileBytes;
+#pragma unroll 4
+    for (int idx = tid; idx < 2 * BN * CH; idx += kWgThreads) {
+      const int which = idx / (BN * CH), rem = idx % (BN * CH), r = rem / CH, c = rem % CH;
+      const int b = kt * (BN / kKvBlockSize) + r / kKvBlockSize;
+      const bool ok = b < num_blocks;
+      const int phys = ok ? table[b] : 0;
+      const uint16_t* src = kv_head + static_cast<int64_t>(phys) * p.num_kv_heads * head_stride +
+                            (which * kKvBlockSize + r % kKvBlockSize) * HD + c * 8;
+      CpAsync16Zfill(k_dst + which * kTileBytes + Sw128(r, c, BN), src, ok);
+    }
+    wgmma::MbarArriveOnCpAsync(full(st));
+  };
+  const int n_tiles = w.kt_last - w.kt_first + 1;  // tile i is key tile kt_last - i, in stage i % 3
+  load_tile(w.kt_last, 0);                          // with Q
+  if (n_tiles > 1) load_tile(w.kt_last - 1, 1);
+
+  int qpos[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int r = warp * 16 + g + 8 * h;
-    if (r >= rows) continue;
-    const int row = row0 + r;
-    const int64_t rh = static_cast<int64_t>(w.q0 + row / group) * p.num_heads + kvh * group + row % group;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(p.out + rh * HD);
-#pragma unroll
-    for (int j = 0; j < HD / 8; ++j) {
-      dst[4 * j + t] = __floats2bfloat162_rn(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-    }
-    if (p.lse != nullptr && t == 0) p.lse[rh] = l > 0.0f ? m_run[h] + log2f(l) : -INFINITY;
+    qpos[h] = r < rows ? w.first_pos + (row0 + r) / group : -1;
   }
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  const float qscale = p.scale * kLog2e;
+  const uint32_t q_wg = q_addr + wg * 64 * 128;
+  // Turns: warpgroup 0 issues first; each issues its Q K^T after the other's (barrier 1 + wg is
+  // its own, arrived on by the other). Every sync meets one arrival: warpgroup 1 arrives once up
+  // front and skips its last.
+  constexpr int kPair = 2 * 128;
+  if (wg == 1) wgmma::BarArrive(1, kPair);
+
+  auto issue_qk = [&](float (&sc)[BN / 2], uint32_t k_st) {
+    wgmma::Fence();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      MmaSS<BN>(sc, wgmma::DescK(q_wg + (kk & 3) * 32 + (kk >> 2) * BM * 128),
+                wgmma::DescK(k_st + (kk & 3) * 32 + (kk >> 2) * BN * 128), kk > 0);
+    }
+    wgmma::Commit();
+  };
+  auto issue_pv = [&](const uint32_t (&pa)[BN / 16][4], uint32_t v_st) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) MmaRST<HD>(o, pa[kk], wgmma::DescMN(v_st + kk * 2048, BN));
+    wgmma::Commit();
+  };
+  auto stage_k = [&](int st) { return kv_addr + st * 2 * kTileBytes; };
+
+  if constexpr (!OVERLAP) {
+    for (int i = 0; i < n_tiles; ++i) {
+      const int kt = w.kt_last - i, st = i % kPpStages;
+      if (i + 2 < n_tiles) {
+        const int ls = (i + 2) % kPpStages;
+        if (i >= 1) wgmma::MbarWait(empty(ls), ((i - 1) / kPpStages) & 1);  // tile i - 1 is done everywhere
+        load_tile(kt - 2, ls);
+      }
+      wgmma::MbarWait(full(st), (i / kPpStages) & 1);
+      wgmma::FenceProxyAsync();  // the tile's cp.async writes, visible to wgmma's reads
+      float sc[BN / 2];
+      wgmma::BarSync(1 + wg, kPair);
+      issue_qk(sc, stage_k(st));
+      if (!(wg == 1 && i == n_tiles - 1)) wgmma::BarArrive(2 - wg, kPair);
+      wgmma::Wait<0>();
+      wgmma::FenceRegs(sc);
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      SoftmaxTile<HD, BN>(sc, o, m_run, l_run, pa, kt * BN, w, qpos, window, qscale, t, alpha);
+      wgmma::Fence();
+      issue_pv(pa, stage_k(st) + kTileBytes);
+      wgmma::Wait<0>();
+      wgmma::FenceRegs(o);
+      wgmma::MbarArrive(empty(st));
+    }
+  } else {
+    // Q K^T of tile i is issued together with P V of tile i - 1; the softmax of tile i runs while
+    // that P V still accumulates, and O is rescaled once it is done. A stage is free once its
+    // tile's P V is.
+    // Tile 0 alone, so that no wait on the MMAs below is conditional (ptxas serialises every
+    // wgmma of a function where one might not be waited for before its registers are read).
+    uint32_t pa_prev[BN / 16][4];
+    int prev_st = 0;
+    {
+      wgmma::MbarWait(full(0), 0);
+      wgmma::FenceProxyAsync();
+      float sc[BN / 2];
+      wgmma::BarSync(1 + wg, kPair);
+      issue_qk(sc, stage_k(0));
+      if (!(wg == 1 && n_tiles == 1)) wgmma::BarArrive(2 - wg, kPair);
+      wgmma::Wait<0>();
+      wgmma::FenceRegs(sc);
+      float alpha[2];
+      SoftmaxTile<HD, BN>(sc, o, m_run, l_run, pa_prev, w.kt_last * BN, w, qpos, window, qscale, t, alpha);
+      if (2 < n_tiles) load_tile(w.kt_last - 2, 2);
+    }
+    for (int i = 1; i < n_tiles; ++i) {
+      const int kt = w.kt_last - i, st = i % kPpStages;
+      wgmma::MbarWait(full(st), (i / kPpStages) & 1);
+      wgmma::FenceProxyAsync();
+      float sc[BN / 2];
+      wgmma::BarSync(1 + wg, kPair);
+      issue_qk(sc, stage_k(st));
+      issue_pv(pa_prev, stage_k(prev_st) + kTileBytes);
+      if (!(wg == 1 && i == n_tiles - 1)) wgmma::BarArrive(2 - wg, kPair);
+      wgmma::Wait<1>();  // Q K^T done; P V of the tile before may still run
+      wgmma::FenceRegs(sc);
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      SoftmaxTile<HD, BN, false>(sc, o, m_run, l_run, pa, kt * BN, w, qpos, window, qscale, t, alpha);
+      wgmma::Wait<0>();
+      wgmma::FenceRegs(o);
+      wgmma::FenceRegs(pa_prev);
+      wgmma::MbarArrive(empty(prev_st));
+#pragma unroll
+      for (int j = 0; j < HD / 8; ++j) {
+        o[4 * j] *= alpha[0];
+        o[4 * j + 1] *= alpha[0];
+        o[4 * j + 2] *= alpha[1];
+        o[4 * j + 3] *= alpha[1];
+      }
+      // Tile i + 2 into the stage of tile i - 1, free once both warpgroups are done with it.
+      if (i + 2 < n_tiles) {
+        wgmma::MbarWait(empty((i + 2) % kPpStages), ((i - 1) / kPpStages) & 1);
+        load_tile(kt - 2, (i + 2) % kPpStages);
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) pa_prev[kk][c] = pa[kk][c];
+      }
+      prev_st = st;
+    }
+    wgmma::Fence();
+    issue_pv(pa_prev, stage_k(prev_st) + kTileBytes);
+    wgmma::Wait<0>();
+    wgmma::FenceRegs(o);
+    wgmma::FenceRegs(pa_prev);
+  }
+  StoreWgRows<HD>(p, w, o, m_run, l_run, warp, g, t);
 #else
   __trap();  // built without sm_90a: the host never launches this (WgmmaAvailable)
 #endif
@@ -477,15 +698,23 @@ __global__ void WgmmaProbeKernel(int* out) {
 #endif
 }
 
-template <int HD, int BN, bool WGMMA>
+enum class Variant { kMma, kWgmma, kPingPong, kOverlap };
+
+template <int HD, int BN, Variant V>
 cudaError_t Launch(const SparseDecodeParams& p, int total_q_rows, cudaStream_t stream) {
-  int smem = 0;
+  int smem = 0, threads = 0;
   const void* kernel = nullptr;
-  if constexpr (WGMMA) {
+  if constexpr (V == Variant::kPingPong || V == Variant::kOverlap) {
+    smem = PpSmemBytes<HD, BN>();
+    threads = kWgThreads;
+    kernel = reinterpret_cast<const void*>(PrefillPingPongKernel<HD, BN, V == Variant::kOverlap>);
+  } else if constexpr (V == Variant::kWgmma) {
     smem = WgSmemBytes<HD, BN>();
+    threads = kWgThreads;
     kernel = reinterpret_cast<const void*>(PrefillWgmmaKernel<HD, BN>);
   } else {
     smem = SmemBytes<HD, BN>();
+    threads = kThreads;
     kernel = reinterpret_cast<const void*>(PrefillAttentionKernel<HD, BN>);
   }
   // Per launch: the attribute is the current device's (a draft on another GPU needs its own), and
@@ -496,10 +725,12 @@ cudaError_t Launch(const SparseDecodeParams& p, int total_q_rows, cudaStream_t s
   const long long tiles = (static_cast<long long>(total_q_rows) * group + BM - 1) / BM + p.num_seqs;
   if (tiles > 0x7fffffffLL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.num_kv_heads));
-  if constexpr (WGMMA) {
-    PrefillWgmmaKernel<HD, BN><<<grid, kWgThreads, smem, stream>>>(p);
+  if constexpr (V == Variant::kPingPong || V == Variant::kOverlap) {
+    PrefillPingPongKernel<HD, BN, V == Variant::kOverlap><<<grid, threads, smem, stream>>>(p);
+  } else if constexpr (V == Variant::kWgmma) {
+    PrefillWgmmaKernel<HD, BN><<<grid, threads, smem, stream>>>(p);
   } else {
-    PrefillAttentionKernel<HD, BN><<<grid, kThreads, smem, stream>>>(p);
+    PrefillAttentionKernel<HD, BN><<<grid, threads, smem, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -558,19 +789,28 @@ cudaError_t PrefillAttention(const SparseDecodeParams& p, int total_q_rows, cuda
   if (!PrefillAttentionSupports(p) || total_q_rows < 0) return cudaErrorInvalidValue;
   if (total_q_rows == 0 || p.num_seqs == 0) return cudaSuccess;
   if (kernel == PrefillKernel::kAuto) {
-    kernel = WgmmaAvailable(stream) ? PrefillKernel::kWgmma
+    kernel = WgmmaAvailable(stream) ? PrefillKernel::kWgmmaPingPong
                                     : (p.head_dim == 128 ? PrefillKernel::kMma32 : PrefillKernel::kMma64);
   }
   const bool hd128 = p.head_dim == 128;
+  const int q = total_q_rows;
   switch (kernel) {
+    case PrefillKernel::kWgmmaPingPong:
+      if (!WgmmaAvailable(stream)) return cudaErrorNotSupported;
+      return hd128 ? Launch<128, kWgKeys, Variant::kPingPong>(p, q, stream)
+                   : Launch<64, kWgKeys, Variant::kPingPong>(p, q, stream);
+    case PrefillKernel::kWgmmaOverlap:
+      if (!WgmmaAvailable(stream)) return cudaErrorNotSupported;
+      return hd128 ? Launch<128, kWgKeys, Variant::kOverlap>(p, q, stream)
+                   : Launch<64, kWgKeys, Variant::kOverlap>(p, q, stream);
     case PrefillKernel::kWgmma:
       if (!WgmmaAvailable(stream)) return cudaErrorNotSupported;
-      return hd128 ? Launch<128, kWgKeys, true>(p, total_q_rows, stream) : Launch<64, kWgKeys, true>(p, total_q_rows, stream);
+      return hd128 ? Launch<128, kWgKeys, Variant::kWgmma>(p, q, stream) : Launch<64, kWgKeys, Variant::kWgmma>(p, q, stream);
     case PrefillKernel::kMma32:
       if (!hd128) return cudaErrorInvalidValue;
-      return Launch<128, 32, false>(p, total_q_rows, stream);
+      return Launch<128, 32, Variant::kMma>(p, q, stream);
     case PrefillKernel::kMma64:
-      return hd128 ? Launch<128, 64, false>(p, total_q_rows, stream) : Launch<64, 64, false>(p, total_q_rows, stream);
+      return hd128 ? Launch<128, 64, Variant::kMma>(p, q, stream) : Launch<64, 64, Variant::kMma>(p, q, stream);
     default:
       return cudaErrorInvalidValue;
   }

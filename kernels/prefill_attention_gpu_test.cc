@@ -64,7 +64,8 @@ TEST(PrefillAttentionGpuTest, MatchesReferenceOnAwkwardShapes) {
     SparseDecodeParams rp = ref_pr.params();
     rp.lse = ref_lse.data();
     SparseDecodeRef(rp, ref.data(), ref_abs.data());
-    std::vector<PrefillKernel> kernels = {PrefillKernel::kAuto, PrefillKernel::kWgmma, PrefillKernel::kMma64};
+    std::vector<PrefillKernel> kernels = {PrefillKernel::kAuto, PrefillKernel::kWgmmaOverlap, PrefillKernel::kWgmmaPingPong,
+                                          PrefillKernel::kWgmma, PrefillKernel::kMma64};
     if (shape.head_dim == 128) kernels.push_back(PrefillKernel::kMma32);
     for (PrefillKernel kernel : kernels) {
       const int k = static_cast<int>(kernel);

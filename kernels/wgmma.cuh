@@ -43,6 +43,46 @@ __device__ __forceinline__ void FenceRegs(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// mbarriers in shared memory (64-bit objects; addresses from mma::SmemAddr) and named barriers.
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// One arrival once every cp.async this thread issued before it has landed (the barrier's count
+// includes it: .noinc).
+__device__ __forceinline__ void MbarArriveOnCpAsync(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Named barrier `id` (1..15; 0 is __syncthreads') of `count` threads: wait for it, or only arrive.
+__device__ __forceinline__ void BarSync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void BarArrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// The same for A fragments an MMA in flight reads: their registers stay live (and unwritten) until
+// this point, after the wait.
+template <int K>
+__device__ __forceinline__ void FenceRegs(uint32_t (&a)[K][4]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
+
 // D (64 x N) = A (64 x 16, K-major in shared memory) * B (16 x N, K-major), plus D if accumulate.
 // Transposed B from registers: D = A (registers) * B (16 x N, MN-major in shared memory).
 __device__ __forceinline__ void WgmmaSS64(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
