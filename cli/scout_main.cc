@@ -842,11 +842,17 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
   if (!api_keys.ok()) return Fail(api_keys.status());
   monitoring::ServerMetrics metrics;
   if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));
+  // /tokenize and /detokenize get a copy of the tokenizer of their own (the engine's is its
+  // scheduler thread's).
+  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> front_tok = runtime::LoadTokenizer(flags.Get("model"));
+  if (!front_tok.ok()) return Fail(front_tok.status());
   scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
   absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
       rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
                              rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
-                                                    {.api_keys = *api_keys}),
+                                                    {.api_keys = *api_keys,
+                                                     .tokenizer = std::shared_ptr<const runtime::Tokenizer>(
+                                                         std::move(*front_tok))}),
                              {.max_request_bytes = static_cast<size_t>(*max_request_bytes)});
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d%s%s\n", name.c_str(), flags.Get("host").c_str(),
@@ -1342,6 +1348,10 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   std::string cmd = argv[1];
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("scout %s\n", scout::rpc::ScoutVersion());
+    return 0;
+  }
   if (cmd == "generate") return scout::cli::Generate(argc - 2, argv + 2);
   if (cmd == "eval") return scout::cli::Eval(argc - 2, argv + 2);
   if (cmd == "calibrate") return scout::cli::Calibrate(argc - 2, argv + 2);

@@ -12,6 +12,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "nlohmann/json.hpp"
 
 namespace scout::rpc {
@@ -345,15 +346,98 @@ void RunBatch(scheduler::Engine* engine, const scheduler::CompletionRequest& bas
 
 }  // namespace
 
+const char* ScoutVersion() { return SCOUT_VERSION; }
+
+namespace {
+
+// POST /tokenize: {"prompt": text} or {"messages": [...]} (rendered as /v1/chat/completions
+// would), "add_special_tokens" (default true: the BOS the engine adds to a new prompt) ->
+// {"count", "max_model_len", "tokens"}, so that count is the usage.prompt_tokens of the same
+// request. POST /detokenize: {"tokens": [ids]} -> {"prompt": text}.
+void Tokenize(const HttpRequest& req, HttpResponder& out, const runtime::Tokenizer& tok, absl::Mutex& mu,
+              scheduler::Engine* engine, const std::string& model_name,
+              const runtime::ModelChatTemplate* chat_template) {
+  json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
+    return;
+  }
+  std::string text;
+  if (j.contains("messages")) {
+    scheduler::CompletionRequest creq;
+    bool stream = false, include_usage = false;
+    std::vector<PromptItem> prompts;
+    if (!ParseCompletion(req.body, model_name, /*chat=*/true, chat_template, &creq, &stream, &include_usage, &prompts,
+                         out)) {
+      return;
+    }
+    text = creq.prompt;
+  } else if (j.contains("prompt") && j["prompt"].is_string()) {
+    if (j.contains("model") && j["model"] != model_name) {
+      SendError(out, 404, absl::StrCat("model ", j["model"].dump(), " does not exist; this server has \"", model_name,
+                                       "\""), "invalid_request_error", "model");
+      return;
+    }
+    text = j["prompt"].get<std::string>();
+  } else {
+    SendError(out, 400, "\"prompt\" (a string) or \"messages\" is required", "invalid_request_error", "prompt");
+    return;
+  }
+  const json& special = j.contains("add_special_tokens") ? j["add_special_tokens"] : json(true);
+  if (!special.is_boolean()) {
+    SendError(out, 400, "\"add_special_tokens\" must be a boolean", "invalid_request_error", "add_special_tokens");
+    return;
+  }
+  std::vector<int32_t> ids;
+  {
+    absl::MutexLock lock(&mu);
+    ids = tok.Encode(text, special.get<bool>());
+  }
+  out.Send(200, "application/json",
+           json({{"count", ids.size()}, {"max_model_len", engine->max_model_len()}, {"tokens", ids}}).dump());
+}
+
+void Detokenize(const HttpRequest& req, HttpResponder& out, const runtime::Tokenizer& tok, absl::Mutex& mu) {
+  json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("tokens") || !j["tokens"].is_array()) {
+    SendError(out, 400, "\"tokens\" must be an array of token ids", "invalid_request_error", "tokens");
+    return;
+  }
+  std::vector<int32_t> ids;
+  for (const json& t : j["tokens"]) {
+    if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.vocab_size()) {
+      SendError(out, 400, absl::StrCat("token ", t.dump(), " is not an id of this vocabulary (0 to ", tok.vocab_size() - 1,
+                                       ")"), "invalid_request_error", "tokens");
+      return;
+    }
+    ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+  }
+  absl::StatusOr<std::string> text;
+  {
+    absl::MutexLock lock(&mu);
+    text = tok.Decode(ids);
+  }
+  if (!text.ok()) {
+    SendError(out, 400, std::string(text.status().message()), "invalid_request_error", "tokens");
+    return;
+  }
+  out.Send(200, "application/json", json({{"prompt", *text}}).dump());
+}
+
+}  // namespace
+
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
                               const std::string& model_name, const runtime::ModelChatTemplate* chat_template,
                               const FrontEndOptions& options) {
   auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  std::shared_ptr<const runtime::Tokenizer> tokenizer = options.tokenizer;
+  auto tokenizer_mu = std::make_shared<absl::Mutex>();
   // Each key's tenant is its position: sessions live in the engine as "tN/<id>" ('/' is not in a
   // client's session id, so tenants cannot reach each other's).
   auto tenants = std::make_shared<absl::flat_hash_map<std::string, std::string>>();
   for (size_t i = 0; i < options.api_keys.size(); ++i) tenants->emplace(options.api_keys[i], absl::StrCat("t", i, "/"));
-  return [engine, metrics, model_name, chat_template, counter, tenants](const HttpRequest& req, HttpResponder& out) {
+  return [engine, metrics, model_name, chat_template, counter, tenants, tokenizer, tokenizer_mu](
+             const HttpRequest& req, HttpResponder& out) {
     const std::string path = req.target.substr(0, req.target.find('?'));
     std::string tenant;  // prefix of this client's sessions in the engine
     if (!tenants->empty() && path.rfind("/v1/", 0) == 0) {
@@ -384,6 +468,18 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       }
     } else if (path == "/metrics") {
       out.Send(200, "text/plain; version=0.0.4", metrics->Serialize());
+    } else if (path == "/version") {
+      out.Send(200, "application/json", json({{"version", ScoutVersion()}}).dump());
+    } else if (path == "/tokenize" || path == "/detokenize") {
+      if (req.method != "POST") {
+        SendError(out, 405, absl::StrCat("use POST for ", path), "invalid_request_error");
+      } else if (tokenizer == nullptr) {
+        SendError(out, 501, "this server has no tokenizer for /tokenize", "not_implemented");
+      } else if (path == "/tokenize") {
+        Tokenize(req, out, *tokenizer, *tokenizer_mu, engine, model_name, chat_template);
+      } else {
+        Detokenize(req, out, *tokenizer, *tokenizer_mu);
+      }
     } else if (path == "/v1/sessions" && req.method == "GET") {
       json data = json::array();
       for (const scheduler::SessionInfo& si : engine->ListSessions()) {

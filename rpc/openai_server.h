@@ -2,12 +2,14 @@
 // server-sent events), /v1/models, /health, /metrics.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "monitoring/metrics.h"
 #include "rpc/http_server.h"
 #include "runtime/chat_template.h"
+#include "runtime/tokenizer.h"
 #include "scheduler/engine.h"
 
 namespace scout::rpc {
@@ -18,7 +20,13 @@ struct FrontEndOptions {
   // belongs to the key that made it, and another key neither lists, continues nor deletes it
   // (the same id under another key is another session). /health, /ready and /metrics stay open.
   std::vector<std::string> api_keys;
+  // The model's tokenizer for /tokenize and /detokenize (vLLM's): a copy of its own, used under
+  // the handler's lock (the BPE tokenizer is not thread-safe). Null: those routes answer 501.
+  std::shared_ptr<const runtime::Tokenizer> tokenizer;
 };
+
+// The version /version reports (the CMake project's).
+const char* ScoutVersion();
 
 // The handler for HttpServer. engine, metrics and chat_template must outlive the server.
 // /v1/chat/completions renders `messages` (and `tools`) with chat_template, the model folder's

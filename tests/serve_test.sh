@@ -14,6 +14,21 @@ start_server serve.err --model "$src/models/scout-tiny-target" --draft "$src/mod
 [ "$(curl -s "$base/ready")" = "ready" ] || fail "/ready"
 curl -s "$base/v1/models" | grep -q '"id":"scout-tiny-target"' || fail "/v1/models"
 
+# /version, /tokenize and /detokenize (vLLM's): a prompt's count is the usage.prompt_tokens of a
+# completion of it, chat messages tokenize as the chat endpoint renders them, and ids come back.
+curl -s "$base/version" | grep -q "\"version\":\"$("$scout" --version | cut -d' ' -f2)\"" || fail "/version: $(curl -s "$base/version")"
+tok=$(curl -s "$base/tokenize" -d '{"prompt": "def f(x):\n"}')
+count=$(echo "$tok" | py 'd["count"]') || fail "/tokenize: $tok"
+usage=$(curl -s "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 1}' | py 'd["usage"]["prompt_tokens"]')
+[ "$count" = "$usage" ] || fail "/tokenize count $count, completion prompt_tokens $usage"
+ids=$(echo "$tok" | py 'json.dumps(d["tokens"][1:])')
+[ "$(curl -s "$base/detokenize" -d "{\"tokens\": $ids}" | py 'd["prompt"]')" = "def f(x):" ] || fail "/detokenize of $ids"
+chat_count=$(curl -s "$base/tokenize" -d '{"messages": [{"role": "user", "content": "hi"}]}' | py 'd["count"]')
+chat_usage=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}' | py 'd["usage"]["prompt_tokens"]')
+[ "$chat_count" = "$chat_usage" ] || fail "chat /tokenize count $chat_count, chat prompt_tokens $chat_usage"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/detokenize" -d '{"tokens": [1, 99999999]}')" = 400 ] && grep -q "99999999" err.json || fail "bad id: $(cat err.json)"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/tokenize" -d '{"prompt": 5}')" = 400 ] || fail "bad /tokenize body: $(cat err.json)"
+
 # A greedy completion equals `scout generate` (speculative decoding on the server keeps greedy exact).
 body=$(curl -s "$base/v1/completions" -d '{"model": "scout-tiny-target", "prompt": "import numpy as np\n\n\ndef softmax(x):\n    ", "max_tokens": 40, "temperature": 0}')
 echo "$body" | grep -q '"finish_reason":"length"' || fail "completion: $body"
