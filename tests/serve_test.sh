@@ -176,7 +176,9 @@ curl -s "$base/v1/sessions" | grep -q '"id":"agent-1"' || fail "session not list
 curl -sN "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 1500, "stream": true, "ignore_eos": true}' > long.txt &
 long=$!
 for _ in $(seq 1 100); do
-  curl -s "$base/metrics" | grep -q '^scout_num_requests_running 1' && break
+  # Captured first: grep -q leaves at its first match, and with pipefail curl's broken pipe on
+  # the rest of a long /metrics would read as a failure.
+  m=$(curl -s "$base/metrics"); grep -q '^scout_num_requests_running 1' <<< "$m" && break
   sleep 0.05
 done
 [ "$(curl -s "$base/ready")" = "full" ] || fail "/ready while saturated: $(curl -s "$base/ready")"
@@ -218,7 +220,7 @@ a3=(-H "Authorization: Bearer key-three")
 [ "$(curl -s -o err.json -w '%{http_code}' -H "Authorization: Bearer nope" "$base/v1/models")" = 401 ] || fail "bad key"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "${a3[@]}" "$base/v1/models")" = 200 ] || fail "SCOUT_API_KEY key refused"
 [ "$(curl -s "$base/health")" = "OK" ] || fail "/health behind the key"
-curl -s "$base/metrics" | grep -q "^scout_" || fail "/metrics behind the key"
+m=$(curl -s "$base/metrics"); grep -q "^scout_" <<< "$m" || fail "/metrics behind the key"
 k1=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 4, "temperature": 0, "session_id": "mine"}')
 echo "$k1" | grep -q '"cached_tokens":0' || fail "key one's first turn: $k1"
 curl -s "${a1[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key one does not see its session"
