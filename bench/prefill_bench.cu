@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda_test_util.h"
 #include "kernels/prefill_attention.cuh"
 #include "kernels/sparse_decode.cuh"
 #include "kernels/sparse_decode_problem.h"
@@ -27,14 +28,7 @@ namespace {
 
 using namespace scout::kernels;
 
-#define CHECK(expr)                                                                              \
-  do {                                                                                           \
-    cudaError_t e_ = (expr);                                                                     \
-    if (e_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
+#define CHECK(expr) SCOUT_CUDA_CHECK(expr)
 
 __global__ void FillBf16(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {

@@ -296,6 +296,42 @@ constexpr int WgSmemBytes() {
   return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
+// This thread's share of a CTA's (kWgThreads) copies of its 128 query rows into a swizzled tile
+// (rows past the tile's end as zeros), by cp.async.
+template <int HD>
+__device__ __forceinline__ void LoadQSw128(const SparseDecodeParams& p, const TileWork& w, uint32_t q_addr, int tid) {
+  constexpr int CH = HD / 8;
+  for (int idx = tid; idx < BM * CH; idx += kWgThreads) {
+    const int r = idx / CH, c = idx % CH, row = w.row0 + r;
+    const bool ok = r < w.rows;
+    const int64_t qr =
+        ok ? static_cast<int64_t>(w.q0 + row / w.group) * p.num_heads + w.kvh * w.group + row % w.group : 0;
+    CpAsync16Zfill(q_addr + Sw128(r, c, BM), p.q + qr * HD + c * 8, ok);
+  }
+}
+
+// This thread's share of the copies of key tile kt's K and V (BN keys, 16-token blocks from the
+// block table) into swizzled tiles at k_dst and k_dst + BN * HD * 2. Blocks past the sequence's
+// last load as zeros: their keys are in every row's future (masked), and P V must not meet NaN
+// garbage.
+template <int HD, int BN>
+__device__ __forceinline__ void LoadKvSw128(const SparseDecodeParams& p, const TileWork& w, int kt, uint32_t k_dst,
+                                            int tid) {
+  constexpr int CH = HD / 8;
+  constexpr int64_t kHeadStride = 2 * kKvBlockSize * HD;  // one (block, KV head) unit
+  const uint16_t* kv_head = p.kv + w.kvh * kHeadStride;
+#pragma unroll 4
+  for (int idx = tid; idx < 2 * BN * CH; idx += kWgThreads) {
+    const int which = idx / (BN * CH), rem = idx % (BN * CH), r = rem / CH, c = rem % CH;
+    const int b = kt * (BN / kKvBlockSize) + r / kKvBlockSize;
+    const bool ok = b < w.num_blocks;
+    const int phys = ok ? w.table[b] : 0;
+    const uint16_t* src = kv_head + static_cast<int64_t>(phys) * p.num_kv_heads * kHeadStride +
+                          (which * kKvBlockSize + r % kKvBlockSize) * HD + c * 8;
+    CpAsync16Zfill(k_dst + which * BN * HD * 2 + Sw128(r, c, BN), src, ok);
+  }
+}
+
 template <int N>
 __device__ __forceinline__ void MmaSS(float (&d)[N / 2], uint64_t a, uint64_t b, bool accumulate) {
   if constexpr (N == 128) {
@@ -398,7 +434,6 @@ __device__ __forceinline__ void StoreWgRows(const SparseDecodeParams& p, const T
 template <int HD, int BN>
 __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(SparseDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int CH = HD / 8;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const uint32_t q_addr = SmemAddr(smem);
@@ -407,32 +442,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(SparseDecode
 
   TileWork w;
   if (!GetTileWork(p, BN, &w)) return;
-  const int group = w.group, kvh = w.kvh, rows = w.rows, row0 = w.row0;
-  const int window = p.sliding_window, num_blocks = w.num_blocks;
-  const int32_t* table = w.table;
+  const int group = w.group, rows = w.rows, row0 = w.row0, window = p.sliding_window;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;  // warpgroup: rows [64 wg, 64 wg + 64)
 
-  for (int idx = tid; idx < BM * CH; idx += kWgThreads) {
-    const int r = idx / CH, c = idx % CH, row = row0 + r;
-    const bool ok = r < rows;
-    const int64_t qr = ok ? static_cast<int64_t>(w.q0 + row / group) * p.num_heads + kvh * group + row % group : 0;
-    CpAsync16Zfill(q_addr + Sw128(r, c, BM), p.q + qr * HD + c * 8, ok);
-  }
-  const int64_t head_stride = 2 * kKvBlockSize * HD;
-  const uint16_t* kv_head = p.kv + kvh * head_stride;
+  LoadQSw128<HD>(p, w, q_addr, tid);
   auto load_tile = [&](int kt, int st) {
-    const uint32_t k_dst = kv_addr + st * 2 * kTileBytes;
-#pragma unroll 4
-    for (int idx = tid; idx < 2 * BN * CH; idx += kWgThreads) {
-      const int which = idx / (BN * CH), rem = idx % (BN * CH), r = rem / CH, c = rem % CH;
-      const int b = kt * (BN / kKvBlockSize) + r / kKvBlockSize;
-      const bool ok = b < num_blocks;
-      const int phys = ok ? table[b] : 0;
-      const uint16_t* src = kv_head + static_cast<int64_t>(phys) * p.num_kv_heads * head_stride +
-                            (which * kKvBlockSize + r % kKvBlockSize) * HD + c * 8;
-      CpAsync16Zfill(k_dst + which * kTileBytes + Sw128(r, c, BN), src, ok);
-    }
+    LoadKvSw128<HD, BN>(p, w, kt, kv_addr + st * 2 * kTileBytes, tid);
   };
   const int n_tiles = w.kt_last - w.kt_first + 1;  // tile i is key tile kt_last - i
   load_tile(w.kt_last, 0);
@@ -508,7 +524,6 @@ constexpr int PpSmemBytes() {
 template <int HD, int BN, bool OVERLAP>
 __global__ void __launch_bounds__(kWgThreads, 1) PrefillPingPongKernel(SparseDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int CH = HD / 8;
   constexpr uint32_t kTileBytes = BN * HD * 2;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -520,9 +535,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillPingPongKernel(SparseDec
 
   TileWork w;
   if (!GetTileWork(p, BN, &w)) return;  // the whole CTA
-  const int group = w.group, kvh = w.kvh, rows = w.rows, row0 = w.row0;
-  const int window = p.sliding_window, num_blocks = w.num_blocks;
-  const int32_t* table = w.table;
+  const int group = w.group, rows = w.rows, row0 = w.row0, window = p.sliding_window;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;  // warpgroup: rows [64 wg, 64 wg + 64)
   if (tid == 0) {
@@ -533,27 +546,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillPingPongKernel(SparseDec
   }
   __syncthreads();  // the barriers are initialised for everyone
 
-  for (int idx = tid; idx < BM * CH; idx += kWgThreads) {
-    const int r = idx / CH, c = idx % CH, row = row0 + r;
-    const bool ok = r < rows;
-    const int64_t qr = ok ? static_cast<int64_t>(w.q0 + row / group) * p.num_heads + kvh * group + row % group : 0;
-    CpAsync16Zfill(q_addr + Sw128(r, c, BM), p.q + qr * HD + c * 8, ok);
-  }
-  const int64_t head_stride = 2 * kKvBlockSize * HD;
-  const uint16_t* kv_head = p.kv + kvh * head_stride;
+  LoadQSw128<HD>(p, w, q_addr, tid);
   // This thread's share of key tile kt into stage st, then its arrival on full(st) once it lands.
   auto load_tile = [&](int kt, int st) {
-    const uint32_t k_dst = kv_addr + st * 2 * kTileBytes;
-#pragma unroll 4
-    for (int idx = tid; idx < 2 * BN * CH; idx += kWgThreads) {
-      const int which = idx / (BN * CH), rem = idx % (BN * CH), r = rem / CH, c = rem % CH;
-      const int b = kt * (BN / kKvBlockSize) + r / kKvBlockSize;
-      const bool ok = b < num_blocks;
-      const int phys = ok ? table[b] : 0;
-      const uint16_t* src = kv_head + static_cast<int64_t>(phys) * p.num_kv_heads * head_stride +
-                            (which * kKvBlockSize + r % kKvBlockSize) * HD + c * 8;
-      CpAsync16Zfill(k_dst + which * kTileBytes + Sw128(r, c, BN), src, ok);
-    }
+    LoadKvSw128<HD, BN>(p, w, kt, kv_addr + st * 2 * kTileBytes, tid);
     wgmma::MbarArriveOnCpAsync(full(st));
   };
   const int n_tiles = w.kt_last - w.kt_first + 1;  // tile i is key tile kt_last - i, in stage i % 3

@@ -72,19 +72,7 @@ TEST(PrefillAttentionGpuTest, MatchesReferenceOnAwkwardShapes) {
       std::vector<float> lse;
       std::vector<uint16_t> got = RunGpu(pr, kernel, &lse);
       int bad = 0;
-      double worst = 0;
-      for (size_t i = 0; i < got.size(); ++i) {
-        const float g = Bf16ToFloat(got[i]);
-        ASSERT_FALSE(std::isnan(g)) << "element " << i << " not written or NaN";
-        // As the decode kernel's test: one bf16 epsilon of |ref| for the output's rounding and
-        // summation order, 2^-8 of sum_j p_j |v_j| for the weights rounded to bf16 before P V.
-        const double bound = 1e-5 + std::abs(ref[i]) * 0x1p-7 + ref_abs[i] * 0x1p-8;
-        const double err = std::abs(g - ref[i]);
-        worst = std::max(worst, err / bound);
-        if (err > bound && ++bad <= 5) {
-          ADD_FAILURE() << "element " << i << ": gpu " << g << " ref " << ref[i] << " bound " << bound;
-        }
-      }
+      const double worst = testing::CheckAttentionOutput(got, ref, ref_abs, Bf16ToFloat, &bad);
       for (size_t i = 0; i < lse.size(); ++i) {
         if (std::isinf(ref_lse[i])) {
           EXPECT_TRUE(std::isinf(lse[i]) && lse[i] < 0) << "row x head " << i;

@@ -186,21 +186,7 @@ void CheckAwkwardCases(const std::vector<Tune>& tunes, bool cuda_core, Tune cuda
     for (const auto& [rows, tune] : variants) {
     std::vector<uint16_t> got = RunGpu(pr, c.num_splits, rows, tune);
     int bad = 0;
-    double worst = 0;
-    for (size_t i = 0; i < got.size(); ++i) {
-      const float g = Bf16ToFloat(got[i]);
-      ASSERT_FALSE(std::isnan(g)) << "element " << i << " not written or NaN";
-      // Rounding, not slack: the output is bf16 (2^-9 relative) and the kernel sums in another
-      // order with exp2f, so one bf16 epsilon (2^-7) of |ref|; the tensor-core kernel also rounds
-      // each weight p_j to bf16 (2^-9 relative) before P·V, an error of at most 2^-9 · Σ p_j|v_j|,
-      // allowed twice (2^-8). 1e-5 absolute for outputs near zero.
-      const double bound = 1e-5 + std::abs(ref[i]) * 0x1p-7 + ref_abs[i] * 0x1p-8;
-      const double err = std::abs(g - ref[i]);
-      worst = std::max(worst, err / bound);
-      if (err > bound && ++bad <= 5) {
-        ADD_FAILURE() << "element " << i << ": gpu " << g << " ref " << ref[i] << " bound " << bound;
-      }
-    }
+    const double worst = testing::CheckAttentionOutput(got, ref, ref_abs, Bf16ToFloat, &bad);
     std::printf("case %zu seqs, first len %d, rows/cta %d, stages %d merge %d evict %d: worst error %.2f of its bound\n",
                 c.shape.seq_lens.size(), c.shape.seq_lens[0], rows, tune.stages, static_cast<int>(tune.merge),
                 tune.evict_first, worst);
