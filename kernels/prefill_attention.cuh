@@ -19,12 +19,13 @@ namespace scout::kernels {
 
 inline constexpr int kPrefillRowsPerCta = 128;
 
-// Which kernel runs. kAuto: the ping-pong wgmma one where the device and the build have it (Hopper, sm_90a),
+// Which kernel runs. kAuto: the wgmma one (kWgmma) where the device and the build have it
+// (Hopper, sm_90a; the ping-pong variants become the default once measured on a GPU),
 // else mma.sync with 32-key tiles at head dim 128 (64 spills registers; the benchmark compares
 // them) and 64-key tiles at head dim 64.
 enum class PrefillKernel {
   kAuto,
-  kWgmmaPingPong,  // kWgmma with mbarrier stages and the warpgroups taking turns (the default on sm_90a)
+  kWgmmaPingPong,  // kWgmma with mbarrier stages and the warpgroups taking turns
   kWgmmaOverlap,   // kWgmmaPingPong with each tile's Q K^T issued beside the last tile's P V
   kWgmma,  // two warpgroups, 128-key tiles, wgmma.mma_async; cudaErrorNotSupported without sm_90a
   kMma32,  // mma.sync, 4 warps of 32 rows, 32-key tiles (head dim 128 only)
