@@ -332,7 +332,7 @@ int Generate(int argc, char** argv) {
       {"top-k", "0", "0 for no limit"},
       {"top-p", "1", "nucleus mass"},
       {"seed", "0", "sampling seed"},
-      {"prefill-chunk", "512", "prompt tokens per forward pass"},
+      {"prefill-chunk", "4096", "prompt tokens per forward pass (the CUDA prefill kernel needs chunks that fill the GPU)"},
       {"kv-cache-tokens", "0", "KV pool size in tokens (0: 4 x max_position_embeddings)"},
       {"device", "cpu", "backend of the target: cpu, cuda or cuda:N"},
       {"draft-device", "", "backend of the draft (default: --device)"},
