@@ -785,8 +785,8 @@ cudaError_t PrefillAttention(const SparseDecodeParams& p, int total_q_rows, cuda
   if (!PrefillAttentionSupports(p) || total_q_rows < 0) return cudaErrorInvalidValue;
   if (total_q_rows == 0 || p.num_seqs == 0) return cudaSuccess;
   if (kernel == PrefillKernel::kAuto) {
-    // The plain wgmma kernel until the ping-pong ones have run on a GPU (docs/BENCHMARKS.md).
-    kernel = WgmmaAvailable(stream) ? PrefillKernel::kWgmma
+    // The fastest measured (docs/BENCHMARKS.md: 1.15x the plain wgmma kernel on the H200).
+    kernel = WgmmaAvailable(stream) ? PrefillKernel::kWgmmaOverlap
                                     : (p.head_dim == 128 ? PrefillKernel::kMma32 : PrefillKernel::kMma64);
   }
   const bool hd128 = p.head_dim == 128;

@@ -19,8 +19,8 @@ namespace scout::kernels {
 
 inline constexpr int kPrefillRowsPerCta = 128;
 
-// Which kernel runs. kAuto: the wgmma one (kWgmma) where the device and the build have it
-// (Hopper, sm_90a; the ping-pong variants become the default once measured on a GPU),
+// Which kernel runs. kAuto: the fastest wgmma one (kWgmmaOverlap) where the device and the build
+// have it (Hopper, sm_90a),
 // else mma.sync with 32-key tiles at head dim 128 (64 spills registers; the benchmark compares
 // them) and 64-key tiles at head dim 64.
 enum class PrefillKernel {
