@@ -440,7 +440,7 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
              const HttpRequest& req, HttpResponder& out) {
     const std::string path = req.target.substr(0, req.target.find('?'));
     std::string tenant;  // prefix of this client's sessions in the engine
-    if (!tenants->empty() && path.rfind("/v1/", 0) == 0) {
+    if (!tenants->empty() && (path.rfind("/v1/", 0) == 0 || path == "/tokenize" || path == "/detokenize")) {
       constexpr absl::string_view kBearer = "Bearer ";
       const auto it = absl::StartsWith(req.authorization, kBearer)
                           ? tenants->find(req.authorization.substr(kBearer.size()))

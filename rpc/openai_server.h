@@ -15,7 +15,7 @@
 namespace scout::rpc {
 
 struct FrontEndOptions {
-  // Empty: every client is served (one tenant). Otherwise /v1/* answer 401 without
+  // Empty: every client is served (one tenant). Otherwise /v1/*, /tokenize and /detokenize answer 401 without
   // `Authorization: Bearer KEY` for one of these keys, and each key is a tenant: a session
   // belongs to the key that made it, and another key neither lists, continues nor deletes it
   // (the same id under another key is another session). /health, /ready and /metrics stay open.
