@@ -730,6 +730,9 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
            {"host", "0.0.0.0", "address to listen on"},
            {"port", "8000", "port to listen on (0: any free port, printed at start)"},
            {"max-request-bytes", "67108864", "largest request body accepted; larger ones get 413"},
+           {"max-connections", "16384", "open HTTP connections accepted; more get 503"},
+           {"timeout-keep-alive", "60", "seconds an idle kept-alive connection waits for its next request"},
+           {"timeout-request-header", "30", "seconds a new connection has to send its first whole request"},
            {"api-key", "", "API keys clients must send as Authorization: Bearer KEY, comma-separated (also SCOUT_API_KEY); each key is a tenant with its own sessions"},
            {"api-key-file", "", "a file of API keys, one a line (with --api-key and SCOUT_API_KEY)"},
            {"help", "", "show this help", true},
@@ -790,13 +793,21 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                           max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
                           max_num_seqs = flags.GetInt("max-num-seqs"),
                           prefill_chunk = flags.GetInt(flags.IsSet("prefill-chunk") ? "prefill-chunk" : "max-num-batched-tokens"),
-                          max_request_bytes = flags.GetInt("max-request-bytes");
+                          max_request_bytes = flags.GetInt("max-request-bytes"),
+                          max_connections = flags.GetInt("max-connections");
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
-                         idle_timeout = flags.GetDouble("session-idle-timeout");
+                         idle_timeout = flags.GetDouble("session-idle-timeout"),
+                         keep_alive = flags.GetDouble("timeout-keep-alive"),
+                         header_timeout = flags.GetDouble("timeout-request-header");
   for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
                                 max_num_seqs.status(), prefill_chunk.status(), max_request_bytes.status(),
-                                shutdown_timeout.status(), idle_timeout.status()}) {
+                                max_connections.status(), shutdown_timeout.status(), idle_timeout.status(),
+                                keep_alive.status(), header_timeout.status()}) {
     if (!s.ok()) return Fail(s);
+  }
+  if (*max_connections < 1) return Fail(absl::InvalidArgumentError("--max-connections must be >= 1"));
+  if (*keep_alive <= 0 || *header_timeout <= 0) {
+    return Fail(absl::InvalidArgumentError("--timeout-keep-alive and --timeout-request-header must be > 0"));
   }
   if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
   if (flags.IsSet("prefill-chunk") && flags.IsSet("max-num-batched-tokens") &&
@@ -853,7 +864,10 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                                                     {.api_keys = *api_keys,
                                                      .tokenizer = std::shared_ptr<const runtime::Tokenizer>(
                                                          std::move(*front_tok))}),
-                             {.max_request_bytes = static_cast<size_t>(*max_request_bytes)});
+                             {.max_request_bytes = static_cast<size_t>(*max_request_bytes),
+                              .max_connections = static_cast<int>(*max_connections),
+                              .header_timeout_s = *header_timeout,
+                              .idle_timeout_s = *keep_alive});
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d%s%s\n", name.c_str(), flags.Get("host").c_str(),
                (*server)->port(), *engine.round_name() != '\0' ? ", speculative rounds: " : "", engine.round_name());

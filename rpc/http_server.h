@@ -1,5 +1,7 @@
-// A small HTTP/1.1 server on Boost.Beast: one thread per connection, keep-alive, responses
-// whole or streamed with chunked transfer encoding (server-sent events).
+// A small HTTP/1.1 server on Boost.Beast: connections read asynchronously on a few I/O threads
+// (with timeouts and a cap on open connections), each whole request handled on a thread of its
+// own, keep-alive, responses whole or streamed with chunked transfer encoding (server-sent
+// events).
 #pragma once
 
 #include <atomic>
@@ -38,6 +40,13 @@ using HttpHandler = std::function<void(const HttpRequest&, HttpResponder&)>;
 struct HttpServerOptions {
   // A request whose body is larger gets 413 with OpenAI's error object, and its connection closes.
   size_t max_request_bytes = size_t{64} << 20;
+  // Open connections beyond this get 503 (Retry-After: 1) and are closed.
+  int max_connections = 16384;
+  // A new connection's first request must arrive (header and body) within header_timeout_s; a
+  // kept-alive connection's next one within idle_timeout_s. Otherwise the connection closes.
+  double header_timeout_s = 30;
+  double idle_timeout_s = 60;
+  int io_threads = 2;  // threads reading connections (handlers run on threads of their own)
 };
 
 class HttpServer {
@@ -46,11 +55,13 @@ class HttpServer {
   // it cannot bind.
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& host, int port, HttpHandler handler,
                                                            const HttpServerOptions& options = {});
-  ~HttpServer();  // stops accepting and joins the connection threads
+  ~HttpServer();  // Stop()
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
   int port() const { return port_; }
+  // Stops accepting, lets handlers that are answering finish (up to 10 s), closes the
+  // connections and joins every thread.
   void Stop();
 
  private:
