@@ -120,7 +120,7 @@ def cancelled_request(port, rng):
     body = json.dumps({"prompt": rng.choice(["def f(", "import os\n", "class A:\n"]), "max_tokens": rng.randint(1, 64),
                        "stream": rng.random() < 0.7, "ignore_eos": True})
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
               f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
     s.settimeout(30)
     want = rng.randint(0, 2000)  # bytes of the answer to read before leaving
