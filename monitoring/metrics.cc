@@ -100,6 +100,10 @@ ServerMetrics::ServerMetrics()
                           .Name("scout_request_success_total")
                           .Help("Requests finished without error, by why they ended")
                           .Register(*registry_);
+  accepted_per_pos_ = &prometheus::BuildCounter()
+                           .Name("scout_spec_decode_num_accepted_tokens_per_pos_total")
+                           .Help("Speculative rounds whose draft token at this position was accepted")
+                           .Register(*registry_);
 }
 
 prometheus::Histogram& ServerMetrics::LayerBlocksReadRatio(int layer) {
@@ -121,6 +125,10 @@ std::string ServerMetrics::Serialize() const {
     families.insert(families.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
   }
   return prometheus::TextSerializer().Serialize(families);
+}
+
+prometheus::Counter& ServerMetrics::AcceptedAtPosition(int position) {
+  return accepted_per_pos_->Add({{"position", std::to_string(position)}});
 }
 
 prometheus::Counter& ServerMetrics::RequestSuccess(const std::string& finish_reason) {

@@ -21,6 +21,7 @@ class ServerMetrics {
   std::shared_ptr<prometheus::Registry> registry_;  // first: the metrics below live in it
   prometheus::Family<prometheus::Histogram>* layer_read_ratio_ = nullptr;
   prometheus::Family<prometheus::Counter>* request_success_ = nullptr;
+  prometheus::Family<prometheus::Counter>* accepted_per_pos_ = nullptr;
 
  public:
   ServerMetrics();
@@ -34,6 +35,9 @@ class ServerMetrics {
   prometheus::Counter& generation_tokens;   // scout_generation_tokens_total
   prometheus::Counter& draft_tokens;        // scout_spec_decode_num_draft_tokens_total
   prometheus::Counter& accepted_tokens;     // scout_spec_decode_num_accepted_tokens_total
+  // scout_spec_decode_num_accepted_tokens_per_pos_total{position="i"} (vLLM's per-position
+  // counter): rounds whose draft token at position i (0-based) was accepted.
+  prometheus::Counter& AcceptedAtPosition(int position);
   prometheus::Gauge& requests_running;      // scout_num_requests_running
   prometheus::Gauge& requests_waiting;      // scout_num_requests_waiting
   prometheus::Histogram& time_to_first_token;  // scout_time_to_first_token_seconds

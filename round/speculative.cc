@@ -391,6 +391,10 @@ absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed) {
   ++result_.rounds;
   result_.draft_proposed += k_;
   result_.draft_accepted += v.accepted;
+  if (result_.accepted_per_position.size() < static_cast<size_t>(v.accepted)) {
+    result_.accepted_per_position.resize(v.accepted, 0);
+  }
+  for (int i = 0; i < v.accepted; ++i) ++result_.accepted_per_position[i];
   // Roll back what the rejected tokens left in each cache. The target processed its pending
   // tokens and every drafted one; it keeps the pending ones and the accepted drafts.
   const int64_t keep_target = target_before_ + static_cast<int64_t>(target_pending_.size()) + v.accepted;

@@ -74,6 +74,8 @@ struct SpeculativeResult {
   int64_t rounds = 0;
   int64_t draft_proposed = 0;   // drafted tokens the target checked
   int64_t draft_accepted = 0;   // of those, accepted
+  // Rounds whose draft token at position i was accepted (accepted ones form a prefix of a round's).
+  std::vector<int64_t> accepted_per_position;
   double prefill_seconds = 0;
   double decode_seconds = 0;
   std::string round_impl;       // GenerateSpeculative: the round that ran ("cuda" or "host")

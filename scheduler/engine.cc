@@ -598,6 +598,9 @@ void Engine::FinishSpeculative(Request& r, absl::Status status) {
     const round::SpeculativeResult& res = r.spec->result();
     metrics_->draft_tokens.Increment(static_cast<double>(res.draft_proposed));
     metrics_->accepted_tokens.Increment(static_cast<double>(res.draft_accepted));
+    for (size_t i = 0; i < res.accepted_per_position.size(); ++i) {
+      metrics_->AcceptedAtPosition(static_cast<int>(i)).Increment(static_cast<double>(res.accepted_per_position[i]));
+    }
     metrics_->draft_attention_blocks_read.Increment(static_cast<double>(res.draft_selected_blocks));
     metrics_->draft_attention_blocks_dense.Increment(static_cast<double>(res.draft_context_blocks));
     // Attention reads of the target's verification: (layer, KV head, block) units read, and

@@ -283,6 +283,15 @@ TEST(EngineTest, SessionsWithADraftContinueExactly) {
   EXPECT_TRUE(engine.DeleteSession("agent").ok());
   // The requests' lives in /metrics: three finished by length, the session's reuse counted.
   EXPECT_EQ(metrics.session_cached_tokens.Value(), t2->cached_tokens);
+  // Acceptance per draft position: accepted tokens are a prefix of each round's drafts, so the
+  // counts fall with the position and add up to the accepted total.
+  double per_position = 0;
+  for (int i = 0; i < 8; ++i) {
+    per_position += metrics.AcceptedAtPosition(i).Value();
+    if (i > 0) EXPECT_LE(metrics.AcceptedAtPosition(i).Value(), metrics.AcceptedAtPosition(i - 1).Value());
+  }
+  EXPECT_GT(metrics.AcceptedAtPosition(0).Value(), 0);
+  EXPECT_EQ(per_position, metrics.accepted_tokens.Value());
   const std::string text = metrics.Serialize();
   for (const char* want : {"scout_request_success_total{finished_reason=\"length\"} 3",
                            "scout_e2e_request_latency_seconds_count 3", "scout_request_queue_time_seconds_count 3",
