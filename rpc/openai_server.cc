@@ -78,6 +78,12 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
   }
   if (j.contains("echo") && j["echo"].is_boolean() && j["echo"].get<bool>()) return refuse("echo", " yet");
   if (j.contains("logit_bias") && !j["logit_bias"].is_null() && !j["logit_bias"].empty()) return refuse("logit_bias", " yet");
+  // `user` names the client's end user for the client's own records; a string is accepted and
+  // has no effect, as in vLLM.
+  if (j.contains("user") && !j["user"].is_null() && !j["user"].is_string()) {
+    SendError(out, 400, "\"user\" must be a string", "invalid_request_error", "user");
+    return true;
+  }
   return false;
 }
 

@@ -113,6 +113,8 @@ batch=$(curl -s "$base/v1/completions" -d '{"prompt": ["def f", [256, 105, 109, 
 [ "$(code '{"prompt": [256, 99999], "max_tokens": 2}')" = 400 ] && grep -q "99999" err.json || fail "bad token id: $(cat err.json)"
 [ "$(code '{"prompt": ["a", "b"], "stream": true}')" = 400 ] && grep -q '"param":"stream"' err.json || fail "streamed batch: $(cat err.json)"
 [ "$(code '{"prompt": [1.5]}')" = 400 ] || fail "float prompt"
+[ "$(code '{"prompt": "a", "max_tokens": 1, "user": "alice"}')" = 200 ] || fail "user: $(cat err.json)"
+[ "$(code '{"prompt": "a", "max_tokens": 1, "user": 5}')" = 400 ] && grep -q '"param":"user"' err.json || fail "user 5: $(cat err.json)"
 # No seed: fresh randomness (four sampled continuations are not all the same); a seed repeats.
 texts=$(for i in 1 2 3 4; do curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "temperature": 1, "ignore_eos": true}' | py 'd["choices"][0]["text"]'; done | sort -u | wc -l)
 [ "$texts" -gt 1 ] || fail "unseeded requests all gave the same text"
