@@ -214,17 +214,16 @@ struct HttpServer::Impl {
       if (!ec) {
         if (connections.fetch_add(1) >= options.max_connections) {
           connections.fetch_sub(1);
-          // Over the cap: 503 on a request thread (the write may block), and the connection closes.
-          auto s = std::make_shared<tcp::socket>(std::move(socket));
-          RunRequest([s, cap = options.max_connections] {
-            BeastResponder responder(*s, /*keep_alive=*/false);
-            responder.Send(503, "application/json",
-                           ErrorBody(absl::StrCat("the server has its maximum of ", cap, " connections open"),
-                                     "server_error", 503),
-                           {{"Retry-After", "1"}});
-            beast::error_code e;
-            s->shutdown(tcp::socket::shutdown_both, e);
-          });
+          // Over the cap: 503 written here (a few hundred bytes into a new connection's empty send
+          // buffer: no wait, and no thread for a flood of them), and the connection closes.
+          BeastResponder responder(socket, /*keep_alive=*/false);
+          responder.Send(503, "application/json",
+                         ErrorBody(absl::StrCat("the server has its maximum of ", options.max_connections,
+                                                " connections open"),
+                                   "server_error", 503),
+                         {{"Retry-After", "1"}});
+          beast::error_code e;
+          socket.shutdown(tcp::socket::shutdown_both, e);
         } else {
           std::make_shared<Connection>(*this, std::move(socket))->Start();
         }
