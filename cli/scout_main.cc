@@ -718,8 +718,12 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
   for (FlagSpec f : std::vector<FlagSpec>{
            {"num-speculative-tokens", "4", "draft tokens proposed per round"},
            {"max-num-batched-tokens", "2048",
-            "prompt tokens one prefill pass may carry, over all its prompts; prefill passes alternate with the "
-            "running requests' decode steps"},
+            "tokens one pass may carry, over all its prompts (and, without a draft, the decoding requests' tokens "
+            "that prompt chunks ride with)"},
+           {"max-decode-slowdown", "1.5",
+            "without a draft: a decode step carrying prompt chunks takes at most this many times a decode-only "
+            "step (measured), so running requests' inter-token latency holds while a long prompt prefills; <= 1: "
+            "chunks bounded by --max-num-batched-tokens only"},
            {"prefill-chunk", "", "the same as --max-num-batched-tokens (older name)"},
            {"served-model-name", "", "model id in the API (default: the model folder's name)"},
            {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
@@ -798,11 +802,12 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
                          idle_timeout = flags.GetDouble("session-idle-timeout"),
                          keep_alive = flags.GetDouble("timeout-keep-alive"),
-                         header_timeout = flags.GetDouble("timeout-request-header");
+                         header_timeout = flags.GetDouble("timeout-request-header"),
+                         max_slowdown = flags.GetDouble("max-decode-slowdown");
   for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
                                 max_num_seqs.status(), prefill_chunk.status(), max_request_bytes.status(),
                                 max_connections.status(), shutdown_timeout.status(), idle_timeout.status(),
-                                keep_alive.status(), header_timeout.status()}) {
+                                keep_alive.status(), header_timeout.status(), max_slowdown.status()}) {
     if (!s.ok()) return Fail(s);
   }
   if (*max_connections < 1) return Fail(absl::InvalidArgumentError("--max-connections must be >= 1"));
@@ -828,6 +833,7 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
                                           .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
   engine_options.session_idle_timeout_s = *idle_timeout;
   engine_options.max_num_batched_tokens = *prefill_chunk;
+  engine_options.max_decode_slowdown = *max_slowdown;
   engine_options.health = std::move(health);
   if (flags.Get("sparsity") != "dense" && draft == nullptr) {
     return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"

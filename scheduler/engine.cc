@@ -57,7 +57,8 @@ Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<run
       draft_(std::move(draft)),
       tokenizer_(std::move(tokenizer)),
       metrics_(metrics),
-      options_(options) {
+      options_(options),
+      pacer_(options.max_decode_slowdown, PrefillPacer::GemmTokens(config_)) {
   options_.max_num_seqs = std::max(options_.max_num_seqs, 1);
   if (draft_ != nullptr) {
     request_head_map_ = options_.head_map.has_value() ? *options_.head_map
@@ -240,22 +241,29 @@ void Engine::Loop() {
       waiting_.insert(waiting_.begin(), joining.begin() + i, joining.end());
       break;
     }
-    // One prefill pass (bounded by max_num_batched_tokens), then one decode step of the requests
-    // past their prefill: a long prompt slows the others' tokens, it does not stop them.
-    std::vector<Request*> prefilling;
+    // Prompts and decoding requests share the model: without a draft, prompt chunks ride on the
+    // decoders' step (paced so that their tokens keep coming); with a draft, or with nobody
+    // decoding, one prefill pass (bounded by max_num_batched_tokens) runs before the step. A long
+    // prompt slows the others' tokens, it does not stop them.
+    std::vector<Request*> prefilling, step;
     for (auto& r : running) {
-      if (r->started && r->prefilling) prefilling.push_back(r.get());
+      if (!r->started) continue;
+      (r->prefilling ? prefilling : step).push_back(r.get());
     }
-    if (!prefilling.empty()) PrefillPass(prefilling);
+    const bool mixed = draft_ == nullptr && !step.empty();
+    if (!prefilling.empty() && !mixed) {
+      PrefillPass(prefilling);
+      prefilling.clear();
+      step.clear();
+      for (auto& r : running) {
+        if (r->started && !r->prefilling) step.push_back(r.get());
+      }
+    }
     running.erase(std::remove_if(running.begin(), running.end(),
                                  [](const std::shared_ptr<Request>& r) { return !r->started; }),
                   running.end());
-    std::vector<Request*> step;
-    for (auto& r : running) {
-      if (!r->prefilling) step.push_back(r.get());
-    }
     if (step.empty()) continue;
-    DecodeStep(step);
+    DecodeStep(step, prefilling);
     running.erase(std::remove_if(running.begin(), running.end(), [](const std::shared_ptr<Request>& r) {
                     return !r->started;  // Finish clears started
                   }),
@@ -403,38 +411,28 @@ void Engine::PrefillPass(const std::vector<Request*>& prefilling) {
   } else {
     // Each request's prompt runs to its end; the row of its last prompt token gives its first
     // token.
-    const int64_t vocab = config_.vocab_size;
-    std::vector<runtime::SequenceInput> batch;
     std::vector<Request*> who;
+    std::vector<int64_t> n;
     int64_t room = std::max<int64_t>(1, options_.max_num_batched_tokens);
     for (Request* r : prefilling) {
       if (room <= 0) break;
       const int64_t left = static_cast<int64_t>(r->ids.size()) - r->prefilled;
       if (left <= 0) continue;
-      const int64_t n = std::min(room, left);
-      batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(r->ids).subspan(r->prefilled, n)});
       who.push_back(r);
-      room -= n;
+      n.push_back(std::min(room, left));
+      room -= n.back();
     }
-    std::vector<float> logits, one;
-    const bool together = !batch.empty() && model_->Forward(batch, &logits).ok();
-    for (size_t j = 0; j < batch.size(); ++j) {
-      Request& r = *who[j];
-      std::span<const float> row;
-      if (together) {
-        row = std::span<const float>(logits).subspan(j * vocab, vocab);
-      } else {  // all or nothing failed: again one by one, so the error is the request's own
-        if (absl::Status s = model_->Forward({&batch[j], 1}, &one); !s.ok()) {
-          Finish(r, s);
+    ChunkOutputs out;
+    if (RunChunks({}, who, n, &out).ok()) {
+      for (size_t j = 0; j < who.size(); ++j) tokens += TakeChunk(*who[j], n[j], out, j);
+    } else {  // all or nothing failed: again one by one, so the error is the request's own
+      for (size_t j = 0; j < who.size(); ++j) {
+        if (absl::Status s = RunChunks({}, {&who[j], 1}, {&n[j], 1}, &out); !s.ok()) {
+          Finish(*who[j], s);
           continue;
         }
-        row = one;
+        tokens += TakeChunk(*who[j], n[j], out, 0);
       }
-      r.prefilled += static_cast<int64_t>(batch[j].tokens.size());
-      tokens += static_cast<int64_t>(batch[j].tokens.size());
-      if (r.prefilled < static_cast<int64_t>(r.ids.size())) continue;
-      r.prefilling = false;
-      if (!OnToken(r, r.sampler.Sample(row))) Finish(r, absl::OkStatus());
     }
     for (Request* r : prefilling) {  // nothing to prefill: an empty prompt
       if (r->started && r->prefilling && r->ids.empty()) {
@@ -449,36 +447,109 @@ void Engine::PrefillPass(const std::vector<Request*>& prefilling) {
   UpdateKvMetrics();
 }
 
-void Engine::DecodeStep(std::vector<Request*>& running) {
+kernels::SampleRowParams Engine::SampleRow(const Request& r) const {
+  // Device sampling draws from a seed per (request seed, position): reproducible per request
+  // whatever the batch around it, and whichever pass (prefill or decode step) samples it.
+  const runtime::SamplingParams& sp = r.req.sampling;
+  return {.temperature = sp.temperature, .top_k = sp.top_k, .top_p = sp.top_p,
+          .seed = sp.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(r.result.completion_tokens)};
+}
+
+absl::Status Engine::RunChunks(std::span<Request* const> decoding, std::span<Request* const> chunked,
+                               std::span<const int64_t> chunk_tokens, ChunkOutputs* out) {
+  std::vector<runtime::SequenceInput> batch;
+  std::vector<kernels::SampleRowParams> rows;
+  for (Request* r : decoding) {
+    batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(&r->last_token, 1)});
+    rows.push_back(SampleRow(*r));
+  }
+  for (size_t j = 0; j < chunked.size(); ++j) {
+    const Request& r = *chunked[j];
+    batch.push_back({.seq = r.seq, .tokens = std::span<const int32_t>(r.ids).subspan(r.prefilled, chunk_tokens[j])});
+    rows.push_back(SampleRow(r));
+  }
+  out->first_chunk_row = decoding.size();
+  if (batch.empty()) return absl::OkStatus();
+  return model_->samples_on_device() ? model_->ForwardSampled(batch, rows, &out->sampled)
+                                     : model_->Forward(batch, &out->logits);
+}
+
+int32_t Engine::TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) {
+  if (model_->samples_on_device()) return out.sampled[row];
+  const int64_t vocab = config_.vocab_size;
+  return r.sampler.Sample(std::span<const float>(out.logits).subspan(row * vocab, vocab));
+}
+
+int64_t Engine::TakeChunk(Request& r, int64_t n, const ChunkOutputs& out, size_t chunk) {
+  r.prefilled += n;
+  if (r.prefilled < static_cast<int64_t>(r.ids.size())) return n;
+  r.prefilling = false;
+  if (!OnToken(r, TokenOfRow(r, out, out.first_chunk_row + chunk))) Finish(r, absl::OkStatus());
+  return n;
+}
+
+void Engine::DecodeStep(std::vector<Request*>& running, const std::vector<Request*>& prefilling) {
   if (draft_ != nullptr) return SpeculativeStep(running);
   // Requests cancelled by their callers leave before the pass.
   for (Request* r : running) {
     if (r->cancelled) Finish(*r, absl::OkStatus());
   }
   running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
-  std::vector<float> logits;
-  std::vector<int32_t> sampled;
-  const bool on_device = model_->samples_on_device();
-  auto pass = [&]() -> absl::Status {
-    std::vector<runtime::SequenceInput> batch;
-    std::vector<kernels::SampleRowParams> rows;
-    for (Request* r : running) {
-      batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(&r->last_token, 1)});
-      // Device sampling draws from a seed per (request seed, position): reproducible per request
-      // whatever the batch around it.
-      const runtime::SamplingParams& sp = r->req.sampling;
-      rows.push_back({.temperature = sp.temperature, .top_k = sp.top_k, .top_p = sp.top_p,
-                      .seed = sp.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(r->result.completion_tokens)});
+  // Prompt chunks that ride on this step, sized by the pacer.
+  std::vector<Request*> chunked;
+  std::vector<int64_t> chunk_tokens;
+  double work = 0;
+  if (!prefilling.empty() && !running.empty()) {
+    std::vector<PrefillPacer::Prompt> prompts;
+    for (Request* r : prefilling) {
+      prompts.push_back({.start = r->earlier + r->prefilled, .left = static_cast<int64_t>(r->ids.size()) - r->prefilled});
     }
-    return on_device ? model_->ForwardSampled(batch, rows, &sampled) : model_->Forward(batch, &logits);
+    const std::vector<int64_t> plan =
+        pacer_.Plan(prompts, options_.max_num_batched_tokens - static_cast<int64_t>(running.size()));
+    for (size_t i = 0; i < plan.size(); ++i) {
+      if (plan[i] <= 0) continue;
+      chunked.push_back(prefilling[i]);
+      chunk_tokens.push_back(plan[i]);
+      work += pacer_.Work(prompts[i].start, plan[i]);
+    }
+  }
+  ChunkOutputs out;
+  bool mixed = !chunked.empty(), mixed_failed = false;
+  double seconds = 0;
+  auto pass = [&]() -> absl::Status {
+    const auto t0 = Clock::now();
+    absl::Status s = RunChunks(running, mixed ? std::span<Request* const>(chunked) : std::span<Request* const>(),
+                               chunk_tokens, &out);
+    if (!s.ok() && mixed) {
+      // The chunks go back to a pass of their own (where an error is each prompt's own); the
+      // decoders' step runs without them.
+      mixed = false;
+      mixed_failed = true;
+      s = RunChunks(running, {}, {}, &out);
+    }
+    seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    return s;
   };
-  if (!RunBatchedPass(running, pass, [this](Request& r, absl::Status s) { Finish(r, s); })) return;
-  const int64_t vocab = config_.vocab_size;
-  for (size_t i = 0; i < running.size(); ++i) {
-    Request& r = *running[i];
-    const int32_t token =
-        on_device ? sampled[i] : r.sampler.Sample(std::span<const float>(logits).subspan(i * vocab, vocab));
-    if (!OnToken(r, token)) Finish(r, absl::OkStatus());
+  const bool stepped = RunBatchedPass(running, pass, [this](Request& r, absl::Status s) { Finish(r, s); });
+  if (stepped && !mixed_failed) {
+    if (mixed) {
+      pacer_.ObserveMixedStep(work, seconds);
+    } else {
+      pacer_.ObserveDecodeStep(seconds);
+    }
+  }
+  if (stepped) {
+    for (size_t i = 0; i < running.size(); ++i) {
+      Request& r = *running[i];
+      if (!OnToken(r, TokenOfRow(r, out, i))) Finish(r, absl::OkStatus());
+    }
+  }
+  if (mixed && stepped) {
+    int64_t tokens = 0;
+    for (size_t j = 0; j < chunked.size(); ++j) tokens += TakeChunk(*chunked[j], chunk_tokens[j], out, j);
+    metrics_->prefill_tokens.Increment(static_cast<double>(tokens));
+  } else if (mixed_failed) {
+    PrefillPass(prefilling);  // the chunks did not run with the step
   }
 }
 

@@ -27,6 +27,7 @@
 #include "runtime/sts.h"
 #include "runtime/tokenizer.h"
 #include "round/speculative.h"
+#include "scheduler/prefill_pacer.h"
 
 namespace scout::scheduler {
 
@@ -39,6 +40,12 @@ struct EngineOptions {
   // --max-num-batched-tokens). Prefill passes alternate with decode steps of the requests already
   // decoding, so a long prompt delays their next token by one pass, not by its whole prefill.
   int64_t max_num_batched_tokens = 2048;
+  // Without a draft, prompt chunks ride on the decoding requests' steps (one pass for both, as in
+  // vLLM), within max_num_batched_tokens less the decoders' tokens and sized by a PrefillPacer so
+  // that a step with a chunk takes at most this many times a decode-only step: the decoders'
+  // inter-token latency stays within this factor while a long prompt prefills, at the cost of
+  // that prompt's time to first token. <= 1: chunks bounded by tokens only.
+  double max_decode_slowdown = 1.5;
   // Sessions idle this long lose their KV (0: kept until deleted or needed). Under KV pressure,
   // with nothing running to wait for, idle sessions are dropped least recently used first
   // rather than refusing a request. A request on a dropped session gets NotFound saying so.
@@ -178,8 +185,26 @@ class Engine {
   // False when none is left; otherwise counts the pass in the stats and metrics.
   bool RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<absl::Status()> pass,
                       absl::FunctionRef<void(Request&, absl::Status)> finish) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
-  // One decode pass over the running requests (model_mu_ held).
-  void DecodeStep(std::vector<Request*>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // One decode pass over the running requests (model_mu_ held); without a draft it carries
+  // chunks of the prompts still prefilling (as the pacer allows; in a PrefillPass of their own
+  // if the mixed pass fails).
+  void DecodeStep(std::vector<Request*>& running, const std::vector<Request*>& prefilling)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // One pass over decoding requests (their last token) and prompt chunks (chunk_tokens[j] tokens
+  // of chunked[j] from where it stands): one sampled token, or logit row, per input, the chunks'
+  // after the decoders'. Nothing changes on error.
+  struct ChunkOutputs {
+    std::vector<float> logits;    // host sampling: [rows][vocab]
+    std::vector<int32_t> sampled;  // device sampling: [rows]
+    size_t first_chunk_row = 0;
+  };
+  absl::Status RunChunks(std::span<Request* const> decoding, std::span<Request* const> chunked,
+                         std::span<const int64_t> chunk_tokens, ChunkOutputs* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  kernels::SampleRowParams SampleRow(const Request& r) const;
+  int32_t TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // A chunk of n tokens of r is in the cache: a prompt now complete takes its first token from
+  // the chunk's row. Returns n.
+  int64_t TakeChunk(Request& r, int64_t n, const ChunkOutputs& out, size_t chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // With a draft: the request's speculative stream (its prefill on both models), then rounds
   // batched over the running requests; FinishSpeculative counts its draft and sparsity metrics.
   StartResult StartSpeculative(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
@@ -212,6 +237,7 @@ class Engine {
   std::unique_ptr<round::SpeculativeRound> round_;   // with a draft: runs the rounds (MakeRound)
   const char* round_name_ = "";
   runtime::HostKvTierStats tier_seen_ ABSL_GUARDED_BY(model_mu_);  // counters already exported
+  PrefillPacer pacer_ ABSL_GUARDED_BY(model_mu_);
 
   absl::Mutex mu_;  // queues, sessions, requests' outboxes
   int64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
