@@ -96,6 +96,46 @@ __global__ void SiluMulKernel(SiluMulParams p) {
   }
 }
 
+// One thread per (row, dim); the row's weights are recomputed by each of its threads (two exp2 on
+// a memory-bound pass).
+__global__ void MergeAttentionKernel(MergeAttentionParams p) {
+  const int64_t n = int64_t{p.rows} * p.head_dim;
+  for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < n; k += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = k / p.head_dim;
+    const float lp = p.part_lse[r];
+    float v;
+    if (p.first) {
+      v = Bf(p.part[k]);
+    } else {
+      v = p.acc[k];
+      if (lp != -INFINITY) {
+        const float la = p.acc_lse[r];
+        const float m = fmaxf(la, lp);
+        const float a = la == -INFINITY ? 0.0f : exp2f(la - m), b = exp2f(lp - m);
+        v = (a * v + b * Bf(p.part[k])) / (a + b);
+      }
+    }
+    p.acc[k] = v;
+    if (p.out != nullptr) p.out[k] = ToBf(v);
+  }
+}
+
+// The log-sum-exps after the rows: each row's new value is read by its head_dim threads above
+// before any is written.
+__global__ void MergeLseKernel(MergeAttentionParams p) {
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < p.rows; r += gridDim.x * blockDim.x) {
+    const float lp = p.part_lse[r];
+    if (p.first) {
+      p.acc_lse[r] = lp;
+    } else if (lp != -INFINITY) {
+      const float la = p.acc_lse[r];
+      const float m = fmaxf(la, lp);
+      const float a = la == -INFINITY ? 0.0f : exp2f(la - m), b = exp2f(lp - m);
+      p.acc_lse[r] = m + log2f(a + b);
+    }
+  }
+}
+
 // (value, index) with the reference's order: larger wins, NaN loses, lower index breaks ties.
 __device__ inline bool Better(float v, int i, float bv, int bi) {
   if (isnan(v)) return false;
@@ -317,6 +357,14 @@ cudaError_t AddBias(const AddBiasParams& p, cudaStream_t stream) {
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   SiluMulKernel<<<GridFor(int64_t{p.rows} * p.inter, 256), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t MergeAttention(const MergeAttentionParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  MergeAttentionKernel<<<GridFor(int64_t{p.rows} * p.head_dim, 256), 256, 0, stream>>>(p);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  MergeLseKernel<<<GridFor(p.rows, 256), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

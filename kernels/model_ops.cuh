@@ -19,6 +19,7 @@ cudaError_t Argmax(const ArgmaxParams& p, cudaStream_t stream);
 // longest list (sizes the grid).
 cudaError_t BlockMass(const BlockMassParams& p, int max_blocks, int max_q_tokens, cudaStream_t stream);
 cudaError_t RandomFill(const RandomFillParams& p, cudaStream_t stream);
+cudaError_t MergeAttention(const MergeAttentionParams& p, cudaStream_t stream);
 // cudaErrorInvalidValue unless 1 <= rows <= kGemvMaxRows and in % 8 == 0.
 cudaError_t Gemv(const GemvParams& p, cudaStream_t stream);
 

@@ -106,6 +106,25 @@ struct BlockMassParams {
 };
 void BlockMassRef(const BlockMassParams& p);
 
+// Attention over the keys in segments (a context longer than the GPU holds at once): merges one
+// segment's output, normalised over that segment's keys, and its log2-sum-exp
+// (SparseDecodeParams::lse) into a float32 accumulator of the segments before it, as the decode
+// kernel's splits merge: with m = max(acc_lse, part_lse), a = 2^(acc_lse - m), b = 2^(part_lse - m),
+// acc = (a * acc + b * part) / (a + b) and acc_lse = m + log2(a + b). A part_lse of -inf (a row
+// that saw no key of the segment) leaves the row as it was. first: the accumulator is the part.
+// out (optional): the merged rows as bf16, for the last segment.
+struct MergeAttentionParams {
+  const uint16_t* part = nullptr;   // [rows][head_dim] bf16 (rows: tokens * heads)
+  const float* part_lse = nullptr;  // [rows]
+  float* acc = nullptr;             // [rows][head_dim]
+  float* acc_lse = nullptr;         // [rows]
+  uint16_t* out = nullptr;          // [rows][head_dim] or nullptr
+  int rows = 0;
+  int head_dim = 0;
+  bool first = false;
+};
+void MergeAttentionRef(const MergeAttentionParams& p);
+
 // y[r][o] = sum_i x[r][i] * w[o][i] + beta * y[r][o] for a few rows (decode steps): the weight
 // matrix streamed once at memory speed, where a general GEMM tiles for many rows. in % 8 == 0,
 // rows 1..8, 16-byte aligned x and w.

@@ -190,6 +190,44 @@ TEST(ModelOpsGpu, SiluMulMatchesReference) {
   }
 }
 
+// Three segments merged on the device against the reference: awkward row counts, head dims 64
+// and 128, rows a segment gives nothing to (-inf), the bf16 output on the last.
+TEST(ModelOpsGpu, MergeAttentionMatchesReference) {
+  std::mt19937 rng(23);
+  for (int hd : {64, 128}) {
+    for (int rows : {1, 37 * 5, 4099}) {
+      Dev dev;
+      std::vector<float> acc(static_cast<size_t>(rows) * hd, 0.0f), acc_lse(rows, 0.0f);
+      float* d_acc = dev.Put(acc);
+      float* d_acc_lse = dev.Put(acc_lse);
+      uint16_t* d_out = dev.Put(std::vector<uint16_t>(acc.size(), 0xffff));
+      std::vector<uint16_t> want(acc.size());
+      for (int k = 0; k < 3; ++k) {
+        const std::vector<uint16_t> part = NormalBf16(acc.size(), rng);
+        std::vector<float> lse = Normal(rows, rng, 8.0f);
+        for (int r = 0; r < rows; r += 7) lse[r] = -INFINITY;
+        const bool last = k == 2;
+        MergeAttentionRef({.part = part.data(), .part_lse = lse.data(), .acc = acc.data(), .acc_lse = acc_lse.data(),
+                           .out = last ? want.data() : nullptr, .rows = rows, .head_dim = hd, .first = k == 0});
+        ASSERT_EQ(MergeAttention({.part = dev.Put(part), .part_lse = dev.Put(lse), .acc = d_acc, .acc_lse = d_acc_lse,
+                                  .out = last ? d_out : nullptr, .rows = rows, .head_dim = hd, .first = k == 0},
+                                 nullptr),
+                  cudaSuccess);
+      }
+      const std::vector<float> got = dev.Get(d_acc, acc.size()), got_lse = dev.Get(d_acc_lse, rows);
+      for (size_t i = 0; i < acc.size(); ++i) ASSERT_NEAR(got[i], acc[i], 1e-5f + 1e-5f * std::fabs(acc[i])) << i;
+      for (int r = 0; r < rows; ++r) {
+        if (std::isinf(acc_lse[r])) {
+          ASSERT_EQ(got_lse[r], acc_lse[r]) << r;
+        } else {
+          ASSERT_NEAR(got_lse[r], acc_lse[r], 1e-5f + 1e-6f * std::fabs(acc_lse[r])) << r;
+        }
+      }
+      ExpectBf16Near(dev.Get(d_out, acc.size()), want, "merged output");
+    }
+  }
+}
+
 TEST(ModelOpsGpu, ArgmaxMatchesReferenceWithTiesAndNan) {
   std::mt19937 rng(5);
   for (int vocab : {1, 2, 259, 128256}) {

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -68,6 +69,27 @@ void SiluMulRef(const SiluMulParams& p) {
     const float* g = p.gate_up + int64_t{r} * 2 * p.inter;
     for (int j = 0; j < p.inter; ++j) {
       p.out[int64_t{r} * p.inter + j] = FloatToBf16(g[j] / (1.0f + std::exp(-g[j])) * g[p.inter + j]);
+    }
+  }
+}
+
+void MergeAttentionRef(const MergeAttentionParams& p) {
+  for (int r = 0; r < p.rows; ++r) {
+    float* acc = p.acc + int64_t{r} * p.head_dim;
+    const uint16_t* part = p.part + int64_t{r} * p.head_dim;
+    const float lp = p.part_lse[r];
+    if (p.first) {
+      for (int i = 0; i < p.head_dim; ++i) acc[i] = Bf16ToFloat(part[i]);
+      p.acc_lse[r] = lp;
+    } else if (lp != -INFINITY) {
+      const float la = p.acc_lse[r];
+      const float m = std::max(la, lp);
+      const float a = la == -INFINITY ? 0.0f : std::exp2(la - m), b = std::exp2(lp - m);
+      for (int i = 0; i < p.head_dim; ++i) acc[i] = (a * acc[i] + b * Bf16ToFloat(part[i])) / (a + b);
+      p.acc_lse[r] = m + std::log2(a + b);
+    }
+    if (p.out != nullptr) {
+      for (int i = 0; i < p.head_dim; ++i) p.out[int64_t{r} * p.head_dim + i] = FloatToBf16(acc[i]);
     }
   }
 }

@@ -1,6 +1,7 @@
 #include <cmath>
 
 #include "gtest/gtest.h"
+#include "kernels/model_ops.h"
 #include "kernels/sparse_decode.h"
 #include "kernels/sparse_decode_problem.h"
 
@@ -99,6 +100,53 @@ TEST(SparseDecodeRefTest, UnitPoolLayoutMatchesPagedLayout) {
   MakeUnitPool(pr, 9);
   SparseDecodeRef(pr.params(), units.data());
   EXPECT_EQ(paged, units);
+}
+
+// Attention over a long context in segments (the host KV tier's way past a GPU cache too small
+// for one layer's context): each segment's lists give an output and a log2-sum-exp, and merging
+// them (MergeAttentionRef) gives the attention over the whole list. Three segments of a sliding
+// and a causal problem with several new tokens; a segment some rows see nothing of (the window).
+TEST(SparseDecodeRefTest, SegmentsMergedByLogSumExpEqualTheWhole) {
+  for (int window : {0, 100}) {
+    SCOPED_TRACE(window);
+    DecodeProblem pr = MakeDecodeProblem({.seq_lens = {700, 333}, .q_tokens = {37, 5}, .num_heads = 8,
+                                          .num_kv_heads = 2, .head_dim = 64, .keep_fraction = 1.0,
+                                          .sliding_window = window}, 11);
+    std::vector<float> whole(pr.out.size());
+    SparseDecodeRef(pr.params(), whole.data());
+    const int rows = pr.total_q_rows() * pr.shape.num_heads, hd = pr.shape.head_dim;
+    std::vector<float> acc(static_cast<size_t>(rows) * hd), acc_lse(rows), lse(rows);
+    std::vector<uint16_t> merged(acc.size());
+    const std::vector<std::pair<int, int>> segments = {{0, 9}, {9, 30}, {30, 1 << 20}};
+    for (size_t k = 0; k < segments.size(); ++k) {
+      std::vector<int32_t> indptr = {0}, blocks;
+      for (size_t list = 0; list + 1 < pr.sel_indptr.size(); ++list) {
+        for (int32_t i = pr.sel_indptr[list]; i < pr.sel_indptr[list + 1]; ++i) {
+          if (pr.sel_blocks[i] >= segments[k].first && pr.sel_blocks[i] < segments[k].second) {
+            blocks.push_back(pr.sel_blocks[i]);
+          }
+        }
+        indptr.push_back(static_cast<int32_t>(blocks.size()));
+      }
+      SparseDecodeParams p = pr.params();
+      p.sel_indptr = indptr.data();
+      p.sel_blocks = blocks.data();
+      p.lse = lse.data();
+      std::vector<uint16_t> part(pr.out.size());
+      p.out = part.data();
+      SparseDecodeRef(p);
+      MergeAttentionRef({.part = part.data(), .part_lse = lse.data(), .acc = acc.data(), .acc_lse = acc_lse.data(),
+                         .out = k + 1 == segments.size() ? merged.data() : nullptr, .rows = rows, .head_dim = hd,
+                         .first = k == 0});
+    }
+    // Each segment's output is rounded to bf16 before the merge: a few bf16 units of the values.
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < whole.size(); ++i) {
+      err += (Bf16ToFloat(merged[i]) - whole[i]) * (Bf16ToFloat(merged[i]) - whole[i]);
+      norm += whole[i] * whole[i];
+    }
+    EXPECT_LT(std::sqrt(err / norm), 1e-2);
+  }
 }
 
 }  // namespace
