@@ -146,6 +146,32 @@ struct CudaModel::Impl {
   cudaEvent_t xfer_begin = nullptr, xfer_end = nullptr;  // timing the step's transfers
   HostKvTierStats tier_stats;
 
+  // Segmented attention (a step whose lists of one layer do not fit that layer's share of the
+  // cache): each segment's lists go through one of two slots, reused once the attention of the
+  // segment before last has run; a slot's segment keeps its units pinned (under its own step id,
+  // in its layer's cache) until then.
+  struct SegmentSlot {
+    cudaEvent_t done = nullptr;  // the segment's attention and merge have run
+    PinnedBuffer stage;
+    DeviceBuffer index;           // [indptr | blocks | slots] of the segment
+    uint64_t step = 0;            // its pins; 0: none held
+    int layer = 0;
+  };
+  SegmentSlot segment_slots[2];
+  int64_t segments_run = 0;  // over the model's life: picks the slot and the pin id
+  // Pin ids of segments: apart from the steps' own (step_id).
+  static constexpr uint64_t kSegmentStepBit = uint64_t{1} << 63;
+  DeviceBuffer seg_out, seg_acc, seg_acc_lse;
+  cudaEvent_t fetch_done = nullptr;  // a segmented step's partial-block fetch has run
+  // Waits for the slot's segment and unpins its units.
+  absl::Status ReleaseSegment(SegmentSlot& slot) {
+    if (slot.step == 0) return absl::OkStatus();
+    SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(slot.done), "segment wait");
+    caches[slot.layer]->ReleaseStep(slot.step);
+    slot.step = 0;
+    return absl::OkStatus();
+  }
+
   const kvstore::BlockTableManager& Tables() const { return store != nullptr ? store->tables() : *tables; }
   // Waits for the last tiered step (its flush included) and unpins its units.
   absl::Status FinishTieredStep() {
@@ -154,6 +180,7 @@ struct CudaModel::Impl {
     float ms = 0;
     if (cudaEventElapsedTime(&ms, xfer_begin, xfer_end) == cudaSuccess) tier_stats.prefetch_seconds += ms * 1e-3;
     for (auto& cache : caches) cache->ReleaseStep(step_id);
+    for (SegmentSlot& slot : segment_slots) SCOUT_RETURN_IF_ERROR(ReleaseSegment(slot));
     step_pending = false;
     return absl::OkStatus();
   }
@@ -239,7 +266,10 @@ struct CudaModel::Impl {
     }
     if (step_done != nullptr) cudaEventSynchronize(step_done);
     copier.reset();
-    for (cudaEvent_t e : {main_done, step_done, xfer_begin, xfer_end}) {
+    for (SegmentSlot& slot : segment_slots) {
+      if (slot.done != nullptr) cudaEventDestroy(slot.done);
+    }
+    for (cudaEvent_t e : {main_done, step_done, xfer_begin, xfer_end, fetch_done}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
     if (blas != nullptr) cublasDestroy(blas);
@@ -267,6 +297,19 @@ struct CudaModel::Impl {
   absl::Status PlanTieredStep(std::span<const SequenceInput> batch, const BatchShape& shape,
                               const std::vector<int32_t>& sel_indptr, const std::vector<int32_t>& sel_blocks,
                               TierPlan* tp);
+  // Blocks a segment of the step's lists may span so that, per layer, the units its new tokens
+  // write and two segments fit the layer's share of the cache: 0 when every layer's lists fit at
+  // once (no segments needed). ResourceExhausted (kGpuBlockCacheFullPayload) when not even one
+  // block a segment fits.
+  absl::StatusOr<int64_t> SegmentBlocks(std::span<const SequenceInput> batch, const BatchShape& shape,
+                                        const std::vector<int32_t>& sel_indptr) const;
+  // Layer `layer`'s attention over the step's lists (indptr over [seqs][layers][kv heads], as the
+  // step's sel arrays) in segments of seg_blocks logical blocks: each segment's units are
+  // planned in the layer's cache, gathered on the copy stream while the segment before is
+  // attended, attended into seg_out / lse and merged into seg_acc; the last merge writes `ap.out`.
+  absl::Status SegmentedAttention(int layer, kernels::SparseDecodeParams ap, std::span<const SequenceInput> batch,
+                                  const std::vector<int32_t>& indptr, const std::vector<int32_t>& blocks,
+                                  int64_t seg_blocks, const kernels::SparseDecodePlan& plan);
   // capture: records the step into a new entry of graphs instead of running it.
   // host_selections: honour the inputs' host selections although the logits stay on the device
   // (ForwardSampled); Forward always does, EnqueueForward takes only device ones.
@@ -412,7 +455,7 @@ absl::Status CudaModel::Impl::AllocHostTier(const CudaModelOptions& o) {
   if (!e.ok()) return e.status();
   copier = std::move(*e);
   copier->set_signal(o.signalled_prefetch);
-  for (cudaEvent_t* ev : {&main_done, &step_done}) {
+  for (cudaEvent_t* ev : {&main_done, &step_done, &fetch_done, &segment_slots[0].done, &segment_slots[1].done}) {
     SCOUT_RETURN_IF_CUDA(cudaEventCreateWithFlags(ev, cudaEventDisableTiming), "event");
   }
   for (cudaEvent_t* ev : {&xfer_begin, &xfer_end}) SCOUT_RETURN_IF_CUDA(cudaEventCreate(ev), "event");
@@ -590,6 +633,134 @@ absl::Status CudaModel::Impl::PlanTieredStep(std::span<const SequenceInput> batc
   return absl::OkStatus();
 }
 
+absl::StatusOr<int64_t> CudaModel::Impl::SegmentBlocks(std::span<const SequenceInput> batch, const BatchShape& shape,
+                                                       const std::vector<int32_t>& sel_indptr) const {
+  const int64_t L = lc.num_hidden_layers, nkv = lc.num_key_value_heads;
+  const int64_t B = static_cast<int64_t>(batch.size());
+  int64_t most = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t units = 0;
+    for (int64_t i = 0; i < B; ++i) units += sel_indptr[(i * L + l + 1) * nkv] - sel_indptr[(i * L + l) * nkv];
+    most = std::max(most, units);
+  }
+  if (most <= layer_units) return 0;
+  int64_t written = 0;  // units the new tokens write, pinned for the whole step
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+    written += nkv * (kvstore::BlocksFor(shape.start[i] + n) - shape.start[i] / kvstore::kBlockSize);
+  }
+  const int64_t seg = (layer_units - written) / (2 * B * nkv);
+  if (seg < 1) {
+    absl::Status full = absl::ResourceExhaustedError(absl::StrCat(
+        "the GPU block cache (", layer_units, " units per layer) cannot hold this step's ", written,
+        " new units and two segments of its lists (", 2 * B * nkv, " units a block of context); run fewer tokens a step"));
+    full.SetPayload(kGpuBlockCacheFullPayload, absl::Cord("1"));
+    return full;
+  }
+  return seg;
+}
+
+absl::Status CudaModel::Impl::SegmentedAttention(int layer, kernels::SparseDecodeParams ap,
+                                                 std::span<const SequenceInput> batch,
+                                                 const std::vector<int32_t>& indptr,
+                                                 const std::vector<int32_t>& blocks, int64_t seg_blocks,
+                                                 const kernels::SparseDecodePlan& plan) {
+  const int L = static_cast<int>(lc.num_hidden_layers), nkv = static_cast<int>(lc.num_key_value_heads);
+  const int nh = static_cast<int>(lc.num_attention_heads), hd = static_cast<int>(lc.head_dim);
+  const size_t B = batch.size();
+  int64_t T = 0;
+  for (const SequenceInput& in : batch) T += static_cast<int64_t>(in.tokens.size());
+  uint16_t* const out = ap.out;
+  // Each (sequence, head) list of this layer is ascending: a cursor walks it segment by segment.
+  std::vector<int32_t> cursor(B * nkv);
+  int32_t last_block = 0;
+  for (size_t i = 0; i < B; ++i) {
+    for (int h = 0; h < nkv; ++h) {
+      const size_t list = (i * L + layer) * nkv + h;
+      cursor[i * nkv + h] = indptr[list];
+      if (indptr[list + 1] > indptr[list]) last_block = std::max(last_block, blocks[indptr[list + 1] - 1]);
+    }
+  }
+  const int32_t base = layer * layer_units;
+  bool first = true;
+  for (int64_t k = 0; k * seg_blocks <= last_block; ++k) {
+    const int64_t end_block = (k + 1) * seg_blocks;
+    // This segment's lists: as the planner takes them (a Selection per sequence, this layer's
+    // lists only) and as the kernel reads them ([sequence][head]).
+    std::vector<kvstore::Selection> sel(B);
+    std::vector<int32_t> seg_indptr = {0}, seg_list;
+    for (size_t i = 0; i < B; ++i) {
+      sel[i] = {.num_layers = L, .num_kv_heads = nkv};
+      sel[i].indptr.assign(static_cast<size_t>(layer) * nkv + 1, 0);
+      for (int h = 0; h < nkv; ++h) {
+        const int32_t list_end = indptr[(i * L + layer) * nkv + h + 1];
+        int32_t& c = cursor[i * nkv + h];
+        for (; c < list_end && blocks[c] < end_block; ++c) {
+          sel[i].blocks.push_back(blocks[c]);
+          seg_list.push_back(blocks[c]);
+        }
+        sel[i].indptr.push_back(static_cast<int32_t>(sel[i].blocks.size()));
+        seg_indptr.push_back(static_cast<int32_t>(seg_list.size()));
+      }
+      sel[i].indptr.resize(static_cast<size_t>(L) * nkv + 1, static_cast<int32_t>(sel[i].blocks.size()));
+    }
+    if (seg_list.empty()) continue;
+    // The slot of the segment before last: its attention must be done before its units go.
+    SegmentSlot& slot = segment_slots[segments_run % 2];
+    SCOUT_RETURN_IF_ERROR(ReleaseSegment(slot));
+    slot.step = kSegmentStepBit | static_cast<uint64_t>(++segments_run);
+    slot.layer = layer;
+    kvstore::PrefetchPlan moves;
+    moves.layer_begin.assign(L + 1, 0);
+    std::vector<int32_t> slots;
+    slots.reserve(seg_list.size());
+    for (size_t i = 0; i < B; ++i) {
+      absl::StatusOr<kvstore::PrefetchPlan> p =
+          kvstore::PlanPrefetchLayers(sel[i], batch[i].seq, *store, *caches[layer], slot.step, layer, layer + 1);
+      if (!p.ok()) return p.status();
+      for (int32_t x : p->slots) slots.push_back(base + x);
+      for (kvstore::Transfer x : p->transfers) moves.transfers.push_back({x.src, base + x.slot});
+      tier_stats.unit_hits += p->hits;
+      tier_stats.unit_misses += p->misses;
+      tier_stats.bytes_prefetched += p->misses * static_cast<int64_t>(unit_bytes);
+    }
+    for (int l = layer + 1; l <= L; ++l) moves.layer_begin[l] = static_cast<int32_t>(moves.transfers.size());
+    if (!moves.transfers.empty()) {
+      SCOUT_RETURN_IF_ERROR(copier->Upload(moves));
+      SCOUT_RETURN_IF_ERROR(copier->LaunchLayer(moves, layer));
+      SCOUT_RETURN_IF_CUDA(cudaStreamWaitEvent(stream, copier->layer_done(layer), 0), "segment wait");
+    }
+    const size_t n_indptr = seg_indptr.size(), n = seg_list.size(), total = n_indptr + 2 * n;
+    SCOUT_RETURN_IF_ERROR(slot.stage.Reserve(total * 4));
+    SCOUT_RETURN_IF_ERROR(slot.index.Reserve(total * 4, "segment lists"));
+    int32_t* st = static_cast<int32_t*>(slot.stage.ptr);
+    std::copy(seg_indptr.begin(), seg_indptr.end(), st);
+    std::copy(seg_list.begin(), seg_list.end(), st + n_indptr);
+    std::copy(slots.begin(), slots.end(), st + n_indptr + n);
+    SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(slot.index.ptr, st, total * 4, cudaMemcpyHostToDevice, stream), "segment upload");
+    const int32_t* di = slot.index.as<int32_t>();
+    ap.sel_indptr = di;
+    ap.sel_blocks = di + n_indptr;
+    ap.sel_slots = di + n_indptr + n;
+    ap.sel_seq_stride = nkv;
+    ap.out = seg_out.as<uint16_t>();
+    ap.lse = lse.as<float>();
+    SCOUT_RETURN_IF_CUDA(kernels::SparseDecode(ap, plan, attn_ws.ptr, stream, merge_counters.as<unsigned int>()),
+                         "segment attention");
+    // Every merge writes the bf16 rows: the last one's are the layer's output.
+    SCOUT_RETURN_IF_CUDA(kernels::MergeAttention({.part = seg_out.as<uint16_t>(), .part_lse = lse.as<float>(),
+                                                  .acc = seg_acc.as<float>(), .acc_lse = seg_acc_lse.as<float>(),
+                                                  .out = out, .rows = static_cast<int>(T * nh), .head_dim = hd,
+                                                  .first = first},
+                                                 stream),
+                         "segment merge");
+    SCOUT_RETURN_IF_CUDA(cudaEventRecord(slot.done, stream), "event");
+    first = false;
+  }
+  if (first) return absl::InternalError("segmented attention over empty lists");
+  return absl::OkStatus();
+}
+
 absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
                                       std::vector<float>* host_mass_out, std::vector<float>* host_logits,
                                       bool host_selections) {
@@ -677,6 +848,26 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     for (size_t k = 0; k + 1 < sel_indptr.size(); ++k) max_list = std::max(max_list, sel_indptr[k + 1] - sel_indptr[k]);
   }
   if (o.selection != nullptr) max_list = quantize(o.selection->max_list_blocks);
+  // The host tier past its cache: a layer's lists too long for its share of the GPU block cache
+  // (a prompt chunk deep into a context longer than the GPU holds) are attended in segments;
+  // the step's own index arrays then carry no lists.
+  int64_t seg_blocks = 0;
+  std::vector<int32_t> seg_indptr, seg_list;
+  if (tier) {
+    absl::StatusOr<int64_t> sb = SegmentBlocks(batch, *shape, sel_indptr);
+    if (!sb.ok()) return sb.status();
+    seg_blocks = *sb;
+    if (seg_blocks > 0) {
+      if (o.santa_samples > 0) {
+        return absl::UnimplementedError("SANTA over lists longer than the GPU block cache holds at once");
+      }
+      seg_indptr = std::move(sel_indptr);
+      seg_list = std::move(sel_blocks);
+      sel_indptr.assign(seg_indptr.size(), 0);
+      sel_blocks.clear();
+      max_list = static_cast<int>(seg_blocks);
+    }
+  }
   const int table_nb = std::max(max_nb, o.selection != nullptr ? quantize(o.selection->block_bound) : 0);
 
   StepLayout lay;
@@ -736,6 +927,11 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     SCOUT_RETURN_IF_CUDA(cudaMemsetAsync(merge_counters.ptr, 0, n, stream), "attention merge counters");
   }
   if (host_mass) SCOUT_RETURN_IF_ERROR(mass.Reserve(B * L * mass_per_layer * 4, "block mass"));
+  if (seg_blocks > 0) {
+    SCOUT_RETURN_IF_ERROR(seg_out.Reserve(T * nh * hd * 2, "segment attention"));
+    SCOUT_RETURN_IF_ERROR(seg_acc.Reserve(T * nh * hd * 4, "segment attention"));
+    SCOUT_RETURN_IF_ERROR(seg_acc_lse.Reserve(T * nh * 4, "segment attention"));
+  }
   for (size_t i = 0; i < per_step.size(); ++i) {
     if (per_step[i]->ptr != before[i]) ++generation;
   }
@@ -843,8 +1039,13 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     if (tier) {  // the copy stream: partial blocks the new tokens extend, then every layer's misses
       SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_begin, copier->stream()), "event");
       SCOUT_RETURN_IF_ERROR(copier->Fetch(tp.append));
-      SCOUT_RETURN_IF_ERROR(copier->Upload(tp.prefetch));
-      SCOUT_RETURN_IF_ERROR(copier->Launch(tp.prefetch));
+      if (seg_blocks > 0) {  // the segments move their own units; every layer waits for the fetch
+        SCOUT_RETURN_IF_CUDA(cudaEventRecord(fetch_done, copier->stream()), "event");
+        SCOUT_RETURN_IF_CUDA(cudaStreamWaitEvent(stream, fetch_done, 0), "fetch wait");
+      } else {
+        SCOUT_RETURN_IF_ERROR(copier->Upload(tp.prefetch));
+        SCOUT_RETURN_IF_ERROR(copier->Launch(tp.prefetch));
+      }
       SCOUT_RETURN_IF_CUDA(cudaEventRecord(xfer_end, copier->stream()), "event");
     }
     uint16_t* const pool_kv = pool.as<uint16_t>();
@@ -857,7 +1058,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       SCOUT_RETURN_IF_ERROR(Gemm(w.wqkv.ptr, h.ptr, qkv.as<float>(), T, d, (nh + 2 * nkv) * hd, 0.0f));
       // The host tier: this layer's units (and the partial blocks the new rows extend) must have
       // arrived; later layers' are still moving.
-      if (tier) SCOUT_RETURN_IF_ERROR(copier->WaitLayer(stream, static_cast<int>(layer)));
+      if (tier && seg_blocks == 0) SCOUT_RETURN_IF_ERROR(copier->WaitLayer(stream, static_cast<int>(layer)));
       uint16_t* const layer_kv = tier ? pool_kv : kv[layer].as<uint16_t>();
       SCOUT_RETURN_IF_CUDA(kernels::RopeAppend({.qkv = qkv.as<float>(), .positions = di + lay.positions,
                                                 .phys_blocks = di + lay.phys, .inv_freq = inv_freq.as<float>(),
@@ -894,6 +1095,9 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       }
       if (o.skip_attention) {
         // benchmark variant: no attention kernel
+      } else if (seg_blocks > 0) {
+        SCOUT_RETURN_IF_ERROR(
+            SegmentedAttention(static_cast<int>(layer), ap, batch, seg_indptr, seg_list, seg_blocks, plan));
       } else if (o.santa_samples > 0) {
         kernels::SantaParams sp{.attn = ap, .samples = o.santa_samples,
                                 .seed = o.santa_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(layer)};
@@ -979,6 +1183,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     cudaStreamSynchronize(stream);
     cudaStreamSynchronize(copier->stream());
     for (auto& cache : caches) cache->ReleaseStep(step_id);
+    for (SegmentSlot& slot : segment_slots) ReleaseSegment(slot).IgnoreError();
     step_pending = false;
     for (size_t i = 0; i < batch.size(); ++i) {
       for (auto& cache : caches) cache->EraseSession(batch[i].seq).IgnoreError();

@@ -397,8 +397,24 @@ TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
   // More moved than the cache holds: units were evicted and came back from the host store.
   EXPECT_GT(st.unit_misses, 64) << "the test should force evictions";
 
-  // A dense step over more units than the cache holds (every block of all four sequences)
-  // fails with a clear error and changes nothing; the same tokens over a selection then work.
+  // A dense step over more units than the cache holds (every block of all four sequences) runs
+  // in segments (SegmentedAttention); each segment's output is rounded to bf16 before the merge,
+  // so the logits agree to the bf16 rounding of one attention output, not bit for bit.
+  {
+    std::vector<std::vector<int32_t>> two(4);
+    std::vector<SequenceInput> dense_all;
+    for (int s = 0; s < 4; ++s) {
+      two[s] = RandomTokens(2, vocab, 50 + s);
+      dense_all.push_back({.seq = s, .tokens = two[s], .all_logits = true});
+    }
+    std::vector<float> want, got;
+    ASSERT_TRUE(a.Forward(dense_all, &want).ok());
+    absl::Status st = b.Forward(dense_all, &got);
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_LT(RelL2(got, want), 1e-2);
+  }
+  // A step whose new tokens leave no room for two segments of one block fails with a clear
+  // error and changes nothing; the same tokens over a selection then work.
   std::vector<int64_t> lens;
   std::vector<std::vector<int32_t>> more(4);
   std::vector<SequenceInput> dense_all;
@@ -406,7 +422,7 @@ TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
     absl::StatusOr<int64_t> l = b.SequenceLength(s);
     ASSERT_TRUE(l.ok());
     lens.push_back(*l);
-    more[s] = RandomTokens(2, vocab, 5 + s);
+    more[s] = RandomTokens(40, vocab, 5 + s);
     dense_all.push_back({.seq = s, .tokens = more[s]});
   }
   std::vector<float> logits;
@@ -425,6 +441,56 @@ TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
   both({&sparse, 1}, "after the refused step");
   // The tier refuses what it cannot do, by name.
   EXPECT_EQ(b.CaptureForward({&sparse, 1}, {}).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+// A prompt longer than the host tier's GPU cache holds for a layer: its chunks attend to the
+// earlier context in segments (two in flight, merged by log-sum-exp), and then decode steps too;
+// the logits follow the GPU-resident model's to the bf16 rounding of the segments' outputs, and
+// the units came through the cache more than once.
+TEST(CudaModelTest, HostKvTierAttendsPastItsCacheInSegments) {
+  std::filesystem::path dir = FreshDir("segments");
+  const ModelConfig c = SmallConfig();
+  WriteRandomModel(dir, c, 9);
+  const int L = static_cast<int>(c.num_hidden_layers);
+  absl::StatusOr<std::unique_ptr<CudaModel>> resident = CudaModel::Load(dir, {.kv_budget_tokens = 1024});
+  // 40 units a layer: a 64-token chunk writes up to 10 (2 KV heads), leaving segments of 7
+  // blocks; the 900-token context is 57 blocks, 114 units a layer.
+  absl::StatusOr<std::unique_ptr<CudaModel>> tier =
+      CudaModel::Load(dir, {.host_kv_tokens = 1024, .gpu_cache_units = 40 * L});
+  ASSERT_TRUE(resident.ok()) << resident.status();
+  ASSERT_TRUE(tier.ok()) << tier.status();
+  CudaModel& a = **resident;
+  CudaModel& b = **tier;
+  for (CudaModel* m : {&a, &b}) ASSERT_TRUE(m->AddSequence(1).ok());
+  const std::vector<int32_t> prompt = RandomTokens(900, static_cast<int>(c.vocab_size), 3);
+  double worst = 0;
+  for (size_t at = 0; at < prompt.size(); at += 64) {
+    const size_t n = std::min<size_t>(64, prompt.size() - at);
+    SequenceInput in{.seq = 1, .tokens = std::span<const int32_t>(prompt).subspan(at, n), .all_logits = true};
+    std::vector<float> want, got;
+    ASSERT_TRUE(a.Forward({&in, 1}, &want).ok());
+    absl::Status st = b.Forward({&in, 1}, &got);
+    ASSERT_TRUE(st.ok()) << "chunk at " << at << ": " << st;
+    worst = std::max(worst, RelL2(got, want));
+  }
+  EXPECT_LT(worst, 1e-2);
+  const int64_t misses_after_prefill = b.host_tier_stats().unit_misses;
+  // The later chunks read all earlier blocks through a cache that holds a third of them.
+  EXPECT_GT(misses_after_prefill, 2 * 114);
+  int32_t token = prompt.back();
+  for (int step = 0; step < 8; ++step) {  // both fed the resident model's greedy tokens
+    SequenceInput in{.seq = 1, .tokens = std::span<const int32_t>(&token, 1)};
+    std::vector<float> want, got;
+    ASSERT_TRUE(a.Forward({&in, 1}, &want).ok());
+    absl::Status st = b.Forward({&in, 1}, &got);
+    ASSERT_TRUE(st.ok()) << "decode step " << step << ": " << st;
+    EXPECT_LT(RelL2(got, want), 1e-2) << "decode step " << step;
+    token = Argmax(want);
+  }
+  EXPECT_GT(b.host_tier_stats().unit_misses, misses_after_prefill);
+  absl::StatusOr<int64_t> len = b.SequenceLength(1);
+  ASSERT_TRUE(len.ok());
+  EXPECT_EQ(*len, 908);
 }
 
 // Sampling on the GPU: the tokens ForwardSampled returns are what the reference draws from the
