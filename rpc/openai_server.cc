@@ -57,11 +57,8 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
     SendError(out, 400, absl::StrCat("\"", field, "\" is not supported by this server", why), "invalid_request_error", field);
     return true;
   };
-  if (j.contains("n") && !j["n"].is_null() && !(j["n"].is_number_integer() && j["n"].get<int64_t>() == 1)) {
-    return refuse("n", " (one choice per request; send n requests)");
-  }
   if (j.contains("best_of") && !j["best_of"].is_null() && !(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == 1)) {
-    return refuse("best_of", "");
+    return refuse("best_of", " (vLLM dropped it too: ask for n choices)");
   }
   for (const char* f : {"logprobs", "top_logprobs"}) {
     if (!j.contains(f) || j[f].is_null()) continue;
@@ -146,9 +143,12 @@ std::optional<std::vector<PromptItem>> ParsePrompts(const json& prompt) {
 }
 
 // Parses a completion request body. On error writes the OpenAI-style error and returns false.
+// Choices a request may ask for (n): each is an engine request of its own.
+constexpr int64_t kMaxChoices = 128;
+
 bool ParseCompletion(const std::string& body, const std::string& model_name, bool chat,
                      const runtime::ModelChatTemplate* chat_template, scheduler::CompletionRequest* req, bool* stream,
-                     bool* include_usage, std::vector<PromptItem>* prompts, HttpResponder& out) {
+                     bool* include_usage, std::vector<PromptItem>* prompts, int64_t* n, HttpResponder& out) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
@@ -278,6 +278,14 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       req->draft_refresh_rounds = j["draft_refresh_rounds"].get<int>();
     }
     if (j.contains("santa_samples") && !j["santa_samples"].is_null()) req->santa_samples = j["santa_samples"].get<int>();
+    *n = 1;
+    if (j.contains("n") && !j["n"].is_null()) {
+      if (!j["n"].is_number_integer() || j["n"].get<int64_t>() < 1 || j["n"].get<int64_t>() > kMaxChoices) {
+        SendError(out, 400, absl::StrCat("\"n\" must be an integer from 1 to ", kMaxChoices), "invalid_request_error", "n");
+        return false;
+      }
+      *n = j["n"].get<int64_t>();
+    }
     *stream = j.value("stream", false);
     if (j.contains("stream_options") && !j["stream_options"].is_null()) {
       *include_usage = j["stream_options"].value("include_usage", false);
@@ -298,55 +306,115 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
   return true;
 }
 
-// A batch of prompts (completions API): one engine request each, run at once, answered as one
-// choice per prompt in order (`index` set), usage summed. Not streamed, and not on a session
-// (a session continues one conversation): those are refused by name.
-void RunBatch(scheduler::Engine* engine, const scheduler::CompletionRequest& base, const std::vector<PromptItem>& prompts,
-              bool stream, const std::string& model_name, int64_t number, HttpResponder& out) {
-  if (stream) {
-    SendError(out, 400, "a batch of prompts cannot be streamed yet: send one request per prompt", "invalid_request_error",
-              "stream");
-    return;
-  }
+// Several choices: a batch of prompts (completions API) and/or n choices of each, one engine
+// request per choice, run at once; choice i*n + j is prompt i's j-th (OpenAI's order), each with
+// its own seed (the request's + its index: distinct draws, repeatable with a seed), usage summed.
+// Streamed, each choice's chunks carry its index and end with its finish_reason. Not on a session
+// (a session continues one conversation): refused by name.
+void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& base,
+                const std::vector<PromptItem>& prompts, int64_t n, bool chat, bool stream, bool include_usage,
+                const std::string& model_name, const std::string& id, HttpResponder& out) {
   if (!base.session_id.empty()) {
-    SendError(out, 400, "a session continues one conversation: a batch of prompts cannot name one",
-              "invalid_request_error", "session_id");
+    SendError(out, 400,
+              "a session continues one conversation: a request on one asks for one choice of one prompt (n 1)",
+              "invalid_request_error", prompts.size() > 1 ? "prompt" : "n");
     return;
   }
-  std::vector<absl::StatusOr<scheduler::CompletionResult>> results(prompts.size(), absl::UnknownError("not run"));
+  const size_t count = prompts.size() * static_cast<size_t>(n);
+  const int64_t created =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  const char* chunk_object = chat ? "chat.completion.chunk" : "text_completion";
+  auto chunk = [&](size_t index, const std::string& text, const json& finish) {
+    json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", finish}};
+    if (chat) {
+      choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
+    } else {
+      choice["text"] = text;
+    }
+    json c = {{"id", id}, {"object", chunk_object}, {"created", created}, {"model", model_name}, {"choices", {choice}}};
+    return absl::StrCat("data: ", c.dump(), "\n\n");
+  };
+  absl::Mutex mu;  // the stream: one writer at a time
+  bool began = false, gone = false;
+  // Under mu: opens the stream once; false once the client has gone.
+  auto write = [&](const std::string& data) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (gone) return false;
+    if (!began) {
+      began = true;
+      if (!out.BeginStream("text/event-stream")) gone = true;
+    }
+    if (!gone && !out.Write(data)) gone = true;
+    return !gone;
+  };
+  std::vector<absl::StatusOr<scheduler::CompletionResult>> results(count, absl::UnknownError("not run"));
   std::vector<std::thread> threads;
-  for (size_t i = 0; i < prompts.size(); ++i) {
+  for (size_t i = 0; i < count; ++i) {
     threads.emplace_back([&, i] {
       scheduler::CompletionRequest r = base;
-      r.prompt = prompts[i].text;
-      r.prompt_ids = prompts[i].ids;
-      r.sampling.seed = base.sampling.seed + i;  // distinct draws, repeatable with a seed
-      results[i] = engine->Complete(r);
+      const PromptItem& p = prompts[i / static_cast<size_t>(n)];
+      r.prompt = p.text;
+      r.prompt_ids = p.ids;
+      r.sampling.seed = base.sampling.seed + i;
+      scheduler::TextCallback on_text;
+      if (stream) {
+        on_text = [&, i](absl::string_view text) {
+          absl::MutexLock lock(&mu);
+          return write(chunk(i, std::string(text), nullptr));
+        };
+      }
+      results[i] = engine->Complete(r, on_text);
+      if (!stream || !results[i].ok() || results[i]->finish_reason == "cancelled") return;
+      absl::MutexLock lock(&mu);
+      write(chunk(i, "", results[i]->finish_reason));
     });
   }
   for (std::thread& t : threads) t.join();
-  json choices = json::array();
   int64_t prompt_tokens = 0, completion_tokens = 0, cached = 0;
-  for (size_t i = 0; i < results.size(); ++i) {
+  json choices = json::array();
+  for (size_t i = 0; i < count; ++i) {
     if (!results[i].ok()) {
+      if (stream) {
+        absl::MutexLock lock(&mu);
+        if (began) {  // the others' text is out: this one's error joins it
+          const std::string message = absl::StrCat("choice ", i, ": ", results[i].status().message());
+          write(absl::StrCat("data: ", json({{"error", {{"message", message}}}}).dump(), "\n\n"));
+          continue;
+        }
+      }
       const int status = HttpStatusOf(results[i].status().code());
-      SendError(out, status, absl::StrCat("prompt ", i, ": ", results[i].status().message()),
-                status == 400 ? "invalid_request_error" : "internal_error", "prompt");
+      SendError(out, status, absl::StrCat("choice ", i, ": ", results[i].status().message()),
+                status == 400 ? "invalid_request_error" : "internal_error", prompts.size() > 1 ? "prompt" : "");
       return;
     }
     const scheduler::CompletionResult& r = *results[i];
-    choices.push_back({{"index", i}, {"text", r.text}, {"logprobs", nullptr}, {"finish_reason", r.finish_reason}});
-    prompt_tokens += r.prompt_tokens;
+    if (i % static_cast<size_t>(n) == 0) {  // a prompt's tokens count once, as OpenAI counts them
+      prompt_tokens += r.prompt_tokens;
+      cached += r.cached_tokens;
+    }
     completion_tokens += r.completion_tokens;
-    cached += r.cached_tokens;
+    json choice = {{"index", i}, {"logprobs", nullptr}, {"finish_reason", r.finish_reason}};
+    if (chat) {
+      choice["message"] = {{"role", "assistant"}, {"content", r.text}};
+    } else {
+      choice["text"] = r.text;
+    }
+    choices.push_back(std::move(choice));
   }
-  const int64_t created =
-      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-  json body = {{"id", absl::StrCat("cmpl-", number)}, {"object", "text_completion"}, {"created", created},
-               {"model", model_name}, {"choices", choices},
-               {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens},
-                          {"total_tokens", prompt_tokens + completion_tokens},
-                          {"prompt_tokens_details", {{"cached_tokens", cached}}}}}};
+  const json usage = {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens},
+                      {"total_tokens", prompt_tokens + completion_tokens},
+                      {"prompt_tokens_details", {{"cached_tokens", cached}}}};
+  if (stream) {
+    absl::MutexLock lock(&mu);
+    if (include_usage) {
+      json c = {{"id", id}, {"object", chunk_object}, {"created", created}, {"model", model_name},
+                {"choices", json::array()}, {"usage", usage}};
+      write(absl::StrCat("data: ", c.dump(), "\n\n"));
+    }
+    if (write("data: [DONE]\n\n")) out.EndStream();
+    return;
+  }
+  json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},
+               {"model", model_name}, {"choices", choices}, {"usage", usage}};
   out.Send(200, "application/json", body.dump());
 }
 
@@ -373,8 +441,9 @@ void Tokenize(const HttpRequest& req, HttpResponder& out, const runtime::Tokeniz
     scheduler::CompletionRequest creq;
     bool stream = false, include_usage = false;
     std::vector<PromptItem> prompts;
+    int64_t n = 1;
     if (!ParseCompletion(req.body, model_name, /*chat=*/true, chat_template, &creq, &stream, &include_usage, &prompts,
-                         out)) {
+                         &n, out)) {
       return;
     }
     text = creq.prompt;
@@ -519,15 +588,17 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       scheduler::CompletionRequest creq;
       bool stream = false, include_usage = false;
       std::vector<PromptItem> prompts;
-      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, &prompts, out)) {
+      int64_t n = 1;
+      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, &prompts, &n,
+                           out)) {
         return;
       }
-      if (prompts.size() > 1) {
-        RunBatch(engine, creq, prompts, stream, model_name, (*counter)++, out);
+      const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
+      if (prompts.size() > 1 || n > 1) {
+        RunChoices(engine, creq, prompts, n, chat, stream, include_usage, model_name, id, out);
         return;
       }
       if (!creq.session_id.empty()) creq.session_id = tenant + creq.session_id;
-      const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
       const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =
           std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();

@@ -94,7 +94,7 @@ flat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "c
   || fail "content parts differ from the same text: $parts vs $flat"
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}')" = 400 ] \
   && grep -q "image_url" err.json || fail "image part not refused by name: $(cat err.json)"
-for field in '"n": 2' '"logprobs": 2' '"frequency_penalty": 0.5' '"presence_penalty": 1' '"best_of": 3'; do
+for field in '"logprobs": 2' '"frequency_penalty": 0.5' '"presence_penalty": 1' '"best_of": 3'; do
   name=$(echo "$field" | cut -d'"' -f2)
   [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "\"param\":\"$name\"" err.json || fail "$name not refused by name: $(cat err.json)"
 done
@@ -111,7 +111,30 @@ batch=$(curl -s "$base/v1/completions" -d '{"prompt": ["def f", [256, 105, 109, 
 [ "$(echo "$batch" | py 'd["choices"][1]["index"]')" = 1 ] || fail "batch index: $batch"
 [ "$(echo "$batch" | py 'd["usage"]["completion_tokens"]')" = 16 ] || fail "batch usage: $batch"
 [ "$(code '{"prompt": [256, 99999], "max_tokens": 2}')" = 400 ] && grep -q "99999" err.json || fail "bad token id: $(cat err.json)"
-[ "$(code '{"prompt": ["a", "b"], "stream": true}')" = 400 ] && grep -q '"param":"stream"' err.json || fail "streamed batch: $(cat err.json)"
+sbatch=$(curl -sN "$base/v1/completions" -d '{"prompt": ["a", "b"], "stream": true, "max_tokens": 2, "ignore_eos": true}')
+echo "$sbatch" | grep -q '"index":1' && [ "$(echo "$sbatch" | grep -c '"finish_reason":"length"')" = 2 ] \
+  && [ "$(echo "$sbatch" | grep -c '\[DONE\]')" = 1 ] || fail "streamed batch: $sbatch"
+# n choices: one engine request each, seeded by the request's seed and their index.
+nreq='{"prompt": "import", "n": 3, "max_tokens": 12, "temperature": 1, "seed": 5, "ignore_eos": true}'
+n1=$(curl -s "$base/v1/completions" -d "$nreq")
+[ "$(echo "$n1" | py '[c["index"] for c in d["choices"]]')" = "[0, 1, 2]" ] || fail "n=3 choices: $n1"
+[ "$(echo "$n1" | py 'len(set(c["text"] for c in d["choices"]))')" -gt 1 ] || fail "n=3 gave one text three times: $n1"
+[ "$(echo "$n1" | py 'd["usage"]["completion_tokens"]')" = 36 ] || fail "n=3 usage: $n1"
+one=$(curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 1}' | py 'd["usage"]["prompt_tokens"]')
+[ "$(echo "$n1" | py 'd["usage"]["prompt_tokens"]')" = "$one" ] || fail "n=3 counted the prompt more than once: $n1"
+n2=$(curl -s "$base/v1/completions" -d "$nreq")
+[ "$(echo "$n1" | py '[c["text"] for c in d["choices"]]')" = "$(echo "$n2" | py '[c["text"] for c in d["choices"]]')" ] \
+  || fail "seeded n=3 did not repeat: $n1 vs $n2"
+nchat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3}')
+[ "$(echo "$nchat" | py 'len([c for c in d["choices"] if c["message"]["role"] == "assistant"])')" = 2 ] || fail "chat n=2: $nchat"
+nstream=$(curl -sN "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}}')
+echo "$nstream" | grep -q '"index":0' && echo "$nstream" | grep -q '"index":1' \
+  && [ "$(echo "$nstream" | grep -c '"finish_reason":"length"')" = 2 ] && echo "$nstream" | grep -q '"completion_tokens":8' \
+  || fail "streamed n=2: $nstream"
+[ "$(code '{"prompt": "x", "n": 2, "session_id": "nsess"}')" = 400 ] && grep -q '"param":"n"' err.json || fail "n on a session: $(cat err.json)"
+for bad in 0 '"2"' 1000; do
+  [ "$(code "{\"prompt\": \"x\", \"n\": $bad}")" = 400 ] && grep -q '"param":"n"' err.json || fail "n $bad: $(cat err.json)"
+done
 [ "$(code '{"prompt": [1.5]}')" = 400 ] || fail "float prompt"
 [ "$(code '{"prompt": "a", "max_tokens": 1, "user": "alice"}')" = 200 ] || fail "user: $(cat err.json)"
 [ "$(code '{"prompt": "a", "max_tokens": 1, "user": 5}')" = 400 ] && grep -q '"param":"user"' err.json || fail "user 5: $(cat err.json)"
