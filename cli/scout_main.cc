@@ -14,6 +14,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/serve_bench.h"
 #include "cli/flags.h"
 #include "yaml-cpp/yaml.h"
 #include "runtime/cpu_model.h"
@@ -1145,6 +1146,95 @@ int Worker(int argc, char** argv) {
   return 0;
 }
 
+// `scout bench serve`: see bench/serve_bench.h.
+int BenchServe(int argc, char** argv) {
+  Flags flags({
+      {"base-url", "http://127.0.0.1:8000", "the server, http://HOST:PORT"},
+      {"endpoint", "/v1/completions", "/v1/completions or /v1/chat/completions"},
+      {"model", "", "model name in the requests (default: the server's first in /v1/models)"},
+      {"api-key", "", "sent as Authorization: Bearer (default: $OPENAI_API_KEY)"},
+      {"num-prompts", "100", "requests to send"},
+      {"request-rate", "inf", "requests a second, Poisson arrivals (inf: all at once)"},
+      {"max-concurrency", "0", "requests in flight at most (0: no bound)"},
+      {"seed", "0", "random prompts and arrival times"},
+      {"random-input-len", "1024", "prompt tokens (random token ids)"},
+      {"random-output-len", "128", "tokens to generate"},
+      {"random-range-ratio", "0", "lengths uniform in [len * (1 - r), len * (1 + r)]"},
+      {"dataset-path", "", "JSONL of {\"prompt\": text or token ids, \"max_tokens\": n} instead of random prompts"},
+      {"sessions", "0", "agent sessions instead of requests: conversations on a session_id, one turn at a time"},
+      {"turn-tokens", "1024", "sessions: new prompt tokens a turn"},
+      {"session-output-len", "64", "sessions: tokens generated a turn"},
+      {"session-length", "32768", "sessions: context a session grows to"},
+      {"ignore-eos", "true", "generate every requested token (true or false)"},
+      {"extra-body", "", "JSON object merged into every request, e.g. '{\"sparsity\": \"sts\"}'"},
+      {"goodput", "", "SLOs in ms, e.g. ttft:500,tpot:50,e2el:10000: goodput counts requests meeting all"},
+      {"label", "", "name of the run in the report"},
+      {"result-json", "", "write the report and every request's figures here"},
+      {"help", "", "show this help", true},
+  });
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout bench serve [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  bench::ServeBenchOptions o;
+  o.base_url = flags.Get("base-url");
+  o.endpoint = flags.Get("endpoint");
+  o.model = flags.Get("model");
+  o.api_key = flags.Get("api-key");
+  if (o.api_key.empty() && std::getenv("OPENAI_API_KEY") != nullptr) o.api_key = std::getenv("OPENAI_API_KEY");
+  absl::StatusOr<int64_t> num = flags.GetInt("num-prompts"), conc = flags.GetInt("max-concurrency"),
+                          seed = flags.GetInt("seed"), in = flags.GetInt("random-input-len"),
+                          out = flags.GetInt("random-output-len"), sessions = flags.GetInt("sessions"),
+                          turn = flags.GetInt("turn-tokens"), sout = flags.GetInt("session-output-len"),
+                          slen = flags.GetInt("session-length");
+  absl::StatusOr<double> ratio = flags.GetDouble("random-range-ratio");
+  for (const absl::Status& s : {num.status(), conc.status(), seed.status(), in.status(), out.status(),
+                                sessions.status(), turn.status(), sout.status(), slen.status(), ratio.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  o.num_prompts = static_cast<int>(*num);
+  o.max_concurrency = static_cast<int>(*conc);
+  o.seed = static_cast<uint64_t>(*seed);
+  o.random_input_len = static_cast<int>(*in);
+  o.random_output_len = static_cast<int>(*out);
+  o.random_range_ratio = *ratio;
+  o.sessions = static_cast<int>(*sessions);
+  o.turn_tokens = static_cast<int>(*turn);
+  o.session_output_len = static_cast<int>(*sout);
+  o.session_length = *slen;
+  if (const std::string rate = flags.Get("request-rate"); rate != "inf") {
+    absl::StatusOr<double> r = flags.GetDouble("request-rate");
+    if (!r.ok()) return Fail(r.status());
+    o.request_rate = *r;
+  }
+  const std::string eos = flags.Get("ignore-eos");
+  if (eos != "true" && eos != "false") return Fail(absl::InvalidArgumentError("--ignore-eos must be true or false"));
+  o.ignore_eos = eos == "true";
+  o.dataset_path = flags.Get("dataset-path");
+  o.extra_body = flags.Get("extra-body");
+  for (absl::string_view slo : absl::StrSplit(flags.Get("goodput"), ',', absl::SkipEmpty())) {
+    const std::vector<std::string> kv = absl::StrSplit(slo, ':');
+    double ms = 0;
+    if (kv.size() != 2 || !absl::SimpleAtod(kv[1], &ms) || ms <= 0) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--goodput: NAME:MS pairs, got \"", slo, "\"")));
+    }
+    if (kv[0] == "ttft") {
+      o.slo_ttft_ms = ms;
+    } else if (kv[0] == "tpot") {
+      o.slo_tpot_ms = ms;
+    } else if (kv[0] == "e2el") {
+      o.slo_e2el_ms = ms;
+    } else {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--goodput: ttft, tpot or e2el, got \"", kv[0], "\"")));
+    }
+  }
+  o.label = flags.Get("label");
+  o.result_json = flags.Get("result-json");
+  if (absl::Status s = bench::RunServeBench(o); !s.ok()) return Fail(s);
+  return 0;
+}
+
 // `scout bench decode`: see bench/decode_bench.h.
 int BenchDecode(int argc, char** argv) {
   Flags flags({
@@ -1355,7 +1445,8 @@ void Usage() {
       "  coordinator  the cluster's HTTP front end and scheduler over registered workers\n"
       "  worker     serves the target or draft model to a coordinator (--role target|draft)\n"
       "  kvstore    a KV store node: sessions' KV units in host memory, served over UCX\n"
-      "  bench decode  decode throughput at production shapes on the GPU (dense, speculative, STS, SANTA)\n\n"
+      "  bench decode  decode throughput at production shapes on the GPU (dense, speculative, STS, SANTA)\n"
+      "  bench serve   load against an OpenAI-compatible server (rate, concurrency, agent sessions), as vllm bench serve\n\n"
       "Run `scout <command> --help` for its flags.\n");
 }
 
@@ -1381,7 +1472,8 @@ int main(int argc, char** argv) {
   if (cmd == "worker") return scout::cli::Worker(argc - 2, argv + 2);
   if (cmd == "bench") {
     if (argc >= 3 && std::string(argv[2]) == "decode") return scout::cli::BenchDecode(argc - 3, argv + 3);
-    std::fprintf(stderr, "scout: bench needs a benchmark name: decode\n");
+    if (argc >= 3 && std::string(argv[2]) == "serve") return scout::cli::BenchServe(argc - 3, argv + 3);
+    std::fprintf(stderr, "scout: bench needs a benchmark name: decode or serve\n");
     return 2;
   }
   std::fprintf(stderr, "scout: unknown command \"%s\"\n", cmd.c_str());

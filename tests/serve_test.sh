@@ -145,6 +145,19 @@ s1=$(curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "
 s2=$(curl -s "$base/v1/completions" -d '{"prompt": "import", "max_tokens": 24, "temperature": 1, "seed": 7}' | py 'd["choices"][0]["text"]')
 [ "$s1" = "$s2" ] || fail "seeded requests differ: [$s1] vs [$s2]"
 
+# scout bench serve against this server: random requests at a rate, then agent sessions whose
+# later turns are served from the kept KV.
+"$scout" bench serve --base-url "$base" --num-prompts 8 --request-rate 50 --max-concurrency 4 --random-input-len 40 \
+  --random-output-len 8 --goodput ttft:60000 --result-json bench.json > bench.txt 2>&1 || fail "bench serve: $(cat bench.txt)"
+grep -q "Successful requests: *8" bench.txt && grep -q "Request goodput" bench.txt || fail "bench serve report: $(cat bench.txt)"
+[ "$(py 'd["completed"], d["total_output_tokens"], d["total_input_tokens"], d["ttft"]["mean_ms"] > 0, d["itl"]["p99_ms"] > 0' < bench.json)" \
+  = "8 64 320 True True" ] || fail "bench serve JSON: $(head -c 600 bench.json)"
+"$scout" bench serve --base-url "$base" --sessions 2 --turn-tokens 50 --session-output-len 10 --session-length 240 \
+  --result-json sessions.json > sessions.txt 2>&1 || fail "bench serve sessions: $(cat sessions.txt)"
+[ "$(py 'd["completed"], d["failed"], all(r["cached_tokens"] > 0 for r in d["requests"] if r["turn"] > 0)' < sessions.json)" \
+  = "8 0 True" ] || fail "bench serve sessions JSON: $(head -c 600 sessions.json)"
+[ "$(curl -s "$base/v1/sessions" | py 'len(d["data"])')" = 0 ] || fail "bench serve left its sessions: $(curl -s "$base/v1/sessions")"
+
 # A client that goes away mid-stream cancels its request; two clients at once both finish.
 curl -sN --max-time 0.3 "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 4000, "stream": true, "ignore_eos": true}' >/dev/null 2>&1
 curl -s "$base/v1/completions" -d '{"prompt": "x = ", "max_tokens": 20, "seed": 1}' > a.json &
