@@ -20,6 +20,9 @@ namespace {
 
 using nlohmann::json;
 
+// Token bytes may end inside a UTF-8 character (logprobs): such bytes become U+FFFD in JSON.
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 void SendError(HttpResponder& out, int status, const std::string& message, const std::string& type,
                const std::string& param = "") {
   json err = {{"error", {{"message", message}, {"type", type}, {"code", status}}}};
@@ -59,12 +62,6 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
   };
   if (j.contains("best_of") && !j["best_of"].is_null() && !(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == 1)) {
     return refuse("best_of", " (vLLM dropped it too: ask for n choices)");
-  }
-  for (const char* f : {"logprobs", "top_logprobs"}) {
-    if (!j.contains(f) || j[f].is_null()) continue;
-    const json& v = j[f];
-    const bool off = (v.is_boolean() && !v.get<bool>()) || (!chat && v.is_number_integer() && v.get<int64_t>() == 0);
-    if (!off) return refuse(f, " yet");
   }
   for (const char* f : {"frequency_penalty", "presence_penalty"}) {
     if (j.contains(f) && !j[f].is_null() && !(j[f].is_number() && j[f].get<double>() == 0.0)) return refuse(f, " yet");
@@ -278,6 +275,34 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       req->draft_refresh_rounds = j["draft_refresh_rounds"].get<int>();
     }
     if (j.contains("santa_samples") && !j["santa_samples"].is_null()) req->santa_samples = j["santa_samples"].get<int>();
+    // logprobs: the completions API's is the number of alternatives; the chat API's a boolean
+    // with top_logprobs the number.
+    auto count = [&](const char* field, int64_t* v) {
+      if (!j[field].is_number_integer() || j[field].get<int64_t>() < 0 || j[field].get<int64_t>() > scheduler::kMaxLogprobs) {
+        SendError(out, 400, absl::StrCat("\"", field, "\" must be an integer from 0 to ", scheduler::kMaxLogprobs),
+                  "invalid_request_error", field);
+        return false;
+      }
+      *v = j[field].get<int64_t>();
+      return true;
+    };
+    if (!chat && j.contains("logprobs") && !j["logprobs"].is_null()) {
+      int64_t k = 0;
+      if (!count("logprobs", &k)) return false;
+      req->logprobs = static_cast<int>(k);
+    }
+    if (chat) {
+      const bool on = j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"].get<bool>();
+      int64_t k = 0;
+      if (j.contains("top_logprobs") && !j["top_logprobs"].is_null()) {
+        if (!count("top_logprobs", &k)) return false;
+        if (!on) {
+          SendError(out, 400, "\"top_logprobs\" needs \"logprobs\": true", "invalid_request_error", "top_logprobs");
+          return false;
+        }
+      }
+      if (on) req->logprobs = static_cast<int>(k);
+    }
     *n = 1;
     if (j.contains("n") && !j["n"].is_null()) {
       if (!j["n"].is_number_integer() || j["n"].get<int64_t>() < 1 || j["n"].get<int64_t>() > kMaxChoices) {
@@ -306,6 +331,43 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
   return true;
 }
 
+// A choice's logprobs as the completions API gives them (tokens, token_logprobs, top_logprobs as
+// token -> logprob maps, text_offset from `offset`, where the choice's text begins) ...
+json CompletionLogprobs(std::span<const runtime::TokenLogprobs> lps, int64_t offset) {
+  json tokens = json::array(), values = json::array(), tops = json::array(), offsets = json::array();
+  for (const runtime::TokenLogprobs& lp : lps) {
+    tokens.push_back(lp.chosen.bytes);
+    values.push_back(lp.chosen.logprob);
+    json top = json::object();
+    for (const runtime::TokenLogprob& t : lp.top) top[t.bytes] = t.logprob;
+    tops.push_back(std::move(top));
+    offsets.push_back(offset);
+    offset += static_cast<int64_t>(lp.chosen.bytes.size());
+  }
+  return {{"tokens", tokens}, {"token_logprobs", values}, {"top_logprobs", tops}, {"text_offset", offsets}};
+}
+
+// ... and as the chat API does (content: token, logprob, bytes, top_logprobs).
+json ChatLogprobs(std::span<const runtime::TokenLogprobs> lps) {
+  auto entry = [](const runtime::TokenLogprob& t) {
+    std::vector<int> bytes(t.bytes.begin(), t.bytes.end());
+    for (int& b : bytes) b &= 0xff;
+    return json{{"token", t.bytes}, {"logprob", t.logprob}, {"bytes", bytes}};
+  };
+  json content = json::array();
+  for (const runtime::TokenLogprobs& lp : lps) {
+    json e = entry(lp.chosen);
+    e["top_logprobs"] = json::array();
+    for (const runtime::TokenLogprob& t : lp.top) e["top_logprobs"].push_back(entry(t));
+    content.push_back(std::move(e));
+  }
+  return {{"content", content}};
+}
+
+json LogprobsJson(bool chat, std::span<const runtime::TokenLogprobs> lps, int64_t offset) {
+  return chat ? ChatLogprobs(lps) : CompletionLogprobs(lps, offset);
+}
+
 // Several choices: a batch of prompts (completions API) and/or n choices of each, one engine
 // request per choice, run at once; choice i*n + j is prompt i's j-th (OpenAI's order), each with
 // its own seed (the request's + its index: distinct draws, repeatable with a seed), usage summed.
@@ -324,15 +386,20 @@ void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& b
   const int64_t created =
       std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
   const char* chunk_object = chat ? "chat.completion.chunk" : "text_completion";
-  auto chunk = [&](size_t index, const std::string& text, const json& finish) {
+  const bool want_logprobs = base.logprobs.has_value();
+  std::vector<int64_t> streamed_bytes(count, 0);  // text_offset of each choice's next chunk
+  auto chunk = [&](size_t index, const std::string& text, const json& finish,
+                   std::span<const runtime::TokenLogprobs> lps = {}) {
     json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", finish}};
+    if (want_logprobs && !lps.empty()) choice["logprobs"] = LogprobsJson(chat, lps, streamed_bytes[index]);
+    streamed_bytes[index] += static_cast<int64_t>(text.size());
     if (chat) {
       choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
     } else {
       choice["text"] = text;
     }
     json c = {{"id", id}, {"object", chunk_object}, {"created", created}, {"model", model_name}, {"choices", {choice}}};
-    return absl::StrCat("data: ", c.dump(), "\n\n");
+    return absl::StrCat("data: ", Dump(c), "\n\n");
   };
   absl::Mutex mu;  // the stream: one writer at a time
   bool began = false, gone = false;
@@ -357,9 +424,9 @@ void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& b
       r.sampling.seed = base.sampling.seed + i;
       scheduler::TextCallback on_text;
       if (stream) {
-        on_text = [&, i](absl::string_view text) {
+        on_text = [&, i](absl::string_view text, std::span<const runtime::TokenLogprobs> lps) {
           absl::MutexLock lock(&mu);
-          return write(chunk(i, std::string(text), nullptr));
+          return write(chunk(i, std::string(text), nullptr, lps));
         };
       }
       results[i] = engine->Complete(r, on_text);
@@ -393,6 +460,7 @@ void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& b
     }
     completion_tokens += r.completion_tokens;
     json choice = {{"index", i}, {"logprobs", nullptr}, {"finish_reason", r.finish_reason}};
+    if (want_logprobs) choice["logprobs"] = LogprobsJson(chat, r.logprobs, 0);
     if (chat) {
       choice["message"] = {{"role", "assistant"}, {"content", r.text}};
     } else {
@@ -415,7 +483,7 @@ void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& b
   }
   json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},
                {"model", model_name}, {"choices", choices}, {"usage", usage}};
-  out.Send(200, "application/json", body.dump());
+  out.Send(200, "application/json", Dump(body));
 }
 
 }  // namespace
@@ -602,8 +670,11 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       const char* object = chat ? "chat.completion" : "text_completion";
       const int64_t created =
           std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-      auto chunk = [&](const std::string& text, const json& finish) {
+      int64_t streamed_bytes = 0;  // text_offset of the next chunk's logprobs
+      auto chunk = [&](const std::string& text, const json& finish, std::span<const runtime::TokenLogprobs> lps = {}) {
         json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}};
+        if (creq.logprobs.has_value() && !lps.empty()) choice["logprobs"] = LogprobsJson(chat, lps, streamed_bytes);
+        streamed_bytes += static_cast<int64_t>(text.size());
         if (chat) {
           choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
         } else {
@@ -611,17 +682,18 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         }
         json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
                   {"model", model_name}, {"choices", {choice}}};
-        return absl::StrCat("data: ", c.dump(), "\n\n");
+        return absl::StrCat("data: ", Dump(c), "\n\n");
       };
       bool streaming = false;
-      absl::StatusOr<scheduler::CompletionResult> r = engine->Complete(creq, [&](absl::string_view text) {
-        if (!stream) return true;
-        if (!streaming) {
-          if (!out.BeginStream("text/event-stream")) return false;
-          streaming = true;
-        }
-        return out.Write(chunk(std::string(text), nullptr));
-      });
+      absl::StatusOr<scheduler::CompletionResult> r =
+          engine->Complete(creq, [&](absl::string_view text, std::span<const runtime::TokenLogprobs> lps) {
+            if (!stream) return true;
+            if (!streaming) {
+              if (!out.BeginStream("text/event-stream")) return false;
+              streaming = true;
+            }
+            return out.Write(chunk(std::string(text), nullptr, lps));
+          });
       if (!r.ok()) {
         const int status = HttpStatusOf(r.status().code());
         if (!streaming && (status == 429 || status == 503)) {
@@ -654,6 +726,7 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
         return;
       }
       json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", r->finish_reason}};
+      if (creq.logprobs.has_value()) choice["logprobs"] = LogprobsJson(chat, r->logprobs, 0);
       if (chat) {
         choice["message"] = {{"role", "assistant"}, {"content", r->text}};
       } else {
@@ -661,7 +734,7 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       }
       json body = {{"id", id}, {"object", object}, {"created", created}, {"model", model_name},
                    {"choices", {choice}}, {"usage", usage}};
-      out.Send(200, "application/json", body.dump());
+      out.Send(200, "application/json", Dump(body));
     } else {
       SendError(out, 404, absl::StrCat("no route for ", req.method, " ", path), "invalid_request_error");
     }

@@ -147,6 +147,12 @@ class ModelBackend {
                                       std::span<const kernels::SampleRowParams> rows, std::vector<int32_t>* tokens) {
     return absl::UnimplementedError("this backend samples on the host");
   }
+  // After ForwardSampled: the logit rows `rows` of that pass (for a request's logprobs), copied
+  // to out ([rows.size()][vocab]), valid until the next pass. OutOfRange for a row the pass did
+  // not have; Unimplemented where the logits are not kept.
+  virtual absl::Status LastLogitRows(std::span<const int64_t> rows, std::vector<float>* out) const {
+    return absl::UnimplementedError("this backend does not keep a pass's logits (logprobs)");
+  }
 };
 
 }  // namespace scout::runtime

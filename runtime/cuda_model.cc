@@ -191,6 +191,7 @@ struct CudaModel::Impl {
   // (kernels::SparseDecode), so steps and graph replays need no memset.
   DeviceBuffer merge_counters;
   DeviceBuffer sample_rows, sample_out;  // ForwardSampled's parameters and tokens
+  int64_t last_sampled_rows = 0;         // logit rows of the last ForwardSampled (LastLogitRows)
   PinnedBuffer sample_stage;
   PinnedBuffer staging[2];
   cudaEvent_t staged[2] = {nullptr, nullptr};  // the upload of staging[i] has run
@@ -770,6 +771,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   const int64_t inter = lc.intermediate_size, vocab = lc.vocab_size, L = lc.num_hidden_layers;
   const int64_t nkv_all = c.num_key_value_heads, kv0 = tp_rank * nkv;
   SCOUT_RETURN_IF_CUDA(cudaSetDevice(device), "cudaSetDevice");  // the calling thread may be new
+  last_sampled_rows = 0;  // this pass overwrites the logits
   const bool tier = store != nullptr;
   if (tier) {
     if (capture) {
@@ -1446,6 +1448,25 @@ absl::Status CudaModel::ForwardSampled(std::span<const SequenceInput> batch,
   SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(tokens->data(), m.sample_out.ptr, out_bytes, cudaMemcpyDeviceToHost, m.stream),
                        "tokens download");
   SCOUT_RETURN_IF_CUDA(cudaStreamSynchronize(m.stream), "sampling");
+  m.last_sampled_rows = static_cast<int64_t>(rows.size());
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::LastLogitRows(std::span<const int64_t> rows, std::vector<float>* out) const {
+  const Impl& m = *impl_;
+  const int64_t vocab = m.c.vocab_size;
+  for (int64_t r : rows) {
+    if (r < 0 || r >= m.last_sampled_rows) {
+      return absl::OutOfRangeError(absl::StrCat("logit row ", r, " of a pass of ", m.last_sampled_rows));
+    }
+  }
+  SCOUT_RETURN_IF_CUDA(cudaSetDevice(m.device), "cudaSetDevice");
+  out->resize(rows.size() * vocab);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    SCOUT_RETURN_IF_CUDA(cudaMemcpy(out->data() + i * vocab, m.logits.as<float>() + rows[i] * vocab, vocab * 4,
+                                    cudaMemcpyDeviceToHost),
+                         "logit rows download");
+  }
   return absl::OkStatus();
 }
 

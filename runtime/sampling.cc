@@ -78,4 +78,24 @@ int32_t Sampler::Sample(std::span<const float> logits) {
   return last;
 }
 
+TokenLogprobs LogprobsOf(std::span<const float> logits, int32_t token, int top, float temperature) {
+  const double inv_t = temperature > 0 ? 1.0 / temperature : 1.0;
+  double mx = -INFINITY;
+  for (float x : logits) mx = std::max(mx, static_cast<double>(x) * inv_t);
+  double sum = 0;
+  for (float x : logits) sum += std::exp(static_cast<double>(x) * inv_t - mx);
+  const double lse = mx + std::log(sum);
+  auto lp = [&](int32_t id) { return static_cast<float>(static_cast<double>(logits[id]) * inv_t - lse); };
+  TokenLogprobs out;
+  out.chosen = {.token = token, .logprob = lp(token)};
+  const int k = std::min<int>(std::max(top, 0), static_cast<int>(logits.size()));
+  std::vector<int32_t> ids(logits.size());
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(i);
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int i = 0; i < k; ++i) out.top.push_back({.token = ids[i], .logprob = lp(ids[i])});
+  return out;
+}
+
 }  // namespace scout::runtime

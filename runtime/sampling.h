@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <random>
 #include <span>
+#include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -21,6 +23,21 @@ absl::Status ValidateSamplingParams(const SamplingParams& p);
 
 // Index of the largest logit; the lowest index wins ties (matches torch.argmax).
 int32_t ArgMax(std::span<const float> logits);
+
+// A generated token's log-probability and its most likely alternatives, under the distribution
+// after temperature and before top-k / top-p truncation: log_softmax(logits / temperature), the
+// logits as they are for greedy (temperature 0). OpenAI's `logprobs` (vLLM's processed logprobs).
+struct TokenLogprob {
+  int32_t token = 0;
+  float logprob = 0;
+  std::string bytes;  // the token's bytes (the caller's tokenizer fills them; may end inside a UTF-8 character)
+};
+struct TokenLogprobs {
+  TokenLogprob chosen;
+  std::vector<TokenLogprob> top;  // most likely first, the lower id first among ties
+};
+// token within the row; top >= 0 alternatives (fewer if the vocabulary is smaller).
+TokenLogprobs LogprobsOf(std::span<const float> logits, int32_t token, int top, float temperature);
 
 // Draws tokens with its own generator: two samplers with equal params and seeds draw the same
 // sequence. Not thread-safe.

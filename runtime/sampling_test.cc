@@ -72,6 +72,32 @@ TEST(SamplingTest, ValidationNamesTheField) {
   EXPECT_TRUE(ValidateSamplingParams({.temperature = 0.8f, .top_k = 40, .top_p = 0.95f}).ok());
 }
 
+// Log-probabilities after temperature: they match the float64 log-softmax, sum to one in
+// probability, the sampled token's is its own row entry, and the alternatives come most likely
+// first with ties to the lower id.
+TEST(SamplingTest, LogprobsAreTheLogSoftmaxAfterTemperature) {
+  const std::vector<float> logits = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
+  for (float t : {0.0f, 0.7f, 2.0f}) {
+    SCOPED_TRACE(t);
+    const double s = t > 0 ? t : 1.0;
+    double z = 0;
+    for (float x : logits) z += std::exp(x / s);
+    const TokenLogprobs lp = LogprobsOf(logits, 4, 3, t);
+    EXPECT_EQ(lp.chosen.token, 4);
+    EXPECT_NEAR(lp.chosen.logprob, 0.5 / s - std::log(z), 1e-6);
+    ASSERT_EQ(lp.top.size(), 3u);
+    EXPECT_EQ(lp.top[0].token, 1);
+    EXPECT_EQ(lp.top[1].token, 3);
+    EXPECT_EQ(lp.top[2].token, 0);
+    EXPECT_NEAR(lp.top[2].logprob, 1.0 / s - std::log(z), 1e-6);
+    double mass = 0;
+    for (size_t i = 0; i < logits.size(); ++i) mass += std::exp(LogprobsOf(logits, static_cast<int32_t>(i), 0, t).chosen.logprob);
+    EXPECT_NEAR(mass, 1.0, 1e-6);
+  }
+  EXPECT_EQ(LogprobsOf(logits, 0, 99, 1.0f).top.size(), logits.size());
+  EXPECT_TRUE(LogprobsOf(logits, 0, 0, 1.0f).top.empty());
+}
+
 }  // namespace
 }  // namespace scout::runtime
 

@@ -43,8 +43,13 @@ struct Engine::Request {
   CompletionResult result;
   std::atomic<bool> cancelled{false};
   std::unique_ptr<round::SpeculativeStream> spec;  // with a draft: the request's rounds
+  std::vector<runtime::TokenLogprobs> pending_logprobs;  // of tokens whose text is held back
   // Handed to the caller (Engine::mu_).
-  std::deque<std::string> outbox;
+  struct Piece {
+    std::string text;
+    std::vector<runtime::TokenLogprobs> logprobs;
+  };
+  std::deque<Piece> outbox;
   bool done = false;
   absl::Status status;
 };
@@ -130,6 +135,14 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   if (req.santa_samples.has_value() && *req.santa_samples < 0) {
     return absl::InvalidArgumentError(absl::StrCat("santa_samples must be >= 0, got ", *req.santa_samples));
   }
+  if (req.logprobs.has_value() && (*req.logprobs < 0 || *req.logprobs > kMaxLogprobs)) {
+    return absl::InvalidArgumentError(absl::StrCat("logprobs must be 0 to ", kMaxLogprobs, ", got ", *req.logprobs));
+  }
+  if (req.logprobs.has_value() && draft_ != nullptr) {
+    return absl::InvalidArgumentError(
+        "logprobs are not supported with speculative decoding (a server with --draft) yet: the rounds do not keep the "
+        "target's logit rows");
+  }
   if (req.prompt_ids.has_value()) {
     if (req.prompt_ids->empty()) return absl::InvalidArgumentError("the prompt's token ids are empty");
     for (int32_t id : *req.prompt_ids) {
@@ -171,7 +184,7 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   }
   // Hand text to the caller as it comes; its callback runs on this thread, never the scheduler's.
   while (true) {
-    std::deque<std::string> pieces;
+    std::deque<Request::Piece> pieces;
     bool done = false;
     {
       absl::MutexLock lock(&mu_);
@@ -180,8 +193,8 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
       pieces.swap(r->outbox);
       done = r->done;
     }
-    for (const std::string& piece : pieces) {
-      if (on_text && !r->cancelled && !on_text(piece)) r->cancelled = true;
+    for (const Request::Piece& piece : pieces) {
+      if (on_text && !r->cancelled && !on_text(piece.text, piece.logprobs)) r->cancelled = true;
     }
     if (done) break;
   }
@@ -480,11 +493,37 @@ int32_t Engine::TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) {
   return r.sampler.Sample(std::span<const float>(out.logits).subspan(row * vocab, vocab));
 }
 
+bool Engine::TakeToken(Request& r, const ChunkOutputs& out, size_t row) {
+  const int32_t token = TokenOfRow(r, out, row);
+  std::optional<runtime::TokenLogprobs> lp;
+  if (r.req.logprobs.has_value()) {
+    const int64_t vocab = config_.vocab_size;
+    std::span<const float> logits;
+    std::vector<float> fetched;
+    if (model_->samples_on_device()) {
+      const int64_t rows[] = {static_cast<int64_t>(row)};
+      if (absl::Status s = model_->LastLogitRows(rows, &fetched); !s.ok()) {
+        Finish(r, s);
+        return false;
+      }
+      logits = fetched;
+    } else {
+      logits = std::span<const float>(out.logits).subspan(row * vocab, vocab);
+    }
+    lp = runtime::LogprobsOf(logits, token, *r.req.logprobs, r.req.sampling.temperature);
+    for (runtime::TokenLogprob* t : {&lp->chosen}) t->bytes = tokenizer_->Decode({&t->token, 1}).value_or("");
+    for (runtime::TokenLogprob& t : lp->top) t.bytes = tokenizer_->Decode({&t.token, 1}).value_or("");
+  }
+  if (OnToken(r, token, std::move(lp))) return true;
+  Finish(r, absl::OkStatus());
+  return false;
+}
+
 int64_t Engine::TakeChunk(Request& r, int64_t n, const ChunkOutputs& out, size_t chunk) {
   r.prefilled += n;
   if (r.prefilled < static_cast<int64_t>(r.ids.size())) return n;
   r.prefilling = false;
-  if (!OnToken(r, TokenOfRow(r, out, out.first_chunk_row + chunk))) Finish(r, absl::OkStatus());
+  TakeToken(r, out, out.first_chunk_row + chunk);
   return n;
 }
 
@@ -540,8 +579,7 @@ void Engine::DecodeStep(std::vector<Request*>& running, const std::vector<Reques
   }
   if (stepped) {
     for (size_t i = 0; i < running.size(); ++i) {
-      Request& r = *running[i];
-      if (!OnToken(r, TokenOfRow(r, out, i))) Finish(r, absl::OkStatus());
+      TakeToken(*running[i], out, i);
     }
   }
   if (mixed && stepped) {
@@ -695,7 +733,7 @@ void Engine::FinishSpeculative(Request& r, absl::Status status) {
   Finish(r, status);
 }
 
-bool Engine::OnToken(Request& r, int32_t token) {
+bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogprobs> logprobs) {
   const auto now = Clock::now();
   (r.first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
       .Observe(std::chrono::duration<double>(now - (r.first ? r.start : r.last)).count());
@@ -704,9 +742,21 @@ bool Engine::OnToken(Request& r, int32_t token) {
   r.last = now;
   r.last_token = token;
   ++r.result.completion_tokens;
+  if (logprobs.has_value()) {
+    r.result.logprobs.push_back(*logprobs);
+    r.pending_logprobs.push_back(*std::move(logprobs));
+  }
+  // The logprobs of tokens whose text never comes (EOS, a stop string's) go out as a last piece.
+  auto flush_logprobs = [&r, this] {
+    if (r.pending_logprobs.empty()) return;
+    absl::MutexLock lock(&mu_);
+    r.outbox.push_back({.text = "", .logprobs = std::move(r.pending_logprobs)});
+    r.pending_logprobs.clear();
+  };
   const std::vector<int32_t> eos = tokenizer_->eos_ids();
   if (!r.req.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
     r.result.finish_reason = "stop";
+    flush_logprobs();
     return false;
   }
   // Byte-level BPE tokens can end inside a UTF-8 character: text is released only whole.
@@ -736,9 +786,12 @@ bool Engine::OnToken(Request& r, int32_t token) {
   if (!out.empty()) {
     r.result.text += out;
     absl::MutexLock lock(&mu_);
-    r.outbox.push_back(std::move(out));
+    r.outbox.push_back({.text = std::move(out), .logprobs = std::move(r.pending_logprobs)});
+    r.pending_logprobs.clear();
   }
-  return !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
+  const bool more = !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
+  if (!more) flush_logprobs();
+  return more;
 }
 
 void Engine::UpdateKvMetrics() {
@@ -818,7 +871,10 @@ void Engine::Finish(Request& r, absl::Status status) {
       }
     }
   }
-  if (!tail.empty()) r.outbox.push_back(tail);
+  if (!tail.empty() || !r.pending_logprobs.empty()) {
+    r.outbox.push_back({.text = tail, .logprobs = std::move(r.pending_logprobs)});
+    r.pending_logprobs.clear();
+  }
   r.status = status;
   r.started = false;
   r.done = true;

@@ -98,7 +98,12 @@ struct CompletionRequest {
   std::optional<double> draft_kv_budget_fraction;
   std::optional<int> draft_refresh_rounds;
   std::optional<int> santa_samples;
+  // Each generated token's log-probability and this many most likely alternatives (0 to
+  // kMaxLogprobs), under the distribution after temperature (runtime::LogprobsOf); unset: none.
+  // Not with a draft (InvalidArgument: speculative rounds do not keep the target's rows yet).
+  std::optional<int> logprobs;
 };
+inline constexpr int kMaxLogprobs = 20;  // vLLM's default max_logprobs
 
 struct CompletionResult {
   std::string text;
@@ -106,6 +111,7 @@ struct CompletionResult {
   int64_t prompt_tokens = 0;      // tokens this request prefilled
   int64_t cached_tokens = 0;      // session tokens reused from the KV cache
   int64_t completion_tokens = 0;
+  std::vector<runtime::TokenLogprobs> logprobs;  // one per generated token, when asked for
 };
 
 struct SessionInfo {
@@ -113,8 +119,10 @@ struct SessionInfo {
   int64_t tokens = 0;  // context held for the session
 };
 
-// Receives each piece of generated text as it is final; returning false cancels the request.
-using TextCallback = std::function<bool(absl::string_view text)>;
+// Receives each piece of generated text as it is final, with the logprobs of the tokens it
+// completes (when the request asked for them; a last piece may carry only logprobs, of tokens
+// that produced no text, like EOS); returning false cancels the request.
+using TextCallback = std::function<bool(absl::string_view text, std::span<const runtime::TokenLogprobs> logprobs)>;
 
 class Engine {
  public:
@@ -202,6 +210,10 @@ class Engine {
                          std::span<const int64_t> chunk_tokens, ChunkOutputs* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   kernels::SampleRowParams SampleRow(const Request& r) const;
   int32_t TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // Samples the row's token and hands it to OnToken with its logprobs when r asks for them (the
+  // row's logits from the host, or from the backend after a device-sampled pass). False when r
+  // is finished (its error included).
+  bool TakeToken(Request& r, const ChunkOutputs& out, size_t row) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // A chunk of n tokens of r is in the cache: a prompt now complete takes its first token from
   // the chunk's row. Returns n.
   int64_t TakeChunk(Request& r, int64_t n, const ChunkOutputs& out, size_t chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
@@ -217,7 +229,7 @@ class Engine {
   absl::Status CheckLength(const Request& r) const;
   // Takes a sampled token: metrics, EOS, stop strings, text to the request's outbox. False when
   // the request is finished.
-  bool OnToken(Request& r, int32_t token);
+  bool OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogprobs> logprobs = std::nullopt);
   // KV usage gauges and the host KV tier's counters (what it did since the last call).
   void UpdateKvMetrics() ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Frees or keeps the request's sequence and hands the result to its caller.

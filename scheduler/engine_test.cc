@@ -46,7 +46,7 @@ TEST(EngineTest, StopStringsAndStreamingAgree) {
   const std::string stop = plain->text.substr(10, 4);
   std::string streamed;
   auto stopped = engine->Complete({.prompt = prompt, .max_tokens = 60, .stop = {stop, "zzzz-never"}},
-                                  [&](absl::string_view piece) {
+                                  [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
                                     streamed.append(piece.data(), piece.size());
                                     return true;
                                   });
@@ -57,7 +57,7 @@ TEST(EngineTest, StopStringsAndStreamingAgree) {
   // A stop string that only ever half-matches: everything comes out, nothing is lost.
   streamed.clear();
   auto half = engine->Complete({.prompt = prompt, .max_tokens = 60, .stop = {plain->text.substr(0, 3) + "\x01"}},
-                               [&](absl::string_view piece) {
+                               [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
                                  streamed.append(piece.data(), piece.size());
                                  return true;
                                });
@@ -86,7 +86,7 @@ TEST(EngineTest, StreamedPiecesAreWholeUtf8WithBpeTokenizer) {
     int pieces = 0;
     auto r = engine.Complete({.prompt = "héllo wörld ✓", .max_tokens = 200,
                               .sampling = {.temperature = 1.0f, .seed = seed}, .ignore_eos = true},
-                             [&](absl::string_view piece) {
+                             [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
                                EXPECT_TRUE(runtime::IsValidUtf8(piece)) << "piece " << pieces;
                                streamed.append(piece.data(), piece.size());
                                ++pieces;
@@ -125,7 +125,7 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   std::string cancelled_reason;
   threads.emplace_back([&] {
     auto r = engine->Complete({.prompt = "import sys\n", .max_tokens = 200, .ignore_eos = true},
-                              [](absl::string_view) { return false; });
+                              [](absl::string_view, std::span<const runtime::TokenLogprobs>) { return false; });
     cancelled_reason = r.ok() ? r->finish_reason : std::string(r.status().message());
   });
   for (std::thread& t : threads) t.join();
@@ -180,7 +180,7 @@ TEST(EngineTest, LongPromptPrefillInterleavesWithDecoding) {
     std::atomic<int> pieces{0};
     absl::StatusOr<CompletionResult> decoded = absl::UnknownError("not run"), prefilled = decoded;
     std::thread a([&] {
-      decoded = engine.Complete(decoding, [&](absl::string_view) {
+      decoded = engine.Complete(decoding, [&](absl::string_view, std::span<const runtime::TokenLogprobs>) {
         ++pieces;
         return true;
       });
@@ -341,7 +341,7 @@ TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
   std::string cancelled_reason;
   threads.emplace_back([&] {
     auto out = engine.Complete({.prompt = "import sys\n", .max_tokens = 200, .ignore_eos = true},
-                               [](absl::string_view) { return false; });
+                               [](absl::string_view, std::span<const runtime::TokenLogprobs>) { return false; });
     cancelled_reason = out.ok() ? out->finish_reason : std::string(out.status().message());
   });
   absl::StatusOr<CompletionResult> second_turn;
@@ -442,7 +442,7 @@ TEST(EngineTest, CancelledSpeculativeTurnLeavesTheSessionConsistent) {
   const std::string p1 = "def add(a, b):\n    ", p2 = "\n\ndef sub(a, b):\n    ";
   int pieces = 0;
   auto t1 = engine->Complete({.prompt = p1, .max_tokens = 40, .session_id = "c"},
-                             [&](absl::string_view) { return ++pieces < 3; });
+                             [&](absl::string_view, std::span<const runtime::TokenLogprobs>) { return ++pieces < 3; });
   ASSERT_TRUE(t1.ok()) << t1.status();
   ASSERT_EQ(t1->finish_reason, "cancelled");
   auto t2 = engine->Complete({.prompt = p2, .max_tokens = 12, .session_id = "c"});

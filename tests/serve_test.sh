@@ -94,12 +94,12 @@ flat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "c
   || fail "content parts differ from the same text: $parts vs $flat"
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}')" = 400 ] \
   && grep -q "image_url" err.json || fail "image part not refused by name: $(cat err.json)"
-for field in '"logprobs": 2' '"frequency_penalty": 0.5' '"presence_penalty": 1' '"best_of": 3'; do
+for field in '"frequency_penalty": 0.5' '"presence_penalty": 1' '"best_of": 3'; do
   name=$(echo "$field" | cut -d'"' -f2)
   [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "\"param\":\"$name\"" err.json || fail "$name not refused by name: $(cat err.json)"
 done
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 2}')" = 400 ] \
-  || fail "chat logprobs not refused"
+  && grep -q "speculative" err.json || fail "logprobs with a draft not refused by name: $(cat err.json)"
 [ "$(code '{"prompt": "x", "max_tokens": 2, "n": 1, "logprobs": null, "frequency_penalty": 0}')" = 200 ] || fail "default values refused: $(cat err.json)"
 # Token-id prompts (the fixtures' bytes, BOS 256 given by the client) and batches of prompts.
 byid=$(curl -s "$base/v1/completions" -d '{"prompt": [256, 100, 101, 102, 32, 102], "max_tokens": 8, "temperature": 0}' | py 'd["choices"][0]["text"]')
@@ -192,6 +192,24 @@ start_server serve.err --model "$src/models/scout-tiny-target" --max-num-seqs 1 
 curl -s "$base/v1/models" | grep -q '"max_model_len":2048' || fail "max_model_len not applied"
 [ "$(code '{"prompt": "x", "max_tokens": 2048}')" = 400 ] || fail "over --max-model-len"
 [ "$(code '{"prompt": "x", "sparsity": "sts"}')" = 400 ] && grep -q "needs a server started with --draft" err.json || fail "sts without a draft"
+
+# logprobs: each generated token's log-probability and the most likely alternatives; greedy
+# picks the most likely, so its logprob is the top one's.
+lp=$(curl -s "$base/v1/completions" -d '{"prompt": "def f(x):", "max_tokens": 5, "temperature": 0, "ignore_eos": true, "logprobs": 2}')
+[ "$(echo "$lp" | py 'len(d["choices"][0]["logprobs"]["tokens"]), [len(t) for t in d["choices"][0]["logprobs"]["top_logprobs"]]')" \
+  = "5 [2, 2, 2, 2, 2]" ] || fail "completions logprobs: $lp"
+[ "$(echo "$lp" | py 'all(abs(v - max(t.values())) < 1e-5 and v <= 0 for v, t in zip(d["choices"][0]["logprobs"]["token_logprobs"], d["choices"][0]["logprobs"]["top_logprobs"]))')" \
+  = True ] || fail "greedy logprobs are not the top ones: $lp"
+[ "$(echo "$lp" | py '"".join(d["choices"][0]["logprobs"]["tokens"]) == d["choices"][0]["text"]')" = True ] || fail "logprob tokens do not spell the text: $lp"
+clp=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": true, "temperature": 1, "seed": 3, "logprobs": true, "top_logprobs": 3}')
+[ "$(echo "$clp" | py '[(len(c["top_logprobs"]), len(c["bytes"]) > 0, c["logprob"] <= 0) for c in d["choices"][0]["logprobs"]["content"]]')" \
+  = "[(3, True, True), (3, True, True), (3, True, True), (3, True, True)]" ] || fail "chat logprobs: $clp"
+slp=$(curl -sN "$base/v1/completions" -d '{"prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 1, "stream": true}')
+[ "$(echo "$slp" | grep '^data: {' | sed 's/^data: //' | python3 -c 'import json,sys; print(sum(len(json.loads(l)["choices"][0]["logprobs"]["tokens"]) for l in sys.stdin if json.loads(l)["choices"][0].get("logprobs")))')" = 6 ] \
+  || fail "streamed logprobs: $slp"
+[ "$(code '{"prompt": "x", "logprobs": 21}')" = 400 ] && grep -q '"param":"logprobs"' err.json || fail "logprobs 21: $(cat err.json)"
+[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}')" = 400 ] \
+  && grep -q '"param":"top_logprobs"' err.json || fail "top_logprobs without logprobs: $(cat err.json)"
 
 # Agent sessions: the second turn prefills only its new tokens and continues exactly where a
 # one-off request over the whole conversation would.
