@@ -534,6 +534,16 @@ TEST(CudaModelTest, ForwardSampledMatchesTheReferenceOnTheStepsLogits) {
     absl::Status st = m.ForwardSampled(batch, params, &got);
     ASSERT_TRUE(st.ok()) << st;
     EXPECT_EQ(got, want) << "step " << step;
+    // The pass's logit rows (logprobs): those the same step gave through Forward.
+    const std::vector<int64_t> some = {rows - 1, 0};
+    std::vector<float> kept;
+    ASSERT_TRUE(m.LastLogitRows(some, &kept).ok());
+    for (size_t i = 0; i < some.size(); ++i) {
+      EXPECT_EQ(std::vector<float>(kept.begin() + i * vocab, kept.begin() + (i + 1) * vocab),
+                std::vector<float>(logits.begin() + some[i] * vocab, logits.begin() + (some[i] + 1) * vocab))
+          << "row " << some[i] << " of step " << step;
+    }
+    EXPECT_EQ(m.LastLogitRows(std::vector<int64_t>{rows}, &kept).code(), absl::StatusCode::kOutOfRange);
   }
   std::vector<int32_t> one = RandomTokens(1, vocab, 99), got;
   SequenceInput in{.seq = 0, .tokens = one};
