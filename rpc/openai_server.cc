@@ -63,13 +63,6 @@ bool RefuseUnsupported(const json& j, bool chat, HttpResponder& out) {
   if (j.contains("best_of") && !j["best_of"].is_null() && !(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == 1)) {
     return refuse("best_of", " (vLLM dropped it too: ask for n choices)");
   }
-  for (const char* f : {"frequency_penalty", "presence_penalty"}) {
-    if (j.contains(f) && !j[f].is_null() && !(j[f].is_number() && j[f].get<double>() == 0.0)) return refuse(f, " yet");
-  }
-  if (j.contains("repetition_penalty") && !j["repetition_penalty"].is_null() &&
-      !(j["repetition_penalty"].is_number() && j["repetition_penalty"].get<double>() == 1.0)) {
-    return refuse("repetition_penalty", " yet");
-  }
   if (j.contains("echo") && j["echo"].is_boolean() && j["echo"].get<bool>()) return refuse("echo", " yet");
   if (j.contains("logit_bias") && !j["logit_bias"].is_null() && !j["logit_bias"].empty()) return refuse("logit_bias", " yet");
   // `user` names the client's end user for the client's own records; a string is accepted and
@@ -302,6 +295,21 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
         }
       }
       if (on) req->logprobs = static_cast<int>(k);
+    }
+    for (auto [field, value] : {std::pair{"presence_penalty", &req->penalties.presence},
+                                std::pair{"frequency_penalty", &req->penalties.frequency},
+                                std::pair{"repetition_penalty", &req->penalties.repetition}}) {
+      if (!j.contains(field) || j[field].is_null()) continue;
+      if (!j[field].is_number()) {
+        SendError(out, 400, absl::StrCat("\"", field, "\" must be a number"), "invalid_request_error", field);
+        return false;
+      }
+      *value = j[field].get<float>();
+    }
+    if (absl::Status s = runtime::ValidatePenalties(req->penalties); !s.ok()) {
+      const std::string message(s.message());
+      SendError(out, 400, message, "invalid_request_error", message.substr(0, message.find(' ')));
+      return false;
     }
     *n = 1;
     if (j.contains("n") && !j["n"].is_null()) {

@@ -98,4 +98,32 @@ TokenLogprobs LogprobsOf(std::span<const float> logits, int32_t token, int top, 
   return out;
 }
 
+absl::Status ValidatePenalties(const Penalties& p) {
+  if (!(p.presence >= -2 && p.presence <= 2)) {
+    return absl::InvalidArgumentError(absl::StrCat("presence_penalty must be in [-2, 2], got ", p.presence));
+  }
+  if (!(p.frequency >= -2 && p.frequency <= 2)) {
+    return absl::InvalidArgumentError(absl::StrCat("frequency_penalty must be in [-2, 2], got ", p.frequency));
+  }
+  if (!(p.repetition > 0 && p.repetition <= 100)) {
+    return absl::InvalidArgumentError(absl::StrCat("repetition_penalty must be in (0, 100], got ", p.repetition));
+  }
+  return absl::OkStatus();
+}
+
+void ApplyPenalties(const Penalties& p, std::span<const std::pair<int32_t, int32_t>> output_counts,
+                    std::span<const int32_t> seen, std::span<float> logits) {
+  const int64_t n = static_cast<int64_t>(logits.size());
+  if (p.repetition != 1.0f) {
+    for (int32_t t : seen) {
+      if (t < 0 || t >= n) continue;
+      logits[t] = logits[t] > 0 ? logits[t] / p.repetition : logits[t] * p.repetition;
+    }
+  }
+  for (const auto& [t, c] : output_counts) {
+    if (t < 0 || t >= n || c <= 0) continue;
+    logits[t] -= p.frequency * static_cast<float>(c) + p.presence;
+  }
+}
+
 }  // namespace scout::runtime

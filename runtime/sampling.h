@@ -5,6 +5,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -23,6 +24,22 @@ absl::Status ValidateSamplingParams(const SamplingParams& p);
 
 // Index of the largest logit; the lowest index wins ties (matches torch.argmax).
 int32_t ArgMax(std::span<const float> logits);
+
+// OpenAI's and vLLM's penalties on the logits before sampling: a token already generated c times
+// loses frequency * c + presence; a token of the prompt or the output has its logit divided by
+// repetition when positive, multiplied when negative (applied first, as vLLM does).
+struct Penalties {
+  float presence = 0.0f;    // [-2, 2]
+  float frequency = 0.0f;   // [-2, 2]
+  float repetition = 1.0f;  // > 0; 1: none
+  bool any() const { return presence != 0.0f || frequency != 0.0f || repetition != 1.0f; }
+};
+// InvalidArgument naming the field out of range.
+absl::Status ValidatePenalties(const Penalties& p);
+// output_counts: (token, times generated); seen: tokens of the prompt and the output (for
+// repetition), each once.
+void ApplyPenalties(const Penalties& p, std::span<const std::pair<int32_t, int32_t>> output_counts,
+                    std::span<const int32_t> seen, std::span<float> logits);
 
 // A generated token's log-probability and its most likely alternatives, under the distribution
 // after temperature and before top-k / top-p truncation: log_softmax(logits / temperature), the

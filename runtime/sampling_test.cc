@@ -98,6 +98,24 @@ TEST(SamplingTest, LogprobsAreTheLogSoftmaxAfterTemperature) {
   EXPECT_TRUE(LogprobsOf(logits, 0, 0, 1.0f).top.empty());
 }
 
+// Penalties as OpenAI and vLLM define them: frequency by count, presence once, repetition over
+// prompt and output tokens (dividing positive logits, multiplying negative ones) before them.
+TEST(SamplingTest, PenaltiesFollowTheirDefinitions) {
+  std::vector<float> logits = {2.0f, -1.0f, 0.5f, 3.0f};
+  const std::vector<std::pair<int32_t, int32_t>> counts = {{0, 3}, {2, 1}};
+  const std::vector<int32_t> seen = {0, 1, 2};
+  ApplyPenalties({.presence = 0.5f, .frequency = 0.25f, .repetition = 2.0f}, counts, seen, logits);
+  EXPECT_FLOAT_EQ(logits[0], 2.0f / 2 - 0.25f * 3 - 0.5f);
+  EXPECT_FLOAT_EQ(logits[1], -1.0f * 2);
+  EXPECT_FLOAT_EQ(logits[2], 0.5f / 2 - 0.25f - 0.5f);
+  EXPECT_FLOAT_EQ(logits[3], 3.0f);
+  EXPECT_FALSE(Penalties{}.any());
+  EXPECT_TRUE(ValidatePenalties({.presence = 2.0f, .frequency = -2.0f, .repetition = 1.3f}).ok());
+  EXPECT_NE(ValidatePenalties({.presence = 2.5f}).message().find("presence_penalty"), std::string::npos);
+  EXPECT_NE(ValidatePenalties({.frequency = -3.0f}).message().find("frequency_penalty"), std::string::npos);
+  EXPECT_NE(ValidatePenalties({.repetition = 0.0f}).message().find("repetition_penalty"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace scout::runtime
 

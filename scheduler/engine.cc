@@ -44,6 +44,7 @@ struct Engine::Request {
   std::atomic<bool> cancelled{false};
   std::unique_ptr<round::SpeculativeStream> spec;  // with a draft: the request's rounds
   std::vector<runtime::TokenLogprobs> pending_logprobs;  // of tokens whose text is held back
+  absl::flat_hash_map<int32_t, int32_t> generated_counts;  // with penalties: tokens generated so far
   // Handed to the caller (Engine::mu_).
   struct Piece {
     std::string text;
@@ -137,6 +138,12 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
   }
   if (req.logprobs.has_value() && (*req.logprobs < 0 || *req.logprobs > kMaxLogprobs)) {
     return absl::InvalidArgumentError(absl::StrCat("logprobs must be 0 to ", kMaxLogprobs, ", got ", *req.logprobs));
+  }
+  if (absl::Status s = runtime::ValidatePenalties(req.penalties); !s.ok()) return s;
+  if (req.penalties.any() && draft_ != nullptr) {
+    return absl::InvalidArgumentError(
+        "presence_penalty, frequency_penalty and repetition_penalty are not supported with speculative decoding (a "
+        "server with --draft) yet: verification does not apply them");
   }
   if (req.logprobs.has_value() && draft_ != nullptr) {
     return absl::InvalidArgumentError(
@@ -494,9 +501,10 @@ int32_t Engine::TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) {
 }
 
 bool Engine::TakeToken(Request& r, const ChunkOutputs& out, size_t row) {
-  const int32_t token = TokenOfRow(r, out, row);
+  const bool penalized = r.req.penalties.any();
+  int32_t token = penalized ? -1 : TokenOfRow(r, out, row);
   std::optional<runtime::TokenLogprobs> lp;
-  if (r.req.logprobs.has_value()) {
+  if (r.req.logprobs.has_value() || penalized) {
     const int64_t vocab = config_.vocab_size;
     std::span<const float> logits;
     std::vector<float> fetched;
@@ -506,12 +514,29 @@ bool Engine::TakeToken(Request& r, const ChunkOutputs& out, size_t row) {
         Finish(r, s);
         return false;
       }
-      logits = fetched;
-    } else {
-      logits = std::span<const float>(out.logits).subspan(row * vocab, vocab);
+    } else if (penalized) {
+      fetched.assign(out.logits.begin() + row * vocab, out.logits.begin() + (row + 1) * vocab);
     }
-    lp = runtime::LogprobsOf(logits, token, *r.req.logprobs, r.req.sampling.temperature);
-    for (runtime::TokenLogprob* t : {&lp->chosen}) t->bytes = tokenizer_->Decode({&t->token, 1}).value_or("");
+    logits = fetched.empty() ? std::span<const float>(out.logits).subspan(row * vocab, vocab) : fetched;
+    if (penalized) {
+      // The request's own sampler draws from the penalised row, on the host: its draws depend on
+      // its seed and its tokens alone, whatever the batch.
+      std::vector<std::pair<int32_t, int32_t>> counts(r.generated_counts.begin(), r.generated_counts.end());
+      std::vector<int32_t> seen;  // the prompt's and the output's tokens, once each
+      if (r.req.penalties.repetition != 1.0f) {
+        seen = r.ids;
+        for (const auto& [t, c] : r.generated_counts) seen.push_back(t);
+        std::sort(seen.begin(), seen.end());
+        seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+      }
+      runtime::ApplyPenalties(r.req.penalties, counts, seen, fetched);
+      token = r.sampler.Sample(fetched);
+      ++r.generated_counts[token];
+    }
+    if (r.req.logprobs.has_value()) lp = runtime::LogprobsOf(logits, token, *r.req.logprobs, r.req.sampling.temperature);
+  }
+  if (lp.has_value()) {
+    lp->chosen.bytes = tokenizer_->Decode({&lp->chosen.token, 1}).value_or("");
     for (runtime::TokenLogprob& t : lp->top) t.bytes = tokenizer_->Decode({&t.token, 1}).value_or("");
   }
   if (OnToken(r, token, std::move(lp))) return true;

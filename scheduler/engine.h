@@ -102,6 +102,10 @@ struct CompletionRequest {
   // kMaxLogprobs), under the distribution after temperature (runtime::LogprobsOf); unset: none.
   // Not with a draft (InvalidArgument: speculative rounds do not keep the target's rows yet).
   std::optional<int> logprobs;
+  // presence / frequency / repetition penalties (runtime::ApplyPenalties), applied to the logits
+  // on the host before this request's own sampler draws (on CUDA its row is read back). Not with
+  // a draft (InvalidArgument: verification does not apply them yet).
+  runtime::Penalties penalties;
 };
 inline constexpr int kMaxLogprobs = 20;  // vLLM's default max_logprobs
 

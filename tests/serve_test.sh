@@ -94,9 +94,13 @@ flat=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "c
   || fail "content parts differ from the same text: $parts vs $flat"
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}')" = 400 ] \
   && grep -q "image_url" err.json || fail "image part not refused by name: $(cat err.json)"
-for field in '"frequency_penalty": 0.5' '"presence_penalty": 1' '"best_of": 3'; do
+for field in '"best_of": 3'; do
   name=$(echo "$field" | cut -d'"' -f2)
   [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "\"param\":\"$name\"" err.json || fail "$name not refused by name: $(cat err.json)"
+done
+for field in '"frequency_penalty": 0.5' '"presence_penalty": 1' '"repetition_penalty": 1.2'; do
+  name=$(echo "$field" | cut -d'"' -f2)
+  [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "$name.*speculative" err.json || fail "$name with a draft not refused by name: $(cat err.json)"
 done
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 2}')" = 400 ] \
   && grep -q "speculative" err.json || fail "logprobs with a draft not refused by name: $(cat err.json)"
@@ -207,6 +211,19 @@ clp=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "co
 slp=$(curl -sN "$base/v1/completions" -d '{"prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 1, "stream": true}')
 [ "$(echo "$slp" | grep '^data: {' | sed 's/^data: //' | python3 -c 'import json,sys; print(sum(len(json.loads(l)["choices"][0]["logprobs"]["tokens"]) for l in sys.stdin if json.loads(l)["choices"][0].get("logprobs")))')" = 6 ] \
   || fail "streamed logprobs: $slp"
+# Penalties: applied before the request's own sampler; a penalised greedy text differs, uses
+# more distinct bytes, and a seeded penalised request repeats; out of range is a 400 naming it.
+rep='"prompt": "def f(x):\n    return x\n\ndef f(x):\n    return x\n", "max_tokens": 48, "ignore_eos": true'
+plain=$(curl -s "$base/v1/completions" -d "{$rep, \"temperature\": 0}" | py 'd["choices"][0]["text"]')
+pen=$(curl -s "$base/v1/completions" -d "{$rep, \"temperature\": 0, \"frequency_penalty\": 2, \"presence_penalty\": 1, \"repetition_penalty\": 1.5}" | py 'd["choices"][0]["text"]')
+[ -n "$pen" ] && [ "$pen" != "$plain" ] || fail "penalties changed nothing: [$plain] vs [$pen]"
+[ "$(python3 -c 'import sys; print(len(set(sys.argv[2])) >= len(set(sys.argv[1])))' "$plain" "$pen")" = True ] \
+  || fail "penalised text repeats more: [$plain] vs [$pen]"
+sp1=$(curl -s "$base/v1/completions" -d "{$rep, \"temperature\": 1, \"seed\": 4, \"frequency_penalty\": 1}" | py 'd["choices"][0]["text"]')
+sp2=$(curl -s "$base/v1/completions" -d "{$rep, \"temperature\": 1, \"seed\": 4, \"frequency_penalty\": 1}" | py 'd["choices"][0]["text"]')
+[ "$sp1" = "$sp2" ] || fail "seeded penalised requests differ: [$sp1] vs [$sp2]"
+[ "$(code '{"prompt": "x", "presence_penalty": 3}')" = 400 ] && grep -q '"param":"presence_penalty"' err.json || fail "presence_penalty 3: $(cat err.json)"
+[ "$(code '{"prompt": "x", "repetition_penalty": 0}')" = 400 ] && grep -q '"param":"repetition_penalty"' err.json || fail "repetition_penalty 0: $(cat err.json)"
 [ "$(code '{"prompt": "x", "logprobs": 21}')" = 400 ] && grep -q '"param":"logprobs"' err.json || fail "logprobs 21: $(cat err.json)"
 [ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}')" = 400 ] \
   && grep -q '"param":"top_logprobs"' err.json || fail "top_logprobs without logprobs: $(cat err.json)"

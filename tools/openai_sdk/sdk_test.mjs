@@ -77,7 +77,11 @@ const t2 = await client.completions.create({ model, prompt: "\ndef sub(a, b):\n"
 check(t2.usage.prompt_tokens_details.cached_tokens > 0, "session turn served from the kept KV", t2.usage);
 
 // Errors the SDK raises as its own classes, with the field named.
-await expectStatus(400, "frequency_penalty", () => client.completions.create({ model, prompt: "x", frequency_penalty: 0.5 }), "frequency_penalty");
+const pen = await client.completions.create({ model, prompt: "def f(x):\n    return x\n", max_tokens: 24, temperature: 0, frequency_penalty: 2, presence_penalty: 1, ignore_eos: true });
+const unpen = await client.completions.create({ model, prompt: "def f(x):\n    return x\n", max_tokens: 24, temperature: 0, ignore_eos: true });
+check(pen.choices[0].text !== unpen.choices[0].text, "penalties change the greedy text", [pen.choices[0].text, unpen.choices[0].text]);
+await expectStatus(400, "presence_penalty", () => client.completions.create({ model, prompt: "x", presence_penalty: 3 }), "presence_penalty 3");
+await expectStatus(400, "best_of", () => client.completions.create({ model, prompt: "x", best_of: 3 }), "best_of");
 await expectStatus(400, "n", () => client.completions.create({ model, prompt: "x", n: 0 }), "n 0");
 await expectStatus(404, null, () => client.completions.create({ model: "nope", prompt: "x" }), "unknown model");
 await expectStatus(400, null, () => client.chat.completions.create({ model, messages: [] }), "empty messages");
