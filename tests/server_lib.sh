@@ -1,10 +1,12 @@
 # Sourced by the server tests. Needs $scout and a fail() function.
 # start_server LOG ARGS...: starts `$scout serve ARGS --host 127.0.0.1 --port 0` in the
 # background, logging to LOG; sets pid, port and base once it has reported its port.
+# SCOUT_TEST_SERVE_FLAGS adds flags to every server (e.g. "--device cuda" on the GPU machine).
 start_server() {
   local log=$1
   shift
-  "$scout" serve "$@" --host 127.0.0.1 --port 0 2> "$log" &
+  read -r -a extra <<< "${SCOUT_TEST_SERVE_FLAGS:-}"
+  "$scout" serve "$@" "${extra[@]}" --host 127.0.0.1 --port 0 2> "$log" &
   pid=$!
   port=""
   for _ in $(seq 1 100); do
