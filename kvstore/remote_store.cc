@@ -33,15 +33,25 @@ enum Op : uint32_t { kPut = 1, kGet = 2, kRelease = 3, kPing = 4, kMove = 5, kPa
 // iov; 4096 units 1.0 against 1.2).
 constexpr size_t kCopyReplyBytes = size_t{8} << 20;
 
+// Every request and reply begins with this prefix, the same in every wire version: a peer of
+// another version is recognised (the magic), told which version this end speaks (a reply of this
+// version, which the peer matches to its request by the id at the same offset), and refused.
+constexpr uint32_t kWireMagic = 0x564B4353;  // "SCKV" little-endian
+struct WirePrefix {
+  uint32_t magic = kWireMagic;
+  uint32_t version = kKvWireVersion;
+  uint64_t id = 0;
+};
+
 struct RequestHeader {
+  WirePrefix prefix;
   uint32_t op = 0;
   uint32_t count = 0;
-  uint64_t id = 0;
   int64_t session = 0;
 };
 
 struct ReplyHeader {
-  uint64_t id = 0;
+  WirePrefix prefix;
   int32_t code = 0;  // absl::StatusCode; the message is the data when not OK
   uint32_t pad = 0;
   uint64_t length = 0;
@@ -192,8 +202,10 @@ struct KvStoreServer::Impl {
   using Unit = std::shared_ptr<std::byte[]>;
   absl::flat_hash_map<int64_t, absl::flat_hash_map<std::tuple<int32_t, int32_t, int32_t>, Unit>> units;
 
+  uint32_t wire_version = kKvWireVersion;
   struct Job {
     ucp_ep_h reply_ep = nullptr;
+    bool other_version = false;  // a client of another wire version: refused
     RequestHeader header;
     std::vector<std::byte> payload;
     bool ready = false;
@@ -253,10 +265,22 @@ struct KvStoreServer::Impl {
   static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data, size_t length,
                                 const ucp_am_recv_param_t* param) {
     auto* self = static_cast<Impl*>(arg);
-    if (header_length != sizeof(RequestHeader) || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) {
+    WirePrefix prefix;
+    if (header_length < sizeof(prefix) || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) {
       return UCS_OK;  // not ours: dropped
     }
+    std::memcpy(&prefix, header, sizeof(prefix));
+    if (prefix.magic != kWireMagic) return UCS_OK;
     auto job = std::make_unique<Job>();
+    if (prefix.version != self->wire_version || header_length != sizeof(RequestHeader)) {
+      // Another version: answered with an error naming both, its payload left unread.
+      job->header.prefix = prefix;
+      job->other_version = true;
+      job->reply_ep = param->reply_ep;
+      job->ready = true;
+      self->jobs.push_back(std::move(job));
+      return UCS_OK;
+    }
     std::memcpy(&job->header, header, sizeof(RequestHeader));
     job->reply_ep = param->reply_ep;
     job->payload.resize(length);
@@ -281,7 +305,9 @@ struct KvStoreServer::Impl {
   }
 
   void Send(ucp_ep_h ep, uint64_t id, const absl::Status& status, std::vector<Unit> out) {
-    auto* reply = new Reply{.header = {.id = id, .code = static_cast<int32_t>(status.code())}, .units = std::move(out)};
+    auto* reply = new Reply{.header = {.prefix = {.version = wire_version, .id = id},
+                                       .code = static_cast<int32_t>(status.code())},
+                            .units = std::move(out)};
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     const void* buffer = nullptr;
@@ -447,8 +473,13 @@ struct KvStoreServer::Impl {
         jobs.pop_front();
         worked = true;
         if (Failed(job->reply_ep)) continue;  // nobody to answer
-        absl::StatusOr<std::vector<Unit>> out = Process(*job);
-        Send(job->reply_ep, job->header.id, out.status(), out.ok() ? std::move(*out) : std::vector<Unit>());
+        absl::StatusOr<std::vector<Unit>> out =
+            job->other_version
+                ? absl::FailedPreconditionError(absl::StrCat(
+                      "this KV store speaks KV wire version ", wire_version, " and the client version ",
+                      job->header.prefix.version, ": run one Scout version across the cluster"))
+                : Process(*job);
+        Send(job->reply_ep, job->header.prefix.id, out.status(), out.ok() ? std::move(*out) : std::vector<Unit>());
       }
       if (!failed.empty()) CloseFailed();
       idle = worked ? 0 : idle + 1;
@@ -480,13 +511,15 @@ int KvStoreServer::port() const { return impl_->port; }
 int64_t KvStoreServer::units_held() const { return impl_->held; }
 
 absl::StatusOr<std::unique_ptr<KvStoreServer>> KvStoreServer::Start(const std::string& host, int port,
-                                                                    size_t unit_bytes, int64_t capacity_units) {
+                                                                    size_t unit_bytes, int64_t capacity_units,
+                                                                    uint32_t wire_version) {
   if (unit_bytes == 0 || capacity_units < 0) return absl::InvalidArgumentError("unit_bytes > 0, capacity_units >= 0");
   absl::StatusOr<SockAddr> addr = Address(host, port, /*listen=*/true);
   if (!addr.ok()) return addr.status();
   auto impl = std::make_unique<Impl>();
   impl->unit_bytes = unit_bytes;
   impl->capacity = capacity_units;
+  impl->wire_version = wire_version;
   if (absl::Status s = impl->ucx.Init(); !s.ok()) return s;
   if (absl::Status s = impl->ucx.SetHandler(kRequestAm, &Impl::OnRequest, impl.get()); !s.ok()) return s;
   ucp_listener_params_t lp{};
@@ -518,6 +551,7 @@ struct KvStoreClient::Impl {
   size_t unit_bytes = 0;
   absl::Duration timeout;
   uint64_t next_id = 1;
+  uint32_t wire_version = kKvWireVersion;
   bool broken = false;
   ucs_status_t broken_status = UCS_OK;
 
@@ -541,12 +575,24 @@ struct KvStoreClient::Impl {
   static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data, size_t length,
                               const ucp_am_recv_param_t* param) {
     auto* self = static_cast<Impl*>(arg);
-    ReplyHeader h;
-    if (header_length != sizeof(h)) return UCS_OK;
-    std::memcpy(&h, header, sizeof(h));
+    WirePrefix prefix;
+    if (header_length < sizeof(prefix)) return UCS_OK;
+    std::memcpy(&prefix, header, sizeof(prefix));
     Pending* p = self->pending;
-    if (p == nullptr || h.id != p->id) return UCS_OK;  // a reply nobody waits for any more
+    if (prefix.magic != kWireMagic || p == nullptr || prefix.id != p->id) return UCS_OK;  // not ours, or late
     const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    if (prefix.version != self->wire_version || header_length != sizeof(ReplyHeader)) {
+      std::string said;  // the server's own words, when it sent them eagerly
+      if (!rndv && length > 0 && length < 4096) said.assign(static_cast<const char*>(data), length);
+      p->status = absl::FailedPreconditionError(absl::StrCat(
+          "KV store ", self->peer, " speaks KV wire version ", prefix.version, " and this client version ",
+          self->wire_version, ": run one Scout version across the cluster", said.empty() ? "" : " (it says: ", said,
+          said.empty() ? "" : ")"));
+      p->done = true;
+      return UCS_OK;
+    }
+    ReplyHeader h;
+    std::memcpy(&h, header, sizeof(h));
     if (h.code != 0) {
       std::string msg(length, '\0');
       if (!rndv && length > 0) std::memcpy(msg.data(), data, length);
@@ -592,7 +638,7 @@ struct KvStoreClient::Impl {
     call = Pending{.id = next_id++, .out = out, .out_length = out_length};
     Pending& p = call;
     pending = &p;
-    request_header = {.op = op, .count = count, .id = p.id, .session = session};
+    request_header = {.prefix = {.version = wire_version, .id = p.id}, .op = op, .count = count, .session = session};
     request_payload = std::move(payload);
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -632,7 +678,8 @@ KvStoreClient::KvStoreClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 KvStoreClient::~KvStoreClient() = default;
 
 absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Connect(const std::string& host, int port,
-                                                                      size_t unit_bytes, absl::Duration timeout) {
+                                                                      size_t unit_bytes, absl::Duration timeout,
+                                                                      uint32_t wire_version) {
   if (unit_bytes == 0) return absl::InvalidArgumentError("unit_bytes must be > 0");
   absl::StatusOr<SockAddr> addr = Address(host, port, /*listen=*/false);
   if (!addr.ok()) {
@@ -642,6 +689,7 @@ absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Connect(const std:
   impl->peer = absl::StrCat(host, ":", port);
   impl->unit_bytes = unit_bytes;
   impl->timeout = timeout;
+  impl->wire_version = wire_version;
   if (absl::Status s = impl->ucx.Init(); !s.ok()) return s;
   if (absl::Status s = impl->ucx.SetHandler(kReplyAm, &Impl::OnReply, impl.get()); !s.ok()) return s;
   ucp_ep_params_t p{};

@@ -19,6 +19,12 @@
 
 namespace scout::kvstore {
 
+// The version of the KV store's messages (1 was the unversioned layout before it). A server and a
+// client of different versions refuse each other's requests with FailedPrecondition naming both
+// versions, rather than misread them. The parameters below that take one exist for tests of a
+// mixed-version cluster.
+inline constexpr uint32_t kKvWireVersion = 2;
+
 class KvStoreServer {
  public:
   // Listens on host:port (port 0: any free one) and serves on its own thread until destroyed. The
@@ -27,7 +33,8 @@ class KvStoreServer {
   // It holds at most capacity_units units of unit_bytes each; a write beyond that is refused
   // (ResourceExhausted to the writer, nothing stored). Unavailable if UCX cannot listen.
   static absl::StatusOr<std::unique_ptr<KvStoreServer>> Start(const std::string& host, int port, size_t unit_bytes,
-                                                              int64_t capacity_units);
+                                                              int64_t capacity_units,
+                                                              uint32_t wire_version = kKvWireVersion);
   ~KvStoreServer();
   KvStoreServer(const KvStoreServer&) = delete;
   KvStoreServer& operator=(const KvStoreServer&) = delete;
@@ -55,8 +62,10 @@ struct UnitPatch {
 class KvStoreClient {
  public:
   // host as KvStoreServer::Start's: a name resolves through DNS (the first address is used).
+  // FailedPrecondition naming both versions when the server speaks another wire version.
   static absl::StatusOr<std::unique_ptr<KvStoreClient>> Connect(const std::string& host, int port, size_t unit_bytes,
-                                                                absl::Duration timeout = absl::Seconds(30));
+                                                                absl::Duration timeout = absl::Seconds(30),
+                                                                uint32_t wire_version = kKvWireVersion);
   ~KvStoreClient();
   KvStoreClient(const KvStoreClient&) = delete;
   KvStoreClient& operator=(const KvStoreClient&) = delete;

@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace scout::kvstore {
@@ -288,6 +289,38 @@ TEST(RemoteStoreTest, NodesAreReachedByName) {
   ASSERT_FALSE(nowhere.ok());
   EXPECT_EQ(nowhere.status().code(), absl::StatusCode::kUnavailable) << nowhere.status();
   EXPECT_NE(nowhere.status().message().find("no-such-node.invalid"), std::string::npos) << nowhere.status();
+}
+
+// A server and a client of different KV wire versions refuse each other by name, whichever is
+// the newer, instead of misreading the messages; the same versions then work on the same server.
+TEST(RemoteStoreTest, PeersOfAnotherWireVersionAreRefusedByName) {
+  constexpr size_t kUnit = 64;
+  const uint32_t newer = kKvWireVersion + 1;
+  absl::StatusOr<std::unique_ptr<KvStoreServer>> server = KvStoreServer::Start("127.0.0.1", 0, kUnit, 10);
+  ASSERT_TRUE(server.ok()) << server.status();
+  absl::StatusOr<std::unique_ptr<KvStoreClient>> ahead =
+      KvStoreClient::Connect("127.0.0.1", (*server)->port(), kUnit, absl::Seconds(5), newer);
+  ASSERT_FALSE(ahead.ok());
+  EXPECT_EQ(ahead.status().code(), absl::StatusCode::kFailedPrecondition) << ahead.status();
+  EXPECT_NE(ahead.status().message().find(absl::StrCat("version ", kKvWireVersion)), std::string::npos) << ahead.status();
+  EXPECT_NE(ahead.status().message().find(absl::StrCat("version ", newer)), std::string::npos) << ahead.status();
+  absl::StatusOr<std::unique_ptr<KvStoreClient>> same =
+      KvStoreClient::Connect("127.0.0.1", (*server)->port(), kUnit, absl::Seconds(5));
+  ASSERT_TRUE(same.ok()) << same.status();
+  std::vector<std::byte> unit(kUnit, std::byte{3}), back(kUnit);
+  const UnitKey key{.session = 2, .layer = 1, .head = 0, .block = 4};
+  ASSERT_TRUE((*same)->Put({&key, 1}, unit.data()).ok());
+  ASSERT_TRUE((*same)->Get({&key, 1}, back.data()).ok());
+  EXPECT_EQ(back, unit);
+
+  absl::StatusOr<std::unique_ptr<KvStoreServer>> newer_server = KvStoreServer::Start("127.0.0.1", 0, kUnit, 10, newer);
+  ASSERT_TRUE(newer_server.ok()) << newer_server.status();
+  absl::StatusOr<std::unique_ptr<KvStoreClient>> behind =
+      KvStoreClient::Connect("127.0.0.1", (*newer_server)->port(), kUnit, absl::Seconds(5));
+  ASSERT_FALSE(behind.ok());
+  EXPECT_EQ(behind.status().code(), absl::StatusCode::kFailedPrecondition) << behind.status();
+  EXPECT_NE(behind.status().message().find(absl::StrCat("speaks KV wire version ", newer)), std::string::npos)
+      << behind.status();
 }
 
 }  // namespace scout::kvstore
