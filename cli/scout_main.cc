@@ -927,6 +927,7 @@ int Serve(int argc, char** argv) {
 }
 
 // host:port -> (host, port). InvalidArgument naming the flag.
+// host:port, where host is a name, an IPv4 address or an IPv6 address in brackets ([::1]:8100).
 absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& flag, const std::string& value) {
   const size_t colon = value.rfind(':');
   int port = 0;
@@ -934,7 +935,13 @@ absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& fla
       port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be host:port, got \"", value, "\""));
   }
-  return std::make_pair(value.substr(0, colon), port);
+  std::string host = value.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.find(':') != std::string::npos && value.front() != '[') {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, ": an IPv6 address goes in brackets, [", host, "]:", port, "; got \"", value, "\""));
+  }
+  return std::make_pair(host, port);
 }
 
 // A --cluster-config YAML file: PlaceModels' ClusterConfig. InvalidArgument naming the file and

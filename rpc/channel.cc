@@ -247,9 +247,20 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Start(const std::string& hos
                                                           OnChannel on_channel) {
   auto a = std::make_unique<Acceptor>();
   boost::system::error_code e;
-  const asio::ip::address address = asio::ip::make_address(host, e);
-  if (e) return absl::InvalidArgumentError(absl::StrCat("bad listen address \"", host, "\": ", e.message()));
-  const tcp::endpoint endpoint(address, static_cast<uint16_t>(port));
+  // An address literal (IPv4 or IPv6, "::" for every interface), or a name resolved through DNS
+  // to its first address (a pod's own name in Kubernetes, "localhost").
+  tcp::endpoint endpoint;
+  const asio::ip::address literal = asio::ip::make_address(host, e);
+  if (!e) {
+    endpoint = tcp::endpoint(literal, static_cast<uint16_t>(port));
+  } else {
+    tcp::resolver resolver(a->io);
+    auto found = resolver.resolve(host, std::to_string(port), tcp::resolver::passive, e);
+    if (e || found.empty()) {
+      return absl::UnavailableError(absl::StrCat("cannot resolve the listen address \"", host, "\": ", e.message()));
+    }
+    endpoint = found.begin()->endpoint();
+  }
   a->acceptor.open(endpoint.protocol(), e);
   if (!e) a->acceptor.set_option(tcp::acceptor::reuse_address(true), e);
   if (!e) a->acceptor.bind(endpoint, e);

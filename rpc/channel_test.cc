@@ -57,6 +57,43 @@ v1::Envelope Request(int64_t n) {
   return e;
 }
 
+// Listeners and channels by name and over IPv6: a listener on "localhost" and one on "::1" (where
+// the machine has IPv6 loopback) both answer a channel that connects by name or literal.
+TEST(ChannelTest, ListensAndConnectsByNameAndOverIpv6) {
+  auto serve = [](const std::string& listen_host, const std::string& connect_host) -> absl::Status {
+    absl::StatusOr<std::unique_ptr<Listener>> l = Listener::Start(
+        listen_host, 0,
+        [](const std::string&) {
+          return std::make_pair(Channel::Handler([](Channel& c, v1::Envelope m) {
+                                  v1::Envelope r;
+                                  r.set_call_id(m.call_id());
+                                  r.mutable_reply()->set_kv_used_blocks(7);
+                                  c.Send(std::move(r)).IgnoreError();
+                                }),
+                                Channel::CloseHandler([](const absl::Status&) {}));
+        },
+        [](std::shared_ptr<Channel>) {});
+    if (!l.ok()) return l.status();
+    absl::StatusOr<std::shared_ptr<Channel>> c =
+        Channel::Connect(connect_host, (*l)->port(), absl::Seconds(5), nullptr, nullptr);
+    if (!c.ok()) return c.status();
+    absl::StatusOr<v1::Envelope> r = (*c)->Call(Request(1), absl::Seconds(5), "echo");
+    (*c)->Close();
+    if (!r.ok()) return r.status();
+    EXPECT_EQ(r->reply().kv_used_blocks(), 7);
+    return absl::OkStatus();
+  };
+  EXPECT_TRUE(serve("localhost", "localhost").ok());
+  EXPECT_TRUE(serve("127.0.0.1", "localhost").ok());  // a name with an IPv6 address first falls back
+  EXPECT_EQ(Listener::Start("no-such-host.invalid", 0, nullptr, nullptr).status().code(), absl::StatusCode::kUnavailable);
+  absl::StatusOr<std::unique_ptr<Listener>> v6 = Listener::Start("::1", 0, nullptr, nullptr);
+  if (!v6.ok()) {
+    GTEST_SKIP() << "no IPv6 loopback here: " << v6.status();
+  }
+  v6->reset();
+  EXPECT_TRUE(serve("::1", "::1").ok());
+}
+
 TEST(ChannelTest, CallsPairWithTheirRepliesAcrossThreads) {
   EchoServer server;
   server.Start();

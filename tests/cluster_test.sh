@@ -70,8 +70,8 @@ start_coordinator coord.err --model "$T" --draft "$D" --heartbeat-interval 0.2 -
 pids+=("$coord")
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready without workers should be 503"
 
-start_member kv0 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv0
-start_member kv1 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv1
+start_member kv0 kvstore --host localhost --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv0
+start_member kv1 kvstore --host localhost --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv1
 start_member draft0 worker --model "$D" --role draft --id draft0 --device "$device"
 start_member draft1 worker --model "$D" --role draft --id draft1 --device "$device"
 start_member target0 worker --model "$T" --role target --id target0 --device "$device"
@@ -124,7 +124,7 @@ echo "ok: a draft worker killed mid-generation; both requests finished with the 
 complete clu.t2 "$(turn "$P4" "agent")"
 cmp -s ref.t2.out clu.t2.out || fail "session turn 2 differs: [$(cat clu.t2.out)]"
 kill -9 "$pid_kv0"
-start_member kv2 kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv2
+start_member kv2 kvstore --host localhost --port 0 --unit-bytes "$unit" --capacity-gb 1 --id kv2
 for _ in $(seq 1 100); do grep -q "kvstore kv2 registered" coord.err && break; sleep 0.1; done
 kill -9 "$pid_kv1"
 for _ in $(seq 1 50); do grep -q "kvstore kv1 is dead" coord.err && break; sleep 0.1; done

@@ -40,7 +40,7 @@ start_coordinator() {
 start_member() {
   local name=$1
   shift
-  "$scout" "$@" --coordinator "127.0.0.1:$cport" 2> "$name.err" &
+  "$scout" "$@" --coordinator "localhost:$cport" 2> "$name.err" &
   eval "pid_$name=$!"
   pids+=("$!")
 }
