@@ -2,11 +2,12 @@
 # Cluster throughput: concurrent agent sessions (multi-turn, each turn adding to a context the
 # cluster keeps) against a coordinator with 1, 2 and 4 target workers, 2 draft workers and 2 KV
 # store nodes, all processes on this machine's loopback with the fixture pair on the CPU backend.
-# Prints aggregate tokens/s, TTFT and inter-token percentiles (bench/serve_load) and the KV bytes
+# Prints aggregate tokens/s, TTFT and inter-token percentiles (`scout bench serve --sessions`) and the KV bytes
 # the workers moved over UCX, per worker count, and the same load on one `scout serve` process
 # (the "serve" row, the baseline). The machine's cores bound the scaling here: the table says how
 # many there are.
-# usage: bench/cluster_throughput.sh BUILD_DIR [CLIENTS] [SECONDS] [WORKER_COUNTS]
+# usage: bench/cluster_throughput.sh BUILD_DIR [SESSIONS] [TURNS] [WORKER_COUNTS]
+# SESSIONS agent sessions at once, each TURNS turns of 64 new tokens and 32 generated.
 # SCOUT_CLUSTER_DEVICE=cuda puts the model workers on the GPU. On 16 cores or more, each CPU
 # target worker (and the single-process baseline) gets 2 cores of its own (taskset, 2 OpenBLAS
 # threads), as if each were its own machine; the coordinator, drafts, KV stores and clients share
@@ -17,13 +18,17 @@ unit=8192
 [ "$device" = cpu ] || unit=4096
 build=$1
 clients=${2:-8}
-seconds=${3:-20}
+turns=${3:-8}
 counts=${4:-"1 2 4"}
 read -r -a target_flags <<< "${SCOUT_TARGET_FLAGS:-}"
 src=$(cd "$(dirname "$0")/.." && pwd)
 scout=$build/bin/scout
-load=$build/bench/serve_load
-[ -x "$load" ] || load=$build/bin/serve_load
+# load PORT: the agent sessions against the server on PORT; the report's JSON on stdout.
+load() {
+  "$scout" bench serve --base-url "http://127.0.0.1:$1" --sessions "$clients" --turn-tokens 64 --session-output-len 32 \
+    --session-length $((turns * 96)) --result-json "$work/load.json" > "$work/load.txt" 2>&1
+  cat "$work/load.json"
+}
 T=$src/models/scout-tiny-target
 D=$src/models/scout-tiny-draft
 work=$(mktemp -d)
@@ -32,12 +37,7 @@ cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
 trap 'cleanup; rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 source "$src/tests/server_lib.sh"
-prompt='# Next step of the agent: read the file, find the function, and fix the failing test.
-def parse(line):
-    key, value = line.split("=", 1)
-    return key.strip(), value.strip()
-'
-echo "cluster throughput ($device workers${SCOUT_TARGET_FLAGS:+, targets with $SCOUT_TARGET_FLAGS}): $(nproc) cores, $clients clients x ${seconds} s, agent sessions of 8 turns, 32 tokens a turn, draft k=4"
+echo "cluster throughput ($device workers${SCOUT_TARGET_FLAGS:+, targets with $SCOUT_TARGET_FLAGS}): $(nproc) cores, $clients agent sessions at once of $turns turns (64 new tokens + 32 generated a turn; scout bench serve), draft k=4"
 printf "%8s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
   "UCX MB w" "UCX MB r" "UCX GB/s"
 pin() {  # I COMMAND...: the I-th target process on cores 2I+2 and 2I+3 when there are 16 or more.
@@ -52,10 +52,9 @@ pin() {  # I COMMAND...: the I-th target process on cores 2I+2 and 2I+3 when the
 }
 row() {  # NAME LOAD_OUTPUT [CLUSTER_LINE]
   local out=$2 cluster=${3:-} tps errors t50 t99 i50 i99 mbw=- mbr=- gbs=-
-  tps=$(echo "$out" | grep -o "generated tokens [0-9]* ([0-9.]*/s)" | grep -o "([0-9.]*" | tr -d '(')
-  errors=$(echo "$out" | grep -o "errors [0-9]*" | grep -o "[0-9]*")
-  read -r t50 t99 <<< "$(echo "$out" | grep "time to first" | awk '{print $6, $12}')"
-  read -r i50 i99 <<< "$(echo "$out" | grep "inter-token" | awk '{print $4, $10}')"
+  read -r tps errors t50 t99 i50 i99 <<< "$(echo "$out" | python3 -c 'import json,sys
+d = json.load(sys.stdin)
+print("%.1f" % d["output_throughput"], d["failed"], *("%.1f" % d[k][q] for k in ("ttft", "itl") for q in ("median_ms", "p99_ms")))')"
   if [ -n "$cluster" ]; then
     mbw=$(echo "$cluster" | grep -o "[0-9.]* MB written" | grep -o "^[0-9.]*")
     mbr=$(echo "$cluster" | grep -o "[0-9.]* MB read" | grep -o "^[0-9.]*")
@@ -74,7 +73,7 @@ for _ in $(seq 1 100); do
   [ -n "$port" ] && break
   sleep 0.1
 done
-row serve "$("$load" --port "$port" --clients "$clients" --seconds "$seconds" --max-tokens 32 --session-turns 8 --prompt "$prompt")"
+row serve "$(load "$port")"
 cleanup
 wait 2>/dev/null
 for w in $counts; do
@@ -99,7 +98,7 @@ for w in $counts; do
     [ "$(grep -c " registered from " "$log")" -ge "$want" ] && break
     sleep 0.1
   done
-  out=$("$load" --port "$port" --clients "$clients" --seconds "$seconds" --max-tokens 32 --session-turns 8 --prompt "$prompt")
+  out=$(load "$port")
   kill -TERM "$coord"
   wait "$coord" 2>/dev/null
   row "$w" "$out" "$(grep "scout: cluster:" "$log")"
