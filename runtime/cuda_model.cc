@@ -1487,6 +1487,7 @@ absl::Status CudaModel::Replay(int graph) {
   if (graph < 0 || graph >= static_cast<int>(impl_->graphs.size())) {
     return absl::NotFoundError(absl::StrCat("no captured step ", graph));
   }
+  impl_->last_sampled_rows = 0;  // the replay overwrites the logits
   const Impl::Graph& g = *impl_->graphs[graph];
   SCOUT_RETURN_IF_CUDA(cudaSetDevice(impl_->device), "cudaSetDevice");
   if (g.generation != impl_->generation) {
