@@ -296,17 +296,7 @@ a3=(-H "Authorization: Bearer key-three")
 [ "$(curl -s -o /dev/null -w '%{http_code}' "${a1[@]}" "$base/tokenize" -d '{"prompt": "a"}')" = 200 ] || fail "/tokenize with a key"
 [ "$(curl -s "$base/health")" = "OK" ] || fail "/health behind the key"
 m=$(curl -s "$base/metrics"); grep -q "^scout_" <<< "$m" || fail "/metrics behind the key"
-k1=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 4, "temperature": 0, "session_id": "mine"}')
-echo "$k1" | grep -q '"cached_tokens":0' || fail "key one's first turn: $k1"
-curl -s "${a1[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key one does not see its session"
-curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"mine"' && fail "key two sees key one's session"
-[ "$(curl -s -o /dev/null -w '%{http_code}' "${a2[@]}" -X DELETE "$base/v1/sessions/mine")" = 404 ] || fail "key two deleted key one's session"
-k2=$(curl -s "${a2[@]}" "$base/v1/completions" -d '{"prompt": "x", "max_tokens": 2, "session_id": "mine"}')
-echo "$k2" | grep -q '"cached_tokens":0' || fail "key two continued key one's session: $k2"
-k1b=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "\n", "max_tokens": 2, "session_id": "mine"}')
-echo "$k1b" | grep -q '"cached_tokens":[1-9]' || fail "key one's session lost: $k1b"
-[ "$(curl -s -o /dev/null -w '%{http_code}' "${a1[@]}" -X DELETE "$base/v1/sessions/mine")" = 200 ] || fail "key one cannot delete its session"
-curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key two's own session gone with key one's"
+check_tenants key-one key-two
 [ "$(curl -s -o err.json -w '%{http_code}' "${a1[@]}" "$base/v1/completions" -d '{"prompt": "x", "session_id": "a/b"}')" = 400 ] \
   && grep -q '"param":"session_id"' err.json || fail "bad session id: $(cat err.json)"
 kill -TERM "$pid"

@@ -44,3 +44,21 @@ start_member() {
   eval "pid_$name=$!"
   pids+=("$!")
 }
+
+# check_tenants KEY1 KEY2: against $base, two keys' sessions are each their own: key one's session
+# "mine" is seen, continued and deleted by key one only; key two's "mine" is another session.
+# Needs fail().
+check_tenants() {
+  local a1=(-H "Authorization: Bearer $1") a2=(-H "Authorization: Bearer $2") k1 k2 k1b
+  k1=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "def f(x):\n", "max_tokens": 4, "temperature": 0, "session_id": "mine"}')
+  echo "$k1" | grep -q '"cached_tokens":0' || fail "key one's first turn: $k1"
+  curl -s "${a1[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key one does not see its session"
+  curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"mine"' && fail "key two sees key one's session"
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "${a2[@]}" -X DELETE "$base/v1/sessions/mine")" = 404 ] || fail "key two deleted key one's session"
+  k2=$(curl -s "${a2[@]}" "$base/v1/completions" -d '{"prompt": "x", "max_tokens": 2, "session_id": "mine"}')
+  echo "$k2" | grep -q '"cached_tokens":0' || fail "key two continued key one's session: $k2"
+  k1b=$(curl -s "${a1[@]}" "$base/v1/completions" -d '{"prompt": "\n", "max_tokens": 2, "session_id": "mine"}')
+  echo "$k1b" | grep -q '"cached_tokens":[1-9]' || fail "key one's session lost: $k1b"
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "${a1[@]}" -X DELETE "$base/v1/sessions/mine")" = 200 ] || fail "key one cannot delete its session"
+  curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key two's own session gone with key one's"
+}
