@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "bench/serve_bench.h"
 #include "cli/flags.h"
@@ -1115,6 +1116,15 @@ int Worker(int argc, char** argv) {
   }
   options.registration.set_id(id);
   options.registration.set_role(role == "target" ? scheduler::v1::ROLE_TARGET : scheduler::v1::ROLE_DRAFT);
+  options.on_assignment = [](const scheduler::v1::Assignment& a) {
+    if (!a.placed()) return;
+    if (a.serving()) {
+      std::fprintf(stderr, "scout: placement: serving on GPU(s) %s of this worker%s\n",
+                   absl::StrJoin(a.gpus(), ",").c_str(), a.draft().empty() ? "" : absl::StrCat(", draft ", a.draft()).c_str());
+    } else {
+      std::fprintf(stderr, "scout: placement: standing by (%s)\n", a.note().c_str());
+    }
+  };
   // What placement knows the worker by: its devices (the CPU counts as one), their class and
   // memory.
   const bool on_cpu = flags.Get("device") == "cpu" && !split;

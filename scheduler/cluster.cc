@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kvstore/block_table.h"
 #include "scheduler/placement.h"
 
@@ -112,6 +114,8 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
     refuse = absl::InvalidArgumentError(absl::StrCat("KV store ", r.id(), " registered without an address or unit size"));
   } else if (r.role() == v1::ROLE_UNSPECIFIED || !v1::Role_IsValid(r.role())) {
     refuse = absl::InvalidArgumentError(absl::StrCat("member ", r.id(), " registered without a role"));
+  } else {
+    refuse = CheckAgainstPlacement(r);
   }
   v1::Envelope reply;
   reply.set_call_id(m.call_id());
@@ -133,8 +137,10 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
     key->store(member.key);
     last_seen_[member.key] = absl::Now();
     std::fprintf(stderr, "scout: %s %s registered from %s\n", RoleName(r.role()), r.id().c_str(), channel.peer().c_str());
+    const uint64_t new_key = member.key;
     members_.push_back(std::move(member));
     Replace();
+    *reply.mutable_register_reply()->mutable_assignment() = AssignmentOf(new_key, r);
   } else {
     std::fprintf(stderr, "scout: refused a member from %s: %s\n", channel.peer().c_str(), refuse.ToString().c_str());
   }
@@ -175,8 +181,64 @@ void Coordinator::MarkDead(uint64_t key, const std::string& why) {
   if (channel) channel->Close();
 }
 
+absl::Status Coordinator::CheckAgainstPlacement(const v1::Register& r) const {
+  if (!options_.placement.has_value() || (r.role() != v1::ROLE_TARGET && r.role() != v1::ROLE_DRAFT)) {
+    return absl::OkStatus();
+  }
+  const ClusterConfig& c = *options_.placement;
+  const bool target = r.role() == v1::ROLE_TARGET;
+  if (target && r.num_gpus() != c.tensor_parallel_size) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "target worker ", r.id(), " runs on ", r.num_gpus(), " GPU(s) (--tensor-parallel-size ", r.num_gpus(),
+        "), but this cluster's placement makes target groups of ", c.tensor_parallel_size,
+        " (--cluster-config tensor_parallel_size): start it with --tensor-parallel-size ", c.tensor_parallel_size));
+  }
+  const std::vector<std::string>& own = target ? c.target_classes : c.draft_classes;
+  const std::vector<std::string>& other = target ? c.draft_classes : c.target_classes;
+  const bool listed = std::find(own.begin(), own.end(), r.gpu_class()) != own.end();
+  // A draft may share a target-class GPU when no draft-class one is usable (PlaceModels).
+  const bool shares = !target && std::find(other.begin(), other.end(), r.gpu_class()) != other.end();
+  if (!listed && !shares && (!own.empty() || !other.empty())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        RoleName(r.role()), " worker ", r.id(), " runs on ", r.gpu_class(), " (--gpu-class), a class this cluster's "
+        "placement does not use for ", RoleName(r.role()), "s (--cluster-config ", target ? "target" : "draft",
+        "_classes: [", absl::StrJoin(own, ", "), "])"));
+  }
+  return absl::OkStatus();
+}
+
+v1::Assignment Coordinator::AssignmentOf(uint64_t key, const v1::Register& r) const {
+  v1::Assignment a;
+  if (!options_.placement.has_value()) return a;
+  a.set_placed(true);
+  a.set_tensor_parallel_size(options_.placement->tensor_parallel_size);
+  if (auto it = serving_.find(key); it != serving_.end()) a.set_serving(it->second);
+  if (!placement_.has_value()) {
+    a.set_note(placement_notes_.empty() ? "no placement yet" : placement_notes_.back());
+    return a;
+  }
+  const Placement& p = *placement_;
+  for (size_t g = 0; g < p.target_groups.size() && r.role() == v1::ROLE_TARGET; ++g) {
+    if (p.target_groups[g].front().worker != r.id()) continue;
+    for (const GpuSlot& slot : p.target_groups[g]) a.add_gpus(slot.gpu);
+    if (!p.draft_replicas.empty()) a.set_draft(p.draft_replicas[g % p.draft_replicas.size()].worker);
+    break;
+  }
+  for (const GpuSlot& slot : p.draft_replicas) {
+    if (r.role() == v1::ROLE_DRAFT && slot.worker == r.id()) a.add_gpus(slot.gpu);
+  }
+  if (!a.serving()) {
+    for (const std::string& n : placement_notes_) {
+      if (absl::StrContains(n, r.id())) a.set_note(n);
+    }
+    if (a.note().empty()) a.set_note("standby: the placement has no slot for it now");
+  }
+  return a;
+}
+
 void Coordinator::Replace() {
   serving_.clear();
+  placement_.reset();
   if (!options_.placement.has_value()) return;  // every live worker serves
   std::vector<WorkerInfo> workers;
   for (const Member& m : members_) {
@@ -187,6 +249,7 @@ void Coordinator::Replace() {
   std::vector<std::string> notes;
   absl::StatusOr<Placement> p = PlaceModels(*options_.placement, workers);
   if (p.ok()) {
+    placement_ = *p;
     notes = p->notes;
     for (const Member& m : members_) {
       if (!m.alive) continue;

@@ -129,6 +129,12 @@ class Coordinator {
   absl::flat_hash_map<uint64_t, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
   ClusterCounters counters_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, bool> serving_ ABSL_GUARDED_BY(mu_);  // placement's choice per member
+  std::optional<Placement> placement_ ABSL_GUARDED_BY(mu_);  // the last one computed (with a config)
+  // A registering worker's contradictions of the placement config (its GPU count against the
+  // target groups' size, its GPU class against the classes listed for its role); OK if none.
+  absl::Status CheckAgainstPlacement(const v1::Register& r) const;
+  // What the placement makes of member `key` (mu_ held).
+  v1::Assignment AssignmentOf(uint64_t key, const v1::Register& r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<std::string> placement_notes_ ABSL_GUARDED_BY(mu_);
   absl::Notification stop_;
   std::thread monitor_;

@@ -485,11 +485,12 @@ TEST_F(ClusterTest, PlacementChoosesWhichRegisteredWorkersServe) {
   absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(
       "127.0.0.1", 0,
       {.target_fingerprint = ModelFingerprint(local_->config()), .heartbeat_interval = absl::Milliseconds(100),
-       .placement = ClusterConfig{.target_classes = {"H100"}, .draft_classes = {"L4"}, .drafts = false}});
+       .placement = ClusterConfig{.target_bytes_per_gpu = int64_t{40} << 30, .target_classes = {"H100"},
+                                  .draft_classes = {"L4"}, .drafts = false}});
   ASSERT_TRUE(c.ok());
   RemoteBackend remote(c->get(), v1::ROLE_TARGET, local_->config());
   std::vector<std::unique_ptr<Member>> workers;
-  for (auto [id, cls] : {std::pair{"small", "T4"}, std::pair{"big", "H100"}}) {
+  for (auto [id, cls] : {std::pair{"spare", "H100"}, std::pair{"big", "H100"}}) {
     absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
     ASSERT_TRUE(m.ok());
     auto member = std::make_unique<Member>();
@@ -500,6 +501,8 @@ TEST_F(ClusterTest, PlacementChoosesWhichRegisteredWorkersServe) {
     o.registration.set_role(v1::ROLE_TARGET);
     o.registration.set_gpu_class(cls);
     o.registration.set_num_gpus(1);
+    // The spare's GPU holds too little for the target (placement's memory rule): it stands by.
+    o.registration.set_gpu_memory_bytes(std::string(id) == "spare" ? 1 : int64_t{80} << 30);
     member->Run(o);
     workers.push_back(std::move(member));
   }
@@ -510,13 +513,68 @@ TEST_F(ClusterTest, PlacementChoosesWhichRegisteredWorkersServe) {
   }
   const std::vector<std::string> notes = (*c)->PlacementNotes();
   ASSERT_FALSE(notes.empty());
-  EXPECT_NE(notes.front().find("small"), std::string::npos) << notes.front();
+  EXPECT_NE(notes.front().find("spare"), std::string::npos) << notes.front();
   // Without a worker of a listed class, nothing serves: a clear error, not a hang.
   workers[1]->Stop();
   for (int i = 0; i < 100 && remote.Health().ok(); ++i) absl::SleepFor(absl::Milliseconds(20));
   EXPECT_EQ(remote.Health().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(remote.AddSequence(9).code(), absl::StatusCode::kUnavailable);
   for (auto& w : workers) w->Stop();
+}
+
+// Placement binds: a worker whose GPU count contradicts the target groups' size, or whose GPU
+// class the placement does not use for its role, is refused naming both sides; a placed worker
+// is told its GPUs in the group and the draft paired with it, a spare why it stands by.
+TEST_F(ClusterTest, PlacementBindsWhatWorkersAreToldAndRefusesContradictions) {
+  absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(
+      "127.0.0.1", 0,
+      {.target_fingerprint = ModelFingerprint(local_->config()), .heartbeat_interval = absl::Milliseconds(100),
+       .placement = ClusterConfig{.tensor_parallel_size = 2, .target_classes = {"H100"}, .draft_classes = {"L4"},
+                                  .drafts = false}});
+  ASSERT_TRUE(c.ok());
+  auto try_register = [&](const std::string& id, const std::string& cls, int gpus,
+                          v1::Assignment* told) -> absl::Status {
+    absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
+    if (!m.ok()) return m.status();
+    WorkerService service(std::move(*m));
+    absl::Notification stop, registered;
+    MemberOptions o{.registration = service.Describe(), .coordinator_host = "127.0.0.1", .coordinator_port = (*c)->port()};
+    o.registration.set_id(id);
+    o.registration.set_role(v1::ROLE_TARGET);
+    o.registration.set_gpu_class(cls);
+    o.registration.set_num_gpus(gpus);
+    o.registration.set_gpu_memory_bytes(int64_t{80} << 30);
+    o.on_assignment = [&](const v1::Assignment& a) {
+      if (told != nullptr) *told = a;
+      if (!registered.HasBeenNotified()) registered.Notify();
+    };
+    absl::Status result;
+    std::thread t([&] {
+      result = RunClusterMember(o, [&](const v1::BackendRequest& r) { return service.Handle(r); }, nullptr, nullptr, &stop);
+      if (!registered.HasBeenNotified()) registered.Notify();
+    });
+    registered.WaitForNotificationWithTimeout(absl::Seconds(10));
+    stop.Notify();
+    t.join();
+    return result;
+  };
+  absl::Status one_gpu = try_register("narrow", "H100", 1, nullptr);
+  EXPECT_EQ(one_gpu.code(), absl::StatusCode::kFailedPrecondition) << one_gpu;
+  for (const char* want : {"narrow", "runs on 1 GPU", "target groups of 2", "--tensor-parallel-size 2"}) {
+    EXPECT_NE(one_gpu.message().find(want), std::string::npos) << want << " in " << one_gpu;
+  }
+  absl::Status t4 = try_register("old", "T4", 2, nullptr);
+  EXPECT_EQ(t4.code(), absl::StatusCode::kFailedPrecondition) << t4;
+  for (const char* want : {"old", "T4", "target_classes: [H100]"}) {
+    EXPECT_NE(t4.message().find(want), std::string::npos) << want << " in " << t4;
+  }
+  v1::Assignment told;
+  absl::Status pair = try_register("pair", "H100", 2, &told);
+  EXPECT_TRUE(pair.ok()) << pair;
+  EXPECT_TRUE(told.placed());
+  EXPECT_TRUE(told.serving());
+  EXPECT_EQ(told.tensor_parallel_size(), 2);
+  EXPECT_EQ(std::vector<int>(told.gpus().begin(), told.gpus().end()), (std::vector<int>{0, 1}));
 }
 
 TEST_F(ClusterTest, AWorkerOfAnotherModelIsRefusedByName) {

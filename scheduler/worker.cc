@@ -640,6 +640,16 @@ absl::Status RunClusterMember(const MemberOptions& options,
     }
     std::fprintf(stderr, "scout: registered with the coordinator at %s:%d as %s\n", options.coordinator_host.c_str(),
                  options.coordinator_port, options.registration.id().c_str());
+    const v1::Assignment& assignment = ack->register_reply().assignment();
+    if (assignment.placed() && options.registration.role() == v1::ROLE_TARGET &&
+        assignment.tensor_parallel_size() != options.registration.num_gpus()) {
+      // The coordinator refuses this itself; a coordinator of an older build may not.
+      (*ch)->Close();
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the coordinator's placement makes target groups of ", assignment.tensor_parallel_size(),
+          " GPUs; this worker runs on ", options.registration.num_gpus(), " (--tensor-parallel-size)"));
+    }
+    if (options.on_assignment) options.on_assignment(assignment);
     announced_wait = false;
     const absl::Duration interval = absl::Milliseconds(std::max<uint32_t>(10, ack->register_reply().heartbeat_interval_ms()));
     v1::Heartbeat last;

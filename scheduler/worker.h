@@ -134,6 +134,9 @@ struct MemberOptions {
   int coordinator_port = 0;
   absl::Duration reconnect_interval = absl::Milliseconds(500);
   absl::Duration connect_timeout = absl::Seconds(5);
+  // Called with what the coordinator's placement made of this member at each registration (its
+  // GPUs in a target group and the draft paired with it, or why it stands by).
+  std::function<void(const v1::Assignment&)> on_assignment;
 };
 
 // Connects to the coordinator, registers and sends heartbeats at the interval it asks for;
