@@ -7,6 +7,7 @@
 # (the "serve" row, the baseline). The machine's cores bound the scaling here: the table says how
 # many there are.
 # usage: bench/cluster_throughput.sh BUILD_DIR [SESSIONS] [TURNS] [WORKER_COUNTS]
+# Rows: "N x serve" (N independent single-process servers, the baseline) then N target groups.
 # SESSIONS agent sessions at once, each TURNS turns of 64 new tokens and 32 generated.
 # SCOUT_CLUSTER_DEVICE=cuda puts the model workers on the GPU. On 16 cores or more, each CPU
 # target worker (and the single-process baseline) gets 2 cores of its own (taskset, 2 OpenBLAS
@@ -38,7 +39,7 @@ trap 'cleanup; rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 source "$src/tests/server_lib.sh"
 echo "cluster throughput ($device workers${SCOUT_TARGET_FLAGS:+, targets with $SCOUT_TARGET_FLAGS}): $(nproc) cores, $clients agent sessions at once of $turns turns (64 new tokens + 32 generated a turn; scout bench serve), draft k=4"
-printf "%8s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
+printf "%10s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
   "UCX MB w" "UCX MB r" "UCX GB/s"
 pin() {  # I COMMAND...: the I-th target process on cores 2I+2 and 2I+3 when there are 16 or more.
   # Run with & : exec makes the background job the command itself, so its pid can be killed.
@@ -61,21 +62,53 @@ print("%.1f" % d["output_throughput"], d["failed"], *("%.1f" % d[k][q] for k in 
     secs=$(echo "$cluster" | grep -o "in [0-9.]* s" | grep -o "[0-9.]*")
     gbs=$(python3 -c "print(f'{($mbw + $mbr) / 1e3 / max($secs, 1e-9):.2f}')")
   fi
-  printf "%8s | %10s | %6s ms %6s ms | %6s ms %6s ms | %10s %10s %9s   errors %s\n" "$1" "$tps" "$t50" "$t99" "$i50" \
+  printf "%10s | %10s | %6s ms %6s ms | %6s ms %6s ms | %10s %10s %9s   errors %s\n" "$1" "$tps" "$t50" "$t99" "$i50" \
     "$i99" "$mbw" "$mbr" "$gbs" "$errors"
 }
-# The baseline: one process with both models.
-log=$work/serve.err
-pin 1 "$scout" serve --model "$T" --draft "$D" --device "$device" --host 127.0.0.1 --port 0 --max-num-seqs 64 2> "$log" &
-pids+=("$!")
-for _ in $(seq 1 100); do
-  port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
-  [ -n "$port" ] && break
-  sleep 0.1
+# The baselines: N independent `scout serve` processes with both models, each on the cores (or
+# GPU) the N-th target worker gets below, the sessions split among them; tokens/s summed, TTFT
+# over every request, ITL the worst p99 and the mean median.
+serve_baseline() {
+  local n=$1 ports=() loads=() i per
+  per=$(( (clients + n - 1) / n ))
+  for i in $(seq 1 "$n"); do
+    local log=$work/serve$i.err dev=$device
+    [ "$device" = cpu ] || dev=cuda:$((i - 1))
+    pin "$i" "$scout" serve --model "$T" --draft "$D" --device "$dev" --host 127.0.0.1 --port 0 --max-num-seqs 64 \
+      > /dev/null 2> "$log" &
+    pids+=("$!")
+    for _ in $(seq 1 300); do
+      port=$(grep -o "http://127.0.0.1:[0-9]*" "$log" | grep -o "[0-9]*$")
+      [ -n "$port" ] && break
+      sleep 0.1
+    done
+    ports+=("$port")
+  done
+  for i in $(seq 1 "$n"); do
+    "$scout" bench serve --base-url "http://127.0.0.1:${ports[$((i - 1))]}" --sessions "$per" --turn-tokens 64 \
+      --session-output-len 32 --session-length $((turns * 96)) --seed "$i" --result-json "$work/base$i.json" \
+      > "$work/base$i.txt" 2>&1 &
+    loads+=("$!")
+  done
+  wait "${loads[@]}" 2>/dev/null
+  python3 - "$work"/base*.json <<'PY'
+import json, sys
+runs = [json.load(open(f)) for f in sys.argv[1:]]
+ttft = sorted(r["ttft_ms"] for d in runs for r in d["requests"] if r["ok"])
+pct = lambda v, q: v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))] if v else float("nan")
+print(json.dumps({"output_throughput": sum(d["output_throughput"] for d in runs), "failed": sum(d["failed"] for d in runs),
+                  "ttft": {"median_ms": pct(ttft, 0.5), "p99_ms": pct(ttft, 0.99)},
+                  "itl": {"median_ms": sum(d["itl"]["median_ms"] for d in runs) / len(runs),
+                          "p99_ms": max(d["itl"]["p99_ms"] for d in runs)}}))
+PY
+  rm -f "$work"/base*.json
+}
+for w in $counts; do
+  row "$w x serve" "$(serve_baseline "$w")"
+  cleanup
+  wait 2>/dev/null
+  pids=()
 done
-row serve "$(load "$port")"
-cleanup
-wait 2>/dev/null
 for w in $counts; do
   pids=()
   log=$work/coord-$w.err
@@ -101,7 +134,7 @@ for w in $counts; do
   out=$(load "$port")
   kill -TERM "$coord"
   wait "$coord" 2>/dev/null
-  row "$w" "$out" "$(grep "scout: cluster:" "$log")"
+  row "$w groups" "$out" "$(grep "scout: cluster:" "$log")"
   grep -o "waited .*" "$log" | sed 's/^/           coordinator /' 
   cleanup
   wait 2>/dev/null
