@@ -153,6 +153,9 @@ class ModelBackend {
   virtual absl::Status LastLogitRows(std::span<const int64_t> rows, std::vector<float>* out) const {
     return absl::UnimplementedError("this backend does not keep a pass's logits (logprobs)");
   }
+  // Whether LastLogitRows works after ForwardSampled (backends that sample on the host return
+  // logits from every pass anyway).
+  virtual bool keeps_logit_rows() const { return false; }
 };
 
 }  // namespace scout::runtime

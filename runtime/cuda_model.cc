@@ -163,10 +163,11 @@ struct CudaModel::Impl {
   static constexpr uint64_t kSegmentStepBit = uint64_t{1} << 63;
   DeviceBuffer seg_out, seg_acc, seg_acc_lse;
   cudaEvent_t fetch_done = nullptr;  // a segmented step's partial-block fetch has run
-  // Waits for the slot's segment and unpins its units.
-  absl::Status ReleaseSegment(SegmentSlot& slot) {
+  // Waits for the slot's segment and unpins its units (wait = false: the caller has synchronised
+  // the streams already, as the error path has; the pins go whatever the event says).
+  absl::Status ReleaseSegment(SegmentSlot& slot, bool wait = true) {
     if (slot.step == 0) return absl::OkStatus();
-    SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(slot.done), "segment wait");
+    if (wait) SCOUT_RETURN_IF_CUDA(cudaEventSynchronize(slot.done), "segment wait");
     caches[slot.layer]->ReleaseStep(slot.step);
     slot.step = 0;
     return absl::OkStatus();
@@ -1185,7 +1186,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
     cudaStreamSynchronize(stream);
     cudaStreamSynchronize(copier->stream());
     for (auto& cache : caches) cache->ReleaseStep(step_id);
-    for (SegmentSlot& slot : segment_slots) ReleaseSegment(slot).IgnoreError();
+    for (SegmentSlot& slot : segment_slots) ReleaseSegment(slot, /*wait=*/false).IgnoreError();
     step_pending = false;
     for (size_t i = 0; i < batch.size(); ++i) {
       for (auto& cache : caches) cache->EraseSession(batch[i].seq).IgnoreError();

@@ -165,6 +165,7 @@ class CudaModel final : public ModelBackend {
   absl::Status ForwardSampled(std::span<const SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
                               std::vector<int32_t>* tokens) override;
   absl::Status LastLogitRows(std::span<const int64_t> rows, std::vector<float>* out) const override;
+  bool keeps_logit_rows() const override { return true; }
   bool host_tier() const;
   // bf16 units: from the GPU pool, or with the host tier from the host store (after the last
   // step's flush). A tensor-parallel shard holds only its KV heads: Unimplemented there.

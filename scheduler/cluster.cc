@@ -193,12 +193,11 @@ absl::Status Coordinator::CheckAgainstPlacement(const v1::Register& r) const {
         "), but this cluster's placement makes target groups of ", c.tensor_parallel_size,
         " (--cluster-config tensor_parallel_size): start it with --tensor-parallel-size ", c.tensor_parallel_size));
   }
+  // (PlaceModels lends drafts only the spare GPUs of target workers, which a worker holding
+  // exactly one group does not have: a draft worker of a target class would never be placed.)
   const std::vector<std::string>& own = target ? c.target_classes : c.draft_classes;
-  const std::vector<std::string>& other = target ? c.draft_classes : c.target_classes;
   const bool listed = std::find(own.begin(), own.end(), r.gpu_class()) != own.end();
-  // A draft may share a target-class GPU when no draft-class one is usable (PlaceModels).
-  const bool shares = !target && std::find(other.begin(), other.end(), r.gpu_class()) != other.end();
-  if (!listed && !shares && (!own.empty() || !other.empty())) {
+  if (!listed && !own.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         RoleName(r.role()), " worker ", r.id(), " runs on ", r.gpu_class(), " (--gpu-class), a class this cluster's "
         "placement does not use for ", RoleName(r.role()), "s (--cluster-config ", target ? "target" : "draft",

@@ -145,6 +145,12 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
         "presence_penalty, frequency_penalty and repetition_penalty are not supported with speculative decoding (a "
         "server with --draft) yet: verification does not apply them");
   }
+  if ((req.logprobs.has_value() || req.penalties.any()) && model_->samples_on_device() &&
+      !model_->keeps_logit_rows()) {
+    return absl::InvalidArgumentError(
+        "logprobs and the penalties are not supported by this server's model backend yet (a cluster of GPU workers "
+        "samples on the workers and keeps no logit rows)");
+  }
   if (req.logprobs.has_value() && draft_ != nullptr) {
     return absl::InvalidArgumentError(
         "logprobs are not supported with speculative decoding (a server with --draft) yet: the rounds do not keep the "
@@ -518,6 +524,11 @@ bool Engine::TakeToken(Request& r, const ChunkOutputs& out, size_t row) {
       fetched.assign(out.logits.begin() + row * vocab, out.logits.begin() + (row + 1) * vocab);
     }
     logits = fetched.empty() ? std::span<const float>(out.logits).subspan(row * vocab, vocab) : fetched;
+    std::vector<float> raw;  // logprobs are of the model's distribution after temperature, before penalties
+    if (penalized && r.req.logprobs.has_value()) {
+      raw.assign(logits.begin(), logits.end());
+      logits = raw;
+    }
     if (penalized) {
       // The request's own sampler draws from the penalised row, on the host: its draws depend on
       // its seed and its tokens alone, whatever the batch.
@@ -568,8 +579,10 @@ void Engine::DecodeStep(std::vector<Request*>& running, const std::vector<Reques
     for (Request* r : prefilling) {
       prompts.push_back({.start = r->earlier + r->prefilled, .left = static_cast<int64_t>(r->ids.size()) - r->prefilled});
     }
-    const std::vector<int64_t> plan =
-        pacer_.Plan(prompts, options_.max_num_batched_tokens - static_cast<int64_t>(running.size()));
+    // The decoders' tokens count against the bound, but prompts always move a little.
+    const std::vector<int64_t> plan = pacer_.Plan(
+        prompts, std::max<int64_t>(options_.max_num_batched_tokens - static_cast<int64_t>(running.size()),
+                                   PrefillPacer::kMinChunk));
     for (size_t i = 0; i < plan.size(); ++i) {
       if (plan[i] <= 0) continue;
       chunked.push_back(prefilling[i]);
@@ -771,17 +784,11 @@ bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogp
     r.result.logprobs.push_back(*logprobs);
     r.pending_logprobs.push_back(*std::move(logprobs));
   }
-  // The logprobs of tokens whose text never comes (EOS, a stop string's) go out as a last piece.
-  auto flush_logprobs = [&r, this] {
-    if (r.pending_logprobs.empty()) return;
-    absl::MutexLock lock(&mu_);
-    r.outbox.push_back({.text = "", .logprobs = std::move(r.pending_logprobs)});
-    r.pending_logprobs.clear();
-  };
+  // The logprobs of tokens whose text is held back (an unfinished character, a possible stop
+  // string, EOS) go out with the next piece of text, or with the tail Finish sends.
   const std::vector<int32_t> eos = tokenizer_->eos_ids();
   if (!r.req.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
     r.result.finish_reason = "stop";
-    flush_logprobs();
     return false;
   }
   // Byte-level BPE tokens can end inside a UTF-8 character: text is released only whole.
@@ -814,9 +821,7 @@ bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogp
     r.outbox.push_back({.text = std::move(out), .logprobs = std::move(r.pending_logprobs)});
     r.pending_logprobs.clear();
   }
-  const bool more = !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
-  if (!more) flush_logprobs();
-  return more;
+  return !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
 }
 
 void Engine::UpdateKvMetrics() {

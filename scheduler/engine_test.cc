@@ -204,6 +204,38 @@ TEST(EngineTest, LongPromptPrefillInterleavesWithDecoding) {
   }
 }
 
+// Regression: with at least max_num_batched_tokens requests decoding, a new prompt still moves
+// (at least PrefillPacer::kMinChunk tokens a step) instead of waiting for them all to finish.
+TEST(EngineTest, APromptMovesWhileMoreRequestsDecodeThanTheTokenBound) {
+  monitoring::ServerMetrics metrics;
+  auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
+  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(model.ok() && tok.ok());
+  Engine engine(std::move(*model), nullptr, std::move(*tok), &metrics,
+                EngineOptions{.max_num_seqs = 8, .max_num_batched_tokens = 2});
+  std::atomic<int> pieces{0}, finished{0};
+  std::vector<std::thread> decoders;
+  for (int i = 0; i < 3; ++i) {
+    decoders.emplace_back([&, i] {
+      auto r = engine.Complete({.prompt = "import os" + std::to_string(i) + "\n", .max_tokens = 800, .ignore_eos = true},
+                               [&](absl::string_view, std::span<const runtime::TokenLogprobs>) {
+                                 ++pieces;
+                                 return true;
+                               });
+      EXPECT_TRUE(r.ok()) << r.status();
+      ++finished;
+    });
+  }
+  while (pieces.load() < 60) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::string prompt;
+  while (prompt.size() < 200) prompt += "def g(y):\n    return y\n";
+  auto r = engine.Complete({.prompt = prompt, .max_tokens = 2, .ignore_eos = true});
+  const int done_before = finished.load();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(done_before, 0) << "the prompt waited for the decoders to finish";
+  for (std::thread& t : decoders) t.join();
+}
+
 // Admission by KV budget: with a pool of 16 blocks, two requests that may reach 10 blocks each
 // run one after the other instead of failing halfway; one that can never fit is refused at once.
 TEST(EngineTest, KvBudgetAdmissionQueuesWhatDoesNotFit) {
