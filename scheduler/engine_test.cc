@@ -106,9 +106,16 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   auto engine = MakeEngine(&metrics);
   const std::vector<std::string> prompts = {"import os\n", "def f(x):\n    return", "class A:\n    def ",
                                             "for i in range(", "# comment\nx = ", "while True:\n    "};
+  // The last two sample with seeds: a seeded request gives the same text whatever is batched
+  // with it.
+  auto request = [&](size_t i) {
+    CompletionRequest r{.prompt = prompts[i], .max_tokens = 24};
+    if (i + 2 >= prompts.size()) r.sampling = {.temperature = 0.9f, .top_p = 0.95f, .seed = 3 + i};
+    return r;
+  };
   std::vector<std::string> alone;
-  for (const std::string& p : prompts) {
-    auto r = engine->Complete({.prompt = p, .max_tokens = 24});
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto r = engine->Complete(request(i));
     ASSERT_TRUE(r.ok()) << r.status();
     alone.push_back(r->text);
   }
@@ -117,7 +124,7 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   std::vector<std::thread> threads;
   for (size_t i = 0; i < prompts.size(); ++i) {
     threads.emplace_back([&, i] {
-      auto r = engine->Complete({.prompt = prompts[i], .max_tokens = 24});
+      auto r = engine->Complete(request(i));
       together[i] = r.ok() ? r->text : std::string(r.status().message());
     });
   }
