@@ -141,10 +141,21 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
     members_.push_back(std::move(member));
     Replace();
     *reply.mutable_register_reply()->mutable_assignment() = AssignmentOf(new_key, r);
+    members_.back().told = reply.register_reply().assignment().SerializeAsString();
   } else {
     std::fprintf(stderr, "scout: refused a member from %s: %s\n", channel.peer().c_str(), refuse.ToString().c_str());
   }
   (void)channel.Send(std::move(reply));
+  FlushAssignments();
+}
+
+void Coordinator::FlushAssignments() {
+  std::vector<std::pair<std::shared_ptr<rpc::Channel>, v1::Envelope>> pushes;
+  {
+    absl::MutexLock lock(&mu_);
+    pushes.swap(assignment_pushes_);
+  }
+  for (auto& [channel, message] : pushes) (void)channel->Send(std::move(message));
 }
 
 void Coordinator::Monitor() {
@@ -178,6 +189,7 @@ void Coordinator::MarkDead(uint64_t key, const std::string& why) {
       Replace();
     }
   }
+  FlushAssignments();
   if (channel) channel->Close();
 }
 
@@ -271,6 +283,16 @@ void Coordinator::Replace() {
     for (const std::string& n : notes) std::fprintf(stderr, "scout: placement: %s\n", n.c_str());
   }
   placement_notes_ = std::move(notes);
+  // Workers told an assignment before hear of a change (a standby given a group, a new draft).
+  for (Member& m : members_) {
+    if (!m.alive || m.told.empty() || m.channel == nullptr) continue;
+    v1::Envelope e;
+    *e.mutable_assignment() = AssignmentOf(m.key, m.info);
+    std::string now = e.assignment().SerializeAsString();
+    if (now == m.told) continue;
+    m.told = std::move(now);
+    assignment_pushes_.emplace_back(m.channel, std::move(e));
+  }
 }
 
 bool Coordinator::Serving(uint64_t key) const {

@@ -88,6 +88,7 @@ class Coordinator {
     std::string why_dead;
     v1::Heartbeat last;
     std::shared_ptr<rpc::Channel> channel;
+    std::string told;  // the assignment it was last sent (serialized; empty: not yet told)
   };
   // Snapshot of the members of a role, live and dead, in registration order.
   std::vector<Member> Members(v1::Role role) const;
@@ -135,6 +136,10 @@ class Coordinator {
   absl::Status CheckAgainstPlacement(const v1::Register& r) const;
   // What the placement makes of member `key` (mu_ held).
   v1::Assignment AssignmentOf(uint64_t key, const v1::Register& r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replace queues a message to every worker whose assignment changed; sent by FlushAssignments
+  // outside mu_ (a send blocks on the peer).
+  std::vector<std::pair<std::shared_ptr<rpc::Channel>, v1::Envelope>> assignment_pushes_ ABSL_GUARDED_BY(mu_);
+  void FlushAssignments() ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<std::string> placement_notes_ ABSL_GUARDED_BY(mu_);
   absl::Notification stop_;
   std::thread monitor_;

@@ -577,6 +577,63 @@ TEST_F(ClusterTest, PlacementBindsWhatWorkersAreToldAndRefusesContradictions) {
   EXPECT_EQ(std::vector<int>(told.gpus().begin(), told.gpus().end()), (std::vector<int>{0, 1}));
 }
 
+// A placed worker hears when its assignment changes: a target that registered before any draft
+// stood by (no draft replica, no placement); once a draft registers it is told it serves, with
+// that draft; when the draft dies, it is told it stands by again.
+TEST_F(ClusterTest, WorkersAreToldWhenThePlacementChangesThem) {
+  const std::string fp = ModelFingerprint(local_->config());
+  absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(
+      "127.0.0.1", 0,
+      {.target_fingerprint = fp, .draft_fingerprint = fp, .heartbeat_interval = absl::Milliseconds(100),
+       .placement = ClusterConfig{.target_classes = {"H100"}, .draft_classes = {"L4"}}});
+  ASSERT_TRUE(c.ok());
+  absl::Mutex mu;
+  std::vector<v1::Assignment> heard;
+  auto member = [&](const std::string& id, v1::Role role, const std::string& cls, bool listen) {
+    absl::StatusOr<std::unique_ptr<CpuModel>> m = CpuModel::Load(dir_);
+    EXPECT_TRUE(m.ok());
+    auto w = std::make_unique<Member>();
+    w->service = std::make_unique<WorkerService>(std::move(*m));
+    MemberOptions o{.registration = w->service->Describe(), .coordinator_host = "127.0.0.1",
+                    .coordinator_port = (*c)->port()};
+    o.registration.set_id(id);
+    o.registration.set_role(role);
+    o.registration.set_gpu_class(cls);
+    o.registration.set_num_gpus(1);
+    o.registration.set_gpu_memory_bytes(int64_t{80} << 30);
+    if (listen) {
+      o.on_assignment = [&](const v1::Assignment& a) {
+        absl::MutexLock lock(&mu);
+        heard.push_back(a);
+      };
+    }
+    w->Run(o);
+    return w;
+  };
+  auto last = [&]() {
+    absl::MutexLock lock(&mu);
+    return heard.empty() ? v1::Assignment() : heard.back();
+  };
+  auto wait_for = [&](bool serving) {
+    for (int i = 0; i < 200 && !(last().placed() && last().serving() == serving); ++i) absl::SleepFor(absl::Milliseconds(20));
+    return last();
+  };
+  std::unique_ptr<Member> target = member("t", v1::ROLE_TARGET, "H100", true);
+  v1::Assignment a = wait_for(false);
+  EXPECT_TRUE(a.placed());
+  EXPECT_FALSE(a.serving());
+  EXPECT_FALSE(a.note().empty());
+  std::unique_ptr<Member> draft = member("d", v1::ROLE_DRAFT, "L4", false);
+  a = wait_for(true);
+  EXPECT_TRUE(a.serving()) << a.note();
+  EXPECT_EQ(a.draft(), "d");
+  EXPECT_EQ(std::vector<int>(a.gpus().begin(), a.gpus().end()), std::vector<int>{0});
+  draft->Stop();
+  a = wait_for(false);
+  EXPECT_FALSE(a.serving());
+  target->Stop();
+}
+
 TEST_F(ClusterTest, AWorkerOfAnotherModelIsRefusedByName) {
   auto other = runtime::testing::TinyConfig();
   other.num_hidden_layers = 3;

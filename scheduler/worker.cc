@@ -602,7 +602,11 @@ absl::Status RunClusterMember(const MemberOptions& options,
     auto closed = std::make_shared<absl::Notification>();
     absl::StatusOr<std::shared_ptr<rpc::Channel>> ch = rpc::Channel::Connect(
         options.coordinator_host, options.coordinator_port, options.connect_timeout,
-        [&serve, &serve_mu, &after_reply](rpc::Channel& c, v1::Envelope m) {
+        [&serve, &serve_mu, &after_reply, &options](rpc::Channel& c, v1::Envelope m) {
+          if (m.body_case() == v1::Envelope::kAssignment) {  // the placement changed
+            if (options.on_assignment) options.on_assignment(m.assignment());
+            return;
+          }
           if (m.body_case() != v1::Envelope::kRequest) return;
           v1::Envelope out;
           out.set_call_id(m.call_id());

@@ -135,7 +135,8 @@ struct MemberOptions {
   absl::Duration reconnect_interval = absl::Milliseconds(500);
   absl::Duration connect_timeout = absl::Seconds(5);
   // Called with what the coordinator's placement made of this member at each registration (its
-  // GPUs in a target group and the draft paired with it, or why it stands by).
+  // GPUs in a target group and the draft paired with it, or why it stands by), and again from the
+  // connection's thread whenever the placement changes it.
   std::function<void(const v1::Assignment&)> on_assignment;
 };
 
