@@ -161,6 +161,16 @@ grep -q "Successful requests: *8" bench.txt && grep -q "Request goodput" bench.t
 [ "$(py 'd["completed"], d["failed"], all(r["cached_tokens"] > 0 for r in d["requests"] if r["turn"] > 0)' < sessions.json)" \
   = "8 0 True" ] || fail "bench serve sessions JSON: $(head -c 600 sessions.json)"
 [ "$(curl -s "$base/v1/sessions" | py 'len(d["data"])')" = 0 ] || fail "bench serve left its sessions: $(curl -s "$base/v1/sessions")"
+printf '{"prompt": "def f(x):", "max_tokens": 3}\n\n{"prompt": [256, 105, 109], "max_tokens": 5}\n' > prompts.jsonl
+"$scout" bench serve --base-url "$base" --dataset-path prompts.jsonl --num-prompts 3 --endpoint /v1/completions \
+  --result-json dataset.json > dataset.txt 2>&1 || fail "bench serve dataset: $(cat dataset.txt)"
+[ "$(py 'd["completed"], d["total_output_tokens"]' < dataset.json)" = "3 11" ] || fail "bench serve dataset JSON: $(head -c 400 dataset.json)"
+"$scout" bench serve --base-url "$base" --endpoint /v1/chat/completions --num-prompts 2 --random-input-len 16 \
+  --random-output-len 4 --result-json chat.json > chat.txt 2>&1 || fail "bench serve chat: $(cat chat.txt)"
+[ "$(py 'd["completed"], d["total_output_tokens"]' < chat.json)" = "2 8" ] || fail "bench serve chat JSON: $(head -c 400 chat.json)"
+echo '{"no prompt": 1}' > bad.jsonl
+"$scout" bench serve --base-url "$base" --dataset-path bad.jsonl > bad.txt 2>&1 && fail "a dataset line without a prompt was accepted"
+grep -q 'bad.jsonl:1' bad.txt || fail "bad dataset error: $(cat bad.txt)"
 
 # A client that goes away mid-stream cancels its request; two clients at once both finish.
 curl -sN --max-time 0.3 "$base/v1/completions" -d '{"prompt": "a", "max_tokens": 4000, "stream": true, "ignore_eos": true}' >/dev/null 2>&1
