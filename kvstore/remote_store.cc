@@ -57,6 +57,21 @@ struct ReplyHeader {
   uint64_t length = 0;
 };
 
+// Version 1, before the prefix (builds up to 40763e2): recognised only to tell such a client,
+// in the reply layout it reads, that this node speaks another version.
+struct V1RequestHeader {
+  uint32_t op = 0;  // 1 (put) to 6 (patch)
+  uint32_t count = 0;
+  uint64_t id = 0;
+  int64_t session = 0;
+};
+struct V1ReplyHeader {
+  uint64_t id = 0;
+  int32_t code = 0;
+  uint32_t pad = 0;
+  uint64_t length = 0;
+};
+
 // A unit key on the wire (fixed layout, both ends of one build).
 struct WireKey {
   int64_t session = 0;
@@ -206,6 +221,7 @@ struct KvStoreServer::Impl {
   struct Job {
     ucp_ep_h reply_ep = nullptr;
     bool other_version = false;  // a client of another wire version: refused
+    bool v1 = false;             // ... of version 1: answered in its own reply layout
     RequestHeader header;
     std::vector<std::byte> payload;
     bool ready = false;
@@ -270,7 +286,20 @@ struct KvStoreServer::Impl {
       return UCS_OK;  // not ours: dropped
     }
     std::memcpy(&prefix, header, sizeof(prefix));
-    if (prefix.magic != kWireMagic) return UCS_OK;
+    if (prefix.magic != kWireMagic) {
+      V1RequestHeader v1;
+      if (header_length != sizeof(v1)) return UCS_OK;  // not ours: dropped
+      std::memcpy(&v1, header, sizeof(v1));
+      if (v1.op < kPut || v1.op > kPatch) return UCS_OK;
+      auto job = std::make_unique<Job>();
+      job->header.prefix = {.magic = 0, .version = 1, .id = v1.id};
+      job->other_version = true;
+      job->v1 = true;
+      job->reply_ep = param->reply_ep;
+      job->ready = true;
+      self->jobs.push_back(std::move(job));
+      return UCS_OK;
+    }
     auto job = std::make_unique<Job>();
     if (prefix.version != self->wire_version || header_length != sizeof(RequestHeader)) {
       // Another version: answered with an error naming both, its payload left unread.
@@ -302,6 +331,27 @@ struct KvStoreServer::Impl {
     }
     self->jobs.push_back(std::move(job));
     return UCS_OK;
+  }
+
+  // A version-1 client's refusal, in the reply layout it reads.
+  void SendV1(ucp_ep_h ep, uint64_t id, const absl::Status& status) {
+    struct V1Reply {
+      V1ReplyHeader header;
+      std::string message;
+    };
+    auto* reply = new V1Reply{.header = {.id = id, .code = static_cast<int32_t>(status.code())},
+                              .message = std::string(status.message())};
+    reply->header.length = reply->message.size();
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = [](void* request, ucs_status_t, void* user_data) {
+      delete static_cast<V1Reply*>(user_data);
+      ucp_request_free(request);
+    };
+    p.user_data = reply;
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep, kReplyAm, &reply->header, sizeof(V1ReplyHeader), reply->message.data(),
+                                         reply->message.size(), &p);
+    if (r == nullptr || UCS_PTR_IS_ERR(r)) delete reply;
   }
 
   void Send(ucp_ep_h ep, uint64_t id, const absl::Status& status, std::vector<Unit> out) {
@@ -479,6 +529,10 @@ struct KvStoreServer::Impl {
                       "this KV store speaks KV wire version ", wire_version, " and the client version ",
                       job->header.prefix.version, ": run one Scout version across the cluster"))
                 : Process(*job);
+        if (job->v1) {
+          SendV1(job->reply_ep, job->header.prefix.id, out.status());
+          continue;
+        }
         Send(job->reply_ep, job->header.prefix.id, out.status(), out.ok() ? std::move(*out) : std::vector<Unit>());
       }
       if (!failed.empty()) CloseFailed();

@@ -4,6 +4,8 @@
 
 #include "kvstore/remote_tier.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "ucp/api/ucp.h"
 #include "gtest/gtest.h"
 
 namespace scout::kvstore {
@@ -321,6 +324,89 @@ TEST(RemoteStoreTest, PeersOfAnotherWireVersionAreRefusedByName) {
   EXPECT_EQ(behind.status().code(), absl::StatusCode::kFailedPrecondition) << behind.status();
   EXPECT_NE(behind.status().message().find(absl::StrCat("speaks KV wire version ", newer)), std::string::npos)
       << behind.status();
+}
+
+// A client of wire version 1 (before the version prefix), in raw UCX as that build sent it: its
+// ping ({op, count, id, session}) is answered in the reply layout it reads ({id, code, pad,
+// length}), with FailedPrecondition naming both versions, instead of being dropped to time out.
+TEST(RemoteStoreTest, AVersionOneClientIsToldTheVersionInItsOwnLayout) {
+  absl::StatusOr<std::unique_ptr<KvStoreServer>> server = KvStoreServer::Start("127.0.0.1", 0, 64, 10);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM;
+  ucp_config_t* config = nullptr;
+  ASSERT_EQ(ucp_config_read(nullptr, nullptr, &config), UCS_OK);
+  ucp_context_h context = nullptr;
+  ASSERT_EQ(ucp_init(&params, config, &context), UCS_OK);
+  ucp_config_release(config);
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  ucp_worker_h worker = nullptr;
+  ASSERT_EQ(ucp_worker_create(context, &wp, &worker), UCS_OK);
+  struct Reply {
+    bool done = false;
+    uint64_t id = 0;
+    int32_t code = 0;
+    std::string message;
+  } reply;
+  ucp_am_handler_param_t hp{};
+  hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  hp.id = 18;  // the reply message id of every version
+  hp.arg = &reply;
+  hp.cb = [](void* arg, const void* header, size_t header_length, void* data, size_t length,
+             const ucp_am_recv_param_t*) -> ucs_status_t {
+    auto* r = static_cast<Reply*>(arg);
+    if (header_length != 24) return UCS_OK;
+    std::memcpy(&r->id, header, 8);
+    std::memcpy(&r->code, static_cast<const char*>(header) + 8, 4);
+    r->message.assign(static_cast<const char*>(data), length);
+    r->done = true;
+    return UCS_OK;
+  };
+  ASSERT_EQ(ucp_worker_set_am_recv_handler(worker, &hp), UCS_OK);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>((*server)->port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ucp_ep_params_t ep_params{};
+  ep_params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  ep_params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // as every version's client asked
+  ep_params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  ep_params.sockaddr.addrlen = sizeof(addr);
+  ucp_ep_h ep = nullptr;
+  ASSERT_EQ(ucp_ep_create(worker, &ep_params, &ep), UCS_OK);
+  struct {
+    uint32_t op = 4;  // ping
+    uint32_t count = 0;
+    uint64_t id = 77;
+    int64_t session = 0;
+  } v1_ping;
+  ucp_request_param_t rp{};
+  rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  rp.flags = UCP_AM_SEND_FLAG_REPLY;
+  ucs_status_ptr_t sent = ucp_am_send_nbx(ep, 17, &v1_ping, sizeof(v1_ping), nullptr, 0, &rp);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!reply.done && std::chrono::steady_clock::now() < deadline) ucp_worker_progress(worker);
+  if (sent != nullptr && !UCS_PTR_IS_ERR(sent)) {
+    while (ucp_request_check_status(sent) == UCS_INPROGRESS) ucp_worker_progress(worker);
+    ucp_request_free(sent);
+  }
+  ASSERT_TRUE(reply.done) << "no reply to a version-1 ping";
+  EXPECT_EQ(reply.id, 77u);
+  EXPECT_EQ(reply.code, static_cast<int32_t>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_NE(reply.message.find(absl::StrCat("KV wire version ", kKvWireVersion)), std::string::npos) << reply.message;
+  EXPECT_NE(reply.message.find("client version 1"), std::string::npos) << reply.message;
+  ucp_request_param_t close_params{};
+  ucs_status_ptr_t closing = ucp_ep_close_nbx(ep, &close_params);
+  if (closing != nullptr && !UCS_PTR_IS_ERR(closing)) {
+    while (ucp_request_check_status(closing) == UCS_INPROGRESS) ucp_worker_progress(worker);
+    ucp_request_free(closing);
+  }
+  ucp_worker_destroy(worker);
+  ucp_cleanup(context);
 }
 
 }  // namespace scout::kvstore
