@@ -18,13 +18,16 @@ pkgs=(
   curl                   # the server tests talk HTTP to a real `scout serve`
   prometheus             # a real Prometheus scrapes `scout serve` in tests; promtool checks monitoring/
   nodejs                 # schema check of the rendered k8s/ manifests (kubernetes-models from npm;
-                         # npm comes with it here, kubectl is on the machines)
+                         # kubectl is on the machines) and the openai SDK test (openai from npm)
   python3-yaml           # the k8s test reads the rendered manifests' scout flags
 )
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm: Debian 12 packages it apart from nodejs; NodeSource's nodejs (the machines here) brings
+# its own, with which Debian's npm package would conflict.
+command -v npm > /dev/null || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup: all ${#pkgs[@]} packages present"
   exit 0
