@@ -23,6 +23,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 
 namespace scout::bench {
@@ -199,11 +200,16 @@ Outcome Stream(const Endpoint& ep, const std::string& target, const std::string&
 }
 
 struct Percentiles {
-  double mean = 0, median = 0, p99 = 0;
+  double mean = 0, median = 0;
+  std::vector<double> at;  // at the options' percentiles
 };
 
-Percentiles Summarize(std::vector<double> v) {
+// "p99", "p99.9"
+std::string PercentileName(double q) { return absl::StrCat("p", q); }
+
+Percentiles Summarize(std::vector<double> v, const std::vector<double>& percentiles) {
   Percentiles p;
+  p.at.assign(percentiles.size(), 0.0);
   if (v.empty()) return p;
   std::sort(v.begin(), v.end());
   double sum = 0;
@@ -216,7 +222,7 @@ Percentiles Summarize(std::vector<double> v) {
     return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
   };
   p.median = at(0.5);
-  p.p99 = at(0.99);
+  for (size_t i = 0; i < percentiles.size(); ++i) p.at[i] = at(percentiles[i] / 100.0);
   return p;
 }
 
@@ -298,12 +304,13 @@ class Runner {
     return plan;
   }
 
-  // Requests arrive at the rate (exponential gaps), each on a thread of its own, at most
-  // max_concurrency at a time.
+  // Requests arrive at the rate (gamma gaps of the burstiness' shape; exponential at 1), each on
+  // a thread of its own, at most max_concurrency at a time.
   std::vector<Outcome> RunRequests(const std::vector<Planned>& plan) {
     std::vector<Outcome> out(plan.size());
     std::counting_semaphore<> slots(o_.max_concurrency > 0 ? o_.max_concurrency : 1 << 20);
-    std::exponential_distribution<double> gap(std::isinf(o_.request_rate) ? 1.0 : o_.request_rate);
+    const double rate = std::isinf(o_.request_rate) ? 1.0 : o_.request_rate;
+    std::gamma_distribution<double> gap(o_.burstiness, 1.0 / (rate * o_.burstiness));
     std::vector<std::thread> threads;
     start_ = Clock::now();
     double at = 0;
@@ -372,6 +379,10 @@ absl::Status Check(const ServeBenchOptions& o) {
     return absl::InvalidArgumentError("--num-prompts must be >= 1, --sessions and --max-concurrency >= 0");
   }
   if (!(o.request_rate > 0)) return absl::InvalidArgumentError("--request-rate must be > 0 (inf: all at once)");
+  if (!(o.burstiness > 0)) return absl::InvalidArgumentError("--burstiness must be > 0 (1: Poisson arrivals)");
+  for (double q : o.percentiles) {
+    if (!(q > 0 && q < 100)) return absl::InvalidArgumentError(absl::StrCat("--metric-percentiles: in (0, 100), got ", q));
+  }
   if (o.random_input_len < 1 || o.random_output_len < 1 || o.random_range_ratio < 0 || o.random_range_ratio >= 1) {
     return absl::InvalidArgumentError("--random-input-len and --random-output-len >= 1, --random-range-ratio in [0, 1)");
   }
@@ -440,7 +451,9 @@ absl::Status RunServeBench(const ServeBenchOptions& o) {
                        (o.slo_tpot_ms <= 0 || t <= o.slo_tpot_ms) && (o.slo_e2el_ms <= 0 || oc.e2el_s * 1e3 <= o.slo_e2el_ms);
     if (meets) ++good;
   }
-  const Percentiles p_ttft = Summarize(ttft), p_tpot = Summarize(tpot), p_itl = Summarize(itl), p_e2el = Summarize(e2el);
+  const std::vector<double>& qs = o.percentiles;
+  const Percentiles p_ttft = Summarize(ttft, qs), p_tpot = Summarize(tpot, qs), p_itl = Summarize(itl, qs),
+                    p_e2el = Summarize(e2el, qs);
   const bool slo = o.slo_ttft_ms > 0 || o.slo_tpot_ms > 0 || o.slo_e2el_ms > 0;
 
   std::printf("============ Serving Benchmark Result%s%s ============\n", o.label.empty() ? "" : ": ", o.label.c_str());
@@ -466,12 +479,20 @@ absl::Status RunServeBench(const ServeBenchOptions& o) {
   std::printf("%-40s %.2f\n", "Total token throughput (tok/s):", static_cast<double>(input + output) / duration);
   for (const auto& [name, p] : {std::pair{"TTFT", p_ttft}, std::pair{"TPOT", p_tpot}, std::pair{"ITL", p_itl},
                                 std::pair{"E2EL", p_e2el}}) {
-    std::printf("%-40s %.2f / %.2f / %.2f\n", absl::StrCat(name, " mean / median / p99 (ms):").c_str(), p.mean, p.median,
-                p.p99);
+    std::string label = absl::StrCat(name, " mean / median"), values = absl::StrFormat("%.2f / %.2f", p.mean, p.median);
+    for (size_t i = 0; i < qs.size(); ++i) {
+      absl::StrAppend(&label, " / ", PercentileName(qs[i]));
+      absl::StrAppend(&values, absl::StrFormat(" / %.2f", p.at[i]));
+    }
+    std::printf("%-40s %s\n", absl::StrCat(label, " (ms):").c_str(), values.c_str());
   }
   std::printf("==================================================\n");
   if (!o.result_json.empty()) {
-    auto pj = [](const Percentiles& p) { return json{{"mean_ms", p.mean}, {"median_ms", p.median}, {"p99_ms", p.p99}}; };
+    auto pj = [&qs](const Percentiles& p) {
+      json j = {{"mean_ms", p.mean}, {"median_ms", p.median}};
+      for (size_t i = 0; i < qs.size(); ++i) j[PercentileName(qs[i]) + "_ms"] = p.at[i];
+      return j;
+    };
     json requests = json::array();
     for (const Outcome& oc : outcomes) {
       json r = {{"ok", oc.ok}, {"start_s", oc.start_s}, {"prompt_tokens", oc.prompt_tokens},
@@ -487,6 +508,7 @@ absl::Status RunServeBench(const ServeBenchOptions& o) {
     json report = {{"label", o.label}, {"base_url", o.base_url}, {"model", model}, {"endpoint", o.endpoint},
                    {"sessions", o.sessions}, {"num_prompts", o.sessions > 0 ? static_cast<int>(outcomes.size()) : o.num_prompts},
                    {"request_rate", std::isinf(o.request_rate) ? json("inf") : json(o.request_rate)},
+                   {"burstiness", o.burstiness},
                    {"max_concurrency", o.max_concurrency}, {"duration_s", duration}, {"completed", ok},
                    {"failed", failed}, {"total_input_tokens", input}, {"cached_input_tokens", cached},
                    {"total_output_tokens", output}, {"request_throughput", static_cast<double>(ok) / duration},

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -23,6 +24,11 @@ struct ServeBenchOptions {
   std::string api_key;                             // sent as Authorization: Bearer
   int num_prompts = 100;
   double request_rate = std::numeric_limits<double>::infinity();  // requests/s; inf: all at once
+  // Arrival gaps are gamma-distributed with this shape and the rate's mean, as vllm bench serve's
+  // --burstiness: 1 is Poisson, below 1 burstier, above 1 more even.
+  double burstiness = 1.0;
+  // Percentiles reported beside the mean and median of every latency (vllm's --metric-percentiles).
+  std::vector<double> percentiles = {99};
   int max_concurrency = 0;                                        // 0: unbounded
   uint64_t seed = 0;
   // Random prompts: input lengths uniform in [len * (1 - ratio), len * (1 + ratio)], token ids

@@ -1173,6 +1173,8 @@ int BenchServe(int argc, char** argv) {
       {"num-prompts", "100", "requests to send"},
       {"request-rate", "inf", "requests a second, Poisson arrivals (inf: all at once)"},
       {"max-concurrency", "0", "requests in flight at most (0: no bound)"},
+      {"burstiness", "1", "arrival gaps gamma-distributed with this shape (1: Poisson; below 1 burstier)"},
+      {"metric-percentiles", "99", "percentiles reported beside mean and median, comma-separated, e.g. 50,90,99"},
       {"seed", "0", "random prompts and arrival times"},
       {"random-input-len", "1024", "prompt tokens (random token ids)"},
       {"random-output-len", "128", "tokens to generate"},
@@ -1245,6 +1247,17 @@ int BenchServe(int argc, char** argv) {
     } else {
       return Fail(absl::InvalidArgumentError(absl::StrCat("--goodput: ttft, tpot or e2el, got \"", kv[0], "\"")));
     }
+  }
+  absl::StatusOr<double> burst = flags.GetDouble("burstiness");
+  if (!burst.ok()) return Fail(burst.status());
+  o.burstiness = *burst;
+  o.percentiles.clear();
+  for (absl::string_view q : absl::StrSplit(flags.Get("metric-percentiles"), ',', absl::SkipEmpty())) {
+    double v = 0;
+    if (!absl::SimpleAtod(q, &v)) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--metric-percentiles: numbers, got \"", q, "\"")));
+    }
+    o.percentiles.push_back(v);
   }
   o.label = flags.Get("label");
   o.result_json = flags.Get("result-json");

@@ -168,6 +168,11 @@ printf '{"prompt": "def f(x):", "max_tokens": 3}\n\n{"prompt": [256, 105, 109], 
 "$scout" bench serve --base-url "$base" --endpoint /v1/chat/completions --num-prompts 2 --random-input-len 16 \
   --random-output-len 4 --result-json chat.json > chat.txt 2>&1 || fail "bench serve chat: $(cat chat.txt)"
 [ "$(py 'd["completed"], d["total_output_tokens"]' < chat.json)" = "2 8" ] || fail "bench serve chat JSON: $(head -c 400 chat.json)"
+"$scout" bench serve --base-url "$base" --num-prompts 6 --request-rate 100 --burstiness 0.5 --random-input-len 8 \
+  --random-output-len 3 --metric-percentiles 50,90 --result-json pct.json > pct.txt 2>&1 || fail "bench serve percentiles: $(cat pct.txt)"
+grep -q "TTFT mean / median / p50 / p90 (ms):" pct.txt || fail "bench serve percentile report: $(cat pct.txt)"
+[ "$(py '"p90_ms" in d["ttft"], "p99_ms" in d["ttft"], d["burstiness"]' < pct.json)" = "True False 0.5" ] \
+  || fail "bench serve percentile JSON: $(head -c 400 pct.json)"
 echo '{"no prompt": 1}' > bad.jsonl
 "$scout" bench serve --base-url "$base" --dataset-path bad.jsonl > bad.txt 2>&1 && fail "a dataset line without a prompt was accepted"
 grep -q 'bad.jsonl:1' bad.txt || fail "bad dataset error: $(cat bad.txt)"
