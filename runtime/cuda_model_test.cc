@@ -397,22 +397,6 @@ TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
   // More moved than the cache holds: units were evicted and came back from the host store.
   EXPECT_GT(st.unit_misses, 64) << "the test should force evictions";
 
-  // A dense step over more units than the cache holds (every block of all four sequences) runs
-  // in segments (SegmentedAttention); each segment's output is rounded to bf16 before the merge,
-  // so the logits agree to the bf16 rounding of one attention output, not bit for bit.
-  {
-    std::vector<std::vector<int32_t>> two(4);
-    std::vector<SequenceInput> dense_all;
-    for (int s = 0; s < 4; ++s) {
-      two[s] = RandomTokens(2, vocab, 50 + s);
-      dense_all.push_back({.seq = s, .tokens = two[s], .all_logits = true});
-    }
-    std::vector<float> want, got;
-    ASSERT_TRUE(a.Forward(dense_all, &want).ok());
-    absl::Status st = b.Forward(dense_all, &got);
-    ASSERT_TRUE(st.ok()) << st;
-    EXPECT_LT(RelL2(got, want), 1e-2);
-  }
   // A step whose new tokens leave no room for two segments of one block fails with a clear
   // error and changes nothing; the same tokens over a selection then work.
   std::vector<int64_t> lens;
@@ -441,6 +425,23 @@ TEST(CudaModelTest, HostKvTierMatchesGpuResidentCache) {
   both({&sparse, 1}, "after the refused step");
   // The tier refuses what it cannot do, by name.
   EXPECT_EQ(b.CaptureForward({&sparse, 1}, {}).status().code(), absl::StatusCode::kUnimplemented);
+  // A dense step over more units than the cache holds (every block of all four sequences) runs
+  // in segments (SegmentedAttention); each segment's output is rounded to bf16 before the merge,
+  // so the logits agree to the bf16 rounding of one attention output, not bit for bit (and the
+  // KV the step writes differs as much from then on: this comes last).
+  {
+    std::vector<std::vector<int32_t>> two(4);
+    std::vector<SequenceInput> dense_all;
+    for (int s = 0; s < 4; ++s) {
+      two[s] = RandomTokens(2, vocab, 50 + s);
+      dense_all.push_back({.seq = s, .tokens = two[s], .all_logits = true});
+    }
+    std::vector<float> want, got;
+    ASSERT_TRUE(a.Forward(dense_all, &want).ok());
+    absl::Status st = b.Forward(dense_all, &got);
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_LT(RelL2(got, want), 1e-2);
+  }
 }
 
 // A prompt longer than the host tier's GPU cache holds for a layer: its chunks attend to the
@@ -473,7 +474,11 @@ TEST(CudaModelTest, HostKvTierAttendsPastItsCacheInSegments) {
     ASSERT_TRUE(st.ok()) << "chunk at " << at << ": " << st;
     worst = std::max(worst, RelL2(got, want));
   }
-  EXPECT_LT(worst, 1e-2);
+  // Each segment's output is rounded to bf16 before the merge (up to 8 segments here), and the
+  // KV written after a segmented layer inherits that: 1.0-1.5% on the H100 (2026-12-07), where a
+  // wrong merge or a missing segment is of order one.
+  constexpr double kSegmentTol = 3e-2;
+  EXPECT_LT(worst, kSegmentTol);
   const int64_t misses_after_prefill = b.host_tier_stats().unit_misses;
   // The later chunks read all earlier blocks through a cache that holds a third of them.
   EXPECT_GT(misses_after_prefill, 2 * 114);
@@ -484,7 +489,7 @@ TEST(CudaModelTest, HostKvTierAttendsPastItsCacheInSegments) {
     ASSERT_TRUE(a.Forward({&in, 1}, &want).ok());
     absl::Status st = b.Forward({&in, 1}, &got);
     ASSERT_TRUE(st.ok()) << "decode step " << step << ": " << st;
-    EXPECT_LT(RelL2(got, want), 1e-2) << "decode step " << step;
+    EXPECT_LT(RelL2(got, want), kSegmentTol) << "decode step " << step;
     token = Argmax(want);
   }
   EXPECT_GT(b.host_tier_stats().unit_misses, misses_after_prefill);

@@ -5,11 +5,11 @@
 #   tar -xJf out/devbundle.tar.xz && bash tools/gpu_checks.sh [tests|serve|prefill|sessions|tier ...]
 # Steps default to all, in that order. SCOUT_SOURCE_DIR is set to this tree.
 set -uo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-cd "$here"
-source .devbundle/env.sh
-export SCOUT_SOURCE_DIR=$here SCOUT=$here/.devbundle/bin/scout CK=${CK:-/tmp/ckpt}
-OUT=${OUT:-$here/out}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+source .devbundle/env.sh  # (it sets variables of its own, `here` among them)
+export SCOUT_SOURCE_DIR=$root SCOUT=$root/.devbundle/bin/scout CK=${CK:-/tmp/ckpt}
+OUT=${OUT:-$root/out}
 mkdir -p "$OUT"
 steps=${*:-"tests serve prefill sessions tier"}
 left() { echo $((${LIMIT:-590} - SECONDS)); }
@@ -24,8 +24,8 @@ for step in $steps; do
         timeout 200 ".devbundle/bin/$name" > "$OUT/$name.log" 2>&1
         echo "$name rc $?: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/$name.log" | tr '\n' ' ')"
       done
-      (mkdir -p /tmp/st && cd /tmp/st && SCOUT_TEST_SERVE_FLAGS="--device cuda" timeout 150 bash "$here/tests/serve_test.sh" \
-        "$SCOUT" "$here" > "$OUT/serve_test_cuda.log" 2>&1; echo "serve_test on cuda rc $?"; grep -m3 FAIL "$OUT/serve_test_cuda.log")
+      (mkdir -p /tmp/st && cd /tmp/st && SCOUT_TEST_SERVE_FLAGS="--device cuda" timeout 150 bash "$root/tests/serve_test.sh" \
+        "$SCOUT" "$root" > "$OUT/serve_test_cuda.log" 2>&1; echo "serve_test on cuda rc $?"; grep -m3 FAIL "$OUT/serve_test_cuda.log")
       ;;
     serve) CONFIGS="2048/0 2048/1.5" WINDOW=8 timeout "$(left)" bash bench/serve_long_prompt.sh 2>&1 | tail -6 ;;
     prefill) CONTEXTS="32760 131000" CHUNKS=4096 HF=1 timeout "$(left)" bash bench/prefill_product.sh 2>&1 | grep -v "^Warn" | tail -8 ;;
