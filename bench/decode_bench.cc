@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/block_select.cuh"
+#include "bench/random_model.h"
 #include "round/cuda_round.h"
 #include "runtime/cuda_model.h"
 #include "runtime/generator.h"
@@ -289,11 +290,11 @@ absl::Status Bench::RunResident() {
               weights(tc_) / 1e9, weights(dc_) / 1e9, static_cast<long long>(pool_tokens),
               pool_tokens * static_cast<double>(kvpt_t) / 1e9, pool_tokens * static_cast<double>(kvpt_d) / 1e9);
   absl::StatusOr<std::unique_ptr<CudaModel>> t =
-      CudaModel::CreateRandom(tc_, 1, {.device = o_.device, .kv_budget_tokens = pool_tokens});
+      CreateRandomCudaModel(tc_, 1, {.device = o_.device, .kv_budget_tokens = pool_tokens});
   if (!t.ok()) return t.status();
   target_ = std::move(*t);
   absl::StatusOr<std::unique_ptr<CudaModel>> d =
-      CudaModel::CreateRandom(dc_, 2, {.device = o_.device, .kv_budget_tokens = pool_tokens});
+      CreateRandomCudaModel(dc_, 2, {.device = o_.device, .kv_budget_tokens = pool_tokens});
   if (!d.ok()) return d.status();
   draft_ = std::move(*d);
   if (absl::Status s = MeasureCopyBandwidth(static_cast<cudaStream_t>(target_->stream())); !s.ok()) return s;
@@ -348,8 +349,8 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   for (int s = 0; s < B; ++s) {
     BENCH_CHECK(T.AddSequence(s));
     BENCH_CHECK(D.AddSequence(s));
-    BENCH_CHECK(T.FillRandomContext(s, ctx, 100 + s));
-    BENCH_CHECK(D.FillRandomContext(s, ctx, 200 + s));
+    BENCH_CHECK(FillRandomContext(T, s, ctx, 100 + s));
+    BENCH_CHECK(FillRandomContext(D, s, ctx, 200 + s));
   }
   auto truncate_all = [&](CudaModel& m) -> absl::Status {
     for (int s = 0; s < B; ++s) {
@@ -723,9 +724,9 @@ absl::Status Bench::RunHostTier(int64_t ctx, int B) {
   const auto t_create = std::chrono::steady_clock::now();
   // The draft first: on a shared GPU the target's block cache then takes only what is left.
   absl::StatusOr<std::unique_ptr<CudaModel>> dm =
-      CudaModel::CreateRandom(dc_, 2, {.device = ddev, .kv_budget_tokens = pool_tokens});
+      CreateRandomCudaModel(dc_, 2, {.device = ddev, .kv_budget_tokens = pool_tokens});
   if (!dm.ok()) return dm.status();
-  absl::StatusOr<std::unique_ptr<CudaModel>> tm = CudaModel::CreateRandom(
+  absl::StatusOr<std::unique_ptr<CudaModel>> tm = CreateRandomCudaModel(
       tc_, 1, {.device = tdev, .host_kv_tokens = pool_tokens, .gpu_cache_units = o_.gpu_cache_units,
                         .signalled_prefetch = o_.signalled_prefetch});
   if (!tm.ok()) return tm.status();
@@ -738,8 +739,8 @@ absl::Status Bench::RunHostTier(int64_t ctx, int B) {
   for (int s = 0; s < B; ++s) {
     BENCH_CHECK(T.AddSequence(s));
     BENCH_CHECK(D.AddSequence(s));
-    BENCH_CHECK(T.FillRandomContext(s, ctx, 100 + s));
-    BENCH_CHECK(D.FillRandomContext(s, ctx, 200 + s));
+    BENCH_CHECK(FillRandomContext(T, s, ctx, 100 + s));
+    BENCH_CHECK(FillRandomContext(D, s, ctx, 200 + s));
   }
   std::printf("models made and %d x %lld-token contexts written in %.1f s (pinning host memory dominates); PCIe "
               "pinned copy %.1f GB/s, HBM copy %.0f GB/s\n",

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -111,10 +112,25 @@ class CudaModel final : public ModelBackend {
                                                          const CudaModelOptions& options = {});
   static absl::StatusOr<std::unique_ptr<CudaModel>> Create(const ModelConfig& config, const LlamaWeights& weights,
                                                            const CudaModelOptions& options = {});
-  // Weights drawn on the GPU (uniform, scaled by 1/sqrt(fan-in); norms 1), for benchmarks at
-  // production shapes where the values do not matter and the checkpoint does not exist.
-  static absl::StatusOr<std::unique_ptr<CudaModel>> CreateRandom(const ModelConfig& config, uint64_t seed,
-                                                                 const CudaModelOptions& options = {});
+  // One weight tensor as it lies on the GPU (this shard's), for CreateWith: `elements` values at
+  // `data`, bf16 for embeddings and matrices, float32 for norms and biases. fan_in: the
+  // inputs each output sums over (a random initialisation's scale).
+  struct WeightTensor {
+    enum class Kind { kEmbedding, kLmHead, kFinalNorm, kQkvBias, kOutBias, kAttentionNorm, kMlpNorm, kQkv, kOut,
+                      kGateUp, kDown };
+    Kind kind = Kind::kEmbedding;
+    int layer = -1;  // -1 for the model-wide tensors
+    void* data = nullptr;
+    int64_t elements = 0;
+    bool bf16 = true;
+    int64_t fan_in = 1;
+  };
+  // Fills one tensor, on `stream` (a cudaStream_t) or synchronously.
+  using WeightWriter = std::function<absl::Status(const WeightTensor& tensor, void* stream)>;
+  // Weights written in place by `write` (bench/: random weights at production shapes, drawn on
+  // the GPU, where the values do not matter and no checkpoint exists).
+  static absl::StatusOr<std::unique_ptr<CudaModel>> CreateWith(const ModelConfig& config, const WeightWriter& write,
+                                                               const CudaModelOptions& options = {});
   ~CudaModel() override;
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;
@@ -148,9 +164,13 @@ class CudaModel final : public ModelBackend {
   // The model's CUDA stream (a cudaStream_t), for callers that enqueue their own kernels
   // between steps.
   void* stream() const;
-  // Writes random bf16 keys and values into the sequence's first num_tokens positions and
-  // grows it to that length: a long context for benchmarks without a prefill.
-  absl::Status FillRandomContext(SequenceId seq, int64_t num_tokens, uint64_t seed);
+  // Grows the sequence to num_tokens positions without running the model, handing each new
+  // stretch of its KV (bf16, device-accessible: the GPU pool, or the host store's mapped slabs)
+  // to `write` with a key that is the same for the same stretch; waits for the writes. For
+  // benchmarks' long contexts without a prefill (bench/random_model.h).
+  using KvStretchWriter =
+      std::function<absl::Status(uint16_t* data, int64_t elements, uint64_t key, void* stream)>;
+  absl::Status WriteContext(SequenceId seq, int64_t num_tokens, const KvStretchWriter& write);
 
   HostKvTierStats host_tier_stats() const override;
   // Steps run through use_graph: graphs captured, and steps that replayed one.
