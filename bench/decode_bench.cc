@@ -126,7 +126,7 @@ struct StsPlumbing {
   DeviceVec mass, num_blocks, map_indptr, map_heads, out_indptr, out_blocks, scratch;
   DeviceVec d_num_blocks, d_map_indptr, d_map_heads, d_out_indptr, d_out_blocks, d_scratch;
   kernels::BlockSelectParams sp, dsp;
-  runtime::DeviceSelection sel, dsel;
+  kvstore::SelectionView sel, dsel;
 };
 
 class Bench {
@@ -219,6 +219,7 @@ absl::Status Bench::MakeSts(int B, int64_t ctx, double fraction, StsPlumbing* ou
           .budget_blocks = p.list, .sink_blocks = o_.sink_blocks, .window_blocks = o_.window_blocks};
   BENCH_CUDA(cudaMalloc(&p.scratch.p, kernels::BlockSelectScratchBytes(p.sp)));
   p.sel = {.indptr = static_cast<int32_t*>(p.out_indptr.p), .blocks = static_cast<int32_t*>(p.out_blocks.p),
+           .num_seqs = B, .num_layers = static_cast<int>(tc_.num_hidden_layers), .num_kv_heads = tkv,
            .max_list_blocks = p.list};
   BENCH_CHECK(upload(p.d_num_blocks, std::vector<int32_t>(B, p.nb_d)));
   BENCH_CHECK(upload(p.d_map_indptr, dmi));
@@ -235,6 +236,7 @@ absl::Status Bench::MakeSts(int B, int64_t ctx, double fraction, StsPlumbing* ou
   p.dsp.budget_blocks = p.list_d;
   BENCH_CUDA(cudaMalloc(&p.d_scratch.p, kernels::BlockSelectScratchBytes(p.dsp)));
   p.dsel = {.indptr = static_cast<int32_t*>(p.d_out_indptr.p), .blocks = static_cast<int32_t*>(p.d_out_blocks.p),
+            .num_seqs = B, .num_layers = static_cast<int>(dc_.num_hidden_layers), .num_kv_heads = dkv_n,
             .max_list_blocks = p.list_d, .block_bound = p.nb_d};
   return absl::OkStatus();
 }
@@ -392,8 +394,8 @@ absl::Status Bench::RunConfig(int64_t ctx, int batch) {
   const kernels::BlockSelectParams& dsp = sts.dsp;
   DeviceVec& scratch = sts.scratch;
   DeviceVec& d_scratch = sts.d_scratch;
-  const runtime::DeviceSelection& dsel = sts.dsel;
-  const runtime::DeviceSelection& sel = sts.sel;
+  const kvstore::SelectionView& dsel = sts.dsel;
+  const kvstore::SelectionView& sel = sts.sel;
   auto select = [&]() -> absl::Status {
     BENCH_CUDA(kernels::BlockSelect(sp, scratch.p, ts));
     return absl::OkStatus();
@@ -772,7 +774,7 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, i
   const size_t mass_floats = sts.mass_floats;
   const kernels::BlockSelectParams& sp = sts.sp;
   const kernels::BlockSelectParams& dsp = sts.dsp;
-  const runtime::DeviceSelection& dsel = sts.dsel;
+  const kvstore::SelectionView& dsel = sts.dsel;
   DeviceVec d_argmax;
   BENCH_CUDA(cudaMalloc(&d_argmax.p, sizeof(int32_t) * B));
   BENCH_CUDA(cudaMemset(d_argmax.p, 0, sizeof(int32_t) * B));
@@ -805,8 +807,8 @@ absl::Status Bench::RunHostTierBudget(CudaModel& T, CudaModel& D, int64_t ctx, i
   };
   {  // the draft's step buffers at their largest before any capture
     runtime::DeviceBlockMass bm = bm_at(0);
-    const std::vector<const runtime::DeviceSelection*> variants = {nullptr, &dsel};
-    for (const runtime::DeviceSelection* sel : variants) {
+    const std::vector<const kvstore::SelectionView*> variants = {nullptr, &dsel};
+    for (const kvstore::SelectionView* sel : variants) {
       BENCH_CHECK(D.EnqueueForward(d_in, {.selection = sel, .block_mass = &bm, .argmax = dargmax}));
       BENCH_CHECK(D.Synchronize());
       BENCH_CHECK(truncate_draft());

@@ -14,14 +14,26 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& sel, SequenceId sessi
 
 absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& sel, SequenceId session, const HostKvStore& store,
                                                 BlockCache& cache, uint64_t step, int layer_first, int layer_last) {
+  if (sel.num_seqs != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("a selection of ", sel.num_seqs, " sequences for one session"));
+  }
+  return PlanPrefetchLayers(sel, 0, session, store, cache, step, layer_first, layer_last);
+}
+
+absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& sel, int seq, SequenceId session,
+                                                const HostKvStore& store, BlockCache& cache, uint64_t step,
+                                                int layer_first, int layer_last) {
   const KvLayout& layout = store.layout();
-  if (sel.num_layers != layout.num_layers || sel.num_kv_heads != layout.num_kv_heads ||
-      sel.indptr.size() != static_cast<size_t>(sel.num_layers) * sel.num_kv_heads + 1 ||
-      sel.indptr.front() != 0 || sel.indptr.back() != static_cast<int32_t>(sel.blocks.size()) ||
+  if (sel.num_layers != layout.num_layers || sel.num_kv_heads != layout.num_kv_heads || sel.num_seqs < 1 ||
+      sel.indptr.size() != static_cast<size_t>(sel.num_lists()) + 1 || sel.indptr.front() != 0 ||
+      sel.indptr.back() != static_cast<int32_t>(sel.blocks.size()) ||
       !std::is_sorted(sel.indptr.begin(), sel.indptr.end())) {
-    return absl::InvalidArgumentError(absl::StrCat("selection of ", sel.num_layers, " x ", sel.num_kv_heads,
-                                                   " lists does not match the store's ", layout.num_layers, " x ",
-                                                   layout.num_kv_heads));
+    return absl::InvalidArgumentError(absl::StrCat("selection of ", sel.num_seqs, " x ", sel.num_layers, " x ",
+                                                   sel.num_kv_heads, " lists does not match the store's ",
+                                                   layout.num_layers, " x ", layout.num_kv_heads));
+  }
+  if (seq < 0 || seq >= sel.num_seqs) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", seq, " of a selection of ", sel.num_seqs));
   }
   if (layer_first < 0 || layer_last > sel.num_layers || layer_first > layer_last) {
     return absl::InvalidArgumentError(absl::StrCat("layers [", layer_first, ", ", layer_last, ") of ", sel.num_layers));
@@ -29,7 +41,7 @@ absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& sel, SequenceId
   const BlockTable* table = store.Find(session);
   if (table == nullptr) return absl::NotFoundError(absl::StrCat("unknown session ", session));
   const int32_t nblocks = static_cast<int32_t>(table->blocks.size());
-  const int list_first = layer_first * sel.num_kv_heads, list_last = layer_last * sel.num_kv_heads;
+  const int list_first = sel.List(seq, layer_first, 0), list_last = sel.List(seq, layer_last, 0);
   for (int list = list_first; list < list_last; ++list) {
     for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
       const int32_t b = sel.blocks[i];
@@ -49,7 +61,7 @@ absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& sel, SequenceId
   std::vector<UnitKey> claimed;  // misses: their slots hold nothing valid until the transfer
   for (int layer = layer_first; layer < layer_last; ++layer) {
     for (int head = 0; head < sel.num_kv_heads; ++head) {
-      const int list = layer * sel.num_kv_heads + head;
+      const int list = sel.List(seq, layer, head);
       for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
         const UnitKey key{session, layer, head, sel.blocks[i]};
         absl::StatusOr<std::pair<int32_t, bool>> got = cache.Acquire(key, step);

@@ -9,16 +9,9 @@
 #include "absl/status/statusor.h"
 #include "kvstore/block_cache.h"
 #include "kvstore/host_store.h"
+#include "kvstore/selection.h"
 
 namespace scout::kvstore {
-
-// For one session: per (layer, KV head), the ascending logical block ids the target reads.
-struct Selection {
-  int num_layers = 0;
-  int num_kv_heads = 0;
-  std::vector<int32_t> indptr;  // [num_layers * num_kv_heads + 1], entry layer * heads + head
-  std::vector<int32_t> blocks;
-};
 
 // One unit to move host -> GPU slot.
 struct Transfer {
@@ -29,8 +22,8 @@ struct Transfer {
 struct PrefetchPlan {
   std::vector<Transfer> transfers;  // grouped by layer, in layer order
   std::vector<int32_t> layer_begin; // [num_layers + 1] first transfer of each layer
-  // Parallel to Selection::blocks (of the planned layers only, from the first of them): the slot
-  // each block is read from.
+  // Parallel to the planned sequence's Selection::blocks (of the planned layers only, from the
+  // first of them): the slot each block is read from.
   std::vector<int32_t> slots;
   int64_t hits = 0;
   int64_t misses = 0;
@@ -48,6 +41,11 @@ absl::StatusOr<PrefetchPlan> PlanPrefetch(const Selection& selection, SequenceId
 // (calls on distinct caches may run concurrently; the store is only read). The plan's
 // layer_begin still spans every layer (empty outside the range).
 absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& selection, SequenceId session,
+                                                const HostKvStore& store, BlockCache& cache, uint64_t step,
+                                                int layer_first, int layer_last);
+// The same for sequence `seq` of a batch's selection (its lists only; plan.slots parallel to
+// them): a step plans each of its sequences from the one batch-flat Selection.
+absl::StatusOr<PrefetchPlan> PlanPrefetchLayers(const Selection& selection, int seq, SequenceId session,
                                                 const HostKvStore& store, BlockCache& cache, uint64_t step,
                                                 int layer_first, int layer_last);
 

@@ -428,6 +428,49 @@ TEST(PrefetchPlannerTest, FailedPlanUnpinsOnlyItsOwnUnits) {
   EXPECT_EQ(PlanPrefetch(bad, 1, **store, cache, 9).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A step plans each sequence from the one batch-flat Selection (no per-sequence copies): the
+// plan of sequence s of the batch is the plan of that sequence's lists alone, slots included.
+TEST(PrefetchPlannerTest, PlansOneSequenceOfABatchSelection) {
+  auto store = HostKvStore::Create(kLayout, 16);
+  ASSERT_TRUE(store.ok());
+  for (SequenceId s : {1, 2}) {
+    ASSERT_TRUE((*store)->AddSession(s).ok());
+    ASSERT_TRUE((*store)->Reserve(s, 16 * s + 40).ok());
+  }
+  std::mt19937 rng(7);
+  Selection batch{.num_seqs = 2, .num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
+  std::vector<Selection> alone(2, Selection{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}});
+  for (int seq = 0; seq < 2; ++seq) {
+    const int32_t nb = static_cast<int32_t>((*store)->Find(seq + 1)->blocks.size());
+    for (int list = 0; list < 6; ++list) {
+      for (int32_t b = 0; b < nb; ++b) {
+        if (rng() % 2 == 0) continue;
+        batch.blocks.push_back(b);
+        alone[seq].blocks.push_back(b);
+      }
+      batch.indptr.push_back(static_cast<int32_t>(batch.blocks.size()));
+      alone[seq].indptr.push_back(static_cast<int32_t>(alone[seq].blocks.size()));
+    }
+  }
+  for (int seq = 0; seq < 2; ++seq) {
+    BlockCache a(32, 3, 2), b(32, 3, 2);
+    absl::StatusOr<PrefetchPlan> from_batch = PlanPrefetchLayers(batch, seq, seq + 1, **store, a, 1, 0, 3);
+    absl::StatusOr<PrefetchPlan> from_alone = PlanPrefetch(alone[seq], seq + 1, **store, b, 1);
+    ASSERT_TRUE(from_batch.ok()) << from_batch.status();
+    ASSERT_TRUE(from_alone.ok()) << from_alone.status();
+    EXPECT_EQ(from_batch->slots, from_alone->slots) << "sequence " << seq;
+    ASSERT_EQ(from_batch->transfers.size(), from_alone->transfers.size());
+    for (size_t i = 0; i < from_batch->transfers.size(); ++i) {
+      EXPECT_EQ(from_batch->transfers[i].src, from_alone->transfers[i].src);
+      EXPECT_EQ(from_batch->transfers[i].slot, from_alone->transfers[i].slot);
+    }
+  }
+  BlockCache c(32, 3, 2);
+  EXPECT_EQ(PlanPrefetchLayers(batch, 2, 1, **store, c, 1, 0, 3).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PlanPrefetch(batch, 1, **store, c, 1).status().code(), absl::StatusCode::kInvalidArgument)
+      << "a two-sequence selection planned as one session's";
+}
+
 }  // namespace
 // A model that gives each layer its own cache plans its layers on separate threads: the plans
 // put exactly the host bytes into each layer's slots, as one plan over one cache would.

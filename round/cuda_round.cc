@@ -350,8 +350,9 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   if (sts && !tier && ddev != tdev) ROUND_TRY(b.t_blocks_t.Reserve(tdev, sizeof(int32_t) * t_off.back(), "target lists"));
 
   // ---- 1. The draft's steps.
-  const runtime::DeviceSelection dsel{.indptr = b.d_indptr.data(), .blocks = b.d_blocks.as<int32_t>(),
-                                      .max_list_blocks = b.sd_max_list, .block_bound = b.sd.max_bound()};
+  const kvstore::SelectionView dsel{.indptr = b.d_indptr.data(), .blocks = b.d_blocks.as<int32_t>(), .num_seqs = B,
+                                    .num_layers = dl, .num_kv_heads = dkv, .max_list_blocks = b.sd_max_list,
+                                    .block_bound = b.sd.max_bound()};
   const std::vector<int32_t> one_token(1, 0);
   for (int i = 0; i < k; ++i) {
     std::vector<SequenceInput> in;
@@ -400,8 +401,8 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   ROUND_TRY_CUDA(cudaSetDevice(tdev), "cudaSetDevice");
   ROUND_TRY_CUDA(cudaStreamWaitEvent(ts, b.drafted_event, 0), "event wait");
   const int32_t* drafted_t = b.drafted.as<int32_t>();
-  std::vector<kvstore::Selection> host_lists;
-  runtime::DeviceSelection tsel;
+  kvstore::Selection host_lists;  // the host tier's: the batch's lists as BlockSelect wrote them
+  kvstore::SelectionView tsel;
   if (k > 0 && ddev != tdev) {
     ROUND_TRY_CUDA(cudaMemcpyPeerAsync(b.drafted_t.as<void>(), tdev, b.drafted.as<void>(), ddev, sizeof(int32_t) * k * B, ts),
                    "drafted tokens to the target");
@@ -414,17 +415,11 @@ absl::Status CudaRound::RunGroup(const Group& g) {
                                    cudaMemcpyDeviceToHost, ds),
                    "target lists to the host");
     ROUND_TRY_CUDA(cudaStreamSynchronize(ds), "draft steps");
-    const int units = tl * tkv;
-    host_lists.resize(B);
-    for (int j = 0; j < B; ++j) {
-      kvstore::Selection& sel = host_lists[j];
-      sel.num_layers = tl;
-      sel.num_kv_heads = tkv;
-      for (int u = 0; u <= units; ++u) sel.indptr.push_back(t_off[j * units + u] - t_off[j * units]);
-      sel.blocks.assign(b.lists_back.as<int32_t>() + t_off[j * units], b.lists_back.as<int32_t>() + t_off[(j + 1) * units]);
-    }
+    host_lists = {.num_seqs = B, .num_layers = tl, .num_kv_heads = tkv, .indptr = t_off};
+    host_lists.blocks.assign(b.lists_back.as<int32_t>(), b.lists_back.as<int32_t>() + t_off.back());
   } else if (sts) {
-    tsel = {.indptr = b.t_indptr.data(), .blocks = b.t_blocks.as<int32_t>(), .max_list_blocks = MaxList(t_off)};
+    tsel = {.indptr = b.t_indptr.data(), .blocks = b.t_blocks.as<int32_t>(), .num_seqs = B, .num_layers = tl,
+            .num_kv_heads = tkv, .max_list_blocks = MaxList(t_off)};
     if (ddev != tdev) {
       ROUND_TRY(b.t_indptr_t.Send(tdev, t_off, ts, "selection offsets"));
       ROUND_TRY_CUDA(cudaMemcpyPeerAsync(b.t_blocks_t.as<void>(), tdev, b.t_blocks.as<void>(), ddev,
@@ -448,10 +443,10 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   const std::vector<int32_t> placeholder(k + 1, 0);
   std::vector<SequenceInput> vin;
   for (int j = 0; j < B; ++j) {
-    vin.push_back({.seq = g.streams[j]->seq(), .tokens = placeholder, .all_logits = true,
-                   .selection = host_lists.empty() ? nullptr : &host_lists[j]});
+    vin.push_back({.seq = g.streams[j]->seq(), .tokens = placeholder, .all_logits = true});
   }
   ROUND_TRY(target_.EnqueueForward(vin, {.selection = (sts && !tier) ? &tsel : nullptr,
+                                         .host_lists = (sts && tier) ? &host_lists : nullptr,
                                          .argmax = g.greedy() ? b.t_argmax.as<int32_t>() : nullptr,
                                          .device_tokens = b.verify_tokens.as<int32_t>(), .santa_samples = g.o->santa_samples,
                                          .santa_seed = ++rounds_, .use_graph = use_graphs_}));

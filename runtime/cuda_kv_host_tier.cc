@@ -73,11 +73,12 @@ class HostTierKv final : public KvPlacement {
   bool needs_host_lists() const override { return true; }
   bool graphs_allowed() const override { return false; }
   absl::Status TakeLists(std::span<const SequenceInput> batch, const BatchShape& shape, bool santa,
-                         HostLists* lists) override;
-  size_t IndexInts(int64_t total_tokens, const HostLists& lists) const override {
-    return lists.blocks.size() + static_cast<size_t>(num_layers() * total_tokens * num_kv_heads());
+                         kvstore::Selection* lists, int* max_list) override;
+  bool fills_slots() const override { return true; }
+  size_t IndexInts(int64_t total_tokens) const override {
+    return static_cast<size_t>(num_layers() * total_tokens * num_kv_heads());
   }
-  absl::Status Prepare(std::span<const SequenceInput> batch, const BatchShape& shape, const HostLists& lists,
+  absl::Status Prepare(std::span<const SequenceInput> batch, const BatchShape& shape, kvstore::Selection* lists,
                        int32_t* index) override;
   absl::Status BeginTransfers(cudaStream_t stream) override;
   absl::StatusOr<LayerKv> Layer(int layer, const int32_t* index, cudaStream_t stream) override {
@@ -85,8 +86,7 @@ class HostTierKv final : public KvPlacement {
     // layers' are still moving. Segments move their own.
     if (seg_blocks_ == 0) SCOUT_RETURN_IF_ERROR(copier_->WaitLayer(stream, layer));
     return LayerKv{.kv = pool_.as<uint16_t>(),
-                   .unit_slots = index + step_lists_ + static_cast<int64_t>(layer) * step_rows_ * num_kv_heads(),
-                   .sel_slots = index};
+                   .unit_slots = index + static_cast<int64_t>(layer) * step_rows_ * num_kv_heads()};
   }
   absl::Status Attend(int layer, const kernels::SparseDecodeParams& ap, const AttendFn& attend,
                       cudaStream_t stream) override {
@@ -231,10 +231,9 @@ class HostTierKv final : public KvPlacement {
     int64_t hits = 0, misses = 0;
   };
   void PlanLayer(int l, std::span<const SequenceInput> batch, const BatchShape& shape,
-                 const std::vector<kvstore::Selection>& selections, const std::vector<int64_t>& first_row,
-                 const std::vector<int32_t>& indptr, int32_t* sel_slots, int32_t* unit_slots, LayerPlan* out);
-  void UndoPlan(std::span<const SequenceInput> batch, const BatchShape& shape,
-                const std::vector<kvstore::Selection>& selections);
+                 const std::vector<int64_t>& first_row, kvstore::Selection& lists, int32_t* unit_slots,
+                 LayerPlan* out);
+  void UndoPlan(std::span<const SequenceInput> batch, const BatchShape& shape, const kvstore::Selection& lists);
 
   const ModelConfig* lc_ = nullptr;
   std::unique_ptr<kvstore::HostKvStore> store_;
@@ -256,9 +255,9 @@ class HostTierKv final : public KvPlacement {
     kvstore::PrefetchPlan prefetch;
     kvstore::AppendPlan append;  // fetch and flush only
   } plan_;
-  int64_t step_lists_ = 0, step_rows_ = 0;  // the step's listed blocks and new rows (index offsets)
-  int64_t seg_blocks_ = 0;                  // > 0: the step attends in segments of this many blocks
-  HostLists seg_lists_;                     // the lists the segments walk
+  int64_t step_rows_ = 0;      // the step's new rows
+  int64_t seg_blocks_ = 0;     // > 0: the step attends in segments of this many blocks
+  kvstore::Selection seg_lists_;  // the lists the segments walk
   std::vector<SequenceId> seg_seqs_;
   SegmentSlot segment_slots_[2];
   int64_t segments_run_ = 0;  // over the placement's life: picks the slot and the pin id
@@ -313,7 +312,7 @@ absl::Status HostTierKv::Init(const KvShape& s, const CudaModelOptions& o) {
 }
 
 absl::Status HostTierKv::TakeLists(std::span<const SequenceInput> batch, const BatchShape& shape, bool santa,
-                                   HostLists* lists) {
+                                   kvstore::Selection* lists, int* max_list) {
   // A layer's lists too long for its share of the GPU block cache (a prompt chunk deep into a
   // context longer than the GPU holds) are attended in segments; the step's own index arrays
   // then carry no lists.
@@ -325,9 +324,10 @@ absl::Status HostTierKv::TakeLists(std::span<const SequenceInput> batch, const B
   if (santa) return absl::UnimplementedError("SANTA over lists longer than the GPU block cache holds at once");
   for (const SequenceInput& in : batch) seg_seqs_.push_back(in.seq);
   seg_lists_ = std::move(*lists);
+  *lists = {.num_seqs = seg_lists_.num_seqs, .num_layers = seg_lists_.num_layers,
+            .num_kv_heads = seg_lists_.num_kv_heads};
   lists->indptr.assign(seg_lists_.indptr.size(), 0);
-  lists->blocks.clear();
-  lists->max_list = static_cast<int>(seg_blocks_);
+  *max_list = static_cast<int>(seg_blocks_);
   const int64_t rows = shape.total_tokens * lc_->num_attention_heads;
   SCOUT_RETURN_IF_ERROR(seg_out_.Reserve(rows * lc_->head_dim * 2, "segment attention"));
   SCOUT_RETURN_IF_ERROR(seg_lse_.Reserve(rows * 4, "segment attention"));
@@ -362,10 +362,9 @@ absl::StatusOr<int64_t> HostTierKv::SegmentBlocks(std::span<const SequenceInput>
 }
 
 void HostTierKv::PlanLayer(int l, std::span<const SequenceInput> batch, const BatchShape& shape,
-                           const std::vector<kvstore::Selection>& selections, const std::vector<int64_t>& first_row,
-                           const std::vector<int32_t>& indptr, int32_t* sel_slots, int32_t* unit_slots,
+                           const std::vector<int64_t>& first_row, kvstore::Selection& lists, int32_t* unit_slots,
                            LayerPlan* o) {
-  const int L = num_layers(), nkv = num_kv_heads();
+  const int nkv = num_kv_heads();
   const int64_t T = shape.total_tokens;
   const int32_t base = l * layer_units_;
   for (size_t i = 0; i < batch.size() && o->status.ok(); ++i) {
@@ -385,14 +384,14 @@ void HostTierKv::PlanLayer(int l, std::span<const SequenceInput> batch, const Ba
     }
     for (kvstore::Transfer x : a->fetch) o->fetch.push_back({x.src, base + x.slot});
     for (kvstore::Transfer x : a->flush) o->flush.push_back({x.src, base + x.slot});
-    absl::StatusOr<kvstore::PrefetchPlan> p =
-        kvstore::PlanPrefetchLayers(selections[i], batch[i].seq, *store_, *caches_[l], step_id_, l, l + 1);
+    absl::StatusOr<kvstore::PrefetchPlan> p = kvstore::PlanPrefetchLayers(
+        lists, static_cast<int>(i), batch[i].seq, *store_, *caches_[l], step_id_, l, l + 1);
     if (!p.ok()) {
       o->status = p.status();
       return;
     }
-    const size_t entry0 = indptr[(i * L + l) * nkv];
-    for (size_t k = 0; k < p->slots.size(); ++k) sel_slots[entry0 + k] = base + p->slots[k];
+    const size_t entry0 = lists.indptr[lists.List(static_cast<int>(i), l, 0)];
+    for (size_t k = 0; k < p->slots.size(); ++k) lists.slots[entry0 + k] = base + p->slots[k];
     for (kvstore::Transfer x : p->transfers) o->transfers.push_back({x.src, base + x.slot});
     o->hits += p->hits;
     o->misses += p->misses;
@@ -400,7 +399,7 @@ void HostTierKv::PlanLayer(int l, std::span<const SequenceInput> batch, const Ba
 }
 
 void HostTierKv::UndoPlan(std::span<const SequenceInput> batch, const BatchShape& shape,
-                          const std::vector<kvstore::Selection>& selections) {
+                          const kvstore::Selection& lists) {
   // Unpin, forget every unit the plans touched (a claimed slot holds nothing valid yet; dropping
   // hits too only costs a later miss), give the reserved tokens back.
   const int L = num_layers(), nkv = num_kv_heads();
@@ -409,13 +408,12 @@ void HostTierKv::UndoPlan(std::span<const SequenceInput> batch, const BatchShape
     const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
     const int32_t b0 = static_cast<int32_t>(shape.start[i] / kvstore::kBlockSize);
     const int32_t b1 = static_cast<int32_t>(kvstore::BlocksFor(shape.start[i] + n));
-    const kvstore::Selection& sel = selections[i];
     for (int layer = 0; layer < L; ++layer) {
       for (int head = 0; head < nkv; ++head) {
         for (int32_t b = b0; b < b1; ++b) caches_[layer]->Invalidate({batch[i].seq, layer, head, b}).IgnoreError();
-        const int list = layer * nkv + head;
-        for (int32_t k = sel.indptr[list]; k < sel.indptr[list + 1]; ++k) {
-          caches_[layer]->Invalidate({batch[i].seq, layer, head, sel.blocks[k]}).IgnoreError();
+        const int list = lists.List(static_cast<int>(i), layer, head);
+        for (int32_t k = lists.indptr[list]; k < lists.indptr[list + 1]; ++k) {
+          caches_[layer]->Invalidate({batch[i].seq, layer, head, lists.blocks[k]}).IgnoreError();
         }
       }
     }
@@ -424,12 +422,11 @@ void HostTierKv::UndoPlan(std::span<const SequenceInput> batch, const BatchShape
 }
 
 absl::Status HostTierKv::Prepare(std::span<const SequenceInput> batch, const BatchShape& shape,
-                                 const HostLists& lists, int32_t* index) {
+                                 kvstore::Selection* lists, int32_t* index) {
   const auto t0 = std::chrono::steady_clock::now();
-  const int L = num_layers(), nkv = num_kv_heads();
+  const int L = num_layers();
   const size_t B = batch.size();
   ++step_id_;
-  step_lists_ = static_cast<int64_t>(lists.blocks.size());
   step_rows_ = shape.total_tokens;
   // The new tokens' room in the store first (serially: it may allocate host memory).
   for (size_t i = 0; i < B; ++i) {
@@ -439,24 +436,13 @@ absl::Status HostTierKv::Prepare(std::span<const SequenceInput> batch, const Bat
       return st;
     }
   }
-  // Each sequence's lists as the planner takes them.
-  std::vector<kvstore::Selection> selections(B);
   std::vector<int64_t> first_row(B + 1, 0);
-  for (size_t i = 0; i < B; ++i) {
-    kvstore::Selection& sel = selections[i];
-    sel.num_layers = L;
-    sel.num_kv_heads = nkv;
-    const int32_t base = lists.indptr[i * L * nkv];
-    sel.indptr.reserve(static_cast<size_t>(L) * nkv + 1);
-    for (int k = 0; k <= L * nkv; ++k) sel.indptr.push_back(lists.indptr[i * L * nkv + k] - base);
-    sel.blocks.assign(lists.blocks.begin() + base, lists.blocks.begin() + base + sel.indptr.back());
-    first_row[i + 1] = first_row[i] + static_cast<int64_t>(batch[i].tokens.size());
-  }
-  int32_t* sel_slots = index;
-  int32_t* unit_slots = index + step_lists_;
+  for (size_t i = 0; i < B; ++i) first_row[i + 1] = first_row[i] + static_cast<int64_t>(batch[i].tokens.size());
+  lists->slots.assign(lists->blocks.size(), 0);
+  int32_t* unit_slots = index;
   // Each layer on its own cache: planned on several threads, writing the slot arrays in place.
   std::vector<LayerPlan> out(L);
-  auto plan = [&](int l) { PlanLayer(l, batch, shape, selections, first_row, lists.indptr, sel_slots, unit_slots, &out[l]); };
+  auto plan = [&](int l) { PlanLayer(l, batch, shape, first_row, *lists, unit_slots, &out[l]); };
   const int threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, std::min(L, 16));
   if (threads == 1) {
     for (int l = 0; l < L; ++l) plan(l);
@@ -471,7 +457,7 @@ absl::Status HostTierKv::Prepare(std::span<const SequenceInput> batch, const Bat
   }
   for (int l = 0; l < L; ++l) {
     if (out[l].status.ok()) continue;
-    UndoPlan(batch, shape, selections);
+    UndoPlan(batch, shape, *lists);
     const absl::Status& st = out[l].status;
     if (st.code() == absl::StatusCode::kResourceExhausted) {
       return CacheFull(absl::StrCat("the GPU block cache (", layer_units_, " units per layer) cannot hold this step's ",
@@ -519,44 +505,41 @@ absl::Status HostTierKv::SegmentedAttention(int layer, kernels::SparseDecodePara
                                             cudaStream_t stream) {
   const int L = num_layers(), nkv = num_kv_heads();
   const int nh = static_cast<int>(lc_->num_attention_heads), hd = static_cast<int>(lc_->head_dim);
-  const size_t B = seg_seqs_.size();
-  const std::vector<int32_t>& indptr = seg_lists_.indptr;
-  const std::vector<int32_t>& blocks = seg_lists_.blocks;
+  const int B = static_cast<int>(seg_seqs_.size());
+  const kvstore::Selection& lists = seg_lists_;
   uint16_t* const out = ap.out;
   // Each (sequence, head) list of this layer is ascending: a cursor walks it segment by segment.
-  std::vector<int32_t> cursor(B * nkv);
+  std::vector<int32_t> cursor(static_cast<size_t>(B) * nkv);
   int32_t last_block = 0;
-  for (size_t i = 0; i < B; ++i) {
+  for (int i = 0; i < B; ++i) {
     for (int h = 0; h < nkv; ++h) {
-      const size_t list = (i * L + layer) * nkv + h;
-      cursor[i * nkv + h] = indptr[list];
-      if (indptr[list + 1] > indptr[list]) last_block = std::max(last_block, blocks[indptr[list + 1] - 1]);
+      const int list = lists.List(i, layer, h);
+      cursor[i * nkv + h] = lists.indptr[list];
+      if (lists.indptr[list + 1] > lists.indptr[list]) last_block = std::max(last_block, lists.blocks[lists.indptr[list + 1] - 1]);
     }
   }
   const int32_t base = layer * layer_units_;
   bool first = true;
   for (int64_t k = 0; k * seg_blocks_ <= last_block; ++k) {
     const int64_t end_block = (k + 1) * seg_blocks_;
-    // This segment's lists: as the planner takes them (a Selection per sequence, this layer's
-    // lists only) and as the kernel reads them ([sequence][head]).
-    std::vector<kvstore::Selection> sel(B);
-    std::vector<int32_t> seg_indptr = {0}, seg_list;
-    for (size_t i = 0; i < B; ++i) {
-      sel[i] = {.num_layers = L, .num_kv_heads = nkv};
-      sel[i].indptr.assign(static_cast<size_t>(layer) * nkv + 1, 0);
-      for (int h = 0; h < nkv; ++h) {
-        const int32_t list_end = indptr[(i * L + layer) * nkv + h + 1];
-        int32_t& c = cursor[i * nkv + h];
-        for (; c < list_end && blocks[c] < end_block; ++c) {
-          sel[i].blocks.push_back(blocks[c]);
-          seg_list.push_back(blocks[c]);
+    // This segment's lists: the batch's, this layer's only (the others empty).
+    kvstore::Selection seg{.num_seqs = B, .num_layers = L, .num_kv_heads = nkv};
+    seg.indptr.reserve(seg.num_lists() + 1);
+    seg.indptr.push_back(0);
+    for (int i = 0; i < B; ++i) {
+      for (int l = 0; l < L; ++l) {
+        for (int h = 0; h < nkv; ++h) {
+          if (l == layer) {
+            const int32_t list_end = lists.indptr[lists.List(i, layer, h) + 1];
+            for (int32_t& c = cursor[i * nkv + h]; c < list_end && lists.blocks[c] < end_block; ++c) {
+              seg.blocks.push_back(lists.blocks[c]);
+            }
+          }
+          seg.indptr.push_back(static_cast<int32_t>(seg.blocks.size()));
         }
-        sel[i].indptr.push_back(static_cast<int32_t>(sel[i].blocks.size()));
-        seg_indptr.push_back(static_cast<int32_t>(seg_list.size()));
       }
-      sel[i].indptr.resize(static_cast<size_t>(L) * nkv + 1, static_cast<int32_t>(sel[i].blocks.size()));
     }
-    if (seg_list.empty()) continue;
+    if (seg.blocks.empty()) continue;
     // The slot of the segment before last: its attention must be done before its units go.
     SegmentSlot& slot = segment_slots_[segments_run_ % 2];
     SCOUT_RETURN_IF_ERROR(ReleaseSegment(slot));
@@ -564,13 +547,13 @@ absl::Status HostTierKv::SegmentedAttention(int layer, kernels::SparseDecodePara
     slot.layer = layer;
     kvstore::PrefetchPlan moves;
     moves.layer_begin.assign(L + 1, 0);
-    std::vector<int32_t> slots;
-    slots.reserve(seg_list.size());
-    for (size_t i = 0; i < B; ++i) {
+    seg.slots.resize(seg.blocks.size());
+    for (int i = 0; i < B; ++i) {
       absl::StatusOr<kvstore::PrefetchPlan> p =
-          kvstore::PlanPrefetchLayers(sel[i], seg_seqs_[i], *store_, *caches_[layer], slot.step, layer, layer + 1);
+          kvstore::PlanPrefetchLayers(seg, i, seg_seqs_[i], *store_, *caches_[layer], slot.step, layer, layer + 1);
       if (!p.ok()) return p.status();
-      for (int32_t x : p->slots) slots.push_back(base + x);
+      const int32_t entry0 = seg.indptr[seg.List(i, layer, 0)];
+      for (size_t x = 0; x < p->slots.size(); ++x) seg.slots[entry0 + x] = base + p->slots[x];
       for (kvstore::Transfer x : p->transfers) moves.transfers.push_back({x.src, base + x.slot});
       stats_.unit_hits += p->hits;
       stats_.unit_misses += p->misses;
@@ -582,19 +565,19 @@ absl::Status HostTierKv::SegmentedAttention(int layer, kernels::SparseDecodePara
       SCOUT_RETURN_IF_ERROR(copier_->LaunchLayer(moves, layer));
       SCOUT_RETURN_IF_CUDA(cudaStreamWaitEvent(stream, copier_->layer_done(layer), 0), "segment wait");
     }
-    const size_t n_indptr = seg_indptr.size(), n = seg_list.size(), total = n_indptr + 2 * n;
+    // [indptr | blocks | slots] to the device, and the kernel's lists from their view there.
+    const size_t n_indptr = seg.indptr.size(), n = seg.blocks.size(), total = n_indptr + 2 * n;
     SCOUT_RETURN_IF_ERROR(slot.stage.Reserve(total * 4));
     SCOUT_RETURN_IF_ERROR(slot.index.Reserve(total * 4, "segment lists"));
     int32_t* st = static_cast<int32_t*>(slot.stage.ptr);
-    std::copy(seg_indptr.begin(), seg_indptr.end(), st);
-    std::copy(seg_list.begin(), seg_list.end(), st + n_indptr);
-    std::copy(slots.begin(), slots.end(), st + n_indptr + n);
+    std::copy(seg.indptr.begin(), seg.indptr.end(), st);
+    std::copy(seg.blocks.begin(), seg.blocks.end(), st + n_indptr);
+    std::copy(seg.slots.begin(), seg.slots.end(), st + n_indptr + n);
     SCOUT_RETURN_IF_CUDA(cudaMemcpyAsync(slot.index.ptr, st, total * 4, cudaMemcpyHostToDevice, stream), "segment upload");
     const int32_t* di = slot.index.as<int32_t>();
-    ap.sel_indptr = di;
-    ap.sel_blocks = di + n_indptr;
-    ap.sel_slots = di + n_indptr + n;
-    ap.sel_seq_stride = nkv;
+    SetLists(ap, {.indptr = di, .blocks = di + n_indptr, .slots = di + n_indptr + n, .num_seqs = B, .num_layers = L,
+                  .num_kv_heads = nkv},
+             layer, 0);
     ap.out = seg_out_.as<uint16_t>();
     ap.lse = seg_lse_.as<float>();
     SCOUT_RETURN_IF_ERROR(attend(ap));

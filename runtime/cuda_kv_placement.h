@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/sparse_decode.h"
 #include "kvstore/block_table.h"
+#include "kvstore/selection.h"
 #include "runtime/backend.h"
 #include "runtime/batch_check.h"
 #include "runtime/cuda_model.h"
@@ -24,17 +25,10 @@
 
 namespace scout::runtime::cuda {
 
-// A step's lists on the host, as the kernels read them: list (sequence i of the batch, layer,
-// KV head of this shard) is blocks[indptr[(i * layers + layer) * kv_heads + head] ...].
-struct HostLists {
-  std::vector<int32_t> indptr, blocks;
-  int max_list = 0;  // longest list; sizes the attention plan
-};
-
 // What a step asks beyond reading and writing its KV: placements refuse what they cannot do.
 struct StepDemands {
   bool capture = false;       // recorded into a CUDA graph (CaptureForward)
-  bool device_lists = false;  // DeviceSelection: lists made on the GPU
+  bool device_lists = false;  // DeviceStepOptions::selection: lists made on the GPU
   bool block_mass = false;    // the draft's attention mass written by the pass
 };
 
@@ -42,8 +36,16 @@ struct StepDemands {
 struct LayerKv {
   uint16_t* kv = nullptr;                // the layer's pool (resident) or the unit cache (host tier)
   const int32_t* unit_slots = nullptr;   // host tier: [rows][kv heads] unit each new row goes to
-  const int32_t* sel_slots = nullptr;    // host tier: cache unit of each listed block
 };
+
+// Layer `layer`'s lists of `v` (KV heads from head_offset: a tensor-parallel shard's) as an
+// attention kernel's list parameters.
+inline void SetLists(kernels::SparseDecodeParams& ap, const kvstore::SelectionView& v, int layer, int head_offset) {
+  ap.sel_indptr = v.layer_indptr(layer, head_offset);
+  ap.sel_blocks = v.blocks;
+  ap.sel_slots = v.slots;
+  ap.sel_seq_stride = v.seq_stride();
+}
 
 // Writes one stretch of a sequence's KV in place (bf16, device-accessible) for CudaModel::
 // WriteContext; `key` is the same for the same stretch of the same sequence.
@@ -70,18 +72,20 @@ class KvPlacement {
   virtual bool needs_host_lists() const = 0;
   // Steps may be captured into CUDA graphs and replayed.
   virtual bool graphs_allowed() const = 0;
-  // Last say over the step's host lists before they are staged: the host tier takes lists too
-  // long for a layer's share of its cache, to attend them in segments (the staged lists are
-  // then empty and max_list is a segment's blocks). `santa`: the step samples (no segments).
+  // Last say over the step's host lists (this shard's heads) before they are staged: the host
+  // tier takes lists too long for a layer's share of its cache, to attend them in segments (the
+  // staged lists are then empty and *max_list a segment's blocks). `santa`: the step samples.
   virtual absl::Status TakeLists(std::span<const SequenceInput> batch, const BatchShape& shape, bool santa,
-                                 HostLists* lists) = 0;
+                                 kvstore::Selection* lists, int* max_list) = 0;
+  // Prepare fills the lists' slots (the units of a cache the blocks are read from).
+  virtual bool fills_slots() const = 0;
   // int32 entries this step adds to the staged index arrays.
-  virtual size_t IndexInts(int64_t total_tokens, const HostLists& lists) const = 0;
+  virtual size_t IndexInts(int64_t total_tokens) const = 0;
   // Commits the step: the sequences grow by their new tokens (the host tier: reserves them in
-  // the store, pins every unit the step reads or writes, plans its transfers) and its index
-  // entries are written at `index`. All or nothing.
-  virtual absl::Status Prepare(std::span<const SequenceInput> batch, const BatchShape& shape, const HostLists& lists,
-                               int32_t* index) = 0;
+  // the store, pins every unit the step reads or writes, plans its transfers, fills
+  // lists->slots) and its index entries are written at `index`. All or nothing.
+  virtual absl::Status Prepare(std::span<const SequenceInput> batch, const BatchShape& shape,
+                               kvstore::Selection* lists, int32_t* index) = 0;
   // On `stream`, before the first layer (the host tier starts its copies).
   virtual absl::Status BeginTransfers(cudaStream_t stream) = 0;
   // The layer's KV; `index` is the device copy of the entries Prepare wrote. Makes `stream`

@@ -46,11 +46,13 @@ class ResidentKv final : public KvPlacement {
   absl::Status Check(const StepDemands&) override { return absl::OkStatus(); }
   bool needs_host_lists() const override { return false; }
   bool graphs_allowed() const override { return true; }
-  absl::Status TakeLists(std::span<const SequenceInput>, const BatchShape&, bool, HostLists*) override {
+  absl::Status TakeLists(std::span<const SequenceInput>, const BatchShape&, bool, kvstore::Selection*,
+                         int*) override {
     return absl::OkStatus();
   }
-  size_t IndexInts(int64_t, const HostLists&) const override { return 0; }
-  absl::Status Prepare(std::span<const SequenceInput> batch, const BatchShape& shape, const HostLists&,
+  bool fills_slots() const override { return false; }
+  size_t IndexInts(int64_t) const override { return 0; }
+  absl::Status Prepare(std::span<const SequenceInput> batch, const BatchShape& shape, kvstore::Selection*,
                        int32_t*) override {
     return GrowForBatch(*tables_, batch, shape);
   }

@@ -299,12 +299,7 @@ absl::Status LayerStack::AttentionBlock(const LayerStep& s, int layer, KvPlaceme
                                  .num_heads = static_cast<int>(nh), .num_kv_heads = static_cast<int>(nkv),
                                  .head_dim = static_cast<int>(hd), .scale = 1.0f / std::sqrt(static_cast<float>(hd))};
   ap.sliding_window = static_cast<int>(c_.SlidingWindow(layer));  // 0 on full-attention layers
-  if (s.sel_indptr != nullptr) {
-    ap.sel_indptr = s.sel_indptr + layer * s.sel_layer_stride;
-    ap.sel_blocks = s.sel_blocks;
-    ap.sel_seq_stride = s.sel_seq_stride;
-    ap.sel_slots = lkv->sel_slots;
-  }
+  if (s.lists.indptr != nullptr) SetLists(ap, s.lists, layer, s.list_head_offset);
   const bool want_mass = s.host_mass || s.block_mass != nullptr;
   if (want_mass) ap.lse = lse_.as<float>();
   if (s.fused_mass) {  // the attention writes each block's log-sum-exp: the mass needs no key reads

@@ -38,12 +38,10 @@ struct LayerStep {
   const int32_t* block_table = nullptr;  // [seqs][table_blocks]
   int table_blocks = 0;
   const int32_t* kv_index = nullptr;     // the placement's entries (KvPlacement::Prepare)
-  // Lists, [seqs][layers][this shard's kv heads] of KvPlacement; nullptr: dense. Layer l's
-  // start at sel_indptr + l * sel_layer_stride.
-  const int32_t* sel_indptr = nullptr;
-  const int32_t* sel_blocks = nullptr;
-  int64_t sel_layer_stride = 0;
-  int sel_seq_stride = 0;
+  // The step's lists in device memory (indptr nullptr: dense); this shard's KV heads start at
+  // list_head_offset of the view's.
+  kvstore::SelectionView lists;
+  int list_head_offset = 0;
   int max_q = 0, max_list = 0, max_blocks = 0;
   const kernels::SparseDecodePlan* plan = nullptr;
   const kernels::SantaPlan* santa_plan = nullptr;  // with santa_samples > 0

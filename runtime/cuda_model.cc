@@ -29,18 +29,18 @@ using cuda::PinnedBuffer;
 // placement's entries come last.
 struct StepLayout {
   size_t tokens = 0, positions = 0, phys = 0, q_indptr = 0, seq_lens = 0, block_table = 0, sel_indptr = 0,
-         sel_blocks = 0, kv = 0, total = 0;
+         sel_blocks = 0, sel_slots = 0, kv = 0, total = 0;
 };
 
 // What a step decided before it is staged.
 struct StepPlan {
   BatchShape shape;
-  bool host_lists = false;  // attends over lists built on the host (inputs' selections, the host tier)
+  bool host_lists = false;  // attends over lists staged from the host (inputs' selections, host_lists, the host tier)
   bool host_mass = false;   // block mass copied to the inputs (Forward)
   bool graphed = false;     // run through a graph kept for its shape
   int64_t rows = 0, logit_rows = 0;
   int max_q = 0, max_blocks = 0, max_list = 0, table_blocks = 0;
-  cuda::HostLists lists;
+  kvstore::Selection lists;  // host lists, this shard's KV heads
   StepLayout lay;
   kernels::SparseDecodePlan plan;
   kernels::SantaPlan santa_plan;
@@ -107,7 +107,8 @@ struct CudaModel::Impl {
  private:
   absl::StatusOr<StepPlan> CheckStep(std::span<const SequenceInput> batch, const DeviceStepOptions& o, bool capture,
                                      bool host_mass_out, bool host_logits, bool host_selections);
-  void BuildLists(std::span<const SequenceInput> batch, StepPlan& p) const;
+  void BuildLists(std::span<const SequenceInput> batch, const DeviceStepOptions& o, StepPlan& p) const;
+  absl::Status CheckLists(const DeviceStepOptions& o, int num_seqs) const;
   absl::Status SizeStep(const DeviceStepOptions& o, StepPlan& p);
   absl::StatusOr<Staging> ChooseStaging(std::span<const SequenceInput> batch, const DeviceStepOptions& o,
                                         const StepPlan& p, bool capture);
@@ -147,6 +148,8 @@ absl::StatusOr<StepPlan> CudaModel::Impl::CheckStep(std::span<const SequenceInpu
     return absl::InvalidArgumentError("block mass needs exact attention (no SANTA sampling in the same pass)");
   }
   if (o.santa_samples < 0) return absl::InvalidArgumentError("santa_samples must be >= 0");
+  SCOUT_RETURN_IF_ERROR(CheckLists(o, static_cast<int>(batch.size())));
+  p.host_lists |= o.host_lists != nullptr;
   p.rows = p.shape.total_tokens;
   p.logit_rows = p.shape.logit_rows;
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -155,36 +158,62 @@ absl::StatusOr<StepPlan> CudaModel::Impl::CheckStep(std::span<const SequenceInpu
         std::max(p.max_blocks, static_cast<int>(kvstore::BlocksFor(p.shape.start[i] + batch[i].tokens.size())));
   }
   p.graphed = o.use_graph && !capture && kv->graphs_allowed() && o.santa_samples == 0 && !host_logits &&
-              !host_mass_out && !host_selections &&
+              !host_mass_out && !host_selections && o.host_lists == nullptr &&
               std::none_of(batch.begin(), batch.end(), [](const SequenceInput& in) { return in.selection != nullptr; });
   return p;
 }
 
-void CudaModel::Impl::BuildLists(std::span<const SequenceInput> batch, StepPlan& p) const {
-  // Selections name the whole model's KV heads, of which this shard holds [kv0, kv0 + nkv).
-  const int64_t L = stack.shard().num_hidden_layers, nkv = stack.shard().num_key_value_heads;
-  const int64_t nkv_all = stack.model().num_key_value_heads, kv0 = stack.tp_rank() * nkv;
-  cuda::HostLists& lists = p.lists;
+void CudaModel::Impl::BuildLists(std::span<const SequenceInput> batch, const DeviceStepOptions& o, StepPlan& p) const {
+  // Lists name the whole model's KV heads, of which this shard holds [kv0, kv0 + nkv); the
+  // blocks of each sequence's new tokens are always listed (ListsWithNewBlocks).
+  const int L = static_cast<int>(stack.shard().num_hidden_layers), nkv = static_cast<int>(stack.shard().num_key_value_heads);
+  const int nkv_all = static_cast<int>(stack.model().num_key_value_heads), kv0 = stack.tp_rank() * nkv;
+  kvstore::Selection& lists = p.lists;
+  lists = {.num_seqs = static_cast<int>(batch.size()), .num_layers = L, .num_kv_heads = nkv};
   lists.indptr.push_back(0);
   for (size_t i = 0; i < batch.size(); ++i) {
     const SequenceInput& in = batch[i];
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    for (int64_t layer = 0; layer < L; ++layer) {
-      if (in.selection != nullptr) {
+    for (int layer = 0; layer < L; ++layer) {
+      if (o.host_lists != nullptr) {
+        const kvstore::Selection& b = *o.host_lists;
+        ListsWithNewBlocks(b.indptr.data() + b.List(static_cast<int>(i), layer, kv0), b.blocks.data(), nkv,
+                           p.shape.start[i], n, &lists.indptr, &lists.blocks);
+      } else if (in.selection != nullptr) {
         ListsWithNewBlocks(in.selection->indptr.data() + layer * nkv_all + kv0, in.selection->blocks.data(), nkv,
                            p.shape.start[i], n, &lists.indptr, &lists.blocks);
       } else {  // dense member of a sparse batch: every block
         const int32_t nb = static_cast<int32_t>(kvstore::BlocksFor(p.shape.start[i] + n));
-        for (int64_t kh = 0; kh < nkv; ++kh) {
+        for (int kh = 0; kh < nkv; ++kh) {
           for (int32_t b = 0; b < nb; ++b) lists.blocks.push_back(b);
           lists.indptr.push_back(static_cast<int32_t>(lists.blocks.size()));
         }
       }
     }
   }
-  for (size_t k = 0; k + 1 < lists.indptr.size(); ++k) {
-    lists.max_list = std::max(lists.max_list, lists.indptr[k + 1] - lists.indptr[k]);
+  p.max_list = lists.MaxList();
+}
+
+absl::Status CudaModel::Impl::CheckLists(const DeviceStepOptions& o, int num_seqs) const {
+  const int L = static_cast<int>(stack.model().num_hidden_layers), nkv = static_cast<int>(stack.model().num_key_value_heads);
+  if (o.selection != nullptr && o.host_lists != nullptr) {
+    return absl::InvalidArgumentError("a step takes device lists or host lists, not both");
   }
+  if (o.selection != nullptr && (o.selection->num_seqs != num_seqs || o.selection->num_layers != L ||
+                                 o.selection->num_kv_heads != nkv || o.selection->indptr == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat("device lists of ", o.selection->num_seqs, " x ",
+                                                   o.selection->num_layers, " x ", o.selection->num_kv_heads,
+                                                   " for a batch of ", num_seqs, " x ", L, " x ", nkv));
+  }
+  if (const kvstore::Selection* h = o.host_lists;
+      h != nullptr && (h->num_seqs != num_seqs || h->num_layers != L || h->num_kv_heads != nkv ||
+                       h->indptr.size() != static_cast<size_t>(h->num_lists()) + 1 ||
+                       h->indptr.back() != static_cast<int32_t>(h->blocks.size()))) {
+    return absl::InvalidArgumentError(absl::StrCat("host lists of ", h->num_seqs, " x ", h->num_layers, " x ",
+                                                   h->num_kv_heads, " (", h->indptr.size(), " offsets) for a batch of ",
+                                                   num_seqs, " x ", L, " x ", nkv));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaModel::Impl::SizeStep(const DeviceStepOptions& o, StepPlan& p) {
@@ -195,7 +224,7 @@ absl::Status CudaModel::Impl::SizeStep(const DeviceStepOptions& o, StepPlan& p) 
     return p.graphed ? (n + kGraphBlockQuantum - 1) / kGraphBlockQuantum * kGraphBlockQuantum : n;
   };
   p.max_blocks = quantize(p.max_blocks);
-  p.max_list = p.host_lists ? p.lists.max_list : p.max_blocks;
+  if (!p.host_lists) p.max_list = p.max_blocks;
   if (o.selection != nullptr) p.max_list = quantize(o.selection->max_list_blocks);
   p.table_blocks = std::max(p.max_blocks, o.selection != nullptr ? quantize(o.selection->block_bound) : 0);
 
@@ -209,8 +238,9 @@ absl::Status CudaModel::Impl::SizeStep(const DeviceStepOptions& o, StepPlan& p) 
   lay.block_table = lay.seq_lens + B;
   lay.sel_indptr = lay.block_table + static_cast<size_t>(B) * p.table_blocks;
   lay.sel_blocks = lay.sel_indptr + p.lists.indptr.size();
-  lay.kv = lay.sel_blocks + p.lists.blocks.size();
-  lay.total = lay.kv + kv->IndexInts(T, p.lists);
+  lay.sel_slots = lay.sel_blocks + p.lists.blocks.size();
+  lay.kv = lay.sel_slots + (kv->fills_slots() ? p.lists.blocks.size() : 0);
+  lay.total = lay.kv + kv->IndexInts(T);
 
   const int rows_per_cta = kernels::SparseDecodeRowsPerCta(nh, nkv, p.max_q);
   p.plan = kernels::PlanSparseDecode(B, nh, nkv, p.max_q, p.max_list, static_cast<int>(T), hd, stack.sms(),
@@ -298,28 +328,27 @@ void CudaModel::Impl::Stage(std::span<const SequenceInput> batch, const StepPlan
   }
   std::copy(p.lists.indptr.begin(), p.lists.indptr.end(), st + lay.sel_indptr);
   std::copy(p.lists.blocks.begin(), p.lists.blocks.end(), st + lay.sel_blocks);
+  std::copy(p.lists.slots.begin(), p.lists.slots.end(), st + lay.sel_slots);
 }
 
 cuda::LayerStep CudaModel::Impl::StepArgs(std::span<const SequenceInput> batch, const DeviceStepOptions& o,
                                           const StepPlan& p, const int32_t* di) const {
   const int64_t L = stack.shard().num_hidden_layers, nkv = stack.shard().num_key_value_heads;
-  const int64_t nkv_all = stack.model().num_key_value_heads, kv0 = stack.tp_rank() * nkv;
+  const int64_t kv0 = stack.tp_rank() * nkv;
   const StepLayout& lay = p.lay;
   cuda::LayerStep s{.batch = batch, .rows = p.rows, .logit_rows = p.logit_rows,
                     .tokens = o.device_tokens != nullptr ? o.device_tokens : di + lay.tokens,
                     .positions = di + lay.positions, .phys = di + lay.phys, .q_indptr = di + lay.q_indptr,
                     .seq_lens = di + lay.seq_lens, .block_table = di + lay.block_table,
                     .table_blocks = p.table_blocks, .kv_index = di + lay.kv};
-  if (o.selection != nullptr) {  // [seqs][layers][the whole model's kv heads]
-    s.sel_indptr = o.selection->indptr + kv0;
-    s.sel_blocks = o.selection->blocks;
-    s.sel_layer_stride = nkv_all;
-    s.sel_seq_stride = static_cast<int>(L * nkv_all);
-  } else if (p.host_lists) {  // [seqs][layers][this shard's kv heads]
-    s.sel_indptr = di + lay.sel_indptr;
-    s.sel_blocks = di + lay.sel_blocks;
-    s.sel_layer_stride = nkv;
-    s.sel_seq_stride = static_cast<int>(L * nkv);
+  if (o.selection != nullptr) {  // the whole model's KV heads: this shard's from kv0
+    s.lists = *o.selection;
+    s.list_head_offset = static_cast<int>(kv0);
+  } else if (p.host_lists) {  // staged with this shard's KV heads
+    s.lists = {.indptr = di + lay.sel_indptr, .blocks = di + lay.sel_blocks,
+               .slots = p.lists.slots.empty() ? nullptr : di + lay.sel_slots, .num_seqs = p.lists.num_seqs,
+               .num_layers = static_cast<int>(L), .num_kv_heads = static_cast<int>(nkv),
+               .max_list_blocks = p.max_list};
   }
   s.max_q = p.max_q;
   s.max_list = p.max_list;
@@ -425,8 +454,8 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
       CheckStep(batch, o, capture, host_mass_out != nullptr, host_logits != nullptr, host_selections);
   if (!p.ok()) return p.status();
   if (p->host_lists) {
-    BuildLists(batch, *p);
-    SCOUT_RETURN_IF_ERROR(kv->TakeLists(batch, p->shape, o.santa_samples > 0, &p->lists));
+    BuildLists(batch, o, *p);
+    SCOUT_RETURN_IF_ERROR(kv->TakeLists(batch, p->shape, o.santa_samples > 0, &p->lists, &p->max_list));
   }
   SCOUT_RETURN_IF_ERROR(SizeStep(o, *p));
   absl::StatusOr<Staging> s = ChooseStaging(batch, o, *p, capture);
@@ -434,7 +463,7 @@ absl::Status CudaModel::Impl::Enqueue(std::span<const SequenceInput> batch, cons
   int32_t* st = static_cast<int32_t*>(s->stage->ptr);
   // All checks passed: the placement commits the step (the tables grow; the host tier pins and
   // plans its transfers), then the step's arrays are staged.
-  SCOUT_RETURN_IF_ERROR(kv->Prepare(batch, p->shape, p->lists, st + p->lay.kv));
+  SCOUT_RETURN_IF_ERROR(kv->Prepare(batch, p->shape, &p->lists, st + p->lay.kv));
   Stage(batch, *p, st);
   SCOUT_RETURN_IF_ERROR(Run(batch, o, *p, *s, capture));
   if (host_logits != nullptr) return Download(batch, *p, host_logits);

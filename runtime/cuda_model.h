@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "kvstore/block_table.h"
+#include "kvstore/selection.h"
 #include "runtime/backend.h"
 #include "runtime/llama_weights.h"
 
@@ -53,19 +54,6 @@ struct CudaModelOptions {
 };
 
 
-// Selection lists already on the device for a whole batch: the list of (sequence i of the
-// batch, layer, KV head) at blocks[indptr[(i * layers + layer) * kv_heads + kv_head] ...],
-// ascending logical blocks that include the blocks of the sequence's new tokens (BlockSelect
-// with a window at least that wide writes exactly this).
-struct DeviceSelection {
-  const int32_t* indptr = nullptr;
-  const int32_t* blocks = nullptr;
-  int max_list_blocks = 0;  // longest list (sizes the attention plan)
-  // Lists may name blocks below this bound past a sequence's end (a window sized for the last of
-  // several steps): they hold no visible key and are skipped by the causal mask. 0: none.
-  int block_bound = 0;
-};
-
 // Where a pass writes its attention mass per block (see kernels::BlockMassParams; with a
 // selection only the listed blocks are written, their masses relative to the listed set), for layer L:
 // mass + L * layer_stride, heads offset by L * layer_head_offset. The STS layout
@@ -82,7 +70,15 @@ struct DeviceBlockMass {
 };
 
 struct DeviceStepOptions {
-  const DeviceSelection* selection = nullptr;  // overrides every input's host selection
+  // Lists made on the device for the whole batch (kernels::BlockSelect writes them), a view of
+  // device memory over the whole model's layers and KV heads: ascending logical blocks that
+  // include the blocks of each sequence's new tokens (BlockSelect with a window at least that
+  // wide writes exactly this). Overrides every input's host selection.
+  const kvstore::SelectionView* selection = nullptr;
+  // The batch's lists in host memory, one Selection for the whole batch (the whole model's
+  // layers and KV heads): in place of the inputs' own selections, without splitting them per
+  // sequence. The host KV tier plans its prefetch from these; with neither, dense.
+  const kvstore::Selection* host_lists = nullptr;
   const DeviceBlockMass* block_mass = nullptr;
   int32_t* argmax = nullptr;  // device [logit rows]: greedy tokens
   // Device [total new tokens]: token ids read on the device instead of the inputs' (for feeding
