@@ -11,7 +11,7 @@ source .devbundle/env.sh  # (it sets variables of its own, `here` among them)
 export SCOUT_SOURCE_DIR=$root SCOUT=$root/.devbundle/bin/scout CK=${CK:-/tmp/ckpt}
 OUT=${OUT:-$root/out}
 mkdir -p "$OUT"
-steps=${*:-"tests serve prefill sessions tier"}
+steps=${*:-"tests decode serve prefill sessions tier"}
 left() { echo $((${LIMIT:-590} - SECONDS)); }
 nvidia-smi --query-gpu=name --format=csv,noheader
 for step in $steps; do
@@ -27,6 +27,10 @@ for step in $steps; do
       (mkdir -p /tmp/st && cd /tmp/st && SCOUT_TEST_SERVE_FLAGS="--device cuda" timeout 150 bash "$root/tests/serve_test.sh" \
         "$SCOUT" "$root" > "$OUT/serve_test_cuda.log" 2>&1; echo "serve_test on cuda rc $?"; grep -m3 FAIL "$OUT/serve_test_cuda.log")
       ;;
+    decode)  # lab and product rows of the round (the refactors' speed check), preset shapes
+      timeout "$(left)" "$SCOUT" bench decode --contexts 32768,131072 --batch-sizes 1,8 --iters 20 \
+        --host-contexts 131072 --host-turnovers 0 > "$OUT/bench_decode.txt" 2>&1
+      echo "bench decode rc $?"; grep -E "^\|" "$OUT/bench_decode.txt" | tail -40 ;;
     serve) CONFIGS="2048/0 2048/1.5" WINDOW=8 timeout "$(left)" bash bench/serve_long_prompt.sh 2>&1 | tail -6 ;;
     prefill) CONTEXTS="32760 131000" CHUNKS=4096 HF=1 timeout "$(left)" bash bench/prefill_product.sh 2>&1 | grep -v "^Warn" | tail -8 ;;
     sessions) SESSIONS=8 LENGTH=32768 TURN=2048 timeout "$(left)" bash bench/serve_sessions.sh 2>&1 |
