@@ -723,9 +723,9 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
             "tokens one pass may carry, over all its prompts (and, without a draft, the decoding requests' tokens "
             "that prompt chunks ride with)"},
            {"max-decode-slowdown", "1.5",
-            "without a draft: a decode step carrying prompt chunks takes at most this many times a decode-only "
-            "step (measured), so running requests' inter-token latency holds while a long prompt prefills; <= 1: "
-            "chunks bounded by --max-num-batched-tokens only"},
+            "a decode step carrying prompt chunks (with a draft: a prefill pass and the round after it) takes at "
+            "most this many times a decode-only step or round (measured), so running requests' inter-token latency "
+            "holds while a long prompt prefills; <= 1: prompts bounded by --max-num-batched-tokens only"},
            {"prefill-chunk", "", "the same as --max-num-batched-tokens (older name)"},
            {"served-model-name", "", "model id in the API (default: the model folder's name)"},
            {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},

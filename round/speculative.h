@@ -151,8 +151,10 @@ class SpeculativeStream {
     const int64_t want = static_cast<int64_t>(prompt_.size()) - 1;
     return prefilled_target_ >= want && prefilled_draft_ >= want;
   }
-  // Prompt tokens the target has prefilled so far.
+  // Prompt tokens the target has prefilled so far, and of the prompt those that prefill passes
+  // run (all but its last token, which opens the first round).
   int64_t prefilled_tokens() const { return prefilled_target_; }
+  int64_t prompt_to_prefill() const { return static_cast<int64_t>(prompt_.size()) - 1; }
   const SpeculativeOptions& options() const { return options_; }
 
  private:

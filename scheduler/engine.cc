@@ -1,6 +1,7 @@
 #include "scheduler/engine.h"
 
 #include <algorithm>
+#include <tuple>
 #include <chrono>
 #include <deque>
 
@@ -277,8 +278,18 @@ void Engine::Loop() {
       (r->prefilling ? prefilling : step).push_back(r.get());
     }
     const bool mixed = draft_ == nullptr && !step.empty();
+    // With a draft and requests decoding, the prefill pass and the round after it are paced as
+    // one step (their sum is the decoders' inter-token gap).
+    const bool paced = draft_ != nullptr && !step.empty() && pacer_.time_bound();
+    double paced_work = 0, pass_seconds = 0;
     if (!prefilling.empty() && !mixed) {
-      PrefillPass(prefilling);
+      int64_t budget = 0;
+      if (paced) std::tie(budget, paced_work) = PacedSpeculativePrefill(prefilling);
+      if (!paced || budget > 0) {
+        const auto t0 = Clock::now();
+        PrefillPass(prefilling, budget);
+        pass_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      }
       prefilling.clear();
       step.clear();
       for (auto& r : running) {
@@ -289,7 +300,17 @@ void Engine::Loop() {
                                  [](const std::shared_ptr<Request>& r) { return !r->started; }),
                   running.end());
     if (step.empty()) continue;
+    const auto round_start = Clock::now();
+    const size_t rounds_for = step.size();
     DecodeStep(step, prefilling);
+    if (paced && rounds_for > 0) {
+      const double round_seconds = std::chrono::duration<double>(Clock::now() - round_start).count();
+      if (paced_work > 0) {
+        pacer_.ObserveMixedStep(paced_work, pass_seconds + round_seconds);
+      } else if (pass_seconds == 0) {
+        pacer_.ObserveDecodeStep(round_seconds);
+      }
+    }
     running.erase(std::remove_if(running.begin(), running.end(), [](const std::shared_ptr<Request>& r) {
                     return !r->started;  // Finish clears started
                   }),
@@ -410,8 +431,28 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
   return StartResult::kPrefill;
 }
 
-void Engine::PrefillPass(const std::vector<Request*>& prefilling) {
+std::pair<int64_t, double> Engine::PacedSpeculativePrefill(const std::vector<Request*>& prefilling) const {
+  std::vector<PrefillPacer::Prompt> prompts;
+  for (Request* r : prefilling) {
+    const int64_t done = r->spec != nullptr ? r->spec->prefilled_tokens() : 0;
+    const int64_t left = r->spec != nullptr ? r->spec->prompt_to_prefill() - done : 0;
+    prompts.push_back({.start = r->earlier + done, .left = std::max<int64_t>(left, 0)});
+  }
+  // The pass fills the prompts in order, as the plan does: its sum is the pass's bound.
+  const std::vector<int64_t> plan = pacer_.Plan(prompts, std::max<int64_t>(options_.max_num_batched_tokens, 1));
+  int64_t tokens = 0;
+  double work = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (plan[i] <= 0) continue;
+    tokens += plan[i];
+    work += pacer_.Work(prompts[i].start, plan[i]);
+  }
+  return {tokens, work};
+}
+
+void Engine::PrefillPass(const std::vector<Request*>& prefilling, int64_t budget) {
   const auto pass_start = Clock::now();
+  if (budget <= 0) budget = options_.max_num_batched_tokens;
   int64_t tokens = 0;
   if (draft_ != nullptr) {
     std::vector<round::SpeculativeStream*> streams;
@@ -425,7 +466,7 @@ void Engine::PrefillPass(const std::vector<Request*>& prefilling) {
     std::vector<int64_t> before(streams.size());
     for (size_t i = 0; i < streams.size(); ++i) before[i] = streams[i]->prefilled_tokens();
     const std::vector<absl::Status> status =
-        round::PrefillStep(*model_, *draft_, streams, options_.max_num_batched_tokens);
+        round::PrefillStep(*model_, *draft_, streams, budget);
     for (size_t i = 0; i < owners.size(); ++i) {
       tokens += streams[i]->prefilled_tokens() - before[i];
       if (!status[i].ok()) {
@@ -439,7 +480,7 @@ void Engine::PrefillPass(const std::vector<Request*>& prefilling) {
     // token.
     std::vector<Request*> who;
     std::vector<int64_t> n;
-    int64_t room = std::max<int64_t>(1, options_.max_num_batched_tokens);
+    int64_t room = std::max<int64_t>(1, budget);
     for (Request* r : prefilling) {
       if (room <= 0) break;
       const int64_t left = static_cast<int64_t>(r->ids.size()) - r->prefilled;

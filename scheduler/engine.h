@@ -44,7 +44,9 @@ struct EngineOptions {
   // vLLM), within max_num_batched_tokens less the decoders' tokens and sized by a PrefillPacer so
   // that a step with a chunk takes at most this many times a decode-only step: the decoders'
   // inter-token latency stays within this factor while a long prompt prefills, at the cost of
-  // that prompt's time to first token. <= 1: chunks bounded by tokens only.
+  // that prompt's time to first token. With a draft, prefill passes of their own alternate with
+  // the rounds, each sized so that it and the round after it take at most this many times a
+  // round alone. <= 1: bounded by tokens only.
   double max_decode_slowdown = 1.5;
   // Sessions idle this long lose their KV (0: kept until deleted or needed). Under KV pressure,
   // with nothing running to wait for, idle sessions are dropped least recently used first
@@ -190,7 +192,13 @@ class Engine {
   // split over a cluster's workers); a request whose prompt is done gets its first token and
   // decodes from the next step. A failed pass runs again request by request, so errors stay
   // each request's own.
-  void PrefillPass(const std::vector<Request*>& prefilling) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // One prefill pass over the prompts in order, at most `budget` tokens (0: max_num_batched_tokens).
+  void PrefillPass(const std::vector<Request*>& prefilling, int64_t budget = 0) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
+  // With a draft and requests decoding: the tokens the next prefill pass may carry so that it and
+  // the round after it take at most max_decode_slowdown times a round (the pacer's plan), and
+  // their work; {0, 0} while the pacer has no round timed yet.
+  std::pair<int64_t, double> PacedSpeculativePrefill(const std::vector<Request*>& prefilling) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Runs `pass` over the running requests; when a KV pool is full the newest gives way (finished
   // with the error; when only a host tier's GPU block cache is short, it just sits this pass
   // out) and the pass runs again over the rest; any other error finishes them all.
