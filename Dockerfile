@@ -8,9 +8,10 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-cert
 COPY . /src
 WORKDIR /src
 RUN bash tools/setup.sh \
- && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSCOUT_BUILD_TESTS=OFF -DSCOUT_BUILD_BENCHMARKS=OFF \
- && ninja -C build scout \
+ && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSCOUT_BUILD_TESTS=OFF \
+ && ninja -C build scout scout-bench \
  && install -D build/bin/scout /usr/local/bin/scout \
+ && install -D build/bin/scout-bench /usr/local/bin/scout-bench \
  && mkdir -p /opt/scout && cp -r models /opt/scout/models \
  && rm -rf /src/build /var/lib/apt/lists/*
 WORKDIR /

@@ -2,6 +2,7 @@
 # On the GPU machine, in one device call: the GPU tests, then the benchmark scripts whose figures
 # the open issues wait for, each guarded by the time left (a call may run 600 s). Expects the
 # bundle unpacked (../shared/device/README.md) and writes logs to $OUT.
+#   (bundle: build/bin/scout build/bin/scout-bench and the GPU tests)
 #   tar -xJf out/devbundle.tar.xz && bash tools/gpu_checks.sh [tests|serve|prefill|sessions|tier ...]
 # Steps default to all, in that order. SCOUT_SOURCE_DIR is set to this tree.
 set -uo pipefail

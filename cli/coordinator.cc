@@ -1,0 +1,139 @@
+// `scout coordinator`: the cluster's HTTP front end and scheduler.
+#include "cli/commands.h"
+
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <iostream>
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "cli/flags.h"
+#include "yaml-cpp/yaml.h"
+#include "runtime/backend_factory.h"
+#include "runtime/cpu_model.h"
+#ifdef SCOUT_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "runtime/cuda_model.h"
+#endif
+#ifdef SCOUT_HAVE_UCX
+#include "kvstore/remote_store.h"
+#endif
+#ifdef SCOUT_HAVE_NCCL
+#include "runtime/tensor_parallel.h"
+#endif
+#include <unistd.h>
+
+#include <csignal>
+#include <thread>
+
+#include "monitoring/metrics.h"
+#include "rpc/openai_server.h"
+#include "runtime/calibrate.h"
+#include "scheduler/cluster.h"
+#include "scheduler/engine.h"
+#include "scheduler/worker.h"
+#include "runtime/fidelity.h"
+#include "runtime/generator.h"
+#include "runtime/tasks.h"
+#include "round/speculative.h"
+#include "runtime/tokenizer.h"
+
+namespace scout::cli {
+
+// `scout coordinator`: the cluster's HTTP front end and scheduler. Workers and KV store nodes
+// register on --control-port; the engine runs over them (scheduler/cluster.h).
+int Coordinator(int argc, char** argv) {
+  Flags flags(FrontEndFlags({
+      {"model", "", "the target model's folder: its config.json, tokenizer and chat template (no weights needed)"},
+      {"draft", "", "the draft model's folder (config.json): speculative decoding over draft workers"},
+      {"control-host", "0.0.0.0", "address workers and KV store nodes connect to"},
+      {"control-port", "8100", "port workers and KV store nodes connect to (0: any free port, printed)"},
+      {"heartbeat-interval", "0.5", "seconds between members' heartbeats"},
+      {"heartbeat-timeout", "3", "a member silent this many seconds is dead: its sessions move"},
+      {"worker-timeout", "120", "seconds one call to a worker may take before the worker is taken for dead"},
+      {"cluster-config", "", "YAML placement config: target_classes, draft_classes (GPU classes in order of "
+                             "preference), tensor_parallel_size, target_bytes_per_gpu, draft_bytes_per_gpu, "
+                             "max_draft_replicas; workers placement leaves out stay idle (default: every worker serves)"},
+  }));
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
+  if (flags.GetBool("help")) {
+    std::printf("usage: scout coordinator --model DIR [--draft DIR] [flags]\n%s", flags.Help().c_str());
+    return 0;
+  }
+  if (flags.Get("model").empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  const sigset_t signals = BlockStopSignals();
+  absl::StatusOr<runtime::ModelConfig> target = runtime::LoadModelConfig(flags.Get("model"));
+  if (!target.ok()) return Fail(target.status());
+  std::optional<runtime::ModelConfig> draft;
+  if (!flags.Get("draft").empty()) {
+    absl::StatusOr<runtime::ModelConfig> d = runtime::LoadModelConfig(flags.Get("draft"));
+    if (!d.ok()) return Fail(d.status());
+    draft = *d;
+  }
+  absl::StatusOr<int64_t> control_port = flags.GetInt("control-port");
+  absl::StatusOr<double> interval = flags.GetDouble("heartbeat-interval"), timeout = flags.GetDouble("heartbeat-timeout"),
+                         call = flags.GetDouble("worker-timeout");
+  for (const absl::Status& s : {control_port.status(), interval.status(), timeout.status(), call.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  if (!(*interval > 0 && *timeout > *interval && *call > 0)) {
+    return Fail(absl::InvalidArgumentError("need 0 < --heartbeat-interval < --heartbeat-timeout and --worker-timeout > 0"));
+  }
+  std::optional<scheduler::ClusterConfig> placement;
+  if (!flags.Get("cluster-config").empty()) {
+    absl::StatusOr<scheduler::ClusterConfig> pc = LoadClusterConfig(flags.Get("cluster-config"));
+    if (!pc.ok()) return Fail(pc.status());
+    pc->drafts = draft.has_value();
+    placement = *pc;
+  }
+  absl::StatusOr<std::unique_ptr<scheduler::Coordinator>> coordinator = scheduler::Coordinator::Start(
+      flags.Get("control-host"), static_cast<int>(*control_port),
+      {.target_fingerprint = scheduler::ModelFingerprint(*target),
+       .draft_fingerprint = draft ? scheduler::ModelFingerprint(*draft) : "",
+       .heartbeat_interval = absl::Seconds(*interval), .heartbeat_timeout = absl::Seconds(*timeout),
+       .call_timeout = absl::Seconds(*call), .placement = placement});
+  if (!coordinator.ok()) return Fail(coordinator.status());
+  std::fprintf(stderr, "scout: coordinator control channel on %s:%d\n", flags.Get("control-host").c_str(),
+               (*coordinator)->port());
+  scheduler::Coordinator* c = coordinator->get();
+  auto remote_target = std::make_unique<scheduler::RemoteBackend>(c, scheduler::v1::ROLE_TARGET, *target);
+  std::unique_ptr<scheduler::RemoteBackend> remote_draft;
+  if (draft) remote_draft = std::make_unique<scheduler::RemoteBackend>(c, scheduler::v1::ROLE_DRAFT, *draft);
+  // Health reads only the registry (thread-safe), never the backends' sequence tables.
+  auto health = [c, with_draft = draft.has_value()]() -> absl::Status {
+    bool target_alive = false, draft_alive = !with_draft;
+    for (const auto& m : c->Members(scheduler::v1::ROLE_TARGET)) target_alive |= c->Serving(m.key);
+    if (with_draft) {
+      for (const auto& m : c->Members(scheduler::v1::ROLE_DRAFT)) draft_alive |= c->Serving(m.key);
+    }
+    if (!target_alive) return absl::UnavailableError("no live target worker");
+    if (!draft_alive) return absl::UnavailableError("no live draft worker");
+    return absl::OkStatus();
+  };
+  const int rc = RunFrontEnd(flags, signals, std::move(remote_target), std::move(remote_draft), health,
+                             [c] { return scheduler::ClusterMetricFamilies(*c); });
+  const scheduler::ClusterCounters n = c->counters();
+  std::fprintf(stderr,
+               "scout: cluster: %lld failovers, %lld tokens adopted from KV stores, %lld replayed, %lld rehomed, "
+               "%lld passes retried; KV over UCX %.1f MB written, %.1f MB read in %.2f s; waited %.2f s on %lld target "
+               "passes, %.2f s on %lld draft passes\n",
+               static_cast<long long>(n.failovers), static_cast<long long>(n.adopted_tokens),
+               static_cast<long long>(n.replayed_tokens), static_cast<long long>(n.rehomed),
+               static_cast<long long>(n.retried_passes), n.kv_bytes_written / 1e6, n.kv_bytes_read / 1e6,
+               n.kv_transfer_seconds, n.target_pass_seconds, static_cast<long long>(n.target_passes),
+               n.draft_pass_seconds, static_cast<long long>(n.draft_passes));
+  return rc;
+}
+
+}  // namespace scout::cli
