@@ -523,7 +523,7 @@ int main(int argc, char** argv) {
           }
           p.q = q; p.out = out; p.kv = kv; p.q_indptr = qi; p.seq_lens = sl; p.block_table = bt;
           p.sel_indptr = si; p.sel_blocks = sb; p.sel_slots = ss;
-          const int rows = var.rows > 0 ? var.rows : SparseDecodeRowsPerCta(32, 8, int(qt));
+          const int rows = var.rows > 0 ? var.rows : SparseDecodeRowsPerCta();
           const int stages = var.tune != nullptr ? var.tune[0] - '0' : 0;
           const int ctas = SparseDecodeCtasPerSm(128, rows, stages);
           SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, 32, 8, int(qt), pr.max_list_blocks(),

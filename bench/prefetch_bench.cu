@@ -331,7 +331,7 @@ int main(int argc, char** argv) {
     up(qiv, &qi); up(slv, &sl); up(btv, &bt);
     up(sel.indptr, &si); up(sel.blocks, &sb); up(plan->slots, &ss);
     using namespace scout::kernels;
-    const int ctas = SparseDecodeCtasPerSm(128, SparseDecodeRowsPerCta(32, 8, qt));
+    const int ctas = SparseDecodeCtasPerSm(128, SparseDecodeRowsPerCta());
     // --reserve-ctas leaves CTA slots per SM free for the gather kernel. Measured 2026-11-27 on the
     // H100: reserving 0, 1 of 2 made no difference (41-46% of the attention hidden either way).
     SparseDecodePlan dplan = PlanSparseDecode(1, 32, 8, qt, per_list, qt, 128, prop.multiProcessorCount,

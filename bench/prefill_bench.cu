@@ -178,7 +178,7 @@ int main(int argc, char** argv) {
     }
     if (qn <= decode_max_q) {  // the path prompt chunks took before the prefill kernel
       int sms = prop.multiProcessorCount;
-      const int rows = SparseDecodeRowsPerCta(32, 8, qn);
+      const int rows = SparseDecodeRowsPerCta();
       SparseDecodePlan plan = PlanSparseDecode(1, 32, 8, qn, pr.max_list_blocks(), qn, 128, sms,
                                                SparseDecodeCtasPerSm(128, rows), 0, rows);
       void* ws = nullptr;

@@ -1,5 +1,11 @@
 // Command-line flags of a `scout` subcommand: --kebab-case NAME VALUE or --name=value, with
 // values also settable from a YAML file (--config FILE; the command line wins).
+//
+// Why not absl flags or CLI11: absl flags live in one process-wide registry, so every subcommand
+// would accept (and `--help` would list) every other subcommand's flags, and two subcommands
+// could not give one flag name different defaults (`--santa-samples` is 0 for serve, 64 for
+// eval); CLI11 (Debian's libcli11-dev) has per-subcommand flags but reads config files as TOML
+// or INI, while vLLM's users pass `--config` YAML. This parser is the ~100 lines both need.
 #pragma once
 
 #include <map>

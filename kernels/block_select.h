@@ -39,7 +39,8 @@ std::vector<int32_t> SelectionOffsets(const std::vector<int32_t>& num_blocks, in
 void BlockSelectRef(const BlockSelectParams& p);
 
 // Sums token-level attention probabilities [rows][context] into block masses [rows][max_blocks]
-// (blocks past the context are zero). What the draft's attention kernel emits in production.
+// (blocks past the context are zero): the reference for what the draft's attention pass writes
+// (kernels::BlockMass, from each block's log-sum-exp) in its tests.
 void BlockMassFromProbs(const float* probs, int rows, int context, int max_blocks, float* mass);
 
 }  // namespace scout::kernels

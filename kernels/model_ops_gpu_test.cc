@@ -328,7 +328,7 @@ TEST(ModelOpsGpu, LseAndBlockMassMatchReference) {
     p.lse = dev.Put(std::vector<float>(rows * c.nh, NAN));
     int sms = 0;
     ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
-    const int rpc = SparseDecodeRowsPerCta(c.nh, c.nkv, pr.max_q_tokens());
+    const int rpc = SparseDecodeRowsPerCta();
     SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, c.nh, c.nkv, pr.max_q_tokens(), pr.max_list_blocks(), rows, c.hd,
                                              sms, SparseDecodeCtasPerSm(c.hd, rpc), 0, rpc);
     void* ws = nullptr;

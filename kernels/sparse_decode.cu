@@ -591,13 +591,10 @@ cudaError_t LaunchMerge(const SparseDecodeParams& p, const SparseDecodePlan& pla
 
 }  // namespace
 
-int SparseDecodeRowsPerCta(int num_heads, int num_kv_heads, int max_q_tokens) {
+int SparseDecodeRowsPerCta() {
   // The tensor-core kernel wins at every shape measured (docs/BENCHMARKS.md), even with 4 of its
   // 16 rows used: its cp.async double buffering keeps more bytes in flight. The CUDA-core kernel
   // (1, 2 or 4 rows) stays as the simpler variant to check against.
-  (void)num_heads;
-  (void)num_kv_heads;
-  (void)max_q_tokens;
   return 16;
 }
 
@@ -634,7 +631,7 @@ SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads,
                                   int num_splits, int rows_per_cta) {
   SparseDecodePlan plan;
   const int rows = max_q_tokens * (num_heads / num_kv_heads);
-  plan.rows_per_cta = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta(num_heads, num_kv_heads, max_q_tokens);
+  plan.rows_per_cta = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta();
   plan.row_groups = (rows + plan.rows_per_cta - 1) / plan.rows_per_cta;
   const int base_ctas = std::max(1, num_seqs * num_kv_heads * plan.row_groups);
   if (num_splits <= 0) {

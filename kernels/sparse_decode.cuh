@@ -70,7 +70,7 @@ SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads,
                                   int ctas_per_sm, int num_splits = 0, int rows_per_cta = 0);
 
 // Rows per CTA the plan uses by default: 16, the tensor-core kernel.
-int SparseDecodeRowsPerCta(int num_heads, int num_kv_heads, int max_q_tokens);
+int SparseDecodeRowsPerCta();
 
 // Rows per CTA of the CUDA-core kernel for these shapes (1, 2 or 4), or 0 where it does not
 // apply (more than 4 query rows per KV head).

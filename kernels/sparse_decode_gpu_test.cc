@@ -65,7 +65,7 @@ std::vector<uint16_t> RunGpu(DecodeProblem& pr, int num_splits, int rows_per_cta
   }
   int sms = 0;
   EXPECT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
-  const int rows = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta(p.num_heads, p.num_kv_heads, pr.max_q_tokens());
+  const int rows = rows_per_cta > 0 ? rows_per_cta : SparseDecodeRowsPerCta();
   const int ctas = SparseDecodeCtasPerSm(p.head_dim, rows, tune.stages);
   EXPECT_GT(ctas, 0);
   SparseDecodePlan plan = PlanSparseDecode(p.num_seqs, p.num_heads, p.num_kv_heads, pr.max_q_tokens(),

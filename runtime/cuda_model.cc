@@ -242,7 +242,7 @@ absl::Status CudaModel::Impl::SizeStep(const DeviceStepOptions& o, StepPlan& p) 
   lay.kv = lay.sel_slots + (kv->fills_slots() ? p.lists.blocks.size() : 0);
   lay.total = lay.kv + kv->IndexInts(T);
 
-  const int rows_per_cta = kernels::SparseDecodeRowsPerCta(nh, nkv, p.max_q);
+  const int rows_per_cta = kernels::SparseDecodeRowsPerCta();
   p.plan = kernels::PlanSparseDecode(B, nh, nkv, p.max_q, p.max_list, static_cast<int>(T), hd, stack.sms(),
                                      kernels::SparseDecodeCtasPerSm(hd, rows_per_cta), 0, rows_per_cta);
   // Prompt chunks: the tiled prefill kernel where its tiles fill the GPU (dense layers only; the
