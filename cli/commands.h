@@ -21,7 +21,7 @@
 #include "runtime/cpu_model.h"
 #include "runtime/sts.h"
 #include "runtime/tokenizer.h"
-#include "scheduler/placement.h"
+#include "cluster/placement.h"
 
 namespace scout::cli {
 
@@ -101,6 +101,6 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
 absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& flag, const std::string& value);
 // A --cluster-config YAML file: PlaceModels' ClusterConfig. InvalidArgument naming the file and
 // the key for a malformed file or an unknown key.
-absl::StatusOr<scheduler::ClusterConfig> LoadClusterConfig(const std::string& path);
+absl::StatusOr<cluster::ClusterConfig> LoadClusterConfig(const std::string& path);
 
 }  // namespace scout::cli

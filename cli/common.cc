@@ -38,11 +38,11 @@
 #include <thread>
 
 #include "monitoring/metrics.h"
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 #include "runtime/calibrate.h"
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 #include "scheduler/engine.h"
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
@@ -328,9 +328,9 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
   absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> front_tok = runtime::LoadTokenizer(flags.Get("model"));
   if (!front_tok.ok()) return Fail(front_tok.status());
   scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
-  absl::StatusOr<std::unique_ptr<rpc::HttpServer>> server =
-      rpc::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
-                             rpc::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
+  absl::StatusOr<std::unique_ptr<server::HttpServer>> server =
+      server::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
+                             server::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
                                                     {.api_keys = *api_keys,
                                                      .tokenizer = std::shared_ptr<const runtime::Tokenizer>(
                                                          std::move(*front_tok))}),
@@ -370,8 +370,8 @@ absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& fla
 
 // A --cluster-config YAML file: PlaceModels' ClusterConfig. InvalidArgument naming the file and
 // the key for a malformed file or an unknown key.
-absl::StatusOr<scheduler::ClusterConfig> LoadClusterConfig(const std::string& path) {
-  scheduler::ClusterConfig c;
+absl::StatusOr<cluster::ClusterConfig> LoadClusterConfig(const std::string& path) {
+  cluster::ClusterConfig c;
   try {
     const YAML::Node root = YAML::LoadFile(path);
     if (!root.IsMap()) return absl::InvalidArgumentError(absl::StrCat(path, ": a map of placement settings is expected"));

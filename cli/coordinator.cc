@@ -38,11 +38,11 @@
 #include <thread>
 
 #include "monitoring/metrics.h"
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 #include "runtime/calibrate.h"
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 #include "scheduler/engine.h"
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
@@ -52,7 +52,7 @@
 namespace scout::cli {
 
 // `scout coordinator`: the cluster's HTTP front end and scheduler. Workers and KV store nodes
-// register on --control-port; the engine runs over them (scheduler/cluster.h).
+// register on --control-port; the engine runs over them (cluster/coordinator.h).
 int Coordinator(int argc, char** argv) {
   Flags flags(FrontEndFlags({
       {"model", "", "the target model's folder: its config.json, tokenizer and chat template (no weights needed)"},
@@ -90,40 +90,40 @@ int Coordinator(int argc, char** argv) {
   if (!(*interval > 0 && *timeout > *interval && *call > 0)) {
     return Fail(absl::InvalidArgumentError("need 0 < --heartbeat-interval < --heartbeat-timeout and --worker-timeout > 0"));
   }
-  std::optional<scheduler::ClusterConfig> placement;
+  std::optional<cluster::ClusterConfig> placement;
   if (!flags.Get("cluster-config").empty()) {
-    absl::StatusOr<scheduler::ClusterConfig> pc = LoadClusterConfig(flags.Get("cluster-config"));
+    absl::StatusOr<cluster::ClusterConfig> pc = LoadClusterConfig(flags.Get("cluster-config"));
     if (!pc.ok()) return Fail(pc.status());
     pc->drafts = draft.has_value();
     placement = *pc;
   }
-  absl::StatusOr<std::unique_ptr<scheduler::Coordinator>> coordinator = scheduler::Coordinator::Start(
+  absl::StatusOr<std::unique_ptr<cluster::Coordinator>> coordinator = cluster::Coordinator::Start(
       flags.Get("control-host"), static_cast<int>(*control_port),
-      {.target_fingerprint = scheduler::ModelFingerprint(*target),
-       .draft_fingerprint = draft ? scheduler::ModelFingerprint(*draft) : "",
+      {.target_fingerprint = cluster::ModelFingerprint(*target),
+       .draft_fingerprint = draft ? cluster::ModelFingerprint(*draft) : "",
        .heartbeat_interval = absl::Seconds(*interval), .heartbeat_timeout = absl::Seconds(*timeout),
        .call_timeout = absl::Seconds(*call), .placement = placement});
   if (!coordinator.ok()) return Fail(coordinator.status());
   std::fprintf(stderr, "scout: coordinator control channel on %s:%d\n", flags.Get("control-host").c_str(),
                (*coordinator)->port());
-  scheduler::Coordinator* c = coordinator->get();
-  auto remote_target = std::make_unique<scheduler::RemoteBackend>(c, scheduler::v1::ROLE_TARGET, *target);
-  std::unique_ptr<scheduler::RemoteBackend> remote_draft;
-  if (draft) remote_draft = std::make_unique<scheduler::RemoteBackend>(c, scheduler::v1::ROLE_DRAFT, *draft);
+  cluster::Coordinator* c = coordinator->get();
+  auto remote_target = std::make_unique<cluster::RemoteBackend>(c, cluster::v1::ROLE_TARGET, *target);
+  std::unique_ptr<cluster::RemoteBackend> remote_draft;
+  if (draft) remote_draft = std::make_unique<cluster::RemoteBackend>(c, cluster::v1::ROLE_DRAFT, *draft);
   // Health reads only the registry (thread-safe), never the backends' sequence tables.
   auto health = [c, with_draft = draft.has_value()]() -> absl::Status {
     bool target_alive = false, draft_alive = !with_draft;
-    for (const auto& m : c->Members(scheduler::v1::ROLE_TARGET)) target_alive |= c->Serving(m.key);
+    for (const auto& m : c->Members(cluster::v1::ROLE_TARGET)) target_alive |= c->Serving(m.key);
     if (with_draft) {
-      for (const auto& m : c->Members(scheduler::v1::ROLE_DRAFT)) draft_alive |= c->Serving(m.key);
+      for (const auto& m : c->Members(cluster::v1::ROLE_DRAFT)) draft_alive |= c->Serving(m.key);
     }
     if (!target_alive) return absl::UnavailableError("no live target worker");
     if (!draft_alive) return absl::UnavailableError("no live draft worker");
     return absl::OkStatus();
   };
   const int rc = RunFrontEnd(flags, signals, std::move(remote_target), std::move(remote_draft), health,
-                             [c] { return scheduler::ClusterMetricFamilies(*c); });
-  const scheduler::ClusterCounters n = c->counters();
+                             [c] { return cluster::ClusterMetricFamilies(*c); });
+  const cluster::ClusterCounters n = c->counters();
   std::fprintf(stderr,
                "scout: cluster: %lld failovers, %lld tokens adopted from KV stores, %lld replayed, %lld rehomed, "
                "%lld passes retried; KV over UCX %.1f MB written, %.1f MB read in %.2f s; waited %.2f s on %lld target "

@@ -38,11 +38,11 @@
 #include <thread>
 
 #include "monitoring/metrics.h"
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 #include "runtime/calibrate.h"
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 #include "scheduler/engine.h"
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"

@@ -38,11 +38,11 @@
 #include <thread>
 
 #include "monitoring/metrics.h"
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 #include "runtime/calibrate.h"
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 #include "scheduler/engine.h"
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
@@ -96,20 +96,20 @@ int KvStore(int argc, char** argv) {
     gethostname(hostname, sizeof hostname - 1);
     std::string advertise = flags.Get("advertise-host");
     if (advertise.empty()) advertise = flags.Get("host") == "0.0.0.0" ? hostname : flags.Get("host");
-    scheduler::MemberOptions options{.coordinator_host = coord->first, .coordinator_port = coord->second};
+    cluster::MemberOptions options{.coordinator_host = coord->first, .coordinator_port = coord->second};
     std::string id = flags.Get("id");
     if (id.empty()) id = absl::StrCat(hostname, "-", (*server)->port());
     options.registration.set_id(id);
-    options.registration.set_role(scheduler::v1::ROLE_KVSTORE);
+    options.registration.set_role(cluster::v1::ROLE_KVSTORE);
     options.registration.set_kvstore_address(absl::StrCat(advertise, ":", (*server)->port()));
     options.registration.set_kv_unit_bytes(*unit);
     options.registration.set_capacity_units(capacity);
     kvstore::KvStoreServer* srv = server->get();
     member = std::thread([options, srv, &stop] {
-      absl::Status s = scheduler::RunClusterMember(
+      absl::Status s = cluster::RunClusterMember(
           options, nullptr,
           [srv] {
-            scheduler::v1::Heartbeat h;
+            cluster::v1::Heartbeat h;
             h.set_units_held(srv->units_held());
             return h;
           },

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "cli/commands.h"
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 
 namespace scout::cli {
 namespace {
@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   }
   std::string cmd = argv[1];
   if (cmd == "--version" || cmd == "version") {
-    std::printf("scout %s\n", scout::rpc::ScoutVersion());
+    std::printf("scout %s\n", scout::server::ScoutVersion());
     return 0;
   }
   if (cmd == "generate") return scout::cli::Generate(argc - 2, argv + 2);

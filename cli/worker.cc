@@ -38,11 +38,11 @@
 #include <thread>
 
 #include "monitoring/metrics.h"
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 #include "runtime/calibrate.h"
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 #include "scheduler/engine.h"
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 #include "runtime/fidelity.h"
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
@@ -93,8 +93,8 @@ int Worker(int argc, char** argv) {
       split ? runtime::LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *kv_tokens, *tier)
             : runtime::LoadBackend(flags.Get("model"), flags.Get("device"), *kv_tokens, *tier);
   if (!model.ok()) return Fail(model.status());
-  scheduler::WorkerService service(std::move(*model), {.remote_tier = flags.GetBool("kv-remote-tier")});
-  scheduler::MemberOptions options{.registration = service.Describe(), .coordinator_host = coord->first,
+  cluster::WorkerService service(std::move(*model), {.remote_tier = flags.GetBool("kv-remote-tier")});
+  cluster::MemberOptions options{.registration = service.Describe(), .coordinator_host = coord->first,
                                    .coordinator_port = coord->second};
   std::string id = flags.Get("id");
   if (id.empty()) {
@@ -103,8 +103,8 @@ int Worker(int argc, char** argv) {
     id = absl::StrCat(host, "-", getpid());
   }
   options.registration.set_id(id);
-  options.registration.set_role(role == "target" ? scheduler::v1::ROLE_TARGET : scheduler::v1::ROLE_DRAFT);
-  options.on_assignment = [](const scheduler::v1::Assignment& a) {
+  options.registration.set_role(role == "target" ? cluster::v1::ROLE_TARGET : cluster::v1::ROLE_DRAFT);
+  options.on_assignment = [](const cluster::v1::Assignment& a) {
     if (!a.placed()) return;
     if (a.serving()) {
       std::fprintf(stderr, "scout: placement: serving on GPU(s) %s of this worker%s\n",
@@ -143,8 +143,8 @@ int Worker(int argc, char** argv) {
   signal_thread.detach();
   std::fprintf(stderr, "scout: %s worker %s (%s) for %s\n", role.c_str(), id.c_str(), gpu_class.c_str(),
                flags.Get("model").c_str());
-  absl::Status s = scheduler::RunClusterMember(
-      options, [&service](const scheduler::v1::BackendRequest& r) { return service.Handle(r); },
+  absl::Status s = cluster::RunClusterMember(
+      options, [&service](const cluster::v1::BackendRequest& r) { return service.Handle(r); },
       [&service] { return service.Heartbeat(); }, [&service] { service.Reset(); }, &stop,
       [&service] { service.Flush(); });
   if (!s.ok()) return Fail(s);

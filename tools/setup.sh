@@ -8,7 +8,7 @@ pkgs=(
   libboost-dev           # Boost.Asio and Boost.Beast (header-only)
   prometheus-cpp-dev     # metrics (pulls civetweb)
   libucx-dev             # remote KV tier
-  libprotobuf-dev protobuf-compiler  # the cluster's control-channel codec (rpc/control.proto)
+  libprotobuf-dev protobuf-compiler  # the cluster's control-channel codec (cluster/control.proto)
   libgtest-dev libgmock-dev
   nlohmann-json3-dev     # config.json, safetensors headers, API bodies
   libyaml-cpp-dev        # YAML config files

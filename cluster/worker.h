@@ -14,16 +14,15 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
-#include "rpc/control.pb.h"
+#include "cluster/control.pb.h"
 #include "runtime/backend.h"
 
 namespace scout::kvstore {
 class KvStoreClient;
 }
 
-namespace scout::scheduler {
+namespace scout::cluster {
 
-namespace v1 = rpc::v1;
 
 // The model's identity for the cluster: workers whose fingerprint differs from the
 // coordinator's are refused at registration.
@@ -152,4 +151,4 @@ absl::Status RunClusterMember(const MemberOptions& options,
                               std::function<v1::Heartbeat()> beat, std::function<void()> lost,
                               absl::Notification* stop, std::function<void()> after_reply = nullptr);
 
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

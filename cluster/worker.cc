@@ -1,4 +1,4 @@
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 
 #include <algorithm>
 #include <cstring>
@@ -7,12 +7,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "rpc/channel.h"
+#include "cluster/channel.h"
 #ifdef SCOUT_HAVE_UCX
 #include "kvstore/remote_store.h"
 #endif
 
-namespace scout::scheduler {
+namespace scout::cluster {
 
 std::string ModelFingerprint(const runtime::ModelConfig& c) {
   return absl::StrCat(c.architecture, " vocab=", c.vocab_size, " hidden=", c.hidden_size, " inter=",
@@ -474,14 +474,14 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
     b.santa_seed = in.santa_seed();
     absl::StatusOr<int64_t> len = model_->SequenceLength(in.seq());
     if (!len.ok()) {
-      *reply.mutable_status() = rpc::ToProto(len.status());
+      *reply.mutable_status() = ToProto(len.status());
       return reply;
     }
     before[i] = *len;
     if (!lazy_.empty()) {
       if (absl::Status f = FetchForPass(b, *len); !f.ok()) {
         f.SetPayload(runtime::kFailedSequencePayload, absl::Cord(absl::StrCat(b.seq)));
-        *reply.mutable_status() = rpc::ToProto(f);
+        *reply.mutable_status() = ToProto(f);
         return reply;
       }
     }
@@ -500,7 +500,7 @@ v1::BackendReply WorkerService::Forward(const v1::Forward& forward) {
     s = model_->Forward(batch, &logits);
     if (s.ok()) PutFloats(logits, reply.mutable_logits());
   }
-  *reply.mutable_status() = rpc::ToProto(s);
+  *reply.mutable_status() = ToProto(s);
   if (!s.ok()) return reply;
   for (size_t i = 0; i < n; ++i) PutFloats(masses[i], reply.add_block_mass());
   // Queue the blocks this pass filled: each block goes to its home once, when full, and the
@@ -580,10 +580,10 @@ v1::BackendReply WorkerService::Handle(const v1::BackendRequest& request) {
     default:
       s = absl::InvalidArgumentError("empty or unknown backend request");
   }
-  if (request.op_case() != v1::BackendRequest::kForward) *reply.mutable_status() = rpc::ToProto(s);
+  if (request.op_case() != v1::BackendRequest::kForward) *reply.mutable_status() = ToProto(s);
   if (!unpersisted_.empty()) {
     reply.mutable_unpersisted()->Add(unpersisted_.begin(), unpersisted_.end());
-    *reply.mutable_persist_error() = rpc::ToProto(persist_error_);
+    *reply.mutable_persist_error() = ToProto(persist_error_);
     unpersisted_.clear();
   }
   const runtime::ModelBackend::KvCacheUsage u = model_->kv_cache_usage();
@@ -600,9 +600,9 @@ absl::Status RunClusterMember(const MemberOptions& options,
   bool announced_wait = false;
   while (!stop->HasBeenNotified()) {
     auto closed = std::make_shared<absl::Notification>();
-    absl::StatusOr<std::shared_ptr<rpc::Channel>> ch = rpc::Channel::Connect(
+    absl::StatusOr<std::shared_ptr<Channel>> ch = Channel::Connect(
         options.coordinator_host, options.coordinator_port, options.connect_timeout,
-        [&serve, &serve_mu, &after_reply, &options](rpc::Channel& c, v1::Envelope m) {
+        [&serve, &serve_mu, &after_reply, &options](Channel& c, v1::Envelope m) {
           if (m.body_case() == v1::Envelope::kAssignment) {  // the placement changed
             if (options.on_assignment) options.on_assignment(m.assignment());
             return;
@@ -612,7 +612,7 @@ absl::Status RunClusterMember(const MemberOptions& options,
           out.set_call_id(m.call_id());
           if (!serve) {
             *out.mutable_reply()->mutable_status() =
-                rpc::ToProto(absl::UnimplementedError("this cluster member serves no model"));
+                ToProto(absl::UnimplementedError("this cluster member serves no model"));
             (void)c.Send(std::move(out));
             return;
           }
@@ -635,7 +635,7 @@ absl::Status RunClusterMember(const MemberOptions& options,
     *reg.mutable_register_() = options.registration;
     absl::StatusOr<v1::Envelope> ack = (*ch)->Call(std::move(reg), absl::Seconds(30), "register");
     absl::Status refused;
-    if (ack.ok()) refused = rpc::FromProto(ack->register_reply().status());
+    if (ack.ok()) refused = FromProto(ack->register_reply().status());
     if (!ack.ok() || !refused.ok()) {
       (*ch)->Close();
       if (!refused.ok()) return refused;
@@ -683,4 +683,4 @@ absl::Status RunClusterMember(const MemberOptions& options,
   return absl::OkStatus();
 }
 
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

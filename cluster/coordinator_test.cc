@@ -2,7 +2,7 @@
 // behind WorkerService, each connected over the control channel by RunClusterMember) and KV
 // store nodes (UCX). RemoteBackend must give the logits a local model gives, through worker and
 // KV store deaths. tests/cluster_test.sh runs the same as separate processes.
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 
 #include <cmath>
 #include <thread>
@@ -11,9 +11,9 @@
 #include "kvstore/remote_store.h"
 #include "runtime/cpu_model.h"
 #include "runtime/test_model.h"
-#include "scheduler/worker.h"
+#include "cluster/worker.h"
 
-namespace scout::scheduler {
+namespace scout::cluster {
 namespace {
 
 using runtime::CpuModel;
@@ -653,4 +653,4 @@ TEST_F(ClusterTest, AWorkerOfAnotherModelIsRefusedByName) {
 }
 
 }  // namespace
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

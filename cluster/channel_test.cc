@@ -1,4 +1,4 @@
-#include "rpc/channel.h"
+#include "cluster/channel.h"
 
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -9,7 +9,7 @@
 
 #include <gtest/gtest.h>
 
-namespace scout::rpc {
+namespace scout::cluster {
 namespace {
 
 // A server whose handler answers each request with a reply echoing the request's Truncate length
@@ -273,4 +273,4 @@ TEST(ChannelTest, StatusPayloadsSurviveTheWire) {
 }
 
 }  // namespace
-}  // namespace scout::rpc
+}  // namespace scout::cluster

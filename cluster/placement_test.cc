@@ -1,12 +1,12 @@
 // Placement and session assignment as pure functions of the cluster's state.
-#include "scheduler/placement.h"
+#include "cluster/placement.h"
 
 #include <algorithm>
 #include <random>
 
 #include "gtest/gtest.h"
 
-namespace scout::scheduler {
+namespace scout::cluster {
 namespace {
 
 constexpr int64_t kGiB = int64_t{1} << 30;
@@ -153,4 +153,4 @@ TEST(PlacementTest, WithoutADraftModelNoReplicaIsNeeded) {
 }
 
 }  // namespace
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

@@ -14,7 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 
-namespace scout::rpc {
+namespace scout::server {
 
 struct HttpRequest {
   std::string method;  // "GET", "POST", ...
@@ -71,4 +71,4 @@ class HttpServer {
   int port_ = 0;
 };
 
-}  // namespace scout::rpc
+}  // namespace scout::server

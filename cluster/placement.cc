@@ -1,4 +1,4 @@
-#include "scheduler/placement.h"
+#include "cluster/placement.h"
 
 #include <algorithm>
 #include <limits>
@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
-namespace scout::scheduler {
+namespace scout::cluster {
 namespace {
 
 // Position of a class in a preference list, or -1.
@@ -153,4 +153,4 @@ absl::StatusOr<SessionAssignment> AssignSession(const Placement& placement, std:
   return a;
 }
 
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

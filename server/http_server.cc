@@ -1,4 +1,4 @@
-#include "rpc/http_server.h"
+#include "server/http_server.h"
 
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -14,7 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 
-namespace scout::rpc {
+namespace scout::server {
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -319,4 +319,4 @@ void HttpServer::Stop() {
 
 HttpServer::~HttpServer() { Stop(); }
 
-}  // namespace scout::rpc
+}  // namespace scout::server

@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace scout::scheduler {
+namespace scout::cluster {
 
 // A GPU worker as it registers: its GPUs are all of one class (one machine).
 struct WorkerInfo {
@@ -94,4 +94,4 @@ absl::StatusOr<SessionAssignment> AssignSession(const Placement& placement, std:
                                                 std::span<const KvStoreInfo> stores, const SessionPlace& session,
                                                 int64_t kv_bytes, int imbalance = 4);
 
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

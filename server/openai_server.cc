@@ -1,4 +1,4 @@
-#include "rpc/openai_server.h"
+#include "server/openai_server.h"
 
 #include <algorithm>
 #include <atomic>
@@ -15,7 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "nlohmann/json.hpp"
 
-namespace scout::rpc {
+namespace scout::server {
 namespace {
 
 using nlohmann::json;
@@ -749,4 +749,4 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
   };
 }
 
-}  // namespace scout::rpc
+}  // namespace scout::server

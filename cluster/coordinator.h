@@ -27,14 +27,13 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "prometheus/metric_family.h"
-#include "rpc/channel.h"
-#include "rpc/control.pb.h"
+#include "cluster/channel.h"
+#include "cluster/control.pb.h"
 #include "runtime/backend.h"
-#include "scheduler/placement.h"
+#include "cluster/placement.h"
 
-namespace scout::scheduler {
+namespace scout::cluster {
 
-namespace v1 = rpc::v1;
 using kvstore::SequenceId;
 
 struct CoordinatorOptions {
@@ -87,7 +86,7 @@ class Coordinator {
     bool alive = true;
     std::string why_dead;
     v1::Heartbeat last;
-    std::shared_ptr<rpc::Channel> channel;
+    std::shared_ptr<Channel> channel;
     std::string told;  // the assignment it was last sent (serialized; empty: not yet told)
   };
   // Snapshot of the members of a role, live and dead, in registration order.
@@ -97,7 +96,7 @@ class Coordinator {
   bool Serving(uint64_t key) const;
   // The last placement's notes (workers left out and why), or its error.
   std::vector<std::string> PlacementNotes() const;
-  std::shared_ptr<rpc::Channel> ChannelOf(uint64_t key) const;  // null once dead
+  std::shared_ptr<Channel> ChannelOf(uint64_t key) const;  // null once dead
   // Marks a member dead and closes its connection (idempotent).
   void MarkDead(uint64_t key, const std::string& why);
   // Waits until n members of the role are alive; false at the timeout.
@@ -109,7 +108,7 @@ class Coordinator {
  private:
   explicit Coordinator(const CoordinatorOptions& options);
   // Reader thread of a member's channel; `key` is 0 until it registered.
-  void OnMessage(rpc::Channel& channel, v1::Envelope message, std::shared_ptr<std::atomic<uint64_t>> key);
+  void OnMessage(Channel& channel, v1::Envelope message, std::shared_ptr<std::atomic<uint64_t>> key);
   void Monitor();
   // Runs placement over the live workers (mu_ held) after a registration or a death.
   void Replace() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -123,7 +122,7 @@ class Coordinator {
 
   CoordinatorOptions options_;
   std::shared_ptr<Guard> guard_ = std::make_shared<Guard>();
-  std::unique_ptr<rpc::Listener> listener_;
+  std::unique_ptr<Listener> listener_;
   mutable absl::Mutex mu_;
   uint64_t next_key_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
@@ -138,7 +137,7 @@ class Coordinator {
   v1::Assignment AssignmentOf(uint64_t key, const v1::Register& r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Replace queues a message to every worker whose assignment changed; sent by FlushAssignments
   // outside mu_ (a send blocks on the peer).
-  std::vector<std::pair<std::shared_ptr<rpc::Channel>, v1::Envelope>> assignment_pushes_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<std::shared_ptr<Channel>, v1::Envelope>> assignment_pushes_ ABSL_GUARDED_BY(mu_);
   void FlushAssignments() ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<std::string> placement_notes_ ABSL_GUARDED_BY(mu_);
   absl::Notification stop_;
@@ -228,4 +227,4 @@ class RemoteBackend final : public runtime::ModelBackend {
   absl::flat_hash_map<uint64_t, KvCacheUsage> usage_;  // per worker, from its last reply
 };
 
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

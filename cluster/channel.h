@@ -1,4 +1,4 @@
-// The control channel's transport: protobuf Envelopes (rpc/control.proto) framed by a 4-byte
+// The control channel's transport: protobuf Envelopes (control.proto) framed by a 4-byte
 // big-endian length over one TCP connection (Boost.Asio). Either side may send requests and
 // one-way messages; a reply carries its request's call_id. Each channel has one reader thread
 // that hands incoming requests and one-way messages to its handler and wakes callers waiting for
@@ -20,9 +20,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
-#include "rpc/control.pb.h"
+#include "cluster/control.pb.h"
 
-namespace scout::rpc {
+namespace scout::cluster {
 
 // This build's protocol version (Envelope.version).
 inline constexpr uint32_t kProtocolVersion = 1;
@@ -125,4 +125,4 @@ class Listener {
   std::thread thread_;
 };
 
-}  // namespace scout::rpc
+}  // namespace scout::cluster

@@ -7,12 +7,12 @@
 #include <vector>
 
 #include "monitoring/metrics.h"
-#include "rpc/http_server.h"
+#include "server/http_server.h"
 #include "runtime/chat_template.h"
 #include "runtime/tokenizer.h"
 #include "scheduler/engine.h"
 
-namespace scout::rpc {
+namespace scout::server {
 
 struct FrontEndOptions {
   // Empty: every client is served (one tenant). Otherwise /v1/*, /tokenize and /detokenize answer 401 without
@@ -37,4 +37,4 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
                               const runtime::ModelChatTemplate* chat_template = nullptr,
                               const FrontEndOptions& options = {});
 
-}  // namespace scout::rpc
+}  // namespace scout::server

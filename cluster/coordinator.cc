@@ -1,4 +1,4 @@
-#include "scheduler/cluster.h"
+#include "cluster/coordinator.h"
 
 #include <algorithm>
 #include <cstring>
@@ -8,9 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/block_table.h"
-#include "scheduler/placement.h"
+#include "cluster/placement.h"
 
-namespace scout::scheduler {
+namespace scout::cluster {
 
 namespace {
 
@@ -42,22 +42,22 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const std::strin
     c->guard_->self = self;
   }
   std::shared_ptr<Guard> guard = c->guard_;
-  absl::StatusOr<std::unique_ptr<rpc::Listener>> l = rpc::Listener::Start(
+  absl::StatusOr<std::unique_ptr<Listener>> l = Listener::Start(
       host, port,
       [guard](const std::string& peer) {
         auto key = std::make_shared<std::atomic<uint64_t>>(0);
-        return std::make_pair(rpc::Channel::Handler([guard, key](rpc::Channel& ch, v1::Envelope m) {
+        return std::make_pair(Channel::Handler([guard, key](Channel& ch, v1::Envelope m) {
                                 absl::MutexLock lock(&guard->mu);
                                 if (guard->self != nullptr) guard->self->OnMessage(ch, std::move(m), key);
                               }),
-                              rpc::Channel::CloseHandler([guard, key](const absl::Status& why) {
+                              Channel::CloseHandler([guard, key](const absl::Status& why) {
                                 absl::MutexLock lock(&guard->mu);
                                 if (guard->self != nullptr && key->load() != 0) {
                                   guard->self->MarkDead(key->load(), std::string(why.message()));
                                 }
                               }));
       },
-      [](std::shared_ptr<rpc::Channel>) {});
+      [](std::shared_ptr<Channel>) {});
   if (!l.ok()) return l.status();
   c->listener_ = std::move(*l);
   c->monitor_ = std::thread([self] { self->Monitor(); });
@@ -72,7 +72,7 @@ Coordinator::~Coordinator() {
   stop_.Notify();
   if (monitor_.joinable()) monitor_.join();
   listener_.reset();
-  std::vector<std::shared_ptr<rpc::Channel>> channels;
+  std::vector<std::shared_ptr<Channel>> channels;
   {
     absl::MutexLock lock(&mu_);
     for (Member& m : members_) {
@@ -84,7 +84,7 @@ Coordinator::~Coordinator() {
 
 int Coordinator::port() const { return listener_->port(); }
 
-void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_ptr<std::atomic<uint64_t>> key) {
+void Coordinator::OnMessage(Channel& channel, v1::Envelope m, std::shared_ptr<std::atomic<uint64_t>> key) {
   if (m.body_case() == v1::Envelope::kHeartbeat) {
     absl::MutexLock lock(&mu_);
     for (Member& member : members_) {
@@ -119,7 +119,7 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
   }
   v1::Envelope reply;
   reply.set_call_id(m.call_id());
-  *reply.mutable_register_reply()->mutable_status() = rpc::ToProto(refuse);
+  *reply.mutable_register_reply()->mutable_status() = ToProto(refuse);
   reply.mutable_register_reply()->set_heartbeat_interval_ms(
       static_cast<uint32_t>(absl::ToInt64Milliseconds(options_.heartbeat_interval)));
   if (refuse.ok()) {
@@ -131,7 +131,7 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
       }
     }
     for (uint64_t k : replaced) MarkDead(k, absl::StrCat(r.id(), " registered again"));
-    std::shared_ptr<rpc::Channel> self_ref = channel.shared_from_this();
+    std::shared_ptr<Channel> self_ref = channel.shared_from_this();
     absl::MutexLock lock(&mu_);
     Member member{.key = next_key_++, .info = r, .alive = true, .channel = std::move(self_ref)};
     key->store(member.key);
@@ -150,7 +150,7 @@ void Coordinator::OnMessage(rpc::Channel& channel, v1::Envelope m, std::shared_p
 }
 
 void Coordinator::FlushAssignments() {
-  std::vector<std::pair<std::shared_ptr<rpc::Channel>, v1::Envelope>> pushes;
+  std::vector<std::pair<std::shared_ptr<Channel>, v1::Envelope>> pushes;
   {
     absl::MutexLock lock(&mu_);
     pushes.swap(assignment_pushes_);
@@ -177,7 +177,7 @@ void Coordinator::Monitor() {
 }
 
 void Coordinator::MarkDead(uint64_t key, const std::string& why) {
-  std::shared_ptr<rpc::Channel> channel;
+  std::shared_ptr<Channel> channel;
   {
     absl::MutexLock lock(&mu_);
     for (Member& m : members_) {
@@ -329,7 +329,7 @@ bool Coordinator::Alive(uint64_t key) const {
   return false;
 }
 
-std::shared_ptr<rpc::Channel> Coordinator::ChannelOf(uint64_t key) const {
+std::shared_ptr<Channel> Coordinator::ChannelOf(uint64_t key) const {
   absl::MutexLock lock(&mu_);
   for (const Member& m : members_) {
     if (m.key == key && m.alive) return m.channel;
@@ -446,7 +446,7 @@ std::string RemoteBackend::WorkerOf(SequenceId seq) const {
 
 absl::StatusOr<v1::BackendReply> RemoteBackend::Call(uint64_t worker, v1::BackendRequest request,
                                                       const std::string& what) {
-  std::shared_ptr<rpc::Channel> ch = coordinator_->ChannelOf(worker);
+  std::shared_ptr<Channel> ch = coordinator_->ChannelOf(worker);
   if (ch == nullptr) return absl::UnavailableError(absl::StrCat(what, ": the worker is dead"));
   v1::Envelope e;
   *e.mutable_request() = std::move(request);
@@ -469,7 +469,7 @@ void RemoteBackend::HandleUnpersisted(uint64_t worker, const v1::BackendReply& r
   for (int64_t id : reply.unpersisted()) {
     auto it = seqs_.find(id);
     if (it != seqs_.end() && it->second.worker == worker && it->second.home_store != 0) {
-      Rehome(id, it->second, rpc::FromProto(reply.persist_error()));
+      Rehome(id, it->second, FromProto(reply.persist_error()));
     }
   }
 }
@@ -562,7 +562,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
     }
     absl::StatusOr<v1::BackendReply> r = Call(worker, std::move(req), absl::StrCat("place sequence ", id));
     if (!r.ok()) continue;  // that worker died too: another
-    if (absl::Status s = rpc::FromProto(r->status()); !s.ok()) {
+    if (absl::Status s = FromProto(r->status()); !s.ok()) {
       if (seq.persisted == 0) return s;
       // The home could not give the KV back: rebuild from the tokens instead.
       std::fprintf(stderr, "scout: sequence %lld: adopting from its home failed (%s); rebuilding from tokens\n",
@@ -592,7 +592,7 @@ absl::Status RemoteBackend::Place(SequenceId id, Seq& seq) {
         lost_worker = true;
         break;
       }
-      if (absl::Status s = rpc::FromProto(fr->status()); !s.ok()) {
+      if (absl::Status s = FromProto(fr->status()); !s.ok()) {
         v1::BackendRequest rel;
         rel.mutable_release()->set_seq(id);
         (void)Call(worker, std::move(rel), absl::StrCat("release sequence ", id));
@@ -656,7 +656,7 @@ absl::Status RemoteBackend::TruncateSequence(SequenceId seq, int64_t num_tokens)
     req.mutable_truncate()->set_num_tokens(num_tokens);
     absl::StatusOr<v1::BackendReply> r = Call(s.worker, std::move(req), absl::StrCat("truncate sequence ", seq));
     if (r.ok()) {
-      if (absl::Status st = rpc::FromProto(r->status()); !st.ok()) return st;
+      if (absl::Status st = FromProto(r->status()); !st.ok()) return st;
     }
     // A worker that died meanwhile: the sequence is placed again, from the shorter log, later.
   }
@@ -706,7 +706,7 @@ void RemoteBackend::Rehome(SequenceId id, Seq& seq, const absl::Status& why) {
     req.mutable_rehome()->set_seq(id);
     *req.mutable_rehome()->mutable_home() = HomeOf(id, seq);
     absl::StatusOr<v1::BackendReply> r = Call(seq.worker, std::move(req), absl::StrCat("rehome sequence ", id));
-    if (r.ok() && rpc::FromProto(r->status()).ok()) {
+    if (r.ok() && FromProto(r->status()).ok()) {
       seq.persisted = seq.HomeHolds();
       coordinator_->Count({.rehomed = 1});
       return;
@@ -768,7 +768,7 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
       if (!groups.contains(w)) order.push_back(w);
       groups[w].push_back(i);
     }
-    std::vector<std::shared_ptr<rpc::PendingCall>> calls;
+    std::vector<std::shared_ptr<PendingCall>> calls;
     for (uint64_t w : order) {
       v1::Envelope e;
       v1::Forward* f = e.mutable_request()->mutable_forward();
@@ -799,7 +799,7 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
           }
         }
       }
-      std::shared_ptr<rpc::Channel> ch = coordinator_->ChannelOf(w);
+      std::shared_ptr<Channel> ch = coordinator_->ChannelOf(w);
       if (ch == nullptr) {
         calls.push_back(nullptr);
         continue;
@@ -820,7 +820,7 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
         continue;
       }
       answered.push_back(g);
-      if (absl::Status s = rpc::FromProto(replies.back()->status()); !s.ok() && model_error.ok()) model_error = s;
+      if (absl::Status s = FromProto(replies.back()->status()); !s.ok() && model_error.ok()) model_error = s;
     }
     // Writes of earlier passes that failed come back with any reply: their sequences move home
     // (after this pass's tokens are in the logs, below, on success).
@@ -831,7 +831,7 @@ absl::Status RemoteBackend::RunPass(std::span<const runtime::SequenceInput> batc
       rehome_failed_writes();
       // All or nothing: undo the pass where it ran.
       for (size_t g = 0; g < order.size(); ++g) {
-        if (!replies[g].ok() || !rpc::FromProto(replies[g]->status()).ok()) continue;
+        if (!replies[g].ok() || !FromProto(replies[g]->status()).ok()) continue;
         for (size_t i : groups[order[g]]) {
           v1::BackendRequest t;
           t.mutable_truncate()->set_seq(batch[i].seq);
@@ -938,4 +938,4 @@ absl::Status RemoteBackend::TimedPass(std::span<const runtime::SequenceInput> ba
   return s;
 }
 
-}  // namespace scout::scheduler
+}  // namespace scout::cluster

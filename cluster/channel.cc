@@ -1,4 +1,4 @@
-#include "rpc/channel.h"
+#include "cluster/channel.h"
 
 #include <sys/socket.h>
 
@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace scout::rpc {
+namespace scout::cluster {
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -294,4 +294,4 @@ void Listener::AcceptLoop() {
   }
 }
 
-}  // namespace scout::rpc
+}  // namespace scout::cluster
