@@ -16,10 +16,10 @@
 #include <vector>
 
 #include "nlohmann/json.hpp"
-#include "runtime/bpe_tokenizer.h"
+#include "text/bpe_tokenizer.h"
 #include "runtime/model_config.h"
 
-using scout::runtime::BpeTokenizer;
+using scout::text::BpeTokenizer;
 using json = nlohmann::json;
 
 namespace {

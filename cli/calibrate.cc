@@ -47,7 +47,7 @@
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
 #include "round/speculative.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::cli {
 
@@ -76,7 +76,7 @@ int Calibrate(int argc, char** argv) {
   if (!pair.ok()) return Fail(pair.status());
   runtime::CpuModel* target = pair->target.get();
   runtime::CpuModel* draft = pair->draft.get();
-  runtime::Tokenizer* tok = pair->tokenizer.get();
+  text::Tokenizer* tok = pair->tokenizer.get();
   absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get("text"));
   if (!text.ok()) return Fail(text.status());
   absl::StatusOr<int64_t> ctx = flags.GetInt("context-tokens"), n = flags.GetInt("calib-tokens"),

@@ -20,7 +20,7 @@
 #include "runtime/backend_factory.h"
 #include "runtime/cpu_model.h"
 #include "runtime/sts.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 #include "cluster/placement.h"
 
 namespace scout::cli {
@@ -72,7 +72,7 @@ absl::Status WriteCsv(const std::string& path, const std::string& text);
 struct ModelPair {
   std::unique_ptr<runtime::CpuModel> target;
   std::unique_ptr<runtime::CpuModel> draft;
-  std::unique_ptr<runtime::Tokenizer> tokenizer;
+  std::unique_ptr<text::Tokenizer> tokenizer;
 };
 absl::StatusOr<ModelPair> LoadPair(const std::string& model_dir, const std::string& draft_dir);
 

@@ -47,7 +47,7 @@
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
 #include "round/speculative.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::cli {
 
@@ -142,7 +142,7 @@ absl::StatusOr<ModelPair> LoadPair(const std::string& model_dir, const std::stri
   if (!target.ok()) return target.status();
   absl::StatusOr<std::unique_ptr<runtime::CpuModel>> draft = runtime::CpuModel::Load(draft_dir);
   if (!draft.ok()) return draft.status();
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(model_dir);
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(model_dir);
   if (!tok.ok()) return tok.status();
   pair.target = std::move(*target);
   pair.draft = std::move(*draft);
@@ -285,9 +285,9 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
   }
   if (*prefill_chunk < 1) return Fail(absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1"));
   if (*max_request_bytes < 1) return Fail(absl::InvalidArgumentError("--max-request-bytes must be >= 1"));
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
-  absl::StatusOr<std::optional<runtime::ModelChatTemplate>> chat_template = runtime::LoadChatTemplate(flags.Get("model"));
+  absl::StatusOr<std::optional<text::ModelChatTemplate>> chat_template = text::LoadChatTemplate(flags.Get("model"));
   if (!chat_template.ok()) return Fail(chat_template.status());
   std::string name = flags.Get("served-model-name");
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
@@ -325,14 +325,14 @@ int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::M
   if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));
   // /tokenize and /detokenize get a copy of the tokenizer of their own (the engine's is its
   // scheduler thread's).
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> front_tok = runtime::LoadTokenizer(flags.Get("model"));
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> front_tok = text::LoadTokenizer(flags.Get("model"));
   if (!front_tok.ok()) return Fail(front_tok.status());
   scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
   absl::StatusOr<std::unique_ptr<server::HttpServer>> server =
       server::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
                              server::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
                                                     {.api_keys = *api_keys,
-                                                     .tokenizer = std::shared_ptr<const runtime::Tokenizer>(
+                                                     .tokenizer = std::shared_ptr<const text::Tokenizer>(
                                                          std::move(*front_tok))}),
                              {.max_request_bytes = static_cast<size_t>(*max_request_bytes),
                               .max_connections = static_cast<int>(*max_connections),

@@ -47,7 +47,7 @@
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
 #include "round/speculative.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::cli {
 
@@ -91,7 +91,7 @@ int Eval(int argc, char** argv) {
   if (!pair.ok()) return Fail(pair.status());
   runtime::CpuModel* target = pair->target.get();
   runtime::CpuModel* draft = pair->draft.get();
-  runtime::Tokenizer* tok = pair->tokenizer.get();
+  text::Tokenizer* tok = pair->tokenizer.get();
   absl::StatusOr<std::string> text = runtime::ReadFile(flags.Get(tasks ? "filler" : "text"));
   if (!text.ok()) return Fail(text.status());
   absl::StatusOr<runtime::HeadMap> map_or =

@@ -47,7 +47,7 @@
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
 #include "round/speculative.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::cli {
 
@@ -142,7 +142,7 @@ int Generate(int argc, char** argv) {
       split ? runtime::LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *budget, *tier)
             : runtime::LoadBackend(flags.Get("model"), flags.Get("device"), *budget, *tier);
   if (!model.ok()) return Fail(model.status());
-  absl::StatusOr<std::unique_ptr<runtime::Tokenizer>> tok = runtime::LoadTokenizer(flags.Get("model"));
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
   if (!tok.ok()) return Fail(tok.status());
 
   std::vector<int32_t> ids = (*tok)->Encode(prompt, /*add_bos=*/true);
@@ -155,7 +155,7 @@ int Generate(int argc, char** argv) {
   if (!flags.GetBool("ignore-eos")) opt.stop_ids = (*tok)->eos_ids();
   PrefillProgressLine progress(static_cast<int64_t>(ids.size()));
   opt.on_prefill_progress = progress.Callback();
-  const runtime::Tokenizer& t = **tok;
+  const text::Tokenizer& t = **tok;
   auto print = [&](int32_t id) {
     absl::StatusOr<std::string> piece = t.Decode({&id, 1});
     if (piece.ok()) std::fwrite(piece->data(), 1, piece->size(), stdout);

@@ -47,7 +47,7 @@
 #include "runtime/generator.h"
 #include "runtime/tasks.h"
 #include "round/speculative.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::cli {
 

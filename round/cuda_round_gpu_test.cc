@@ -8,7 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "runtime/cuda_model.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::round {
 namespace {

@@ -12,7 +12,7 @@
 #include "runtime/generator.h"
 #include "runtime/safetensors.h"
 #include "runtime/test_model.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::runtime {
 namespace {
@@ -270,9 +270,9 @@ TEST(GeneratorTest, GreedyGenerationIsDeterministicAndReleasesTheSequence) {
 
 TEST(TokenizerTest, ByteTokenizerRoundTripsAndLoads) {
   std::filesystem::path dir = FreshDir("tok");
-  EXPECT_EQ(LoadTokenizer(dir).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(text::LoadTokenizer(dir).status().code(), absl::StatusCode::kNotFound);
   std::ofstream(dir / "scout_tokenizer.json") << R"({"type": "bytes", "bos_token_id": 256, "eos_token_id": 257, "vocab_size": 258})";
-  absl::StatusOr<std::unique_ptr<Tokenizer>> t = LoadTokenizer(dir);
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> t = text::LoadTokenizer(dir);
   ASSERT_TRUE(t.ok()) << t.status();
   std::string text = "héllo\n\x01\xff";
   std::vector<int32_t> ids = (*t)->Encode(text, true);

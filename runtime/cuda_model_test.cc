@@ -11,7 +11,7 @@
 #include "kernels/test_util.h"
 #include "runtime/cpu_model.h"
 #include "runtime/test_model.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::runtime {
 namespace {
@@ -653,7 +653,7 @@ void GreedyMatches(const std::string& model) {
   ASSERT_TRUE(p.cpu && p.gpu);
   absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
   ASSERT_TRUE(text.ok()) << text.status();
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = LoadTokenizer(kModels / model);
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(kModels / model);
   ASSERT_TRUE(tok.ok());
   std::vector<int32_t> prompt = (*tok)->Encode(text->substr(0, 3000), /*add_bos=*/true);
   std::vector<int32_t> cpu_out, gpu_out;

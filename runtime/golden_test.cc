@@ -8,7 +8,7 @@
 #include "runtime/cpu_model.h"
 #include "runtime/generator.h"
 #include "runtime/safetensors.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::runtime {
 namespace {
@@ -89,7 +89,7 @@ INSTANTIATE_TEST_SUITE_P(FixturePair, GoldenTest, ::testing::Values("target", "d
 
 // The prompts file and the fixture tokenizer agree on the ids the goldens were made from.
 TEST(GoldenPromptsTest, TokenizerReproducesGoldenIds) {
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = LoadTokenizer(kModels / "scout-tiny-target");
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   ASSERT_TRUE(tok.ok()) << tok.status();
   absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "prompts.json");
   ASSERT_TRUE(text.ok());

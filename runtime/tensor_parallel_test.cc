@@ -9,7 +9,7 @@
 #include "gtest/gtest.h"
 #include "kernels/test_util.h"
 #include "runtime/test_model.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace scout::runtime {
 namespace {
@@ -53,7 +53,7 @@ TEST(TensorParallelTest, TwoShardsGiveTheGreedyTokensOfOne) {
   ASSERT_TRUE(two.ok()) << two.status();
   absl::StatusOr<std::string> text = ReadFile(kModels / "goldens" / "long_prompt.txt");
   ASSERT_TRUE(text.ok());
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = LoadTokenizer(kModels / "scout-tiny-target");
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   ASSERT_TRUE(tok.ok());
   std::vector<int32_t> prompt = (*tok)->Encode(text->substr(0, 2000), true);
   std::vector<int32_t> t1, t2;

@@ -20,7 +20,7 @@ using Clock = std::chrono::steady_clock;
 // One request from admission to its result. The caller's thread waits in Complete and drains the
 // outbox; the scheduler thread does everything else.
 struct Engine::Request {
-  Request(const CompletionRequest& r, const runtime::Tokenizer& tok)
+  Request(const CompletionRequest& r, const text::Tokenizer& tok)
       : req(r), sampler(r.sampling), decoder(tok) {}
   const CompletionRequest req;
   // Set up by Start.
@@ -34,7 +34,7 @@ struct Engine::Request {
   bool prefilling = false;   // started, its prompt not all in the cache yet
   int64_t prefilled = 0;     // prompt tokens in the cache (without a draft; the stream counts its own)
   runtime::Sampler sampler;
-  runtime::StreamingDecoder decoder;
+  text::StreamingDecoder decoder;
   std::string pending;       // text held back as a possible stop-string prefix
   bool stop_hit = false;
   int32_t last_token = -1;   // sampled, not yet in the cache
@@ -57,7 +57,7 @@ struct Engine::Request {
 };
 
 Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
-               std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
+               std::unique_ptr<text::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
                const EngineOptions& options)
     : config_(model->config()),
       model_(std::move(model)),

@@ -25,7 +25,7 @@
 #include "runtime/cpu_model.h"
 #include "runtime/sampling.h"
 #include "runtime/sts.h"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 #include "round/speculative.h"
 #include "scheduler/prefill_pacer.h"
 
@@ -134,7 +134,7 @@ class Engine {
  public:
   // draft may be null (no speculative decoding). metrics must outlive the engine.
   Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
-         std::unique_ptr<runtime::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
+         std::unique_ptr<text::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
          const EngineOptions& options);
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -251,7 +251,7 @@ class Engine {
   absl::Mutex model_mu_;  // the scheduler thread's hold on the models; sessions calls take it briefly
   std::unique_ptr<runtime::ModelBackend> model_ ABSL_PT_GUARDED_BY(model_mu_);
   std::unique_ptr<runtime::ModelBackend> draft_ ABSL_PT_GUARDED_BY(model_mu_);
-  std::unique_ptr<runtime::Tokenizer> tokenizer_;
+  std::unique_ptr<text::Tokenizer> tokenizer_;
   monitoring::ServerMetrics* metrics_;
   EngineOptions options_;
   // With a draft: the head map of requests that ask for STS (the server's, else the

@@ -8,7 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "runtime/test_model.h"
-#include "runtime/utf8.h"
+#include "text/utf8.h"
 
 namespace scout::scheduler {
 namespace {
@@ -17,7 +17,7 @@ const std::filesystem::path kModels = std::filesystem::path(SCOUT_SOURCE_DIR) / 
 
 std::unique_ptr<Engine> MakeEngine(monitoring::ServerMetrics* metrics, int64_t max_model_len = 0) {
   auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   EXPECT_TRUE(model.ok() && tok.ok());
   return std::make_unique<Engine>(std::move(*model), nullptr, std::move(*tok), metrics,
                                   EngineOptions{.max_model_len = max_model_len});
@@ -27,7 +27,7 @@ std::unique_ptr<Engine> MakeEngine(monitoring::ServerMetrics* metrics, int64_t m
 std::unique_ptr<Engine> MakeDraftEngine(monitoring::ServerMetrics* metrics) {
   auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
   auto draft = runtime::CpuModel::Load(kModels / "scout-tiny-draft");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   EXPECT_TRUE(model.ok() && draft.ok() && tok.ok());
   if (!model.ok() || !draft.ok() || !tok.ok()) return nullptr;
   return std::make_unique<Engine>(std::move(*model), std::move(*draft), std::move(*tok), metrics, EngineOptions{});
@@ -72,7 +72,7 @@ TEST(EngineTest, StopStringsAndStreamingAgree) {
 // emit such byte tokens often.
 TEST(EngineTest, StreamedPiecesAreWholeUtf8WithBpeTokenizer) {
   const std::filesystem::path dir = runtime::testing::FreshDir("bpe_model");
-  auto tok = runtime::LoadTokenizer(kModels / "tokenizers" / "llama3");
+  auto tok = text::LoadTokenizer(kModels / "tokenizers" / "llama3");
   ASSERT_TRUE(tok.ok()) << tok.status();
   runtime::ModelConfig c = runtime::testing::TinyConfig();
   c.vocab_size = (*tok)->vocab_size();
@@ -87,13 +87,13 @@ TEST(EngineTest, StreamedPiecesAreWholeUtf8WithBpeTokenizer) {
     auto r = engine.Complete({.prompt = "héllo wörld ✓", .max_tokens = 200,
                               .sampling = {.temperature = 1.0f, .seed = seed}, .ignore_eos = true},
                              [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
-                               EXPECT_TRUE(runtime::IsValidUtf8(piece)) << "piece " << pieces;
+                               EXPECT_TRUE(text::IsValidUtf8(piece)) << "piece " << pieces;
                                streamed.append(piece.data(), piece.size());
                                ++pieces;
                                return true;
                              });
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_TRUE(runtime::IsValidUtf8(r->text));
+    EXPECT_TRUE(text::IsValidUtf8(r->text));
     EXPECT_EQ(streamed, r->text);
   }
 }
@@ -166,7 +166,7 @@ TEST(EngineTest, LongPromptPrefillInterleavesWithDecoding) {
     SCOPED_TRACE(with_draft ? "with a draft" : "without a draft");
     monitoring::ServerMetrics metrics;
     auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-    auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+    auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
     ASSERT_TRUE(model.ok() && tok.ok());
     std::unique_ptr<runtime::ModelBackend> draft;
     if (with_draft) {
@@ -216,7 +216,7 @@ TEST(EngineTest, LongPromptPrefillInterleavesWithDecoding) {
 TEST(EngineTest, APromptMovesWhileMoreRequestsDecodeThanTheTokenBound) {
   monitoring::ServerMetrics metrics;
   auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   ASSERT_TRUE(model.ok() && tok.ok());
   Engine engine(std::move(*model), nullptr, std::move(*tok), &metrics,
                 EngineOptions{.max_num_seqs = 8, .max_num_batched_tokens = 2});
@@ -247,7 +247,7 @@ TEST(EngineTest, APromptMovesWhileMoreRequestsDecodeThanTheTokenBound) {
 // run one after the other instead of failing halfway; one that can never fit is refused at once.
 TEST(EngineTest, KvBudgetAdmissionQueuesWhatDoesNotFit) {
   auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target", {.kv_budget_tokens = 256});
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   ASSERT_TRUE(model.ok() && tok.ok());
   monitoring::ServerMetrics metrics;
   Engine engine(std::move(*model), nullptr, std::move(*tok), &metrics, EngineOptions{});
@@ -276,7 +276,7 @@ TEST(EngineTest, KvBudgetAdmissionQueuesWhatDoesNotFit) {
 TEST(EngineTest, IdleSessionsAreEvictedByTimeoutAndUnderPressure) {
   auto load = [](int64_t kv_tokens, double timeout) {
     auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target", {.kv_budget_tokens = kv_tokens});
-    auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+    auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
     EXPECT_TRUE(model.ok() && tok.ok());
     return std::make_pair(std::move(*model), std::move(*tok));
   };
@@ -573,7 +573,7 @@ TEST(EngineTest, ASequenceThatFailsAloneEndsOnlyItsRequest) {
     alone = r->text;
   }
   auto model = runtime::CpuModel::Load(kModels / "scout-tiny-target");
-  auto tok = runtime::LoadTokenizer(kModels / "scout-tiny-target");
+  auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
   ASSERT_TRUE(model.ok() && tok.ok());
   // p2's request is the victim: its prompt's first tokens (BOS, "def") pick it, in any order.
   std::vector<int32_t> victim_prefix = (*tok)->Encode(p2, /*add_bos=*/true);

@@ -137,7 +137,7 @@ std::optional<std::vector<PromptItem>> ParsePrompts(const json& prompt) {
 constexpr int64_t kMaxChoices = 128;
 
 bool ParseCompletion(const std::string& body, const std::string& model_name, bool chat,
-                     const runtime::ModelChatTemplate* chat_template, scheduler::CompletionRequest* req, bool* stream,
+                     const text::ModelChatTemplate* chat_template, scheduler::CompletionRequest* req, bool* stream,
                      bool* include_usage, std::vector<PromptItem>* prompts, int64_t* n, HttpResponder& out) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
@@ -504,9 +504,9 @@ namespace {
 // would), "add_special_tokens" (default true: the BOS the engine adds to a new prompt) ->
 // {"count", "max_model_len", "tokens"}, so that count is the usage.prompt_tokens of the same
 // request. POST /detokenize: {"tokens": [ids]} -> {"prompt": text}.
-void Tokenize(const HttpRequest& req, HttpResponder& out, const runtime::Tokenizer& tok, absl::Mutex& mu,
+void Tokenize(const HttpRequest& req, HttpResponder& out, const text::Tokenizer& tok, absl::Mutex& mu,
               scheduler::Engine* engine, const std::string& model_name,
-              const runtime::ModelChatTemplate* chat_template) {
+              const text::ModelChatTemplate* chat_template) {
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     SendError(out, 400, "request body is not a JSON object", "invalid_request_error");
@@ -548,7 +548,7 @@ void Tokenize(const HttpRequest& req, HttpResponder& out, const runtime::Tokeniz
            json({{"count", ids.size()}, {"max_model_len", engine->max_model_len()}, {"tokens", ids}}).dump());
 }
 
-void Detokenize(const HttpRequest& req, HttpResponder& out, const runtime::Tokenizer& tok, absl::Mutex& mu) {
+void Detokenize(const HttpRequest& req, HttpResponder& out, const text::Tokenizer& tok, absl::Mutex& mu) {
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("tokens") || !j["tokens"].is_array()) {
     SendError(out, 400, "\"tokens\" must be an array of token ids", "invalid_request_error", "tokens");
@@ -578,10 +578,10 @@ void Detokenize(const HttpRequest& req, HttpResponder& out, const runtime::Token
 }  // namespace
 
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
-                              const std::string& model_name, const runtime::ModelChatTemplate* chat_template,
+                              const std::string& model_name, const text::ModelChatTemplate* chat_template,
                               const FrontEndOptions& options) {
   auto counter = std::make_shared<std::atomic<int64_t>>(0);
-  std::shared_ptr<const runtime::Tokenizer> tokenizer = options.tokenizer;
+  std::shared_ptr<const text::Tokenizer> tokenizer = options.tokenizer;
   auto tokenizer_mu = std::make_shared<absl::Mutex>();
   // Each key's tenant is its position: sessions live in the engine as "tN/<id>" ('/' is not in a
   // client's session id, so tenants cannot reach each other's).

@@ -8,8 +8,8 @@
 
 #include "monitoring/metrics.h"
 #include "server/http_server.h"
-#include "runtime/chat_template.h"
-#include "runtime/tokenizer.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "scheduler/engine.h"
 
 namespace scout::server {
@@ -22,7 +22,7 @@ struct FrontEndOptions {
   std::vector<std::string> api_keys;
   // The model's tokenizer for /tokenize and /detokenize (vLLM's): a copy of its own, used under
   // the handler's lock (the BPE tokenizer is not thread-safe). Null: those routes answer 501.
-  std::shared_ptr<const runtime::Tokenizer> tokenizer;
+  std::shared_ptr<const text::Tokenizer> tokenizer;
 };
 
 // The version /version reports (the CMake project's).
@@ -30,11 +30,11 @@ const char* ScoutVersion();
 
 // The handler for HttpServer. engine, metrics and chat_template must outlive the server.
 // /v1/chat/completions renders `messages` (and `tools`) with chat_template, the model folder's
-// (runtime::LoadChatTemplate); without one, with the fixtures' "Role: content" lines. Session ids
+// (text::LoadChatTemplate); without one, with the fixtures' "Role: content" lines. Session ids
 // are at most 128 bytes of [A-Za-z0-9._:-] (400 otherwise).
 HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
                               const std::string& model_name,
-                              const runtime::ModelChatTemplate* chat_template = nullptr,
+                              const text::ModelChatTemplate* chat_template = nullptr,
                               const FrontEndOptions& options = {});
 
 }  // namespace scout::server

@@ -1,15 +1,15 @@
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
 #include <algorithm>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
-#include "runtime/bpe_tokenizer.h"
+#include "text/bpe_tokenizer.h"
 #include "runtime/model_config.h"
-#include "runtime/utf8.h"
+#include "text/utf8.h"
 
-namespace scout::runtime {
+namespace scout::text {
 
 std::vector<int32_t> ByteTokenizer::Encode(absl::string_view text, bool add_bos) const {
   std::vector<int32_t> ids;
@@ -69,7 +69,7 @@ std::optional<std::string> ConfigToken(const nlohmann::json& j, const char* key)
 absl::StatusOr<nlohmann::json> OptionalJsonFile(const std::filesystem::path& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return nlohmann::json::object();
-  absl::StatusOr<std::string> text = ReadFile(path);
+  absl::StatusOr<std::string> text = runtime::ReadFile(path);
   if (!text.ok()) return text.status();
   nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
@@ -114,7 +114,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::filesystem::
   const std::filesystem::path scout_file = model_dir / "scout_tokenizer.json";
   std::error_code ec;
   if (std::filesystem::exists(scout_file, ec)) {
-    absl::StatusOr<std::string> text = ReadFile(scout_file);
+    absl::StatusOr<std::string> text = runtime::ReadFile(scout_file);
     if (!text.ok()) return text.status();
     nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
     if (j.is_discarded() || !j.is_object()) {
@@ -137,4 +137,4 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::filesystem::
   return absl::NotFoundError(absl::StrCat(model_dir.string(), ": no scout_tokenizer.json or tokenizer.json"));
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::text

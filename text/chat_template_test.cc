@@ -1,4 +1,4 @@
-#include "runtime/chat_template.h"
+#include "text/chat_template.h"
 
 #include <filesystem>
 #include <fstream>
@@ -6,10 +6,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "runtime/bpe_tokenizer.h"
+#include "text/bpe_tokenizer.h"
 #include "runtime/model_config.h"
 
-namespace scout::runtime {
+namespace scout::text {
 namespace {
 
 using ojson = nlohmann::ordered_json;
@@ -347,7 +347,7 @@ TEST_P(ChatGoldenTest, RendersLikeTransformers) {
   ASSERT_TRUE(tmpl->has_value());
   absl::StatusOr<std::unique_ptr<BpeTokenizer>> tok = BpeTokenizer::FromFile(dir / "tokenizer.json");
   ASSERT_TRUE(tok.ok()) << tok.status();
-  absl::StatusOr<std::string> text = ReadFile(dir / "chat_golden.json");
+  absl::StatusOr<std::string> text = runtime::ReadFile(dir / "chat_golden.json");
   ASSERT_TRUE(text.ok());
   const ojson golden = ojson::parse(*text);
   int n = 0;
@@ -373,4 +373,4 @@ TEST_P(ChatGoldenTest, RendersLikeTransformers) {
 INSTANTIATE_TEST_SUITE_P(Families, ChatGoldenTest, ::testing::Values("llama3", "qwen2", "mistral"));
 
 }  // namespace
-}  // namespace scout::runtime
+}  // namespace scout::text

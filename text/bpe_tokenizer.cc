@@ -1,4 +1,4 @@
-#include "runtime/bpe_tokenizer.h"
+#include "text/bpe_tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -18,9 +18,9 @@
 #include "absl/synchronization/mutex.h"
 #include "nlohmann/json.hpp"
 #include "runtime/model_config.h"
-#include "runtime/utf8.h"
+#include "text/utf8.h"
 
-namespace scout::runtime {
+namespace scout::text {
 namespace {
 
 using json = nlohmann::json;
@@ -575,7 +575,7 @@ BpeTokenizer::~BpeTokenizer() = default;
 absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromFile(const std::filesystem::path& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return absl::NotFoundError(absl::StrCat(path.string(), ": no such file"));
-  absl::StatusOr<std::string> text = ReadFile(path);
+  absl::StatusOr<std::string> text = runtime::ReadFile(path);
   if (!text.ok()) return text.status();
   return FromJson(*text, path.string());
 }
@@ -806,4 +806,4 @@ bool BpeTokenizer::IsSpecial(int32_t id) const {
 void BpeTokenizer::set_eos_ids(std::vector<int32_t> ids) { impl_->eos = std::move(ids); }
 void BpeTokenizer::set_bos_id(int32_t id) { impl_->bos = id; }
 
-}  // namespace scout::runtime
+}  // namespace scout::text

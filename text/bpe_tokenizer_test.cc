@@ -1,4 +1,4 @@
-#include "runtime/bpe_tokenizer.h"
+#include "text/bpe_tokenizer.h"
 
 #include <filesystem>
 #include <fstream>
@@ -9,9 +9,9 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "runtime/model_config.h"
-#include "runtime/utf8.h"
+#include "text/utf8.h"
 
-namespace scout::runtime {
+namespace scout::text {
 namespace {
 
 using json = nlohmann::json;
@@ -327,7 +327,7 @@ TEST_P(GoldenTest, EncodeAndDecodeMatchTokenizers) {
   if (!std::filesystem::exists(dir / "encode_golden.json")) GTEST_SKIP() << "no goldens in " << dir;
   absl::StatusOr<std::unique_ptr<BpeTokenizer>> tok = BpeTokenizer::FromFile(dir / "tokenizer.json");
   ASSERT_TRUE(tok.ok()) << tok.status();
-  absl::StatusOr<std::string> text = ReadFile(dir / "encode_golden.json");
+  absl::StatusOr<std::string> text = runtime::ReadFile(dir / "encode_golden.json");
   ASSERT_TRUE(text.ok());
   const json golden = json::parse(*text);
   int cases = 0, bad_ids = 0, bad_special = 0, bad_decode = 0, bad_stream = 0;
@@ -373,4 +373,4 @@ TEST_P(GoldenTest, EncodeAndDecodeMatchTokenizers) {
 INSTANTIATE_TEST_SUITE_P(Families, GoldenTest, ::testing::Values("llama3", "qwen2", "mistral"));
 
 }  // namespace
-}  // namespace scout::runtime
+}  // namespace scout::text

@@ -4,7 +4,7 @@
 //
 // Inside this file errors travel as a C++ exception (TemplateError) because every evaluation step
 // can fail; Parse and Render catch it and return absl::Status, so nothing escapes the API.
-#include "runtime/chat_template.h"
+#include "text/chat_template.h"
 
 #include <unicode/uchar.h>
 
@@ -19,9 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/model_config.h"
-#include "runtime/utf8.h"
+#include "text/utf8.h"
 
-namespace scout::runtime {
+namespace scout::text {
 namespace jinja {
 namespace {
 
@@ -2277,7 +2277,7 @@ absl::StatusOr<std::optional<ModelChatTemplate>> LoadChatTemplate(const std::fil
   const std::filesystem::path path = model_dir / "tokenizer_config.json";
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return std::optional<ModelChatTemplate>();
-  absl::StatusOr<std::string> text = ReadFile(path);
+  absl::StatusOr<std::string> text = runtime::ReadFile(path);
   if (!text.ok()) return text.status();
   const nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
@@ -2305,4 +2305,4 @@ absl::StatusOr<std::optional<ModelChatTemplate>> LoadChatTemplate(const std::fil
   return std::optional<ModelChatTemplate>(ModelChatTemplate{*std::move(t), token("bos_token"), token("eos_token")});
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::text

@@ -1,8 +1,8 @@
-#include "runtime/utf8.h"
+#include "text/utf8.h"
 
 #include <cstdint>
 
-namespace scout::runtime {
+namespace scout::text {
 namespace {
 
 // Length of the well-formed character starting at s[i], or -(bytes of its maximal subpart) when it
@@ -94,4 +94,4 @@ void AppendUtf8(char32_t cp, std::string* out) {
   }
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::text

@@ -25,7 +25,7 @@
 #include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 
-namespace scout::runtime {
+namespace scout::text {
 
 namespace jinja {
 struct Template;
@@ -67,4 +67,4 @@ struct ModelChatTemplate {
 // or the template does not parse.
 absl::StatusOr<std::optional<ModelChatTemplate>> LoadChatTemplate(const std::filesystem::path& model_dir);
 
-}  // namespace scout::runtime
+}  // namespace scout::text

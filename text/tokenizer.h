@@ -13,7 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
-namespace scout::runtime {
+namespace scout::text {
 
 class Tokenizer {
  public:
@@ -69,4 +69,4 @@ class StreamingDecoder {
 // tokenizer cannot run gets its InvalidArgument or Unimplemented.
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::filesystem::path& model_dir);
 
-}  // namespace scout::runtime
+}  // namespace scout::text

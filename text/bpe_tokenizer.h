@@ -25,9 +25,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "nlohmann/json_fwd.hpp"
-#include "runtime/tokenizer.h"
+#include "text/tokenizer.h"
 
-namespace scout::runtime {
+namespace scout::text {
 
 class BpeTokenizer final : public Tokenizer {
  public:
@@ -71,4 +71,4 @@ class BpeTokenizer final : public Tokenizer {
   std::unique_ptr<Impl> impl_;
 };
 
-}  // namespace scout::runtime
+}  // namespace scout::text

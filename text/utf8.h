@@ -6,7 +6,7 @@
 
 #include "absl/strings/string_view.h"
 
-namespace scout::runtime {
+namespace scout::text {
 
 // Length of the longest prefix of `s` that ends on a character boundary, treating a trailing run
 // that is a valid but incomplete start of a character as not yet complete (it may still be
@@ -23,4 +23,4 @@ bool IsValidUtf8(absl::string_view s);
 // Appends code point `cp` (must be <= 0x10FFFF) as UTF-8.
 void AppendUtf8(char32_t cp, std::string* out);
 
-}  // namespace scout::runtime
+}  // namespace scout::text
