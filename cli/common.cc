@@ -1,23 +1,17 @@
 // What several subcommands share: flag groups and their parsing, model pairs, the HTTP front end.
 #include "cli/commands.h"
 
-#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <filesystem>
 #include <fstream>
-#include <map>
 #include <optional>
-#include <iostream>
 #include <string>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "cli/flags.h"
 #include "yaml-cpp/yaml.h"
 #include "runtime/backend_factory.h"
 #include "runtime/cpu_model.h"
@@ -26,27 +20,12 @@
 
 #include "runtime/cuda_model.h"
 #endif
-#ifdef SCOUT_HAVE_UCX
-#include "kvstore/remote_store.h"
-#endif
-#ifdef SCOUT_HAVE_NCCL
-#include "runtime/tensor_parallel.h"
-#endif
-#include <unistd.h>
 
 #include <csignal>
-#include <thread>
 
 #include "monitoring/metrics.h"
 #include "server/openai_server.h"
-#include "runtime/calibrate.h"
-#include "cluster/coordinator.h"
 #include "scheduler/engine.h"
-#include "cluster/worker.h"
-#include "runtime/fidelity.h"
-#include "runtime/generator.h"
-#include "runtime/tasks.h"
-#include "round/speculative.h"
 #include "text/tokenizer.h"
 
 namespace scout::cli {
@@ -85,7 +64,6 @@ std::vector<FlagSpec> WithStsFlags(std::vector<FlagSpec> specs, const std::strin
   return specs;
 }
 
-
 absl::StatusOr<RoundChoice> ParseRoundFlags(const Flags& flags) {
   absl::StatusOr<double> fraction = flags.GetDouble("draft-kv-budget-fraction"),
                          sts_fraction = flags.GetDouble("kv-budget-fraction");
@@ -101,7 +79,6 @@ absl::StatusOr<RoundChoice> ParseRoundFlags(const Flags& flags) {
   c.draft_budget.budget_fraction = *fraction > 0 ? *fraction : *sts_fraction;
   return c;
 }
-
 
 // Reads those flags: nullopt for --sparsity dense; InvalidArgument for another value or a bad
 // budget; head map errors pass through.

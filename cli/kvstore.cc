@@ -1,53 +1,19 @@
 // `scout kvstore`: a KV store node of the cluster.
 #include "cli/commands.h"
 
-#include <chrono>
 #include <cstdio>
-#include <functional>
-#include <filesystem>
-#include <fstream>
-#include <map>
 #include <optional>
-#include <iostream>
 #include <string>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/ascii.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
-#include "cli/flags.h"
-#include "yaml-cpp/yaml.h"
-#include "runtime/backend_factory.h"
-#include "runtime/cpu_model.h"
-#ifdef SCOUT_HAVE_CUDA
-#include <cuda_runtime.h>
-
-#include "runtime/cuda_model.h"
-#endif
 #ifdef SCOUT_HAVE_UCX
 #include "kvstore/remote_store.h"
 #endif
-#ifdef SCOUT_HAVE_NCCL
-#include "runtime/tensor_parallel.h"
-#endif
-#include <unistd.h>
 
 #include <csignal>
 #include <thread>
 
-#include "monitoring/metrics.h"
-#include "server/openai_server.h"
-#include "runtime/calibrate.h"
-#include "cluster/coordinator.h"
-#include "scheduler/engine.h"
 #include "cluster/worker.h"
-#include "runtime/fidelity.h"
-#include "runtime/generator.h"
-#include "runtime/tasks.h"
-#include "round/speculative.h"
-#include "text/tokenizer.h"
 
 namespace scout::cli {
 

@@ -32,7 +32,6 @@ void Usage() {
       "Run `scout <command> --help` for its flags.\n");
 }
 
-
 // `scout bench NAME ...`: execs scout-bench from the directory of this executable (the build's
 // bin/, or an install's), as `scout-bench NAME ...`.
 int Bench(int argc, char** argv) {
