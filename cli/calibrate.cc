@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/cpu_model.h"
 
-#include "runtime/calibrate.h"
+#include "eval/calibrate.h"
 #include "text/tokenizer.h"
 
 namespace scout::cli {
@@ -48,7 +48,7 @@ int Calibrate(int argc, char** argv) {
     if (!s.ok()) return Fail(s);
   }
   std::vector<int32_t> ids = tok->Encode(*text, /*add_bos=*/true);
-  absl::StatusOr<runtime::CalibrationReport> rep = runtime::CalibrateHeadMap(
+  absl::StatusOr<eval::CalibrationReport> rep = eval::CalibrateHeadMap(
       *target, *draft, ids,
       {.context_tokens = *ctx, .calib_tokens = *n, .num_speculative_tokens = static_cast<int>(*k),
        .budget_fraction = *frac, .max_heads_per_unit = static_cast<int>(*heads)});

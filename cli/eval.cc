@@ -11,8 +11,8 @@
 #include "absl/strings/str_split.h"
 #include "runtime/cpu_model.h"
 
-#include "runtime/fidelity.h"
-#include "runtime/tasks.h"
+#include "eval/fidelity.h"
+#include "eval/tasks.h"
 #include "round/speculative.h"
 #include "text/tokenizer.h"
 
@@ -65,7 +65,7 @@ int Eval(int argc, char** argv) {
       ResolveHeadMap(flags.Get("head-map"), flags.Get("draft"), target->config(), draft->config());
   if (!map_or.ok()) return Fail(map_or.status());
   const runtime::HeadMap& map = *map_or;
-  runtime::FidelityOptions opt;
+  eval::FidelityOptions opt;
   absl::StatusOr<int64_t> ctx = flags.GetInt("context-tokens"), ev = flags.GetInt("eval-tokens"),
                           k = flags.GetInt("num-speculative-tokens");
   for (const absl::Status& s : {ctx.status(), ev.status(), k.status()}) {
@@ -108,15 +108,15 @@ int Eval(int argc, char** argv) {
         if (!absl::SimpleAtoi(ls, &length) || length < 256) return Fail(absl::InvalidArgumentError("--task-lengths: integers >= 256"));
         std::vector<std::vector<int32_t>> prompts, answers;
         for (int64_t i = 0; i < *count; ++i) {
-          runtime::RetrievalTask t = kind == "passkey" ? runtime::MakePasskeyTask(*text, length, 1000 + i)
-                                                       : runtime::MakeKeyValueTask(*text, length, 2000 + i);
+          eval::RetrievalTask t = kind == "passkey" ? eval::MakePasskeyTask(*text, length, 1000 + i)
+                                                       : eval::MakeKeyValueTask(*text, length, 2000 + i);
           prompts.push_back(tok->Encode(t.prompt, /*add_bos=*/true));
           answers.push_back(tok->Encode(t.answer, /*add_bos=*/false));
         }
-        absl::StatusOr<std::vector<runtime::RetrievalRow>> rows =
-            runtime::RunRetrieval(*target, *draft, map, prompts, answers, opt);
+        absl::StatusOr<std::vector<eval::RetrievalRow>> rows =
+            eval::RunRetrieval(*target, *draft, map, prompts, answers, opt);
         if (!rows.ok()) return Fail(rows.status());
-        for (const runtime::RetrievalRow& r : *rows) {
+        for (const eval::RetrievalRow& r : *rows) {
           std::printf("%-8s %7lld %-8s %6.0f%% | %4d / %-3d\n", std::string(kind).c_str(), static_cast<long long>(length),
                       r.method.c_str(), r.budget * 100, r.correct, r.total);
           absl::StrAppend(&csv, kind, ",", length, ",", r.method, ",", r.budget, ",", r.correct, ",", r.total, "\n");
@@ -127,7 +127,7 @@ int Eval(int argc, char** argv) {
     return 0;
   }
   std::vector<int32_t> ids = tok->Encode(*text, /*add_bos=*/true);
-  absl::StatusOr<std::vector<runtime::FidelityRow>> rows = runtime::RunFidelity(*target, *draft, map, ids, opt);
+  absl::StatusOr<std::vector<eval::FidelityRow>> rows = eval::RunFidelity(*target, *draft, map, ids, opt);
   if (!rows.ok()) return Fail(rows.status());
   const double dense_ppl = rows->front().perplexity;
   // Draft acceptance while generating after the context: dense verification, and STS at each budget.
@@ -175,13 +175,13 @@ int Eval(int argc, char** argv) {
       }
     }
   }
-  auto acceptance_text = [&](const runtime::FidelityRow& r, const std::map<double, double>& from) -> std::string {
+  auto acceptance_text = [&](const eval::FidelityRow& r, const std::map<double, double>& from) -> std::string {
     const double key = r.method == "dense" ? 1.0 : r.budget;
     if ((r.method != "dense" && r.method != "sts") || !from.contains(key)) return "";
     return absl::StrFormat("%.3f", from.at(key));
   };
   // Empty where not measured; "-" where every list was sinks and window only (nothing can move).
-  auto turnover_text = [&](const runtime::FidelityRow& r, const std::map<double, std::pair<int64_t, int64_t>>& from,
+  auto turnover_text = [&](const eval::FidelityRow& r, const std::map<double, std::pair<int64_t, int64_t>>& from,
                            bool table) -> std::string {
     if (r.method != "sts" || !from.contains(r.budget)) return "";
     const auto [fresh, movable] = from.at(r.budget);
@@ -201,7 +201,7 @@ int Eval(int argc, char** argv) {
   std::string csv =
       "method,budget,perplexity,ppl_change_pct,nll_per_token,recall,jaccard_oracle,blocks_read,acceptance,"
       "acceptance_sparse_draft,turnover,turnover_sparse_draft\n";
-  for (const runtime::FidelityRow& r : *rows) {
+  for (const eval::FidelityRow& r : *rows) {
     const double change = 100.0 * (r.perplexity / dense_ppl - 1.0);
     std::printf("%-8s %6.0f%% | %10.4f %+7.2f%% %9.4f | %7.1f%% %8.3f %7.1f%% | %10s %13s | %8s %14s\n",
                 r.method.c_str(), r.budget * 100, r.perplexity, change, r.nll_per_token / std::log(2.0), 100 * r.recall,

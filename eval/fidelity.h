@@ -11,7 +11,16 @@
 #include "runtime/backend.h"
 #include "runtime/sts.h"
 
-namespace scout::runtime {
+namespace scout::eval {
+
+// The runtime's names this module is written against.
+using runtime::BudgetBlocks;
+using runtime::HeadMap;
+using runtime::ModelBackend;
+using runtime::ModelConfig;
+using runtime::SequenceId;
+using runtime::SequenceInput;
+using runtime::StsBudget;
 
 struct FidelityOptions {
   int64_t context_tokens = 3584;          // prefilled densely before evaluation starts
@@ -86,4 +95,4 @@ absl::StatusOr<std::vector<RetrievalRow>> RunRetrieval(ModelBackend& target, Mod
                                                        const std::vector<std::vector<int32_t>>& answers,
                                                        const FidelityOptions& options);
 
-}  // namespace scout::runtime
+}  // namespace scout::eval

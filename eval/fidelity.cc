@@ -1,4 +1,4 @@
-#include "runtime/fidelity.h"
+#include "eval/fidelity.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,7 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
-namespace scout::runtime {
+namespace scout::eval {
 namespace {
 
 // -log p(next) under the logits row.
@@ -263,4 +263,4 @@ absl::StatusOr<std::vector<RetrievalRow>> RunRetrieval(ModelBackend& target, Mod
   return out;
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::eval

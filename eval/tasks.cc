@@ -1,4 +1,4 @@
-#include "runtime/tasks.h"
+#include "eval/tasks.h"
 
 #include <algorithm>
 #include <random>
@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace scout::runtime {
+namespace scout::eval {
 namespace {
 
 std::string Window(absl::string_view filler, int64_t length, std::mt19937_64& rng) {
@@ -68,4 +68,4 @@ RetrievalTask MakeKeyValueTask(absl::string_view filler, int64_t length, uint64_
   return {text, vals[q]};
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::eval

@@ -1,11 +1,11 @@
-#include "runtime/calibrate.h"
+#include "eval/calibrate.h"
 
 #include <algorithm>
 
 #include "kernels/block_select.h"
-#include "runtime/fidelity.h"
+#include "eval/fidelity.h"
 
-namespace scout::runtime {
+namespace scout::eval {
 namespace {
 
 struct StoredRound {
@@ -93,4 +93,4 @@ absl::StatusOr<CalibrationReport> CalibrateHeadMap(ModelBackend& target, ModelBa
   return report;
 }
 
-}  // namespace scout::runtime
+}  // namespace scout::eval

@@ -8,7 +8,8 @@
 
 #include "absl/strings/string_view.h"
 
-namespace scout::runtime {
+namespace scout::eval {
+
 
 struct RetrievalTask {
   std::string prompt;  // ends right before the answer
@@ -22,4 +23,4 @@ struct RetrievalTask {
 RetrievalTask MakePasskeyTask(absl::string_view filler, int64_t length, uint64_t seed);
 RetrievalTask MakeKeyValueTask(absl::string_view filler, int64_t length, uint64_t seed);
 
-}  // namespace scout::runtime
+}  // namespace scout::eval

@@ -10,7 +10,16 @@
 #include "runtime/backend.h"
 #include "runtime/sts.h"
 
-namespace scout::runtime {
+namespace scout::eval {
+
+// The runtime's names this module is written against.
+using runtime::BudgetBlocks;
+using runtime::HeadMap;
+using runtime::ModelBackend;
+using runtime::ModelConfig;
+using runtime::SequenceId;
+using runtime::SequenceInput;
+using runtime::StsBudget;
 
 struct CalibrateOptions {
   int64_t context_tokens = 2048;
@@ -34,4 +43,4 @@ struct CalibrationReport {
 absl::StatusOr<CalibrationReport> CalibrateHeadMap(ModelBackend& target, ModelBackend& draft,
                                                    std::span<const int32_t> ids, const CalibrateOptions& options);
 
-}  // namespace scout::runtime
+}  // namespace scout::eval
