@@ -7,19 +7,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "eval/fidelity.h"  // WalkRounds, and the runtime names the module uses
 #include "runtime/backend.h"
 #include "runtime/sts.h"
 
 namespace scout::eval {
-
-// The runtime's names this module is written against.
-using runtime::BudgetBlocks;
-using runtime::HeadMap;
-using runtime::ModelBackend;
-using runtime::ModelConfig;
-using runtime::SequenceId;
-using runtime::SequenceInput;
-using runtime::StsBudget;
 
 struct CalibrateOptions {
   int64_t context_tokens = 2048;

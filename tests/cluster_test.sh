@@ -148,9 +148,9 @@ echo "ok: no draft worker: 503 naming it"
 
 # The cluster's metrics, on the coordinator's /metrics.
 metrics=$(curl -s "$base/metrics")
-echo "$metrics" | grep -q '^scout_cluster_members{role="target",state="dead"} 2' || fail "members metric: $(echo "$metrics" | grep scout_cluster)"
-echo "$metrics" | grep -q '^scout_cluster_failovers_total [1-9]' || fail "failovers metric"
-echo "$metrics" | grep -q '^scout_kv_remote_bytes_total{direction="write"} [1-9]' || fail "KV bytes metric"
+grep -q '^scout_cluster_members{role="target",state="dead"} 2' <<< "$metrics" || fail "members metric: $(echo "$metrics" | grep scout_cluster)"
+grep -q '^scout_cluster_failovers_total [1-9]' <<< "$metrics" || fail "failovers metric"
+grep -q '^scout_kv_remote_bytes_total{direction="write"} [1-9]' <<< "$metrics" || fail "KV bytes metric"
 echo "ok: the cluster's metrics on /metrics"
 
 kill -TERM "$coord"
