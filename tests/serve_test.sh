@@ -192,8 +192,8 @@ grep -q '"completion_tokens":20' b.json || fail "concurrent request b: $(cat b.j
 # The cancelled request is counted once the server has noticed its client left (a write to the
 # closed stream fails); on a loaded machine that can come after the two requests above.
 # Here-strings, not `echo | grep -q`: grep -q leaves at its first match, and with pipefail echo's
-# broken pipe on the rest of a long /metrics reads as a failure (the acceptance check failed so
-# once in CI).
+# broken pipe on the rest of a long /metrics reads as a failure (most likely why the acceptance
+# check failed once in CI).
 for _ in $(seq 1 50); do
   metrics=$(curl -s "$base/metrics")
   grep -q '^scout_requests_total{outcome="cancelled"} 1' <<< "$metrics" \
