@@ -176,10 +176,6 @@ class HostTierKv final : public KvPlacement {
     }
     return s;
   }
-  ModelBackend::KvCacheUsage usage() const override {
-    const kvstore::BlockAllocator& a = tables().allocator();
-    return {.used_blocks = a.capacity() - a.num_free(), .total_blocks = a.capacity()};
-  }
 
  private:
   // Segmented attention: each segment's lists go through one of two slots, reused once the

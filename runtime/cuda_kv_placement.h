@@ -112,14 +112,17 @@ class KvPlacement {
                                     cudaStream_t stream) = 0;
 
   virtual HostKvTierStats stats() const = 0;
-  virtual ModelBackend::KvCacheUsage usage() const = 0;
+  // Blocks of the block tables' allocator in use (the resident pool, or the host store).
+  ModelBackend::KvCacheUsage usage() const {
+    const kvstore::BlockAllocator& a = tables().allocator();
+    return {.used_blocks = a.capacity() - a.num_free(), .total_blocks = a.capacity()};
+  }
 };
 
 // The shard's shape (heads and KV heads of this shard) and the model's, for the placements.
 struct KvShape {
   const ModelConfig* model = nullptr;  // the whole model (positions, checks)
   const ModelConfig* shard = nullptr;  // this shard's heads
-  int device = 0;
 };
 
 // Every layer's KV in a GPU pool of o.kv_budget_tokens (0: what 90% of the free memory holds,

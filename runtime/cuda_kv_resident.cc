@@ -137,10 +137,6 @@ class ResidentKv final : public KvPlacement {
   }
 
   HostKvTierStats stats() const override { return {}; }
-  ModelBackend::KvCacheUsage usage() const override {
-    const kvstore::BlockAllocator& a = tables_->allocator();
-    return {.used_blocks = a.capacity() - a.num_free(), .total_blocks = a.capacity()};
-  }
 
  private:
   // bf16 elements of one block of one layer: every KV head of this shard, keys and values.

@@ -89,7 +89,7 @@ struct CudaModel::Impl {
     return stack.AllocWeights();
   }
   absl::Status AllocKv(const CudaModelOptions& o) {
-    const cuda::KvShape shape{.model = &stack.model(), .shard = &stack.shard(), .device = stack.device()};
+    const cuda::KvShape shape{.model = &stack.model(), .shard = &stack.shard()};
     absl::StatusOr<std::unique_ptr<cuda::KvPlacement>> p =
         o.host_kv_tokens > 0 ? cuda::MakeHostTierKv(shape, o) : cuda::MakeResidentKv(shape, o);
     if (!p.ok()) return p.status();

@@ -301,9 +301,8 @@ void Engine::Loop() {
                   running.end());
     if (step.empty()) continue;
     const auto round_start = Clock::now();
-    const size_t rounds_for = step.size();
     DecodeStep(step, prefilling);
-    if (paced && rounds_for > 0) {
+    if (paced) {
       const double round_seconds = std::chrono::duration<double>(Clock::now() - round_start).count();
       if (paced_work > 0) {
         pacer_.ObserveMixedStep(paced_work, pass_seconds + round_seconds);
