@@ -13,7 +13,12 @@
 # target worker (and the single-process baseline) gets 2 cores of its own (taskset, 2 OpenBLAS
 # threads), as if each were its own machine; the coordinator, drafts, KV stores and clients share
 # cores 0-3. SCOUT_TARGET_FLAGS adds flags to the target workers (e.g. --kv-remote-tier).
+# SCOUT_DATA_PLANE: groups (the default: each target worker runs its own engine with the draft
+# in-process, `scout worker --engine`, and the coordinator only routes) or passes (the
+# coordinator's engine runs every pass on the workers, with 2 draft workers and 2 KV store nodes).
 set -uo pipefail
+plane=${SCOUT_DATA_PLANE:-groups}
+[ "$plane" = groups ] || [ "$plane" = passes ] || { echo "SCOUT_DATA_PLANE must be groups or passes"; exit 1; }
 device=${SCOUT_CLUSTER_DEVICE:-cpu}
 unit=8192
 [ "$device" = cpu ] || unit=4096
@@ -38,7 +43,7 @@ cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
 trap 'cleanup; rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 source "$src/tests/server_lib.sh"
-echo "cluster throughput ($device workers${SCOUT_TARGET_FLAGS:+, targets with $SCOUT_TARGET_FLAGS}): $(nproc) cores, $clients agent sessions at once of $turns turns (64 new tokens + 32 generated a turn; scout bench serve), draft k=4"
+echo "cluster throughput ($device workers, data plane: $plane${SCOUT_TARGET_FLAGS:+, targets with $SCOUT_TARGET_FLAGS}): $(nproc) cores, $clients agent sessions at once of $turns turns (64 new tokens + 32 generated a turn; scout bench serve), draft k=4"
 printf "%10s | %10s | %9s %9s | %9s %9s | %10s %10s %9s\n" "targets" "tokens/s" "TTFT p50" "TTFT p99" "ITL p50" "ITL p99" \
   "UCX MB w" "UCX MB r" "UCX GB/s"
 pin() {  # I COMMAND...: the I-th target process on cores 2I+2 and 2I+3 when there are 16 or more.
@@ -112,21 +117,32 @@ done
 for w in $counts; do
   pids=()
   log=$work/coord-$w.err
-  start_coordinator "$log" --model "$T" --draft "$D" --max-num-seqs 64
+  if [ "$plane" = groups ]; then
+    start_coordinator "$log" --model "$T" --draft "$D" --data-plane groups
+  else
+    start_coordinator "$log" --model "$T" --draft "$D" --max-num-seqs 64
+  fi
   pids+=("$coord")
-  for i in 0 1; do
-    "$scout" kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 4 --coordinator "127.0.0.1:$cport" \
-      --id "kv$i" 2> "$work/kv$i.err" &
-    pids+=("$!")
-    "$scout" worker --model "$D" --role draft --device "$device" --coordinator "127.0.0.1:$cport" --id "draft$i" 2> "$work/d$i.err" &
-    pids+=("$!")
-  done
+  if [ "$plane" = passes ]; then
+    for i in 0 1; do
+      "$scout" kvstore --host 127.0.0.1 --port 0 --unit-bytes "$unit" --capacity-gb 4 --coordinator "127.0.0.1:$cport" \
+        --id "kv$i" 2> "$work/kv$i.err" &
+      pids+=("$!")
+      "$scout" worker --model "$D" --role draft --device "$device" --coordinator "127.0.0.1:$cport" --id "draft$i" 2> "$work/d$i.err" &
+      pids+=("$!")
+    done
+  fi
   for i in $(seq 1 "$w"); do
-    pin "$i" "$scout" worker --model "$T" --role target --device "$device" --coordinator "127.0.0.1:$cport" --id "target$i" \
-      $([ "$device" = cpu ] && echo --kv-budget-tokens 131072) "${target_flags[@]}" 2> "$work/t$i.err" &
+    dev=$device
+    [ "$device" = cpu ] || [ "$plane" = passes ] || dev=cuda:$((i - 1))
+    engine=()
+    [ "$plane" = groups ] && engine=(--engine --draft "$D" --max-num-seqs 64)
+    pin "$i" "$scout" worker --model "$T" --role target --device "$dev" --coordinator "127.0.0.1:$cport" --id "target$i" \
+      "${engine[@]}" $([ "$device" = cpu ] && echo --kv-cache-tokens 131072) "${target_flags[@]}" 2> "$work/t$i.err" &
     pids+=("$!")
   done
-  want=$((4 + w))
+  want=$w
+  [ "$plane" = passes ] && want=$((4 + w))
   for _ in $(seq 1 300); do
     [ "$(grep -c " registered from " "$log")" -ge "$want" ] && break
     sleep 0.1
@@ -134,7 +150,11 @@ for w in $counts; do
   out=$(load "$port")
   kill -TERM "$coord"
   wait "$coord" 2>/dev/null
-  row "$w groups" "$out" "$(grep "scout: cluster:" "$log")"
+  if [ "$plane" = passes ]; then
+    row "$w groups" "$out" "$(grep "scout: cluster:" "$log")"
+  else
+    row "$w groups" "$out"
+  fi
   grep -o "waited .*" "$log" | sed 's/^/           coordinator /' 
   cleanup
   wait 2>/dev/null

@@ -22,6 +22,8 @@
 #include "runtime/sts.h"
 #include "text/tokenizer.h"
 #include "cluster/placement.h"
+#include "scheduler/completion_service.h"
+#include "scheduler/engine.h"
 
 namespace scout::cli {
 
@@ -81,7 +83,12 @@ using HostTierFlags = runtime::HostTierChoice;
 std::vector<FlagSpec> WithHostTierFlags(std::vector<FlagSpec> specs);
 absl::StatusOr<HostTierFlags> ParseHostTier(const Flags& flags);
 
-// Flags of the HTTP front end and its engine, shared by `serve` and `coordinator`.
+// The engine's flags (batching, prefill, sessions, speculation, STS), shared by `serve` and by
+// `worker --engine` (a target group), and their EngineOptions (draft: null without one).
+std::vector<FlagSpec> EngineFlags(std::vector<FlagSpec> specs);
+absl::StatusOr<scheduler::EngineOptions> ParseEngineOptions(const Flags& flags, const runtime::ModelConfig& target,
+                                                            const runtime::ModelConfig* draft);
+// Flags of the HTTP front end, with the engine's, for `serve` and `coordinator`.
 std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs);
 // The API keys of --api-key (comma-separated), --api-key-file (one a line; blank lines and '#'
 // comments skipped) and SCOUT_API_KEY, deduplicated in that order. NotFound for a missing file;
@@ -90,6 +97,10 @@ absl::StatusOr<std::vector<std::string>> ApiKeys(const Flags& flags);
 // Blocks SIGINT and SIGTERM (taken by sigwait later) before any thread starts, and ignores
 // SIGPIPE (a peer that hangs up must not end the process).
 sigset_t BlockStopSignals();
+// The OpenAI-compatible front end over `service` until SIGINT/SIGTERM, then a drain; round_name
+// (the engine's speculative rounds, if any) is printed with the address.
+int ServeHttp(const Flags& flags, sigset_t signals, scheduler::CompletionService* service,
+              monitoring::ServerMetrics* metrics, const std::string& round_name);
 // The OpenAI-compatible front end over an engine of `model` (and `draft`), until SIGINT/SIGTERM,
 // then a drain. `health`: whether the models can run (a coordinator's live workers).
 int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::ModelBackend> model,

@@ -154,8 +154,8 @@ absl::StatusOr<HostTierFlags> ParseHostTier(const Flags& flags) {
   return HostTierFlags{.host_gb = *host, .gpu_cache_gb = *cache, .host_memory = memory};
 }
 
-// Flags of the HTTP front end and its engine, shared by `serve` and `coordinator`.
-std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
+// The engine's flags, shared by `serve` and by `worker --engine` (a target group).
+std::vector<FlagSpec> EngineFlags(std::vector<FlagSpec> specs) {
   for (FlagSpec f : std::vector<FlagSpec>{
            {"num-speculative-tokens", "4", "draft tokens proposed per round"},
            {"max-num-batched-tokens", "2048",
@@ -166,11 +166,20 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
             "most this many times a decode-only step or round (measured), so running requests' inter-token latency "
             "holds while a long prompt prefills; <= 1: prompts bounded by --max-num-batched-tokens only"},
            {"prefill-chunk", "", "the same as --max-num-batched-tokens (older name)"},
-           {"served-model-name", "", "model id in the API (default: the model folder's name)"},
            {"max-model-len", "0", "longest prompt + max_tokens accepted (0: the model's context)"},
            {"max-num-seqs", "16", "requests batched together in each decode step (with a draft: in each speculative round)"},
            {"session-idle-timeout", "0", "seconds an idle agent session keeps its KV (0: until deleted or the pool needs it)"},
            {"max-waiting", "64", "requests that may queue behind the running ones; more get 429"},
+       }) {
+    specs.push_back(f);
+  }
+  return WithStsFlags(std::move(specs), "with --draft: target attention while verifying, dense or sts");
+}
+
+// Flags of the HTTP front end, with the engine's (EngineFlags), for `serve` and `coordinator`.
+std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
+  for (FlagSpec f : std::vector<FlagSpec>{
+           {"served-model-name", "", "model id in the API (default: the model folder's name)"},
            {"shutdown-timeout", "30", "seconds SIGTERM waits for admitted requests before stopping"},
            {"host", "0.0.0.0", "address to listen on"},
            {"port", "8000", "port to listen on (0: any free port, printed at start)"},
@@ -184,7 +193,7 @@ std::vector<FlagSpec> FrontEndFlags(std::vector<FlagSpec> specs) {
        }) {
     specs.push_back(f);
   }
-  return WithStsFlags(std::move(specs), "with --draft: target attention while verifying, dense or sts");
+  return EngineFlags(std::move(specs));
 }
 
 // The API keys of --api-key (comma-separated), --api-key-file (one a line; blank lines and
@@ -229,102 +238,112 @@ sigset_t BlockStopSignals() {
   return signals;
 }
 
-// The OpenAI-compatible front end over an engine of `model` (and `draft`), until SIGINT/SIGTERM,
-// then a drain. `health`: whether the models can run (a coordinator's live workers).
-int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::ModelBackend> model,
-                std::unique_ptr<runtime::ModelBackend> draft, std::function<absl::Status()> health,
-                monitoring::ServerMetrics::Collector extra_metrics) {
-  absl::StatusOr<int64_t> port = flags.GetInt("port"), k = flags.GetInt("num-speculative-tokens"),
-                          max_len = flags.GetInt("max-model-len"), max_waiting = flags.GetInt("max-waiting"),
-                          max_num_seqs = flags.GetInt("max-num-seqs"),
-                          prefill_chunk = flags.GetInt(flags.IsSet("prefill-chunk") ? "prefill-chunk" : "max-num-batched-tokens"),
-                          max_request_bytes = flags.GetInt("max-request-bytes"),
+absl::StatusOr<scheduler::EngineOptions> ParseEngineOptions(const Flags& flags, const runtime::ModelConfig& target,
+                                                            const runtime::ModelConfig* draft) {
+  absl::StatusOr<int64_t> k = flags.GetInt("num-speculative-tokens"), max_len = flags.GetInt("max-model-len"),
+                          max_waiting = flags.GetInt("max-waiting"), max_num_seqs = flags.GetInt("max-num-seqs"),
+                          prefill_chunk = flags.GetInt(flags.IsSet("prefill-chunk") ? "prefill-chunk" : "max-num-batched-tokens");
+  absl::StatusOr<double> idle_timeout = flags.GetDouble("session-idle-timeout"),
+                         max_slowdown = flags.GetDouble("max-decode-slowdown");
+  for (const absl::Status& s : {k.status(), max_len.status(), max_waiting.status(), max_num_seqs.status(),
+                                prefill_chunk.status(), idle_timeout.status(), max_slowdown.status()}) {
+    if (!s.ok()) return s;
+  }
+  if (*idle_timeout < 0) return absl::InvalidArgumentError("--session-idle-timeout must be >= 0");
+  if (flags.IsSet("prefill-chunk") && flags.IsSet("max-num-batched-tokens") &&
+      flags.Get("prefill-chunk") != flags.Get("max-num-batched-tokens")) {
+    return absl::InvalidArgumentError("--prefill-chunk and --max-num-batched-tokens name the same bound: give one");
+  }
+  if (*prefill_chunk < 1) return absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1");
+  scheduler::EngineOptions options{.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
+                                   .max_waiting = static_cast<int>(*max_waiting),
+                                   .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
+  options.session_idle_timeout_s = *idle_timeout;
+  options.max_num_batched_tokens = *prefill_chunk;
+  options.max_decode_slowdown = *max_slowdown;
+  if (flags.Get("sparsity") != "dense" && draft == nullptr) {
+    return absl::InvalidArgumentError(flags.Get("sparsity") == "sts"
+                                          ? "--sparsity sts needs --draft DIR"
+                                          : absl::StrCat("--sparsity must be dense or sts, got \"", flags.Get("sparsity"), "\""));
+  }
+  if (draft != nullptr) {
+    absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, target, *draft);
+    if (!sts.ok()) return sts.status();
+    if (sts->has_value()) {
+      options.head_map = (*sts)->head_map;
+      options.sts_budget = (*sts)->budget;
+    }
+    absl::StatusOr<RoundChoice> rc = ParseRoundFlags(flags);
+    if (!rc.ok()) return rc.status();
+    options.sparse_draft = rc->sparse_draft;
+    options.draft_budget = rc->draft_budget;
+    options.draft_refresh_rounds = rc->draft_refresh_rounds;
+    options.santa_samples = rc->santa_samples;
+  }
+  return options;
+}
+
+int ServeHttp(const Flags& flags, sigset_t signals, scheduler::CompletionService* service,
+              monitoring::ServerMetrics* metrics, const std::string& round_name) {
+  absl::StatusOr<int64_t> port = flags.GetInt("port"), max_request_bytes = flags.GetInt("max-request-bytes"),
                           max_connections = flags.GetInt("max-connections");
   absl::StatusOr<double> shutdown_timeout = flags.GetDouble("shutdown-timeout"),
-                         idle_timeout = flags.GetDouble("session-idle-timeout"),
                          keep_alive = flags.GetDouble("timeout-keep-alive"),
-                         header_timeout = flags.GetDouble("timeout-request-header"),
-                         max_slowdown = flags.GetDouble("max-decode-slowdown");
-  for (const absl::Status& s : {port.status(), k.status(), max_len.status(), max_waiting.status(),
-                                max_num_seqs.status(), prefill_chunk.status(), max_request_bytes.status(),
-                                max_connections.status(), shutdown_timeout.status(), idle_timeout.status(),
-                                keep_alive.status(), header_timeout.status(), max_slowdown.status()}) {
+                         header_timeout = flags.GetDouble("timeout-request-header");
+  for (const absl::Status& s : {port.status(), max_request_bytes.status(), max_connections.status(),
+                                shutdown_timeout.status(), keep_alive.status(), header_timeout.status()}) {
     if (!s.ok()) return Fail(s);
   }
   if (*max_connections < 1) return Fail(absl::InvalidArgumentError("--max-connections must be >= 1"));
   if (*keep_alive <= 0 || *header_timeout <= 0) {
     return Fail(absl::InvalidArgumentError("--timeout-keep-alive and --timeout-request-header must be > 0"));
   }
-  if (*idle_timeout < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
-  if (flags.IsSet("prefill-chunk") && flags.IsSet("max-num-batched-tokens") &&
-      flags.Get("prefill-chunk") != flags.Get("max-num-batched-tokens")) {
-    return Fail(absl::InvalidArgumentError("--prefill-chunk and --max-num-batched-tokens name the same bound: give one"));
-  }
-  if (*prefill_chunk < 1) return Fail(absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1"));
   if (*max_request_bytes < 1) return Fail(absl::InvalidArgumentError("--max-request-bytes must be >= 1"));
-  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
-  if (!tok.ok()) return Fail(tok.status());
   absl::StatusOr<std::optional<text::ModelChatTemplate>> chat_template = text::LoadChatTemplate(flags.Get("model"));
   if (!chat_template.ok()) return Fail(chat_template.status());
   std::string name = flags.Get("served-model-name");
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().filename().string();
   if (name.empty()) name = std::filesystem::path(flags.Get("model")).lexically_normal().parent_path().filename().string();
-  scheduler::EngineOptions engine_options{.num_speculative_tokens = static_cast<int>(*k), .max_model_len = *max_len,
-                                          .max_waiting = static_cast<int>(*max_waiting),
-                                          .max_num_seqs = static_cast<int>(std::max<int64_t>(1, *max_num_seqs))};
-  engine_options.session_idle_timeout_s = *idle_timeout;
-  engine_options.max_num_batched_tokens = *prefill_chunk;
-  engine_options.max_decode_slowdown = *max_slowdown;
-  engine_options.health = std::move(health);
-  if (flags.Get("sparsity") != "dense" && draft == nullptr) {
-    return Fail(absl::InvalidArgumentError(flags.Get("sparsity") == "sts"
-                                               ? "--sparsity sts needs --draft DIR"
-                                               : absl::StrCat("--sparsity must be dense or sts, got \"",
-                                                              flags.Get("sparsity"), "\"")));
-  }
-  if (draft != nullptr) {
-    absl::StatusOr<std::optional<StsChoice>> sts = ParseSts(flags, model->config(), draft->config());
-    if (!sts.ok()) return Fail(sts.status());
-    if (sts->has_value()) {
-      engine_options.head_map = (*sts)->head_map;
-      engine_options.sts_budget = (*sts)->budget;
-    }
-    absl::StatusOr<RoundChoice> rc = ParseRoundFlags(flags);
-    if (!rc.ok()) return Fail(rc.status());
-    engine_options.sparse_draft = rc->sparse_draft;
-    engine_options.draft_budget = rc->draft_budget;
-    engine_options.draft_refresh_rounds = rc->draft_refresh_rounds;
-    engine_options.santa_samples = rc->santa_samples;
-  }
   absl::StatusOr<std::vector<std::string>> api_keys = ApiKeys(flags);
   if (!api_keys.ok()) return Fail(api_keys.status());
-  monitoring::ServerMetrics metrics;
-  if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));
   // /tokenize and /detokenize get a copy of the tokenizer of their own (the engine's is its
   // scheduler thread's).
   absl::StatusOr<std::unique_ptr<text::Tokenizer>> front_tok = text::LoadTokenizer(flags.Get("model"));
   if (!front_tok.ok()) return Fail(front_tok.status());
-  scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, engine_options);
-  absl::StatusOr<std::unique_ptr<server::HttpServer>> server =
-      server::HttpServer::Start(flags.Get("host"), static_cast<int>(*port),
-                             server::MakeOpenAiHandler(&engine, &metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
-                                                    {.api_keys = *api_keys,
-                                                     .tokenizer = std::shared_ptr<const text::Tokenizer>(
-                                                         std::move(*front_tok))}),
-                             {.max_request_bytes = static_cast<size_t>(*max_request_bytes),
-                              .max_connections = static_cast<int>(*max_connections),
-                              .header_timeout_s = *header_timeout,
-                              .idle_timeout_s = *keep_alive});
+  absl::StatusOr<std::unique_ptr<server::HttpServer>> server = server::HttpServer::Start(
+      flags.Get("host"), static_cast<int>(*port),
+      server::MakeOpenAiHandler(service, metrics, name, chat_template->has_value() ? &**chat_template : nullptr,
+                                {.api_keys = *api_keys,
+                                 .tokenizer = std::shared_ptr<const text::Tokenizer>(std::move(*front_tok))}),
+      {.max_request_bytes = static_cast<size_t>(*max_request_bytes),
+       .max_connections = static_cast<int>(*max_connections),
+       .header_timeout_s = *header_timeout,
+       .idle_timeout_s = *keep_alive});
   if (!server.ok()) return Fail(server.status());
   std::fprintf(stderr, "scout: serving %s on http://%s:%d%s%s\n", name.c_str(), flags.Get("host").c_str(),
-               (*server)->port(), *engine.round_name() != '\0' ? ", speculative rounds: " : "", engine.round_name());
+               (*server)->port(), round_name.empty() ? "" : ", speculative rounds: ", round_name.c_str());
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "scout: signal %d, draining (up to %.0f s)\n", sig, *shutdown_timeout);
-  const bool drained = engine.Drain(*shutdown_timeout);
+  const bool drained = service->Drain(*shutdown_timeout);
   (*server)->Stop();
   std::fprintf(stderr, "scout: stopped%s\n", drained ? "" : " with requests still running (timeout)");
   return 0;
+}
+
+int RunFrontEnd(const Flags& flags, sigset_t signals, std::unique_ptr<runtime::ModelBackend> model,
+                std::unique_ptr<runtime::ModelBackend> draft, std::function<absl::Status()> health,
+                monitoring::ServerMetrics::Collector extra_metrics) {
+  absl::StatusOr<scheduler::EngineOptions> options =
+      ParseEngineOptions(flags, model->config(), draft != nullptr ? &draft->config() : nullptr);
+  if (!options.ok()) return Fail(options.status());
+  options->health = std::move(health);
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return Fail(tok.status());
+  monitoring::ServerMetrics metrics;
+  if (extra_metrics) metrics.AddCollector(std::move(extra_metrics));
+  scheduler::Engine engine(std::move(model), std::move(draft), std::move(*tok), &metrics, *options);
+  return ServeHttp(flags, signals, &engine, &metrics, engine.round_name());
 }
 
 // host:port -> (host, port). InvalidArgument naming the flag.

@@ -8,12 +8,15 @@
 #include <csignal>
 
 #include "cluster/coordinator.h"
+#include "cluster/router.h"
 #include "cluster/worker.h"
 
 namespace scout::cli {
 
 // `scout coordinator`: the cluster's HTTP front end and scheduler. Workers and KV store nodes
-// register on --control-port; the engine runs over them (cluster/coordinator.h).
+// register on --control-port. With --data-plane groups it routes whole requests to target groups
+// that run their own engines (cluster/router.h); with passes its engine runs over the workers
+// (cluster/coordinator.h).
 int Coordinator(int argc, char** argv) {
   Flags flags(FrontEndFlags({
       {"model", "", "the target model's folder: its config.json, tokenizer and chat template (no weights needed)"},
@@ -23,6 +26,10 @@ int Coordinator(int argc, char** argv) {
       {"heartbeat-interval", "0.5", "seconds between members' heartbeats"},
       {"heartbeat-timeout", "3", "a member silent this many seconds is dead: its sessions move"},
       {"worker-timeout", "120", "seconds one call to a worker may take before the worker is taken for dead"},
+      {"data-plane", "passes",
+       "groups: each target worker (scout worker --engine) runs its own engine with its draft in-process and gets "
+       "whole requests, the coordinator only routes (sessions return to the group holding their KV); passes: the "
+       "coordinator's engine runs every pass and draft step on the workers"},
       {"cluster-config", "", "YAML placement config: target_classes, draft_classes (GPU classes in order of "
                              "preference), tensor_parallel_size, target_bytes_per_gpu, draft_bytes_per_gpu, "
                              "max_draft_replicas; workers placement leaves out stay idle (default: every worker serves)"},
@@ -51,11 +58,25 @@ int Coordinator(int argc, char** argv) {
   if (!(*interval > 0 && *timeout > *interval && *call > 0)) {
     return Fail(absl::InvalidArgumentError("need 0 < --heartbeat-interval < --heartbeat-timeout and --worker-timeout > 0"));
   }
+  const std::string data_plane = flags.Get("data-plane");
+  if (data_plane != "passes" && data_plane != "groups") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--data-plane must be passes or groups, got \"", data_plane, "\"")));
+  }
+  const bool groups = data_plane == "groups";
+  if (groups) {
+    // The engine's flags belong to the groups: refused here rather than ignored.
+    for (const FlagSpec& f : EngineFlags({})) {
+      if (f.name != "max-model-len" && flags.IsSet(f.name)) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat(
+            "--", f.name, " is the target groups' with --data-plane groups: give it to scout worker --engine")));
+      }
+    }
+  }
   std::optional<cluster::ClusterConfig> placement;
   if (!flags.Get("cluster-config").empty()) {
     absl::StatusOr<cluster::ClusterConfig> pc = LoadClusterConfig(flags.Get("cluster-config"));
     if (!pc.ok()) return Fail(pc.status());
-    pc->drafts = draft.has_value();
+    pc->drafts = draft.has_value() && !groups;
     placement = *pc;
   }
   absl::StatusOr<std::unique_ptr<cluster::Coordinator>> coordinator = cluster::Coordinator::Start(
@@ -63,11 +84,25 @@ int Coordinator(int argc, char** argv) {
       {.target_fingerprint = cluster::ModelFingerprint(*target),
        .draft_fingerprint = draft ? cluster::ModelFingerprint(*draft) : "",
        .heartbeat_interval = absl::Seconds(*interval), .heartbeat_timeout = absl::Seconds(*timeout),
-       .call_timeout = absl::Seconds(*call), .placement = placement});
+       .call_timeout = absl::Seconds(*call), .placement = placement, .groups = groups});
   if (!coordinator.ok()) return Fail(coordinator.status());
   std::fprintf(stderr, "scout: coordinator control channel on %s:%d\n", flags.Get("control-host").c_str(),
                (*coordinator)->port());
   cluster::Coordinator* c = coordinator->get();
+  if (groups) {
+    absl::StatusOr<int64_t> max_len = flags.GetInt("max-model-len");
+    if (!max_len.ok()) return Fail(max_len.status());
+    absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
+    if (!tok.ok()) return Fail(tok.status());
+    monitoring::ServerMetrics metrics;
+    metrics.AddCollector([c] { return cluster::ClusterMetricFamilies(*c); });
+    cluster::Router router(c, std::move(*tok), &metrics,
+                           {.max_model_len = *max_len > 0 ? *max_len : target->max_position_embeddings});
+    const int rc = ServeHttp(flags, signals, &router, &metrics, "");
+    std::fprintf(stderr, "scout: cluster: %lld requests moved to another target group after theirs died\n",
+                 static_cast<long long>(router.moved_requests()));
+    return rc;
+  }
   auto remote_target = std::make_unique<cluster::RemoteBackend>(c, cluster::v1::ROLE_TARGET, *target);
   std::unique_ptr<cluster::RemoteBackend> remote_draft;
   if (draft) remote_draft = std::make_unique<cluster::RemoteBackend>(c, cluster::v1::ROLE_DRAFT, *draft);

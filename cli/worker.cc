@@ -1,4 +1,5 @@
-// `scout worker`: serves the target or the draft model to a coordinator.
+// `scout worker`: serves the target or the draft model to a coordinator, or runs a target group
+// (an engine of its own, --engine) that takes whole requests from it.
 #include "cli/commands.h"
 
 #include <cstdio>
@@ -21,13 +22,16 @@
 #include <csignal>
 #include <thread>
 
+#include "cluster/group.h"
 #include "cluster/worker.h"
+#include "scheduler/engine.h"
+#include "server/http_server.h"
 
 namespace scout::cli {
 
 // `scout worker`: serves the target or the draft model to a coordinator.
 int Worker(int argc, char** argv) {
-  Flags flags(WithHostTierFlags({
+  Flags flags(EngineFlags(WithHostTierFlags({
       {"model", "", "model folder"},
       {"role", "target", "target or draft"},
       {"coordinator", "127.0.0.1:8100", "the coordinator's control address, host:port"},
@@ -36,13 +40,20 @@ int Worker(int argc, char** argv) {
       {"tensor-parallel-size", "1", "cuda: split the model over this many GPUs (NCCL)"},
       {"target-devices", "", "cuda: the model's GPUs, comma-separated"},
       {"gpu-class", "", "the class placement knows this worker's GPUs by (default: cpu, or the CUDA device name)"},
-      {"kv-budget-tokens", "0", "cpu: tokens of KV the worker holds (0: four sequences of the model's context)"},
+      {"kv-cache-tokens", "0", "KV pool of the model (and the draft) in tokens (0: 4 x max_position_embeddings)"},
+      {"engine", "",
+       "a target group: run an engine of its own (with --draft in-process) and take whole requests from a "
+       "coordinator started with --data-plane groups",
+       true},
+      {"draft", "", "with --engine: the draft model folder, run in this process (speculative decoding)"},
+      {"draft-device", "", "with --engine: backend of the draft (default: --device)"},
+      {"metrics-port", "0", "with --engine: serve the engine's Prometheus /metrics on this port (0: none)"},
       {"kv-remote-tier", "",
        "keep sequences whole on their KV store homes (partial blocks and lengths too) and, after an adoption, fetch "
        "per step only the KV units the step reads",
        true},
       {"help", "", "show this help", true},
-  }));
+  })));
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(s);
   if (flags.GetBool("help")) {
     std::printf("usage: scout worker --model DIR --role target|draft --coordinator HOST:PORT [flags]\n%s",
@@ -57,7 +68,7 @@ int Worker(int argc, char** argv) {
   absl::StatusOr<std::pair<std::string, int>> coord = ParseHostPort("coordinator", flags.Get("coordinator"));
   if (!coord.ok()) return Fail(coord.status());
   const sigset_t signals = BlockStopSignals();
-  absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size"), kv_tokens = flags.GetInt("kv-budget-tokens");
+  absl::StatusOr<int64_t> tp = flags.GetInt("tensor-parallel-size"), kv_tokens = flags.GetInt("kv-cache-tokens");
   if (!tp.ok()) return Fail(tp.status());
   if (!kv_tokens.ok()) return Fail(kv_tokens.status());
   absl::StatusOr<HostTierFlags> tier = ParseHostTier(flags);
@@ -67,8 +78,62 @@ int Worker(int argc, char** argv) {
       split ? runtime::LoadTensorParallel(flags.Get("model"), static_cast<int>(*tp), flags.Get("target-devices"), *kv_tokens, *tier)
             : runtime::LoadBackend(flags.Get("model"), flags.Get("device"), *kv_tokens, *tier);
   if (!model.ok()) return Fail(model.status());
-  cluster::WorkerService service(std::move(*model), {.remote_tier = flags.GetBool("kv-remote-tier")});
-  cluster::MemberOptions options{.registration = service.Describe(), .coordinator_host = coord->first,
+  const bool engine_mode = flags.GetBool("engine");
+  if (engine_mode && role != "target") return Fail(absl::InvalidArgumentError("--engine is for target workers"));
+  if (!engine_mode) {
+    for (const char* f : {"draft", "draft-device", "metrics-port"}) {
+      if (flags.IsSet(f)) return Fail(absl::InvalidArgumentError(absl::StrCat("--", f, " needs --engine")));
+    }
+  }
+  // A target group's engine (GroupService) or a worker whose passes the coordinator runs
+  // (WorkerService).
+  std::unique_ptr<cluster::WorkerService> service;
+  std::unique_ptr<monitoring::ServerMetrics> metrics;
+  std::unique_ptr<scheduler::Engine> engine;
+  std::unique_ptr<cluster::GroupService> group;
+  std::unique_ptr<server::HttpServer> metrics_server;
+  cluster::v1::Register registration;
+  if (engine_mode) {
+    std::unique_ptr<runtime::ModelBackend> draft;
+    if (!flags.Get("draft").empty()) {
+      const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
+      absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> d =
+          runtime::LoadBackend(flags.Get("draft"), draft_device, *kv_tokens);
+      if (!d.ok()) return Fail(d.status());
+      draft = std::move(*d);
+    }
+    absl::StatusOr<scheduler::EngineOptions> engine_options =
+        ParseEngineOptions(flags, (*model)->config(), draft != nullptr ? &draft->config() : nullptr);
+    if (!engine_options.ok()) return Fail(engine_options.status());
+    absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
+    if (!tok.ok()) return Fail(tok.status());
+    registration.set_model_fingerprint(cluster::ModelFingerprint((*model)->config()));
+    registration.set_samples_on_device((*model)->samples_on_device());
+    registration.set_runs_engine(true);
+    metrics = std::make_unique<monitoring::ServerMetrics>();
+    engine = std::make_unique<scheduler::Engine>(std::move(*model), std::move(draft), std::move(*tok), metrics.get(),
+                                                 *engine_options);
+    group = std::make_unique<cluster::GroupService>(engine.get());
+    absl::StatusOr<int64_t> metrics_port = flags.GetInt("metrics-port");
+    if (!metrics_port.ok()) return Fail(metrics_port.status());
+    if (*metrics_port > 0) {
+      monitoring::ServerMetrics* m = metrics.get();
+      absl::StatusOr<std::unique_ptr<server::HttpServer>> ms = server::HttpServer::Start(
+          "0.0.0.0", static_cast<int>(*metrics_port), [m](const server::HttpRequest& req, server::HttpResponder& out) {
+            if (req.target == "/metrics") out.Send(200, "text/plain; version=0.0.4", m->Serialize());
+            else if (req.target == "/health") out.Send(200, "text/plain", "OK");
+            else out.Send(404, "text/plain", "not found: this port serves /metrics and /health");
+          });
+      if (!ms.ok()) return Fail(ms.status());
+      metrics_server = std::move(*ms);
+      std::fprintf(stderr, "scout: engine metrics on http://0.0.0.0:%d/metrics\n", metrics_server->port());
+    }
+  } else {
+    service = std::make_unique<cluster::WorkerService>(std::move(*model),
+                                                       cluster::WorkerOptions{.remote_tier = flags.GetBool("kv-remote-tier")});
+    registration = service->Describe();
+  }
+  cluster::MemberOptions options{.registration = registration, .coordinator_host = coord->first,
                                    .coordinator_port = coord->second};
   std::string id = flags.Get("id");
   if (id.empty()) {
@@ -117,10 +182,17 @@ int Worker(int argc, char** argv) {
   signal_thread.detach();
   std::fprintf(stderr, "scout: %s worker %s (%s) for %s\n", role.c_str(), id.c_str(), gpu_class.c_str(),
                flags.Get("model").c_str());
-  absl::Status s = cluster::RunClusterMember(
-      options, [&service](const cluster::v1::BackendRequest& r) { return service.Handle(r); },
-      [&service] { return service.Heartbeat(); }, [&service] { service.Reset(); }, &stop,
-      [&service] { service.Flush(); });
+  absl::Status s;
+  if (group != nullptr) {
+    options.on_message = [g = group.get()](cluster::Channel& c, const cluster::v1::Envelope& m) { return g->Handle(c, m); };
+    s = cluster::RunClusterMember(options, nullptr, nullptr, [g = group.get()] { g->Lost(); }, &stop);
+  } else {
+    cluster::WorkerService* w = service.get();
+    s = cluster::RunClusterMember(
+        options, [w](const cluster::v1::BackendRequest& r) { return w->Handle(r); }, [w] { return w->Heartbeat(); },
+        [w] { w->Reset(); }, &stop, [w] { w->Flush(); });
+  }
+  group.reset();  // its requests end before the engine goes
   if (!s.ok()) return Fail(s);
   return 0;
 }

@@ -95,6 +95,11 @@ void Coordinator::OnMessage(Channel& channel, v1::Envelope m, std::shared_ptr<st
     }
     return;
   }
+  if (m.body_case() == v1::Envelope::kGeneratePiece || m.body_case() == v1::Envelope::kGenerateDone) {
+    absl::MutexLock hooks(&hooks_mu_);
+    if (on_group_message_ && key->load() != 0) on_group_message_(key->load(), m);
+    return;
+  }
   if (m.body_case() != v1::Envelope::kRegister) return;
   const v1::Register& r = m.register_();
   absl::Status refuse;
@@ -105,6 +110,18 @@ void Coordinator::OnMessage(Channel& channel, v1::Envelope m, std::shared_ptr<st
   } else if (r.role() == v1::ROLE_TARGET && r.model_fingerprint() != options_.target_fingerprint) {
     refuse = absl::FailedPreconditionError(absl::StrCat("target worker ", r.id(), " serves [", r.model_fingerprint(),
                                                         "], the coordinator's target is [", options_.target_fingerprint, "]"));
+  } else if (r.role() == v1::ROLE_TARGET && options_.groups && !r.runs_engine()) {
+    refuse = absl::FailedPreconditionError(absl::StrCat(
+        "target worker ", r.id(), " runs no engine of its own; this coordinator hands whole requests to target groups "
+        "(--data-plane groups): start it with --engine"));
+  } else if (r.role() == v1::ROLE_TARGET && !options_.groups && r.runs_engine()) {
+    refuse = absl::FailedPreconditionError(absl::StrCat(
+        "target worker ", r.id(), " runs an engine of its own (--engine); this coordinator runs passes on its workers "
+        "(--data-plane passes): start it without --engine, or the coordinator with --data-plane groups"));
+  } else if (r.role() == v1::ROLE_DRAFT && options_.groups) {
+    refuse = absl::FailedPreconditionError(absl::StrCat(
+        "draft worker ", r.id(), ": with --data-plane groups each target group runs its draft in-process "
+        "(scout worker --engine --draft DIR)"));
   } else if (r.role() == v1::ROLE_DRAFT && options_.draft_fingerprint.empty()) {
     refuse = absl::FailedPreconditionError(absl::StrCat("draft worker ", r.id(), ": this coordinator runs no draft (--draft)"));
   } else if (r.role() == v1::ROLE_DRAFT && r.model_fingerprint() != options_.draft_fingerprint) {
@@ -191,6 +208,17 @@ void Coordinator::MarkDead(uint64_t key, const std::string& why) {
   }
   FlushAssignments();
   if (channel) channel->Close();
+  if (channel) {
+    absl::MutexLock hooks(&hooks_mu_);
+    if (on_dead_) on_dead_(key);
+  }
+}
+
+void Coordinator::SetDataPlane(std::function<void(uint64_t, const v1::Envelope&)> on_message,
+                               std::function<void(uint64_t)> on_dead) {
+  absl::MutexLock hooks(&hooks_mu_);
+  on_group_message_ = std::move(on_message);
+  on_dead_ = std::move(on_dead);
 }
 
 absl::Status Coordinator::CheckAgainstPlacement(const v1::Register& r) const {

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -48,6 +49,10 @@ struct CoordinatorOptions {
   // a draft replica; the others stay registered, idle, with the reason logged. Without one,
   // every live worker of a role serves.
   std::optional<ClusterConfig> placement;
+  // The data plane: false, the coordinator's engine runs every pass on the workers (RemoteBackend);
+  // true, target groups run their own engines and get whole requests (Router), so only target
+  // workers started with --engine are accepted, and no draft workers (a group's draft runs in it).
+  bool groups = false;
 };
 
 // What the cluster did since the coordinator started.
@@ -105,6 +110,12 @@ class Coordinator {
   ClusterCounters counters() const;
   void Count(const ClusterCounters& delta);
 
+  // The data plane's hooks (Router): on_message gets the target groups' GeneratePiece and
+  // GenerateDone messages on the member's reader thread (it must not block), on_dead each member
+  // marked dead. Null hooks unhook; no hook runs once SetDataPlane(nullptr, nullptr) returns.
+  void SetDataPlane(std::function<void(uint64_t member, const v1::Envelope& message)> on_message,
+                    std::function<void(uint64_t member)> on_dead);
+
  private:
   explicit Coordinator(const CoordinatorOptions& options);
   // Reader thread of a member's channel; `key` is 0 until it registered.
@@ -142,6 +153,9 @@ class Coordinator {
   std::vector<std::string> placement_notes_ ABSL_GUARDED_BY(mu_);
   absl::Notification stop_;
   std::thread monitor_;
+  absl::Mutex hooks_mu_;  // held while a hook runs
+  std::function<void(uint64_t, const v1::Envelope&)> on_group_message_ ABSL_GUARDED_BY(hooks_mu_);
+  std::function<void(uint64_t)> on_dead_ ABSL_GUARDED_BY(hooks_mu_);
 };
 
 // The cluster's Prometheus families, read from the coordinator at scrape time:

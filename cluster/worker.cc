@@ -607,7 +607,10 @@ absl::Status RunClusterMember(const MemberOptions& options,
             if (options.on_assignment) options.on_assignment(m.assignment());
             return;
           }
-          if (m.body_case() != v1::Envelope::kRequest) return;
+          if (m.body_case() != v1::Envelope::kRequest) {
+            if (options.on_message) (void)options.on_message(c, m);
+            return;
+          }
           v1::Envelope out;
           out.set_call_id(m.call_id());
           if (!serve) {

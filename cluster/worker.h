@@ -14,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "cluster/channel.h"
 #include "cluster/control.pb.h"
 #include "runtime/backend.h"
 
@@ -137,6 +138,9 @@ struct MemberOptions {
   // GPUs in a target group and the draft paired with it, or why it stands by), and again from the
   // connection's thread whenever the placement changes it.
   std::function<void(const v1::Assignment&)> on_assignment;
+  // Messages other than requests and assignments (a target group's Generate, CancelGenerate and
+  // DeleteSession: GroupService::Handle), on the connection's reader thread.
+  std::function<bool(Channel&, const v1::Envelope&)> on_message;
 };
 
 // Connects to the coordinator, registers and sends heartbeats at the interval it asks for;

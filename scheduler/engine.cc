@@ -45,11 +45,13 @@ struct Engine::Request {
   std::atomic<bool> cancelled{false};
   std::unique_ptr<round::SpeculativeStream> spec;  // with a draft: the request's rounds
   std::vector<runtime::TokenLogprobs> pending_logprobs;  // of tokens whose text is held back
+  std::vector<int32_t> pending_tokens;                   // tokens whose text is held back
   absl::flat_hash_map<int32_t, int32_t> generated_counts;  // with penalties: tokens generated so far
   // Handed to the caller (Engine::mu_).
   struct Piece {
     std::string text;
     std::vector<runtime::TokenLogprobs> logprobs;
+    std::vector<int32_t> tokens;
   };
   std::deque<Piece> outbox;
   bool done = false;
@@ -166,6 +168,14 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
       }
     }
   }
+  if (req.session_context.has_value()) {
+    for (int32_t id : *req.session_context) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("session context token id ", id, " is outside the vocabulary (0..", config_.vocab_size - 1, ")"));
+      }
+    }
+  }
   if (req.dense_layers.has_value()) {
     const int64_t layers = config_.num_hidden_layers;
     for (int l : *req.dense_layers) {
@@ -208,7 +218,7 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
       done = r->done;
     }
     for (const Request::Piece& piece : pieces) {
-      if (on_text && !r->cancelled && !on_text(piece.text, piece.logprobs)) r->cancelled = true;
+      if (on_text && !r->cancelled && !on_text(piece.text, piece.logprobs, piece.tokens)) r->cancelled = true;
     }
     if (done) break;
   }
@@ -347,6 +357,11 @@ bool Engine::Resolve(Request& r) {
     r.ids.clear();
     if (session_seq != 0) {
       if (session_pending >= 0) r.ids.push_back(session_pending);
+      const std::vector<int32_t> more =
+          req.prompt_ids.has_value() ? *req.prompt_ids : tokenizer_->Encode(req.prompt, /*add_bos=*/false);
+      r.ids.insert(r.ids.end(), more.begin(), more.end());
+    } else if (req.session_context.has_value() && !req.session_id.empty()) {
+      r.ids = *req.session_context;  // a session moved here: its context, then the prompt
       const std::vector<int32_t> more =
           req.prompt_ids.has_value() ? *req.prompt_ids : tokenizer_->Encode(req.prompt, /*add_bos=*/false);
       r.ids.insert(r.ids.end(), more.begin(), more.end());
@@ -820,6 +835,8 @@ bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogp
   r.last = now;
   r.last_token = token;
   ++r.result.completion_tokens;
+  r.result.token_ids.push_back(token);
+  r.pending_tokens.push_back(token);
   if (logprobs.has_value()) {
     r.result.logprobs.push_back(*logprobs);
     r.pending_logprobs.push_back(*std::move(logprobs));
@@ -858,8 +875,10 @@ bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogp
   if (!out.empty()) {
     r.result.text += out;
     absl::MutexLock lock(&mu_);
-    r.outbox.push_back({.text = std::move(out), .logprobs = std::move(r.pending_logprobs)});
+    r.outbox.push_back(
+        {.text = std::move(out), .logprobs = std::move(r.pending_logprobs), .tokens = std::move(r.pending_tokens)});
     r.pending_logprobs.clear();
+    r.pending_tokens.clear();
   }
   return !r.stop_hit && !r.cancelled && r.result.completion_tokens < r.req.max_tokens;
 }
@@ -941,9 +960,10 @@ void Engine::Finish(Request& r, absl::Status status) {
       }
     }
   }
-  if (!tail.empty() || !r.pending_logprobs.empty()) {
-    r.outbox.push_back({.text = tail, .logprobs = std::move(r.pending_logprobs)});
+  if (!tail.empty() || !r.pending_tokens.empty()) {
+    r.outbox.push_back({.text = tail, .logprobs = std::move(r.pending_logprobs), .tokens = std::move(r.pending_tokens)});
     r.pending_logprobs.clear();
+    r.pending_tokens.clear();
   }
   r.status = status;
   r.started = false;

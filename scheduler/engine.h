@@ -27,6 +27,7 @@
 #include "runtime/sts.h"
 #include "text/tokenizer.h"
 #include "round/speculative.h"
+#include "scheduler/completion_service.h"
 #include "scheduler/prefill_pacer.h"
 
 namespace scout::scheduler {
@@ -74,63 +75,7 @@ struct EngineStats {
   int max_batch = 0;         // most requests one decode pass carried
 };
 
-struct CompletionRequest {
-  std::string prompt;
-  // Token ids used instead of `prompt`, as given (no BOS added: the client's tokens are the
-  // prompt, as vLLM takes them). Each must be below the vocabulary size.
-  std::optional<std::vector<int32_t>> prompt_ids;
-  int64_t max_tokens = 16;
-  runtime::SamplingParams sampling;
-  std::vector<std::string> stop;  // generation ends before the first of these strings
-  bool ignore_eos = false;
-  // Agent sessions: the prompt continues this session's context, whose KV stays in the cache
-  // between requests, so only the new tokens are prefilled. Empty: a one-off request.
-  std::string session_id;
-  // Scout's own, for a server with a draft: the target's attention while verifying, "dense" or
-  // "sts" (unset: the server's --sparsity), and the STS budget per (layer, KV head): tokens, or
-  // else a fraction of the context (unset: the server's).
-  std::optional<std::string> sparsity;
-  std::optional<int64_t> kv_budget_tokens;
-  std::optional<double> kv_budget_fraction;
-  // Target layers that read every block (StsBudget::dense_layers; -1 the last); unset: the
-  // server's --dense-layers.
-  std::optional<std::vector<int>> dense_layers;
-  // The sparse draft and SANTA (EngineOptions); unset: the server's.
-  std::optional<bool> sparse_draft;
-  std::optional<double> draft_kv_budget_fraction;
-  std::optional<int> draft_refresh_rounds;
-  std::optional<int> santa_samples;
-  // Each generated token's log-probability and this many most likely alternatives (0 to
-  // kMaxLogprobs), under the distribution after temperature (runtime::LogprobsOf); unset: none.
-  // Not with a draft (InvalidArgument: speculative rounds do not keep the target's rows yet).
-  std::optional<int> logprobs;
-  // presence / frequency / repetition penalties (runtime::ApplyPenalties), applied to the logits
-  // on the host before this request's own sampler draws (on CUDA its row is read back). Not with
-  // a draft (InvalidArgument: verification does not apply them yet).
-  runtime::Penalties penalties;
-};
-inline constexpr int kMaxLogprobs = 20;  // vLLM's default max_logprobs
-
-struct CompletionResult {
-  std::string text;
-  std::string finish_reason;  // "stop" (EOS or a stop string), "length", or "cancelled"
-  int64_t prompt_tokens = 0;      // tokens this request prefilled
-  int64_t cached_tokens = 0;      // session tokens reused from the KV cache
-  int64_t completion_tokens = 0;
-  std::vector<runtime::TokenLogprobs> logprobs;  // one per generated token, when asked for
-};
-
-struct SessionInfo {
-  std::string id;
-  int64_t tokens = 0;  // context held for the session
-};
-
-// Receives each piece of generated text as it is final, with the logprobs of the tokens it
-// completes (when the request asked for them; a last piece may carry only logprobs, of tokens
-// that produced no text, like EOS); returning false cancels the request.
-using TextCallback = std::function<bool(absl::string_view text, std::span<const runtime::TokenLogprobs> logprobs)>;
-
-class Engine {
+class Engine final : public CompletionService {
  public:
   // draft may be null (no speculative decoding). metrics must outlive the engine.
   Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
@@ -142,25 +87,25 @@ class Engine {
   // Thread-safe; blocks until the request has run. InvalidArgument for bad sampling params or
   // max_tokens, OutOfRange for a prompt over max_model_len, ResourceExhausted when max_waiting
   // requests already queue, Unavailable once draining; backend errors pass through.
-  absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request, const TextCallback& on_text = nullptr);
+  absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request, const TextCallback& on_text = nullptr) override;
 
-  std::vector<SessionInfo> ListSessions();
+  std::vector<SessionInfo> ListSessions() override;
   // Frees the session's KV. NotFound if unknown; FailedPrecondition while a request uses it.
-  absl::Status DeleteSession(const std::string& id);
+  absl::Status DeleteSession(const std::string& id) override;
 
   // Refuses new requests from now on; waits up to timeout_seconds for the admitted ones to
   // finish. Returns whether they all did.
-  bool Drain(double timeout_seconds);
-  bool draining() const { return draining_.load(); }
+  bool Drain(double timeout_seconds) override;
+  bool draining() const override { return draining_.load(); }
   // Whether a new request would be admitted now: not draining, the models healthy, and fewer
   // than max_num_seqs + max_waiting requests admitted (a readiness probe stops routing to a
   // saturated server).
-  bool ready();
+  bool ready() override;
 
   const runtime::ModelConfig& config() const { return config_; }
   // With a draft: where the speculative rounds run ("cuda": on the GPUs, "host"); else "".
   const char* round_name() const { return round_name_; }
-  int64_t max_model_len() const;
+  int64_t max_model_len() const override;
   EngineStats stats();
 
   ~Engine();

@@ -46,7 +46,7 @@ TEST(EngineTest, StopStringsAndStreamingAgree) {
   const std::string stop = plain->text.substr(10, 4);
   std::string streamed;
   auto stopped = engine->Complete({.prompt = prompt, .max_tokens = 60, .stop = {stop, "zzzz-never"}},
-                                  [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
+                                  [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) {
                                     streamed.append(piece.data(), piece.size());
                                     return true;
                                   });
@@ -57,7 +57,7 @@ TEST(EngineTest, StopStringsAndStreamingAgree) {
   // A stop string that only ever half-matches: everything comes out, nothing is lost.
   streamed.clear();
   auto half = engine->Complete({.prompt = prompt, .max_tokens = 60, .stop = {plain->text.substr(0, 3) + "\x01"}},
-                               [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
+                               [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) {
                                  streamed.append(piece.data(), piece.size());
                                  return true;
                                });
@@ -86,7 +86,7 @@ TEST(EngineTest, StreamedPiecesAreWholeUtf8WithBpeTokenizer) {
     int pieces = 0;
     auto r = engine.Complete({.prompt = "héllo wörld ✓", .max_tokens = 200,
                               .sampling = {.temperature = 1.0f, .seed = seed}, .ignore_eos = true},
-                             [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>) {
+                             [&](absl::string_view piece, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) {
                                EXPECT_TRUE(text::IsValidUtf8(piece)) << "piece " << pieces;
                                streamed.append(piece.data(), piece.size());
                                ++pieces;
@@ -132,7 +132,7 @@ TEST(EngineTest, ConcurrentRequestsAreBatchedAndMatchSequential) {
   std::string cancelled_reason;
   threads.emplace_back([&] {
     auto r = engine->Complete({.prompt = "import sys\n", .max_tokens = 200, .ignore_eos = true},
-                              [](absl::string_view, std::span<const runtime::TokenLogprobs>) { return false; });
+                              [](absl::string_view, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) { return false; });
     cancelled_reason = r.ok() ? r->finish_reason : std::string(r.status().message());
   });
   for (std::thread& t : threads) t.join();
@@ -187,7 +187,7 @@ TEST(EngineTest, LongPromptPrefillInterleavesWithDecoding) {
     std::atomic<int> pieces{0};
     absl::StatusOr<CompletionResult> decoded = absl::UnknownError("not run"), prefilled = decoded;
     std::thread a([&] {
-      decoded = engine.Complete(decoding, [&](absl::string_view, std::span<const runtime::TokenLogprobs>) {
+      decoded = engine.Complete(decoding, [&](absl::string_view, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) {
         ++pieces;
         return true;
       });
@@ -225,7 +225,7 @@ TEST(EngineTest, APromptMovesWhileMoreRequestsDecodeThanTheTokenBound) {
   for (int i = 0; i < 3; ++i) {
     decoders.emplace_back([&, i] {
       auto r = engine.Complete({.prompt = "import os" + std::to_string(i) + "\n", .max_tokens = 800, .ignore_eos = true},
-                               [&](absl::string_view, std::span<const runtime::TokenLogprobs>) {
+                               [&](absl::string_view, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) {
                                  ++pieces;
                                  return true;
                                });
@@ -347,6 +347,42 @@ TEST(EngineTest, SessionsWithADraftContinueExactly) {
   }
 }
 
+// A session moved from another server (a cluster group that died) starts from its context: the
+// prompt then continues it exactly as on the server that ran the earlier turns. The streamed
+// pieces carry every generated token, held-back ones included, as CompletionResult::token_ids.
+TEST(EngineTest, AMovedSessionContinuesFromItsContext) {
+  monitoring::ServerMetrics metrics;
+  std::unique_ptr<Engine> engine = MakeDraftEngine(&metrics);
+  ASSERT_NE(engine, nullptr);
+  auto tok = text::LoadTokenizer(kModels / "scout-tiny-target");
+  ASSERT_TRUE(tok.ok());
+  const std::string p1 = "def add(a, b):\n    ", p2 = "\n\ndef sub(a, b):\n    ";
+  std::vector<int32_t> streamed;
+  auto t1 = engine->Complete({.prompt = p1, .max_tokens = 12, .stop = {"\n"}, .session_id = "a"},
+                             [&](absl::string_view, std::span<const runtime::TokenLogprobs>, std::span<const int32_t> t) {
+                               streamed.insert(streamed.end(), t.begin(), t.end());
+                               return true;
+                             });
+  ASSERT_TRUE(t1.ok()) << t1.status();
+  EXPECT_EQ(streamed, t1->token_ids);
+  EXPECT_EQ(static_cast<int64_t>(t1->token_ids.size()), t1->completion_tokens);
+  auto t2 = engine->Complete({.prompt = p2, .max_tokens = 12, .session_id = "a"});
+  ASSERT_TRUE(t2.ok()) << t2.status();
+  // The same turn on a session that never ran here, given the first turn's context.
+  std::vector<int32_t> context = (*tok)->Encode(p1, /*add_bos=*/true);
+  context.insert(context.end(), t1->token_ids.begin(), t1->token_ids.end());
+  auto moved = engine->Complete({.prompt = p2, .max_tokens = 12, .session_id = "b", .session_context = context});
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_EQ(moved->text, t2->text);
+  EXPECT_EQ(moved->cached_tokens, 0);
+  // Once held, the session ignores a context: it has its own.
+  auto again = engine->Complete({.prompt = "\n", .max_tokens = 4, .session_id = "b", .session_context = std::vector<int32_t>{1}});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_GT(again->cached_tokens, static_cast<int64_t>(context.size()));
+  auto bad = engine->Complete({.prompt = p2, .max_tokens = 4, .session_id = "c", .session_context = std::vector<int32_t>{-1}});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // With a draft, concurrent requests run their speculative rounds together (each draft step and
 // verification one pass over them) and give what each gives alone, greedy and sampled; a session
 // turn and a cancelled request run among them.
@@ -380,7 +416,7 @@ TEST(EngineTest, ConcurrentSpeculativeRequestsAreBatchedAndMatchSequential) {
   std::string cancelled_reason;
   threads.emplace_back([&] {
     auto out = engine.Complete({.prompt = "import sys\n", .max_tokens = 200, .ignore_eos = true},
-                               [](absl::string_view, std::span<const runtime::TokenLogprobs>) { return false; });
+                               [](absl::string_view, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) { return false; });
     cancelled_reason = out.ok() ? out->finish_reason : std::string(out.status().message());
   });
   absl::StatusOr<CompletionResult> second_turn;
@@ -481,7 +517,7 @@ TEST(EngineTest, CancelledSpeculativeTurnLeavesTheSessionConsistent) {
   const std::string p1 = "def add(a, b):\n    ", p2 = "\n\ndef sub(a, b):\n    ";
   int pieces = 0;
   auto t1 = engine->Complete({.prompt = p1, .max_tokens = 40, .session_id = "c"},
-                             [&](absl::string_view, std::span<const runtime::TokenLogprobs>) { return ++pieces < 3; });
+                             [&](absl::string_view, std::span<const runtime::TokenLogprobs>, std::span<const int32_t>) { return ++pieces < 3; });
   ASSERT_TRUE(t1.ok()) << t1.status();
   ASSERT_EQ(t1->finish_reason, "cancelled");
   auto t2 = engine->Complete({.prompt = p2, .max_tokens = 12, .session_id = "c"});

@@ -381,7 +381,7 @@ json LogprobsJson(bool chat, std::span<const runtime::TokenLogprobs> lps, int64_
 // its own seed (the request's + its index: distinct draws, repeatable with a seed), usage summed.
 // Streamed, each choice's chunks carry its index and end with its finish_reason. Not on a session
 // (a session continues one conversation): refused by name.
-void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& base,
+void RunChoices(scheduler::CompletionService* engine, const scheduler::CompletionRequest& base,
                 const std::vector<PromptItem>& prompts, int64_t n, bool chat, bool stream, bool include_usage,
                 const std::string& model_name, const std::string& id, HttpResponder& out) {
   if (!base.session_id.empty()) {
@@ -432,7 +432,9 @@ void RunChoices(scheduler::Engine* engine, const scheduler::CompletionRequest& b
       r.sampling.seed = base.sampling.seed + i;
       scheduler::TextCallback on_text;
       if (stream) {
-        on_text = [&, i](absl::string_view text, std::span<const runtime::TokenLogprobs> lps) {
+        on_text = [&, i](absl::string_view text, std::span<const runtime::TokenLogprobs> lps,
+                         std::span<const int32_t>) {
+          if (text.empty() && (!want_logprobs || lps.empty())) return true;  // tokens without text
           absl::MutexLock lock(&mu);
           return write(chunk(i, std::string(text), nullptr, lps));
         };
@@ -505,7 +507,7 @@ namespace {
 // {"count", "max_model_len", "tokens"}, so that count is the usage.prompt_tokens of the same
 // request. POST /detokenize: {"tokens": [ids]} -> {"prompt": text}.
 void Tokenize(const HttpRequest& req, HttpResponder& out, const text::Tokenizer& tok, absl::Mutex& mu,
-              scheduler::Engine* engine, const std::string& model_name,
+              scheduler::CompletionService* engine, const std::string& model_name,
               const text::ModelChatTemplate* chat_template) {
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
@@ -577,7 +579,7 @@ void Detokenize(const HttpRequest& req, HttpResponder& out, const text::Tokenize
 
 }  // namespace
 
-HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
+HttpHandler MakeOpenAiHandler(scheduler::CompletionService* engine, monitoring::ServerMetrics* metrics,
                               const std::string& model_name, const text::ModelChatTemplate* chat_template,
                               const FrontEndOptions& options) {
   auto counter = std::make_shared<std::atomic<int64_t>>(0);
@@ -694,8 +696,9 @@ HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetri
       };
       bool streaming = false;
       absl::StatusOr<scheduler::CompletionResult> r =
-          engine->Complete(creq, [&](absl::string_view text, std::span<const runtime::TokenLogprobs> lps) {
-            if (!stream) return true;
+          engine->Complete(creq, [&](absl::string_view text, std::span<const runtime::TokenLogprobs> lps,
+                                     std::span<const int32_t>) {
+            if (!stream || (text.empty() && (!creq.logprobs.has_value() || lps.empty()))) return true;
             if (!streaming) {
               if (!out.BeginStream("text/event-stream")) return false;
               streaming = true;

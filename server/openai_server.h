@@ -10,7 +10,7 @@
 #include "server/http_server.h"
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
-#include "scheduler/engine.h"
+#include "scheduler/completion_service.h"
 
 namespace scout::server {
 
@@ -32,7 +32,7 @@ const char* ScoutVersion();
 // /v1/chat/completions renders `messages` (and `tools`) with chat_template, the model folder's
 // (text::LoadChatTemplate); without one, with the fixtures' "Role: content" lines. Session ids
 // are at most 128 bytes of [A-Za-z0-9._:-] (400 otherwise).
-HttpHandler MakeOpenAiHandler(scheduler::Engine* engine, monitoring::ServerMetrics* metrics,
+HttpHandler MakeOpenAiHandler(scheduler::CompletionService* engine, monitoring::ServerMetrics* metrics,
                               const std::string& model_name,
                               const text::ModelChatTemplate* chat_template = nullptr,
                               const FrontEndOptions& options = {});

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The cluster's group data plane as separate processes on loopback: a coordinator started with
+# --data-plane groups and two target groups (scout worker --engine, the fixture draft in-process),
+# driven over HTTP. Outputs must equal a single-process `scout serve`'s; a session returns to the
+# group holding its KV; a group killed with SIGKILL mid-generation leaves both requests finishing
+# with the same text, and the sessions it held go on, on the other group, from their context.
+# usage: cluster_groups_test.sh SCOUT_BINARY SOURCE_DIR
+# SCOUT_CLUSTER_DEVICE=cuda runs the reference and the groups on the GPU.
+set -uo pipefail
+device=${SCOUT_CLUSTER_DEVICE:-cpu}
+long_tokens=1200  # long enough that a kill lands mid-generation
+[ "$device" = cpu ] || long_tokens=6000
+scout=$1
+src=$2
+T=$src/models/scout-tiny-target
+D=$src/models/scout-tiny-draft
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*"
+  for f in *.err; do echo "== $f"; tail -n 15 "$f"; done
+  exit 1
+}
+source "$(dirname "$0")/server_lib.sh"
+rm -f ./*.err ./*.out ./*.json
+
+# complete NAME BODY: POST /v1/completions; the text to NAME.out, the reply to NAME.json.
+complete() {
+  local body
+  body=$(curl -s --max-time 120 "$base/v1/completions" -d "$2") || { echo "curl failed: $1" > "$1.out"; return; }
+  echo "$body" > "$1.json"
+  echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")' > "$1.out" 2>/dev/null \
+    || echo "bad reply: $body" > "$1.out"
+}
+cached() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["usage"]["prompt_tokens_details"]["cached_tokens"])' "$1.json"; }
+P1='import numpy as np\n\n\ndef softmax(x):\n    '
+P2='class Stack:\n    def __init__(self):\n        '
+P3='def fibonacci(n):\n    '
+P4='# Read a CSV file and print the sum of each column\nimport csv\n'
+long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0, \"ignore_eos\": true}"; }
+sampled() { echo "{\"prompt\": \"$1\", \"max_tokens\": 48, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": $2, \"ignore_eos\": true}"; }
+turn() { echo "{\"prompt\": \"$1\", \"max_tokens\": 24, \"temperature\": 0, \"session_id\": \"$2\", \"ignore_eos\": true}"; }
+
+# --- the reference: one process ------------------------------------------------------------
+start_server serve.err --model "$T" --draft "$D" --device "$device"
+pids+=("$pid")
+complete ref.g1 "$(long "$P1" 40)"; complete ref.g2 "$(long "$P2" 40)"; complete ref.g3 "$(long "$P3" 40)"
+complete ref.g4 "$(long "$P4" 40)"; complete ref.s1 "$(sampled "$P1" 7)"; complete ref.s2 "$(sampled "$P3" 11)"
+complete ref.k1 "$(long "$P1" "$long_tokens")"; complete ref.k2 "$(long "$P2" "$long_tokens")"
+for t in 1 2 3 4; do complete "ref.a$t" "$(turn "$P4" "agent")"; done
+for t in 1 2 3; do complete "ref.b$t" "$(turn "$P2" "bot")"; done
+kill "$pid"
+for f in ref.*.out; do grep -q "^curl failed\|^bad reply" "$f" && fail "reference $f: $(cat "$f")"; done
+
+# --- the cluster ---------------------------------------------------------------------------
+start_coordinator coord.err --model "$T" --draft "$D" --data-plane groups --heartbeat-interval 0.2 \
+  --heartbeat-timeout 2 --shutdown-timeout 5
+pids+=("$coord")
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready without groups should be 503"
+code=$(curl -s --max-time 30 -o err.json -w '%{http_code}' "$base/v1/completions" -d "$(long "$P1" 4)")
+[ "$code" = 503 ] && grep -q "no live target group" err.json || fail "no group: $code $(cat err.json)"
+
+# Members the group data plane cannot use are refused, naming why.
+"$scout" worker --model "$D" --role draft --id stray-draft --coordinator "localhost:$cport" 2> stray-draft.err \
+  && fail "a draft worker joined a groups coordinator"
+grep -q "runs its draft in-process" stray-draft.err || fail "draft refusal: $(cat stray-draft.err)"
+"$scout" worker --model "$T" --role target --id plain --coordinator "localhost:$cport" 2> plain.err \
+  && fail "a target worker without --engine joined a groups coordinator"
+grep -q "start it with --engine" plain.err || fail "plain target refusal: $(cat plain.err)"
+out=$("$scout" coordinator --model "$T" --data-plane groups --sparsity sts --port 0 --control-port 0 2>&1) \
+  && fail "an engine flag was taken by a groups coordinator"
+echo "$out" | grep -q "give it to scout worker --engine" || fail "engine flag refusal: $out"
+echo "ok: a draft worker, a target without --engine and an engine flag on the coordinator are refused"
+
+start_member g0 worker --engine --model "$T" --draft "$D" --role target --id g0 --device "$device" --metrics-port 0
+start_member g1 worker --engine --model "$T" --draft "$D" --role target --id g1 --device "$device"
+for _ in $(seq 1 200); do
+  [ "$(grep -c " registered from " coord.err)" -ge 2 ] && break
+  sleep 0.1
+done
+[ "$(grep -c " registered from " coord.err)" -ge 2 ] || fail "the 2 groups did not register"
+[ "$(curl -s "$base/ready")" = "ready" ] || fail "/ready with groups"
+
+# 1. Outputs equal the single process's (greedy and seeded sampling), spread over both groups.
+ps=()
+complete clu.g1 "$(long "$P1" 40)" & ps+=($!)
+complete clu.g2 "$(long "$P2" 40)" & ps+=($!)
+complete clu.g3 "$(long "$P3" 40)" & ps+=($!)
+complete clu.g4 "$(long "$P4" 40)" & ps+=($!)
+complete clu.s1 "$(sampled "$P1" 7)" & ps+=($!)
+complete clu.s2 "$(sampled "$P3" 11)" & ps+=($!)
+wait "${ps[@]}"
+for n in g1 g2 g3 g4 s1 s2; do
+  cmp -s "ref.$n.out" "clu.$n.out" || fail "$n differs from scout serve: [$(cat "clu.$n.out")] vs [$(cat "ref.$n.out")]"
+done
+echo "ok: 6 outputs equal the single process's"
+
+# 2. Sessions return to their group: the second turn reads the first's KV there (cached tokens).
+complete clu.a1 "$(turn "$P4" "agent")"
+complete clu.b1 "$(turn "$P2" "bot")"
+complete clu.a2 "$(turn "$P4" "agent")"
+complete clu.b2 "$(turn "$P2" "bot")"
+for n in a1 a2 b1 b2; do cmp -s "ref.$n.out" "clu.$n.out" || fail "session turn $n differs: [$(cat "clu.$n.out")]"; done
+[ "$(cached clu.a2)" -gt 0 ] && [ "$(cached clu.b2)" -gt 0 ] \
+  || fail "second turns did not reuse their group's KV: $(cat clu.a2.json) $(cat clu.b2.json)"
+curl -s "$base/v1/sessions" | grep -q '"id":"agent"' || fail "/v1/sessions: $(curl -s "$base/v1/sessions")"
+echo "ok: sessions return to the group holding their KV"
+
+# 3. SIGKILL the group running a long request (both groups run one), then the sessions move.
+complete clu.k1 "$(long "$P1" "$long_tokens")" & k1=$!
+complete clu.k2 "$(long "$P2" "$long_tokens")" & k2=$!
+sleep 1
+kill -0 "$k1" 2>/dev/null && kill -0 "$k2" 2>/dev/null || fail "the requests ended before g0 was killed"
+kill -9 "$pid_g0"
+wait "$k1" "$k2"
+grep -q " g0 is dead" coord.err || fail "the coordinator did not see g0 die"
+cmp -s ref.k1.out clu.k1.out || fail "k1 differs after its group died: [$(cat clu.k1.out)]"
+cmp -s ref.k2.out clu.k2.out || fail "k2 differs after a group died: [$(cat clu.k2.out)]"
+echo "ok: a group killed mid-generation; both requests finished with the same text"
+complete clu.a3 "$(turn "$P4" "agent")"
+complete clu.b3 "$(turn "$P2" "bot")"
+complete clu.a4 "$(turn "$P4" "agent")"
+for n in a3 b3 a4; do cmp -s "ref.$n.out" "clu.$n.out" || fail "session turn $n differs after g0 died: [$(cat "clu.$n.out")]"; done
+# "agent" started first, on g0 (bot went to g1, which held fewer sessions): its turn 3 was
+# prefilled on g1 from its context, and turn 4 reads that.
+[ "$(cached clu.a3)" = 0 ] || fail "agent's turn 3 found KV: was it not on g0? $(cat clu.a3.json)"
+[ "$(cached clu.b3)" -gt 0 ] || fail "bot (on g1) lost its KV when g0 died: $(cat clu.b3.json)"
+[ "$(cached clu.a4)" -gt 0 ] || fail "the moved session's next turn did not reuse its new group's KV: $(cat clu.a4.json)"
+echo "ok: both sessions went on after g0 died, on g1, from their context"
+
+# 4. A session is deleted on its group; streaming goes through; /metrics counts at the router.
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$base/v1/sessions/agent")" = 200 ] || fail "delete session"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$base/v1/sessions/agent")" = 404 ] || fail "deleted twice"
+stream=$(curl -sN --max-time 60 "$base/v1/completions" \
+  -d "{\"prompt\": \"$P3\", \"max_tokens\": 40, \"temperature\": 0, \"ignore_eos\": true, \"stream\": true}")
+text=$(echo "$stream" | sed -n 's/^data: //p' | grep -v '^\[DONE\]' \
+  | python3 -c 'import json,sys; print("".join(json.loads(l)["choices"][0]["text"] for l in sys.stdin), end="")')
+[ "$text" = "$(cat ref.g3.out)" ] || fail "streamed text differs: [$text]"
+metrics=$(curl -s "$base/metrics")
+grep -q '^scout_requests_total{outcome="ok"} [1-9]' <<< "$metrics" || fail "request metrics: $(grep scout_requests <<< "$metrics")"
+grep -q '^scout_time_to_first_token_seconds_count [1-9]' <<< "$metrics" || fail "TTFT at the router"
+grep -q '^scout_cluster_members{role="target",state="dead"} 1' <<< "$metrics" || fail "members metric"
+echo "ok: delete, streaming and the router's metrics"
+
+# 5. With no group left, requests fail at once with a clear error and /ready says no.
+kill -9 "$pid_g1"
+for _ in $(seq 1 50); do grep -q " g1 is dead" coord.err && break; sleep 0.1; done
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready with no group"
+code=$(curl -s --max-time 30 -o err.json -w '%{http_code}' "$base/v1/completions" -d "$(long "$P1" 8)")
+[ "$code" = 503 ] && grep -q "no live target group" err.json || fail "no group: $code $(cat err.json)"
+echo "ok: no group: 503 naming it"
+kill -TERM "$coord"
+wait "$coord"
+grep "scout: cluster:" coord.err
+grep -q "scout: cluster: [1-9][0-9]* requests moved" coord.err || fail "no request counted as moved"
+echo "PASS"
