@@ -3,7 +3,7 @@
 # the open issues wait for, each guarded by the time left (a call may run 600 s). Expects the
 # bundle unpacked (../shared/device/README.md) and writes logs to $OUT.
 #   (bundle: build/bin/scout build/bin/scout-bench and the GPU tests)
-#   tar -xJf out/devbundle.tar.xz && bash tools/gpu_checks.sh [tests|serve|prefill|sessions|tier ...]
+#   tar -xJf out/devbundle.tar.xz && bash tools/gpu_checks.sh [tests|decode|serve|prefill|sessions|tier|cluster ...]
 # Steps default to all, in that order. SCOUT_SOURCE_DIR is set to this tree.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +12,7 @@ source .devbundle/env.sh  # (it sets variables of its own, `here` among them)
 export SCOUT_SOURCE_DIR=$root SCOUT=$root/.devbundle/bin/scout CK=${CK:-/tmp/ckpt}
 OUT=${OUT:-$root/out}
 mkdir -p "$OUT"
-steps=${*:-"tests decode serve prefill sessions tier"}
+steps=${*:-"tests decode serve prefill sessions tier cluster"}
 left() { echo $((${LIMIT:-590} - SECONDS)); }
 nvidia-smi --query-gpu=name --format=csv,noheader
 for step in $steps; do
@@ -52,6 +52,13 @@ PY
       done
       cmp -s "$OUT/tier_4.txt" "$OUT/tier_0.txt" && echo "same text with and without segments" || echo "texts differ (bf16 merges: compare logits, not text)"
       ;;
+    cluster)  # #22: the group data plane on the GPU, then scaling on CPU workers (16 cores) and one H100
+      (mkdir -p /tmp/cg && cd /tmp/cg && SCOUT_CLUSTER_DEVICE=cuda timeout 240 bash "$root/tests/cluster_groups_test.sh" \
+        "$SCOUT" "$root" > "$OUT/cluster_groups_cuda.log" 2>&1; echo "cluster_groups_test on cuda rc $?";
+        grep -E "^(ok|FAIL|PASS)" "$OUT/cluster_groups_cuda.log" | tail -3)
+      timeout "$(left)" bash bench/cluster_throughput.sh .devbundle "${CLIENTS:-16}" "${TURNS:-20}" "1 2 4" 2>&1 | tee "$OUT/cluster_cpu.txt"
+      SCOUT_CLUSTER_DEVICE=cuda timeout "$(left)" bash bench/cluster_throughput.sh .devbundle "${CLIENTS:-16}" "${TURNS:-20}" "1" 2>&1 |
+        tee "$OUT/cluster_cuda.txt" ;;
     *) echo "unknown step $step" ;;
   esac
 done
