@@ -29,6 +29,84 @@
 
 namespace scout::cli {
 
+namespace {
+
+// A target group (--engine): the engine of `scout serve` over the worker's model and its draft,
+// the service that takes the coordinator's requests, and the engine's /metrics.
+struct TargetGroup {
+  std::unique_ptr<monitoring::ServerMetrics> metrics;
+  std::unique_ptr<scheduler::Engine> engine;
+  std::unique_ptr<cluster::GroupService> service;  // declared after the engine: ends its requests first
+  std::unique_ptr<server::HttpServer> metrics_server;
+  cluster::v1::Register registration;  // model and what it runs, without id and role
+};
+
+absl::StatusOr<std::unique_ptr<TargetGroup>> StartTargetGroup(const Flags& flags,
+                                                              std::unique_ptr<runtime::ModelBackend> model,
+                                                              int64_t kv_tokens) {
+  auto group = std::make_unique<TargetGroup>();
+  std::unique_ptr<runtime::ModelBackend> draft;
+  if (!flags.Get("draft").empty()) {
+    const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
+    absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> d = runtime::LoadBackend(flags.Get("draft"), draft_device, kv_tokens);
+    if (!d.ok()) return d.status();
+    draft = std::move(*d);
+  }
+  absl::StatusOr<scheduler::EngineOptions> engine_options =
+      ParseEngineOptions(flags, model->config(), draft != nullptr ? &draft->config() : nullptr);
+  if (!engine_options.ok()) return engine_options.status();
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
+  if (!tok.ok()) return tok.status();
+  absl::StatusOr<int64_t> metrics_port = flags.GetInt("metrics-port");
+  if (!metrics_port.ok()) return metrics_port.status();
+  group->registration.set_model_fingerprint(cluster::ModelFingerprint(model->config()));
+  group->registration.set_samples_on_device(model->samples_on_device());
+  group->registration.set_runs_engine(true);
+  group->metrics = std::make_unique<monitoring::ServerMetrics>();
+  group->engine = std::make_unique<scheduler::Engine>(std::move(model), std::move(draft), std::move(*tok),
+                                                      group->metrics.get(), *engine_options);
+  group->service = std::make_unique<cluster::GroupService>(group->engine.get());
+  if (*metrics_port > 0) {
+    monitoring::ServerMetrics* m = group->metrics.get();
+    absl::StatusOr<std::unique_ptr<server::HttpServer>> ms = server::HttpServer::Start(
+        "0.0.0.0", static_cast<int>(*metrics_port), [m](const server::HttpRequest& req, server::HttpResponder& out) {
+          if (req.target == "/metrics") out.Send(200, "text/plain; version=0.0.4", m->Serialize());
+          else if (req.target == "/health") out.Send(200, "text/plain", "OK");
+          else out.Send(404, "text/plain", "not found: this port serves /metrics and /health");
+        });
+    if (!ms.ok()) return ms.status();
+    group->metrics_server = std::move(*ms);
+    std::fprintf(stderr, "scout: engine metrics on http://0.0.0.0:%d/metrics\n", group->metrics_server->port());
+  }
+  return group;
+}
+
+// What placement knows the worker by: its devices (the CPU counts as one; tp > 0: a
+// tensor-parallel group of that many GPUs), their class and memory. Returns the class.
+std::string DescribeDevices(const Flags& flags, int tp, cluster::v1::Register* r) {
+  const bool on_cpu = flags.Get("device") == "cpu" && tp == 0;
+  std::string gpu_class = flags.Get("gpu-class");
+  int64_t device_memory = 0;
+#ifdef SCOUT_HAVE_CUDA
+  if (!on_cpu) {
+    int index = 0;
+    if (flags.Get("device").rfind("cuda:", 0) == 0) (void)absl::SimpleAtoi(flags.Get("device").substr(5), &index);
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, index) == cudaSuccess) {
+      device_memory = static_cast<int64_t>(prop.totalGlobalMem);
+      if (gpu_class.empty()) gpu_class = prop.name;
+    }
+  }
+#endif
+  if (gpu_class.empty()) gpu_class = on_cpu ? "cpu" : "cuda";
+  r->set_gpu_class(gpu_class);
+  r->set_num_gpus(tp > 0 ? tp : 1);
+  r->set_gpu_memory_bytes(device_memory);
+  return gpu_class;
+}
+
+}  // namespace
+
 // `scout worker`: serves the target or the draft model to a coordinator.
 int Worker(int argc, char** argv) {
   Flags flags(EngineFlags(WithHostTierFlags({
@@ -88,46 +166,13 @@ int Worker(int argc, char** argv) {
   // A target group's engine (GroupService) or a worker whose passes the coordinator runs
   // (WorkerService).
   std::unique_ptr<cluster::WorkerService> service;
-  std::unique_ptr<monitoring::ServerMetrics> metrics;
-  std::unique_ptr<scheduler::Engine> engine;
-  std::unique_ptr<cluster::GroupService> group;
-  std::unique_ptr<server::HttpServer> metrics_server;
+  std::unique_ptr<TargetGroup> group;
   cluster::v1::Register registration;
   if (engine_mode) {
-    std::unique_ptr<runtime::ModelBackend> draft;
-    if (!flags.Get("draft").empty()) {
-      const std::string draft_device = flags.Get("draft-device").empty() ? flags.Get("device") : flags.Get("draft-device");
-      absl::StatusOr<std::unique_ptr<runtime::ModelBackend>> d =
-          runtime::LoadBackend(flags.Get("draft"), draft_device, *kv_tokens);
-      if (!d.ok()) return Fail(d.status());
-      draft = std::move(*d);
-    }
-    absl::StatusOr<scheduler::EngineOptions> engine_options =
-        ParseEngineOptions(flags, (*model)->config(), draft != nullptr ? &draft->config() : nullptr);
-    if (!engine_options.ok()) return Fail(engine_options.status());
-    absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
-    if (!tok.ok()) return Fail(tok.status());
-    registration.set_model_fingerprint(cluster::ModelFingerprint((*model)->config()));
-    registration.set_samples_on_device((*model)->samples_on_device());
-    registration.set_runs_engine(true);
-    metrics = std::make_unique<monitoring::ServerMetrics>();
-    engine = std::make_unique<scheduler::Engine>(std::move(*model), std::move(draft), std::move(*tok), metrics.get(),
-                                                 *engine_options);
-    group = std::make_unique<cluster::GroupService>(engine.get());
-    absl::StatusOr<int64_t> metrics_port = flags.GetInt("metrics-port");
-    if (!metrics_port.ok()) return Fail(metrics_port.status());
-    if (*metrics_port > 0) {
-      monitoring::ServerMetrics* m = metrics.get();
-      absl::StatusOr<std::unique_ptr<server::HttpServer>> ms = server::HttpServer::Start(
-          "0.0.0.0", static_cast<int>(*metrics_port), [m](const server::HttpRequest& req, server::HttpResponder& out) {
-            if (req.target == "/metrics") out.Send(200, "text/plain; version=0.0.4", m->Serialize());
-            else if (req.target == "/health") out.Send(200, "text/plain", "OK");
-            else out.Send(404, "text/plain", "not found: this port serves /metrics and /health");
-          });
-      if (!ms.ok()) return Fail(ms.status());
-      metrics_server = std::move(*ms);
-      std::fprintf(stderr, "scout: engine metrics on http://0.0.0.0:%d/metrics\n", metrics_server->port());
-    }
+    absl::StatusOr<std::unique_ptr<TargetGroup>> g = StartTargetGroup(flags, std::move(*model), *kv_tokens);
+    if (!g.ok()) return Fail(g.status());
+    group = std::move(*g);
+    registration = group->registration;
   } else {
     service = std::make_unique<cluster::WorkerService>(std::move(*model),
                                                        cluster::WorkerOptions{.remote_tier = flags.GetBool("kv-remote-tier")});
@@ -152,26 +197,7 @@ int Worker(int argc, char** argv) {
       std::fprintf(stderr, "scout: placement: standing by (%s)\n", a.note().c_str());
     }
   };
-  // What placement knows the worker by: its devices (the CPU counts as one), their class and
-  // memory.
-  const bool on_cpu = flags.Get("device") == "cpu" && !split;
-  std::string gpu_class = flags.Get("gpu-class");
-  int64_t device_memory = 0;
-#ifdef SCOUT_HAVE_CUDA
-  if (!on_cpu) {
-    int index = 0;
-    if (flags.Get("device").rfind("cuda:", 0) == 0) (void)absl::SimpleAtoi(flags.Get("device").substr(5), &index);
-    cudaDeviceProp prop{};
-    if (cudaGetDeviceProperties(&prop, index) == cudaSuccess) {
-      device_memory = static_cast<int64_t>(prop.totalGlobalMem);
-      if (gpu_class.empty()) gpu_class = prop.name;
-    }
-  }
-#endif
-  if (gpu_class.empty()) gpu_class = on_cpu ? "cpu" : "cuda";
-  options.registration.set_gpu_class(gpu_class);
-  options.registration.set_num_gpus(split ? static_cast<int32_t>(*tp) : 1);
-  options.registration.set_gpu_memory_bytes(device_memory);
+  const std::string gpu_class = DescribeDevices(flags, split ? static_cast<int>(*tp) : 0, &options.registration);
   absl::Notification stop;
   std::thread signal_thread([&] {
     int sig = 0;
@@ -184,15 +210,15 @@ int Worker(int argc, char** argv) {
                flags.Get("model").c_str());
   absl::Status s;
   if (group != nullptr) {
-    options.on_message = [g = group.get()](cluster::Channel& c, const cluster::v1::Envelope& m) { return g->Handle(c, m); };
-    s = cluster::RunClusterMember(options, nullptr, nullptr, [g = group.get()] { g->Lost(); }, &stop);
+    cluster::GroupService* g = group->service.get();
+    options.on_message = [g](cluster::Channel& c, const cluster::v1::Envelope& m) { return g->Handle(c, m); };
+    s = cluster::RunClusterMember(options, nullptr, nullptr, [g] { g->Lost(); }, &stop);
   } else {
     cluster::WorkerService* w = service.get();
     s = cluster::RunClusterMember(
         options, [w](const cluster::v1::BackendRequest& r) { return w->Handle(r); }, [w] { return w->Heartbeat(); },
         [w] { w->Reset(); }, &stop, [w] { w->Flush(); });
   }
-  group.reset();  // its requests end before the engine goes
   if (!s.ok()) return Fail(s);
   return 0;
 }

@@ -11,8 +11,7 @@
 namespace scout::cluster {
 
 namespace {
-using Clock = std::chrono::steady_clock;
-double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+double Seconds(std::chrono::steady_clock::duration d) { return std::chrono::duration<double>(d).count(); }
 }  // namespace
 
 Router::Router(Coordinator* coordinator, std::unique_ptr<text::Tokenizer> tokenizer,
@@ -106,6 +105,56 @@ bool Router::SendTo(uint64_t group, v1::Envelope message) {
   return false;
 }
 
+bool Router::Relay(uint64_t group, uint64_t id, Stream& stream, const scheduler::TextCallback& on_text,
+                   Progress& progress, v1::GenerateDone* end) {
+  scheduler::CompletionResult& result = progress.result;
+  while (true) {
+    std::deque<Piece> pieces;
+    bool done = false, died = false;
+    {
+      absl::MutexLock lock(&stream.mu);
+      auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(stream.mu) { return stream.done || !stream.pieces.empty(); };
+      stream.mu.Await(absl::Condition(&ready));
+      pieces.swap(stream.pieces);
+      done = stream.done;
+      if (done) {
+        *end = stream.end;
+        died = stream.group_died;
+      }
+    }
+    for (Piece& p : pieces) {
+      const auto now = Clock::now();
+      for (size_t t = 0; t < p.tokens.size(); ++t) {
+        (progress.first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
+            .Observe(t == 0 ? Seconds(now - progress.last) : 0.0);
+        progress.first = false;
+      }
+      if (!p.tokens.empty()) progress.last = now;
+      result.text += p.text;
+      result.token_ids.insert(result.token_ids.end(), p.tokens.begin(), p.tokens.end());
+      result.logprobs.insert(result.logprobs.end(), p.logprobs.begin(), p.logprobs.end());
+      if (on_text && !progress.cancelled && !on_text(p.text, p.logprobs, p.tokens)) {
+        progress.cancelled = true;
+        v1::Envelope cancel;
+        cancel.mutable_cancel_generate()->set_stream(id);
+        (void)SendTo(group, std::move(cancel));
+      }
+    }
+    if (done) return died;
+  }
+}
+
+void Router::CountFinished(const scheduler::CompletionResult& result, bool cancelled, Clock::time_point start) {
+  (cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
+  metrics_->prompt_tokens.Increment(static_cast<double>(result.prompt_tokens));
+  metrics_->generation_tokens.Increment(static_cast<double>(result.completion_tokens));
+  metrics_->e2e_request_latency.Observe(Seconds(Clock::now() - start));
+  metrics_->request_prompt_tokens.Observe(static_cast<double>(result.prompt_tokens));
+  metrics_->request_generation_tokens.Observe(static_cast<double>(result.completion_tokens));
+  metrics_->session_cached_tokens.Increment(static_cast<double>(result.cached_tokens));
+  metrics_->RequestSuccess(result.finish_reason).Increment();
+}
+
 absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::CompletionRequest& req,
                                                              const scheduler::TextCallback& on_text) {
   if (draining_) return absl::UnavailableError("server is shutting down");
@@ -157,9 +206,9 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
   }
   if (ids.empty()) return failed(absl::InvalidArgumentError("prompt is empty"));
 
-  scheduler::CompletionResult result{.finish_reason = "length"};
-  bool first = true, cancelled = false;
-  Clock::time_point last = start;
+  Progress progress{.last = start};
+  scheduler::CompletionResult& result = progress.result;
+  const bool& cancelled = progress.cancelled;
   absl::Status why_moved;
   for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
     const int64_t left = req.max_tokens - static_cast<int64_t>(result.token_ids.size());
@@ -189,41 +238,7 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
     }
     if (attempt > 0) moved_requests_.fetch_add(1);
     v1::GenerateDone end;
-    bool died = false;
-    while (true) {
-      std::deque<Piece> pieces;
-      bool done = false;
-      {
-        absl::MutexLock lock(&stream->mu);
-        auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(stream->mu) { return stream->done || !stream->pieces.empty(); };
-        stream->mu.Await(absl::Condition(&ready));
-        pieces.swap(stream->pieces);
-        done = stream->done;
-        if (done) {
-          end = stream->end;
-          died = stream->group_died;
-        }
-      }
-      for (Piece& p : pieces) {
-        const auto now = Clock::now();
-        for (size_t t = 0; t < p.tokens.size(); ++t) {
-          (first ? metrics_->time_to_first_token : metrics_->inter_token_latency)
-              .Observe(t == 0 ? Seconds(now - last) : 0.0);
-          first = false;
-        }
-        if (!p.tokens.empty()) last = now;
-        result.text += p.text;
-        result.token_ids.insert(result.token_ids.end(), p.tokens.begin(), p.tokens.end());
-        result.logprobs.insert(result.logprobs.end(), p.logprobs.begin(), p.logprobs.end());
-        if (on_text && !cancelled && !on_text(p.text, p.logprobs, p.tokens)) {
-          cancelled = true;
-          v1::Envelope cancel;
-          cancel.mutable_cancel_generate()->set_stream(id);
-          (void)SendTo(group, std::move(cancel));
-        }
-      }
-      if (done) break;
-    }
+    const bool died = Relay(group, id, *stream, on_text, progress, &end);
     if (died) {
       why_moved = absl::UnavailableError(absl::StrCat("a target group died under the request"));
       home = 0;
@@ -269,14 +284,7 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
       s.tokens.insert(s.tokens.end(), result.token_ids.begin(), result.token_ids.end());
     }
   }
-  (cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
-  metrics_->prompt_tokens.Increment(static_cast<double>(result.prompt_tokens));
-  metrics_->generation_tokens.Increment(static_cast<double>(result.completion_tokens));
-  metrics_->e2e_request_latency.Observe(Seconds(Clock::now() - start));
-  metrics_->request_prompt_tokens.Observe(static_cast<double>(result.prompt_tokens));
-  metrics_->request_generation_tokens.Observe(static_cast<double>(result.completion_tokens));
-  metrics_->session_cached_tokens.Increment(static_cast<double>(result.cached_tokens));
-  metrics_->RequestSuccess(result.finish_reason).Increment();
+  CountFinished(result, cancelled, start);
   return result;
 }
 

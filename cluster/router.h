@@ -13,6 +13,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -80,6 +81,19 @@ class Router final : public scheduler::CompletionService {
     bool busy = false;            // a request runs on it (they run one at a time, in order)
   };
 
+  using Clock = std::chrono::steady_clock;
+  // What a request has produced so far, over the groups it ran on.
+  struct Progress {
+    scheduler::CompletionResult result{.finish_reason = "length"};
+    bool first = true;       // no token yet (the next one's latency is the TTFT)
+    bool cancelled = false;  // the client went away
+    Clock::time_point last;  // when the last token arrived
+  };
+  // Hands the stream's pieces to on_text as they come (and into progress) until it ends: its
+  // GenerateDone in *end; true if it ended by its group's death instead.
+  bool Relay(uint64_t group, uint64_t id, Stream& stream, const scheduler::TextCallback& on_text, Progress& progress,
+             v1::GenerateDone* end);
+  void CountFinished(const scheduler::CompletionResult& result, bool cancelled, Clock::time_point start);
   void OnMessage(uint64_t member, const v1::Envelope& message);
   void OnDead(uint64_t member);
   // A live, serving group: `preferred` if it is one, else the one with the fewest requests running

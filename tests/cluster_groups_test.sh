@@ -73,7 +73,9 @@ out=$("$scout" coordinator --model "$T" --data-plane groups --sparsity sts --por
 echo "$out" | grep -q "give it to scout worker --engine" || fail "engine flag refusal: $out"
 echo "ok: a draft worker, a target without --engine and an engine flag on the coordinator are refused"
 
+# g0 first: it registers first, so the router's ties (equal load) go to it.
 start_member g0 worker --engine --model "$T" --draft "$D" --role target --id g0 --device "$device" --metrics-port 0
+for _ in $(seq 1 200); do grep -q "target g0 registered" coord.err && break; sleep 0.1; done
 start_member g1 worker --engine --model "$T" --draft "$D" --role target --id g1 --device "$device"
 for _ in $(seq 1 200); do
   [ "$(grep -c " registered from " coord.err)" -ge 2 ] && break
