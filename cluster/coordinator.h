@@ -37,6 +37,9 @@ namespace scout::cluster {
 
 using kvstore::SequenceId;
 
+// "target", "draft", "kvstore" (logs and metric labels).
+const char* RoleName(v1::Role role);
+
 struct CoordinatorOptions {
   // Workers must serve these models (ModelFingerprint); an empty draft: draft workers are refused.
   std::string target_fingerprint;
@@ -229,6 +232,16 @@ class RemoteBackend final : public runtime::ModelBackend {
   void HandleUnpersisted(uint64_t worker, const v1::BackendReply& reply);
   absl::Status RunPass(std::span<const runtime::SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
                        std::vector<float>* logits, std::vector<int32_t>* tokens);
+  // The Forward request of batch entries `entries` (one worker's share of a pass).
+  v1::Forward ForwardOf(std::span<const runtime::SequenceInput> batch, const std::vector<size_t>& entries,
+                        std::span<const kernels::SampleRowParams> rows, const std::vector<int64_t>& entry_rows,
+                        const std::vector<int64_t>& row_start, bool sampled) const;
+  // The rows of a pass that ran everywhere, from each worker's reply (replies[g] answers
+  // entries[g]) into batch order; the sequences' token logs and home counts advance.
+  absl::Status TakeRows(std::span<const runtime::SequenceInput> batch, const std::vector<const v1::BackendReply*>& replies,
+                        const std::vector<std::vector<size_t>>& entries, const std::vector<int64_t>& entry_rows,
+                        const std::vector<int64_t>& row_start, int64_t total_rows, std::vector<float>* logits,
+                        std::vector<int32_t>* tokens);
   // RunPass, its wall time counted.
   absl::Status TimedPass(std::span<const runtime::SequenceInput> batch, std::span<const kernels::SampleRowParams> rows,
                          std::vector<float>* logits, std::vector<int32_t>* tokens);
