@@ -12,51 +12,10 @@
 #include "kvstore/block_table.h"
 #include "runtime/generator.h"
 #include "round/speculative.h"
+#include "scheduler/engine_request.h"
+#include "scheduler/policy.h"
 
 namespace scout::scheduler {
-
-using Clock = std::chrono::steady_clock;
-
-// One request from admission to its result. The caller's thread waits in Complete and drains the
-// outbox; the scheduler thread does everything else.
-struct Engine::Request {
-  Request(const CompletionRequest& r, const text::Tokenizer& tok)
-      : req(r), sampler(r.sampling), decoder(tok) {}
-  const CompletionRequest req;
-  // Set up by Start.
-  std::vector<int32_t> ids;
-  int64_t seq = 0;
-  int64_t earlier = 0;       // session tokens already in the cache
-  int64_t final_len = 0;     // earlier + prompt + max_tokens: what its sequence may reach
-  int64_t tokenized_for = -1;  // the session sequence ids was built for (0: a new one or none)
-  bool new_session = false;
-  bool started = false;
-  bool prefilling = false;   // started, its prompt not all in the cache yet
-  int64_t prefilled = 0;     // prompt tokens in the cache (without a draft; the stream counts its own)
-  runtime::Sampler sampler;
-  text::StreamingDecoder decoder;
-  std::string pending;       // text held back as a possible stop-string prefix
-  bool stop_hit = false;
-  int32_t last_token = -1;   // sampled, not yet in the cache
-  Clock::time_point start = Clock::now(), last;
-  Clock::time_point started_at, first_token_at;  // when it left the queue; its first token
-  bool first = true;
-  CompletionResult result;
-  std::atomic<bool> cancelled{false};
-  std::unique_ptr<round::SpeculativeStream> spec;  // with a draft: the request's rounds
-  std::vector<runtime::TokenLogprobs> pending_logprobs;  // of tokens whose text is held back
-  std::vector<int32_t> pending_tokens;                   // tokens whose text is held back
-  absl::flat_hash_map<int32_t, int32_t> generated_counts;  // with penalties: tokens generated so far
-  // Handed to the caller (Engine::mu_).
-  struct Piece {
-    std::string text;
-    std::vector<runtime::TokenLogprobs> logprobs;
-    std::vector<int32_t> tokens;
-  };
-  std::deque<Piece> outbox;
-  bool done = false;
-  absl::Status status;
-};
 
 Engine::Engine(std::unique_ptr<runtime::ModelBackend> model, std::unique_ptr<runtime::ModelBackend> draft,
                std::unique_ptr<text::Tokenizer> tokenizer, monitoring::ServerMetrics* metrics,
@@ -241,19 +200,20 @@ void Engine::Loop() {
       }
       if (stop_ && waiting_.empty() && running.empty()) return;
       // Admit in arrival order while there is room; a request on a busy session waits its turn.
-      for (auto it = waiting_.begin(); it != waiting_.end() && running.size() + joining.size() < static_cast<size_t>(options_.max_num_seqs);) {
-        const std::string& sid = (*it)->req.session_id;
-        if (!sid.empty()) {
-          auto s = sessions_.find(sid);
-          if (s != sessions_.end() && s->second.busy) {
-            ++it;
-            continue;
-          }
-          sessions_[sid].busy = true;  // created here when new; Start fills it in
-        }
-        joining.push_back(*it);
-        it = waiting_.erase(it);
+      std::vector<std::string> waiting_sessions;
+      for (const auto& w : waiting_) waiting_sessions.push_back(w->req.session_id);
+      const std::vector<size_t> admitted = policy::AdmitInOrder(
+          waiting_sessions, options_.max_num_seqs - static_cast<int>(running.size()),
+          [&](const std::string& sid) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            auto s = sessions_.find(sid);
+            return s != sessions_.end() && s->second.busy;
+          });
+      for (size_t i : admitted) {
+        const std::string& sid = waiting_[i]->req.session_id;
+        if (!sid.empty()) sessions_[sid].busy = true;  // created here when new; Start fills it in
+        joining.push_back(waiting_[i]);
       }
+      for (auto it = admitted.rbegin(); it != admitted.rend(); ++it) waiting_.erase(waiting_.begin() + *it);
     }
     absl::MutexLock model_lock(&model_mu_);
     if (options_.session_idle_timeout_s > 0) EvictSessions(0, "");
@@ -416,13 +376,18 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
   }
   runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
   int64_t free_blocks = usage.total_blocks - usage.used_blocks;
-  const bool fits_in_limit = r.final_len <= max_model_len();
-  if (fits_in_limit && need > free_blocks - reserved && (reserved > 0 || !running.empty())) {
-    return StartResult::kDeferred;  // running requests will free or stop needing room
-  }
-  if (fits_in_limit && need > free_blocks && EvictSessions(need, req.session_id) > 0) {
-    usage = model_->kv_cache_usage();  // idle sessions gave way
-    free_blocks = usage.total_blocks - usage.used_blocks;
+  switch (policy::AdmitByKv({.need = need, .free_blocks = free_blocks, .reserved = reserved,
+                             .others_running = !running.empty(), .fits_in_limit = r.final_len <= max_model_len()})) {
+    case policy::KvAdmission::kDefer:
+      return StartResult::kDeferred;  // running requests will free or stop needing room
+    case policy::KvAdmission::kEvictFirst:
+      if (EvictSessions(need, req.session_id) > 0) {
+        usage = model_->kv_cache_usage();  // idle sessions gave way
+        free_blocks = usage.total_blocks - usage.used_blocks;
+      }
+      break;
+    case policy::KvAdmission::kStart:
+      break;
   }
   AssignSequence(r);
   if (absl::Status s = CheckLength(r); !s.ok()) {
@@ -443,387 +408,6 @@ Engine::StartResult Engine::Start(Request& r, const std::vector<std::shared_ptr<
     }
   }
   return StartResult::kPrefill;
-}
-
-std::pair<int64_t, double> Engine::PacedSpeculativePrefill(const std::vector<Request*>& prefilling) const {
-  std::vector<PrefillPacer::Prompt> prompts;
-  for (Request* r : prefilling) {
-    const int64_t done = r->spec != nullptr ? r->spec->prefilled_tokens() : 0;
-    const int64_t left = r->spec != nullptr ? r->spec->prompt_to_prefill() - done : 0;
-    prompts.push_back({.start = r->earlier + done, .left = std::max<int64_t>(left, 0)});
-  }
-  // The pass fills the prompts in order, as the plan does: its sum is the pass's bound.
-  const std::vector<int64_t> plan = pacer_.Plan(prompts, std::max<int64_t>(options_.max_num_batched_tokens, 1));
-  int64_t tokens = 0;
-  double work = 0;
-  for (size_t i = 0; i < plan.size(); ++i) {
-    if (plan[i] <= 0) continue;
-    tokens += plan[i];
-    work += pacer_.Work(prompts[i].start, plan[i]);
-  }
-  return {tokens, work};
-}
-
-void Engine::PrefillPass(const std::vector<Request*>& prefilling, int64_t budget) {
-  const auto pass_start = Clock::now();
-  if (budget <= 0) budget = options_.max_num_batched_tokens;
-  int64_t tokens = 0;
-  if (draft_ != nullptr) {
-    std::vector<round::SpeculativeStream*> streams;
-    std::vector<Request*> owners;
-    for (Request* r : prefilling) {
-      if (r->spec != nullptr) {
-        streams.push_back(r->spec.get());
-        owners.push_back(r);
-      }
-    }
-    std::vector<int64_t> before(streams.size());
-    for (size_t i = 0; i < streams.size(); ++i) before[i] = streams[i]->prefilled_tokens();
-    const std::vector<absl::Status> status =
-        round::PrefillStep(*model_, *draft_, streams, budget);
-    for (size_t i = 0; i < owners.size(); ++i) {
-      tokens += streams[i]->prefilled_tokens() - before[i];
-      if (!status[i].ok()) {
-        FinishSpeculative(*owners[i], status[i]);
-      } else if (streams[i]->prefilled()) {
-        owners[i]->prefilling = false;
-      }
-    }
-  } else {
-    // Each request's prompt runs to its end; the row of its last prompt token gives its first
-    // token.
-    std::vector<Request*> who;
-    std::vector<int64_t> n;
-    int64_t room = std::max<int64_t>(1, budget);
-    for (Request* r : prefilling) {
-      if (room <= 0) break;
-      const int64_t left = static_cast<int64_t>(r->ids.size()) - r->prefilled;
-      if (left <= 0) continue;
-      who.push_back(r);
-      n.push_back(std::min(room, left));
-      room -= n.back();
-    }
-    ChunkOutputs out;
-    if (RunChunks({}, who, n, &out).ok()) {
-      for (size_t j = 0; j < who.size(); ++j) tokens += TakeChunk(*who[j], n[j], out, j);
-    } else {  // all or nothing failed: again one by one, so the error is the request's own
-      for (size_t j = 0; j < who.size(); ++j) {
-        if (absl::Status s = RunChunks({}, {&who[j], 1}, {&n[j], 1}, &out); !s.ok()) {
-          Finish(*who[j], s);
-          continue;
-        }
-        tokens += TakeChunk(*who[j], n[j], out, 0);
-      }
-    }
-    for (Request* r : prefilling) {  // nothing to prefill: an empty prompt
-      if (r->started && r->prefilling && r->ids.empty()) {
-        Finish(*r, absl::InvalidArgumentError("nothing to prefill: the prompt is empty"));
-      }
-    }
-  }
-  if (tokens > 0) {
-    metrics_->prefill_tokens.Increment(static_cast<double>(tokens));
-    metrics_->prefill_pass_time.Observe(std::chrono::duration<double>(Clock::now() - pass_start).count());
-  }
-  UpdateKvMetrics();
-}
-
-kernels::SampleRowParams Engine::SampleRow(const Request& r) const {
-  // Device sampling draws from a seed per (request seed, position): reproducible per request
-  // whatever the batch around it, and whichever pass (prefill or decode step) samples it.
-  const runtime::SamplingParams& sp = r.req.sampling;
-  return {.temperature = sp.temperature, .top_k = sp.top_k, .top_p = sp.top_p,
-          .seed = sp.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(r.result.completion_tokens)};
-}
-
-absl::Status Engine::RunChunks(std::span<Request* const> decoding, std::span<Request* const> chunked,
-                               std::span<const int64_t> chunk_tokens, ChunkOutputs* out) {
-  std::vector<runtime::SequenceInput> batch;
-  std::vector<kernels::SampleRowParams> rows;
-  for (Request* r : decoding) {
-    batch.push_back({.seq = r->seq, .tokens = std::span<const int32_t>(&r->last_token, 1)});
-    rows.push_back(SampleRow(*r));
-  }
-  for (size_t j = 0; j < chunked.size(); ++j) {
-    const Request& r = *chunked[j];
-    batch.push_back({.seq = r.seq, .tokens = std::span<const int32_t>(r.ids).subspan(r.prefilled, chunk_tokens[j])});
-    rows.push_back(SampleRow(r));
-  }
-  out->first_chunk_row = decoding.size();
-  if (batch.empty()) return absl::OkStatus();
-  return model_->samples_on_device() ? model_->ForwardSampled(batch, rows, &out->sampled)
-                                     : model_->Forward(batch, &out->logits);
-}
-
-int32_t Engine::TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) {
-  if (model_->samples_on_device()) return out.sampled[row];
-  const int64_t vocab = config_.vocab_size;
-  return r.sampler.Sample(std::span<const float>(out.logits).subspan(row * vocab, vocab));
-}
-
-bool Engine::TakeToken(Request& r, const ChunkOutputs& out, size_t row) {
-  const bool penalized = r.req.penalties.any();
-  int32_t token = penalized ? -1 : TokenOfRow(r, out, row);
-  std::optional<runtime::TokenLogprobs> lp;
-  if (r.req.logprobs.has_value() || penalized) {
-    const int64_t vocab = config_.vocab_size;
-    std::span<const float> logits;
-    std::vector<float> fetched;
-    if (model_->samples_on_device()) {
-      const int64_t rows[] = {static_cast<int64_t>(row)};
-      if (absl::Status s = model_->LastLogitRows(rows, &fetched); !s.ok()) {
-        Finish(r, s);
-        return false;
-      }
-    } else if (penalized) {
-      fetched.assign(out.logits.begin() + row * vocab, out.logits.begin() + (row + 1) * vocab);
-    }
-    logits = fetched.empty() ? std::span<const float>(out.logits).subspan(row * vocab, vocab) : fetched;
-    std::vector<float> raw;  // logprobs are of the model's distribution after temperature, before penalties
-    if (penalized && r.req.logprobs.has_value()) {
-      raw.assign(logits.begin(), logits.end());
-      logits = raw;
-    }
-    if (penalized) {
-      // The request's own sampler draws from the penalised row, on the host: its draws depend on
-      // its seed and its tokens alone, whatever the batch.
-      std::vector<std::pair<int32_t, int32_t>> counts(r.generated_counts.begin(), r.generated_counts.end());
-      std::vector<int32_t> seen;  // the prompt's and the output's tokens, once each
-      if (r.req.penalties.repetition != 1.0f) {
-        seen = r.ids;
-        for (const auto& [t, c] : r.generated_counts) seen.push_back(t);
-        std::sort(seen.begin(), seen.end());
-        seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
-      }
-      runtime::ApplyPenalties(r.req.penalties, counts, seen, fetched);
-      token = r.sampler.Sample(fetched);
-      ++r.generated_counts[token];
-    }
-    if (r.req.logprobs.has_value()) lp = runtime::LogprobsOf(logits, token, *r.req.logprobs, r.req.sampling.temperature);
-  }
-  if (lp.has_value()) {
-    lp->chosen.bytes = tokenizer_->Decode({&lp->chosen.token, 1}).value_or("");
-    for (runtime::TokenLogprob& t : lp->top) t.bytes = tokenizer_->Decode({&t.token, 1}).value_or("");
-  }
-  if (OnToken(r, token, std::move(lp))) return true;
-  Finish(r, absl::OkStatus());
-  return false;
-}
-
-int64_t Engine::TakeChunk(Request& r, int64_t n, const ChunkOutputs& out, size_t chunk) {
-  r.prefilled += n;
-  if (r.prefilled < static_cast<int64_t>(r.ids.size())) return n;
-  r.prefilling = false;
-  TakeToken(r, out, out.first_chunk_row + chunk);
-  return n;
-}
-
-void Engine::DecodeStep(std::vector<Request*>& running, const std::vector<Request*>& prefilling) {
-  if (draft_ != nullptr) return SpeculativeStep(running);
-  // Requests cancelled by their callers leave before the pass.
-  for (Request* r : running) {
-    if (r->cancelled) Finish(*r, absl::OkStatus());
-  }
-  running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
-  // Prompt chunks that ride on this step, sized by the pacer.
-  std::vector<Request*> chunked;
-  std::vector<int64_t> chunk_tokens;
-  double work = 0;
-  if (!prefilling.empty() && !running.empty()) {
-    std::vector<PrefillPacer::Prompt> prompts;
-    for (Request* r : prefilling) {
-      prompts.push_back({.start = r->earlier + r->prefilled, .left = static_cast<int64_t>(r->ids.size()) - r->prefilled});
-    }
-    // The decoders' tokens count against the bound, but prompts always move a little.
-    const std::vector<int64_t> plan = pacer_.Plan(
-        prompts, std::max<int64_t>(options_.max_num_batched_tokens - static_cast<int64_t>(running.size()),
-                                   PrefillPacer::kMinChunk));
-    for (size_t i = 0; i < plan.size(); ++i) {
-      if (plan[i] <= 0) continue;
-      chunked.push_back(prefilling[i]);
-      chunk_tokens.push_back(plan[i]);
-      work += pacer_.Work(prompts[i].start, plan[i]);
-    }
-  }
-  ChunkOutputs out;
-  bool mixed = !chunked.empty(), mixed_failed = false;
-  double seconds = 0;
-  auto pass = [&]() -> absl::Status {
-    const auto t0 = Clock::now();
-    absl::Status s = RunChunks(running, mixed ? std::span<Request* const>(chunked) : std::span<Request* const>(),
-                               chunk_tokens, &out);
-    if (!s.ok() && mixed) {
-      // The chunks go back to a pass of their own (where an error is each prompt's own); the
-      // decoders' step runs without them.
-      mixed = false;
-      mixed_failed = true;
-      s = RunChunks(running, {}, {}, &out);
-    }
-    seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-    return s;
-  };
-  const bool stepped = RunBatchedPass(running, pass, [this](Request& r, absl::Status s) { Finish(r, s); });
-  if (stepped && !mixed_failed) {
-    if (mixed) {
-      pacer_.ObserveMixedStep(work, seconds);
-    } else {
-      pacer_.ObserveDecodeStep(seconds);
-    }
-  }
-  if (stepped) {
-    for (size_t i = 0; i < running.size(); ++i) {
-      TakeToken(*running[i], out, i);
-    }
-  }
-  if (mixed && stepped) {
-    int64_t tokens = 0;
-    for (size_t j = 0; j < chunked.size(); ++j) tokens += TakeChunk(*chunked[j], chunk_tokens[j], out, j);
-    metrics_->prefill_tokens.Increment(static_cast<double>(tokens));
-  } else if (mixed_failed) {
-    PrefillPass(prefilling);  // the chunks did not run with the step
-  }
-}
-
-bool Engine::RunBatchedPass(std::vector<Request*>& running, absl::FunctionRef<absl::Status()> pass,
-                            absl::FunctionRef<void(Request&, absl::Status)> finish) {
-  while (!running.empty()) {
-    const absl::Status s = pass();
-    if (s.ok()) break;
-    if (absl::optional<absl::Cord> failed = s.GetPayload(runtime::kFailedSequencePayload);
-        failed.has_value() && running.size() > 1) {
-      // One sequence's own failure (its KV is lost with a KV store node): its request ends with
-      // the error, the others run again without it.
-      int64_t id = 0;
-      auto it = running.end();
-      if (absl::SimpleAtoi(std::string(*failed), &id)) {
-        it = std::find_if(running.begin(), running.end(), [id](Request* r) { return r->seq == id; });
-      }
-      if (it != running.end()) {
-        finish(**it, s);
-        running.erase(it);
-        continue;
-      }
-    }
-    if (s.code() == absl::StatusCode::kResourceExhausted && running.size() > 1) {
-      if (s.GetPayload(runtime::kGpuBlockCacheFullPayload).has_value()) {
-        // Only the GPU's block cache is short (the KV is in host memory): the newest request
-        // sits this pass out and runs again once the others leave room (preemption).
-        running.pop_back();
-        continue;
-      }
-      // The KV pool is full: the newest request gives way so the others keep running.
-      finish(*running.back(), s);
-      running.pop_back();
-      continue;
-    }
-    for (Request* r : running) finish(*r, s);
-    running.clear();
-  }
-  if (running.empty()) return false;
-  {
-    absl::MutexLock lock(&mu_);
-    ++stats_.decode_steps;
-    stats_.max_batch = std::max(stats_.max_batch, static_cast<int>(running.size()));
-  }
-  metrics_->decode_batch_size.Observe(static_cast<double>(running.size()));
-  UpdateKvMetrics();
-  return true;
-}
-
-Engine::StartResult Engine::StartSpeculative(Request& r) {
-  const bool session = !r.req.session_id.empty();
-  if (session && r.new_session) {  // both models hold a session's tokens
-    for (runtime::ModelBackend* m : {model_.get(), draft_.get()}) {
-      if (absl::Status s = m->AddSequence(r.seq); !s.ok()) {
-        Finish(r, s);
-        return StartResult::kDone;
-      }
-    }
-  }
-  round::SpeculativeOptions so{.num_speculative_tokens = options_.num_speculative_tokens,
-                                 .max_tokens = r.req.max_tokens, .sampling = r.req.sampling,
-                                 .prefill_chunk = options_.max_num_batched_tokens, .continue_sequence = session};
-  const bool sts = r.req.sparsity.has_value() ? *r.req.sparsity == "sts" : options_.head_map.has_value();
-  if (sts) {
-    so.head_map = &*request_head_map_;
-    so.sts_budget = options_.sts_budget;
-    if (r.req.dense_layers.has_value()) so.sts_budget.dense_layers = *r.req.dense_layers;
-    if (r.req.kv_budget_tokens.has_value()) {
-      so.sts_budget.budget_tokens = *r.req.kv_budget_tokens;
-    } else if (r.req.kv_budget_fraction.has_value()) {
-      so.sts_budget.budget_tokens = 0;
-      so.sts_budget.budget_fraction = *r.req.kv_budget_fraction;
-    }
-  }
-  if (r.req.sparse_draft.value_or(options_.sparse_draft)) {
-    so.draft_head_map = &*draft_self_map_;
-    so.draft_budget = options_.draft_budget;
-    if (r.req.draft_kv_budget_fraction.has_value()) {
-      so.draft_budget.budget_tokens = 0;
-      so.draft_budget.budget_fraction = *r.req.draft_kv_budget_fraction;
-    }
-    so.draft_refresh_rounds = r.req.draft_refresh_rounds.value_or(options_.draft_refresh_rounds);
-  }
-  so.santa_samples = r.req.santa_samples.value_or(options_.santa_samples);
-  Request* rp = &r;
-  r.spec = std::make_unique<round::SpeculativeStream>(
-      // OnToken takes every token the stream emits (it returns false once cancelled): the
-      // session's pending token must be the stream's last, which its cache does not hold.
-      *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return OnToken(*rp, token); });
-  if (absl::Status s = r.spec->Begin(/*prefill=*/false); !s.ok()) {
-    FinishSpeculative(r, s);
-    return StartResult::kDone;
-  }
-  return StartResult::kPrefill;
-}
-
-void Engine::SpeculativeStep(std::vector<Request*>& running) {
-  for (Request* r : running) {
-    if (r->cancelled) FinishSpeculative(*r, absl::OkStatus());
-  }
-  running.erase(std::remove_if(running.begin(), running.end(), [](Request* r) { return !r->started; }), running.end());
-  // A round that fails is rolled back whole, so it can run again without the newest request.
-  auto round = [&]() -> absl::Status {
-    std::vector<round::SpeculativeStream*> streams;
-    for (Request* r : running) streams.push_back(r->spec.get());
-    return round_->Run(streams);
-  };
-  if (!RunBatchedPass(running, round, [this](Request& r, absl::Status s) { FinishSpeculative(r, s); })) return;
-  for (Request* r : running) {
-    if (r->spec->done()) FinishSpeculative(*r, absl::OkStatus());
-  }
-}
-
-void Engine::FinishSpeculative(Request& r, absl::Status status) {
-  if (r.spec != nullptr) {
-    if (status.ok()) status = r.spec->Finish();
-    const round::SpeculativeResult& res = r.spec->result();
-    metrics_->draft_tokens.Increment(static_cast<double>(res.draft_proposed));
-    metrics_->accepted_tokens.Increment(static_cast<double>(res.draft_accepted));
-    for (size_t i = 0; i < res.accepted_per_position.size(); ++i) {
-      metrics_->AcceptedAtPosition(static_cast<int>(i)).Increment(static_cast<double>(res.accepted_per_position[i]));
-    }
-    metrics_->draft_attention_blocks_read.Increment(static_cast<double>(res.draft_selected_blocks));
-    metrics_->draft_attention_blocks_dense.Increment(static_cast<double>(res.draft_context_blocks));
-    // Attention reads of the target's verification: (layer, KV head, block) units read, and
-    // those a dense pass would have read; their bytes, at this model's unit size.
-    if (res.context_blocks > 0) {
-      const double unit_bytes = 2.0 * kvstore::kBlockSize * config_.head_dim * 2;  // K and V, bf16
-      metrics_->attention_blocks_read.Increment(static_cast<double>(res.selected_blocks));
-      metrics_->attention_blocks_dense.Increment(static_cast<double>(res.context_blocks));
-      metrics_->attention_kv_bytes_skipped.Increment(unit_bytes *
-                                                     static_cast<double>(res.context_blocks - res.selected_blocks));
-      metrics_->attention_blocks_read_ratio.Observe(static_cast<double>(res.selected_blocks) / res.context_blocks);
-      for (size_t l = 0; l < res.layer_context_blocks.size(); ++l) {
-        if (res.layer_context_blocks[l] == 0) continue;
-        metrics_->LayerBlocksReadRatio(static_cast<int>(l))
-            .Observe(static_cast<double>(res.layer_selected_blocks[l]) / res.layer_context_blocks[l]);
-      }
-    }
-    r.spec.reset();  // a one-off request's sequences go with its stream
-    if (r.req.session_id.empty()) r.seq = -r.seq - 1;  // nothing left for Finish to free
-  }
-  Finish(r, status);
 }
 
 bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogprobs> logprobs) {
@@ -972,23 +556,23 @@ void Engine::Finish(Request& r, absl::Status status) {
 
 int Engine::EvictSessions(int64_t blocks_wanted, const std::string& keep) {
   const auto now = std::chrono::steady_clock::now();
-  std::vector<std::pair<std::chrono::steady_clock::time_point, std::string>> idle;
+  std::vector<policy::IdleSession> idle;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [id, s] : sessions_) {
-      if (!s.busy && !s.evicted && s.seq != 0 && id != keep) idle.push_back({s.last_used, id});
+      if (!s.busy && !s.evicted && s.seq != 0 && id != keep) idle.push_back({.id = id, .last_used = s.last_used});
     }
   }
-  std::sort(idle.begin(), idle.end());  // least recently used first
+  policy::OrderForEviction(idle);
   int dropped = 0;
-  for (const auto& [last_used, id] : idle) {
-    const bool timed_out = options_.session_idle_timeout_s > 0 &&
-                           std::chrono::duration<double>(now - last_used).count() > options_.session_idle_timeout_s;
+  for (const policy::IdleSession& candidate : idle) {
     const runtime::ModelBackend::KvCacheUsage u = model_->kv_cache_usage();
-    const bool pressure = blocks_wanted > 0 && u.total_blocks - u.used_blocks < blocks_wanted;
-    if (!timed_out && !pressure) continue;
+    if (!policy::ShouldEvict(candidate, now, options_.session_idle_timeout_s, blocks_wanted,
+                             u.total_blocks - u.used_blocks)) {
+      continue;
+    }
     absl::MutexLock lock(&mu_);
-    auto it = sessions_.find(id);
+    auto it = sessions_.find(candidate.id);
     if (it == sessions_.end() || it->second.busy || it->second.evicted) continue;
     model_->ReleaseSequence(it->second.seq).IgnoreError();
     if (draft_ != nullptr) draft_->ReleaseSequence(it->second.seq).IgnoreError();
