@@ -132,6 +132,131 @@ std::optional<std::vector<PromptItem>> ParsePrompts(const json& prompt) {
   return items;
 }
 
+// An error for the client: OpenAI's error object with this status, message and param.
+struct ApiError {
+  int status = 400;
+  std::string message;
+  std::string param;
+  bool Send(HttpResponder& out) const {
+    SendError(out, status, message, "invalid_request_error", param);
+    return false;
+  }
+};
+
+// The chat request's messages as the prompt: through the model's chat template, or the
+// fixtures' "Role: content" lines.
+std::optional<ApiError> ChatPrompt(const json& j, const std::string& body, const text::ModelChatTemplate* chat_template,
+                                   scheduler::CompletionRequest* req) {
+  if (chat_template != nullptr) {
+    // The model's own template. Parsed again keeping key order: tojson writes tool arguments as
+    // the client ordered them.
+    nlohmann::ordered_json oj = nlohmann::ordered_json::parse(body);
+    for (auto& m : oj["messages"]) {  // content parts to text, as the templates expect
+      if (!m.is_object() || !m.contains("content") || m["content"].is_string() || m["content"].is_null()) continue;
+      std::string error;
+      std::string text = ContentText(m["content"], &error);
+      if (!error.empty()) {
+        return ApiError{.message = error, .param = "messages"};
+      }
+      m["content"] = std::move(text);
+    }
+    nlohmann::ordered_json extra = nlohmann::ordered_json::object();
+    if (oj.contains("tools") && !oj["tools"].is_null()) extra["tools"] = oj["tools"];
+    absl::StatusOr<std::string> text = chat_template->Render(oj["messages"], /*add_generation_prompt=*/true, extra);
+    if (!text.ok()) {
+      return ApiError{.message = std::string(text.status().message()), .param = "messages"};
+    }
+    // The engine encodes prompts with the tokenizer's own BOS; the template's would be a second.
+    if (!chat_template->bos_token.empty() && text->rfind(chat_template->bos_token, 0) == 0) {
+      text->erase(0, chat_template->bos_token.size());
+    }
+    req->prompt = *std::move(text);
+  } else {
+    // The fixtures' chat template: one "Role: content" line per message, then the assistant's
+    // turn opened.
+    req->prompt.clear();
+    for (const json& m : j["messages"]) {
+      const std::string role = m.at("role").get<std::string>();
+      if (role != "system" && role != "user" && role != "assistant") {
+        return ApiError{.message = absl::StrCat("unknown role \"", role, "\""), .param = "messages"};
+      }
+      std::string r = role;
+      r[0] = static_cast<char>(r[0] - 'a' + 'A');
+      std::string error;
+      const std::string content = ContentText(m.contains("content") ? m["content"] : json(), &error);
+      if (!error.empty()) {
+        return ApiError{.message = error, .param = "messages"};
+      }
+      absl::StrAppend(&req->prompt, r, ": ", content, "\n");
+    }
+    req->prompt += "Assistant:";
+    req->stop.push_back("\nUser:");
+  }
+  return std::nullopt;
+}
+
+// Scout's own sparsity settings (a server with a draft).
+void ScoutFields(const json& j, scheduler::CompletionRequest* req) {
+  if (j.contains("sparsity") && !j["sparsity"].is_null()) req->sparsity = j["sparsity"].get<std::string>();
+  if (j.contains("kv_budget_tokens") && !j["kv_budget_tokens"].is_null()) {
+    req->kv_budget_tokens = j["kv_budget_tokens"].get<int64_t>();
+  }
+  if (j.contains("kv_budget_fraction") && !j["kv_budget_fraction"].is_null()) {
+    req->kv_budget_fraction = j["kv_budget_fraction"].get<double>();
+  }
+  if (j.contains("dense_layers") && !j["dense_layers"].is_null()) {
+    req->dense_layers = j["dense_layers"].get<std::vector<int>>();
+  }
+  if (j.contains("sparse_draft") && !j["sparse_draft"].is_null()) req->sparse_draft = j["sparse_draft"].get<bool>();
+  if (j.contains("draft_kv_budget_fraction") && !j["draft_kv_budget_fraction"].is_null()) {
+    req->draft_kv_budget_fraction = j["draft_kv_budget_fraction"].get<double>();
+  }
+  if (j.contains("draft_refresh_rounds") && !j["draft_refresh_rounds"].is_null()) {
+    req->draft_refresh_rounds = j["draft_refresh_rounds"].get<int>();
+  }
+  if (j.contains("santa_samples") && !j["santa_samples"].is_null()) req->santa_samples = j["santa_samples"].get<int>();
+}
+
+// logprobs / top_logprobs and the penalties.
+std::optional<ApiError> LogprobsAndPenalties(const json& j, bool chat, scheduler::CompletionRequest* req) {
+  // logprobs: the completions API's is the number of alternatives; the chat API's a boolean
+  // with top_logprobs the number.
+  auto count = [&](const char* field, int64_t* v) -> std::optional<ApiError> {
+    if (!j[field].is_number_integer() || j[field].get<int64_t>() < 0 || j[field].get<int64_t>() > scheduler::kMaxLogprobs) {
+      return ApiError{.message = absl::StrCat("\"", field, "\" must be an integer from 0 to ", scheduler::kMaxLogprobs),
+                      .param = field};
+    }
+    *v = j[field].get<int64_t>();
+    return std::nullopt;
+  };
+  if (!chat && j.contains("logprobs") && !j["logprobs"].is_null()) {
+    int64_t k = 0;
+    if (std::optional<ApiError> e = count("logprobs", &k)) return e;
+    req->logprobs = static_cast<int>(k);
+  }
+  if (chat) {
+    const bool on = j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"].get<bool>();
+    int64_t k = 0;
+    if (j.contains("top_logprobs") && !j["top_logprobs"].is_null()) {
+      if (std::optional<ApiError> e = count("top_logprobs", &k)) return e;
+      if (!on) return ApiError{.message = "\"top_logprobs\" needs \"logprobs\": true", .param = "top_logprobs"};
+    }
+    if (on) req->logprobs = static_cast<int>(k);
+  }
+  for (auto [field, value] : {std::pair{"presence_penalty", &req->penalties.presence},
+                              std::pair{"frequency_penalty", &req->penalties.frequency},
+                              std::pair{"repetition_penalty", &req->penalties.repetition}}) {
+    if (!j.contains(field) || j[field].is_null()) continue;
+    if (!j[field].is_number()) return ApiError{.message = absl::StrCat("\"", field, "\" must be a number"), .param = field};
+    *value = j[field].get<float>();
+  }
+  if (absl::Status s = runtime::ValidatePenalties(req->penalties); !s.ok()) {
+    const std::string message(s.message());
+    return ApiError{.message = message, .param = message.substr(0, message.find(' '))};
+  }
+  return std::nullopt;
+}
+
 // Parses a completion request body. On error writes the OpenAI-style error and returns false.
 // Choices a request may ask for (n): each is an engine request of its own.
 constexpr int64_t kMaxChoices = 128;
@@ -157,54 +282,8 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
       }
     }
     if (RefuseUnsupported(j, chat, out)) return false;
-    if (chat && chat_template != nullptr) {
-      // The model's own template. Parsed again keeping key order: tojson writes tool arguments as
-      // the client ordered them.
-      nlohmann::ordered_json oj = nlohmann::ordered_json::parse(body);
-      for (auto& m : oj["messages"]) {  // content parts to text, as the templates expect
-        if (!m.is_object() || !m.contains("content") || m["content"].is_string() || m["content"].is_null()) continue;
-        std::string error;
-        std::string text = ContentText(m["content"], &error);
-        if (!error.empty()) {
-          SendError(out, 400, error, "invalid_request_error", "messages");
-          return false;
-        }
-        m["content"] = std::move(text);
-      }
-      nlohmann::ordered_json extra = nlohmann::ordered_json::object();
-      if (oj.contains("tools") && !oj["tools"].is_null()) extra["tools"] = oj["tools"];
-      absl::StatusOr<std::string> text = chat_template->Render(oj["messages"], /*add_generation_prompt=*/true, extra);
-      if (!text.ok()) {
-        SendError(out, 400, std::string(text.status().message()), "invalid_request_error", "messages");
-        return false;
-      }
-      // The engine encodes prompts with the tokenizer's own BOS; the template's would be a second.
-      if (!chat_template->bos_token.empty() && text->rfind(chat_template->bos_token, 0) == 0) {
-        text->erase(0, chat_template->bos_token.size());
-      }
-      req->prompt = *std::move(text);
-    } else if (chat) {
-      // The fixtures' chat template: one "Role: content" line per message, then the assistant's
-      // turn opened.
-      req->prompt.clear();
-      for (const json& m : j["messages"]) {
-        const std::string role = m.at("role").get<std::string>();
-        if (role != "system" && role != "user" && role != "assistant") {
-          SendError(out, 400, absl::StrCat("unknown role \"", role, "\""), "invalid_request_error", "messages");
-          return false;
-        }
-        std::string r = role;
-        r[0] = static_cast<char>(r[0] - 'a' + 'A');
-        std::string error;
-        const std::string content = ContentText(m.contains("content") ? m["content"] : json(), &error);
-        if (!error.empty()) {
-          SendError(out, 400, error, "invalid_request_error", "messages");
-          return false;
-        }
-        absl::StrAppend(&req->prompt, r, ": ", content, "\n");
-      }
-      req->prompt += "Assistant:";
-      req->stop.push_back("\nUser:");
+    if (chat) {
+      if (std::optional<ApiError> e = ChatPrompt(j, body, chat_template, req); e.has_value()) return e->Send(out);
     } else if (!j.contains("prompt")) {
       SendError(out, 400, "\"prompt\" is required", "invalid_request_error", "prompt");
       return false;
@@ -249,68 +328,8 @@ bool ParseCompletion(const std::string& body, const std::string& model_name, boo
         for (const std::string& s : j["stop"].get<std::vector<std::string>>()) req->stop.push_back(s);
       }
     }
-    // Scout's own sparsity settings (a server with a draft).
-    if (j.contains("sparsity") && !j["sparsity"].is_null()) req->sparsity = j["sparsity"].get<std::string>();
-    if (j.contains("kv_budget_tokens") && !j["kv_budget_tokens"].is_null()) {
-      req->kv_budget_tokens = j["kv_budget_tokens"].get<int64_t>();
-    }
-    if (j.contains("kv_budget_fraction") && !j["kv_budget_fraction"].is_null()) {
-      req->kv_budget_fraction = j["kv_budget_fraction"].get<double>();
-    }
-    if (j.contains("dense_layers") && !j["dense_layers"].is_null()) {
-      req->dense_layers = j["dense_layers"].get<std::vector<int>>();
-    }
-    if (j.contains("sparse_draft") && !j["sparse_draft"].is_null()) req->sparse_draft = j["sparse_draft"].get<bool>();
-    if (j.contains("draft_kv_budget_fraction") && !j["draft_kv_budget_fraction"].is_null()) {
-      req->draft_kv_budget_fraction = j["draft_kv_budget_fraction"].get<double>();
-    }
-    if (j.contains("draft_refresh_rounds") && !j["draft_refresh_rounds"].is_null()) {
-      req->draft_refresh_rounds = j["draft_refresh_rounds"].get<int>();
-    }
-    if (j.contains("santa_samples") && !j["santa_samples"].is_null()) req->santa_samples = j["santa_samples"].get<int>();
-    // logprobs: the completions API's is the number of alternatives; the chat API's a boolean
-    // with top_logprobs the number.
-    auto count = [&](const char* field, int64_t* v) {
-      if (!j[field].is_number_integer() || j[field].get<int64_t>() < 0 || j[field].get<int64_t>() > scheduler::kMaxLogprobs) {
-        SendError(out, 400, absl::StrCat("\"", field, "\" must be an integer from 0 to ", scheduler::kMaxLogprobs),
-                  "invalid_request_error", field);
-        return false;
-      }
-      *v = j[field].get<int64_t>();
-      return true;
-    };
-    if (!chat && j.contains("logprobs") && !j["logprobs"].is_null()) {
-      int64_t k = 0;
-      if (!count("logprobs", &k)) return false;
-      req->logprobs = static_cast<int>(k);
-    }
-    if (chat) {
-      const bool on = j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"].get<bool>();
-      int64_t k = 0;
-      if (j.contains("top_logprobs") && !j["top_logprobs"].is_null()) {
-        if (!count("top_logprobs", &k)) return false;
-        if (!on) {
-          SendError(out, 400, "\"top_logprobs\" needs \"logprobs\": true", "invalid_request_error", "top_logprobs");
-          return false;
-        }
-      }
-      if (on) req->logprobs = static_cast<int>(k);
-    }
-    for (auto [field, value] : {std::pair{"presence_penalty", &req->penalties.presence},
-                                std::pair{"frequency_penalty", &req->penalties.frequency},
-                                std::pair{"repetition_penalty", &req->penalties.repetition}}) {
-      if (!j.contains(field) || j[field].is_null()) continue;
-      if (!j[field].is_number()) {
-        SendError(out, 400, absl::StrCat("\"", field, "\" must be a number"), "invalid_request_error", field);
-        return false;
-      }
-      *value = j[field].get<float>();
-    }
-    if (absl::Status s = runtime::ValidatePenalties(req->penalties); !s.ok()) {
-      const std::string message(s.message());
-      SendError(out, 400, message, "invalid_request_error", message.substr(0, message.find(' ')));
-      return false;
-    }
+    ScoutFields(j, req);
+    if (std::optional<ApiError> e = LogprobsAndPenalties(j, chat, req); e.has_value()) return e->Send(out);
     *n = 1;
     if (j.contains("n") && !j["n"].is_null()) {
       if (!j["n"].is_number_integer() || j["n"].get<int64_t>() < 1 || j["n"].get<int64_t>() > kMaxChoices) {
@@ -577,6 +596,101 @@ void Detokenize(const HttpRequest& req, HttpResponder& out, const text::Tokenize
   out.Send(200, "application/json", json({{"prompt", *text}}).dump());
 }
 
+// POST /v1/completions and /v1/chat/completions: one choice streamed or not (several through
+// RunChoices); `number` names the response, `tenant` prefixes the client's session id.
+void ServeCompletion(scheduler::CompletionService* engine, const std::string& model_name,
+                     const text::ModelChatTemplate* chat_template, int64_t number, const std::string& tenant,
+                     const std::string& path, const HttpRequest& req, HttpResponder& out) {
+  const bool chat = path == "/v1/chat/completions";
+  if (req.method != "POST") {
+    SendError(out, 405, absl::StrCat("use POST for ", path), "invalid_request_error");
+    return;
+  }
+  scheduler::CompletionRequest creq;
+  bool stream = false, include_usage = false;
+  std::vector<PromptItem> prompts;
+  int64_t n = 1;
+  if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, &prompts, &n,
+                       out)) {
+    return;
+  }
+  const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", number);
+  if (prompts.size() > 1 || n > 1) {
+    RunChoices(engine, creq, prompts, n, chat, stream, include_usage, model_name, id, out);
+    return;
+  }
+  if (!creq.session_id.empty()) creq.session_id = tenant + creq.session_id;
+  const char* object = chat ? "chat.completion" : "text_completion";
+  const int64_t created =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  int64_t streamed_bytes = 0;  // text_offset of the next chunk's logprobs
+  auto chunk = [&](const std::string& text, const json& finish, std::span<const runtime::TokenLogprobs> lps = {}) {
+    json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}};
+    if (creq.logprobs.has_value() && !lps.empty()) choice["logprobs"] = LogprobsJson(chat, lps, streamed_bytes);
+    streamed_bytes += static_cast<int64_t>(text.size());
+    if (chat) {
+      choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
+    } else {
+      choice["text"] = text;
+    }
+    json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
+              {"model", model_name}, {"choices", {choice}}};
+    return absl::StrCat("data: ", Dump(c), "\n\n");
+  };
+  bool streaming = false;
+  absl::StatusOr<scheduler::CompletionResult> r =
+      engine->Complete(creq, [&](absl::string_view text, std::span<const runtime::TokenLogprobs> lps,
+                                 std::span<const int32_t>) {
+        if (!stream || (text.empty() && (!creq.logprobs.has_value() || lps.empty()))) return true;
+        if (!streaming) {
+          if (!out.BeginStream("text/event-stream")) return false;
+          streaming = true;
+        }
+        return out.Write(chunk(std::string(text), nullptr, lps));
+      });
+  if (!r.ok()) {
+    const int status = HttpStatusOf(r.status().code());
+    if (!streaming && (status == 429 || status == 503)) {
+      json err = {{"error", {{"message", r.status().message()}, {"type", "server_busy"}, {"code", status}}}};
+      out.Send(status, "application/json", err.dump(), {{"Retry-After", "1"}});
+    } else if (!streaming) {
+      SendError(out, status, std::string(r.status().message()),
+                status == 400 ? "invalid_request_error" : "internal_error");
+    } else {
+      out.Write(absl::StrCat("data: ", json({{"error", {{"message", r.status().message()}}}}).dump(), "\n\n"));
+      out.EndStream();
+    }
+    return;
+  }
+  const json usage = {{"prompt_tokens", r->prompt_tokens},
+                      {"completion_tokens", r->completion_tokens},
+                      {"total_tokens", r->prompt_tokens + r->completion_tokens},
+                      {"prompt_tokens_details", {{"cached_tokens", r->cached_tokens}}}};
+  if (stream) {
+    if (!streaming && !out.BeginStream("text/event-stream")) return;
+    if (r->finish_reason == "cancelled") return;  // the client is gone
+    out.Write(chunk("", r->finish_reason));
+    if (include_usage) {  // stream_options.include_usage: one more chunk, no choices, the usage
+      json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
+                {"model", model_name}, {"choices", json::array()}, {"usage", usage}};
+      out.Write(absl::StrCat("data: ", c.dump(), "\n\n"));
+    }
+    out.Write("data: [DONE]\n\n");
+    out.EndStream();
+    return;
+  }
+  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", r->finish_reason}};
+  if (creq.logprobs.has_value()) choice["logprobs"] = LogprobsJson(chat, r->logprobs, 0);
+  if (chat) {
+    choice["message"] = {{"role", "assistant"}, {"content", r->text}};
+  } else {
+    choice["text"] = r->text;
+  }
+  json body = {{"id", id}, {"object", object}, {"created", created}, {"model", model_name},
+               {"choices", {choice}}, {"usage", usage}};
+  out.Send(200, "application/json", Dump(body));
+}
+
 }  // namespace
 
 HttpHandler MakeOpenAiHandler(scheduler::CompletionService* engine, monitoring::ServerMetrics* metrics,
@@ -658,94 +772,7 @@ HttpHandler MakeOpenAiHandler(scheduler::CompletionService* engine, monitoring::
                                 {"max_model_len", engine->max_model_len()}}}}};
       out.Send(200, "application/json", models.dump());
     } else if (path == "/v1/completions" || path == "/v1/chat/completions") {
-      const bool chat = path == "/v1/chat/completions";
-      if (req.method != "POST") {
-        SendError(out, 405, absl::StrCat("use POST for ", path), "invalid_request_error");
-        return;
-      }
-      scheduler::CompletionRequest creq;
-      bool stream = false, include_usage = false;
-      std::vector<PromptItem> prompts;
-      int64_t n = 1;
-      if (!ParseCompletion(req.body, model_name, chat, chat_template, &creq, &stream, &include_usage, &prompts, &n,
-                           out)) {
-        return;
-      }
-      const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*counter)++);
-      if (prompts.size() > 1 || n > 1) {
-        RunChoices(engine, creq, prompts, n, chat, stream, include_usage, model_name, id, out);
-        return;
-      }
-      if (!creq.session_id.empty()) creq.session_id = tenant + creq.session_id;
-      const char* object = chat ? "chat.completion" : "text_completion";
-      const int64_t created =
-          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-      int64_t streamed_bytes = 0;  // text_offset of the next chunk's logprobs
-      auto chunk = [&](const std::string& text, const json& finish, std::span<const runtime::TokenLogprobs> lps = {}) {
-        json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}};
-        if (creq.logprobs.has_value() && !lps.empty()) choice["logprobs"] = LogprobsJson(chat, lps, streamed_bytes);
-        streamed_bytes += static_cast<int64_t>(text.size());
-        if (chat) {
-          choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
-        } else {
-          choice["text"] = text;
-        }
-        json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
-                  {"model", model_name}, {"choices", {choice}}};
-        return absl::StrCat("data: ", Dump(c), "\n\n");
-      };
-      bool streaming = false;
-      absl::StatusOr<scheduler::CompletionResult> r =
-          engine->Complete(creq, [&](absl::string_view text, std::span<const runtime::TokenLogprobs> lps,
-                                     std::span<const int32_t>) {
-            if (!stream || (text.empty() && (!creq.logprobs.has_value() || lps.empty()))) return true;
-            if (!streaming) {
-              if (!out.BeginStream("text/event-stream")) return false;
-              streaming = true;
-            }
-            return out.Write(chunk(std::string(text), nullptr, lps));
-          });
-      if (!r.ok()) {
-        const int status = HttpStatusOf(r.status().code());
-        if (!streaming && (status == 429 || status == 503)) {
-          json err = {{"error", {{"message", r.status().message()}, {"type", "server_busy"}, {"code", status}}}};
-          out.Send(status, "application/json", err.dump(), {{"Retry-After", "1"}});
-        } else if (!streaming) {
-          SendError(out, status, std::string(r.status().message()),
-                    status == 400 ? "invalid_request_error" : "internal_error");
-        } else {
-          out.Write(absl::StrCat("data: ", json({{"error", {{"message", r.status().message()}}}}).dump(), "\n\n"));
-          out.EndStream();
-        }
-        return;
-      }
-      const json usage = {{"prompt_tokens", r->prompt_tokens},
-                          {"completion_tokens", r->completion_tokens},
-                          {"total_tokens", r->prompt_tokens + r->completion_tokens},
-                          {"prompt_tokens_details", {{"cached_tokens", r->cached_tokens}}}};
-      if (stream) {
-        if (!streaming && !out.BeginStream("text/event-stream")) return;
-        if (r->finish_reason == "cancelled") return;  // the client is gone
-        out.Write(chunk("", r->finish_reason));
-        if (include_usage) {  // stream_options.include_usage: one more chunk, no choices, the usage
-          json c = {{"id", id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
-                    {"model", model_name}, {"choices", json::array()}, {"usage", usage}};
-          out.Write(absl::StrCat("data: ", c.dump(), "\n\n"));
-        }
-        out.Write("data: [DONE]\n\n");
-        out.EndStream();
-        return;
-      }
-      json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", r->finish_reason}};
-      if (creq.logprobs.has_value()) choice["logprobs"] = LogprobsJson(chat, r->logprobs, 0);
-      if (chat) {
-        choice["message"] = {{"role", "assistant"}, {"content", r->text}};
-      } else {
-        choice["text"] = r->text;
-      }
-      json body = {{"id", id}, {"object", object}, {"created", created}, {"model", model_name},
-                   {"choices", {choice}}, {"usage", usage}};
-      out.Send(200, "application/json", Dump(body));
+      ServeCompletion(engine, model_name, chat_template, (*counter)++, tenant, path, req, out);
     } else {
       SendError(out, 404, absl::StrCat("no route for ", req.method, " ", path), "invalid_request_error");
     }
