@@ -18,73 +18,13 @@
 #include "absl/synchronization/mutex.h"
 #include "nlohmann/json.hpp"
 #include "runtime/model_config.h"
+#include "text/byte_level.h"
 #include "text/utf8.h"
 
 namespace scout::text {
 namespace {
 
 using json = nlohmann::json;
-
-// GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the other 68 bytes for
-// U+0100 onwards, so every byte string becomes printable text.
-struct ByteLevelAlphabet {
-  std::array<char32_t, 256> byte_to_cp;
-  std::array<int16_t, 324> cp_to_byte;  // -1 where no byte maps
-  ByteLevelAlphabet() {
-    cp_to_byte.fill(-1);
-    char32_t next = 256;
-    for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-      byte_to_cp[b] = printable ? static_cast<char32_t>(b) : next++;
-      cp_to_byte[byte_to_cp[b]] = static_cast<int16_t>(b);
-    }
-  }
-};
-const ByteLevelAlphabet& Alphabet() {
-  static const ByteLevelAlphabet* a = new ByteLevelAlphabet();
-  return *a;
-}
-
-// Decodes one code point of valid UTF-8 at s[*i]; -1 (and one byte consumed) if ill-formed.
-int32_t NextCodePoint(absl::string_view s, size_t* i) {
-  const auto b = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
-  const uint8_t c = b(*i);
-  int n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-  if (n == 0 || *i + n > s.size()) {
-    ++*i;
-    return -1;
-  }
-  int32_t cp = n == 1 ? c : c & (0x7F >> n);
-  for (int k = 1; k < n; ++k) cp = (cp << 6) | (b(*i + k) & 0x3F);
-  *i += n;
-  return cp;
-}
-
-// The ByteLevel decoder's rule for one token: its characters mapped back to bytes, or, when any
-// character is outside the alphabet, the token's own UTF-8.
-std::string ByteLevelDecodeToken(absl::string_view token) {
-  std::string out;
-  const ByteLevelAlphabet& a = Alphabet();
-  for (size_t i = 0; i < token.size();) {
-    const int32_t cp = NextCodePoint(token, &i);
-    if (cp < 0 || cp >= static_cast<int32_t>(a.cp_to_byte.size()) || a.cp_to_byte[cp] < 0) return std::string(token);
-    out.push_back(static_cast<char>(a.cp_to_byte[cp]));
-  }
-  return out;
-}
-
-// The inverse: nullopt when a character is not in the alphabet (such a token is never produced
-// by merging bytes).
-std::optional<std::string> ByteLevelToBytes(absl::string_view token) {
-  std::string out;
-  const ByteLevelAlphabet& a = Alphabet();
-  for (size_t i = 0; i < token.size();) {
-    const int32_t cp = NextCodePoint(token, &i);
-    if (cp < 0 || cp >= static_cast<int32_t>(a.cp_to_byte.size()) || a.cp_to_byte[cp] < 0) return std::nullopt;
-    out.push_back(static_cast<char>(a.cp_to_byte[cp]));
-  }
-  return out;
-}
 
 // GPT-2's pre-tokenizer pattern, used by ByteLevel with use_regex.
 constexpr absl::string_view kGpt2Pattern =
@@ -567,6 +507,57 @@ absl::Status ParsePreTokenizer(const json& j, absl::string_view origin, const st
   return absl::OkStatus();
 }
 
+// The ids a post_processor puts before and after a single sequence (TemplateProcessing,
+// Roberta/BertProcessing, Sequences of them; ByteLevel adds none).
+absl::Status ParsePostProcessor(const json& post_processor, absl::string_view origin, std::vector<int32_t>* prefix,
+                                std::vector<int32_t>* suffix) {
+  std::vector<std::pair<json, std::string>> procs = {{post_processor, "post_processor"}};
+  for (size_t k = 0; k < procs.size(); ++k) {
+    const json pp = procs[k].first;
+    const std::string field = procs[k].second;
+    const std::string t = TypeOf(pp);
+    if (pp.is_null() || t == "ByteLevel") continue;  // ByteLevel only trims offsets
+    if (t == "Sequence") {
+      if (!pp.contains("processors") || !pp["processors"].is_array()) return Bad(origin, field, "Sequence without a processors array");
+      for (size_t i = 0; i < pp["processors"].size(); ++i) procs.emplace_back(pp["processors"][i], absl::StrCat(field, ".processors[", i, "]"));
+      continue;
+    }
+    if (t == "TemplateProcessing") {
+      if (!pp.contains("single") || !pp["single"].is_array()) return Bad(origin, field + ".single", "missing or not an array");
+      const json specials = pp.value("special_tokens", json::object());
+      bool seen_a = false;
+      for (size_t i = 0; i < pp["single"].size(); ++i) {
+        const json& piece = pp["single"][i];
+        if (piece.contains("Sequence")) {
+          seen_a = true;
+          continue;
+        }
+        if (!piece.contains("SpecialToken") || !piece["SpecialToken"].contains("id")) {
+          return Bad(origin, absl::StrCat(field, ".single[", i, "]"), "neither Sequence nor SpecialToken");
+        }
+        const std::string name = piece["SpecialToken"]["id"].get<std::string>();
+        if (!specials.contains(name) || !specials[name].contains("ids") || !specials[name]["ids"].is_array()) {
+          return Bad(origin, field + ".special_tokens", absl::StrCat("no ids for \"", name, "\""));
+        }
+        for (const json& idj : specials[name]["ids"]) (seen_a ? *suffix : *prefix).push_back(idj.get<int32_t>());
+      }
+      continue;
+    }
+    if (t == "RobertaProcessing" || t == "BertProcessing") {
+      for (const char* key : {"cls", "sep"}) {
+        if (!pp.contains(key) || !pp[key].is_array() || pp[key].size() != 2 || !pp[key][1].is_number_integer()) {
+          return Bad(origin, absl::StrCat(field, ".", key), "must be [token, id]");
+        }
+      }
+      prefix->push_back(pp["cls"][1].get<int32_t>());
+      suffix->push_back(pp["sep"][1].get<int32_t>());
+      continue;
+    }
+    return Unsupported(origin, field, absl::StrCat("post_processor type \"", t, "\""));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 BpeTokenizer::BpeTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -703,49 +694,10 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromParsedJson(const
   }
 
   // --- post-processor: the ids the single-sequence template puts around the text
-  std::vector<std::pair<json, std::string>> procs = {{j.value("post_processor", json()), "post_processor"}};
-  for (size_t k = 0; k < procs.size(); ++k) {
-    const json pp = procs[k].first;
-    const std::string field = procs[k].second;
-    const std::string t = TypeOf(pp);
-    if (pp.is_null() || t == "ByteLevel") continue;  // ByteLevel only trims offsets
-    if (t == "Sequence") {
-      if (!pp.contains("processors") || !pp["processors"].is_array()) return Bad(origin, field, "Sequence without a processors array");
-      for (size_t i = 0; i < pp["processors"].size(); ++i) procs.emplace_back(pp["processors"][i], absl::StrCat(field, ".processors[", i, "]"));
-      continue;
-    }
-    if (t == "TemplateProcessing") {
-      if (!pp.contains("single") || !pp["single"].is_array()) return Bad(origin, field + ".single", "missing or not an array");
-      const json specials = pp.value("special_tokens", json::object());
-      bool seen_a = false;
-      for (size_t i = 0; i < pp["single"].size(); ++i) {
-        const json& piece = pp["single"][i];
-        if (piece.contains("Sequence")) {
-          seen_a = true;
-          continue;
-        }
-        if (!piece.contains("SpecialToken") || !piece["SpecialToken"].contains("id")) {
-          return Bad(origin, absl::StrCat(field, ".single[", i, "]"), "neither Sequence nor SpecialToken");
-        }
-        const std::string name = piece["SpecialToken"]["id"].get<std::string>();
-        if (!specials.contains(name) || !specials[name].contains("ids") || !specials[name]["ids"].is_array()) {
-          return Bad(origin, field + ".special_tokens", absl::StrCat("no ids for \"", name, "\""));
-        }
-        for (const json& idj : specials[name]["ids"]) (seen_a ? m.template_suffix : m.template_prefix).push_back(idj.get<int32_t>());
-      }
-      continue;
-    }
-    if (t == "RobertaProcessing" || t == "BertProcessing") {
-      for (const char* key : {"cls", "sep"}) {
-        if (!pp.contains(key) || !pp[key].is_array() || pp[key].size() != 2 || !pp[key][1].is_number_integer()) {
-          return Bad(origin, absl::StrCat(field, ".", key), "must be [token, id]");
-        }
-      }
-      m.template_prefix.push_back(pp["cls"][1].get<int32_t>());
-      m.template_suffix.push_back(pp["sep"][1].get<int32_t>());
-      continue;
-    }
-    return Unsupported(origin, field, absl::StrCat("post_processor type \"", t, "\""));
+  if (absl::Status s = ParsePostProcessor(j.value("post_processor", json()), origin, &m.template_prefix,
+                                          &m.template_suffix);
+      !s.ok()) {
+    return s;
   }
   for (int32_t id : m.template_prefix) {
     if (id < 0 || id >= static_cast<int32_t>(m.id_kind.size()) || m.id_kind[id] == Impl::kHole) {

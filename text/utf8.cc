@@ -94,4 +94,18 @@ void AppendUtf8(char32_t cp, std::string* out) {
   }
 }
 
+int32_t NextCodePoint(absl::string_view s, size_t* i) {
+  const auto b = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
+  const uint8_t c = b(*i);
+  int n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (n == 0 || *i + n > s.size()) {
+    ++*i;
+    return -1;
+  }
+  int32_t cp = n == 1 ? c : c & (0x7F >> n);
+  for (int k = 1; k < n; ++k) cp = (cp << 6) | (b(*i + k) & 0x3F);
+  *i += n;
+  return cp;
+}
+
 }  // namespace scout::text

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "absl/strings/string_view.h"
@@ -19,6 +20,9 @@ size_t Utf8CompletePrefix(absl::string_view s);
 void AppendUtf8Lossy(absl::string_view s, std::string* out);
 
 bool IsValidUtf8(absl::string_view s);
+
+// Decodes one code point of valid UTF-8 at s[*i]; -1 (and one byte consumed) if ill-formed.
+int32_t NextCodePoint(absl::string_view s, size_t* i);
 
 // Appends code point `cp` (must be <= 0x10FFFF) as UTF-8.
 void AppendUtf8(char32_t cp, std::string* out);
