@@ -43,6 +43,57 @@ void AddBias(float* y, int64_t rows, const std::vector<float>& b) {
   }
 }
 
+// Quest's lists for one layer of one sequence: per KV head, the blocks whose keys' per-channel
+// bounds give the largest upper bound on a new query's score (sinks and window always), within
+// the budget. q: the sequence's n new query rows.
+void QuestLists(const kvstore::KvPool& pool, int layer, const std::vector<int32_t>& blocks, const float* q, int64_t n,
+                int64_t start, const ModelConfig& c, const StsBudget& budget, std::vector<int32_t>* indptr_out,
+                std::vector<int32_t>* blocks_out) {
+  const int64_t hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  std::vector<int32_t>& quest_indptr = *indptr_out;
+  std::vector<int32_t>& quest_blocks = *blocks_out;
+  const int64_t end = start + n, nb = kvstore::BlocksFor(end);
+  // A dense layer's lists name every block.
+  const int64_t len =
+      budget.IsDenseLayer(layer, c.num_hidden_layers) ? nb : BudgetBlocks(budget, nb);
+  const int group = static_cast<int>(nh / nkv);
+  std::vector<float> kmin(hd), kmax(hd), score(nb);
+  std::vector<int32_t> order(nb);
+  quest_indptr.push_back(0);
+  for (int64_t kh = 0; kh < nkv; ++kh) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* keys = pool.keys(static_cast<int>(layer), blocks[b], static_cast<int>(kh));
+      const int64_t filled = std::min<int64_t>(kvstore::kBlockSize, end - b * kvstore::kBlockSize);
+      std::copy_n(keys, hd, kmin.data());
+      std::copy_n(keys, hd, kmax.data());
+      for (int64_t t = 1; t < filled; ++t) {
+        for (int64_t d = 0; d < hd; ++d) {
+          kmin[d] = std::min(kmin[d], keys[t * hd + d]);
+          kmax[d] = std::max(kmax[d], keys[t * hd + d]);
+        }
+      }
+      float best = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        for (int g = 0; g < group; ++g) {
+          const float* qr = q + (t * nh + kh * group + g) * hd;
+          float bound = 0;
+          for (int64_t d = 0; d < hd; ++d) bound += std::max(qr[d] * kmin[d], qr[d] * kmax[d]);
+          best = std::max(best, bound);
+        }
+      }
+      const bool forced = b < budget.sink_blocks || b >= nb - budget.window_blocks;
+      score[b] = forced ? INFINITY : best;
+    }
+    for (int64_t b = 0; b < nb; ++b) order[b] = static_cast<int32_t>(b);
+    std::partial_sort(order.begin(), order.begin() + len, order.end(), [&](int32_t a, int32_t b2) {
+      return score[a] > score[b2] || (score[a] == score[b2] && a < b2);
+    });
+    std::sort(order.begin(), order.begin() + len);
+    quest_blocks.insert(quest_blocks.end(), order.begin(), order.begin() + len);
+    quest_indptr.push_back(static_cast<int32_t>(quest_blocks.size()));
+  }
+}
+
 }  // namespace
 
 CpuModel::CpuModel(const ModelConfig& config, LlamaWeights weights, std::unique_ptr<kvstore::KvPool> pool)
@@ -200,46 +251,8 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
       // Quest-style lists for this layer, from the keys' per-block bounds and the new queries.
       std::vector<int32_t> quest_indptr, quest_blocks;
       if (in.selection == nullptr && in.quest_budget != nullptr) {
-        const int64_t end = start[i] + n, nb = kvstore::BlocksFor(end);
-        // A dense layer's lists name every block.
-        const int64_t len =
-            in.quest_budget->IsDenseLayer(layer, c.num_hidden_layers) ? nb : BudgetBlocks(*in.quest_budget, nb);
-        const int group = static_cast<int>(nh / nkv);
-        std::vector<float> kmin(hd), kmax(hd), score(nb);
-        std::vector<int32_t> order(nb);
-        quest_indptr.push_back(0);
-        for (int64_t kh = 0; kh < nkv; ++kh) {
-          for (int64_t b = 0; b < nb; ++b) {
-            const float* keys = pool_->keys(static_cast<int>(layer), blocks[b], static_cast<int>(kh));
-            const int64_t filled = std::min<int64_t>(kvstore::kBlockSize, end - b * kvstore::kBlockSize);
-            std::copy_n(keys, hd, kmin.data());
-            std::copy_n(keys, hd, kmax.data());
-            for (int64_t t = 1; t < filled; ++t) {
-              for (int64_t d = 0; d < hd; ++d) {
-                kmin[d] = std::min(kmin[d], keys[t * hd + d]);
-                kmax[d] = std::max(kmax[d], keys[t * hd + d]);
-              }
-            }
-            float best = -INFINITY;
-            for (int64_t t = 0; t < n; ++t) {
-              for (int g = 0; g < group; ++g) {
-                const float* qr = q.data() + ((row + t) * nh + kh * group + g) * hd;
-                float bound = 0;
-                for (int64_t d = 0; d < hd; ++d) bound += std::max(qr[d] * kmin[d], qr[d] * kmax[d]);
-                best = std::max(best, bound);
-              }
-            }
-            const bool forced = b < in.quest_budget->sink_blocks || b >= nb - in.quest_budget->window_blocks;
-            score[b] = forced ? INFINITY : best;
-          }
-          for (int64_t b = 0; b < nb; ++b) order[b] = static_cast<int32_t>(b);
-          std::partial_sort(order.begin(), order.begin() + len, order.end(), [&](int32_t a, int32_t b2) {
-            return score[a] > score[b2] || (score[a] == score[b2] && a < b2);
-          });
-          std::sort(order.begin(), order.begin() + len);
-          quest_blocks.insert(quest_blocks.end(), order.begin(), order.begin() + len);
-          quest_indptr.push_back(static_cast<int32_t>(quest_blocks.size()));
-        }
+        QuestLists(*pool_, static_cast<int>(layer), blocks, q.data() + row * nh * hd, n, start[i], c, *in.quest_budget,
+                   &quest_indptr, &quest_blocks);
         if (in.quest_selection != nullptr) {
           kvstore::Selection& out = *in.quest_selection;
           if (layer == 0) out = {.num_layers = static_cast<int>(c.num_hidden_layers), .num_kv_heads = static_cast<int>(nkv),
