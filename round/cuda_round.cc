@@ -223,23 +223,81 @@ absl::Status CudaRound::Abort(const Group& group, absl::Status why) {
   return why;
 }
 
-absl::Status CudaRound::RunGroup(const Group& g) {
-  Buffers& b = *buf_;
-  const int B = static_cast<int>(g.streams.size()), k = g.k;
-  const int tdev = target_.device(), ddev = draft_.device();
-  const cudaStream_t ts = static_cast<cudaStream_t>(target_.stream()), ds = static_cast<cudaStream_t>(draft_.stream());
-  const runtime::ModelConfig &tc = target_.config(), &dc = draft_.config();
-  const int64_t vocab = tc.vocab_size;
-  const bool tier = target_.host_tier();
-  const bool sts = g.o->head_map != nullptr && k > 0;
-  const bool sd = g.o->draft_head_map != nullptr && k > 0;
-  const int tl = static_cast<int>(tc.num_hidden_layers), tkv = static_cast<int>(tc.num_key_value_heads);
-  const int dl = static_cast<int>(dc.num_hidden_layers), dkv = static_cast<int>(dc.num_key_value_heads);
-  const int dh_total = static_cast<int>(dc.num_hidden_layers * dc.num_attention_heads);
-
+// What a group's round works out phase by phase (RunGroup).
+struct CudaRound::GroupState {
+  int B = 0, k = 0, tdev = 0, ddev = 0;
+  cudaStream_t ts = nullptr, ds = nullptr;
+  int64_t vocab = 0;
+  bool tier = false, sts = false, sd = false;
+  int tl = 0, tkv = 0, dl = 0, dkv = 0, dh_total = 0;
   // Lengths: the target verifies pending + k tokens over nb_verify blocks; the draft's steps
-  // reach draft_start + pending + k - 1 tokens.
-  std::vector<int32_t> nb_verify(B), draft_end(B);
+  // reach draft_end tokens. refresh: the sparse draft picks its lists this round.
+  std::vector<int32_t> nb_verify, draft_end;
+  bool refresh = false;
+  int stride = 0, slots = 0;  // block-mass rows: blocks (padded to 4) and positions a stream
+  kernels::BlockSelectParams tsp, dsp;  // the target's and the sparse draft's selections
+  std::vector<int32_t> t_off;           // the target's list offsets
+  size_t target_floats = 0, draft_floats = 0;
+  const int32_t* drafted_t = nullptr;   // the drafted tokens, on the target's GPU
+  kvstore::Selection host_lists;        // the host tier's: the batch's lists as BlockSelect wrote them
+  kvstore::SelectionView tsel;
+  int32_t* back_targ = nullptr;         // read back: verified tokens, then drafted ones
+  int32_t* back_drafted = nullptr;
+};
+
+// The state's names as locals in a phase.
+#define ROUND_UNPACK(st)                                                                           \
+  [[maybe_unused]] Buffers& b = *buf_;                                                             \
+  [[maybe_unused]] const int B = (st).B, k = (st).k, tdev = (st).tdev, ddev = (st).ddev;           \
+  [[maybe_unused]] const cudaStream_t ts = (st).ts, ds = (st).ds;                                  \
+  [[maybe_unused]] const runtime::ModelConfig &tc_ = target_.config(), &dc_ = draft_.config();     \
+  [[maybe_unused]] const int64_t vocab = (st).vocab;                                               \
+  [[maybe_unused]] const bool tier = (st).tier, sts = (st).sts, sd = (st).sd;                      \
+  [[maybe_unused]] const int tl = (st).tl, tkv = (st).tkv, dl = (st).dl, dkv = (st).dkv, dh_total = (st).dh_total
+#define ROUND_UNPACK_PLAN(st)                                                                      \
+  [[maybe_unused]] const std::vector<int32_t>& nb_verify = (st).nb_verify;                         \
+  [[maybe_unused]] const bool refresh = (st).refresh;                                              \
+  [[maybe_unused]] const int stride = (st).stride, slots = (st).slots;                             \
+  [[maybe_unused]] const std::vector<int32_t>& t_off = (st).t_off;                                 \
+  [[maybe_unused]] const size_t target_floats = (st).target_floats, draft_floats = (st).draft_floats
+#define ROUND_TRY(expr)                        \
+  do {                                         \
+    if (absl::Status s_ = (expr); !s_.ok()) return s_; \
+  } while (0)
+#define ROUND_TRY_CUDA(expr, what) ROUND_TRY(Cuda((expr), what))
+
+absl::Status CudaRound::RunGroup(const Group& g) {
+  GroupState st;
+  Plan(g, st);
+  for (auto phase : {&CudaRound::SetUp, &CudaRound::DraftSteps, &CudaRound::Verify, &CudaRound::ReadBack}) {
+    if (absl::Status s = (this->*phase)(g, st); !s.ok()) return Abort(g, std::move(s));
+  }
+  return Accept(g, st);
+}
+
+// Shapes, lengths, and whether the sparse draft picks its lists again.
+void CudaRound::Plan(const Group& g, GroupState& st) {
+  st.B = static_cast<int>(g.streams.size());
+  st.k = g.k;
+  st.tdev = target_.device();
+  st.ddev = draft_.device();
+  st.ts = static_cast<cudaStream_t>(target_.stream());
+  st.ds = static_cast<cudaStream_t>(draft_.stream());
+  const runtime::ModelConfig &tc = target_.config(), &dc = draft_.config();
+  st.vocab = tc.vocab_size;
+  st.tier = target_.host_tier();
+  st.sts = g.o->head_map != nullptr && g.k > 0;
+  st.sd = g.o->draft_head_map != nullptr && g.k > 0;
+  st.tl = static_cast<int>(tc.num_hidden_layers);
+  st.tkv = static_cast<int>(tc.num_key_value_heads);
+  st.dl = static_cast<int>(dc.num_hidden_layers);
+  st.dkv = static_cast<int>(dc.num_key_value_heads);
+  st.dh_total = static_cast<int>(dc.num_hidden_layers * dc.num_attention_heads);
+  ROUND_UNPACK(st);
+  std::vector<int32_t>& nb_verify = st.nb_verify;
+  std::vector<int32_t>& draft_end = st.draft_end;
+  nb_verify.assign(B, 0);
+  draft_end.assign(B, 0);
   for (int j = 0; j < B; ++j) {
     SpeculativeStream& s = *g.streams[j];
     s.target_before_ = s.target_len_at_start_;
@@ -250,30 +308,32 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   }
   // The sparse draft: pick its lists again when they are missing, stale, for other streams, or
   // about to be outgrown.
-  bool refresh = false;
+  bool& refresh = st.refresh;
   if (sd) {
     std::vector<SequenceId> seqs;
     for (SpeculativeStream* s : g.streams) seqs.push_back(s->seq());
     refresh = b.sd.StartRound(seqs, g.o->draft_head_map->units, draft_end, g.o->draft_refresh_rounds, k);
   }
-  int stride = *std::max_element(nb_verify.begin(), nb_verify.end());
+  int& stride = st.stride;
+  stride = *std::max_element(nb_verify.begin(), nb_verify.end());
   if (sd) stride = std::max(stride, b.sd.max_bound());
   stride = (stride + 3) & ~3;  // BlockSelect reads rows as float4
-  const int slots = k + 1;     // step 0 may carry two rows
+  st.slots = k + 1;  // step 0 may carry two rows
+}
 
-  auto fail = [&](absl::Status st) { return Abort(g, std::move(st)); };
-#define ROUND_TRY(expr)                                  \
-  do {                                                   \
-    if (absl::Status s_ = (expr); !s_.ok()) return fail(s_); \
-  } while (0)
-#define ROUND_TRY_CUDA(expr, what) ROUND_TRY(Cuda((expr), what))
+// The round's device and pinned buffers, the selections' offsets and head maps, the sampling
+// parameters; the block mass cleared.
+absl::Status CudaRound::SetUp(const Group& g, GroupState& st) {
+  ROUND_UNPACK(st);
+  const bool refresh = st.refresh;
+  const int stride = st.stride, slots = st.slots;
+  const std::vector<int32_t>& nb_verify = st.nb_verify;
   for (cudaEvent_t* e : {&b.drafted_event, &b.verified_event, &b.draft_done}) {
     if (*e == nullptr) {
       ROUND_TRY_CUDA(cudaSetDevice(e == &b.verified_event ? tdev : ddev), "cudaSetDevice");
       ROUND_TRY_CUDA(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
     }
   }
-
   // ---- The draft's GPU: buffers, uploads, the mass cleared.
   ROUND_TRY(b.drafted.Reserve(ddev, sizeof(int32_t) * std::max(k, 1) * B, "drafted tokens"));
   const bool want_mass = sts || refresh;
@@ -283,8 +343,8 @@ absl::Status CudaRound::RunGroup(const Group& g) {
     ROUND_TRY_CUDA(cudaSetDevice(ddev), "cudaSetDevice");
     ROUND_TRY_CUDA(cudaMemsetAsync(b.mass.as<float>(), 0, mass_floats * 4, ds), "block mass clear");
   }
-  kernels::BlockSelectParams tsp, dsp;
-  std::vector<int32_t> t_off;
+  kernels::BlockSelectParams &tsp = st.tsp, &dsp = st.dsp;
+  std::vector<int32_t>& t_off = st.t_off;
   if (sts) {
     ROUND_TRY(b.t_map.Set(ddev, *g.o->head_map, ds));
     std::vector<int64_t> first_new(B);
@@ -340,7 +400,9 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   // Host memory the round's results come back to (allocated before anything is enqueued: a
   // pinned allocation can wait for the device).
   ROUND_TRY(b.readback.Reserve(sizeof(int32_t) * (B * (k + 1) + k * B)));
-  const size_t target_floats = static_cast<size_t>(B) * (k + 1) * vocab, draft_floats = static_cast<size_t>(k) * B * vocab;
+  st.target_floats = static_cast<size_t>(B) * (k + 1) * vocab;
+  st.draft_floats = static_cast<size_t>(k) * B * vocab;
+  const size_t target_floats = st.target_floats, draft_floats = st.draft_floats;
   if (!g.greedy()) ROUND_TRY(b.logits_back.Reserve(sizeof(float) * (target_floats + draft_floats)));
   ROUND_TRY(b.pending.Reserve(sizeof(int32_t) * B));
   ROUND_TRY(b.verify_tokens.Reserve(tdev, sizeof(int32_t) * B * (k + 1), "verification tokens"));
@@ -348,7 +410,16 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   if (ddev != tdev) ROUND_TRY(b.drafted_t.Reserve(tdev, sizeof(int32_t) * std::max(k, 1) * B, "drafted tokens"));
   if (sts && tier) ROUND_TRY(b.lists_back.Reserve(sizeof(int32_t) * t_off.back()));
   if (sts && !tier && ddev != tdev) ROUND_TRY(b.t_blocks_t.Reserve(tdev, sizeof(int32_t) * t_off.back(), "target lists"));
+  return absl::OkStatus();
+}
 
+// 1 and 2: the draft's k steps (the sparse draft's lists picked after its dense one), then the
+// target's lists by BlockSelect, on the draft's GPU.
+absl::Status CudaRound::DraftSteps(const Group& g, GroupState& st) {
+  ROUND_UNPACK(st);
+  ROUND_UNPACK_PLAN(st);
+  const runtime::ModelConfig& dc = dc_;
+  const kernels::BlockSelectParams &tsp = st.tsp, &dsp = st.dsp;
   // ---- 1. The draft's steps.
   const kvstore::SelectionView dsel{.indptr = b.d_indptr.data(), .blocks = b.d_blocks.as<int32_t>(), .num_seqs = B,
                                     .num_layers = dl, .num_kv_heads = dkv, .max_list_blocks = b.sd_max_list,
@@ -395,14 +466,20 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   // ---- 2. The target's lists, on the draft's GPU.
   if (sts) ROUND_TRY_CUDA(kernels::BlockSelect(tsp, b.t_scratch.as<void>(), ds), "block selection");
   ROUND_TRY_CUDA(cudaEventRecord(b.drafted_event, ds), "event");
+  return absl::OkStatus();
+}
 
+absl::Status CudaRound::Verify(const Group& g, GroupState& st) {
+  ROUND_UNPACK(st);
+  ROUND_UNPACK_PLAN(st);
   // ---- 3. The target's verification.
   for (int j = 0; j < B; ++j) b.pending.as<int32_t>()[j] = g.streams[j]->target_pending_.back();
   ROUND_TRY_CUDA(cudaSetDevice(tdev), "cudaSetDevice");
   ROUND_TRY_CUDA(cudaStreamWaitEvent(ts, b.drafted_event, 0), "event wait");
-  const int32_t* drafted_t = b.drafted.as<int32_t>();
-  kvstore::Selection host_lists;  // the host tier's: the batch's lists as BlockSelect wrote them
-  kvstore::SelectionView tsel;
+  const int32_t*& drafted_t = st.drafted_t;
+  drafted_t = b.drafted.as<int32_t>();
+  kvstore::Selection& host_lists = st.host_lists;
+  kvstore::SelectionView& tsel = st.tsel;
   if (k > 0 && ddev != tdev) {
     ROUND_TRY_CUDA(cudaMemcpyPeerAsync(b.drafted_t.as<void>(), tdev, b.drafted.as<void>(), ddev, sizeof(int32_t) * k * B, ts),
                    "drafted tokens to the target");
@@ -450,10 +527,18 @@ absl::Status CudaRound::RunGroup(const Group& g) {
                                          .argmax = g.greedy() ? b.t_argmax.as<int32_t>() : nullptr,
                                          .device_tokens = b.verify_tokens.as<int32_t>(), .santa_samples = g.o->santa_samples,
                                          .santa_seed = ++rounds_, .use_graph = use_graphs_}));
+  return absl::OkStatus();
+}
 
+absl::Status CudaRound::ReadBack(const Group& g, GroupState& st) {
+  ROUND_UNPACK(st);
+  ROUND_UNPACK_PLAN(st);
+  const int32_t* drafted_t = st.drafted_t;
   // ---- 4. One synchronisation: tokens (greedy) or logit rows (sampled) back to the host.
-  int32_t* const back_targ = b.readback.as<int32_t>();
-  int32_t* const back_drafted = back_targ + B * (k + 1);
+  st.back_targ = b.readback.as<int32_t>();
+  st.back_drafted = st.back_targ + B * (k + 1);
+  int32_t* const back_targ = st.back_targ;
+  int32_t* const back_drafted = st.back_drafted;
   ROUND_TRY_CUDA(cudaSetDevice(tdev), "cudaSetDevice");
   if (k > 0) {
     ROUND_TRY_CUDA(cudaMemcpyAsync(back_drafted, drafted_t, sizeof(int32_t) * k * B, cudaMemcpyDeviceToHost, ts),
@@ -482,9 +567,20 @@ absl::Status CudaRound::RunGroup(const Group& g) {
   // The next round's draft steps must not overwrite what this round's verification still reads.
   ROUND_TRY_CUDA(cudaSetDevice(ddev), "cudaSetDevice");
   ROUND_TRY_CUDA(cudaStreamWaitEvent(ds, b.verified_event, 0), "event wait");
+  return absl::OkStatus();
+}
+
 #undef ROUND_TRY
 #undef ROUND_TRY_CUDA
+#undef ROUND_UNPACK_PLAN
 
+absl::Status CudaRound::Accept(const Group& g, GroupState& st) {
+  ROUND_UNPACK(st);
+  const std::vector<int32_t>& nb_verify = st.nb_verify;
+  const std::vector<int32_t>& t_off = st.t_off;
+  const size_t target_floats = st.target_floats;
+  const int32_t* back_targ = st.back_targ;
+  const int32_t* back_drafted = st.back_drafted;
   // ---- Acceptance, rollback and emission, stream by stream.
   for (int j = 0; j < B; ++j) {
     SpeculativeStream& s = *g.streams[j];
@@ -511,13 +607,15 @@ absl::Status CudaRound::RunGroup(const Group& g) {
       for (int l = 0; l < tl; ++l) per_layer[l] = t_off[j * units + (l + 1) * tkv] - t_off[j * units + l * tkv];
       s.CountSelection(per_layer, nb_verify[j], tkv);
     }
-    if (absl::Status st = s.AcceptVerdict(v, std::max(k - 1, 0)); !st.ok()) {
+    if (absl::Status why = s.AcceptVerdict(v, std::max(k - 1, 0)); !why.ok()) {
       for (int later = j + 1; later < B; ++later) g.streams[later]->AbortRound().IgnoreError();
       b.sd.Invalidate();
-      return st;
+      return why;
     }
   }
   return absl::OkStatus();
 }
+
+#undef ROUND_UNPACK
 
 }  // namespace scout::round

@@ -44,7 +44,16 @@ class CudaRound final : public SpeculativeRound {
   struct Group;
 
  private:
+  struct GroupState;
+  // A group's round: Plan, then SetUp, DraftSteps, Verify and ReadBack (a failure in any rolls
+  // the group back, Abort), then Accept.
   absl::Status RunGroup(const Group& group);
+  void Plan(const Group& g, GroupState& st);
+  absl::Status SetUp(const Group& g, GroupState& st);
+  absl::Status DraftSteps(const Group& g, GroupState& st);
+  absl::Status Verify(const Group& g, GroupState& st);
+  absl::Status ReadBack(const Group& g, GroupState& st);
+  absl::Status Accept(const Group& g, GroupState& st);
   // After a failed pass: waits for both GPUs, then puts every stream of the group back.
   absl::Status Abort(const Group& group, absl::Status why);
 
