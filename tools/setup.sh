@@ -20,6 +20,7 @@ pkgs=(
   nodejs                 # schema check of the rendered k8s/ manifests (kubernetes-models from npm;
                          # kubectl is on the machines) and the openai SDK test (openai from npm)
   python3-yaml           # the k8s test reads the rendered manifests' scout flags
+  universal-ctags        # tools/check_layout.py: function extents for the length check
 )
 missing=()
 for p in "${pkgs[@]}"; do
