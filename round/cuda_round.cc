@@ -167,7 +167,7 @@ struct CudaRound::Buffers {
   PinnedArray pending;              // [streams] each stream's pending target token
   PinnedArray readback;             // drafted and argmax tokens
   PinnedArray lists_back;           // the target's lists, for a host KV tier
-  PinnedArray logits_back;          // sampled rounds: target rows, then draft rows
+  PinnedArray logits_back;          // sampled rounds (or logprobs asked for): target rows, then draft rows
   cudaEvent_t drafted_event = nullptr, verified_event = nullptr, draft_done = nullptr;
   // The sparse draft's lists: when to pick them again, and what they cover.
   SparseDraftPlan sd;
@@ -243,6 +243,7 @@ struct CudaRound::GroupState {
   kvstore::SelectionView tsel;
   int32_t* back_targ = nullptr;         // read back: verified tokens, then drafted ones
   int32_t* back_drafted = nullptr;
+  bool target_rows = false;  // the target's rows come back (sampled, or a stream wants logprobs)
 };
 
 // The state's names as locals in a phase.
@@ -319,6 +320,9 @@ void CudaRound::Plan(const Group& g, GroupState& st) {
   if (sd) stride = std::max(stride, b.sd.max_bound());
   stride = (stride + 3) & ~3;  // BlockSelect reads rows as float4
   st.slots = k + 1;  // step 0 may carry two rows
+  st.target_rows = !g.greedy() || std::any_of(g.streams.begin(), g.streams.end(), [](SpeculativeStream* s) {
+                     return s->options().logprobs >= 0;
+                   });
 }
 
 // The round's device and pinned buffers, the selections' offsets and head maps, the sampling
@@ -403,7 +407,7 @@ absl::Status CudaRound::SetUp(const Group& g, GroupState& st) {
   st.target_floats = static_cast<size_t>(B) * (k + 1) * vocab;
   st.draft_floats = static_cast<size_t>(k) * B * vocab;
   const size_t target_floats = st.target_floats, draft_floats = st.draft_floats;
-  if (!g.greedy()) ROUND_TRY(b.logits_back.Reserve(sizeof(float) * (target_floats + draft_floats)));
+  if (st.target_rows) ROUND_TRY(b.logits_back.Reserve(sizeof(float) * (target_floats + draft_floats)));
   ROUND_TRY(b.pending.Reserve(sizeof(int32_t) * B));
   ROUND_TRY(b.verify_tokens.Reserve(tdev, sizeof(int32_t) * B * (k + 1), "verification tokens"));
   ROUND_TRY(b.t_argmax.Reserve(tdev, sizeof(int32_t) * B * (k + 1), "verification tokens"));
@@ -548,6 +552,11 @@ absl::Status CudaRound::ReadBack(const Group& g, GroupState& st) {
     ROUND_TRY_CUDA(cudaMemcpyAsync(back_targ, b.t_argmax.as<int32_t>(), sizeof(int32_t) * B * (k + 1),
                                    cudaMemcpyDeviceToHost, ts),
                    "verified tokens");
+    if (st.target_rows) {  // for logprobs
+      ROUND_TRY_CUDA(cudaMemcpyAsync(b.logits_back.as<float>(), target_.logits_device(), sizeof(float) * target_floats,
+                                     cudaMemcpyDeviceToHost, ts),
+                     "target logits");
+    }
   } else {
     ROUND_TRY_CUDA(cudaMemcpyAsync(b.logits_back.as<float>(), target_.logits_device(), sizeof(float) * target_floats,
                                    cudaMemcpyDeviceToHost, ts),
@@ -607,7 +616,11 @@ absl::Status CudaRound::Accept(const Group& g, GroupState& st) {
       for (int l = 0; l < tl; ++l) per_layer[l] = t_off[j * units + (l + 1) * tkv] - t_off[j * units + l * tkv];
       s.CountSelection(per_layer, nb_verify[j], tkv);
     }
-    if (absl::Status why = s.AcceptVerdict(v, std::max(k - 1, 0)); !why.ok()) {
+    const std::span<const float> rows =
+        st.target_rows ? std::span<const float>(b.logits_back.as<float>() + static_cast<size_t>(j) * (k + 1) * vocab,
+                                                static_cast<size_t>(k + 1) * vocab)
+                       : std::span<const float>();
+    if (absl::Status why = s.AcceptVerdict(v, std::max(k - 1, 0), rows); !why.ok()) {
       for (int later = j + 1; later < B; ++later) g.streams[later]->AbortRound().IgnoreError();
       b.sd.Invalidate();
       return why;

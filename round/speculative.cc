@@ -384,10 +384,13 @@ absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
     dist_.Distribution(logits.subspan((first + i) * vocab_, vocab_), p[i]);
   }
   const Verdict v = VerifyDraft(p, q_, drafted_, rng_);
-  return AcceptVerdict(v, std::max(k_ - 1, 0));
+  return AcceptVerdict(v, std::max(k_ - 1, 0), logits.subspan(first * vocab_, (k_ + 1) * vocab_));
 }
 
-absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed) {
+absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed, std::span<const float> verify_rows) {
+  if (options_.logprobs >= 0 && verify_rows.size() < static_cast<size_t>(v.accepted + 1) * vocab_) {
+    return absl::InternalError("logprobs asked for, but the round kept no verification rows");
+  }
   ++result_.rounds;
   result_.draft_proposed += k_;
   result_.draft_accepted += v.accepted;
@@ -413,8 +416,13 @@ absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed) {
   // Emit accepted tokens, then the correction or bonus token.
   std::vector<int32_t> emitted(drafted_.begin(), drafted_.begin() + v.accepted);
   emitted.push_back(v.next);
-  for (int32_t t : emitted) {
+  for (size_t i = 0; i < emitted.size(); ++i) {
+    const int32_t t = emitted[i];
     result_.tokens.push_back(t);
+    if (options_.logprobs >= 0 && options_.on_logprobs) {
+      options_.on_logprobs(runtime::LogprobsOf(verify_rows.subspan(i * vocab_, vocab_), t, options_.logprobs,
+                                               options_.sampling.temperature));
+    }
     if ((on_token_ && !on_token_(t)) ||
         std::find(options_.stop_ids.begin(), options_.stop_ids.end(), t) != options_.stop_ids.end() ||
         static_cast<int64_t>(result_.tokens.size()) >= options_.max_tokens) {

@@ -61,6 +61,11 @@ struct SpeculativeOptions {
   // SANTA: > 0 makes the target's verification sample this many value rows per (KV head, 16
   // query rows) from its softmax instead of summing all of them (kernels/santa.h). 0: exact.
   int santa_samples = 0;
+  // >= 0: each emitted token's log-probability under the target's distribution (its verification
+  // row after temperature, runtime::LogprobsOf) and this many most likely alternatives, handed to
+  // on_logprobs just before the token goes to on_token. -1: none.
+  int logprobs = -1;
+  std::function<void(runtime::TokenLogprobs)> on_logprobs;
   // Agent sessions: continue sequence `seq`, which both models already hold (with the same
   // tokens), and keep it afterwards. On success both caches hold exactly the earlier tokens, the
   // prompt and every emitted token but the last, which the caller feeds first next time (as
@@ -176,7 +181,9 @@ class SpeculativeStream {
   // Both rounds: the verdict over this round's drafted_ (at least k_ of them; the draft consumed
   // its pending tokens and the first draft_fed drafted ones, the target its pending tokens and
   // every drafted one): rollback of both caches, the tokens to feed next, emission.
-  absl::Status AcceptVerdict(const Verdict& v, int draft_fed);
+  // verify_rows: the target's k + 1 verification rows (row i scores emitted token i), for
+  // options().logprobs; may be empty when none are asked for.
+  absl::Status AcceptVerdict(const Verdict& v, int draft_fed, std::span<const float> verify_rows = {});
   // The target's STS lists of one round, for the result's counts: per target layer, the blocks
   // its KV heads' lists named, over a context of nb blocks.
   void CountSelection(std::span<const int64_t> layer_selected, int64_t nb, int kv_heads);

@@ -48,7 +48,7 @@ struct CompletionRequest {
   std::optional<int> santa_samples;
   // Each generated token's log-probability and this many most likely alternatives (0 to
   // kMaxLogprobs), under the distribution after temperature (runtime::LogprobsOf); unset: none.
-  // Not with a draft (InvalidArgument: speculative rounds do not keep the target's rows yet).
+  // With a draft: the target's distribution at each emitted token (its verification row).
   std::optional<int> logprobs;
   // presence / frequency / repetition penalties (runtime::ApplyPenalties), applied to the logits
   // on the host before this request's own sampler draws (on CUDA its row is read back). Not with

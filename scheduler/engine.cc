@@ -113,11 +113,6 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
         "logprobs and the penalties are not supported by this server's model backend yet (a cluster of GPU workers "
         "samples on the workers and keeps no logit rows)");
   }
-  if (req.logprobs.has_value() && draft_ != nullptr) {
-    return absl::InvalidArgumentError(
-        "logprobs are not supported with speculative decoding (a server with --draft) yet: the rounds do not keep the "
-        "target's logit rows");
-  }
   if (req.prompt_ids.has_value()) {
     if (req.prompt_ids->empty()) return absl::InvalidArgumentError("the prompt's token ids are empty");
     for (int32_t id : *req.prompt_ids) {

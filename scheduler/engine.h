@@ -166,6 +166,8 @@ class Engine final : public CompletionService {
   absl::Status RunChunks(std::span<Request* const> decoding, std::span<Request* const> chunked,
                          std::span<const int64_t> chunk_tokens, ChunkOutputs* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   kernels::SampleRowParams SampleRow(const Request& r) const;
+  // Fills a logprobs record's token bytes (the tokenizer's pieces).
+  void NameTokens(std::optional<runtime::TokenLogprobs>& lp) const;
   int32_t TokenOfRow(Request& r, const ChunkOutputs& out, size_t row) ABSL_EXCLUSIVE_LOCKS_REQUIRED(model_mu_);
   // Samples the row's token and hands it to OnToken with its logprobs when r asks for them (the
   // row's logits from the host, or from the backend after a device-sampled pass). False when r

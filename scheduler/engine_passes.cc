@@ -75,6 +75,12 @@ void Engine::PrefillPass(const std::vector<Request*>& prefilling, int64_t budget
   UpdateKvMetrics();
 }
 
+void Engine::NameTokens(std::optional<runtime::TokenLogprobs>& lp) const {
+  if (!lp.has_value()) return;
+  lp->chosen.bytes = tokenizer_->Decode({&lp->chosen.token, 1}).value_or("");
+  for (runtime::TokenLogprob& t : lp->top) t.bytes = tokenizer_->Decode({&t.token, 1}).value_or("");
+}
+
 kernels::SampleRowParams Engine::SampleRow(const Request& r) const {
   // Device sampling draws from a seed per (request seed, position): reproducible per request
   // whatever the batch around it, and whichever pass (prefill or decode step) samples it.
@@ -148,10 +154,7 @@ bool Engine::TakeToken(Request& r, const ChunkOutputs& out, size_t row) {
     }
     if (r.req.logprobs.has_value()) lp = runtime::LogprobsOf(logits, token, *r.req.logprobs, r.req.sampling.temperature);
   }
-  if (lp.has_value()) {
-    lp->chosen.bytes = tokenizer_->Decode({&lp->chosen.token, 1}).value_or("");
-    for (runtime::TokenLogprob& t : lp->top) t.bytes = tokenizer_->Decode({&t.token, 1}).value_or("");
-  }
+  NameTokens(lp);
   if (OnToken(r, token, std::move(lp))) return true;
   Finish(r, absl::OkStatus());
   return false;

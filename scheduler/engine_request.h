@@ -7,6 +7,7 @@
 #include <chrono>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,7 @@ struct Engine::Request {
   std::unique_ptr<round::SpeculativeStream> spec;  // with a draft: the request's rounds
   std::vector<runtime::TokenLogprobs> pending_logprobs;  // of tokens whose text is held back
   std::vector<int32_t> pending_tokens;                   // tokens whose text is held back
+  std::optional<runtime::TokenLogprobs> spec_logprobs;   // with a draft: the next emitted token's
   absl::flat_hash_map<int32_t, int32_t> generated_counts;  // with penalties: tokens generated so far
   // Handed to the caller (Engine::mu_).
   struct Piece {

@@ -2,6 +2,7 @@
 // together over the running requests, and their prefill paced with the rounds.
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kvstore/block_table.h"
@@ -66,10 +67,18 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
   }
   so.santa_samples = r.req.santa_samples.value_or(options_.santa_samples);
   Request* rp = &r;
+  if (r.req.logprobs.has_value()) {  // the target's probabilities of the emitted tokens
+    so.logprobs = *r.req.logprobs;
+    so.on_logprobs = [rp](runtime::TokenLogprobs lp) { rp->spec_logprobs = std::move(lp); };
+  }
   r.spec = std::make_unique<round::SpeculativeStream>(
       // OnToken takes every token the stream emits (it returns false once cancelled): the
       // session's pending token must be the stream's last, which its cache does not hold.
-      *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) { return OnToken(*rp, token); });
+      *model_, *draft_, r.seq, r.ids, so, [this, rp](int32_t token) {
+        std::optional<runtime::TokenLogprobs> lp = std::exchange(rp->spec_logprobs, std::nullopt);
+        NameTokens(lp);
+        return OnToken(*rp, token, std::move(lp));
+      });
   if (absl::Status s = r.spec->Begin(/*prefill=*/false); !s.ok()) {
     FinishSpeculative(r, s);
     return StartResult::kDone;

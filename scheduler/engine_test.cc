@@ -347,6 +347,33 @@ TEST(EngineTest, SessionsWithADraftContinueExactly) {
   }
 }
 
+// With a draft, logprobs are the target's: greedy speculative decoding emits the target's greedy
+// tokens, each with the probability the target alone gives it (within float error: the
+// verification scores k + 1 rows a pass, plain decoding one).
+TEST(EngineTest, LogprobsWithADraftAreTheTargets) {
+  monitoring::ServerMetrics m1, m2;
+  std::unique_ptr<Engine> spec = MakeDraftEngine(&m1);
+  std::unique_ptr<Engine> plain = MakeEngine(&m2);
+  ASSERT_NE(spec, nullptr);
+  const CompletionRequest req{.prompt = "def add(a, b):\n    ", .max_tokens = 12, .ignore_eos = true, .logprobs = 3};
+  auto a = spec->Complete(req);
+  auto b = plain->Complete(req);
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  ASSERT_EQ(a->text, b->text);
+  ASSERT_EQ(a->logprobs.size(), 12u);
+  ASSERT_EQ(b->logprobs.size(), 12u);
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_EQ(a->logprobs[i].chosen.token, b->logprobs[i].chosen.token);
+    EXPECT_NEAR(a->logprobs[i].chosen.logprob, b->logprobs[i].chosen.logprob, 1e-3) << i;
+    ASSERT_EQ(a->logprobs[i].top.size(), 3u);
+    for (size_t t = 0; t < 3; ++t) {
+      EXPECT_EQ(a->logprobs[i].top[t].token, b->logprobs[i].top[t].token) << i;
+      EXPECT_NEAR(a->logprobs[i].top[t].logprob, b->logprobs[i].top[t].logprob, 1e-3) << i;
+    }
+    EXPECT_FALSE(a->logprobs[i].chosen.bytes.empty());
+  }
+}
+
 // A session moved from another server (a cluster group that died) starts from its context: the
 // prompt then continues it exactly as on the server that ran the earlier turns. The streamed
 // pieces carry every generated token, held-back ones included, as CompletionResult::token_ids.

@@ -105,8 +105,17 @@ for field in '"frequency_penalty": 0.5' '"presence_penalty": 1' '"repetition_pen
   name=$(echo "$field" | cut -d'"' -f2)
   [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "$name.*speculative" err.json || fail "$name with a draft not refused by name: $(cat err.json)"
 done
-[ "$(curl -s -o err.json -w '%{http_code}' "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 2}')" = 400 ] \
-  && grep -q "speculative" err.json || fail "logprobs with a draft not refused by name: $(cat err.json)"
+# Logprobs with a draft: the target's distribution at each emitted token (greedy: the chosen token
+# is the target's most likely, so it heads its alternatives).
+lp=$(curl -s "$base/v1/chat/completions" -d '{"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2}')
+echo "$lp" | python3 -c 'import json, sys
+d = json.load(sys.stdin)
+c = d["choices"][0]["logprobs"]["content"]
+assert len(c) == d["usage"]["completion_tokens"], (len(c), d["usage"])
+for x in c:
+    assert len(x["top_logprobs"]) == 2 and x["logprob"] <= 0, x
+    assert x["top_logprobs"][0]["token"] == x["token"] and abs(x["top_logprobs"][0]["logprob"] - x["logprob"]) < 1e-6, x' \
+  || fail "logprobs with a draft: $lp"
 [ "$(code '{"prompt": "x", "max_tokens": 2, "n": 1, "logprobs": null, "frequency_penalty": 0}')" = 200 ] || fail "default values refused: $(cat err.json)"
 # Token-id prompts (the fixtures' bytes, BOS 256 given by the client) and batches of prompts.
 byid=$(curl -s "$base/v1/completions" -d '{"prompt": [256, 100, 101, 102, 32, 102], "max_tokens": 8, "temperature": 0}' | py 'd["choices"][0]["text"]')
