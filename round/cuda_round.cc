@@ -243,7 +243,7 @@ struct CudaRound::GroupState {
   kvstore::SelectionView tsel;
   int32_t* back_targ = nullptr;         // read back: verified tokens, then drafted ones
   int32_t* back_drafted = nullptr;
-  bool target_rows = false;  // the target's rows come back (sampled, or a stream wants logprobs)
+  bool target_rows = false;  // the target's rows come back (sampled, or a stream wants logprobs or penalties)
 };
 
 // The state's names as locals in a phase.
@@ -321,7 +321,7 @@ void CudaRound::Plan(const Group& g, GroupState& st) {
   stride = (stride + 3) & ~3;  // BlockSelect reads rows as float4
   st.slots = k + 1;  // step 0 may carry two rows
   st.target_rows = !g.greedy() || std::any_of(g.streams.begin(), g.streams.end(), [](SpeculativeStream* s) {
-                     return s->options().logprobs >= 0;
+                     return s->options().logprobs >= 0 || s->options().penalties.any();
                    });
 }
 
@@ -596,13 +596,23 @@ absl::Status CudaRound::Accept(const Group& g, GroupState& st) {
     s.drafted_.resize(k);
     for (int i = 0; i < k; ++i) s.drafted_[i] = back_drafted[i * B + j];
     Verdict v;
+    const bool penalised = s.options().penalties.any();
+    const std::vector<float> pen =
+        penalised ? s.PenalisedRows({b.logits_back.as<float>() + static_cast<size_t>(j) * (k + 1) * vocab,
+                                     static_cast<size_t>(k + 1) * vocab},
+                                    k + 1)
+                  : std::vector<float>();
     if (g.greedy()) {
-      const int32_t* t = back_targ + j * (k + 1);
+      std::vector<int32_t> pen_argmax;  // the penalised rows' greedy tokens
+      for (int i = 0; penalised && i <= k; ++i) {
+        pen_argmax.push_back(runtime::ArgMax({pen.data() + static_cast<size_t>(i) * vocab, static_cast<size_t>(vocab)}));
+      }
+      const int32_t* t = penalised ? pen_argmax.data() : back_targ + j * (k + 1);
       while (v.accepted < s.k_ && s.drafted_[v.accepted] == t[v.accepted]) ++v.accepted;
       v.next = t[v.accepted];
     } else {
       std::vector<std::vector<float>> p(s.k_ + 1, std::vector<float>(vocab)), q(s.k_, std::vector<float>(vocab));
-      const float* tl_rows = b.logits_back.as<float>() + static_cast<size_t>(j) * (k + 1) * vocab;
+      const float* tl_rows = penalised ? pen.data() : b.logits_back.as<float>() + static_cast<size_t>(j) * (k + 1) * vocab;
       for (int i = 0; i <= s.k_; ++i) s.dist_.Distribution({tl_rows + i * vocab, static_cast<size_t>(vocab)}, p[i]);
       for (int i = 0; i < s.k_; ++i) {
         const float* row = b.logits_back.as<float>() + target_floats + (static_cast<size_t>(i) * B + j) * vocab;

@@ -1,5 +1,8 @@
 #include "round/speculative.h"
 
+#include <map>
+#include <set>
+
 #include <algorithm>
 #include <chrono>
 #include <thread>
@@ -379,12 +382,35 @@ absl::Status SpeculativeStream::OnVerifyLogits(std::span<const float> logits) {
   selection_ = {};
   std::vector<std::vector<float>> p(k_ + 1);
   const size_t first = target_pending_.size() - 1;  // row of the last pending token
+  const std::span<const float> rows = logits.subspan(first * vocab_, (k_ + 1) * vocab_);
+  const std::vector<float> penalised =
+      options_.penalties.any() ? PenalisedRows(rows, k_ + 1) : std::vector<float>();
+  const std::span<const float> scored = penalised.empty() ? rows : std::span<const float>(penalised);
   for (int i = 0; i <= k_; ++i) {
     p[i].resize(vocab_);
-    dist_.Distribution(logits.subspan((first + i) * vocab_, vocab_), p[i]);
+    dist_.Distribution(scored.subspan(i * vocab_, vocab_), p[i]);
   }
   const Verdict v = VerifyDraft(p, q_, drafted_, rng_);
   return AcceptVerdict(v, std::max(k_ - 1, 0), logits.subspan(first * vocab_, (k_ + 1) * vocab_));
+}
+
+std::vector<float> SpeculativeStream::PenalisedRows(std::span<const float> verify_rows, int rows) const {
+  std::vector<float> out(verify_rows.begin(), verify_rows.begin() + static_cast<size_t>(rows) * vocab_);
+  if (!options_.penalties.any()) return out;
+  std::map<int32_t, int32_t> counts;
+  for (int32_t t : result_.tokens) ++counts[t];
+  std::set<int32_t> seen(prompt_.begin(), prompt_.end());
+  seen.insert(result_.tokens.begin(), result_.tokens.end());
+  for (int i = 0; i < rows; ++i) {
+    if (i > 0 && i - 1 < static_cast<int>(drafted_.size())) {
+      ++counts[drafted_[i - 1]];
+      seen.insert(drafted_[i - 1]);
+    }
+    const std::vector<std::pair<int32_t, int32_t>> c(counts.begin(), counts.end());
+    const std::vector<int32_t> s(seen.begin(), seen.end());
+    runtime::ApplyPenalties(options_.penalties, c, s, std::span<float>(out).subspan(static_cast<size_t>(i) * vocab_, vocab_));
+  }
+  return out;
 }
 
 absl::Status SpeculativeStream::AcceptVerdict(const Verdict& v, int draft_fed, std::span<const float> verify_rows) {

@@ -66,6 +66,11 @@ struct SpeculativeOptions {
   // on_logprobs just before the token goes to on_token. -1: none.
   int logprobs = -1;
   std::function<void(runtime::TokenLogprobs)> on_logprobs;
+  // presence / frequency / repetition penalties (runtime::ApplyPenalties) on the target's
+  // verification rows, each row counting the tokens emitted so far and the drafts before it: the
+  // emitted tokens follow the target's penalised distribution. The draft proposes unpenalised
+  // (only acceptance depends on it). Logprobs stay those before the penalties.
+  runtime::Penalties penalties;
   // Agent sessions: continue sequence `seq`, which both models already hold (with the same
   // tokens), and keep it afterwards. On success both caches hold exactly the earlier tokens, the
   // prompt and every emitted token but the last, which the caller feeds first next time (as
@@ -181,6 +186,9 @@ class SpeculativeStream {
   // Both rounds: the verdict over this round's drafted_ (at least k_ of them; the draft consumed
   // its pending tokens and the first draft_fed drafted ones, the target its pending tokens and
   // every drafted one): rollback of both caches, the tokens to feed next, emission.
+  // The target's first `rows` verification rows with options().penalties applied, row i counting
+  // the emitted tokens and drafted[0, i) (a copy of the rows without penalties).
+  std::vector<float> PenalisedRows(std::span<const float> verify_rows, int rows) const;
   // verify_rows: the target's k + 1 verification rows (row i scores emitted token i), for
   // options().logprobs; may be empty when none are asked for.
   absl::Status AcceptVerdict(const Verdict& v, int draft_fed, std::span<const float> verify_rows = {});

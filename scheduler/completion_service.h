@@ -51,8 +51,8 @@ struct CompletionRequest {
   // With a draft: the target's distribution at each emitted token (its verification row).
   std::optional<int> logprobs;
   // presence / frequency / repetition penalties (runtime::ApplyPenalties), applied to the logits
-  // on the host before this request's own sampler draws (on CUDA its row is read back). Not with
-  // a draft (InvalidArgument: verification does not apply them yet).
+  // on the host before this request's own sampler draws (on CUDA its row is read back); with a
+  // draft, on the target's verification rows (round::SpeculativeOptions::penalties).
   runtime::Penalties penalties;
 };
 inline constexpr int kMaxLogprobs = 20;  // vLLM's default max_logprobs

@@ -102,11 +102,6 @@ absl::StatusOr<CompletionResult> Engine::Complete(const CompletionRequest& req, 
     return absl::InvalidArgumentError(absl::StrCat("logprobs must be 0 to ", kMaxLogprobs, ", got ", *req.logprobs));
   }
   if (absl::Status s = runtime::ValidatePenalties(req.penalties); !s.ok()) return s;
-  if (req.penalties.any() && draft_ != nullptr) {
-    return absl::InvalidArgumentError(
-        "presence_penalty, frequency_penalty and repetition_penalty are not supported with speculative decoding (a "
-        "server with --draft) yet: verification does not apply them");
-  }
   if ((req.logprobs.has_value() || req.penalties.any()) && model_->samples_on_device() &&
       !model_->keeps_logit_rows()) {
     return absl::InvalidArgumentError(

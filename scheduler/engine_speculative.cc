@@ -66,6 +66,7 @@ Engine::StartResult Engine::StartSpeculative(Request& r) {
     so.draft_refresh_rounds = r.req.draft_refresh_rounds.value_or(options_.draft_refresh_rounds);
   }
   so.santa_samples = r.req.santa_samples.value_or(options_.santa_samples);
+  so.penalties = r.req.penalties;
   Request* rp = &r;
   if (r.req.logprobs.has_value()) {  // the target's probabilities of the emitted tokens
     so.logprobs = *r.req.logprobs;

@@ -374,6 +374,23 @@ TEST(EngineTest, LogprobsWithADraftAreTheTargets) {
   }
 }
 
+// With a draft, the penalties act on the target's verification rows: greedy speculative decoding
+// with them gives the plain engine's penalised greedy text, and they change it.
+TEST(EngineTest, PenaltiesWithADraftGiveTheTargetsPenalisedText) {
+  monitoring::ServerMetrics m1, m2;
+  std::unique_ptr<Engine> spec = MakeDraftEngine(&m1);
+  std::unique_ptr<Engine> plain = MakeEngine(&m2);
+  ASSERT_NE(spec, nullptr);
+  CompletionRequest req{.prompt = "def add(a, b):\n    ", .max_tokens = 40, .ignore_eos = true};
+  auto unpenalised = spec->Complete(req);
+  req.penalties = {.presence = 0.5f, .frequency = 1.0f, .repetition = 1.3f};
+  auto a = spec->Complete(req);
+  auto b = plain->Complete(req);
+  ASSERT_TRUE(unpenalised.ok() && a.ok() && b.ok()) << a.status() << b.status();
+  EXPECT_EQ(a->text, b->text);
+  EXPECT_NE(a->text, unpenalised->text);
+}
+
 // A session moved from another server (a cluster group that died) starts from its context: the
 // prompt then continues it exactly as on the server that ran the earlier turns. The streamed
 // pieces carry every generated token, held-back ones included, as CompletionResult::token_ids.

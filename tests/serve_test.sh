@@ -101,9 +101,14 @@ for field in '"best_of": 3'; do
   name=$(echo "$field" | cut -d'"' -f2)
   [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "\"param\":\"$name\"" err.json || fail "$name not refused by name: $(cat err.json)"
 done
-for field in '"frequency_penalty": 0.5' '"presence_penalty": 1' '"repetition_penalty": 1.2'; do
+# Penalties with a draft act on the target's verification rows: each is taken and changes the
+# greedy text.
+plain_text=$(curl -s "$base/v1/completions" -d '{"prompt": "def f(x):", "max_tokens": 40, "temperature": 0, "ignore_eos": true}' | py 'd["choices"][0]["text"]')
+for field in '"frequency_penalty": 1.5' '"presence_penalty": 2' '"repetition_penalty": 1.5'; do
   name=$(echo "$field" | cut -d'"' -f2)
-  [ "$(code "{\"prompt\": \"x\", $field}")" = 400 ] && grep -q "$name.*speculative" err.json || fail "$name with a draft not refused by name: $(cat err.json)"
+  [ "$(code "{\"prompt\": \"def f(x):\", \"max_tokens\": 40, \"temperature\": 0, \"ignore_eos\": true, $field}")" = 200 ] \
+    || fail "$name with a draft: $(cat err.json)"
+  [ "$(py 'd["choices"][0]["text"]' < err.json)" != "$plain_text" ] || fail "$name with a draft did not change the text"
 done
 # Logprobs with a draft: the target's distribution at each emitted token (greedy: the chosen token
 # is the target's most likely, so it heads its alternatives).
