@@ -37,7 +37,7 @@ struct WorkerOptions {
   // An adopted sequence's KV stays on its home: each pass first fetches, of the units it reads
   // (the blocks its Selection lists, every block for a dense pass, and the block its new tokens
   // go into), those this worker does not hold yet. The rows a pass adds to a partly filled
-  // block go as a patch, so the extra writes are small (1.07-1.2x the bytes, measured).
+  // block go as a patch, so the extra writes stay small (docs/BENCHMARKS.md).
   bool remote_tier = false;
 };
 

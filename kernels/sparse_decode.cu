@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   // Merge the four warps through shared memory (the K/V stages are free now). Only the group's
   // rows that exist are stored and merged (4 of 16 at q = 1, GQA group 4), rows padded by 8 floats
   // so that a warp's fragment stores fall in distinct banks, and each thread merges 4 dims at a
-  // time: the unpadded per-element version took 1.5-2.5 us after the last warp's loop.
+  // time (an unpadded per-element merge was slower: docs/BENCHMARKS.md).
   __syncthreads();
   if (stamp != nullptr) stamp[3] = GlobalTimer();
   constexpr int SO = HD + 8;
@@ -501,9 +501,9 @@ __global__ void __launch_bounds__(kWarps * 32) SparseDecodeMmaKernel(SparseDecod
   // Arrive; the last of the group's num_splits CTAs merges. The barrier orders every thread's
   // partial stores before thread 0's arrival, an atomic with release and acquire semantics at GPU
   // scope (cumulative over what the barrier ordered before it); in the last CTA the barrier after
-  // it orders its acquire before every thread's reads of the others' partials. (A __threadfence
-  // in every thread before the arrival, as in threadFenceReduction of the CUDA samples, measured
-  // 0.3-0.4 us slower at 32k and 128k.)
+  // it orders its acquire before every thread's reads of the others' partials (one release by
+  // thread 0 instead of a __threadfence in every thread, as in the CUDA samples'
+  // threadFenceReduction: the same ordering, fewer fences).
   __shared__ bool last;
   __syncthreads();
   if (stamp != nullptr) stamp[5] = GlobalTimer();
@@ -635,9 +635,9 @@ SparseDecodePlan PlanSparseDecode(int num_seqs, int num_heads, int num_kv_heads,
   plan.row_groups = (rows + plan.rows_per_cta - 1) / plan.rows_per_cta;
   const int base_ctas = std::max(1, num_seqs * num_kv_heads * plan.row_groups);
   if (num_splits <= 0) {
-    // num_sms / lists splits, at most one wave, at least one block per warp in every split.
-    // Filling every resident slot was slower at batch 1 (H100, 128k, 10% lists, q = 1: 49 splits
-    // 42.3 us, 16 splits 38.8 us; q = 5, two row groups: 24 splits 45.2 us, 16 splits 41.9 us).
+    // num_sms / lists splits, at most one wave, at least one block per warp in every split
+    // (fewer splits than resident slots: the merge costs more than the extra parallelism gives
+    // at batch 1; docs/BENCHMARKS.md).
     const int lists = std::max(1, num_seqs * num_kv_heads);
     const int wave = std::max(1, num_sms * std::max(1, ctas_per_sm) / base_ctas);
     num_splits = std::max(1, std::min({num_sms / lists, wave, (max_list_blocks + kWarps - 1) / kWarps}));
@@ -672,8 +672,7 @@ cudaError_t SparseDecode(const SparseDecodeParams& p, const SparseDecodePlan& pl
   const dim3 block(kWarps * 32);
   const bool mma = plan.rows_per_cta == kMmaRows;
   // With one split there is nothing to merge: the tensor-core CTA writes the output (the plan's
-  // merge is not used; at batch 16 this saves the partials, a fence, an arrival and a merge,
-  // about 5 us, or the merge kernel at q = 5).
+  // merge is not used: no partials, fence, arrival or merge kernel).
   const bool direct = mma && plan.num_splits == 1;
   const bool in_kernel = mma && !direct && plan.merge == SparseDecodeMerge::kInKernel;
 #define SCOUT_SPLIT(HD, ROWS)                                                                              \

@@ -87,7 +87,7 @@ int SparseDecodeCtasPerSm(int head_dim, int rows_per_cta, int stages = 0);
 // counters: with counters nullptr, the workspace's, zeroed by a memset on `stream` first; else
 // counters, at least plan.num_counters of them, zero before the first launch and left zero by
 // every launch (the merging CTA resets its group's), so launches after it on the same stream and
-// graph replays need no memset (one operation less a step: ~1 µs at batch 1 on the H100). Such a
+// graph replays need no memset (one operation less a step). Such a
 // buffer must not be shared by launches that may run at the same time. Returns
 // cudaErrorInvalidValue for head dims other than 64 and 128, for stages outside 2..4 and for
 // kv_evict_first with stages other than 2 (tensor-core kernel); launch errors otherwise.

@@ -167,8 +167,8 @@ __device__ inline void MergeSplitsOfGroup(const SparseDecodeParams& p, const Spl
 // The merge kernels' CTA (one per query row and head, HD threads): combines the splits'
 // partials for row x head blockIdx.x and writes bf16 (and the log-sum-exp if asked). ml: shared
 // memory for num_splits (max, sum) pairs, loaded once by all threads; then each thread's pass
-// over its dimension has independent loads only (a serial loop of dependent global loads per
-// split cost ~0.6 us a split: 33 splits were a quarter of a 32k decode). Shared by the decode
+// over its dimension has independent loads only (no serial chain of dependent global loads per
+// split, whose latency grows with the split count). Shared by the decode
 // and SANTA merge kernels.
 template <int HD>
 __device__ inline void MergeSplitsOfRowHead(const SparseDecodeParams& p, int num_splits, int total_q_rows,

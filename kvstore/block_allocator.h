@@ -14,8 +14,8 @@ inline constexpr int kBlockSize = 16;
 
 // Hands out block ids, the lowest free ones first, so a sequence's blocks stay in ascending runs
 // of consecutive ids even after other sequences come and go: the decode kernel reads a sequence
-// laid out in consecutive blocks 2-4% faster than one scattered over the pool (H100,
-// docs/BENCHMARKS.md). Not thread-safe: the owner serialises calls.
+// laid out in consecutive blocks faster than one scattered over the pool (docs/BENCHMARKS.md).
+// Not thread-safe: the owner serialises calls.
 class BlockAllocator {
  public:
   explicit BlockAllocator(int32_t capacity);

@@ -262,9 +262,8 @@ absl::StatusOr<std::unique_ptr<CudaCopyEngine>> CudaCopyEngine::Create(std::byte
   absl::Status s;
   if (!(s = check(cudaGetDevice(&dev), "cudaGetDevice")).ok()) return s;
   if (!(s = check(cudaDeviceGetAttribute(&e->num_sms_, cudaDevAttrMultiProcessorCount, dev), "SM count")).ok()) return s;
-  // Highest priority, so a layer's gather is scheduled ahead of attention CTAs waiting for SMs.
-  // (Measured on the H100 with 2% and 10% selections: the overlap stayed at ~45% of the attention
-  // hidden with or without it; the exposed part is per-layer, likely the cross-stream waits.)
+  // Highest priority, so a layer's gather is scheduled ahead of attention CTAs waiting for SMs
+  // (how much of the copy it hides: docs/BENCHMARKS.md, the host tier).
   int least = 0, greatest = 0;
   if (!(s = check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "priority range")).ok()) return s;
   if (!(s = check(cudaStreamCreateWithPriority(&e->stream_, cudaStreamNonBlocking, greatest), "stream")).ok()) return s;
@@ -436,8 +435,8 @@ absl::Status CudaCopyEngine::WaitLayer(cudaStream_t stream, int layer) {
     if (err != cudaSuccess) return absl::InternalError(absl::StrCat("prefetch wait: ", cudaGetErrorString(err)));
     return absl::OkStatus();
   }
-  // A layer the launch moved nothing for: its earlier units were waited for by earlier steps.
-  // (Each wait costs ~13 µs of the waiting stream's time on the H100, measured.)
+  // A layer the launch moved nothing for: its earlier units were waited for by earlier steps, so
+  // no event is recorded for it (a cross-stream wait is not free).
   if (!moved_[layer]) return absl::OkStatus();
   using WaitValue64 = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
   const CUresult r = reinterpret_cast<WaitValue64>(wait_value_)(

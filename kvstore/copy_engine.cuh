@@ -72,9 +72,9 @@ class CudaCopyEngine {
   absl::Status LaunchLayer(const PrefetchPlan& plan, int layer);
   // All layers in order, consecutive layers grouped into one gather until a group moves at
   // least min_launch_units() units; every layer's event is recorded after the gather that moves
-  // it. Each launch leaves the PCIe link idle while it starts and drains (~10 µs on the H100: a
-  // third of the time of a layer that moves 136 units), so small steps go faster in a few
-  // launches; the price is that a layer's attention waits for the rest of its group.
+  // it. Each launch leaves the PCIe link idle while it starts and drains, so small steps go
+  // faster in a few launches; the price is that a layer's attention waits for the rest of its
+  // group.
   absl::Status LaunchLayers(const PrefetchPlan& plan);
   // One gather for every layer of the plan: each layer's last unit in raises a counter, and
   // WaitLayer makes a stream wait for it (cuStreamWaitValue64), so a layer's attention waits

@@ -49,7 +49,7 @@ struct HostStoreOptions {
   bool allocate_upfront = false;
   // > 0 (chunks allocated as needed): a background thread keeps the chunk of the next free slab
   // and this many chunks after it allocated ahead of need, so a growing session (a long prefill)
-  // does not wait in Reserve for pinning (0.26-0.6 s per GiB on the H100 machines). Slabs go
+  // does not wait in Reserve for pinning (tenths of a second per GiB). Slabs go
   // lowest first, so those are the chunks the next reservations take. The store pins them as
   // soon as it is made, sessions or not (per tensor-parallel rank). After a background
   // allocation fails (said once on stderr) the thread stops; Reserve then allocates, and

@@ -30,9 +30,8 @@ constexpr unsigned kReplyAm = 18;    // server -> client
 
 enum Op : uint32_t { kPut = 1, kGet = 2, kRelease = 3, kPing = 4, kMove = 5, kPatch = 6 };
 
-// Replies up to this size are copied into one buffer; larger ones go zero-copy from the units
-// (measured on the 2-core workstation, shared memory: 256 units 3.5 GB/s copied against 0.7 by
-// iov; 4096 units 1.0 against 1.2).
+// Replies up to this size are copied into one buffer (faster over shared memory for small
+// replies); larger ones go zero-copy from the units (docs/BENCHMARKS.md, the remote KV store).
 constexpr size_t kCopyReplyBytes = size_t{8} << 20;
 
 // Every request and reply begins with this prefix, the same in every wire version: a peer of

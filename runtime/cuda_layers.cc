@@ -224,9 +224,8 @@ absl::Status LayerStack::Reserve(const StepSizes& s) {
 absl::Status LayerStack::Gemm(const void* w, const void* x_bf16, float* y, int64_t rows, int64_t in, int64_t out,
                               float beta) {
   if (rows <= 2 && in % 8 == 0) {
-    // Single-token decode steps: the weight streamed once. Measured on the H100 (8B target,
-    // one row): 5.60 ms a step against cuBLAS's 6.17; at 5 and 8 rows cuBLAS was faster (6.23
-    // vs 6.49, 6.24 vs 8.44 ms), as the GEMV re-reads x once per row.
+    // Decode steps of one or two rows: the weight streamed once by the GEMV; from a few rows
+    // on cuBLAS is faster, as the GEMV re-reads x once per row (docs/BENCHMARKS.md).
     SCOUT_RETURN_IF_CUDA(kernels::Gemv({.w = static_cast<const uint16_t*>(w), .x = static_cast<const uint16_t*>(x_bf16),
                                         .y = y, .rows = static_cast<int>(rows), .in = static_cast<int>(in),
                                         .out = static_cast<int>(out), .beta = beta},

@@ -45,8 +45,8 @@ struct CudaModelOptions {
   int64_t host_kv_tokens = 0;
   // Units of the GPU cache; 0: what fits in 90% of the GPU memory left after the weights.
   int64_t gpu_cache_units = 0;
-  // The store's memory: "hugepages" (2 MiB pages, cudaHostRegister'd: 54 s against 68 s for
-  // 128 GiB on the H100 machine, same call) or "pinned" (cudaHostAlloc). kvstore::HostAllocatorNamed.
+  // The store's memory: "hugepages" (2 MiB pages, cudaHostRegister'd: faster to pin) or
+  // "pinned" (cudaHostAlloc). kvstore::HostAllocatorNamed.
   std::string host_kv_memory = "hugepages";
   // true: one gather a step whose layers are waited for through memory counters
   // (CudaCopyEngine::LaunchSignalled); false: one gather and one event per layer.
