@@ -32,6 +32,9 @@ struct RmsNormParams {
   float eps = 1e-6f;
 };
 void RmsNormRef(const RmsNormParams& p);
+// The same in float32, as the CPU backend runs it (RmsNormRef is this rounded to bf16); out may
+// be x.
+void RmsNormF32(const float* x, int64_t rows, int64_t dim, const float* weight, float eps, float* out);
 
 // Row r of qkv holds num_heads query vectors, then num_kv_heads keys, then num_kv_heads values
 // for the token at positions[r]. Rotates queries and keys (rotate-half pairing, angle =
@@ -75,6 +78,8 @@ struct SiluMulParams {
   int inter = 0;
 };
 void SiluMulRef(const SiluMulParams& p);
+// The same in float32, as the CPU backend runs it (SiluMulRef is this rounded to bf16).
+void SiluMulF32(const float* gate_up, int64_t rows, int64_t inter, float* out);
 
 // out[r] = the index of the largest of logits[r][:], the lowest index among ties (greedy
 // sampling on the GPU). NaN never wins.

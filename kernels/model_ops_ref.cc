@@ -14,13 +14,22 @@ void EmbedRef(const EmbedParams& p) {
   }
 }
 
-void RmsNormRef(const RmsNormParams& p) {
-  for (int r = 0; r < p.rows; ++r) {
-    const float* x = p.x + int64_t{r} * p.dim;
+void RmsNormF32(const float* x, int64_t rows, int64_t dim, const float* weight, float eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
     float ss = 0;
-    for (int i = 0; i < p.dim; ++i) ss += x[i] * x[i];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(p.dim) + p.eps);
-    for (int i = 0; i < p.dim; ++i) p.out[int64_t{r} * p.dim + i] = FloatToBf16(p.weight[i] * (x[i] * inv));
+    for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    float* yr = out + r * dim;
+    for (int64_t i = 0; i < dim; ++i) yr[i] = weight[i] * (xr[i] * inv);
+  }
+}
+
+void RmsNormRef(const RmsNormParams& p) {
+  std::vector<float> row(p.dim);
+  for (int r = 0; r < p.rows; ++r) {
+    RmsNormF32(p.x + int64_t{r} * p.dim, 1, p.dim, p.weight, p.eps, row.data());
+    for (int i = 0; i < p.dim; ++i) p.out[int64_t{r} * p.dim + i] = FloatToBf16(row[i]);
   }
 }
 
@@ -64,12 +73,18 @@ void AddBiasRef(const AddBiasParams& p) {
   }
 }
 
+void SiluMulF32(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate_up + r * 2 * inter;
+    for (int64_t j = 0; j < inter; ++j) out[r * inter + j] = g[j] / (1.0f + std::exp(-g[j])) * g[inter + j];
+  }
+}
+
 void SiluMulRef(const SiluMulParams& p) {
+  std::vector<float> row(p.inter);
   for (int r = 0; r < p.rows; ++r) {
-    const float* g = p.gate_up + int64_t{r} * 2 * p.inter;
-    for (int j = 0; j < p.inter; ++j) {
-      p.out[int64_t{r} * p.inter + j] = FloatToBf16(g[j] / (1.0f + std::exp(-g[j])) * g[p.inter + j]);
-    }
+    SiluMulF32(p.gate_up + int64_t{r} * 2 * p.inter, 1, p.inter, row.data());
+    for (int j = 0; j < p.inter; ++j) p.out[int64_t{r} * p.inter + j] = FloatToBf16(row[j]);
   }
 }
 

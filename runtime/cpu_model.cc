@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/model_ops.h"
 #include "kernels/attention_cpu.h"
 #include "runtime/batch_check.h"
 #include "runtime/rope.h"
@@ -22,25 +23,14 @@ void Linear(const float* x, int64_t rows, int64_t in, const std::vector<float>& 
               static_cast<int>(out));
 }
 
-// As transformers' LlamaRMSNorm: x · rsqrt(mean(x²) + eps) · weight, in float32.
+// The norms, bias adds and SiLU are the kernels' references in float32 (kernels/model_ops.h):
+// the functions the GPU kernels are tested against.
 void RmsNorm(const float* x, int64_t rows, int64_t d, const std::vector<float>& w, float eps, float* y) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * d;
-    float ss = 0;
-    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-    float* yr = y + r * d;
-    for (int64_t i = 0; i < d; ++i) yr[i] = w[i] * (xr[i] * inv);
-  }
+  kernels::RmsNormF32(x, rows, d, w.data(), eps, y);
 }
 
-// y[r][i] += b[i] for every row.
 void AddBias(float* y, int64_t rows, const std::vector<float>& b) {
-  const int64_t n = static_cast<int64_t>(b.size());
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yr = y + r * n;
-    for (int64_t i = 0; i < n; ++i) yr[i] += b[i];
-  }
+  kernels::AddBiasRef({.y = y, .bias = b.data(), .rows = static_cast<int>(rows), .n = static_cast<int>(b.size())});
 }
 
 // Quest's lists for one layer of one sequence: per KV head, the blocks whose keys' per-channel
@@ -298,12 +288,7 @@ absl::Status CpuModel::Forward(std::span<const SequenceInput> batch, std::vector
     if (!w.bo.empty()) AddBias(x.data(), total, w.bo);
     RmsNorm(x.data(), total, d, w.mlp_norm, eps, h.data());
     Linear(h.data(), total, d, w.w_gate_up, 2 * inter, gu.data());
-    for (int64_t r = 0; r < total; ++r) {
-      const float* g = gu.data() + r * 2 * inter;
-      const float* u = g + inter;
-      float* a = act.data() + r * inter;
-      for (int64_t j = 0; j < inter; ++j) a[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-    }
+    kernels::SiluMulF32(gu.data(), total, inter, act.data());
     Linear(act.data(), total, inter, w.w_down, d, x.data(), /*beta=*/1.0f);
   }
 
