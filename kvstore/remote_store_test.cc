@@ -2,7 +2,6 @@
 // them killed mid-session.
 #include "kvstore/remote_store.h"
 
-#include "kvstore/remote_tier.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -187,81 +186,6 @@ TEST(RemoteKvStoreTest, SeparateProcessesAndAKilledNode) {
   clients.clear();
   kill(pids[1], SIGKILL);
   waitpid(pids[1], nullptr, 0);
-}
-
-// The remote tier feeding the local one: worker A writes a session back to the KV store node;
-// worker B, whose host store starts empty, fetches what each step's Selection names (only the
-// units it lacks), and the local planner then moves exactly A's bytes into B's GPU-pool stand-in.
-TEST(RemoteTierTest, WorkerFetchesWhatSelectionsNameAndThePlannerMovesIt) {
-  const KvLayout layout{.num_layers = 3, .num_kv_heads = 2, .head_dim = 128, .elem_bytes = 2};
-  const size_t unit = layout.unit_bytes();
-  absl::StatusOr<std::unique_ptr<KvStoreServer>> server = KvStoreServer::Start("127.0.0.1", 0, unit, 10000);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto client_a = KvStoreClient::Connect("127.0.0.1", (*server)->port(), unit);
-  auto client_b = KvStoreClient::Connect("127.0.0.1", (*server)->port(), unit);
-  ASSERT_TRUE(client_a.ok() && client_b.ok());
-  auto store_a = HostKvStore::Create(layout, 64);
-  auto store_b = HostKvStore::Create(layout, 64);
-  ASSERT_TRUE(store_a.ok() && store_b.ok());
-  std::mt19937 rng(2);
-  const int64_t tokens = 40 * kBlockSize;
-  ASSERT_TRUE((*store_a)->AddSession(7).ok());
-  ASSERT_TRUE((*store_a)->Reserve(7, tokens).ok());
-  for (int32_t slab : (*store_a)->Find(7)->blocks) {
-    for (int l = 0; l < layout.num_layers; ++l) {
-      for (int h = 0; h < layout.num_kv_heads; ++h) {
-        for (size_t i = 0; i < unit; ++i) (*store_a)->unit(slab, l, h)[i] = std::byte(rng());
-      }
-    }
-  }
-  RemoteTier tier_a(store_a->get(), client_a->get());
-  ASSERT_TRUE(tier_a.WriteBack(7, 0, 40).ok());
-  EXPECT_EQ((*server)->units_held(), 40 * 3 * 2);
-
-  ASSERT_TRUE((*store_b)->AddSession(7).ok());
-  ASSERT_TRUE((*store_b)->Reserve(7, tokens).ok());
-  RemoteTier tier_b(store_b->get(), client_b->get());
-  BlockCache cache(400, layout.num_layers, layout.num_kv_heads);
-  std::vector<std::byte> pool(400 * unit);
-  Selection previous;
-  for (uint64_t step = 1; step <= 5; ++step) {
-    Selection sel{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
-    for (int list = 0; list < 6; ++list) {
-      for (int32_t b = 0; b < 40; ++b) {
-        if (b == 0 || b >= 36 || rng() % 5 == 0) sel.blocks.push_back(b);
-      }
-      sel.indptr.push_back(static_cast<int32_t>(sel.blocks.size()));
-    }
-    absl::StatusOr<int64_t> fetched = tier_b.Fetch(sel, 7);
-    ASSERT_TRUE(fetched.ok()) << fetched.status();
-    if (step == 1) {
-      EXPECT_EQ(*fetched, static_cast<int64_t>(sel.blocks.size()));
-    } else {
-      EXPECT_LT(*fetched, static_cast<int64_t>(sel.blocks.size()));  // sink and window were here already
-    }
-    absl::StatusOr<PrefetchPlan> plan = PlanPrefetch(sel, 7, **store_b, cache, step);
-    ASSERT_TRUE(plan.ok()) << plan.status();
-    ExecutePrefetchOnHost(*plan, unit, pool.data(), 0, 3);
-    for (int list = 0; list < 6; ++list) {
-      for (int32_t i = sel.indptr[list]; i < sel.indptr[list + 1]; ++i) {
-        const std::byte* want = (*store_a)->unit((*store_a)->Find(7)->blocks[sel.blocks[i]], list / 2, list % 2);
-        ASSERT_EQ(std::memcmp(pool.data() + plan->slots[i] * unit, want, unit), 0)
-            << "step " << step << " list " << list << " block " << sel.blocks[i];
-      }
-    }
-    cache.ReleaseStep(step);
-  }
-  // A node that went away: the fetch says so and leaves the units missing.
-  server->reset();
-  Selection all{.num_layers = 3, .num_kv_heads = 2, .indptr = {0}, .blocks = {}};
-  for (int list = 0; list < 6; ++list) {
-    for (int32_t b = 0; b < 40; ++b) all.blocks.push_back(b);
-    all.indptr.push_back(static_cast<int32_t>(all.blocks.size()));
-  }
-  absl::StatusOr<int64_t> gone = tier_b.Fetch(all, 7);
-  EXPECT_TRUE(gone.status().code() == absl::StatusCode::kUnavailable ||
-              gone.status().code() == absl::StatusCode::kDeadlineExceeded)
-      << gone.status();
 }
 
 }  // namespace
