@@ -99,8 +99,10 @@ int Coordinator(int argc, char** argv) {
     cluster::Router router(c, std::move(*tok), &metrics,
                            {.max_model_len = *max_len > 0 ? *max_len : target->max_position_embeddings});
     const int rc = ServeHttp(flags, signals, &router, &metrics, "");
-    std::fprintf(stderr, "scout: cluster: %lld requests moved to another target group after theirs died\n",
-                 static_cast<long long>(router.moved_requests()));
+    std::fprintf(stderr,
+                 "scout: cluster: %lld requests moved to another target group after theirs died, %lld after theirs "
+                 "was full\n",
+                 static_cast<long long>(router.moved_requests()), static_cast<long long>(router.rebalanced_requests()));
     return rc;
   }
   auto remote_target = std::make_unique<cluster::RemoteBackend>(c, cluster::v1::ROLE_TARGET, *target);

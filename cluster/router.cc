@@ -11,6 +11,10 @@
 namespace scout::cluster {
 
 namespace {
+std::vector<uint64_t> Plus(std::vector<uint64_t> v, uint64_t x) {
+  v.push_back(x);
+  return v;
+}
 double Seconds(std::chrono::steady_clock::duration d) { return std::chrono::duration<double>(d).count(); }
 }  // namespace
 
@@ -64,10 +68,13 @@ void Router::OnDead(uint64_t member) {
   }
 }
 
-uint64_t Router::PickGroup(uint64_t preferred) const {
+uint64_t Router::PickGroup(uint64_t preferred, const std::vector<uint64_t>& exclude) const {
   std::vector<uint64_t> live;
   for (const Coordinator::Member& m : coordinator_->Members(v1::ROLE_TARGET)) {
-    if (m.info.runs_engine() && coordinator_->Serving(m.key)) live.push_back(m.key);
+    if (m.info.runs_engine() && coordinator_->Serving(m.key) &&
+        std::find(exclude.begin(), exclude.end(), m.key) == exclude.end()) {
+      live.push_back(m.key);
+    }
   }
   if (std::find(live.begin(), live.end(), preferred) != live.end()) return preferred;
   if (live.empty()) return 0;
@@ -210,10 +217,13 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
   scheduler::CompletionResult& result = progress.result;
   const bool& cancelled = progress.cancelled;
   absl::Status why_moved;
+  std::vector<uint64_t> full;  // groups that refused the request for want of room
+  uint64_t stale = 0;          // a full group the session moved off: its copy there is dropped
+  bool after_death = false;    // this attempt follows a group's death
   for (int attempt = 0; attempt < options_.max_attempts; ++attempt) {
     const int64_t left = req.max_tokens - static_cast<int64_t>(result.token_ids.size());
     if (left <= 0) break;  // its group died after the last token reached the client
-    const uint64_t group = PickGroup(home);
+    const uint64_t group = PickGroup(home, full);
     if (group == 0) {
       return failed(absl::UnavailableError(why_moved.ok() ? "no live target group"
                                                           : absl::StrCat("no live target group left: ",
@@ -236,16 +246,28 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
       why_moved = absl::UnavailableError("a target group's connection failed");
       continue;
     }
-    if (attempt > 0) moved_requests_.fetch_add(1);
+    if (after_death) moved_requests_.fetch_add(1);
+    after_death = false;
     v1::GenerateDone end;
     const bool died = Relay(group, id, *stream, on_text, progress, &end);
     if (died) {
       why_moved = absl::UnavailableError(absl::StrCat("a target group died under the request"));
       home = 0;
+      after_death = true;
       if (cancelled) break;  // nobody reads the rest
       continue;
     }
     const absl::Status status = FromProto(end.status());
+    if (absl::IsResourceExhausted(status) && !cancelled && PickGroup(0, Plus(full, group)) != 0) {
+      // Overload: the group is full (its queue, or its KV pool); another with room takes the
+      // request (a session with its context), from where its text had got to.
+      full.push_back(group);
+      if (session && group == home) stale = group;
+      home = 0;
+      why_moved = status;
+      rebalanced_requests_.fetch_add(1);
+      continue;
+    }
     if (!status.ok()) {
       if (session && absl::IsNotFound(status)) {  // the group evicted it: its context is gone
         absl::MutexLock lock(&mu_);
@@ -266,6 +288,11 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
       s.tokens.insert(s.tokens.end(), result.token_ids.begin(), result.token_ids.end());
     }
     break;
+  }
+  if (stale != 0) {  // the session lives on another group now: free its KV on the full one
+    v1::Envelope del;
+    del.mutable_delete_session()->set_session_id(req.session_id);  // stream 0: no one waits
+    (void)SendTo(stale, std::move(del));
   }
   if (cancelled) result.finish_reason = "cancelled";
   result.completion_tokens = static_cast<int64_t>(result.token_ids.size());
@@ -336,7 +363,7 @@ bool Router::Drain(double timeout_seconds) {
   return mu_.AwaitWithTimeout(absl::Condition(&idle), absl::Seconds(timeout_seconds));
 }
 
-bool Router::ready() { return !draining_ && PickGroup(0) != 0; }
+bool Router::ready() { return !draining_ && PickGroup(0, {}) != 0; }
 
 std::string Router::GroupOf(const std::string& session_id) const {
   uint64_t group = 0;

@@ -4,7 +4,9 @@
 // a draft step: per request it sends one Generate and reads the pieces back.
 //
 // Routing: a session returns to the group that holds its KV (affinity); a new session or a
-// one-off request goes to the live group with the fewest requests running. The router keeps every
+// one-off request goes to the live group with the fewest requests running. A group that refuses
+// a request for want of room (ResourceExhausted: its queue or KV pool full) passes it to another
+// group that has some: the session moves there with its context (rebalance on overload). The router keeps every
 // session's context as token ids (it tokenizes prompts itself), so when a group dies its sessions
 // move: the next request on one goes to another group with the context, which that group
 // prefills before the prompt. A request running when its group dies is run again on another
@@ -57,8 +59,11 @@ class Router final : public scheduler::CompletionService {
 
   // The registered id of the group holding a session ("" if none): tests and logs.
   std::string GroupOf(const std::string& session_id) const;
-  // Requests the router has moved to another group after theirs died.
+  // Requests the router has moved to another group after theirs died, and after theirs refused
+  // them for want of room (a session then moves with its context, its copy on the full group
+  // dropped).
   int64_t moved_requests() const { return moved_requests_.load(); }
+  int64_t rebalanced_requests() const { return rebalanced_requests_.load(); }
 
  private:
   struct Piece {
@@ -96,9 +101,9 @@ class Router final : public scheduler::CompletionService {
   void CountFinished(const scheduler::CompletionResult& result, bool cancelled, Clock::time_point start);
   void OnMessage(uint64_t member, const v1::Envelope& message);
   void OnDead(uint64_t member);
-  // A live, serving group: `preferred` if it is one, else the one with the fewest requests running
-  // (then the fewest sessions); 0 if none.
-  uint64_t PickGroup(uint64_t preferred) const;
+  // A live, serving group not in `exclude`: `preferred` if it is one, else the one with the fewest
+  // requests running (then the fewest sessions); 0 if none.
+  uint64_t PickGroup(uint64_t preferred, const std::vector<uint64_t>& exclude) const;
   std::shared_ptr<Stream> OpenStream(uint64_t group, uint64_t* id);
   void CloseStream(uint64_t id);
   // Sends message (its stream id set) to the group: false if it cannot be sent (then dead).
@@ -111,6 +116,7 @@ class Router final : public scheduler::CompletionService {
   std::unique_ptr<text::Tokenizer> tokenizer_ ABSL_GUARDED_BY(tokenizer_mu_);
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> moved_requests_{0};
+  std::atomic<int64_t> rebalanced_requests_{0};
   mutable absl::Mutex mu_;
   uint64_t next_stream_ ABSL_GUARDED_BY(mu_) = 1;
   absl::flat_hash_map<uint64_t, std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(mu_);

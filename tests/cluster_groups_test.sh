@@ -50,6 +50,7 @@ complete ref.g4 "$(long "$P4" 40)"; complete ref.s1 "$(sampled "$P1" 7)"; comple
 complete ref.k1 "$(long "$P1" "$long_tokens")"; complete ref.k2 "$(long "$P2" "$long_tokens")"
 for t in 1 2 3 4; do complete "ref.a$t" "$(turn "$P4" "agent")"; done
 for t in 1 2 3; do complete "ref.b$t" "$(turn "$P2" "bot")"; done
+for t in 1 2; do complete "ref.c$t" "$(turn "$P3" "spill")"; done
 kill "$pid"
 for f in ref.*.out; do grep -q "^curl failed\|^bad reply" "$f" && fail "reference $f: $(cat "$f")"; done
 
@@ -145,9 +146,29 @@ grep -q '^scout_time_to_first_token_seconds_count [1-9]' <<< "$metrics" || fail 
 grep -q '^scout_cluster_members{role="target",state="dead"} 1' <<< "$metrics" || fail "members metric"
 echo "ok: delete, streaming and the router's metrics"
 
-# 5. With no group left, requests fail at once with a clear error and /ready says no.
-kill -9 "$pid_g1"
-for _ in $(seq 1 50); do grep -q " g1 is dead" coord.err && break; sleep 0.1; done
+# 5. Rebalance on overload: g2 runs one request at a time and queues none. New sessions go to
+# the group holding the fewest: "busy" to g2, "pad" to g1, "spill" to g2. While a long request
+# of "busy" fills g2, spill's next turn is refused there and moves to g1 with its context, with
+# the same text.
+start_member g2 worker --engine --model "$T" --draft "$D" --role target --id g2 --device "$device" \
+  --max-num-seqs 1 --max-waiting 0
+for _ in $(seq 1 200); do grep -q "target g2 registered" coord.err && break; sleep 0.1; done
+complete clu.busy1 "$(turn "$P1" "busy")"
+complete clu.pad1 "$(turn "$P4" "pad")"
+complete clu.c1 "$(turn "$P3" "spill")"
+cmp -s ref.c1.out clu.c1.out || fail "spill turn 1 differs: [$(cat clu.c1.out)]"
+complete clu.busy2 "{\"prompt\": \"$P1\", \"max_tokens\": $long_tokens, \"temperature\": 0, \"session_id\": \"busy\", \"ignore_eos\": true}" & kb=$!
+sleep 1
+kill -0 "$kb" 2>/dev/null || fail "busy's long turn ended before spill's turn"
+complete clu.c2 "$(turn "$P3" "spill")"
+wait "$kb"
+cmp -s ref.c2.out clu.c2.out || fail "spill turn 2 differs after moving off the full group: [$(cat clu.c2.out)]"
+[ "$(cached clu.c2)" = 0 ] || fail "spill's turn 2 found its KV: it did not move off g2? $(cat clu.c2.json)"
+echo "ok: a full group's session moved to a group with room, same text"
+
+# 6. With no group left, requests fail at once with a clear error and /ready says no.
+kill -9 "$pid_g1" "$pid_g2"
+for _ in $(seq 1 50); do grep -q " g1 is dead" coord.err && grep -q " g2 is dead" coord.err && break; sleep 0.1; done
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 503 ] || fail "/ready with no group"
 code=$(curl -s --max-time 30 -o err.json -w '%{http_code}' "$base/v1/completions" -d "$(long "$P1" 8)")
 [ "$code" = 503 ] && grep -q "no live target group" err.json || fail "no group: $code $(cat err.json)"
@@ -155,5 +176,6 @@ echo "ok: no group: 503 naming it"
 kill -TERM "$coord"
 wait "$coord"
 grep "scout: cluster:" coord.err
-grep -q "scout: cluster: [1-9][0-9]* requests moved" coord.err || fail "no request counted as moved"
+grep -q "scout: cluster: [1-9][0-9]* requests moved .*, [1-9][0-9]* after theirs was full" coord.err \
+  || fail "no request counted as moved after a death and after a full group"
 echo "PASS"
