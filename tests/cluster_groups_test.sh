@@ -14,33 +14,11 @@ scout=$1
 src=$2
 T=$src/models/scout-tiny-target
 D=$src/models/scout-tiny-draft
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*"
-  for f in *.err; do echo "== $f"; tail -n 15 "$f"; done
-  exit 1
-}
 source "$(dirname "$0")/server_lib.sh"
+cluster_harness
 rm -f ./*.err ./*.out ./*.json
 
-# complete NAME BODY: POST /v1/completions; the text to NAME.out, the reply to NAME.json.
-complete() {
-  local body
-  body=$(curl -s --max-time 120 "$base/v1/completions" -d "$2") || { echo "curl failed: $1" > "$1.out"; return; }
-  echo "$body" > "$1.json"
-  echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")' > "$1.out" 2>/dev/null \
-    || echo "bad reply: $body" > "$1.out"
-}
 cached() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["usage"]["prompt_tokens_details"]["cached_tokens"])' "$1.json"; }
-P1='import numpy as np\n\n\ndef softmax(x):\n    '
-P2='class Stack:\n    def __init__(self):\n        '
-P3='def fibonacci(n):\n    '
-P4='# Read a CSV file and print the sum of each column\nimport csv\n'
-long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0, \"ignore_eos\": true}"; }
-sampled() { echo "{\"prompt\": \"$1\", \"max_tokens\": 48, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": $2, \"ignore_eos\": true}"; }
-turn() { echo "{\"prompt\": \"$1\", \"max_tokens\": 24, \"temperature\": 0, \"session_id\": \"$2\", \"ignore_eos\": true}"; }
 
 # --- the reference: one process ------------------------------------------------------------
 start_server serve.err --model "$T" --draft "$D" --device "$device"

@@ -15,32 +15,10 @@ scout=$1
 src=$2
 T=$src/models/scout-tiny-target
 D=$src/models/scout-tiny-draft
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*"
-  for f in *.err; do echo "== $f"; tail -n 15 "$f"; done
-  exit 1
-}
 source "$(dirname "$0")/server_lib.sh"
+cluster_harness
 rm -f ./*.err ./*.out
 
-# complete NAME BODY: POST /v1/completions, the text to NAME.out (a request that fails or takes
-# over 90 s fails the test: nothing may hang).
-complete() {
-  local body
-  body=$(curl -s --max-time 90 "$base/v1/completions" -d "$2") || { echo "curl failed: $1" > "$1.out"; return; }
-  echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")' > "$1.out" 2>/dev/null \
-    || echo "bad reply: $body" > "$1.out"
-}
-P1='import numpy as np\n\n\ndef softmax(x):\n    '
-P2='class Stack:\n    def __init__(self):\n        '
-P3='def fibonacci(n):\n    '
-P4='# Read a CSV file and print the sum of each column\nimport csv\n'
-long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0, \"ignore_eos\": true}"; }
-sampled() { echo "{\"prompt\": \"$1\", \"max_tokens\": 48, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": $2, \"ignore_eos\": true}"; }
-turn() { echo "{\"prompt\": \"$1\", \"max_tokens\": 24, \"temperature\": 0, \"session_id\": \"$2\", \"ignore_eos\": true}"; }
 
 # requests PREFIX: every request of the test, results in PREFIX.*.out.
 requests() {

@@ -23,25 +23,10 @@ src=$2
 T=$src/models/scout-tiny-target
 D=$src/models/scout-tiny-draft
 STS=(--sparsity sts --kv-budget-tokens 128)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; }
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*"
-  for f in *.err; do echo "== $f"; tail -n 15 "$f"; done
-  exit 1
-}
 source "$(dirname "$0")/server_lib.sh"
-rm -f ./*.err ./*.out ./*.body
+cluster_harness
+rm -f ./*.err ./*.out ./*.json
 
-# complete NAME BODY: POST /v1/completions; the text to NAME.out, the whole reply to NAME.body.
-complete() {
-  curl -s --max-time 120 "$base/v1/completions" -d "$2" > "$1.body" || { echo "curl failed: $1" > "$1.out"; return; }
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")' < "$1.body" > "$1.out" 2>/dev/null \
-    || echo "bad reply: $(cat "$1.body")" > "$1.out"
-}
-P1='import numpy as np\n\n\ndef softmax(x):\n    '
-P2='class Stack:\n    def __init__(self):\n        '
 long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $long_tokens, \"temperature\": 0, \"ignore_eos\": true}"; }
 metric() { curl -s "$base/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 
@@ -100,7 +85,7 @@ wait "$k1" "$k2"
 same=0
 for n in k1b k2b; do
   r=${n%b}
-  grep -q "^curl failed\|^bad reply" "clu.$n.out" && fail "$n did not finish: $(head -c 400 "clu.$n.body")"
+  grep -q "^curl failed\|^bad reply" "clu.$n.out" && fail "$n did not finish: $(head -c 400 "clu.$n.out")"
   cmp -s "ref.$r.out" "clu.$n.out" && same=$((same + 1))
 done
 rebuilt=$(grep -c "rebuilding it from its tokens" coord.err)

@@ -62,3 +62,34 @@ check_tenants() {
   [ "$(curl -s -o /dev/null -w '%{http_code}' "${a1[@]}" -X DELETE "$base/v1/sessions/mine")" = 200 ] || fail "key one cannot delete its session"
   curl -s "${a2[@]}" "$base/v1/sessions" | grep -q '"id":"mine"' || fail "key two's own session gone with key one's"
 }
+
+# --- The cluster tests' harness (cluster_test.sh, cluster_groups_test.sh, remote_tier_test.sh).
+# cluster_harness: the processes listed in pids are killed at exit, and fail shows the tail of
+# every *.err log here.
+cluster_harness() {
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done' EXIT
+  fail() {
+    echo "FAIL: $*"
+    for f in *.err; do echo "== $f"; tail -n 15 "$f"; done
+    exit 1
+  }
+}
+# complete NAME BODY: POST /v1/completions; the text to NAME.out, the reply to NAME.json (a
+# request that fails or takes over 120 s fails the test: nothing may hang).
+complete() {
+  local body
+  body=$(curl -s --max-time 120 "$base/v1/completions" -d "$2") || { echo "curl failed: $1" > "$1.out"; return; }
+  echo "$body" > "$1.json"
+  echo "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")' > "$1.out" 2>/dev/null \
+    || echo "bad reply: $body" > "$1.out"
+}
+# Prompts of the fixtures' kind, and request bodies over them: greedy with N tokens, sampled with a
+# seed, and a session's turn.
+P1='import numpy as np\n\n\ndef softmax(x):\n    '
+P2='class Stack:\n    def __init__(self):\n        '
+P3='def fibonacci(n):\n    '
+P4='# Read a CSV file and print the sum of each column\nimport csv\n'
+long() { echo "{\"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0, \"ignore_eos\": true}"; }
+sampled() { echo "{\"prompt\": \"$1\", \"max_tokens\": 48, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": $2, \"ignore_eos\": true}"; }
+turn() { echo "{\"prompt\": \"$1\", \"max_tokens\": 24, \"temperature\": 0, \"session_id\": \"$2\", \"ignore_eos\": true}"; }
