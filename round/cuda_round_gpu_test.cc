@@ -168,6 +168,39 @@ TEST(CudaRoundTest, StsAcceptanceMatchesTheHostRound) {
               static_cast<long long>(h->draft_accepted), static_cast<long long>(h->draft_proposed));
 }
 
+// Logprobs and penalties: the device round reads the target's rows back for a stream that asks
+// and gives the host round's tokens and logprobs on the same models, greedy and sampled; with
+// penalties the greedy text changes and still matches the host round's.
+TEST(CudaRoundTest, LogprobsAndPenaltiesMatchTheHostRound) {
+  Fixture f;
+  ASSERT_TRUE(f.target && f.draft);
+  const std::vector<int32_t> prompt = Prompt(800);
+  for (float temperature : {0.0f, 0.8f}) {
+    for (bool penalised : {false, true}) {
+      std::vector<runtime::TokenLogprobs> dl, hl;
+      SpeculativeOptions o{.num_speculative_tokens = 4, .max_tokens = 32,
+                           .sampling = {.temperature = temperature, .seed = 3}, .logprobs = 2};
+      if (penalised) o.penalties = {.presence = 0.5f, .frequency = 1.0f, .repetition = 1.3f};
+      SpeculativeOptions od = o, oh = o;
+      od.on_logprobs = [&](runtime::TokenLogprobs lp) { dl.push_back(std::move(lp)); };
+      oh.on_logprobs = [&](runtime::TokenLogprobs lp) { hl.push_back(std::move(lp)); };
+      CudaRound device(*f.target, *f.draft);
+      HostRound host(*f.target, *f.draft);
+      absl::StatusOr<SpeculativeResult> d = RunStream(device, *f.target, *f.draft, 1, prompt, od);
+      absl::StatusOr<SpeculativeResult> h = RunStream(host, *f.target, *f.draft, 2, prompt, oh);
+      ASSERT_TRUE(d.ok() && h.ok()) << d.status() << h.status();
+      EXPECT_EQ(d->tokens, h->tokens) << "temperature " << temperature << (penalised ? ", penalised" : "");
+      ASSERT_EQ(dl.size(), d->tokens.size());
+      ASSERT_EQ(hl.size(), h->tokens.size());
+      for (size_t i = 0; i < std::min(dl.size(), hl.size()); ++i) {
+        EXPECT_EQ(dl[i].chosen.token, d->tokens[i]);
+        EXPECT_NEAR(dl[i].chosen.logprob, hl[i].chosen.logprob, 1e-4) << i;
+        ASSERT_EQ(dl[i].top.size(), 2u);
+      }
+    }
+  }
+}
+
 // Batched rounds: greedy and sampled streams of different k, STS and dense, in one round (they
 // run as groups); each gives what it gives alone. Sampled rows are drawn from per-row seeds, so
 // they do not depend on the batch either.
