@@ -151,6 +151,16 @@ bool Router::Relay(uint64_t group, uint64_t id, Stream& stream, const scheduler:
   }
 }
 
+void Router::Remember(const std::string& session_id, uint64_t group, std::vector<int32_t> context,
+                      const std::vector<int32_t>& prompt, const std::vector<int32_t>& generated) {
+  context.insert(context.end(), prompt.begin(), prompt.end());
+  context.insert(context.end(), generated.begin(), generated.end());
+  absl::MutexLock lock(&mu_);
+  Session& s = sessions_[session_id];
+  s.group = group;
+  s.tokens = std::move(context);
+}
+
 void Router::CountFinished(const scheduler::CompletionResult& result, bool cancelled, Clock::time_point start) {
   (cancelled ? metrics_->requests_cancelled : metrics_->requests_ok).Increment();
   metrics_->prompt_tokens.Increment(static_cast<double>(result.prompt_tokens));
@@ -279,14 +289,7 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
     // Counted as the client asked: the prompt (a moved session's context is not the client's).
     result.prompt_tokens = static_cast<int64_t>(ids.size());
     result.cached_tokens = attempt == 0 ? end.cached_tokens() : 0;
-    if (session) {
-      absl::MutexLock lock(&mu_);
-      Session& s = sessions_[req.session_id];
-      s.group = group;
-      s.tokens = std::move(history);
-      s.tokens.insert(s.tokens.end(), ids.begin(), ids.end());
-      s.tokens.insert(s.tokens.end(), result.token_ids.begin(), result.token_ids.end());
-    }
+    if (session) Remember(req.session_id, group, std::move(history), ids, result.token_ids);
     break;
   }
   if (stale != 0) {  // the session lives on another group now: free its KV on the full one
@@ -302,14 +305,8 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
                                                         options_.max_attempts, " times")));
     }
     result.prompt_tokens = static_cast<int64_t>(ids.size());
-    if (session) {  // no group holds this context: it moves on its next request
-      absl::MutexLock lock(&mu_);
-      Session& s = sessions_[req.session_id];
-      s.group = 0;
-      s.tokens = std::move(history);
-      s.tokens.insert(s.tokens.end(), ids.begin(), ids.end());
-      s.tokens.insert(s.tokens.end(), result.token_ids.begin(), result.token_ids.end());
-    }
+    // No group holds this context: it moves on its next request.
+    if (session) Remember(req.session_id, 0, std::move(history), ids, result.token_ids);
   }
   CountFinished(result, cancelled, start);
   return result;

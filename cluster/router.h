@@ -99,6 +99,10 @@ class Router final : public scheduler::CompletionService {
   bool Relay(uint64_t group, uint64_t id, Stream& stream, const scheduler::TextCallback& on_text, Progress& progress,
              v1::GenerateDone* end);
   void CountFinished(const scheduler::CompletionResult& result, bool cancelled, Clock::time_point start);
+  // A session's context after a request: `context`, the prompt and the generated tokens, held
+  // by `group` (0: by none, it moves on its next request).
+  void Remember(const std::string& session_id, uint64_t group, std::vector<int32_t> context,
+                const std::vector<int32_t>& prompt, const std::vector<int32_t>& generated);
   void OnMessage(uint64_t member, const v1::Envelope& message);
   void OnDead(uint64_t member);
   // A live, serving group not in `exclude`: `preferred` if it is one, else the one with the fewest
