@@ -33,7 +33,6 @@ KNOWN = {
     "bench/decode_bench.cc:RunConfig": "the same",
     "bench/decode_bench.cc:RunHostTierBudget": "the same",
     "bench/attention_bench.cu:main": "GPU-only benchmark; to split when a GPU can check it",
-    "bench/prefetch_bench.cu:main": "GPU-only benchmark; to split when a GPU can check it",
 }
 MAX_FILE_LINES = 800
 MAX_FUNCTION_LINES = 150
