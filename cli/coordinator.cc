@@ -66,7 +66,7 @@ int Coordinator(int argc, char** argv) {
   if (groups) {
     // The engine's flags belong to the groups: refused here rather than ignored.
     for (const FlagSpec& f : EngineFlags({})) {
-      if (f.name != "max-model-len" && flags.IsSet(f.name)) {
+      if (f.name != "max-model-len" && f.name != "session-idle-timeout" && flags.IsSet(f.name)) {
         return Fail(absl::InvalidArgumentError(absl::StrCat(
             "--", f.name, " is the target groups' with --data-plane groups: give it to scout worker --engine")));
       }
@@ -92,12 +92,16 @@ int Coordinator(int argc, char** argv) {
   if (groups) {
     absl::StatusOr<int64_t> max_len = flags.GetInt("max-model-len");
     if (!max_len.ok()) return Fail(max_len.status());
+    absl::StatusOr<double> idle = flags.GetDouble("session-idle-timeout");
+    if (!idle.ok()) return Fail(idle.status());
+    if (*idle < 0) return Fail(absl::InvalidArgumentError("--session-idle-timeout must be >= 0"));
     absl::StatusOr<std::unique_ptr<text::Tokenizer>> tok = text::LoadTokenizer(flags.Get("model"));
     if (!tok.ok()) return Fail(tok.status());
     monitoring::ServerMetrics metrics;
     metrics.AddCollector([c] { return cluster::ClusterMetricFamilies(*c); });
     cluster::Router router(c, std::move(*tok), &metrics,
-                           {.max_model_len = *max_len > 0 ? *max_len : target->max_position_embeddings});
+                           {.max_model_len = *max_len > 0 ? *max_len : target->max_position_embeddings,
+                            .session_idle_timeout_s = *idle});
     const int rc = ServeHttp(flags, signals, &router, &metrics, "");
     std::fprintf(stderr,
                  "scout: cluster: %lld requests moved to another target group after theirs died, %lld after theirs "

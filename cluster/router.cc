@@ -159,6 +159,31 @@ void Router::Remember(const std::string& session_id, uint64_t group, std::vector
   Session& s = sessions_[session_id];
   s.group = group;
   s.tokens = std::move(context);
+  s.last_used = Clock::now();
+}
+
+void Router::ForgetIdleSessions() {
+  if (options_.session_idle_timeout_s <= 0) return;
+  const auto now = Clock::now();
+  std::vector<std::pair<std::string, uint64_t>> gone;  // session, its group
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      const Session& s = it->second;
+      if (!s.busy && Seconds(now - s.last_used) > options_.session_idle_timeout_s) {
+        gone.emplace_back(it->first, s.group);
+        sessions_.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (const auto& [id, group] : gone) {
+    if (group == 0) continue;
+    v1::Envelope del;
+    del.mutable_delete_session()->set_session_id(id);  // stream 0: no one waits
+    (void)SendTo(group, std::move(del));
+  }
 }
 
 void Router::CountFinished(const scheduler::CompletionResult& result, bool cancelled, Clock::time_point start) {
@@ -177,6 +202,7 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
   if (draining_) return absl::UnavailableError("server is shutting down");
   if (req.max_tokens < 1) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", req.max_tokens));
   const auto start = Clock::now();
+  ForgetIdleSessions();
   const bool session = !req.session_id.empty();
   bool known = false;  // the session has a context (on some group)
   std::vector<int32_t> history;
@@ -313,6 +339,7 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
 }
 
 std::vector<scheduler::SessionInfo> Router::ListSessions() {
+  ForgetIdleSessions();
   absl::MutexLock lock(&mu_);
   std::vector<scheduler::SessionInfo> out;
   for (const auto& [id, s] : sessions_) {

@@ -34,6 +34,9 @@ namespace scout::cluster {
 struct RouterOptions {
   int64_t max_model_len = 0;  // what the front end reports; the groups check each request
   int max_attempts = 4;       // groups tried for one request while they die under it
+  // > 0: a session idle this long is forgotten here and deleted on its group (a request on it
+  // then starts a new session), so a coordinator's session contexts do not outlive their use.
+  double session_idle_timeout_s = 0;
 };
 
 class Router final : public scheduler::CompletionService {
@@ -84,7 +87,10 @@ class Router final : public scheduler::CompletionService {
     uint64_t group = 0;           // member key of the group holding its KV; 0: none (it moves)
     std::vector<int32_t> tokens;  // its context; empty: a new session
     bool busy = false;            // a request runs on it (they run one at a time, in order)
+    std::chrono::steady_clock::time_point last_used = std::chrono::steady_clock::now();
   };
+  // Forgets sessions idle past the timeout, deleting them on their groups.
+  void ForgetIdleSessions();
 
   using Clock = std::chrono::steady_clock;
   // What a request has produced so far, over the groups it ran on.

@@ -156,4 +156,22 @@ wait "$coord"
 grep "scout: cluster:" coord.err
 grep -q "scout: cluster: [1-9][0-9]* requests moved .*, [1-9][0-9]* after theirs was full" coord.err \
   || fail "no request counted as moved after a death and after a full group"
+
+# 7. --session-idle-timeout on a groups coordinator: an idle session is forgotten there and
+# deleted on its group; its next request starts a new session.
+start_coordinator idle.err --model "$T" --data-plane groups --session-idle-timeout 1 --heartbeat-interval 0.2 \
+  --heartbeat-timeout 2 --shutdown-timeout 5
+pids+=("$coord")
+start_member gi worker --engine --model "$T" --role target --id gi --device "$device"
+for _ in $(seq 1 100); do [ "$(curl -s "$base/ready")" = "ready" ] && break; sleep 0.1; done
+complete idle1 "$(turn "$P4" "quiet")"
+complete idle2 "$(turn "$P4" "quiet")"
+[ "$(cached idle2)" -gt 0 ] || fail "quiet's second turn found no KV: $(cat idle2.json)"
+sleep 2
+curl -s "$base/v1/sessions" | grep -q '"quiet"' && fail "an idle session is still listed: $(curl -s "$base/v1/sessions")"
+complete idle3 "$(turn "$P4" "quiet")"
+[ "$(cached idle3)" = 0 ] && cmp -s idle1.out idle3.out || fail "after the timeout quiet did not start anew: $(cat idle3.json)"
+echo "ok: an idle session is forgotten by the coordinator and its group"
+kill -TERM "$coord"
+wait "$coord"
 echo "PASS"
