@@ -318,7 +318,14 @@ absl::StatusOr<scheduler::CompletionResult> Router::Complete(const scheduler::Co
     if (session) Remember(req.session_id, group, std::move(history), ids, result.token_ids);
     break;
   }
-  if (stale != 0) {  // the session lives on another group now: free its KV on the full one
+  if (stale != 0) {
+    // Once the session lives on another group (or on none, moving on its next request), free
+    // its KV on the full one; while the router still sends it there, it stays.
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(req.session_id);
+    if (it != sessions_.end() && it->second.group == stale) stale = 0;
+  }
+  if (stale != 0) {
     v1::Envelope del;
     del.mutable_delete_session()->set_session_id(req.session_id);  // stream 0: no one waits
     (void)SendTo(stale, std::move(del));
