@@ -157,28 +157,32 @@ struct Ctx {
   std::mt19937 rng{7};
 };
 
+// The shared state under the names the sweep and the overlap use.
+#define PREFETCH_UNPACK(c) \
+  [[maybe_unused]] const KvLayout& layout = (c).layout; \
+  [[maybe_unused]] HostKvStore& store = (c).store; \
+  [[maybe_unused]] absl::StatusOr<std::unique_ptr<CudaCopyEngine>>& engine = (c).engine; \
+  [[maybe_unused]] cudaStream_t s = (c).s; \
+  [[maybe_unused]] const cudaDeviceProp& prop = (c).prop; \
+  [[maybe_unused]] const int32_t nb = (c).nb; \
+  [[maybe_unused]] const int lists = (c).lists; \
+  [[maybe_unused]] const int32_t slots = (c).slots; \
+  [[maybe_unused]] const double roof = (c).roof; \
+  [[maybe_unused]] uint64_t& step = (c).step; \
+  [[maybe_unused]] const long tokens = (c).args.tokens; \
+  [[maybe_unused]] const std::string& overlaps = (c).args.overlaps; \
+  [[maybe_unused]] const std::vector<double> fracs = ParseList((c).args.fractions); \
+  [[maybe_unused]] const double overlap_frac = (c).args.overlap_frac, overlap_keep = (c).args.overlap_keep; \
+  [[maybe_unused]] const int reserve_ctas = (c).args.reserve_ctas, repeats = (c).args.repeats; \
+  [[maybe_unused]] std::byte* pool = (c).pool; \
+  [[maybe_unused]] std::mt19937& rng = (c).rng; \
+  cudaEvent_t a, b; \
+  CHECK(cudaEventCreate(&a)); \
+  CHECK(cudaEventCreate(&b));
+
 // Selected fractions x overlaps with the last step: units moved, time, bandwidth against the roof.
 int RunSweep(Ctx& c) {
-  [[maybe_unused]] const KvLayout& layout = c.layout;
-  [[maybe_unused]] HostKvStore& store = c.store;
-  [[maybe_unused]] absl::StatusOr<std::unique_ptr<CudaCopyEngine>>& engine = c.engine;
-  [[maybe_unused]] cudaStream_t s = c.s;
-  [[maybe_unused]] const cudaDeviceProp& prop = c.prop;
-  [[maybe_unused]] const int32_t nb = c.nb;
-  [[maybe_unused]] const int lists = c.lists;
-  [[maybe_unused]] const int32_t slots = c.slots;
-  [[maybe_unused]] const double roof = c.roof;
-  [[maybe_unused]] uint64_t& step = c.step;
-  [[maybe_unused]] const long tokens = c.args.tokens;
-  [[maybe_unused]] const std::string& overlaps = c.args.overlaps;
-  [[maybe_unused]] const std::vector<double> fracs = ParseList(c.args.fractions);
-  [[maybe_unused]] const double overlap_frac = c.args.overlap_frac, overlap_keep = c.args.overlap_keep;
-  [[maybe_unused]] const int reserve_ctas = c.args.reserve_ctas, repeats = c.args.repeats;
-  [[maybe_unused]] std::byte* pool = c.pool;
-  [[maybe_unused]] std::mt19937& rng = c.rng;
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
+  PREFETCH_UNPACK(c);
   std::printf("%8s %8s | %9s %10s %9s %8s %10s %13s | %10s %9s\n", "select", "overlap", "units", "MB moved", "ms",
               "GB/s", "of roof", "least-most", "naive GB/s", "plan ms");
   std::vector<int32_t> all(nb);
@@ -270,26 +274,7 @@ int RunSweep(Ctx& c) {
 // STS attention of layer L (q = 5 verification rows, over the slot pool) while layer L+1's units
 // are still moving, against the two run serially.
 int RunOverlap(Ctx& c) {
-  [[maybe_unused]] const KvLayout& layout = c.layout;
-  [[maybe_unused]] HostKvStore& store = c.store;
-  [[maybe_unused]] absl::StatusOr<std::unique_ptr<CudaCopyEngine>>& engine = c.engine;
-  [[maybe_unused]] cudaStream_t s = c.s;
-  [[maybe_unused]] const cudaDeviceProp& prop = c.prop;
-  [[maybe_unused]] const int32_t nb = c.nb;
-  [[maybe_unused]] const int lists = c.lists;
-  [[maybe_unused]] const int32_t slots = c.slots;
-  [[maybe_unused]] const double roof = c.roof;
-  [[maybe_unused]] uint64_t& step = c.step;
-  [[maybe_unused]] const long tokens = c.args.tokens;
-  [[maybe_unused]] const std::string& overlaps = c.args.overlaps;
-  [[maybe_unused]] const std::vector<double> fracs = ParseList(c.args.fractions);
-  [[maybe_unused]] const double overlap_frac = c.args.overlap_frac, overlap_keep = c.args.overlap_keep;
-  [[maybe_unused]] const int reserve_ctas = c.args.reserve_ctas, repeats = c.args.repeats;
-  [[maybe_unused]] std::byte* pool = c.pool;
-  [[maybe_unused]] std::mt19937& rng = c.rng;
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
+  PREFETCH_UNPACK(c);
   const double frac = overlap_frac;
   BlockCache cache(slots, layout.num_layers, layout.num_kv_heads);
   const int per_list = std::max(1, int(frac * nb));
