@@ -212,7 +212,15 @@ int Worker(int argc, char** argv) {
   if (group != nullptr) {
     cluster::GroupService* g = group->service.get();
     options.on_message = [g](cluster::Channel& c, const cluster::v1::Envelope& m) { return g->Handle(c, m); };
-    s = cluster::RunClusterMember(options, nullptr, nullptr, [g] { g->Lost(); }, &stop);
+    scheduler::Engine* e = group->engine.get();
+    auto beat = [e] {  // the group's KV use, for the router's choice and the cluster's metrics
+      cluster::v1::Heartbeat h;
+      const runtime::ModelBackend::KvCacheUsage u = e->kv_usage();
+      h.set_kv_used_blocks(u.used_blocks);
+      h.set_kv_total_blocks(u.total_blocks);
+      return h;
+    };
+    s = cluster::RunClusterMember(options, nullptr, beat, [g] { g->Lost(); }, &stop);
   } else {
     cluster::WorkerService* w = service.get();
     s = cluster::RunClusterMember(

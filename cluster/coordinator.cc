@@ -423,6 +423,15 @@ std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const Coordinator& c
     members.metric.push_back(metric(dead, {{"role", RoleName(role)}, {"state", "dead"}}, false));
   }
   out.push_back(std::move(members));
+  prometheus::MetricFamily kv = family("scout_cluster_kv_usage_ratio",
+                                       "Each live target worker's KV pool in use, from its last heartbeat",
+                                       prometheus::MetricType::Gauge);
+  for (const Coordinator::Member& m : coordinator.Members(v1::ROLE_TARGET)) {
+    if (!m.alive || m.last.kv_total_blocks() <= 0) continue;
+    kv.metric.push_back(
+        metric(static_cast<double>(m.last.kv_used_blocks()) / m.last.kv_total_blocks(), {{"member", m.info.id()}}, false));
+  }
+  out.push_back(std::move(kv));
   const ClusterCounters c = coordinator.counters();
   for (auto [name, help, value] : std::vector<std::tuple<const char*, const char*, double>>{
            {"scout_cluster_failovers_total", "Sequences moved off a dead worker", double(c.failovers)},

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <tuple>
 #include <utility>
 
 #include "absl/cleanup/cleanup.h"
@@ -78,12 +79,18 @@ uint64_t Router::PickGroup(uint64_t preferred, const std::vector<uint64_t>& excl
   }
   if (std::find(live.begin(), live.end(), preferred) != live.end()) return preferred;
   if (live.empty()) return 0;
-  // Fewest requests running, then fewest sessions held (new sessions spread over the groups).
-  absl::flat_hash_map<uint64_t, std::pair<int, int>> load;
+  // Fewest requests running, then the least of its KV pool in use (its last heartbeat), then
+  // fewest sessions held (new sessions spread over the groups).
+  absl::flat_hash_map<uint64_t, std::tuple<int, double, int>> load;
+  for (const Coordinator::Member& m : coordinator_->Members(v1::ROLE_TARGET)) {
+    if (m.last.kv_total_blocks() > 0) {
+      std::get<1>(load[m.key]) = static_cast<double>(m.last.kv_used_blocks()) / m.last.kv_total_blocks();
+    }
+  }
   {
     absl::MutexLock lock(&mu_);
-    for (const auto& [id, s] : streams_) ++load[s->group].first;
-    for (const auto& [id, s] : sessions_) ++load[s.group].second;
+    for (const auto& [id, s] : streams_) ++std::get<0>(load[s->group]);
+    for (const auto& [id, s] : sessions_) ++std::get<2>(load[s.group]);
   }
   return *std::min_element(live.begin(), live.end(), [&](uint64_t a, uint64_t b) {
     return load[a] != load[b] ? load[a] < load[b] : a < b;

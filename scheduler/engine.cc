@@ -460,6 +460,8 @@ bool Engine::OnToken(Request& r, int32_t token, std::optional<runtime::TokenLogp
 void Engine::UpdateKvMetrics() {
   const runtime::ModelBackend::KvCacheUsage usage = model_->kv_cache_usage();
   metrics_->kv_cache_usage.Set(usage.total_blocks > 0 ? double(usage.used_blocks) / usage.total_blocks : 0.0);
+  kv_used_blocks_.store(usage.used_blocks);
+  kv_total_blocks_.store(usage.total_blocks);
   const runtime::HostKvTierStats t = model_->host_tier_stats();
   if (!t.enabled) return;
   metrics_->kv_prefetch_bytes.Increment(static_cast<double>(t.bytes_prefetched - tier_seen_.bytes_prefetched));

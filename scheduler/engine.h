@@ -107,6 +107,11 @@ class Engine final : public CompletionService {
   const char* round_name() const { return round_name_; }
   int64_t max_model_len() const override;
   EngineStats stats();
+  // The KV pool's use as the engine last saw it (after each pass; thread-safe): a cluster group
+  // reports it in its heartbeats.
+  runtime::ModelBackend::KvCacheUsage kv_usage() const {
+    return {.used_blocks = kv_used_blocks_.load(), .total_blocks = kv_total_blocks_.load()};
+  }
 
   ~Engine();
 
@@ -205,6 +210,7 @@ class Engine final : public CompletionService {
   // proportional-depth default).
   std::optional<runtime::HeadMap> request_head_map_;
   std::optional<runtime::HeadMap> draft_self_map_;  // the sparse draft's: the draft onto itself
+  std::atomic<int64_t> kv_used_blocks_{0}, kv_total_blocks_{0};  // UpdateKvMetrics' last reading
   std::unique_ptr<round::SpeculativeRound> round_;   // with a draft: runs the rounds (MakeRound)
   const char* round_name_ = "";
   runtime::HostKvTierStats tier_seen_ ABSL_GUARDED_BY(model_mu_);  // counters already exported

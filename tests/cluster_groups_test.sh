@@ -86,6 +86,10 @@ for n in a1 a2 b1 b2; do cmp -s "ref.$n.out" "clu.$n.out" || fail "session turn 
 [ "$(cached clu.a2)" -gt 0 ] && [ "$(cached clu.b2)" -gt 0 ] \
   || fail "second turns did not reuse their group's KV: $(cat clu.a2.json) $(cat clu.b2.json)"
 curl -s "$base/v1/sessions" | grep -q '"id":"agent"' || fail "/v1/sessions: $(curl -s "$base/v1/sessions")"
+# The groups' heartbeats carry their KV use: g0 holds agent's context.
+sleep 0.6
+grep -q '^scout_cluster_kv_usage_ratio{member="g0"} 0\.[0-9]*[1-9]' <<< "$(curl -s "$base/metrics")" \
+  || fail "KV use of g0: $(curl -s "$base/metrics" | grep kv_usage)"
 echo "ok: sessions return to the group holding their KV"
 
 # 3. SIGKILL the group running a long request (both groups run one), then the sessions move.
@@ -125,9 +129,9 @@ grep -q '^scout_cluster_members{role="target",state="dead"} 1' <<< "$metrics" ||
 echo "ok: delete, streaming and the router's metrics"
 
 # 5. Rebalance on overload: g2 runs one request at a time and queues none. New sessions go to
-# the group holding the fewest: "busy" to g2, "pad" to g1, "spill" to g2. While a long request
-# of "busy" fills g2, spill's next turn is refused there and moves to g1 with its context, with
-# the same text.
+# the group with the least KV in use: "busy", "pad" and "spill" to g2 (g1 holds bot's longer
+# context). While a long request of "busy" fills g2, spill's next turn is refused there and
+# moves to g1 with its context, with the same text.
 start_member g2 worker --engine --model "$T" --draft "$D" --role target --id g2 --device "$device" \
   --max-num-seqs 1 --max-waiting 0
 for _ in $(seq 1 200); do grep -q "target g2 registered" coord.err && break; sleep 0.1; done
