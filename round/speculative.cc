@@ -399,7 +399,12 @@ std::vector<float> SpeculativeStream::PenalisedRows(std::span<const float> verif
   if (!options_.penalties.any()) return out;
   std::map<int32_t, int32_t> counts;
   for (int32_t t : result_.tokens) ++counts[t];
-  std::set<int32_t> seen(prompt_.begin(), prompt_.end());
+  if (prompt_seen_.empty()) {  // the prompt's distinct tokens, once: not rescanned every round
+    prompt_seen_ = prompt_;
+    std::sort(prompt_seen_.begin(), prompt_seen_.end());
+    prompt_seen_.erase(std::unique(prompt_seen_.begin(), prompt_seen_.end()), prompt_seen_.end());
+  }
+  std::set<int32_t> seen(prompt_seen_.begin(), prompt_seen_.end());  // sorted: linear
   seen.insert(result_.tokens.begin(), result_.tokens.end());
   for (int i = 0; i < rows; ++i) {
     if (i > 0 && i - 1 < static_cast<int>(drafted_.size())) {

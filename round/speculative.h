@@ -202,6 +202,7 @@ class SpeculativeStream {
   ModelBackend& draft_;
   const SequenceId seq_;
   const std::vector<int32_t> prompt_;
+  mutable std::vector<int32_t> prompt_seen_;  // PenalisedRows: the prompt's distinct tokens, sorted
   const SpeculativeOptions options_;
   const TokenCallback on_token_;
   int64_t vocab_ = 0, limit_ = 0, base_ = 0;
